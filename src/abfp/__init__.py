@@ -1,0 +1,27 @@
+"""abfp: what your neural network does on an analog (ABFP) accelerator, and how to fix it.
+
+Public names: :class:`ABFPConfig`, :func:`presets`, :func:`convert`, :func:`to_digital`,
+:func:`calibrate`, :func:`summary`, and the modules :mod:`abfp.functional`, :mod:`abfp.metrics`.
+"""
+
+from . import functional, metrics
+from .config import ABFPConfig, REFERENCE_NOISE_STD, presets
+from .nn import analog_state, calibrate, convert, digital, is_converted, reseed, summary, to_digital
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABFPConfig",
+    "REFERENCE_NOISE_STD",
+    "analog_state",
+    "calibrate",
+    "convert",
+    "digital",
+    "functional",
+    "is_converted",
+    "metrics",
+    "presets",
+    "reseed",
+    "summary",
+    "to_digital",
+]

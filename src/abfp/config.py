@@ -1,0 +1,218 @@
+"""The device description: :class:`ABFPConfig`, validated, JSON round-trip, named presets.
+
+Notation (SPEC.md): ``L(b) = 2**(b-1) - 1`` is the largest code of a signed symmetric
+b-bit converter; ``n`` the tile width; ``G`` the gain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+Mode = Literal["abfp", "fixed"]
+NoiseDist = Literal["uniform", "gaussian"]
+ScaleDtype = Literal["bfloat16", "float32", "pow2"]
+Kernel = Literal["auto", "reference", "chunked"]
+
+#: The authors' reference noise: uniform, one ADC bin wide (+-0.5 LSB).
+REFERENCE_NOISE_STD = 1.0 / math.sqrt(12.0)
+
+_MAX_BITS = 24
+
+
+def max_code(bits: int) -> int:
+    """``L(b) = 2**(b-1) - 1``: the largest code of a signed symmetric b-bit converter."""
+    return 2 ** (bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class ABFPConfig:
+    """One analog device, as SPEC.md section 1 defines it.
+
+    Every field documents the formula it controls. Invalid values raise ``ValueError``
+    naming the field and its allowed range.
+    """
+
+    mode: Mode = "abfp"
+    """``"abfp"``: per-block scales along the reduction axis, found from the data at run time
+    (``sx[m,t] = max|X[m, tile t]|``). ``"fixed"``: one static scale per tensor (SPEC section 2)."""
+
+    tile_width: int = 128
+    """``n``: values per block along the reduction axis; the analog dot product of one tile,
+    and the ADC full scale (``|u| <= n``). K is zero-padded to a multiple of ``n``."""
+
+    input_bits: int = 8
+    """``b_x``: input DAC, codes ``qx = round(clamp(X/sx, -1, 1) * L(b_x))``."""
+
+    weight_bits: int = 8
+    """``b_w``: weight DAC, codes ``qw = round(clamp(W/sw, -1, 1) * L(b_w))``."""
+
+    output_bits: int = 8
+    """``b_y``: output ADC, ``qy = round(clamp(a, -1, 1) * L(b_y))``; one bin is ``n / L(b_y)``."""
+
+    gain: float = 8.0
+    """``G``: analog gain before the ADC, ``a = G * u / n + e / L(b_y)``. Outputs beyond ``n/G``
+    saturate; each doubling gains one low bit and gives up one high bit."""
+
+    noise_std: float = REFERENCE_NOISE_STD
+    """Standard deviation of the device noise ``e``, in output LSBs, added after the gain and
+    before the ADC. Uniform noise has width ``w = sqrt(12) * noise_std``. Default: one bin wide."""
+
+    noise_dist: NoiseDist = "uniform"
+    """Distribution of ``e``: ``"uniform"`` on ``[-w/2, w/2]`` or ``"gaussian"``."""
+
+    scale_dtype: ScaleDtype = "bfloat16"
+    """Format of the block scales: ``"bfloat16"`` (round to nearest, the authors' choice),
+    ``"float32"`` (exact max) or ``"pow2"`` (rounded up to a power of two, ``2**ceil(log2 max)``)."""
+
+    seed: Optional[int] = None
+    """Seed of the device noise. ``None``: draw from torch's global generator."""
+
+    bf16_tile_outputs: bool = False
+    """Round each tile's rescaled output ``y[m,j,t]`` to bfloat16 before the float32 sum
+    (the authors' simulation did)."""
+
+    bf16_io: bool = False
+    """Keep layer inputs and outputs in bfloat16 (the authors' simulation did)."""
+
+    kernel: Kernel = "auto"
+    """Implementation (not a device property): ``"reference"`` follows SPEC line by line in
+    float64; ``"chunked"`` is the fast exact path; ``"auto"`` picks the fast path."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"ABFPConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        if self.mode not in ("abfp", "fixed"):
+            raise bad("mode", "must be 'abfp' or 'fixed'")
+        for name in ("tile_width", "input_bits", "weight_bits", "output_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(name, "must be an integer")
+        if not 1 <= self.tile_width <= 1 << 20:
+            raise bad("tile_width", "must be an integer in [1, 1048576]")
+        for name in ("input_bits", "weight_bits", "output_bits"):
+            if not 2 <= getattr(self, name) <= _MAX_BITS:
+                raise bad(name, f"must be an integer in [2, {_MAX_BITS}]")
+        for name in ("gain", "noise_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, "must be a finite number")
+            object.__setattr__(self, name, float(v))
+        if not self.gain > 0:
+            raise bad("gain", "must be > 0")
+        if self.noise_std < 0:
+            raise bad("noise_std", "must be >= 0")
+        if self.noise_dist not in ("uniform", "gaussian"):
+            raise bad("noise_dist", "must be 'uniform' or 'gaussian'")
+        if self.scale_dtype not in ("bfloat16", "float32", "pow2"):
+            raise bad("scale_dtype", "must be 'bfloat16', 'float32' or 'pow2'")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise bad("seed", "must be None or a non-negative integer")
+        for name in ("bf16_tile_outputs", "bf16_io"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        if self.kernel not in ("auto", "reference", "chunked"):
+            raise bad("kernel", "must be 'auto', 'reference' or 'chunked'")
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def input_max_code(self) -> int:
+        """``L(b_x)``."""
+        return max_code(self.input_bits)
+
+    @property
+    def weight_max_code(self) -> int:
+        """``L(b_w)``."""
+        return max_code(self.weight_bits)
+
+    @property
+    def output_max_code(self) -> int:
+        """``L(b_y)``."""
+        return max_code(self.output_bits)
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise_std > 0
+
+    def replace(self, **changes: Any) -> "ABFPConfig":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ABFPConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"an ABFPConfig needs a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ABFPConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "ABFPConfig":
+        """Parse a JSON string, or read a ``.json`` file when given a path that exists."""
+        s = str(text_or_path)
+        p = Path(s)
+        if not s.lstrip().startswith("{") and p.exists():
+            s = p.read_text()
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON for an ABFPConfig: {e}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def preset(cls, name: str) -> "ABFPConfig":
+        """A named preset (see :func:`presets`)."""
+        table = presets()
+        if name not in table:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(table))}")
+        return table[name]
+
+    def label(self) -> str:
+        """A short human-readable description, e.g. ``abfp n=128 8/8/8 G=8 noise=0.289``."""
+        bits = f"{self.weight_bits}/{self.input_bits}/{self.output_bits}"
+        if self.mode == "fixed":
+            return f"fixed n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}"
+        return f"abfp n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}"
+
+
+#: The gain the authors found best per tile width on their models (SPEC.md table).
+_PRESET_GAIN = {8: 1.0, 32: 2.0, 128: 8.0}
+
+
+def presets() -> dict[str, ABFPConfig]:
+    """Named configurations.
+
+    - ``default``: the authors' reference setting (8/8/8, n = 128, G = 8, noise one bin wide).
+    - ``abfp-{888,668}-n{8,32,128}``: the authors' grid, bits as weights/inputs/ADC
+      ("668": 6-bit weights and inputs, 8-bit ADC), gain at the value that served their
+      models best for that tile width (n=8: 1, n=32: 2, n=128: 8).
+    - ``fixed-888-n{8,32,128}``: the fixed-point baseline at the same bits, gain 1.
+    - ``ideal``: 16-bit converters, gain 1, no noise (tends to float32; a sanity check).
+    """
+    out: dict[str, ABFPConfig] = {"default": ABFPConfig()}
+    for bits, (wb, ib, ob) in {"888": (8, 8, 8), "668": (6, 6, 8)}.items():
+        for n, g in _PRESET_GAIN.items():
+            out[f"abfp-{bits}-n{n}"] = ABFPConfig(
+                tile_width=n, weight_bits=wb, input_bits=ib, output_bits=ob, gain=g
+            )
+    for n in _PRESET_GAIN:
+        out[f"fixed-888-n{n}"] = ABFPConfig(mode="fixed", tile_width=n, gain=1.0)
+    out["ideal"] = ABFPConfig(input_bits=16, weight_bits=16, output_bits=16, gain=1.0, noise_std=0.0, scale_dtype="float32")
+    return out

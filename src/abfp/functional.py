@@ -1,0 +1,476 @@
+"""The one door into the numerics: ``linear``, ``matmul``, ``conv1d``, ``conv2d`` on the device.
+
+Each behaves like its ``torch`` namesake (shapes, broadcasting, dtypes) but computes the
+product as SPEC.md section 1 defines it. Gradients are straight-through estimators: rounding
+is the identity and a clamp passes the gradient inside its range and zero outside, so
+``d y / d X = mask_adc * W_hat * mask_dac`` with ``W_hat`` the dequantised weights.
+
+Noise comes from ``generator``; without one, from a generator seeded with ``config.seed``
+(a fresh one per call, so the same call gives the same result); without a seed, from
+torch's global generator.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ABFPConfig
+from .numerics import Encoded, ProductStats, analog_product, encode_inputs, encode_weights
+from .numerics.blocks import block_scales, inside_clamp, pad_to_tiles, static_scales
+
+__all__ = ["linear", "matmul", "conv1d", "conv2d", "einsum", "clear_cache", "check_finite"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# --------------------------------------------------------------------------- input checks
+def check_finite(t: Tensor, name: str) -> None:
+    """Raise ValueError naming the operand when ``t`` holds NaN or Inf."""
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16), got {t.dtype}")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf; the analog device cannot encode it")
+
+
+def _generator_for(cfg: ABFPConfig, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    if generator is not None or cfg.noise_std == 0 or cfg.seed is None:
+        return generator
+    g = torch.Generator(device=device)
+    g.manual_seed(cfg.seed)
+    return g
+
+
+# --------------------------------------------------------------------------- weight cache
+class _WeightCache:
+    """Encoded weights keyed on (tensor identity, version, device config): encode once per value.
+
+    A weight changed in place by ordinary ops (an optimizer step, ``load_state_dict``) bumps
+    its version and is re-encoded. Writes through ``.data`` are invisible to the version
+    counter: call :func:`clear_cache` after them.
+    """
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = capacity
+        self._d: OrderedDict[tuple, tuple[weakref.ref, Encoded]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _key(w: Tensor, cfg: ABFPConfig, weight_scale: Any) -> tuple | None:
+        try:
+            version = w._version
+        except Exception:  # inference tensors have no version counter
+            return None
+        if isinstance(weight_scale, Tensor):
+            weight_scale = float(weight_scale)
+        return (
+            id(w), version, w.data_ptr(), tuple(w.shape), w.dtype, str(w.device),
+            cfg.mode, cfg.tile_width, cfg.weight_bits, cfg.output_bits, cfg.input_bits,
+            cfg.gain, cfg.scale_dtype, cfg.bf16_io, weight_scale,
+        )
+
+    def get(self, w: Tensor, w3: Tensor, cfg: ABFPConfig, weight_scale: Any) -> Encoded:
+        key = self._key(w, cfg, weight_scale)
+        w3 = w3.detach().to(torch.bfloat16) if cfg.bf16_io else w3.detach()
+        if key is None:
+            return encode_weights(w3, cfg, weight_scale)
+        with self._lock:
+            hit = self._d.get(key)
+            if hit is not None and hit[0]() is w:
+                self._d.move_to_end(key)
+                self.hits += 1
+                return hit[1]
+        enc = encode_weights(w3, cfg, weight_scale)
+        with self._lock:
+            self.misses += 1
+            self._d[key] = (weakref.ref(w), enc)
+            while len(self._d) > self.capacity:
+                self._d.popitem(last=False)
+            # drop stale versions of the same tensor
+            for k in [k for k in self._d if k[0] == key[0] and k != key]:
+                del self._d[k]
+        return enc
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+
+WEIGHT_CACHE = _WeightCache()
+
+
+def clear_cache() -> None:
+    """Forget every cached weight encoding."""
+    WEIGHT_CACHE.clear()
+
+
+# --------------------------------------------------------------------------- autograd
+def _dequantised(v3: Tensor, cfg: ABFPConfig, scale: Any, max_code: int) -> tuple[Tensor, Tensor]:
+    """STE view of one operand: dequantised values (B, R, T, n) and the DAC clamp mask (B, R, K)."""
+    n = cfg.tile_width
+    v3 = v3.detach().to(torch.float32)
+    s = block_scales(v3, n, cfg.scale_dtype) if cfg.mode == "abfp" else static_scales(v3, n, scale, cfg.scale_dtype)
+    t = s.shape[-1]
+    vt = pad_to_tiles(v3, n).reshape(*v3.shape[:-1], t, n)
+    pos = (s > 0).unsqueeze(-1)
+    safe = torch.where(pos, s.unsqueeze(-1), torch.ones_like(s.unsqueeze(-1)))
+    q = torch.round(torch.clamp(vt / safe, -1.0, 1.0) * max_code) * (safe / max_code)
+    q = torch.where(pos, q, torch.zeros_like(q))
+    return q, inside_clamp(v3, s, n)
+
+
+class _AnalogProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x3, w3, cfg, input_scale, weight_scale, generator, weights, stats):  # type: ignore[override]
+        want_mask = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        y, mask = analog_product(
+            x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale,
+            generator=generator, stats=stats, want_mask=want_mask, weights=weights,
+        )
+        if want_mask:
+            ctx.save_for_backward(x3, w3, mask)
+            ctx.cfg, ctx.input_scale, ctx.weight_scale = cfg, input_scale, weight_scale
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x3, w3, mask = ctx.saved_tensors
+        cfg = ctx.cfg
+        gy = gy.to(torch.float32)
+        B, M, K = x3.shape
+        Bw, N = w3.shape[0], w3.shape[1]
+        xq, mx = _dequantised(x3, cfg, ctx.input_scale, cfg.input_max_code)  # (B, M, T, n)
+        wq, mw = _dequantised(w3, cfg, ctx.weight_scale, cfg.weight_max_code)  # (Bw, N, T, n)
+        T, n = xq.shape[2], xq.shape[3]
+        gx = gw = None
+        if bool(mask.all()):
+            # no ADC sample clipped: the tiles recombine into one GEMM each way
+            xf = xq.reshape(B, M, T * n)[..., :K]
+            wf = wq.reshape(Bw, N, T * n)[..., :K]
+            if ctx.needs_input_grad[0]:
+                gx = torch.matmul(gy, wf) * mx
+            if ctx.needs_input_grad[1]:
+                gw = torch.matmul(gy.transpose(1, 2), xf)
+        else:
+            gm = gy.unsqueeze(1) * mask  # (B, T, M, N)
+            if ctx.needs_input_grad[0]:
+                gx = torch.matmul(gm, wq.permute(0, 2, 1, 3))  # (B, T, M, n)
+                gx = gx.permute(0, 2, 1, 3).reshape(B, M, T * n)[..., :K] * mx
+            if ctx.needs_input_grad[1]:
+                gw = torch.matmul(gm.transpose(-1, -2), xq.permute(0, 2, 1, 3))  # (B, T, N, n)
+                gw = gw.permute(0, 2, 1, 3).reshape(B, N, T * n)[..., :K]
+        if gw is not None:
+            if Bw == 1 and B > 1:
+                gw = gw.sum(0, keepdim=True)
+            gw = gw * mw
+            gw = gw.to(w3.dtype)
+        if gx is not None:
+            gx = gx.to(x3.dtype)
+        return gx, gw, None, None, None, None, None, None
+
+
+def _product(
+    x3: Tensor,
+    w3: Tensor,
+    cfg: ABFPConfig,
+    *,
+    input_scale: Any = None,
+    weight_scale: Any = None,
+    generator: torch.Generator | None = None,
+    weights: Encoded | None = None,
+    stats: ProductStats | None = None,
+) -> Tensor:
+    generator = _generator_for(cfg, generator, x3.device)
+    if torch.is_grad_enabled() and (x3.requires_grad or w3.requires_grad):
+        return _AnalogProduct.apply(x3, w3, cfg, input_scale, weight_scale, generator, weights, stats)
+    y, _ = analog_product(
+        x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale,
+        generator=generator, stats=stats, weights=weights,
+    )
+    return y
+
+
+def _out_dtype(*ts: Tensor) -> torch.dtype:
+    return torch.promote_types(ts[0].dtype, ts[1].dtype) if len(ts) > 1 else ts[0].dtype
+
+
+# --------------------------------------------------------------------------- public API
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    config: ABFPConfig,
+    input_scale: float | Tensor | None = None,
+    weight_scale: float | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stats: ProductStats | None = None,
+    cache: bool = True,
+) -> Tensor:
+    """``y = x W^T + b`` on the device; ``x``: (..., K), ``weight``: (N, K), ``bias``: (N,).
+
+    In ``fixed`` mode ``input_scale`` and ``weight_scale`` are the static per-tensor scales
+    (default: each tensor's own max |value|). Weight encodings are cached per weight value
+    (``cache=False`` re-encodes every call). Bias is added digitally in float32.
+    """
+    check_finite(x, "input")
+    check_finite(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"input's last dimension ({x.shape[-1] if x.dim() else 'scalar'}) must equal weight's in_features ({weight.shape[1]})"
+        )
+    if bias is not None:
+        check_finite(bias, "bias")
+    out_dtype = x.dtype
+    lead = x.shape[:-1]
+    x3 = x.reshape(1, -1, x.shape[-1])
+    w3 = weight.unsqueeze(0)
+    weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
+    y = _product(x3, w3, config, input_scale=input_scale, weight_scale=weight_scale,
+                 generator=generator, weights=weights, stats=stats)
+    y = y.reshape(*lead, weight.shape[0])
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def matmul(
+    a: Tensor,
+    b: Tensor,
+    *,
+    config: ABFPConfig,
+    generator: torch.Generator | None = None,
+    stats: ProductStats | None = None,
+    a_scale: float | Tensor | None = None,
+    b_scale: float | Tensor | None = None,
+) -> Tensor:
+    """``torch.matmul(a, b)`` on the device, batch dims broadcast; both operands get dynamic
+    block scales along the reduction axis. In ``fixed`` mode ``a_scale``/``b_scale`` are the
+    static per-tensor scales (default: each tensor's max |value|)."""
+    check_finite(a, "first operand")
+    check_finite(b, "second operand")
+    if a.dim() == 0 or b.dim() == 0:
+        raise ValueError("matmul needs operands of at least one dimension")
+    out_dtype = _out_dtype(a, b)
+    squeeze_a = a.dim() == 1
+    squeeze_b = b.dim() == 1
+    if squeeze_a:
+        a = a.unsqueeze(0)
+    if squeeze_b:
+        b = b.unsqueeze(-1)
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul shapes do not match: {tuple(a.shape)} @ {tuple(b.shape)}")
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    a3 = a.expand(*batch, M, K).reshape(-1, M, K)
+    w3 = b.expand(*batch, K, N).transpose(-1, -2).reshape(-1, N, K)
+    if a3.shape[0] == 0:
+        y = a3.new_zeros((*batch, M, N), dtype=torch.float32)
+    else:
+        y = _product(a3, w3, config, input_scale=a_scale, weight_scale=b_scale,
+                     generator=generator, stats=stats).reshape(*batch, M, N)
+    if squeeze_a:
+        y = y.squeeze(-2)
+    if squeeze_b:
+        y = y.squeeze(-1)
+    return y.to(out_dtype)
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    config: ABFPConfig,
+    input_scale: float | Tensor | None = None,
+    weight_scale: float | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stats: ProductStats | None = None,
+    cache: bool = True,
+) -> Tensor:
+    """``F.conv2d`` on the device, as im2col: the reduction axis is ``C_in/groups * k_h * k_w``
+    in ``unfold`` order; grouped (and depthwise) convolutions run one product per group."""
+    check_finite(x, "input")
+    check_finite(weight, "weight")
+    if bias is not None:
+        check_finite(bias, "bias")
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv2d needs a 4-D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    out_dtype = x.dtype
+    bt, c, h, w_ = x.shape
+    cout, cg, kh, kw = weight.shape
+    if c != cg * groups or cout % groups:
+        raise ValueError(f"conv2d: input has {c} channels, weight expects {cg} x groups={groups}")
+    stride, dilation = _pair(stride), _pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+            pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        else:
+            raise ValueError(f"unknown padding {padding!r}")
+    else:
+        ph, pw = _pair(padding)
+        pads = (pw, pw, ph, ph)
+    if any(pads):
+        x = F.pad(x, pads)
+    hp, wp = x.shape[2], x.shape[3]
+    ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError("conv2d: the kernel is larger than the (padded) input")
+    kg = cg * kh * kw
+    if kh == kw == 1 and stride == (1, 1):
+        cols = x.permute(0, 2, 3, 1).reshape(bt * ho * wo, groups, kg).permute(1, 0, 2)  # (G, M, Kg)
+    else:
+        cols = F.unfold(x, (kh, kw), dilation=dilation, stride=stride)  # (bt, C*kh*kw, L)
+        L = cols.shape[-1]
+        cols = cols.reshape(bt, groups, kg, L).permute(1, 0, 3, 2).reshape(groups, bt * L, kg)
+    w3 = weight.reshape(groups, cout // groups, kg)
+    weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
+    y = _product(cols, w3, config, input_scale=input_scale, weight_scale=weight_scale,
+                 generator=generator, weights=weights, stats=stats)  # (G, bt*L, cout/G)
+    y = y.reshape(groups, bt, ho, wo, cout // groups).permute(1, 0, 4, 2, 3).reshape(bt, cout, ho, wo)
+    if bias is not None:
+        y = y + bias.to(torch.float32).view(1, -1, 1, 1)
+    if unbatched:
+        y = y.squeeze(0)
+    return y.to(out_dtype)
+
+
+def conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    config: ABFPConfig,
+    input_scale: float | Tensor | None = None,
+    weight_scale: float | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stats: ProductStats | None = None,
+    cache: bool = True,
+) -> Tensor:
+    """``F.conv1d`` on the device (as a conv2d of height 1)."""
+    unbatched = x.dim() == 2
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.dim() != 3 or weight.dim() != 3:
+        raise ValueError(f"conv1d needs a 3-D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    s = stride if isinstance(stride, int) else stride[0]
+    d = dilation if isinstance(dilation, int) else dilation[0]
+    p: int | str | tuple[int, int] = padding if isinstance(padding, str) else (0, padding if isinstance(padding, int) else padding[0])
+    y = conv2d(
+        x.unsqueeze(2), weight.unsqueeze(2), bias, (1, s), p, (1, d), groups,
+        config=config, input_scale=input_scale, weight_scale=weight_scale,
+        generator=generator, stats=stats, cache=False,
+    )
+    y = y.squeeze(2)
+    return y.squeeze(0) if unbatched else y
+
+
+def einsum(
+    equation: str,
+    a: Tensor,
+    b: Tensor,
+    *,
+    config: ABFPConfig,
+    generator: torch.Generator | None = None,
+    stats: ProductStats | None = None,
+) -> Tensor:
+    """A two-operand ``torch.einsum`` whose contraction runs on the device.
+
+    Indices in both operands and the output are batch axes, in both operands only are
+    reduced (the analog reduction axis), in one operand and the output are free. Indices
+    found in one operand only and not in the output are summed digitally first.
+    """
+    eq = equation.replace(" ", "")
+    if "->" not in eq:
+        lhs = eq
+        letters = [ch for ch in lhs.replace(",", "") if ch != "."]
+        out = "".join(sorted(ch for ch in set(letters) if letters.count(ch) == 1))
+    else:
+        lhs, out = eq.split("->")
+    parts = lhs.split(",")
+    if len(parts) != 2:
+        raise ValueError("abfp einsum takes exactly two operands")
+    sa, sb = parts
+    if "." in eq:
+        sa, sb, out = _expand_ellipsis(sa, sb, out, a.dim(), b.dim())
+    if len(sa) != a.dim() or len(sb) != b.dim():
+        raise ValueError(f"einsum subscripts {equation!r} do not match operand ranks {a.dim()}, {b.dim()}")
+    # sum away indices private to one operand and absent from the output
+    for s_name in ("a", "b"):
+        s, other, t = (sa, sb, a) if s_name == "a" else (sb, sa, b)
+        private = [i for i, ch in enumerate(s) if ch not in other and ch not in out]
+        if private:
+            t = t.sum(dim=private)
+            s = "".join(ch for i, ch in enumerate(s) if i not in private)
+        if s_name == "a":
+            sa, a = s, t
+        else:
+            sb, b = s, t
+    batch = [ch for ch in out if ch in sa and ch in sb]
+    red = [ch for ch in sa if ch in sb and ch not in out]
+    fa = [ch for ch in sa if ch not in sb]
+    fb = [ch for ch in sb if ch not in sa]
+    sizes = {ch: a.shape[i] for i, ch in enumerate(sa)}
+    for i, ch in enumerate(sb):
+        sizes[ch] = max(sizes.get(ch, 1), b.shape[i])
+    pa = a.permute([sa.index(ch) for ch in batch + fa + red])
+    pb = b.permute([sb.index(ch) for ch in batch + fb + red])
+    pa = pa.expand(*[sizes[ch] for ch in batch], *pa.shape[len(batch):])
+    pb = pb.expand(*[sizes[ch] for ch in batch], *pb.shape[len(batch):])
+    bsz = math.prod(sizes[ch] for ch in batch)
+    m = math.prod(sizes[ch] for ch in fa)
+    n_ = math.prod(sizes[ch] for ch in fb)
+    k = math.prod(sizes[ch] for ch in red)
+    a3 = pa.reshape(bsz, m, k)
+    w3 = pb.reshape(bsz, n_, k)
+    check_finite(a3, "first operand")
+    check_finite(w3, "second operand")
+    y = _product(a3, w3, config, generator=generator, stats=stats).to(_out_dtype(a, b))
+    y = y.reshape([sizes[ch] for ch in batch + fa + fb])
+    cur = batch + fa + fb
+    return y.permute([cur.index(ch) for ch in out])
+
+
+def _expand_ellipsis(sa: str, sb: str, out: str, da: int, db: int) -> tuple[str, str, str]:
+    used = set((sa + sb + out).replace(".", ""))
+    spare = [chr(c) for c in range(ord("A"), ord("Z") + 1) if chr(c) not in used]
+    na = da - len(sa.replace("...", ""))
+    nb = db - len(sb.replace("...", ""))
+    ne = max(na, nb)
+    ell = "".join(spare[:ne])
+    sa = sa.replace("...", ell[ne - na:]) if "..." in sa else sa
+    sb = sb.replace("...", ell[ne - nb:]) if "..." in sb else sb
+    out = out.replace("...", ell) if "..." in out else out
+    return sa, sb, out

@@ -1,0 +1,146 @@
+"""``convert`` a model to run its products on the device, ``to_digital`` to undo it.
+
+Modules are not replaced: each gets a pre-hook and a hook (see :mod:`abfp.nn.mode`), so
+parameters, buffers, ``state_dict`` keys, subclasses and their own ``forward`` stay as they
+were, and a converted model's ``state_dict`` loads into the original model and back.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ABFPConfig
+from .mode import EnterHook, ExitHook
+from .state import AnalogState, normalise_overrides
+
+STATE_ATTR = "abfp_state"
+
+
+def convert(
+    model: nn.Module,
+    config: ABFPConfig | None = None,
+    *,
+    exclude: Sequence[str] = (),
+    overrides: Mapping[str, ABFPConfig] | None = None,
+    inplace: bool = False,
+    include_matmul: bool = True,
+) -> nn.Module:
+    """Run ``model``'s linear, convolution and (with ``include_matmul``) activation-by-activation
+    products on the device described by ``config``.
+
+    ``exclude``: module names or regular expressions (full match) kept digital, with
+    everything inside them. ``overrides``: module name or regex -> its own config (wins over
+    ``exclude``; inherited by submodules). ``inplace=False`` converts a deep copy.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert needs an nn.Module, got {type(model).__name__}")
+    config = config or ABFPConfig()
+    if not isinstance(config, ABFPConfig):
+        raise TypeError(f"config must be an ABFPConfig, got {type(config).__name__}")
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    if is_converted(model):
+        model = to_digital(model, inplace=inplace)
+        inplace = True
+    if not inplace:
+        model = copy.deepcopy(model)
+    names = [name for name, _ in model.named_modules()]
+    state = AnalogState(
+        config=config,
+        exclude=tuple(exclude),
+        overrides=normalise_overrides(overrides),
+        include_matmul=include_matmul,
+    )
+    for pattern in list(state.exclude) + list(state.overrides):
+        if not any(_matches_any(n, pattern) for n in names):
+            raise ValueError(f"{pattern!r} matches no module of the model; module names look like {names[1:4]}")
+    state.resolve(names)
+    for name, module in model.named_modules():
+        module.register_forward_pre_hook(EnterHook(name, state))
+        module.register_forward_hook(ExitHook(), always_call=True)
+    setattr(model, STATE_ATTR, state)
+    return model
+
+
+def _matches_any(name: str, pattern: str) -> bool:
+    from .state import _matches
+
+    return _matches(name, pattern)
+
+
+def is_converted(model: nn.Module) -> bool:
+    return isinstance(getattr(model, STATE_ATTR, None), AnalogState)
+
+
+def analog_state(model: nn.Module) -> AnalogState:
+    """The :class:`AnalogState` of a converted model (ValueError if it was not converted)."""
+    st = getattr(model, STATE_ATTR, None)
+    if not isinstance(st, AnalogState):
+        raise ValueError("this model is not converted: call abfp.convert(model, config) first")
+    return st
+
+
+def to_digital(model: nn.Module, *, inplace: bool = True) -> nn.Module:
+    """Undo :func:`convert`: every product runs digitally again."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in model.modules():
+        for hooks, kind in ((module._forward_pre_hooks, EnterHook), (module._forward_hooks, ExitHook)):
+            for key in [k for k, h in hooks.items() if isinstance(h, kind)]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
+    if hasattr(model, STATE_ATTR):
+        delattr(model, STATE_ATTR)
+    return model
+
+
+@contextmanager
+def digital(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily run a converted model digitally (float32), e.g. for a reference pass."""
+    st = analog_state(model)
+    saved = dict(st.module_configs)
+    try:
+        for k in st.module_configs:
+            st.module_configs[k] = None
+        yield model
+    finally:
+        st.module_configs.update(saved)
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    percentile: float = 100.0,
+) -> dict[str, list[float]]:
+    """Static activation scales for the fixed-point baseline (SPEC section 2).
+
+    Runs ``model`` digitally on ``batches`` (each a tensor or a tuple of model inputs) and
+    records, per product site, the ``percentile`` of |input| (100: the max) over all
+    batches. Fixed-mode products then use these scales; uncalibrated sites fall back to
+    each tensor's own max |value|.
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    st = analog_state(model)
+    st.input_scales.clear()
+    st.calibrating = True
+    st.calibration_percentile = percentile
+    try:
+        for batch in batches:
+            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+            model(*inputs)
+    finally:
+        st.calibrating = False
+    return dict(st.input_scales)
+
+
+def reseed(model: nn.Module, offset: int = 0) -> None:
+    """Restart the device-noise generators of a converted model (``config.seed + offset``)."""
+    analog_state(model).reseed(offset)

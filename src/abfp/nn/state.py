@@ -1,0 +1,128 @@
+"""What a converted model carries: per-module configs, noise generators, calibration, records.
+
+One :class:`AnalogState` hangs off the root module of a converted model as ``abfp_state``.
+Products are identified by *site*: ``"<module name>:<op><index>"``, the index counting the
+products of that kind inside one call of the module (``"fc1:linear0"``,
+``"encoder.layer.0.attention.self:matmul1"``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from ..config import ABFPConfig
+
+
+@dataclass
+class SiteRecord:
+    """Accumulated observations of one analog product site (see :func:`abfp.summary`)."""
+
+    site: str
+    kind: str
+    x_shape: tuple[int, ...] = ()
+    w_shape: tuple[int, ...] = ()
+    tiles: int = 0
+    calls: int = 0
+    macs: int = 0
+    adc_conversions: int = 0
+    saturated: int = 0
+    err_sq: float = 0.0
+    ref_sq: float = 0.0
+    config: ABFPConfig | None = None
+
+    @property
+    def saturated_fraction(self) -> float:
+        return self.saturated / self.adc_conversions if self.adc_conversions else 0.0
+
+    @property
+    def relative_error(self) -> float:
+        return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else (0.0 if self.err_sq == 0 else float("inf"))
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if name == pattern:
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+@dataclass
+class AnalogState:
+    """Conversion state of one model."""
+
+    config: ABFPConfig
+    exclude: tuple[str, ...] = ()
+    overrides: dict[str, ABFPConfig] = field(default_factory=dict)
+    module_configs: dict[str, ABFPConfig | None] = field(default_factory=dict)
+    include_matmul: bool = True
+    # fixed-point calibration: site -> (input scale, second operand scale or None)
+    input_scales: dict[str, list[float]] = field(default_factory=dict)
+    calibrating: bool = False
+    calibration_percentile: float = 100.0
+    # recording for summary(): site -> SiteRecord
+    recording: bool = False
+    records: dict[str, SiteRecord] = field(default_factory=dict)
+    # DNF / QAT hooks: callables site -> fn(y_device, y_fp32) and similar (see abfp.finetune)
+    interceptors: dict[str, Any] = field(default_factory=dict)
+    _generators: dict[str, torch.Generator] = field(default_factory=dict)
+    _seed_offset: int = 0
+
+    def resolve(self, names: list[str]) -> None:
+        """Config of every module: overrides win, then exclusion, else the parent's config."""
+        self.module_configs.clear()
+        for name in names:
+            parent = name.rpartition(".")[0] if "." in name else ("" if name else None)
+            cfg: ABFPConfig | None = self.config if parent is None else self.module_configs.get(parent, self.config)
+            if any(_matches(name, p) for p in self.exclude):
+                cfg = None
+            for pattern, ocfg in self.overrides.items():
+                if _matches(name, pattern):
+                    cfg = ocfg
+            self.module_configs[name] = cfg
+
+    def config_for(self, module_name: str) -> ABFPConfig | None:
+        return self.module_configs.get(module_name, self.config)
+
+    def generator(self, cfg: ABFPConfig, device: torch.device) -> torch.Generator | None:
+        """One generator per device, seeded from the config's seed (None: torch's global RNG)."""
+        if cfg.seed is None or cfg.noise_std == 0:
+            return None
+        key = f"{device}:{cfg.seed}"
+        g = self._generators.get(key)
+        if g is None:
+            g = torch.Generator(device=device)
+            g.manual_seed(cfg.seed + self._seed_offset)
+            self._generators[key] = g
+        return g
+
+    def reseed(self, offset: int = 0) -> None:
+        """Restart every noise generator (``seed + offset``): the next run repeats exactly."""
+        self._seed_offset = int(offset)
+        self._generators.clear()
+
+    def __deepcopy__(self, memo: dict) -> "AnalogState":
+        new = copy.copy(self)
+        new.exclude = tuple(self.exclude)
+        new.overrides = dict(self.overrides)
+        new.module_configs = dict(self.module_configs)
+        new.input_scales = {k: list(v) for k, v in self.input_scales.items()}
+        new.records = {}
+        new.interceptors = {}
+        new._generators = {}
+        return new
+
+
+def normalise_overrides(overrides: Mapping[str, ABFPConfig] | None) -> dict[str, ABFPConfig]:
+    out: dict[str, ABFPConfig] = {}
+    for k, v in (overrides or {}).items():
+        if not isinstance(v, ABFPConfig):
+            raise TypeError(f"override for {k!r} must be an ABFPConfig, got {type(v).__name__}")
+        out[str(k)] = v
+    return out

@@ -1,0 +1,72 @@
+"""``summary``: a per-product table of a converted model on one example input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convert import analog_state, convert, is_converted
+from .state import SiteRecord
+
+
+@dataclass
+class Summary:
+    """Rows of :func:`summary`; ``str()`` gives the table."""
+
+    rows: list[SiteRecord]
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "site": r.site,
+                "kind": r.kind,
+                "input_shape": list(r.x_shape),
+                "weight_shape": list(r.w_shape),
+                "tiles": r.tiles,
+                "macs": r.macs,
+                "adc_conversions": r.adc_conversions,
+                "saturated_fraction": r.saturated_fraction,
+                "relative_error": r.relative_error,
+                "config": r.config.label() if r.config else "digital",
+            }
+            for r in self.rows
+        ]
+
+    @property
+    def total_macs(self) -> int:
+        return sum(r.macs for r in self.rows)
+
+    def __str__(self) -> str:
+        head = f"{'site':<44} {'kind':<7} {'input':<18} {'weight':<18} {'tiles':>5} {'MACs':>12} {'ADC conv':>11} {'sat %':>7} {'rel err':>9}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(
+                f"{r.site[-44:]:<44} {r.kind:<7} {str(tuple(r.x_shape))[:18]:<18} {str(tuple(r.w_shape))[:18]:<18} "
+                f"{r.tiles:>5} {r.macs:>12,} {r.adc_conversions:>11,} {100 * r.saturated_fraction:>7.3f} {r.relative_error:>9.4f}"
+            )
+        lines.append(f"total MACs {self.total_macs:,}; ADC conversions {sum(r.adc_conversions for r in self.rows):,}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def summary(model: nn.Module, example_input: Any, config=None) -> Summary:
+    """Run ``model`` once on ``example_input`` (a tensor or a tuple of inputs) and tabulate each
+    analog product: kind, shapes, tiles, MACs, ADC conversions, saturated fraction, and the
+    relative error of its output against float32 on the same input.
+
+    ``model`` may be converted already; otherwise it is converted (a copy) with ``config``.
+    """
+    if not is_converted(model):
+        model = convert(model, config)
+    st = analog_state(model)
+    st.records.clear()
+    st.recording = True
+    try:
+        inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+        model(*inputs)
+    finally:
+        st.recording = False
+    return Summary(rows=list(st.records.values()))

@@ -1,0 +1,102 @@
+"""The device, as pure functions on tensors.
+
+:func:`analog_product` is the single entry every higher layer uses: ``X @ W^T`` of batched
+3-D operands on the configured device, by the fast path or the float64 reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import ABFPConfig
+from .adc import AdcPlan
+from .blocks import Encoded, encode_operand
+from .kernels import ProductStats, analog_gemm
+from .reference import ReferenceResult, reference_product
+
+__all__ = [
+    "AdcPlan",
+    "Encoded",
+    "ProductStats",
+    "ReferenceResult",
+    "analog_product",
+    "encode_inputs",
+    "encode_weights",
+    "reference_product",
+]
+
+
+def encode_inputs(x3: Tensor, cfg: ABFPConfig, input_scale: float | Tensor | None = None) -> Encoded:
+    """Input DAC: (B, M, K) -> codes (B, T, M, n) and scales (B, T, M)."""
+    return encode_operand(
+        x3,
+        n=cfg.tile_width,
+        bits_max_code=cfg.input_max_code,
+        mode=cfg.mode,
+        scale_dtype=cfg.scale_dtype,
+        static_scale=input_scale,
+    )
+
+
+def encode_weights(w3: Tensor, cfg: ABFPConfig, weight_scale: float | Tensor | None = None) -> Encoded:
+    """Weight DAC: (B, N, K) -> codes (B, T, n, N) times ``G/n`` where exact, scales times ``n/(G L(b_y))``."""
+    plan = AdcPlan.for_config(cfg)
+    enc = encode_operand(
+        w3,
+        n=cfg.tile_width,
+        bits_max_code=cfg.weight_max_code,
+        mode=cfg.mode,
+        scale_dtype=cfg.scale_dtype,
+        static_scale=weight_scale,
+        as_rhs=True,
+        code_multiplier=plan.code_multiplier,
+    )
+    enc.scales.mul_(plan.step)
+    return enc
+
+
+def analog_product(
+    x3: Tensor,
+    w3: Tensor,
+    cfg: ABFPConfig,
+    *,
+    input_scale: float | Tensor | None = None,
+    weight_scale: float | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    stats: ProductStats | None = None,
+    want_mask: bool = False,
+    weights: Encoded | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``X @ W^T`` on the device, without bias: x3 (B, M, K), w3 (Bw, N, K) -> (B, M, N) float32.
+
+    ``weights``: pre-encoded weights (a cache hit), else ``w3`` is encoded here. ``noise``
+    (B, T, M, N) replaces the drawn device noise (tests). ``want_mask`` also returns the
+    straight-through mask of the ADC clamp (B, T, M, N).
+    """
+    if cfg.bf16_io:
+        x3 = x3.to(torch.bfloat16)
+        w3 = w3.to(torch.bfloat16)
+    if cfg.kernel == "reference":
+        ref = reference_product(
+            x3,
+            w3,
+            cfg,
+            input_scale=input_scale,
+            weight_scale=weight_scale,
+            noise=None if noise is None else noise.permute(0, 2, 3, 1),
+            generator=generator,
+        )
+        if stats is not None:
+            stats.saturated += int(ref.saturated.sum())
+            stats.conversions += ref.saturated.numel()
+        mask = (~ref.saturated).permute(0, 3, 1, 2).contiguous() if want_mask else None
+        return ref.y.to(torch.float32), mask
+    plan = AdcPlan.for_config(cfg)
+    xe = encode_inputs(x3, cfg, input_scale)
+    we = weights if weights is not None else encode_weights(w3, cfg, weight_scale)
+    y, mask = analog_gemm(xe, we, cfg, plan, generator=generator, noise=noise, stats=stats, want_mask=want_mask)
+    if cfg.bf16_io:
+        y = y.to(torch.bfloat16).to(torch.float32)
+    return y, mask

@@ -1,0 +1,121 @@
+"""Block scales and DAC codes (SPEC.md section 1, steps 1-3), the fast path's encoder.
+
+``sx[m,t] = fmt(max |X[m, tile t]|)`` with ``fmt`` the configured scale format, and
+``q = round(clamp(X_t / s, -1, 1) * L(b))``; a block whose scale is 0 encodes as zeros.
+All work is in float32 (codes are small integers, exact in float32).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def round_scale(s: Tensor, scale_dtype: str) -> Tensor:
+    """Round non-negative scales to the device's scale format (float32 result)."""
+    s = s.to(torch.float32)
+    if scale_dtype == "bfloat16":
+        return s.to(torch.bfloat16).to(torch.float32)
+    if scale_dtype == "pow2":
+        pos = s > 0
+        e = torch.ceil(torch.log2(torch.where(pos, s, torch.ones_like(s))))
+        return torch.where(pos, torch.exp2(e), torch.zeros_like(s))
+    return s
+
+
+def num_tiles(k: int, n: int) -> int:
+    return math.ceil(k / n)
+
+
+def pad_to_tiles(v: Tensor, n: int) -> Tensor:
+    """Zero-pad the last dimension to a multiple of ``n``."""
+    k = v.shape[-1]
+    pad = num_tiles(k, n) * n - k
+    return torch.nn.functional.pad(v, (0, pad)) if pad else v
+
+
+def block_scales(v: Tensor, n: int, scale_dtype: str) -> Tensor:
+    """Per-block scales of ``v`` (..., K) -> (..., T): max |v| over each tile of width n."""
+    vt = pad_to_tiles(v, n)
+    t = vt.shape[-1] // n
+    if vt.numel() == 0:
+        return torch.zeros(*v.shape[:-1], t, dtype=torch.float32, device=v.device)
+    return round_scale(vt.reshape(*v.shape[:-1], t, n).abs().amax(-1), scale_dtype)
+
+
+def static_scales(v: Tensor, n: int, scale: float | Tensor | None, scale_dtype: str) -> Tensor:
+    """Fixed-point scales: one value for the whole tensor, broadcast to (..., T)."""
+    t = num_tiles(v.shape[-1], n)
+    if scale is None:
+        scale = v.abs().max() if v.numel() else torch.zeros(())
+    s = torch.as_tensor(scale, dtype=torch.float32, device=v.device).reshape(())
+    if not torch.isfinite(s) or s < 0:
+        raise ValueError(f"a fixed-point scale must be finite and >= 0, got {float(s)}")
+    return round_scale(s, scale_dtype).expand(*v.shape[:-1], t)
+
+
+def encode(v: Tensor, scales: Tensor, n: int, max_code: int) -> Tensor:
+    """DAC codes of ``v`` (..., K) given per-block ``scales`` (..., T): returns (..., T, n) float32."""
+    vt = pad_to_tiles(v.to(torch.float32), n)
+    t = scales.shape[-1]
+    vt = vt.reshape(*v.shape[:-1], t, n)
+    pos = scales > 0
+    safe = torch.where(pos, scales, torch.ones_like(scales)).unsqueeze(-1)
+    q = (vt / safe).clamp_(-1.0, 1.0).mul_(max_code).round_()
+    if not bool(pos.all()):
+        q = q.masked_fill_(~pos.unsqueeze(-1), 0.0)
+    return q
+
+
+def inside_clamp(v: Tensor, scales: Tensor, n: int) -> Tensor:
+    """Straight-through mask of the DAC clamp: ``|v| <= s`` of v's block (shape of v)."""
+    t = scales.shape[-1]
+    vt = pad_to_tiles(v, n).reshape(*v.shape[:-1], t, n)
+    m = vt.abs() <= scales.unsqueeze(-1).to(vt.dtype)
+    return m.reshape(*v.shape[:-1], t * n)[..., : v.shape[-1]]
+
+
+@dataclass
+class Encoded:
+    """One operand, encoded: codes laid out for a batched GEMM and its block scales.
+
+    ``codes``: (B, T, R, n) with R the rows (M for inputs, N for weights); ``scales``:
+    (B, T, R). ``transposed`` weights are stored as (B, T, n, R) for ``matmul``.
+    """
+
+    codes: Tensor
+    scales: Tensor
+    k: int  # the unpadded reduction length
+
+
+def encode_operand(
+    v: Tensor,
+    *,
+    n: int,
+    bits_max_code: int,
+    mode: str,
+    scale_dtype: str,
+    static_scale: float | Tensor | None = None,
+    as_rhs: bool = False,
+    code_multiplier: float = 1.0,
+) -> Encoded:
+    """Encode ``v`` (B, R, K) into an :class:`Encoded` ready for ``kernels``.
+
+    ``as_rhs`` lays codes out as (B, T, n, R) (the right operand of a GEMM). ``code_multiplier``
+    (a power of two) is folded into the codes; it keeps them exact and saves a pass later.
+    """
+    if mode == "abfp":
+        s = block_scales(v, n, scale_dtype)
+    else:
+        s = static_scales(v, n, static_scale, scale_dtype)
+    q = encode(v, s, n, bits_max_code)  # (B, R, T, n)
+    if code_multiplier != 1.0:
+        q.mul_(code_multiplier)
+    if as_rhs:
+        codes = q.permute(0, 2, 3, 1).contiguous()  # (B, T, n, R)
+    else:
+        codes = q.permute(0, 2, 1, 3).contiguous()  # (B, T, R, n)
+    return Encoded(codes=codes, scales=s.permute(0, 2, 1).contiguous(), k=v.shape[-1])

@@ -1,0 +1,104 @@
+"""The fast path: exact GEMMs on DAC codes, the per-tile ADC as an in-place epilogue, in chunks.
+
+For each chunk of rows, ``D = codes_x @ codes_w`` gives every tile's integer dot product at
+once (a batched GEMM over the tiles, exact in float32 because the products are integers
+below 2**24), then the epilogue turns it into ADC codes and numbers and sums the tiles in
+float32. Chunks are sized so that the ``(T, rows, N)`` partial sums stay small (never the
+whole tensor of a large layer), which also keeps them in cache.
+
+Tested against :mod:`abfp.numerics.reference` (``tests/numerics``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import ABFPConfig
+from .adc import AdcPlan, add_noise_
+from .blocks import Encoded
+
+#: Elements of partial sums per chunk (float32): 1 Mi elements = 4 MiB.
+CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass
+class ProductStats:
+    """ADC statistics of one product: saturated (clipped) samples out of all ADC samples."""
+
+    saturated: int = 0
+    conversions: int = 0
+
+
+def analog_gemm(
+    x: Encoded,
+    w: Encoded,
+    cfg: ABFPConfig,
+    plan: AdcPlan,
+    *,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    stats: ProductStats | None = None,
+    want_mask: bool = False,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor | None]:
+    """Sum over tiles of the ADC'd tile products.
+
+    ``x.codes``: (B, T, M, n); ``w.codes``: (Bw, T, n, N) with Bw in (1, B), already times
+    ``plan.code_multiplier``; ``w.scales`` already times ``plan.step``. ``noise``: optional
+    explicit noise (B, T, M, N) in LSBs (tests). Returns ``Y`` (B, M, N) float32 and, with
+    ``want_mask``, the straight-through mask (B, T, M, N) bool (True where not saturated).
+    """
+    xc, wc = x.codes, w.codes
+    B, T, M, _ = xc.shape
+    N = wc.shape[-1]
+    dev = xc.device
+    y = torch.zeros(B, M, N, dtype=torch.float32, device=dev)
+    mask = torch.empty(B, T, M, N, dtype=torch.bool, device=dev) if want_mask else None
+    if T == 0 or M == 0 or N == 0 or B == 0:
+        if mask is not None:
+            mask.fill_(True)
+        return y, mask
+    ly = float(plan.max_code)
+    sx_all = x.scales  # (B, T, M)
+    sw_all = w.scales  # (Bw, T, N)
+    per_row = T * N
+    per_batch = per_row * M
+    if per_batch <= chunk_elements:
+        step_b = max(1, chunk_elements // per_batch)
+        chunks = [(b, min(B, b + step_b), 0, M) for b in range(0, B, step_b)]
+    else:
+        step_m = max(1, chunk_elements // per_row)
+        chunks = [(b, b + 1, m, min(M, m + step_m)) for b in range(B) for m in range(0, M, step_m)]
+    gemm_dtype = plan.gemm_dtype
+    for b0, b1, m0, m1 in chunks:
+        xs = xc[b0:b1, :, m0:m1]
+        ws = wc if wc.shape[0] == 1 else wc[b0:b1]
+        if gemm_dtype != torch.float32:
+            d = torch.matmul(xs.to(gemm_dtype), ws.to(gemm_dtype))
+            plan.to_lsb_(d)
+            d = d.to(torch.float32)
+        else:
+            d = torch.matmul(xs, ws)  # (b, T, m, N)
+            plan.to_lsb_(d)
+        if noise is not None:
+            d.add_(noise[b0:b1, :, m0:m1])
+        elif cfg.noise_std > 0:
+            add_noise_(d, cfg, generator)
+        if stats is not None or mask is not None:
+            inside = d.abs() <= ly
+            if mask is not None:
+                mask[b0:b1, :, m0:m1] = inside
+            if stats is not None:
+                stats.saturated += int(inside.numel() - inside.sum())
+                stats.conversions += inside.numel()
+        d.clamp_(-ly, ly).round_()
+        d.mul_(sx_all[b0:b1, :, m0:m1].unsqueeze(-1))
+        sw = sw_all if sw_all.shape[0] == 1 else sw_all[b0:b1]
+        d.mul_(sw.unsqueeze(-2))
+        if cfg.bf16_tile_outputs:
+            d = d.to(torch.bfloat16).to(torch.float32)
+        y[b0:b1, m0:m1] = d.sum(1)
+    return y, mask

@@ -1,0 +1,127 @@
+"""What a zoo entry is: a model, its data and its metric.
+
+Every zoo family (one file each) registers :class:`Task` objects. The evaluation tools
+only see this interface, so a user's own model plugs in the same way: a function that
+returns a ``Task`` (or a ``(model, data, metric)`` triple) is all ``abfp eval --task
+package.module:function`` needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+MetricFn = Callable[[Tensor, "Tensor | None", Tensor], float]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A scalar quality measure of a model's outputs.
+
+    ``fn(outputs, targets, reference)`` gets the concatenated outputs of the model under
+    test, the labels (``None`` for unlabelled data) and the concatenated outputs of the
+    float32 model on the same inputs; it returns one float.
+
+    ``kind`` is ``"accuracy"`` when the metric scores against ground-truth labels and
+    ``"fidelity"`` when it scores agreement with the float32 model (no labels available).
+    """
+
+    name: str
+    kind: Literal["accuracy", "fidelity"]
+    fn: MetricFn
+    higher_is_better: bool = True
+    unit: str = ""
+
+    def __call__(self, outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
+        return float(self.fn(outputs, targets, reference))
+
+
+@dataclass
+class Dataset:
+    """Inputs (a tuple of tensors, each sliced along dim 0 into batches) and optional targets.
+
+    The model is called as ``model(*inputs_batch)``.
+    """
+
+    inputs: tuple[Tensor, ...]
+    targets: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, Tensor):
+            self.inputs = (self.inputs,)
+        if not self.inputs:
+            raise ValueError("Dataset.inputs must hold at least one tensor")
+        n = self.inputs[0].shape[0]
+        for t in self.inputs[1:]:
+            if t.shape[0] != n:
+                raise ValueError("all Dataset.inputs must have the same length along dim 0")
+        if self.targets is not None and self.targets.shape[0] != n:
+            raise ValueError("Dataset.targets must have as many rows as the inputs")
+
+    def __len__(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def take(self, n: int | None) -> "Dataset":
+        """The first ``n`` samples (all of them when ``n`` is None)."""
+        if n is None or n >= len(self):
+            return self
+        if n <= 0:
+            raise ValueError(f"number of samples must be positive, got {n}")
+        return Dataset(tuple(t[:n] for t in self.inputs), None if self.targets is None else self.targets[:n])
+
+    def batches(self, batch_size: int):
+        """Yield ``(inputs_tuple, targets_or_None)`` batches in order."""
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        for i in range(0, len(self), batch_size):
+            yield (
+                tuple(t[i : i + batch_size] for t in self.inputs),
+                None if self.targets is None else self.targets[i : i + batch_size],
+            )
+
+
+@dataclass(frozen=True)
+class Task:
+    """One zoo entry: how to build the float32 model, load its data, and score it."""
+
+    name: str
+    description: str
+    build_model: Callable[[], nn.Module]
+    load_data: Callable[[], Dataset]
+    metric: Metric
+    default_samples: int | None = None
+    default_batch_size: int = 256
+    requires: tuple[str, ...] = field(default_factory=tuple)
+
+
+def top1_accuracy(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
+    """Percentage of samples whose arg-max class equals the label."""
+    if targets is None:
+        raise ValueError("top-1 accuracy needs labels")
+    return 100.0 * (outputs.argmax(-1) == targets).float().mean().item()
+
+
+def top1_agreement(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
+    """Percentage of samples whose arg-max class equals the float32 model's arg-max."""
+    return 100.0 * (outputs.argmax(-1) == reference.argmax(-1)).float().mean().item()
+
+
+def kl_divergence(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
+    """Mean KL(p_fp32 || p_model) of the softmax distributions, in nats."""
+    logp_ref = torch.log_softmax(reference.double(), -1)
+    logp = torch.log_softmax(outputs.double(), -1)
+    return (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean().item()
+
+
+def mean_cosine(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
+    """Mean cosine similarity between each output vector and the float32 one."""
+    return torch.nn.functional.cosine_similarity(outputs.double(), reference.double(), dim=-1).mean().item()
+
+
+TOP1 = Metric("top-1 accuracy", "accuracy", top1_accuracy, unit="%")
+AGREEMENT = Metric("top-1 agreement with fp32", "fidelity", top1_agreement, unit="%")
+KL = Metric("KL divergence to fp32", "fidelity", kl_divergence, higher_is_better=False, unit="nats")
+COSINE = Metric("cosine similarity to fp32", "fidelity", mean_cosine)
