@@ -204,7 +204,7 @@ def presets() -> dict[str, ABFPConfig]:
       ("668": 6-bit weights and inputs, 8-bit ADC), gain at the value that served their
       models best for that tile width (n=8: 1, n=32: 2, n=128: 8).
     - ``fixed-888-n{8,32,128}``: the fixed-point baseline at the same bits, gain 1.
-    - ``ideal``: 16-bit converters, gain 1, no noise (tends to float32; a sanity check).
+    - ``ideal``: 16-bit DACs, a 24-bit ADC, gain 1, no noise (tends to float32; a sanity check).
     """
     out: dict[str, ABFPConfig] = {"default": ABFPConfig()}
     for bits, (wb, ib, ob) in {"888": (8, 8, 8), "668": (6, 6, 8)}.items():
@@ -214,5 +214,5 @@ def presets() -> dict[str, ABFPConfig]:
             )
     for n in _PRESET_GAIN:
         out[f"fixed-888-n{n}"] = ABFPConfig(mode="fixed", tile_width=n, gain=1.0)
-    out["ideal"] = ABFPConfig(input_bits=16, weight_bits=16, output_bits=16, gain=1.0, noise_std=0.0, scale_dtype="float32")
+    out["ideal"] = ABFPConfig(input_bits=16, weight_bits=16, output_bits=24, gain=1.0, noise_std=0.0, scale_dtype="float32")
     return out

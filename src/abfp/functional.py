@@ -3,7 +3,9 @@
 Each behaves like its ``torch`` namesake (shapes, broadcasting, dtypes) but computes the
 product as SPEC.md section 1 defines it. Gradients are straight-through estimators: rounding
 is the identity and a clamp passes the gradient inside its range and zero outside, so
-``d y / d X = mask_adc * W_hat * mask_dac`` with ``W_hat`` the dequantised weights.
+``d y / d X = mask_adc * W_hat * mask_dac`` with ``W_hat`` the dequantised weights. In ABFP
+mode the DAC clamp never cuts a value (the scale is the block's max; bf16 rounding of that
+max is a format artefact), so ``mask_dac`` is 1; in fixed mode it is ``|X| <= s``.
 
 Noise comes from ``generator``; without one, from a generator seeded with ``config.seed``
 (a fresh one per call, so the same call gives the same result); without a seed, from
@@ -36,7 +38,9 @@ def check_finite(t: Tensor, name: str) -> None:
     """Raise ValueError naming the operand when ``t`` holds NaN or Inf."""
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16), got {t.dtype}")
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    # one reduction without temporaries; only a non-finite sum (NaN/Inf inside, or a
+    # harmless overflow) pays for the exact element-wise check
+    if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf; the analog device cannot encode it")
 
 
@@ -82,6 +86,7 @@ class _WeightCache:
         key = self._key(w, cfg, weight_scale)
         w3 = w3.detach().to(torch.bfloat16) if cfg.bf16_io else w3.detach()
         if key is None:
+            check_finite(w, "weight")
             return encode_weights(w3, cfg, weight_scale)
         with self._lock:
             hit = self._d.get(key)
@@ -89,6 +94,7 @@ class _WeightCache:
                 self._d.move_to_end(key)
                 self.hits += 1
                 return hit[1]
+        check_finite(w, "weight")  # once per weight value
         enc = encode_weights(w3, cfg, weight_scale)
         with self._lock:
             self.misses += 1
@@ -125,6 +131,10 @@ def _dequantised(v3: Tensor, cfg: ABFPConfig, scale: Any, max_code: int) -> tupl
     safe = torch.where(pos, s.unsqueeze(-1), torch.ones_like(s.unsqueeze(-1)))
     q = torch.round(torch.clamp(vt / safe, -1.0, 1.0) * max_code) * (safe / max_code)
     q = torch.where(pos, q, torch.zeros_like(q))
+    if cfg.mode == "abfp":
+        # The block scale is the block's own max: its clamp only bites when the scale format
+        # rounds the max down by a fraction of a code; that element keeps its gradient.
+        return q, torch.ones(v3.shape, dtype=torch.bool, device=v3.device)
     return q, inside_clamp(v3, s, n)
 
 
@@ -223,7 +233,8 @@ def linear(
     (``cache=False`` re-encodes every call). Bias is added digitally in float32.
     """
     check_finite(x, "input")
-    check_finite(weight, "weight")
+    if not cache:
+        check_finite(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
@@ -234,7 +245,7 @@ def linear(
         check_finite(bias, "bias")
     out_dtype = x.dtype
     lead = x.shape[:-1]
-    x3 = x.reshape(1, -1, x.shape[-1])
+    x3 = x.reshape(1, math.prod(lead), x.shape[-1])
     w3 = weight.unsqueeze(0)
     weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
     y = _product(x3, w3, config, input_scale=input_scale, weight_scale=weight_scale,
@@ -291,6 +302,21 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _im2col(x: Tensor, kh: int, kw: int, stride: tuple[int, int], dilation: tuple[int, int], ho: int, wo: int) -> Tensor:
+    """Patches of a padded input, channels last: (B, Ho, Wo, C, kh*kw), i.e. each row in
+    ``F.unfold`` order (channel-major, then kernel row, kernel column). One strided copy per
+    kernel offset (``F.unfold`` is far slower on CPU)."""
+    xl = x.permute(0, 2, 3, 1)  # (B, H, W, C) view
+    if kh == kw == 1:
+        return xl[:, : stride[0] * (ho - 1) + 1 : stride[0], : stride[1] * (wo - 1) + 1 : stride[1], :].unsqueeze(-1)
+    slices = []
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dilation[0], j * dilation[1]
+            slices.append(xl[:, r0 : r0 + stride[0] * (ho - 1) + 1 : stride[0], c0 : c0 + stride[1] * (wo - 1) + 1 : stride[1], :])
+    return torch.stack(slices, dim=-1)
+
+
 def conv2d(
     x: Tensor,
     weight: Tensor,
@@ -310,7 +336,8 @@ def conv2d(
     """``F.conv2d`` on the device, as im2col: the reduction axis is ``C_in/groups * k_h * k_w``
     in ``unfold`` order; grouped (and depthwise) convolutions run one product per group."""
     check_finite(x, "input")
-    check_finite(weight, "weight")
+    if not cache:
+        check_finite(weight, "weight")
     if bias is not None:
         check_finite(bias, "bias")
     unbatched = x.dim() == 3
@@ -345,12 +372,7 @@ def conv2d(
     if ho <= 0 or wo <= 0:
         raise ValueError("conv2d: the kernel is larger than the (padded) input")
     kg = cg * kh * kw
-    if kh == kw == 1 and stride == (1, 1):
-        cols = x.permute(0, 2, 3, 1).reshape(bt * ho * wo, groups, kg).permute(1, 0, 2)  # (G, M, Kg)
-    else:
-        cols = F.unfold(x, (kh, kw), dilation=dilation, stride=stride)  # (bt, C*kh*kw, L)
-        L = cols.shape[-1]
-        cols = cols.reshape(bt, groups, kg, L).permute(1, 0, 3, 2).reshape(groups, bt * L, kg)
+    cols = _im2col(x, kh, kw, stride, dilation, ho, wo).reshape(bt * ho * wo, groups, kg).permute(1, 0, 2)  # (G, M, Kg)
     w3 = weight.reshape(groups, cout // groups, kg)
     weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
     y = _product(cols, w3, config, input_scale=input_scale, weight_scale=weight_scale,

@@ -73,6 +73,26 @@ def _matches_any(name: str, pattern: str) -> bool:
     return _matches(name, pattern)
 
 
+def set_config(
+    model: nn.Module,
+    config: ABFPConfig,
+    *,
+    overrides: Mapping[str, ABFPConfig] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> nn.Module:
+    """Point a converted model at another device config (and overrides) without re-converting."""
+    st = analog_state(model)
+    if not isinstance(config, ABFPConfig):
+        raise TypeError(f"config must be an ABFPConfig, got {type(config).__name__}")
+    st.config = config
+    st.overrides = normalise_overrides(overrides)
+    if exclude is not None:
+        st.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    st.resolve([name for name, _ in model.named_modules()])
+    st.reseed(0)
+    return model
+
+
 def is_converted(model: nn.Module) -> bool:
     return isinstance(getattr(model, STATE_ATTR, None), AnalogState)
 

@@ -72,17 +72,17 @@ def analog_gemm(
     else:
         step_m = max(1, chunk_elements // per_row)
         chunks = [(b, b + 1, m, min(M, m + step_m)) for b in range(B) for m in range(0, M, step_m)]
-    gemm_dtype = plan.gemm_dtype
+    wide = plan.wide
     for b0, b1, m0, m1 in chunks:
         xs = xc[b0:b1, :, m0:m1]
         ws = wc if wc.shape[0] == 1 else wc[b0:b1]
-        if gemm_dtype != torch.float32:
-            d = torch.matmul(xs.to(gemm_dtype), ws.to(gemm_dtype))
-            plan.to_lsb_(d)
-            d = d.to(torch.float32)
+        if plan.gemm_dtype != torch.float32:
+            d = torch.matmul(xs.to(plan.gemm_dtype), ws.to(plan.gemm_dtype))
         else:
-            d = torch.matmul(xs, ws)  # (b, T, m, N)
-            plan.to_lsb_(d)
+            d = torch.matmul(xs, ws)  # (b, T, m, N): exact integer tile products
+        if wide:
+            d = d.to(torch.float64)
+        plan.to_lsb_(d)
         if noise is not None:
             d.add_(noise[b0:b1, :, m0:m1])
         elif cfg.noise_std > 0:
@@ -95,6 +95,8 @@ def analog_gemm(
                 stats.saturated += int(inside.numel() - inside.sum())
                 stats.conversions += inside.numel()
         d.clamp_(-ly, ly).round_()
+        if wide:
+            d = d.to(torch.float32)
         d.mul_(sx_all[b0:b1, :, m0:m1].unsqueeze(-1))
         sw = sw_all if sw_all.shape[0] == 1 else sw_all[b0:b1]
         d.mul_(sw.unsqueeze(-2))

@@ -114,10 +114,11 @@ def names() -> list[str]:
 
 
 def _lookup(name: str) -> Task:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown zoo task {name!r}; known tasks: {', '.join(names())}") from None
+    """The registered task ``name`` (case and ``_``/``-`` insensitive), or ValueError."""
+    task = _REGISTRY.get(name) or _REGISTRY.get(name.strip().lower().replace("_", "-"))
+    if task is None:
+        raise ValueError(f"unknown zoo task {name!r}; known tasks: {', '.join(names())}")
+    return task
 
 
 def get(name: str) -> Task:

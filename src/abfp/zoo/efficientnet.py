@@ -28,9 +28,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE = 256
 CROP = 224
 
-#: scikit-image photos used (all ship inside the scikit-image wheel).
+#: scikit-image photos used (all ship inside the scikit-image wheel; ``skimage.data.<name>()``).
 PHOTOS = (
-    "chelsea", "coffee", "astronaut", "rocket", "motorcycle_left",
+    "chelsea", "coffee", "astronaut", "rocket", "motorcycle",
     "camera", "coins", "clock", "gravel", "hubble_deep_field",
 )  # fmt: skip
 
@@ -51,7 +51,8 @@ def _photo(name: str) -> Tensor:
     import numpy as np
     from skimage import data
 
-    img = np.asarray(getattr(data, name)())
+    # the motorcycle is the left image of a stereo pair
+    img = np.asarray(data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)())
     if img.dtype == bool:
         img = img.astype(np.uint8) * 255
     if img.ndim == 2:

@@ -1,0 +1,233 @@
+"""``evaluate``: a model's metric on the device, for every point of a grid, against float32.
+
+The float32 pass runs once; its outputs are the reference for fidelity metrics. Each
+device point converts one working copy of the model (hooks only, no re-copy per point),
+calibrates fixed-point scales or per-layer gains where asked, and runs ``runs`` times with
+seeds ``seed + run`` when the device is noisy (once when it is not). Finished runs are
+cached on disk; a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..config import ABFPConfig
+from ..nn import calibrate, convert, set_config, summary, to_digital
+from ..zoo.base import Dataset, Metric
+from .autogain import choose_gains, gain_overrides
+from .cache import RunCache, run_key
+from .grid import Point
+
+
+def _first_tensor(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(out, name):
+            return getattr(out, name)
+    raise TypeError(f"the model returned {type(out).__name__}; evaluate needs a tensor (or a tuple whose first item is one)")
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, data: Dataset, batch_size: int, device: torch.device | str = "cpu",
+              progress: Callable[[int], None] | None = None) -> Tensor:
+    """Outputs of ``model`` on every batch of ``data``, concatenated on the CPU (float32)."""
+    outs = []
+    for inputs, _ in data.batches(batch_size):
+        y = _first_tensor(model(*(t.to(device) for t in inputs)))
+        outs.append(y.detach().float().cpu())
+        if progress:
+            progress(inputs[0].shape[0])
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+@dataclass
+class EvalSettings:
+    """Knobs of :func:`evaluate` that are not the grid."""
+
+    runs: int = 3
+    batch_size: int = 256
+    samples: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    fixed_percentile: float = 100.0
+    calibration_samples: int = 256
+    autogain_threshold: float = 1e-4
+    layer_stats: bool = True
+    progress: bool = True
+    cache_path: str | None = None
+    extra_metrics: Sequence[Metric] = field(default_factory=tuple)
+
+
+def _aggregate(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def evaluate(
+    model: nn.Module,
+    data: Dataset,
+    metric: Metric,
+    points: Sequence[Point | ABFPConfig],
+    *,
+    task_name: str = "model",
+    settings: EvalSettings | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Evaluate ``model`` at every point; returns one record per (model, point).
+
+    ``points``: :class:`Point` objects or bare :class:`ABFPConfig` (taken as ABFP or fixed by
+    their mode). Keyword arguments override :class:`EvalSettings` fields. Each record holds
+    ``model, format, tile_width, input_bits, weight_bits, output_bits, gain, noise_std,
+    metric, value, std, runs, values, delta_vs_fp32, seconds`` and, per point, ``layers``
+    (per-product saturation and error on the first batch) and ``gains`` for auto gain.
+    """
+    st = settings or EvalSettings()
+    if kwargs:
+        st = EvalSettings(**{**st.__dict__, **kwargs})
+    if st.runs < 1:
+        raise ValueError(f"runs must be >= 1, got {st.runs}")
+    pts = [p if isinstance(p, Point) else Point(p.mode, p) for p in points]
+    data = data.take(st.samples)
+    if len(data) == 0:
+        raise ValueError("no data to evaluate")
+    device = torch.device(st.device)
+    model = model.to(device).eval()
+    cache = RunCache(st.cache_path)
+    n_samples = len(data)
+    total = sum((st.runs if p.noisy else 1) for p in pts if p.format != "fp32") + 1
+    bar = tqdm(total=total * n_samples, unit="img", disable=not st.progress, desc=task_name, leave=False,
+               dynamic_ncols=True)
+    tick = bar.update if st.progress else None
+
+    t0 = time.perf_counter()
+    ref = run_model(model, data, st.batch_size, device, tick)
+    fp32_seconds = time.perf_counter() - t0
+    targets = data.targets
+    fp32_value = metric(ref, targets, ref)
+    extra_fp32 = {m.name: m(ref, targets, ref) for m in st.extra_metrics}
+    records: list[dict[str, Any]] = []
+
+    def base_record(p: Point) -> dict[str, Any]:
+        c = p.config
+        return {
+            "model": task_name,
+            "format": p.format,
+            "tile_width": c.tile_width if c else None,
+            "input_bits": c.input_bits if c else None,
+            "weight_bits": c.weight_bits if c else None,
+            "output_bits": c.output_bits if c else None,
+            "gain": ("auto" if p.auto_gain else c.gain) if c else None,
+            "noise_std": c.noise_std if c else None,
+            "noise_dist": c.noise_dist if c else None,
+            "metric": metric.name,
+            "metric_kind": metric.kind,
+            "higher_is_better": metric.higher_is_better,
+            "samples": n_samples,
+            "label": p.label(),
+        }
+
+    if any(p.format == "fp32" for p in pts):
+        bar.set_postfix_str("fp32")
+        records.append({**base_record(Point("fp32")), "value": fp32_value, "std": 0.0, "runs": 1,
+                        "values": [fp32_value], "delta_vs_fp32": 0.0, "seconds": fp32_seconds,
+                        "extra": extra_fp32})
+
+    work = copy.deepcopy(model)
+    analog_model = convert(work, ABFPConfig(), inplace=True)
+    calib_inputs = tuple(t[: st.calibration_samples].to(device) for t in data.inputs)
+    try:
+        for p in pts:
+            if p.format == "fp32":
+                continue
+            assert p.config is not None
+            bar.set_postfix_str(p.label())
+            overrides: dict[str, ABFPConfig] = {}
+            gains: dict[str, float] | None = None
+            cfg = p.config
+            set_config(analog_model, cfg)
+            if p.auto_gain:
+                gains = choose_gains(analog_model, calib_inputs, cfg, threshold=st.autogain_threshold)
+                overrides = gain_overrides(gains, cfg)
+            n_runs = st.runs if p.noisy else 1
+            values, seconds, extras, layers = [], [], [], None
+            for r in range(n_runs):
+                rcfg = cfg.replace(seed=st.seed + r) if p.noisy else cfg
+                key = run_key(task_name, n_samples, p.format, {**rcfg.to_dict(), "auto_gain": p.auto_gain,
+                              "pct": st.fixed_percentile if p.format == "fixed" else None}, r)
+                hit = cache.get(key)
+                if hit is not None:
+                    values.append(hit["value"])
+                    seconds.append(hit["seconds"])
+                    extras.append(hit.get("extra", {}))
+                    layers = layers or hit.get("layers")
+                    gains = gains or hit.get("gains")
+                    bar.update(n_samples)
+                    continue
+                run_overrides = {k: v.replace(seed=rcfg.seed) for k, v in overrides.items()}
+                set_config(analog_model, rcfg, overrides=run_overrides)
+                if p.format == "fixed":
+                    calibrate(analog_model, [calib_inputs], percentile=st.fixed_percentile)
+                t1 = time.perf_counter()
+                out = run_model(analog_model, data, st.batch_size, device, tick)
+                dt = time.perf_counter() - t1
+                v = metric(out, targets, ref)
+                if not math.isfinite(v):
+                    raise FloatingPointError(f"{task_name} at {p.label()}: metric is {v}")
+                ex = {m.name: m(out, targets, ref) for m in st.extra_metrics}
+                lay = None
+                if st.layer_stats and r == 0:
+                    first = tuple(t[: st.batch_size].to(device) for t in data.inputs)
+                    lay = summary(analog_model, first).as_dicts()
+                    layers = lay
+                cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains})
+                values.append(v)
+                seconds.append(dt)
+                extras.append(ex)
+            mean, std = _aggregate(values)
+            extra = {k: statistics.fmean(e[k] for e in extras) for k in (extras[0] if extras else {})}
+            rec = {**base_record(p), "value": mean, "std": std, "runs": n_runs, "values": values,
+                   "delta_vs_fp32": mean - fp32_value, "seconds": statistics.fmean(seconds),
+                   "extra": extra, "layers": layers}
+            if gains is not None:
+                rec["gains"] = gains
+            records.append(rec)
+    finally:
+        to_digital(analog_model)
+        bar.close()
+    return records
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """The result table as aligned text: one line per record, loss against float32."""
+    lines = []
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_model.setdefault(r["model"], []).append(r)
+    for model, recs in by_model.items():
+        m0 = recs[0]
+        kind = "accuracy" if m0.get("metric_kind") == "accuracy" else "fidelity to fp32"
+        lines.append(f"{model}: {m0['metric']} ({kind}), {m0.get('samples')} samples")
+        lines.append(f"  {'format':<7} {'n':>4} {'bits w/x/y':>10} {'gain':>5} {'noise':>6} {'value':>16} {'vs fp32':>8} {'s/run':>7}")
+        for r in recs:
+            if r["format"] == "fp32":
+                lines.append(f"  {'fp32':<7} {'':>4} {'':>10} {'':>5} {'':>6} {r['value']:>16.3f} {'':>8} {r['seconds']:>7.2f}")
+                continue
+            bits = f"{r['weight_bits']}/{r['input_bits']}/{r['output_bits']}"
+            val = f"{r['value']:.3f}" + (f" ± {r['std']:.3f}" if r["runs"] > 1 else "")
+            gain = r["gain"] if isinstance(r["gain"], str) else f"{r['gain']:g}"
+            lines.append(f"  {r['format']:<7} {r['tile_width']:>4} {bits:>10} {gain:>5} {r['noise_std']:>6.3f} {val:>16} "
+                         f"{r['delta_vs_fp32']:>+8.3f} {r['seconds']:>7.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""convert / to_digital / calibrate / summary on standard layers and a Hugging Face BERT."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import abfp
+import abfp.functional as AF
+from abfp import ABFPConfig
+from abfp.metrics import relative_error
+
+QUIET = ABFPConfig(noise_std=0.0)
+IDEAL = abfp.ABFPConfig.preset("ideal")
+
+
+class PadInForward(nn.Conv2d):
+    """A subclass that pads inside its own forward (like EfficientNet's 'same' convolutions)."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class Attn(nn.Module):
+    def __init__(self, d=16, h=2):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.h = h
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-2, -1) / (d // self.h) ** 0.5, -1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, t, d))
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        PadInForward(3, 8, 3), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+        nn.Conv1d(8, 8, 1) if False else nn.Identity(),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, 10),
+    ).eval()
+
+
+def _manual_cnn(m, x, cfg):
+    """The same network through abfp.functional directly."""
+    y = AF.conv2d(F.pad(x, (1, 1, 1, 1)), m[0].weight, m[0].bias, config=cfg)
+    y = AF.conv2d(torch.relu(y), m[2].weight, m[2].bias, padding=1, groups=8, config=cfg)
+    return AF.linear(torch.relu(y).flatten(1), m[6].weight, m[6].bias, config=cfg)
+
+
+def test_converted_model_computes_the_functional_results():
+    m = small_cnn()
+    x = torch.randn(4, 3, 8, 8)
+    cm = abfp.convert(m, QUIET)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), _manual_cnn(m, x, QUIET), rtol=0, atol=0)
+        # the original is untouched (inplace=False)
+        torch.testing.assert_close(m(x), _manual_cnn(m, x, IDEAL), rtol=1e-3, atol=1e-3)
+        assert not torch.equal(m(x), cm(x))
+
+
+def test_to_digital_and_state_dict_round_trip():
+    m = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    cm = abfp.convert(m, QUIET)
+    assert set(cm.state_dict()) == set(m.state_dict())
+    m2 = small_cnn()
+    m2.load_state_dict(cm.state_dict())
+    cm.load_state_dict(m2.state_dict())
+    d = abfp.to_digital(cm)
+    with torch.no_grad():
+        assert torch.equal(d(x), m(x))
+    assert not abfp.is_converted(d)
+
+
+def test_exclude_and_overrides():
+    m = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    cm = abfp.convert(m, QUIET, exclude=["0"], overrides={r"[26]": IDEAL})
+    s = abfp.summary(cm, x)
+    sites = {r.site: r for r in s.rows}
+    assert "0:conv0" not in sites  # excluded: digital
+    assert sites["2:conv0"].config == IDEAL and sites["6:linear0"].config == IDEAL
+    with pytest.raises(ValueError, match="matches no module"):
+        abfp.convert(m, QUIET, exclude=["nope"])
+
+
+def test_summary_reports_tiles_macs_conversions_and_errors():
+    m = nn.Sequential(nn.Linear(300, 20)).eval()
+    x = torch.randn(5, 300)
+    s = abfp.summary(m, x, QUIET.replace(gain=64.0))
+    (row,) = s.rows
+    assert row.tiles == 3 and row.macs == 5 * 300 * 20 and row.adc_conversions == 5 * 20 * 3
+    assert 0 < row.saturated_fraction <= 1
+    with torch.no_grad():
+        ref = m(x)
+        y = AF.linear(x, m[0].weight, m[0].bias, config=QUIET.replace(gain=64.0))
+    assert abs(row.relative_error - relative_error(y, ref)) < 1e-6
+    assert "linear" in str(s)
+
+
+def test_attention_products_are_analog_and_sites_counted():
+    torch.manual_seed(0)
+    m = Attn().eval()
+    x = torch.randn(2, 5, 16)
+    s = abfp.summary(m, x, QUIET.replace(tile_width=8, gain=1.0))
+    kinds = sorted(r.site for r in s.rows)
+    assert kinds == [":matmul0", ":matmul1", "proj:linear0", "qkv:linear0"]
+    # without matmul interception only the linears are analog
+    cm = abfp.convert(m, QUIET, include_matmul=False)
+    assert sorted(r.site for r in abfp.summary(cm, x).rows) == ["proj:linear0", "qkv:linear0"]
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_nn_multihead_attention(need_weights):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(3, 6, 16)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    with torch.no_grad():
+        ref, _ = mha(x, x, x, key_padding_mask=pad, need_weights=need_weights)
+        out, _ = abfp.convert(mha, IDEAL)(x, x, x, key_padding_mask=pad, need_weights=need_weights)
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+        s = abfp.summary(mha, (x, x, x), QUIET)
+    assert sum(r.kind == "matmul" for r in s.rows) == 2 and sum(r.kind == "linear" for r in s.rows) == 4
+
+
+def test_scaled_dot_product_attention_with_masks():
+    class M(nn.Module):
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.rand(5, 5) > 0.3
+    mask[:, 0] = True
+    with torch.no_grad():
+        ref = M()(q, k, v, mask)
+        out = abfp.convert(M(), IDEAL)(q, k, v, mask)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_training_through_a_converted_model_reduces_the_loss():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3))
+    x = torch.randn(256, 20)
+    y = (x[:, :3] * 2).argmax(1)
+    cm = abfp.convert(m, ABFPConfig(tile_width=8, gain=1.0, seed=0), inplace=True)
+    cm.train()
+    opt = torch.optim.Adam(cm.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        loss = F.cross_entropy(cm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fixed_point_calibration_sets_static_scales():
+    m = nn.Sequential(nn.Linear(64, 16)).eval()
+    cm = abfp.convert(m, QUIET.replace(mode="fixed", gain=1.0))
+    x = torch.randn(32, 64)
+    scales = abfp.calibrate(cm, [x[:16], x[16:]])
+    assert scales["0:linear0"][0] == pytest.approx(float(x.abs().max()))
+    with torch.no_grad():
+        y = cm(x)
+        expect = AF.linear(x, m[0].weight, m[0].bias, config=QUIET.replace(mode="fixed", gain=1.0), input_scale=float(x.abs().max()))
+    torch.testing.assert_close(y, expect, rtol=0, atol=0)
+    p99 = abfp.calibrate(cm, [x], percentile=99.0)["0:linear0"][0]
+    assert p99 < float(x.abs().max())
+
+
+def test_deepcopy_of_a_converted_model_is_independent():
+    m = small_cnn()
+    cm = abfp.convert(m, QUIET)
+    cm2 = copy.deepcopy(cm)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(cm(x), cm2(x))
+        cm2[6].weight.mul_(2)
+        assert not torch.equal(cm(x), cm2(x))
+    assert abfp.analog_state(cm2) is not abfp.analog_state(cm)
+
+
+def test_seeded_noise_is_reproducible_across_runs_with_reseed():
+    m = small_cnn()
+    cm = abfp.convert(m, ABFPConfig(seed=7))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        a = cm(x)
+        b = cm(x)
+        abfp.reseed(cm)
+        c = cm(x)
+    assert not torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_hugging_face_bert_converts_with_eager_and_sdpa_attention():
+    transformers = pytest.importorskip("transformers")
+    def bert_config(impl):
+        c = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, max_position_embeddings=32)
+        c._attn_implementation = impl
+        return c
+
+    ids = torch.randint(0, 100, (2, 12))
+    att = torch.ones(2, 12, dtype=torch.long)
+    att[1, 8:] = 0
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = transformers.BertModel(bert_config(impl)).eval()
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=att).last_hidden_state
+            out = abfp.convert(model, IDEAL)(input_ids=ids, attention_mask=att).last_hidden_state
+        torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+        s = abfp.summary(model, (ids, att), QUIET)
+        assert sum(r.kind == "matmul" for r in s.rows) == 4, impl  # QK^T and AV in both layers
+        assert sum(r.kind == "linear" for r in s.rows) >= 12
