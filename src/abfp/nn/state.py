@@ -69,7 +69,8 @@ class AnalogState:
     # recording for summary(): site -> SiteRecord
     recording: bool = False
     records: dict[str, SiteRecord] = field(default_factory=dict)
-    # DNF / QAT hooks: callables site -> fn(y_device, y_fp32) and similar (see abfp.finetune)
+    # site (or "*") -> fn(call: abfp.nn.mode.ProductCall) -> Tensor: replaces how the product is
+    # computed (DNF sampling, dynamic-precision noise, recording); runs only in analog modules
     interceptors: dict[str, Any] = field(default_factory=dict)
     _generators: dict[str, torch.Generator] = field(default_factory=dict)
     _seed_offset: int = 0

@@ -30,11 +30,23 @@ def num_tiles(k: int, n: int) -> int:
     return math.ceil(k / n)
 
 
-def pad_to_tiles(v: Tensor, n: int) -> Tensor:
-    """Zero-pad the last dimension to a multiple of ``n``."""
+def pad_to_tiles(v: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Zero-pad the last dimension to a multiple of ``n`` (one copy; only the tail is filled)."""
     k = v.shape[-1]
-    pad = num_tiles(k, n) * n - k
-    return torch.nn.functional.pad(v, (0, pad)) if pad else v
+    kp = num_tiles(k, n) * n
+    dtype = dtype or v.dtype
+    if kp == k:
+        return v if v.dtype == dtype else v.to(dtype)
+    out = v.new_empty(*v.shape[:-1], kp, dtype=dtype)
+    out[..., :k] = v
+    out[..., k:] = 0
+    return out
+
+
+def _max_abs_blocks(vt: Tensor) -> Tensor:
+    """max |v| over the last axis in one pass, without an |v| temporary."""
+    lo, hi = torch.aminmax(vt, dim=-1)
+    return torch.maximum(hi, lo.neg_())
 
 
 def block_scales(v: Tensor, n: int, scale_dtype: str) -> Tensor:
@@ -43,7 +55,7 @@ def block_scales(v: Tensor, n: int, scale_dtype: str) -> Tensor:
     t = vt.shape[-1] // n
     if vt.numel() == 0:
         return torch.zeros(*v.shape[:-1], t, dtype=torch.float32, device=v.device)
-    return round_scale(vt.reshape(*v.shape[:-1], t, n).abs().amax(-1), scale_dtype)
+    return round_scale(_max_abs_blocks(vt.reshape(*v.shape[:-1], t, n)), scale_dtype)
 
 
 def static_scales(v: Tensor, n: int, scale: float | Tensor | None, scale_dtype: str) -> Tensor:
@@ -57,17 +69,16 @@ def static_scales(v: Tensor, n: int, scale: float | Tensor | None, scale_dtype: 
     return round_scale(s, scale_dtype).expand(*v.shape[:-1], t)
 
 
-def encode(v: Tensor, scales: Tensor, n: int, max_code: int) -> Tensor:
-    """DAC codes of ``v`` (..., K) given per-block ``scales`` (..., T): returns (..., T, n) float32."""
-    vt = pad_to_tiles(v.to(torch.float32), n)
+def encode(v: Tensor, scales: Tensor, n: int, max_code: int, *, padded: Tensor | None = None) -> Tensor:
+    """DAC codes of ``v`` (..., K) given per-block ``scales`` (..., T): returns (..., T, n) float32.
+
+    A zero scale divides by +inf, which encodes the (all-zero) block as zeros.
+    """
+    vt = padded if padded is not None else pad_to_tiles(v, n, torch.float32)
     t = scales.shape[-1]
     vt = vt.reshape(*v.shape[:-1], t, n)
-    pos = scales > 0
-    safe = torch.where(pos, scales, torch.ones_like(scales)).unsqueeze(-1)
-    q = (vt / safe).clamp_(-1.0, 1.0).mul_(max_code).round_()
-    if not bool(pos.all()):
-        q = q.masked_fill_(~pos.unsqueeze(-1), 0.0)
-    return q
+    safe = torch.where(scales > 0, scales, torch.full_like(scales, float("inf"))).unsqueeze(-1)
+    return (vt / safe).clamp_(-1.0, 1.0).mul_(max_code).round_()
 
 
 def inside_clamp(v: Tensor, scales: Tensor, n: int) -> Tensor:
@@ -107,11 +118,14 @@ def encode_operand(
     ``as_rhs`` lays codes out as (B, T, n, R) (the right operand of a GEMM). ``code_multiplier``
     (a power of two) is folded into the codes; it keeps them exact and saves a pass later.
     """
+    vt = pad_to_tiles(v, n, torch.float32)
     if mode == "abfp":
-        s = block_scales(v, n, scale_dtype)
+        t = vt.shape[-1] // n
+        s = (round_scale(_max_abs_blocks(vt.reshape(*v.shape[:-1], t, n)), scale_dtype) if vt.numel()
+             else torch.zeros(*v.shape[:-1], t, dtype=torch.float32, device=v.device))
     else:
         s = static_scales(v, n, static_scale, scale_dtype)
-    q = encode(v, s, n, bits_max_code)  # (B, R, T, n)
+    q = encode(v, s, n, bits_max_code, padded=vt)  # (B, R, T, n)
     if code_multiplier != 1.0:
         q.mul_(code_multiplier)
     if as_rhs:

@@ -28,7 +28,7 @@ from .base import AGREEMENT, COSINE, KL, TOP1, Dataset, Metric, Task
 
 __all__ = [
     "AGREEMENT", "COSINE", "KL", "TOP1", "Dataset", "Metric", "Task", "MissingDependencyError",
-    "EXTRA_METRICS", "METRICS", "available", "extra_metrics", "get", "load_callable", "missing",
+    "EXTRA_METRICS", "METRICS", "available", "extra_metrics", "get", "load_callable", "lookup", "missing",
     "names", "register",
 ]  # fmt: skip
 
@@ -81,7 +81,7 @@ def _installed(distribution: str) -> bool:
 
 def missing(name_or_task: str | Task) -> list[str]:
     """The pip packages a task requires that are not installed (empty when it is usable)."""
-    task = name_or_task if isinstance(name_or_task, Task) else _lookup(name_or_task)
+    task = name_or_task if isinstance(name_or_task, Task) else lookup(name_or_task)
     return [p for p in task.requires if not _installed(p)]
 
 
@@ -113,8 +113,11 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _lookup(name: str) -> Task:
-    """The registered task ``name`` (case and ``_``/``-`` insensitive), or ValueError."""
+def lookup(name: str) -> Task:
+    """The registered task ``name`` without checking its optional packages (for listings).
+
+    Case and ``_``/``-`` insensitive; ``ValueError`` (listing the known names) if unknown.
+    """
     task = _REGISTRY.get(name) or _REGISTRY.get(name.strip().lower().replace("_", "-"))
     if task is None:
         raise ValueError(f"unknown zoo task {name!r}; known tasks: {', '.join(names())}")
@@ -132,7 +135,7 @@ def get(name: str) -> Task:
         raise TypeError(f"task name must be a string, got {type(name).__name__}")
     if ":" in name:
         return load_callable(name)
-    task = _lookup(name)
+    task = lookup(name)
     absent = missing(task)
     if absent:
         raise MissingDependencyError(task.name, absent)
