@@ -6,7 +6,7 @@ Public names: :class:`ABFPConfig`, :func:`presets`, :func:`convert`, :func:`to_d
 
 from . import functional, metrics
 from .config import ABFPConfig, REFERENCE_NOISE_STD, presets
-from .nn import analog_state, calibrate, convert, digital, is_converted, reseed, summary, to_digital
+from .nn import analog_state, calibrate, convert, digital, is_converted, reseed, set_config, summary, to_digital
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "metrics",
     "presets",
     "reseed",
+    "set_config",
     "summary",
     "to_digital",
 ]

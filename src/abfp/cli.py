@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -91,7 +92,18 @@ def _resolve_tasks(names: Sequence[str] | None):
         names = [n for n in zoo.names() if zoo.available(n)]
     tasks = []
     for name in names:
-        if ":" in name:
+        module, _, func = name.rpartition(":")
+        if module.endswith(".py") or "/" in module:
+            # a task defined in a file: path/to/tasks.py:make
+            path = Path(module)
+            if not path.is_file():
+                raise UsageError(f"no such file: {path}")
+            sys.path.insert(0, str(path.resolve().parent))
+            try:
+                tasks.append(zoo.load_callable(f"{path.stem}:{func}"))
+            finally:
+                sys.path.pop(0)
+        elif module:
             tasks.append(zoo.load_callable(name))
         else:
             tasks.append(zoo.get(name))
@@ -242,13 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     _summary_parser(sub)
     sub.add_parser("presets", help="list named device configs").set_defaults(func=cmd_presets)
     sub.add_parser("zoo", help="list the model zoo").set_defaults(func=cmd_zoo)
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    for module in _EXTRA_COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is not None and module.startswith(e.name):  # that capability is not part of this build
+                continue
+            raise
+        mod.register(sub)
     return ap
 
 
-#: Other modules (finetune, precision, energy) add their subcommands here.
-_EXTRA_COMMANDS: list = []
+#: Modules with a ``register(subparsers)`` function that adds their subcommands.
+_EXTRA_COMMAND_MODULES = ("abfp.finetune.cli", "abfp.precision.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,7 +70,7 @@ def validate_records(records: Any) -> list[Record]:
 
 
 # --------------------------------------------------------------------------- record helpers
-def _num(r: Record, key: str, default: float = math.nan) -> float:
+def _num(r: Mapping[str, Any], key: str, default: float = math.nan) -> float:
     v = r.get(key)
     return float(v) if _is_number(v) else default
 
@@ -271,7 +271,11 @@ def _plot_gain(g: _Group, path: Path) -> None:
         ax.set_title(f"noise std {_noise_text(z)} LSB")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(g.metric)
-    axes[-1].legend(fontsize=7, loc="best")
+    handles: dict[str, Any] = {}
+    for ax in axes:  # one legend for all panels, each entry once
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lbl, h)
+    axes[-1].legend(list(handles.values()), list(handles), fontsize=7, loc="best")
     fig.suptitle(f"{g.model}: {g.metric} against gain")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -339,11 +343,16 @@ def _plot_bars(g: _Group, path: Path) -> None:
     xs = range(len(bars))
     ax.bar(xs, [b[1] for b in bars], yerr=[b[2] for b in bars], color=[b[3] for b in bars], capsize=3)
     for x, b in zip(xs, bars):
-        ax.annotate(_fmt(b[1]), (x, b[1]), ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+        ax.annotate(_fmt(b[1]), (x, b[1] + b[2]), ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     if g.threshold is not None:
         ax.axhline(g.threshold, color="k", linestyle=":", linewidth=1, label="fp32 −1%" if g.higher else "fp32 +1%")
         ax.legend(fontsize=7)
     ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=7)
+    lo = min(b[1] - b[2] for b in bars)
+    hi = max([b[1] + b[2] for b in bars] + ([g.threshold] if g.threshold is not None else []))
+    if all(math.isfinite(v) for v in (lo, hi)):  # zoom in: the interesting differences are small
+        pad = 0.15 * (hi - lo) or 0.05 * abs(hi) or 1.0
+        ax.set_ylim(lo - pad, hi + pad)
     ax.set_ylabel(g.metric)
     ax.set_title(f"{g.model}: best ABFP gain per tile width vs fixed point vs fp32 (noise {_noise_text(g.primary_noise)})",
                  fontsize=9)
@@ -364,11 +373,12 @@ def _plot_layers(layers: list[Mapping[str, Any]], title: str, path: Path) -> Non
     xs = list(range(len(sites)))
     for ax, key, name, scale in ((axes[0], "relative_error", "relative error", 1.0),
                                  (axes[1], "saturated_fraction", "saturated %", 100.0)):
-        vals = [_num(x, key) * scale for x in layers]  # type: ignore[arg-type]
+        vals = [_num(x, key) * scale for x in layers]
         ax.bar(xs, vals, color="C0" if key == "relative_error" else "C3")
+        ax.set_ylim(bottom=0)
         ax.set_ylabel(name)
         ax.grid(True, axis="y", alpha=0.3)
-    axes[1].set_xticks(xs, sites, rotation=90, fontsize=6)
+    axes[1].set_xticks(xs, sites, rotation=90, fontsize=8 if len(sites) <= 20 else 6)
     axes[0].set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -165,8 +165,10 @@ def evaluate(
             values, seconds, extras, layers = [], [], [], None
             for r in range(n_runs):
                 rcfg = cfg.replace(seed=st.seed + r) if p.noisy else cfg
+                # the batch size decides how noise draws fall on samples: part of the key
                 key = run_key(task_name, n_samples, p.format, {**rcfg.to_dict(), "auto_gain": p.auto_gain,
-                              "pct": st.fixed_percentile if p.format == "fixed" else None}, r)
+                              "pct": st.fixed_percentile if p.format == "fixed" else None,
+                              "batch": st.batch_size if p.noisy else None}, r)
                 hit = cache.get(key)
                 if hit is not None:
                     values.append(hit["value"])

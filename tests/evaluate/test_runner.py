@@ -1,0 +1,131 @@
+"""abfp.evaluate: records, noisy runs, resumable cache, auto gain, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import abfp
+from abfp.evaluate import EvalSettings, build_grid, choose_gains, evaluate, format_table
+from abfp.evaluate.grid import Point, parse_bits, parse_gain
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_task  # noqa: E402
+
+KEYS = {"model", "format", "tile_width", "input_bits", "weight_bits", "output_bits", "gain", "noise_std",
+        "metric", "value", "delta_vs_fp32", "seconds"}
+
+
+def _run(points, **kw):
+    t = tiny_task.make()
+    return evaluate(t.build_model(), t.load_data(), t.metric, points, task_name="tiny",
+                    settings=EvalSettings(progress=False, batch_size=32, **kw))
+
+
+def test_records_have_the_documented_keys_and_noise_runs_are_averaged():
+    pts = build_grid(tile_widths=(8,), gains=(1.0,), noise_stds=(0.0, 2.0))
+    recs = _run(pts, runs=3)
+    assert [r["format"] for r in recs] == ["fp32", "fixed", "fixed", "abfp", "abfp"]
+    for r in recs:
+        assert KEYS <= set(r)
+    fp32 = recs[0]
+    assert fp32["value"] == 100.0 and fp32["delta_vs_fp32"] == 0.0
+    quiet, noisy = recs[3], recs[4]
+    assert quiet["runs"] == 1 and noisy["runs"] == 3 and len(noisy["values"]) == 3
+    assert noisy["std"] == pytest.approx(torch.tensor(noisy["values"], dtype=torch.float64).std().item())
+    assert noisy["delta_vs_fp32"] == pytest.approx(noisy["value"] - 100.0)
+    assert quiet["layers"] and {row["kind"] for row in quiet["layers"]} == {"conv", "linear"}
+    assert "tiny" in format_table(recs)
+
+
+def test_seeded_runs_are_reproducible():
+    pts = [Point("abfp", abfp.ABFPConfig(tile_width=8, gain=1.0, noise_std=3.0))]
+    assert _run(pts, runs=2)[0]["values"] == _run(pts, runs=2)[0]["values"]
+
+
+def test_cache_resumes_a_killed_sweep(tmp_path):
+    cache = tmp_path / "c.json"
+    pts = build_grid(tile_widths=(8, 32), gains=(1.0, 4.0), noise_stds=(1.0,), fixed=False)
+    # kill the sweep after a few runs: a metric that fails on its 4th call
+    t = tiny_task.make()
+    calls = {"n": 0}
+
+    def flaky(out, tgt, ref):
+        calls["n"] += 1
+        if calls["n"] == 5:  # fp32 + 3 device runs done
+            raise KeyboardInterrupt
+        return t.metric(out, tgt, ref)
+
+    metric = abfp.zoo.Metric(t.metric.name, t.metric.kind, flaky)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(t.build_model(), t.load_data(), metric, pts, task_name="tiny",
+                 settings=EvalSettings(progress=False, runs=2, batch_size=32, cache_path=str(cache)))
+    assert len(json.loads(cache.read_text())) == 3  # the finished runs survived, atomically written
+    before = tiny_task.CALLS["forward"]
+    full = _run(pts, runs=2, cache_path=str(cache))
+    after_resume = tiny_task.CALLS["forward"] - before
+    again_before = tiny_task.CALLS["forward"]
+    again = _run(pts, runs=2, cache_path=str(cache))
+    # a complete cache re-runs only the float32 reference
+    assert tiny_task.CALLS["forward"] - again_before < after_resume
+    assert [r["values"] for r in again] == [r["values"] for r in full]
+    fresh = _run(pts, runs=2)
+    assert [r["values"] for r in fresh] == [r["values"] for r in full]
+
+
+def test_auto_gain_gives_short_reductions_larger_gains():
+    t = tiny_task.make()
+    x = t.load_data().inputs[0]  # the evaluator calibrates on (up to 256 of) the same samples
+    gains = choose_gains(t.build_model(), (x,), abfp.ABFPConfig(tile_width=128, noise_std=0.0))
+    assert gains["dw"] > gains["fc"] >= 1
+    recs = _run([Point("abfp", abfp.ABFPConfig(tile_width=128, gain=1.0), auto_gain=True)], runs=1)
+    assert recs[0]["gain"] == "auto" and recs[0]["gains"] == gains
+
+
+def test_grid_parsing_and_errors():
+    assert parse_bits("6/6/8") == (6, 6, 8) and parse_bits("888") == (8, 8, 8)
+    assert parse_gain("auto") == "auto" and parse_gain("4") == 4.0
+    for bad in ("8/8", "x/8/8"):
+        with pytest.raises(ValueError):
+            parse_bits(bad)
+    for bad in ("0", "-1", "fast"):
+        with pytest.raises(ValueError):
+            parse_gain(bad)
+    with pytest.raises(ValueError, match="runs"):
+        _run([Point("fp32")], runs=0)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "abfp", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_eval_writes_json_for_a_user_task_file(tmp_path):
+    task = Path(__file__).parent / "tiny_task.py"
+    out = tmp_path / "r.json"
+    p = _cli("eval", "--task", f"{task}:make", "--tile-widths", "8,128", "--gains", "1,auto", "--runs", "2",
+             "--json", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress")
+    assert p.returncode == 0, p.stderr
+    recs = json.loads(out.read_text())
+    assert len(recs) == 1 + 1 + 4 and all(KEYS <= set(r) for r in recs)
+    assert "tiny" in p.stdout
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["eval", "--task", "no-such-model"], "unknown zoo task"),
+    (["eval", "--task", "/no/such/file.py:make"], "no such file"),
+    (["eval", "--gains", "0"], "gain"),
+    (["eval", "--bits", "9/9"], "bits"),
+    (["eval", "--bits", "1/8/8"], "weight_bits"),
+    (["eval", "--tile-widths", "0"], "tile-widths"),
+    (["eval", "--runs", "0"], "runs"),
+    (["report", "/no/such.json"], "no such file"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, msg):
+    p = _cli(*args)
+    assert p.returncode == 2
+    assert msg in p.stderr and "Traceback" not in p.stderr
