@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ABFPConfig
-from .numerics import Encoded, ProductStats, analog_product, encode_inputs, encode_weights
+from .numerics import Encoded, ProductStats, analog_product, encode_weights
 from .numerics.blocks import block_scales, inside_clamp, pad_to_tiles, static_scales
 
 __all__ = ["linear", "matmul", "conv1d", "conv2d", "einsum", "clear_cache", "check_finite"]
@@ -302,6 +302,10 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+#: Patch-matrix elements built at once by conv2d (float32: 8 MiB).
+_IM2COL_ELEMENTS = 1 << 21
+
+
 def _im2col(x: Tensor, kh: int, kw: int, stride: tuple[int, int], dilation: tuple[int, int], ho: int, wo: int) -> Tensor:
     """Patches of a padded input, channels last: (B, Ho, Wo, C, kh*kw), i.e. each row in
     ``F.unfold`` order (channel-major, then kernel row, kernel column). One strided copy per
@@ -372,12 +376,23 @@ def conv2d(
     if ho <= 0 or wo <= 0:
         raise ValueError("conv2d: the kernel is larger than the (padded) input")
     kg = cg * kh * kw
-    cols = _im2col(x, kh, kw, stride, dilation, ho, wo).reshape(bt * ho * wo, groups, kg).permute(1, 0, 2)  # (G, M, Kg)
     w3 = weight.reshape(groups, cout // groups, kg)
     weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
-    y = _product(cols, w3, config, input_scale=input_scale, weight_scale=weight_scale,
-                 generator=generator, weights=weights, stats=stats)  # (G, bt*L, cout/G)
-    y = y.reshape(groups, bt, ho, wo, cout // groups).permute(1, 0, 4, 2, 3).reshape(bt, cout, ho, wo)
+    if config.mode == "fixed" and input_scale is None:
+        input_scale = x.detach().abs().max() if x.numel() else 0.0  # one scale for the whole tensor
+    # im2col a few images at a time: the patch matrix of a whole batch is large, and building
+    # it in pieces keeps memory near the float32 convolution's and the work in cache
+    per_image = ho * wo * c * kh * kw
+    step = max(1, _IM2COL_ELEMENTS // max(1, per_image))
+    outs = []
+    for i in range(0, bt, step):
+        xi = x[i : i + step]
+        bi = xi.shape[0]
+        cols = _im2col(xi, kh, kw, stride, dilation, ho, wo).reshape(bi * ho * wo, groups, kg).permute(1, 0, 2)
+        yi = _product(cols, w3, config, input_scale=input_scale, weight_scale=weight_scale,
+                      generator=generator, weights=weights, stats=stats)  # (G, bi*L, cout/G)
+        outs.append(yi.reshape(groups, bi, ho, wo, cout // groups).permute(1, 0, 4, 2, 3).reshape(bi, cout, ho, wo))
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)
     if bias is not None:
         y = y + bias.to(torch.float32).view(1, -1, 1, 1)
     if unbatched:

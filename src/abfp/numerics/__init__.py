@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..config import ABFPConfig
 from .adc import AdcPlan
-from .blocks import Encoded, encode_operand
+from .blocks import Encoded, encode_operand, static_scale_value
 from .kernels import ProductStats, analog_gemm
 from .reference import ReferenceResult, reference_product
 
@@ -21,22 +21,9 @@ __all__ = [
     "ProductStats",
     "ReferenceResult",
     "analog_product",
-    "encode_inputs",
     "encode_weights",
     "reference_product",
 ]
-
-
-def encode_inputs(x3: Tensor, cfg: ABFPConfig, input_scale: float | Tensor | None = None) -> Encoded:
-    """Input DAC: (B, M, K) -> codes (B, T, M, n) and scales (B, T, M)."""
-    return encode_operand(
-        x3,
-        n=cfg.tile_width,
-        bits_max_code=cfg.input_max_code,
-        mode=cfg.mode,
-        scale_dtype=cfg.scale_dtype,
-        static_scale=input_scale,
-    )
 
 
 def encode_weights(w3: Tensor, cfg: ABFPConfig, weight_scale: float | Tensor | None = None) -> Encoded:
@@ -94,9 +81,12 @@ def analog_product(
         mask = (~ref.saturated).permute(0, 3, 1, 2).contiguous() if want_mask else None
         return ref.y.to(torch.float32), mask
     plan = AdcPlan.for_config(cfg)
-    xe = encode_inputs(x3, cfg, input_scale)
+    static = None
+    if cfg.mode == "fixed":
+        static = static_scale_value(x3, input_scale, cfg.scale_dtype)
     we = weights if weights is not None else encode_weights(w3, cfg, weight_scale)
-    y, mask = analog_gemm(xe, we, cfg, plan, generator=generator, noise=noise, stats=stats, want_mask=want_mask)
+    y, mask = analog_gemm(x3, we, cfg, plan, input_scale=static, generator=generator, noise=noise, stats=stats,
+                          want_mask=want_mask)
     if cfg.bf16_io:
         y = y.to(torch.bfloat16).to(torch.float32)
     return y, mask

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..config import ABFPConfig
 from .adc import AdcPlan, add_noise_
-from .blocks import Encoded
+from .blocks import Encoded, encode_rows
 
 #: Elements of partial sums per chunk (float32): 1 Mi elements = 4 MiB.
 CHUNK_ELEMENTS = 1 << 20
@@ -33,38 +33,42 @@ class ProductStats:
 
 
 def analog_gemm(
-    x: Encoded,
+    x3: Tensor,
     w: Encoded,
     cfg: ABFPConfig,
     plan: AdcPlan,
     *,
+    input_scale: Tensor | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
     stats: ProductStats | None = None,
     want_mask: bool = False,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[Tensor, Tensor | None]:
-    """Sum over tiles of the ADC'd tile products.
+    """Sum over tiles of the ADC'd tile products of ``x3`` (B, M, K) with encoded weights.
 
-    ``x.codes``: (B, T, M, n); ``w.codes``: (Bw, T, n, N) with Bw in (1, B), already times
-    ``plan.code_multiplier``; ``w.scales`` already times ``plan.step``. ``noise``: optional
-    explicit noise (B, T, M, N) in LSBs (tests). Returns ``Y`` (B, M, N) float32 and, with
-    ``want_mask``, the straight-through mask (B, T, M, N) bool (True where not saturated).
+    Inputs are encoded chunk by chunk (rows of M), so no full-size code tensor is ever
+    built. ``w.codes``: (Bw, T, n, N) with Bw in (1, B), already times
+    ``plan.code_multiplier``; ``w.scales`` (Bw, T, N) already times ``plan.step``.
+    ``input_scale``: the fixed-mode static scale (0-d, in the scale format). ``noise``:
+    optional explicit noise (B, T, M, N) in LSBs (tests). Returns ``Y`` (B, M, N) float32
+    and, with ``want_mask``, the straight-through mask (B, T, M, N) bool (True: not clipped).
     """
-    xc, wc = x.codes, w.codes
-    B, T, M, _ = xc.shape
-    N = wc.shape[-1]
-    dev = xc.device
-    y = torch.zeros(B, M, N, dtype=torch.float32, device=dev)
+    wc = w.codes
+    B, M, K = x3.shape
+    T, n, N = wc.shape[1], wc.shape[2], wc.shape[3]
+    dev = x3.device
+    y = torch.empty(B, M, N, dtype=torch.float32, device=dev)
     mask = torch.empty(B, T, M, N, dtype=torch.bool, device=dev) if want_mask else None
     if T == 0 or M == 0 or N == 0 or B == 0:
+        y.zero_()
         if mask is not None:
             mask.fill_(True)
         return y, mask
     ly = float(plan.max_code)
-    sx_all = x.scales  # (B, T, M)
     sw_all = w.scales  # (Bw, T, N)
-    per_row = T * N
+    # rows per chunk: bounded by the partial sums (T*N per row) and the input codes (T*n per row)
+    per_row = T * max(N, n)
     per_batch = per_row * M
     if per_batch <= chunk_elements:
         step_b = max(1, chunk_elements // per_batch)
@@ -74,7 +78,9 @@ def analog_gemm(
         chunks = [(b, b + 1, m, min(M, m + step_m)) for b in range(B) for m in range(0, M, step_m)]
     wide = plan.wide
     for b0, b1, m0, m1 in chunks:
-        xs = xc[b0:b1, :, m0:m1]
+        codes, sx = encode_rows(x3[b0:b1, m0:m1], n=n, max_code=cfg.input_max_code, mode=cfg.mode,
+                                scale_dtype=cfg.scale_dtype, static_scale=input_scale)
+        xs = codes.permute(0, 2, 1, 3)  # (b, T, m, n) view: the GEMM takes the strides as they are
         ws = wc if wc.shape[0] == 1 else wc[b0:b1]
         if plan.gemm_dtype != torch.float32:
             d = torch.matmul(xs.to(plan.gemm_dtype), ws.to(plan.gemm_dtype))
@@ -97,10 +103,10 @@ def analog_gemm(
         d.clamp_(-ly, ly).round_()
         if wide:
             d = d.to(torch.float32)
-        d.mul_(sx_all[b0:b1, :, m0:m1].unsqueeze(-1))
+        d.mul_(sx.permute(0, 2, 1).unsqueeze(-1))  # (b, T, m, 1)
         sw = sw_all if sw_all.shape[0] == 1 else sw_all[b0:b1]
         d.mul_(sw.unsqueeze(-2))
         if cfg.bf16_tile_outputs:
             d = d.to(torch.bfloat16).to(torch.float32)
-        y[b0:b1, m0:m1] = d.sum(1)
+        torch.sum(d, dim=1, out=y[b0:b1, m0:m1]) if y[b0:b1, m0:m1].is_contiguous() else y[b0:b1, m0:m1].copy_(d.sum(1))
     return y, mask

@@ -1,0 +1,267 @@
+"""The learned-precision experiment: uniform energy versus a learned allocation at equal accuracy.
+
+1. ``target = metric_fp32 - target_drop`` (or an absolute ``target``).
+2. Uniform: the smallest single ``E`` for every layer that reaches the target
+   (:func:`~abfp.precision.search.search_min_energy`, metric on the evaluation data with a fixed
+   noise seed).
+3. Learned: start every layer at ``E_learn = learn_ratio * E_uniform``, freeze the weights and
+   train ``log E`` per layer (or per channel) on training data with
+   ``CE + lambda * max(0, log E_mean - log E_learn)`` (:func:`~abfp.precision.learn.learn_energies`).
+4. The learned allocation at the same target: its shape kept, scaled by one factor, the
+   smallest MAC-weighted mean energy that reaches the target (same search, same seed).
+5. ``energy_saving = 1 - E_mean(learned) / E_uniform``; attojoules per MAC
+   ``= E * aj_per_photon`` (0.128 aJ per photon at 1550 nm, meaningful for shot noise of an
+   optical device).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..evaluate.runner import run_model
+from ..noise import NOISE_NAMES, NoiseInjector
+from ..zoo.base import Dataset, Task
+from .learn import learn_energies, shuffled_batches
+from .objective import DEFAULT_LAMBDA
+from .search import search_min_energy
+
+__all__ = ["PrecisionSettings", "plot_precision", "run_precision", "training_data"]
+
+#: Optical energy of one photon at 1550 nm, in attojoules (h c / lambda = 1.28e-19 J).
+AJ_PER_PHOTON = 0.128
+
+
+@dataclass
+class PrecisionSettings:
+    """Knobs of :func:`run_precision` (defaults: the CLI's)."""
+
+    noise: str = "shot"
+    per_channel: bool = False
+    target_drop: float = 2.0
+    target: float | None = None
+    lam: float | None = None
+    lr: float = 0.01
+    steps: int = 300
+    batch_size: int = 128
+    learn_ratio: float = 1.0
+    eval_samples: int | None = None
+    eval_batch_size: int = 500
+    profile_samples: int = 512
+    seed: int = 0
+    rel_tol: float = 0.02
+    start_energy: float = 100.0
+    final_seeds: int = 3
+    aj_per_photon: float = AJ_PER_PHOTON
+
+    def __post_init__(self) -> None:
+        if self.noise not in NOISE_NAMES:
+            raise ValueError(f"noise must be one of {', '.join(NOISE_NAMES)}, got {self.noise!r}")
+        checks = {
+            "target_drop": self.target_drop >= 0, "lr": self.lr > 0, "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1, "learn_ratio": self.learn_ratio > 0,
+            "eval_batch_size": self.eval_batch_size >= 1, "profile_samples": self.profile_samples >= 1,
+            "rel_tol": self.rel_tol > 0, "start_energy": self.start_energy > 0, "final_seeds": self.final_seeds >= 1,
+            "aj_per_photon": self.aj_per_photon > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+        if self.lam is not None and not (self.lam >= 0 and math.isfinite(self.lam)):
+            raise ValueError(f"lambda must be >= 0, got {self.lam}")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
+
+    @property
+    def lambda_(self) -> float:
+        return DEFAULT_LAMBDA[self.noise] if self.lam is None else float(self.lam)
+
+
+def training_data(task: Task) -> tuple[Dataset, str]:
+    """Data to learn the energies on, and where it came from. Fashion-MNIST tasks use the
+    60,000 training images (never the test images they are scored on); other tasks fall back
+    to their own evaluation data (said so in the result)."""
+    if task.name in ("fashion-cnn", "fashion-vit"):
+        from ..zoo import fashion
+
+        images, labels = fashion.load_split("train")
+        return Dataset((fashion.normalize(images),), labels), "Fashion-MNIST training set"
+    return task.load_data(), "the task's evaluation data (no separate training data)"
+
+
+def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
+                  progress: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Run the experiment on ``task``; returns the JSON-ready result (see the module docstring)."""
+    st = settings or PrecisionSettings()
+    say = progress or (lambda s: None)
+    t_start = time.perf_counter()
+    model = task.build_model().eval()
+    data = task.load_data().take(st.eval_samples)
+    if data.targets is None and task.metric.kind == "accuracy":
+        raise ValueError(f"{task.name}: the metric needs labels")
+    sign = 1.0 if task.metric.higher_is_better else -1.0
+    ref = run_model(model, data, st.eval_batch_size)
+    fp32 = task.metric(ref, data.targets, ref)
+    target = st.target if st.target is not None else fp32 - sign * st.target_drop
+    say(f"{task.name}: float32 {task.metric.name} {fp32:.3f}; target {target:.3f}; noise {st.noise}"
+        f"{' per channel' if st.per_channel else ''}")
+
+    train, train_source = training_data(task)
+    if train.targets is None:
+        raise ValueError(f"{task.name}: learning the energies needs labelled training data")
+    inj = NoiseInjector(model, st.noise, per_channel=st.per_channel, seed=st.seed)
+    inj.profile([tuple(t[: st.profile_samples] for t in train.inputs)])
+    sites = inj.sites
+
+    def metric_now(seed: int | None = None) -> float:
+        inj.reseed(st.seed if seed is None else seed)
+        out = run_model(inj.model, data, st.eval_batch_size)
+        return task.metric(out, data.targets, ref)
+
+    def score(value: float) -> float:
+        return sign * value
+
+    # 2. uniform energy
+    t0 = time.perf_counter()
+
+    def uniform_at(e: float) -> float:
+        inj.set_energy(e)
+        v = metric_now()
+        say(f"  uniform E {e:>10.4g}: {v:.3f}")
+        return score(v)
+
+    uni = search_min_energy(uniform_at, score(target), start=st.start_energy, rel_tol=st.rel_tol)
+    e_uniform = uni.energy
+    inj.set_energy(e_uniform)
+    uniform_bits = inj.effective_bits()
+    uniform_seeds = [metric_now(st.seed + 1000 + i) for i in range(st.final_seeds)]
+    t_uniform = time.perf_counter() - t0
+    say(f"uniform: E = {e_uniform:.4g} ({len(uni.evaluations)} evaluations, {t_uniform:.0f} s)")
+
+    # 3. learn
+    e_learn = st.learn_ratio * e_uniform
+    inj.set_energy(e_learn)
+    batches = shuffled_batches(train.inputs, train.targets, st.batch_size, seed=st.seed)
+    say(f"learning log E ({'per channel' if st.per_channel else 'per layer'}) for {st.steps} batches of "
+        f"{st.batch_size}: lambda {st.lambda_:g}, lr {st.lr:g}, E_target {e_learn:.4g}")
+    learned = learn_energies(inj, batches, target_energy=e_learn, lam=st.lambda_, steps=st.steps, lr=st.lr,
+                             progress=say)
+    shape = {s: inj.energy(s).clone() for s in sites}
+    shape_mean = float(inj.mean_energy())
+
+    # 4. the learned allocation at the target
+    t0 = time.perf_counter()
+
+    def learned_at(e_mean: float) -> float:
+        inj.set_energy({s: shape[s] * (e_mean / shape_mean) for s in sites})
+        v = metric_now()
+        say(f"  learned E_mean {e_mean:>10.4g}: {v:.3f}")
+        return score(v)
+
+    lrn = search_min_energy(learned_at, score(target), start=e_uniform, rel_tol=st.rel_tol)
+    e_learned = lrn.energy
+    inj.set_energy({s: shape[s] * (e_learned / shape_mean) for s in sites})
+    learned_bits = inj.effective_bits()
+    learned_seeds = [metric_now(st.seed + 1000 + i) for i in range(st.final_seeds)]
+    t_learned = time.perf_counter() - t0
+    saving = 1.0 - e_learned / e_uniform
+    say(f"learned: E_mean = {e_learned:.4g}; energy saving {100 * saving:.1f} %")
+
+    min_layer = min(inj.layer_energy(s) for s in sites)
+    repeats = inj.repeats(min_layer)
+    layers = []
+    for s in sites:
+        p = inj.profiles[s]
+        row = {
+            "site": s, "kind": p.kind, "macs_per_sample": p.macs_per_sample, "fan_in": p.fan_in,
+            "uniform_energy": e_uniform, "learned_energy": inj.layer_energy(s),
+            "b_eff_uniform": uniform_bits[s], "b_eff_learned": learned_bits[s],
+            "repeats_of_smallest": max(repeats[s]) if not st.per_channel else repeats[s],
+        }
+        if st.per_channel:
+            row["learned_energy_channels"] = [float(v) for v in inj.energy(s)]
+        layers.append(row)
+    inj.remove()
+    return {
+        "task": task.name,
+        "metric": task.metric.name,
+        "noise": st.noise,
+        "per_channel": st.per_channel,
+        "fp32_metric": fp32,
+        "target_drop": st.target_drop if st.target is None else None,
+        "target_metric": target,
+        "uniform_energy": e_uniform,
+        "uniform_metric": sign * uni.metric,
+        "uniform_metric_other_seeds": uniform_seeds,
+        "learned_energy": e_learned,
+        "learned_metric": sign * lrn.metric,
+        "learned_metric_other_seeds": learned_seeds,
+        "energy_saving": saving,
+        "aj_per_mac_uniform": e_uniform * st.aj_per_photon,
+        "aj_per_mac_learned": e_learned * st.aj_per_photon,
+        "aj_per_photon": st.aj_per_photon,
+        "energy_unit": "photons per MAC" if st.noise == "shot" else "energy per MAC (noise-model units)",
+        "layers": layers,
+        "learning": {"steps": learned.steps, "batch_size": st.batch_size, "lambda": st.lambda_, "lr": st.lr,
+                     "target_energy": e_learn, "seconds": learned.seconds, "data": train_source,
+                     "history": learned.history},
+        "search": {"uniform": uni.evaluations, "learned": lrn.evaluations, "rel_tol": st.rel_tol,
+                   "seed": st.seed, "eval_samples": len(data)},
+        "settings": asdict(st),
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+def plot_precision(result: dict[str, Any], path: str | Path) -> Path:
+    """A PNG: per-layer energy (uniform and learned, log scale) and effective bits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = result["layers"]
+    names = [r["site"].replace(":", "\n") for r in layers]
+    x = range(len(layers))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.55 * len(layers) + 2), 7), sharex=True)
+    ax1.bar([i - 0.2 for i in x], [r["uniform_energy"] for r in layers], 0.4, label="uniform")
+    ax1.bar([i + 0.2 for i in x], [r["learned_energy"] for r in layers], 0.4, label="learned")
+    ax1.set_yscale("log")
+    ax1.set_ylabel(f"E per MAC ({'photons' if result['noise'] == 'shot' else 'units'})")
+    ax1.set_title(f"{result['task']}, {result['noise']} noise{' (per channel)' if result['per_channel'] else ''}: "
+                  f"saving {100 * result['energy_saving']:.1f} % at {result['metric']} >= {result['target_metric']:.2f}")
+    ax1.legend()
+    ax2.plot(list(x), [r["b_eff_uniform"] for r in layers], "o-", label="uniform")
+    ax2.plot(list(x), [r["b_eff_learned"] for r in layers], "s-", label="learned")
+    ax2.set_ylabel("b_eff (bits)")
+    ax2.set_xticks(list(x))
+    ax2.set_xticklabels(names, rotation=90, fontsize=7)
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summarize(result: dict[str, Any]) -> str:
+    """The result as a short text table."""
+    lines = [
+        f"{result['task']} / {result['noise']} noise{' per channel' if result['per_channel'] else ''}: "
+        f"{result['metric']} fp32 {result['fp32_metric']:.2f}, target {result['target_metric']:.2f}",
+        f"  uniform  E = {result['uniform_energy']:>9.4g} ({result['aj_per_mac_uniform']:.3g} aJ/MAC)  "
+        f"metric {result['uniform_metric']:.2f} (other seeds {statistics.fmean(result['uniform_metric_other_seeds']):.2f})",
+        f"  learned  E = {result['learned_energy']:>9.4g} ({result['aj_per_mac_learned']:.3g} aJ/MAC)  "
+        f"metric {result['learned_metric']:.2f} (other seeds {statistics.fmean(result['learned_metric_other_seeds']):.2f})",
+        f"  energy saving {100 * result['energy_saving']:.1f} %",
+        f"  {'site':<30} {'MACs/sample':>12} {'E learned':>10} {'b_eff uni':>9} {'b_eff lrn':>9}",
+    ]
+    for r in result["layers"]:
+        lines.append(f"  {r['site'][-30:]:<30} {r['macs_per_sample']:>12,.0f} {r['learned_energy']:>10.4g} "
+                     f"{r['b_eff_uniform']:>9.2f} {r['b_eff_learned']:>9.2f}")
+    return "\n".join(lines)
