@@ -60,6 +60,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
             json.dump(obj, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import ABFPConfig
-from ..nn import calibrate, convert, set_config, summary, to_digital
+from ..nn import calibrate, convert, is_converted, reseed, set_config, summary, to_digital
 from ..zoo.base import Dataset, Metric
 from .autogain import choose_gains, gain_overrides
 from .cache import RunCache, run_key
@@ -41,15 +41,30 @@ def _first_tensor(out: Any) -> Tensor:
 
 @torch.no_grad()
 def run_model(model: nn.Module, data: Dataset, batch_size: int, device: torch.device | str = "cpu",
-              progress: Callable[[int], None] | None = None) -> Tensor:
-    """Outputs of ``model`` on every batch of ``data``, concatenated on the CPU (float32)."""
+              progress: Callable[[int], None] | None = None, *, shard: tuple[int, int] = (0, 1)) -> Tensor:
+    """Outputs of ``model`` on every batch of ``data``, concatenated on the CPU (float32).
+
+    A converted model's noise generators restart at every batch from ``(seed, batch index)``,
+    so batch ``i`` sees the same noise whatever ran before it: results do not depend on which
+    process evaluates which batch. ``shard=(rank, world)`` runs only batches ``i % world ==
+    rank`` and returns ``(batch index, outputs)`` pairs gathered by the caller (see
+    :mod:`abfp.evaluate.distributed`).
+    """
+    converted = is_converted(model)
+    rank, world = shard
     outs = []
-    for inputs, _ in data.batches(batch_size):
+    for i, (inputs, _) in enumerate(data.batches(batch_size)):
+        if i % world != rank:
+            continue
+        if converted:
+            reseed(model, i)
         y = _first_tensor(model(*(t.to(device) for t in inputs)))
-        outs.append(y.detach().float().cpu())
+        outs.append((i, y.detach().float().cpu()))
         if progress:
             progress(inputs[0].shape[0])
-    return torch.cat(outs) if outs else torch.zeros(0)
+    if world > 1:
+        return outs  # type: ignore[return-value]
+    return torch.cat([o for _, o in outs]) if outs else torch.zeros(0)
 
 
 @dataclass

@@ -99,7 +99,8 @@ class AnalogState:
         g = self._generators.get(key)
         if g is None:
             g = torch.Generator(device=device)
-            g.manual_seed(cfg.seed + self._seed_offset)
+            # distinct, well-separated streams per (seed, offset)
+            g.manual_seed((cfg.seed * 1_000_003 + self._seed_offset) % (2**63))
             self._generators[key] = g
         return g
 

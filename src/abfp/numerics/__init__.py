@@ -31,7 +31,9 @@ def encode_weights(w3: Tensor, cfg: ABFPConfig, weight_scale: float | Tensor | N
     plan = AdcPlan.for_config(cfg)
     enc = encode_operand(
         w3,
-        n=cfg.tile_width,
+        # a reduction shorter than the tile fills one tile partly: compute on its K columns
+        # only (the padding is zeros; the ADC still has full scale n, set by the plan)
+        n=max(1, min(cfg.tile_width, w3.shape[-1])),
         bits_max_code=cfg.weight_max_code,
         mode=cfg.mode,
         scale_dtype=cfg.scale_dtype,
