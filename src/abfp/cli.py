@@ -140,6 +140,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base = _base_config(args).replace(noise_dist=args.noise_dist)
     points = build_grid(tile_widths=args.tile_widths, gains=gains, bits=bits, noise_stds=args.noise,
                         fixed=not args.no_fixed, base=base)
+    from .evaluate.distributed import init_from_env, shutdown
+
+    rank, _ = init_from_env(args.device)
+    show = print if rank == 0 else (lambda *a, **k: None)
     tasks = _resolve_tasks(args.tasks)
     all_records = []
     for task in tasks:
@@ -155,14 +159,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   progress=not args.no_progress, cache_path=cache,
                                   extra_metrics=tuple(zoo.extra_metrics(task.name))),
         )
-        print(format_table(recs))
-        print(f"  ({time.perf_counter() - t0:.1f} s)\n")
+        show(format_table(recs))
+        show(f"  ({time.perf_counter() - t0:.1f} s)\n")
         all_records.extend(recs)
-    if args.json_path:
+    if args.json_path and rank == 0:
         from .evaluate.cache import write_json_atomic
 
         write_json_atomic(args.json_path, all_records)
-        print(f"wrote {len(all_records)} records to {args.json_path}")
+        show(f"wrote {len(all_records)} records to {args.json_path}")
+    shutdown()
     return 0
 
 

@@ -25,6 +25,8 @@ from ..nn import calibrate, convert, is_converted, reseed, set_config, summary, 
 from ..zoo.base import Dataset, Metric
 from .autogain import choose_gains, gain_overrides
 from .cache import RunCache, run_key
+from .distributed import gather_outputs
+from .distributed import world as dist_world
 from .grid import Point
 
 
@@ -123,12 +125,21 @@ def evaluate(
     cache = RunCache(st.cache_path)
     n_samples = len(data)
     total = sum((st.runs if p.noisy else 1) for p in pts if p.format != "fp32") + 1
-    bar = tqdm(total=total * n_samples, unit="img", disable=not st.progress, desc=task_name, leave=False,
+    bar = tqdm(total=total * n_samples, unit="img", disable=not st.progress or dist_world()[0] != 0,
+               desc=task_name, leave=False,
                dynamic_ncols=True)
     tick = bar.update if st.progress else None
 
+    rank, world_size = dist_world()
+
+    def run(m: nn.Module) -> Tensor:
+        if world_size == 1:
+            return run_model(m, data, st.batch_size, device, tick)
+        pairs = run_model(m, data, st.batch_size, device, tick, shard=(rank, world_size))
+        return gather_outputs(pairs)  # type: ignore[arg-type]
+
     t0 = time.perf_counter()
-    ref = run_model(model, data, st.batch_size, device, tick)
+    ref = run(model)
     fp32_seconds = time.perf_counter() - t0
     targets = data.targets
     fp32_value = metric(ref, targets, ref)
@@ -198,18 +209,19 @@ def evaluate(
                 if p.format == "fixed":
                     calibrate(analog_model, [calib_inputs], percentile=st.fixed_percentile)
                 t1 = time.perf_counter()
-                out = run_model(analog_model, data, st.batch_size, device, tick)
+                out = run(analog_model)
                 dt = time.perf_counter() - t1
                 v = metric(out, targets, ref)
                 if not math.isfinite(v):
                     raise FloatingPointError(f"{task_name} at {p.label()}: metric is {v}")
                 ex = {m.name: m(out, targets, ref) for m in st.extra_metrics}
                 lay = None
-                if st.layer_stats and r == 0:
+                if st.layer_stats and r == 0 and rank == 0:
                     first = tuple(t[: st.batch_size].to(device) for t in data.inputs)
                     lay = summary(analog_model, first).as_dicts()
                     layers = lay
-                cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains})
+                if rank == 0:
+                    cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains})
                 values.append(v)
                 seconds.append(dt)
                 extras.append(ex)
