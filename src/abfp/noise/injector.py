@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -333,10 +333,13 @@ class NoiseInjector:
 
     def repeats(self, base_energy: float) -> dict[str, list[int]]:
         """The integer repeats of a ``base_energy`` operation that reach at least each site's E
-        (``ceil(E / E_base)``, at least 1)."""
+        (``ceil(E / E_base)``, at least 1; energies are float32, so a ratio within 1e-5 of an
+        integer counts as that integer)."""
+        if not base_energy > 0:
+            raise ValueError(f"base_energy must be > 0, got {base_energy}")
         out = {}
         for s in self.log_energy:
-            k = torch.ceil(self.energy(s).double() / base_energy - 1e-9).clamp_min(1)
+            k = torch.ceil(self.energy(s).double() / base_energy * (1 - 1e-5)).clamp_min(1)
             out[s] = [int(v) for v in k]
         return out
 
@@ -357,7 +360,8 @@ class NoiseInjector:
         """``b_eff`` of each output channel of ``site`` over that channel's own output range."""
         p = self.profiles[site]
         var = self.noise.unit_variance(p) / self.energy(site).double()
-        return effective_bits(p.output_range_per_channel, torch.broadcast_to(var, p.output_range_per_channel.shape).sqrt())
+        r = p.output_range_per_channel
+        return effective_bits(r, torch.broadcast_to(var, r.shape).sqrt())
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 1. ``target = metric_fp32 - target_drop`` (or an absolute ``target``).
 2. Uniform: the smallest single ``E`` for every layer that reaches the target
-   (:func:`~abfp.precision.search.search_min_energy`, metric on the evaluation data with a fixed
-   noise seed).
+   (:func:`~abfp.precision.search.search_min_energy`, metric on the evaluation data with fixed
+   noise seeds: the mean over ``search_seeds`` seeds, the same seeds at every energy).
 3. Learned: start every layer at ``E_learn = learn_ratio * E_uniform``, freeze the weights and
    train ``log E`` per layer (or per channel) on training data with
    ``CE + lambda * max(0, log E_mean - log E_learn)`` (:func:`~abfp.precision.learn.learn_energies`).
@@ -30,7 +30,7 @@ from .learn import learn_energies, shuffled_batches
 from .objective import DEFAULT_LAMBDA
 from .search import search_min_energy
 
-__all__ = ["PrecisionSettings", "plot_precision", "run_precision", "training_data"]
+__all__ = ["AJ_PER_PHOTON", "PrecisionSettings", "plot_precision", "run_precision", "summarize", "training_data"]
 
 #: Optical energy of one photon at 1550 nm, in attojoules (h c / lambda = 1.28e-19 J).
 AJ_PER_PHOTON = 0.128
@@ -56,6 +56,7 @@ class PrecisionSettings:
     rel_tol: float = 0.02
     start_energy: float = 100.0
     final_seeds: int = 3
+    search_seeds: int = 1
     aj_per_photon: float = AJ_PER_PHOTON
 
     def __post_init__(self) -> None:
@@ -66,6 +67,7 @@ class PrecisionSettings:
             "batch_size": self.batch_size >= 1, "learn_ratio": self.learn_ratio > 0,
             "eval_batch_size": self.eval_batch_size >= 1, "profile_samples": self.profile_samples >= 1,
             "rel_tol": self.rel_tol > 0, "start_energy": self.start_energy > 0, "final_seeds": self.final_seeds >= 1,
+            "search_seeds": self.search_seeds >= 1,
             "aj_per_photon": self.aj_per_photon > 0,
         }
         for name, ok in checks.items():
@@ -117,10 +119,16 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
     inj.profile([tuple(t[: st.profile_samples] for t in train.inputs)])
     sites = inj.sites
 
-    def metric_now(seed: int | None = None) -> float:
-        inj.reseed(st.seed if seed is None else seed)
+    def metric_once(seed: int) -> float:
+        inj.reseed(seed)
         out = run_model(inj.model, data, st.eval_batch_size)
         return task.metric(out, data.targets, ref)
+
+    def metric_now(seed: int | None = None) -> float:
+        if seed is not None:
+            return metric_once(seed)
+        # the searches: mean over search_seeds fixed seeds (common random numbers across energies)
+        return statistics.fmean(metric_once(st.seed + i) for i in range(st.search_seeds))
 
     def score(value: float) -> float:
         return sign * value
@@ -232,7 +240,9 @@ def plot_precision(result: dict[str, Any], path: str | Path) -> Path:
     ax1.set_yscale("log")
     ax1.set_ylabel(f"E per MAC ({'photons' if result['noise'] == 'shot' else 'units'})")
     ax1.set_title(f"{result['task']}, {result['noise']} noise{' (per channel)' if result['per_channel'] else ''}: "
-                  f"saving {100 * result['energy_saving']:.1f} % at {result['metric']} >= {result['target_metric']:.2f}")
+                  f"energy saving {100 * result['energy_saving']:.1f} %\n"
+                  f"at {result['metric']} >= {result['target_metric']:.2f} (float32 {result['fp32_metric']:.2f})",
+                  fontsize=10)
     ax1.legend()
     ax2.plot(list(x), [r["b_eff_uniform"] for r in layers], "o-", label="uniform")
     ax2.plot(list(x), [r["b_eff_learned"] for r in layers], "s-", label="learned")
@@ -251,13 +261,15 @@ def plot_precision(result: dict[str, Any], path: str | Path) -> Path:
 
 def summarize(result: dict[str, Any]) -> str:
     """The result as a short text table."""
+    uni_other = statistics.fmean(result["uniform_metric_other_seeds"])
+    lrn_other = statistics.fmean(result["learned_metric_other_seeds"])
     lines = [
         f"{result['task']} / {result['noise']} noise{' per channel' if result['per_channel'] else ''}: "
         f"{result['metric']} fp32 {result['fp32_metric']:.2f}, target {result['target_metric']:.2f}",
         f"  uniform  E = {result['uniform_energy']:>9.4g} ({result['aj_per_mac_uniform']:.3g} aJ/MAC)  "
-        f"metric {result['uniform_metric']:.2f} (other seeds {statistics.fmean(result['uniform_metric_other_seeds']):.2f})",
+        f"metric {result['uniform_metric']:.2f} (other seeds {uni_other:.2f})",
         f"  learned  E = {result['learned_energy']:>9.4g} ({result['aj_per_mac_learned']:.3g} aJ/MAC)  "
-        f"metric {result['learned_metric']:.2f} (other seeds {statistics.fmean(result['learned_metric_other_seeds']):.2f})",
+        f"metric {result['learned_metric']:.2f} (other seeds {lrn_other:.2f})",
         f"  energy saving {100 * result['energy_saving']:.1f} %",
         f"  {'site':<30} {'MACs/sample':>12} {'E learned':>10} {'b_eff uni':>9} {'b_eff lrn':>9}",
     ]

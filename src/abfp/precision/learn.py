@@ -85,8 +85,8 @@ def learn_energies(injector: NoiseInjector, batches: Iterable[tuple[tuple[Tensor
             loss.backward()
             opt.step()
             if step % log_every == 0 or step == steps:
-                rec = {"step": step, "loss": float(loss), "task_loss": float(task),
-                       "mean_energy": float(log_mean.exp())}
+                rec = {"step": step, "loss": loss.item(), "task_loss": task.item(),
+                       "mean_energy": math.exp(log_mean.item())}
                 result.history.append(rec)
                 if progress:
                     progress(f"  step {step:>5}/{steps}  loss {rec['loss']:.4f}  CE {rec['task_loss']:.4f}  "

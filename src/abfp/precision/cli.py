@@ -1,0 +1,158 @@
+"""``abfp precision`` and ``abfp energy`` (registered by :func:`abfp.cli.build_parser`).
+
+    abfp precision --task fashion-cnn --noise shot --json out/cnn_shot.json
+    abfp precision --task fashion-vit --noise thermal --per-channel --target-drop 1 --json vit.json
+    abfp energy --task fashion-cnn --preset default
+    abfp energy --task fashion-vit --config cfg.json --params energy.json --json energy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+#: The noise types of ``--noise`` (abfp.noise.NOISE_NAMES; not imported here to keep ``abfp`` start-up light).
+NOISE_CHOICES = ("shot", "thermal", "weight")
+
+
+def _usage_error(msg: str) -> Exception:
+    from ..cli import UsageError
+
+    return UsageError(msg)
+
+
+def _task(name: str):
+    from ..cli import _resolve_tasks
+
+    try:
+        (task,) = _resolve_tasks([name])
+    except (ValueError, KeyError) as e:
+        raise _usage_error(str(e).strip("'\"")) from None
+    return task
+
+
+# ------------------------------------------------------------------------------ precision
+def _precision_parser(sub) -> None:
+    p = sub.add_parser("precision", help="learn the energy (precision) per layer under shot/thermal/weight noise",
+                       description="Uniform energy per MAC versus a learned per-layer (or per-channel) allocation at "
+                                   "equal accuracy (SPEC section 5).")
+    p.add_argument("--task", default="fashion-cnn", help="zoo task (default fashion-cnn)")
+    p.add_argument("--noise", choices=NOISE_CHOICES, default="shot")
+    p.add_argument("--per-channel", action="store_true", help="one energy per output channel instead of per layer")
+    p.add_argument("--target-drop", type=float, default=2.0, help="target = float32 metric minus this (default 2)")
+    p.add_argument("--target", type=float, default=None, help="absolute target metric (overrides --target-drop)")
+    p.add_argument("--steps", type=int, default=300, help="learning steps (batches), default 300")
+    p.add_argument("--batch-size", type=int, default=128, help="learning batch size (default 128)")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate on log E (default 0.01)")
+    p.add_argument("--lam", type=float, default=None, help="penalty weight (default: shot 2, thermal 6, weight 8)")
+    p.add_argument("--learn-ratio", type=float, default=1.0,
+                   help="E_target of learning as a multiple of the uniform energy (default 1)")
+    p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N samples (default all)")
+    p.add_argument("--rel-tol", type=float, default=0.02, help="relative tolerance of the energy searches")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--search-seeds", type=int, default=1,
+                   help="noise seeds averaged at every energy of the searches (default 1)")
+    p.add_argument("--aj-per-photon", type=float, default=0.128, help="attojoules per photon (0.128 at 1550 nm)")
+    p.add_argument("--json", dest="json_path", default=None, help="write the result as JSON")
+    p.add_argument("--plot", default=None, help="PNG of per-layer E and b_eff (default: next to --json)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_precision)
+
+
+def cmd_precision(args: argparse.Namespace) -> int:
+    import torch
+
+    from .experiment import PrecisionSettings, plot_precision, run_precision, summarize
+
+    for name in ("target_drop", "lr", "lam", "learn_ratio", "rel_tol", "aj_per_photon", "target"):
+        v = getattr(args, name)
+        if v is not None and not math.isfinite(v):
+            raise _usage_error(f"--{name.replace('_', '-')} must be a finite number")
+    if args.target_drop < 0:
+        raise _usage_error("--target-drop must be >= 0")
+    for name in ("steps", "batch_size", "eval_samples", "threads", "search_seeds"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise _usage_error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.lr <= 0 or args.learn_ratio <= 0 or args.rel_tol <= 0 or args.aj_per_photon <= 0:
+        raise _usage_error("--lr, --learn-ratio, --rel-tol and --aj-per-photon must be > 0")
+    if args.lam is not None and args.lam < 0:
+        raise _usage_error("--lam must be >= 0")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise _usage_error("--plot must name a .png file")
+    task = _task(args.task)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = PrecisionSettings(
+        noise=args.noise, per_channel=args.per_channel, target_drop=args.target_drop, target=args.target,
+        lam=args.lam, lr=args.lr, steps=args.steps, batch_size=args.batch_size, learn_ratio=args.learn_ratio,
+        eval_samples=args.eval_samples, seed=args.seed, search_seeds=args.search_seeds, rel_tol=args.rel_tol,
+        aj_per_photon=args.aj_per_photon,
+    )
+    result = run_precision(task, settings, progress=None if args.quiet else print)
+    print(summarize(result))
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    plot = args.plot or (str(Path(args.json_path).with_suffix(".png")) if args.json_path else None)
+    if plot:
+        print(f"wrote {plot_precision(result, plot)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ energy
+def _energy_parser(sub) -> None:
+    p = sub.add_parser("energy", help="energy and operation counts of a zoo model on the ABFP device",
+                       description="Per-layer MACs, DAC/ADC conversions, digital operations and energies "
+                                   "(SPEC section 6).")
+    p.add_argument("--task", default="fashion-cnn")
+    p.add_argument("--preset", default=None, help="device config preset (default: the default config)")
+    p.add_argument("--config", default=None, help="device config as a JSON file or string")
+    p.add_argument("--params", default=None, help="energy per event (EnergyParams) as a JSON file or string")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="samples accounted together (weights are converted once per call); default 1")
+    p.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
+    p.set_defaults(func=cmd_energy)
+
+
+def cmd_energy(args: argparse.Namespace) -> int:
+    from ..cli import _base_config
+    from ..energy import EnergyParams, account, authors_adc_comparison
+
+    if args.batch_size < 1:
+        raise _usage_error("--batch-size must be >= 1")
+    if args.preset and args.config:
+        raise _usage_error("give --preset or --config, not both")
+    try:
+        cfg = _base_config(args)
+        params = EnergyParams.from_json(args.params) if args.params else EnergyParams()
+    except ValueError as e:
+        raise _usage_error(str(e)) from None
+    task = _task(args.task)
+    data = task.load_data().take(args.batch_size)
+    report = account(task.build_model(), data.inputs, cfg, params)
+    print(f"{task.name} on {cfg.label()}")
+    print(report)
+    cmp_ = authors_adc_comparison(params)
+    print(f"ADC energy per conversion, fixed point n=8 at 12.5 bits vs ABFP n=128, G=8, 8 bits: {cmp_.ratio:.2f}x; "
+          f"per MAC {cmp_.per_mac_ratio:.1f}x")
+    if args.json_path:
+        out: dict[str, Any] = {"task": task.name, "config": cfg.to_dict(), **report.to_dict(),
+                               "authors_adc_comparison": {"ratio": cmp_.ratio, "per_mac_ratio": cmp_.per_mac_ratio}}
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add the ``precision`` and ``energy`` subcommands."""
+    _precision_parser(sub)
+    _energy_parser(sub)
