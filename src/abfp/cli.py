@@ -6,6 +6,9 @@
     abfp report out.json --out report/
     abfp microbench                the authors' micro-benchmark (element-wise error vs n and G)
     abfp summary --task fashion-cnn --preset default
+    abfp finetune --method dnf     differential noise finetuning (or --method qat)
+    abfp precision --noise shot    learned per-layer energy under shot noise
+    abfp energy --task fashion-cnn energy and operation counts per layer
     abfp presets | abfp zoo
 """
 
