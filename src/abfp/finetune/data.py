@@ -1,0 +1,41 @@
+"""Training data for the zoo tasks that can be finetuned.
+
+``fashion-cnn`` and ``fashion-vit`` train on the 60,000-image Fashion-MNIST training split
+(the Debian package ``dataset-fashion-mnist``, read and normalised by :mod:`abfp.zoo.fashion`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from torch import Tensor
+
+from ..zoo import fashion
+from ..zoo.base import Dataset
+
+__all__ = ["TRAINABLE_TASKS", "training_data"]
+
+#: Zoo tasks with a known training set.
+TRAINABLE_TASKS = ("fashion-cnn", "fashion-vit")
+
+
+def training_data(task: str, samples: int | None = None) -> Dataset:
+    """The training split of zoo task ``task`` (its first ``samples`` images when given).
+
+    Raises ``ValueError`` for a task without a known training set and ``FileNotFoundError``
+    when the data is not installed.
+    """
+    if task not in TRAINABLE_TASKS:
+        raise ValueError(f"no training data known for task {task!r}; finetuning supports {', '.join(TRAINABLE_TASKS)}")
+    images, labels = _raw_train_split()
+    if samples is not None:
+        if samples < 1:
+            raise ValueError(f"number of training samples must be positive, got {samples}")
+        images, labels = images[:samples], labels[:samples]
+    return Dataset((fashion.normalize(images),), labels)
+
+
+@functools.lru_cache(maxsize=1)
+def _raw_train_split() -> tuple[Tensor, Tensor]:
+    """The uint8 training images and labels, read once per process (47 MB)."""
+    return fashion.load_split("train")

@@ -1,0 +1,160 @@
+"""Differential Noise Finetuning (SPEC section 4): measure ``dy``, fit histograms, inject noise.
+
+1. :func:`record_differentials` runs the float32 network on a calibration batch; at every
+   analog product site it also computes the device result on the *same* input (the float32
+   network's own activation) and keeps ``dy = y_device - y_fp32``. The network continues
+   with ``y_fp32``, so errors do not compound from layer to layer.
+2. :func:`build_histograms` pours each site's ``dy`` into a :class:`Histogram` (100 bins,
+   +0.5 per bin, normalised), per layer or per output channel.
+3. :class:`DNFNoise` is an interceptor (``abfp.analog_state(m).interceptors["*"]``): in
+   training mode a product returns ``y_fp32(x) + xi`` with ``xi`` i.i.d. from its site's
+   histogram (ordinary float32 autograd; no tiling or quantisation); in eval mode, and at
+   sites without a histogram, it returns ``y_fp32(x)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import analog_state, reseed
+from ..nn.mode import ProductCall
+from .histogram import DEFAULT_BINS, DEFAULT_SMOOTHING, Histogram
+from .sampler import Backend, add_noise, warm_up
+
+__all__ = ["DNFNoise", "SiteDifferential", "build_histograms", "channel_dim_of", "record_differentials",
+           "select_noisiest"]
+
+
+def channel_dim_of(kind: str, ndim: int) -> int:
+    """The output-channel dimension of a product's result: dim 1 for convolutions (N, C, ...),
+    the last dimension for linear layers and activation products (the columns of ``A @ B``)."""
+    return 1 if kind == "conv" and ndim > 1 else ndim - 1
+
+
+@dataclass
+class SiteDifferential:
+    """What :func:`record_differentials` saw at one site: ``dy`` of every call, and the sum of
+    squares and count of the float32 outputs (for the relative error ``std(dy) / rms(y)``)."""
+
+    kind: str
+    dy: list[Tensor] = field(default_factory=list)
+    y_sq: float = 0.0
+    y_count: int = 0
+
+    @property
+    def y_rms(self) -> float:
+        return math.sqrt(self.y_sq / self.y_count) if self.y_count else 0.0
+
+
+@torch.no_grad()
+def record_differentials(model: nn.Module, inputs: Sequence[Tensor], *,
+                         sites: Iterable[str] | None = None) -> dict[str, SiteDifferential]:
+    """``{site: SiteDifferential}`` of a converted ``model`` on one batch, in eval mode.
+
+    ``dy = analog(x) - digital(x)`` with ``x`` the float32 network's activation (each call
+    of a site adds one tensor). ``sites``: only these (default all analog sites).
+    """
+    st = analog_state(model)
+    wanted = None if sites is None else set(sites)
+    out: dict[str, SiteDifferential] = {}
+
+    def recorder(call: ProductCall) -> Tensor:
+        y = call.digital()
+        if wanted is None or call.site in wanted:
+            y32 = y.to(torch.float32)
+            rec = out.setdefault(call.site, SiteDifferential(call.kind))
+            rec.dy.append(call.analog().to(torch.float32) - y32)
+            rec.y_sq += float(y32.double().square().sum())
+            rec.y_count += y32.numel()
+        return y
+
+    saved = dict(st.interceptors)
+    was_training = model.training
+    st.interceptors.clear()
+    st.interceptors["*"] = recorder
+    try:
+        model.eval()
+        model(*inputs)
+    finally:
+        st.interceptors.clear()
+        st.interceptors.update(saved)
+        model.train(was_training)
+    return out
+
+
+def build_histograms(model: nn.Module, inputs: Sequence[Tensor], *, bins: int = DEFAULT_BINS,
+                     smoothing: float = DEFAULT_SMOOTHING, per_channel: bool = False,
+                     sites: Iterable[str] | None = None, seed_offset: int = 0) -> dict[str, Histogram]:
+    """One :class:`Histogram` of ``dy`` per analog site of the converted ``model`` (or per output
+    channel with ``per_channel``), from one calibration batch ``inputs``. The device noise
+    generators restart at ``config.seed + seed_offset`` first, so the result is repeatable."""
+    reseed(model, seed_offset)
+    recorded = record_differentials(model, inputs, sites=sites)
+    hists: dict[str, Histogram] = {}
+    for site, rec in recorded.items():
+        kind, dys = rec.kind, rec.dy
+        if per_channel:
+            d = channel_dim_of(kind, dys[0].ndim)
+            rows = torch.cat([t.movedim(d, 0).reshape(t.shape[d], -1) for t in dys], dim=1)
+            h = Histogram.fit(rows, bins=bins, smoothing=smoothing, channel_dim=0)
+            h.channel_dim = d - dys[0].ndim  # negative: counts from the end, valid for any batch shape
+        else:
+            h = Histogram.fit(torch.cat([t.reshape(-1) for t in dys]), bins=bins, smoothing=smoothing)
+        h.shape = tuple(dys[0].shape)
+        h.signal_rms = rec.y_rms
+        hists[site] = h
+    return hists
+
+
+def select_noisiest(hists: Mapping[str, Histogram], fraction: float, by: str = "std") -> list[str]:
+    """The ``ceil(fraction * n)`` noisiest sites: largest standard deviation of ``dy``
+    (``by="std"``, the authors' criterion) or largest ``std(dy) / rms(y_fp32)`` (``"relative"``)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"layer fraction must be in (0, 1], got {fraction}")
+    if by not in ("std", "relative"):
+        raise ValueError(f"rank sites by 'std' or 'relative', got {by!r}")
+
+    def key(site: str) -> float:
+        h = hists[site]
+        return h.std if by == "std" else h.std / h.signal_rms if h.signal_rms > 0 else math.inf
+
+    ranked = sorted(hists, key=key, reverse=True)
+    return ranked[: max(1, math.ceil(fraction * len(ranked)))]
+
+
+class DNFNoise:
+    """Interceptor of a converted model: ``y_fp32(x) + xi`` in training mode (see module doc)."""
+
+    def __init__(self, model: nn.Module, histograms: Mapping[str, Histogram], *, backend: Backend = "auto") -> None:
+        self.model = model
+        self.histograms = dict(histograms)
+        self.backend: Backend = backend
+
+    def __call__(self, call: ProductCall) -> Tensor:
+        y = call.digital()
+        hist = self.histograms.get(call.site)
+        if hist is None or not self.model.training:
+            return y
+        return add_noise(y, hist, backend=self.backend)
+
+    def attach(self) -> "DNFNoise":
+        st = analog_state(self.model)
+        st.interceptors.clear()
+        st.interceptors["*"] = self
+        return self
+
+    def detach(self) -> None:
+        st = analog_state(self.model)
+        if st.interceptors.get("*") is self:
+            del st.interceptors["*"]
+
+    def warm_up(self) -> None:
+        """Compile the sampler for each site's recorded output shape (draws no global random numbers)."""
+        for hist in self.histograms.values():
+            if hist.shape:
+                warm_up(hist, hist.shape, backend=self.backend)

@@ -1,0 +1,360 @@
+"""The finetuning loop shared by QAT and DNF: AdamW, checkpoints, timing, device evaluation.
+
+One step: ``loss = loss_fn(model(x), t)``, backward, ``AdamW`` step with learning rate
+``lr * lr_decay ** epoch`` (``epoch = step // (N // batch_size)``). The batch of step ``k``
+is slice ``k mod (N // batch_size)`` of a permutation of the training set seeded by
+``(seed, epoch)``, so it depends on the step number only. Everything random inside a step
+(dropout, device noise in QAT, DNF seeds) comes from torch's global generator, seeded with
+``seed`` once and saved in every checkpoint: a run resumed from a checkpoint repeats the
+uninterrupted run exactly.
+
+Timing: ``seconds_per_step`` is the mean wall time of the training steps run in this
+process (the first one excluded as warm-up when there are several); ``fp32_seconds_per_step``
+the mean time of a plain float32 AdamW step of a copy of the original model on the same
+batch, measured ``timing_steps`` times after the setup and once more every
+``timing_every`` training steps (so both see the same machine load). ``seconds_total``
+counts setup (conversion, DNF histograms, compiling the sampler), the steps and the
+checkpoints, across resumed runs; evaluations and the float32 timing are not counted.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..config import ABFPConfig
+from ..evaluate.runner import _first_tensor, run_model
+from ..nn import convert, is_converted, to_digital
+from ..zoo.base import TOP1, Dataset, Metric
+from .checkpoint import load_checkpoint, model_state, restore_optimizer, save_checkpoint
+
+__all__ = ["FinetuneResult", "Method", "TrainSettings", "device_metric", "finetune"]
+
+LossFn = Callable[[Tensor, Tensor | None], Tensor]
+
+
+def cross_entropy(outputs: Any, targets: Tensor | None) -> Tensor:
+    """Default loss: cross entropy of the model's (first) output tensor against the labels."""
+    if targets is None:
+        raise ValueError("the default loss (cross entropy) needs labelled training data; pass loss_fn")
+    return F.cross_entropy(_first_tensor(outputs), targets)
+
+
+@dataclass
+class TrainSettings:
+    """Knobs shared by :func:`abfp.finetune.qat` and :func:`abfp.finetune.dnf`."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int = 0
+    weight_decay: float = 0.0
+    lr_decay: float = 1.0
+    eval_data: Dataset | None = None
+    metric: Metric | None = None
+    eval_batch_size: int = 500
+    checkpoint: str | Path | None = None
+    checkpoint_every: int = 50
+    resume: bool = False
+    progress: bool = True
+    loss_fn: LossFn | None = None
+    timing_steps: int = 5
+    timing_every: int = 25
+    exclude: Sequence[str] = ()
+    callback: Callable[[int, float], None] | None = None
+    desc: str = ""
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be a non-negative integer, got {self.steps!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(math.isfinite(self.lr_decay) and self.lr_decay > 0, f"lr_decay must be > 0, got {self.lr_decay!r}")
+        need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size!r}")
+        need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
+        need(self.timing_steps >= 0 and self.timing_every >= 0, "timing_steps and timing_every must be >= 0")
+        need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed (``steps`` may change)."""
+        return {"lr": self.lr, "batch_size": self.batch_size, "seed": self.seed, "weight_decay": self.weight_decay,
+                "lr_decay": self.lr_decay, "exclude": list(self.exclude)}
+
+
+class Method(Protocol):
+    """What QAT and DNF plug into :func:`finetune`."""
+
+    name: str
+
+    def options(self) -> dict[str, Any]: ...
+
+    def prepare(self, model: nn.Module, train_data: Dataset, seed: int, exclude: Sequence[str],
+                restored: tuple[dict[str, Tensor], dict[str, Any]] | None) -> nn.Module: ...
+
+    def before_step(self, step: int) -> None: ...
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]: ...
+
+    def finish(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class FinetuneResult:
+    """What a finetuning run measured. Metrics are on the device (full ABFP simulation) except
+    ``fp32_metric``; ``None`` without evaluation data. ``model``: the finetuned float32 model."""
+
+    method: str
+    fp32_metric: float | None
+    metric_before: float | None
+    metric_after: float | None
+    steps: int
+    seconds_per_step: float | None
+    seconds_total: float
+    fp32_seconds_per_step: float | None
+    model: nn.Module = field(repr=False)
+    losses: list[float] = field(default_factory=list, repr=False)
+    details: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def recovered(self) -> float | None:
+        """``metric_after - metric_before``."""
+        if self.metric_after is None or self.metric_before is None:
+            return None
+        return self.metric_after - self.metric_before
+
+    @property
+    def recovered_fraction(self) -> float | None:
+        """Share of the device's loss won back: ``(after - before) / (fp32 - before)``."""
+        if self.recovered is None or self.fp32_metric is None or self.fp32_metric == self.metric_before:
+            return None
+        return self.recovered / (self.fp32_metric - self.metric_before)  # type: ignore[operator]
+
+    @property
+    def step_time_ratio(self) -> float | None:
+        """``seconds_per_step / fp32_seconds_per_step``."""
+        if not self.seconds_per_step or not self.fp32_seconds_per_step:
+            return None
+        return self.seconds_per_step / self.fp32_seconds_per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready numbers (everything but the model)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("model", "details", "losses")}
+        d.update(recovered=self.recovered, recovered_fraction=self.recovered_fraction,
+                 step_time_ratio=self.step_time_ratio, final_loss=self.losses[-1] if self.losses else None)
+        d.update(self.details)
+        return d
+
+
+# ----------------------------------------------------------------------------- helpers
+def float_copy(model: nn.Module) -> nn.Module:
+    """A float32 deep copy of ``model``, digital (unconverted)."""
+    if is_converted(model):
+        return to_digital(model, inplace=False).float()
+    return copy.deepcopy(model).float()
+
+
+def device_metric(model: nn.Module, data: Dataset, metric: Metric, config: ABFPConfig, *, batch_size: int = 500,
+                  reference: Tensor | None = None, exclude: Sequence[str] = ()) -> float:
+    """``metric`` of ``model`` run on the device ``config`` (a converted copy, eval mode)."""
+    m = convert(model, config, exclude=exclude, inplace=False).eval()
+    out = run_model(m, data, batch_size)
+    return metric(out, data.targets, out if reference is None else reference)
+
+
+class _Batches:
+    """The batch of step ``k``: slice ``k mod S`` of the permutation of epoch ``k // S``."""
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int) -> None:
+        if len(data) < batch_size:
+            raise ValueError(f"the training data has {len(data)} samples, fewer than one batch ({batch_size})")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.per_epoch = len(data) // batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+
+    def epoch(self, step: int) -> int:
+        return step // self.per_epoch
+
+    def __call__(self, step: int) -> tuple[tuple[Tensor, ...], Tensor | None]:
+        e = self.epoch(step)
+        if e != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            self._epoch, self._perm = e, torch.randperm(len(self.data), generator=g)
+        j = step % self.per_epoch
+        idx = self._perm[j * self.batch_size : (j + 1) * self.batch_size]
+        inputs = tuple(t[idx] for t in self.data.inputs)
+        return inputs, None if self.data.targets is None else self.data.targets[idx]
+
+
+class _Fp32Timer:
+    """Times plain float32 AdamW steps of a shadow copy without touching the global RNG."""
+
+    def __init__(self, model: nn.Module, settings: TrainSettings, loss_fn: LossFn) -> None:
+        self.model = copy.deepcopy(model).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.loss_fn = loss_fn
+        self.times: list[float] = []
+        self.warm = False
+
+    def step(self, inputs: tuple[Tensor, ...], targets: Tensor | None, repeats: int = 1) -> None:
+        with torch.random.fork_rng(devices=[]):
+            runs = repeats + (0 if self.warm else 2)
+            for r in range(runs):
+                t0 = time.perf_counter()
+                loss = self.loss_fn(self.model(*inputs), targets)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                dt = time.perf_counter() - t0
+                if self.warm or r >= 2:
+                    self.times.append(dt)
+            self.warm = True
+
+    def mean(self) -> float | None:
+        return statistics.fmean(self.times) if self.times else None
+
+
+def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
+    diffs = [f"{k}: checkpoint {meta.get(k)!r} vs now {v!r}" for k, v in expected.items() if meta.get(k) != v]
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: it was written with other settings ({'; '.join(diffs)}); "
+                         "rerun without --resume (or point --checkpoint elsewhere)")
+
+
+def _json_roundtrip(d: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(d))
+
+
+# ----------------------------------------------------------------------------- the loop
+def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFPConfig,
+             settings: TrainSettings) -> FinetuneResult:
+    """Finetune a copy of ``model`` with ``method``; evaluate before and after on the device."""
+    s = settings
+    s.validate()
+    if not isinstance(config, ABFPConfig):
+        raise TypeError(f"config must be an ABFPConfig, got {type(config).__name__}")
+    if not isinstance(train_data, Dataset):
+        raise TypeError(f"train_data must be an abfp.zoo.Dataset, got {type(train_data).__name__}")
+    loss_fn: LossFn = s.loss_fn or cross_entropy
+    batches = _Batches(train_data, s.batch_size, s.seed)
+    eval_cfg = config if config.seed is not None else config.replace(seed=s.seed)
+    base = float_copy(model)
+
+    expected = _json_roundtrip({"method": method.name, "options": method.options(), "settings": s.fingerprint(),
+                                "config": eval_cfg.to_dict(), "train_samples": len(train_data)})
+    ckpt = Path(s.checkpoint) if s.checkpoint else None
+    restored = None
+    if s.resume and ckpt is not None and ckpt.exists():
+        restored = load_checkpoint(ckpt)
+        _check_compatible(restored[1], expected, ckpt)
+    prev = restored[1] if restored else {}
+
+    # ---- float32 reference and the device before finetuning
+    fp32_metric = metric_before = None
+    reference = None
+    metric = s.metric or TOP1
+    if s.eval_data is not None:
+        base.eval()
+        reference = run_model(base, s.eval_data, s.eval_batch_size)
+        fp32_metric = metric(reference, s.eval_data.targets, reference)
+        same_eval = prev.get("eval_samples") == len(s.eval_data) and prev.get("metric") == metric.name
+        metric_before = prev.get("metric_before") if same_eval else None
+        if metric_before is None:
+            metric_before = device_metric(base, s.eval_data, metric, eval_cfg, batch_size=s.eval_batch_size,
+                                          reference=reference, exclude=s.exclude)
+
+    # ---- setup
+    t_setup = time.perf_counter()
+    if restored:
+        base.load_state_dict(model_state(restored[0]))
+    timer = _Fp32Timer(base, s, loss_fn)  # a copy of the starting point, before any conversion
+    torch.manual_seed(s.seed)
+    train_model = method.prepare(base, train_data, s.seed, tuple(s.exclude), restored)
+    optimizer = torch.optim.AdamW(train_model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    start = 0
+    losses: list[float] = []
+    if restored:
+        restore_optimizer(optimizer, restored[0], prev["optimizer"])
+        torch.set_rng_state(restored[0]["rng.torch"])
+        start = int(prev["step"])
+        losses = [float(v) for v in prev.get("losses", [])]
+    elapsed = float(prev.get("seconds_total", 0.0)) + time.perf_counter() - t_setup
+
+    if s.timing_steps and start < s.steps:
+        timer.step(*batches(start), repeats=s.timing_steps)
+
+    # ---- steps
+    step_times: list[float] = []
+    bar = tqdm(total=s.steps, initial=min(start, s.steps), disable=not s.progress, desc=s.desc or method.name,
+               unit="step", dynamic_ncols=True, leave=False)
+    train_model.train()
+    try:
+        for step in range(start, s.steps):
+            t0 = time.perf_counter()
+            method.before_step(step)
+            lr = s.lr * s.lr_decay ** batches.epoch(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, targets = batches(step)
+            loss = loss_fn(train_model(*inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            elapsed += dt
+            losses.append(value)
+            done = step + 1
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{method.name}: loss is {value} at step {done}; lower the learning rate")
+            if ckpt is not None and (done % s.checkpoint_every == 0 or done == s.steps):
+                t1 = time.perf_counter()
+                extra, method_meta = method.state()
+                elapsed += time.perf_counter() - t1
+                meta = {**expected, "fp32_metric": fp32_metric, "metric_before": metric_before, "losses": losses,
+                        "eval_samples": len(s.eval_data) if s.eval_data is not None else None, "metric": metric.name,
+                        "method_state": method_meta, "seconds_total": elapsed}
+                save_checkpoint(ckpt, train_model, optimizer, done, extra, meta)
+                elapsed += time.perf_counter() - t1
+            if s.timing_every and done % s.timing_every == 0 and done < s.steps:
+                timer.step(inputs, targets)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            if s.callback is not None:
+                s.callback(done, value)
+    finally:
+        bar.close()
+    train_model.eval()
+    details = method.finish()
+    final = to_digital(train_model, inplace=True) if is_converted(train_model) else train_model
+
+    metric_after = None
+    if s.eval_data is not None:
+        metric_after = device_metric(final, s.eval_data, metric, eval_cfg, batch_size=s.eval_batch_size,
+                                     reference=reference, exclude=s.exclude)
+    timed = step_times[1:] if len(step_times) > 1 else step_times
+    details = {"config": eval_cfg.to_dict(), "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,
+               "weight_decay": s.weight_decay, "lr_decay": s.lr_decay, "metric": metric.name if s.eval_data else None,
+               "eval_samples": len(s.eval_data) if s.eval_data is not None else None,
+               "resumed_from": int(prev["step"]) if restored else None, **details}
+    return FinetuneResult(
+        method=method.name, fp32_metric=fp32_metric, metric_before=metric_before, metric_after=metric_after,
+        steps=max(start, s.steps), seconds_per_step=statistics.fmean(timed) if timed else None,
+        seconds_total=elapsed, fp32_seconds_per_step=timer.mean(), model=final, losses=losses, details=details,
+    )

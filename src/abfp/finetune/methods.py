@@ -1,0 +1,238 @@
+"""The two finetuning methods of SPEC section 4 and their public entry points.
+
+* :func:`qat`: the training forward *is* the device (``abfp.convert``: tiles, quantisation,
+  gain, ADC and device noise), with straight-through gradients. Exact; every step pays
+  for the simulation.
+* :func:`dnf`: the device is measured once (histograms of ``dy = y_device - y_fp32`` per
+  product site, from one calibration batch) and the training forward is float32 plus noise
+  drawn from those histograms, ``y = y_fp32(x) + xi``. Variants: per-output-channel
+  histograms, refreshing them every K steps, noise only at the noisiest fraction of layers.
+
+Both evaluate the model on the full device simulation before and after finetuning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ABFPConfig
+from ..nn import convert
+from ..zoo.base import Dataset
+from .dnf import DNFNoise, build_histograms, select_noisiest
+from .histogram import DEFAULT_BINS, DEFAULT_SMOOTHING, Histogram
+from .loop import FinetuneResult, TrainSettings, finetune
+from .sampler import Backend, backend_in_use
+
+__all__ = ["DNFOptions", "dnf", "qat"]
+
+
+class QATMethod:
+    """Quantisation-aware training through the simulator (noise from torch's global generator)."""
+
+    name = "qat"
+
+    def __init__(self, config: ABFPConfig) -> None:
+        # the device noise must come from the global generator so that checkpoints capture it
+        self.config = config.replace(seed=None)
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def prepare(self, model: nn.Module, train_data: Dataset, seed: int, exclude: Sequence[str],
+                restored: Any) -> nn.Module:
+        return convert(model, self.config, exclude=exclude, inplace=True)
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def finish(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class DNFOptions:
+    """DNF settings. Defaults are the authors' method (SPEC section 4).
+
+    ``bins``, ``smoothing``: histogram of ``dy`` (100 bins, +0.5 per bin).
+    ``calibration_samples``: size of the one calibration batch (128).
+    ``per_channel``: one histogram per output channel instead of per layer.
+    ``refresh_every``: rebuild the histograms every K steps from the calibration batch with
+    the current weights (0: never, the default).
+    ``layer_fraction``: inject noise only at the ``ceil(fraction * n)`` sites with the largest
+    standard deviation of ``dy`` (1.0: all sites); ``rank_by="relative"`` ranks by
+    ``std(dy) / rms(y_fp32)`` instead, which does not favour layers with large outputs.
+    ``sampler``: ``"auto"`` (compiled, eager if compiling fails), ``"compiled"`` or ``"eager"``.
+    """
+
+    bins: int = DEFAULT_BINS
+    smoothing: float = DEFAULT_SMOOTHING
+    calibration_samples: int = 128
+    per_channel: bool = False
+    refresh_every: int = 0
+    layer_fraction: float = 1.0
+    rank_by: Literal["std", "relative"] = "std"
+    sampler: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.bins, int) and self.bins >= 1):
+            raise ValueError(f"bins must be a positive integer, got {self.bins!r}")
+        if not (math.isfinite(self.smoothing) and self.smoothing >= 0):
+            raise ValueError(f"smoothing must be >= 0, got {self.smoothing!r}")
+        if not (isinstance(self.calibration_samples, int) and self.calibration_samples >= 1):
+            raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples!r}")
+        if not (isinstance(self.refresh_every, int) and self.refresh_every >= 0):
+            raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every!r}")
+        if not 0 < self.layer_fraction <= 1:
+            raise ValueError(f"layer_fraction must be in (0, 1], got {self.layer_fraction!r}")
+        if self.rank_by not in ("std", "relative"):
+            raise ValueError(f"rank_by must be 'std' or 'relative', got {self.rank_by!r}")
+        if self.sampler not in ("auto", "compiled", "eager"):
+            raise ValueError(f"sampler must be 'auto', 'compiled' or 'eager', got {self.sampler!r}")
+
+    def label(self) -> str:
+        parts = ["per-channel" if self.per_channel else "per-layer"]
+        if self.refresh_every:
+            parts.append(f"refresh/{self.refresh_every}")
+        if self.layer_fraction < 1:
+            parts.append(f"top {self.layer_fraction:g} of sites by {'std(dy)' if self.rank_by == 'std' else 'std(dy)/rms(y)'}")
+        return ", ".join(parts)
+
+
+class DNFMethod:
+    """Differential noise finetuning; see :mod:`abfp.finetune.dnf`."""
+
+    name = "dnf"
+
+    def __init__(self, config: ABFPConfig, options: DNFOptions) -> None:
+        self.config = config
+        self.opts = options
+        self.model: nn.Module | None = None
+        self.noise: DNFNoise | None = None
+        self.calibration: tuple[Tensor, ...] = ()
+        self.sites: list[str] = []
+        self.all_std: dict[str, float] = {}
+        self.all_rms: dict[str, float] = {}
+        self.refreshes = 0
+        self.histogram_seconds = 0.0
+
+    def options(self) -> dict[str, Any]:
+        d = asdict(self.opts)
+        d.pop("sampler")  # an implementation choice: resuming with another sampler is allowed
+        return d
+
+    def prepare(self, model: nn.Module, train_data: Dataset, seed: int, exclude: Sequence[str],
+                restored: tuple[dict[str, Tensor], dict[str, Any]] | None) -> nn.Module:
+        import time
+
+        cfg = self.config if self.config.seed is not None else self.config.replace(seed=seed)
+        self.model = convert(model, cfg, exclude=exclude, inplace=True)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 104_729)
+        n = min(self.opts.calibration_samples, len(train_data))
+        idx = torch.randperm(len(train_data), generator=g)[:n]
+        self.calibration = tuple(t[idx] for t in train_data.inputs)
+        t0 = time.perf_counter()
+        if restored is not None and restored[1].get("method_state", {}).get("sites"):
+            tensors, meta = restored
+            ms = meta["method_state"]
+            hists = {s: Histogram.from_tensors(tensors, f"dnf.{s}", m) for s, m in ms["sites"].items()}
+            self.all_std = {k: float(v) for k, v in ms.get("all_std", {}).items()}
+            self.all_rms = {k: float(v) for k, v in ms.get("all_rms", {}).items()}
+            self.refreshes = int(ms.get("refreshes", 0))
+            self.sites = list(hists)
+        else:
+            all_hists = build_histograms(self.model, self.calibration, bins=self.opts.bins,
+                                         smoothing=self.opts.smoothing, per_channel=self.opts.per_channel)
+            if not all_hists:
+                raise ValueError("the model has no analog product site: nothing for DNF to do")
+            self.all_std = {s: h.std for s, h in all_hists.items()}
+            self.all_rms = {s: h.signal_rms for s, h in all_hists.items()}
+            self.sites = select_noisiest(all_hists, self.opts.layer_fraction, by=self.opts.rank_by)
+            hists = {s: all_hists[s] for s in self.sites}
+        self.noise = DNFNoise(self.model, hists, backend=self.opts.sampler).attach()
+        self.noise.warm_up()
+        self.histogram_seconds += time.perf_counter() - t0
+        return self.model
+
+    def before_step(self, step: int) -> None:
+        k = self.opts.refresh_every
+        if k and step > 0 and step % k == 0:
+            assert self.noise is not None and self.model is not None
+            self.noise.histograms = build_histograms(
+                self.model, self.calibration, bins=self.opts.bins, smoothing=self.opts.smoothing,
+                per_channel=self.opts.per_channel, sites=self.sites, seed_offset=step)
+            self.refreshes += 1
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        assert self.noise is not None
+        tensors: dict[str, Tensor] = {}
+        sites: dict[str, Any] = {}
+        for s, h in self.noise.histograms.items():
+            tensors.update(h.tensors(f"dnf.{s}"))
+            sites[s] = h.meta()
+        return tensors, {"sites": sites, "all_std": self.all_std, "all_rms": self.all_rms, "refreshes": self.refreshes}
+
+    def finish(self) -> dict[str, Any]:
+        if self.noise is not None:
+            self.noise.detach()
+        return {"dnf": {**asdict(self.opts), "label": self.opts.label(), "sites": list(self.sites),
+                        "n_sites": len(self.all_std), "dy_std": self.all_std, "y_rms": self.all_rms,
+                        "refreshes": self.refreshes,
+                        "histogram_seconds": self.histogram_seconds, "sampler_used": backend_in_use(self.opts.sampler)}}
+
+
+def _settings(steps: int, lr: float, batch_size: int, kwargs: dict[str, Any]) -> TrainSettings:
+    known = set(TrainSettings.__dataclass_fields__) - {"steps", "lr", "batch_size"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; known: {sorted(known)}")
+    return TrainSettings(steps=steps, lr=lr, batch_size=batch_size, **kwargs)
+
+
+def qat(model: nn.Module, train_data: Dataset, config: ABFPConfig | None = None, *, steps: int, lr: float,
+        batch_size: int, **kwargs: Any) -> FinetuneResult:
+    """Quantisation-aware finetuning of ``model`` on the device ``config`` (default: the
+    authors' reference device), AdamW.
+
+    The training forward is the full ABFP simulation, device noise included; gradients are
+    straight-through (SPEC section 4). Keyword arguments are the fields of
+    :class:`~abfp.finetune.loop.TrainSettings`: ``seed``, ``weight_decay``, ``lr_decay`` (per
+    epoch), ``eval_data`` and ``metric`` (evaluation on the device before and after),
+    ``eval_batch_size``, ``checkpoint`` (a ``.safetensors`` path), ``checkpoint_every``,
+    ``resume``, ``progress``, ``loss_fn``, ``timing_steps``, ``timing_every``, ``exclude``,
+    ``callback(step, loss)``. Returns a :class:`FinetuneResult` (the model is a finetuned
+    float32 copy; ``model`` itself is not changed).
+    """
+    settings = _settings(steps, lr, batch_size, kwargs)
+    return finetune(QATMethod(config or ABFPConfig()), model, train_data, config or ABFPConfig(), settings)
+
+
+def dnf(model: nn.Module, train_data: Dataset, config: ABFPConfig | None = None, *, steps: int, lr: float,
+        batch_size: int, bins: int = DEFAULT_BINS, smoothing: float = DEFAULT_SMOOTHING,
+        calibration_samples: int = 128, per_channel: bool = False, refresh_every: int = 0,
+        layer_fraction: float = 1.0, rank_by: Literal["std", "relative"] = "std", sampler: Backend = "auto",
+        **kwargs: Any) -> FinetuneResult:
+    """Differential noise finetuning of ``model`` for the device ``config`` (SPEC section 4).
+
+    Before training, one calibration batch (``calibration_samples`` training samples) runs
+    through the float32 network; at every analog product the device result on the same
+    input gives ``dy = y_device - y_fp32``, poured into a histogram per site (``bins`` bins,
+    ``smoothing`` added per bin, normalised). Training then uses ``y = y_fp32(x) + xi``, xi
+    i.i.d. from the site's histogram, with ordinary float32 gradients. Variants:
+    ``per_channel``, ``refresh_every`` (steps), ``layer_fraction`` with ``rank_by`` (see
+    :class:`DNFOptions`).
+    Other keyword arguments as for :func:`qat`.
+    """
+    options = DNFOptions(bins=bins, smoothing=smoothing, calibration_samples=calibration_samples,
+                         per_channel=per_channel, refresh_every=refresh_every, layer_fraction=layer_fraction,
+                         rank_by=rank_by, sampler=sampler)
+    settings = _settings(steps, lr, batch_size, kwargs)
+    cfg = config or ABFPConfig()
+    return finetune(DNFMethod(cfg, options), model, train_data, cfg, settings)

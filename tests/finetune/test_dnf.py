@@ -1,0 +1,142 @@
+"""DNF: differentials from the float32 network, noise only in training, training reduces loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import abfp
+from abfp.finetune import DNFNoise, build_histograms, dnf, qat, record_differentials, select_noisiest
+from abfp.finetune.histogram import Histogram
+
+from ft_tiny import TinyNet
+
+
+def test_differentials_use_fp32_inputs(tiny_model, tiny_train, tiny_config) -> None:
+    cfg = tiny_config.replace(noise_std=0.0)  # deterministic device: dy can be checked exactly
+    x = tiny_train.inputs[0][:16]
+    m = abfp.convert(tiny_model, cfg)
+    rec = record_differentials(m, (x,))
+    assert sorted(rec) == ["conv:conv0", "fc:linear0"]
+    assert rec["conv:conv0"].kind == "conv"
+    (dy_conv,) = rec["conv:conv0"].dy
+    conv_fp32 = F.conv2d(x, tiny_model.conv.weight, tiny_model.conv.bias, padding=1)
+    conv_dev = abfp.functional.conv2d(x, tiny_model.conv.weight, tiny_model.conv.bias, padding=1, config=cfg)
+    torch.testing.assert_close(dy_conv, conv_dev - conv_fp32, rtol=0, atol=1e-6)
+    # the second layer's input is the float32 network's activation, not the device's
+    h = torch.relu(conv_fp32).flatten(1)
+    fc_dev = abfp.functional.linear(h, tiny_model.fc.weight, tiny_model.fc.bias, config=cfg)
+    torch.testing.assert_close(rec["fc:linear0"].dy[0], fc_dev - F.linear(h, tiny_model.fc.weight, tiny_model.fc.bias),
+                               rtol=0, atol=1e-6)
+    assert float(dy_conv.abs().max()) > 0
+    assert rec["conv:conv0"].y_rms == pytest.approx(float(conv_fp32.square().mean().sqrt()), rel=1e-5)
+    assert not abfp.analog_state(m).interceptors  # the converted model is left as it was
+
+
+def test_histograms_per_layer_and_per_channel(tiny_model, tiny_train, tiny_config) -> None:
+    m = abfp.convert(tiny_model, tiny_config)
+    x = (tiny_train.inputs[0][:32],)
+    per_layer = build_histograms(m, x)
+    assert set(per_layer) == {"conv:conv0", "fc:linear0"}
+    for h in per_layer.values():
+        assert h.bins == 100 and h.channels == 1 and bool((h.probs > 0).all())
+        assert float(h.probs.sum()) == pytest.approx(1.0, abs=1e-5)
+    per_channel = build_histograms(m, x, per_channel=True, bins=20)
+    assert per_channel["conv:conv0"].channels == 4 and per_channel["conv:conv0"].channel_dim == -3
+    assert per_channel["fc:linear0"].channels == 3 and per_channel["fc:linear0"].channel_dim == -1
+    # repeatable: the device noise restarts from the config's seed
+    again = build_histograms(m, x)
+    assert torch.equal(again["conv:conv0"].probs, per_layer["conv:conv0"].probs)
+
+
+def test_select_noisiest() -> None:
+    def h(std: float, rms: float = 1.0) -> Histogram:
+        return Histogram(torch.zeros(1), torch.ones(1), torch.full((1, 2), 0.5), std=std, signal_rms=rms)
+
+    hists = {"a": h(0.1, 0.01), "b": h(3.0, 100.0), "c": h(1.0), "d": h(0.5)}
+    assert select_noisiest(hists, 0.5) == ["b", "c"]
+    assert select_noisiest(hists, 0.5, by="relative") == ["a", "c"]
+    assert select_noisiest(hists, 0.1) == ["b"]
+    assert select_noisiest(hists, 1.0) == ["b", "c", "d", "a"]
+    with pytest.raises(ValueError):
+        select_noisiest(hists, 0.0)
+
+
+def test_noise_only_in_training(tiny_model, tiny_train, tiny_config) -> None:
+    x = tiny_train.inputs[0][:16]
+    m = abfp.convert(tiny_model, tiny_config)
+    hists = build_histograms(m, (x,))
+    DNFNoise(m, hists, backend="eager").attach()
+    ref = tiny_model(x)
+    m.eval()
+    assert torch.equal(m(x), ref)  # eval: plain float32, no noise, no device
+    m.train()
+    torch.manual_seed(0)
+    out = m(x)
+    assert not torch.allclose(out, ref)
+    out.sum().backward()  # ordinary float32 gradients
+    assert tiny_model.fc.weight.grad is None and m.fc.weight.grad is not None
+    # only the sites with a histogram get noise
+    DNFNoise(m, {}, backend="eager").attach()
+    assert torch.equal(m(x), ref)
+
+
+def _mean(v: list[float]) -> float:
+    return sum(v) / len(v)
+
+
+@pytest.mark.parametrize("method", ["qat", "dnf"])
+def test_training_reduces_loss(method, tiny_model, tiny_train, tiny_eval, tiny_config) -> None:
+    fn = qat if method == "qat" else dnf
+    extra = {"sampler": "eager", "calibration_samples": 32} if method == "dnf" else {}
+    r = fn(tiny_model, tiny_train, tiny_config, steps=40, lr=0.02, batch_size=32, eval_data=tiny_eval,
+           progress=False, timing_steps=1, **extra)
+    assert r.method == method and r.steps == 40 and len(r.losses) == 40
+    assert _mean(r.losses[-8:]) < 0.7 * _mean(r.losses[:8])
+    assert r.metric_after is not None and r.metric_before is not None and r.fp32_metric is not None
+    assert r.metric_after > r.metric_before
+    assert r.seconds_per_step and r.seconds_per_step > 0 and r.fp32_seconds_per_step and r.seconds_total > 0
+    d = r.to_dict()
+    for key in ("method", "fp32_metric", "metric_before", "metric_after", "steps", "seconds_per_step",
+                "seconds_total", "fp32_seconds_per_step"):
+        assert key in d
+    # the input model is untouched; the result is an unconverted float32 model
+    assert not abfp.is_converted(r.model) and not abfp.is_converted(tiny_model)
+    assert not torch.equal(r.model.fc.weight, tiny_model.fc.weight)
+
+
+def test_dnf_variants_run(tiny_model, tiny_train, tiny_config) -> None:
+    r = dnf(tiny_model, tiny_train, tiny_config, steps=6, lr=0.01, batch_size=32, progress=False, sampler="eager",
+            calibration_samples=32, per_channel=True, refresh_every=2, layer_fraction=0.5, timing_steps=0)
+    info = r.details["dnf"]
+    assert info["refreshes"] == 2 and len(info["sites"]) == 1 and info["n_sites"] == 2
+    assert info["sites"][0] == max(info["dy_std"], key=info["dy_std"].get)
+    assert r.metric_after is None and r.fp32_seconds_per_step is None
+    assert all(math.isfinite(v) for v in r.losses)
+
+
+def test_bad_arguments(tiny_model, tiny_train, tiny_config) -> None:
+    with pytest.raises(ValueError):
+        dnf(tiny_model, tiny_train, tiny_config, steps=2, lr=-1.0, batch_size=8)
+    with pytest.raises(ValueError):
+        dnf(tiny_model, tiny_train, tiny_config, steps=2, lr=0.1, batch_size=8, layer_fraction=1.5)
+    with pytest.raises(ValueError):
+        qat(tiny_model, tiny_train, tiny_config, steps=2, lr=0.1, batch_size=1000)
+    with pytest.raises(TypeError):
+        qat(tiny_model, tiny_train, tiny_config, steps=2, lr=0.1, batch_size=8, no_such_option=1)
+    with pytest.raises(ValueError):
+        dnf(TinyNet(), tiny_train, tiny_config, steps=1, lr=0.1, batch_size=8, exclude=(".*",), sampler="eager")
+
+
+def test_time_steps_interleaves_three_methods(tiny_model, tiny_train, tiny_config) -> None:
+    from abfp.finetune import time_steps
+
+    r = time_steps(tiny_model, tiny_train, tiny_config, batch_size=16, repeats=3, warmup=1, calibration_samples=16,
+                   sampler="eager")
+    for name in ("fp32", "dnf", "qat"):
+        assert len(r[name]["times"]) == 3 and r[name]["median"] > 0
+    assert r["qat_to_dnf"] == pytest.approx(r["qat"]["median"] / r["dnf"]["median"])
+    assert not abfp.is_converted(tiny_model)
