@@ -14,6 +14,8 @@ from pathlib import Path
 
 
 def fmt(v: float) -> str:
+    if abs(v) < 2:
+        return f"{v:.3f}"
     return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
 
 
