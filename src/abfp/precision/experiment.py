@@ -175,7 +175,6 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
     inj.set_energy({s: shape[s] * (e_learned / shape_mean) for s in sites})
     learned_bits = inj.effective_bits()
     learned_seeds = [metric_now(st.seed + 1000 + i) for i in range(st.final_seeds)]
-    t_learned = time.perf_counter() - t0
     saving = 1.0 - e_learned / e_uniform
     say(f"learned: E_mean = {e_learned:.4g}; energy saving {100 * saving:.1f} %")
 
