@@ -7,11 +7,12 @@ b-bit converter; ``n`` the tile width; ``G`` the gain.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
+
+from . import jsonio
 
 Mode = Literal["abfp", "fixed"]
 NoiseDist = Literal["uniform", "gaussian"]
@@ -157,24 +158,13 @@ class ABFPConfig:
             raise ValueError(f"unknown ABFPConfig field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
 
-    def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
-        text = json.dumps(self.to_dict(), indent=indent, sort_keys=True)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
+        return jsonio.dump(self.to_dict(), path, indent=indent)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "ABFPConfig":
         """Parse a JSON string, or read a ``.json`` file when given a path that exists."""
-        s = str(text_or_path)
-        p = Path(s)
-        if not s.lstrip().startswith("{") and p.exists():
-            s = p.read_text()
-        try:
-            d = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON for an ABFPConfig: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(jsonio.load(text_or_path, "an ABFPConfig"))
 
     @classmethod
     def preset(cls, name: str) -> "ABFPConfig":

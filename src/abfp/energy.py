@@ -35,12 +35,12 @@ does 16 times more MACs per conversion than ``n = 8``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import jsonio
 from .config import ABFPConfig
 
 __all__ = ["AdcComparison", "EnergyParams", "EnergyReport", "LayerCost", "account", "account_rows",
@@ -109,22 +109,12 @@ class EnergyParams:
         return cls(**d)
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return jsonio.dump(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "EnergyParams":
         """A JSON string, or a file when given a path that exists."""
-        s = str(text_or_path)
-        if not s.lstrip().startswith("{") and Path(s).exists():
-            s = Path(s).read_text()
-        try:
-            d = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON for EnergyParams: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(jsonio.load(text_or_path, "EnergyParams"))
 
     def replace(self, **changes: Any) -> "EnergyParams":
         return dataclasses.replace(self, **changes)
