@@ -11,20 +11,21 @@ torch.set_num_threads(1)
 
 
 class TinyNet(nn.Module):
-    """conv(1->4, 3x3) -> ReLU -> dropout -> linear(4*6*6 -> 3)."""
+    """conv(1->4, 3x3) -> [batch norm] -> ReLU -> dropout -> linear(4*6*6 -> 3)."""
 
-    def __init__(self, dropout: float = 0.0) -> None:
+    def __init__(self, dropout: float = 0.0, batch_norm: bool = False) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=not batch_norm)  # batch norm cancels a bias
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(4 * 6 * 6, 3)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        self.norm = nn.BatchNorm2d(4) if batch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(torch.relu(self.conv(x))).flatten(1))
+        return self.fc(self.drop(torch.relu(self.norm(self.conv(x)))).flatten(1))
 
 
 def make_data(n: int, seed: int) -> Dataset:

@@ -69,6 +69,18 @@ def run_model(model: nn.Module, data: Dataset, batch_size: int, device: torch.de
     return torch.cat([o for _, o in outs]) if outs else torch.zeros(0)
 
 
+def run_all(model: nn.Module, data: Dataset, batch_size: int, device: torch.device | str = "cpu",
+            progress: Callable[[int], None] | None = None) -> Tensor:
+    """:func:`run_model` on every batch, shared among the ranks of the process group when
+    there is one (batches ``i % world == rank``, gathered in batch order on every rank): the
+    same outputs as one process."""
+    rank, world_size = dist_world()
+    if world_size == 1:
+        return run_model(model, data, batch_size, device, progress)
+    pairs = run_model(model, data, batch_size, device, progress, shard=(rank, world_size))
+    return gather_outputs(pairs)  # type: ignore[arg-type]
+
+
 @dataclass
 class EvalSettings:
     """Knobs of :func:`evaluate` that are not the grid."""
@@ -130,13 +142,10 @@ def evaluate(
                dynamic_ncols=True)
     tick = bar.update if st.progress else None
 
-    rank, world_size = dist_world()
+    rank = dist_world()[0]
 
     def run(m: nn.Module) -> Tensor:
-        if world_size == 1:
-            return run_model(m, data, st.batch_size, device, tick)
-        pairs = run_model(m, data, st.batch_size, device, tick, shard=(rank, world_size))
-        return gather_outputs(pairs)  # type: ignore[arg-type]
+        return run_all(m, data, st.batch_size, device, tick)
 
     t0 = time.perf_counter()
     ref = run(model)

@@ -1,7 +1,8 @@
 """Finetuning checkpoints in one safetensors file.
 
 Tensors: ``model.<name>`` (the state dict), ``optim.<param index>.<key>`` (optimizer state),
-``rng.torch`` (torch's global CPU generator: dropout, device noise, DNF seeds), and
+``rng.torch`` (torch's global CPU generator: dropout, device noise, DNF seeds; on many
+processes rank 0's, unused on resume since every step reseeds it), and
 whatever the method adds (``dnf.<site>.lo|width|probs``: the DNF histograms). Everything
 else (step, optimizer hyper-parameters, settings, metrics measured before training, elapsed
 seconds) is JSON in the file's metadata under ``"abfp"``. The file is written to a temporary

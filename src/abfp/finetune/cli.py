@@ -4,6 +4,7 @@
     abfp finetune --method qat --json qat.json      QAT on the same scenario
     abfp finetune --model fashion-vit --steps 300 --per-channel
     abfp finetune --resume                          continue a killed run from its last checkpoint
+    torchrun --nproc-per-node 2 -m abfp finetune    the same on two processes (data parallel)
 """
 
 from __future__ import annotations
@@ -138,13 +139,36 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    """``abfp finetune``; under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this with
+    its share of each batch (see :mod:`abfp.finetune.parallel`) and rank 0 alone prints and
+    writes files."""
+    from ..evaluate.distributed import init_from_env
+    from .parallel import leave
+
+    _validate(args)
+    rank, world_size = init_from_env("cpu")  # finetuning runs on the CPU: gloo
+    ok = False
+    try:
+        code = _finetune(args, rank, world_size)
+        ok = True
+        return code
+    finally:
+        leave(ok)
+
+
+def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     import torch
 
     from .. import zoo
     from .data import TRAINABLE_TASKS, training_data
     from .methods import dnf, qat
 
-    _validate(args)
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the number of processes ({world_size}): "
+                         "each process takes an equal share of every batch")
+    if args.time_steps and world_size > 1:
+        raise UsageError("--time-steps times one process; run it without torchrun")
+    show = print if rank == 0 else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model not in TRAINABLE_TASKS:
@@ -165,16 +189,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         ckpt = str(Path(".abfp_finetune") / f"{args.model}-{args.method}.safetensors")
     ckpt = ckpt or None
     if ckpt and Path(ckpt).exists() and not args.resume:
-        print(f"note: starting fresh; {ckpt} will be overwritten (pass --resume to continue it)")
+        show(f"note: starting fresh; {ckpt} will be overwritten (pass --resume to continue it)")
     if ckpt and args.resume and not Path(ckpt).exists():
-        print(f"note: no checkpoint at {ckpt}; starting from the beginning")
+        show(f"note: no checkpoint at {ckpt}; starting from the beginning")
 
     common = dict(seed=args.seed, weight_decay=args.weight_decay, lr_decay=args.lr_decay, eval_data=eval_data,
                   metric=task.metric, eval_batch_size=args.eval_batch_size, checkpoint=ckpt,
                   checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress,
                   desc=f"{args.method} {args.model}")
-    print(f"{args.method} on {args.model}, device {cfg.label()}, {args.steps} steps, lr {args.lr:g}, "
-          f"batch {args.batch_size}, {len(eval_data)} test images")
+    procs = f" on {world_size} processes" if world_size > 1 else ""
+    show(f"{args.method} on {args.model}, device {cfg.label()}, {args.steps} steps, lr {args.lr:g}, "
+         f"batch {args.batch_size}{procs}, {len(eval_data)} test images")
     t0 = time.perf_counter()
     if args.method == "dnf":
         result = dnf(task.build_model(), train, cfg, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -186,6 +211,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         result = qat(task.build_model(), train, cfg, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                      **common)
     wall = time.perf_counter() - t0
+    if rank != 0:
+        return 0
 
     rf = result.recovered_fraction
     print(f"  float32                     {_fmt(result.fp32_metric)}")

@@ -8,6 +8,14 @@ is slice ``k mod (N // batch_size)`` of a permutation of the training set seeded
 ``seed`` once and saved in every checkpoint: a run resumed from a checkpoint repeats the
 uninterrupted run exactly.
 
+Many processes (``torchrun``; the process group joined by
+:func:`abfp.evaluate.distributed.init_from_env` or by the caller): every rank trains a
+``DistributedDataParallel`` copy on its equal share of each batch (``batch_size`` stays the
+global batch and must be divisible by the number of processes) and reseeds the global
+generator at every step from ``(seed, rank, step)`` instead of once; see :mod:`.parallel`.
+Rank 0 alone writes checkpoints and shows progress; a checkpoint is read by rank 0 and sent
+to all. The device evaluations are shared among the ranks and equal the single-process ones.
+
 Timing: ``seconds_per_step`` is the mean wall time of the training steps run in this
 process (the first one excluded as warm-up when there are several); ``fp32_seconds_per_step``
 the mean time of a plain float32 AdamW step of a copy of the original model on the same
@@ -33,10 +41,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import ABFPConfig
-from ..evaluate.runner import _first_tensor, run_model
+from ..evaluate.distributed import world
+from ..evaluate.runner import _first_tensor, run_all
 from ..nn import convert, is_converted, to_digital
 from ..zoo.base import TOP1, Dataset, Metric
 from .checkpoint import load_checkpoint, model_state, restore_optimizer, save_checkpoint
+from .parallel import check_divisible, from_main, mean_over_ranks, shard, step_seed, sync_from_main, unwrap, wrap
 
 __all__ = ["FinetuneResult", "Method", "TrainSettings", "device_metric", "finetune"]
 
@@ -169,9 +179,10 @@ def float_copy(model: nn.Module) -> nn.Module:
 
 def device_metric(model: nn.Module, data: Dataset, metric: Metric, config: ABFPConfig, *, batch_size: int = 500,
                   reference: Tensor | None = None, exclude: Sequence[str] = ()) -> float:
-    """``metric`` of ``model`` run on the device ``config`` (a converted copy, eval mode)."""
+    """``metric`` of ``model`` run on the device ``config`` (a converted copy, eval mode);
+    the batches are shared among the ranks of the process group, if there is one."""
     m = convert(model, config, exclude=exclude, inplace=False).eval()
-    out = run_model(m, data, batch_size)
+    out = run_all(m, data, batch_size)
     return metric(out, data.targets, out if reference is None else reference)
 
 
@@ -251,17 +262,21 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     if not isinstance(train_data, Dataset):
         raise TypeError(f"train_data must be an abfp.zoo.Dataset, got {type(train_data).__name__}")
     loss_fn: LossFn = s.loss_fn or cross_entropy
+    rank, world_size = world()
+    check_divisible(s.batch_size, world_size)
     batches = _Batches(train_data, s.batch_size, s.seed)
     eval_cfg = config if config.seed is not None else config.replace(seed=s.seed)
     base = float_copy(model)
+    sync_from_main(base)
 
     expected = _json_roundtrip({"method": method.name, "options": method.options(), "settings": s.fingerprint(),
                                 "config": eval_cfg.to_dict(), "train_samples": len(train_data)})
     ckpt = Path(s.checkpoint) if s.checkpoint else None
     restored = None
-    if s.resume and ckpt is not None and ckpt.exists():
-        restored = load_checkpoint(ckpt)
-        _check_compatible(restored[1], expected, ckpt)
+    if s.resume and ckpt is not None:
+        restored = from_main(lambda: load_checkpoint(ckpt) if ckpt.exists() else None)
+    if restored:
+        _check_compatible(restored[1], expected, ckpt)  # type: ignore[arg-type]
     prev = restored[1] if restored else {}
 
     # ---- float32 reference and the device before finetuning
@@ -270,7 +285,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     metric = s.metric or TOP1
     if s.eval_data is not None:
         base.eval()
-        reference = run_model(base, s.eval_data, s.eval_batch_size)
+        reference = run_all(base, s.eval_data, s.eval_batch_size)
         fp32_metric = metric(reference, s.eval_data.targets, reference)
         same_eval = prev.get("eval_samples") == len(s.eval_data) and prev.get("metric") == metric.name
         metric_before = prev.get("metric_before") if same_eval else None
@@ -285,6 +300,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     timer = _Fp32Timer(base, s, loss_fn)  # a copy of the starting point, before any conversion
     torch.manual_seed(s.seed)
     train_model = method.prepare(base, train_data, s.seed, tuple(s.exclude), restored)
+    net = wrap(train_model)  # DistributedDataParallel under torchrun
     optimizer = torch.optim.AdamW(train_model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     start = 0
     losses: list[float] = []
@@ -296,26 +312,28 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     elapsed = float(prev.get("seconds_total", 0.0)) + time.perf_counter() - t_setup
 
     if s.timing_steps and start < s.steps:
-        timer.step(*batches(start), repeats=s.timing_steps)
+        timer.step(*shard(batches(start), rank, world_size), repeats=s.timing_steps)
 
     # ---- steps
     step_times: list[float] = []
-    bar = tqdm(total=s.steps, initial=min(start, s.steps), disable=not s.progress, desc=s.desc or method.name,
-               unit="step", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=s.steps, initial=min(start, s.steps), disable=not s.progress or rank != 0,
+               desc=s.desc or method.name, unit="step", dynamic_ncols=True, leave=False)
     train_model.train()
     try:
         for step in range(start, s.steps):
             t0 = time.perf_counter()
+            if world_size > 1:
+                torch.manual_seed(step_seed(s.seed, rank, step))
             method.before_step(step)
             lr = s.lr * s.lr_decay ** batches.epoch(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, targets = batches(step)
-            loss = loss_fn(train_model(*inputs), targets)
+            inputs, targets = shard(batches(step), rank, world_size)
+            loss = loss_fn(net(*inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = float(loss.detach())
+            value = mean_over_ranks(float(loss.detach()))
             dt = time.perf_counter() - t0
             step_times.append(dt)
             elapsed += dt
@@ -323,13 +341,13 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
             done = step + 1
             if not math.isfinite(value):
                 raise FloatingPointError(f"{method.name}: loss is {value} at step {done}; lower the learning rate")
-            if ckpt is not None and (done % s.checkpoint_every == 0 or done == s.steps):
+            if ckpt is not None and rank == 0 and (done % s.checkpoint_every == 0 or done == s.steps):
                 t1 = time.perf_counter()
                 extra, method_meta = method.state()
                 elapsed += time.perf_counter() - t1
                 meta = {**expected, "fp32_metric": fp32_metric, "metric_before": metric_before, "losses": losses,
                         "eval_samples": len(s.eval_data) if s.eval_data is not None else None, "metric": metric.name,
-                        "method_state": method_meta, "seconds_total": elapsed}
+                        "method_state": method_meta, "seconds_total": elapsed, "world_size": world_size}
                 save_checkpoint(ckpt, train_model, optimizer, done, extra, meta)
                 elapsed += time.perf_counter() - t1
             if s.timing_every and done % s.timing_every == 0 and done < s.steps:
@@ -340,6 +358,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
                 s.callback(done, value)
     finally:
         bar.close()
+        unwrap(net)
     train_model.eval()
     details = method.finish()
     final = to_digital(train_model, inplace=True) if is_converted(train_model) else train_model
@@ -352,7 +371,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     details = {"config": eval_cfg.to_dict(), "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,
                "weight_decay": s.weight_decay, "lr_decay": s.lr_decay, "metric": metric.name if s.eval_data else None,
                "eval_samples": len(s.eval_data) if s.eval_data is not None else None,
-               "resumed_from": int(prev["step"]) if restored else None, **details}
+               "resumed_from": int(prev["step"]) if restored else None, "world_size": world_size, **details}
     return FinetuneResult(
         method=method.name, fp32_metric=fp32_metric, metric_before=metric_before, metric_after=metric_after,
         steps=max(start, s.steps), seconds_per_step=statistics.fmean(timed) if timed else None,

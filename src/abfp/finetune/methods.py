@@ -26,13 +26,15 @@ from ..zoo.base import Dataset
 from .dnf import DNFNoise, build_histograms, select_noisiest
 from .histogram import DEFAULT_BINS, DEFAULT_SMOOTHING, Histogram
 from .loop import FinetuneResult, TrainSettings, finetune
+from .parallel import from_main
 from .sampler import Backend, backend_in_use
 
 __all__ = ["DNFOptions", "dnf", "qat"]
 
 
 class QATMethod:
-    """Quantisation-aware training through the simulator (noise from torch's global generator)."""
+    """Quantisation-aware training through the simulator (noise from torch's global generator,
+    reseeded per rank and step under torchrun)."""
 
     name = "qat"
 
@@ -148,8 +150,11 @@ class DNFMethod:
             self.refreshes = int(ms.get("refreshes", 0))
             self.sites = list(hists)
         else:
-            all_hists = build_histograms(self.model, self.calibration, bins=self.opts.bins,
-                                         smoothing=self.opts.smoothing, per_channel=self.opts.per_channel)
+            model = self.model
+            # measured on rank 0 and sent to all: every rank samples the same distributions
+            all_hists = from_main(lambda: build_histograms(model, self.calibration, bins=self.opts.bins,
+                                                           smoothing=self.opts.smoothing,
+                                                           per_channel=self.opts.per_channel))
             if not all_hists:
                 raise ValueError("the model has no analog product site: nothing for DNF to do")
             self.all_std = {s: h.std for s, h in all_hists.items()}
@@ -165,9 +170,10 @@ class DNFMethod:
         k = self.opts.refresh_every
         if k and step > 0 and step % k == 0:
             assert self.noise is not None and self.model is not None
-            self.noise.histograms = build_histograms(
-                self.model, self.calibration, bins=self.opts.bins, smoothing=self.opts.smoothing,
-                per_channel=self.opts.per_channel, sites=self.sites, seed_offset=step)
+            model = self.model
+            self.noise.histograms = from_main(lambda: build_histograms(
+                model, self.calibration, bins=self.opts.bins, smoothing=self.opts.smoothing,
+                per_channel=self.opts.per_channel, sites=self.sites, seed_offset=step))
             self.refreshes += 1
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
