@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ABFPConfig
-from .numerics import Encoded, ProductStats, analog_product, encode_weights
-from .numerics.blocks import block_scales, inside_clamp, pad_to_tiles, static_scales
+from .numerics import AdcPlan, Encoded, ProductStats, analog_product, encode_weights
+from .numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols
+from .numerics.blocks import block_scales, inside_clamp, pad_to_tiles, static_scale_value, static_scales
 
 __all__ = ["linear", "matmul", "conv1d", "conv2d", "einsum", "clear_cache", "check_finite"]
 
@@ -368,9 +369,7 @@ def conv2d(
     else:
         ph, pw = _pair(padding)
         pads = (pw, pw, ph, ph)
-    if any(pads):
-        x = F.pad(x, pads)
-    hp, wp = x.shape[2], x.shape[3]
+    hp, wp = x.shape[2] + pads[2] + pads[3], x.shape[3] + pads[0] + pads[1]
     ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if ho <= 0 or wo <= 0:
@@ -380,8 +379,31 @@ def conv2d(
     weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
     if config.mode == "fixed" and input_scale is None:
         input_scale = x.detach().abs().max() if x.numel() else 0.0  # one scale for the whole tensor
-    # im2col a few images at a time: the patch matrix of a whole batch is large, and building
-    # it in pieces keeps memory near the float32 convolution's and the work in cache
+    if config.kernel != "reference" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        if weights is None:
+            weights = encode_weights(w3.detach().to(torch.bfloat16) if config.bf16_io else w3.detach(), config,
+                                     weight_scale)
+        y = _conv2d_cols(x, pads, weights, config, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
+                         _generator_for(config, generator, x.device), stats)
+    else:
+        y = _conv2d_rows(F.pad(x, pads) if any(pads) else x, w3, weights, config, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
+                         weight_scale, generator, stats)
+    if bias is not None:
+        y = y + bias.to(torch.float32).view(1, -1, 1, 1)
+    if unbatched:
+        y = y.squeeze(0)
+    return y.to(out_dtype)
+
+
+def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, groups: int, k: tuple[int, int],
+                 stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int], input_scale: Any,
+                 weight_scale: Any, generator: torch.Generator | None, stats: ProductStats | None) -> Tensor:
+    """Convolution as row-major patches through :func:`_product` (the path with gradients and
+    the float64 reference): im2col a few images at a time, keeping memory near the float32
+    convolution's."""
+    bt, c = x.shape[0], x.shape[1]
+    (kh, kw), (ho, wo) = k, out_hw
+    cout, kg = w3.shape[0] * w3.shape[1], w3.shape[2]
     per_image = ho * wo * c * kh * kw
     step = max(1, _IM2COL_ELEMENTS // max(1, per_image))
     outs = []
@@ -392,12 +414,54 @@ def conv2d(
         yi = _product(cols, w3, config, input_scale=input_scale, weight_scale=weight_scale,
                       generator=generator, weights=weights, stats=stats)  # (G, bi*L, cout/G)
         outs.append(yi.reshape(groups, bi, ho, wo, cout // groups).permute(1, 0, 4, 2, 3).reshape(bi, cout, ho, wo))
-    y = outs[0] if len(outs) == 1 else torch.cat(outs)
-    if bias is not None:
-        y = y + bias.to(torch.float32).view(1, -1, 1, 1)
-    if unbatched:
-        y = y.squeeze(0)
-    return y.to(out_dtype)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, config: ABFPConfig, groups: int,
+                 k: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
+                 input_scale: Any, generator: torch.Generator | None, stats: ProductStats | None) -> Tensor:
+    """Inference convolution in the column layout (:func:`abfp.numerics.kernels.analog_gemm_cols`).
+
+    The input is copied once, padded, channels first: ``xc[c, b, h, w]``. Patches are then
+    ``cols[c, i*kw + j, b, h, w] = xc[c, b, h*s + i*d, w*s + j*d]`` (one strided copy per
+    kernel offset, image rows read contiguously), a few images (or, for a large image, a few
+    output rows) at a time into one reused buffer. The output is channels-last (NCHW shape,
+    NHWC memory): pooling and batch norm after it run several times faster on it.
+    """
+    bt, c, h, w_ = x.shape
+    (kh, kw), (ho, wo) = k, out_hw
+    cout = weights.codes.shape[0] * weights.codes.shape[3]
+    T = weights.codes.shape[1]
+    plan = AdcPlan.for_config(config)
+    static = static_scale_value(x, input_scale, config.scale_dtype) if config.mode == "fixed" else None
+    pl, pr, pt, pb = pads
+    xc = torch.zeros(c, bt, h + pt + pb, w_ + pl + pr, dtype=torch.float32, device=x.device)
+    xc[:, :, pt : pt + h, pl : pl + w_].copy_((x.to(torch.bfloat16) if config.bf16_io else x).transpose(0, 1))
+    y = torch.empty(bt, ho, wo, cout, dtype=torch.float32, device=x.device).permute(0, 3, 1, 2)
+    # output rows per chunk: bounded by the patches (c*kh*kw per output) and the partial sums (T*cout)
+    per_row = wo * max(c * kh * kw, 1)
+    rows = max(1, min(_IM2COL_ELEMENTS // per_row, CHUNK_ELEMENTS // max(1, wo * T * cout)))
+    if rows >= ho:
+        step_b = max(1, rows // ho)
+        chunks = [(b, min(bt, b + step_b), 0, ho) for b in range(0, bt, step_b)]
+    else:
+        chunks = [(b, b + 1, r, min(ho, r + rows)) for b in range(bt) for r in range(0, ho, rows)]
+    nb, nh = chunks[0][1] - chunks[0][0], chunks[0][3] - chunks[0][2]
+    buf = torch.empty(c * kh * kw * nb * nh * wo, dtype=torch.float32, device=x.device)
+    (sh, sw), (dh, dw) = stride, dilation
+    for b0, b1, h0, h1 in chunks:
+        b, hr = b1 - b0, h1 - h0
+        cols = buf[: c * kh * kw * b * hr * wo].view(c, kh * kw, b, hr, wo)
+        for i in range(kh):
+            for j in range(kw):
+                r0, c0 = i * dh + h0 * sh, j * dw
+                cols[:, i * kw + j].copy_(xc[:, b0:b1, r0 : r0 + sh * (hr - 1) + 1 : sh, c0 : c0 + sw * (wo - 1) + 1 : sw])
+        yi = analog_gemm_cols(cols.view(groups, (c // groups) * kh * kw, b * hr * wo), weights, config, plan,
+                              input_scale=static, generator=generator, stats=stats)  # (G, Ng, P)
+        y[b0:b1, :, h0:h1].copy_(yi.view(cout, b, hr, wo).transpose(0, 1))
+    if config.bf16_io:
+        y = y.to(torch.bfloat16).to(torch.float32)
+    return y
 
 
 def conv1d(

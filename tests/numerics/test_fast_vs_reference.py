@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,9 @@ from hypothesis import strategies as st
 from abfp import ABFPConfig
 from abfp.numerics import AdcPlan, ProductStats, analog_product, reference_product
 from abfp.numerics.adc import draw_noise
+
+sys.path.insert(0, str(Path(__file__).parent))
+from device_strategies import device_configs  # noqa: E402
 
 
 def _compare(y_fast: torch.Tensor, ref, cfg: ABFPConfig) -> tuple[int, int]:
@@ -46,18 +51,7 @@ def _data(kind: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor
     raise AssertionError(kind)
 
 
-configs = st.builds(
-    ABFPConfig,
-    mode=st.sampled_from(["abfp", "abfp", "fixed"]),
-    tile_width=st.sampled_from([1, 3, 8, 16, 32, 100, 128]),
-    input_bits=st.integers(2, 10),
-    weight_bits=st.integers(2, 10),
-    output_bits=st.integers(2, 12),
-    gain=st.sampled_from([0.5, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0, 64.0]),
-    noise_std=st.just(0.0),
-    scale_dtype=st.sampled_from(["bfloat16", "float32", "pow2"]),
-    bf16_tile_outputs=st.booleans(),
-)
+configs = device_configs()
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

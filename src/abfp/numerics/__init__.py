@@ -42,6 +42,8 @@ def encode_weights(w3: Tensor, cfg: ABFPConfig, weight_scale: float | Tensor | N
         code_multiplier=plan.code_multiplier,
     )
     enc.scales.mul_(plan.step)
+    if plan.int8 and enc.codes.device.type == "cpu":
+        enc.codes_i8 = (enc.codes / plan.code_multiplier).to(torch.int8)  # exact: integers up to 127
     return enc
 
 

@@ -58,21 +58,36 @@ class AdcPlan:
     gemm_dtype: torch.dtype
     """float32 when every tile product is an integer below 2**24 (exact), else float64."""
     exact_ties: bool
+    int8: bool = False
+    """Both DACs' codes fit in int8 (at most 8 bits): the GEMM may run on int8 with exact
+    int32 sums (``torch._int_mm``, several times faster than float32 on CPU)."""
 
     @staticmethod
     def for_config(cfg: ABFPConfig) -> "AdcPlan":
         n, g = cfg.tile_width, cfg.gain
         lx, lw, ly = cfg.input_max_code, cfg.weight_max_code, cfg.output_max_code
         gemm_dtype = torch.float32 if n * lx * lw <= _F32_EXACT_INT else torch.float64
+        i8 = lx <= 127 and lw <= 127
         alpha = g / n
         step = n / (g * ly)
         if gemm_dtype == torch.float32 and _is_pow2(alpha):
             if (lx * lw) % ly == 0:
-                return AdcPlan(alpha, 1.0, float(lx * lw // ly), False, ly, step, gemm_dtype, True)
+                return AdcPlan(alpha, 1.0, float(lx * lw // ly), False, ly, step, gemm_dtype, True, i8)
             if n * lx * lw * ly <= _F32_EXACT_INT:
-                return AdcPlan(alpha * ly, 1.0, float(lx * lw), False, ly, step, gemm_dtype, True)
+                return AdcPlan(alpha * ly, 1.0, float(lx * lw), False, ly, step, gemm_dtype, True, i8)
         exact = float(g).is_integer()
-        return AdcPlan(1.0, float(g * ly), float(n * lx * lw), True, ly, step, gemm_dtype, exact)
+        return AdcPlan(1.0, float(g * ly), float(n * lx * lw), True, ly, step, gemm_dtype, exact, i8)
+
+    def int_to_lsb(self, res: Tensor, out: Tensor) -> Tensor:
+        """Integer tile products ``res`` (int32, *without* ``code_multiplier``) -> ``out`` in
+        LSBs, the same values :meth:`to_lsb_` gives on float products times the multiplier."""
+        if not self.wide and _is_pow2(self.code_multiplier):
+            # (D * 2^k) / q == D / (q / 2^k): both one correctly rounded division of exact values
+            return torch.div(res, self.divisor / self.code_multiplier, out=out)
+        out.copy_(res)
+        if self.code_multiplier != 1.0:
+            out.mul_(self.code_multiplier)
+        return self.to_lsb_(out)
 
     def to_lsb_(self, d: Tensor) -> Tensor:
         """In place: tile products (times ``code_multiplier``) -> ``G u L(b_y) / n``."""

@@ -126,6 +126,9 @@ class Encoded:
     codes: Tensor
     scales: Tensor
     k: int  # the unpadded reduction length
+    codes_i8: Tensor | None = None
+    """The same codes as int8 *without* the code multiplier (CPU, at most 8 bits), for the
+    int8 GEMM; ``None`` where that path is not used."""
 
 
 def encode_operand(

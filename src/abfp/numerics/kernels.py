@@ -18,10 +18,26 @@ from torch import Tensor
 
 from ..config import ABFPConfig
 from .adc import AdcPlan, add_noise_
-from .blocks import Encoded, encode_rows
+from .blocks import Encoded, encode_rows, round_scale
 
 #: Elements of partial sums per chunk (float32): 1 Mi elements = 4 MiB.
 CHUNK_ELEMENTS = 1 << 20
+
+#: Smallest GEMM (multiply-accumulates per call) that runs on int8: below it the per-call
+#: overhead of one ``torch._int_mm`` per tile outweighs its speed, and one batched float32
+#: GEMM is faster.
+INT8_MIN_MACS = 1 << 18
+#: Narrowest tile that runs on int8: with a short reduction the GEMM is bound by its int32
+#: output, and one batched float32 GEMM over all tiles wins (measured: n = 8 and 16 lose,
+#: n = 32 ties, n >= 64 wins by 1.5-2x; ``benchmarks/bench_linear.py``).
+INT8_MIN_TILE = 32
+
+
+def use_int8(w: Encoded, plan: AdcPlan, rows: int) -> bool:
+    """Whether tile products of ``rows`` rows against ``w`` run as int8 GEMMs (exact int32
+    sums: ``torch._int_mm``, CPU)."""
+    n, N = w.codes.shape[2], w.codes.shape[3]
+    return plan.int8 and w.codes_i8 is not None and n >= INT8_MIN_TILE and rows * n * N >= INT8_MIN_MACS
 
 
 @dataclass
@@ -30,6 +46,45 @@ class ProductStats:
 
     saturated: int = 0
     conversions: int = 0
+
+
+def adc_(
+    d: Tensor,
+    cfg: ABFPConfig,
+    plan: AdcPlan,
+    *,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    stats: ProductStats | None = None,
+    mask_out: Tensor | None = None,
+    in_lsb: bool = False,
+) -> Tensor:
+    """The ADC on integer tile products ``d`` (times ``plan.code_multiplier``), in place where
+    it can: ``qy = round(clamp(d * G L(b_y) / (n L(b_x) L(b_w)) + e, -L(b_y), L(b_y)))``.
+
+    Returns the output codes in float32 (a new tensor only in the wide form). ``noise``
+    (broadcastable to ``d``) replaces the drawn noise ``e``; ``mask_out`` receives
+    ``|a L(b_y)| <= L(b_y)`` (not clipped) and ``stats`` counts the clipped samples.
+    ``in_lsb``: ``d`` is already in LSBs (:meth:`AdcPlan.int_to_lsb`).
+    """
+    ly = float(plan.max_code)
+    if plan.wide and d.dtype != torch.float64:
+        d = d.to(torch.float64)
+    if not in_lsb:
+        plan.to_lsb_(d)
+    if noise is not None:
+        d.add_(noise)
+    elif cfg.noise_std > 0:
+        add_noise_(d, cfg, generator)
+    if stats is not None or mask_out is not None:
+        inside = d.abs() <= ly
+        if mask_out is not None:
+            mask_out.copy_(inside)
+        if stats is not None:
+            stats.saturated += int(inside.numel() - inside.sum())
+            stats.conversions += inside.numel()
+    d.clamp_(-ly, ly).round_()
+    return d.to(torch.float32) if d.dtype != torch.float32 else d
 
 
 def analog_gemm(
@@ -65,7 +120,6 @@ def analog_gemm(
         if mask is not None:
             mask.fill_(True)
         return y, mask
-    ly = float(plan.max_code)
     sw_all = w.scales  # (Bw, T, N)
     # rows per chunk: bounded by the partial sums (T*N per row) and the input codes (T*n per row)
     per_row = T * max(N, n)
@@ -76,33 +130,21 @@ def analog_gemm(
     else:
         step_m = max(1, chunk_elements // per_row)
         chunks = [(b, b + 1, m, min(M, m + step_m)) for b in range(B) for m in range(0, M, step_m)]
-    wide = plan.wide
     for b0, b1, m0, m1 in chunks:
         codes, sx = encode_rows(x3[b0:b1, m0:m1], n=n, max_code=cfg.input_max_code, mode=cfg.mode,
                                 scale_dtype=cfg.scale_dtype, static_scale=input_scale)
-        xs = codes.permute(0, 2, 1, 3)  # (b, T, m, n) view: the GEMM takes the strides as they are
-        ws = wc if wc.shape[0] == 1 else wc[b0:b1]
-        if plan.gemm_dtype != torch.float32:
-            d = torch.matmul(xs.to(plan.gemm_dtype), ws.to(plan.gemm_dtype))
+        int8 = use_int8(w, plan, m1 - m0)
+        if int8:
+            d = _int8_tile_products(codes, w.codes_i8, b0, plan)  # (b, T, m, N) in LSBs
         else:
-            d = torch.matmul(xs, ws)  # (b, T, m, N): exact integer tile products
-        if wide:
-            d = d.to(torch.float64)
-        plan.to_lsb_(d)
-        if noise is not None:
-            d.add_(noise[b0:b1, :, m0:m1])
-        elif cfg.noise_std > 0:
-            add_noise_(d, cfg, generator)
-        if stats is not None or mask is not None:
-            inside = d.abs() <= ly
-            if mask is not None:
-                mask[b0:b1, :, m0:m1] = inside
-            if stats is not None:
-                stats.saturated += int(inside.numel() - inside.sum())
-                stats.conversions += inside.numel()
-        d.clamp_(-ly, ly).round_()
-        if wide:
-            d = d.to(torch.float32)
+            xs = codes.permute(0, 2, 1, 3)  # (b, T, m, n) view: the GEMM takes the strides as they are
+            ws = wc if wc.shape[0] == 1 else wc[b0:b1]
+            if plan.gemm_dtype != torch.float32:
+                d = torch.matmul(xs.to(plan.gemm_dtype), ws.to(plan.gemm_dtype))
+            else:
+                d = torch.matmul(xs, ws)  # (b, T, m, N): exact integer tile products
+        d = adc_(d, cfg, plan, generator=generator, noise=None if noise is None else noise[b0:b1, :, m0:m1],
+                 stats=stats, mask_out=None if mask is None else mask[b0:b1, :, m0:m1], in_lsb=int8)
         d.mul_(sx.permute(0, 2, 1).unsqueeze(-1))  # (b, T, m, 1)
         sw = sw_all if sw_all.shape[0] == 1 else sw_all[b0:b1]
         d.mul_(sw.unsqueeze(-2))
@@ -110,3 +152,92 @@ def analog_gemm(
             d = d.to(torch.bfloat16).to(torch.float32)
         torch.sum(d, dim=1, out=y[b0:b1, m0:m1]) if y[b0:b1, m0:m1].is_contiguous() else y[b0:b1, m0:m1].copy_(d.sum(1))
     return y, mask
+
+
+def _int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch._int_mm`` (int8 x int8 -> exact int32) with operands a BLAS reads correctly:
+    torch lets a size-1 dimension carry any stride, but the GEMM takes the row stride as its
+    leading dimension, so such operands get canonical strides first (no copy when contiguous)."""
+    return torch._int_mm(_canonical(a), _canonical(b))
+
+
+def _canonical(t: Tensor) -> Tensor:
+    if t.shape[0] != 1 and t.shape[1] != 1:
+        return t
+    t = t.contiguous()
+    return t.as_strided(t.shape, (t.shape[1], 1))
+
+
+def _lsb_dtype(plan: AdcPlan) -> torch.dtype:
+    return torch.float64 if plan.wide else torch.float32
+
+
+def _int8_tile_products(codes: Tensor, wi8: Tensor, b0: int, plan: AdcPlan) -> Tensor:
+    """Tile products of input codes (b, m, T, n) float and int8 weight codes (Bw, T, n, N), in
+    LSBs: one ``torch._int_mm`` per (batch, tile), each read through a strided view."""
+    b, m, T, _ = codes.shape
+    ci = codes.to(torch.int8)
+    d = torch.empty(b, T, m, wi8.shape[-1], dtype=_lsb_dtype(plan), device=codes.device)
+    for i in range(b):
+        wb = wi8[0] if wi8.shape[0] == 1 else wi8[b0 + i]
+        for t in range(T):
+            plan.int_to_lsb(_int_mm(ci[i, :, t], wb[t]), d[i, t])
+    return d
+
+
+def analog_gemm_cols(
+    cols: Tensor,
+    w: Encoded,
+    cfg: ABFPConfig,
+    plan: AdcPlan,
+    *,
+    input_scale: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stats: ProductStats | None = None,
+) -> Tensor:
+    """The same product with the reduction axis before the rows: the convolution layout.
+
+    ``cols`` (G, K, P): G groups, reduction K (``unfold`` order), P output positions (images
+    times pixels); a private buffer, overwritten by its codes. ``w`` as from
+    :func:`abfp.numerics.encode_weights` with G weight batches: codes (G, T, n, Ng).
+    Returns ``Y`` (G, Ng, P) float32. Block maxima run along K (one reduction per tile,
+    vectorised along P); a last tile shorter than ``n`` is computed on its own rows rather
+    than padded. Each tile's product is one GEMM ``(Ng, r) @ (r, P)`` per group (int8 when
+    :func:`use_int8` says so), so the patches are never transposed. Numerically identical to
+    :func:`analog_gemm` (the same tile products, ADC and float32 tile sum).
+    """
+    G, K, P = cols.shape
+    wc = w.codes
+    T, n, Ng = wc.shape[1], wc.shape[2], wc.shape[3]
+    if P == 0 or Ng == 0 or G == 0:
+        return torch.zeros(G, Ng, P, dtype=torch.float32, device=cols.device)
+    int8 = use_int8(w, plan, P)
+    gd = _lsb_dtype(plan) if int8 else plan.gemm_dtype
+    d = torch.empty(T, G, Ng, P, dtype=gd, device=cols.device)
+    sx = torch.empty(T, G, 1, P, dtype=torch.float32, device=cols.device)
+    for t in range(T):
+        r0, r1 = t * n, min(K, (t + 1) * n)
+        blk = cols[:, r0:r1]  # (G, r, P)
+        if input_scale is None:
+            s = round_scale(torch.maximum(blk.amax(1, keepdim=True), blk.amin(1, keepdim=True).neg_()), cfg.scale_dtype)
+        else:
+            s = input_scale.expand(G, 1, P)
+        sx[t] = s
+        blk.div_(torch.where(s > 0, s, torch.full_like(s, float("inf")))).clamp_(-1.0, 1.0)
+        blk.mul_(cfg.input_max_code).round_()
+        if int8:
+            assert w.codes_i8 is not None
+            bi8, wt8 = blk.to(torch.int8), w.codes_i8[:, t, : r1 - r0].transpose(-1, -2).contiguous()
+            for g in range(G):
+                plan.int_to_lsb(_int_mm(wt8[g], bi8[g]), d[t, g])
+        else:
+            lhs = wc[:, t, : r1 - r0].transpose(-1, -2)  # (G, Ng, r): the weight codes of tile t
+            if gd == torch.float32:
+                torch.matmul(lhs, blk, out=d[t])
+            else:
+                torch.matmul(lhs.to(gd), blk.to(gd), out=d[t])
+    d = adc_(d, cfg, plan, generator=generator, stats=stats, in_lsb=int8)
+    d.mul_(sx).mul_(w.scales.permute(1, 0, 2).unsqueeze(-1))  # (T, G, Ng, 1)
+    if cfg.bf16_tile_outputs:
+        d = d.to(torch.bfloat16).to(torch.float32)
+    return d.sum(0)
