@@ -1,23 +1,35 @@
 """Whole-model evaluation: time and peak memory of the device simulation against float32.
 
-Each measurement runs in a fresh subprocess (so peak RSS belongs to that run alone):
-float32 and ABFP alternate, ``--repeats`` times each, and the script prints the median
-time ratio and the ratio of peak memory above the process's baseline (torch imported,
-model and data loaded). Usage:
+Time: float32 and each device configuration run interleaved in one process (A, B, C, A,
+B, C, ...) after a warm-up batch, ``--repeats`` times; the script prints median seconds and
+the median ratio to float32. A second float32 baseline, the same model in channels-last
+memory format, is timed too: the simulated convolutions return channels-last outputs
+(pooling runs several times faster on them), so that row shows how much of the ratio is
+the layout rather than the simulation.
 
-    python benchmarks/bench_model.py [--task fashion-cnn] [--samples 2000] [--threads 2]
+Memory: each configuration runs once more in a fresh subprocess with glibc told to serve
+every block above 64 KiB straight from ``mmap`` and to return it on free
+(``MALLOC_MMAP_THRESHOLD_``), so that the peak RSS follows the peak of live tensors; the
+figure is peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` once the model and data
+are loaded) above the RSS at that moment. Linux only.
+Usage:
+
+    python benchmarks/bench_model.py [--task fashion-cnn] [--samples 1000] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
+import time
 
-CHILD = r"""
-import json, resource, sys, time, torch
+MEMORY_CHILD = r"""
+import json, sys, torch
 import abfp
 from abfp import zoo
 from abfp.evaluate import run_model
@@ -28,50 +40,73 @@ model = t.build_model()
 data = t.load_data().take(samples)
 if mode != "fp32":
     model = abfp.convert(model, abfp.ABFPConfig.from_json(mode), inplace=True)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # torch, model and data loaded
-run_model(model, data.take(batch), batch)  # warm-up (weight encodings cached)
-t0 = time.perf_counter()
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])  # kB
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS")  # torch, model and data loaded
 run_model(model, data, batch)
-dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": dt, "peak_kb": peak, "base_kb": base}))
+print(json.dumps({"peak_mb": (status("VmHWM") - base) / 1024}))
 """
 
 
-def measure(task: str, samples: int, threads: int, mode: str, batch: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, task, str(samples), str(threads), mode, str(batch)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def peak_memory_mb(task: str, samples: int, threads: int, mode: str, batch: int) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, task, str(samples), str(threads), mode, str(batch)],
+                         capture_output=True, text=True, check=True, env=env)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
 def main() -> None:
+    import torch
+
     import abfp
+    from abfp import zoo
+    from abfp.evaluate import run_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="fashion-cnn")
-    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     cases = {
         "ABFP n=128 G=8 noise 1 bin": abfp.ABFPConfig(),
         "ABFP n=128 G=8 no noise": abfp.ABFPConfig(noise_std=0.0),
         "ABFP n=8 G=1 noise 1 bin": abfp.ABFPConfig(tile_width=8, gain=1.0),
     }
-    print(f"{args.task}, {args.samples} samples, batch {args.batch_size}, {args.threads} threads; medians of {args.repeats}")
-    print(f"{'case':<28} {'fp32 s':>8} {'abfp s':>8} {'time x':>7} {'fp32 MB':>8} {'abfp MB':>8} {'mem x':>6}")
+    task = zoo.get(args.task)
+    data = task.load_data().take(args.samples)
+    models = {"float32": task.build_model().eval(),
+              "float32 channels-last": task.build_model().eval().to(memory_format=torch.channels_last)}
     for name, cfg in cases.items():
-        fp, ab = [], []
-        for _ in range(args.repeats):
-            fp.append(measure(args.task, args.samples, args.threads, "fp32", args.batch_size))
-            ab.append(measure(args.task, args.samples, args.threads, cfg.to_json(indent=None), args.batch_size))
-        ratio = statistics.median(a["seconds"] / f["seconds"] for a, f in zip(ab, fp))
-        mem_fp = statistics.median((f["peak_kb"] - f["base_kb"]) / 1024 for f in fp)
-        mem_ab = statistics.median((a["peak_kb"] - a["base_kb"]) / 1024 for a in ab)
-        print(f"{name:<28} {statistics.median(f['seconds'] for f in fp):>8.2f} "
-              f"{statistics.median(a['seconds'] for a in ab):>8.2f} {ratio:>7.2f} {mem_fp:>8.1f} {mem_ab:>8.1f} "
-              f"{(mem_ab / mem_fp if mem_fp > 0 else float('nan')):>6.2f}")
+        models[name] = abfp.convert(task.build_model().eval(), cfg, inplace=True)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for m in models.values():
+        run_model(m, data.take(args.batch_size), args.batch_size)  # warm-up (weight encodings cached)
+    for _ in range(args.repeats):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            run_model(m, data, args.batch_size)
+            times[k].append(time.perf_counter() - t0)
+    base = times["float32"]
+    print(f"{args.task}, {args.samples} samples, batch {args.batch_size}, torch {torch.__version__}, "
+          f"{args.threads} threads, {platform.machine()}; medians of {args.repeats}")
+    print(f"{'case':<28} {'seconds':>8} {'time x':>7} {'peak MB':>8} {'mem x':>6}")
+    mem_fp = None if args.no_memory else peak_memory_mb(args.task, args.samples, args.threads, "fp32",
+                                                          args.batch_size)
+    for k, ts in times.items():
+        ratio = statistics.median(t / b for t, b in zip(ts, base))
+        mem = ""
+        if not args.no_memory and k != "float32 channels-last":
+            mb = mem_fp if k == "float32" else peak_memory_mb(args.task, args.samples, args.threads,
+                                                              cases[k].to_json(indent=None), args.batch_size)
+            mem = f"{mb:>8.1f} {mb / mem_fp:>6.2f}" if mem_fp else f"{mb:>8.1f}"
+        print(f"{k:<28} {statistics.median(ts):>8.3f} {ratio:>7.2f} {mem}")
 
 
 if __name__ == "__main__":

@@ -303,8 +303,8 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-#: Patch-matrix elements built at once by conv2d (float32: 8 MiB).
-_IM2COL_ELEMENTS = 1 << 21
+#: Patch-matrix elements built at once by conv2d (float32: 4 MiB).
+_IM2COL_ELEMENTS = 1 << 20
 
 
 def _im2col(x: Tensor, kh: int, kw: int, stride: tuple[int, int], dilation: tuple[int, int], ho: int, wo: int) -> Tensor:
@@ -422,10 +422,10 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                  input_scale: Any, generator: torch.Generator | None, stats: ProductStats | None) -> Tensor:
     """Inference convolution in the column layout (:func:`abfp.numerics.kernels.analog_gemm_cols`).
 
-    The input is copied once, padded, channels first: ``xc[c, b, h, w]``. Patches are then
+    A few images at a time (or, for a large image, a few output rows), the input is copied
+    padded, channels first, ``xc[c, b, h, w]``, and the patches are built from it,
     ``cols[c, i*kw + j, b, h, w] = xc[c, b, h*s + i*d, w*s + j*d]`` (one strided copy per
-    kernel offset, image rows read contiguously), a few images (or, for a large image, a few
-    output rows) at a time into one reused buffer. The output is channels-last (NCHW shape,
+    kernel offset, image rows read contiguously), into buffers reused across chunks. The output is channels-last (NCHW shape,
     NHWC memory): pooling and batch norm after it run several times faster on it.
     """
     bt, c, h, w_ = x.shape
@@ -435,8 +435,7 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     plan = AdcPlan.for_config(config)
     static = static_scale_value(x, input_scale, config.scale_dtype) if config.mode == "fixed" else None
     pl, pr, pt, pb = pads
-    xc = torch.zeros(c, bt, h + pt + pb, w_ + pl + pr, dtype=torch.float32, device=x.device)
-    xc[:, :, pt : pt + h, pl : pl + w_].copy_((x.to(torch.bfloat16) if config.bf16_io else x).transpose(0, 1))
+    src = (x.to(torch.bfloat16) if config.bf16_io else x).transpose(0, 1)  # (C, B, H, W) view
     y = torch.empty(bt, ho, wo, cout, dtype=torch.float32, device=x.device).permute(0, 3, 1, 2)
     # output rows per chunk: bounded by the patches (c*kh*kw per output) and the partial sums (T*cout)
     per_row = wo * max(c * kh * kw, 1)
@@ -448,14 +447,18 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
         chunks = [(b, b + 1, r, min(ho, r + rows)) for b in range(bt) for r in range(0, ho, rows)]
     nb, nh = chunks[0][1] - chunks[0][0], chunks[0][3] - chunks[0][2]
     buf = torch.empty(c * kh * kw * nb * nh * wo, dtype=torch.float32, device=x.device)
+    # the padded images of one chunk, channels first (the border is written once and stays 0)
+    xc = torch.zeros(c, nb, h + pt + pb, w_ + pl + pr, dtype=torch.float32, device=x.device)
     (sh, sw), (dh, dw) = stride, dilation
     for b0, b1, h0, h1 in chunks:
         b, hr = b1 - b0, h1 - h0
+        if h0 == 0:
+            xc[:, :b, pt : pt + h, pl : pl + w_].copy_(src[:, b0:b1])
         cols = buf[: c * kh * kw * b * hr * wo].view(c, kh * kw, b, hr, wo)
         for i in range(kh):
             for j in range(kw):
                 r0, c0 = i * dh + h0 * sh, j * dw
-                cols[:, i * kw + j].copy_(xc[:, b0:b1, r0 : r0 + sh * (hr - 1) + 1 : sh, c0 : c0 + sw * (wo - 1) + 1 : sw])
+                cols[:, i * kw + j].copy_(xc[:, :b, r0 : r0 + sh * (hr - 1) + 1 : sh, c0 : c0 + sw * (wo - 1) + 1 : sw])
         yi = analog_gemm_cols(cols.view(groups, (c // groups) * kh * kw, b * hr * wo), weights, config, plan,
                               input_scale=static, generator=generator, stats=stats)  # (G, Ng, P)
         y[b0:b1, :, h0:h1].copy_(yi.view(cout, b, hr, wo).transpose(0, 1))

@@ -74,19 +74,33 @@ def static_scales(v: Tensor, n: int, scale: float | Tensor | None, scale_dtype: 
     return static_scale_value(v, scale, scale_dtype).expand(*v.shape[:-1], num_tiles(v.shape[-1], n))
 
 
+def codes_(v: Tensor, s: Tensor, max_code: int, *, own_max: bool = False) -> Tensor:
+    """In place: ``v <- round(clamp(v / s, -1, 1) * max_code)``, ``s`` broadcast against ``v``.
+
+    A zero scale divides by +inf, which encodes the (all-zero) block as zeros. ``own_max``:
+    each ``s`` is its block's own max |v| in a format that rounds to nearest (bfloat16,
+    relative error at most 2^-9), up (pow2) or not at all (float32), so
+    ``|v / s| <= 1 + 2^-9``; with ``max_code <= 127`` the product then stays below
+    ``max_code + 1/2`` and rounds to at most ``max_code``: the clamp would change nothing and
+    is skipped (one pass fewer).
+    """
+    v.div_(torch.where(s > 0, s, torch.full_like(s, float("inf"))))
+    if not (own_max and max_code <= 127):
+        v.clamp_(-1.0, 1.0)
+    return v.mul_(max_code).round_()
+
+
 def encode(v: Tensor, scales: Tensor, n: int, max_code: int, *, padded: Tensor | None = None,
-           inplace: bool = False) -> Tensor:
+           inplace: bool = False, own_max: bool = False) -> Tensor:
     """DAC codes of ``v`` (..., K) given per-block ``scales`` (..., T): returns (..., T, n) float32.
 
-    A zero scale divides by +inf, which encodes the (all-zero) block as zeros. ``inplace``:
-    ``padded`` is a private copy and may be overwritten with the codes.
+    ``inplace``: ``padded`` is a private copy and may be overwritten with the codes.
+    ``own_max``: the scales are the blocks' own maxima (see :func:`codes_`).
     """
     vt = padded if padded is not None else pad_to_tiles(v, n, torch.float32)
     t = scales.shape[-1]
     vt = vt.reshape(*v.shape[:-1], t, n)
-    safe = torch.where(scales > 0, scales, torch.full_like(scales, float("inf"))).unsqueeze(-1)
-    q = vt.div_(safe) if inplace else vt / safe
-    return q.clamp_(-1.0, 1.0).mul_(max_code).round_()
+    return codes_(vt if inplace else vt.clone(), scales.unsqueeze(-1), max_code, own_max=own_max)
 
 
 def encode_rows(
@@ -104,7 +118,7 @@ def encode_rows(
     else:
         assert static_scale is not None
         s = static_scale.expand(*v.shape[:-1], t)
-    return encode(v, s, n, max_code, padded=vt, inplace=private and k > 0), s
+    return encode(v, s, n, max_code, padded=vt, inplace=private and k > 0, own_max=mode == "abfp"), s
 
 
 def inside_clamp(v: Tensor, scales: Tensor, n: int) -> Tensor:
@@ -154,7 +168,7 @@ def encode_operand(
              else torch.zeros(*v.shape[:-1], t, dtype=torch.float32, device=v.device))
     else:
         s = static_scales(v, n, static_scale, scale_dtype)
-    q = encode(v, s, n, bits_max_code, padded=vt)  # (B, R, T, n)
+    q = encode(v, s, n, bits_max_code, padded=vt, own_max=mode == "abfp")  # (B, R, T, n)
     if code_multiplier != 1.0:
         q.mul_(code_multiplier)
     if as_rhs:

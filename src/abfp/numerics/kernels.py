@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..config import ABFPConfig
 from .adc import AdcPlan, add_noise_
-from .blocks import Encoded, encode_rows, round_scale
+from .blocks import Encoded, codes_, encode_rows, round_scale
 
 #: Elements of partial sums per chunk (float32): 1 Mi elements = 4 MiB.
 CHUNK_ELEMENTS = 1 << 20
@@ -223,8 +223,7 @@ def analog_gemm_cols(
         else:
             s = input_scale.expand(G, 1, P)
         sx[t] = s
-        blk.div_(torch.where(s > 0, s, torch.full_like(s, float("inf")))).clamp_(-1.0, 1.0)
-        blk.mul_(cfg.input_max_code).round_()
+        codes_(blk, s, cfg.input_max_code, own_max=input_scale is None)
         if int8:
             assert w.codes_i8 is not None
             bi8, wt8 = blk.to(torch.int8), w.codes_i8[:, t, : r1 - r0].transpose(-1, -2).contiguous()
