@@ -12,12 +12,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
 from torch import nn
 
 import abfp
+from timing import time_interleaved  # benchmarks/timing.py
 
 SHAPES = [(256, 512, 512), (512, 1024, 1024), (2048, 1024, 1024)]
 CASES = {
@@ -25,22 +25,6 @@ CASES = {
     "n128 G8 noise 1 LSB": abfp.ABFPConfig(noise_std=1.0),
     "n8 G1 noise off": abfp.ABFPConfig(tile_width=8, gain=1.0, noise_std=0.0),
 }
-
-
-def time_pair(fa, fb, repeats: int) -> tuple[list[float], list[float]]:
-    ta, tb = [], []
-    for _ in range(3):  # warm-up
-        fa()
-        fb()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fa()
-        t1 = time.perf_counter()
-        fb()
-        t2 = time.perf_counter()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
-    return ta, tb
 
 
 def main() -> None:
@@ -62,7 +46,7 @@ def main() -> None:
         for name, cfg in CASES.items():
             conv = abfp.convert(lin, cfg)
             with torch.no_grad():
-                t_fp, t_ab = time_pair(lambda: lin(x), lambda: conv(x), args.repeats)
+                t_fp, t_ab = time_interleaved([lambda: lin(x), lambda: conv(x)], args.repeats)
             ratios = [b / a for a, b in zip(t_fp, t_ab)]
             row = dict(case=name, m=m, k=k, n=n, fp32_ms=1e3 * statistics.median(t_fp),
                        abfp_ms=1e3 * statistics.median(t_ab), ratio=statistics.median(ratios))

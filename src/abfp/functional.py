@@ -27,6 +27,7 @@ from torch import Tensor
 from .config import ABFPConfig
 from .numerics import AdcPlan, Encoded, ProductStats, analog_product, encode_weights
 from .numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols
+from .numerics.workspace import scratch
 from .numerics.blocks import block_scales, inside_clamp, pad_to_tiles, static_scale_value, static_scales
 
 __all__ = ["linear", "matmul", "conv1d", "conv2d", "einsum", "clear_cache", "check_finite"]
@@ -446,9 +447,11 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     else:
         chunks = [(b, b + 1, r, min(ho, r + rows)) for b in range(bt) for r in range(0, ho, rows)]
     nb, nh = chunks[0][1] - chunks[0][0], chunks[0][3] - chunks[0][2]
-    buf = torch.empty(c * kh * kw * nb * nh * wo, dtype=torch.float32, device=x.device)
-    # the padded images of one chunk, channels first (the border is written once and stays 0)
-    xc = torch.zeros(c, nb, h + pt + pb, w_ + pl + pr, dtype=torch.float32, device=x.device)
+    buf = scratch("patches", (c * kh * kw * nb * nh * wo,), torch.float32, x.device)
+    # the padded images of one chunk, channels first (the border is zeroed once per call)
+    xc = scratch("padded_input", (c, nb, h + pt + pb, w_ + pl + pr), torch.float32, x.device)
+    if any(pads):
+        xc.zero_()
     (sh, sw), (dh, dw) = stride, dilation
     for b0, b1, h0, h1 in chunks:
         b, hr = b1 - b0, h1 - h0

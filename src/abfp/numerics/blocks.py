@@ -30,14 +30,19 @@ def num_tiles(k: int, n: int) -> int:
     return math.ceil(k / n)
 
 
-def pad_to_tiles(v: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
-    """Zero-pad the last dimension to a multiple of ``n`` (one copy; only the tail is filled)."""
+def pad_to_tiles(v: Tensor, n: int, dtype: torch.dtype | None = None, out: Tensor | None = None) -> Tensor:
+    """Zero-pad the last dimension to a multiple of ``n`` (one copy; only the tail is filled).
+
+    Without ``out`` an unpadded ``v`` of the right dtype is returned as it is; with ``out``
+    (contiguous, the padded shape) the result is always written there.
+    """
     k = v.shape[-1]
     kp = num_tiles(k, n) * n
     dtype = dtype or v.dtype
-    if kp == k:
+    if kp == k and out is None:
         return v if v.dtype == dtype else v.to(dtype)
-    out = v.new_empty(*v.shape[:-1], kp, dtype=dtype)
+    if out is None:
+        out = v.new_empty(*v.shape[:-1], kp, dtype=dtype)
     out[..., :k] = v
     out[..., k:] = 0
     return out
@@ -104,12 +109,14 @@ def encode(v: Tensor, scales: Tensor, n: int, max_code: int, *, padded: Tensor |
 
 
 def encode_rows(
-    v: Tensor, *, n: int, max_code: int, mode: str, scale_dtype: str, static_scale: Tensor | None = None
+    v: Tensor, *, n: int, max_code: int, mode: str, scale_dtype: str, static_scale: Tensor | None = None,
+    buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Codes (..., T, n) and scales (..., T) of ``v`` (..., K); ``static_scale`` (fixed mode) is
-    a 0-d tensor already in the scale format."""
+    a 0-d tensor already in the scale format. ``buffer``: contiguous float32 of the padded
+    shape (..., T*n) that receives the codes (else a private copy is made when needed)."""
     k = v.shape[-1]
-    vt = pad_to_tiles(v, n, torch.float32)
+    vt = pad_to_tiles(v, n, torch.float32, out=buffer)
     private = vt.data_ptr() != v.data_ptr()
     t = vt.shape[-1] // n
     if mode == "abfp":

@@ -19,6 +19,7 @@ from torch import Tensor
 from ..config import ABFPConfig
 from .adc import AdcPlan, add_noise_
 from .blocks import Encoded, codes_, encode_rows, round_scale
+from .workspace import scratch
 
 #: Elements of partial sums per chunk (float32): 1 Mi elements = 4 MiB.
 CHUNK_ELEMENTS = 1 << 20
@@ -131,18 +132,21 @@ def analog_gemm(
         step_m = max(1, chunk_elements // per_row)
         chunks = [(b, b + 1, m, min(M, m + step_m)) for b in range(B) for m in range(0, M, step_m)]
     for b0, b1, m0, m1 in chunks:
+        b, m = b1 - b0, m1 - m0
         codes, sx = encode_rows(x3[b0:b1, m0:m1], n=n, max_code=cfg.input_max_code, mode=cfg.mode,
-                                scale_dtype=cfg.scale_dtype, static_scale=input_scale)
-        int8 = use_int8(w, plan, m1 - m0)
+                                scale_dtype=cfg.scale_dtype, static_scale=input_scale,
+                                buffer=scratch("codes", (b, m, T * n), torch.float32, dev))
+        int8 = use_int8(w, plan, m)
         if int8:
             d = _int8_tile_products(codes, w.codes_i8, b0, plan)  # (b, T, m, N) in LSBs
         else:
             xs = codes.permute(0, 2, 1, 3)  # (b, T, m, n) view: the GEMM takes the strides as they are
             ws = wc if wc.shape[0] == 1 else wc[b0:b1]
+            d = scratch("tiles", (b, T, m, N), plan.gemm_dtype, dev)
             if plan.gemm_dtype != torch.float32:
-                d = torch.matmul(xs.to(plan.gemm_dtype), ws.to(plan.gemm_dtype))
+                torch.matmul(xs.to(plan.gemm_dtype), ws.to(plan.gemm_dtype), out=d)
             else:
-                d = torch.matmul(xs, ws)  # (b, T, m, N): exact integer tile products
+                torch.matmul(xs, ws.expand(b, T, n, N), out=d)  # (b, T, m, N): exact integer tile products
         d = adc_(d, cfg, plan, generator=generator, noise=None if noise is None else noise[b0:b1, :, m0:m1],
                  stats=stats, mask_out=None if mask is None else mask[b0:b1, :, m0:m1], in_lsb=int8)
         d.mul_(sx.permute(0, 2, 1).unsqueeze(-1))  # (b, T, m, 1)
@@ -154,11 +158,13 @@ def analog_gemm(
     return y, mask
 
 
-def _int_mm(a: Tensor, b: Tensor) -> Tensor:
+def _int_mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """``torch._int_mm`` (int8 x int8 -> exact int32) with operands a BLAS reads correctly:
     torch lets a size-1 dimension carry any stride, but the GEMM takes the row stride as its
     leading dimension, so such operands get canonical strides first (no copy when contiguous)."""
-    return torch._int_mm(_canonical(a), _canonical(b))
+    if out is None:
+        return torch._int_mm(_canonical(a), _canonical(b))
+    return torch._int_mm(_canonical(a), _canonical(b), out=out)
 
 
 def _canonical(t: Tensor) -> Tensor:
@@ -176,12 +182,14 @@ def _int8_tile_products(codes: Tensor, wi8: Tensor, b0: int, plan: AdcPlan) -> T
     """Tile products of input codes (b, m, T, n) float and int8 weight codes (Bw, T, n, N), in
     LSBs: one ``torch._int_mm`` per (batch, tile), each read through a strided view."""
     b, m, T, _ = codes.shape
-    ci = codes.to(torch.int8)
-    d = torch.empty(b, T, m, wi8.shape[-1], dtype=_lsb_dtype(plan), device=codes.device)
+    N = wi8.shape[-1]
+    ci = scratch("codes_i8", codes.shape, torch.int8, codes.device).copy_(codes)
+    d = scratch("tiles", (b, T, m, N), _lsb_dtype(plan), codes.device)
+    res = scratch("int_mm", (m, N), torch.int32, codes.device)
     for i in range(b):
         wb = wi8[0] if wi8.shape[0] == 1 else wi8[b0 + i]
         for t in range(T):
-            plan.int_to_lsb(_int_mm(ci[i, :, t], wb[t]), d[i, t])
+            plan.int_to_lsb(_int_mm(ci[i, :, t], wb[t], out=res), d[i, t])
     return d
 
 
@@ -213,8 +221,9 @@ def analog_gemm_cols(
         return torch.zeros(G, Ng, P, dtype=torch.float32, device=cols.device)
     int8 = use_int8(w, plan, P)
     gd = _lsb_dtype(plan) if int8 else plan.gemm_dtype
-    d = torch.empty(T, G, Ng, P, dtype=gd, device=cols.device)
-    sx = torch.empty(T, G, 1, P, dtype=torch.float32, device=cols.device)
+    d = scratch("tiles", (T, G, Ng, P), gd, cols.device)
+    sx = scratch("input_scales", (T, G, 1, P), torch.float32, cols.device)
+    res = scratch("int_mm", (Ng, P), torch.int32, cols.device)
     for t in range(T):
         r0, r1 = t * n, min(K, (t + 1) * n)
         blk = cols[:, r0:r1]  # (G, r, P)
@@ -226,9 +235,10 @@ def analog_gemm_cols(
         codes_(blk, s, cfg.input_max_code, own_max=input_scale is None)
         if int8:
             assert w.codes_i8 is not None
-            bi8, wt8 = blk.to(torch.int8), w.codes_i8[:, t, : r1 - r0].transpose(-1, -2).contiguous()
+            bi8 = scratch("codes_i8", blk.shape, torch.int8, cols.device).copy_(blk)
+            wt8 = w.codes_i8[:, t, : r1 - r0].transpose(-1, -2).contiguous()
             for g in range(G):
-                plan.int_to_lsb(_int_mm(wt8[g], bi8[g]), d[t, g])
+                plan.int_to_lsb(_int_mm(wt8[g], bi8[g], out=res), d[t, g])
         else:
             lhs = wc[:, t, : r1 - r0].transpose(-1, -2)  # (G, Ng, r): the weight codes of tile t
             if gd == torch.float32:
