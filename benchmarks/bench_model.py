@@ -10,8 +10,11 @@ the layout rather than the simulation.
 Memory: each configuration runs once more in a fresh subprocess with glibc told to serve
 every block above 64 KiB straight from ``mmap`` and to return it on free
 (``MALLOC_MMAP_THRESHOLD_``), so that the peak RSS follows the peak of live tensors; the
-figure is peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` once the model and data
-are loaded) above the RSS at that moment. Linux only.
+figure (``peak MB``) is the peak RSS of the evaluation (``VmHWM``, reset through
+``/proc/self/clear_refs``) above the RSS after a warm-up batch, i.e. the memory the
+evaluation's batches need. ``warm-up MB`` is what the warm-up batch left resident: library
+code paged in on first use (int8 GEMM kernels and the like), the weight encodings and the
+simulation's reusable scratch buffers. Linux only.
 Usage:
 
     python benchmarks/bench_model.py [--task fashion-cnn] [--samples 1000] [--threads 2]
@@ -44,18 +47,21 @@ def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1])  # kB
+loaded = status("VmRSS")  # torch, model and data loaded
+run_model(model, data.take(batch), batch)  # warm-up: library code paged in, caches and scratch filled
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-base = status("VmRSS")  # torch, model and data loaded
+base = status("VmRSS")
 run_model(model, data, batch)
-print(json.dumps({"peak_mb": (status("VmHWM") - base) / 1024}))
+print(json.dumps({"peak_mb": (status("VmHWM") - base) / 1024, "warmup_mb": (base - loaded) / 1024}))
 """
 
 
-def peak_memory_mb(task: str, samples: int, threads: int, mode: str, batch: int) -> float:
+def peak_memory_mb(task: str, samples: int, threads: int, mode: str, batch: int) -> tuple[float, float]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, task, str(samples), str(threads), mode, str(batch)],
                          capture_output=True, text=True, check=True, env=env)
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(rec["peak_mb"]), float(rec["warmup_mb"])
 
 
 def main() -> None:
@@ -96,16 +102,16 @@ def main() -> None:
     base = times["float32"]
     print(f"{args.task}, {args.samples} samples, batch {args.batch_size}, torch {torch.__version__}, "
           f"{args.threads} threads, {platform.machine()}; medians of {args.repeats}")
-    print(f"{'case':<28} {'seconds':>8} {'time x':>7} {'peak MB':>8} {'mem x':>6}")
+    print(f"{'case':<28} {'seconds':>8} {'time x':>7} {'peak MB':>8} {'mem x':>6} {'warm-up MB':>11}")
     mem_fp = None if args.no_memory else peak_memory_mb(args.task, args.samples, args.threads, "fp32",
                                                           args.batch_size)
     for k, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, base))
         mem = ""
-        if not args.no_memory and k != "float32 channels-last":
-            mb = mem_fp if k == "float32" else peak_memory_mb(args.task, args.samples, args.threads,
-                                                              cases[k].to_json(indent=None), args.batch_size)
-            mem = f"{mb:>8.1f} {mb / mem_fp:>6.2f}" if mem_fp else f"{mb:>8.1f}"
+        if mem_fp is not None and k != "float32 channels-last":
+            mb, warm = mem_fp if k == "float32" else peak_memory_mb(args.task, args.samples, args.threads,
+                                                                    cases[k].to_json(indent=None), args.batch_size)
+            mem = f"{mb:>8.1f} {mb / mem_fp[0]:>6.2f} {warm:>11.1f}"
         print(f"{k:<28} {statistics.median(ts):>8.3f} {ratio:>7.2f} {mem}")
 
 

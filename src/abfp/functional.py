@@ -254,7 +254,7 @@ def linear(
                  generator=generator, weights=weights, stats=stats)
     y = y.reshape(*lead, weight.shape[0])
     if bias is not None:
-        y = y + bias.to(torch.float32)
+        y.add_(bias.to(torch.float32))  # y is this call's own tensor
     return y.to(out_dtype)
 
 
@@ -390,7 +390,7 @@ def conv2d(
         y = _conv2d_rows(F.pad(x, pads) if any(pads) else x, w3, weights, config, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
                          weight_scale, generator, stats)
     if bias is not None:
-        y = y + bias.to(torch.float32).view(1, -1, 1, 1)
+        y.add_(bias.to(torch.float32).view(1, -1, 1, 1))  # y is this call's own tensor
     if unbatched:
         y = y.squeeze(0)
     return y.to(out_dtype)

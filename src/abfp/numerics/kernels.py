@@ -21,8 +21,8 @@ from .adc import AdcPlan, add_noise_
 from .blocks import Encoded, codes_, encode_rows, round_scale
 from .workspace import scratch
 
-#: Elements of partial sums per chunk (float32): 1 Mi elements = 4 MiB.
-CHUNK_ELEMENTS = 1 << 20
+#: Elements of partial sums per chunk (float32): 512 Ki elements = 2 MiB.
+CHUNK_ELEMENTS = 1 << 19
 
 #: Smallest GEMM (multiply-accumulates per call) that runs on int8: below it the per-call
 #: overhead of one ``torch._int_mm`` per tile outweighs its speed, and one batched float32
@@ -99,7 +99,7 @@ def analog_gemm(
     noise: Tensor | None = None,
     stats: ProductStats | None = None,
     want_mask: bool = False,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Sum over tiles of the ADC'd tile products of ``x3`` (B, M, K) with encoded weights.
 
@@ -111,6 +111,7 @@ def analog_gemm(
     and, with ``want_mask``, the straight-through mask (B, T, M, N) bool (True: not clipped).
     """
     wc = w.codes
+    chunk_elements = chunk_elements or CHUNK_ELEMENTS
     B, M, K = x3.shape
     T, n, N = wc.shape[1], wc.shape[2], wc.shape[3]
     dev = x3.device
