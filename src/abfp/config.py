@@ -81,8 +81,13 @@ class ABFPConfig:
     """Keep layer inputs and outputs in bfloat16 (the authors' simulation did)."""
 
     kernel: Kernel = "auto"
-    """Implementation (not a device property): ``"reference"`` follows SPEC line by line in
-    float64; ``"chunked"`` is the fast exact path; ``"auto"`` picks the fast path."""
+    """Implementation (not a device property; every choice gives the same numbers, see the
+    tests): ``"reference"`` follows SPEC line by line in float64; ``"chunked"`` is the fast
+    path with float32 GEMMs on the codes; ``"auto"`` (default) is the fast path with int8
+    GEMMs on the codes (``torch._int_mm``, exact int32 sums) where the DACs have at most 8
+    bits, the tiles are at least 32 wide and the GEMM is large enough to gain (on CPU; on
+    x86 with AVX-512 VNNI several times faster than float32). Pick ``"chunked"`` on a CPU
+    whose int8 GEMM is slow."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:

@@ -150,3 +150,15 @@ def test_inference_convolution_noise_is_seeded_and_centred():
     diff = (a - clean) / clean.abs().max()
     assert float(diff.abs().max()) > 0
     assert abs(float(diff.mean())) < 0.1 * float(diff.std())  # centred: no bias from the noise
+
+
+def test_chunked_setting_is_the_float_path_and_agrees_with_auto():
+    """``kernel="chunked"`` keeps float32 GEMMs; ``"auto"`` takes int8 on a layer this size:
+    the same outputs, noise included."""
+    x = torch.randn(1, 256, 512)
+    w = torch.randn(1, 384, 512)
+    outs = {}
+    for kernel in ("auto", "chunked"):
+        cfg = ABFPConfig(kernel=kernel, noise_std=1.0)
+        outs[kernel], _ = analog_product(x, w, cfg, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(outs["auto"], outs["chunked"])
