@@ -129,3 +129,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, msg):
     p = _cli(*args)
     assert p.returncode == 2
     assert msg in p.stderr and "Traceback" not in p.stderr
+
+
+def test_cache_keys_change_with_the_numerics_version(monkeypatch):
+    import abfp.evaluate.cache as cache
+
+    k1 = cache.run_key("t", 10, "abfp", {"gain": 8}, 0)
+    monkeypatch.setattr(cache, "NUMERICS_VERSION", cache.NUMERICS_VERSION + 1)
+    assert cache.run_key("t", 10, "abfp", {"gain": 8}, 0) != k1

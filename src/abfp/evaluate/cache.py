@@ -16,11 +16,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..numerics import NUMERICS_VERSION
+
 
 def run_key(task: str, samples: int | None, fmt: str, config: dict[str, Any] | None, run: int, extra: str = "") -> str:
-    """A stable key for one run of one point."""
-    blob = json.dumps({"task": task, "samples": samples, "format": fmt, "config": config, "run": run, "extra": extra},
-                      sort_keys=True)
+    """A stable key for one run of one point (and of the numerics version that computed it)."""
+    blob = json.dumps({"task": task, "samples": samples, "format": fmt, "config": config, "run": run, "extra": extra,
+                       "numerics": NUMERICS_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

@@ -15,7 +15,14 @@ from .blocks import Encoded, encode_operand, static_scale_value
 from .kernels import ProductStats, analog_gemm
 from .reference import ReferenceResult, reference_product
 
+#: Bumped whenever the same configuration and seed give different numbers (a changed noise
+#: stream, a fixed bug): caches of results (``abfp eval``'s) key on it, so a run never reuses
+#: numbers an older version produced. 2: noise drawn as odd 16-bit lanes in two streams, and
+#: convolutions at inference draw their noise in the column layout.
+NUMERICS_VERSION = 2
+
 __all__ = [
+    "NUMERICS_VERSION",
     "AdcPlan",
     "Encoded",
     "ProductStats",
