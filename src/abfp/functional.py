@@ -385,7 +385,8 @@ def conv2d(
             weights = encode_weights(w3.detach().to(torch.bfloat16) if config.bf16_io else w3.detach(), config,
                                      weight_scale)
         y = _conv2d_cols(x, pads, weights, config, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
-                         _generator_for(config, generator, x.device), stats)
+                         _generator_for(config, generator, x.device), stats,
+                         channels_last=_channels_last(x) or _channels_last(weight))
     else:
         y = _conv2d_rows(F.pad(x, pads) if any(pads) else x, w3, weights, config, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
                          weight_scale, generator, stats)
@@ -394,6 +395,12 @@ def conv2d(
     if unbatched:
         y = y.squeeze(0)
     return y.to(out_dtype)
+
+
+def _channels_last(t: Tensor) -> bool:
+    """``t`` is laid out channels-last (and not also plain contiguous, as a 1-channel or 1x1
+    tensor is): the rule by which ``F.conv2d`` picks its output's memory format."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, groups: int, k: tuple[int, int],
@@ -420,14 +427,17 @@ def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, gr
 
 def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, config: ABFPConfig, groups: int,
                  k: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
-                 input_scale: Any, generator: torch.Generator | None, stats: ProductStats | None) -> Tensor:
+                 input_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
+                 channels_last: bool) -> Tensor:
     """Inference convolution in the column layout (:func:`abfp.numerics.kernels.analog_gemm_cols`).
 
     A few images at a time (or, for a large image, a few output rows), the input is copied
     padded, channels first, ``xc[c, b, h, w]``, and the patches are built from it,
     ``cols[c, i*kw + j, b, h, w] = xc[c, b, h*s + i*d, w*s + j*d]`` (one strided copy per
-    kernel offset, image rows read contiguously), into buffers reused across chunks. The output is channels-last (NCHW shape,
-    NHWC memory): pooling and batch norm after it run several times faster on it.
+    kernel offset, image rows read contiguously), into buffers reused across chunks. The
+    output's memory format follows ``F.conv2d``'s: channels-last when the input or the weight
+    is channels-last (then pooling and batch norm after it run several times faster), else
+    contiguous NCHW, so code after the layer sees the strides it would see in float32.
     """
     bt, c, h, w_ = x.shape
     (kh, kw), (ho, wo) = k, out_hw
@@ -437,7 +447,8 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     static = static_scale_value(x, input_scale, config.scale_dtype) if config.mode == "fixed" else None
     pl, pr, pt, pb = pads
     src = (x.to(torch.bfloat16) if config.bf16_io else x).transpose(0, 1)  # (C, B, H, W) view
-    y = torch.empty(bt, ho, wo, cout, dtype=torch.float32, device=x.device).permute(0, 3, 1, 2)
+    y = torch.empty(bt, cout, ho, wo, dtype=torch.float32, device=x.device,
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     # output rows per chunk: bounded by the patches (c*kh*kw per output) and the partial sums (T*cout)
     per_row = wo * max(c * kh * kw, 1)
     rows = max(1, min(_IM2COL_ELEMENTS // per_row, CHUNK_ELEMENTS // max(1, wo * T * cout)))

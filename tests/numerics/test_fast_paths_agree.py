@@ -162,3 +162,22 @@ def test_chunked_setting_is_the_float_path_and_agrees_with_auto():
         cfg = ABFPConfig(kernel=kernel, noise_std=1.0)
         outs[kernel], _ = analog_product(x, w, cfg, generator=torch.Generator().manual_seed(2))
     assert torch.equal(outs["auto"], outs["chunked"])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "input_cl", "weight_cl"])
+def test_inference_convolution_output_layout_follows_torch(layout):
+    """The output's memory format is F.conv2d's, so ``.view`` after the layer works as in float32."""
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 8, 9, 9)
+    w = torch.randn(6, 8, 3, 3)
+    if layout == "input_cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "weight_cl":
+        w = w.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = AF.conv2d(x, w, padding=1, config=ABFPConfig(noise_std=0.0))
+    ref = F.conv2d(x, w, padding=1)
+    assert y.stride() == ref.stride()
+    if layout == "nchw":
+        assert y.view(2, -1).shape == (2, 6 * 81)
