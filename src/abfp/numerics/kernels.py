@@ -209,10 +209,11 @@ def analog_gemm_cols(
     ``cols`` (G, K, P): G groups, reduction K (``unfold`` order), P output positions (images
     times pixels); a private buffer, overwritten by its codes. ``w`` as from
     :func:`abfp.numerics.encode_weights` with G weight batches: codes (G, T, n, Ng).
-    Returns ``Y`` (G, Ng, P) float32. Block maxima run along K (one reduction per tile,
-    vectorised along P); a last tile shorter than ``n`` is computed on its own rows rather
-    than padded. Each tile's product is one GEMM ``(Ng, r) @ (r, P)`` per group (int8 when
-    :func:`use_int8` says so), so the patches are never transposed. Numerically identical to
+    Returns ``Y`` (G, Ng, P) float32. Block maxima run along K, for all full-width tiles in
+    one reduction (vectorised along P); a last tile shorter than ``n`` is computed on its
+    own rows rather than padded. The tile products are one batched GEMM
+    ``(tiles, Ng, n) @ (tiles, n, P)`` per group, or with int8 (when :func:`use_int8` says
+    so) one ``(Ng, n) @ (n, P)`` per tile, so the patches are never transposed. Numerically identical to
     :func:`analog_gemm` (the same tile products, ADC and float32 tile sum).
     """
     G, K, P = cols.shape
@@ -224,28 +225,32 @@ def analog_gemm_cols(
     gd = _lsb_dtype(plan) if int8 else plan.gemm_dtype
     d = scratch("tiles", (T, G, Ng, P), gd, cols.device)
     sx = scratch("input_scales", (T, G, 1, P), torch.float32, cols.device)
-    res = scratch("int_mm", (Ng, P), torch.int32, cols.device)
-    for t in range(T):
-        r0, r1 = t * n, min(K, (t + 1) * n)
-        blk = cols[:, r0:r1]  # (G, r, P)
+    full = K // n  # tiles of the full width n (n <= K), encoded and multiplied at once
+    spans = ([(0, full, n)] if full else []) + ([(full, T, K - full * n)] if full < T else [])
+    for t0, t1, r in spans:
+        blk = cols[:, t0 * n : t0 * n + (t1 - t0) * r].view(G, t1 - t0, r, P)
         if input_scale is None:
-            s = round_scale(torch.maximum(blk.amax(1, keepdim=True), blk.amin(1, keepdim=True).neg_()), cfg.scale_dtype)
+            s = round_scale(torch.maximum(blk.amax(2, keepdim=True), blk.amin(2, keepdim=True).neg_()), cfg.scale_dtype)
         else:
-            s = input_scale.expand(G, 1, P)
-        sx[t] = s
+            s = input_scale.expand(G, t1 - t0, 1, P)
+        sx[t0:t1] = s.transpose(0, 1)
         codes_(blk, s, cfg.input_max_code, own_max=input_scale is None)
         if int8:
             assert w.codes_i8 is not None
             bi8 = scratch("codes_i8", blk.shape, torch.int8, cols.device).copy_(blk)
-            wt8 = w.codes_i8[:, t, : r1 - r0].transpose(-1, -2).contiguous()
-            for g in range(G):
-                plan.int_to_lsb(_int_mm(wt8[g], bi8[g], out=res), d[t, g])
+            wt8 = w.codes_i8[:, t0:t1, :r].transpose(-1, -2).contiguous()  # (G, tiles, Ng, r)
+            res = scratch("int_mm", (Ng, P), torch.int32, cols.device)
+            for t in range(t1 - t0):
+                for g in range(G):
+                    plan.int_to_lsb(_int_mm(wt8[g, t], bi8[g, t], out=res), d[t0 + t, g])
         else:
-            lhs = wc[:, t, : r1 - r0].transpose(-1, -2)  # (G, Ng, r): the weight codes of tile t
+            lhs = wc[:, t0:t1, :r].transpose(-1, -2)  # (G, tiles, Ng, r): the weight codes of these tiles
+            out = d[t0:t1].transpose(0, 1)  # (G, tiles, Ng, P); contiguous when G == 1
             if gd == torch.float32:
-                torch.matmul(lhs, blk, out=d[t])
+                torch.matmul(lhs, blk, out=out) if out.is_contiguous() else out.copy_(torch.matmul(lhs, blk))
             else:
-                torch.matmul(lhs.to(gd), blk.to(gd), out=d[t])
+                prod = torch.matmul(lhs.to(gd), blk.to(gd))
+                out.copy_(prod)
     d = adc_(d, cfg, plan, generator=generator, stats=stats, in_lsb=int8)
     d.mul_(sx).mul_(w.scales.permute(1, 0, 2).unsqueeze(-1))  # (T, G, Ng, 1)
     if cfg.bf16_tile_outputs:
