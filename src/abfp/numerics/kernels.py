@@ -1,12 +1,16 @@
 """The fast path: exact GEMMs on DAC codes, the per-tile ADC as an in-place epilogue, in chunks.
 
-For each chunk of rows, ``D = codes_x @ codes_w`` gives every tile's integer dot product at
-once (a batched GEMM over the tiles, exact in float32 because the products are integers
-below 2**24), then the epilogue turns it into ADC codes and numbers and sums the tiles in
-float32. Chunks are sized so that the ``(T, rows, N)`` partial sums stay small (never the
-whole tensor of a large layer), which also keeps them in cache.
+For each chunk of rows, ``D = codes_x @ codes_w`` gives every tile's integer dot product:
+one int8 GEMM per tile with exact int32 sums (``torch._int_mm``, where :func:`use_int8`
+says it gains) or one batched float32 GEMM over the tiles (exact too: the products are
+integers below 2**24). The epilogue (:func:`adc_`) turns them into ADC codes and numbers in
+place and the tiles are summed in float32. Chunks are sized so that the ``(T, rows, N)``
+partial sums stay small (never the whole tensor of a large layer), which also keeps them
+in cache; temporaries live in reused scratch buffers (:mod:`.workspace`).
 
-Tested against :mod:`abfp.numerics.reference` (``tests/numerics``).
+:func:`analog_gemm` takes rows (linear layers, attention); :func:`analog_gemm_cols` takes
+the reduction axis first (convolutions at inference). Tested against
+:mod:`abfp.numerics.reference` and against each other (``tests/numerics``).
 """
 
 from __future__ import annotations
