@@ -433,8 +433,8 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
 
     A few images at a time (or, for a large image, a few output rows), the input is copied
     padded, channels first, ``xc[c, b, h, w]``, and the patches are built from it,
-    ``cols[c, i*kw + j, b, h, w] = xc[c, b, h*s + i*d, w*s + j*d]`` (one strided copy per
-    kernel offset, image rows read contiguously), into buffers reused across chunks. The
+    ``cols[c, i*kw + j, b, h, w] = xc[c, b, h*s + i*d, w*s + j*d]`` (one copy from a strided
+    view, image rows read contiguously), into buffers reused across chunks. The
     output's memory format follows ``F.conv2d``'s: channels-last when the input or the weight
     is channels-last (then pooling and batch norm after it run several times faster), else
     contiguous NCHW, so code after the layer sees the strides it would see in float32.
@@ -468,11 +468,11 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
         b, hr = b1 - b0, h1 - h0
         if h0 == 0:
             xc[:, :b, pt : pt + h, pl : pl + w_].copy_(src[:, b0:b1])
-        cols = buf[: c * kh * kw * b * hr * wo].view(c, kh * kw, b, hr, wo)
-        for i in range(kh):
-            for j in range(kw):
-                r0, c0 = i * dh + h0 * sh, j * dw
-                cols[:, i * kw + j].copy_(xc[:, :b, r0 : r0 + sh * (hr - 1) + 1 : sh, c0 : c0 + sw * (wo - 1) + 1 : sw])
+        cols = buf[: c * kh * kw * b * hr * wo].view(c, kh, kw, b, hr, wo)
+        # every kernel offset at once: a strided view of the padded images, one copy
+        sc, sb, sy, sx_ = xc.stride()
+        cols.copy_(xc.as_strided((c, kh, kw, b, hr, wo), (sc, dh * sy, dw * sx_, sb, sh * sy, sw * sx_),
+                                 xc.storage_offset() + h0 * sh * sy))
         yi = analog_gemm_cols(cols.view(groups, (c // groups) * kh * kw, b * hr * wo), weights, config, plan,
                               input_scale=static, generator=generator, stats=stats)  # (G, Ng, P)
         y[b0:b1, :, h0:h1].copy_(yi.view(cout, b, hr, wo).transpose(0, 1))
