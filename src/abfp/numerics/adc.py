@@ -61,15 +61,15 @@ class AdcPlan:
     """float32 when every tile product is an integer below 2**24 (exact), else float64."""
     exact_ties: bool
     int8: bool = False
-    """Both DACs' codes fit in int8 (at most 8 bits): the GEMM may run on int8 with exact
-    int32 sums (``torch._int_mm``, several times faster than float32 on CPU)."""
+    """Both DACs' codes fit in int8 (at most 8 bits) and ``kernel="auto"``: the GEMM may run
+    on int8 with exact int32 sums (``torch._int_mm``, several times faster than float32 on CPU)."""
 
     @staticmethod
     def for_config(cfg: ABFPConfig) -> "AdcPlan":
         n, g = cfg.tile_width, cfg.gain
         lx, lw, ly = cfg.input_max_code, cfg.weight_max_code, cfg.output_max_code
         gemm_dtype = torch.float32 if n * lx * lw <= _F32_EXACT_INT else torch.float64
-        i8 = lx <= 127 and lw <= 127
+        i8 = lx <= 127 and lw <= 127 and cfg.kernel == "auto"  # "chunked" keeps float32 GEMMs
         alpha = g / n
         step = n / (g * ly)
         if gemm_dtype == torch.float32 and _is_pow2(alpha):

@@ -141,7 +141,7 @@ def analog_gemm(
         codes, sx = encode_rows(x3[b0:b1, m0:m1], n=n, max_code=cfg.input_max_code, mode=cfg.mode,
                                 scale_dtype=cfg.scale_dtype, static_scale=input_scale,
                                 buffer=scratch("codes", (b, m, T * n), torch.float32, dev))
-        int8 = cfg.kernel == "auto" and use_int8(w, plan, m)
+        int8 = use_int8(w, plan, m)
         if int8:
             d = _int8_tile_products(codes, w.codes_i8, b0, plan)  # (b, T, m, N) in LSBs
         else:
@@ -225,7 +225,7 @@ def analog_gemm_cols(
     T, n, Ng = wc.shape[1], wc.shape[2], wc.shape[3]
     if P == 0 or Ng == 0 or G == 0:
         return torch.zeros(G, Ng, P, dtype=torch.float32, device=cols.device)
-    int8 = cfg.kernel == "auto" and use_int8(w, plan, P)
+    int8 = use_int8(w, plan, P)
     gd = _lsb_dtype(plan) if int8 else plan.gemm_dtype
     d = scratch("tiles", (T, G, Ng, P), gd, cols.device)
     sx = scratch("input_scales", (T, G, 1, P), torch.float32, cols.device)
