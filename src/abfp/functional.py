@@ -26,7 +26,8 @@ from torch import Tensor
 
 from .config import ABFPConfig
 from .numerics import AdcPlan, Encoded, ProductStats, analog_product, encode_weights
-from .numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols
+from .numerics.conv import conv2d_fused
+from .numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, use_fused
 from .numerics.workspace import scratch
 from .numerics.blocks import block_scales, inside_clamp, pad_to_tiles, static_scale_value, static_scales
 
@@ -445,6 +446,10 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     T = weights.codes.shape[1]
     plan = AdcPlan.for_config(config)
     static = static_scale_value(x, input_scale, config.scale_dtype) if config.mode == "fixed" else None
+    key = draw_key(config, generator)
+    if use_fused(config, plan, x.device):
+        return conv2d_fused(x, pads, weights, config, plan, groups, k, stride, dilation, out_hw, static, key, stats,
+                            channels_last)
     pl, pr, pt, pb = pads
     src = (x.to(torch.bfloat16) if config.bf16_io else x).transpose(0, 1)  # (C, B, H, W) view
     y = torch.empty(bt, cout, ho, wo, dtype=torch.float32, device=x.device,
@@ -474,7 +479,8 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
         cols.copy_(xc.as_strided((c, kh, kw, b, hr, wo), (sc, dh * sy, dw * sx_, sb, sh * sy, sw * sx_),
                                  xc.storage_offset() + h0 * sh * sy))
         yi = analog_gemm_cols(cols.view(groups, (c // groups) * kh * kw, b * hr * wo), weights, config, plan,
-                              input_scale=static, generator=generator, stats=stats)  # (G, Ng, P)
+                              input_scale=static, generator=generator, key=key, p_off=(b0 * ho + h0) * wo,
+                              p_total=bt * ho * wo, stats=stats)  # (G, Ng, P)
         y[b0:b1, :, h0:h1].copy_(yi.view(cout, b, hr, wo).transpose(0, 1))
     if config.bf16_io:
         y = y.to(torch.bfloat16).to(torch.float32)

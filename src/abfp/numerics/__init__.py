@@ -18,8 +18,10 @@ from .reference import ReferenceResult, reference_product
 #: Bumped whenever the same configuration and seed give different numbers (a changed noise
 #: stream, a fixed bug): caches of results (``abfp eval``'s) key on it, so a run never reuses
 #: numbers an older version produced. 2: noise drawn as odd 16-bit lanes in two streams, and
-#: convolutions at inference draw their noise in the column layout.
-NUMERICS_VERSION = 2
+#: convolutions at inference draw their noise in the column layout. 3: counter-based noise
+#: (:mod:`.counter_noise`, indexed by sample, the same in every kernel) and the float32 sum
+#: over tiles in a fixed order (t = 0, 1, ...).
+NUMERICS_VERSION = 3
 
 __all__ = [
     "NUMERICS_VERSION",

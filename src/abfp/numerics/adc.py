@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import ABFPConfig
-from .rng import random_bits
-from .workspace import scratch
+from .counter_noise import noise_values
 
 _F32_EXACT_INT = 1 << 24
 
@@ -80,6 +79,15 @@ class AdcPlan:
         exact = float(g).is_integer()
         return AdcPlan(1.0, float(g * ly), float(n * lx * lw), True, ly, step, gemm_dtype, exact, i8)
 
+    def int_ratio(self) -> tuple[float, float]:
+        """``(mult, q)`` with ``D * mult / q`` (float32, in this order) the LSB value of an
+        integer tile product ``D`` *without* ``code_multiplier``: what :meth:`int_to_lsb`
+        computes (narrow forms only)."""
+        assert not self.wide
+        if _is_pow2(self.code_multiplier):
+            return 1.0, self.divisor / self.code_multiplier
+        return self.code_multiplier, self.divisor
+
     def int_to_lsb(self, res: Tensor, out: Tensor) -> Tensor:
         """Integer tile products ``res`` (int32, *without* ``code_multiplier``) -> ``out`` in
         LSBs, the same values :meth:`to_lsb_` gives on float products times the multiplier."""
@@ -107,30 +115,18 @@ def draw_noise(shape: tuple[int, ...], cfg: ABFPConfig, generator: torch.Generat
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(cfg.noise_std)
 
 
-_U16 = 1.0 / 65536.0
-_ODD = 0x0001000100010001  # the lowest bit of each 16-bit lane
+def add_noise_(r: Tensor, cfg: ABFPConfig, generator: torch.Generator | None, key: int | None = None,
+               index: Tensor | None = None) -> Tensor:
+    """In place: ``r += e``, fresh device noise of ``r``'s shape.
 
-
-def add_noise_(r: Tensor, cfg: ABFPConfig, generator: torch.Generator | None) -> Tensor:
-    """In place: ``r += e`` with fresh noise of ``r``'s shape.
-
-    Uniform noise on the CPU is drawn as 16-bit integers (four per 64-bit word of
-    :func:`abfp.numerics.rng.random_bits`, several times faster than ``torch.rand``) with the
-    lowest bit set: odd ``k`` in ``[-32767, 32767]``, ``e = w k / 2**16``, uniform on
-    ``(-w/2, w/2)`` over 32768 values symmetric about 0 (a grid of ``w / 2**15``: 1/32768 LSB
-    at the default width of one LSB, far below anything the ADC resolves; mean 0, variance
-    ``w^2/12 (1 - 2^-30)``).
+    Uniform noise is counter-based (:mod:`abfp.numerics.counter_noise`): ``key`` (one draw
+    from the product's generator) and the samples' flat ``index`` (int64, broadcast to
+    ``r``) give it, the same on every device and in every kernel. Gaussian noise is drawn
+    from ``generator``.
     """
-    if cfg.noise_dist == "uniform" and r.device.type == "cpu" and r.is_contiguous():
-        width = math.sqrt(12.0) * cfg.noise_std
-        n = r.numel()
-        bits = random_bits((n + 3) // 4, generator, out=scratch("noise_bits", ((n + 3) // 4,), torch.int64, r.device))
-        k = bits.bitwise_or_(_ODD).view(torch.int16)[:n].view(r.shape)
-        kf = scratch("noise", r.shape, r.dtype, r.device).copy_(k)  # converting first: a mixed-dtype add is 2x slower
-        return r.add_(kf, alpha=width * _U16)
     if cfg.noise_dist == "uniform":
-        width = math.sqrt(12.0) * cfg.noise_std
-        u = torch.rand(r.shape, generator=generator, device=r.device, dtype=r.dtype)
-        return r.add_(u, alpha=width).sub_(0.5 * width)
+        if key is None or index is None:
+            raise ValueError("uniform device noise needs a key and the samples' index")
+        return r.add_(noise_values(key, index, cfg.noise_std, r.dtype).expand(r.shape))
     z = torch.randn(r.shape, generator=generator, device=r.device, dtype=r.dtype)
     return r.add_(z, alpha=cfg.noise_std)

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..config import ABFPConfig
+from . import fused
 from .adc import AdcPlan, add_noise_
 from .blocks import Encoded, codes_, encode_rows, round_scale
+from .counter_noise import grid_index, noise_key, noise_scale
 from .workspace import scratch
 
 #: Elements of partial sums per chunk (float32): 512 Ki elements = 2 MiB.
@@ -60,6 +63,8 @@ def adc_(
     *,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
+    key: int | None = None,
+    index: Tensor | None = None,
     stats: ProductStats | None = None,
     mask_out: Tensor | None = None,
     in_lsb: bool = False,
@@ -68,7 +73,9 @@ def adc_(
     it can: ``qy = round(clamp(d * G L(b_y) / (n L(b_x) L(b_w)) + e, -L(b_y), L(b_y)))``.
 
     Returns the output codes in float32 (a new tensor only in the wide form). ``noise``
-    (broadcastable to ``d``) replaces the drawn noise ``e``; ``mask_out`` receives
+    (broadcastable to ``d``) replaces the device noise ``e``, else uniform noise comes from
+    ``key`` and the samples' flat ``index`` (:mod:`.counter_noise`), Gaussian noise from
+    ``generator``; ``mask_out`` receives
     ``|a L(b_y)| <= L(b_y)`` (not clipped) and ``stats`` counts the clipped samples.
     ``in_lsb``: ``d`` is already in LSBs (:meth:`AdcPlan.int_to_lsb`).
     """
@@ -80,7 +87,7 @@ def adc_(
     if noise is not None:
         d.add_(noise)
     elif cfg.noise_std > 0:
-        add_noise_(d, cfg, generator)
+        add_noise_(d, cfg, generator, key, index)
     if stats is not None or mask_out is not None:
         inside = d.abs() <= ly
         if mask_out is not None:
@@ -111,8 +118,10 @@ def analog_gemm(
     built. ``w.codes``: (Bw, T, n, N) with Bw in (1, B), already times
     ``plan.code_multiplier``; ``w.scales`` (Bw, T, N) already times ``plan.step``.
     ``input_scale``: the fixed-mode static scale (0-d, in the scale format). ``noise``:
-    optional explicit noise (B, T, M, N) in LSBs (tests). Returns ``Y`` (B, M, N) float32
-    and, with ``want_mask``, the straight-through mask (B, T, M, N) bool (True: not clipped).
+    optional explicit noise (B, T, M, N) in LSBs (tests); else uniform noise has index
+    ``((b T + t) M + m) N + j`` under one key drawn from ``generator``. Returns ``Y`` (B, M, N)
+    float32 and, with ``want_mask``, the straight-through mask (B, T, M, N) bool (True: not
+    clipped). The epilogue runs compiled (:mod:`.fused`) where it can, with the same numbers.
     """
     wc = w.codes
     chunk_elements = chunk_elements or CHUNK_ELEMENTS
@@ -126,6 +135,8 @@ def analog_gemm(
         if mask is not None:
             mask.fill_(True)
         return y, mask
+    key = draw_key(cfg, generator) if noise is None else None
+    compiled = noise is None and not want_mask and use_fused(cfg, plan, dev)
     sw_all = w.scales  # (Bw, T, N)
     # rows per chunk: bounded by the partial sums (T*N per row) and the input codes (T*n per row)
     per_row = T * max(N, n)
@@ -143,7 +154,7 @@ def analog_gemm(
                                 buffer=scratch("codes", (b, m, T * n), torch.float32, dev))
         int8 = use_int8(w, plan, m)
         if int8:
-            d = _int8_tile_products(codes, w.codes_i8, b0, plan)  # (b, T, m, N) in LSBs
+            d = _int8_tile_products(codes, w.codes_i8, b0, plan, raw=compiled)  # (b, T, m, N)
         else:
             xs = codes.permute(0, 2, 1, 3)  # (b, T, m, n) view: the GEMM takes the strides as they are
             ws = wc if wc.shape[0] == 1 else wc[b0:b1]
@@ -152,15 +163,61 @@ def analog_gemm(
                 torch.matmul(xs.to(plan.gemm_dtype), ws.to(plan.gemm_dtype), out=d)
             else:
                 torch.matmul(xs, ws.expand(b, T, n, N), out=d)  # (b, T, m, N): exact integer tile products
+        yc = y[b0:b1, m0:m1]
+        if compiled:
+            mult, q = plan.int_ratio() if int8 else (1.0, plan.divisor)
+            fused.set_threads()
+            clipped = fused.epilogue_rows(
+                fused.as_numpy(d), *_adc_args(cfg, plan, mult, q, key, stats is not None), fused.as_numpy(sx),
+                fused.as_numpy(sw_all), fused.as_numpy(yc), b0, M, m0)
+            _count(stats, clipped, d.numel())
+            continue
+        index = None if key is None else grid_index((b0 * T * M + m0) * N, (b, T, m, N), (T * M * N, M * N, N, 1), dev)
         d = adc_(d, cfg, plan, generator=generator, noise=None if noise is None else noise[b0:b1, :, m0:m1],
-                 stats=stats, mask_out=None if mask is None else mask[b0:b1, :, m0:m1], in_lsb=int8)
+                 key=key, index=index, stats=stats, mask_out=None if mask is None else mask[b0:b1, :, m0:m1],
+                 in_lsb=int8)
         d.mul_(sx.permute(0, 2, 1).unsqueeze(-1))  # (b, T, m, 1)
         sw = sw_all if sw_all.shape[0] == 1 else sw_all[b0:b1]
         d.mul_(sw.unsqueeze(-2))
         if cfg.bf16_tile_outputs:
             d = d.to(torch.bfloat16).to(torch.float32)
-        torch.sum(d, dim=1, out=y[b0:b1, m0:m1]) if y[b0:b1, m0:m1].is_contiguous() else y[b0:b1, m0:m1].copy_(d.sum(1))
+        sum_tiles(d, 1, yc)
     return y, mask
+
+
+def draw_key(cfg: ABFPConfig, generator: torch.Generator | None) -> int | None:
+    """The counter-noise key of one product (uniform noise only; ``None`` without noise)."""
+    return noise_key(generator) if cfg.noise_std > 0 and cfg.noise_dist == "uniform" else None
+
+
+def use_fused(cfg: ABFPConfig, plan: AdcPlan, device: torch.device) -> bool:
+    """Whether the compiled epilogue (:mod:`.fused`) can take this product: CPU, numba
+    present, narrow float32 ADC arithmetic, uniform or no noise, no bfloat16 tile outputs."""
+    return (fused.AVAILABLE and device.type == "cpu" and cfg.kernel != "reference" and not plan.wide
+            and plan.gemm_dtype == torch.float32 and not cfg.bf16_tile_outputs
+            and (cfg.noise_std == 0 or cfg.noise_dist == "uniform"))
+
+
+def _adc_args(cfg: ABFPConfig, plan: AdcPlan, mult: float, q: float, key: int | None, count: bool) -> tuple:
+    """``mult, q, w16, ly, key, noisy, count`` for the compiled epilogues."""
+    f32 = np.float32
+    return (f32(mult), f32(q), f32(noise_scale(cfg.noise_std) if key is not None else 0.0), f32(plan.max_code),
+            np.uint64(key or 0), key is not None, count)
+
+
+def _count(stats: ProductStats | None, clipped: int, samples: int) -> None:
+    if stats is not None:
+        stats.saturated += int(clipped)
+        stats.conversions += samples
+
+
+def sum_tiles(d: Tensor, dim: int, out: Tensor) -> Tensor:
+    """``out = d[0] + d[1] + ...`` along ``dim``, in float32 and in this order (the order the
+    compiled epilogues sum in; ``torch.sum`` may pair terms differently)."""
+    out.copy_(d.select(dim, 0))
+    for t in range(1, d.shape[dim]):
+        out.add_(d.select(dim, t))
+    return out
 
 
 def _int_mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
@@ -183,18 +240,22 @@ def _lsb_dtype(plan: AdcPlan) -> torch.dtype:
     return torch.float64 if plan.wide else torch.float32
 
 
-def _int8_tile_products(codes: Tensor, wi8: Tensor, b0: int, plan: AdcPlan) -> Tensor:
+def _int8_tile_products(codes: Tensor, wi8: Tensor, b0: int, plan: AdcPlan, raw: bool = False) -> Tensor:
     """Tile products of input codes (b, m, T, n) float and int8 weight codes (Bw, T, n, N), in
-    LSBs: one ``torch._int_mm`` per (batch, tile), each read through a strided view."""
+    LSBs (``raw``: the int32 products themselves): one ``torch._int_mm`` per (batch, tile),
+    each read through a strided view."""
     b, m, T, _ = codes.shape
     N = wi8.shape[-1]
     ci = scratch("codes_i8", codes.shape, torch.int8, codes.device).copy_(codes)
-    d = scratch("tiles", (b, T, m, N), _lsb_dtype(plan), codes.device)
-    res = scratch("int_mm", (m, N), torch.int32, codes.device)
+    d = scratch("tiles_i32" if raw else "tiles", (b, T, m, N), torch.int32 if raw else _lsb_dtype(plan), codes.device)
+    res = None if raw else scratch("int_mm", (m, N), torch.int32, codes.device)
     for i in range(b):
         wb = wi8[0] if wi8.shape[0] == 1 else wi8[b0 + i]
         for t in range(T):
-            plan.int_to_lsb(_int_mm(ci[i, :, t], wb[t], out=res), d[i, t])
+            if raw:
+                _int_mm(ci[i, :, t], wb[t], out=d[i, t])
+            else:
+                plan.int_to_lsb(_int_mm(ci[i, :, t], wb[t], out=res), d[i, t])
     return d
 
 
@@ -206,6 +267,9 @@ def analog_gemm_cols(
     *,
     input_scale: Tensor | None = None,
     generator: torch.Generator | None = None,
+    key: int | None = None,
+    p_off: int = 0,
+    p_total: int | None = None,
     stats: ProductStats | None = None,
 ) -> Tensor:
     """The same product with the reduction axis before the rows: the convolution layout.
@@ -218,7 +282,9 @@ def analog_gemm_cols(
     own rows rather than padded. The tile products are one batched GEMM
     ``(tiles, Ng, n) @ (tiles, n, P)`` per group, or with int8 (when :func:`use_int8` says
     so) one ``(Ng, n) @ (n, P)`` per tile, so the patches are never transposed. Numerically identical to
-    :func:`analog_gemm` (the same tile products, ADC and float32 tile sum).
+    :func:`analog_gemm` (the same tile products, ADC and float32 tile sum). Uniform noise:
+    ``key`` with index ``((g T + t) p_total + p_off + p) Ng + o`` (this chunk's positions are
+    ``p_off ...`` of ``p_total`` in the whole convolution: the index of the row-major product).
     """
     G, K, P = cols.shape
     wc = w.codes
@@ -255,8 +321,10 @@ def analog_gemm_cols(
             else:
                 prod = torch.matmul(lhs.to(gd), blk.to(gd))
                 out.copy_(prod)
-    d = adc_(d, cfg, plan, generator=generator, stats=stats, in_lsb=int8)
+    pt = P if p_total is None else p_total
+    index = None if key is None else grid_index(p_off * Ng, (T, G, Ng, P), (pt * Ng, T * pt * Ng, 1, Ng), cols.device)
+    d = adc_(d, cfg, plan, generator=generator, key=key, index=index, stats=stats, in_lsb=int8)
     d.mul_(sx).mul_(w.scales.permute(1, 0, 2).unsqueeze(-1))  # (T, G, Ng, 1)
     if cfg.bf16_tile_outputs:
         d = d.to(torch.bfloat16).to(torch.float32)
-    return d.sum(0)
+    return sum_tiles(d, 0, torch.empty(G, Ng, P, dtype=torch.float32, device=cols.device))

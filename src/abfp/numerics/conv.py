@@ -1,0 +1,147 @@
+"""Inference convolution through the compiled kernels (:mod:`.fused`): the patches are
+encoded straight from the padded input, never built in float32.
+
+Layout. A stride-``s`` convolution reads, for kernel offset ``(i, j)``, the padded input at
+``(h s + i d, w s + j d)``. Split the padded input into ``s_h s_w`` *phase images*,
+``xs[c, phase (a, b)][y, x] = xpad[c, y s_h + a, x s_w + b]``; then offset ``(i, j)`` reads
+phase ``(i d_h mod s_h, j d_w mod s_w)`` at ``(h + i d_h // s_h, w + j d_w // s_w)``: stride 1.
+Each phase image is stored with rows of ``wv >= wo`` columns, so for every reduction index
+``k`` the patch values over *virtual* positions ``v = h wv + w`` are one contiguous run
+``xs[src(k)][off(k) + v]``; the ``wv - wo`` extra columns of each row are computed and
+dropped (the epilogue writes only the real ones). This is what lets the kernels run on
+contiguous memory at full vector width.
+
+Numerically identical to the torch column path (:func:`abfp.numerics.kernels.analog_gemm_cols`):
+same block maxima, scales, codes, exact integer tile products, ADC and tile sum
+(``tests/numerics/test_fused.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import ABFPConfig
+from . import fused
+from .adc import AdcPlan
+from .blocks import Encoded, round_scale
+from .kernels import CHUNK_ELEMENTS, INT8_MIN_TILE, ProductStats, _adc_args, _count, _int_mm
+from .workspace import scratch
+
+#: int8 patch codes per chunk (bytes): a few images at a time stay in the caches.
+PATCH_BYTES = 1 << 21
+
+
+@functools.lru_cache(maxsize=256)
+def _tables(cin: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, wv: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each reduction index ``k`` (groups, then ``unfold`` order ``(c, i, j)``): the phase
+    image it reads (``c * phases + phase``) and its offset in virtual positions."""
+    c, i, j = np.meshgrid(np.arange(cin), np.arange(kh), np.arange(kw), indexing="ij")
+    src = c * (sh * sw) + ((i * dh) % sh) * sw + (j * dw) % sw
+    off = ((i * dh) // sh) * wv + (j * dw) // sw
+    return src.reshape(-1).astype(np.int64), off.reshape(-1).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _real_index(hr: int, wv: int, wo: int) -> np.ndarray:
+    """For each virtual position ``h wv + w`` of ``hr`` rows: ``h wo + w`` if ``w < wo``, else -1."""
+    w = np.arange(wv)
+    r = np.arange(hr)[:, None] * wo + w[None, :]
+    return np.where(w[None, :] < wo, r, -1).reshape(-1).astype(np.int64)
+
+
+def _fill_phases(xs: Tensor, src: Tensor, pads: tuple[int, int, int, int], stride: tuple[int, int]) -> None:
+    """Copy images ``src`` (C, b, H, W) into their phase images ``xs`` (C * phases, b, hv, wv),
+    whose padding (and anything outside the input) is already zero."""
+    pl, _, pt, _ = pads
+    sh, sw = stride
+    c, b, h, w = src.shape
+    xv = xs.view(c, sh * sw, *xs.shape[1:])
+    for a in range(sh):
+        y0 = -(-(pt - a) // sh)  # first phase row whose padded row a + y sh is an input row
+        ry = y0 * sh + a - pt
+        rows = len(range(ry, h, sh))
+        for bb in range(sw):
+            x0 = -(-(pl - bb) // sw)
+            rx = x0 * sw + bb - pl
+            cols = len(range(rx, w, sw))
+            if rows > 0 and cols > 0:
+                xv[:, a * sw + bb, :b, y0 : y0 + rows, x0 : x0 + cols].copy_(src[:, :, ry::sh, rx::sw])
+
+
+def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, cfg: ABFPConfig, plan: AdcPlan,
+                 groups: int, k: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+                 out_hw: tuple[int, int], static: Tensor | None, key: int | None, stats: ProductStats | None,
+                 channels_last: bool) -> Tensor:
+    """``F.conv2d`` on the device (no bias), from ``x`` (B, C, H, W); see the module text.
+    ``static``: the fixed-mode input scale (0-d); ``key``: the uniform-noise key."""
+    bt, c, h, w_ = x.shape
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = k, stride, dilation, out_hw
+    pl, pr, pt, pb = pads
+    G = groups
+    kg = (c // G) * kh * kw
+    T, n, Ng = weights.codes.shape[1], weights.codes.shape[2], weights.codes.shape[3]
+    cout = G * Ng
+    wv = -(-(w_ + pl + pr) // sw)
+    hv = max(-(-(h + pt + pb) // sh), ho + ((kh - 1) * dh) // sh + 1)
+    k_src, k_off = _tables(c, kh, kw, sh, sw, dh, dw, wv)
+    y = torch.empty(bt, cout, ho, wo, dtype=torch.float32,
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    int8 = plan.int8 and weights.codes_i8 is not None and n >= INT8_MIN_TILE
+    # per tile, the weight codes as the GEMM's left operand (Ng, r): int8 raw, or float32 times the multiplier
+    wsrc = weights.codes_i8 if int8 else weights.codes
+    assert wsrc is not None
+    spans = [(t, min(n, kg - t * n)) for t in range(T)]
+    lhs = [[wsrc[g, t, :r].t().contiguous() for t, r in spans] for g in range(G)]
+    mult, q = plan.int_ratio() if int8 else (1.0, plan.divisor)
+    adc_args = _adc_args(cfg, plan, mult, q, key, stats is not None)
+    # the DAC clamp, skipped where it cannot change a code (as in :func:`.blocks.codes_`)
+    clamp = not (static is None and cfg.input_max_code <= 127)
+    # images (or output rows of one image) per chunk: bounded by the codes and the partial sums
+    per_row = wv * max(G * kg, T * cout * 4)
+    rows = max(1, min(PATCH_BYTES, CHUNK_ELEMENTS * 4) // per_row)
+    if rows >= ho:
+        nb = max(1, min(bt, rows // ho))
+        chunks = [(b, min(bt, b + nb), 0, ho) for b in range(0, bt, nb)]
+    else:
+        nb = 1
+        chunks = [(b, b + 1, r, min(ho, r + rows)) for b in range(bt) for r in range(0, ho, rows)]
+    src = (x.to(torch.bfloat16) if cfg.bf16_io else x).transpose(0, 1)  # (C, B, H, W) view
+    xs = scratch("phases", (c * sh * sw, nb, hv, wv), torch.float32, x.device).zero_()
+    xs_np = fused.as_numpy(xs.view(c * sh * sw, nb, hv * wv))
+    sw_np = fused.as_numpy(weights.scales)
+    fused.set_threads()
+    clipped = 0
+    for b0, b1, h0, h1 in chunks:
+        b, hr = b1 - b0, h1 - h0
+        if h0 == 0:
+            _fill_phases(xs, src[:, b0:b1], pads, stride)
+        L = hr * wv
+        offs = k_off + h0 * wv
+        if static is None:
+            m = scratch("block_max", (T, G, b, L), torch.float32, x.device)
+            fused.patch_block_max(xs_np, k_src, offs, kg, n, fused.as_numpy(m))
+            s = round_scale(m, cfg.scale_dtype)
+        else:
+            s = static.expand(T, G, b, L).contiguous()
+        codes = scratch("patch_codes", (G, kg, b * L), torch.int8 if int8 else torch.float32, x.device)
+        fused.patch_codes(xs_np, k_src, offs, kg, n, fused.as_numpy(s), np.float32(cfg.input_max_code), clamp,
+                          fused.as_numpy(codes))
+        d = scratch("patch_tiles", (T, G, Ng, b * L), torch.int32 if int8 else torch.float32, x.device)
+        for g in range(G):
+            for t, r in spans:
+                rhs = codes[g, t * n : t * n + r]
+                if int8:
+                    _int_mm(lhs[g][t], rhs, out=d[t, g])
+                else:
+                    torch.mm(lhs[g][t], rhs, out=d[t, g])
+        clipped += fused.epilogue_cols(fused.as_numpy(d), *adc_args, fused.as_numpy(s.view(T, G, b * L)), sw_np,
+                                       fused.as_numpy(y[b0:b1, :, h0:h1]), wv, _real_index(hr, wv, wo), bt * ho * wo,
+                                       (b0 * ho + h0) * wo)
+    _count(stats, clipped, T * cout * bt * ho * wo)
+    if cfg.bf16_io:
+        y = y.to(torch.bfloat16).to(torch.float32)
+    return y

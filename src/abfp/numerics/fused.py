@@ -1,0 +1,186 @@
+"""Compiled CPU kernels (numba) for the two memory-bound halves of the fast path.
+
+The torch path in :mod:`.kernels` makes one pass over memory per element-wise operation:
+about seven over a convolution's patches (gather, two block-max reductions, divide,
+multiply, round, convert) and a dozen over the partial sums (divide, noise, clamp, round,
+two scale multiplies, the tile sum). These kernels do each half in one pass, with the same
+float32 operations in the same order, so their results are identical bit for bit (tested
+in ``tests/numerics/test_fused.py``):
+
+- :func:`patch_block_max` / :func:`patch_codes`: a convolution's DAC straight from the
+  padded input, never building the float32 patch matrix (codes written as int8);
+- :func:`epilogue_rows` / :func:`epilogue_cols`: ADC on integer tile products
+  ``r = D * mult / q``, noise (:mod:`.counter_noise`), clamp, round, ``* sx * sw``, and the
+  float32 sum over tiles in order ``t = 0, 1, ...``.
+
+numba compiles them on first use (a few seconds, cached on disk afterwards) and runs them
+on ``torch.get_num_threads()`` threads. Without numba (or with ``ABFP_NO_NUMBA=1``) the
+torch path runs instead: same numbers, slower. ``error_model="numpy"`` lets the divisions
+vectorise (a zero divisor cannot occur: zero scales are tested for explicitly); only the
+block max runs with fast-math flags (``max``/``abs`` of finite values, exact either way).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+try:  # an optional accelerator: everything works without it
+    if os.environ.get("ABFP_NO_NUMBA"):
+        raise ImportError("disabled by ABFP_NO_NUMBA")
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised when numba is absent
+    numba = None
+
+AVAILABLE = numba is not None
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def set_threads() -> None:
+    """Run the kernels on as many threads as torch uses."""
+    assert numba is not None
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array (no copy; bfloat16 is not supported)."""
+    return t.detach().numpy()
+
+
+if AVAILABLE:
+    _jit: Any = dict(cache=True, nogil=True, error_model="numpy")
+
+    @njit(inline="always", **_jit)
+    def _noise_int(key: np.uint64, idx: np.int64) -> np.float32:
+        """The odd noise integer ``k`` of sample ``idx`` (:mod:`.counter_noise`), as float32."""
+        u = np.uint64(idx)
+        z = key + ((u >> np.uint64(2)) + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+        v = np.int64((z >> ((u & np.uint64(3)) * np.uint64(16))) & np.uint64(0xFFFF))
+        return np.float32(((v ^ 0x8000) - 0x8000) | 1)
+
+    @njit(inline="always", **_jit)
+    def _lsb(dv, mult, q, w16, key, noisy, idx):
+        """A tile product in output LSBs, with its noise: ``D * mult / q + e``."""
+        r = (np.float32(dv) * mult) / q
+        if noisy:
+            r = r + _noise_int(key, idx) * w16
+        return r
+
+    @njit(parallel=True, **_jit)
+    def epilogue_rows(d, mult, q, w16, ly, key, noisy, count, sx, sw, y, b_off, M, m_off):
+        """``y[b, m, :] = sum_t ADC(d[b, t, m, :]) * sx[b, m, t] * sw[b or 0, t, :]``.
+
+        ``d`` (b, T, m, N) tile products of a chunk of rows ``m_off ...`` of batches
+        ``b_off ...`` of a (B, T, M, N) product; returns the number of clipped samples.
+        """
+        b, T, m, N = d.shape
+        shared = sw.shape[0] == 1
+        clipped = 0
+        for bm in prange(b * m):
+            ib = bm // m
+            im = bm % m
+            out = y[ib, im]
+            wb = sw[0] if shared else sw[b_off + ib]
+            for j in range(N):
+                out[j] = np.float32(0.0)
+            for t in range(T):
+                dt = d[ib, t, im]
+                s = sx[ib, im, t]
+                wt = wb[t]
+                base = (((b_off + ib) * T + t) * M + m_off + im) * N
+                for j in range(N):
+                    r = _lsb(dt[j], mult, q, w16, key, noisy, base + j)
+                    if count:
+                        clipped += abs(r) > ly
+                    out[j] += (np.rint(min(max(r, -ly), ly)) * s) * wt[j]
+        return clipped
+
+    @njit(parallel=True, **_jit)
+    def epilogue_cols(d, mult, q, w16, ly, key, noisy, count, sx, sw, y, wv, real, p_total, p_off):
+        """The convolution's epilogue, written straight into the output.
+
+        ``d`` (T, G, Ng, bc * hr * wv) tile products over virtual positions (output rows of
+        ``wv`` columns, of which the first ``wo`` are real); ``sx`` (T, G, bc * hr * wv);
+        ``sw`` (G, T, Ng); ``y`` (bc, G * Ng, hr, wo), any strides; ``real`` (hr * wv) the
+        index of each virtual position among one image's real ones (``h wo + w``; -1 for the
+        extra columns). The sample of output position ``p`` (``p_off`` + its index among the
+        chunk's ``bc * hr * wo``) has noise index ``((g T + t) p_total + p) Ng + o``. Every
+        virtual position is computed (long contiguous loops); only real ones are written and
+        counted. Returns the number of clipped samples (``count``; else 0).
+        """
+        T, G, Ng, _ = d.shape
+        bc, _, hr, wo = y.shape
+        lb = hr * wv
+        clipped = 0
+        for gob in prange(G * Ng * bc):
+            g = gob // (Ng * bc)
+            o = (gob // bc) % Ng
+            ib = gob % bc
+            acc = np.zeros(lb, np.float32)
+            v0 = ib * lb
+            for t in range(T):
+                dt = d[t, g, o, v0 : v0 + lb]
+                st = sx[t, g, v0 : v0 + lb]
+                wt = sw[g, t, o]
+                base = (g * T + t) * p_total + p_off + ib * hr * wo
+                for v in range(lb):
+                    r = _lsb(dt[v], mult, q, w16, key, noisy, (base + real[v]) * Ng + o)
+                    if count:
+                        clipped += (abs(r) > ly) & (real[v] >= 0)
+                    acc[v] += (np.rint(min(max(r, -ly), ly)) * st[v]) * wt
+            for h in range(hr):
+                row = y[ib, g * Ng + o, h]
+                for w in range(wo):
+                    row[w] = acc[h * wv + w]
+        return clipped
+
+    @njit(parallel=True, fastmath={"nnan", "ninf", "nsz"}, **_jit)
+    def patch_block_max(xs, k_src, k_off, kg, n, out):
+        """Block maxima of a convolution's patches: ``out[t, g, b, v] = max |patch|`` over the
+        reduction indices ``k`` of tile ``t`` of group ``g`` (``g kg + t n ...``), where the
+        patch value of ``k`` at virtual position ``v`` is ``xs[k_src[k], b, k_off[k] + v]``."""
+        T, G, B, L = out.shape
+        for tgb in prange(T * G * B):
+            t = tgb // (G * B)
+            g = (tgb // B) % G
+            b = tgb % B
+            o = out[t, g, b]
+            for v in range(L):
+                o[v] = np.float32(0.0)
+            for k in range(g * kg + t * n, g * kg + min(kg, t * n + n)):
+                off = k_off[k]
+                src = xs[k_src[k], b, off : off + L]
+                for v in range(L):
+                    o[v] = max(o[v], abs(src[v]))
+
+    @njit(parallel=True, **_jit)
+    def patch_codes(xs, k_src, k_off, kg, n, s, lx, clamp, out):
+        """DAC codes of a convolution's patches: ``out[g, k, b L + v] = round(clamp(x / s, -1,
+        1) * lx)`` with ``s = s[t, g, b, v]`` the block's scale (0: the code is 0); the clamp
+        runs only where asked (it cannot change a code when ``s`` is the block's own max)."""
+        T, G, B, L = s.shape
+        for gkb in prange(G * kg * B):
+            g = gkb // (kg * B)
+            kk = (gkb // B) % kg
+            b = gkb % B
+            k = g * kg + kk
+            sc = s[kk // n, g, b]
+            off = k_off[k]
+            src = xs[k_src[k], b, off : off + L]
+            dst = out[g, kk, b * L : (b + 1) * L]
+            for v in range(L):
+                sv = sc[v]
+                r = src[v] / sv if sv > 0 else np.float32(0.0)
+                if clamp:
+                    r = min(max(r, np.float32(-1.0)), np.float32(1.0))
+                dst[v] = np.rint(r * lx)

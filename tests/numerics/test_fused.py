@@ -1,0 +1,142 @@
+"""The compiled kernels (:mod:`abfp.numerics.fused`, numba) give the torch path's numbers bit
+for bit: convolutions on random geometries (groups, strides, dilation, padding, layouts),
+products on random shapes, every converter setting that takes them, with noise and
+saturation statistics; and chunking does not change them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import abfp.numerics.conv as conv
+from abfp import ABFPConfig
+from abfp import functional as AF
+from abfp.numerics import AdcPlan, ProductStats, analog_product, fused
+from abfp.numerics.kernels import use_fused
+
+sys.path.insert(0, str(Path(__file__).parent))
+from device_strategies import device_configs  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
+
+configs = (device_configs(max_dac_bits=10, gains=(0.5, 1.0, 3.0, 8.0, 64.0))
+           .map(lambda c: c.replace(bf16_tile_outputs=False)))
+noise = st.sampled_from([0.0, 0.0, 0.3, 1.0, 3.0])
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """``compiled(on)``: run with or without the compiled kernels; counts their calls."""
+    calls = {"conv": 0, "rows": 0}
+    for name, key in (("patch_codes", "conv"), ("epilogue_rows", "rows")):
+        real = getattr(fused, name)
+
+        def spy(*a, _real=real, _key=key):
+            calls[_key] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(fused, name, spy)
+
+    def set_mode(on: bool) -> dict:
+        monkeypatch.setattr(fused, "AVAILABLE", on)
+        AF.clear_cache()
+        return calls
+
+    return set_mode
+
+
+geometries = st.fixed_dictionaries({
+    "batch": st.integers(1, 3),
+    "groups": st.sampled_from([1, 1, 2, 3]),
+    "cin_per_group": st.integers(1, 7),
+    "cout_per_group": st.integers(1, 5),
+    "h": st.integers(3, 12),
+    "w": st.integers(3, 12),
+    "kh": st.integers(1, 4),
+    "kw": st.integers(1, 3),
+    "stride": st.tuples(st.integers(1, 3), st.integers(1, 2)),
+    "padding": st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    "dilation": st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    "channels_last": st.booleans(),
+})
+
+
+def _conv_args(geo, g):
+    G = geo["groups"]
+    x = torch.randn(geo["batch"], G * geo["cin_per_group"], geo["h"], geo["w"], generator=g) * 2
+    if geo["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(G * geo["cout_per_group"], geo["cin_per_group"], geo["kh"], geo["kw"], generator=g)
+    kw = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], groups=G)
+    ok = all(geo[s] + 2 * p - d * (k - 1) > 0 for s, p, d, k in
+             (("h", geo["padding"][0], geo["dilation"][0], geo["kh"]), ("w", geo["padding"][1], geo["dilation"][1], geo["kw"])))
+    return x, wt, kw, ok
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(geo=geometries, cfg=configs, std=noise, seed=st.integers(0, 2**31 - 1))
+def test_convolution_equals_the_torch_path(compiled, geo, cfg, std, seed):
+    cfg = cfg.replace(noise_std=std)
+    x, wt, kw, ok = _conv_args(geo, torch.Generator().manual_seed(seed))
+    assume(ok)
+    outs = []
+    for on in (True, False):
+        calls = compiled(on)
+        before = calls["conv"]
+        stats = ProductStats()
+        with torch.no_grad():
+            y = AF.conv2d(x, wt, **kw, config=cfg, generator=torch.Generator().manual_seed(seed), stats=stats)
+        outs.append((y, stats))
+        # the compiled path runs wherever the configuration allows it (narrow ADC arithmetic)
+        assert (calls["conv"] > before) == (on and use_fused(cfg, AdcPlan.for_config(cfg), x.device))
+    (a, sa), (b, sb) = outs
+    assert a.shape == b.shape and a.stride() == b.stride()
+    assert torch.equal(a, b)
+    assert (sa.saturated, sa.conversions) == (sb.saturated, sb.conversions)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cfg=configs, std=noise, B=st.integers(1, 3), M=st.integers(1, 40), N=st.integers(1, 40),
+       K=st.integers(1, 300), shared_w=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_product_equals_the_torch_path(compiled, cfg, std, B, M, N, K, shared_w, seed):
+    cfg = cfg.replace(noise_std=std)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, M, K, generator=g) * 3
+    w = torch.randn(1 if shared_w else B, N, K, generator=g)
+    outs = []
+    for on in (True, False):
+        compiled(on)
+        stats = ProductStats()
+        y, _ = analog_product(x, w, cfg, generator=torch.Generator().manual_seed(seed), stats=stats)
+        outs.append((y, stats))
+    (a, sa), (b, sb) = outs
+    assert torch.equal(a, b)
+    assert (sa.saturated, sa.conversions) == (sb.saturated, sb.conversions)
+
+
+def test_compiled_kernels_run_on_the_default_device(compiled):
+    calls = compiled(True)
+    cfg = ABFPConfig()
+    with torch.no_grad():
+        AF.conv2d(torch.randn(2, 16, 8, 8), torch.randn(8, 16, 3, 3), padding=1, config=cfg)
+        AF.linear(torch.randn(4, 64), torch.randn(8, 64), config=cfg)
+    assert calls["conv"] > 0 and calls["rows"] > 0
+
+
+@pytest.mark.parametrize("budget", [1, 200, 3000, 1 << 30])
+def test_convolution_chunks_agree(monkeypatch, budget):
+    """One output row, a few rows, a few images or the whole batch per chunk: same numbers
+    (noise is indexed by position, not drawn per chunk)."""
+    cfg = ABFPConfig(tile_width=32, noise_std=1.0, seed=3)
+    x = torch.randn(5, 8, 13, 12)
+    w = torch.randn(6, 8, 3, 3)
+    with torch.no_grad():
+        whole = AF.conv2d(x, w, padding=1, config=cfg)
+        monkeypatch.setattr(conv, "PATCH_BYTES", budget)
+        monkeypatch.setattr(conv, "CHUNK_ELEMENTS", budget)
+        assert torch.equal(AF.conv2d(x, w, padding=1, config=cfg), whole)
