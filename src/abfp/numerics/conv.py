@@ -33,6 +33,9 @@ from .workspace import scratch
 
 #: int8 patch codes per chunk (bytes): a few images at a time stay in the caches.
 PATCH_BYTES = 1 << 21
+#: int8 GEMMs are one call per group and tile: grouped convolutions with more groups than
+#: this (depthwise ones) take one batched float32 GEMM instead.
+INT8_MAX_GROUPS = 4
 
 
 @functools.lru_cache(maxsize=256)
@@ -72,6 +75,14 @@ def _fill_phases(xs: Tensor, src: Tensor, pads: tuple[int, int, int, int], strid
                 xv[:, a * sw + bb, :b, y0 : y0 + rows, x0 : x0 + cols].copy_(src[:, :, ry::sh, rx::sw])
 
 
+def _matmul_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out = a @ b`` (batched), written in place when ``out`` is contiguous."""
+    if out.is_contiguous():
+        torch.matmul(a, b, out=out)
+    else:
+        out.copy_(torch.matmul(a, b))
+
+
 def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, cfg: ABFPConfig, plan: AdcPlan,
                  groups: int, k: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
                  out_hw: tuple[int, int], static: Tensor | None, key: int | None, stats: ProductStats | None,
@@ -90,12 +101,14 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     k_src, k_off = _tables(c, kh, kw, sh, sw, dh, dw, wv)
     y = torch.empty(bt, cout, ho, wo, dtype=torch.float32,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    int8 = plan.int8 and weights.codes_i8 is not None and n >= INT8_MIN_TILE
-    # per tile, the weight codes as the GEMM's left operand (Ng, r): int8 raw, or float32 times the multiplier
-    wsrc = weights.codes_i8 if int8 else weights.codes
-    assert wsrc is not None
+    # int8 GEMMs (exact int32) one per group and tile; else float32 codes, batched over groups and tiles
+    int8 = plan.int8 and weights.codes_i8 is not None and n >= INT8_MIN_TILE and G <= INT8_MAX_GROUPS
+    full = kg // n  # tiles of the full width n; a last tile of kg - full * n rows is computed on its own
     spans = [(t, min(n, kg - t * n)) for t in range(T)]
-    lhs = [[wsrc[g, t, :r].t().contiguous() for t, r in spans] for g in range(G)]
+    if int8:
+        assert weights.codes_i8 is not None
+        lhs8 = [[weights.codes_i8[g, t, :r].t().contiguous() for t, r in spans] for g in range(G)]
+    wt = weights.codes.transpose(-1, -2)  # (G, T, Ng, n): the float32 codes (times the multiplier) as left operands
     mult, q = plan.int_ratio() if int8 else (1.0, plan.divisor)
     adc_args = _adc_args(cfg, plan, mult, q, key, stats is not None)
     # the DAC clamp, skipped where it cannot change a code (as in :func:`.blocks.codes_`)
@@ -130,14 +143,16 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
         codes = scratch("patch_codes", (G, kg, b * L), torch.int8 if int8 else torch.float32, x.device)
         fused.patch_codes(xs_np, k_src, offs, kg, n, fused.as_numpy(s), np.float32(cfg.input_max_code), clamp,
                           fused.as_numpy(codes))
-        d = scratch("patch_tiles", (T, G, Ng, b * L), torch.int32 if int8 else torch.float32, x.device)
-        for g in range(G):
-            for t, r in spans:
-                rhs = codes[g, t * n : t * n + r]
-                if int8:
-                    _int_mm(lhs[g][t], rhs, out=d[t, g])
-                else:
-                    torch.mm(lhs[g][t], rhs, out=d[t, g])
+        d = scratch("patch_tiles", (G, T, Ng, b * L), torch.int32 if int8 else torch.float32, x.device)
+        if int8:
+            for g in range(G):
+                for t, r in spans:
+                    _int_mm(lhs8[g][t], codes[g, t * n : t * n + r], out=d[g, t])
+        else:
+            if full:
+                _matmul_into(d[:, :full], wt[:, :full], codes[:, : full * n].view(G, full, n, b * L))
+            if full < T:
+                _matmul_into(d[:, full], wt[:, full, :, : kg - full * n], codes[:, full * n :])
         clipped += fused.epilogue_cols(fused.as_numpy(d), *adc_args, fused.as_numpy(s.view(T, G, b * L)), sw_np,
                                        fused.as_numpy(y[b0:b1, :, h0:h1]), wv, _real_index(hr, wv, wo), bt * ho * wo,
                                        (b0 * ho + h0) * wo)

@@ -109,7 +109,7 @@ if AVAILABLE:
     def epilogue_cols(d, mult, q, w16, ly, key, noisy, count, sx, sw, y, wv, real, p_total, p_off):
         """The convolution's epilogue, written straight into the output.
 
-        ``d`` (T, G, Ng, bc * hr * wv) tile products over virtual positions (output rows of
+        ``d`` (G, T, Ng, bc * hr * wv) tile products over virtual positions (output rows of
         ``wv`` columns, of which the first ``wo`` are real); ``sx`` (T, G, bc * hr * wv);
         ``sw`` (G, T, Ng); ``y`` (bc, G * Ng, hr, wo), any strides; ``real`` (hr * wv) the
         index of each virtual position among one image's real ones (``h wo + w``; -1 for the
@@ -118,7 +118,7 @@ if AVAILABLE:
         virtual position is computed (long contiguous loops); only real ones are written and
         counted. Returns the number of clipped samples (``count``; else 0).
         """
-        T, G, Ng, _ = d.shape
+        G, T, Ng, _ = d.shape
         bc, _, hr, wo = y.shape
         lb = hr * wv
         clipped = 0
@@ -129,7 +129,7 @@ if AVAILABLE:
             acc = np.zeros(lb, np.float32)
             v0 = ib * lb
             for t in range(T):
-                dt = d[t, g, o, v0 : v0 + lb]
+                dt = d[g, t, o, v0 : v0 + lb]
                 st = sx[t, g, v0 : v0 + lb]
                 wt = sw[g, t, o]
                 base = (g * T + t) * p_total + p_off + ib * hr * wo
