@@ -94,9 +94,9 @@ fi
 
 # abfp itself, editable and without deps (its torch requirement is already met by the pinned
 # CPU build), plus what `import abfp` needs.
-if ! "$PY" -c "import sys, abfp; sys.exit(0 if abfp.__file__.startswith('$REPO/') else 1)" 2>/dev/null; then
+if ! "$PY" -c "import sys, abfp, numba; sys.exit(0 if abfp.__file__.startswith('$REPO/') else 1)" 2>/dev/null; then
   echo "== abfp (editable, no deps) and what 'import abfp' needs"
-  "${PIP[@]}" numpy "safetensors>=0.4" "tqdm>=4.60" "matplotlib>=3.6"
+  "${PIP[@]}" numpy "safetensors>=0.4" "tqdm>=4.60" "matplotlib>=3.6" "numba>=0.60"
   "${PIP[@]}" --no-deps -e "$REPO"
 fi
 

@@ -87,7 +87,10 @@ class ABFPConfig:
     GEMMs on the codes (``torch._int_mm``, exact int32 sums) where the DACs have at most 8
     bits, the tiles are at least 32 wide and the GEMM is large enough to gain (on CPU; on
     x86 with AVX-512 VNNI several times faster than float32). Pick ``"chunked"`` on a CPU
-    whose int8 GEMM is slow."""
+    whose int8 GEMM is slow. Both fast paths run their element-wise work as compiled
+    kernels (:mod:`abfp.numerics.fused`, numba) where numba is installed and the ADC
+    arithmetic is float32 (uniform or no noise, no bfloat16 tile outputs), else as torch
+    operations: the same numbers either way."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
