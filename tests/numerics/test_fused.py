@@ -5,6 +5,7 @@ saturation statistics; and chunking does not change them."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -140,3 +141,30 @@ def test_convolution_chunks_agree(monkeypatch, budget):
         monkeypatch.setattr(conv, "PATCH_BYTES", budget)
         monkeypatch.setattr(conv, "CHUNK_ELEMENTS", budget)
         assert torch.equal(AF.conv2d(x, w, padding=1, config=cfg), whole)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_takes_the_torch_path_with_the_same_numbers():
+    """GNU OpenMP cannot run in a child forked after its threads ran (numba would terminate
+    the child): there the torch path runs instead (with one torch thread, as torch needs)."""
+    cfg = ABFPConfig(seed=4)
+    x, w = torch.randn(2, 16, 8, 8), torch.randn(8, 16, 3, 3)
+    with torch.no_grad():
+        parent = AF.conv2d(x, w, padding=1, config=cfg)
+    assert not fused.usable() or fused._launched_in == os.getpid()
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            with torch.no_grad():
+                child = AF.conv2d(x, w, padding=1, config=cfg)
+            code = 0 if (torch.equal(child, parent) and not fused.usable()) else 2
+        finally:
+            os.write(wfd, bytes([code]))
+            os._exit(0)
+    os.close(wfd)
+    got = os.read(r, 1)
+    os.waitpid(pid, 0)
+    assert got == bytes([0])

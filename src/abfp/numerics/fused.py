@@ -14,7 +14,8 @@ in ``tests/numerics/test_fused.py``):
   float32 sum over tiles in order ``t = 0, 1, ...``.
 
 numba compiles them on first use (a few seconds, cached on disk afterwards) and runs them
-on ``torch.get_num_threads()`` threads. Without numba (or with ``ABFP_NO_NUMBA=1``) the
+on ``torch.get_num_threads()`` threads (its OpenMP layer); a process forked from one that
+ran them takes the torch path (:func:`usable`). Without numba (or with ``ABFP_NO_NUMBA=1``) the
 torch path runs instead: same numbers, slower. ``error_model="numpy"`` lets the divisions
 vectorise (a zero divisor cannot occur: zero scales are tested for explicitly); only the
 block max runs with fast-math flags (``max``/``abs`` of finite values, exact either way).
@@ -43,9 +44,21 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
+_launched_in: int | None = None  # the process whose threads ran the kernels
+
+
+def usable() -> bool:
+    """numba is present and this process may launch its threads: not a child forked from a
+    process that already did (GNU OpenMP cannot run in such a child: numba would terminate
+    it), where the torch path runs instead, with the same numbers."""
+    return AVAILABLE and (_launched_in is None or _launched_in == os.getpid())
+
+
 def set_threads() -> None:
-    """Run the kernels on as many threads as torch uses."""
+    """Run the kernels on as many threads as torch uses (call before launching one)."""
+    global _launched_in
     assert numba is not None
+    _launched_in = os.getpid()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 

@@ -8,6 +8,11 @@ place and the tiles are summed in float32. Chunks are sized so that the ``(T, ro
 partial sums stay small (never the whole tensor of a large layer), which also keeps them
 in cache; temporaries live in reused scratch buffers (:mod:`.workspace`).
 
+The epilogue runs as a compiled kernel (:mod:`.fused`, numba) where :func:`use_fused` allows,
+and as the torch operations here otherwise: the same numbers (``tests/numerics/test_fused.py``).
+Uniform device noise is counter-based (:mod:`.counter_noise`): one key per product, and a
+value per sample that depends only on the sample's index in the product.
+
 :func:`analog_gemm` takes rows (linear layers, attention); :func:`analog_gemm_cols` takes
 the reduction axis first (convolutions at inference). Tested against
 :mod:`abfp.numerics.reference` and against each other (``tests/numerics``).
@@ -193,7 +198,7 @@ def draw_key(cfg: ABFPConfig, generator: torch.Generator | None) -> int | None:
 def use_fused(cfg: ABFPConfig, plan: AdcPlan, device: torch.device) -> bool:
     """Whether the compiled epilogue (:mod:`.fused`) can take this product: CPU, numba
     present, narrow float32 ADC arithmetic, uniform or no noise, no bfloat16 tile outputs."""
-    return (fused.AVAILABLE and device.type == "cpu" and cfg.kernel != "reference" and not plan.wide
+    return (fused.usable() and device.type == "cpu" and cfg.kernel != "reference" and not plan.wide
             and plan.gemm_dtype == torch.float32 and not cfg.bf16_tile_outputs
             and (cfg.noise_std == 0 or cfg.noise_dist == "uniform"))
 
