@@ -9,6 +9,8 @@ in ``tests/numerics/test_fused.py``):
 
 - :func:`patch_block_max` / :func:`patch_codes`: a convolution's DAC straight from the
   padded input, never building the float32 patch matrix (codes written as int8);
+- :func:`rows_block_max` / :func:`rows_codes`: the same for the rows of a product (linear
+  layers, attention);
 - :func:`epilogue_rows` / :func:`epilogue_cols`: ADC on integer tile products
   ``r = D * mult / q``, noise (:mod:`.counter_noise`), clamp, round, ``* sx * sw``, and the
   float32 sum over tiles in order ``t = 0, 1, ...``.
@@ -197,3 +199,39 @@ if AVAILABLE:
                 if clamp:
                     r = min(max(r, np.float32(-1.0)), np.float32(1.0))
                 dst[v] = np.rint(r * lx)
+
+    @njit(parallel=True, fastmath={"nnan", "ninf", "nsz"}, **_jit)
+    def rows_block_max(x, n, out):
+        """``out[r, t] = max |x[r, t n : t n + n]|`` (rows of a product's left operand)."""
+        R, K = x.shape
+        T = out.shape[1]
+        for r in prange(R):
+            row = x[r]
+            for t in range(T):
+                seg = row[t * n : min(K, t * n + n)]
+                m = np.float32(0.0)
+                for k in range(seg.shape[0]):
+                    m = max(m, abs(seg[k]))
+                out[r, t] = m
+
+    @njit(parallel=True, **_jit)
+    def rows_codes(x, n, s, lx, clamp, out):
+        """DAC codes of rows: ``out[r, t n + k] = round(clamp(x / s[r, t], -1, 1) * lx)`` (0
+        where the scale is 0, and in the zero padding past ``K``); ``out`` (R, T n)."""
+        R, K = x.shape
+        T = s.shape[1]
+        for r in prange(R):
+            row = x[r]
+            dst = out[r]
+            for t in range(T):
+                sc = s[r, t]
+                k1 = min(K, t * n + n)
+                seg = row[t * n : k1]
+                d = dst[t * n : t * n + n]
+                for k in range(seg.shape[0]):
+                    v = seg[k] / sc if sc > 0 else np.float32(0.0)
+                    if clamp:
+                        v = min(max(v, np.float32(-1.0)), np.float32(1.0))
+                    d[k] = np.rint(v * lx)
+                for k in range(seg.shape[0], n):
+                    d[k] = 0

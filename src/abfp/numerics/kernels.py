@@ -142,6 +142,8 @@ def analog_gemm(
         return y, mask
     key = draw_key(cfg, generator) if noise is None else None
     compiled = noise is None and not want_mask and use_fused(cfg, plan, dev)
+    if compiled:
+        fused.set_threads()
     sw_all = w.scales  # (Bw, T, N)
     # rows per chunk: bounded by the partial sums (T*N per row) and the input codes (T*n per row)
     per_row = T * max(N, n)
@@ -154,10 +156,13 @@ def analog_gemm(
         chunks = [(b, b + 1, m, min(M, m + step_m)) for b in range(B) for m in range(0, M, step_m)]
     for b0, b1, m0, m1 in chunks:
         b, m = b1 - b0, m1 - m0
-        codes, sx = encode_rows(x3[b0:b1, m0:m1], n=n, max_code=cfg.input_max_code, mode=cfg.mode,
-                                scale_dtype=cfg.scale_dtype, static_scale=input_scale,
-                                buffer=scratch("codes", (b, m, T * n), torch.float32, dev))
         int8 = use_int8(w, plan, m)
+        if compiled:
+            codes, sx = _encode_rows_compiled(x3[b0:b1, m0:m1], n, T, cfg, input_scale, int8)
+        else:
+            codes, sx = encode_rows(x3[b0:b1, m0:m1], n=n, max_code=cfg.input_max_code, mode=cfg.mode,
+                                    scale_dtype=cfg.scale_dtype, static_scale=input_scale,
+                                    buffer=scratch("codes", (b, m, T * n), torch.float32, dev))
         if int8:
             d = _int8_tile_products(codes, w.codes_i8, b0, plan, raw=compiled)  # (b, T, m, N)
         else:
@@ -171,7 +176,6 @@ def analog_gemm(
         yc = y[b0:b1, m0:m1]
         if compiled:
             mult, q = plan.int_ratio() if int8 else (1.0, plan.divisor)
-            fused.set_threads()
             clipped = fused.epilogue_rows(
                 fused.as_numpy(d), *_adc_args(cfg, plan, mult, q, key, stats is not None), fused.as_numpy(sx),
                 fused.as_numpy(sw_all), fused.as_numpy(yc), b0, M, m0)
@@ -188,6 +192,27 @@ def analog_gemm(
             d = d.to(torch.bfloat16).to(torch.float32)
         sum_tiles(d, 1, yc)
     return y, mask
+
+
+def _encode_rows_compiled(xc: Tensor, n: int, T: int, cfg: ABFPConfig, static: Tensor | None,
+                          int8: bool) -> tuple[Tensor, Tensor]:
+    """:func:`.blocks.encode_rows` by the compiled kernels: codes (b, m, T, n), int8 when
+    ``int8`` (else float32), and scales (b, m, T); the same values."""
+    b, m, K = xc.shape
+    x2 = xc.reshape(b * m, K)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = scratch("rows_input", x2.shape, torch.float32, xc.device).copy_(x2)
+    xn = fused.as_numpy(x2)
+    if static is None:
+        mx = scratch("rows_block_max", (b * m, T), torch.float32, xc.device)
+        fused.rows_block_max(xn, n, fused.as_numpy(mx))
+        s = round_scale(mx, cfg.scale_dtype)
+    else:
+        s = static.expand(b * m, T).contiguous()
+    codes = scratch("codes_i8" if int8 else "codes", (b * m, T * n), torch.int8 if int8 else torch.float32, xc.device)
+    fused.rows_codes(xn, n, fused.as_numpy(s), np.float32(cfg.input_max_code),
+                     not (static is None and cfg.input_max_code <= 127), fused.as_numpy(codes))
+    return codes.view(b, m, T, n), s.view(b, m, T)
 
 
 def draw_key(cfg: ABFPConfig, generator: torch.Generator | None) -> int | None:
@@ -246,12 +271,12 @@ def _lsb_dtype(plan: AdcPlan) -> torch.dtype:
 
 
 def _int8_tile_products(codes: Tensor, wi8: Tensor, b0: int, plan: AdcPlan, raw: bool = False) -> Tensor:
-    """Tile products of input codes (b, m, T, n) float and int8 weight codes (Bw, T, n, N), in
+    """Tile products of input codes (b, m, T, n) (float32 or int8) and int8 weight codes (Bw, T, n, N), in
     LSBs (``raw``: the int32 products themselves): one ``torch._int_mm`` per (batch, tile),
     each read through a strided view."""
     b, m, T, _ = codes.shape
     N = wi8.shape[-1]
-    ci = scratch("codes_i8", codes.shape, torch.int8, codes.device).copy_(codes)
+    ci = codes if codes.dtype == torch.int8 else scratch("codes_i8", codes.shape, torch.int8, codes.device).copy_(codes)
     d = scratch("tiles_i32" if raw else "tiles", (b, T, m, N), torch.int32 if raw else _lsb_dtype(plan), codes.device)
     res = None if raw else scratch("int_mm", (m, N), torch.int32, codes.device)
     for i in range(b):
