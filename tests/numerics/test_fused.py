@@ -34,7 +34,7 @@ noise = st.sampled_from([0.0, 0.0, 0.3, 1.0, 3.0])
 def compiled(monkeypatch):
     """``compiled(on)``: run with or without the compiled kernels; counts their calls."""
     calls = {"conv": 0, "rows": 0}
-    for name, key in (("patch_codes", "conv"), ("epilogue_rows", "rows")):
+    for name, key in (("patch_encode", "conv"), ("patch_codes", "conv"), ("epilogue_rows", "rows")):
         real = getattr(fused, name)
 
         def spy(*a, _real=real, _key=key):
@@ -168,3 +168,23 @@ def test_a_forked_child_takes_the_torch_path_with_the_same_numbers():
     got = os.read(r, 1)
     os.waitpid(pid, 0)
     assert got == bytes([0])
+
+
+def test_bfloat16_scales_round_as_torch_rounds_ties_included():
+    """The in-kernel bfloat16 rounding of block scales equals torch's conversion, on exact
+    ties (low 16 bits 0x8000, both parities), their neighbours and random values."""
+    import numpy as np
+
+    base = torch.randint(0, 0x7F7F, (2000,), dtype=torch.int32) << 16
+    low = torch.tensor([0x8000, 0x7FFF, 0x8001, 0x0000, 0xFFFF], dtype=torch.int32)
+    bits = (base.view(-1, 1) | low.view(1, -1)).flatten()
+    vals = bits.view(torch.float32)
+    vals = torch.cat([vals, torch.rand(5000) * 10 ** torch.randint(-30, 30, (5000,)).float()])
+    vals = vals[torch.isfinite(vals)].abs().contiguous()
+    L = vals.numel()
+    xs = vals.view(1, 1, L).numpy()
+    scales = np.zeros((1, 1, 1, L), np.float32)
+    codes = np.zeros((1, 1, L), np.int8)
+    one = np.zeros(1, np.int64)
+    fused.patch_encode(xs, one, one, 1, 1, True, np.float32(127), False, scales, codes)
+    assert torch.equal(torch.from_numpy(scales).flatten(), vals.to(torch.bfloat16).float())

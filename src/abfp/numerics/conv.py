@@ -113,6 +113,7 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     adc_args = _adc_args(cfg, plan, mult, q, key, stats is not None)
     # the DAC clamp, skipped where it cannot change a code (as in :func:`.blocks.codes_`)
     clamp = not (static is None and cfg.input_max_code <= 127)
+    lx = np.float32(cfg.input_max_code)
     # images (or output rows of one image) per chunk: bounded by the codes and the partial sums
     per_row = wv * max(G * kg, T * cout * 4)
     rows = max(1, min(PATCH_BYTES, CHUNK_ELEMENTS * 4) // per_row)
@@ -134,15 +135,17 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
             _fill_phases(xs, src[:, b0:b1], pads, stride)
         L = hr * wv
         offs = k_off + h0 * wv
+        codes = scratch("patch_codes", (G, kg, b * L), torch.int8 if int8 else torch.float32, x.device)
         if static is None:
-            m = scratch("block_max", (T, G, b, L), torch.float32, x.device)
-            fused.patch_block_max(xs_np, k_src, offs, kg, n, fused.as_numpy(m))
-            s = round_scale(m, cfg.scale_dtype)
+            s = scratch("input_scales", (T, G, b, L), torch.float32, x.device)
+            fused.patch_encode(xs_np, k_src, offs, kg, n, cfg.scale_dtype == "bfloat16", lx, clamp,
+                               fused.as_numpy(s), fused.as_numpy(codes))
+            if cfg.scale_dtype == "pow2":  # rounded as torch rounds it, and the codes again
+                s = round_scale(s, "pow2")
         else:
             s = static.expand(T, G, b, L).contiguous()
-        codes = scratch("patch_codes", (G, kg, b * L), torch.int8 if int8 else torch.float32, x.device)
-        fused.patch_codes(xs_np, k_src, offs, kg, n, fused.as_numpy(s), np.float32(cfg.input_max_code), clamp,
-                          fused.as_numpy(codes))
+        if static is not None or cfg.scale_dtype == "pow2":
+            fused.patch_codes(xs_np, k_src, offs, kg, n, fused.as_numpy(s), lx, clamp, fused.as_numpy(codes))
         d = scratch("patch_tiles", (G, T, Ng, b * L), torch.int32 if int8 else torch.float32, x.device)
         if int8:
             for g in range(G):

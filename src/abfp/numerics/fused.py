@@ -7,7 +7,7 @@ two scale multiplies, the tile sum). These kernels do each half in one pass, wit
 float32 operations in the same order, so their results are identical bit for bit (tested
 in ``tests/numerics/test_fused.py``):
 
-- :func:`patch_block_max` / :func:`patch_codes`: a convolution's DAC straight from the
+- :func:`patch_encode` / :func:`patch_codes`: a convolution's DAC straight from the
   padded input, never building the float32 patch matrix (codes written as int8);
 - :func:`rows_block_max` / :func:`rows_codes`: the same for the rows of a product (linear
   layers, attention);
@@ -20,7 +20,7 @@ on ``torch.get_num_threads()`` threads (its OpenMP layer); a process forked from
 ran them takes the torch path (:func:`usable`). Without numba (or with ``ABFP_NO_NUMBA=1``) the
 torch path runs instead: same numbers, slower. ``error_model="numpy"`` lets the divisions
 vectorise (a zero divisor cannot occur: zero scales are tested for explicitly); only the
-block max runs with fast-math flags (``max``/``abs`` of finite values, exact either way).
+rows' block max runs with fast-math flags (``max``/``abs`` of finite values, exact either way).
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+# numba's OpenMP layer first (the fastest next to torch's own OpenMP here; numba would
+# otherwise prefer TBB wherever the tbb package happens to be installed: 1.4x slower)
+os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
 
 try:  # an optional accelerator: everything works without it
     if os.environ.get("ABFP_NO_NUMBA"):
@@ -159,24 +163,46 @@ if AVAILABLE:
                     row[w] = acc[h * wv + w]
         return clipped
 
-    @njit(parallel=True, fastmath={"nnan", "ninf", "nsz"}, **_jit)
-    def patch_block_max(xs, k_src, k_off, kg, n, out):
-        """Block maxima of a convolution's patches: ``out[t, g, b, v] = max |patch|`` over the
-        reduction indices ``k`` of tile ``t`` of group ``g`` (``g kg + t n ...``), where the
-        patch value of ``k`` at virtual position ``v`` is ``xs[k_src[k], b, k_off[k] + v]``."""
-        T, G, B, L = out.shape
+    @njit(parallel=True, **_jit)
+    def patch_encode(xs, k_src, k_off, kg, n, bf16, lx, clamp, out_s, out):
+        """Block scales and DAC codes of a convolution's patches, one tile at a time.
+
+        The patch value of reduction index ``k`` (group ``g``: ``g kg + t n ...`` in tile
+        ``t``) at virtual position ``v`` is ``xs[k_src[k], b, k_off[k] + v]``. The block max
+        ``out_s[t, g, b, v] = max |patch|`` over the tile is put in the scale format
+        (``bf16``: rounded to nearest even bfloat16 as torch converts; else float32 as it
+        is), then ``out[g, k - g kg, b L + v]`` receives the codes as :func:`patch_codes`
+        writes them with these scales."""
+        T, G, B, L = out_s.shape
         for tgb in prange(T * G * B):
             t = tgb // (G * B)
             g = (tgb // B) % G
             b = tgb % B
-            o = out[t, g, b]
+            o = out_s[t, g, b]
             for v in range(L):
                 o[v] = np.float32(0.0)
-            for k in range(g * kg + t * n, g * kg + min(kg, t * n + n)):
+            k0 = g * kg + t * n
+            k1 = g * kg + min(kg, t * n + n)
+            for k in range(k0, k1):
                 off = k_off[k]
                 src = xs[k_src[k], b, off : off + L]
                 for v in range(L):
-                    o[v] = max(o[v], abs(src[v]))
+                    a = abs(src[v])
+                    o[v] = a if a > o[v] else o[v]
+            if bf16:
+                u = o.view(np.uint32)
+                for v in range(L):
+                    u[v] = (u[v] + np.uint32(0x7FFF) + ((u[v] >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+            for k in range(k0, k1):
+                off = k_off[k]
+                src = xs[k_src[k], b, off : off + L]
+                dst = out[g, k - g * kg, b * L : (b + 1) * L]
+                for v in range(L):
+                    sv = o[v]
+                    r = src[v] / sv if sv > 0 else np.float32(0.0)
+                    if clamp:
+                        r = min(max(r, np.float32(-1.0)), np.float32(1.0))
+                    dst[v] = np.rint(r * lx)
 
     @njit(parallel=True, **_jit)
     def patch_codes(xs, k_src, k_off, kg, n, s, lx, clamp, out):
