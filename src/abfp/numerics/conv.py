@@ -49,10 +49,11 @@ def _tables(cin: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, wv: 
 
 
 @functools.lru_cache(maxsize=256)
-def _real_index(hr: int, wv: int, wo: int) -> np.ndarray:
-    """For each virtual position ``h wv + w`` of ``hr`` rows: ``h wo + w`` if ``w < wo``, else -1."""
+def _real_index(hr: int, wv: int, wo: int, scale: int) -> np.ndarray:
+    """For each virtual position ``h wv + w`` of ``hr`` rows: ``(h wo + w) scale`` if ``w < wo``,
+    else -1 (an extra column)."""
     w = np.arange(wv)
-    r = np.arange(hr)[:, None] * wo + w[None, :]
+    r = (np.arange(hr)[:, None] * wo + w[None, :]) * scale
     return np.where(w[None, :] < wo, r, -1).reshape(-1).astype(np.int64)
 
 
@@ -157,7 +158,7 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
             if full < T:
                 _matmul_into(d[:, full], wt[:, full, :, : kg - full * n], codes[:, full * n :])
         clipped += fused.epilogue_cols(fused.as_numpy(d), *adc_args, fused.as_numpy(s.view(T, G, b * L)), sw_np,
-                                       fused.as_numpy(y[b0:b1, :, h0:h1]), wv, _real_index(hr, wv, wo), bt * ho * wo,
+                                       fused.as_numpy(y[b0:b1, :, h0:h1]), wv, _real_index(hr, wv, wo, Ng), bt * ho * wo,
                                        (b0 * ho + h0) * wo)
     _count(stats, clipped, T * cout * bt * ho * wo)
     if cfg.bf16_io:

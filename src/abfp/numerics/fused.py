@@ -131,8 +131,8 @@ if AVAILABLE:
         ``d`` (G, T, Ng, bc * hr * wv) tile products over virtual positions (output rows of
         ``wv`` columns, of which the first ``wo`` are real); ``sx`` (T, G, bc * hr * wv);
         ``sw`` (G, T, Ng); ``y`` (bc, G * Ng, hr, wo), any strides; ``real`` (hr * wv) the
-        index of each virtual position among one image's real ones (``h wo + w``; -1 for the
-        extra columns). The sample of output position ``p`` (``p_off`` + its index among the
+        index of each virtual position among one image's real ones times ``Ng``
+        (``(h wo + w) Ng``; negative for the extra columns). The sample of output position ``p`` (``p_off`` + its index among the
         chunk's ``bc * hr * wo``) has noise index ``((g T + t) p_total + p) Ng + o``. Every
         virtual position is computed (long contiguous loops); only real ones are written and
         counted. Returns the number of clipped samples (``count``; else 0).
@@ -151,9 +151,9 @@ if AVAILABLE:
                 dt = d[g, t, o, v0 : v0 + lb]
                 st = sx[t, g, v0 : v0 + lb]
                 wt = sw[g, t, o]
-                base = (g * T + t) * p_total + p_off + ib * hr * wo
+                base = ((g * T + t) * p_total + p_off + ib * hr * wo) * Ng + o
                 for v in range(lb):
-                    r = _lsb(dt[v], mult, q, w16, key, noisy, (base + real[v]) * Ng + o)
+                    r = _lsb(dt[v], mult, q, w16, key, noisy, base + real[v])
                     if count:
                         clipped += (abs(r) > ly) & (real[v] >= 0)
                     acc[v] += (np.rint(min(max(r, -ly), ly)) * st[v]) * wt
