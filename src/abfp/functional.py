@@ -430,7 +430,9 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                  k: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
                  input_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
                  channels_last: bool) -> Tensor:
-    """Inference convolution in the column layout (:func:`abfp.numerics.kernels.analog_gemm_cols`).
+    """Inference convolution in the column layout: through the compiled kernels
+    (:func:`abfp.numerics.conv.conv2d_fused`) where :func:`use_fused` allows, else with torch
+    operations as below (:func:`abfp.numerics.kernels.analog_gemm_cols`), the same numbers.
 
     A few images at a time (or, for a large image, a few output rows), the input is copied
     padded, channels first, ``xc[c, b, h, w]``, and the patches are built from it,

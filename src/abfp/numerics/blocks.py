@@ -79,6 +79,12 @@ def static_scales(v: Tensor, n: int, scale: float | Tensor | None, scale_dtype: 
     return static_scale_value(v, scale, scale_dtype).expand(*v.shape[:-1], num_tiles(v.shape[-1], n))
 
 
+def needs_clamp(own_max: bool, max_code: int) -> bool:
+    """Whether the DAC clamp can change a code (see :func:`codes_`): not when the scales are
+    the blocks' own maxima and the DAC has at most 8 bits."""
+    return not (own_max and max_code <= 127)
+
+
 def codes_(v: Tensor, s: Tensor, max_code: int, *, own_max: bool = False) -> Tensor:
     """In place: ``v <- round(clamp(v / s, -1, 1) * max_code)``, ``s`` broadcast against ``v``.
 
@@ -90,7 +96,7 @@ def codes_(v: Tensor, s: Tensor, max_code: int, *, own_max: bool = False) -> Ten
     is skipped (one pass fewer).
     """
     v.div_(torch.where(s > 0, s, torch.full_like(s, float("inf"))))
-    if not (own_max and max_code <= 127):
+    if needs_clamp(own_max, max_code):
         v.clamp_(-1.0, 1.0)
     return v.mul_(max_code).round_()
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..config import ABFPConfig
 from . import fused
 from .adc import AdcPlan
-from .blocks import Encoded, round_scale
+from .blocks import Encoded, needs_clamp, round_scale
 from .kernels import CHUNK_ELEMENTS, INT8_MIN_TILE, ProductStats, _adc_args, _count, _int_mm
 from .workspace import scratch
 
@@ -112,8 +112,7 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     wt = weights.codes.transpose(-1, -2)  # (G, T, Ng, n): the float32 codes (times the multiplier) as left operands
     mult, q = plan.int_ratio() if int8 else (1.0, plan.divisor)
     adc_args = _adc_args(cfg, plan, mult, q, key, stats is not None)
-    # the DAC clamp, skipped where it cannot change a code (as in :func:`.blocks.codes_`)
-    clamp = not (static is None and cfg.input_max_code <= 127)
+    clamp = needs_clamp(static is None, cfg.input_max_code)
     lx = np.float32(cfg.input_max_code)
     # images (or output rows of one image) per chunk: bounded by the codes and the partial sums
     per_row = wv * max(G * kg, T * cout * 4)

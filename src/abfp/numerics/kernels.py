@@ -29,7 +29,7 @@ from torch import Tensor
 from ..config import ABFPConfig
 from . import fused
 from .adc import AdcPlan, add_noise_
-from .blocks import Encoded, codes_, encode_rows, round_scale
+from .blocks import Encoded, codes_, encode_rows, needs_clamp, round_scale
 from .counter_noise import grid_index, noise_key, noise_scale
 from .workspace import scratch
 
@@ -211,7 +211,7 @@ def _encode_rows_compiled(xc: Tensor, n: int, T: int, cfg: ABFPConfig, static: T
         s = static.expand(b * m, T).contiguous()
     codes = scratch("codes_i8" if int8 else "codes", (b * m, T * n), torch.int8 if int8 else torch.float32, xc.device)
     fused.rows_codes(xn, n, fused.as_numpy(s), np.float32(cfg.input_max_code),
-                     not (static is None and cfg.input_max_code <= 127), fused.as_numpy(codes))
+                     needs_clamp(static is None, cfg.input_max_code), fused.as_numpy(codes))
     return codes.view(b, m, T, n), s.view(b, m, T)
 
 
