@@ -174,10 +174,10 @@ if AVAILABLE:
         is), then ``out[g, k - g kg, b L + v]`` receives the codes as :func:`patch_codes`
         writes them with these scales."""
         T, G, B, L = out_s.shape
-        for tgb in prange(T * G * B):
-            t = tgb // (G * B)
-            g = (tgb // B) % G
-            b = tgb % B
+        for bgt in prange(B * G * T):  # tiles of one block in turn: the threads share the short last tile
+            b = bgt // (G * T)
+            g = (bgt // T) % G
+            t = bgt % T
             o = out_s[t, g, b]
             for v in range(L):
                 o[v] = np.float32(0.0)
