@@ -95,6 +95,20 @@ if AVAILABLE:
             r = r + _noise_int(key, idx) * w16
         return r
 
+    @njit(inline="always", **_jit)
+    def _code(x, s, lx, clamp):
+        """One DAC code: ``round(clamp(x / s, -1, 1) * lx)``, 0 where the scale ``s`` is 0."""
+        r = x / s if s > 0 else np.float32(0.0)
+        if clamp:
+            r = min(max(r, np.float32(-1.0)), np.float32(1.0))
+        return np.rint(r * lx)
+
+    @njit(inline="always", **_jit)
+    def _dac(src, scales, lx, clamp, dst):
+        """``dst[v] = _code(src[v], scales[v])`` along one run of positions."""
+        for v in range(src.shape[0]):
+            dst[v] = _code(src[v], scales[v], lx, clamp)
+
     @njit(parallel=True, **_jit)
     def epilogue_rows(d, mult, q, w16, ly, key, noisy, count, sx, sw, y, b_off, M, m_off):
         """``y[b, m, :] = sum_t ADC(d[b, t, m, :]) * sx[b, m, t] * sw[b or 0, t, :]``.
@@ -197,12 +211,7 @@ if AVAILABLE:
                 off = k_off[k]
                 src = xs[k_src[k], b, off : off + L]
                 dst = out[g, k - g * kg, b * L : (b + 1) * L]
-                for v in range(L):
-                    sv = o[v]
-                    r = src[v] / sv if sv > 0 else np.float32(0.0)
-                    if clamp:
-                        r = min(max(r, np.float32(-1.0)), np.float32(1.0))
-                    dst[v] = np.rint(r * lx)
+                _dac(src, o, lx, clamp, dst)
 
     @njit(parallel=True, **_jit)
     def patch_codes(xs, k_src, k_off, kg, n, s, lx, clamp, out):
@@ -219,12 +228,7 @@ if AVAILABLE:
             off = k_off[k]
             src = xs[k_src[k], b, off : off + L]
             dst = out[g, kk, b * L : (b + 1) * L]
-            for v in range(L):
-                sv = sc[v]
-                r = src[v] / sv if sv > 0 else np.float32(0.0)
-                if clamp:
-                    r = min(max(r, np.float32(-1.0)), np.float32(1.0))
-                dst[v] = np.rint(r * lx)
+            _dac(src, sc, lx, clamp, dst)
 
     @njit(parallel=True, fastmath={"nnan", "ninf", "nsz"}, **_jit)
     def rows_block_max(x, n, out):
@@ -255,9 +259,6 @@ if AVAILABLE:
                 seg = row[t * n : k1]
                 d = dst[t * n : t * n + n]
                 for k in range(seg.shape[0]):
-                    v = seg[k] / sc if sc > 0 else np.float32(0.0)
-                    if clamp:
-                        v = min(max(v, np.float32(-1.0)), np.float32(1.0))
-                    d[k] = np.rint(v * lx)
+                    d[k] = _code(seg[k], sc, lx, clamp)
                 for k in range(seg.shape[0], n):
                     d[k] = 0
