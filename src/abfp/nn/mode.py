@@ -27,6 +27,7 @@ from .. import functional as AF
 from ..config import ABFPConfig
 from ..numerics import ProductStats
 from ..numerics.blocks import num_tiles
+from ..ops.registry import handler_for, register
 from .state import AnalogState, SiteRecord
 
 _tls = threading.local()
@@ -39,7 +40,9 @@ def _stack() -> list[list[Any]]:
     return s
 
 
-class _Frame:
+class Frame:
+    """One running converted module: its name, its state, and its per-kind product counter."""
+
     __slots__ = ("name", "state", "counts", "mode")
 
     def __init__(self, name: str, state: AnalogState) -> None:
@@ -63,7 +66,7 @@ class EnterHook:
 
     def __call__(self, module: torch.nn.Module, args: Any) -> None:
         stack = _stack()
-        frame = _Frame(self.name, self.state)
+        frame = Frame(self.name, self.state)
         if not any(f.mode is not None for f in stack):
             frame.mode = AnalogMode()
             frame.mode.__enter__()
@@ -100,7 +103,7 @@ class ProductCall:
     call: tuple[Any, tuple, dict]
 
 
-def _record(frame: _Frame, site: str, kind: str, cfg: ABFPConfig, x_shape, w_shape, k: int, macs: int,
+def _record(frame: Frame, site: str, kind: str, cfg: ABFPConfig, x_shape, w_shape, k: int, macs: int,
             stats: ProductStats, y: Tensor, y_ref: Tensor | None) -> None:
     rec = frame.state.records.get(site)
     if rec is None:
@@ -139,10 +142,17 @@ def _scales(state: AnalogState, cfg: ABFPConfig, site: str) -> list[float | None
     return [None, None] if s is None else list(s) + [None] * (2 - len(s))
 
 
-def _run(frame: _Frame, op: str, func: Callable, args: tuple, kwargs: dict,
+def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict,
          analog: Callable[[ABFPConfig, list, ProductStats | None, torch.Generator | None], Tensor],
          operands: tuple[Tensor, ...], k: int, macs: Callable[[Tensor], int]) -> Any:
-    """Common path of every product: calibration, interceptors, recording, the device call."""
+    """Common path of every product: calibration, interceptors, recording, the device call.
+
+    ``analog(config, static_scales, stats, generator)`` computes the product on the device;
+    ``func(*args, **kwargs)`` is the float32 call it replaces (used while calibrating, by
+    interceptors as ``digital()``, and as the reference while recording); ``operands`` are
+    the two matrices of the product (input first), ``k`` its reduction length and
+    ``macs(y)`` its multiply-accumulate count given its output.
+    """
     state = frame.state
     cfg = state.config_for(frame.name)
     site = frame.site(op)
@@ -172,7 +182,7 @@ def _h_linear(frame, func, args, kwargs):
         return input, weight, bias
     x, w, b = f(*args, **kwargs)
     m = x.numel() // max(1, x.shape[-1])
-    return _run(frame, "linear", func, args, kwargs,
+    return run_product(frame, "linear", func, args, kwargs,
                 lambda c, s, st, g: AF.linear(x, w, b, config=c, input_scale=s[0], generator=g, stats=st),
                 (x, w), w.shape[1], lambda y: m * w.shape[0] * w.shape[1])
 
@@ -190,7 +200,7 @@ def _h_conv(op: str, fn: Callable):
             return fn(x, w, b, stride, padding, dilation, groups, config=c, input_scale=s[0], generator=g, stats=st)
 
         # MACs: every output element is one dot product of length k
-        return _run(frame, op, func, args, kwargs, analog, (x, w), k, lambda y: y.numel() * k)
+        return run_product(frame, op, func, args, kwargs, analog, (x, w), k, lambda y: y.numel() * k)
     return handler
 
 
@@ -198,7 +208,7 @@ def _h_matmul(frame, func, args, kwargs):
     a, b = args[0], args[1]
     if not frame.state.include_matmul or not isinstance(a, Tensor) or not isinstance(b, Tensor):
         return func(*args, **kwargs)
-    return _run(frame, "matmul", func, args, kwargs,
+    return run_product(frame, "matmul", func, args, kwargs,
                 lambda c, s, st, g: AF.matmul(a, b, config=c, generator=g, stats=st, a_scale=s[0], b_scale=s[1]), (a, b),
                 a.shape[-1], lambda y: y.numel() * a.shape[-1])
 
@@ -228,7 +238,7 @@ def _h_einsum(frame, func, args, kwargs):
             _warn_once(f"einsum with {len(ops)} operands stays digital")
         return func(*args, **kwargs)
     a, b = ops
-    return _run(frame, "matmul", func, args, kwargs,
+    return run_product(frame, "matmul", func, args, kwargs,
                 lambda c, s, st, g: AF.einsum(eq, a, b, config=c, generator=g, stats=st), (a, b),
                 0, lambda y: 0)
 
@@ -276,23 +286,15 @@ def _h_mha(frame, func, args, kwargs):
     )
 
 
-_HANDLERS: dict[Any, Callable] = {
-    F.linear: _h_linear,
-    torch.conv2d: _h_conv("conv", AF.conv2d),
-    torch.conv1d: _h_conv("conv", AF.conv1d),
-    torch.matmul: _h_matmul,
-    Tensor.matmul: _h_matmul,
-    Tensor.__matmul__: _h_matmul,
-    Tensor.__rmatmul__: _h_rmatmul,
-    torch.bmm: _h_matmul,
-    Tensor.bmm: _h_matmul,
-    torch.mm: _h_matmul,
-    Tensor.mm: _h_matmul,
-    torch.baddbmm: _h_baddbmm,
-    torch.einsum: _h_einsum,
-    F.scaled_dot_product_attention: _h_sdpa,
-    F.multi_head_attention_forward: _h_mha,
-}
+register(F.linear)(_h_linear)
+register(torch.conv2d)(_h_conv("conv", AF.conv2d))
+register(torch.conv1d)(_h_conv("conv", AF.conv1d))
+register(torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm, torch.mm, Tensor.mm)(_h_matmul)
+register(Tensor.__rmatmul__)(_h_rmatmul)
+register(torch.baddbmm)(_h_baddbmm)
+register(torch.einsum)(_h_einsum)
+register(F.scaled_dot_product_attention)(_h_sdpa)
+register(F.multi_head_attention_forward)(_h_mha)
 
 _WARNED: set[str] = set()
 
@@ -312,7 +314,7 @@ class AnalogMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         stack = _stack()
-        handler = _HANDLERS.get(func)
+        handler = handler_for(func)
         if handler is None or not stack:
             if func in _DIGITAL_PRODUCTS and stack and stack[-1].state.config_for(stack[-1].name) is not None:
                 _warn_once(f"{getattr(func, '__name__', func)} has no analog model and stays digital")

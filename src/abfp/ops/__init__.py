@@ -1,0 +1,12 @@
+"""Product families: one module each, registered with :mod:`abfp.ops.registry`.
+
+Importing this package registers every family. The families of linear layers, matrix
+products, 1-D/2-D convolutions and attention still live in :mod:`abfp.nn.mode` and
+:mod:`abfp.functional` and are registered from there.
+"""
+
+from __future__ import annotations
+
+from .registry import handler_for, register, registered
+
+__all__ = ["handler_for", "register", "registered"]
