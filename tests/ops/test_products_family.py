@@ -223,3 +223,25 @@ def test_direct_aten_product_is_named():
         s = abfp.summary(m, (A, B))
     assert any("aten.mm" in str(x.message) for x in w)
     assert s.coverage.digital_macs == 5 * 7 * 20
+
+
+def test_gpt2_runs_fully_analog():
+    """Hugging Face GPT-2's Conv1D layers call torch.addmm: most of its MACs (was float32)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0)
+    m = GPT2LMHeadModel(cfg).eval()
+    x = torch.randint(0, 100, (2, 16))
+    cm = abfp.convert(m, ABFPConfig(tile_width=32, noise_std=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DigitalProductWarning)
+        s = abfp.summary(cm, x)
+    assert s.device_mac_share == 1.0
+    kinds = sorted(r.kind for r in s.rows)
+    assert kinds.count("linear") == 2 * 4 + 1 and kinds.count("matmul") == 2 * 2
+    assert s.total_macs == 2 * 16 * (2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64) + 64 * 100) + 2 * 2 * 4 * 16 * 16 * 16 * 2
+    with torch.no_grad():
+        assert 1e-3 < abfp.metrics.relative_error(cm(x).logits, m(x).logits) < 0.2
