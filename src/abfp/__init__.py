@@ -6,6 +6,7 @@ Public names: :class:`ABFPConfig`, :func:`presets`, :func:`convert`, :func:`to_d
 
 from . import functional, metrics, ops
 from .config import ABFPConfig, REFERENCE_NOISE_STD, presets
+from .ops.coverage import Coverage, coverage
 from .nn import analog_state, calibrate, convert, digital, is_converted, reseed, set_config, summary, to_digital
 
 __version__ = "0.1.0"
@@ -16,6 +17,8 @@ __all__ = [
     "analog_state",
     "calibrate",
     "convert",
+    "Coverage",
+    "coverage",
     "digital",
     "functional",
     "is_converted",

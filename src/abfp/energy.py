@@ -268,6 +268,8 @@ def account_rows(rows: Sequence[Any], samples: int, params: EnergyParams | None 
     params = params or EnergyParams()
     layers = []
     for r in rows:
+        if r.kind == "digital":  # stayed float32 (see abfp.ops.coverage): no converter energy
+            continue
         cfg = r.config or config or ABFPConfig()
         layers.append(layer_cost(r.site, r.kind, r.x_shape, r.w_shape, r.macs, max(1, r.calls), cfg, params))
     return EnergyReport(layers, samples, params)

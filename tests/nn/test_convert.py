@@ -116,7 +116,11 @@ def test_attention_products_are_analog_and_sites_counted():
     assert kinds == [":matmul0", ":matmul1", "proj:linear0", "qkv:linear0"]
     # without matmul interception only the linears are analog
     cm = abfp.convert(m, QUIET, include_matmul=False)
-    assert sorted(r.site for r in abfp.summary(cm, x).rows) == ["proj:linear0", "qkv:linear0"]
+    rows = abfp.summary(cm, x).rows
+    assert sorted(r.site for r in rows if r.kind != "digital") == ["proj:linear0", "qkv:linear0"]
+    # the two attention products stayed float32 by that option: listed as digital, with their MACs
+    assert sorted(r.site for r in rows if r.kind == "digital") == [":digital0", ":digital1"]
+    assert all(r.macs == 2 * 5 * 5 * 16 for r in rows if r.kind == "digital")
 
 
 @pytest.mark.parametrize("need_weights", [True, False])

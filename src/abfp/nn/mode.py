@@ -27,6 +27,7 @@ from .. import functional as AF
 from ..config import ABFPConfig
 from ..numerics import ProductStats
 from ..numerics.blocks import num_tiles
+from ..ops.coverage import DigitalProductWarning, estimate_macs, func_name, no_analog_model
 from ..ops.registry import handler_for, register
 from .state import AnalogState, SiteRecord
 
@@ -161,14 +162,17 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
         return func(*args, **kwargs)
     interceptor = state.interceptors.get(site) or state.interceptors.get("*")
     if interceptor is not None:
-        return interceptor(ProductCall(
+        y = interceptor(ProductCall(
             site=site, kind=op, config=cfg, operands=operands,
             analog=lambda c=cfg: analog(c, _scales(state, c, site), None, state.generator(c, operands[0].device)),
             digital=lambda: func(*args, **kwargs),
             call=(func, args, kwargs),
         ))
+        state.coverage.analog_macs += int(macs(y)) if isinstance(y, Tensor) else 0
+        return y
     stats = ProductStats() if state.recording else None
     y = analog(cfg, _scales(state, cfg, site), stats, state.generator(cfg, operands[0].device))
+    state.coverage.analog_macs += int(macs(y))
     if state.recording:
         with torch.no_grad():
             y_ref = func(*args, **kwargs)
@@ -206,8 +210,10 @@ def _h_conv(op: str, fn: Callable):
 
 def _h_matmul(frame, func, args, kwargs):
     a, b = args[0], args[1]
-    if not frame.state.include_matmul or not isinstance(a, Tensor) or not isinstance(b, Tensor):
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         return func(*args, **kwargs)
+    if not frame.state.include_matmul:
+        return digital_call(frame, func, args, kwargs, "include_matmul=False")
     return run_product(frame, "matmul", func, args, kwargs,
                 lambda c, s, st, g: AF.matmul(a, b, config=c, generator=g, stats=st, a_scale=s[0], b_scale=s[1]), (a, b),
                 a.shape[-1], lambda y: y.numel() * a.shape[-1])
@@ -216,31 +222,6 @@ def _h_matmul(frame, func, args, kwargs):
 def _h_rmatmul(frame, func, args, kwargs):
     b, a = args[0], args[1]
     return _h_matmul(frame, torch.matmul, (a, b), {})
-
-
-def _h_baddbmm(frame, func, args, kwargs):
-    def f(input, batch1, batch2, *, beta=1, alpha=1, out=None):
-        return input, batch1, batch2, beta, alpha, out
-    inp, b1, b2, beta, alpha, out = f(*args, **kwargs)
-    if out is not None or not frame.state.include_matmul:
-        return func(*args, **kwargs)
-    prod = _h_matmul(frame, torch.matmul, (b1, b2), {})
-    return beta * inp + alpha * prod if beta != 0 else alpha * prod
-
-
-def _h_einsum(frame, func, args, kwargs):
-    eq = args[0]
-    ops = args[1:]
-    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
-        ops = tuple(ops[0])
-    if len(ops) != 2 or not frame.state.include_matmul or kwargs:
-        if len(ops) > 2:
-            _warn_once(f"einsum with {len(ops)} operands stays digital")
-        return func(*args, **kwargs)
-    a, b = ops
-    return run_product(frame, "matmul", func, args, kwargs,
-                lambda c, s, st, g: AF.einsum(eq, a, b, config=c, generator=g, stats=st), (a, b),
-                0, lambda y: 0)
 
 
 def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
@@ -271,7 +252,7 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = N
 
 def _h_sdpa(frame, func, args, kwargs):
     if not frame.state.include_matmul:
-        return func(*args, **kwargs)
+        return digital_call(frame, func, args, kwargs, "include_matmul=False")
     return sdpa(*args, **kwargs, matmul=lambda a, b: _h_matmul(frame, torch.matmul, (a, b), {}))
 
 
@@ -291,21 +272,30 @@ register(torch.conv2d)(_h_conv("conv", AF.conv2d))
 register(torch.conv1d)(_h_conv("conv", AF.conv1d))
 register(torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm, torch.mm, Tensor.mm)(_h_matmul)
 register(Tensor.__rmatmul__)(_h_rmatmul)
-register(torch.baddbmm)(_h_baddbmm)
-register(torch.einsum)(_h_einsum)
 register(F.scaled_dot_product_attention)(_h_sdpa)
 register(F.multi_head_attention_forward)(_h_mha)
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(f"abfp: {msg}", stacklevel=3)
-
-
-_DIGITAL_PRODUCTS = {torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d, torch.addmm}
+def digital_call(frame: Frame, func: Callable, args: tuple, kwargs: dict, reason: str) -> Any:
+    """Run a product in float32 and count its MACs as digital (coverage): ``reason`` says why
+    (an excluded module, ``include_matmul=False``); products with no analog model at all are
+    also named in a :class:`~abfp.ops.coverage.DigitalProductWarning`."""
+    out = func(*args, **kwargs)
+    state = frame.state
+    if state.calibrating:
+        return out
+    macs = estimate_macs(func, args, kwargs, out)
+    name = func_name(func)
+    state.coverage.add_digital(f"{name} ({reason})", macs)
+    if state.recording:
+        site = frame.site("digital")
+        rec = state.records.get(site)
+        if rec is None:
+            rec = state.records[site] = SiteRecord(site=site, kind="digital", config=None)
+        rec.x_shape = tuple(args[0].shape) if args and isinstance(args[0], Tensor) else ()
+        rec.w_shape = tuple(args[1].shape) if len(args) > 1 and isinstance(args[1], Tensor) else ()
+        rec.calls += 1
+        rec.macs += macs
+    return out
 
 
 class AnalogMode(TorchFunctionMode):
@@ -314,12 +304,20 @@ class AnalogMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         stack = _stack()
+        if not stack:
+            return func(*args, **kwargs)
         handler = handler_for(func)
-        if handler is None or not stack:
-            if func in _DIGITAL_PRODUCTS and stack and stack[-1].state.config_for(stack[-1].name) is not None:
-                _warn_once(f"{getattr(func, '__name__', func)} has no analog model and stays digital")
-            return func(*args, **kwargs)
         frame = stack[-1]
+        if handler is None:
+            name = no_analog_model(func)
+            if name is None:  # not a product
+                return func(*args, **kwargs)
+            state = frame.state
+            if state.config_for(frame.name) is not None and not state.calibrating and name not in state.coverage.warned:
+                state.coverage.warned.add(name)
+                warnings.warn(f"abfp: {name} (in {frame.name or 'the model'}) has no analog model and ran in "
+                              "float32; abfp.summary lists its MACs", DigitalProductWarning, stacklevel=2)
+            return digital_call(frame, func, args, kwargs, "no analog model")
         if frame.state.config_for(frame.name) is None:
-            return func(*args, **kwargs)
+            return digital_call(frame, func, args, kwargs, "excluded module")
         return handler(frame, func, args, kwargs)

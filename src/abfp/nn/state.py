@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import ABFPConfig
+from ..ops.coverage import Coverage
 
 
 @dataclass
@@ -72,6 +73,8 @@ class AnalogState:
     # site (or "*") -> fn(call: abfp.nn.mode.ProductCall) -> Tensor: replaces how the product is
     # computed (DNF sampling, dynamic-precision noise, recording); runs only in analog modules
     interceptors: dict[str, Any] = field(default_factory=dict)
+    # MACs computed on the device and in float32 (see abfp.ops.coverage)
+    coverage: Coverage = field(default_factory=Coverage)
     _generators: dict[str, torch.Generator] = field(default_factory=dict)
     _seed_offset: int = 0
 
@@ -117,6 +120,7 @@ class AnalogState:
         new.input_scales = {k: list(v) for k, v in self.input_scales.items()}
         new.records = {}
         new.interceptors = {}
+        new.coverage = Coverage()
         new._generators = {}
         return new
 

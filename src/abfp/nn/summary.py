@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .convert import analog_state, convert, is_converted
+from ..ops.coverage import Coverage
 from .state import SiteRecord
 
 
@@ -17,6 +18,8 @@ class Summary:
     """Rows of :func:`summary`; ``str()`` gives the table."""
 
     rows: list[SiteRecord]
+    coverage: Coverage | None = None
+    """MACs computed on the device and in float32 during this run (see :mod:`abfp.ops.coverage`)."""
 
     def as_dicts(self) -> list[dict[str, Any]]:
         return [
@@ -39,6 +42,17 @@ class Summary:
     def total_macs(self) -> int:
         return sum(r.macs for r in self.rows)
 
+    @property
+    def analog_macs(self) -> int:
+        return sum(r.macs for r in self.rows if r.kind != "digital")
+
+    @property
+    def device_mac_share(self) -> float:
+        """Share of the model's MACs computed on the device in this run."""
+        if self.coverage is not None:
+            return self.coverage.share
+        return self.analog_macs / self.total_macs if self.total_macs else 1.0
+
     def __str__(self) -> str:
         head = f"{'site':<44} {'kind':<7} {'input':<18} {'weight':<18} {'tiles':>5} {'MACs':>12} {'ADC conv':>11} {'sat %':>7} {'rel err':>9}"
         lines = [head, "-" * len(head)]
@@ -48,6 +62,8 @@ class Summary:
                 f"{r.tiles:>5} {r.macs:>12,} {r.adc_conversions:>11,} {100 * r.saturated_fraction:>7.3f} {r.relative_error:>9.4f}"
             )
         lines.append(f"total MACs {self.total_macs:,}; ADC conversions {sum(r.adc_conversions for r in self.rows):,}")
+        if self.coverage is not None:
+            lines.append(str(self.coverage))
         return "\n".join(lines)
 
 
@@ -63,10 +79,12 @@ def summary(model: nn.Module, example_input: Any, config=None) -> Summary:
         model = convert(model, config)
     st = analog_state(model)
     st.records.clear()
+    st.coverage.reset()
     st.recording = True
     try:
         inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
         model(*inputs)
     finally:
         st.recording = False
-    return Summary(rows=list(st.records.values()))
+    cov = Coverage(st.coverage.analog_macs, st.coverage.digital_macs, dict(st.coverage.digital_ops))
+    return Summary(rows=list(st.records.values()), coverage=cov)

@@ -10,3 +10,5 @@ from __future__ import annotations
 from .registry import handler_for, register, registered
 
 __all__ = ["handler_for", "register", "registered"]
+
+from . import products  # noqa: E402,F401  (addmm, mv, tensordot, einsum of any arity, bilinear, ...)

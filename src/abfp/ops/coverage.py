@@ -1,0 +1,245 @@
+"""Coverage: the share of a converted model's MACs that the device computed.
+
+SPEC section 3.1: no product is digital without saying so. While a converted model runs,
+every product is counted (:class:`Coverage`, kept on the model's
+:class:`~abfp.nn.state.AnalogState`):
+
+* ``analog_macs``: products answered by a product family (``abfp.ops``) on the device;
+* ``digital_macs``: product-like calls that stayed float32, by name in ``digital_ops``: calls
+  with no analog model (``torch.cdist``, ``torch.conv_tbc``, direct ``torch.ops.aten`` products,
+  ``torch._int_mm``, ...) and products inside modules the user excluded.
+
+A product-like call with no analog model is named in a :class:`DigitalProductWarning` once per
+converted model (not once per process: a second model, or the same model after
+:func:`abfp.set_config`, warns again). ``share = analog / (analog + digital)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Coverage", "coverage", "DigitalProductWarning", "digital_product_macs", "estimate_macs", "no_analog_model"]
+
+
+class DigitalProductWarning(UserWarning):
+    """A product inside a converted model has no analog model and ran in float32."""
+
+
+# shown every time it is raised: abfp itself decides when to warn (once per model per op)
+warnings.simplefilter("always", DigitalProductWarning)
+
+
+@dataclass
+class Coverage:
+    """MACs computed on the device and in float32 while a converted model ran."""
+
+    analog_macs: int = 0
+    digital_macs: int = 0
+    digital_ops: dict[str, int] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+
+    @property
+    def total_macs(self) -> int:
+        return self.analog_macs + self.digital_macs
+
+    @property
+    def share(self) -> float:
+        """Share of the counted MACs computed on the device (1.0 when nothing was counted)."""
+        return self.analog_macs / self.total_macs if self.total_macs else 1.0
+
+    def add_digital(self, name: str, macs: int) -> None:
+        self.digital_macs += int(macs)
+        self.digital_ops[name] = self.digital_ops.get(name, 0) + int(macs)
+
+    def reset(self) -> None:
+        self.analog_macs = 0
+        self.digital_macs = 0
+        self.digital_ops.clear()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"analog_macs": self.analog_macs, "digital_macs": self.digital_macs, "share": self.share,
+                "digital_ops": dict(self.digital_ops)}
+
+    def __str__(self) -> str:
+        s = f"device MAC share {100 * self.share:.2f}% ({self.analog_macs:,} analog, {self.digital_macs:,} digital)"
+        if self.digital_ops:
+            s += "; digital: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.digital_ops.items()))
+        return s
+
+
+# ----------------------------------------------------------------------------- MAC estimates
+def _t(x: Any) -> Tensor | None:
+    return x if isinstance(x, Tensor) else None
+
+
+def _matmul_macs(a: Any, b: Any, out: Any) -> int:
+    a, o = _t(a), _t(out)
+    if a is None or o is None or a.dim() == 0:
+        return 0
+    return o.numel() * a.shape[-1]
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name)
+
+
+def _linear(args, kwargs, out):
+    w = _t(_arg(args, kwargs, 1, "weight"))
+    return out.numel() * w.shape[-1] if w is not None and isinstance(out, Tensor) else 0
+
+
+def _conv(args, kwargs, out):
+    w = _t(_arg(args, kwargs, 1, "weight"))
+    return out.numel() * w[0].numel() if w is not None and isinstance(out, Tensor) and w.dim() else 0
+
+
+def _conv_transpose(args, kwargs, out):
+    x, w = _t(_arg(args, kwargs, 0, "input")), _t(_arg(args, kwargs, 1, "weight"))
+    return x.numel() * math.prod(w.shape[1:]) if x is not None and w is not None else 0
+
+
+def _convolution(args, kwargs, out):
+    transposed = bool(_arg(args, kwargs, 6, "transposed"))
+    return _conv_transpose(args, kwargs, out) if transposed else _conv(args, kwargs, out)
+
+
+def _mm(args, kwargs, out):
+    return _matmul_macs(_arg(args, kwargs, 0, "input"), None, out)
+
+
+def _addmm(args, kwargs, out):
+    return _matmul_macs(_arg(args, kwargs, 1, "mat1"), None, out)
+
+
+def _addbmm(args, kwargs, out):
+    b1 = _t(_arg(args, kwargs, 1, "batch1"))
+    b2 = _t(_arg(args, kwargs, 2, "batch2"))
+    return b1.shape[0] * b1.shape[1] * b1.shape[2] * b2.shape[2] if b1 is not None and b2 is not None else 0
+
+
+def _cdist(args, kwargs, out):
+    x1 = _t(_arg(args, kwargs, 0, "x1"))
+    return out.numel() * x1.shape[-1] if x1 is not None and isinstance(out, Tensor) else 0
+
+
+def _conv_tbc(args, kwargs, out):
+    w = _t(_arg(args, kwargs, 1, "weight"))  # (k, C_in, C_out)
+    return out.numel() * w.shape[0] * w.shape[1] if w is not None and isinstance(out, Tensor) else 0
+
+
+def _sdpa(args, kwargs, out):
+    q, k, v = (_t(_arg(args, kwargs, i, n)) for i, n in enumerate(("query", "key", "value")))
+    if q is None or k is None or v is None:
+        return 0
+    lead = math.prod(q.shape[:-2])
+    return lead * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+
+def _bilinear(args, kwargs, out):
+    w = _t(_arg(args, kwargs, 2, "weight"))
+    return out.numel() // max(1, w.shape[0]) * w.numel() if w is not None and isinstance(out, Tensor) else 0
+
+
+MacEstimator = Callable[[tuple, dict, Any], int]
+
+#: MACs of a product computed in float32, from its arguments and output.
+_ESTIMATORS: dict[Any, MacEstimator] = {
+    F.linear: _linear,
+    torch.conv1d: _conv, torch.conv2d: _conv, torch.conv3d: _conv,
+    torch.conv_transpose1d: _conv_transpose, torch.conv_transpose2d: _conv_transpose,
+    torch.conv_transpose3d: _conv_transpose,
+    torch.convolution: _convolution, torch._convolution: _convolution,
+    torch.matmul: _mm, torch.Tensor.matmul: _mm, torch.Tensor.__matmul__: _mm, torch.mm: _mm, torch.Tensor.mm: _mm,
+    torch.bmm: _mm, torch.Tensor.bmm: _mm, torch.mv: _mm, torch.Tensor.mv: _mm, torch.linalg.matmul: _mm,
+    torch.dot: _mm, torch.Tensor.dot: _mm, torch.inner: _mm, torch._int_mm: _mm,
+    torch.addmm: _addmm, torch.Tensor.addmm: _addmm, torch.baddbmm: _addmm, torch.Tensor.baddbmm: _addmm,
+    torch.addmv: _addmm, torch.Tensor.addmv: _addmm,
+    torch.addbmm: _addbmm, torch.Tensor.addbmm: _addbmm,
+    torch.cdist: _cdist,
+    torch.conv_tbc: _conv_tbc,
+    F.scaled_dot_product_attention: _sdpa,
+    F.bilinear: _bilinear,
+}
+
+#: Product-like functions that have no analog model: they run in float32 with a warning.
+_NO_ANALOG_MODEL: set[Any] = {torch.cdist, torch.conv_tbc, torch._int_mm, torch.convolution, torch._convolution,
+                              torch.linalg.matrix_power, torch.matrix_power, torch.kron}
+for _name in ("_scaled_mm", "cudnn_convolution", "mkldnn_convolution", "cudnn_convolution_transpose",
+              "miopen_convolution", "sparse_coo_tensor_mm", "smm", "hspmm", "sspaddmm"):
+    _f = getattr(torch, _name, None)
+    if _f is not None:
+        _NO_ANALOG_MODEL.add(_f)
+for _f in (getattr(torch.sparse, "mm", None), getattr(torch.sparse, "addmm", None)):
+    if _f is not None:
+        _NO_ANALOG_MODEL.add(_f)
+
+#: aten operators that are products: reached directly (``torch.ops.aten.mm(...)``) they bypass
+#: the functional API that the product families answer.
+_ATEN_PRODUCTS = {"mm", "bmm", "addmm", "addmv", "addbmm", "baddbmm", "mv", "dot", "matmul", "linear",
+                  "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+                  "conv_transpose2d", "conv_transpose3d", "einsum", "tensordot", "_int_mm", "lstm", "gru",
+                  "rnn_tanh", "rnn_relu", "bilinear", "cdist"}
+
+
+def _aten_name(func: Any) -> str | None:
+    ops = getattr(torch, "_ops", None)
+    if ops is None or not isinstance(func, (ops.OpOverload, ops.OpOverloadPacket)):
+        return None
+    name = str(func.name() if isinstance(func, ops.OpOverload) else func._qualified_op_name)
+    ns, _, op = name.partition("::")
+    op = op.split(".")[0]
+    return f"torch.ops.{ns}.{op}" if ns == "aten" and op in _ATEN_PRODUCTS else None
+
+
+def func_name(func: Any) -> str:
+    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
+    mod = getattr(func, "__module__", None)
+    if mod in (None, "torch._C._VariableFunctions", "torch._C.TensorBase", "torch._C._nn", "torch._C._linalg"):
+        if qual.startswith("TensorBase.") or qual.startswith("Tensor."):
+            return "Tensor." + qual.split(".", 1)[1]
+        return f"torch.{qual}"
+    return f"{mod}.{qual}"
+
+
+def no_analog_model(func: Any) -> str | None:
+    """The name of ``func`` when it is a product-like call with no analog model, else None."""
+    if func in _NO_ANALOG_MODEL:
+        return func_name(func)
+    return _aten_name(func)
+
+
+def estimate_macs(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """MACs of a product computed in float32 (0 when unknown)."""
+    est = _ESTIMATORS.get(func)
+    if est is None:
+        name = _aten_name(func)
+        if name is not None:
+            op = name.rsplit(".", 1)[-1]
+            est = {"addmm": _addmm, "addmv": _addmm, "baddbmm": _addmm, "addbmm": _addbmm,
+                   "convolution": _convolution, "_convolution": _convolution}.get(op, _mm)
+    if est is None:
+        return 0
+    try:
+        return int(est(args, kwargs or {}, out))
+    except Exception:  # an estimate must never break the model
+        return 0
+
+
+def digital_product_macs(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """MACs of a call that stayed digital (see :func:`estimate_macs`)."""
+    return estimate_macs(func, args, kwargs, out)
+
+
+def coverage(model: torch.nn.Module) -> Coverage:
+    """The :class:`Coverage` of a converted model: MACs on the device and in float32 since it was
+    converted (or since ``coverage(model).reset()``)."""
+    from ..nn.convert import analog_state
+
+    return analog_state(model).coverage

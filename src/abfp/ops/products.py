@@ -1,0 +1,401 @@
+"""Every other matrix-product function torch offers, on the device.
+
+Each is rewritten as the products :func:`abfp.functional.matmul` / :func:`abfp.functional.linear`
+compute (SPEC section 1: per-block scales along the reduction axis of both operands), with the
+additions, scalings and sums around them digital (float32):
+
+=====================================  =========================================================
+``addmm(C, A, B, beta, alpha)``        ``beta * C + alpha * (A @ B)``; one product. When ``B`` is
+                                       a parameter (Hugging Face GPT-2's ``Conv1D``) the site is
+                                       a ``linear`` one: B is a static weight (rows ``B^T``).
+``mv(A, v)``, ``addmv``                ``A @ v``: one product, ``K`` = columns of ``A``.
+``addbmm(C, A, B)``                    ``beta * C + alpha * sum_b A[b] @ B[b]``; the sum over ``b``
+                                       is digital (one product per ``b``, tiles summed in float32).
+``baddbmm(C, A, B)``                   ``beta * C + alpha * A @ B`` (batched).
+``dot``, ``inner``, ``vdot`` (real)    dot products: one product each, ``K`` = the shared length.
+``outer``, ``ger``, ``addr``           ``a b^T``: a product with ``K = 1``.
+``tensordot(a, b, dims)``              contracted axes flattened into one reduction axis (in the
+                                       order ``dims`` pairs them), free axes into rows/columns.
+``linalg.matmul``                      ``matmul``.
+``linalg.vecdot(x, y, dim)``           one dot product of length ``x.shape[dim]`` per output.
+``linalg.multi_dot``, ``chain_matmul`` left to right, each pairwise product on the device.
+``einsum`` (any number of operands)    contracted pairwise, left to right; each pairwise
+                                       contraction is one device product; indices private to one
+                                       operand are summed digitally first; one-operand einsums
+                                       (traces, transposes, sums) are not products and stay digital.
+``F.bilinear(x1, x2, A, b)``           two products: ``u[., o, j] = sum_i x1[., i] A[o, i, j]``
+                                       (a linear product with static weight rows ``A[o, :, j]``,
+                                       ``K = in1``), then ``y[., o] = sum_j u[., o, j] x2[., j]`` (an
+                                       activation-by-activation product, ``K = in2``); plus bias.
+=====================================  =========================================================
+
+MACs recorded for ``summary`` and energy are those of the products as computed here
+(``rows * columns * K`` each).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import functional as AF
+from ..nn.mode import Frame, digital_call, run_product
+from .registry import register
+
+
+# ----------------------------------------------------------------------------- primitives
+def _is_weight(t: Tensor) -> bool:
+    """A static operand: a parameter (or a leaf that requires grad), not an activation."""
+    return isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad)
+
+
+def device_matmul(frame: Frame, a: Tensor, b: Tensor) -> Tensor:
+    """``torch.matmul(a, b)`` as one device product through :func:`run_product` (batched and
+    broadcast like torch.matmul; 1-D operands as in torch). With ``convert(...,
+    include_matmul=False)`` it stays float32, counted as digital."""
+    if not frame.state.include_matmul:
+        return digital_call(frame, torch.matmul, (a, b), {}, "include_matmul=False")
+    k = a.shape[-1]
+    return run_product(
+        frame, "matmul", torch.matmul, (a, b), {},
+        lambda c, s, st, g: AF.matmul(a, b, config=c, generator=g, stats=st, a_scale=s[0], b_scale=s[1]),
+        (a, b), k, lambda y: max(1, y.numel()) * k if y.numel() else 0,
+    )
+
+
+def device_weight_product(frame: Frame, x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` with ``w`` (N, K) a static weight, as a ``linear`` site (weight scales and codes
+    cached per weight value)."""
+    k = w.shape[1]
+    m = x.numel() // max(1, x.shape[-1])
+    return run_product(
+        frame, "linear", F.linear, (x, w), {},
+        lambda c, s, st, g: AF.linear(x, w, None, config=c, input_scale=s[0], generator=g, stats=st, cache=False),
+        (x, w), k, lambda y: m * w.shape[0] * k,
+    )
+
+
+def _scaled_add(inp: Tensor, prod: Tensor, beta: Any, alpha: Any) -> Tensor:
+    """``beta * inp + alpha * prod`` (digital); ``beta = 0`` ignores ``inp`` (NaN included), as torch."""
+    out = prod if alpha == 1 else prod * alpha
+    if beta == 0:
+        return out.expand(torch.broadcast_shapes(inp.shape, out.shape)).clone() if inp.shape != out.shape else out
+    return out + (inp if beta == 1 else inp * beta)
+
+
+def _finish(result: Tensor, out: Tensor | None) -> Tensor:
+    if out is None:
+        return result
+    out.resize_(result.shape)
+    out.copy_(result)
+    return out
+
+
+# ----------------------------------------------------------------------------- addmm family
+def _addmm_args(input, mat1, mat2, *, beta=1, alpha=1, out=None):
+    return input, mat1, mat2, beta, alpha, out
+
+
+@register(torch.addmm, torch.Tensor.addmm)
+def _h_addmm(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    inp, a, b, beta, alpha, out = _addmm_args(*args, **kwargs)
+    if _is_weight(b) and not _is_weight(a):
+        prod = device_weight_product(frame, a, b.t())
+    else:
+        prod = device_matmul(frame, a, b)
+    return _finish(_scaled_add(inp, prod, beta, alpha), out)
+
+
+def _addmv_args(input, mat, vec, *, beta=1, alpha=1, out=None):
+    return input, mat, vec, beta, alpha, out
+
+
+@register(torch.addmv, torch.Tensor.addmv)
+def _h_addmv(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    inp, mat, vec, beta, alpha, out = _addmv_args(*args, **kwargs)
+    return _finish(_scaled_add(inp, device_matmul(frame, mat, vec), beta, alpha), out)
+
+
+def _mv_args(input, vec, *, out=None):
+    return input, vec, out
+
+
+@register(torch.mv, torch.Tensor.mv)
+def _h_mv(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    mat, vec, out = _mv_args(*args, **kwargs)
+    if mat.dim() != 2 or vec.dim() != 1:
+        return func(*args, **kwargs)  # torch raises its own error
+    return _finish(device_matmul(frame, mat, vec), out)
+
+
+def _baddbmm_args(input, batch1, batch2, *, beta=1, alpha=1, out=None):
+    return input, batch1, batch2, beta, alpha, out
+
+
+@register(torch.baddbmm, torch.Tensor.baddbmm)
+def _h_baddbmm(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    inp, b1, b2, beta, alpha, out = _baddbmm_args(*args, **kwargs)
+    return _finish(_scaled_add(inp, device_matmul(frame, b1, b2), beta, alpha), out)
+
+
+@register(torch.addbmm, torch.Tensor.addbmm)
+def _h_addbmm(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    inp, b1, b2, beta, alpha, out = _baddbmm_args(*args, **kwargs)
+    prod = device_matmul(frame, b1, b2).sum(0)
+    return _finish(_scaled_add(inp, prod, beta, alpha), out)
+
+
+# ----------------------------------------------------------------------------- vector products
+def _two(input, other, *, out=None):
+    return input, other, out
+
+
+@register(torch.dot, torch.Tensor.dot, torch.vdot, torch.Tensor.vdot)
+def _h_dot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    a, b, out = _two(*args, **kwargs)
+    if a.dim() != 1 or b.dim() != 1 or a.is_complex() or b.is_complex():
+        return func(*args, **kwargs)
+    return _finish(device_matmul(frame, a, b), out)
+
+
+@register(torch.inner, torch.Tensor.inner)
+def _h_inner(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    a, b, out = _two(*args, **kwargs)
+    if a.dim() == 0 or b.dim() == 0:
+        return func(*args, **kwargs)  # a scalar times a tensor: not a product
+    return _finish(_tensordot(frame, a, b, [a.dim() - 1], [b.dim() - 1]), out)
+
+
+@register(torch.outer, torch.Tensor.outer, torch.ger, torch.Tensor.ger)
+def _h_outer(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    a, b, out = _two(*args, **kwargs)
+    if a.dim() != 1 or b.dim() != 1:
+        return func(*args, **kwargs)
+    return _finish(device_matmul(frame, a.unsqueeze(1), b.unsqueeze(0)), out)
+
+
+def _addr_args(input, vec1, vec2, *, beta=1, alpha=1, out=None):
+    return input, vec1, vec2, beta, alpha, out
+
+
+@register(torch.addr, torch.Tensor.addr)
+def _h_addr(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    inp, a, b, beta, alpha, out = _addr_args(*args, **kwargs)
+    if a.dim() != 1 or b.dim() != 1:
+        return func(*args, **kwargs)
+    return _finish(_scaled_add(inp, device_matmul(frame, a.unsqueeze(1), b.unsqueeze(0)), beta, alpha), out)
+
+
+def _vecdot_args(x, y, *, dim=-1, out=None):
+    return x, y, dim, out
+
+
+@register(torch.linalg.vecdot)
+def _h_vecdot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    x, y, dim, out = _vecdot_args(*args, **kwargs)
+    if x.is_complex() or y.is_complex():
+        return func(*args, **kwargs)
+    xm, ym = x.movedim(dim, -1), y.movedim(dim, -1)
+    batch = torch.broadcast_shapes(xm.shape[:-1], ym.shape[:-1])
+    xm = xm.expand(*batch, xm.shape[-1]).unsqueeze(-2)
+    ym = ym.expand(*batch, ym.shape[-1]).unsqueeze(-1)
+    return _finish(device_matmul(frame, xm, ym).reshape(batch), out)
+
+
+# ----------------------------------------------------------------------------- tensordot
+def _dims(dims: Any, da: int, db: int) -> tuple[list[int], list[int]]:
+    if isinstance(dims, int):
+        if dims < 0:
+            raise RuntimeError(f"tensordot expects dims >= 0, but got dims={dims}")
+        return list(range(da - dims, da)), list(range(dims))
+    if isinstance(dims, Tensor):
+        dims = dims.tolist()
+        if isinstance(dims, int):
+            return _dims(dims, da, db)
+    a_d, b_d = dims
+    a_d = [a_d] if isinstance(a_d, int) else list(a_d)
+    b_d = [b_d] if isinstance(b_d, int) else list(b_d)
+    return [d % da for d in a_d], [d % db for d in b_d]
+
+
+def _tensordot(frame: Frame, a: Tensor, b: Tensor, da: list[int], db: list[int]) -> Tensor:
+    """``a`` and ``b`` contracted over the paired axes ``da``/``db`` as one ``(M, K) @ (K, N)``
+    device product; ``K`` the contracted axes flattened in the order the pairs are given."""
+    if len(da) != len(db):
+        raise RuntimeError("both dimension lists should have same length")
+    fa = [i for i in range(a.dim()) if i not in da]
+    fb = [i for i in range(b.dim()) if i not in db]
+    for i, j in zip(da, db):
+        if a.shape[i] != b.shape[j]:
+            raise RuntimeError(f"contracted dimensions need to match, but first has size {a.shape[i]} in dim {i} "
+                               f"and second has size {b.shape[j]} in dim {j}")
+    k = math.prod(a.shape[i] for i in da)
+    m = math.prod(a.shape[i] for i in fa)
+    n = math.prod(b.shape[j] for j in fb)
+    a2 = a.permute(fa + da).reshape(m, k)
+    b2 = b.permute(db + fb).reshape(k, n)
+    y = device_matmul(frame, a2, b2)
+    return y.reshape([a.shape[i] for i in fa] + [b.shape[j] for j in fb])
+
+
+def _tensordot_args(a, b, dims=2, out=None):
+    return a, b, dims, out
+
+
+@register(torch.tensordot)
+def _h_tensordot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    a, b, dims, out = _tensordot_args(*args, **kwargs)
+    da, db = _dims(dims, a.dim(), b.dim())
+    return _finish(_tensordot(frame, a, b, da, db), out)
+
+
+# ----------------------------------------------------------------------------- chains
+def _chain(frame: Frame, mats: Sequence[Tensor]) -> Tensor:
+    if len(mats) == 0:
+        raise RuntimeError("multi_dot(): expected at least 2 tensors but got 0")
+    y = mats[0]
+    for m in mats[1:]:
+        y = device_matmul(frame, y, m)
+    return y
+
+
+@register(torch.linalg.multi_dot)
+def _h_multi_dot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    mats = list(args[0] if args else kwargs["tensors"])
+    out = kwargs.get("out")
+    if len(mats) < 2:
+        return func(*args, **kwargs)
+    return _finish(_chain(frame, mats), out)
+
+
+@register(torch.chain_matmul)
+def _h_chain_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    mats = list(args)
+    if len(mats) == 1 and isinstance(mats[0], (list, tuple)):
+        mats = list(mats[0])
+    if len(mats) < 2:
+        return func(*args, **kwargs)
+    return _finish(_chain(frame, mats), kwargs.get("out"))
+
+
+@register(torch.linalg.matmul)
+def _h_linalg_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    a, b, out = _two(*args, **kwargs)
+    return _finish(device_matmul(frame, a, b), out)
+
+
+# ----------------------------------------------------------------------------- einsum
+def _einsum_operands(args: tuple) -> tuple[str, list[Tensor]]:
+    eq = args[0]
+    ops = args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    return eq, list(ops)
+
+
+def _expand(eq: str, ops: list[Tensor]) -> tuple[list[str], str]:
+    """Explicit subscripts: ellipses expanded to spare letters, the output spelt out."""
+    eq = eq.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    parts = lhs.split(",")
+    if len(parts) != len(ops):
+        raise ValueError(f"einsum(): {len(parts)} subscripts for {len(ops)} operands in {eq!r}")
+    used = set(eq.replace(".", "").replace(",", "").replace("-", "").replace(">", ""))
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+    n_ell = max((op.dim() - len(p.replace("...", "")) for p, op in zip(parts, ops) if "..." in p), default=0)
+    ell = "".join(spare[:n_ell])
+    subs = []
+    for p, op in zip(parts, ops):
+        if "..." in p:
+            k = op.dim() - len(p.replace("...", ""))
+            p = p.replace("...", ell[n_ell - k:])
+        if len(p) != op.dim():
+            raise ValueError(f"einsum(): subscripts {p!r} do not match an operand of {op.dim()} dimensions")
+        subs.append(p)
+    if not arrow:
+        letters = "".join(subs)
+        out = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell))
+    else:
+        out = out.replace("...", ell)
+    return subs, out
+
+
+def einsum_pair(sa: str, sb: str, out: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """A two-operand contraction ``sa,sb->out`` (explicit subscripts, no ellipsis) as one batched
+    matrix product: returns ``a3`` (batch, M, K), ``b3`` (batch, K, N) and ``finish`` that turns
+    ``a3 @ b3`` into the einsum's output. Indices in both operands and the output are batch axes,
+    in both operands only the reduction (the analog reduction axis, flattened in ``sa``'s order),
+    in one operand and the output free; indices in one operand only and not in the output are
+    summed digitally first."""
+    for which in (0, 1):
+        s, other, t = (sa, sb, a) if which == 0 else (sb, sa, b)
+        private = [i for i, ch in enumerate(s) if ch not in other and ch not in out]
+        if private:
+            t = t.sum(dim=private)
+            s = "".join(ch for i, ch in enumerate(s) if i not in private)
+        if which == 0:
+            sa, a = s, t
+        else:
+            sb, b = s, t
+    batch = [ch for ch in out if ch in sa and ch in sb]
+    red = [ch for ch in sa if ch in sb and ch not in out]
+    fa = [ch for ch in sa if ch not in sb]
+    fb = [ch for ch in sb if ch not in sa]
+    sizes = {ch: a.shape[i] for i, ch in enumerate(sa)}
+    for i, ch in enumerate(sb):
+        sizes[ch] = max(sizes.get(ch, 1), b.shape[i])
+    pa = a.permute([sa.index(ch) for ch in batch + fa + red])
+    pb = b.permute([sb.index(ch) for ch in batch + red + fb])
+    pa = pa.expand(*[sizes[ch] for ch in batch], *pa.shape[len(batch):])
+    pb = pb.expand(*[sizes[ch] for ch in batch], *pb.shape[len(batch):])
+    bsz = math.prod(sizes[ch] for ch in batch)
+    m, n, k = (math.prod(sizes[ch] for ch in grp) for grp in (fa, fb, red))
+    cur = batch + fa + fb
+
+    def finish(y: Tensor) -> Tensor:
+        return y.reshape([sizes[ch] for ch in cur]).permute([cur.index(ch) for ch in out])
+
+    return pa.reshape(bsz, m, k), pb.reshape(bsz, k, n), finish
+
+
+@register(torch.einsum)
+def _h_einsum(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    eq, ops = _einsum_operands(args)
+    if len(ops) < 2 or kwargs or not all(isinstance(o, Tensor) for o in ops):
+        return func(*args, **kwargs)  # one operand: a trace, sum or permutation, not a product
+    subs, out = _expand(eq, ops)
+    cur_s, cur = subs[0], ops[0]
+    for i in range(1, len(ops)):
+        later = set(out).union(*subs[i + 1:])
+        keep = "".join(dict.fromkeys(c for c in cur_s + subs[i] if c in later))
+        a3, b3, finish = einsum_pair(cur_s, subs[i], keep, cur, ops[i])
+        cur, cur_s = finish(device_matmul(frame, a3, b3)), keep
+    if cur_s != out:
+        cur = cur.permute([cur_s.index(c) for c in out])
+    return cur
+
+
+# ----------------------------------------------------------------------------- bilinear
+def _bilinear_args(input1, input2, weight, bias=None):
+    return input1, input2, weight, bias
+
+
+@register(F.bilinear, torch.bilinear)
+def _h_bilinear(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    x1, x2, w, bias = _bilinear_args(*args, **kwargs)
+    if w.dim() != 3 or x1.shape[-1] != w.shape[1] or x2.shape[-1] != w.shape[2] or x1.shape[:-1] != x2.shape[:-1]:
+        return func(*args, **kwargs)  # torch raises its own error
+    o, i1, i2 = w.shape
+    lead = x1.shape[:-1]
+    # product 1: u[., o*i2 + j] = sum_i x1[., i] w[o, i, j]  (static weight rows w[o, :, j])
+    w_rows = w.permute(0, 2, 1).reshape(o * i2, i1)
+    u = device_weight_product(frame, x1.reshape(-1, i1), w_rows).reshape(-1, o, i2)
+    # product 2: y[., o] = sum_j u[., o, j] x2[., j]  (activation by activation)
+    y = device_matmul(frame, u, x2.reshape(-1, i2, 1)).reshape(*lead, o)
+    if bias is not None:
+        y = y + bias
+    return y

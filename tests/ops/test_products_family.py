@@ -1,0 +1,247 @@
+"""Every matrix-product function torch offers runs on the device inside a converted module,
+agrees with a float64 evaluation of SPEC section 1 of the same (A, B) products, counts its true
+MACs, and anything product-like without an analog model is named and counted (coverage)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import abfp
+from abfp import ABFPConfig
+from abfp.numerics import reference_product
+from abfp.ops.coverage import DigitalProductWarning
+
+# coarse device: clearly different from float32; noise off so the oracle is exact
+CFG = ABFPConfig(tile_width=8, input_bits=4, weight_bits=4, output_bits=5, gain=2.0, noise_std=0.0)
+
+
+def oracle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float64 SPEC product ``a @ b`` for 2-D a (M, K), b (K, N)."""
+    return reference_product(a.double(), b.double().T.contiguous(), CFG).y[0]
+
+
+class Call(nn.Module):
+    """A module whose forward is one call of ``fn`` (so that it can be converted)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
+
+
+def run(fn, *xs, cfg=CFG):
+    m = abfp.convert(Call(fn), cfg)
+    s = abfp.summary(m, xs)
+    y = m(*xs)
+    return y, s
+
+
+def close(y, ref):
+    torch.testing.assert_close(y.double(), ref.double(), rtol=1e-5, atol=1e-5)
+
+
+g = torch.Generator().manual_seed(0)
+A = torch.randn(5, 20, generator=g)
+B = torch.randn(20, 7, generator=g)
+C = torch.randn(5, 7, generator=g)
+v = torch.randn(20, generator=g)
+
+
+def test_addmm_both_spellings_and_scalars():
+    for fn in (lambda c, a, b: torch.addmm(c, a, b, beta=0.5, alpha=2.0),
+               lambda c, a, b: c.addmm(a, b, beta=0.5, alpha=2.0)):
+        y, s = run(fn, C, A, B)
+        close(y, 0.5 * C.double() + 2.0 * oracle(A, B))
+        assert s.device_mac_share == 1.0
+        assert s.analog_macs == 5 * 7 * 20
+    assert not torch.allclose(run(lambda c, a, b: torch.addmm(c, a, b), C, A, B)[0], torch.addmm(C, A, B), atol=1e-3)
+
+
+def test_addmm_with_parameter_weight_is_a_linear_site():
+    class GPT2Conv1D(nn.Module):  # Hugging Face GPT-2's Conv1D: weight (nx, nf), y = addmm(b, x, W)
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(20, 7))
+            self.bias = nn.Parameter(torch.randn(7))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], 7)
+
+    mod = GPT2Conv1D()
+    x = torch.randn(2, 3, 20)
+    m = abfp.convert(mod, CFG)
+    s = abfp.summary(m, x)
+    with torch.no_grad():
+        y = m(x)
+        ref = oracle(x.reshape(-1, 20), mod.weight).reshape(2, 3, 7) + mod.bias.double()
+    close(y, ref)
+    assert [r.kind for r in s.rows] == ["linear"] and s.rows[0].macs == 6 * 7 * 20
+
+
+def test_mv_addmv_dot_inner_outer_addr():
+    M = torch.randn(6, 20, generator=g)
+    close(run(torch.mv, M, v)[0], oracle(M, v.unsqueeze(1)).squeeze(1))
+    close(run(lambda m, x: m.mv(x), M, v)[0], oracle(M, v.unsqueeze(1)).squeeze(1))
+    c6 = torch.randn(6, generator=g)
+    close(run(lambda c, m, x: torch.addmv(c, m, x, beta=2.0), c6, M, v)[0], 2 * c6.double() + oracle(M, v.unsqueeze(1)).squeeze(1))
+    w = torch.randn(20, generator=g)
+    close(run(torch.dot, v, w)[0], oracle(v.unsqueeze(0), w.unsqueeze(1)).reshape(()))
+    X = torch.randn(3, 4, 20, generator=g)
+    Y = torch.randn(2, 20, generator=g)
+    close(run(torch.inner, X, Y)[0], oracle(X.reshape(12, 20), Y.T).reshape(3, 4, 2))
+    a, b = torch.randn(5, generator=g), torch.randn(4, generator=g)
+    close(run(torch.outer, a, b)[0], oracle(a.unsqueeze(1), b.unsqueeze(0)))
+    c54 = torch.randn(5, 4, generator=g)
+    close(run(torch.addr, c54, a, b)[0], c54.double() + oracle(a.unsqueeze(1), b.unsqueeze(0)))
+
+
+def test_addbmm_baddbmm_with_out():
+    b1 = torch.randn(3, 4, 20, generator=g)
+    b2 = torch.randn(3, 20, 6, generator=g)
+    c = torch.randn(4, 6, generator=g)
+    per = torch.stack([oracle(b1[i], b2[i]) for i in range(3)])
+    close(run(lambda c, x, y: torch.addbmm(c, x, y, alpha=0.5), c, b1, b2)[0], c.double() + 0.5 * per.sum(0))
+    out = torch.empty(0)
+    y, _ = run(lambda c, x, y: torch.baddbmm(c, x, y, out=out), c, b1, b2)
+    assert y is out
+    close(out, c.double() + per)
+
+
+def test_tensordot_and_linalg():
+    a = torch.randn(3, 4, 5, generator=g)
+    b = torch.randn(5, 4, 6, generator=g)
+    y, s = run(lambda x, z: torch.tensordot(x, z, dims=([1, 2], [1, 0])), a, b)
+    ref = oracle(a.reshape(3, 20), b.permute(1, 0, 2).reshape(20, 6))
+    close(y, ref)
+    assert s.analog_macs == 3 * 6 * 20
+    b1 = torch.randn(5, 2, generator=g)
+    close(run(lambda x, z: torch.tensordot(x, z, dims=1), a, b1)[0], oracle(a.reshape(12, 5), b1).reshape(3, 4, 2))
+    close(run(torch.linalg.matmul, A, B)[0], oracle(A, B))
+    x, z = torch.randn(4, 3, 20, generator=g), torch.randn(3, 20, generator=g)
+    y, s = run(lambda p, q: torch.linalg.vecdot(p, q, dim=-1), x, z)
+    ref = torch.stack([torch.stack([oracle(x[i, j:j + 1], z[j:j + 1].T)[0, 0] for j in range(3)]) for i in range(4)])
+    close(y, ref)
+    assert s.analog_macs == 4 * 3 * 20
+
+
+def test_multi_dot_and_chain_left_to_right():
+    m1, m2, m3 = torch.randn(4, 20, generator=g), torch.randn(20, 9, generator=g), torch.randn(9, 3, generator=g)
+    first = oracle(m1, m2).float()
+    ref = oracle(first, m3)
+    close(run(lambda a, b, c: torch.linalg.multi_dot([a, b, c]), m1, m2, m3)[0], ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates chain_matmul
+        close(run(lambda a, b, c: torch.chain_matmul(a, b, c), m1, m2, m3)[0], ref)
+
+
+def test_einsum_two_and_three_operands_with_true_macs():
+    a = torch.randn(2, 5, 20, generator=g)
+    b = torch.randn(2, 20, 6, generator=g)
+    y, s = run(lambda x, z: torch.einsum("bik,bkj->bij", x, z), a, b)
+    close(y, torch.stack([oracle(a[i], b[i]) for i in range(2)]))
+    assert s.analog_macs == 2 * 5 * 6 * 20  # was 0 before
+    m1, m2, m3 = torch.randn(4, 20, generator=g), torch.randn(20, 9, generator=g), torch.randn(9, 3, generator=g)
+    y, s = run(lambda p, q, r: torch.einsum("ij,jk,kl->il", p, q, r), m1, m2, m3)
+    close(y, oracle(oracle(m1, m2).float(), m3))
+    assert s.analog_macs == 4 * 9 * 20 + 4 * 3 * 9
+    assert s.device_mac_share == 1.0
+    # one operand: a transpose, not a product: digital without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DigitalProductWarning)
+        torch.testing.assert_close(run(lambda p: torch.einsum("ij->ji", p), m1)[0], m1.T)
+
+
+def test_bilinear_two_products():
+    bl = nn.Bilinear(6, 5, 4)
+    x1, x2 = torch.randn(3, 6, generator=g), torch.randn(3, 5, generator=g)
+    m = abfp.convert(bl, CFG)
+    s = abfp.summary(m, (x1, x2))
+    with torch.no_grad():
+        y = m(x1, x2)
+        W = bl.weight  # (4, 6, 5)
+        u = oracle(x1, W.permute(0, 2, 1).reshape(20, 6).T).reshape(3, 4, 5).float()
+        ref = torch.stack([oracle(u[i], x2[i].unsqueeze(1))[:, 0] for i in range(3)]) + bl.bias.double()
+    close(y, ref)
+    assert sorted(r.kind for r in s.rows) == ["linear", "matmul"]
+    assert s.analog_macs == 3 * 4 * 5 * 6 + 3 * 4 * 5
+
+
+def test_gradients_flow_through_new_products():
+    a = torch.randn(5, 20, requires_grad=True)
+    b = torch.randn(20, 7, requires_grad=True)
+    c = torch.randn(7, requires_grad=True)
+    m = abfp.convert(Call(lambda c, a, b: torch.addmm(c, a, b)), CFG)
+    m(c, a, b).square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (a, b, c))
+
+
+def test_unsupported_product_is_named_once_per_model_and_counted():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(20, 8)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return torch.cdist(h, h)  # no analog model
+
+    x = torch.randn(6, 20)
+    for _ in range(2):  # a second converted model warns again (not once per process)
+        m = abfp.convert(Net(), CFG)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            s = abfp.summary(m, x)
+            m(x)
+        msgs = [str(x.message) for x in w if issubclass(x.category, DigitalProductWarning)]
+        assert len(msgs) == 1 and "cdist" in msgs[0], msgs
+        assert s.analog_macs == 6 * 8 * 20
+        digital = [r for r in s.rows if r.kind == "digital"]
+        assert len(digital) == 1 and digital[0].macs == 6 * 6 * 8
+        assert s.device_mac_share == pytest.approx(960 / (960 + 288))
+        assert "cdist" in str(s)
+
+
+def test_excluded_module_counts_as_digital():
+    net = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
+    m = abfp.convert(net, CFG, exclude=["2"])
+    s = abfp.summary(m, torch.randn(4, 20))
+    assert s.coverage.analog_macs == 4 * 8 * 20 and s.coverage.digital_macs == 4 * 3 * 8
+    assert s.device_mac_share == pytest.approx(640 / (640 + 96))
+
+
+def test_direct_aten_product_is_named():
+    m = abfp.convert(Call(lambda a, b: torch.ops.aten.mm(a, b)), CFG)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s = abfp.summary(m, (A, B))
+    assert any("aten.mm" in str(x.message) for x in w)
+    assert s.coverage.digital_macs == 5 * 7 * 20
+
+
+def test_gpt2_runs_fully_analog():
+    """Hugging Face GPT-2's Conv1D layers call torch.addmm: most of its MACs (was float32)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0)
+    m = GPT2LMHeadModel(cfg).eval()
+    x = torch.randint(0, 100, (2, 16))
+    cm = abfp.convert(m, ABFPConfig(tile_width=32, noise_std=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DigitalProductWarning)
+        s = abfp.summary(cm, x)
+    assert s.device_mac_share == 1.0
+    kinds = sorted(r.kind for r in s.rows)
+    assert kinds.count("linear") == 2 * 4 + 1 and kinds.count("matmul") == 2 * 2
+    assert s.total_macs == 2 * 16 * (2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64) + 64 * 100) + 2 * 2 * 4 * 16 * 16 * 16 * 2
+    with torch.no_grad():
+        assert 1e-3 < abfp.metrics.relative_error(cm(x).logits, m(x).logits) < 0.2
