@@ -68,12 +68,15 @@ def check_output_dir(path: str | os.PathLike, names: list[str] | tuple[str, ...]
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``
-    (atomic on POSIX), on an exception it is removed and ``path`` is left as it was."""
+    (atomic on POSIX), on an exception it is removed and ``path`` is left as it was.
+
+    ``suffix`` ends the temporary file's name (e.g. ``".tmp.png"`` for a writer that picks its
+    format from the extension)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=str(p.parent))
     os.close(fd)
     tmp_p = Path(tmp)
     try:
