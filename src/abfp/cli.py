@@ -147,7 +147,7 @@ def _validate_eval(args: argparse.Namespace) -> None:
             raise UsageError(f"--noise: {z} is not a finite number >= 0")
 
 
-def _eval_points(args: argparse.Namespace) -> tuple[list[Any], int]:
+def eval_points(args: argparse.Namespace) -> tuple[list[Any], int]:
     """The grid points of ``abfp eval`` and the runs per noisy point (a bad value: UsageError)."""
     from .evaluate import build_grid, parse_bits, parse_gain
 
@@ -187,7 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import EvalSettings, evaluate, format_table
 
     _validate_eval(args)
-    points, runs = _eval_points(args)
+    points, runs = eval_points(args)
     device = resolve_device(args.device)
     apply_threads(args.threads)
     json_out = check_output_args(args, {"json_path": "--json"})
