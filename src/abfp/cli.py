@@ -37,7 +37,6 @@ from .cli_common import (
     require_finite,
     resolve_device,
     resolve_tasks,
-    single_task,  # noqa: F401  (re-exported for command modules)
 )
 from .config import REFERENCE_NOISE_STD, ABFPConfig, presets
 from .outputs import atomic_write_text

@@ -12,6 +12,7 @@ so ``abfp --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -99,23 +100,29 @@ def require_finite(args: argparse.Namespace, names: Iterable[str]) -> None:
 
 
 # ------------------------------------------------------------------------------ device config
-def load_json_arg(spec: str, option: str) -> str:
-    """The JSON text of an option that takes "a JSON file or string" (``--config``, ``--params``).
+def load_json_arg(spec: str, option: str) -> Any:
+    """The parsed value of an option that takes "a JSON file or string" (``--config``, ``--params``).
 
     Text starting with ``{`` is JSON itself; anything else is a file name, which must exist and be
-    a file (a missing file is reported as missing, not as invalid JSON)."""
+    a file (a missing file is reported as missing, not as invalid JSON). Errors name the option
+    and the file."""
     s = str(spec)
     if s.lstrip().startswith("{"):
-        return s
-    p = Path(s)
-    if not p.exists():
-        raise UsageError(f"{option}: no such file: {s} (give a JSON file or a JSON object)")
-    if p.is_dir():
-        raise UsageError(f"{option}: {s} is a folder, not a JSON file")
+        text, where = s, ""
+    else:
+        p = Path(s)
+        if not p.exists():
+            raise UsageError(f"{option}: no such file: {s} (give a JSON file or a JSON object)")
+        if p.is_dir():
+            raise UsageError(f"{option}: {s} is a folder, not a JSON file")
+        try:
+            text, where = p.read_text(encoding="utf-8"), f" {s}"
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{option}: cannot read {s}: {error_line(e)}") from None
     try:
-        return p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{option}: cannot read {s}: {error_line(e)}") from None
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{option}{where}: not valid JSON: {e}") from None
 
 
 def base_config(args: argparse.Namespace) -> ABFPConfig:
@@ -124,17 +131,18 @@ def base_config(args: argparse.Namespace) -> ABFPConfig:
     config, preset = getattr(args, "config", None), getattr(args, "preset", None)
     if config is not None and preset is not None:
         raise UsageError("give --preset or --config, not both")
-    try:
-        if config is not None:
-            where = f" in {config}" if not str(config).lstrip().startswith("{") else ""
-            try:
-                return ABFPConfig.from_json(load_json_arg(config, "--config"))
-            except ValueError as e:
-                raise UsageError(f"--config{where}: {error_line(e)}") from None
-        if preset is not None:
+    if config is not None:
+        where = "" if str(config).lstrip().startswith("{") else f" {config}"
+        obj = load_json_arg(config, "--config")
+        try:
+            return ABFPConfig.from_dict(obj)
+        except ValueError as e:
+            raise UsageError(f"--config{where}: {error_line(e)}") from None
+    if preset is not None:
+        try:
             return ABFPConfig.preset(preset)
-    except ValueError as e:
-        raise UsageError(f"--preset: {error_line(e)}") from None
+        except ValueError as e:
+            raise UsageError(f"--preset: {error_line(e)}") from None
     return ABFPConfig()
 
 

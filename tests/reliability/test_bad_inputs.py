@@ -6,7 +6,7 @@ filled in a fresh folder per test: ``{dir}`` an existing folder, ``{file}`` an e
 ``{missing}`` a path that does not exist, ``{exists_json}`` an existing JSON file,
 ``{badjson}`` a file that is not JSON, ``{records}`` valid eval records, ``{report_out}`` a
 folder that already holds ``report.md``, ``{micro_out}`` one that holds ``microbench.json``,
-``{png}`` an existing PNG. Most run in-process through :func:`abfp.cli.main`; a few also as
+``{png}`` an existing PNG, ``{text}`` a long text file that is not JSON. Most run in-process through :func:`abfp.cli.main`; a few also as
 subprocesses (the real ``python -m abfp``). The work functions of every command are replaced by
 a trap, so that a check that happens too late (after the work started) fails the test.
 """
@@ -42,6 +42,7 @@ EVAL = [
     (["--config", "{missing}"], "--config: no such file"),
     (["--config", "{dir}"], "is a folder"),
     (["--config", "{badjson}"], "not valid JSON"),
+    (["--config", "{text}"], "not valid JSON"),
     (["--config", '{"gain": -1}'], "gain"),
     (["--config", '{"colour": 1}'], "unknown ABFPConfig field"),
     (["--gains", "0"], "gain must be > 0"),
@@ -130,6 +131,7 @@ ENERGY = [
     (["--config", "{missing}"], "--config: no such file"),
     (["--config", "{badjson}"], "not valid JSON"),
     (["--params", "{missing}"], "--params: no such file"),
+    (["--params", "{text}"], "--params"),
     (["--params", '{"adc": -1}'], "adc"),
     (["--task", "all"], "takes one task"),
     (["--json", "{dir}"], "is a folder"),
@@ -162,11 +164,12 @@ def paths(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "micro_out").mkdir()
     (tmp_path / "micro_out" / "microbench.json").write_text("[]")
     (tmp_path / "old.png").write_bytes(b"png")
+    (tmp_path / "notes.txt").write_text("a long text file, not JSON. " * 20)
     return {"dir": str(tmp_path / "folder"), "file": str(tmp_path / "afile.txt"),
             "missing": str(tmp_path / "no_such"), "exists_json": str(tmp_path / "exists.json"),
             "badjson": str(tmp_path / "bad.json"), "records": str(tmp_path / "records.json"),
             "report_out": str(tmp_path / "report_out"), "micro_out": str(tmp_path / "micro_out"),
-            "png": str(tmp_path / "old.png")}
+            "png": str(tmp_path / "old.png"), "text": str(tmp_path / "notes.txt")}
 
 
 def _fill(argv: list[str], paths: dict[str, str]) -> list[str]:

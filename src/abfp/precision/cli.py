@@ -123,7 +123,7 @@ def cmd_energy(args: argparse.Namespace) -> int:
     require_at_least(args, ("batch_size",))
     cfg = base_config(args)
     try:
-        params = EnergyParams.from_json(load_json_arg(args.params, "--params")) if args.params else EnergyParams()
+        params = EnergyParams.from_dict(load_json_arg(args.params, "--params")) if args.params else EnergyParams()
     except ValueError as e:
         raise UsageError(f"--params: {e}") from None
     json_out = check_output_args(args, {"json_path": "--json"})
