@@ -135,6 +135,7 @@ def eval_sweep(args: argparse.Namespace) -> tuple[ABFPConfig, dict[str, Any]]:
 
 def _validate_eval(args: argparse.Namespace) -> None:
     require_at_least(args, ("runs", "samples", "batch_size", "threads"))
+    require_at_least(args, ("seed",), 0)
     require_finite(args, ("fixed_percentile",))
     if not 0 < args.fixed_percentile <= 100:
         raise UsageError(f"--fixed-percentile must be in (0, 100], got {args.fixed_percentile}")
@@ -279,8 +280,7 @@ def cmd_micro(args: argparse.Namespace) -> int:
     for g in args.gains:
         if not (math.isfinite(g) and g > 0):
             raise UsageError(f"--gains: {g} is not a finite number > 0")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    require_at_least(args, ("seed",), 0)
     check_output_dir(args.out, OUTPUT_FILES, force=args.force, what="--out")
     apply_threads(args.threads)
     table = run_microbench(args.out, tile_widths=args.tile_widths, gains=args.gains, seed=args.seed, batch=args.batch)

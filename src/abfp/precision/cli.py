@@ -72,6 +72,7 @@ def cmd_precision(args: argparse.Namespace) -> int:
     if args.target_drop < 0:
         raise UsageError("--target-drop must be >= 0")
     require_at_least(args, ("steps", "batch_size", "eval_samples", "threads", "search_seeds"))
+    require_at_least(args, ("seed",), 0)
     if args.lr <= 0 or args.learn_ratio <= 0 or args.rel_tol <= 0 or args.aj_per_photon <= 0:
         raise UsageError("--lr, --learn-ratio, --rel-tol and --aj-per-photon must be > 0")
     if args.lam is not None and args.lam < 0:
