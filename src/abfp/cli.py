@@ -156,6 +156,7 @@ def eval_points(args: argparse.Namespace) -> tuple[list[Any], int]:
         gains = [parse_gain(g) for g in sweep["gains"]]
         bits = [parse_bits(b) for b in sweep["bits"]]
         base = base.replace(noise_dist=sweep["noise_dist"])
+        # every swept value on its own, so that a bad one is refused before any work
         for w, x, y in bits:
             base.replace(weight_bits=w, input_bits=x, output_bits=y)
         for ns in sweep["noise"]:
@@ -191,6 +192,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     apply_threads(args.threads)
     json_out = check_output_args(args, {"json_path": "--json"})
+    if args.cache_dir:  # a resumable cache: it may exist, but must be (or become) a writable folder
+        check_output_dir(args.cache_dir, what="--cache-dir")
     if args.paper and args.tasks is None:
         args.tasks = ["all"]
     from .evaluate.distributed import init_from_env, shutdown

@@ -63,6 +63,8 @@ EVAL = [
     (["--json", "{dir}"], "is a folder"),
     (["--json", "{file}/r.json"], "is a file, not a folder"),
     (["--json", "{exists_json}"], "exists; pass --force"),
+    (["--cache-dir", "{file}"], "--cache-dir"),
+    (["--cache-dir", "{file}/cache"], "is a file, not a folder"),
     (["--unknown-option"], "unrecognized arguments"),
 ]
 
