@@ -17,65 +17,75 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_common import (
+    OneLineParser,
+    UsageError,
+    add_force_option,
+    apply_threads,
+    base_config,
+    check_output_args,
+    check_output_dir,
+    csv_list,
+    print_error,
+    require_at_least,
+    require_finite,
+    resolve_device,
+    resolve_tasks,
+)
 from .config import REFERENCE_NOISE_STD, ABFPConfig, presets
-
+from .outputs import atomic_write_text
 
 #: Samples of the embedded default run of ``abfp eval`` (no --task, no --samples).
 DEFAULT_SAMPLES = 1000
 
+#: The sweep of ``abfp eval`` when neither --preset nor --config names a base device.
+DEFAULT_SWEEP: dict[str, Any] = {
+    "tile_widths": [8, 32, 128],
+    "gains": ["1", "2", "4", "8", "16"],
+    "bits": ["8/8/8"],
+    "noise": [REFERENCE_NOISE_STD],
+    "noise_dist": "uniform",
+}
 
-class UsageError(Exception):
-    """A bad command line: printed as one line, exit status 2."""
-
-
-def _csv(kind: type, name: str):
-    def parse(s: str) -> list[Any]:
-        out = []
-        for part in s.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                out.append(kind(part))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{name}: {part!r} is not a valid {kind.__name__}") from None
-        if not out:
-            raise argparse.ArgumentTypeError(f"{name}: empty list")
-        return out
-    return parse
-
-
-def _base_config(args: argparse.Namespace) -> ABFPConfig:
-    if getattr(args, "config", None):
-        return ABFPConfig.from_json(args.config)
-    if getattr(args, "preset", None):
-        return ABFPConfig.preset(args.preset)
-    return ABFPConfig()
+# former private names, kept for callers outside this package
+_csv = csv_list
+_base_config = base_config
+_resolve_tasks = resolve_tasks
+__all__ = ["main", "build_parser", "UsageError", "DEFAULT_SAMPLES", "DEFAULT_SWEEP"]
 
 
 # ------------------------------------------------------------------------------ eval
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate zoo or user models on the device across a grid",
-                       description="Evaluate models on the ABFP device against float32 and the fixed-point baseline.")
+                       description="Evaluate models on the ABFP device against float32 and the fixed-point baseline. "
+                                   "The device of every row is --preset or --config (else the default config) with "
+                                   "the sweep options given on the command line applied on top; without a preset or "
+                                   "config the sweep defaults are n=8,32,128, G=1..16, 8/8/8, noise 0.2887 uniform.")
     p.add_argument("--task", "--model", dest="tasks", action="append", default=None,
                    help="zoo task name or package.module:function returning (model, data, metric); repeatable "
                         "(default: fashion-cnn). 'all' runs the whole zoo")
-    p.add_argument("--tile-widths", type=_csv(int, "--tile-widths"), default=[8, 32, 128])
-    p.add_argument("--gains", type=_csv(str, "--gains"), default=["1", "2", "4", "8", "16"],
-                   help="comma list of gains; 'auto' picks a gain per layer from calibration data")
-    p.add_argument("--bits", type=_csv(str, "--bits"), default=["8/8/8"], help="weights/inputs/ADC, e.g. 8/8/8,6/6/8")
-    p.add_argument("--noise", type=_csv(float, "--noise"), default=[REFERENCE_NOISE_STD],
-                   help="device noise std in ADC LSBs (default one bin wide: 0.2887); comma list sweeps")
-    p.add_argument("--noise-dist", choices=["uniform", "gaussian"], default="uniform")
-    p.add_argument("--runs", type=int, default=3, help="runs per noisy point (mean and std reported)")
+    p.add_argument("--tile-widths", type=csv_list(int, "--tile-widths"), default=None,
+                   help="comma list of tile widths n (default: the base device's, else 8,32,128)")
+    p.add_argument("--gains", type=csv_list(str, "--gains"), default=None,
+                   help="comma list of gains; 'auto' picks a gain per layer from calibration data "
+                        "(default: the base device's, else 1,2,4,8,16)")
+    p.add_argument("--bits", type=csv_list(str, "--bits"), default=None,
+                   help="weights/inputs/ADC, e.g. 8/8/8,6/6/8 (default: the base device's, else 8/8/8)")
+    p.add_argument("--noise", type=csv_list(float, "--noise"), default=None,
+                   help="device noise std in ADC LSBs, comma list sweeps (default: the base device's, else one "
+                        "bin wide: 0.2887)")
+    p.add_argument("--noise-dist", choices=["uniform", "gaussian"], default=None,
+                   help="(default: the base device's, else uniform)")
+    p.add_argument("--runs", type=int, default=None, help="runs per noisy point (mean and std reported; default 3)")
     p.add_argument("--samples", type=int, default=None, help="evaluate the first N samples (default: the task's own)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the task's own")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-fixed", action="store_true", help="skip the fixed-point baseline")
     p.add_argument("--fixed-percentile", type=float, default=100.0,
@@ -85,71 +95,110 @@ def _eval_parser(sub) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write the records as a JSON list")
     p.add_argument("--cache-dir", default=".abfp_cache", help="resumable cache of finished runs ('' disables)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--preset", default=None, help="base device config (bits/gain/... are then swept from it)")
-    p.add_argument("--config", default=None, help="base device config as a JSON file or string")
+    p.add_argument("--preset", default=None, help="base device (abfp presets); the sweep options override only "
+                                                  "the fields they name")
+    p.add_argument("--config", default=None, help="base device as a JSON file or string (like --preset)")
     p.add_argument("--no-progress", action="store_true")
+    add_force_option(p)
     p.set_defaults(func=cmd_eval)
 
 
-def _resolve_tasks(names: Sequence[str] | None):
-    from . import zoo
+#: What --paper sets: the authors' grid.
+_PAPER = {"bits": ["6/6/8", "8/8/8"], "gains": ["1", "2", "4", "8", "16"], "tile_widths": [8, 32, 128], "runs": 10}
 
-    names = list(names or ["fashion-cnn"])
-    if names == ["all"]:
-        names = [n for n in zoo.names() if zoo.available(n)]
-    tasks = []
-    for name in names:
-        module, _, func = name.rpartition(":")
-        if module.endswith(".py") or "/" in module:
-            # a task defined in a file: path/to/tasks.py:make
-            path = Path(module)
-            if not path.is_file():
-                raise UsageError(f"no such file: {path}")
-            sys.path.insert(0, str(path.resolve().parent))
-            try:
-                tasks.append(zoo.load_callable(f"{path.stem}:{func}"))
-            finally:
-                sys.path.pop(0)
-        elif module:
-            tasks.append(zoo.load_callable(name))
-        else:
-            tasks.append(zoo.get(name))
-    return tasks
+
+def eval_sweep(args: argparse.Namespace) -> tuple[ABFPConfig, dict[str, Any]]:
+    """The base device and the sweep of ``abfp eval``.
+
+    The base device is ``--preset`` / ``--config`` (else the default :class:`ABFPConfig`). Each
+    sweep dimension (``tile_widths``, ``gains``, ``bits``, ``noise``, ``noise_dist``) is the
+    option given on the command line (or by ``--paper``); a dimension not given is the base
+    device's own value when a preset or config was named, else :data:`DEFAULT_SWEEP`'s.
+    """
+    base = base_config(args)
+    named = args.preset is not None or args.config is not None
+    own = {"tile_widths": [base.tile_width], "gains": [f"{base.gain!r}"],
+           "bits": [f"{base.weight_bits}/{base.input_bits}/{base.output_bits}"],
+           "noise": [base.noise_std], "noise_dist": base.noise_dist}
+    sweep: dict[str, Any] = {}
+    for key, default in DEFAULT_SWEEP.items():
+        given = getattr(args, key)
+        sweep[key] = given if given is not None else (own[key] if named else default)
+    sweep["runs"] = args.runs if args.runs is not None else 3
+    if args.paper:
+        clash = [f"--{k.replace('_', '-')}" for k in _PAPER if getattr(args, k) is not None]
+        if clash:
+            raise UsageError(f"--paper sets the grid; drop {', '.join(clash)}")
+        sweep.update(_PAPER)
+    return base, sweep
+
+
+def _validate_eval(args: argparse.Namespace) -> None:
+    require_at_least(args, ("runs", "samples", "batch_size", "threads"))
+    require_at_least(args, ("seed",), 0)
+    require_finite(args, ("fixed_percentile",))
+    if not 0 < args.fixed_percentile <= 100:
+        raise UsageError(f"--fixed-percentile must be in (0, 100], got {args.fixed_percentile}")
+    for n in args.tile_widths or ():
+        if n < 1:
+            raise UsageError(f"--tile-widths: {n} is not a positive integer")
+    for z in args.noise or ():
+        if not math.isfinite(z) or z < 0:
+            raise UsageError(f"--noise: {z} is not a finite number >= 0")
+
+
+def eval_points(args: argparse.Namespace) -> tuple[list[Any], int]:
+    """The grid points of ``abfp eval`` and the runs per noisy point (a bad value: UsageError)."""
+    from .evaluate import build_grid, parse_bits, parse_gain
+
+    base, sweep = eval_sweep(args)
+    try:
+        gains = [parse_gain(g) for g in sweep["gains"]]
+        bits = [parse_bits(b) for b in sweep["bits"]]
+        base = base.replace(noise_dist=sweep["noise_dist"])
+        # every swept value on its own, so that a bad one is refused before any work
+        for w, x, y in bits:
+            base.replace(weight_bits=w, input_bits=x, output_bits=y)
+        for ns in sweep["noise"]:
+            base.replace(noise_std=ns)
+        for n in sweep["tile_widths"]:
+            base.replace(tile_width=n)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    points = build_grid(tile_widths=sweep["tile_widths"], gains=gains, bits=bits, noise_stds=sweep["noise"],
+                        fixed=not args.no_fixed, base=base)
+    return points, sweep["runs"]
+
+
+def _with_configs(records: list[dict[str, Any]], points: Sequence[Any]) -> list[dict[str, Any]]:
+    """Each record with ``config``: the whole device it was simulated on (None for float32).
+
+    The runner returns one record per point, in the order of ``points`` (float32 first)."""
+    device_points = [p for p in points if p.config is not None]
+    device_records = [r for r in records if r.get("format") != "fp32"]
+    if len(device_points) != len(device_records) or any(
+            r.get("label") != p.label() for r, p in zip(device_records, device_points)):
+        raise RuntimeError("abfp eval: the runner's records do not follow the grid's points")
+    configs = iter(p.config.to_dict() for p in device_points)
+    return [{**r, "config": None if r.get("format") == "fp32" else next(configs)} for r in records]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from . import zoo
-    from .evaluate import EvalSettings, build_grid, evaluate, format_table, parse_bits, parse_gain
+    from .evaluate import EvalSettings, evaluate, format_table
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.runs < 1:
-        raise UsageError("--runs must be >= 1")
-    for n in args.tile_widths:
-        if n < 1:
-            raise UsageError(f"--tile-widths: {n} is not a positive integer")
-    try:
-        gains = [parse_gain(g) for g in args.gains]
-        bits = [parse_bits(b) for b in args.bits]
-        for w, x, y in bits:
-            ABFPConfig(weight_bits=w, input_bits=x, output_bits=y)
-        for ns in args.noise:
-            ABFPConfig(noise_std=ns)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    runs = args.runs
-    if args.paper:
-        bits, gains, args.tile_widths, runs = [(6, 6, 8), (8, 8, 8)], [1.0, 2.0, 4.0, 8.0, 16.0], [8, 32, 128], 10
-        if args.tasks is None:
-            args.tasks = ["all"]
-    base = _base_config(args).replace(noise_dist=args.noise_dist)
-    points = build_grid(tile_widths=args.tile_widths, gains=gains, bits=bits, noise_stds=args.noise,
-                        fixed=not args.no_fixed, base=base)
+    _validate_eval(args)
+    points, runs = eval_points(args)
+    device = resolve_device(args.device)
+    apply_threads(args.threads)
+    json_out = check_output_args(args, {"json_path": "--json"})
+    if args.cache_dir:  # a resumable cache: it may exist, but must be (or become) a writable folder
+        check_output_dir(args.cache_dir, what="--cache-dir")
+    if args.paper and args.tasks is None:
+        args.tasks = ["all"]
     from .evaluate.distributed import init_from_env, shutdown
 
-    rank, _ = init_from_env(args.device)
+    rank, _ = init_from_env(device)
     show = print if rank == 0 else (lambda *a, **k: None)
     if args.tasks is None and args.samples is None:
         # the embedded default: a quick look (about two minutes on 2 cores); the docs give
@@ -157,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.samples = DEFAULT_SAMPLES
         show(f"embedded default: fashion-cnn on the first {DEFAULT_SAMPLES} test images "
              "(--samples 10000 for the whole test set, --task for other models)")
-    tasks = _resolve_tasks(args.tasks)
+    tasks = resolve_tasks(args.tasks)
     all_records = []
     for task in tasks:
         samples = args.samples if args.samples is not None else task.default_samples
@@ -168,18 +217,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         recs = evaluate(
             task.build_model(), task.load_data(), task.metric, points, task_name=task.name,
             settings=EvalSettings(runs=runs, batch_size=args.batch_size or task.default_batch_size, samples=samples,
-                                  device=args.device, seed=args.seed, fixed_percentile=args.fixed_percentile,
+                                  device=device, seed=args.seed, fixed_percentile=args.fixed_percentile,
                                   progress=not args.no_progress, cache_path=cache,
                                   extra_metrics=tuple(zoo.extra_metrics(task.name))),
         )
+        recs = _with_configs(recs, points)
         show(format_table(recs))
         show(f"  ({time.perf_counter() - t0:.1f} s)\n")
         all_records.extend(recs)
-    if args.json_path and rank == 0:
-        from .evaluate.cache import write_json_atomic
-
-        write_json_atomic(args.json_path, all_records)
-        show(f"wrote {len(all_records)} records to {args.json_path}")
+    if json_out and rank == 0:
+        atomic_write_text(json_out[0], json.dumps(all_records, indent=1, sort_keys=True) + "\n")
+        show(f"wrote {len(all_records)} records to {json_out[0]}")
     shutdown()
     return 0
 
@@ -190,19 +238,23 @@ def _report_parser(sub) -> None:
     p.add_argument("json_path", help="records written by 'abfp eval --json'")
     p.add_argument("--out", default="abfp-report", help="output folder (report.md or report.html plus PNGs)")
     p.add_argument("--html", action="store_true", help="write HTML instead of Markdown")
+    add_force_option(p)
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .evaluate.report import write_report
+    from .evaluate.report import report_files, validate_records, write_report
 
     path = Path(args.json_path)
-    if not path.exists():
-        raise UsageError(f"no such file: {path}")
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}" if not path.exists() else f"{path} is a folder, not an eval JSON")
     try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        records = validate_records(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is not valid JSON: {e}") from None
+    except ValueError as e:
+        raise UsageError(f"{path}: {e}") from None
+    check_output_dir(args.out, report_files(records, html=args.html), force=args.force, what="--out")
     out = write_report(records, args.out, html=args.html)
     print(f"wrote {out}")
     return 0
@@ -212,38 +264,57 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _micro_parser(sub) -> None:
     p = sub.add_parser("microbench", help="the authors' micro-benchmark: element-wise error vs tile width and gain")
     p.add_argument("--out", default="abfp-microbench", help="output folder for the table, JSON and plot")
-    p.add_argument("--tile-widths", type=_csv(int, "--tile-widths"), default=[8, 32, 128])
-    p.add_argument("--gains", type=_csv(float, "--gains"), default=[1, 2, 4, 8, 16])
+    p.add_argument("--tile-widths", type=csv_list(int, "--tile-widths"), default=[8, 32, 128])
+    p.add_argument("--gains", type=csv_list(float, "--gains"), default=[1, 2, 4, 8, 16])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="leading batch of X (the authors: 16x25x768)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_force_option(p)
     p.set_defaults(func=cmd_micro)
 
 
 def cmd_micro(args: argparse.Namespace) -> int:
-    from .evaluate.microbench import run_microbench
+    from .evaluate.microbench import OUTPUT_FILES, run_microbench
 
+    require_at_least(args, ("batch", "threads"))
+    for n in args.tile_widths:
+        if not 1 <= n <= 1 << 20:
+            raise UsageError(f"--tile-widths: {n} is not an integer in [1, 1048576]")
+    for g in args.gains:
+        if not (math.isfinite(g) and g > 0):
+            raise UsageError(f"--gains: {g} is not a finite number > 0")
+    require_at_least(args, ("seed",), 0)
+    check_output_dir(args.out, OUTPUT_FILES, force=args.force, what="--out")
+    apply_threads(args.threads)
     table = run_microbench(args.out, tile_widths=args.tile_widths, gains=args.gains, seed=args.seed, batch=args.batch)
     print(table)
-    print(f"\nwrote {args.out}/microbench.md, microbench.json, microbench.png")
+    print(f"\nwrote {args.out}/{', '.join(OUTPUT_FILES)}")
     return 0
 
 
 # ------------------------------------------------------------------------------ small commands
 def _summary_parser(sub) -> None:
     p = sub.add_parser("summary", help="per-layer table of a zoo model on one batch")
-    p.add_argument("--task", default="fashion-cnn")
-    p.add_argument("--preset", default=None)
-    p.add_argument("--config", default=None)
+    p.add_argument("--task", default="fashion-cnn", help="one zoo task or path/tasks.py:make")
+    p.add_argument("--preset", default=None, help="device config preset (default: the default config)")
+    p.add_argument("--config", default=None, help="device config as a JSON file or string")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_summary)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from .nn import summary
 
-    (task,) = _resolve_tasks([args.task])
-    data = task.load_data().take(args.batch_size)
-    print(summary(task.build_model(), data.inputs, _base_config(args)))
+    require_at_least(args, ("batch_size", "threads"))
+    cfg = base_config(args)
+    apply_threads(args.threads)
+    tasks = resolve_tasks([args.task])  # 'all': one table per installed zoo task
+    for i, task in enumerate(tasks):
+        data = task.load_data().take(args.batch_size)
+        if len(tasks) > 1:
+            print(("\n" if i else "") + f"{task.name} on {cfg.label()}")
+        print(summary(task.build_model(), data.inputs, cfg))
     return 0
 
 
@@ -264,7 +335,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="abfp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="abfp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     _eval_parser(sub)
     _report_parser(sub)
@@ -280,7 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.register(sub)
+    for name, parser in sub.choices.items():
+        if name in WRITING_COMMANDS:
+            add_force_option(parser)  # one rule: an existing output needs --force (idempotent)
     return ap
+
+
+#: The commands that write files: each has ``--force`` and checks its outputs before any work.
+WRITING_COMMANDS = ("eval", "report", "microbench", "finetune", "precision", "energy")
 
 
 #: Modules with a ``register(subparsers)`` function that adds their subcommands.
@@ -288,15 +366,16 @@ _EXTRA_COMMAND_MODULES = ("abfp.finetune.cli", "abfp.precision.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``abfp``; returns the exit status (2 and one line on stderr for bad input).
+
+    Errors of the command line itself (unknown option, a value of the wrong type) exit through
+    argparse's ``SystemExit(2)``, also with one line."""
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
-        print(f"abfp: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, ImportError, TypeError) as e:
-        print(f"abfp: error: {e}", file=sys.stderr)
+    except (UsageError, ValueError, OSError, ImportError, TypeError) as e:
+        print_error(e)
         return 2
     except KeyboardInterrupt:
         print("abfp: interrupted (finished runs are cached; rerun the same command to resume)", file=sys.stderr)

@@ -67,15 +67,31 @@ def check_output_dir(path: str | os.PathLike, names: list[str] | tuple[str, ...]
     return p
 
 
+def _file_mode(p: Path) -> int:
+    """The permission bits of a file written to ``p``: the old file's when it exists, else
+    ``0o666`` less the process umask (what ``open(p, "w")`` gives)."""
+    try:
+        return p.stat().st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``
-    (atomic on POSIX), on an exception it is removed and ``path`` is left as it was."""
+    (atomic on POSIX), on an exception it is removed and ``path`` is left as it was.
+
+    ``suffix`` ends the temporary file's name (e.g. ``".tmp.png"`` for a writer that picks its
+    format from the extension)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=str(p.parent))
     os.close(fd)
     tmp_p = Path(tmp)
+    with contextlib.suppress(OSError):  # mkstemp makes 0600: give the file the mode a plain open() would
+        os.chmod(tmp_p, _file_mode(p))
     try:
         yield tmp_p
         with open(tmp_p, "rb") as fh:

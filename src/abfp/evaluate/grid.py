@@ -68,19 +68,27 @@ def build_grid(
     fp32: bool = True,
     base: ABFPConfig | None = None,
 ) -> list[Point]:
-    """float32, the fixed-point baseline (gain 1, per bits and noise), and the ABFP grid."""
+    """float32, the fixed-point baseline (gain 1, per bits and noise), and the device grid.
+
+    Every point is ``base`` with the swept fields (tile width, bits, gain, noise std) replaced;
+    every other field of ``base`` (noise distribution, scale format, bfloat16 options, kernel,
+    seed) is kept. The grid's rows are in ``base.mode``: ``"abfp"`` rows, or ``"fixed"`` rows
+    when the base device is fixed point (then there is no separate fixed-point baseline). The
+    baseline (``fixed=True`` and an ABFP base) is ``base`` in fixed mode at ``fixed_tile_width``
+    and gain 1, per bits and noise.
+    """
     base = base or ABFPConfig()
     pts: list[Point] = [Point("fp32")] if fp32 else []
     bits, noise_stds = list(bits), list(noise_stds)
-    if fixed:
+    if fixed and base.mode == "abfp":
         for (wb, xb, yb), ns in itertools.product(bits, noise_stds):
             pts.append(Point("fixed", base.replace(mode="fixed", tile_width=fixed_tile_width, weight_bits=wb,
-                                                   input_bits=xb, output_bits=yb, gain=1.0, noise_std=ns)))
+                                                   input_bits=xb, output_bits=yb, gain=1.0, noise_std=float(ns))))
     for (wb, xb, yb), ns, n, g in itertools.product(bits, noise_stds, tile_widths, gains):
         auto = g == "auto"
-        cfg = base.replace(mode="abfp", tile_width=int(n), weight_bits=wb, input_bits=xb, output_bits=yb,
+        cfg = base.replace(tile_width=int(n), weight_bits=wb, input_bits=xb, output_bits=yb,
                            gain=1.0 if auto else float(g), noise_std=float(ns))
-        pts.append(Point("abfp", cfg, auto_gain=auto))
+        pts.append(Point(base.mode, cfg, auto_gain=auto))
     return pts
 
 

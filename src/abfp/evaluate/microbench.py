@@ -10,6 +10,7 @@ noise of half-width 0.5 LSB, the element-wise error ``E = Y - X @ W^T`` against 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -21,10 +22,13 @@ from ..config import ABFPConfig
 from ..functional import linear
 from ..metrics import enob, relative_error, saturated_fraction, sqnr_db
 from ..numerics import ProductStats
-from .cache import write_json_atomic
-from .report import new_figure
+from ..outputs import atomic_write_text
+from .report import new_figure, save_figure
 
-__all__ = ["run_microbench", "measure", "check_observations", "markdown_table"]
+__all__ = ["run_microbench", "measure", "check_observations", "markdown_table", "OUTPUT_FILES"]
+
+#: The files :func:`run_microbench` writes into its output folder.
+OUTPUT_FILES = ("microbench.md", "microbench.json", "microbench.png")
 
 #: Uniform noise of half-width 0.5 LSB (one ADC bin wide), as a standard deviation in LSBs.
 HALF_LSB_NOISE_STD = 0.5 / math.sqrt(3.0)
@@ -186,7 +190,7 @@ def _plot(rows: Sequence[Row], path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle("Micro-benchmark: element-wise error of Y = X W^T vs float32 (8/8/8)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def run_microbench(
@@ -216,7 +220,7 @@ def run_microbench(
                                  input_bits=8, weight_bits=8, output_bits=8)
                 rows.append({**measure(x, w, ref, cfg, seed + 1), "batch": batch, "seed": seed})
     table = markdown_table(rows)
-    write_json_atomic(out / "microbench.json", rows)
+    atomic_write_text(out / "microbench.json", json.dumps(rows, indent=1, sort_keys=True) + "\n")
     _plot(rows, out / "microbench.png")
     text = [
         "# Micro-benchmark: one analog matrix product",
@@ -236,5 +240,5 @@ def run_microbench(
         "![error std and max |E| against gain](microbench.png)",
         "",
     ]
-    (out / "microbench.md").write_text("\n".join(text))
+    atomic_write_text(out / "microbench.md", "\n".join(text))
     return table

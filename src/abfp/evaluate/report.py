@@ -21,8 +21,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..config import REFERENCE_NOISE_STD
+from ..outputs import atomic_path, atomic_write_text
 
-__all__ = ["write_report", "validate_records", "new_figure"]
+__all__ = ["write_report", "report_files", "validate_records", "new_figure", "save_figure"]
 
 Record = dict[str, Any]
 FORMATS = ("fp32", "fixed", "abfp")
@@ -34,6 +35,13 @@ def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG to ``path`` atomically (a killed run leaves no half image)."""
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return Path(path)
 
 
 # --------------------------------------------------------------------------- validation
@@ -278,7 +286,7 @@ def _plot_gain(g: _Group, path: Path) -> None:
     axes[-1].legend(list(handles.values()), list(handles), fontsize=7, loc="best")
     fig.suptitle(f"{g.model}: {g.metric} against gain")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def _plot_noise(g: _Group, path: Path) -> None:
@@ -314,7 +322,7 @@ def _plot_noise(g: _Group, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.set_title(f"{g.model}: {g.metric} against device noise")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def _best_points(g: _Group) -> list[tuple[str, Record, str]]:
@@ -357,7 +365,7 @@ def _plot_bars(g: _Group, path: Path) -> None:
     ax.set_title(f"{g.model}: best ABFP gain per tile width vs fixed point vs fp32 (noise {_noise_text(g.primary_noise)})",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def _layer_record(g: _Group) -> Record | None:
@@ -381,7 +389,7 @@ def _plot_layers(layers: list[Mapping[str, Any]], title: str, path: Path) -> Non
     axes[1].set_xticks(xs, sites, rotation=90, fontsize=8 if len(sites) <= 20 else 6)
     axes[0].set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 # --------------------------------------------------------------------------- sections
@@ -429,7 +437,26 @@ def _table(g: _Group) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _noise_plot_wanted(g: _Group) -> bool:
+    return len([z for z in g.noises if z is not None and any(_noise(r) == z for r in g.abfp)]) > 1
+
+
+def _section_images(g: _Group, slug: str) -> dict[str, str]:
+    """The PNGs of one section: kind -> file name (only those the records call for)."""
+    out = {}
+    if g.abfp:
+        out["gain"] = f"{slug}_gain.png"
+    if _noise_plot_wanted(g):
+        out["noise"] = f"{slug}_noise.png"
+    if g.abfp or g.fixed:
+        out["best"] = f"{slug}_best.png"
+    if _layer_record(g) is not None:
+        out["layers"] = f"{slug}_layers.png"
+    return out
+
+
 def _section(doc: _Doc, g: _Group, heading: str, slug: str, out: Path) -> None:
+    images = _section_images(g, slug)
     doc.h(2, heading)
     samples = next((r["samples"] for r in g.recs if r.get("samples") is not None), None)
     doc.p(_kind_text(g) + (f"; {samples} samples" if samples is not None else "")
@@ -437,24 +464,24 @@ def _section(doc: _Doc, g: _Group, heading: str, slug: str, out: Path) -> None:
     for line in _best_lines(g):
         doc.p(line)
     doc.table(*_table(g))
-    if g.abfp:
-        _plot_gain(g, out / f"{slug}_gain.png")
+    if "gain" in images:
+        _plot_gain(g, out / images["gain"])
         doc.h(3, "Metric against gain")
-        doc.img(f"{slug}_gain.png", f"{g.model} {g.metric} against gain")
-    if len([z for z in g.noises if z is not None and any(_noise(r) == z for r in g.abfp)]) > 1:
-        _plot_noise(g, out / f"{slug}_noise.png")
+        doc.img(images["gain"], f"{g.model} {g.metric} against gain")
+    if "noise" in images:
+        _plot_noise(g, out / images["noise"])
         doc.h(3, "Metric against noise (best gain per tile width)")
-        doc.img(f"{slug}_noise.png", f"{g.model} {g.metric} against noise")
-    if g.abfp or g.fixed:
-        _plot_bars(g, out / f"{slug}_best.png")
+        doc.img(images["noise"], f"{g.model} {g.metric} against noise")
+    if "best" in images:
+        _plot_bars(g, out / images["best"])
         doc.h(3, "Best ABFP vs fixed point vs fp32")
-        doc.img(f"{slug}_best.png", f"{g.model} best configurations")
+        doc.img(images["best"], f"{g.model} best configurations")
     lr = _layer_record(g)
     if lr is not None:
         layers = lr["layers"]
         doc.h(3, f"Per layer: {_label(lr)}")
-        _plot_layers(layers, f"{g.model}: per-layer error and saturation at {_label(lr)}", out / f"{slug}_layers.png")
-        doc.img(f"{slug}_layers.png", f"{g.model} per-layer relative error and saturation")
+        _plot_layers(layers, f"{g.model}: per-layer error and saturation at {_label(lr)}", out / images["layers"])
+        doc.img(images["layers"], f"{g.model} per-layer relative error and saturation")
         worst = sorted(layers, key=lambda x: -_num(x, "relative_error", -1.0))[:5]
         doc.p(f"The {len(worst)} layers with the largest relative error (of {len(layers)}):")
         doc.table(["site", "kind", "relative error", "saturated %", "ADC conversions"],
@@ -462,33 +489,53 @@ def _section(doc: _Doc, g: _Group, heading: str, slug: str, out: Path) -> None:
                     _fmt(100 * _num(x, "saturated_fraction"), ".3g"), str(x.get("adc_conversions", ""))] for x in worst])
 
 
-def write_report(records: list[dict], out_dir: str | Path, *, html: bool = False) -> Path:
-    """Write ``report.md`` (or ``report.html``) and its PNG plots to ``out_dir``; return the report's path.
-
-    ``records``: evaluation records (several models allowed; missing optional keys are
-    tolerated). Raises ``ValueError`` for an empty list or a malformed record.
-    """
-    recs = validate_records(records)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _plan(recs: list[Record]) -> list[tuple[str, str, _Group]]:
+    """(heading, file slug, group) per (model, metric), in record order."""
     groups: dict[tuple[str, str], list[Record]] = {}
     for r in recs:
         groups.setdefault((str(r["model"]), str(r.get("metric") or "metric")), []).append(r)
     per_model: dict[str, int] = {}
     for model, _ in groups:
         per_model[model] = per_model.get(model, 0) + 1
-    doc = _Doc()
-    doc.h(1, "ABFP evaluation report")
-    doc.p(f"{len(recs)} records; models: {', '.join(per_model)}. Values are means over runs ± their standard "
-          "deviation; 'within 1%' means within 1% (relative) of the float32 value.")
     used: set[str] = set()
+    plan = []
     for (model, metric), rs in groups.items():
         several = per_model[model] > 1
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}_{metric}" if several else model).strip("_") or "model"
         while slug in used:
             slug += "_"
         used.add(slug)
-        _section(doc, _Group(model, metric, rs), f"{model} — {metric}" if several else model, slug, out)
+        plan.append((f"{model} — {metric}" if several else model, slug, _Group(model, metric, rs)))
+    return plan
+
+
+def report_files(records: list[dict], *, html: bool = False) -> list[str]:
+    """The names of the files :func:`write_report` writes for ``records`` (to check them first)."""
+    recs = validate_records(records)
+    names = ["report.html" if html else "report.md"]
+    for _, slug, g in _plan(recs):
+        names.extend(_section_images(g, slug).values())
+    return names
+
+
+def write_report(records: list[dict], out_dir: str | Path, *, html: bool = False) -> Path:
+    """Write ``report.md`` (or ``report.html``) and its PNG plots to ``out_dir``; return the report's path.
+
+    ``records``: evaluation records (several models allowed; missing optional keys are
+    tolerated). Raises ``ValueError`` for an empty list or a malformed record. Every file is
+    written atomically; :func:`report_files` names them beforehand (the CLI checks that none
+    exists unless ``--force``).
+    """
+    recs = validate_records(records)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = _plan(recs)
+    doc = _Doc()
+    doc.h(1, "ABFP evaluation report")
+    doc.p(f"{len(recs)} records; models: {', '.join(dict.fromkeys(g.model for _, _, g in plan))}. Values are means "
+          "over runs ± their standard deviation; 'within 1%' means within 1% (relative) of the float32 value.")
+    for heading, slug, g in plan:
+        _section(doc, g, heading, slug, out)
     path = out / ("report.html" if html else "report.md")
-    path.write_text(doc.html("ABFP evaluation report") if html else doc.markdown(), encoding="utf-8")
+    atomic_write_text(path, doc.html("ABFP evaluation report") if html else doc.markdown())
     return path

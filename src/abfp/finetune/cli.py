@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli import UsageError, _base_config
+from ..cli_common import UsageError, check_output_args
+from ..cli_common import base_config as _base_config
 from ..config import ABFPConfig
 
 #: The default scenario: a device that costs fashion-cnn a clear loss: the authors' n = 128,
@@ -130,6 +131,7 @@ def _validate(args: argparse.Namespace) -> None:
         need(not dnf_only, f"{', '.join(dnf_only)} only apply to --method dnf")
     need(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     need(args.time_steps is None or args.time_steps >= 1, f"--time-steps must be >= 1, got {args.time_steps}")
+    check_output_args(args, {"json_path": "--json", "save_model": "--save-model"})  # before any work
     if args.checkpoint == "" and args.resume:
         raise UsageError("--resume needs a checkpoint (--checkpoint is '')")
 

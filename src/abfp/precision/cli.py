@@ -10,28 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from ..cli_common import (
+    UsageError,
+    add_force_option,
+    apply_threads,
+    base_config,
+    check_output_args,
+    load_json_arg,
+    require_at_least,
+    require_finite,
+    single_task,
+)
+from ..outputs import atomic_path, atomic_write_text
+
 #: The noise types of ``--noise`` (abfp.noise.NOISE_NAMES; not imported here to keep ``abfp`` start-up light).
 NOISE_CHOICES = ("shot", "thermal", "weight")
-
-
-def _usage_error(msg: str) -> Exception:
-    from ..cli import UsageError
-
-    return UsageError(msg)
-
-
-def _task(name: str):
-    from ..cli import _resolve_tasks
-
-    try:
-        (task,) = _resolve_tasks([name])
-    except (ValueError, KeyError) as e:
-        raise _usage_error(str(e).strip("'\"")) from None
-    return task
 
 
 # ------------------------------------------------------------------------------ precision
@@ -60,33 +56,34 @@ def _precision_parser(sub) -> None:
     p.add_argument("--plot", default=None, help="PNG of per-layer E and b_eff (default: next to --json)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_force_option(p)
     p.set_defaults(func=cmd_precision)
 
 
-def cmd_precision(args: argparse.Namespace) -> int:
-    import torch
+def _plot_path(args: argparse.Namespace) -> str | None:
+    """``--plot``, else a PNG beside ``--json``, else none."""
+    return args.plot or (str(Path(args.json_path).with_suffix(".png")) if args.json_path else None)
 
+
+def cmd_precision(args: argparse.Namespace) -> int:
     from .experiment import PrecisionSettings, plot_precision, run_precision, summarize
 
-    for name in ("target_drop", "lr", "lam", "learn_ratio", "rel_tol", "aj_per_photon", "target"):
-        v = getattr(args, name)
-        if v is not None and not math.isfinite(v):
-            raise _usage_error(f"--{name.replace('_', '-')} must be a finite number")
+    require_finite(args, ("target_drop", "lr", "lam", "learn_ratio", "rel_tol", "aj_per_photon", "target"))
     if args.target_drop < 0:
-        raise _usage_error("--target-drop must be >= 0")
-    for name in ("steps", "batch_size", "eval_samples", "threads", "search_seeds"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise _usage_error(f"--{name.replace('_', '-')} must be >= 1")
+        raise UsageError("--target-drop must be >= 0")
+    require_at_least(args, ("steps", "batch_size", "eval_samples", "threads", "search_seeds"))
+    require_at_least(args, ("seed",), 0)
     if args.lr <= 0 or args.learn_ratio <= 0 or args.rel_tol <= 0 or args.aj_per_photon <= 0:
-        raise _usage_error("--lr, --learn-ratio, --rel-tol and --aj-per-photon must be > 0")
+        raise UsageError("--lr, --learn-ratio, --rel-tol and --aj-per-photon must be > 0")
     if args.lam is not None and args.lam < 0:
-        raise _usage_error("--lam must be >= 0")
+        raise UsageError("--lam must be >= 0")
     if args.plot and not args.plot.lower().endswith(".png"):
-        raise _usage_error("--plot must name a .png file")
-    task = _task(args.task)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        raise UsageError("--plot must name a .png file")
+    args.plot = _plot_path(args)
+    json_path, plot = (args.json_path, args.plot)
+    check_output_args(args, {"json_path": "--json", "plot": "--plot"})
+    task = single_task(args.task, "precision")
+    apply_threads(args.threads)
     settings = PrecisionSettings(
         noise=args.noise, per_channel=args.per_channel, target_drop=args.target_drop, target=args.target,
         lam=args.lam, lr=args.lr, steps=args.steps, batch_size=args.batch_size, learn_ratio=args.learn_ratio,
@@ -95,14 +92,13 @@ def cmd_precision(args: argparse.Namespace) -> int:
     )
     result = run_precision(task, settings, progress=None if args.quiet else print)
     print(summarize(result))
-    if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
-    plot = args.plot or (str(Path(args.json_path).with_suffix(".png")) if args.json_path else None)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {json_path}")
     if plot:
-        print(f"wrote {plot_precision(result, plot)}")
+        with atomic_path(plot, suffix=".tmp.png") as tmp:
+            plot_precision(result, tmp)
+        print(f"wrote {plot}")
     return 0
 
 
@@ -118,23 +114,21 @@ def _energy_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1,
                    help="samples accounted together (weights are converted once per call); default 1")
     p.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
+    add_force_option(p)
     p.set_defaults(func=cmd_energy)
 
 
 def cmd_energy(args: argparse.Namespace) -> int:
-    from ..cli import _base_config
     from ..energy import EnergyParams, account, authors_adc_comparison
 
-    if args.batch_size < 1:
-        raise _usage_error("--batch-size must be >= 1")
-    if args.preset and args.config:
-        raise _usage_error("give --preset or --config, not both")
+    require_at_least(args, ("batch_size",))
+    cfg = base_config(args)
     try:
-        cfg = _base_config(args)
-        params = EnergyParams.from_json(args.params) if args.params else EnergyParams()
+        params = EnergyParams.from_dict(load_json_arg(args.params, "--params")) if args.params else EnergyParams()
     except ValueError as e:
-        raise _usage_error(str(e)) from None
-    task = _task(args.task)
+        raise UsageError(f"--params: {e}") from None
+    json_out = check_output_args(args, {"json_path": "--json"})
+    task = single_task(args.task, "energy")
     data = task.load_data().take(args.batch_size)
     report = account(task.build_model(), data.inputs, cfg, params)
     print(f"{task.name} on {cfg.label()}")
@@ -142,13 +136,11 @@ def cmd_energy(args: argparse.Namespace) -> int:
     cmp_ = authors_adc_comparison(params)
     print(f"ADC energy per conversion, fixed point n=8 at 12.5 bits vs ABFP n=128, G=8, 8 bits: {cmp_.ratio:.2f}x; "
           f"per MAC {cmp_.per_mac_ratio:.1f}x")
-    if args.json_path:
+    if json_out:
         out: dict[str, Any] = {"task": task.name, "config": cfg.to_dict(), **report.to_dict(),
                                "authors_adc_comparison": {"ratio": cmp_.ratio, "per_mac_ratio": cmp_.per_mac_ratio}}
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {path}")
+        atomic_write_text(json_out[0], json.dumps(out, indent=2) + "\n")
+        print(f"wrote {json_out[0]}")
     return 0
 
 

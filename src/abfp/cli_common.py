@@ -1,0 +1,248 @@
+"""Helpers shared by every ``abfp`` subcommand: argument types and validators, device-config
+loading (``--preset`` / ``--config``), ``--threads`` / ``--device`` handling, output-path checks
+and one-line error printing.
+
+The rule for bad input, for every command: exit status 2 and ONE line on stderr that names the
+option (or file) at fault, before any work starts. This module imports nothing from the command
+modules (``abfp.cli``, ``abfp.finetune.cli``, ``abfp.precision.cli``), which all import it: no
+import cycle. Heavy modules (torch, the zoo) are imported inside the functions that need them,
+so ``abfp --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .config import ABFPConfig
+from .outputs import OutputError, check_output, check_output_dir
+
+__all__ = [
+    "UsageError", "OneLineParser", "csv_list", "error_line", "print_error", "require", "require_at_least",
+    "require_finite", "load_json_arg", "base_config", "apply_threads", "resolve_device", "resolve_tasks",
+    "single_task", "add_force_option", "check_output_args", "check_output_dir", "OutputError",
+]
+
+
+class UsageError(Exception):
+    """A bad command line: printed as one line, exit status 2."""
+
+
+def error_line(exc: BaseException | str) -> str:
+    """``exc`` as one line (newlines folded, surrounding quotes of a bare KeyError removed)."""
+    text = str(exc)
+    if isinstance(exc, KeyError) and len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def print_error(exc: BaseException | str) -> None:
+    """Print ``abfp: error: <one line>`` to stderr."""
+    print(f"abfp: error: {error_line(exc)}", file=sys.stderr)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors (unknown option, bad type, bad choice) are one line on
+    stderr, ``abfp: error: ... (abfp CMD --help)``, and exit status 2 (argparse's own status)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"abfp: error: {error_line(message)} (see '{self.prog} --help')\n")
+
+
+# ------------------------------------------------------------------------------ argument types
+def csv_list(kind: type, name: str) -> Callable[[str], list[Any]]:
+    """An argparse type: a comma-separated list of ``kind`` (empty items skipped, empty list refused)."""
+    def parse(s: str) -> list[Any]:
+        out = []
+        for part in s.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                out.append(kind(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{name}: {part!r} is not a valid {kind.__name__}") from None
+        if not out:
+            raise argparse.ArgumentTypeError(f"{name}: empty list")
+        return out
+    return parse
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def require(ok: bool, msg: str) -> None:
+    """Raise :class:`UsageError` with ``msg`` unless ``ok``."""
+    if not ok:
+        raise UsageError(msg)
+
+
+def require_at_least(args: argparse.Namespace, names: Iterable[str], low: int = 1) -> None:
+    """Every option ``names`` (attribute names) that is set must be ``>= low``: ``--batch-size 0``
+    and ``--threads 0`` are errors, never silently the defaults."""
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and v < low:
+            raise UsageError(f"{_flag(name)} must be >= {low}, got {v}")
+
+
+def require_finite(args: argparse.Namespace, names: Iterable[str]) -> None:
+    """Every float option ``names`` that is set must be finite (no nan, no inf)."""
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and not math.isfinite(v):
+            raise UsageError(f"{_flag(name)} must be a finite number, got {v}")
+
+
+# ------------------------------------------------------------------------------ device config
+def load_json_arg(spec: str, option: str) -> Any:
+    """The parsed value of an option that takes "a JSON file or string" (``--config``, ``--params``).
+
+    Text starting with ``{`` is JSON itself; anything else is a file name, which must exist and be
+    a file (a missing file is reported as missing, not as invalid JSON). Errors name the option
+    and the file."""
+    s = str(spec)
+    if s.lstrip().startswith("{"):
+        text, where = s, ""
+    else:
+        p = Path(s)
+        if not p.exists():
+            raise UsageError(f"{option}: no such file: {s} (give a JSON file or a JSON object)")
+        if p.is_dir():
+            raise UsageError(f"{option}: {s} is a folder, not a JSON file")
+        try:
+            text, where = p.read_text(encoding="utf-8"), f" {s}"
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{option}: cannot read {s}: {error_line(e)}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{option}{where}: not valid JSON: {e}") from None
+
+
+def base_config(args: argparse.Namespace) -> ABFPConfig:
+    """The device named by ``--config`` (a JSON file or string) or ``--preset``; the default
+    :class:`ABFPConfig` when neither is given. Both together are an error."""
+    config, preset = getattr(args, "config", None), getattr(args, "preset", None)
+    if config is not None and preset is not None:
+        raise UsageError("give --preset or --config, not both")
+    if config is not None:
+        where = "" if str(config).lstrip().startswith("{") else f" {config}"
+        obj = load_json_arg(config, "--config")
+        try:
+            return ABFPConfig.from_dict(obj)
+        except ValueError as e:
+            raise UsageError(f"--config{where}: {error_line(e)}") from None
+    if preset is not None:
+        try:
+            return ABFPConfig.preset(preset)
+        except ValueError as e:
+            raise UsageError(f"--preset: {error_line(e)}") from None
+    return ABFPConfig()
+
+
+# ------------------------------------------------------------------------------ execution
+def apply_threads(threads: int | None) -> None:
+    """``--threads N``: torch CPU threads (N >= 1; None leaves torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def resolve_device(spec: str) -> str:
+    """``--device``: a torch device string that this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {spec!r} is not a torch device (e.g. cpu, cuda, cuda:0)") from None
+    if dev.type == "cpu":
+        return spec
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return spec
+    if dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {spec}: MPS is not available on this machine")
+        return spec
+    raise UsageError(f"--device {spec!r}: only cpu, cuda and mps are supported")
+
+
+# ------------------------------------------------------------------------------ tasks
+def resolve_tasks(names: Sequence[str] | None) -> list[Any]:
+    """Zoo task names, ``'all'`` (every installed zoo task) or ``path/tasks.py:func`` /
+    ``package.module:func`` user tasks -> :class:`abfp.zoo.base.Task` objects."""
+    from . import zoo
+
+    names = list(names or ["fashion-cnn"])
+    if names == ["all"]:
+        names = [n for n in zoo.names() if zoo.available(n)]
+    elif "all" in names:
+        raise UsageError("--task all runs the whole zoo; do not combine it with other tasks")
+    tasks = []
+    for name in names:
+        module, _, func = name.rpartition(":")
+        try:
+            if module.endswith(".py") or "/" in module:
+                # a task defined in a file: path/to/tasks.py:make
+                path = Path(module)
+                if not path.is_file():
+                    raise UsageError(f"--task: no such file: {path}")
+                sys.path.insert(0, str(path.resolve().parent))
+                try:
+                    tasks.append(zoo.load_callable(f"{path.stem}:{func}"))
+                finally:
+                    sys.path.pop(0)
+            elif module:
+                tasks.append(zoo.load_callable(name))
+            else:
+                tasks.append(zoo.get(name))
+        except KeyError as e:
+            raise UsageError(error_line(e)) from None
+    return tasks
+
+
+def single_task(name: str, command: str) -> Any:
+    """The one task of a command that takes one (``summary``, ``energy``, ``precision``)."""
+    if name == "all":
+        raise UsageError(f"{command} takes one task; 'all' is for 'abfp eval' (run {command} once per task)")
+    (task,) = resolve_tasks([name])
+    return task
+
+
+# ------------------------------------------------------------------------------ outputs
+def add_force_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--force`` (overwrite existing outputs) to ``parser`` unless it has it already."""
+    if "--force" in parser._option_string_actions:  # noqa: SLF001  (idempotent: registered once)
+        return
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite existing output files (without it an existing output is an error)")
+
+
+def check_output_args(args: argparse.Namespace, options: dict[str, str]) -> list[Path]:
+    """Check the output files named by ``options`` (attribute -> flag, e.g. ``{"json_path": "--json"}``)
+    before any work: a folder, a path under a file, an unwritable folder or (without ``--force``) an
+    existing file is a one-line error naming the flag. Returns the paths that are set."""
+    force = bool(getattr(args, "force", False))
+    out = []
+    for attr, flag in options.items():
+        v = getattr(args, attr, None)
+        if v is None:
+            continue
+        out.append(check_output(v, force=force, what=flag))
+    if len({p.resolve() for p in out}) < len(out):
+        raise UsageError(f"{', '.join(options.values())} must name different files")
+    return out

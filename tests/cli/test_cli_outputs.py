@@ -1,0 +1,101 @@
+"""Outputs of the ``abfp`` commands: refused when they exist unless ``--force``, then replaced
+atomically with ordinary file permissions; the files a report writes are known beforehand; the CLI
+helpers import no command module (no import cycle)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from abfp.cli import main
+from abfp.evaluate.report import report_files, write_report
+from abfp.outputs import atomic_path, atomic_write_text
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def _records(models: int = 1, noises: tuple[float, ...] = (0.0, 0.5), layers: bool = True) -> list[dict]:
+    recs = []
+    for m in range(models):
+        recs.append({"model": f"net/{m}", "format": "fp32", "value": 90.0, "metric": "top1"})
+        recs.append({"model": f"net/{m}", "format": "fixed", "value": 80.0, "metric": "top1", "tile_width": 128,
+                     "gain": 1.0, "noise_std": noises[0]})
+        for z in noises:
+            for g in (1.0, 4.0):
+                recs.append({"model": f"net/{m}", "format": "abfp", "value": 85.0 + g, "metric": "top1",
+                             "tile_width": 32, "gain": g, "noise_std": z,
+                             "layers": [{"site": "fc", "relative_error": 0.1, "saturated_fraction": 0.0}]
+                             if layers else None})
+    return recs
+
+
+@pytest.mark.parametrize("models,noises,layers,html", [
+    (1, (0.0, 0.5), True, False), (2, (0.3,), False, True), (1, (0.3,), True, True)])
+def test_report_files_names_exactly_what_write_report_writes(tmp_path, models, noises, layers, html):
+    recs = _records(models, noises, layers)
+    write_report(recs, tmp_path / "out", html=html)
+    assert sorted(report_files(recs, html=html)) == sorted(p.name for p in (tmp_path / "out").iterdir())
+
+
+def test_report_refuses_an_existing_report_and_force_replaces_it(tmp_path, capsys):
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(_records()))
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "report.md").write_text("old")
+    assert main(["report", str(src), "--out", str(out)]) == 2
+    assert "pass --force" in capsys.readouterr().err and (out / "report.md").read_text() == "old"
+    assert main(["report", str(src), "--out", str(out), "--force"]) == 0
+    assert (out / "report.md").read_text().startswith("# ABFP evaluation report")
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_energy_json_force_overwrites_with_plain_permissions(tmp_path, capsys):
+    out = tmp_path / "e.json"
+    out.write_text("old")
+    os.chmod(out, 0o640)
+    assert main(["energy", "--json", str(out)]) == 2
+    assert out.read_text() == "old"
+    assert main(["energy", "--json", str(out), "--force"]) == 0
+    assert json.loads(out.read_text())["task"] == "fashion-cnn"
+    assert out.stat().st_mode & 0o777 == 0o640  # the replaced file keeps its mode
+    fresh = tmp_path / "new.json"
+    assert main(["energy", "--json", str(fresh)]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would make it, not mkstemp's 0600
+
+
+def test_atomic_path_keeps_the_old_file_on_failure_and_takes_a_suffix(tmp_path):
+    target = tmp_path / "plot.png"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target, suffix=".tmp.png") as tmp:
+            assert tmp.name.endswith(".tmp.png") and tmp.parent == tmp_path
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+
+def test_summary_task_all_prints_one_table_per_task(monkeypatch, capsys):
+    import abfp.zoo as zoo
+
+    monkeypatch.setattr(zoo, "names", lambda: ["fashion-cnn", "fashion-vit"])
+    assert main(["summary", "--task", "all", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fashion-cnn on abfp" in out and "fashion-vit on abfp" in out
+
+
+def test_cli_helpers_import_no_command_module():
+    code = ("import sys, abfp.cli_common, abfp.finetune.cli, abfp.precision.cli; "
+            "bad = [m for m in ('abfp.cli',) if m in sys.modules]; "
+            "print(','.join(bad))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": SRC})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == ""  # the command modules need only abfp.cli_common, never abfp.cli

@@ -1,0 +1,278 @@
+"""Bad input to every ``abfp`` command: exit status 2, ONE line on stderr naming the problem, no
+traceback, and for output errors no work started.
+
+Each case is ``(command line, fragment the error line must contain)``. Paths use placeholders
+filled in a fresh folder per test: ``{dir}`` an existing folder, ``{file}`` an existing file,
+``{missing}`` a path that does not exist, ``{exists_json}`` an existing JSON file,
+``{badjson}`` a file that is not JSON, ``{records}`` valid eval records, ``{report_out}`` a
+folder that already holds ``report.md``, ``{micro_out}`` one that holds ``microbench.json``,
+``{png}`` an existing PNG, ``{text}`` a long text file that is not JSON. Most run in-process through :func:`abfp.cli.main`; a few also as
+subprocesses (the real ``python -m abfp``). The work functions of every command are replaced by
+a trap, so that a check that happens too late (after the work started) fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from abfp.cli import main
+
+NO_CUDA = not torch.cuda.is_available()
+
+EVAL = [
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--threads", "x"], "--threads"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--samples", "0"], "--samples must be >= 1"),
+    (["--runs", "0"], "--runs must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--device", "foo"], "--device 'foo'"),
+    (["--device", "tpu"], "--device 'tpu'"),
+    *([(["--device", "cuda"], "CUDA is not available")] if NO_CUDA else []),
+    (["--preset", "no-such"], "unknown preset 'no-such'"),
+    (["--preset", "default", "--config", "{}"], "--preset or --config, not both"),
+    (["--config", "{missing}"], "--config: no such file"),
+    (["--config", "{dir}"], "is a folder"),
+    (["--config", "{badjson}"], "not valid JSON"),
+    (["--config", "{text}"], "not valid JSON"),
+    (["--config", '{"gain": -1}'], "gain"),
+    (["--config", '{"colour": 1}'], "unknown ABFPConfig field"),
+    (["--gains", "0"], "gain must be > 0"),
+    (["--gains", "fast"], "gain must be a positive number"),
+    (["--bits", "9/9"], "bits must look like"),
+    (["--bits", "1/8/8"], "weight_bits"),
+    (["--tile-widths", "0"], "--tile-widths"),
+    (["--tile-widths", "8,x"], "--tile-widths"),
+    (["--noise", "-1"], "--noise"),
+    (["--noise", "nan"], "--noise"),
+    (["--noise-dist", "pink"], "--noise-dist"),
+    (["--fixed-percentile", "0"], "--fixed-percentile"),
+    (["--paper", "--gains", "1"], "--paper sets the grid"),
+    (["--task", "no-such-model"], "unknown zoo task"),
+    (["--task", "{missing}.py:make"], "no such file"),
+    (["--task", "all", "--task", "fashion-cnn"], "--task all"),
+    (["--json", "{dir}"], "is a folder"),
+    (["--json", "{file}/r.json"], "is a file, not a folder"),
+    (["--json", "{exists_json}"], "exists; pass --force"),
+    (["--cache-dir", "{file}"], "--cache-dir"),
+    (["--cache-dir", "{file}/cache"], "is a file, not a folder"),
+    (["--unknown-option"], "unrecognized arguments"),
+]
+
+REPORT = [
+    (["{missing}"], "no such file"),
+    (["{dir}"], "is a folder"),
+    (["{badjson}"], "not valid JSON"),
+    (["{exists_json}"], "no records"),
+    (["{records}", "--out", "{file}"], "is a file, not a folder"),
+    (["{records}", "--out", "{file}/sub"], "is a file, not a folder"),
+    (["{records}", "--out", "{report_out}"], "already holds report.md; pass --force"),
+]
+
+MICROBENCH = [
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--tile-widths", "0"], "--tile-widths"),
+    (["--gains", "0"], "--gains"),
+    (["--gains", "inf"], "--gains"),
+    (["--seed", "-1"], "--seed"),
+    (["--out", "{file}"], "is a file, not a folder"),
+    (["--out", "{file}/sub"], "is a file, not a folder"),
+    (["--out", "{micro_out}"], "already holds microbench.json; pass --force"),
+]
+
+SUMMARY = [
+    (["--task", "no-such-model"], "unknown zoo task"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--preset", "no-such"], "unknown preset"),
+    (["--preset", "default", "--config", "{}"], "not both"),
+    (["--config", "{missing}"], "--config: no such file"),
+    (["--config", "{badjson}"], "not valid JSON"),
+]
+
+FINETUNE = [
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--config", "{missing}"], "--config: no such file"),
+    (["--config", "{badjson}"], "not valid JSON"),
+    (["--preset", "default", "--config", "{}"], "not both"),
+    (["--json", "{dir}"], "is a folder"),
+    (["--json", "{file}/r.json"], "is a file, not a folder"),
+    (["--json", "{exists_json}"], "exists; pass --force"),
+    (["--save-model", "{dir}"], "is a folder"),
+    (["--save-model", "{exists_json}"], "exists; pass --force"),
+]
+
+PRECISION = [
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--seed", "-2"], "--seed must be >= 0"),
+    (["--task", "all"], "takes one task"),
+    (["--task", "no-such-model"], "unknown zoo task"),
+    (["--json", "{dir}"], "is a folder"),
+    (["--json", "{exists_json}"], "exists; pass --force"),
+    (["--json", "{file}/r.json"], "is a file, not a folder"),
+    (["--plot", "{png}"], "exists; pass --force"),
+]
+
+ENERGY = [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--preset", "no-such"], "unknown preset"),
+    (["--preset", "default", "--config", "{}"], "not both"),
+    (["--config", "{missing}"], "--config: no such file"),
+    (["--config", "{badjson}"], "not valid JSON"),
+    (["--params", "{missing}"], "--params: no such file"),
+    (["--params", "{text}"], "--params"),
+    (["--params", '{"adc": -1}'], "adc"),
+    (["--task", "all"], "takes one task"),
+    (["--json", "{dir}"], "is a folder"),
+    (["--json", "{exists_json}"], "exists; pass --force"),
+    (["--json", "{file}/r.json"], "is a file, not a folder"),
+]
+
+OTHERS = [
+    (["presets", "--foo"], "unrecognized arguments"),
+    (["zoo", "--foo"], "unrecognized arguments"),
+]
+
+CASES = ([(["eval", *a], m) for a, m in EVAL] + [(["report", *a], m) for a, m in REPORT]
+         + [(["microbench", *a], m) for a, m in MICROBENCH] + [(["summary", *a], m) for a, m in SUMMARY]
+         + [(["finetune", "--no-progress", *a], m) for a, m in FINETUNE]
+         + [(["precision", "--quiet", *a], m) for a, m in PRECISION] + [(["energy", *a], m) for a, m in ENERGY]
+         + OTHERS)
+COMMANDS = sorted({argv[0] for argv, _ in CASES})
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile.txt").write_text("x")
+    (tmp_path / "exists.json").write_text("[]")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "records.json").write_text(json.dumps([{"model": "m", "format": "fp32", "value": 1.0}]))
+    (tmp_path / "report_out").mkdir()
+    (tmp_path / "report_out" / "report.md").write_text("old report")
+    (tmp_path / "micro_out").mkdir()
+    (tmp_path / "micro_out" / "microbench.json").write_text("[]")
+    (tmp_path / "old.png").write_bytes(b"png")
+    (tmp_path / "notes.txt").write_text("a long text file, not JSON. " * 20)
+    return {"dir": str(tmp_path / "folder"), "file": str(tmp_path / "afile.txt"),
+            "missing": str(tmp_path / "no_such"), "exists_json": str(tmp_path / "exists.json"),
+            "badjson": str(tmp_path / "bad.json"), "records": str(tmp_path / "records.json"),
+            "report_out": str(tmp_path / "report_out"), "micro_out": str(tmp_path / "micro_out"),
+            "png": str(tmp_path / "old.png"), "text": str(tmp_path / "notes.txt")}
+
+
+def _fill(argv: list[str], paths: dict[str, str]) -> list[str]:
+    out = []
+    for a in argv:
+        for name, value in paths.items():
+            a = a.replace("{" + name + "}", value)
+        out.append(a)
+    return out
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Replace every command's work with a trap: reaching it means a check came too late."""
+    def trap(*a, **k):
+        raise AssertionError("work started before the bad input was refused")
+
+    import abfp.energy
+    import abfp.evaluate
+    import abfp.evaluate.microbench
+    import abfp.evaluate.report
+    import abfp.finetune.methods
+    import abfp.nn
+    import abfp.precision.experiment
+
+    for mod, name in ((abfp.evaluate, "evaluate"), (abfp.evaluate.report, "write_report"),
+                      (abfp.evaluate.microbench, "run_microbench"), (abfp.nn, "summary"),
+                      (abfp.finetune.methods, "dnf"), (abfp.finetune.methods, "qat"),
+                      (abfp.precision.experiment, "run_precision"), (abfp.energy, "account")):
+        monkeypatch.setattr(mod, name, trap)
+
+
+def _run_in_process(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors (unknown option, bad type or choice)
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _assert_one_line(code: int, err: str, fragment: str, argv: list[str]) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2, (argv, code, err)
+    assert len(lines) == 1, (argv, err)
+    assert lines[0].startswith("abfp: error:"), (argv, err)
+    assert fragment in lines[0], (argv, fragment, lines[0])
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,fragment", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input_is_one_line_exit_2_before_any_work(argv, fragment, paths, no_work, capsys, tmp_path,
+                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default outputs (checkpoints, caches) would land in the test's folder
+    filled = _fill(argv, paths)
+    before = _snapshot(tmp_path)
+    t0 = time.perf_counter()
+    code, err = _run_in_process(filled, capsys)
+    _assert_one_line(code, err, fragment, filled)
+    assert time.perf_counter() - t0 < 30  # refused at once (generous: a loaded shared machine)
+    assert _snapshot(tmp_path) == before  # nothing written, nothing overwritten, no folder created
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+# A few through the real entry point, as a user runs them.
+SUBPROCESS = [
+    (["eval", "--threads", "-1"], "--threads must be >= 1"),
+    (["eval", "--json", "{dir}"], "is a folder"),
+    (["report", "{records}", "--out", "{report_out}"], "pass --force"),
+    (["finetune", "--config", "{missing}"], "--config: no such file"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv,fragment", SUBPROCESS, ids=[" ".join(a) for a, _ in SUBPROCESS])
+def test_bad_input_through_python_m_abfp(argv, fragment, paths, tmp_path):
+    filled = _fill(argv, paths)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    p = subprocess.run([sys.executable, "-m", "abfp", *filled], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120, env=env)
+    _assert_one_line(p.returncode, p.stderr, fragment, filled)
+
+
+def test_every_command_is_covered():
+    from abfp.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+    print(f"\n{len(CASES)} bad inputs over {len(COMMANDS)} commands in-process, {len(SUBPROCESS)} as subprocesses: "
+          "all one-line errors, exit 2")
+
+
+def test_every_writing_command_has_force():
+    from abfp.cli import WRITING_COMMANDS, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in WRITING_COMMANDS:
+        assert "--force" in sub.choices[name]._option_string_actions, name
