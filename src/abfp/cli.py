@@ -105,11 +105,7 @@ def _resolve_tasks(names: Sequence[str] | None):
             path = Path(module)
             if not path.is_file():
                 raise UsageError(f"no such file: {path}")
-            sys.path.insert(0, str(path.resolve().parent))
-            try:
-                tasks.append(zoo.load_callable(f"{path.stem}:{func}"))
-            finally:
-                sys.path.pop(0)
+            tasks.append(zoo.load_callable(f"{path}:{func}"))  # imported under a name unique to the file
         elif module:
             tasks.append(zoo.load_callable(name))
         else:
@@ -122,6 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import zoo
     from .evaluate import EvalSettings, build_grid, evaluate, format_table, parse_bits, parse_gain
+    from .evaluate.cache import CACHE_FILE
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples = args.samples if args.samples is not None else task.default_samples
         cache = None
         if args.cache_dir:
-            cache = str(Path(args.cache_dir) / f"{task.name.replace(':', '_').replace('/', '_')}.json")
+            cache = str(Path(args.cache_dir) / CACHE_FILE)  # one database, keyed on model, data, metric, config
         t0 = time.perf_counter()
         recs = evaluate(
             task.build_model(), task.load_data(), task.metric, points, task_name=task.name,
