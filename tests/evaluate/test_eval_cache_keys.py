@@ -8,7 +8,6 @@ import sqlite3
 import sys
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 import abfp
 from abfp import zoo
 from abfp.evaluate import EvalSettings, evaluate
-from abfp.evaluate.cache import CacheWarning, RunCache, run_key
+from abfp.evaluate.cache import CacheWarning, RunCache, _digest, run_key
 from abfp.evaluate.fingerprint import callable_fingerprint, data_fingerprint, metric_fingerprint, model_fingerprint
 from abfp.evaluate.grid import Point
 from abfp.zoo.base import KL, TOP1, Dataset, Metric
@@ -159,9 +158,8 @@ def test_damaged_entries_are_reported_deleted_and_not_served(tmp_path):
     with sqlite3.connect(path) as con:
         con.execute("UPDATE runs SET value = replace(value, '1.0', '7.0') WHERE key = 'k1'")  # checksum
         con.execute("UPDATE runs SET value = 'nonsense', digest = 'x' WHERE key = 'k2'")
-        con.execute("UPDATE runs SET value = ?, digest = ? WHERE key = 'k3'",  # valid digest, NaN value
-                    ('{"seconds": 0.5, "value": NaN}', __import__("abfp.evaluate.cache", fromlist=["_digest"])._digest(
-                        "k3", '{"seconds": 0.5, "value": NaN}')))
+        nan = '{"seconds": 0.5, "value": NaN}'
+        con.execute("UPDATE runs SET value = ?, digest = ? WHERE key = 'k3'", (nan, _digest("k3", nan)))  # NaN
     with RunCache(path) as c, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert c.get("k0") == {"value": 0.0, "seconds": 0.5}

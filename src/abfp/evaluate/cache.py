@@ -62,6 +62,13 @@ class CacheWarning(UserWarning):
     """A damaged cache file or entry was found; it is not used and its runs are recomputed."""
 
 
+def _warn(message: str) -> None:
+    """Emit a :class:`CacheWarning`. It is attributed to "abfp cache" rather than to a line of
+    code, so the command line shows one line (no source excerpt) and every damaged entry is
+    reported, not just the first."""
+    warnings.warn_explicit(message, CacheWarning, filename="abfp cache", lineno=0, module="abfp.evaluate.cache")
+
+
 def run_key(parts: Mapping[str, Any]) -> str:
     """The key of one run: sha256 of ``parts`` (JSON, sorted keys) and :data:`NUMERICS_VERSION`.
 
@@ -175,8 +182,7 @@ class RunCache:
                 return conn
             conn.close()
             aside = self._move_aside()
-            warnings.warn(f"cache file {self.path} is damaged ({problem}); moved it to {aside} and recomputing "
-                          "its runs", CacheWarning, stacklevel=4)
+            _warn(f"cache file {self.path} is damaged ({problem}); moved it to {aside} and recomputing its runs")
             conn = self._connect()
             problem = self._check(conn)
             if problem is not None:  # pragma: no cover - a fresh file we just created
@@ -204,8 +210,7 @@ class RunCache:
 
     # ------------------------------------------------------------------ entries
     def _damaged_entry(self, key: str, why: str) -> None:
-        warnings.warn(f"cache file {self.path}: entry {key[:16]} is damaged ({why}); recomputing it",
-                      CacheWarning, stacklevel=3)
+        _warn(f"cache file {self.path}: entry {key[:16]} is damaged ({why}); recomputing it")
         assert self._conn is not None
         with self._lock, contextlib.suppress(sqlite3.DatabaseError):  # put() will overwrite it anyway
             self._conn.execute("DELETE FROM runs WHERE key = ?", (key,))
@@ -218,8 +223,7 @@ class RunCache:
             with self._lock:
                 row = self._conn.execute("SELECT value, digest FROM runs WHERE key = ?", (key,)).fetchone()
         except sqlite3.DatabaseError as e:
-            warnings.warn(f"cache file {self.path}: cannot read entry {key[:16]} ({e}); recomputing it",
-                          CacheWarning, stacklevel=2)
+            _warn(f"cache file {self.path}: cannot read entry {key[:16]} ({e}); recomputing it")
             return None
         if row is None:
             return None
@@ -255,8 +259,7 @@ class RunCache:
                 self._conn.execute("INSERT OR REPLACE INTO runs (key, value, digest, info, written) "
                                    "VALUES (?, ?, ?, ?, ?)", (key, text, _digest(key, text), info, time.time()))
         except sqlite3.DatabaseError as e:  # the run itself is fine: report, keep going uncached
-            warnings.warn(f"cache file {self.path}: cannot store run {key[:16]} ({e}); it is not cached",
-                          CacheWarning, stacklevel=2)
+            _warn(f"cache file {self.path}: cannot store run {key[:16]} ({e}); it is not cached")
 
     def keys(self) -> list[str]:
         """Every stored key (damaged entries included; :meth:`get` checks them)."""
