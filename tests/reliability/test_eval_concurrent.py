@@ -20,6 +20,7 @@ import pytest
 TASK = textwrap.dedent(
     '''
     import os
+    import time
     import torch
     from torch import nn
     from abfp.zoo.base import KL, Dataset
@@ -34,9 +35,19 @@ TASK = textwrap.dedent(
             if log:
                 with open(log, "a") as f:
                     f.write("forward\\n")
+            time.sleep(float(os.environ.get("ABFP_TEST_SLEEP", "0")))  # long enough runs to overlap
             return self.fc2(torch.relu(self.fc1(x)))
 
+    def barrier(folder, parties):
+        """Wait until `parties` processes got here: both evaluations start together."""
+        open(os.path.join(folder, f"ready-{os.getpid()}"), "w").close()
+        t0 = time.monotonic()
+        while sum(n.startswith("ready-") for n in os.listdir(folder)) < parties and time.monotonic() - t0 < 120:
+            time.sleep(0.01)
+
     def make():
+        if os.environ.get("ABFP_TEST_BARRIER"):
+            barrier(os.environ["ABFP_TEST_BARRIER"], 2)
         g = torch.Generator().manual_seed(11)
         model = Net()
         with torch.no_grad():
@@ -65,7 +76,10 @@ def test_two_concurrent_evals_on_one_cache_lose_nothing(tmp_path, record_propert
                                  str(cache), "--json", out], cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
 
-    first, second = cli("8,16", "p1.json"), cli("16,32", "p2.json")  # both at once
+    sync = tmp_path / "barrier"
+    sync.mkdir()
+    env = {"ABFP_TEST_BARRIER": str(sync), "ABFP_TEST_SLEEP": "0.01"}
+    first, second = cli("8,16", "p1.json", **env), cli("32,16", "p2.json", **env)  # both at once
     for p in (first, second):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
@@ -74,11 +88,12 @@ def test_two_concurrent_evals_on_one_cache_lose_nothing(tmp_path, record_propert
     assert expected == 27
     with sqlite3.connect(cache / "runs.sqlite") as con:
         stored = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-        # did the two really write at the same time? (their own points: n=8 and n=32)
+        # did the two really write at the same time? (their own points, each written first: n=8 and n=32)
         spans = [con.execute("SELECT MIN(written), MAX(written) FROM runs WHERE info LIKE ?", (f"% n={n} %",)).fetchone()
                  for n in (8, 32)]
     assert stored == expected
     overlap = max(0.0, min(spans[0][1], spans[1][1]) - max(spans[0][0], spans[1][0]))
+    assert overlap > 0, f"the two evaluations did not write at the same time: {spans}"
 
     log = tmp_path / "forward.log"
     union = cli("8,16,32", "union.json", ABFP_TEST_FORWARD_LOG=str(log))
