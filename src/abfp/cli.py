@@ -186,6 +186,7 @@ def _with_configs(records: list[dict[str, Any]], points: Sequence[Any]) -> list[
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import zoo
     from .evaluate import EvalSettings, evaluate, format_table
+    from .evaluate.cache import CACHE_FILE
 
     _validate_eval(args)
     points, runs = eval_points(args)
@@ -212,7 +213,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples = args.samples if args.samples is not None else task.default_samples
         cache = None
         if args.cache_dir:
-            cache = str(Path(args.cache_dir) / f"{task.name.replace(':', '_').replace('/', '_')}.json")
+            cache = str(Path(args.cache_dir) / CACHE_FILE)  # one database, keyed on model, data, metric, config
         t0 = time.perf_counter()
         recs = evaluate(
             task.build_model(), task.load_data(), task.metric, points, task_name=task.name,

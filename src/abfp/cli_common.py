@@ -201,11 +201,7 @@ def resolve_tasks(names: Sequence[str] | None) -> list[Any]:
                 path = Path(module)
                 if not path.is_file():
                     raise UsageError(f"--task: no such file: {path}")
-                sys.path.insert(0, str(path.resolve().parent))
-                try:
-                    tasks.append(zoo.load_callable(f"{path.stem}:{func}"))
-                finally:
-                    sys.path.pop(0)
+                tasks.append(zoo.load_callable(f"{path}:{func}"))  # imported under a name unique to the file
             elif module:
                 tasks.append(zoo.load_callable(name))
             else:

@@ -48,24 +48,28 @@ def test_seeded_runs_are_reproducible():
     assert _run(pts, runs=2)[0]["values"] == _run(pts, runs=2)[0]["values"]
 
 
-def test_cache_resumes_a_killed_sweep(tmp_path):
-    cache = tmp_path / "c.json"
+def test_cache_resumes_a_killed_sweep(tmp_path, monkeypatch):
+    from abfp.evaluate import runner
+    from abfp.evaluate.cache import RunCache
+
+    cache = tmp_path / "c.sqlite"
     pts = build_grid(tile_widths=(8, 32), gains=(1.0, 4.0), noise_stds=(1.0,), fixed=False)
-    # kill the sweep after a few runs: a metric that fails on its 4th call
-    t = tiny_task.make()
+    # kill the sweep after a few runs: the 5th model pass (fp32 + 3 device runs done) is interrupted
     calls = {"n": 0}
+    real_run_all = runner.run_all
 
-    def flaky(out, tgt, ref):
+    def flaky(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 5:  # fp32 + 3 device runs done
+        if calls["n"] == 5:
             raise KeyboardInterrupt
-        return t.metric(out, tgt, ref)
+        return real_run_all(*a, **k)
 
-    metric = abfp.zoo.Metric(t.metric.name, t.metric.kind, flaky)
+    monkeypatch.setattr(runner, "run_all", flaky)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(t.build_model(), t.load_data(), metric, pts, task_name="tiny",
-                 settings=EvalSettings(progress=False, runs=2, batch_size=32, cache_path=str(cache)))
-    assert len(json.loads(cache.read_text())) == 3  # the finished runs survived, atomically written
+        _run(pts, runs=2, cache_path=str(cache))
+    monkeypatch.setattr(runner, "run_all", real_run_all)
+    with RunCache(cache) as c:
+        assert len(c) == 3  # the finished runs survived, each committed on its own
     before = tiny_task.CALLS["forward"]
     full = _run(pts, runs=2, cache_path=str(cache))
     after_resume = tiny_task.CALLS["forward"] - before
@@ -134,6 +138,6 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, msg):
 def test_cache_keys_change_with_the_numerics_version(monkeypatch):
     import abfp.evaluate.cache as cache
 
-    k1 = cache.run_key("t", 10, "abfp", {"gain": 8}, 0)
+    k1 = cache.run_key({"format": "abfp", "config": {"gain": 8}, "run": 0})
     monkeypatch.setattr(cache, "NUMERICS_VERSION", cache.NUMERICS_VERSION + 1)
-    assert cache.run_key("t", 10, "abfp", {"gain": 8}, 0) != k1
+    assert cache.run_key({"format": "abfp", "config": {"gain": 8}, "run": 0}) != k1

@@ -3,7 +3,8 @@
 Each rank evaluates the batches ``i % world == rank``; outputs are gathered to every rank
 in batch order and the metric is computed on the whole set, so the result equals the
 single-process result exactly (noise streams restart per batch from ``(seed, batch
-index)``, see :func:`abfp.evaluate.run_model`). Rank 0 alone prints and writes files.
+index)``, see :func:`abfp.evaluate.run_model`). Rank 0 alone prints and writes files, and
+alone reads the result cache: :func:`broadcast_from_main` shares each lookup.
 
 Backend: NCCL when the evaluation device is CUDA, gloo otherwise, chosen automatically.
 """
@@ -11,6 +12,7 @@ Backend: NCCL when the evaluation device is CUDA, gloo otherwise, chosen automat
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,6 +50,20 @@ def gather_outputs(pairs: list[tuple[int, Tensor]]) -> Tensor:
     dist.all_gather_object(everything, pairs)
     merged = sorted((p for part in everything if part for p in part), key=lambda p: p[0])
     return torch.cat([o for _, o in merged]) if merged else torch.zeros(0)
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself when not distributed).
+
+    The evaluator reads the result cache on rank 0 only and shares what it found, so every
+    rank skips or computes the same runs even while other processes write to the cache.
+    """
+    _, w = world()
+    if w == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def is_main() -> bool:

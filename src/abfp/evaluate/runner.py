@@ -4,7 +4,10 @@ The float32 pass runs once; its outputs are the reference for fidelity metrics. 
 device point converts one working copy of the model (hooks only, no re-copy per point),
 calibrates fixed-point scales or per-layer gains where asked, and runs ``runs`` times with
 seeds ``seed + run`` when the device is noisy (once when it is not). Finished runs are
-cached on disk; a rerun skips them.
+cached on disk (:mod:`abfp.evaluate.cache`), keyed on fingerprints of the model, the data
+and the metrics (:mod:`abfp.evaluate.fingerprint`) and on everything else that decides a
+run (device config, seed, batch size of noisy runs, calibration, numerics version); a rerun
+skips them.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from ..nn import calibrate, convert, is_converted, reseed, set_config, summary, 
 from ..zoo.base import Dataset, Metric
 from .autogain import choose_gains, gain_overrides
 from .cache import RunCache, run_key
-from .distributed import gather_outputs
+from .distributed import broadcast_from_main, gather_outputs
 from .distributed import world as dist_world
+from .fingerprint import data_fingerprint, metric_fingerprint, model_fingerprint
 from .grid import Point
 
 
@@ -95,8 +99,24 @@ class EvalSettings:
     autogain_threshold: float = 1e-4
     layer_stats: bool = True
     progress: bool = True
+    #: the SQLite cache file of finished runs (None: no cache); see :mod:`abfp.evaluate.cache`
     cache_path: str | None = None
     extra_metrics: Sequence[Metric] = field(default_factory=tuple)
+
+
+def cache_context(model: nn.Module, data: Dataset, metric: Metric, st: EvalSettings) -> dict[str, Any]:
+    """What every cached run of this evaluation shares in its key: fingerprints of the model,
+    the data actually evaluated and the metrics, plus the settings that change results."""
+    return {
+        "model": model_fingerprint(model),
+        "data": data_fingerprint(data.inputs, data.targets),
+        "samples": len(data),
+        "metric": metric_fingerprint(metric),
+        "extra_metrics": [metric_fingerprint(m) for m in st.extra_metrics],
+        "calibration_samples": st.calibration_samples,
+        "device": torch.device(st.device).type,
+        "torch": torch.__version__.split("+")[0],
+    }
 
 
 def _aggregate(values: list[float]) -> tuple[float, float]:
@@ -134,15 +154,16 @@ def evaluate(
         raise ValueError("no data to evaluate")
     device = torch.device(st.device)
     model = model.to(device).eval()
-    cache = RunCache(st.cache_path)
+    rank = dist_world()[0]
+    # rank 0 alone reads and writes the cache and tells the other ranks what it found
+    cache = RunCache(st.cache_path if rank == 0 else None)
+    context = cache_context(model, data, metric, st)
     n_samples = len(data)
     total = sum((st.runs if p.noisy else 1) for p in pts if p.format != "fp32") + 1
     bar = tqdm(total=total * n_samples, unit="img", disable=not st.progress or dist_world()[0] != 0,
                desc=task_name, leave=False,
                dynamic_ncols=True)
     tick = bar.update if st.progress else None
-
-    rank = dist_world()[0]
 
     def run(m: nn.Module) -> Tensor:
         return run_all(m, data, st.batch_size, device, tick)
@@ -201,10 +222,12 @@ def evaluate(
             for r in range(n_runs):
                 rcfg = cfg.replace(seed=st.seed + r) if p.noisy else cfg
                 # the batch size decides how noise draws fall on samples: part of the key
-                key = run_key(task_name, n_samples, p.format, {**rcfg.to_dict(), "auto_gain": p.auto_gain,
-                              "pct": st.fixed_percentile if p.format == "fixed" else None,
-                              "batch": st.batch_size if p.noisy else None}, r)
-                hit = cache.get(key)
+                key = run_key({**context, "format": p.format, "config": rcfg.to_dict(), "run": r,
+                               "auto_gain": p.auto_gain,
+                               "autogain_threshold": st.autogain_threshold if p.auto_gain else None,
+                               "pct": st.fixed_percentile if p.format == "fixed" else None,
+                               "batch": st.batch_size if p.noisy else None})
+                hit = broadcast_from_main(cache.get(key) if rank == 0 else None)
                 if hit is not None:
                     values.append(hit["value"])
                     seconds.append(hit["seconds"])
@@ -230,7 +253,8 @@ def evaluate(
                     lay = summary(analog_model, first).as_dicts()
                     layers = lay
                 if rank == 0:
-                    cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains})
+                    cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains},
+                              info=f"{task_name} {p.label()} run {r}")
                 values.append(v)
                 seconds.append(dt)
                 extras.append(ex)
@@ -245,6 +269,7 @@ def evaluate(
     finally:
         to_digital(analog_model)
         bar.close()
+        cache.close()
     return records
 
 

@@ -6,7 +6,8 @@
 >>> task = zoo.get("fashion-cnn")                 # doctest: +SKIP
 >>> model, data = task.build_model(), task.load_data().take(1000)  # doctest: +SKIP
 
-A user's own model plugs in through :func:`load_callable` (``"package.module:function"``).
+A user's own model plugs in through :func:`load_callable` (``"package.module:function"`` or
+``"path/to/file.py:function"``).
 
 Every task is listed even when the optional package it needs is missing; :func:`get` of
 such a task raises :class:`MissingDependencyError` (an ``ImportError``) naming what to
@@ -16,9 +17,13 @@ install. Heavy packages (transformers, scikit-image, ...) are imported only insi
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -187,28 +192,72 @@ def _from_triple(spec: str, result: tuple[Any, ...]) -> Task:
     )
 
 
+def _is_file_spec(module_name: str) -> bool:
+    return module_name.endswith(".py") or "/" in module_name or os.sep in module_name
+
+
+def _import_file(path_text: str, spec: str) -> Any:
+    """Import the Python file ``path_text`` under a module name unique to its resolved path.
+
+    Two task files with the same name in different folders (``a/tasks.py``, ``b/tasks.py``)
+    get different modules: neither is served from the other's ``sys.modules`` entry. The file
+    is executed afresh at every call (a file edited in place is read again); its folder is on
+    ``sys.path`` while it runs, so it can import its neighbours.
+    """
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no such file: {path} (from {spec!r})")
+    resolved = path.resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
+    stem = "".join(c if c.isalnum() or c == "_" else "_" for c in resolved.stem)
+    name = f"_abfp_user_task_{digest}_{stem}"
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"cannot import {path} as a Python file (from {spec!r})")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses, pickling and relative lookups need the entry
+    sys.path.insert(0, str(resolved.parent))
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        try:
+            sys.path.remove(str(resolved.parent))
+        except ValueError:
+            pass
+    return module
+
+
 def load_callable(spec: str) -> Task:
-    """Import ``"package.module:function"``, call the function, and return a :class:`Task`.
+    """Import ``"package.module:function"`` (or ``"path/to/file.py:function"``), call the
+    function, and return a :class:`Task`.
 
     The function takes no arguments and returns either a ``Task`` or a ``(model, data,
     metric)`` triple, where ``data`` is a :class:`Dataset` (or a Tensor of inputs, or an
     ``(inputs, targets)`` pair) and ``metric`` a :class:`Metric` (or one of ``"top1"``,
-    ``"agreement"``, ``"kl"``, ``"cosine"``). Raises ``ValueError`` for a malformed path,
-    a module or function that cannot be found, or a return value of the wrong kind.
+    ``"agreement"``, ``"kl"``, ``"cosine"``); a triple's task is named ``spec``. A file path
+    (ending in ``.py`` or holding a ``/``) is imported under a name unique to the file, so
+    same-named files in two folders never collide. Raises ``ValueError`` for a malformed path,
+    a module, file or function that cannot be found, or a return value of the wrong kind.
     """
     if not isinstance(spec, str) or spec.count(":") != 1:
         raise ValueError(f"expected 'package.module:function', got {spec!r}")
     module_name, func_name = (s.strip() for s in spec.split(":"))
     if not module_name or not func_name:
         raise ValueError(f"expected 'package.module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        # Only the named module (or a parent package) missing is a bad path; a missing
-        # dependency *inside* the user's module propagates as the ImportError it is.
-        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ValueError(f"cannot import module {module_name!r} (from {spec!r}): {e}") from e
-        raise
+    if _is_file_spec(module_name):
+        module = _import_file(module_name, spec)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # Only the named module (or a parent package) missing is a bad path; a missing
+            # dependency *inside* the user's module propagates as the ImportError it is.
+            if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+                raise ValueError(f"cannot import module {module_name!r} (from {spec!r}): {e}") from e
+            raise
     func: Any = module
     for part in func_name.split("."):
         if not hasattr(func, part):

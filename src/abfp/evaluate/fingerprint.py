@@ -1,0 +1,192 @@
+"""Fingerprints of what decides an evaluation result: the model, the data and the metric.
+
+The result cache (:mod:`abfp.evaluate.cache`) keys every run on these, so a different model
+under the same task name, a model retrained in place, other data or another metric is
+recomputed, never served from the cache. Each fingerprint is a sha256 hex digest:
+
+* :func:`model_fingerprint`: every parameter and buffer (name, dtype, shape, bytes) and,
+  per submodule, its name, class (module and qualified name), ``extra_repr()``, plain
+  attributes (numbers, strings, ...) and the bytecode of its class's methods, so a changed
+  ``forward`` counts too.
+* :func:`data_fingerprint`: every input tensor and the targets (dtype, shape, bytes).
+* :func:`callable_fingerprint` (of a metric's function): qualified name, bytecode, default
+  arguments, closure values and ``functools.partial`` arguments.
+
+A fingerprint is conservative: two objects that compute the same thing differently (say
+an edited comment that moved a line) may get different prints, costing a recomputation,
+never a wrong number.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import types
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["callable_fingerprint", "data_fingerprint", "metric_fingerprint", "model_fingerprint"]
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _update_tensor(h: Any, name: str, t: Tensor) -> None:
+    t = t.detach()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.is_sparse or t.is_quantized or t.layout != torch.strided:
+        t = t.to_dense() if t.is_sparse else t.dequantize() if t.is_quantized else t.contiguous()
+    t = t.cpu().contiguous()
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    h.update(b";")
+
+
+def _plain(value: Any, depth: int = 0) -> str | None:
+    """A stable text of a plain value (numbers, strings, their tuples/lists/dicts); None otherwise."""
+    if isinstance(value, _PLAIN):
+        return repr(value)
+    if depth < 3 and isinstance(value, (tuple, list)):
+        items = [_plain(v, depth + 1) for v in value]
+        return None if None in items else f"{type(value).__name__}({', '.join(items)})"  # type: ignore[arg-type]
+    if depth < 3 and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = [(k, _plain(v, depth + 1)) for k, v in sorted(value.items())]
+        return None if any(v is None for _, v in items) else "{" + ", ".join(f"{k}: {v}" for k, v in items) + "}"
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return None
+
+
+def _update_code(h: Any, code: types.CodeType, depth: int = 0) -> None:
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            if depth < 8:
+                _update_code(h, c, depth + 1)
+        else:
+            h.update(repr(c).encode())
+
+
+def _update_callable(h: Any, fn: Any, depth: int = 0) -> None:
+    if depth > 4:
+        h.update(b"<deep>")
+        return
+    if isinstance(fn, functools.partial):
+        h.update(b"partial|")
+        _update_callable(h, fn.func, depth + 1)
+        for a in (*fn.args, *sorted(fn.keywords.items())):
+            _update_value(h, a, depth + 1)
+        return
+    if isinstance(fn, types.MethodType):
+        _update_callable(h, fn.__func__, depth + 1)
+        _update_value(h, fn.__self__, depth + 1)
+        return
+    h.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}|".encode())
+    code = getattr(fn, "__code__", None)
+    if isinstance(code, types.CodeType):
+        _update_code(h, code)
+        for d in (getattr(fn, "__defaults__", None) or ()):
+            _update_value(h, d, depth + 1)
+        for cell in (getattr(fn, "__closure__", None) or ()):
+            try:
+                _update_value(h, cell.cell_contents, depth + 1)
+            except ValueError:  # an empty cell
+                h.update(b"<empty>")
+    elif not isinstance(fn, (types.BuiltinFunctionType, type)) and callable(fn):
+        # a callable object: its class's __call__ and its plain attributes
+        _update_callable(h, type(fn).__call__, depth + 1)
+        _update_value(h, fn, depth + 1)
+
+
+def _update_value(h: Any, value: Any, depth: int = 0) -> None:
+    plain = _plain(value)
+    if plain is not None:
+        h.update(plain.encode() + b";")
+    elif isinstance(value, Tensor):
+        _update_tensor(h, "", value)
+    elif isinstance(value, nn.Module):
+        h.update(model_fingerprint(value).encode())
+    elif callable(value) and not isinstance(value, type):
+        _update_callable(h, value, depth + 1)
+    else:
+        # another object: its type and plain attributes (a dict that changes between calls,
+        # like a counter, changes the print: conservative)
+        h.update(f"<{type(value).__module__}.{type(value).__qualname__}>".encode())
+        attrs = getattr(value, "__dict__", None)
+        if isinstance(attrs, dict) and depth < 4:
+            for k, v in sorted(attrs.items()):
+                p = _plain(v)
+                if p is not None:
+                    h.update(f"{k}={p};".encode())
+
+
+def _class_code(cls: type) -> str:
+    """sha256 of the bytecode of every function defined on ``cls`` and its bases below nn.Module."""
+    h = hashlib.sha256()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        h.update(f"{klass.__module__}.{klass.__qualname__}|".encode())
+        for name, attr in sorted(vars(klass).items()):
+            fn = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+            if isinstance(fn, property):
+                fn = fn.fget
+            if isinstance(fn, types.FunctionType):
+                h.update(name.encode())
+                _update_code(h, fn.__code__)
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of ``model``'s weights, buffers and structure (see the module docstring)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_fingerprint needs an nn.Module, got {type(model).__name__}")
+    h = hashlib.sha256()
+    classes: dict[type, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        cls = type(m)
+        if cls not in classes:
+            classes[cls] = _class_code(cls)
+        h.update(f"module|{name}|{cls.__module__}.{cls.__qualname__}|{classes[cls]}|{m.extra_repr()}|".encode())
+        for k, v in sorted(vars(m).items()):
+            if k.startswith("_") or k == "training":
+                continue
+            p = _plain(v)
+            if p is not None:
+                h.update(f"{k}={p};".encode())
+    for name, p in model.named_parameters(remove_duplicate=False):
+        _update_tensor(h, f"param|{name}", p)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        _update_tensor(h, f"buffer|{name}", b)
+    return h.hexdigest()
+
+
+def data_fingerprint(inputs: Iterable[Tensor], targets: Tensor | None) -> str:
+    """sha256 of the input tensors and the targets (dtype, shape and bytes of each)."""
+    h = hashlib.sha256()
+    for i, t in enumerate(inputs):
+        _update_tensor(h, f"input{i}", t)
+    if targets is None:
+        h.update(b"no targets")
+    else:
+        _update_tensor(h, "targets", targets)
+    return h.hexdigest()
+
+
+def callable_fingerprint(fn: Any) -> str:
+    """sha256 of a function (or partial, method or callable object): its name, bytecode,
+    defaults and closure values."""
+    h = hashlib.sha256()
+    _update_callable(h, fn)
+    return h.hexdigest()
+
+
+def metric_fingerprint(metric: Any) -> str:
+    """sha256 of a :class:`abfp.zoo.Metric`: its name, kind, direction, unit and function."""
+    h = hashlib.sha256()
+    for field in ("name", "kind", "higher_is_better", "unit"):
+        h.update(f"{field}={getattr(metric, field, None)!r};".encode())
+    h.update(callable_fingerprint(getattr(metric, "fn", metric)).encode())
+    return h.hexdigest()
