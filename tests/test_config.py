@@ -30,8 +30,17 @@ def test_invalid_values_name_the_field(field, value):
         ABFPConfig(**{field: value})
 
 
+def test_tile_products_beyond_float64_exactness_are_refused():
+    """n L(b_x) L(b_w) must stay within 2**53 (exact tile products); the message gives the limit."""
+    ABFPConfig(tile_width=128, input_bits=24, weight_bits=24)  # 128 (2^23 - 1)^2 < 2^53
+    ABFPConfig(tile_width=1 << 20, input_bits=17, weight_bits=17)  # 2^20 (2^16 - 1)^2 < 2^53
+    for kw in (dict(tile_width=256, input_bits=24, weight_bits=24), dict(tile_width=1 << 20, input_bits=24, weight_bits=12)):
+        with pytest.raises(ValueError, match=r"tile_width \* L\(input_bits\) \* L\(weight_bits\).*2\*\*53"):
+            ABFPConfig(**kw)
+
+
 @given(
-    mode=st.sampled_from(["abfp", "fixed"]), n=st.integers(1, 4096), b=st.integers(2, 24),
+    mode=st.sampled_from(["abfp", "fixed"]), n=st.integers(1, 4096), b=st.integers(2, 21),
     gain=st.floats(0.01, 1000), noise=st.floats(0, 10), seed=st.none() | st.integers(0, 2**63),
     dist=st.sampled_from(["uniform", "gaussian"]), sd=st.sampled_from(["bfloat16", "float32", "pow2"]),
     flag=st.booleans(),

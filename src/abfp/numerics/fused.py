@@ -48,6 +48,7 @@ AVAILABLE = numba is not None
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
+_MIN_NORMAL = np.float32(2.0**-126)
 
 
 _launched_in: int | None = None  # the process whose threads ran the kernels
@@ -186,7 +187,8 @@ if AVAILABLE:
         ``out_s[t, g, b, v] = max |patch|`` over the tile is put in the scale format
         (``bf16``: rounded to nearest even bfloat16 as torch converts; else float32 as it
         is), then ``out[g, k - g kg, b L + v]`` receives the codes as :func:`patch_codes`
-        writes them with these scales."""
+        writes them with these scales (clamped where ``clamp`` says, and in every tile with
+        a subnormal scale: see :func:`abfp.numerics.blocks.codes_`)."""
         T, G, B, L = out_s.shape
         for bgt in prange(B * G * T):  # tiles of one block in turn: the threads share the short last tile
             b = bgt // (G * T)
@@ -207,11 +209,17 @@ if AVAILABLE:
                 u = o.view(np.uint32)
                 for v in range(L):
                     u[v] = (u[v] + np.uint32(0x7FFF) + ((u[v] >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+            cl = clamp
+            if not cl:  # a subnormal scale may sit far below its block's max: clamp this tile
+                for v in range(L):
+                    if o[v] > 0 and o[v] < _MIN_NORMAL:
+                        cl = True
+                        break
             for k in range(k0, k1):
                 off = k_off[k]
                 src = xs[k_src[k], b, off : off + L]
                 dst = out[g, k - g * kg, b * L : (b + 1) * L]
-                _dac(src, o, lx, clamp, dst)
+                _dac(src, o, lx, cl, dst)
 
     @njit(parallel=True, **_jit)
     def patch_codes(xs, k_src, k_off, kg, n, s, lx, clamp, out):

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from ..config import ABFPConfig
 from . import fused
-from .adc import AdcPlan, add_noise_
-from .blocks import Encoded, codes_, encode_rows, needs_clamp, round_scale
+from .adc import AdcPlan, add_noise_, code_gemm_dtype
+from .blocks import Encoded, codes_, encode_rows, has_subnormal, needs_clamp, round_scale
 from .counter_noise import grid_index, noise_key, noise_scale
 from .workspace import scratch
 
@@ -141,6 +141,7 @@ def analog_gemm(
             mask.fill_(True)
         return y, mask
     key = draw_key(cfg, generator) if noise is None else None
+    gd = code_gemm_dtype(plan, dev, cfg.weight_max_code, cfg.input_max_code)
     compiled = noise is None and not want_mask and use_fused(cfg, plan, dev)
     if compiled:
         fused.set_threads()
@@ -169,10 +170,12 @@ def analog_gemm(
             xs = codes.permute(0, 2, 1, 3)  # (b, T, m, n) view: the GEMM takes the strides as they are
             ws = wc if wc.shape[0] == 1 else wc[b0:b1]
             d = scratch("tiles", (b, T, m, N), plan.gemm_dtype, dev)
-            if plan.gemm_dtype != torch.float32:
-                torch.matmul(xs.to(plan.gemm_dtype), ws.to(plan.gemm_dtype), out=d)
-            else:
+            if gd == torch.float32:
                 torch.matmul(xs, ws.expand(b, T, n, N), out=d)  # (b, T, m, N): exact integer tile products
+            elif gd == plan.gemm_dtype:
+                torch.matmul(xs.to(gd), ws.to(gd), out=d)
+            else:  # CUDA: exact float64 products, integers of at most 2**24 (exact in float32)
+                d.copy_(torch.matmul(xs.to(gd), ws.to(gd)))
         yc = y[b0:b1, m0:m1]
         if compiled:
             mult, q = plan.int_ratio() if int8 else (1.0, plan.divisor)
@@ -210,8 +213,8 @@ def _encode_rows_compiled(xc: Tensor, n: int, T: int, cfg: ABFPConfig, static: T
     else:
         s = static.expand(b * m, T).contiguous()
     codes = scratch("codes_i8" if int8 else "codes", (b * m, T * n), torch.int8 if int8 else torch.float32, xc.device)
-    fused.rows_codes(xn, n, fused.as_numpy(s), np.float32(cfg.input_max_code),
-                     needs_clamp(static is None, cfg.input_max_code), fused.as_numpy(codes))
+    clamp = needs_clamp(static is None, cfg.input_max_code) or has_subnormal(s)
+    fused.rows_codes(xn, n, fused.as_numpy(s), np.float32(cfg.input_max_code), clamp, fused.as_numpy(codes))
     return codes.view(b, m, T, n), s.view(b, m, T)
 
 
@@ -323,6 +326,7 @@ def analog_gemm_cols(
         return torch.zeros(G, Ng, P, dtype=torch.float32, device=cols.device)
     int8 = use_int8(w, plan, P)
     gd = _lsb_dtype(plan) if int8 else plan.gemm_dtype
+    mm = gd if int8 else code_gemm_dtype(plan, cols.device, cfg.weight_max_code, cfg.input_max_code)
     d = scratch("tiles", (T, G, Ng, P), gd, cols.device)
     sx = scratch("input_scales", (T, G, 1, P), torch.float32, cols.device)
     full = K // n  # tiles of the full width n (n <= K), encoded and multiplied at once
@@ -346,11 +350,10 @@ def analog_gemm_cols(
         else:
             lhs = wc[:, t0:t1, :r].transpose(-1, -2)  # (G, tiles, Ng, r): the weight codes of these tiles
             out = d[t0:t1].transpose(0, 1)  # (G, tiles, Ng, P); contiguous when G == 1
-            if gd == torch.float32:
+            if mm == torch.float32:
                 torch.matmul(lhs, blk, out=out) if out.is_contiguous() else out.copy_(torch.matmul(lhs, blk))
-            else:
-                prod = torch.matmul(lhs.to(gd), blk.to(gd))
-                out.copy_(prod)
+            else:  # float64 products (a wide plan, or CUDA: see code_gemm_dtype), exact in d's dtype
+                out.copy_(torch.matmul(lhs.to(mm), blk.to(mm)))
     pt = P if p_total is None else p_total
     index = None if key is None else grid_index(p_off * Ng, (T, G, Ng, P), (pt * Ng, T * pt * Ng, 1, Ng), cols.device)
     d = adc_(d, cfg, plan, generator=generator, key=key, index=index, stats=stats, in_lsb=int8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,7 +22,6 @@ class ReferenceResult:
     """Everything the reference computes, for tests to inspect."""
 
     y: Tensor  # (B, M, N) float64: the layer output without bias
-    qy: Tensor  # (B, M, N, T) ADC codes
     saturated: Tensor  # (B, M, N, T) bool: |a| > 1 before the clamp
     sx: Tensor  # (B, M, T) input scales as used
     sw: Tensor  # (B, N, T) weight scales as used
@@ -29,13 +29,40 @@ class ReferenceResult:
 
 
 def _round_scale(s: Tensor, scale_dtype: str) -> Tensor:
+    """The scale format, in float64 (a float32-range format: beyond 2**128 is inf)."""
     if scale_dtype == "bfloat16":
         return s.to(torch.float32).to(torch.bfloat16).to(torch.float64)
     if scale_dtype == "pow2":
+        # 2**ceil(log2 s), exactly: float64 log2 brackets the exponent, one step corrects it
         pos = s > 0
-        e = torch.ceil(torch.log2(torch.where(pos, s, torch.ones_like(s))))
-        return torch.where(pos, torch.exp2(e), torch.zeros_like(s))
+        one = torch.ones_like(s)
+        e = torch.ceil(torch.log2(torch.where(pos, s, one)))
+        e = torch.where(torch.exp2(e - 1) >= s, e - 1, e)
+        e = torch.where(torch.exp2(e) < s, e + 1, e)
+        return torch.where(pos, torch.exp2(e), torch.zeros_like(s)).to(torch.float32).to(torch.float64)
     return s.to(torch.float32).to(torch.float64)
+
+
+_M64 = (1 << 64) - 1
+
+
+def counter_noise(key: int, shape: tuple[int, ...], noise_std: float) -> Tensor:
+    """The uniform device noise of :mod:`abfp.numerics.counter_noise` written out again from
+    its formula (numpy uint64 arithmetic, wrapping modulo 2**64): sample ``i`` (flat index in
+    ``shape``, row-major) is ``float32(k_i) * float32(sqrt(12) noise_std / 2**16)`` in float32,
+    ``k_i`` the odd 16-bit lane ``i % 4`` of ``splitmix64(key + (i // 4 + 1) * golden)``.
+    Returned in float64."""
+    count = math.prod(shape)
+    i = np.arange(count, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(key & _M64) + ((i >> np.uint64(2)) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    lane = ((z >> ((i & np.uint64(3)) * np.uint64(16))) & np.uint64(0xFFFF)).astype(np.int64)
+    k = np.where(lane >= 32768, lane - 65536, lane) | 1
+    e = k.astype(np.float32) * np.float32(math.sqrt(12.0) * noise_std / 65536.0)
+    return torch.from_numpy(e.astype(np.float64).reshape(shape))
 
 
 def reference_product(
@@ -47,13 +74,23 @@ def reference_product(
     weight_scale: float | Tensor | None = None,
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise_key: int | None = None,
+    dac_float32: bool = False,
 ) -> ReferenceResult:
     """The analog product ``X @ W^T`` of SPEC.md section 1 (steps 1-7, without bias).
 
     ``x``: (B, M, K) or (M, K); ``w``: (B, N, K) or (N, K). ``noise``: the device noise ``e``
     in output LSBs, shape (B, M, N, T); when ``None`` and the config is noisy it is drawn
-    here from ``generator``. In ``fixed`` mode ``input_scale``/``weight_scale`` are the static
-    per-tensor scales (default: each tensor's max |value|).
+    here: uniform noise is the fast path's counter-based noise (:func:`counter_noise`, the
+    sample of ``(b, t, m, j)`` at index ``((b T + t) M + m) N + j``) under ``noise_key``, or
+    under a key drawn from ``generator`` as the fast path draws it (the same generator state
+    gives the same noise); Gaussian noise is drawn from ``generator``. In ``fixed`` mode
+    ``input_scale``/``weight_scale`` are the static per-tensor scales (default: each
+    tensor's max |value|).
+
+    ``dac_float32``: compute the DAC's ``v / s * L(b)`` in float32 as the fast path does (its
+    decisions where the exact value lies within float32 rounding of a half-integer; SPEC
+    allows these one-code differences), every other step in float64 as above.
     """
     cfg = config
     if x.dim() == 2:
@@ -95,9 +132,11 @@ def reference_product(
 
     # 3. DAC codes; a zero scale encodes as zeros
     def codes(v: Tensor, s: Tensor, L: int) -> Tensor:
+        if dac_float32:
+            v, s = v.to(torch.float32), s.to(torch.float32)
         safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
         q = torch.round(torch.clamp(v / safe, -1.0, 1.0) * L)
-        return torch.where((s > 0).unsqueeze(-1), q, torch.zeros_like(q))
+        return torch.where((s > 0).unsqueeze(-1), q, torch.zeros_like(q)).to(torch.float64)
 
     qx = codes(xt, sx, Lx)
     qw = codes(wt, sw, Lw)
@@ -111,8 +150,9 @@ def reference_product(
         if cfg.noise_std > 0:
             shape = (B, M, N, T)
             if cfg.noise_dist == "uniform":
-                width = math.sqrt(12.0) * cfg.noise_std
-                noise = (torch.rand(shape, generator=generator, dtype=torch.float64) - 0.5) * width
+                if noise_key is None:
+                    noise_key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+                noise = counter_noise(noise_key, (B, T, M, N), cfg.noise_std).permute(0, 2, 3, 1)
             else:
                 noise = torch.randn(shape, generator=generator, dtype=torch.float64) * cfg.noise_std
         else:
@@ -131,4 +171,4 @@ def reference_product(
     y = y_t.sum(-1)
     if cfg.bf16_io:
         y = y.to(torch.bfloat16).to(torch.float64)
-    return ReferenceResult(y=y, qy=qy, saturated=saturated, sx=sx, sw=sw, tile_outputs=y_t)
+    return ReferenceResult(y=y, saturated=saturated, sx=sx, sw=sw, tile_outputs=y_t)
