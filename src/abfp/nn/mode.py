@@ -129,13 +129,6 @@ def drop_stale(stack: list[Frame] | None = None, start: types.FrameType | None =
     return n
 
 
-def reset() -> None:
-    """Forget every frame of this thread and leave the mode it entered (normally never needed)."""
-    stack = _stack()
-    while stack:
-        _pop(stack)
-
-
 class EnterHook:
     """Forward pre-hook of a converted module: drops stale frames, pushes this module's frame,
     and enters :class:`AnalogMode` if no running frame holds it."""
