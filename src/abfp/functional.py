@@ -7,13 +7,20 @@ is the identity and a clamp passes the gradient inside its range and zero outsid
 mode the DAC clamp never cuts a value (the scale is the block's max; bf16 rounding of that
 max is a format artefact), so ``mask_dac`` is 1; in fixed mode it is ``|X| <= s``.
 
-Noise comes from ``generator``; without one, from a generator seeded with ``config.seed``
-(a fresh one per call, so the same call gives the same result); without a seed, from
-torch's global generator.
+Noise comes from ``generator``; without one and with ``config.seed``, from the process-wide
+stream of that seed (:data:`abfp.noise_keys.FUNCTIONAL_STREAMS`): successive calls draw
+different noise, and :func:`reseed` (or ``abfp.reseed()``) restarts the streams, so the same
+sequence of calls after it gives the same numbers. Without a seed, from torch's global
+generator. (Before numerics of this release a seeded call drew the same noise on every call.)
+
+Fixed mode (SPEC section 2) without ``input_scale``: the one tensor of a call is its own sample
+data, so its static scale is max |x| over the whole tensor (every row, batch item and chunk of
+the call share it); a converted model instead needs :func:`abfp.calibrate`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import weakref
@@ -30,8 +37,9 @@ from .numerics.conv import conv2d_fused
 from .numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, use_fused
 from .numerics.workspace import scratch
 from .numerics.blocks import block_scales, inside_clamp, pad_to_tiles, static_scale_value, static_scales
+from .noise_keys import FUNCTIONAL_STREAMS, product_generator
 
-__all__ = ["linear", "matmul", "conv1d", "conv2d", "einsum", "clear_cache", "check_finite"]
+__all__ = ["linear", "matmul", "conv1d", "conv2d", "einsum", "clear_cache", "check_finite", "reseed"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -48,11 +56,12 @@ def check_finite(t: Tensor, name: str) -> None:
 
 
 def _generator_for(cfg: ABFPConfig, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
-    if generator is not None or cfg.noise_std == 0 or cfg.seed is None:
-        return generator
-    g = torch.Generator(device=device)
-    g.manual_seed(cfg.seed)
-    return g
+    return product_generator(cfg, FUNCTIONAL_STREAMS, device, generator)
+
+
+def reseed(offset: int = 0) -> None:
+    """Restart the noise streams of seeded functional calls at ``seed * 1_000_003 + offset``."""
+    FUNCTIONAL_STREAMS.restart(offset)
 
 
 # --------------------------------------------------------------------------- weight cache
@@ -212,6 +221,18 @@ def _product(
     return y
 
 
+@functools.lru_cache(maxsize=256)
+def _without_bf16_io(cfg: ABFPConfig) -> ABFPConfig:
+    """``cfg`` without the bfloat16 rounding of its output: a layer with a bias rounds after
+    adding it (SPEC 1 step 7: the bias add is digital, the layer output is bfloat16)."""
+    return cfg.replace(bf16_io=False)
+
+
+def _bf16(t: Tensor) -> Tensor:
+    """``t``'s values rounded to bfloat16 (round to nearest even), kept in float32 (differentiable)."""
+    return t.to(torch.bfloat16).to(torch.float32)
+
+
 def _out_dtype(*ts: Tensor) -> torch.dtype:
     return torch.promote_types(ts[0].dtype, ts[1].dtype) if len(ts) > 1 else ts[0].dtype
 
@@ -232,8 +253,10 @@ def linear(
     """``y = x W^T + b`` on the device; ``x``: (..., K), ``weight``: (N, K), ``bias``: (N,).
 
     In ``fixed`` mode ``input_scale`` and ``weight_scale`` are the static per-tensor scales
-    (default: each tensor's own max |value|). Weight encodings are cached per weight value
-    (``cache=False`` re-encodes every call). Bias is added digitally in float32.
+    (default: each tensor's own max |value| over the whole call). Weight encodings are cached
+    per weight value (``cache=False`` re-encodes every call). Bias is added digitally in
+    float32: ``y = Y + b``; with ``bf16_io`` the inputs and weights are rounded to bfloat16 and
+    the output after the bias, ``y = bf16(Y + b)`` (SPEC 1 step 7).
     """
     check_finite(x, "input")
     if not cache:
@@ -251,11 +274,17 @@ def linear(
     x3 = x.reshape(1, math.prod(lead), x.shape[-1])
     w3 = weight.unsqueeze(0)
     weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
-    y = _product(x3, w3, config, input_scale=input_scale, weight_scale=weight_scale,
+    device = config
+    if config.bf16_io and bias is not None:
+        # round the inputs here and the output after the bias (not before it)
+        device, x3, w3 = _without_bf16_io(config), _bf16(x3), _bf16(w3)
+    y = _product(x3, w3, device, input_scale=input_scale, weight_scale=weight_scale,
                  generator=generator, weights=weights, stats=stats)
     y = y.reshape(*lead, weight.shape[0])
     if bias is not None:
         y.add_(bias.to(torch.float32))  # y is this call's own tensor
+        if config.bf16_io:
+            y = _bf16(y)
     return y.to(out_dtype)
 
 
@@ -287,13 +316,11 @@ def matmul(
         raise ValueError(f"matmul shapes do not match: {tuple(a.shape)} @ {tuple(b.shape)}")
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
-    a3 = a.expand(*batch, M, K).reshape(-1, M, K)
-    w3 = b.expand(*batch, K, N).transpose(-1, -2).reshape(-1, N, K)
-    if a3.shape[0] == 0:
-        y = a3.new_zeros((*batch, M, N), dtype=torch.float32)
-    else:
-        y = _product(a3, w3, config, input_scale=a_scale, weight_scale=b_scale,
-                     generator=generator, stats=stats).reshape(*batch, M, N)
+    nb = math.prod(batch)  # not -1: a product with zero rows or columns has no size to infer
+    a3 = a.expand(*batch, M, K).reshape(nb, M, K)
+    w3 = b.expand(*batch, K, N).transpose(-1, -2).reshape(nb, N, K)
+    y = _product(a3, w3, config, input_scale=a_scale, weight_scale=b_scale,
+                 generator=generator, stats=stats).reshape(*batch, M, N)
     if squeeze_a:
         y = y.squeeze(-2)
     if squeeze_b:
@@ -341,7 +368,11 @@ def conv2d(
     cache: bool = True,
 ) -> Tensor:
     """``F.conv2d`` on the device, as im2col: the reduction axis is ``C_in/groups * k_h * k_w``
-    in ``unfold`` order; grouped (and depthwise) convolutions run one product per group."""
+    in ``unfold`` order; grouped (and depthwise) convolutions run one product per group.
+
+    Fixed mode without ``input_scale``: max |x| over the whole input tensor. Bias as in
+    :func:`linear` (with ``bf16_io``: ``bf16(Y + b)``). An empty batch gives an empty output
+    of the right shape."""
     check_finite(x, "input")
     if not cache:
         check_finite(weight, "weight")
@@ -379,20 +410,27 @@ def conv2d(
     kg = cg * kh * kw
     w3 = weight.reshape(groups, cout // groups, kg)
     weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
+    generator = _generator_for(config, generator, x.device)  # one stream for every chunk of the call
+    device = config
+    if config.bf16_io and bias is not None:
+        # round the inputs here and the output after the bias (not before it)
+        device, x, w3 = _without_bf16_io(config), _bf16(x), _bf16(w3)
     if config.mode == "fixed" and input_scale is None:
         input_scale = x.detach().abs().max() if x.numel() else 0.0  # one scale for the whole tensor
-    if config.kernel != "reference" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    fast = config.kernel != "reference" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    if fast and bt > 0:
         if weights is None:
-            weights = encode_weights(w3.detach().to(torch.bfloat16) if config.bf16_io else w3.detach(), config,
+            weights = encode_weights(w3.detach().to(torch.bfloat16) if device.bf16_io else w3.detach(), device,
                                      weight_scale)
-        y = _conv2d_cols(x, pads, weights, config, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
-                         _generator_for(config, generator, x.device), stats,
-                         channels_last=_channels_last(x) or _channels_last(weight))
+        y = _conv2d_cols(x, pads, weights, device, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
+                         generator, stats, channels_last=_channels_last(x) or _channels_last(weight))
     else:
-        y = _conv2d_rows(F.pad(x, pads) if any(pads) else x, w3, weights, config, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
+        y = _conv2d_rows(F.pad(x, pads) if any(pads) else x, w3, weights, device, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
                          weight_scale, generator, stats)
     if bias is not None:
         y.add_(bias.to(torch.float32).view(1, -1, 1, 1))  # y is this call's own tensor
+        if config.bf16_io:
+            y = _bf16(y)
     if unbatched:
         y = y.squeeze(0)
     return y.to(out_dtype)
@@ -416,7 +454,7 @@ def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, gr
     per_image = ho * wo * c * kh * kw
     step = max(1, _IM2COL_ELEMENTS // max(1, per_image))
     outs = []
-    for i in range(0, bt, step):
+    for i in range(0, max(bt, 1), step):  # an empty batch still makes one (empty) product
         xi = x[i : i + step]
         bi = xi.shape[0]
         cols = _im2col(xi, kh, kw, stride, dilation, ho, wo).reshape(bi * ho * wo, groups, kg).permute(1, 0, 2)
@@ -531,12 +569,15 @@ def einsum(
     config: ABFPConfig,
     generator: torch.Generator | None = None,
     stats: ProductStats | None = None,
+    a_scale: float | Tensor | None = None,
+    b_scale: float | Tensor | None = None,
 ) -> Tensor:
     """A two-operand ``torch.einsum`` whose contraction runs on the device.
 
     Indices in both operands and the output are batch axes, in both operands only are
     reduced (the analog reduction axis), in one operand and the output are free. Indices
-    found in one operand only and not in the output are summed digitally first.
+    found in one operand only and not in the output are summed digitally first. In ``fixed``
+    mode ``a_scale``/``b_scale`` are the static scales (default: each operand's own max |value|).
     """
     eq = equation.replace(" ", "")
     if "->" not in eq:
@@ -583,7 +624,8 @@ def einsum(
     w3 = pb.reshape(bsz, n_, k)
     check_finite(a3, "first operand")
     check_finite(w3, "second operand")
-    y = _product(a3, w3, config, generator=generator, stats=stats).to(_out_dtype(a, b))
+    y = _product(a3, w3, config, input_scale=a_scale, weight_scale=b_scale, generator=generator,
+                 stats=stats).to(_out_dtype(a, b))
     y = y.reshape([sizes[ch] for ch in batch + fa + fb])
     cur = batch + fa + fb
     return y.permute([cur.index(ch) for ch in out])

@@ -137,9 +137,11 @@ def test_convolution_chunks_agree(monkeypatch, budget):
     x = torch.randn(5, 8, 13, 12)
     w = torch.randn(6, 8, 3, 3)
     with torch.no_grad():
+        AF.reseed()  # seeded functional calls continue one stream: restart it for each
         whole = AF.conv2d(x, w, padding=1, config=cfg)
         monkeypatch.setattr(conv, "PATCH_BYTES", budget)
         monkeypatch.setattr(conv, "CHUNK_ELEMENTS", budget)
+        AF.reseed()
         assert torch.equal(AF.conv2d(x, w, padding=1, config=cfg), whole)
 
 
@@ -150,6 +152,7 @@ def test_a_forked_child_takes_the_torch_path_with_the_same_numbers():
     cfg = ABFPConfig(seed=4)
     x, w = torch.randn(2, 16, 8, 8), torch.randn(8, 16, 3, 3)
     with torch.no_grad():
+        AF.reseed()  # seeded functional calls continue one stream: restart it for each
         parent = AF.conv2d(x, w, padding=1, config=cfg)
     assert not fused.usable() or fused._launched_in == os.getpid()
     r, wfd = os.pipe()
@@ -159,6 +162,7 @@ def test_a_forked_child_takes_the_torch_path_with_the_same_numbers():
         try:
             torch.set_num_threads(1)
             with torch.no_grad():
+                AF.reseed()
                 child = AF.conv2d(x, w, padding=1, config=cfg)
             code = 0 if (torch.equal(child, parent) and not fused.usable()) else 2
         finally:

@@ -44,6 +44,7 @@ from ..config import ABFPConfig
 from ..evaluate.distributed import world
 from ..evaluate.runner import _first_tensor, run_all
 from ..nn import convert, is_converted, to_digital
+from ..nn.convert import calibrate, needs_calibration
 from ..zoo.base import TOP1, Dataset, Metric
 from .checkpoint import load_checkpoint, model_state, restore_optimizer, save_checkpoint
 from .parallel import check_divisible, from_main, mean_over_ranks, shard, step_seed, sync_from_main, unwrap, wrap
@@ -180,8 +181,11 @@ def float_copy(model: nn.Module) -> nn.Module:
 def device_metric(model: nn.Module, data: Dataset, metric: Metric, config: ABFPConfig, *, batch_size: int = 500,
                   reference: Tensor | None = None, exclude: Sequence[str] = ()) -> float:
     """``metric`` of ``model`` run on the device ``config`` (a converted copy, eval mode);
-    the batches are shared among the ranks of the process group, if there is one."""
+    the batches are shared among the ranks of the process group, if there is one. A fixed-point
+    ``config`` takes its static scales from the first batch of ``data`` (as ``abfp eval`` does)."""
     m = convert(model, config, exclude=exclude, inplace=False).eval()
+    if needs_calibration(m):
+        calibrate(m, [tuple(t[:batch_size] for t in data.inputs)])
     out = run_all(m, data, batch_size)
     return metric(out, data.targets, out if reference is None else reference)
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..config import ABFPConfig
 from ..nn import convert
+from ..nn.convert import calibrate, needs_calibration
 from ..zoo.base import Dataset
 from .dnf import DNFNoise, build_histograms, select_noisiest
 from .histogram import DEFAULT_BINS, DEFAULT_SMOOTHING, Histogram
@@ -47,7 +48,10 @@ class QATMethod:
 
     def prepare(self, model: nn.Module, train_data: Dataset, seed: int, exclude: Sequence[str],
                 restored: Any) -> nn.Module:
-        return convert(model, self.config, exclude=exclude, inplace=True)
+        model = convert(model, self.config, exclude=exclude, inplace=True)
+        if needs_calibration(model):  # fixed point: static scales from the first training samples
+            calibrate(model, [tuple(t[:128] for t in train_data.inputs)])
+        return model
 
     def before_step(self, step: int) -> None:
         pass
@@ -140,6 +144,8 @@ class DNFMethod:
         n = min(self.opts.calibration_samples, len(train_data))
         idx = torch.randperm(len(train_data), generator=g)[:n]
         self.calibration = tuple(t[idx] for t in train_data.inputs)
+        if needs_calibration(self.model):  # fixed point: static scales from the calibration batch
+            calibrate(self.model, [self.calibration])
         t0 = time.perf_counter()
         if restored is not None and restored[1].get("method_state", {}).get("sites"):
             tensors, meta = restored

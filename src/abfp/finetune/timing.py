@@ -24,6 +24,7 @@ from torch import nn
 from ..config import ABFPConfig
 from ..evaluate.runner import _first_tensor
 from ..nn import convert
+from ..nn.convert import calibrate, needs_calibration
 from ..zoo.base import Dataset
 from .dnf import DNFNoise, build_histograms
 from .sampler import Backend
@@ -56,10 +57,14 @@ def time_steps(model: nn.Module, train_data: Dataset, config: ABFPConfig, *, bat
 
     fp32 = copy.deepcopy(model).float()
     dnf_model = convert(model, cfg, inplace=False).float()
+    if needs_calibration(dnf_model):  # fixed point: static scales from the calibration batch
+        calibrate(dnf_model, [calib])
     hists = build_histograms(dnf_model, calib, per_channel=per_channel)
     noise = DNFNoise(dnf_model, hists, backend=sampler).attach()
     noise.warm_up()
     qat_model = convert(model, cfg.replace(seed=None), inplace=False).float()
+    if needs_calibration(qat_model):
+        calibrate(qat_model, [calib])
 
     models = {"fp32": fp32, "dnf": dnf_model, "qat": qat_model}
     steps: dict[str, Callable[[], None]] = {}

@@ -143,8 +143,9 @@ def calibrate(
 
     Runs ``model`` digitally on ``batches`` (each a tensor or a tuple of model inputs) and
     records, per product site, the ``percentile`` of |input| (100: the max) over all
-    batches. Fixed-mode products then use these scales; uncalibrated sites fall back to
-    each tensor's own max |value|.
+    batches. Fixed-mode products then use these scales; a fixed-mode product whose site was not
+    calibrated raises ``ValueError`` (it never falls back to each call's own max, which would
+    make the baseline dynamic). Weights keep their own static scale, max |W|.
     """
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
@@ -152,15 +153,33 @@ def calibrate(
     st.input_scales.clear()
     st.calibrating = True
     st.calibration_percentile = percentile
+    was_training = model.training
+    model.eval()  # calibration must not move batch-norm statistics
     try:
         for batch in batches:
             inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
             model(*inputs)
     finally:
         st.calibrating = False
+        model.train(was_training)
     return dict(st.input_scales)
 
 
-def reseed(model: nn.Module, offset: int = 0) -> None:
-    """Restart the device-noise generators of a converted model (``config.seed + offset``)."""
+def needs_calibration(model: nn.Module) -> bool:
+    """Whether a converted model has fixed-point products and no calibrated scales yet (its
+    forward would raise: call :func:`calibrate` first)."""
+    st = analog_state(model)
+    return not st.input_scales and any(c is not None and c.mode == "fixed"
+                                       for c in [*st.module_configs.values(), *st.overrides.values()])
+
+
+def reseed(model: nn.Module | None = None, offset: int = 0) -> None:
+    """Restart the device-noise streams of a converted model, or without a model those of seeded
+    :mod:`abfp.functional` calls, at ``seed * 1_000_003 + offset`` (see :mod:`abfp.noise_keys`):
+    the same sequence of products after it draws the same noise."""
+    if model is None:
+        from ..noise_keys import FUNCTIONAL_STREAMS
+
+        FUNCTIONAL_STREAMS.restart(offset)
+        return
     analog_state(model).reseed(offset)

@@ -8,12 +8,25 @@ functional calls that modules make (``F.linear``, ``F.conv1d/2d``, ``torch.matmu
 ``F.multi_head_attention_forward``) are answered by :mod:`abfp.functional` with the config
 of the innermost running module. Intercepting the call rather than replacing the module
 keeps subclasses that pad inside their own ``forward`` working.
+
+No state outlives a forward, whatever ends it. Each frame remembers the Python frame that ran
+its pre-hook (torch's ``Module._call_impl``, which also runs the module's ``forward``): while
+that is on the interpreter stack the module is running, once it is gone the frame is *stale*
+(its forward ended by an exception that skipped the hook, e.g. a ``BaseException`` such as
+``KeyboardInterrupt``, or a traced call). Stale frames are dropped whenever a converted module
+enters, exits or runs a product; dropping the frame that entered :class:`AnalogMode` takes the
+mode (and any mode pushed above it and left behind) off torch's function-mode stack. An exit
+finds its own frame by module, so exits that do not match the top repair the stack rather than
+popping someone else's frame. Tracing a converted model (``torch.export``, ``torch.compile``)
+is refused before any state is touched.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import threading
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,7 +34,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from .. import functional as AF
 from ..config import ABFPConfig
@@ -42,15 +55,20 @@ def _stack() -> list[list[Any]]:
 
 
 class Frame:
-    """One running converted module: its name, its state, and its per-kind product counter."""
+    """One running converted module: its name, its state, its per-kind product counter, the
+    module and the Python frame running it (``caller``), and the :class:`AnalogMode` it entered
+    (the outermost frame only)."""
 
-    __slots__ = ("name", "state", "counts", "mode")
+    __slots__ = ("name", "state", "counts", "mode", "module", "caller")
 
-    def __init__(self, name: str, state: AnalogState) -> None:
+    def __init__(self, name: str, state: AnalogState, module: torch.nn.Module | None = None,
+                 caller: types.FrameType | None = None) -> None:
         self.name = name
         self.state = state
         self.counts: dict[str, int] = {}
         self.mode: AnalogMode | None = None
+        self.module = module
+        self.caller = caller
 
     def site(self, op: str) -> str:
         i = self.counts.get(op, 0)
@@ -58,31 +76,96 @@ class Frame:
         return f"{self.name}:{op}{i}"
 
 
+def _running(caller: types.FrameType | None, start: types.FrameType | None) -> bool:
+    """Whether ``caller`` is on the interpreter stack at or above ``start``."""
+    if caller is None:  # a frame pushed without one (tests): trust it
+        return True
+    f = start
+    while f is not None:
+        if f is caller:
+            return True
+        f = f.f_back
+    return False
+
+
+def _leave_mode(mode: "AnalogMode") -> None:
+    """Take ``mode`` off torch's function-mode stack with every mode above it (left behind by
+    code that ran inside the converted forward); nothing if it is not there."""
+    modes = _get_current_function_mode_stack()
+    if not any(m is mode for m in modes):
+        return
+    while torch._C._len_torch_function_stack() > 0:
+        if torch._C._pop_torch_function_stack() is mode:
+            break
+
+
+def _leave_orphan_modes() -> None:
+    """Take off torch's stack every :class:`AnalogMode` that no frame holds (one whose frames were
+    dropped as stale while it was answering a call, when it could not be popped)."""
+    while True:
+        orphan = next((m for m in _get_current_function_mode_stack() if isinstance(m, AnalogMode)), None)
+        if orphan is None:
+            return
+        _leave_mode(orphan)
+
+
+def _pop(stack: list[Frame]) -> Frame:
+    frame = stack.pop()
+    if frame.mode is not None:
+        _leave_mode(frame.mode)
+        frame.mode = None
+    frame.caller = None  # drop the reference to the interpreter frame
+    return frame
+
+
+def drop_stale(stack: list[Frame] | None = None, start: types.FrameType | None = None) -> int:
+    """Drop the frames on top of ``stack`` whose module is no longer running (their forward ended
+    without the exit hook); returns how many. A stale frame lies above every running one."""
+    stack = _stack() if stack is None else stack
+    start = sys._getframe(1) if start is None else start
+    n = 0
+    while stack and not _running(stack[-1].caller, start):
+        _pop(stack)
+        n += 1
+    return n
+
+
 class EnterHook:
-    """Forward pre-hook of a converted module."""
+    """Forward pre-hook of a converted module: drops stale frames, pushes this module's frame,
+    and enters :class:`AnalogMode` if no running frame holds it."""
 
     def __init__(self, name: str, state: AnalogState) -> None:
         self.name = name
         self.state = state
 
     def __call__(self, module: torch.nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"abfp: a converted model cannot be traced (torch.export / torch.compile reached {self.name or 'the root'!r}); "
+                "export or compile the float32 model: abfp.to_digital(model, inplace=False)")
+        caller = sys._getframe(1)  # torch's Module._call_impl, which runs forward next
         stack = _stack()
-        frame = Frame(self.name, self.state)
+        drop_stale(stack, caller)
+        frame = Frame(self.name, self.state, module, caller)
         if not any(f.mode is not None for f in stack):
+            _leave_orphan_modes()
             frame.mode = AnalogMode()
             frame.mode.__enter__()
         stack.append(frame)
 
 
 class ExitHook:
-    """Forward hook of a converted module (runs also when forward raises)."""
+    """Forward hook of a converted module (runs also when forward raises an ``Exception``):
+    pops this module's frame and every (stale) frame above it; an exit that matches no frame
+    (its frame was dropped as stale already) changes nothing."""
 
     def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         stack = _stack()
-        if stack:
-            frame = stack.pop()
-            if frame.mode is not None:
-                frame.mode.__exit__(None, None, None)
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i].module is module:
+                while len(stack) > i:
+                    _pop(stack)
+                return
 
 
 @dataclass
@@ -137,10 +220,18 @@ def _calibrate(state: AnalogState, site: str, *operands: Tensor) -> None:
 
 
 def _scales(state: AnalogState, cfg: ABFPConfig, site: str) -> list[float | None]:
+    """Static activation scales of a fixed-point site (SPEC section 2: calibrated once on sample
+    data); ``[None, None]`` in ABFP mode. An uncalibrated fixed-point site raises rather than
+    falling back to each call's own max (which would make the baseline dynamic, per batch)."""
     if cfg.mode != "fixed":
         return [None, None]
     s = state.input_scales.get(site)
-    return [None, None] if s is None else list(s) + [None] * (2 - len(s))
+    if s is None:
+        raise ValueError(
+            f"abfp: product {site} runs in fixed-point mode but has no calibrated activation scale "
+            "(SPEC section 2: one static scale calibrated on sample data); "
+            "call abfp.calibrate(model, batches) first")
+    return list(s) + [None] * (2 - len(s))
 
 
 def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict,
@@ -307,11 +398,14 @@ class AnalogMode(TorchFunctionMode):
         if not stack:
             return func(*args, **kwargs)
         handler = handler_for(func)
+        name = no_analog_model(func) if handler is None else None
+        if handler is None and name is None:  # not a product
+            return func(*args, **kwargs)
+        drop_stale(stack, sys._getframe(1))
+        if not stack:
+            return func(*args, **kwargs)
         frame = stack[-1]
         if handler is None:
-            name = no_analog_model(func)
-            if name is None:  # not a product
-                return func(*args, **kwargs)
             state = frame.state
             if state.config_for(frame.name) is not None and not state.calibrating and name not in state.coverage.warned:
                 state.coverage.warned.add(name)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import ABFPConfig
+from ..noise_keys import NoiseStreams, product_generator
 from ..ops.coverage import Coverage
 
 
@@ -75,8 +76,8 @@ class AnalogState:
     interceptors: dict[str, Any] = field(default_factory=dict)
     # MACs computed on the device and in float32 (see abfp.ops.coverage)
     coverage: Coverage = field(default_factory=Coverage)
-    _generators: dict[str, torch.Generator] = field(default_factory=dict)
-    _seed_offset: int = 0
+    # the device-noise streams of this model (see abfp.noise_keys)
+    streams: NoiseStreams = field(default_factory=NoiseStreams)
 
     def resolve(self, names: list[str]) -> None:
         """Config of every module: overrides win, then exclusion, else the parent's config."""
@@ -95,22 +96,14 @@ class AnalogState:
         return self.module_configs.get(module_name, self.config)
 
     def generator(self, cfg: ABFPConfig, device: torch.device) -> torch.Generator | None:
-        """One generator per device, seeded from the config's seed (None: torch's global RNG)."""
-        if cfg.seed is None or cfg.noise_std == 0:
-            return None
-        key = f"{device}:{cfg.seed}"
-        g = self._generators.get(key)
-        if g is None:
-            g = torch.Generator(device=device)
-            # distinct, well-separated streams per (seed, offset)
-            g.manual_seed((cfg.seed * 1_000_003 + self._seed_offset) % (2**63))
-            self._generators[key] = g
-        return g
+        """The noise stream of a product with ``cfg`` (:func:`abfp.noise_keys.product_generator`):
+        one per device and seed, started at ``(seed * 1_000_003 + offset) mod 2^63`` and continued
+        by every product of the model; ``None`` (torch's global generator) without seed or noise."""
+        return product_generator(cfg, self.streams, device)
 
     def reseed(self, offset: int = 0) -> None:
-        """Restart every noise generator (``seed + offset``): the next run repeats exactly."""
-        self._seed_offset = int(offset)
-        self._generators.clear()
+        """Restart every noise stream (at ``seed * 1_000_003 + offset``): the next run repeats exactly."""
+        self.streams.restart(offset)
 
     def __deepcopy__(self, memo: dict) -> "AnalogState":
         new = copy.copy(self)
@@ -121,7 +114,7 @@ class AnalogState:
         new.records = {}
         new.interceptors = {}
         new.coverage = Coverage()
-        new._generators = {}
+        new.streams = self.streams.fresh()
         return new
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import analog_state, convert, is_converted
 from ..ops.coverage import Coverage
+from .convert import analog_state, calibrate, convert, is_converted, needs_calibration
 from .state import SiteRecord
 
 
@@ -73,10 +73,14 @@ def summary(model: nn.Module, example_input: Any, config=None) -> Summary:
     analog product: kind, shapes, tiles, MACs, ADC conversions, saturated fraction, and the
     relative error of its output against float32 on the same input.
 
-    ``model`` may be converted already; otherwise it is converted (a copy) with ``config``.
+    ``model`` may be converted already (a fixed-point one calibrated: see :func:`abfp.calibrate`);
+    otherwise it is converted (a copy) with ``config`` and, in fixed mode, calibrated on
+    ``example_input`` itself (its max |x| per site, SPEC section 2).
     """
     if not is_converted(model):
         model = convert(model, config)
+        if needs_calibration(model):
+            calibrate(model, [example_input])
     st = analog_state(model)
     st.records.clear()
     st.coverage.reset()

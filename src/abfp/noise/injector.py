@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..config import ABFPConfig
 from ..nn import analog_state, convert, is_converted
+from ..noise_keys import NoiseStreams, injector_start
 from .formulas import effective_bits, tensor_range
 from .models import NoiseModel, apply_noise, make_noise
 from .product import ProductView
@@ -152,7 +153,8 @@ class NoiseInjector:
         self.enabled = True
         self.profiles: dict[str, SiteProfile] = {}
         self.log_energy: dict[str, Tensor] = {}
-        self._generators: dict[str, torch.Generator] = {}
+        # one stream per device, started at the seed itself (abfp.noise_keys)
+        self._streams = NoiseStreams(start=injector_start)
         self._profiling = False
         self._samples = 0
         self._warned: set[str] = set()
@@ -170,21 +172,14 @@ class NoiseInjector:
         return self.model
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        key = str(device)
-        g = self._generators.get(key)
-        if g is None:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed)
-            self._generators[key] = g
-        return g
+        """The injector's noise stream on ``device`` (torch's global generator without a seed)."""
+        return None if self.seed is None else self._streams.get(self.seed, device)
 
     def reseed(self, seed: int | None = None) -> None:
         """Restart the noise draws (from ``seed``, default the injector's own)."""
         if seed is not None:
             self.seed = seed
-        self._generators.clear()
+        self._streams.restart()
 
     def _intercept(self, call: Any) -> Tensor:
         view = ProductView.from_call(call)
