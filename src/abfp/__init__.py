@@ -8,6 +8,7 @@ from . import functional, metrics, ops
 from .config import ABFPConfig, REFERENCE_NOISE_STD, presets
 from .ops.coverage import Coverage, coverage
 from .nn import analog_state, calibrate, convert, digital, is_converted, reseed, set_config, summary, to_digital
+from . import explore  # a callable package: abfp.explore(task, ...) designs the device (abfp explore)
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "Coverage",
     "coverage",
     "digital",
+    "explore",
     "functional",
     "is_converted",
     "metrics",

@@ -75,6 +75,14 @@ def explore(
     SQLite cache (a rerun resumes). Returns the JSON-ready result (see
     :func:`abfp.explore.search.explore_model`).
     """
+    # every option checked before the model and data are built
+    tgt = Target(drop_percent=None, absolute=target) if target is not None else Target(drop_percent=target_drop)
+    space = SearchSpace(formats=tuple(formats), tile_widths=tuple(tile_widths), gains=tuple(float(g) for g in gains),
+                        auto_gain=auto_gain, fixed_gains=tuple(float(g) for g in fixed_gains),
+                        adc_bits=tuple(adc_bits), dac_min_bits=dac_min_bits,
+                        dac_search=dac_search, noise_stds=tuple(float(z) for z in noise_stds), prune=prune)
+    if not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
     if isinstance(task, nn.Module):
         if data is None or metric is None:
             raise ValueError("explore(model, data, metric): data and metric are required with a model")
@@ -87,13 +95,6 @@ def explore(
                                                          t.default_batch_size)
         if samples is None:
             samples = t.default_samples
-    tgt = Target(drop_percent=None, absolute=target) if target is not None else Target(drop_percent=target_drop)
-    space = SearchSpace(formats=tuple(formats), tile_widths=tuple(tile_widths), gains=tuple(float(g) for g in gains),
-                        auto_gain=auto_gain, fixed_gains=tuple(float(g) for g in fixed_gains),
-                        adc_bits=(int(adc_bits[0]), int(adc_bits[1])), dac_min_bits=int(dac_min_bits),
-                        dac_search=dac_search, noise_stds=tuple(float(z) for z in noise_stds), prune=prune)
-    if not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
     settings = EvalSettings(runs=runs, batch_size=batch_size or default_batch, samples=samples, device=device,
                             seed=seed, fixed_percentile=fixed_percentile, cache_path=cache_path, progress=False)
     return explore_model(model, data, metric, task_name=task_name, target=tgt, space=space, base=base,

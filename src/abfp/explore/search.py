@@ -82,10 +82,12 @@ class SearchSpace:
             raise ValueError("ABFP needs at least one gain (a number, or auto)")
         if "fixed" in self.formats and not self.fixed_gains:
             raise ValueError("fixed point needs at least one gain")
+        if len(self.adc_bits) != 2:
+            raise ValueError(f"ADC bits range must be (lo, hi), got {self.adc_bits!r}")
         lo, hi = self.adc_bits
-        if not (isinstance(lo, int) and isinstance(hi, int) and 2 <= lo <= hi <= 24):
+        if not (type(lo) is int and type(hi) is int and 2 <= lo <= hi <= 24):
             raise ValueError(f"ADC bits range must be integers 2 <= lo <= hi <= 24, got {lo}..{hi}")
-        if not (isinstance(self.dac_min_bits, int) and 2 <= self.dac_min_bits <= 24):
+        if not (type(self.dac_min_bits) is int and 2 <= self.dac_min_bits <= 24):
             raise ValueError(f"DAC minimum bits must be an integer in [2, 24], got {self.dac_min_bits!r}")
         if self.dac_search not in DAC_SEARCHES:
             raise ValueError(f"DAC search must be one of {', '.join(DAC_SEARCHES)}, got {self.dac_search!r}")
