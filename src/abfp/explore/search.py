@@ -4,12 +4,14 @@ For one model, one fidelity target and each family of designs (number format x t
 gain rule x noise level, see :mod:`abfp.explore.designs`):
 
 1. **ADC bits by bisection** (:func:`abfp.explore.bisect.smallest_passing`, first guess the
-   base device's ADC bits) with the DACs at the base device's bits. A *single-gain* family tries every gain of the ladder: the first
-   gain bisects the whole ADC range, every later gain only the bits that could still improve
-   on the family so far (fewer ADC bits than the best found, or less energy than the
-   cheapest found: energy grows with bits, so both bounds cut the range from above), so most
-   gains cost one or two evaluations. An *auto-gain* family (one gain per layer, chosen on
-   calibration data) bisects once.
+   base device's ADC bits) with the DACs at the base device's bits. A *single-gain* family
+   first tries every gain of its ladder at the first guess; then, best-scoring gain first,
+   the first gain bisects the whole ADC range and every later gain only the bits that could
+   still improve on the family so far (fewer ADC bits than the best found, or less energy
+   than the cheapest found: energy grows with bits, so both bounds cut the range from
+   above), so most gains cost one or two evaluations and none tries a slow high-resolution
+   ADC it cannot win with. An *auto-gain* family (one gain per layer, chosen on calibration
+   data) bisects once.
 2. **DAC bits by bisection** on the family's cheapest design: both DACs together
    (``dac_search="joint"``), inputs then weights (``"separate"``), or not at all (``"none"``).
 3. **Energy** of every evaluated design from :class:`abfp.explore.costs.CostModel`; the
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from torch import nn
@@ -167,6 +169,13 @@ class Explorer:
         """Bisect the ADC bits of each seed design (one per gain) within the family's bounds;
         ``start``: the first guess of each bisection (the base device's ADC bits)."""
         best_bits: int | None = None
+        if len(seeds) > 1 and start is not None and lo <= start <= hi:
+            # every gain at the first guess first (each bisection would start there anyway), then the
+            # best-scoring gain first: its threshold bounds the later gains, which then never try the
+            # slow high-resolution ADCs they could not win with
+            at_start = {seed: self.measure(seed.with_bits(output_bits=start), family)["value"] for seed in seeds}
+            sign = -1.0 if self.higher else 1.0
+            seeds = sorted(seeds, key=lambda d: sign * at_start[d])
         for seed in seeds:
             top = hi
             if prune and best_bits is not None and not seed.auto_gain:
