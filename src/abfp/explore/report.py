@@ -145,9 +145,10 @@ def plot_pareto(res: Mapping[str, Any], path: str | Path) -> Path:
             sel = [d for d in ds if bool(d["meets_target"]) == meets]
             if not sel:
                 continue
+            first = meets or not any(d["meets_target"] for d in ds)  # one legend entry per family
             ax.scatter([d["energy_pj_per_inference"] for d in sel], [d["value"] for d in sel],
-                       marker=markers[i % len(markers)], s=28, label=fam if meets or not any(d["meets_target"] for d in ds)
-                       else None, facecolors=colors[i] if meets else "none", edgecolors=colors[i])
+                       marker=markers[i % len(markers)], s=28, label=fam if first else None,
+                       facecolors=colors[i] if meets else "none", edgecolors=colors[i])
     front = sorted((d for d in designs if d.get("pareto")), key=lambda d: d["energy_pj_per_inference"])
     if front:
         ax.plot([d["energy_pj_per_inference"] for d in front], [d["value"] for d in front], color="k",

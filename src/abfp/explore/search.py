@@ -74,7 +74,7 @@ class SearchSpace:
     def __post_init__(self) -> None:
         if not self.formats or any(f not in ("fixed", "abfp") for f in self.formats):
             raise ValueError(f"formats must be a non-empty subset of fixed, abfp; got {list(self.formats)}")
-        if not self.tile_widths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.tile_widths):
+        if not self.tile_widths or any(type(n) is not int or n < 1 for n in self.tile_widths):
             raise ValueError(f"tile widths must be positive integers, got {list(self.tile_widths)}")
         for name in ("gains", "fixed_gains"):
             for g in getattr(self, name):
