@@ -305,7 +305,7 @@ def _warn_once(msg: str) -> None:
         warnings.warn(f"abfp: {msg}", stacklevel=3)
 
 
-_DIGITAL_PRODUCTS = {torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d, torch.addmm}
+_DIGITAL_PRODUCTS = {torch.addmm}
 
 
 class AnalogMode(TorchFunctionMode):
