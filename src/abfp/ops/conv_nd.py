@@ -15,12 +15,12 @@ counter-based noise index are those of the 3-D product.
 ``conv_transpose1d/2d/3d``: as a device computes a deconvolution, one analog product per
 input position and group,
 
-    P[b, p, (o, k)] = sum_{c in group} x[b, c, p] W[c, o, k]     (reduction over C_in/groups),
+    P[b, p, (k, o)] = sum_{c in group} x[b, c, p] W[c, o, k]     (reduction over C_in/groups),
 
 a linear product with rows ``b, p``, ``N = C_out/groups * prod(kernel)`` columns, tiled along
 ``C_in/groups``; then the digital overlap-add (col2im, float32) of ``P`` into the output,
 
-    y[b, g C_out/g + o, q] = sum_{p, k : q = p * s + k * dil - pad} P_g[b, p, (o, k)],
+    y[b, g C_out/g + o, q] = sum_{p, k : q = p * s + k * dil - pad} P_g[b, p, (k, o)],
 
 cropped to ``(L_in - 1) s - 2 pad + dil (k - 1) + output_padding + 1`` per axis, then the bias.
 
@@ -220,27 +220,25 @@ def _transposed_geometry(x: Tensor, weight: Tensor, nd: int, stride, padding, ou
 
 def _overlap_add(cols: Tensor, out: Tensor, sp_in: tuple[int, ...], k: tuple[int, ...], s: tuple[int, ...],
                  p: tuple[int, ...], d: tuple[int, ...]) -> None:
-    """col2im in float32: ``out[..., q] += cols[..., kk, p_in]`` for ``q = p_in s + kk d - pad``
-    inside ``out``. ``cols``: (B, C, *k, *sp_in); ``out``: (B, C, *sp_out). One strided add per
-    kernel offset, kernel offsets in ``unfold`` order."""
-    sp_out = out.shape[2:]
+    """col2im in float32, channels last: ``out[b, q, :] += cols[b, p_in, kk, :]`` for
+    ``q = p_in s + kk d - pad`` inside ``out``. ``cols``: (B, *sp_in, *k, C); ``out``:
+    (B, *sp_out, C). One strided add of contiguous channel rows per kernel offset, kernel
+    offsets in ``unfold`` order."""
     nd = len(sp_in)
+    sp_out = out.shape[1 : 1 + nd]
     for kk in itertools.product(*(range(v) for v in k)):
-        src, dst = [slice(None), slice(None)], [slice(None), slice(None)]
-        empty = False
+        src, dst = [], []
         for a in range(nd):
             off = kk[a] * d[a] - p[a]  # output position of input position 0
             lo = max(0, -(off // s[a]))  # first input position landing at q >= 0: ceil(-off / s)
             hi = min(sp_in[a], (sp_out[a] - 1 - off) // s[a] + 1)  # one past the last landing at q < out
             if hi <= lo:
-                empty = True
                 break
             src.append(slice(lo, hi))
             q0 = off + lo * s[a]
             dst.append(slice(q0, q0 + s[a] * (hi - lo - 1) + 1, s[a]))
-        if empty:
-            continue
-        out[tuple(dst)] += cols[(slice(None), slice(None), *kk, *src[2:])]
+        else:
+            out[(slice(None), *dst)] += cols[(slice(None), *src, *kk)]
 
 
 def conv_transpose_nd(
@@ -273,18 +271,23 @@ def conv_transpose_nd(
     L, kvol = math.prod(sp_in), math.prod(k)
     cg, cout_g = cin // groups, weight.shape[1]
     n_cols = cout_g * kvol
-    # one product per input position and group: rows (b, p), reduction over C_in/groups
+    # one product per input position and group: rows (b, p), reduction over C_in/groups, columns
+    # (kernel offset, o): each offset's outputs are contiguous channel rows for the overlap-add
     x3 = x.reshape(bt, groups, cg, L).permute(1, 0, 3, 2).reshape(groups, bt * L, cg)
-    w3 = weight.reshape(groups, cg, n_cols).transpose(1, 2)  # (G, C_out/g * kvol, C_in/g)
+    w3 = weight.reshape(groups, cg, cout_g, kvol).permute(0, 3, 2, 1).reshape(groups, n_cols, cg)
     weights = _encoded(_TRANSPOSED_CACHE, weight, w3, config, weight_scale, cache)
     y3 = AF._product(x3, w3, config, input_scale=input_scale, weight_scale=weight_scale, generator=generator,
-                     weights=weights, stats=stats)  # (G, B*L, C_out/g * kvol) float32
-    # col2im: (G, B, L, C_out/g, kvol) -> (B, C_out, *k, *sp_in), then the overlap-add
-    cols = y3.view(groups, bt, L, cout_g, kvol).permute(1, 0, 3, 4, 2).reshape(bt, groups * cout_g, *k, *sp_in)
-    y = torch.zeros(bt, groups * cout_g, *sp_out, dtype=torch.float32, device=x.device)
+                     weights=weights, stats=stats)  # (G, B*L, kvol * C_out/g) float32
+    # col2im, channels last: (G, B, *sp_in, *k, C_out/g) -> (B, *sp_in, *k, G, C_out/g)
+    cols = y3.view(groups, bt, *sp_in, *k, cout_g)
+    cols = cols.squeeze(0) if groups == 1 else cols.movedim(0, -2).reshape(bt, *sp_in, *k, groups * cout_g)
+    y = torch.zeros(bt, *sp_out, groups * cout_g, dtype=torch.float32, device=x.device)
     _overlap_add(cols, y, sp_in, k, s, p, d)
     if bias is not None:
-        y.add_(bias.to(torch.float32).view(1, -1, *([1] * nd)))  # y is this call's own tensor
+        y.add_(bias.to(torch.float32))  # y is this call's own tensor
+    y = y.movedim(-1, 1)  # (B, C_out, *sp_out): channels-last memory (2-D, 3-D) as the products came
+    if nd == 1:
+        y = y.contiguous()
     if unbatched:
         y = y.squeeze(0)
     return y.to(out_dtype)
@@ -293,9 +296,9 @@ def conv_transpose_nd(
 def _transposed_doc(nd: int) -> str:
     return (
         f"``F.conv_transpose{nd}d`` on the device (SPEC 3.1): one analog product per input position and group,\n"
-        f"    ``P[b, p, (o, k)] = sum_c x[b, c, p] W[c, o, k]`` over the ``C_in/groups`` channels of the group\n"
+        f"    ``P[b, p, (k, o)] = sum_c x[b, c, p] W[c, o, k]`` over the ``C_in/groups`` channels of the group\n"
         f"    (tiled along ``C_in/groups``; ``N = C_out/groups * prod(kernel)`` outputs per row), then the\n"
-        f"    digital overlap-add ``y[b, o, q] = sum_{{p, k: q = p*stride + k*dilation - padding}} P[b, p, (o, k)]``\n"
+        f"    digital overlap-add ``y[b, o, q] = sum_{{p, k: q = p*stride + k*dilation - padding}} P[b, p, (k, o)]``\n"
         f"    (float32) into an output of size ``(L_in - 1) stride - 2 padding + dilation (k - 1) +\n"
         f"    output_padding + 1`` per axis, then the bias. Arguments as torch's; weight encodings cached per value."
     )
@@ -347,11 +350,12 @@ def _h_conv3d(frame, func, args, kwargs):
 
 def device_matrix(weight: Tensor, groups: int) -> Tensor:
     """A transposed convolution's weight as the device holds it: the grouped 1x1 convolution
-    weight ``(C_out * prod(kernel), C_in/groups, 1, ...)``, rows ``(group, o, k)`` (a view when
-    ``groups == 1``). ``summary`` and the energy model read the product's shape from it."""
+    weight ``(C_out * prod(kernel), C_in/groups, 1, ...)``, rows ``(group, k, o)``.
+    ``summary`` and the energy model read the product's shape from it (and calibration its values)."""
     nd = weight.dim() - 2
-    cg = weight.shape[0] // groups
-    return weight.reshape(groups, cg, -1).transpose(1, 2).reshape(-1, cg, *([1] * nd))
+    cg, cout_g = weight.shape[0] // groups, weight.shape[1]
+    w = weight.reshape(groups, cg, cout_g, -1).permute(0, 3, 2, 1)
+    return w.reshape(-1, cg, *([1] * nd))
 
 
 def _h_conv_transpose(nd: int):
