@@ -45,10 +45,10 @@ from ..evaluate.distributed import world
 from ..evaluate.runner import _first_tensor, run_all
 from ..nn import convert, is_converted, to_digital
 from ..zoo.base import TOP1, Dataset, Metric
-from .checkpoint import load_checkpoint, model_state, restore_optimizer, save_checkpoint
+from .checkpoint import digest, load_checkpoint, model_state, restore_optimizer, save_checkpoint
 from .parallel import check_divisible, from_main, mean_over_ranks, shard, step_seed, sync_from_main, unwrap, wrap
 
-__all__ = ["FinetuneResult", "Method", "TrainSettings", "device_metric", "finetune"]
+__all__ = ["FinetuneResult", "Method", "TrainSettings", "device_metric", "finetune", "produced_by"]
 
 LossFn = Callable[[Tensor, Tensor | None], Tensor]
 
@@ -238,11 +238,45 @@ class _Fp32Timer:
         return statistics.fmean(self.times) if self.times else None
 
 
+def produced_by(method: Method, base: nn.Module, train_data: Dataset, config: ABFPConfig, s: TrainSettings,
+                loss_fn: LossFn) -> dict[str, Any]:
+    """What a checkpoint records about the run that wrote it, and a resumed run must match:
+    the method and its options, the training settings, the device config, fingerprints of the
+    starting model (structure and weights) and of the training data, the loss function, and
+    the number of torch CPU threads (the order of float sums in a step depends on it, so a
+    run resumed with another thread count would no longer be bit-identical)."""
+    return {"method": method.name, "options": method.options(), "settings": s.fingerprint(),
+            "config": config.to_dict(), "train_samples": len(train_data),
+            "model": digest(repr(base), base.state_dict()),
+            "train_data": digest([len(train_data.inputs)], *train_data.inputs,
+                                 "targets", train_data.targets if train_data.targets is not None else "none"),
+            "loss": f"{getattr(loss_fn, '__module__', '?')}.{getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}",
+            "threads": torch.get_num_threads()}
+
+
+_HINTS = {"threads": " (set the same thread count: torch.set_num_threads / --threads)",
+          "model": " (another model or other starting weights)", "train_data": " (other training data)"}
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
-    diffs = [f"{k}: checkpoint {meta.get(k)!r} vs now {v!r}" for k, v in expected.items() if meta.get(k) != v]
+    diffs = []
+    for k, v in expected.items():
+        if meta.get(k) == v:
+            continue
+        if isinstance(v, dict) and isinstance(meta.get(k), dict):  # name the keys that differ
+            old = meta[k]
+            diffs += [f"{k}.{j}: checkpoint {_short(old.get(j))} vs now {_short(v.get(j))}"
+                      for j in sorted(set(v) | set(old)) if old.get(j) != v.get(j)]
+        else:
+            diffs.append(f"{k}: checkpoint {_short(meta.get(k))} vs now {_short(v)}{_HINTS.get(k, '')}")
     if diffs:
-        raise ValueError(f"cannot resume from {path}: it was written with other settings ({'; '.join(diffs)}); "
-                         "rerun without --resume (or point --checkpoint elsewhere)")
+        raise ValueError(f"cannot resume from {str(path)!r}: it was written with other settings ({'; '.join(diffs)}); "
+                         "rerun with the same settings, or without --resume (or point --checkpoint elsewhere)")
 
 
 def _json_roundtrip(d: dict[str, Any]) -> dict[str, Any]:
@@ -269,14 +303,17 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     base = float_copy(model)
     sync_from_main(base)
 
-    expected = _json_roundtrip({"method": method.name, "options": method.options(), "settings": s.fingerprint(),
-                                "config": eval_cfg.to_dict(), "train_samples": len(train_data)})
     ckpt = Path(s.checkpoint) if s.checkpoint else None
+    expected = _json_roundtrip(produced_by(method, base, train_data, eval_cfg, s, loss_fn)) if ckpt else {}
     restored = None
     if s.resume and ckpt is not None:
         restored = from_main(lambda: load_checkpoint(ckpt) if ckpt.exists() else None)
     if restored:
         _check_compatible(restored[1], expected, ckpt)  # type: ignore[arg-type]
+        done_before = int(restored[1]["step"])
+        if done_before > s.steps:
+            raise ValueError(f"cannot resume from {str(ckpt)!r}: it is at step {done_before}, beyond steps={s.steps} "
+                             f"(steps counts from the start of the run; pass at least {done_before})")
     prev = restored[1] if restored else {}
 
     # ---- float32 reference and the device before finetuning
@@ -374,6 +411,6 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
                "resumed_from": int(prev["step"]) if restored else None, "world_size": world_size, **details}
     return FinetuneResult(
         method=method.name, fp32_metric=fp32_metric, metric_before=metric_before, metric_after=metric_after,
-        steps=max(start, s.steps), seconds_per_step=statistics.fmean(timed) if timed else None,
+        steps=s.steps, seconds_per_step=statistics.fmean(timed) if timed else None,
         seconds_total=elapsed, fp32_seconds_per_step=timer.mean(), model=final, losses=losses, details=details,
     )
