@@ -279,6 +279,26 @@ def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], path: Path
                          "rerun with the same settings, or without --resume (or point --checkpoint elsewhere)")
 
 
+def _pin_threads(n: int | None = None) -> int:
+    """Keep torch's CPU thread count at ``n`` (default: the current one; returned).
+
+    The first launch of numba's OpenMP pool (the device simulation's compiled kernels) resets
+    the OpenMP thread count that torch shares; the float sums of a training step depend on
+    that count, so an uninterrupted run (which evaluates the device before training) and a
+    resumed one (which does not) would otherwise train with different thread counts and
+    drift apart in the last bits. The pool is launched here first, then the count restored.
+    """
+    if n is None:
+        n = torch.get_num_threads()
+        from ..numerics import fused
+
+        if fused.usable():
+            fused.set_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def _json_roundtrip(d: dict[str, Any]) -> dict[str, Any]:
     import json
 
@@ -296,6 +316,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     if not isinstance(train_data, Dataset):
         raise TypeError(f"train_data must be an abfp.zoo.Dataset, got {type(train_data).__name__}")
     loss_fn: LossFn = s.loss_fn or cross_entropy
+    threads = _pin_threads()
     rank, world_size = world()
     check_divisible(s.batch_size, world_size)
     batches = _Batches(train_data, s.batch_size, s.seed)
@@ -331,6 +352,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
                                           reference=reference, exclude=s.exclude)
 
     # ---- setup
+    _pin_threads(threads)
     t_setup = time.perf_counter()
     if restored:
         base.load_state_dict(model_state(restored[0]))
@@ -359,6 +381,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     try:
         for step in range(start, s.steps):
             t0 = time.perf_counter()
+            _pin_threads(threads)
             if world_size > 1:
                 torch.manual_seed(step_seed(s.seed, rank, step))
             method.before_step(step)
@@ -404,6 +427,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     if s.eval_data is not None:
         metric_after = device_metric(final, s.eval_data, metric, eval_cfg, batch_size=s.eval_batch_size,
                                      reference=reference, exclude=s.exclude)
+    _pin_threads(threads)
     timed = step_times[1:] if len(step_times) > 1 else step_times
     details = {"config": eval_cfg.to_dict(), "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,
                "weight_decay": s.weight_decay, "lr_decay": s.lr_decay, "metric": metric.name if s.eval_data else None,
