@@ -4,6 +4,7 @@
     abfp finetune --method qat --json qat.json      QAT on the same scenario
     abfp finetune --model fashion-vit --steps 300 --per-channel
     abfp finetune --resume                          continue a killed run from its last checkpoint
+    abfp finetune --force                           start again over an existing checkpoint / outputs
     torchrun --nproc-per-node 2 -m abfp finetune    the same on two processes (data parallel)
 """
 

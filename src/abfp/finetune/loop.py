@@ -6,7 +6,10 @@ is slice ``k mod (N // batch_size)`` of a permutation of the training set seeded
 ``(seed, epoch)``, so it depends on the step number only. Everything random inside a step
 (dropout, device noise in QAT, DNF seeds) comes from torch's global generator, seeded with
 ``seed`` once and saved in every checkpoint: a run resumed from a checkpoint repeats the
-uninterrupted run exactly.
+uninterrupted run bit for bit. The torch thread count is held at the caller's for the whole
+run (:func:`_pin_threads`) and recorded; a checkpoint also records what produced it
+(:func:`produced_by`), and resuming with anything different, or with ``steps`` below the
+checkpoint's step, is a ``ValueError`` naming it.
 
 Many processes (``torchrun``; the process group joined by
 :func:`abfp.evaluate.distributed.init_from_env` or by the caller): every rank trains a
