@@ -118,12 +118,13 @@ class _Cell:
     def input_products(self, x: Tensor) -> Tensor | None:
         """The input products of all steps at once ((R, I) -> (R, G*H) with ``b_ih``), or None
         when the concatenated form computes them step by step (GRU: the candidate rows only)."""
-        w = self.w
+        w, H = self.w, self.hidden
         if not self.p.concat:
-            return _add(self.p("ih" + self.suffix, x, w.w_ih), w.b_ih)
+            # both biases join the input products once for all steps (GRU: not b_hn, which r scales)
+            b = None if w.b_ih is None else w.b_ih.float() + _hh_bias(self.kind, w.b_hh, H)
+            return _add(self.p("ih" + self.suffix, x, w.w_ih), b)
         if self.kind == "gru":
-            H = self.hidden
-            return _add(self.p("ih" + self.suffix, x, w.w_ih[2 * H:]), None if w.b_ih is None else w.b_ih[2 * H:])
+            return _add(self.p("ih" + self.suffix, x, w.w_ih[2 * H:]), _rows(w.b_ih, 2 * H, 3 * H))
         return None
 
     def step(self, gi: Tensor | None, x_t: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -140,26 +141,24 @@ class _Cell:
                 n = torch.tanh(gi + r * hn)
             else:
                 assert gi is not None
-                gh = _add(p("hh" + sfx, h, w.w_hh), w.b_hh)
-                ir, iz, in_ = gi.chunk(3, 1)
-                hr, hz, hn = gh.chunk(3, 1)
-                r = torch.sigmoid(ir + hr)
-                z = torch.sigmoid(iz + hz)
-                n = torch.tanh(in_ + r * hn)
-            return (1.0 - z) * n + z * h.float(), None
+                gh = p("hh" + sfx, h, w.w_hh)
+                rz = torch.sigmoid(gi[:, :2 * H] + gh[:, :2 * H])  # b_ih, b_hr, b_hz are in gi
+                r, z = rz[:, :H], rz[:, H:]
+                n = torch.tanh(gi[:, 2 * H:] + r * _add(gh[:, 2 * H:], _rows(w.b_hh, 2 * H, 3 * H)))
+            return torch.lerp(n, h.float(), z), None  # (1 - z) n + z h
         if p.concat:
             g = _add(p("cat" + sfx, torch.cat([x_t, h], 1), w.cat()), w.b_ih, w.b_hh)
         else:
             assert gi is not None
-            g = _add(gi + p("hh" + sfx, h, w.w_hh), w.b_hh)
+            g = p("hh" + sfx, h, w.w_hh) + gi  # both biases are in gi
         if self.kind == "rnn_tanh":
             return torch.tanh(g), None
         if self.kind == "rnn_relu":
             return torch.relu(g), None
-        i, f, gg, o = g.chunk(4, 1)
         assert c is not None
-        c_new = torch.sigmoid(f) * c.float() + torch.sigmoid(i) * torch.tanh(gg)
-        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        s_if = torch.sigmoid(g[:, :2 * H])  # gates in torch's order: input, forget, cell, output
+        c_new = torch.addcmul(s_if[:, H:] * c.float(), s_if[:, :H], torch.tanh(g[:, 2 * H:3 * H]))
+        h_new = torch.sigmoid(g[:, 3 * H:]) * torch.tanh(c_new)
         if w.w_hr is not None:
             h_new = p("hr" + sfx, h_new, w.w_hr)
         return h_new, c_new
@@ -167,6 +166,15 @@ class _Cell:
 
 def _rows(b: Tensor | None, lo: int, hi: int) -> Tensor | None:
     return None if b is None else b[lo:hi]
+
+
+def _hh_bias(kind: str, b_hh: Tensor | None, H: int) -> Tensor | float:
+    """The part of ``b_hh`` that adds to the gates directly (GRU: all but ``b_hn``)."""
+    if b_hh is None:
+        return 0.0
+    if kind == "gru":
+        return torch.cat([b_hh[:2 * H].float(), b_hh.new_zeros(H, dtype=torch.float32)])
+    return b_hh.float()
 
 
 # ----------------------------------------------------------------------------- sequences
