@@ -525,3 +525,26 @@ def test_excluded_recurrent_layer_stays_float32():
         assert torch.equal(y, model.rnn(m[0](x))[0])
     s = abfp.summary(abfp.convert(nn.GRU(4, 5), QUIET), x)
     assert [r.site for r in s.rows] == [":ih_l0", ":hh_l0"]
+
+
+def test_dnf_and_noise_models_see_recurrent_products():
+    from abfp.finetune import DNFNoise, build_histograms
+    from abfp.noise.injector import NoiseInjector
+
+    torch.manual_seed(4)
+    mod = nn.LSTM(6, 8, num_layers=2)
+    m = abfp.convert(mod, ABFPConfig(tile_width=4, output_bits=6, noise_std=0.3, seed=1))
+    x = torch.randn(5, 3, 6)
+    sites = {":ih_l0", ":hh_l0", ":ih_l1", ":hh_l1"}
+    hists = build_histograms(m, [x])
+    assert set(hists) == sites and all(h.std > 0 for h in hists.values())
+    dnf = DNFNoise(m, hists, backend="eager").attach()
+    m.train()
+    y = m(x)[0]
+    y.square().sum().backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in m.parameters())
+    assert not torch.allclose(y, mod(x)[0], atol=1e-4)
+    dnf.detach()
+    inj = NoiseInjector(m, "shot", seed=0)
+    inj.profile([x])
+    assert sites <= set(inj.profiles)
