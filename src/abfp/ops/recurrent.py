@@ -96,10 +96,6 @@ class _Weights:
         return self._cat
 
 
-def _f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float()
-
-
 def _add(y: Tensor, *bs: Tensor | None) -> Tensor:
     for b in bs:
         if b is not None:
