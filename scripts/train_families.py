@@ -58,7 +58,7 @@ RECIPES: dict[str, Recipe] = {
     "lstm": Recipe("fashion-lstm", lstm.FashionLSTM, _fashion_train, fashion.load_test_data, lstm.TASKS[0].metric,
                    lstm.weights_path, epochs=8, lr=3e-3, batch_size=128),
     "unet3d": Recipe("unet3d", unet3d.UNet3D, lambda: unet3d.training_data(), unet3d.load_test_data,
-                     unet3d.DICE, unet3d.weights_path, epochs=6, lr=3e-3, batch_size=16),
+                     unet3d.DICE, unet3d.weights_path, epochs=3, lr=3e-3, batch_size=16),
     "dlrm": Recipe("dlrm", dlrm.DLRM, lambda: dlrm.training_data(), dlrm.load_test_data, dlrm.AUC,
                    dlrm.weights_path, epochs=4, lr=3e-3, batch_size=256),
 }  # fmt: skip
