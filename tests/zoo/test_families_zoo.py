@@ -96,6 +96,7 @@ def test_weights_are_small_safetensors_matching_the_architecture():
 # and stored it. Re-scoring it here may differ only where another thread count or summation
 # order flips the arg-max of a borderline sample: a few samples (voxels) at most, far below
 # these tolerances (10 images of 10,000; 0.2 Dice points; 0.05 AUC points).
+@pytest.mark.slow
 @pytest.mark.parametrize("name, tol", [("fashion-lstm", 0.1), ("unet3d", 0.2), ("dlrm", 0.05)])
 def test_float32_metric_is_the_measured_one(name, tol):
     out, data = outputs(name)

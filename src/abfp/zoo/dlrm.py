@@ -230,7 +230,7 @@ TASKS: list[Task] = [
         build_model=build_model,
         load_data=load_test_data,
         metric=AUC,
-        default_samples=5000,
+        default_samples=2000,
         default_batch_size=1000,
     ),
 ]
