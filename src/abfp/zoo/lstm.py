@@ -71,8 +71,8 @@ TASKS: list[Task] = [
         build_model=build_model,
         load_data=load_test_data,
         metric=TOP1,
-        default_samples=2000,
-        default_batch_size=500,
+        default_samples=100,
+        default_batch_size=100,
     ),
 ]
 

@@ -238,8 +238,8 @@ TASKS: list[Task] = [
         build_model=build_model,
         load_data=load_test_data,
         metric=DICE,
-        default_samples=128,
-        default_batch_size=64,
+        default_samples=8,
+        default_batch_size=8,
     ),
 ]
 
