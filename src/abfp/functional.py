@@ -39,7 +39,8 @@ from .numerics.workspace import scratch
 from .numerics.blocks import block_scales, inside_clamp, pad_to_tiles, static_scale_value, static_scales
 from .noise_keys import FUNCTIONAL_STREAMS, product_generator
 
-__all__ = ["linear", "matmul", "conv1d", "conv2d", "einsum", "clear_cache", "check_finite", "reseed"]
+__all__ = ["linear", "matmul", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+           "einsum", "clear_cache", "check_finite", "reseed"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -642,3 +643,6 @@ def _expand_ellipsis(sa: str, sb: str, out: str, da: int, db: int) -> tuple[str,
     sb = sb.replace("...", ell[ne - nb:]) if "..." in sb else sb
     out = out.replace("...", ell) if "..." in out else out
     return sa, sb, out
+
+
+from .ops.conv_nd import conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d  # noqa: E402  (3-D and transposed)

@@ -38,8 +38,8 @@ __all__ = ["NoiseInjector", "SiteProfile"]
 
 
 def _macs(view: ProductView, y: Tensor) -> int:
-    """MACs as :func:`abfp.summary` counts them: every output is a dot product of length K."""
-    return int(y.numel()) * view.reduction
+    """MACs as :func:`abfp.summary` counts them (:meth:`ProductView.macs`)."""
+    return view.macs(y)
 
 
 class NoiseInjector:

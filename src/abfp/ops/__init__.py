@@ -8,6 +8,7 @@ products, 1-D/2-D convolutions and attention still live in :mod:`abfp.nn.mode` a
 from __future__ import annotations
 
 from .registry import handler_for, register, registered
+from . import conv_nd  # noqa: E402,F401  (registers conv3d and the transposed convolutions)
 
 __all__ = ["handler_for", "register", "registered"]
 
