@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import functional as AF
-from ..nn.mode import Frame, digital_call, run_product
+from . import linear as AF  # the linear family: linear, matmul
+from .site import Frame, digital_call, run_product
 from .registry import register
 
 
