@@ -147,14 +147,7 @@ def analog_gemm(
         fused.set_threads()
     sw_all = w.scales  # (Bw, T, N)
     # rows per chunk: bounded by the partial sums (T*N per row) and the input codes (T*n per row)
-    per_row = T * max(N, n)
-    per_batch = per_row * M
-    if per_batch <= chunk_elements:
-        step_b = max(1, chunk_elements // per_batch)
-        chunks = [(b, min(B, b + step_b), 0, M) for b in range(0, B, step_b)]
-    else:
-        step_m = max(1, chunk_elements // per_row)
-        chunks = [(b, b + 1, m, min(M, m + step_m)) for b in range(B) for m in range(0, M, step_m)]
+    chunks = plan_chunks(B, M, chunk_elements // (T * max(N, n)))
     for b0, b1, m0, m1 in chunks:
         b, m = b1 - b0, m1 - m0
         int8 = use_int8(w, plan, m)
@@ -216,6 +209,19 @@ def _encode_rows_compiled(xc: Tensor, n: int, T: int, cfg: ABFPConfig, static: T
     clamp = needs_clamp(static is None, cfg.input_max_code) or has_subnormal(s)
     fused.rows_codes(xn, n, fused.as_numpy(s), np.float32(cfg.input_max_code), clamp, fused.as_numpy(codes))
     return codes.view(b, m, T, n), s.view(b, m, T)
+
+
+def plan_chunks(items: int, rows_per_item: int, max_rows: int) -> list[tuple[int, int, int, int]]:
+    """The one chunk planner: ``(i0, i1, r0, r1)`` pieces covering ``items`` (batch items,
+    images) of ``rows_per_item`` rows each (matrix rows, output image rows), at most
+    ``max(1, max_rows)`` rows per piece: whole items ``max_rows // rows_per_item`` at a time
+    when one fits, else one item cut into runs of ``max_rows`` rows. Chunking bounds memory
+    only; the numbers do not depend on it."""
+    rows = max(1, max_rows)
+    if rows >= rows_per_item:
+        step = max(1, rows // max(1, rows_per_item))
+        return [(i, min(items, i + step), 0, rows_per_item) for i in range(0, items, step)]
+    return [(i, i + 1, r, min(rows_per_item, r + rows)) for i in range(items) for r in range(0, rows_per_item, rows)]
 
 
 def draw_key(cfg: ABFPConfig, generator: torch.Generator | None) -> int | None:

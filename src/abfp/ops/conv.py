@@ -20,7 +20,7 @@ from ..config import ABFPConfig
 from ..numerics import AdcPlan, Encoded, ProductStats, encode_weights
 from ..numerics.blocks import static_scale_value
 from ..numerics.conv import conv2d_fused
-from ..numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, use_fused
+from ..numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, plan_chunks, use_fused
 from ..numerics.workspace import scratch
 from .device import WEIGHT_CACHE, bf16, generator_for, product, without_bf16_io, check_finite
 from .registry import register
@@ -198,11 +198,7 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     # output rows per chunk: bounded by the patches (c*kh*kw per output) and the partial sums (T*cout)
     per_row = wo * max(c * kh * kw, 1)
     rows = max(1, min(_IM2COL_ELEMENTS // per_row, CHUNK_ELEMENTS // max(1, wo * T * cout)))
-    if rows >= ho:
-        step_b = max(1, rows // ho)
-        chunks = [(b, min(bt, b + step_b), 0, ho) for b in range(0, bt, step_b)]
-    else:
-        chunks = [(b, b + 1, r, min(ho, r + rows)) for b in range(bt) for r in range(0, ho, rows)]
+    chunks = plan_chunks(bt, ho, rows)
     nb, nh = chunks[0][1] - chunks[0][0], chunks[0][3] - chunks[0][2]
     buf = scratch("patches", (c * kh * kw * nb * nh * wo,), torch.float32, x.device)
     # the padded images of one chunk, channels first (the border is zeroed once per call)
