@@ -246,12 +246,16 @@ def test_compiled_and_torch_paths_give_the_same_noisy_numbers(which):
         x, w = torch.randn(2, 8, 3, 4, 3, generator=g), torch.randn(8, 4, 2, 2, 2, generator=g)
         args, fn = dict(stride=2, groups=2), AF.conv_transpose3d
     noisy = ABFPConfig(tile_width=16, noise_std=1.0, seed=7)
+    AF.reseed()  # seeded functional calls continue one stream per seed (abfp.noise_keys)
     ya = fn(x, w, config=noisy, **args)
+    AF.reseed()
     yc = fn(x, w, config=noisy.replace(kernel="chunked"), **args)
     y0 = fn(x, w, config=noisy.replace(noise_std=0.0), **args)
     torch.testing.assert_close(ya, yc, rtol=1e-5, atol=1e-5)  # float32 summation order only
     assert not torch.allclose(ya, y0)  # the noise is there
+    AF.reseed()
     torch.testing.assert_close(fn(x, w, config=noisy, **args), ya, rtol=0, atol=0)  # seeded: repeatable
+    assert not torch.equal(fn(x, w, config=noisy, **args), ya)  # the stream goes on: a second call differs
 
 
 @pytest.mark.parametrize("which", ["conv3d", "conv_transpose1d", "conv_transpose3d"])

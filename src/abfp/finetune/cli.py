@@ -4,6 +4,7 @@
     abfp finetune --method qat --json qat.json      QAT on the same scenario
     abfp finetune --model fashion-vit --steps 300 --per-channel
     abfp finetune --resume                          continue a killed run from its last checkpoint
+    abfp finetune --force                           start again over an existing checkpoint / outputs
     torchrun --nproc-per-node 2 -m abfp finetune    the same on two processes (data parallel)
 """
 
@@ -77,7 +78,11 @@ def register(sub: Any) -> None:
     c.add_argument("--checkpoint", default=None,
                    help="checkpoint file (default .abfp_finetune/<model>-<method>.safetensors; '' disables)")
     c.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
-    c.add_argument("--resume", action="store_true", help="continue from the checkpoint if there is one")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint if there is one (same settings; it ends bit-identical to an "
+                        "uninterrupted run)")
+    c.add_argument("--force", action="store_true",
+                   help="overwrite existing outputs (--json, --save-model) and, without --resume, an existing checkpoint")
     c.add_argument("--json", dest="json_path", default=None, help="write the measured numbers as JSON")
     c.add_argument("--save-model", default=None, help="write the finetuned float32 weights (safetensors)")
     c.add_argument("--time-steps", type=int, default=None, metavar="N",
@@ -176,6 +181,12 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     if args.model not in TRAINABLE_TASKS:
         raise UsageError(f"--model {args.model!r}: no training data known; choose one of {', '.join(TRAINABLE_TASKS)}")
     cfg = device_config(args)
+    ckpt = None if args.time_steps else checkpoint_path(args)
+    from .parallel import from_main
+
+    resume_meta = from_main(lambda: check_outputs(args, ckpt))
+    if resume_meta is not None:
+        _adopt_checkpoint(args, ckpt, resume_meta, show)
     task = zoo.get(args.model)
     try:
         train = training_data(args.model, args.train_samples)
@@ -186,13 +197,7 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     if args.time_steps:
         return _time_steps(args, task, train, cfg)
     eval_data = task.load_data().take(args.eval_samples)
-    ckpt = args.checkpoint
-    if ckpt is None:
-        ckpt = str(Path(".abfp_finetune") / f"{args.model}-{args.method}.safetensors")
-    ckpt = ckpt or None
-    if ckpt and Path(ckpt).exists() and not args.resume:
-        show(f"note: starting fresh; {ckpt} will be overwritten (pass --resume to continue it)")
-    if ckpt and args.resume and not Path(ckpt).exists():
+    if ckpt and args.resume and resume_meta is None:
         show(f"note: no checkpoint at {ckpt}; starting from the beginning")
 
     common = dict(seed=args.seed, weight_decay=args.weight_decay, lr_decay=args.lr_decay, eval_data=eval_data,
@@ -227,18 +232,88 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     record = {**result.to_dict(), "model": args.model, "device": cfg.label(), "wall_seconds": wall,
               "checkpoint": ckpt}
     if args.json_path:
-        from ..evaluate.cache import write_json_atomic
-
-        write_json_atomic(args.json_path, record)
+        _write_json(args.json_path, record)
         print(f"wrote {args.json_path}")
     if args.save_model:
         from safetensors.torch import save_file
 
-        Path(args.save_model).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in result.model.state_dict().items()}, args.save_model,
-                  metadata={"method": args.method, "device": cfg.label(), "steps": str(result.steps)})
+        from ..outputs import atomic_path
+
+        with atomic_path(args.save_model) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in result.model.state_dict().items()}, str(tmp),
+                      metadata={"method": args.method, "device": cfg.label(), "steps": str(result.steps)})
         print(f"wrote {args.save_model}")
     return 0
+
+
+def checkpoint_path(args: argparse.Namespace) -> str | None:
+    """``--checkpoint`` (default ``.abfp_finetune/<model>-<method>.safetensors``; ``''``: none)."""
+    if args.checkpoint is None:
+        return str(Path(".abfp_finetune") / f"{args.model}-{args.method}.safetensors")
+    return args.checkpoint or None
+
+
+def check_outputs(args: argparse.Namespace, ckpt: str | None) -> dict[str, Any] | None:
+    """Check every output path before any work (one rule: an existing output needs --force).
+
+    The checkpoint is the exception that ``--resume`` makes: then it is read (its metadata,
+    which must be sound) and returned; without ``--resume`` an existing one needs ``--force``.
+    Returns the checkpoint's metadata when resuming from one, else ``None``.
+    """
+    from ..outputs import OutputError, check_output
+    from .checkpoint import read_meta
+
+    named = [(flag, path) for flag, path in (("--json", args.json_path), ("--save-model", args.save_model),
+                                             ("--checkpoint", ckpt)) if path]
+    seen: dict[Path, str] = {}
+    for flag, path in named:
+        key = Path(path).absolute()
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {flag} name the same file {path!r}")
+        seen[key] = flag
+    try:
+        for flag, path in named:
+            if flag != "--checkpoint":
+                check_output(path, force=args.force, what=f"{flag} file")
+        if ckpt is None:
+            return None
+        check_output(ckpt, force=True, what="checkpoint")  # a folder, under a file, not writable
+        exists = Path(ckpt).exists()
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    if exists and not args.resume:
+        if args.force:
+            return None
+        raise UsageError(f"checkpoint {ckpt!r} exists; pass --resume to continue it, or --force to start again "
+                         "and overwrite it")
+    return read_meta(ckpt) if exists else None
+
+
+def _adopt_checkpoint(args: argparse.Namespace, ckpt: str | None, meta: dict[str, Any], show: Any) -> None:
+    """Checks of ``--resume`` against the checkpoint's metadata, before any work: ``--steps``
+    below its step is an error, equal means nothing left to train; without ``--threads`` the
+    run takes the checkpoint's thread count (the sums of a step depend on it)."""
+    import torch
+
+    done = int(meta["step"])
+    if args.steps < done:
+        raise UsageError(f"--steps {args.steps} is below the {done} steps checkpoint {ckpt!r} already holds; "
+                         f"pass --steps {done} or more to continue it (--steps counts from the start of the run)")
+    if args.steps == done:
+        show(f"note: checkpoint {ckpt} already holds all {done} steps: nothing left to train; "
+             "evaluating it and writing the outputs")
+    threads = meta.get("threads")
+    if args.threads is None and isinstance(threads, int) and threads >= 1 and threads != torch.get_num_threads():
+        show(f"note: {threads} torch threads, as the checkpoint was written (bit-identical resume needs the same)")
+        torch.set_num_threads(threads)
+
+
+def _write_json(path: str, record: dict[str, Any]) -> None:
+    import json
+
+    from ..outputs import atomic_write_text
+
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def _time_steps(args: argparse.Namespace, task: Any, train: Any, cfg: ABFPConfig) -> int:
@@ -255,8 +330,6 @@ def _time_steps(args: argparse.Namespace, task: Any, train: Any, cfg: ABFPConfig
     print(f"  DNF / float32 {r['dnf_ratio']:.2f}x   QAT / float32 {r['qat_ratio']:.2f}x   QAT / DNF {r['qat_to_dnf']:.2f}x"
           f"   (CPU time: DNF / float32 {r['dnf_ratio_cpu']:.2f}x, QAT / DNF {r['qat_to_dnf_cpu']:.2f}x)")
     if args.json_path:
-        from ..evaluate.cache import write_json_atomic
-
-        write_json_atomic(args.json_path, {**r, "model": args.model, "device": cfg.label()})
+        _write_json(args.json_path, {**r, "model": args.model, "device": cfg.label()})
         print(f"wrote {args.json_path}")
     return 0
