@@ -141,6 +141,7 @@ def analog_gemm(
             mask.fill_(True)
         return y, mask
     key = draw_key(cfg, generator) if noise is None else None
+    # gd: the dtype of the code GEMM (float32 or float64: whichever sums the tile products exactly)
     gd = code_gemm_dtype(plan, dev, cfg.weight_max_code, cfg.input_max_code)
     compiled = noise is None and not want_mask and use_fused(cfg, plan, dev)
     if compiled:
@@ -238,7 +239,9 @@ def use_fused(cfg: ABFPConfig, plan: AdcPlan, device: torch.device) -> bool:
 
 
 def _adc_args(cfg: ABFPConfig, plan: AdcPlan, mult: float, q: float, key: int | None, count: bool) -> tuple:
-    """``mult, q, w16, ly, key, noisy, count`` for the compiled epilogues."""
+    """``mult, q, w16, ly, key, noisy, count`` for the compiled epilogues: a tile product ``D``
+    is ``D * mult / q`` output LSBs (:meth:`AdcPlan.int_ratio`), ``w16`` = ``w / 2**16``, the
+    value in output LSBs of one noise integer (:func:`.counter_noise.noise_scale`), ``ly`` = ``L(b_y)``."""
     f32 = np.float32
     return (f32(mult), f32(q), f32(noise_scale(cfg.noise_std) if key is not None else 0.0), f32(plan.max_code),
             np.uint64(key or 0), key is not None, count)

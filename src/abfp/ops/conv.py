@@ -29,7 +29,8 @@ from .site import Frame, run_product
 __all__ = ["conv1d", "conv2d", "conv_args", "answer_conv"]
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+def int_pair(v: int | Sequence[int]) -> tuple[int, int]:
+    """A convolution argument (stride, padding, dilation) as ``(height, width)``."""
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -89,7 +90,7 @@ def conv2d(
     cout, cg, kh, kw = weight.shape
     if c != cg * groups or cout % groups:
         raise ValueError(f"conv2d: input has {c} channels, weight expects {cg} x groups={groups}")
-    stride, dilation = _pair(stride), _pair(dilation)
+    stride, dilation = int_pair(stride), int_pair(dilation)
     if isinstance(padding, str):
         if padding == "valid":
             pads = (0, 0, 0, 0)
@@ -101,7 +102,7 @@ def conv2d(
         else:
             raise ValueError(f"unknown padding {padding!r}")
     else:
-        ph, pw = _pair(padding)
+        ph, pw = int_pair(padding)
         pads = (pw, pw, ph, ph)
     hp, wp = x.shape[2] + pads[2] + pads[3], x.shape[3] + pads[0] + pads[1]
     ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -205,20 +206,21 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     xc = scratch("padded_input", (c, nb, h + pt + pb, w_ + pl + pr), torch.float32, x.device)
     if any(pads):
         xc.zero_()
-    (sh, sw), (dh, dw) = stride, dilation
+    (stride_h, stride_w), (dil_h, dil_w) = stride, dilation
     for b0, b1, h0, h1 in chunks:
-        b, hr = b1 - b0, h1 - h0
+        b, rows_c = b1 - b0, h1 - h0  # images and output rows of this chunk
         if h0 == 0:
             xc[:, :b, pt : pt + h, pl : pl + w_].copy_(src[:, b0:b1])
-        cols = buf[: c * kh * kw * b * hr * wo].view(c, kh, kw, b, hr, wo)
+        cols = buf[: c * kh * kw * b * rows_c * wo].view(c, kh, kw, b, rows_c, wo)
         # every kernel offset at once: a strided view of the padded images, one copy
         sc, sb, sy, sx_ = xc.stride()
-        cols.copy_(xc.as_strided((c, kh, kw, b, hr, wo), (sc, dh * sy, dw * sx_, sb, sh * sy, sw * sx_),
-                                 xc.storage_offset() + h0 * sh * sy))
-        yi = analog_gemm_cols(cols.view(groups, (c // groups) * kh * kw, b * hr * wo), weights, config, plan,
+        cols.copy_(xc.as_strided((c, kh, kw, b, rows_c, wo),
+                                 (sc, dil_h * sy, dil_w * sx_, sb, stride_h * sy, stride_w * sx_),
+                                 xc.storage_offset() + h0 * stride_h * sy))
+        yi = analog_gemm_cols(cols.view(groups, (c // groups) * kh * kw, b * rows_c * wo), weights, config, plan,
                               input_scale=static, generator=generator, key=key, p_off=(b0 * ho + h0) * wo,
                               p_total=bt * ho * wo, stats=stats)  # (G, Ng, P)
-        y[b0:b1, :, h0:h1].copy_(yi.view(cout, b, hr, wo).transpose(0, 1))
+        y[b0:b1, :, h0:h1].copy_(yi.view(cout, b, rows_c, wo).transpose(0, 1))
     if config.bf16_io:
         y = y.to(torch.bfloat16).to(torch.float32)
     return y
@@ -284,3 +286,6 @@ def answer_conv(fn: Callable[..., Tensor]) -> Callable[[Frame, Callable, tuple, 
 
 register(torch.conv2d)(answer_conv(conv2d))
 register(torch.conv1d)(answer_conv(conv1d))
+
+
+_pair = int_pair  # its old name (abfp.functional._pair)

@@ -333,7 +333,7 @@ def _transposed_args(input, weight, bias=None, stride=1, padding=0, output_paddi
 
 
 @register(torch.conv3d)
-def _h_conv3d(frame, func, args, kwargs):
+def answer_conv3d(frame, func, args, kwargs):
     from ..nn.mode import run_product
 
     x, w, b, stride, padding, dilation, groups = conv_args(*args, **kwargs)
@@ -355,7 +355,7 @@ def device_matrix(weight: Tensor, groups: int) -> Tensor:
     return w.reshape(-1, cg, *([1] * nd))
 
 
-def _h_conv_transpose(nd: int):
+def answer_conv_transpose(nd: int):
     fn = {1: conv_transpose1d, 2: conv_transpose2d, 3: conv_transpose3d}[nd]
 
     def handler(frame, func, args, kwargs):
@@ -376,6 +376,6 @@ def _h_conv_transpose(nd: int):
     return handler
 
 
-register(torch.conv_transpose1d)(_h_conv_transpose(1))
-register(torch.conv_transpose2d)(_h_conv_transpose(2))
-register(torch.conv_transpose3d)(_h_conv_transpose(3))
+register(torch.conv_transpose1d)(answer_conv_transpose(1))
+register(torch.conv_transpose2d)(answer_conv_transpose(2))
+register(torch.conv_transpose3d)(answer_conv_transpose(3))

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import linear as AF  # the linear family: linear, matmul
+from . import linear as linear_family  # linear(), matmul()
 from .site import Frame, digital_call, run_product
 from .registry import register
 
@@ -62,7 +62,7 @@ def device_matmul(frame: Frame, a: Tensor, b: Tensor) -> Tensor:
     k = a.shape[-1]
     return run_product(
         frame, "matmul", torch.matmul, (a, b), {},
-        lambda c, s, st, g: AF.matmul(a, b, config=c, generator=g, stats=st, a_scale=s[0], b_scale=s[1]),
+        lambda c, s, stats, g: linear_family.matmul(a, b, config=c, generator=g, stats=stats, a_scale=s[0], b_scale=s[1]),
         (a, b), k, lambda y: max(1, y.numel()) * k if y.numel() else 0,
     )
 
@@ -74,7 +74,7 @@ def device_weight_product(frame: Frame, x: Tensor, w: Tensor) -> Tensor:
     m = x.numel() // max(1, x.shape[-1])
     return run_product(
         frame, "linear", F.linear, (x, w), {},
-        lambda c, s, st, g: AF.linear(x, w, None, config=c, input_scale=s[0], generator=g, stats=st, cache=False),
+        lambda c, s, stats, g: linear_family.linear(x, w, None, config=c, input_scale=s[0], generator=g, stats=stats, cache=False),
         (x, w), k, lambda y: m * w.shape[0] * k,
     )
 
