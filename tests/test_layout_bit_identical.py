@@ -157,7 +157,18 @@ def _model_cases(kernel: str) -> dict[str, Callable[[], torch.Tensor]]:
 
 
 def compute_all() -> dict[str, torch.Tensor]:
-    """Every guarded output, computed in a fixed order with the noise streams restarted first."""
+    """Every guarded output, computed in a fixed order with the noise streams restarted first,
+    on one thread (the digital float32 parts, e.g. the backward GEMMs, sum in an order that
+    depends on the thread count; the device numbers do not)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _compute_all()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compute_all() -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for kernel in KERNELS:
         AF.clear_cache()
