@@ -4,7 +4,8 @@ Public names: :class:`ABFPConfig`, :func:`presets`, :func:`convert`, :func:`to_d
 :func:`calibrate`, :func:`summary`, and the modules :mod:`abfp.functional`, :mod:`abfp.metrics`.
 """
 
-from . import functional, metrics, ops
+from . import ops  # noqa: I001  (first: the product families, which abfp.functional re-exports)
+from . import functional, metrics
 from .config import ABFPConfig, REFERENCE_NOISE_STD, presets
 from .ops.coverage import Coverage, coverage
 from .nn import analog_state, calibrate, convert, digital, is_converted, reseed, set_config, summary, to_digital

@@ -92,8 +92,10 @@ class ABFPConfig:
     """Keep layer inputs and outputs in bfloat16 (the authors' simulation did)."""
 
     kernel: Kernel = "auto"
-    """Implementation (not a device property; every choice gives the same numbers, see the
-    tests): ``"reference"`` follows SPEC line by line in float64; ``"chunked"`` is the fast
+    """Implementation (not a device property): the fast paths give the same numbers as each
+    other, and as the reference without noise (see the tests); with noise the reference draws
+    its own noise samples, so its outputs agree in distribution only. ``"reference"`` follows
+    SPEC line by line in float64; ``"chunked"`` is the fast
     path with float32 GEMMs on the codes; ``"auto"`` (default) is the fast path with int8
     GEMMs on the codes (``torch._int_mm``, exact int32 sums) where the DACs have at most 8
     bits, the tiles are at least 32 wide and the GEMM is large enough to gain (on CPU; on

@@ -37,12 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.conv import conv_args
+from ..ops.linear import linear_args
+
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-def _conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    return input, weight, bias, stride, padding, dilation, groups
 
 
 def _conv_t_args(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
@@ -67,15 +66,13 @@ class ProductView:
         """From an interceptor's ``ProductCall``; ``None`` for products it cannot describe (einsum)."""
         func, args, kwargs = call.call
         if call.kind == "linear":
-            def f(input, weight, bias=None):
-                return input, weight, bias
-            x, w, b = f(*args, **kwargs)
+            x, w, b = linear_args(*args, **kwargs)
             return cls("linear", x, w, b)
         if call.kind == "conv" and func in _CONV_T.values():
             x, w, b, stride, padding, output_padding, groups, dilation = _conv_t_args(*args, **kwargs)
             return cls("conv_transpose", x, w, b, (stride, padding, dilation, groups), output_padding)
         if call.kind == "conv":
-            x, w, b, stride, padding, dilation, groups = _conv_args(*args, **kwargs)
+            x, w, b, stride, padding, dilation, groups = conv_args(*args, **kwargs)
             if w.dim() - 2 not in _CONV:
                 return None
             return cls("conv", x, w, b, (stride, padding, dilation, groups))

@@ -7,8 +7,9 @@ With ``d`` the integer dot product of one tile, the ADC sees, in output LSBs,
 and one output code is worth ``n / (G L(b_y)) * sx * sw``. :class:`AdcPlan` decides how to
 evaluate the first line in float32 so that exact ties (``a L(b_y)`` exactly half-way
 between two codes, frequent without noise) round as float64 rounds them: when ``G / n`` is
-a power of two it is folded into the weight codes (exact), and when ``L(b_x) L(b_w) / L(b_y)``
-is exactly representable the rest is one correctly rounded division.
+a power of two, ``G / n`` or ``G L(b_y) / n`` (a power of two times an integer, not in general
+a power of two) is folded into the weight codes (exact), and the rest is one correctly rounded
+division by ``L(b_x) L(b_w) / L(b_y)`` or ``L(b_x) L(b_w)`` (see :class:`AdcPlan`).
 """
 
 from __future__ import annotations

@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import functional as AF
 from ..config import ABFPConfig
 from ..numerics import ProductStats, encode_weights
+from .conv import _conv2d_cols, _conv2d_rows, conv_args
+from .device import WEIGHT_CACHE, WeightCache, check_finite, generator_for, product
 from .registry import register
 
 __all__ = ["conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
@@ -60,37 +61,37 @@ def _tuple(v: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
 
 def _check_operands(x: Tensor, weight: Tensor, bias: Tensor | None, cache: bool, op: str, nd: int) -> bool:
     """Finite, well-shaped operands; returns whether the input is unbatched."""
-    AF.check_finite(x, "input")
+    check_finite(x, "input")
     if not cache:
-        AF.check_finite(weight, "weight")
+        check_finite(weight, "weight")
     if bias is not None:
-        AF.check_finite(bias, "bias")
+        check_finite(bias, "bias")
     if weight.dim() != nd + 2 or x.dim() not in (nd + 1, nd + 2):
         raise ValueError(f"{op} needs a {nd + 2}-D (or unbatched {nd + 1}-D) input and a {nd + 2}-D weight, "
                          f"got {tuple(x.shape)} and {tuple(weight.shape)}")
     return x.dim() == nd + 1
 
 
-class _LayoutCache(AF._WeightCache):
+class _LayoutCache(WeightCache):
     """The weight cache of one weight layout: shares :data:`abfp.functional.WEIGHT_CACHE`'s
     storage (so :func:`abfp.functional.clear_cache` clears it too), with keys of its own, so a
     tensor used by a convolution and a transposed convolution (tied weights) keeps both encodings."""
 
-    def __init__(self, tag: str, shared: AF._WeightCache) -> None:
+    def __init__(self, tag: str, shared: WeightCache) -> None:
         super().__init__(shared.capacity)
         self._d = shared._d
         self._lock = shared._lock
         self._tag = tag
 
     def _key(self, w: Tensor, cfg: ABFPConfig, weight_scale: Any) -> tuple | None:  # type: ignore[override]
-        k = AF._WeightCache._key(w, cfg, weight_scale)
+        k = WeightCache._key(w, cfg, weight_scale)
         return None if k is None else ((self._tag, k[0]),) + k[1:]
 
 
-_TRANSPOSED_CACHE = _LayoutCache("conv_transpose", AF.WEIGHT_CACHE)
+_TRANSPOSED_CACHE = _LayoutCache("conv_transpose", WEIGHT_CACHE)
 
 
-def _encoded(cache: AF._WeightCache, weight: Tensor, w3: Tensor, config: ABFPConfig, weight_scale: Any, use: bool):
+def _encoded(cache: WeightCache, weight: Tensor, w3: Tensor, config: ABFPConfig, weight_scale: Any, use: bool):
     return cache.get(weight, w3, config, weight_scale) if use else None
 
 
@@ -157,7 +158,7 @@ def conv3d(
     (sd, sh, sw), (dd, dh, dw) = stride3, dil3
     kg = cg * kd * kh * kw
     w3 = weight.reshape(groups, cout // groups, kg)  # rows in unfold order (c, i, j, l)
-    weights = _encoded(AF.WEIGHT_CACHE, weight, w3, config, weight_scale, cache)
+    weights = _encoded(WEIGHT_CACHE, weight, w3, config, weight_scale, cache)
     if config.mode == "fixed" and input_scale is None:
         input_scale = x.detach().abs().max() if x.numel() else 0.0  # one scale for the whole tensor
     # depth slices as channels: x2[b*Do + d, c*kd + i] = xpad[b, c, d*sd + i*dd]
@@ -171,12 +172,12 @@ def conv3d(
         if weights is None:
             weights = encode_weights(w3.detach().to(torch.bfloat16) if config.bf16_io else w3.detach(), config,
                                      weight_scale)
-        y2 = AF._conv2d_cols(x2, pads_hw, weights, config, groups, (kh, kw), (sh, sw), (dh, dw), (ho, wo),
-                             input_scale, AF._generator_for(config, generator, x.device), stats,
+        y2 = _conv2d_cols(x2, pads_hw, weights, config, groups, (kh, kw), (sh, sw), (dh, dw), (ho, wo),
+                             input_scale, generator_for(config, generator, x.device), stats,
                              channels_last=channels_last)
     else:
         xp = F.pad(x2, pads_hw) if any(pads_hw) else x2
-        y2 = AF._conv2d_rows(xp, w3, weights, config, groups, (kh, kw), (sh, sw), (dh, dw), (ho, wo), input_scale,
+        y2 = _conv2d_rows(xp, w3, weights, config, groups, (kh, kw), (sh, sw), (dh, dw), (ho, wo), input_scale,
                              weight_scale, generator, stats)
     # (B*Do, Cout, Ho, Wo) -> (B, Cout, Do, Ho, Wo): channels-last 2-D output is channels-last 3-D here
     y = y2.unflatten(0, (bt, do)).transpose(1, 2)
@@ -276,7 +277,7 @@ def conv_transpose_nd(
     x3 = x.reshape(bt, groups, cg, L).permute(1, 0, 3, 2).reshape(groups, bt * L, cg)
     w3 = weight.reshape(groups, cg, cout_g, kvol).permute(0, 3, 2, 1).reshape(groups, n_cols, cg)
     weights = _encoded(_TRANSPOSED_CACHE, weight, w3, config, weight_scale, cache)
-    y3 = AF._product(x3, w3, config, input_scale=input_scale, weight_scale=weight_scale, generator=generator,
+    y3 = product(x3, w3, config, input_scale=input_scale, weight_scale=weight_scale, generator=generator,
                      weights=weights, stats=stats)  # (G, B*L, kvol * C_out/g) float32
     # col2im, channels last: (G, B, *sp_in, *k, C_out/g) -> (B, *sp_in, *k, G, C_out/g)
     cols = y3.view(groups, bt, *sp_in, *k, cout_g)
@@ -327,19 +328,15 @@ for _nd, _f in ((1, conv_transpose1d), (2, conv_transpose2d), (3, conv_transpose
 
 
 # --------------------------------------------------------------------------- handlers
-def _conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    return input, weight, bias, stride, padding, dilation, groups
-
-
 def _transposed_args(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
     return input, weight, bias, stride, padding, output_padding, groups, dilation
 
 
 @register(torch.conv3d)
-def _h_conv3d(frame, func, args, kwargs):
+def answer_conv3d(frame, func, args, kwargs):
     from ..nn.mode import run_product
 
-    x, w, b, stride, padding, dilation, groups = _conv_args(*args, **kwargs)
+    x, w, b, stride, padding, dilation, groups = conv_args(*args, **kwargs)
     k = w[0].numel()  # reduction length per group: C_in/groups * k_d * k_h * k_w
 
     def analog(c, s, st, g):
@@ -358,7 +355,7 @@ def device_matrix(weight: Tensor, groups: int) -> Tensor:
     return w.reshape(-1, cg, *([1] * nd))
 
 
-def _h_conv_transpose(nd: int):
+def answer_conv_transpose(nd: int):
     fn = {1: conv_transpose1d, 2: conv_transpose2d, 3: conv_transpose3d}[nd]
 
     def handler(frame, func, args, kwargs):
@@ -379,6 +376,6 @@ def _h_conv_transpose(nd: int):
     return handler
 
 
-register(torch.conv_transpose1d)(_h_conv_transpose(1))
-register(torch.conv_transpose2d)(_h_conv_transpose(2))
-register(torch.conv_transpose3d)(_h_conv_transpose(3))
+register(torch.conv_transpose1d)(answer_conv_transpose(1))
+register(torch.conv_transpose2d)(answer_conv_transpose(2))
+register(torch.conv_transpose3d)(answer_conv_transpose(3))
