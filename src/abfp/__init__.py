@@ -8,11 +8,14 @@ from . import functional, metrics, ops
 from .config import ABFPConfig, REFERENCE_NOISE_STD, presets
 from .ops.coverage import Coverage, coverage
 from .nn import analog_state, calibrate, convert, digital, is_converted, reseed, set_config, summary, to_digital
+from . import tune  # callable: abfp.tune(model, calibration_inputs, config, **options)
+from .tune import DevicePlan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ABFPConfig",
+    "DevicePlan",
     "REFERENCE_NOISE_STD",
     "analog_state",
     "calibrate",
@@ -28,4 +31,5 @@ __all__ = [
     "set_config",
     "summary",
     "to_digital",
+    "tune",
 ]
