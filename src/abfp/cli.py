@@ -189,6 +189,7 @@ def _with_configs(records: list[dict[str, Any]], points: Sequence[Any]) -> list[
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import zoo
     from .evaluate import EvalSettings, evaluate, format_table
+    from .evaluate.runner import coverage_line
     from .evaluate.cache import CACHE_FILE
 
     _validate_eval(args)
@@ -236,7 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         recs = _with_configs(recs, points)
         show(format_table(recs))
-        show(f"  ({time.perf_counter() - t0:.1f} s)\n")
+        show(f"  {coverage_line(recs)}  ({time.perf_counter() - t0:.1f} s)\n")
         all_records.extend(recs)
     if json_out and rank == 0:
         atomic_write_text(json_out[0], json.dumps(all_records, indent=1, sort_keys=True) + "\n")

@@ -103,6 +103,15 @@ class ABFPConfig:
     arithmetic is float32 (uniform or no noise, no bfloat16 tile outputs), else as torch
     operations: the same numbers either way."""
 
+    recurrent_concat: bool = False
+    """Recurrent layers (LSTM, GRU, RNN and their cells): ``False`` (default) computes each
+    step's gates from two products, ``x_t W_ih^T`` and ``h_{t-1} W_hh^T``, each tiled along
+    its own reduction axis (K = input size, K = hidden size). ``True`` computes them as one
+    product over the concatenation, ``[x_t, h_{t-1}] [W_ih W_hh]^T`` (K = input + hidden
+    size; a tile may hold both), as a crossbar holding ``[W_ih W_hh]`` would. GRU: only the
+    reset and update gates concatenate; the candidate gate keeps its two products, since
+    ``n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn))`` scales the hidden part alone."""
+
     repeats: int = 1
     """``k``: each analog product is repeated ``k`` times and averaged (SPEC section 5): the
     device noise acts with standard deviation ``noise_std / sqrt(k)`` (the simulator draws one
@@ -145,7 +154,7 @@ class ABFPConfig:
             raise bad("scale_dtype", "must be 'bfloat16', 'float32' or 'pow2'")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise bad("seed", "must be None or a non-negative integer")
-        for name in ("bf16_tile_outputs", "bf16_io"):
+        for name in ("bf16_tile_outputs", "bf16_io", "recurrent_concat"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         if self.kernel not in ("auto", "reference", "chunked"):

@@ -19,7 +19,7 @@ from abfp import zoo
 from abfp.zoo import fashion
 from abfp.zoo.base import AGREEMENT, COSINE, KL, TOP1, Dataset, Task
 
-ALL_TASKS = ["efficientnet-lite0", "fashion-cnn", "fashion-vit", "minilm-l6", "mnist-cnn"]
+ALL_TASKS = ["dlrm", "efficientnet-lite0", "fashion-cnn", "fashion-lstm", "fashion-vit", "minilm-l6", "mnist-cnn", "unet3d"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import ABFPConfig
-from ..nn import calibrate, convert, is_converted, reseed, set_config, summary, to_digital
+from ..nn import analog_state, calibrate, convert, is_converted, reseed, set_config, summary, to_digital
 from ..zoo.base import Dataset, Metric
 from .autogain import choose_gains, gain_overrides
 from .cache import RunCache, run_key
@@ -225,6 +225,7 @@ def evaluate(
                 overrides = {**overrides, **gain_overrides(gains, cfg)}
             n_runs = st.runs if p.noisy else 1
             values, seconds, extras, layers = [], [], [], None
+            coverages: list[dict[str, Any] | None] = []
             for r in range(n_runs):
                 rcfg = cfg.replace(seed=st.seed + r) if p.noisy else cfg
                 # the batch size decides how noise draws fall on samples: part of the key
@@ -236,6 +237,7 @@ def evaluate(
                 hit = broadcast_from_main(cache.get(key) if rank == 0 else None)
                 if hit is not None:
                     values.append(hit["value"])
+                    coverages.append(hit.get("coverage"))
                     seconds.append(hit["seconds"])
                     extras.append(hit.get("extra", {}))
                     layers = layers or hit.get("layers")
@@ -246,9 +248,11 @@ def evaluate(
                 set_config(analog_model, rcfg, overrides=run_overrides)
                 if p.format == "fixed":
                     calibrate(analog_model, [calib_inputs], percentile=st.fixed_percentile)
+                analog_state(analog_model).coverage.reset()
                 t1 = time.perf_counter()
                 out = run(analog_model)
                 dt = time.perf_counter() - t1
+                cov = analog_state(analog_model).coverage.as_dict()  # this run's device MAC share
                 v = metric(out, targets, ref)
                 if not math.isfinite(v):
                     raise FloatingPointError(f"{task_name} at {p.label()}: metric is {v}")
@@ -259,9 +263,11 @@ def evaluate(
                     lay = summary(analog_model, first).as_dicts()
                     layers = lay
                 if rank == 0:
-                    cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains},
+                    cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains,
+                                    "coverage": cov},
                               info=f"{task_name} {p.label()} run {r}")
                 values.append(v)
+                coverages.append(cov)
                 seconds.append(dt)
                 extras.append(ex)
             mean, std = _aggregate(values)
@@ -271,12 +277,33 @@ def evaluate(
                    "extra": extra, "layers": layers}
             if gains is not None:
                 rec["gains"] = gains
+            known = [c for c in coverages if c is not None]
+            if known:  # share of the model's MACs computed on the device, per run
+                rec["device_mac_share"] = statistics.fmean(c["share"] for c in known)
+                rec["device_mac_shares"] = [c["share"] for c in known]
+                rec["digital_ops"] = known[0]["digital_ops"]
             records.append(rec)
     finally:
         to_digital(analog_model)
         bar.close()
         cache.close()
     return records
+
+
+def coverage_line(records: Sequence[dict[str, Any]]) -> str:
+    """One line: the share of the model's MACs the device computed (lowest over its points) and the
+    products that stayed float32 (SPEC 3.1: no product is digital without saying so)."""
+    shares = [r["device_mac_share"] for r in records if "device_mac_share" in r]
+    if not shares:
+        return "device MAC share: not measured"
+    ops: dict[str, int] = {}
+    for r in records:
+        for k, v in (r.get("digital_ops") or {}).items():
+            ops[k] = max(ops.get(k, 0), v)
+    line = f"device MAC share: {100 * min(shares):.2f}%"
+    if ops:
+        line += " (float32: " + ", ".join(sorted(ops)) + ")"
+    return line
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:

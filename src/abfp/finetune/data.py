@@ -1,7 +1,9 @@
 """Training data for the zoo tasks that can be finetuned.
 
 ``fashion-cnn`` and ``fashion-vit`` train on the 60,000-image Fashion-MNIST training split
-(the Debian package ``dataset-fashion-mnist``, read and normalised by :mod:`abfp.zoo.fashion`).
+(the Debian package ``dataset-fashion-mnist``, read and normalised by :mod:`abfp.zoo.fashion`);
+so does ``fashion-lstm``, which reads the same images row by row. ``unet3d`` and ``dlrm`` train on
+their generated training splits (other seeds than their test data).
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ import functools
 
 from torch import Tensor
 
-from ..zoo import fashion
+from ..zoo import dlrm, fashion, unet3d
 from ..zoo.base import Dataset
 
 __all__ = ["TRAINABLE_TASKS", "training_data"]
 
 #: Zoo tasks with a known training set.
-TRAINABLE_TASKS = ("fashion-cnn", "fashion-vit")
+TRAINABLE_TASKS = ("fashion-cnn", "fashion-vit", "fashion-lstm", "unet3d", "dlrm")
+
+#: Tasks whose training split is generated: ``samples -> Dataset``.
+_GENERATED = {"unet3d": unet3d.training_data, "dlrm": dlrm.training_data}
 
 
 def training_data(task: str, samples: int | None = None) -> Dataset:
@@ -27,10 +32,12 @@ def training_data(task: str, samples: int | None = None) -> Dataset:
     """
     if task not in TRAINABLE_TASKS:
         raise ValueError(f"no training data known for task {task!r}; finetuning supports {', '.join(TRAINABLE_TASKS)}")
+    if samples is not None and samples < 1:
+        raise ValueError(f"number of training samples must be positive, got {samples}")
+    if task in _GENERATED:
+        return _GENERATED[task](samples)
     images, labels = _raw_train_split()
     if samples is not None:
-        if samples < 1:
-            raise ValueError(f"number of training samples must be positive, got {samples}")
         images, labels = images[:samples], labels[:samples]
     return Dataset((fashion.normalize(images),), labels)
 

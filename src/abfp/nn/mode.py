@@ -236,18 +236,19 @@ def _scales(state: AnalogState, cfg: ABFPConfig, site: str) -> list[float | None
 
 def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict,
          analog: Callable[[ABFPConfig, list, ProductStats | None, torch.Generator | None], Tensor],
-         operands: tuple[Tensor, ...], k: int, macs: Callable[[Tensor], int]) -> Any:
+         operands: tuple[Tensor, ...], k: int, macs: Callable[[Tensor], int], *, site: str | None = None) -> Any:
     """Common path of every product: calibration, interceptors, recording, the device call.
 
     ``analog(config, static_scales, stats, generator)`` computes the product on the device;
     ``func(*args, **kwargs)`` is the float32 call it replaces (used while calibrating, by
     interceptors as ``digital()``, and as the reference while recording); ``operands`` are
     the two matrices of the product (input first), ``k`` its reduction length and
-    ``macs(y)`` its multiply-accumulate count given its output.
+    ``macs(y)`` its multiply-accumulate count given its output. ``site``: an explicit site
+    name (default: ``frame.site(op)``, counting the products of kind ``op`` in this call).
     """
     state = frame.state
     cfg = state.config_for(frame.name)
-    site = frame.site(op)
+    site = frame.site(op) if site is None else site
     if state.calibrating:
         _calibrate(state, site, *operands)
         return func(*args, **kwargs)
