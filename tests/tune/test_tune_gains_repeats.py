@@ -129,3 +129,10 @@ def test_allocation_and_search_reach_the_target_at_least_lambda() -> None:
     assert score(less) > 0.03
     ones = search_repeats(prof, lambda reps: -score(reps), lambda v: v >= -1.0)
     assert ones.repeats == {"a": 1, "b": 1, "c": 1}
+
+
+def test_unreachable_target_keeps_no_repeats() -> None:
+    prof = NoiseProfile({"a": 0.4, "b": 0.1}, {"a": 1.0, "b": 4.0})
+    found = search_repeats(prof, lambda reps: -sum(0.1 + r * r / reps[m] for m, r in prof.noise_error.items()),
+                           lambda v: v >= -0.1, max_repeats=8)
+    assert not found.reached and found.repeats == {"a": 1, "b": 1} and len(found.trials) == 2

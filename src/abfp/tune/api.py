@@ -247,7 +247,8 @@ def tune(
         details.update(repeats=found.repeats, noise_error=profile.noise_error, repeat_trials=found.trials,
                        target_reached_on_calibration=found.reached)
         stage("repeats", plan, t0, note="target reached on calibration" if found.reached
-              else f"target {target} not reached with max_repeats={max_repeats}")
+              else f"target {target} not reached even with max_repeats={max_repeats} everywhere "
+              f"({found.trials[-1][1]:.4g} on calibration): no repeats kept")
 
     # 4. finetuning (optional)
     out_model = model
