@@ -9,11 +9,14 @@ from . import functional, metrics
 from .config import ABFPConfig, REFERENCE_NOISE_STD, presets
 from .ops.coverage import Coverage, coverage
 from .nn import analog_state, calibrate, convert, digital, is_converted, reseed, set_config, summary, to_digital
+from . import tune  # callable: abfp.tune(model, calibration_inputs, config, **options)
+from .tune import DevicePlan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ABFPConfig",
+    "DevicePlan",
     "REFERENCE_NOISE_STD",
     "analog_state",
     "calibrate",
@@ -29,4 +32,5 @@ __all__ = [
     "set_config",
     "summary",
     "to_digital",
+    "tune",
 ]

@@ -114,6 +114,12 @@ class ABFPConfig:
     reset and update gates concatenate; the candidate gate keeps its two products, since
     ``n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn))`` scales the hidden part alone."""
 
+    repeats: int = 1
+    """``k``: each analog product is repeated ``k`` times and averaged (SPEC section 5): the
+    device noise acts with standard deviation ``noise_std / sqrt(k)`` (the simulator draws one
+    noise sample of that deviation), and energy accounting (:mod:`abfp.energy`) counts ``k``
+    analog passes, ``k`` input DAC conversions and ``k`` ADC conversions. An integer >= 1."""
+
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"ABFPConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
@@ -155,6 +161,8 @@ class ABFPConfig:
                 raise bad(name, "must be true or false")
         if self.kernel not in ("auto", "reference", "chunked"):
             raise bad("kernel", "must be 'auto', 'reference' or 'chunked'")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise bad("repeats", "must be an integer >= 1")
 
     # ----------------------------------------------------------------- derived values
     @property
@@ -213,9 +221,10 @@ class ABFPConfig:
     def label(self) -> str:
         """A short human-readable description, e.g. ``abfp n=128 8/8/8 G=8 noise=0.289``."""
         bits = f"{self.weight_bits}/{self.input_bits}/{self.output_bits}"
+        k = f" k={self.repeats}" if self.repeats > 1 else ""
         if self.mode == "fixed":
-            return f"fixed n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}"
-        return f"abfp n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}"
+            return f"fixed n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}{k}"
+        return f"abfp n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}{k}"
 
 
 #: The gain the authors found best per tile width on their models (SPEC.md table).

@@ -133,6 +133,7 @@ def evaluate(
     *,
     task_name: str = "model",
     settings: EvalSettings | None = None,
+    overrides: dict[str, ABFPConfig] | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` at every point; returns one record per (model, point).
@@ -142,6 +143,8 @@ def evaluate(
     ``model, format, tile_width, input_bits, weight_bits, output_bits, gain, noise_std,
     metric, value, std, runs, values, delta_vs_fp32, seconds`` and, per point, ``layers``
     (per-product saturation and error on the first batch) and ``gains`` for auto gain.
+    ``overrides``: per-module configs (as :func:`abfp.convert` takes them, e.g. a
+    :class:`abfp.tune.DevicePlan`'s) applied at every ABFP point; each run sets their seed.
     """
     st = settings or EvalSettings()
     if kwargs:
@@ -201,6 +204,9 @@ def evaluate(
                         "values": [fp32_value], "delta_vs_fp32": 0.0, "seconds": fp32_seconds,
                         "extra": extra_fp32})
 
+    plan_overrides = dict(overrides or {})
+    if plan_overrides:
+        context = {**context, "overrides": {k: v.to_dict() for k, v in sorted(plan_overrides.items())}}
     work = copy.deepcopy(model)
     analog_model = convert(work, ABFPConfig(), inplace=True)
     calib_inputs = tuple(t[: st.calibration_samples].to(device) for t in data.inputs)
@@ -210,13 +216,13 @@ def evaluate(
                 continue
             assert p.config is not None
             bar.set_postfix_str(p.label())
-            overrides: dict[str, ABFPConfig] = {}
+            overrides: dict[str, ABFPConfig] = dict(plan_overrides) if p.format == "abfp" else {}
             gains: dict[str, float] | None = None
             cfg = p.config
             set_config(analog_model, cfg)
             if p.auto_gain:
                 gains = choose_gains(analog_model, calib_inputs, cfg, threshold=st.autogain_threshold)
-                overrides = gain_overrides(gains, cfg)
+                overrides = {**overrides, **gain_overrides(gains, cfg)}
             n_runs = st.runs if p.noisy else 1
             values, seconds, extras, layers = [], [], [], None
             coverages: list[dict[str, Any] | None] = []

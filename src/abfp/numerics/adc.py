@@ -141,13 +141,19 @@ def _odd_part(v: float) -> int:
     return c
 
 
+def effective_noise_std(cfg: ABFPConfig) -> float:
+    """The device noise a product sees: ``noise_std / sqrt(repeats)`` in output LSBs (``k``
+    repeats averaged, SPEC section 5; modelled by its standard deviation)."""
+    return cfg.noise_std / math.sqrt(cfg.repeats) if cfg.repeats > 1 else cfg.noise_std
+
+
 def draw_noise(shape: tuple[int, ...], cfg: ABFPConfig, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Device noise ``e`` in output LSBs (float32): uniform of width ``sqrt(12) std`` or Gaussian."""
     if cfg.noise_dist == "uniform":
-        width = math.sqrt(12.0) * cfg.noise_std
+        width = math.sqrt(12.0) * effective_noise_std(cfg)
         r = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
         return r.sub_(0.5).mul_(width)
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(cfg.noise_std)
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(effective_noise_std(cfg))
 
 
 def add_noise_(r: Tensor, cfg: ABFPConfig, generator: torch.Generator | None, key: int | None = None,
@@ -163,6 +169,6 @@ def add_noise_(r: Tensor, cfg: ABFPConfig, generator: torch.Generator | None, ke
         if key is None or index is None:
             raise ValueError("uniform device noise needs a key and the samples' index")
         # the samples are float32 values (their definition) on every path, float64 ones included
-        return r.add_(noise_values(key, index, cfg.noise_std, torch.float32).expand(r.shape))
+        return r.add_(noise_values(key, index, effective_noise_std(cfg), torch.float32).expand(r.shape))
     z = torch.randn(r.shape, generator=generator, device=r.device, dtype=r.dtype)
-    return r.add_(z, alpha=cfg.noise_std)
+    return r.add_(z, alpha=effective_noise_std(cfg))

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..config import ABFPConfig
 from . import fused
-from .adc import AdcPlan, add_noise_, code_gemm_dtype
+from .adc import AdcPlan, add_noise_, code_gemm_dtype, effective_noise_std
 from .blocks import Encoded, codes_, encode_rows, has_subnormal, needs_clamp, round_scale
 from .counter_noise import grid_index, noise_key, noise_scale
 from .workspace import scratch
@@ -243,7 +243,7 @@ def _adc_args(cfg: ABFPConfig, plan: AdcPlan, mult: float, q: float, key: int | 
     is ``D * mult / q`` output LSBs (:meth:`AdcPlan.int_ratio`), ``w16`` = ``w / 2**16``, the
     value in output LSBs of one noise integer (:func:`.counter_noise.noise_scale`), ``ly`` = ``L(b_y)``."""
     f32 = np.float32
-    return (f32(mult), f32(q), f32(noise_scale(cfg.noise_std) if key is not None else 0.0), f32(plan.max_code),
+    return (f32(mult), f32(q), f32(noise_scale(effective_noise_std(cfg)) if key is not None else 0.0), f32(plan.max_code),
             np.uint64(key or 0), key is not None, count)
 
 
