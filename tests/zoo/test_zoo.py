@@ -298,6 +298,8 @@ def test_efficientnet_fidelity_and_data():
     shuffled = out.roll(1, 0)
     assert AGREEMENT(shuffled, None, ref) < 100.0 and KL(shuffled, None, ref) > 0.01
     # the whole photo of the cat (chelsea) is a cat, of coffee an espresso or a cup
+    from abfp.zoo import efficientnet
+
     with torch.no_grad():
         whole = original(x[[0, efficientnet.CROPS_PER_PHOTO]]).argmax(-1).tolist()
     assert 281 <= whole[0] <= 285 and whole[1] in (967, 968)
