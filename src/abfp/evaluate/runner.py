@@ -125,6 +125,11 @@ def _aggregate(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """Mean of per-run standard errors (``None`` when a run has none, e.g. an old cache entry)."""
+    return None if not values or any(v is None for v in values) else statistics.fmean(values)  # type: ignore[arg-type]
+
+
 def evaluate(
     model: nn.Module,
     data: Dataset,
@@ -141,7 +146,8 @@ def evaluate(
     ``points``: :class:`Point` objects or bare :class:`ABFPConfig` (taken as ABFP or fixed by
     their mode). Keyword arguments override :class:`EvalSettings` fields. Each record holds
     ``model, format, tile_width, input_bits, weight_bits, output_bits, gain, noise_std,
-    metric, value, std, runs, values, delta_vs_fp32, seconds`` and, per point, ``layers``
+    metric, value, std, runs, values, delta_vs_fp32, seconds``, ``stderr`` (standard error of
+    ``value`` over the samples, mean over runs; ``extra_stderr`` for the extra metrics) and, per point, ``layers``
     (per-product saturation and error on the first batch) and ``gains`` for auto gain.
     ``overrides``: per-module configs (as :func:`abfp.convert` takes them, e.g. a
     :class:`abfp.tune.DevicePlan`'s) applied at every ABFP point; each run sets their seed.
@@ -177,6 +183,12 @@ def evaluate(
     targets = data.targets
     fp32_value = metric(ref, targets, ref)
     extra_fp32 = {m.name: m(ref, targets, ref) for m in st.extra_metrics}
+
+    def stderrs(out: Tensor) -> dict[str, float | None]:  # standard errors over the samples
+        return {m.name: m.stderr(out, targets, ref) for m in (metric, *st.extra_metrics)}
+
+    stderrs_keys = [metric.name, *(m.name for m in st.extra_metrics)]
+
     records: list[dict[str, Any]] = []
 
     def base_record(p: Point) -> dict[str, Any]:
@@ -200,9 +212,11 @@ def evaluate(
 
     if any(p.format == "fp32" for p in pts):
         bar.set_postfix_str("fp32")
+        fp32_se = stderrs(ref)
         records.append({**base_record(Point("fp32")), "value": fp32_value, "std": 0.0, "runs": 1,
                         "values": [fp32_value], "delta_vs_fp32": 0.0, "seconds": fp32_seconds,
-                        "extra": extra_fp32})
+                        "extra": extra_fp32, "stderr": fp32_se[metric.name],
+                        "extra_stderr": {m.name: fp32_se[m.name] for m in st.extra_metrics}})
 
     plan_overrides = dict(overrides or {})
     if plan_overrides:
@@ -224,7 +238,7 @@ def evaluate(
                 gains = choose_gains(analog_model, calib_inputs, cfg, threshold=st.autogain_threshold)
                 overrides = {**overrides, **gain_overrides(gains, cfg)}
             n_runs = st.runs if p.noisy else 1
-            values, seconds, extras, layers = [], [], [], None
+            values, seconds, extras, layers, ses = [], [], [], None, []
             coverages: list[dict[str, Any] | None] = []
             for r in range(n_runs):
                 rcfg = cfg.replace(seed=st.seed + r) if p.noisy else cfg
@@ -240,6 +254,7 @@ def evaluate(
                     coverages.append(hit.get("coverage"))
                     seconds.append(hit["seconds"])
                     extras.append(hit.get("extra", {}))
+                    ses.append(hit.get("stderr", {}))
                     layers = layers or hit.get("layers")
                     gains = gains or hit.get("gains")
                     bar.update(n_samples)
@@ -257,6 +272,7 @@ def evaluate(
                 if not math.isfinite(v):
                     raise FloatingPointError(f"{task_name} at {p.label()}: metric is {v}")
                 ex = {m.name: m(out, targets, ref) for m in st.extra_metrics}
+                se = stderrs(out)
                 lay = None
                 if st.layer_stats and r == 0 and rank == 0:
                     first = tuple(t[: st.batch_size].to(device) for t in data.inputs)
@@ -264,17 +280,20 @@ def evaluate(
                     layers = lay
                 if rank == 0:
                     cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains,
-                                    "coverage": cov},
+                                    "coverage": cov, "stderr": se},
                               info=f"{task_name} {p.label()} run {r}")
                 values.append(v)
                 coverages.append(cov)
                 seconds.append(dt)
                 extras.append(ex)
+                ses.append(se)
             mean, std = _aggregate(values)
+            se_mean = {k: _mean_or_none([e.get(k) for e in ses]) for k in stderrs_keys}
             extra = {k: statistics.fmean(e[k] for e in extras) for k in (extras[0] if extras else {})}
             rec = {**base_record(p), "value": mean, "std": std, "runs": n_runs, "values": values,
                    "delta_vs_fp32": mean - fp32_value, "seconds": statistics.fmean(seconds),
-                   "extra": extra, "layers": layers}
+                   "extra": extra, "layers": layers, "stderr": se_mean[metric.name],
+                   "extra_stderr": {k: se_mean[k] for k in stderrs_keys[1:]}}
             if gains is not None:
                 rec["gains"] = gains
             known = [c for c in coverages if c is not None]

@@ -3,6 +3,7 @@
     abfp finetune                                   DNF, the default scenario (see DEFAULTS)
     abfp finetune --method qat --json qat.json      QAT on the same scenario
     abfp finetune --model fashion-vit --steps 300 --per-channel
+    abfp finetune --task efficientnet-lite0 --loss kl --noise 0.2887   label-free: distil from float32
     abfp finetune --resume                          continue a killed run from its last checkpoint
     abfp finetune --force                           start again over an existing checkpoint / outputs
     torchrun --nproc-per-node 2 -m abfp finetune    the same on two processes (data parallel)
@@ -34,6 +35,21 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Zoo tasks without labels that finetune label-free on their calibration split.
+UNLABELLED_TASKS = ("efficientnet-lite0", "minilm-l6")
+#: Their default distillation loss.
+DEFAULT_LOSS = {"efficientnet-lite0": "kl", "minilm-l6": "cosine"}
+
+
+def resolve_loss(args: argparse.Namespace) -> str:
+    """``--loss``, or its default: ce for a labelled task, the task's distillation loss otherwise."""
+    if args.loss is None:
+        return DEFAULT_LOSS.get(args.model, "ce")
+    if args.loss == "ce" and args.model in UNLABELLED_TASKS:
+        raise UsageError(f"--model {args.model} has no labels: use --loss kl, cosine or mse (label-free)")
+    return args.loss
+
+
 def register(sub: Any) -> None:
     """Add the ``finetune`` subcommand to ``abfp``'s subparsers."""
     p = sub.add_parser(
@@ -44,7 +60,13 @@ def register(sub: Any) -> None:
                     "after is always on the full device simulation. See docs/finetune.md.")
     p.add_argument("--method", choices=["dnf", "qat"], default="dnf", help="default: dnf")
     p.add_argument("--model", "--task", dest="model", default=DEFAULTS["model"],
-                   help="zoo task with a training set: fashion-cnn (default) or fashion-vit")
+                   help="zoo task: fashion-cnn (default) or fashion-vit (labelled training set); efficientnet-lite0 "
+                        "or minilm-l6 (label-free, on their calibration split)")
+    p.add_argument("--loss", choices=["ce", "kl", "cosine", "mse"], default=None,
+                   help="ce: cross entropy on the labels; kl (logits), cosine or mse (outputs): label-free distillation "
+                        "from a frozen float32 copy of the model (default: ce with labels, else the task's: kl for "
+                        "efficientnet-lite0, cosine for minilm-l6)")
+    p.add_argument("--temperature", type=float, default=None, help="temperature T of --loss kl (default 1)")
     g = p.add_argument_group("device (default: n=128, gain 8, 8/8/8, uniform noise of std 2 LSB)")
     g.add_argument("--preset", default=None, help="named device config (abfp presets); replaces the default scenario")
     g.add_argument("--config", default=None, help="device config as a JSON file or string; replaces the default scenario")
@@ -60,8 +82,8 @@ def register(sub: Any) -> None:
                    "evaluation unless the device config sets one (default 0)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--lr-decay", type=float, default=1.0, help="learning rate factor per epoch of the training set (default 1)")
-    t.add_argument("--train-samples", type=int, default=None, help="use the first N training images (default all)")
-    t.add_argument("--eval-samples", type=int, default=DEFAULTS["eval_samples"], help=f"first N test images for the metrics (default {DEFAULTS['eval_samples']})")
+    t.add_argument("--train-samples", type=int, default=None, help="use the first N training inputs (default all)")
+    t.add_argument("--eval-samples", type=int, default=DEFAULTS["eval_samples"], help=f"first N test / evaluation inputs for the metrics (default {DEFAULTS['eval_samples']})")
     t.add_argument("--eval-batch-size", type=int, default=500, help="default 500")
     d = p.add_argument_group("DNF variants (the defaults are the authors' method)")
     d.add_argument("--calibration-samples", type=int, default=128, help="size of the one calibration batch (default 128)")
@@ -111,6 +133,7 @@ def _validate(args: argparse.Namespace) -> None:
         if not ok:
             raise UsageError(msg)
 
+    args.loss = resolve_loss(args)
     need(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
     need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
@@ -134,6 +157,9 @@ def _validate(args: argparse.Namespace) -> None:
             ("--rank-by", args.rank_by != "std"),
         ) if used]
         need(not dnf_only, f"{', '.join(dnf_only)} only apply to --method dnf")
+    need(args.temperature is None or (args.temperature > 0 and args.temperature != float("inf")),
+         f"--temperature must be > 0, got {args.temperature}")
+    need(args.temperature is None or args.loss == "kl", "--temperature only applies to --loss kl")
     need(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     need(args.time_steps is None or args.time_steps >= 1, f"--time-steps must be >= 1, got {args.time_steps}")
     check_output_args(args, {"json_path": "--json", "save_model": "--save-model"})  # before any work
@@ -167,7 +193,7 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     import torch
 
     from .. import zoo
-    from .data import TRAINABLE_TASKS, training_data
+    from .data import TRAINABLE_TASKS, training_data, unlabelled_data
     from .methods import dnf, qat
 
     if args.batch_size % world_size:
@@ -178,8 +204,9 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     show = print if rank == 0 else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model not in TRAINABLE_TASKS:
-        raise UsageError(f"--model {args.model!r}: no training data known; choose one of {', '.join(TRAINABLE_TASKS)}")
+    if args.model not in TRAINABLE_TASKS + UNLABELLED_TASKS:
+        raise UsageError(f"--model {args.model!r}: no training inputs known; choose one of "
+                         f"{', '.join(TRAINABLE_TASKS + UNLABELLED_TASKS)}")
     cfg = device_config(args)
     ckpt = None if args.time_steps else checkpoint_path(args)
     from .parallel import from_main
@@ -187,14 +214,19 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     resume_meta = from_main(lambda: check_outputs(args, ckpt))
     if resume_meta is not None:
         _adopt_checkpoint(args, ckpt, resume_meta, show)
-    task = zoo.get(args.model)
     try:
-        train = training_data(args.model, args.train_samples)
-    except FileNotFoundError as e:
+        task = zoo.get(args.model)
+        if args.loss == "ce":
+            train = training_data(args.model, args.train_samples)
+        else:
+            train = unlabelled_data(args.model, args.train_samples)
+    except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     if len(train) < args.batch_size:
         raise UsageError(f"the training set has {len(train)} samples, fewer than --batch-size {args.batch_size}")
     if args.time_steps:
+        if args.loss != "ce":
+            raise UsageError("--time-steps times labelled training steps; use it with --loss ce")
         return _time_steps(args, task, train, cfg)
     eval_data = task.load_data().take(args.eval_samples)
     if ckpt and args.resume and resume_meta is None:
@@ -203,10 +235,13 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     common = dict(seed=args.seed, weight_decay=args.weight_decay, lr_decay=args.lr_decay, eval_data=eval_data,
                   metric=task.metric, eval_batch_size=args.eval_batch_size, checkpoint=ckpt,
                   checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress,
-                  desc=f"{args.method} {args.model}")
+                  desc=f"{args.method} {args.model}",
+                  loss=None if args.loss == "ce" else args.loss, temperature=args.temperature)
     procs = f" on {world_size} processes" if world_size > 1 else ""
-    show(f"{args.method} on {args.model}, device {cfg.label()}, {args.steps} steps, lr {args.lr:g}, "
-         f"batch {args.batch_size}{procs}, {len(eval_data)} test images")
+    how = "" if args.loss == "ce" else \
+        f", label-free ({args.loss}{'' if args.temperature is None else f', T={args.temperature:g}'} to float32)"
+    show(f"{args.method} on {args.model}{how}, device {cfg.label()}, {args.steps} steps, lr {args.lr:g}, "
+         f"batch {args.batch_size}{procs}, {len(train)} training / {len(eval_data)} evaluation inputs")
     t0 = time.perf_counter()
     if args.method == "dnf":
         result = dnf(task.build_model(), train, cfg, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -230,7 +265,8 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     print(f"  step {_fmt(result.seconds_per_step, '.4f')} s, float32 step {_fmt(result.fp32_seconds_per_step, '.4f')} s "
           f"({_fmt(ratio, '.2f')}x); training {result.seconds_total:.1f} s; wall {wall:.1f} s")
     record = {**result.to_dict(), "model": args.model, "device": cfg.label(), "wall_seconds": wall,
-              "checkpoint": ckpt}
+              "checkpoint": ckpt, "loss": args.loss, "temperature": args.temperature,
+              "train_samples": len(train)}
     if args.json_path:
         _write_json(args.json_path, record)
         print(f"wrote {args.json_path}")
@@ -241,7 +277,8 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
 
         with atomic_path(args.save_model) as tmp:
             save_file({k: v.detach().contiguous() for k, v in result.model.state_dict().items()}, str(tmp),
-                      metadata={"method": args.method, "device": cfg.label(), "steps": str(result.steps)})
+                      metadata={"method": args.method, "device": cfg.label(), "steps": str(result.steps),
+                                "loss": args.loss})
         print(f"wrote {args.save_model}")
     return 0
 
@@ -249,7 +286,8 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
 def checkpoint_path(args: argparse.Namespace) -> str | None:
     """``--checkpoint`` (default ``.abfp_finetune/<model>-<method>.safetensors``; ``''``: none)."""
     if args.checkpoint is None:
-        return str(Path(".abfp_finetune") / f"{args.model}-{args.method}.safetensors")
+        loss = "" if getattr(args, "loss", None) in (None, "ce") else f"-{args.loss}"
+        return str(Path(".abfp_finetune") / f"{args.model}-{args.method}{loss}.safetensors")
     return args.checkpoint or None
 
 
