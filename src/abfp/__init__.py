@@ -4,16 +4,20 @@ Public names: :class:`ABFPConfig`, :func:`presets`, :func:`convert`, :func:`to_d
 :func:`calibrate`, :func:`summary`, and the modules :mod:`abfp.functional`, :mod:`abfp.metrics`.
 """
 
-from . import functional, metrics, ops
+from . import ops  # noqa: I001  (first: the product families, which abfp.functional re-exports)
+from . import functional, metrics
 from .config import ABFPConfig, REFERENCE_NOISE_STD, presets
 from .ops.coverage import Coverage, coverage
 from .nn import analog_state, calibrate, convert, digital, is_converted, reseed, set_config, summary, to_digital
-from . import explore  # a callable package: abfp.explore(task, ...) designs the device (abfp explore)
+from . import tune  # callable: abfp.tune(model, calibration_inputs, config, **options)
+from .tune import DevicePlan
+from . import explore  # callable: abfp.explore(task, **options) designs the device (abfp explore)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ABFPConfig",
+    "DevicePlan",
     "REFERENCE_NOISE_STD",
     "analog_state",
     "calibrate",
@@ -30,4 +34,5 @@ __all__ = [
     "set_config",
     "summary",
     "to_digital",
+    "tune",
 ]

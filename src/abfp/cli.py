@@ -9,6 +9,7 @@
     abfp finetune --method dnf     differential noise finetuning (or --method qat)
     abfp precision --noise shot    learned per-layer energy under shot noise
     abfp energy --task fashion-cnn energy and operation counts per layer
+    abfp tune --task NAME --json plan.json   a per-layer device plan (gains, repeats) and a report
     abfp explore --task fashion-cnn --target-drop 1 --json explore.json   design the device
     abfp presets | abfp zoo
 """
@@ -100,6 +101,8 @@ def _eval_parser(sub) -> None:
                                                   "the fields they name")
     p.add_argument("--config", default=None, help="base device as a JSON file or string (like --preset)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--plan", default=None, help="evaluate a device plan (abfp tune --json) instead of a grid")
+    p.add_argument("--weights", default=None, help="with --plan: load these weights (safetensors) into the model")
     add_force_option(p)
     p.set_defaults(func=cmd_eval)
 
@@ -187,10 +190,16 @@ def _with_configs(records: list[dict[str, Any]], points: Sequence[Any]) -> list[
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import zoo
     from .evaluate import EvalSettings, evaluate, format_table
+    from .evaluate.runner import coverage_line
     from .evaluate.cache import CACHE_FILE
 
     _validate_eval(args)
+    plan, weights = _plan_args(args)
     points, runs = eval_points(args)
+    if plan is not None:
+        from .evaluate.grid import Point
+
+        points = [Point("fp32"), Point("abfp", plan.base)]
     device = resolve_device(args.device)
     apply_threads(args.threads)
     json_out = check_output_args(args, {"json_path": "--json"})
@@ -216,8 +225,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.cache_dir:
             cache = str(Path(args.cache_dir) / CACHE_FILE)  # one database, keyed on model, data, metric, config
         t0 = time.perf_counter()
+        model = task.build_model()
+        if weights is not None:
+            _load_weights(model, weights)
         recs = evaluate(
-            task.build_model(), task.load_data(), task.metric, points, task_name=task.name,
+            model, task.load_data(), task.metric, points, task_name=task.name,
+            overrides=plan.overrides() if plan is not None else None,
             settings=EvalSettings(runs=runs, batch_size=args.batch_size or task.default_batch_size, samples=samples,
                                   device=device, seed=args.seed, fixed_percentile=args.fixed_percentile,
                                   progress=not args.no_progress, cache_path=cache,
@@ -225,13 +238,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         recs = _with_configs(recs, points)
         show(format_table(recs))
-        show(f"  ({time.perf_counter() - t0:.1f} s)\n")
+        show(f"  {coverage_line(recs)}  ({time.perf_counter() - t0:.1f} s)\n")
         all_records.extend(recs)
     if json_out and rank == 0:
         atomic_write_text(json_out[0], json.dumps(all_records, indent=1, sort_keys=True) + "\n")
         show(f"wrote {len(all_records)} records to {json_out[0]}")
     shutdown()
     return 0
+
+
+def _plan_args(args: argparse.Namespace) -> tuple[Any, Path | None]:
+    """``--plan`` (a DevicePlan) and ``--weights``, checked before any work."""
+    if args.plan is None:
+        if args.weights is not None:
+            raise UsageError("--weights goes with --plan")
+        return None, None
+    clash = [flag for attr, flag in (("tile_widths", "--tile-widths"), ("gains", "--gains"), ("bits", "--bits"),
+                                     ("noise", "--noise"), ("noise_dist", "--noise-dist"), ("preset", "--preset"),
+                                     ("config", "--config")) if getattr(args, attr) is not None]
+    if args.paper:
+        clash.append("--paper")
+    if clash:
+        raise UsageError(f"--plan sets the device; drop {', '.join(clash)}")
+    from .tune.plan import DevicePlan
+
+    path = Path(args.plan)
+    if not path.is_file():
+        raise UsageError(f"--plan: no such file: {path}" if not path.exists() else f"--plan: {path} is a folder")
+    try:
+        plan = DevicePlan.from_json(path)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--plan {path}: {' '.join(str(e).split())}") from None
+    if plan.exclude:
+        raise UsageError(f"--plan {path}: plans with excluded modules are not evaluated by abfp eval")
+    args.no_fixed = True
+    weights = None
+    if args.weights is not None:
+        weights = Path(args.weights)
+        if not weights.is_file():
+            raise UsageError(f"--weights: no such file: {weights}")
+    return plan, weights
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    """Load a safetensors file into ``model`` (every key must match)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise UsageError(f"--weights {path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UsageError(f"--weights {path}: does not fit the model: {' '.join(str(e).split())[:300]}") from None
 
 
 # ------------------------------------------------------------------------------ report
@@ -368,11 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: The commands that write files: each has ``--force`` and checks its outputs before any work.
-WRITING_COMMANDS = ("eval", "report", "microbench", "finetune", "precision", "energy", "explore")
+WRITING_COMMANDS = ("eval", "report", "microbench", "finetune", "precision", "energy", "tune", "explore")
 
 
 #: Modules with a ``register(subparsers)`` function that adds their subcommands.
-_EXTRA_COMMAND_MODULES = ("abfp.finetune.cli", "abfp.precision.cli", "abfp.explore.cli")
+_EXTRA_COMMAND_MODULES = ("abfp.finetune.cli", "abfp.precision.cli", "abfp.tune.cli", "abfp.explore.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

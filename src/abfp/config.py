@@ -92,8 +92,10 @@ class ABFPConfig:
     """Keep layer inputs and outputs in bfloat16 (the authors' simulation did)."""
 
     kernel: Kernel = "auto"
-    """Implementation (not a device property; every choice gives the same numbers, see the
-    tests): ``"reference"`` follows SPEC line by line in float64; ``"chunked"`` is the fast
+    """Implementation (not a device property): the fast paths give the same numbers as each
+    other, and as the reference without noise (see the tests); with noise the reference draws
+    its own noise samples, so its outputs agree in distribution only. ``"reference"`` follows
+    SPEC line by line in float64; ``"chunked"`` is the fast
     path with float32 GEMMs on the codes; ``"auto"`` (default) is the fast path with int8
     GEMMs on the codes (``torch._int_mm``, exact int32 sums) where the DACs have at most 8
     bits, the tiles are at least 32 wide and the GEMM is large enough to gain (on CPU; on
@@ -102,6 +104,21 @@ class ABFPConfig:
     kernels (:mod:`abfp.numerics.fused`, numba) where numba is installed and the ADC
     arithmetic is float32 (uniform or no noise, no bfloat16 tile outputs), else as torch
     operations: the same numbers either way."""
+
+    recurrent_concat: bool = False
+    """Recurrent layers (LSTM, GRU, RNN and their cells): ``False`` (default) computes each
+    step's gates from two products, ``x_t W_ih^T`` and ``h_{t-1} W_hh^T``, each tiled along
+    its own reduction axis (K = input size, K = hidden size). ``True`` computes them as one
+    product over the concatenation, ``[x_t, h_{t-1}] [W_ih W_hh]^T`` (K = input + hidden
+    size; a tile may hold both), as a crossbar holding ``[W_ih W_hh]`` would. GRU: only the
+    reset and update gates concatenate; the candidate gate keeps its two products, since
+    ``n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn))`` scales the hidden part alone."""
+
+    repeats: int = 1
+    """``k``: each analog product is repeated ``k`` times and averaged (SPEC section 5): the
+    device noise acts with standard deviation ``noise_std / sqrt(k)`` (the simulator draws one
+    noise sample of that deviation), and energy accounting (:mod:`abfp.energy`) counts ``k``
+    analog passes, ``k`` input DAC conversions and ``k`` ADC conversions. An integer >= 1."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -139,11 +156,13 @@ class ABFPConfig:
             raise bad("scale_dtype", "must be 'bfloat16', 'float32' or 'pow2'")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise bad("seed", "must be None or a non-negative integer")
-        for name in ("bf16_tile_outputs", "bf16_io"):
+        for name in ("bf16_tile_outputs", "bf16_io", "recurrent_concat"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         if self.kernel not in ("auto", "reference", "chunked"):
             raise bad("kernel", "must be 'auto', 'reference' or 'chunked'")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise bad("repeats", "must be an integer >= 1")
 
     # ----------------------------------------------------------------- derived values
     @property
@@ -202,9 +221,10 @@ class ABFPConfig:
     def label(self) -> str:
         """A short human-readable description, e.g. ``abfp n=128 8/8/8 G=8 noise=0.289``."""
         bits = f"{self.weight_bits}/{self.input_bits}/{self.output_bits}"
+        k = f" k={self.repeats}" if self.repeats > 1 else ""
         if self.mode == "fixed":
-            return f"fixed n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}"
-        return f"abfp n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}"
+            return f"fixed n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}{k}"
+        return f"abfp n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}{k}"
 
 
 #: The gain the authors found best per tile width on their models (SPEC.md table).

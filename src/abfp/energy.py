@@ -17,6 +17,11 @@ tiles, ``g`` groups and ``P`` products of that shape (batched matmuls):
   ``P K N`` more for a matmul's second operand; 0 in fixed point);
   ``normalise_multiplies``: one per dynamically converted value (``x / s`` before the DAC).
 
+Repeats (``config.repeats = k``, SPEC section 5): each product runs ``k`` times and its outputs
+are averaged, so ``dac_inputs`` and ``adc_conversions`` are ``k`` times the counts above, the
+analog energy is ``k`` times (``macs`` stays the model's count), and the average costs
+``M N T (k - 1)`` more ``accumulate_adds`` (the ``1/k`` folds into the scale).
+
 Energies (:class:`EnergyParams`, picojoules, every value a parameter):
 
 * analog: ``macs * analog_mac * G`` (a gain G costs G times the analog product energy, as the
@@ -195,17 +200,18 @@ def layer_cost(site: str, kind: str, x_shape: Sequence[int], w_shape: Sequence[i
     T = math.ceil(K / n)
     outputs = M * N
     c = LayerCost(site, kind, config.label(), M, N, K, T, groups, products, macs=int(macs))
-    c.dac_inputs = M * K * groups
+    k = config.repeats  # k repeated analog passes, averaged digitally
+    c.dac_inputs = M * K * groups * k
     c.dac_weights = K * N * products if dynamic_weights else N * K * calls
-    c.adc_conversions = outputs * T
-    c.accumulate_adds = outputs * (T - 1)
-    dyn = c.dac_inputs + (c.dac_weights if dynamic_weights else 0)
-    c.scale_multiplies = (1 if fixed else 2) * c.adc_conversions
+    c.adc_conversions = outputs * T * k
+    c.accumulate_adds = outputs * (T - 1) + outputs * T * (k - 1)
+    dyn = M * K * groups + (c.dac_weights if dynamic_weights else 0)  # block scales: once per input
+    c.scale_multiplies = (1 if fixed else 2) * outputs * T  # after the average
     c.normalise_multiplies = dyn
     c.max_compares = 0 if fixed else dyn
     p = params
     c.energy = {
-        "analog": c.macs * p.analog_energy(config.gain),
+        "analog": c.macs * k * p.analog_energy(config.gain),
         "dac": c.dac_inputs * p.dac_energy(config.input_bits, "input")
         + c.dac_weights * p.dac_energy(config.weight_bits, "weight"),
         "adc": c.adc_conversions * p.adc_energy(config.output_bits),

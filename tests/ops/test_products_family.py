@@ -245,3 +245,34 @@ def test_gpt2_runs_fully_analog():
     assert s.total_macs == 2 * 16 * (2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64) + 64 * 100) + 2 * 2 * 4 * 16 * 16 * 16 * 2
     with torch.no_grad():
         assert 1e-3 < abfp.metrics.relative_error(cm(x).logits, m(x).logits) < 0.2
+
+
+def test_eval_records_and_table_report_the_device_mac_share(tmp_path):
+    """abfp.evaluate: every record carries its run's device MAC share and the float32 products."""
+    from abfp.evaluate import EvalSettings, evaluate
+    from abfp.evaluate.runner import coverage_line
+    from abfp.zoo import TOP1, Dataset
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(20, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.head(h) + torch.cdist(h, h)[:, :3]  # cdist: no analog model
+
+    torch.manual_seed(0)
+    data = Dataset(torch.randn(40, 20), torch.randint(0, 3, (40,)))
+    recs = evaluate(Net(), data, TOP1, [CFG], settings=EvalSettings(progress=False, batch_size=40,
+                                                                 cache_path=str(tmp_path / "c.sqlite")))
+    (dev,) = [r for r in recs if r["format"] != "fp32"]
+    analog, digital = 40 * (8 * 20 + 3 * 8), 40 * 40 * 8
+    assert dev["device_mac_share"] == pytest.approx(analog / (analog + digital))
+    assert list(dev["digital_ops"]) == ["torch.cdist (no analog model)"]
+    assert "float32: torch.cdist" in coverage_line(recs)
+    # served from the cache: the same share
+    again = evaluate(Net(), data, TOP1, [CFG], settings=EvalSettings(progress=False, batch_size=40,
+                                                                  cache_path=str(tmp_path / "c.sqlite")))
+    assert [r for r in again if r["format"] != "fp32"][0]["device_mac_share"] == dev["device_mac_share"]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import ABFPConfig
-from ..nn import calibrate, convert, is_converted, reseed, set_config, summary, to_digital
+from ..nn import analog_state, calibrate, convert, is_converted, reseed, set_config, summary, to_digital
 from ..zoo.base import Dataset, Metric
 from .autogain import choose_gains, gain_overrides
 from .cache import RunCache, run_key
@@ -125,6 +125,11 @@ def _aggregate(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """Mean of per-run standard errors (``None`` when a run has none, e.g. an old cache entry)."""
+    return None if not values or any(v is None for v in values) else statistics.fmean(values)  # type: ignore[arg-type]
+
+
 def evaluate(
     model: nn.Module,
     data: Dataset,
@@ -133,6 +138,7 @@ def evaluate(
     *,
     task_name: str = "model",
     settings: EvalSettings | None = None,
+    overrides: dict[str, ABFPConfig] | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` at every point; returns one record per (model, point).
@@ -140,8 +146,11 @@ def evaluate(
     ``points``: :class:`Point` objects or bare :class:`ABFPConfig` (taken as ABFP or fixed by
     their mode). Keyword arguments override :class:`EvalSettings` fields. Each record holds
     ``model, format, tile_width, input_bits, weight_bits, output_bits, gain, noise_std,
-    metric, value, std, runs, values, delta_vs_fp32, seconds`` and, per point, ``layers``
+    metric, value, std, runs, values, delta_vs_fp32, seconds``, ``stderr`` (standard error of
+    ``value`` over the samples, mean over runs; ``extra_stderr`` for the extra metrics) and, per point, ``layers``
     (per-product saturation and error on the first batch) and ``gains`` for auto gain.
+    ``overrides``: per-module configs (as :func:`abfp.convert` takes them, e.g. a
+    :class:`abfp.tune.DevicePlan`'s) applied at every ABFP point; each run sets their seed.
     """
     st = settings or EvalSettings()
     if kwargs:
@@ -174,6 +183,12 @@ def evaluate(
     targets = data.targets
     fp32_value = metric(ref, targets, ref)
     extra_fp32 = {m.name: m(ref, targets, ref) for m in st.extra_metrics}
+
+    def stderrs(out: Tensor) -> dict[str, float | None]:  # standard errors over the samples
+        return {m.name: m.stderr(out, targets, ref) for m in (metric, *st.extra_metrics)}
+
+    stderrs_keys = [metric.name, *(m.name for m in st.extra_metrics)]
+
     records: list[dict[str, Any]] = []
 
     def base_record(p: Point) -> dict[str, Any]:
@@ -197,10 +212,15 @@ def evaluate(
 
     if any(p.format == "fp32" for p in pts):
         bar.set_postfix_str("fp32")
+        fp32_se = stderrs(ref)
         records.append({**base_record(Point("fp32")), "value": fp32_value, "std": 0.0, "runs": 1,
                         "values": [fp32_value], "delta_vs_fp32": 0.0, "seconds": fp32_seconds,
-                        "extra": extra_fp32})
+                        "extra": extra_fp32, "stderr": fp32_se[metric.name],
+                        "extra_stderr": {m.name: fp32_se[m.name] for m in st.extra_metrics}})
 
+    plan_overrides = dict(overrides or {})
+    if plan_overrides:
+        context = {**context, "overrides": {k: v.to_dict() for k, v in sorted(plan_overrides.items())}}
     work = copy.deepcopy(model)
     analog_model = convert(work, ABFPConfig(), inplace=True)
     calib_inputs = tuple(t[: st.calibration_samples].to(device) for t in data.inputs)
@@ -210,15 +230,16 @@ def evaluate(
                 continue
             assert p.config is not None
             bar.set_postfix_str(p.label())
-            overrides: dict[str, ABFPConfig] = {}
+            overrides: dict[str, ABFPConfig] = dict(plan_overrides) if p.format == "abfp" else {}
             gains: dict[str, float] | None = None
             cfg = p.config
             set_config(analog_model, cfg)
             if p.auto_gain:
                 gains = choose_gains(analog_model, calib_inputs, cfg, threshold=st.autogain_threshold)
-                overrides = gain_overrides(gains, cfg)
+                overrides = {**overrides, **gain_overrides(gains, cfg)}
             n_runs = st.runs if p.noisy else 1
-            values, seconds, extras, layers = [], [], [], None
+            values, seconds, extras, layers, ses = [], [], [], None, []
+            coverages: list[dict[str, Any] | None] = []
             for r in range(n_runs):
                 rcfg = cfg.replace(seed=st.seed + r) if p.noisy else cfg
                 # the batch size decides how noise draws fall on samples: part of the key
@@ -230,8 +251,10 @@ def evaluate(
                 hit = broadcast_from_main(cache.get(key) if rank == 0 else None)
                 if hit is not None:
                     values.append(hit["value"])
+                    coverages.append(hit.get("coverage"))
                     seconds.append(hit["seconds"])
                     extras.append(hit.get("extra", {}))
+                    ses.append(hit.get("stderr", {}))
                     layers = layers or hit.get("layers")
                     gains = gains or hit.get("gains")
                     bar.update(n_samples)
@@ -240,37 +263,66 @@ def evaluate(
                 set_config(analog_model, rcfg, overrides=run_overrides)
                 if p.format == "fixed":
                     calibrate(analog_model, [calib_inputs], percentile=st.fixed_percentile)
+                analog_state(analog_model).coverage.reset()
                 t1 = time.perf_counter()
                 out = run(analog_model)
                 dt = time.perf_counter() - t1
+                cov = analog_state(analog_model).coverage.as_dict()  # this run's device MAC share
                 v = metric(out, targets, ref)
                 if not math.isfinite(v):
                     raise FloatingPointError(f"{task_name} at {p.label()}: metric is {v}")
                 ex = {m.name: m(out, targets, ref) for m in st.extra_metrics}
+                se = stderrs(out)
                 lay = None
                 if st.layer_stats and r == 0 and rank == 0:
                     first = tuple(t[: st.batch_size].to(device) for t in data.inputs)
                     lay = summary(analog_model, first).as_dicts()
                     layers = lay
                 if rank == 0:
-                    cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains},
+                    cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains,
+                                    "coverage": cov, "stderr": se},
                               info=f"{task_name} {p.label()} run {r}")
                 values.append(v)
+                coverages.append(cov)
                 seconds.append(dt)
                 extras.append(ex)
+                ses.append(se)
             mean, std = _aggregate(values)
+            se_mean = {k: _mean_or_none([e.get(k) for e in ses]) for k in stderrs_keys}
             extra = {k: statistics.fmean(e[k] for e in extras) for k in (extras[0] if extras else {})}
             rec = {**base_record(p), "value": mean, "std": std, "runs": n_runs, "values": values,
                    "delta_vs_fp32": mean - fp32_value, "seconds": statistics.fmean(seconds),
-                   "extra": extra, "layers": layers}
+                   "extra": extra, "layers": layers, "stderr": se_mean[metric.name],
+                   "extra_stderr": {k: se_mean[k] for k in stderrs_keys[1:]}}
             if gains is not None:
                 rec["gains"] = gains
+            known = [c for c in coverages if c is not None]
+            if known:  # share of the model's MACs computed on the device, per run
+                rec["device_mac_share"] = statistics.fmean(c["share"] for c in known)
+                rec["device_mac_shares"] = [c["share"] for c in known]
+                rec["digital_ops"] = known[0]["digital_ops"]
             records.append(rec)
     finally:
         to_digital(analog_model)
         bar.close()
         cache.close()
     return records
+
+
+def coverage_line(records: Sequence[dict[str, Any]]) -> str:
+    """One line: the share of the model's MACs the device computed (lowest over its points) and the
+    products that stayed float32 (SPEC 3.1: no product is digital without saying so)."""
+    shares = [r["device_mac_share"] for r in records if "device_mac_share" in r]
+    if not shares:
+        return "device MAC share: not measured"
+    ops: dict[str, int] = {}
+    for r in records:
+        for k, v in (r.get("digital_ops") or {}).items():
+            ops[k] = max(ops.get(k, 0), v)
+    line = f"device MAC share: {100 * min(shares):.2f}%"
+    if ops:
+        line += " (float32: " + ", ".join(sorted(ops)) + ")"
+    return line
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:

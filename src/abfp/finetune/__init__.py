@@ -9,21 +9,27 @@
 ...            eval_data=task.load_data().take(2000))
 >>> r.metric_before, r.metric_after, r.seconds_per_step / r.fp32_seconds_per_step
 
+Label-free (any pretrained model, a few hundred unlabelled inputs, distilled from its frozen
+float32 copy)::
+
+    model = ft.distil(model, inputs, cfg, method="qat", loss="kl", steps=100, lr=1e-5)
+
 ``qat`` trains through the full device simulation (straight-through gradients, noise
 included); ``dnf`` trains the float32 network with noise sampled from per-layer histograms
 of the device's error, measured once. See ``docs/finetune.md``.
 """
 
 from .data import TRAINABLE_TASKS, training_data
+from .distillation import DISTILLATION_LOSSES, Distillation
 from .dnf import DNFNoise, build_histograms, record_differentials, select_noisiest
 from .histogram import Histogram
 from .loop import FinetuneResult, TrainSettings, device_metric
-from .methods import DNFOptions, dnf, qat
+from .methods import DNFOptions, distil, dnf, qat
 from .sampler import add_noise
 from .timing import time_steps
 
 __all__ = [
-    "DNFNoise", "DNFOptions", "FinetuneResult", "Histogram", "TRAINABLE_TASKS", "TrainSettings", "add_noise",
-    "build_histograms", "device_metric", "dnf", "qat", "record_differentials", "select_noisiest", "time_steps",
+    "DISTILLATION_LOSSES", "DNFNoise", "DNFOptions", "Distillation", "FinetuneResult", "Histogram", "TRAINABLE_TASKS", "TrainSettings", "add_noise",
+    "build_histograms", "device_metric", "distil", "dnf", "qat", "record_differentials", "select_noisiest", "time_steps",
     "training_data",
 ]  # fmt: skip

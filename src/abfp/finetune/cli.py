@@ -3,7 +3,9 @@
     abfp finetune                                   DNF, the default scenario (see DEFAULTS)
     abfp finetune --method qat --json qat.json      QAT on the same scenario
     abfp finetune --model fashion-vit --steps 300 --per-channel
+    abfp finetune --task efficientnet-lite0 --loss kl --noise 0.2887   label-free: distil from float32
     abfp finetune --resume                          continue a killed run from its last checkpoint
+    abfp finetune --force                           start again over an existing checkpoint / outputs
     torchrun --nproc-per-node 2 -m abfp finetune    the same on two processes (data parallel)
 """
 
@@ -33,6 +35,21 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Zoo tasks without labels that finetune label-free on their calibration split.
+UNLABELLED_TASKS = ("efficientnet-lite0", "minilm-l6")
+#: Their default distillation loss.
+DEFAULT_LOSS = {"efficientnet-lite0": "kl", "minilm-l6": "cosine"}
+
+
+def resolve_loss(args: argparse.Namespace) -> str:
+    """``--loss``, or its default: ce for a labelled task, the task's distillation loss otherwise."""
+    if args.loss is None:
+        return DEFAULT_LOSS.get(args.model, "ce")
+    if args.loss == "ce" and args.model in UNLABELLED_TASKS:
+        raise UsageError(f"--model {args.model} has no labels: use --loss kl, cosine or mse (label-free)")
+    return args.loss
+
+
 def register(sub: Any) -> None:
     """Add the ``finetune`` subcommand to ``abfp``'s subparsers."""
     p = sub.add_parser(
@@ -43,7 +60,13 @@ def register(sub: Any) -> None:
                     "after is always on the full device simulation. See docs/finetune.md.")
     p.add_argument("--method", choices=["dnf", "qat"], default="dnf", help="default: dnf")
     p.add_argument("--model", "--task", dest="model", default=DEFAULTS["model"],
-                   help="zoo task with a training set: fashion-cnn (default) or fashion-vit")
+                   help="zoo task: fashion-cnn (default) or fashion-vit (labelled training set); efficientnet-lite0 "
+                        "or minilm-l6 (label-free, on their calibration split)")
+    p.add_argument("--loss", choices=["ce", "kl", "cosine", "mse"], default=None,
+                   help="ce: cross entropy on the labels; kl (logits), cosine or mse (outputs): label-free distillation "
+                        "from a frozen float32 copy of the model (default: ce with labels, else the task's: kl for "
+                        "efficientnet-lite0, cosine for minilm-l6)")
+    p.add_argument("--temperature", type=float, default=None, help="temperature T of --loss kl (default 1)")
     g = p.add_argument_group("device (default: n=128, gain 8, 8/8/8, uniform noise of std 2 LSB)")
     g.add_argument("--preset", default=None, help="named device config (abfp presets); replaces the default scenario")
     g.add_argument("--config", default=None, help="device config as a JSON file or string; replaces the default scenario")
@@ -59,8 +82,8 @@ def register(sub: Any) -> None:
                    "evaluation unless the device config sets one (default 0)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--lr-decay", type=float, default=1.0, help="learning rate factor per epoch of the training set (default 1)")
-    t.add_argument("--train-samples", type=int, default=None, help="use the first N training images (default all)")
-    t.add_argument("--eval-samples", type=int, default=DEFAULTS["eval_samples"], help=f"first N test images for the metrics (default {DEFAULTS['eval_samples']})")
+    t.add_argument("--train-samples", type=int, default=None, help="use the first N training inputs (default all)")
+    t.add_argument("--eval-samples", type=int, default=DEFAULTS["eval_samples"], help=f"first N test / evaluation inputs for the metrics (default {DEFAULTS['eval_samples']})")
     t.add_argument("--eval-batch-size", type=int, default=500, help="default 500")
     d = p.add_argument_group("DNF variants (the defaults are the authors' method)")
     d.add_argument("--calibration-samples", type=int, default=128, help="size of the one calibration batch (default 128)")
@@ -77,7 +100,11 @@ def register(sub: Any) -> None:
     c.add_argument("--checkpoint", default=None,
                    help="checkpoint file (default .abfp_finetune/<model>-<method>.safetensors; '' disables)")
     c.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
-    c.add_argument("--resume", action="store_true", help="continue from the checkpoint if there is one")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint if there is one (same settings; it ends bit-identical to an "
+                        "uninterrupted run)")
+    c.add_argument("--force", action="store_true",
+                   help="overwrite existing outputs (--json, --save-model) and, without --resume, an existing checkpoint")
     c.add_argument("--json", dest="json_path", default=None, help="write the measured numbers as JSON")
     c.add_argument("--save-model", default=None, help="write the finetuned float32 weights (safetensors)")
     c.add_argument("--time-steps", type=int, default=None, metavar="N",
@@ -106,6 +133,7 @@ def _validate(args: argparse.Namespace) -> None:
         if not ok:
             raise UsageError(msg)
 
+    args.loss = resolve_loss(args)
     need(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
     need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
@@ -129,6 +157,9 @@ def _validate(args: argparse.Namespace) -> None:
             ("--rank-by", args.rank_by != "std"),
         ) if used]
         need(not dnf_only, f"{', '.join(dnf_only)} only apply to --method dnf")
+    need(args.temperature is None or (args.temperature > 0 and args.temperature != float("inf")),
+         f"--temperature must be > 0, got {args.temperature}")
+    need(args.temperature is None or args.loss == "kl", "--temperature only applies to --loss kl")
     need(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     need(args.time_steps is None or args.time_steps >= 1, f"--time-steps must be >= 1, got {args.time_steps}")
     check_output_args(args, {"json_path": "--json", "save_model": "--save-model"})  # before any work
@@ -162,7 +193,7 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     import torch
 
     from .. import zoo
-    from .data import TRAINABLE_TASKS, training_data
+    from .data import TRAINABLE_TASKS, training_data, unlabelled_data
     from .methods import dnf, qat
 
     if args.batch_size % world_size:
@@ -173,35 +204,44 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     show = print if rank == 0 else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model not in TRAINABLE_TASKS:
-        raise UsageError(f"--model {args.model!r}: no training data known; choose one of {', '.join(TRAINABLE_TASKS)}")
+    if args.model not in TRAINABLE_TASKS + UNLABELLED_TASKS:
+        raise UsageError(f"--model {args.model!r}: no training inputs known; choose one of "
+                         f"{', '.join(TRAINABLE_TASKS + UNLABELLED_TASKS)}")
     cfg = device_config(args)
-    task = zoo.get(args.model)
+    ckpt = None if args.time_steps else checkpoint_path(args)
+    from .parallel import from_main
+
+    resume_meta = from_main(lambda: check_outputs(args, ckpt))
+    if resume_meta is not None:
+        _adopt_checkpoint(args, ckpt, resume_meta, show)
     try:
-        train = training_data(args.model, args.train_samples)
-    except FileNotFoundError as e:
+        task = zoo.get(args.model)
+        if args.loss == "ce":
+            train = training_data(args.model, args.train_samples)
+        else:
+            train = unlabelled_data(args.model, args.train_samples)
+    except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     if len(train) < args.batch_size:
         raise UsageError(f"the training set has {len(train)} samples, fewer than --batch-size {args.batch_size}")
     if args.time_steps:
+        if args.loss != "ce":
+            raise UsageError("--time-steps times labelled training steps; use it with --loss ce")
         return _time_steps(args, task, train, cfg)
     eval_data = task.load_data().take(args.eval_samples)
-    ckpt = args.checkpoint
-    if ckpt is None:
-        ckpt = str(Path(".abfp_finetune") / f"{args.model}-{args.method}.safetensors")
-    ckpt = ckpt or None
-    if ckpt and Path(ckpt).exists() and not args.resume:
-        show(f"note: starting fresh; {ckpt} will be overwritten (pass --resume to continue it)")
-    if ckpt and args.resume and not Path(ckpt).exists():
+    if ckpt and args.resume and resume_meta is None:
         show(f"note: no checkpoint at {ckpt}; starting from the beginning")
 
     common = dict(seed=args.seed, weight_decay=args.weight_decay, lr_decay=args.lr_decay, eval_data=eval_data,
                   metric=task.metric, eval_batch_size=args.eval_batch_size, checkpoint=ckpt,
                   checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress,
-                  desc=f"{args.method} {args.model}")
+                  desc=f"{args.method} {args.model}",
+                  loss=None if args.loss == "ce" else args.loss, temperature=args.temperature)
     procs = f" on {world_size} processes" if world_size > 1 else ""
-    show(f"{args.method} on {args.model}, device {cfg.label()}, {args.steps} steps, lr {args.lr:g}, "
-         f"batch {args.batch_size}{procs}, {len(eval_data)} test images")
+    how = "" if args.loss == "ce" else \
+        f", label-free ({args.loss}{'' if args.temperature is None else f', T={args.temperature:g}'} to float32)"
+    show(f"{args.method} on {args.model}{how}, device {cfg.label()}, {args.steps} steps, lr {args.lr:g}, "
+         f"batch {args.batch_size}{procs}, {len(train)} training / {len(eval_data)} evaluation inputs")
     t0 = time.perf_counter()
     if args.method == "dnf":
         result = dnf(task.build_model(), train, cfg, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -225,20 +265,93 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     print(f"  step {_fmt(result.seconds_per_step, '.4f')} s, float32 step {_fmt(result.fp32_seconds_per_step, '.4f')} s "
           f"({_fmt(ratio, '.2f')}x); training {result.seconds_total:.1f} s; wall {wall:.1f} s")
     record = {**result.to_dict(), "model": args.model, "device": cfg.label(), "wall_seconds": wall,
-              "checkpoint": ckpt}
+              "checkpoint": ckpt, "loss": args.loss, "temperature": args.temperature,
+              "train_samples": len(train)}
     if args.json_path:
-        from ..evaluate.cache import write_json_atomic
-
-        write_json_atomic(args.json_path, record)
+        _write_json(args.json_path, record)
         print(f"wrote {args.json_path}")
     if args.save_model:
         from safetensors.torch import save_file
 
-        Path(args.save_model).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in result.model.state_dict().items()}, args.save_model,
-                  metadata={"method": args.method, "device": cfg.label(), "steps": str(result.steps)})
+        from ..outputs import atomic_path
+
+        with atomic_path(args.save_model) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in result.model.state_dict().items()}, str(tmp),
+                      metadata={"method": args.method, "device": cfg.label(), "steps": str(result.steps),
+                                "loss": args.loss})
         print(f"wrote {args.save_model}")
     return 0
+
+
+def checkpoint_path(args: argparse.Namespace) -> str | None:
+    """``--checkpoint`` (default ``.abfp_finetune/<model>-<method>.safetensors``; ``''``: none)."""
+    if args.checkpoint is None:
+        loss = "" if getattr(args, "loss", None) in (None, "ce") else f"-{args.loss}"
+        return str(Path(".abfp_finetune") / f"{args.model}-{args.method}{loss}.safetensors")
+    return args.checkpoint or None
+
+
+def check_outputs(args: argparse.Namespace, ckpt: str | None) -> dict[str, Any] | None:
+    """Check every output path before any work (one rule: an existing output needs --force).
+
+    The checkpoint is the exception that ``--resume`` makes: then it is read (its metadata,
+    which must be sound) and returned; without ``--resume`` an existing one needs ``--force``.
+    Returns the checkpoint's metadata when resuming from one, else ``None``.
+    """
+    from ..outputs import OutputError, check_output
+    from .checkpoint import read_meta
+
+    named = [(flag, path) for flag, path in (("--json", args.json_path), ("--save-model", args.save_model),
+                                             ("--checkpoint", ckpt)) if path]
+    seen: dict[Path, str] = {}
+    for flag, path in named:
+        key = Path(path).absolute()
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {flag} name the same file {path!r}")
+        seen[key] = flag
+    try:
+        for flag, path in named:
+            if flag != "--checkpoint":
+                check_output(path, force=args.force, what=f"{flag} file")
+        if ckpt is None:
+            return None
+        check_output(ckpt, force=True, what="checkpoint")  # a folder, under a file, not writable
+        exists = Path(ckpt).exists()
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    if exists and not args.resume:
+        if args.force:
+            return None
+        raise UsageError(f"checkpoint {ckpt!r} exists; pass --resume to continue it, or --force to start again "
+                         "and overwrite it")
+    return read_meta(ckpt) if exists else None
+
+
+def _adopt_checkpoint(args: argparse.Namespace, ckpt: str | None, meta: dict[str, Any], show: Any) -> None:
+    """Checks of ``--resume`` against the checkpoint's metadata, before any work: ``--steps``
+    below its step is an error, equal means nothing left to train; without ``--threads`` the
+    run takes the checkpoint's thread count (the sums of a step depend on it)."""
+    import torch
+
+    done = int(meta["step"])
+    if args.steps < done:
+        raise UsageError(f"--steps {args.steps} is below the {done} steps checkpoint {ckpt!r} already holds; "
+                         f"pass --steps {done} or more to continue it (--steps counts from the start of the run)")
+    if args.steps == done:
+        show(f"note: checkpoint {ckpt} already holds all {done} steps: nothing left to train; "
+             "evaluating it and writing the outputs")
+    threads = meta.get("threads")
+    if args.threads is None and isinstance(threads, int) and threads >= 1 and threads != torch.get_num_threads():
+        show(f"note: {threads} torch threads, as the checkpoint was written (bit-identical resume needs the same)")
+        torch.set_num_threads(threads)
+
+
+def _write_json(path: str, record: dict[str, Any]) -> None:
+    import json
+
+    from ..outputs import atomic_write_text
+
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def _time_steps(args: argparse.Namespace, task: Any, train: Any, cfg: ABFPConfig) -> int:
@@ -255,8 +368,6 @@ def _time_steps(args: argparse.Namespace, task: Any, train: Any, cfg: ABFPConfig
     print(f"  DNF / float32 {r['dnf_ratio']:.2f}x   QAT / float32 {r['qat_ratio']:.2f}x   QAT / DNF {r['qat_to_dnf']:.2f}x"
           f"   (CPU time: DNF / float32 {r['dnf_ratio_cpu']:.2f}x, QAT / DNF {r['qat_to_dnf_cpu']:.2f}x)")
     if args.json_path:
-        from ..evaluate.cache import write_json_atomic
-
-        write_json_atomic(args.json_path, {**r, "model": args.model, "device": cfg.label()})
+        _write_json(args.json_path, {**r, "model": args.model, "device": cfg.label()})
         print(f"wrote {args.json_path}")
     return 0

@@ -1,12 +1,16 @@
 """The finetuning loop shared by QAT and DNF: AdamW, checkpoints, timing, device evaluation.
 
-One step: ``loss = loss_fn(model(x), t)``, backward, ``AdamW`` step with learning rate
-``lr * lr_decay ** epoch`` (``epoch = step // (N // batch_size)``). The batch of step ``k``
+One step: ``loss = loss_fn(model(x), t)`` (label-free: ``t`` are the outputs of the frozen
+float32 teacher, computed once, and the loss a :class:`~.distillation.Distillation`), backward,
+``AdamW`` step with learning rate ``lr * lr_decay ** epoch`` (``epoch = step // (N // batch_size)``). The batch of step ``k``
 is slice ``k mod (N // batch_size)`` of a permutation of the training set seeded by
 ``(seed, epoch)``, so it depends on the step number only. Everything random inside a step
 (dropout, device noise in QAT, DNF seeds) comes from torch's global generator, seeded with
 ``seed`` once and saved in every checkpoint: a run resumed from a checkpoint repeats the
-uninterrupted run exactly.
+uninterrupted run bit for bit. The torch thread count is held at the caller's for the whole
+run (:func:`_pin_threads`) and recorded; a checkpoint also records what produced it
+(:func:`produced_by`), and resuming with anything different, or with ``steps`` below the
+checkpoint's step, is a ``ValueError`` naming it.
 
 Many processes (``torchrun``; the process group joined by
 :func:`abfp.evaluate.distributed.init_from_env` or by the caller): every rank trains a
@@ -45,11 +49,12 @@ from ..evaluate.distributed import world
 from ..evaluate.runner import _first_tensor, run_all
 from ..nn import convert, is_converted, to_digital
 from ..nn.convert import calibrate, needs_calibration
-from ..zoo.base import TOP1, Dataset, Metric
-from .checkpoint import load_checkpoint, model_state, restore_optimizer, save_checkpoint
+from ..zoo.base import AGREEMENT, COSINE, TOP1, Dataset, Metric
+from .checkpoint import digest, load_checkpoint, model_state, restore_optimizer, save_checkpoint
+from .distillation import Distillation, teacher_outputs
 from .parallel import check_divisible, from_main, mean_over_ranks, shard, step_seed, sync_from_main, unwrap, wrap
 
-__all__ = ["FinetuneResult", "Method", "TrainSettings", "device_metric", "finetune"]
+__all__ = ["FinetuneResult", "Method", "TrainSettings", "device_metric", "finetune", "produced_by"]
 
 LossFn = Callable[[Tensor, Tensor | None], Tensor]
 
@@ -84,6 +89,13 @@ class TrainSettings:
     exclude: Sequence[str] = ()
     callback: Callable[[int, float], None] | None = None
     desc: str = ""
+    distillation: Distillation | None = None
+    inference_layers: bool | None = None
+
+    @property
+    def frozen_layers(self) -> bool:
+        """``inference_layers`` resolved: its value, else True when distilling, False otherwise."""
+        return self.distillation is not None if self.inference_layers is None else bool(self.inference_layers)
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -99,11 +111,15 @@ class TrainSettings:
         need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
         need(self.timing_steps >= 0 and self.timing_every >= 0, "timing_steps and timing_every must be >= 0")
         need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.distillation is not None and not isinstance(self.distillation, Distillation):
+            raise TypeError(f"distillation must be an abfp.finetune.Distillation, got {type(self.distillation).__name__}")
+        need(self.distillation is None or self.loss_fn is None,
+             "pass either a distillation loss or loss_fn, not both (distillation is the loss)")
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (``steps`` may change)."""
         return {"lr": self.lr, "batch_size": self.batch_size, "seed": self.seed, "weight_decay": self.weight_decay,
-                "lr_decay": self.lr_decay, "exclude": list(self.exclude)}
+                "lr_decay": self.lr_decay, "exclude": list(self.exclude), "inference_layers": self.frozen_layers}
 
 
 class Method(Protocol):
@@ -171,6 +187,17 @@ class FinetuneResult:
 
 
 # ----------------------------------------------------------------------------- helpers
+def set_training(model: nn.Module, *, frozen: bool = False) -> None:
+    """Training mode for the steps. ``frozen``: every submodule in eval mode (batch norm with
+    its running statistics, not updated; no dropout), as the model will be evaluated; the root
+    module alone keeps ``training=True`` (DNF draws its noise in training mode)."""
+    model.train()
+    if frozen:
+        for m in model.modules():
+            if m is not model:
+                m.training = False
+
+
 def float_copy(model: nn.Module) -> nn.Module:
     """A float32 deep copy of ``model``, digital (unconverted)."""
     if is_converted(model):
@@ -218,7 +245,8 @@ class _Fp32Timer:
     """Times plain float32 AdamW steps of a shadow copy without touching the global RNG."""
 
     def __init__(self, model: nn.Module, settings: TrainSettings, loss_fn: LossFn) -> None:
-        self.model = copy.deepcopy(model).train()
+        self.model = copy.deepcopy(model)
+        set_training(self.model, frozen=settings.frozen_layers)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.loss_fn = loss_fn
         self.times: list[float] = []
@@ -242,11 +270,80 @@ class _Fp32Timer:
         return statistics.fmean(self.times) if self.times else None
 
 
+def produced_by(method: Method, base: nn.Module, train_data: Dataset, config: ABFPConfig, s: TrainSettings,
+                loss_fn: LossFn) -> dict[str, Any]:
+    """What a checkpoint records about the run that wrote it, and a resumed run must match:
+    the method and its options, the training settings, the device config, fingerprints of the
+    starting model (structure and weights) and of the training data, the loss function, and
+    the number of torch CPU threads (the order of float sums in a step depends on it, so a
+    run resumed with another thread count would no longer be bit-identical). When distilling,
+    ``loss`` names the distillation loss and its temperature and ``teacher`` is the digest of
+    the teacher's outputs (which are the training targets)."""
+    describe = getattr(loss_fn, "describe", None)
+    loss = describe() if callable(describe) else \
+        f"{getattr(loss_fn, '__module__', '?')}.{getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}"
+    teacher = None
+    if isinstance(loss_fn, Distillation) and train_data.targets is not None:
+        teacher = digest(["teacher outputs"], train_data.targets)
+    return {"method": method.name, "options": method.options(), "settings": s.fingerprint(),
+            "config": config.to_dict(), "train_samples": len(train_data),
+            "model": digest(repr(base), base.state_dict()),
+            "train_data": digest([len(train_data.inputs)], *train_data.inputs,
+                                 "targets", train_data.targets if train_data.targets is not None else "none"),
+            "loss": loss, "teacher": teacher, "threads": torch.get_num_threads()}
+
+
+_HINTS = {"loss": " (another loss: --loss / --temperature)", "teacher": " (another teacher or other training inputs)",
+          "threads": " (set the same thread count: torch.set_num_threads / --threads)",
+          "model": " (another model or other starting weights)", "train_data": " (other training data)"}
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
-    diffs = [f"{k}: checkpoint {meta.get(k)!r} vs now {v!r}" for k, v in expected.items() if meta.get(k) != v]
+    diffs = []
+    for k, v in expected.items():
+        if meta.get(k) == v:
+            continue
+        if isinstance(v, dict) and isinstance(meta.get(k), dict):  # name the keys that differ
+            old = meta[k]
+            diffs += [f"{k}.{j}: checkpoint {_short(old.get(j))} vs now {_short(v.get(j))}"
+                      for j in sorted(set(v) | set(old)) if old.get(j) != v.get(j)]
+        else:
+            diffs.append(f"{k}: checkpoint {_short(meta.get(k))} vs now {_short(v)}{_HINTS.get(k, '')}")
     if diffs:
-        raise ValueError(f"cannot resume from {path}: it was written with other settings ({'; '.join(diffs)}); "
-                         "rerun without --resume (or point --checkpoint elsewhere)")
+        raise ValueError(f"cannot resume from {str(path)!r}: it was written with other settings ({'; '.join(diffs)}); "
+                         "rerun with the same settings, or without --resume (or point --checkpoint elsewhere)")
+
+
+def _pin_threads(n: int | None = None) -> int:
+    """Keep torch's CPU thread count at ``n`` (default: the current one; returned).
+
+    The first launch of numba's OpenMP pool (the device simulation's compiled kernels) resets
+    the OpenMP thread count that torch shares; the float sums of a training step depend on
+    that count, so an uninterrupted run (which evaluates the device before training) and a
+    resumed one (which does not) would otherwise train with different thread counts and
+    drift apart in the last bits. The pool is launched here first, then the count restored.
+    """
+    if n is None:
+        n = torch.get_num_threads()
+        from ..numerics import fused
+
+        if fused.usable():
+            fused.set_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def _default_metric(distillation: Distillation | None) -> Metric:
+    """Top-1 accuracy; when distilling (no labels): top-1 agreement (kl) or cosine (cosine, mse)."""
+    if distillation is None:
+        return TOP1
+    return AGREEMENT if distillation.loss == "kl" else COSINE
 
 
 def _json_roundtrip(d: dict[str, Any]) -> dict[str, Any]:
@@ -265,28 +362,36 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
         raise TypeError(f"config must be an ABFPConfig, got {type(config).__name__}")
     if not isinstance(train_data, Dataset):
         raise TypeError(f"train_data must be an abfp.zoo.Dataset, got {type(train_data).__name__}")
-    loss_fn: LossFn = s.loss_fn or cross_entropy
+    loss_fn: LossFn = s.distillation or s.loss_fn or cross_entropy
+    threads = _pin_threads()
     rank, world_size = world()
     check_divisible(s.batch_size, world_size)
     batches = _Batches(train_data, s.batch_size, s.seed)
     eval_cfg = config if config.seed is not None else config.replace(seed=s.seed)
     base = float_copy(model)
     sync_from_main(base)
+    if s.distillation is not None:  # the frozen float32 teacher's outputs become the targets
+        inputs = train_data.inputs
+        train_data = Dataset(inputs, from_main(lambda: teacher_outputs(base, inputs)))
+        batches = _Batches(train_data, s.batch_size, s.seed)
 
-    expected = _json_roundtrip({"method": method.name, "options": method.options(), "settings": s.fingerprint(),
-                                "config": eval_cfg.to_dict(), "train_samples": len(train_data)})
     ckpt = Path(s.checkpoint) if s.checkpoint else None
+    expected = _json_roundtrip(produced_by(method, base, train_data, eval_cfg, s, loss_fn)) if ckpt else {}
     restored = None
     if s.resume and ckpt is not None:
         restored = from_main(lambda: load_checkpoint(ckpt) if ckpt.exists() else None)
     if restored:
         _check_compatible(restored[1], expected, ckpt)  # type: ignore[arg-type]
+        done_before = int(restored[1]["step"])
+        if done_before > s.steps:
+            raise ValueError(f"cannot resume from {str(ckpt)!r}: it is at step {done_before}, beyond steps={s.steps} "
+                             f"(steps counts from the start of the run; pass at least {done_before})")
     prev = restored[1] if restored else {}
 
     # ---- float32 reference and the device before finetuning
     fp32_metric = metric_before = None
     reference = None
-    metric = s.metric or TOP1
+    metric = s.metric or _default_metric(s.distillation)
     if s.eval_data is not None:
         base.eval()
         reference = run_all(base, s.eval_data, s.eval_batch_size)
@@ -298,6 +403,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
                                           reference=reference, exclude=s.exclude)
 
     # ---- setup
+    _pin_threads(threads)
     t_setup = time.perf_counter()
     if restored:
         base.load_state_dict(model_state(restored[0]))
@@ -322,10 +428,11 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     step_times: list[float] = []
     bar = tqdm(total=s.steps, initial=min(start, s.steps), disable=not s.progress or rank != 0,
                desc=s.desc or method.name, unit="step", dynamic_ncols=True, leave=False)
-    train_model.train()
+    set_training(train_model, frozen=s.frozen_layers)
     try:
         for step in range(start, s.steps):
             t0 = time.perf_counter()
+            _pin_threads(threads)
             if world_size > 1:
                 torch.manual_seed(step_seed(s.seed, rank, step))
             method.before_step(step)
@@ -371,6 +478,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     if s.eval_data is not None:
         metric_after = device_metric(final, s.eval_data, metric, eval_cfg, batch_size=s.eval_batch_size,
                                      reference=reference, exclude=s.exclude)
+    _pin_threads(threads)
     timed = step_times[1:] if len(step_times) > 1 else step_times
     details = {"config": eval_cfg.to_dict(), "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,
                "weight_decay": s.weight_decay, "lr_decay": s.lr_decay, "metric": metric.name if s.eval_data else None,
@@ -378,6 +486,6 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
                "resumed_from": int(prev["step"]) if restored else None, "world_size": world_size, **details}
     return FinetuneResult(
         method=method.name, fp32_metric=fp32_metric, metric_before=metric_before, metric_after=metric_after,
-        steps=max(start, s.steps), seconds_per_step=statistics.fmean(timed) if timed else None,
+        steps=s.steps, seconds_per_step=statistics.fmean(timed) if timed else None,
         seconds_total=elapsed, fp32_seconds_per_step=timer.mean(), model=final, losses=losses, details=details,
     )

@@ -24,13 +24,14 @@ from ..config import ABFPConfig
 from ..nn import convert
 from ..nn.convert import calibrate, needs_calibration
 from ..zoo.base import Dataset
+from .distillation import Distillation, as_inputs
 from .dnf import DNFNoise, build_histograms, select_noisiest
 from .histogram import DEFAULT_BINS, DEFAULT_SMOOTHING, Histogram
 from .loop import FinetuneResult, TrainSettings, finetune
 from .parallel import from_main
 from .sampler import Backend, backend_in_use
 
-__all__ = ["DNFOptions", "dnf", "qat"]
+__all__ = ["DNFOptions", "distil", "dnf", "qat"]
 
 
 class QATMethod:
@@ -200,12 +201,30 @@ class DNFMethod:
                         "histogram_seconds": self.histogram_seconds, "sampler_used": backend_in_use(self.opts.sampler)}}
 
 
+def _distillation(loss: str | Distillation | None, temperature: float | None) -> Distillation | None:
+    """``loss`` (a name, a :class:`Distillation` or ``None`` for the labels' cross entropy) and
+    ``temperature`` as one :class:`Distillation`."""
+    if loss is None or loss == "ce":
+        if temperature is not None:
+            raise ValueError("temperature needs a distillation loss (loss='kl')")
+        return None
+    if isinstance(loss, Distillation):
+        if temperature is not None and temperature != loss.temperature:
+            raise ValueError("pass the temperature inside the Distillation, not both")
+        return loss
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be a name ('kl', 'cosine', 'mse', 'ce') or a Distillation, got {type(loss).__name__}")
+    return Distillation(loss, 1.0 if temperature is None else temperature)  # type: ignore[arg-type]
+
+
 def _settings(steps: int, lr: float, batch_size: int, kwargs: dict[str, Any]) -> TrainSettings:
-    known = set(TrainSettings.__dataclass_fields__) - {"steps", "lr", "batch_size"}
+    known = set(TrainSettings.__dataclass_fields__) - {"steps", "lr", "batch_size", "distillation"}
+    loss, temperature = kwargs.pop("loss", None), kwargs.pop("temperature", None)
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; known: {sorted(known)}")
-    return TrainSettings(steps=steps, lr=lr, batch_size=batch_size, **kwargs)
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; known: {sorted(known | {'loss', 'temperature'})}")
+    return TrainSettings(steps=steps, lr=lr, batch_size=batch_size, distillation=_distillation(loss, temperature),
+                         **kwargs)
 
 
 def qat(model: nn.Module, train_data: Dataset, config: ABFPConfig | None = None, *, steps: int, lr: float,
@@ -219,8 +238,12 @@ def qat(model: nn.Module, train_data: Dataset, config: ABFPConfig | None = None,
     epoch), ``eval_data`` and ``metric`` (evaluation on the device before and after),
     ``eval_batch_size``, ``checkpoint`` (a ``.safetensors`` path), ``checkpoint_every``,
     ``resume``, ``progress``, ``loss_fn``, ``timing_steps``, ``timing_every``, ``exclude``,
-    ``callback(step, loss)``. Returns a :class:`FinetuneResult` (the model is a finetuned
-    float32 copy; ``model`` itself is not changed).
+    ``callback(step, loss)``, ``inference_layers`` (batch norm and dropout in eval mode while
+    training; default: only when distilling). Label-free: ``loss="kl"`` (``temperature``),
+    ``"cosine"`` or ``"mse"`` distils from a frozen float32 copy of ``model`` on the inputs of
+    ``train_data`` (labels unused; see :mod:`abfp.finetune.distillation`). Returns a
+    :class:`FinetuneResult` (the model is a finetuned float32 copy; ``model`` itself is not
+    changed).
     """
     settings = _settings(steps, lr, batch_size, kwargs)
     return finetune(QATMethod(config or ABFPConfig()), model, train_data, config or ABFPConfig(), settings)
@@ -248,3 +271,31 @@ def dnf(model: nn.Module, train_data: Dataset, config: ABFPConfig | None = None,
     settings = _settings(steps, lr, batch_size, kwargs)
     cfg = config or ABFPConfig()
     return finetune(DNFMethod(cfg, options), model, train_data, cfg, settings)
+
+
+def distil(model: nn.Module, inputs: Any, config: ABFPConfig | None = None, *,
+           method: Literal["qat", "dnf"] = "qat", loss: Literal["kl", "cosine", "mse"] = "kl",
+           temperature: float = 1.0, steps: int, lr: float, batch_size: int = 32,
+           **kwargs: Any) -> nn.Module:
+    """Label-free finetuning of ``model`` for the device ``config``: returns the finetuned
+    float32 model (``model`` itself is not changed).
+
+    ``inputs``: a few hundred unlabelled inputs of the model (a tensor, a tuple of tensors,
+    or a Dataset whose labels are ignored). The teacher is a frozen float32 copy of ``model``;
+    the student is finetuned through the device (``method="qat"``) or with differential
+    noise (``"dnf"``) to minimise ``loss`` against the teacher's outputs: ``kl`` on logits
+    (``T^2 KL(softmax(t/T) || softmax(s/T))``, ``temperature`` T), ``cosine``
+    (``1 - cos(s, t)``) or ``mse`` on embeddings / outputs. Batch norm and dropout stay in
+    eval mode while training. Other keyword arguments as for :func:`qat` / :func:`dnf`
+    (``eval_data`` evaluates before and after; ``progress`` defaults to False here); use
+    those functions with ``loss=`` to get the measured :class:`FinetuneResult` as well.
+    """
+    if method not in ("qat", "dnf"):
+        raise ValueError(f"method must be 'qat' or 'dnf', got {method!r}")
+    if "loss_fn" in kwargs:
+        raise TypeError("distil takes loss=, not loss_fn=")
+    kwargs.setdefault("progress", False)
+    data = as_inputs(inputs)
+    run = qat if method == "qat" else dnf
+    return run(model, data, config, steps=steps, lr=lr, batch_size=batch_size, loss=Distillation(loss, temperature),
+               **kwargs).model

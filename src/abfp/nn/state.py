@@ -18,32 +18,7 @@ import torch
 from ..config import ABFPConfig
 from ..noise_keys import NoiseStreams, product_generator
 from ..ops.coverage import Coverage
-
-
-@dataclass
-class SiteRecord:
-    """Accumulated observations of one analog product site (see :func:`abfp.summary`)."""
-
-    site: str
-    kind: str
-    x_shape: tuple[int, ...] = ()
-    w_shape: tuple[int, ...] = ()
-    tiles: int = 0
-    calls: int = 0
-    macs: int = 0
-    adc_conversions: int = 0
-    saturated: int = 0
-    err_sq: float = 0.0
-    ref_sq: float = 0.0
-    config: ABFPConfig | None = None
-
-    @property
-    def saturated_fraction(self) -> float:
-        return self.saturated / self.adc_conversions if self.adc_conversions else 0.0
-
-    @property
-    def relative_error(self) -> float:
-        return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else (0.0 if self.err_sq == 0 else float("inf"))
+from ..ops.site import SiteRecord  # noqa: F401  (re-exported: it lived here)
 
 
 def _matches(name: str, pattern: str) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -24,11 +24,94 @@ from torch import Tensor
 from .formulas import SHOT_COEFFICIENT, THERMAL_COEFFICIENT, WEIGHT_COEFFICIENT, tensor_range
 from .product import ProductView
 
-if TYPE_CHECKING:
-    from .injector import SiteProfile
-
 __all__ = ["NoiseModel", "NoiseStack", "ShotNoise", "ThermalNoise", "WeightNoise", "make_noise", "NOISE_NAMES",
-           "apply_noise"]
+           "apply_noise", "SiteProfile"]
+
+
+@dataclass
+class SiteProfile:
+    """What one product site looked like on the profiling data (noise off).
+
+    ``shot_ms[c]``: mean over channel c's outputs of ``||x||^2 ||w_c||^2 / D``;
+    ``x_ms[c]``: mean ``||x||^2``; ``d_mean``: mean fan-in ``D``; ranges are ``max - min``.
+    """
+
+    site: str
+    kind: str
+    fan_in: int
+    channels: int
+    macs: int = 0
+    samples: int = 0
+    calls: int = 0
+    input_range: float | None = None
+    weight_range: float | None = None
+    output_min: Tensor | None = None
+    output_max: Tensor | None = None
+    shot_sum: Tensor | None = None
+    x_sum: Tensor | None = None
+    d_sum: float = 0.0
+    count: Tensor | None = None
+    supported: bool = True
+
+    @property
+    def macs_per_sample(self) -> float:
+        return self.macs / self.samples if self.samples else float(self.macs)
+
+    @property
+    def output_range(self) -> float:
+        if self.output_max is None:
+            return 0.0
+        return float(self.output_max.max() - self.output_min.min())  # type: ignore[union-attr]
+
+    @property
+    def output_range_per_channel(self) -> Tensor:
+        if self.output_max is None:
+            return torch.zeros(self.channels, dtype=torch.float64)
+        return self.output_max - self.output_min  # type: ignore[operator]
+
+    @property
+    def shot_ms(self) -> Tensor:
+        return self.shot_sum / self.count  # type: ignore[operator]
+
+    @property
+    def x_ms(self) -> Tensor:
+        return self.x_sum / self.count  # type: ignore[operator]
+
+    @property
+    def d_mean(self) -> float:
+        n = float(self.count.sum()) if self.count is not None else 0.0
+        return self.d_sum / n if n else float(self.fan_in)
+
+    def update(self, view: ProductView, y: Tensor, macs: int) -> None:
+        """Fold one call's statistics in."""
+        self.calls += 1
+        self.macs += macs
+        y = y.detach().double()
+        xn = view.input_norm_sq().double()
+        d = view.fan_in().double()
+        shot = view.per_channel_mean(xn * view.weight_norm_sq().double() / d, y)
+        xm = view.per_channel_mean(xn, y)
+        axis = view.output_channel_axis(y)
+        flat = y.reshape(1, -1) if axis is None else y.movedim(axis, 0).reshape(y.shape[axis], -1)
+        n = torch.full((flat.shape[0],), float(flat.shape[1]), dtype=torch.float64)
+        lo, hi = flat.amin(1), flat.amax(1)
+        self.d_sum += float(torch.broadcast_to(d, y.shape).sum())
+        if self.count is None:
+            self.output_min, self.output_max = lo, hi
+            self.shot_sum, self.x_sum, self.count = shot * n, xm * n, n
+        else:
+            self.output_min = torch.minimum(self.output_min, lo)
+            self.output_max = torch.maximum(self.output_max, hi)
+            self.shot_sum, self.x_sum, self.count = self.shot_sum + shot * n, self.x_sum + xm * n, self.count + n
+        rx = tensor_range(view.input)
+        self.input_range = rx if self.input_range is None else max(self.input_range, rx)
+        rw = tensor_range(view.weight)
+        self.weight_range = rw if self.weight_range is None else max(self.weight_range, rw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "kind": self.kind, "fan_in": self.fan_in, "channels": self.channels,
+                "macs_per_sample": self.macs_per_sample, "input_range": self.input_range,
+                "weight_range": self.weight_range, "output_range": self.output_range}
 
 
 class NoiseModel(ABC):

@@ -7,8 +7,9 @@ With ``d`` the integer dot product of one tile, the ADC sees, in output LSBs,
 and one output code is worth ``n / (G L(b_y)) * sx * sw``. :class:`AdcPlan` decides how to
 evaluate the first line in float32 so that exact ties (``a L(b_y)`` exactly half-way
 between two codes, frequent without noise) round as float64 rounds them: when ``G / n`` is
-a power of two it is folded into the weight codes (exact), and when ``L(b_x) L(b_w) / L(b_y)``
-is exactly representable the rest is one correctly rounded division.
+a power of two, ``G / n`` or ``G L(b_y) / n`` (a power of two times an integer, not in general
+a power of two) is folded into the weight codes (exact), and the rest is one correctly rounded
+division by ``L(b_x) L(b_w) / L(b_y)`` or ``L(b_x) L(b_w)`` (see :class:`AdcPlan`).
 """
 
 from __future__ import annotations
@@ -140,13 +141,19 @@ def _odd_part(v: float) -> int:
     return c
 
 
+def effective_noise_std(cfg: ABFPConfig) -> float:
+    """The device noise a product sees: ``noise_std / sqrt(repeats)`` in output LSBs (``k``
+    repeats averaged, SPEC section 5; modelled by its standard deviation)."""
+    return cfg.noise_std / math.sqrt(cfg.repeats) if cfg.repeats > 1 else cfg.noise_std
+
+
 def draw_noise(shape: tuple[int, ...], cfg: ABFPConfig, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Device noise ``e`` in output LSBs (float32): uniform of width ``sqrt(12) std`` or Gaussian."""
     if cfg.noise_dist == "uniform":
-        width = math.sqrt(12.0) * cfg.noise_std
+        width = math.sqrt(12.0) * effective_noise_std(cfg)
         r = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
         return r.sub_(0.5).mul_(width)
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(cfg.noise_std)
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(effective_noise_std(cfg))
 
 
 def add_noise_(r: Tensor, cfg: ABFPConfig, generator: torch.Generator | None, key: int | None = None,
@@ -162,6 +169,6 @@ def add_noise_(r: Tensor, cfg: ABFPConfig, generator: torch.Generator | None, ke
         if key is None or index is None:
             raise ValueError("uniform device noise needs a key and the samples' index")
         # the samples are float32 values (their definition) on every path, float64 ones included
-        return r.add_(noise_values(key, index, cfg.noise_std, torch.float32).expand(r.shape))
+        return r.add_(noise_values(key, index, effective_noise_std(cfg), torch.float32).expand(r.shape))
     z = torch.randn(r.shape, generator=generator, device=r.device, dtype=r.dtype)
-    return r.add_(z, alpha=cfg.noise_std)
+    return r.add_(z, alpha=effective_noise_std(cfg))

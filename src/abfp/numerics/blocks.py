@@ -65,13 +65,19 @@ def _max_abs_blocks(vt: Tensor) -> Tensor:
     return torch.maximum(vt.amax(-1), vt.amin(-1).neg_())
 
 
-def block_scales(v: Tensor, n: int, scale_dtype: str) -> Tensor:
-    """Per-block scales of ``v`` (..., K) -> (..., T): max |v| over each tile of width n."""
-    vt = pad_to_tiles(v, n)
+def padded_block_scales(vt: Tensor, lead: tuple[int, ...], n: int, scale_dtype: str) -> Tensor:
+    """The one block-scale function: ``s[..., t] = fmt(max |vt[..., t*n:(t+1)*n]|)`` (float32,
+    shape ``(*lead, T)``) of ``vt`` already zero-padded to ``T*n`` along its last axis, with
+    ``fmt`` the scale format (:func:`round_scale`); zeros for an empty tensor."""
     t = vt.shape[-1] // n
     if vt.numel() == 0:
-        return torch.zeros(*v.shape[:-1], t, dtype=torch.float32, device=v.device)
-    return round_scale(_max_abs_blocks(vt.reshape(*v.shape[:-1], t, n)), scale_dtype)
+        return torch.zeros(*lead, t, dtype=torch.float32, device=vt.device)
+    return round_scale(_max_abs_blocks(vt.reshape(*lead, t, n)), scale_dtype)
+
+
+def block_scales(v: Tensor, n: int, scale_dtype: str) -> Tensor:
+    """Per-block scales of ``v`` (..., K) -> (..., T): max |v| over each tile of width n."""
+    return padded_block_scales(pad_to_tiles(v, n), v.shape[:-1], n, scale_dtype)
 
 
 def static_scale_value(v: Tensor, scale: float | Tensor | None, scale_dtype: str) -> Tensor:
@@ -145,8 +151,7 @@ def encode_rows(
     private = vt.data_ptr() != v.data_ptr()
     t = vt.shape[-1] // n
     if mode == "abfp":
-        s = (round_scale(_max_abs_blocks(vt.reshape(*v.shape[:-1], t, n)), scale_dtype) if vt.numel()
-             else torch.zeros(*v.shape[:-1], t, dtype=torch.float32, device=v.device))
+        s = padded_block_scales(vt, v.shape[:-1], n, scale_dtype)
     else:
         assert static_scale is not None
         s = static_scale.expand(*v.shape[:-1], t)
@@ -190,13 +195,13 @@ def encode_operand(
     """Encode ``v`` (B, R, K) into an :class:`Encoded` ready for ``kernels``.
 
     ``as_rhs`` lays codes out as (B, T, n, R) (the right operand of a GEMM). ``code_multiplier``
-    (a power of two) is folded into the codes; it keeps them exact and saves a pass later.
+    (:attr:`abfp.numerics.adc.AdcPlan.code_multiplier`: ``G/n``, a power of two, or ``G L(b_y)/n``,
+    a power of two times an integer) is folded into the codes; the products stay exact integers
+    times a power of two, and it saves a pass later.
     """
     vt = pad_to_tiles(v, n, torch.float32)
     if mode == "abfp":
-        t = vt.shape[-1] // n
-        s = (round_scale(_max_abs_blocks(vt.reshape(*v.shape[:-1], t, n)), scale_dtype) if vt.numel()
-             else torch.zeros(*v.shape[:-1], t, dtype=torch.float32, device=v.device))
+        s = padded_block_scales(vt, v.shape[:-1], n, scale_dtype)
     else:
         s = static_scales(v, n, static_scale, scale_dtype)
     q = encode(v, s, n, bits_max_code, padded=vt, own_max=mode == "abfp")  # (B, R, T, n)

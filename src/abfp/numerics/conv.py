@@ -28,7 +28,7 @@ from ..config import ABFPConfig
 from . import fused
 from .adc import AdcPlan
 from .blocks import Encoded, needs_clamp, round_scale
-from .kernels import CHUNK_ELEMENTS, INT8_MIN_TILE, ProductStats, _adc_args, _count, _int_mm
+from .kernels import CHUNK_ELEMENTS, INT8_MIN_TILE, ProductStats, _adc_args, _count, _int_mm, plan_chunks
 from .workspace import scratch
 
 #: int8 patch codes per chunk (bytes): a few images at a time stay in the caches.
@@ -117,12 +117,8 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     # images (or output rows of one image) per chunk: bounded by the codes and the partial sums
     per_row = wv * max(G * kg, T * cout * 4)
     rows = max(1, min(PATCH_BYTES, CHUNK_ELEMENTS * 4) // per_row)
-    if rows >= ho:
-        nb = max(1, min(bt, rows // ho))
-        chunks = [(b, min(bt, b + nb), 0, ho) for b in range(0, bt, nb)]
-    else:
-        nb = 1
-        chunks = [(b, b + 1, r, min(ho, r + rows)) for b in range(bt) for r in range(0, ho, rows)]
+    chunks = plan_chunks(bt, ho, rows)
+    nb = max(1, min(bt, rows // ho)) if rows >= ho else 1
     src = (x.to(torch.bfloat16) if cfg.bf16_io else x).transpose(0, 1)  # (C, B, H, W) view
     xs = scratch("phases", (c * sh * sw, nb, hv, wv), torch.float32, x.device).zero_()
     xs_np = fused.as_numpy(xs.view(c * sh * sw, nb, hv * wv))

@@ -66,7 +66,10 @@ def set_threads() -> None:
     global _launched_in
     assert numba is not None
     _launched_in = os.getpid()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    n = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != n:  # launching numba's OpenMP pool resets the OpenMP thread count torch shares
+        torch.set_num_threads(n)
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:

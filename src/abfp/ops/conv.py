@@ -1,0 +1,291 @@
+"""The convolution family (1-D and 2-D): ``F.conv1d``/``F.conv2d`` on the device, as im2col.
+
+Per family: the argument parser (:func:`conv_args`, also used by the noise views and 3-D
+convolutions), the public functions (:func:`conv1d`, :func:`conv2d`, re-exported by
+:mod:`abfp.functional`), the MAC/tile accounting (``K = C_in/groups * prod(kernel)``, one dot
+product of length ``K`` per output element), the reference/gradient path (:func:`_conv2d_rows`,
+row-major patches through :func:`abfp.ops.device.product`), the fast inference path
+(:func:`_conv2d_cols`, column layout through the compiled kernels) and the handler.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import ABFPConfig
+from ..numerics import AdcPlan, Encoded, ProductStats, encode_weights
+from ..numerics.blocks import static_scale_value
+from ..numerics.conv import conv2d_fused
+from ..numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, plan_chunks, use_fused
+from ..numerics.workspace import scratch
+from .device import WEIGHT_CACHE, bf16, generator_for, product, without_bf16_io, check_finite
+from .registry import register
+from .site import Frame, run_product
+
+__all__ = ["conv1d", "conv2d", "conv_args", "answer_conv"]
+
+
+def int_pair(v: int | Sequence[int]) -> tuple[int, int]:
+    """A convolution argument (stride, padding, dilation) as ``(height, width)``."""
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+#: Patch-matrix elements built at once by conv2d (float32: 4 MiB).
+_IM2COL_ELEMENTS = 1 << 20
+
+
+def _im2col(x: Tensor, kh: int, kw: int, stride: tuple[int, int], dilation: tuple[int, int], ho: int, wo: int) -> Tensor:
+    """Patches of a padded input, channels last: (B, Ho, Wo, C, kh*kw), i.e. each row in
+    ``F.unfold`` order (channel-major, then kernel row, kernel column). One strided copy per
+    kernel offset (``F.unfold`` is far slower on CPU)."""
+    xl = x.permute(0, 2, 3, 1)  # (B, H, W, C) view
+    if kh == kw == 1:
+        return xl[:, : stride[0] * (ho - 1) + 1 : stride[0], : stride[1] * (wo - 1) + 1 : stride[1], :].unsqueeze(-1)
+    slices = []
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dilation[0], j * dilation[1]
+            slices.append(xl[:, r0 : r0 + stride[0] * (ho - 1) + 1 : stride[0], c0 : c0 + stride[1] * (wo - 1) + 1 : stride[1], :])
+    return torch.stack(slices, dim=-1)
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    config: ABFPConfig,
+    input_scale: float | Tensor | None = None,
+    weight_scale: float | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stats: ProductStats | None = None,
+    cache: bool = True,
+) -> Tensor:
+    """``F.conv2d`` on the device, as im2col: the reduction axis is ``C_in/groups * k_h * k_w``
+    in ``unfold`` order; grouped (and depthwise) convolutions run one product per group.
+
+    Fixed mode without ``input_scale``: max |x| over the whole input tensor. Bias as in
+    :func:`linear` (with ``bf16_io``: ``bf16(Y + b)``). An empty batch gives an empty output
+    of the right shape."""
+    check_finite(x, "input")
+    if not cache:
+        check_finite(weight, "weight")
+    if bias is not None:
+        check_finite(bias, "bias")
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv2d needs a 4-D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    out_dtype = x.dtype
+    bt, c, h, w_ = x.shape
+    cout, cg, kh, kw = weight.shape
+    if c != cg * groups or cout % groups:
+        raise ValueError(f"conv2d: input has {c} channels, weight expects {cg} x groups={groups}")
+    stride, dilation = int_pair(stride), int_pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+            pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        else:
+            raise ValueError(f"unknown padding {padding!r}")
+    else:
+        ph, pw = int_pair(padding)
+        pads = (pw, pw, ph, ph)
+    hp, wp = x.shape[2] + pads[2] + pads[3], x.shape[3] + pads[0] + pads[1]
+    ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError("conv2d: the kernel is larger than the (padded) input")
+    kg = cg * kh * kw
+    w3 = weight.reshape(groups, cout // groups, kg)
+    weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
+    generator = generator_for(config, generator, x.device)  # one stream for every chunk of the call
+    device = config
+    if config.bf16_io and bias is not None:
+        # round the inputs here and the output after the bias (not before it)
+        device, x, w3 = without_bf16_io(config), bf16(x), bf16(w3)
+    if config.mode == "fixed" and input_scale is None:
+        input_scale = x.detach().abs().max() if x.numel() else 0.0  # one scale for the whole tensor
+    fast = config.kernel != "reference" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    if fast and bt > 0:
+        if weights is None:
+            weights = encode_weights(w3.detach().to(torch.bfloat16) if device.bf16_io else w3.detach(), device,
+                                     weight_scale)
+        y = _conv2d_cols(x, pads, weights, device, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
+                         generator, stats, channels_last=_channels_last(x) or _channels_last(weight))
+    else:
+        y = _conv2d_rows(F.pad(x, pads) if any(pads) else x, w3, weights, device, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
+                         weight_scale, generator, stats)
+    if bias is not None:
+        y.add_(bias.to(torch.float32).view(1, -1, 1, 1))  # y is this call's own tensor
+        if config.bf16_io:
+            y = bf16(y)
+    if unbatched:
+        y = y.squeeze(0)
+    return y.to(out_dtype)
+
+
+def _channels_last(t: Tensor) -> bool:
+    """``t`` is laid out channels-last (and not also plain contiguous, as a 1-channel or 1x1
+    tensor is): the rule by which ``F.conv2d`` picks its output's memory format."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, groups: int, k: tuple[int, int],
+                 stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int], input_scale: Any,
+                 weight_scale: Any, generator: torch.Generator | None, stats: ProductStats | None) -> Tensor:
+    """Convolution as row-major patches through :func:`product` (the path with gradients and
+    the float64 reference): im2col a few images at a time, keeping memory near the float32
+    convolution's."""
+    bt, c = x.shape[0], x.shape[1]
+    (kh, kw), (ho, wo) = k, out_hw
+    cout, kg = w3.shape[0] * w3.shape[1], w3.shape[2]
+    per_image = ho * wo * c * kh * kw
+    step = max(1, _IM2COL_ELEMENTS // max(1, per_image))
+    outs = []
+    for i in range(0, max(bt, 1), step):  # an empty batch still makes one (empty) product
+        xi = x[i : i + step]
+        bi = xi.shape[0]
+        cols = _im2col(xi, kh, kw, stride, dilation, ho, wo).reshape(bi * ho * wo, groups, kg).permute(1, 0, 2)
+        yi = product(cols, w3, config, input_scale=input_scale, weight_scale=weight_scale,
+                      generator=generator, weights=weights, stats=stats)  # (G, bi*L, cout/G)
+        outs.append(yi.reshape(groups, bi, ho, wo, cout // groups).permute(1, 0, 4, 2, 3).reshape(bi, cout, ho, wo))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, config: ABFPConfig, groups: int,
+                 k: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
+                 input_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
+                 channels_last: bool) -> Tensor:
+    """Inference convolution in the column layout: through the compiled kernels
+    (:func:`abfp.numerics.conv.conv2d_fused`) where :func:`use_fused` allows, else with torch
+    operations as below (:func:`abfp.numerics.kernels.analog_gemm_cols`), the same numbers.
+
+    A few images at a time (or, for a large image, a few output rows), the input is copied
+    padded, channels first, ``xc[c, b, h, w]``, and the patches are built from it,
+    ``cols[c, i*kw + j, b, h, w] = xc[c, b, h*s + i*d, w*s + j*d]`` (one copy from a strided
+    view, image rows read contiguously), into buffers reused across chunks. The
+    output's memory format follows ``F.conv2d``'s: channels-last when the input or the weight
+    is channels-last (then pooling and batch norm after it run several times faster), else
+    contiguous NCHW, so code after the layer sees the strides it would see in float32.
+    """
+    bt, c, h, w_ = x.shape
+    (kh, kw), (ho, wo) = k, out_hw
+    cout = weights.codes.shape[0] * weights.codes.shape[3]
+    T = weights.codes.shape[1]
+    plan = AdcPlan.for_config(config)
+    static = static_scale_value(x, input_scale, config.scale_dtype) if config.mode == "fixed" else None
+    key = draw_key(config, generator)
+    if use_fused(config, plan, x.device):
+        return conv2d_fused(x, pads, weights, config, plan, groups, k, stride, dilation, out_hw, static, key, stats,
+                            channels_last)
+    pl, pr, pt, pb = pads
+    src = (x.to(torch.bfloat16) if config.bf16_io else x).transpose(0, 1)  # (C, B, H, W) view
+    y = torch.empty(bt, cout, ho, wo, dtype=torch.float32, device=x.device,
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # output rows per chunk: bounded by the patches (c*kh*kw per output) and the partial sums (T*cout)
+    per_row = wo * max(c * kh * kw, 1)
+    rows = max(1, min(_IM2COL_ELEMENTS // per_row, CHUNK_ELEMENTS // max(1, wo * T * cout)))
+    chunks = plan_chunks(bt, ho, rows)
+    nb, nh = chunks[0][1] - chunks[0][0], chunks[0][3] - chunks[0][2]
+    buf = scratch("patches", (c * kh * kw * nb * nh * wo,), torch.float32, x.device)
+    # the padded images of one chunk, channels first (the border is zeroed once per call)
+    xc = scratch("padded_input", (c, nb, h + pt + pb, w_ + pl + pr), torch.float32, x.device)
+    if any(pads):
+        xc.zero_()
+    (stride_h, stride_w), (dil_h, dil_w) = stride, dilation
+    for b0, b1, h0, h1 in chunks:
+        b, rows_c = b1 - b0, h1 - h0  # images and output rows of this chunk
+        if h0 == 0:
+            xc[:, :b, pt : pt + h, pl : pl + w_].copy_(src[:, b0:b1])
+        cols = buf[: c * kh * kw * b * rows_c * wo].view(c, kh, kw, b, rows_c, wo)
+        # every kernel offset at once: a strided view of the padded images, one copy
+        sc, sb, sy, sx_ = xc.stride()
+        cols.copy_(xc.as_strided((c, kh, kw, b, rows_c, wo),
+                                 (sc, dil_h * sy, dil_w * sx_, sb, stride_h * sy, stride_w * sx_),
+                                 xc.storage_offset() + h0 * stride_h * sy))
+        yi = analog_gemm_cols(cols.view(groups, (c // groups) * kh * kw, b * rows_c * wo), weights, config, plan,
+                              input_scale=static, generator=generator, key=key, p_off=(b0 * ho + h0) * wo,
+                              p_total=bt * ho * wo, stats=stats)  # (G, Ng, P)
+        y[b0:b1, :, h0:h1].copy_(yi.view(cout, b, rows_c, wo).transpose(0, 1))
+    if config.bf16_io:
+        y = y.to(torch.bfloat16).to(torch.float32)
+    return y
+
+
+def conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    config: ABFPConfig,
+    input_scale: float | Tensor | None = None,
+    weight_scale: float | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stats: ProductStats | None = None,
+    cache: bool = True,
+) -> Tensor:
+    """``F.conv1d`` on the device (as a conv2d of height 1)."""
+    unbatched = x.dim() == 2
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.dim() != 3 or weight.dim() != 3:
+        raise ValueError(f"conv1d needs a 3-D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    s = stride if isinstance(stride, int) else stride[0]
+    d = dilation if isinstance(dilation, int) else dilation[0]
+    p: int | str | tuple[int, int] = padding if isinstance(padding, str) else (0, padding if isinstance(padding, int) else padding[0])
+    y = conv2d(
+        x.unsqueeze(2), weight.unsqueeze(2), bias, (1, s), p, (1, d), groups,
+        config=config, input_scale=input_scale, weight_scale=weight_scale,
+        generator=generator, stats=stats, cache=False,
+    )
+    y = y.squeeze(2)
+    return y.squeeze(0) if unbatched else y
+
+
+# ----------------------------------------------------------------------------- handlers
+def conv_args(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+              dilation: Any = 1, groups: int = 1) -> tuple[Tensor, Tensor, Tensor | None, Any, Any, Any, int]:
+    """``F.conv1d/2d/3d``'s arguments, positional or by keyword:
+    ``(input, weight, bias, stride, padding, dilation, groups)``."""
+    return input, weight, bias, stride, padding, dilation, groups
+
+
+def answer_conv(fn: Callable[..., Tensor]) -> Callable[[Frame, Callable, tuple, dict], Any]:
+    """The handler of ``torch.conv{1,2}d`` computing with ``fn`` (:func:`conv1d` or :func:`conv2d`)."""
+
+    def handler(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
+        x, w, b, stride, padding, dilation, groups = conv_args(*args, **kwargs)
+        k = w[0].numel()  # reduction length per group: C_in/groups * kernel size
+
+        def analog(c, s, stats, g):
+            return fn(x, w, b, stride, padding, dilation, groups, config=c, input_scale=s[0], generator=g, stats=stats)
+
+        # MACs: every output element is one dot product of length k
+        return run_product(frame, "conv", func, args, kwargs, analog, (x, w), k, lambda y: y.numel() * k)
+
+    return handler
+
+
+register(torch.conv2d)(answer_conv(conv2d))
+register(torch.conv1d)(answer_conv(conv1d))
+
+
+_pair = int_pair  # its old name (abfp.functional._pair)

@@ -1,0 +1,239 @@
+"""The linear family: ``F.linear`` (static weights) and activation-by-activation matrix
+products (``torch.matmul``, ``@``, ``bmm``, ``mm``; a two-operand ``einsum``) on the device.
+
+Per family: the argument parser (:func:`linear_args`), the public functions (:func:`linear`,
+:func:`matmul`, :func:`einsum`, re-exported by :mod:`abfp.functional`), the MAC/tile accounting
+(``K`` = the reduction length, ``MACs = rows * N * K``) and the handlers that answer the torch
+functions inside converted modules. Both the reference and the fast path are
+:func:`abfp.ops.device.product` (it picks by ``config.kernel``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import ABFPConfig
+from ..numerics import ProductStats
+from .device import WEIGHT_CACHE, bf16, check_finite, product, promoted_dtype, without_bf16_io
+from .registry import register
+from .site import Frame, digital_call, run_product
+
+__all__ = ["linear", "matmul", "einsum", "linear_args", "answer_linear", "answer_matmul", "answer_rmatmul"]
+
+
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    config: ABFPConfig,
+    input_scale: float | Tensor | None = None,
+    weight_scale: float | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stats: ProductStats | None = None,
+    cache: bool = True,
+) -> Tensor:
+    """``y = x W^T + b`` on the device; ``x``: (..., K), ``weight``: (N, K), ``bias``: (N,).
+
+    In ``fixed`` mode ``input_scale`` and ``weight_scale`` are the static per-tensor scales
+    (default: each tensor's own max |value| over the whole call). Weight encodings are cached
+    per weight value (``cache=False`` re-encodes every call). Bias is added digitally in
+    float32: ``y = Y + b``; with ``bf16_io`` the inputs and weights are rounded to bfloat16 and
+    the output after the bias, ``y = bf16(Y + b)`` (SPEC 1 step 7).
+    """
+    check_finite(x, "input")
+    if not cache:
+        check_finite(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"input's last dimension ({x.shape[-1] if x.dim() else 'scalar'}) must equal weight's in_features ({weight.shape[1]})"
+        )
+    if bias is not None:
+        check_finite(bias, "bias")
+    out_dtype = x.dtype
+    lead = x.shape[:-1]
+    x3 = x.reshape(1, math.prod(lead), x.shape[-1])
+    w3 = weight.unsqueeze(0)
+    weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
+    device = config
+    if config.bf16_io and bias is not None:
+        # round the inputs here and the output after the bias (not before it)
+        device, x3, w3 = without_bf16_io(config), bf16(x3), bf16(w3)
+    y = product(x3, w3, device, input_scale=input_scale, weight_scale=weight_scale,
+                 generator=generator, weights=weights, stats=stats)
+    y = y.reshape(*lead, weight.shape[0])
+    if bias is not None:
+        y.add_(bias.to(torch.float32))  # y is this call's own tensor
+        if config.bf16_io:
+            y = bf16(y)
+    return y.to(out_dtype)
+
+
+def matmul(
+    a: Tensor,
+    b: Tensor,
+    *,
+    config: ABFPConfig,
+    generator: torch.Generator | None = None,
+    stats: ProductStats | None = None,
+    a_scale: float | Tensor | None = None,
+    b_scale: float | Tensor | None = None,
+) -> Tensor:
+    """``torch.matmul(a, b)`` on the device, batch dims broadcast; both operands get dynamic
+    block scales along the reduction axis. In ``fixed`` mode ``a_scale``/``b_scale`` are the
+    static per-tensor scales (default: each tensor's max |value|)."""
+    check_finite(a, "first operand")
+    check_finite(b, "second operand")
+    if a.dim() == 0 or b.dim() == 0:
+        raise ValueError("matmul needs operands of at least one dimension")
+    out_dtype = promoted_dtype(a, b)
+    squeeze_a = a.dim() == 1
+    squeeze_b = b.dim() == 1
+    if squeeze_a:
+        a = a.unsqueeze(0)
+    if squeeze_b:
+        b = b.unsqueeze(-1)
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul shapes do not match: {tuple(a.shape)} @ {tuple(b.shape)}")
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    nb = math.prod(batch)  # not -1: a product with zero rows or columns has no size to infer
+    a3 = a.expand(*batch, M, K).reshape(nb, M, K)
+    w3 = b.expand(*batch, K, N).transpose(-1, -2).reshape(nb, N, K)
+    y = product(a3, w3, config, input_scale=a_scale, weight_scale=b_scale,
+                 generator=generator, stats=stats).reshape(*batch, M, N)
+    if squeeze_a:
+        y = y.squeeze(-2)
+    if squeeze_b:
+        y = y.squeeze(-1)
+    return y.to(out_dtype)
+
+
+def einsum(
+    equation: str,
+    a: Tensor,
+    b: Tensor,
+    *,
+    config: ABFPConfig,
+    generator: torch.Generator | None = None,
+    stats: ProductStats | None = None,
+    a_scale: float | Tensor | None = None,
+    b_scale: float | Tensor | None = None,
+) -> Tensor:
+    """A two-operand ``torch.einsum`` whose contraction runs on the device.
+
+    Indices in both operands and the output are batch axes, in both operands only are
+    reduced (the analog reduction axis), in one operand and the output are free. Indices
+    found in one operand only and not in the output are summed digitally first. In ``fixed``
+    mode ``a_scale``/``b_scale`` are the static scales (default: each operand's own max |value|).
+    """
+    eq = equation.replace(" ", "")
+    if "->" not in eq:
+        lhs = eq
+        letters = [ch for ch in lhs.replace(",", "") if ch != "."]
+        out = "".join(sorted(ch for ch in set(letters) if letters.count(ch) == 1))
+    else:
+        lhs, out = eq.split("->")
+    parts = lhs.split(",")
+    if len(parts) != 2:
+        raise ValueError("abfp einsum takes exactly two operands")
+    sa, sb = parts
+    if "." in eq:
+        sa, sb, out = _expand_ellipsis(sa, sb, out, a.dim(), b.dim())
+    if len(sa) != a.dim() or len(sb) != b.dim():
+        raise ValueError(f"einsum subscripts {equation!r} do not match operand ranks {a.dim()}, {b.dim()}")
+    # sum away indices private to one operand and absent from the output
+    for s_name in ("a", "b"):
+        s, other, t = (sa, sb, a) if s_name == "a" else (sb, sa, b)
+        private = [i for i, ch in enumerate(s) if ch not in other and ch not in out]
+        if private:
+            t = t.sum(dim=private)
+            s = "".join(ch for i, ch in enumerate(s) if i not in private)
+        if s_name == "a":
+            sa, a = s, t
+        else:
+            sb, b = s, t
+    batch = [ch for ch in out if ch in sa and ch in sb]
+    red = [ch for ch in sa if ch in sb and ch not in out]
+    fa = [ch for ch in sa if ch not in sb]
+    fb = [ch for ch in sb if ch not in sa]
+    sizes = {ch: a.shape[i] for i, ch in enumerate(sa)}
+    for i, ch in enumerate(sb):
+        sizes[ch] = max(sizes.get(ch, 1), b.shape[i])
+    pa = a.permute([sa.index(ch) for ch in batch + fa + red])
+    pb = b.permute([sb.index(ch) for ch in batch + fb + red])
+    pa = pa.expand(*[sizes[ch] for ch in batch], *pa.shape[len(batch):])
+    pb = pb.expand(*[sizes[ch] for ch in batch], *pb.shape[len(batch):])
+    bsz = math.prod(sizes[ch] for ch in batch)
+    m = math.prod(sizes[ch] for ch in fa)
+    n_ = math.prod(sizes[ch] for ch in fb)
+    k = math.prod(sizes[ch] for ch in red)
+    a3 = pa.reshape(bsz, m, k)
+    w3 = pb.reshape(bsz, n_, k)
+    check_finite(a3, "first operand")
+    check_finite(w3, "second operand")
+    y = product(a3, w3, config, input_scale=a_scale, weight_scale=b_scale, generator=generator,
+                 stats=stats).to(promoted_dtype(a, b))
+    y = y.reshape([sizes[ch] for ch in batch + fa + fb])
+    cur = batch + fa + fb
+    return y.permute([cur.index(ch) for ch in out])
+
+
+def _expand_ellipsis(sa: str, sb: str, out: str, da: int, db: int) -> tuple[str, str, str]:
+    used = set((sa + sb + out).replace(".", ""))
+    spare = [chr(c) for c in range(ord("A"), ord("Z") + 1) if chr(c) not in used]
+    na = da - len(sa.replace("...", ""))
+    nb = db - len(sb.replace("...", ""))
+    ne = max(na, nb)
+    ell = "".join(spare[:ne])
+    sa = sa.replace("...", ell[ne - na:]) if "..." in sa else sa
+    sb = sb.replace("...", ell[ne - nb:]) if "..." in sb else sb
+    out = out.replace("...", ell) if "..." in out else out
+    return sa, sb, out
+
+
+# ----------------------------------------------------------------------------- handlers
+def linear_args(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``F.linear``'s arguments, positional or by keyword: ``(input, weight, bias)``."""
+    return input, weight, bias
+
+
+def answer_linear(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``F.linear`` inside a converted module: one product, ``K = in_features``,
+    ``MACs = rows * out_features * in_features``."""
+    x, w, b = linear_args(*args, **kwargs)
+    rows = x.numel() // max(1, x.shape[-1])
+    return run_product(frame, "linear", func, args, kwargs,
+                       lambda c, s, stats, g: linear(x, w, b, config=c, input_scale=s[0], generator=g, stats=stats),
+                       (x, w), w.shape[1], lambda y: rows * w.shape[0] * w.shape[1])
+
+
+def answer_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``torch.matmul`` (and ``@``, ``bmm``, ``mm``) of two activations: one product,
+    ``K = a.shape[-1]``, ``MACs = y.numel() * K``; float32 with ``include_matmul=False``."""
+    a, b = args[0], args[1]
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        return func(*args, **kwargs)
+    if not frame.state.include_matmul:
+        return digital_call(frame, func, args, kwargs, "include_matmul=False")
+    return run_product(frame, "matmul", func, args, kwargs,
+                       lambda c, s, stats, g: matmul(a, b, config=c, generator=g, stats=stats, a_scale=s[0], b_scale=s[1]),
+                       (a, b), a.shape[-1], lambda y: y.numel() * a.shape[-1])
+
+
+def answer_rmatmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``b.__rmatmul__(a)``, i.e. ``a @ b``."""
+    b, a = args[0], args[1]
+    return answer_matmul(frame, torch.matmul, (a, b), {})
+
+
+register(F.linear)(answer_linear)
+register(torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm, torch.mm, Tensor.mm)(answer_matmul)
+register(Tensor.__rmatmul__)(answer_rmatmul)

@@ -1,0 +1,202 @@
+"""The common path of every analog product inside a converted model: :func:`run_product`.
+
+A product family's handler hands each of its products to :func:`run_product` with the
+innermost running module's :class:`Frame`; it does, in this order, calibration (fixed point:
+record ``max |operand|`` and run float32), the interceptors (DNF, dynamic-precision noise: they
+see a :class:`ProductCall`), the device call, the coverage count, and the recording for
+``summary`` and energy (:class:`SiteRecord`). A product kept in float32 goes through
+:func:`digital_call` instead (counted as digital).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..config import ABFPConfig
+from ..numerics import ProductStats
+from ..numerics.blocks import num_tiles
+from .coverage import estimate_macs, func_name
+
+__all__ = ["Frame", "ProductCall", "SiteRecord", "run_product", "digital_call"]
+
+
+@dataclass
+class SiteRecord:
+    """Accumulated observations of one analog product site (see :func:`abfp.summary`)."""
+
+    site: str
+    kind: str
+    x_shape: tuple[int, ...] = ()
+    w_shape: tuple[int, ...] = ()
+    tiles: int = 0
+    calls: int = 0
+    macs: int = 0
+    adc_conversions: int = 0
+    saturated: int = 0
+    err_sq: float = 0.0
+    ref_sq: float = 0.0
+    config: ABFPConfig | None = None
+
+    @property
+    def saturated_fraction(self) -> float:
+        return self.saturated / self.adc_conversions if self.adc_conversions else 0.0
+
+    @property
+    def relative_error(self) -> float:
+        return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else (0.0 if self.err_sq == 0 else float("inf"))
+
+
+class Frame:
+    """One running converted module: its name, its state (an :class:`abfp.nn.state.AnalogState`),
+    its per-kind product counter, the module and the Python frame running it (``caller``), and
+    the :class:`abfp.nn.mode.AnalogMode` it entered (the outermost frame only)."""
+
+    __slots__ = ("name", "state", "counts", "mode", "module", "caller")
+
+    def __init__(self, name: str, state: Any, module: torch.nn.Module | None = None,
+                 caller: types.FrameType | None = None) -> None:
+        self.name = name
+        self.state = state
+        self.counts: dict[str, int] = {}
+        self.mode: Any = None
+        self.module = module
+        self.caller = caller
+
+    def site(self, op: str) -> str:
+        """The next site of kind ``op`` in this call of the module: ``"<name>:<op><index>"``."""
+        i = self.counts.get(op, 0)
+        self.counts[op] = i + 1
+        return f"{self.name}:{op}{i}"
+
+
+@dataclass
+class ProductCall:
+    """One analog product as an interceptor sees it (see ``AnalogState.interceptors``).
+
+    ``operands``: (input, weight) for linear/conv (the raw conv input and 4-D weight),
+    (a, b) for matmul. ``analog()`` computes it on the device with ``config`` (or another
+    config passed as argument); ``digital()`` computes it in float32 exactly as the model
+    asked (with autograd). ``call`` is ``(func, args, kwargs)`` of the intercepted call.
+    """
+
+    site: str
+    kind: str
+    config: ABFPConfig
+    operands: tuple[Tensor, ...]
+    analog: Callable[..., Tensor]
+    digital: Callable[[], Tensor]
+    call: tuple[Any, tuple, dict]
+
+
+def _record(frame: Frame, site: str, kind: str, cfg: ABFPConfig, x_shape, w_shape, k: int, macs: int,
+            stats: ProductStats, y: Tensor, y_ref: Tensor | None) -> None:
+    rec = frame.state.records.get(site)
+    if rec is None:
+        rec = frame.state.records[site] = SiteRecord(site=site, kind=kind, config=cfg)
+    rec.x_shape, rec.w_shape = tuple(x_shape), tuple(w_shape)
+    rec.tiles = num_tiles(k, cfg.tile_width)
+    rec.calls += 1
+    rec.macs += macs
+    rec.adc_conversions += stats.conversions
+    rec.saturated += stats.saturated
+    if y_ref is not None:
+        yr = y_ref.detach().double()
+        rec.err_sq += float(((y.detach().double() - yr) ** 2).sum())
+        rec.ref_sq += float((yr**2).sum())
+
+
+def _calibrate(state: Any, site: str, *operands: Tensor) -> None:
+    vals = []
+    for t in operands:
+        a = t.detach().abs().flatten().float()
+        if a.numel() == 0:
+            vals.append(0.0)
+        elif state.calibration_percentile >= 100.0:
+            vals.append(float(a.max()))
+        else:
+            k = max(1, min(a.numel(), math.ceil(a.numel() * state.calibration_percentile / 100.0)))
+            vals.append(float(a.kthvalue(k).values))
+    old = state.input_scales.get(site)
+    state.input_scales[site] = vals if old is None else [max(o, v) for o, v in zip(old, vals)]
+
+
+def _scales(state: Any, cfg: ABFPConfig, site: str) -> list[float | None]:
+    """Static activation scales of a fixed-point site (SPEC section 2: calibrated once on sample
+    data); ``[None, None]`` in ABFP mode. An uncalibrated fixed-point site raises rather than
+    falling back to each call's own max (which would make the baseline dynamic, per batch)."""
+    if cfg.mode != "fixed":
+        return [None, None]
+    s = state.input_scales.get(site)
+    if s is None:
+        raise ValueError(
+            f"abfp: product {site} runs in fixed-point mode but has no calibrated activation scale "
+            "(SPEC section 2: one static scale calibrated on sample data); "
+            "call abfp.calibrate(model, batches) first")
+    return list(s) + [None] * (2 - len(s))
+
+
+def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict,
+         analog: Callable[[ABFPConfig, list, ProductStats | None, torch.Generator | None], Tensor],
+         operands: tuple[Tensor, ...], k: int, macs: Callable[[Tensor], int], *, site: str | None = None) -> Any:
+    """Common path of every product: calibration, interceptors, recording, the device call.
+
+    ``analog(config, static_scales, stats, generator)`` computes the product on the device;
+    ``func(*args, **kwargs)`` is the float32 call it replaces (used while calibrating, by
+    interceptors as ``digital()``, and as the reference while recording); ``operands`` are
+    the two matrices of the product (input first), ``k`` its reduction length and
+    ``macs(y)`` its multiply-accumulate count given its output. ``site``: an explicit site
+    name (default: ``frame.site(op)``, counting the products of kind ``op`` in this call).
+    """
+    state = frame.state
+    cfg = state.config_for(frame.name)
+    site = frame.site(op) if site is None else site
+    if state.calibrating:
+        _calibrate(state, site, *operands)
+        return func(*args, **kwargs)
+    interceptor = state.interceptors.get(site) or state.interceptors.get("*")
+    if interceptor is not None:
+        y = interceptor(ProductCall(
+            site=site, kind=op, config=cfg, operands=operands,
+            analog=lambda c=cfg: analog(c, _scales(state, c, site), None, state.generator(c, operands[0].device)),
+            digital=lambda: func(*args, **kwargs),
+            call=(func, args, kwargs),
+        ))
+        state.coverage.analog_macs += int(macs(y)) if isinstance(y, Tensor) else 0
+        return y
+    stats = ProductStats() if state.recording else None
+    y = analog(cfg, _scales(state, cfg, site), stats, state.generator(cfg, operands[0].device))
+    state.coverage.analog_macs += int(macs(y))
+    if state.recording:
+        with torch.no_grad():
+            y_ref = func(*args, **kwargs)
+        _record(frame, site, op, cfg, operands[0].shape, operands[1].shape, k, macs(y), stats, y, y_ref)  # type: ignore[arg-type]
+    return y
+
+
+def digital_call(frame: Frame, func: Callable, args: tuple, kwargs: dict, reason: str) -> Any:
+    """Run a product in float32 and count its MACs as digital (coverage): ``reason`` says why
+    (an excluded module, ``include_matmul=False``); products with no analog model at all are
+    also named in a :class:`~abfp.ops.coverage.DigitalProductWarning`."""
+    out = func(*args, **kwargs)
+    state = frame.state
+    if state.calibrating:
+        return out
+    macs = estimate_macs(func, args, kwargs, out)
+    name = func_name(func)
+    state.coverage.add_digital(f"{name} ({reason})", macs)
+    if state.recording:
+        site = frame.site("digital")
+        rec = state.records.get(site)
+        if rec is None:
+            rec = state.records[site] = SiteRecord(site=site, kind="digital", config=None)
+        rec.x_shape = tuple(args[0].shape) if args and isinstance(args[0], Tensor) else ()
+        rec.w_shape = tuple(args[1].shape) if len(args) > 1 and isinstance(args[1], Tensor) else ()
+        rec.calls += 1
+        rec.macs += macs
+    return out

@@ -1,0 +1,265 @@
+"""``abfp.tune``: gains, repeats and (optionally) finetuning, stage by stage, to a :class:`DevicePlan`.
+
+Stages, each measured by ``metric`` on the evaluation inputs (the calibration inputs when none
+are given) and by the energy per inference (:mod:`abfp.energy`):
+
+1. ``single gain``: the base device as given (one gain everywhere);
+2. ``gain``: a gain per module (:mod:`.gains`, the error rule by default);
+3. ``repeats``: repeats per module to reach ``target`` at the least energy (:mod:`.repeats`);
+4. ``finetune``: label-free finetuning of the weights on the plan, when ``finetune`` is given
+   (a callable ``(model, plan, calibration inputs) -> finetuned float32 model``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ABFPConfig
+from ..energy import EnergyParams, account_rows
+from ..nn import summary, to_digital
+from ..zoo.base import COSINE, Dataset, Metric
+from .gains import GainRule, _as_tuple, choose_gains
+from .plan import DevicePlan
+from .repeats import noise_profile, search_repeats
+
+__all__ = ["StageResult", "TuneResult", "tune", "default_target", "evaluate_plan"]
+
+
+@dataclass
+class StageResult:
+    """One stage: its metric (on the evaluation inputs), energy per inference (pJ), the wall
+    time it took (s), its plan and notes."""
+
+    name: str
+    metric: float
+    energy: float
+    seconds: float
+    plan: DevicePlan
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.name, "metric": self.metric, "energy_pj": self.energy, "seconds": self.seconds,
+                "note": self.note}
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` returns: the final ``plan``, the float32 ``model`` (finetuned, or the
+    input model), the ``stages`` in order and the metric's float32 value and target."""
+
+    plan: DevicePlan
+    model: nn.Module
+    stages: list[StageResult]
+    metric_name: str
+    fp32_metric: float
+    target: float | None
+    higher_is_better: bool = True
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric_name, "fp32": self.fp32_metric, "target": self.target,
+                "higher_is_better": self.higher_is_better, "seconds": self.seconds,
+                "stages": [s.to_dict() for s in self.stages], "details": self.details}
+
+    def table(self) -> str:
+        e0 = self.stages[0].energy if self.stages else 0.0
+        lines = [f"{self.metric_name}: float32 {self.fp32_metric:.4g}, target {self.target}",
+                 f"  {'stage':<12} {'metric':>10} {'energy/inf (uJ)':>16} {'x single':>9} {'time (s)':>9}"]
+        for s in self.stages:
+            lines.append(f"  {s.name:<12} {s.metric:>10.4g} {s.energy / 1e6:>16.4g} "
+                         f"{(s.energy / e0 if e0 else 0):>9.3f} {s.seconds:>9.1f}  {s.note}")
+        return "\n".join(lines)
+
+
+def default_target(metric: Metric, fp32_value: float) -> float:
+    """The target when none is given: float32 minus 0.3 points for a metric in %, minus 0.005
+    otherwise (plus for a lower-is-better metric)."""
+    drop = 0.3 if metric.unit == "%" else 0.005
+    return fp32_value - drop if metric.higher_is_better else fp32_value + drop
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, data: Dataset, batch_size: int) -> Tensor:
+    from ..evaluate.runner import run_model
+
+    return run_model(model, data, batch_size)
+
+
+def evaluate_plan(model: nn.Module, plan: DevicePlan, data: Dataset, metric: Metric, reference: Tensor,
+                  batch_size: int = 64, seed: int = 0) -> float:
+    """``metric`` of ``model`` converted by ``plan`` (noise seed ``seed``) on ``data``."""
+    m = plan.with_seed(seed).convert(model)
+    try:
+        return metric(_outputs(m.eval(), data, batch_size), data.targets, reference)
+    finally:
+        to_digital(m)
+
+
+def _energy(model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...], params: EnergyParams) -> float:
+    m = plan.convert(model)
+    try:
+        rows = summary(m.eval(), inputs).rows
+    finally:
+        to_digital(m)
+    return account_rows(rows, int(inputs[0].shape[0]), params, plan.base).totals(True)["energy_total"]
+
+
+def _product_modules(model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...]) -> list[str]:
+    m = plan.convert(model)
+    try:
+        rows = summary(m.eval(), inputs).rows
+    finally:
+        to_digital(m)
+    out: list[str] = []
+    for r in rows:
+        name = r.site.rsplit(":", 1)[0]
+        if r.kind != "digital" and name not in out:
+            out.append(name)
+    return out
+
+
+def tune(
+    model: nn.Module,
+    calibration_inputs: Any,
+    config: ABFPConfig | None = None,
+    *,
+    metric: Metric | None = None,
+    target: float | None = None,
+    calibration_targets: Tensor | None = None,
+    eval_inputs: Any = None,
+    eval_targets: Tensor | None = None,
+    gain_rule: GainRule = "error",
+    gains: Sequence[float] | None = None,
+    max_gain: float = 256.0,
+    gain_tolerance: float = 0.0,
+    gain_samples: int = 32,
+    repeats: bool = True,
+    max_repeats: int = 16,
+    repeat_steps: int = 8,
+    finetune: Callable[[nn.Module, DevicePlan, tuple[Tensor, ...]], nn.Module] | None = None,
+    exclude: Sequence[str] = (),
+    batch_size: int = 64,
+    energy_samples: int = 4,
+    energy_params: EnergyParams | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Tune a per-layer device plan for the float32 ``model``.
+
+    ``calibration_inputs``: a tensor (or tuple of tensors) of the model's inputs, no labels
+    needed (``calibration_targets`` only for a metric that needs labels). Gains are chosen on
+    its first ``gain_samples`` samples, repeats on all of it. ``metric`` (default: cosine
+    similarity of the outputs to float32) and ``target`` (default :func:`default_target`)
+    decide the repeats; stage metrics are reported on ``eval_inputs`` when given.
+    ``gains``: the allowed gain values (default powers of two up to ``max_gain``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tune needs an nn.Module, got {type(model).__name__}")
+    config = config or ABFPConfig()
+    if not isinstance(config, ABFPConfig):
+        raise TypeError(f"config must be an ABFPConfig, got {type(config).__name__}")
+    if config.mode != "abfp":
+        raise ValueError("tune plans ABFP devices: config.mode must be 'abfp'")
+    if config.repeats != 1:
+        raise ValueError(f"tune chooses the repeats: give a config with repeats=1, got {config.repeats}")
+    metric = metric or COSINE
+    if not isinstance(metric, Metric):
+        raise TypeError(f"metric must be an abfp.zoo.base.Metric, got {type(metric).__name__}")
+    for name, v in (("gain_samples", gain_samples), ("batch_size", batch_size), ("energy_samples", energy_samples),
+                    ("repeat_steps", repeat_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if target is not None and not (isinstance(target, (int, float)) and math.isfinite(target)):
+        raise ValueError(f"target must be a finite number, got {target!r}")
+    calib = Dataset(_as_tuple(calibration_inputs), calibration_targets)
+    evald = calib if eval_inputs is None else Dataset(_as_tuple(eval_inputs), eval_targets)
+    if len(calib) == 0:
+        raise ValueError("calibration_inputs is empty")
+    say = progress or (lambda s: None)
+    params = energy_params or EnergyParams()
+    model = model.eval()
+    t_all = time.perf_counter()
+
+    ref_cal = _outputs(model, calib, batch_size)
+    ref_eval = ref_cal if evald is calib else _outputs(model, evald, batch_size)
+    fp32_cal = metric(ref_cal, calib.targets, ref_cal)
+    fp32_eval = metric(ref_eval, evald.targets, ref_eval)
+    if target is None:
+        target = default_target(metric, fp32_cal)
+
+    def meets(v: float) -> bool:
+        return v >= target if metric.higher_is_better else v <= target
+
+    e_inputs = tuple(t[:energy_samples] for t in calib.inputs)
+    stages: list[StageResult] = []
+
+    def stage(name: str, plan: DevicePlan, t0: float, m: nn.Module = model, note: str = "") -> None:
+        seconds = time.perf_counter() - t0
+        v = evaluate_plan(m, plan, evald, metric, ref_eval, batch_size, seed)
+        stages.append(StageResult(name, v, _energy(m, plan, e_inputs, params), seconds, plan, note))
+        say(f"{name}: {metric.name} {v:.4g}, {stages[-1].energy / 1e6:.4g} uJ per inference ({seconds:.1f} s)")
+
+    # 1. the single-gain device as given
+    base_plan = DevicePlan(config, exclude=tuple(exclude))
+    stage("single gain", base_plan, time.perf_counter(), note=config.label())
+
+    # 2. a gain per module
+    t0 = time.perf_counter()
+    g_inputs = tuple(t[:gain_samples] for t in calib.inputs)
+    chosen = choose_gains(model, g_inputs, config, rule=gain_rule, candidates=gains, max_gain=max_gain,
+                          tolerance=gain_tolerance, exclude=exclude, seed=seed)
+    modules = _product_modules(model, base_plan, e_inputs)
+    gain_plan = DevicePlan(config, {m: config.replace(gain=chosen.get(m, config.gain)) for m in modules},
+                           tuple(exclude), {"gain_rule": gain_rule})
+    stage("gain", gain_plan, t0, note=f"{gain_rule} rule")
+    plan = gain_plan
+    details: dict[str, Any] = {"gains": chosen}
+
+    # 3. repeats per module
+    if repeats:
+        t0 = time.perf_counter()
+        conv = gain_plan.with_seed(seed).convert(model)
+        try:
+            profile = noise_profile(conv.eval(), tuple(t[:gain_samples] for t in calib.inputs), params)
+        finally:
+            to_digital(conv)
+
+        def with_repeats(reps: dict[str, int]) -> DevicePlan:
+            return DevicePlan(config, {m: c.replace(repeats=reps.get(m, 1)) for m, c in gain_plan.modules.items()},
+                              tuple(exclude), dict(gain_plan.info))
+
+        def score(reps: dict[str, int]) -> float:
+            v = evaluate_plan(model, with_repeats(reps), calib, metric, ref_cal, batch_size, seed)
+            say(f"  repeats: total {sum(reps.values())} over {len(reps)} modules (max {max(reps.values(), default=1)}): "
+                f"{metric.name} {v:.4g} on calibration")
+            return v
+
+        found = search_repeats(profile, score, meets, max_repeats=max_repeats, steps=repeat_steps)
+        plan = with_repeats(found.repeats)
+        details.update(repeats=found.repeats, noise_error=profile.noise_error, repeat_trials=found.trials,
+                       target_reached_on_calibration=found.reached)
+        stage("repeats", plan, t0, note="target reached on calibration" if found.reached
+              else f"target {target} not reached even with max_repeats={max_repeats} everywhere "
+              f"({found.trials[-1][1]:.4g} on calibration): no repeats kept")
+
+    # 4. finetuning (optional)
+    out_model = model
+    if finetune is not None:
+        t0 = time.perf_counter()
+        out_model = finetune(copy.deepcopy(model), plan, calib.inputs)
+        if not isinstance(out_model, nn.Module):
+            raise TypeError(f"finetune must return an nn.Module, got {type(out_model).__name__}")
+        stage("finetune", plan, t0, m=out_model.eval())
+
+    plan.info.update({"stages": [s.to_dict() for s in stages], "metric": metric.name, "target": target,
+                      "fp32": fp32_eval})
+    return TuneResult(plan, out_model, stages, metric.name, fp32_eval, target, metric.higher_is_better,
+                      time.perf_counter() - t_all, details)

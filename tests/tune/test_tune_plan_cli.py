@@ -1,0 +1,135 @@
+"""DevicePlan JSON round trip and convert, abfp.tune stages, abfp tune / abfp eval --plan, bad input."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import abfp
+from abfp import ABFPConfig, DevicePlan
+from abfp.cli import main
+
+TASK = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from abfp.zoo.base import Dataset, Task, COSINE
+
+    def make():
+        def build():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 6))
+        def data():
+            g = torch.Generator().manual_seed(1)
+            return Dataset((torch.randn(48, 24, generator=g),))
+        return Task("tiny", "tiny mlp", build, data, COSINE, default_batch_size=16)
+''')
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 6))
+
+
+def test_plan_round_trip_and_convert() -> None:
+    base = ABFPConfig(gain=8.0)
+    plan = DevicePlan(base, {"0": base.replace(gain=32.0, repeats=4), "2": base.replace(gain=2.0)})
+    back = DevicePlan.from_json(plan.to_json())
+    assert back.base == base and back.modules == plan.modules
+    m = back.convert(tiny())
+    st = abfp.analog_state(m)
+    assert st.module_configs["0"].gain == 32.0 and st.module_configs["0"].repeats == 4
+    assert st.module_configs["2"].gain == 2.0 and st.module_configs[""] == base
+    assert plan.config_for("0") .repeats == 4 and plan.config_for("1") == base
+
+
+def test_plan_bad_input() -> None:
+    with pytest.raises(ValueError, match="not a device plan"):
+        DevicePlan.from_json('{"base": {}}')
+    with pytest.raises(ValueError, match="module '0'"):
+        DevicePlan.from_json(json.dumps({"format": "abfp-device-plan/1", "base": {}, "modules": {"0": {"repeats": 0}}}))
+    with pytest.raises(ValueError, match="does not have"):
+        DevicePlan(ABFPConfig(), {"nope": ABFPConfig()}).convert(tiny())
+    with pytest.raises(TypeError, match="ABFPConfig"):
+        DevicePlan(ABFPConfig(), {"0": 3})  # type: ignore[dict-item]
+
+
+def test_tune_api_stages_and_plan() -> None:
+    x = torch.randn(48, 24, generator=torch.Generator().manual_seed(1))
+    res = abfp.tune(tiny(), x, ABFPConfig(), target=0.99999, max_repeats=4, repeat_steps=3)
+    assert [s.name for s in res.stages] == ["single gain", "gain", "repeats"]
+    assert set(res.plan.modules) == {"0", "2"}
+    assert all(s.energy > 0 for s in res.stages)
+    # repeats only where the stage put them, and they cost energy
+    if any(c.repeats > 1 for c in res.plan.modules.values()):
+        assert res.stages[2].energy > res.stages[1].energy
+    assert res.model is not None and DevicePlan.from_json(res.plan.to_json()).modules == res.plan.modules
+    for bad, err in ((dict(config=ABFPConfig(repeats=2)), ValueError), (dict(config=ABFPConfig(mode="fixed")), ValueError),
+                     (dict(gain_samples=0), ValueError), (dict(target=float("nan")), ValueError)):
+        with pytest.raises(err):
+            abfp.tune(tiny(), x, **bad)
+    with pytest.raises(TypeError, match="nn.Module"):
+        abfp.tune("model", x)  # type: ignore[arg-type]
+
+
+def test_cli_tune_then_eval_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    task = tmp_path / "tasks.py"
+    task.write_text(TASK)
+    plan = tmp_path / "out" / "plan.json"
+    args = ["tune", "--task", f"{task}:make", "--json", str(plan), "--calibration", "16", "--gain-samples", "8",
+            "--max-repeats", "2", "--no-progress"]
+    assert main(args) == 0
+    names = ["plan.json", "plan.safetensors", "plan.report.md", "plan.png"]
+    assert all((plan.parent / n).is_file() for n in names)
+    p = DevicePlan.from_json(plan)
+    assert set(p.modules) == {"0", "2"} and p.info["task"] == "tiny"
+    assert "| gain |" in (plan.parent / "plan.report.md").read_text()
+    # outputs exist: refused before any work without --force
+    assert main(args) == 2
+    assert "exists" in capsys.readouterr().err
+    out = tmp_path / "rec.json"
+    assert main(["eval", "--task", f"{task}:make", "--plan", str(plan), "--weights", str(plan.with_suffix(".safetensors")),
+                 "--runs", "1", "--json", str(out), "--cache-dir", "", "--no-progress"]) == 0
+    recs = json.loads(out.read_text())
+    assert [r["format"] for r in recs] == ["fp32", "abfp"]
+    assert recs[1]["value"] > 0.9
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--plan", "missing.json"], "--plan: no such file"),
+    (["--weights", "w.safetensors"], "--weights goes with --plan"),
+    (["--plan", "PLAN", "--gains", "4"], "--plan sets the device"),
+    (["--plan", "BAD"], "--plan"),
+    (["--plan", "PLAN", "--weights", "BAD"], "--weights"),
+])
+def test_cli_eval_plan_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], msg: str) -> None:
+    good = tmp_path / "plan.json"
+    DevicePlan(ABFPConfig()).to_json(good)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "other"}')
+    extra = [str(good) if e == "PLAN" else str(bad) if e == "BAD" else str(tmp_path / e) if e.endswith((".json", ".safetensors")) else e
+             for e in extra]
+    assert main(["eval", "--task", "fashion-cnn", "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0]
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--calibration", "0"], "--calibration must be >= 1"),
+    (["--gains", "2,-1"], "--gains"),
+    (["--gain-rule", "saturation", "--gains", "2"], "--gains"),
+    (["--max-gain", "0.5"], "--max-gain"),
+    (["--config", '{"repeats": 2}'], "repeats 1"),
+    (["--calibration", "48"], "leave some to evaluate"),
+])
+def test_cli_tune_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], msg: str) -> None:
+    task = tmp_path / "tasks.py"
+    task.write_text(TASK)
+    assert main(["tune", "--task", f"{task}:make", "--json", str(tmp_path / "p.json"), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0]
+    assert not (tmp_path / "p.json").exists()
