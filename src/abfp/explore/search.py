@@ -131,7 +131,8 @@ class Explorer:
                             settings=self.settings)
             gains = r.get("gains") if design.auto_gain else None
             energy = self.costs.energy(design, self.base, gains)
-            rec = {**design.fields(), "value": float(r["value"]), "std": float(r["std"]), "runs": int(r["runs"]),
+            rec = {**design.fields(), "value": float(r["value"]), "std": float(r["std"]),
+                   "stderr": r.get("stderr"), "runs": int(r["runs"]),
                    "values": [float(v) for v in r["values"]],
                    "energy_pj_per_inference": energy["total"], "adc_energy_pj_per_inference": energy["adc"],
                    "energy_by_kind_pj": {k: energy[k] for k in ("analog", "dac", "adc", "digital")},
