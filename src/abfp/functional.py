@@ -26,7 +26,7 @@ from .ops.conv import conv1d, conv2d
 from .ops.conv_nd import conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d
 from .ops.device import (WEIGHT_CACHE, _AnalogProduct, _bf16, _dequantised, _generator_for, _out_dtype,  # noqa: F401
                          _product, _WeightCache, _without_bf16_io, check_finite, clear_cache, reseed)
-from .ops.linear import _expand_ellipsis, einsum, linear, matmul  # noqa: F401
+from .ops.linear import einsum, linear, matmul  # noqa: F401
 
 __all__ = ["linear", "matmul", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
            "einsum", "clear_cache", "check_finite", "reseed"]

@@ -143,6 +143,26 @@ ENERGY = [
     (["--json", "{file}/r.json"], "is a file, not a folder"),
 ]
 
+TUNE = [  # each with a valid --json in a fresh folder unless the case is about --json
+    (["--json", "{fresh_json}", "--calibration", "0"], "--calibration must be >= 1"),
+    (["--json", "{fresh_json}", "--eval-samples", "0"], "--eval-samples must be >= 1"),
+    (["--json", "{fresh_json}", "--gain-samples", "0"], "--gain-samples must be >= 1"),
+    (["--json", "{fresh_json}", "--max-gain", "0"], "--max-gain must be >= 1"),
+    (["--json", "{fresh_json}", "--gains", "1,x"], "not a valid float"),
+    (["--json", "{fresh_json}", "--max-repeats", "0"], "--max-repeats must be >= 1"),
+    (["--json", "{fresh_json}", "--target", "nan"], "--target must be a finite number"),
+    (["--json", "{fresh_json}", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--json", "{fresh_json}", "--threads", "0"], "--threads must be >= 1"),
+    (["--json", "{fresh_json}", "--preset", "no-such"], "unknown preset"),
+    (["--json", "{fresh_json}", "--preset", "default", "--config", "{}"], "not both"),
+    (["--json", "{fresh_json}", "--task", "no-such-model"], "unknown zoo task"),
+    (["--json", "{fresh_json}", "--task", "all"], "takes one task"),
+    ([], "required: --json"),
+    (["--json", "{dir}"], "is a folder"),
+    (["--json", "{exists_json}"], "exists; pass --force"),
+    (["--json", "{file}/r.json"], "is a file, not a folder"),
+]
+
 OTHERS = [
     (["presets", "--foo"], "unrecognized arguments"),
     (["zoo", "--foo"], "unrecognized arguments"),
@@ -152,7 +172,7 @@ CASES = ([(["eval", *a], m) for a, m in EVAL] + [(["report", *a], m) for a, m in
          + [(["microbench", *a], m) for a, m in MICROBENCH] + [(["summary", *a], m) for a, m in SUMMARY]
          + [(["finetune", "--no-progress", *a], m) for a, m in FINETUNE]
          + [(["precision", "--quiet", *a], m) for a, m in PRECISION] + [(["energy", *a], m) for a, m in ENERGY]
-         + OTHERS)
+         + [(["tune", *a], m) for a, m in TUNE] + OTHERS)
 COMMANDS = sorted({argv[0] for argv, _ in CASES})
 
 
@@ -173,7 +193,8 @@ def paths(tmp_path: Path) -> dict[str, str]:
             "missing": str(tmp_path / "no_such"), "exists_json": str(tmp_path / "exists.json"),
             "badjson": str(tmp_path / "bad.json"), "records": str(tmp_path / "records.json"),
             "report_out": str(tmp_path / "report_out"), "micro_out": str(tmp_path / "micro_out"),
-            "png": str(tmp_path / "old.png"), "text": str(tmp_path / "notes.txt")}
+            "png": str(tmp_path / "old.png"), "text": str(tmp_path / "notes.txt"),
+            "fresh_json": str(tmp_path / "fresh" / "plan.json")}
 
 
 def _fill(argv: list[str], paths: dict[str, str]) -> list[str]:
@@ -198,11 +219,13 @@ def no_work(monkeypatch):
     import abfp.finetune.methods
     import abfp.nn
     import abfp.precision.experiment
+    import abfp.tune.api
 
     for mod, name in ((abfp.evaluate, "evaluate"), (abfp.evaluate.report, "write_report"),
                       (abfp.evaluate.microbench, "run_microbench"), (abfp.nn, "summary"),
                       (abfp.finetune.methods, "dnf"), (abfp.finetune.methods, "qat"),
-                      (abfp.precision.experiment, "run_precision"), (abfp.energy, "account")):
+                      (abfp.precision.experiment, "run_precision"), (abfp.energy, "account"),
+                      (abfp.tune.api, "tune")):
         monkeypatch.setattr(mod, name, trap)
 
 

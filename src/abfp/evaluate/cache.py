@@ -272,8 +272,14 @@ class RunCache:
         return len(self.keys())
 
     def close(self) -> None:
+        """Close the database, first folding the write-ahead log into the main file (so that a
+        finished run leaves one self-contained file; another process still using it keeps it)."""
         with self._lock:
             if self._conn is not None:
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error:  # busy or damaged: the log stays, SQLite replays it on open
+                    pass
                 self._conn.close()
                 self._conn = None
 

@@ -66,10 +66,6 @@ def broadcast_from_main(obj: Any) -> Any:
     return box[0]
 
 
-def is_main() -> bool:
-    return world()[0] == 0
-
-
 def shutdown() -> None:
     """Leave the process group cleanly (all ranks wait for each other first)."""
     if dist.is_available() and dist.is_initialized():

@@ -162,7 +162,10 @@ def _validate(args: argparse.Namespace) -> None:
     need(args.temperature is None or args.loss == "kl", "--temperature only applies to --loss kl")
     need(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     need(args.time_steps is None or args.time_steps >= 1, f"--time-steps must be >= 1, got {args.time_steps}")
-    check_output_args(args, {"json_path": "--json", "save_model": "--save-model"})  # before any work
+    # before any work; whether an existing output may be replaced is decided in check_outputs
+    # (with --resume, the outputs of the run being continued may be)
+    check_output_args(argparse.Namespace(**{**vars(args), "force": args.force or args.resume}),
+                      {"json_path": "--json", "save_model": "--save-model"})
     if args.checkpoint == "" and args.resume:
         raise UsageError("--resume needs a checkpoint (--checkpoint is '')")
 
@@ -295,7 +298,8 @@ def check_outputs(args: argparse.Namespace, ckpt: str | None) -> dict[str, Any] 
     """Check every output path before any work (one rule: an existing output needs --force).
 
     The checkpoint is the exception that ``--resume`` makes: then it is read (its metadata,
-    which must be sound) and returned; without ``--resume`` an existing one needs ``--force``.
+    which must be sound) and returned, and the run's own outputs (``--json``, ``--save-model``)
+    may be replaced; without ``--resume`` an existing checkpoint needs ``--force``.
     Returns the checkpoint's metadata when resuming from one, else ``None``.
     """
     from ..outputs import OutputError, check_output
@@ -309,10 +313,12 @@ def check_outputs(args: argparse.Namespace, ckpt: str | None) -> dict[str, Any] 
         if key in seen:
             raise UsageError(f"{seen[key]} and {flag} name the same file {path!r}")
         seen[key] = flag
+    resuming = bool(args.resume and ckpt and Path(ckpt).is_file())
     try:
         for flag, path in named:
             if flag != "--checkpoint":
-                check_output(path, force=args.force, what=f"{flag} file")
+                # a resumed run may replace its own outputs (a run killed after writing them)
+                check_output(path, force=args.force or resuming, what=f"{flag} file")
         if ckpt is None:
             return None
         check_output(ckpt, force=True, what="checkpoint")  # a folder, under a file, not writable

@@ -11,7 +11,7 @@ functions inside converted modules. Both the reference and the fast path are
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -134,29 +134,32 @@ def einsum(
     found in one operand only and not in the output are summed digitally first. In ``fixed``
     mode ``a_scale``/``b_scale`` are the static scales (default: each operand's own max |value|).
     """
-    eq = equation.replace(" ", "")
-    if "->" not in eq:
-        lhs = eq
-        letters = [ch for ch in lhs.replace(",", "") if ch != "."]
-        out = "".join(sorted(ch for ch in set(letters) if letters.count(ch) == 1))
-    else:
-        lhs, out = eq.split("->")
-    parts = lhs.split(",")
-    if len(parts) != 2:
+    subs, out = einsum_subscripts(equation, [a, b])
+    if len(subs) != 2:
         raise ValueError("abfp einsum takes exactly two operands")
-    sa, sb = parts
-    if "." in eq:
-        sa, sb, out = _expand_ellipsis(sa, sb, out, a.dim(), b.dim())
-    if len(sa) != a.dim() or len(sb) != b.dim():
-        raise ValueError(f"einsum subscripts {equation!r} do not match operand ranks {a.dim()}, {b.dim()}")
-    # sum away indices private to one operand and absent from the output
-    for s_name in ("a", "b"):
-        s, other, t = (sa, sb, a) if s_name == "a" else (sb, sa, b)
+    a3, b3, finish = einsum_pair(subs[0], subs[1], out, a, b)
+    w3 = b3.transpose(1, 2)  # (batch, N, K): the second operand's rows along the reduction
+    check_finite(a3, "first operand")
+    check_finite(w3, "second operand")
+    y = product(a3, w3, config, input_scale=a_scale, weight_scale=b_scale, generator=generator,
+                stats=stats).to(promoted_dtype(a, b))
+    return finish(y)
+
+
+def einsum_pair(sa: str, sb: str, out: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """A two-operand contraction ``sa,sb->out`` (explicit subscripts, no ellipsis) as one batched
+    matrix product: returns ``a3`` (batch, M, K), ``b3`` (batch, K, N) and ``finish`` that turns
+    ``a3 @ b3`` into the einsum's output. Indices in both operands and the output are batch axes,
+    in both operands only the reduction (the analog reduction axis, flattened in ``sa``'s order),
+    in one operand and the output free; indices in one operand only and not in the output are
+    summed digitally first."""
+    for which in (0, 1):
+        s, other, t = (sa, sb, a) if which == 0 else (sb, sa, b)
         private = [i for i, ch in enumerate(s) if ch not in other and ch not in out]
         if private:
             t = t.sum(dim=private)
             s = "".join(ch for i, ch in enumerate(s) if i not in private)
-        if s_name == "a":
+        if which == 0:
             sa, a = s, t
         else:
             sb, b = s, t
@@ -168,35 +171,44 @@ def einsum(
     for i, ch in enumerate(sb):
         sizes[ch] = max(sizes.get(ch, 1), b.shape[i])
     pa = a.permute([sa.index(ch) for ch in batch + fa + red])
-    pb = b.permute([sb.index(ch) for ch in batch + fb + red])
+    pb = b.permute([sb.index(ch) for ch in batch + red + fb])
     pa = pa.expand(*[sizes[ch] for ch in batch], *pa.shape[len(batch):])
     pb = pb.expand(*[sizes[ch] for ch in batch], *pb.shape[len(batch):])
     bsz = math.prod(sizes[ch] for ch in batch)
-    m = math.prod(sizes[ch] for ch in fa)
-    n_ = math.prod(sizes[ch] for ch in fb)
-    k = math.prod(sizes[ch] for ch in red)
-    a3 = pa.reshape(bsz, m, k)
-    w3 = pb.reshape(bsz, n_, k)
-    check_finite(a3, "first operand")
-    check_finite(w3, "second operand")
-    y = product(a3, w3, config, input_scale=a_scale, weight_scale=b_scale, generator=generator,
-                 stats=stats).to(promoted_dtype(a, b))
-    y = y.reshape([sizes[ch] for ch in batch + fa + fb])
+    m, n, k = (math.prod(sizes[ch] for ch in grp) for grp in (fa, fb, red))
     cur = batch + fa + fb
-    return y.permute([cur.index(ch) for ch in out])
+
+    def finish(y: Tensor) -> Tensor:
+        return y.reshape([sizes[ch] for ch in cur]).permute([cur.index(ch) for ch in out])
+
+    return pa.reshape(bsz, m, k), pb.reshape(bsz, k, n), finish
 
 
-def _expand_ellipsis(sa: str, sb: str, out: str, da: int, db: int) -> tuple[str, str, str]:
-    used = set((sa + sb + out).replace(".", ""))
-    spare = [chr(c) for c in range(ord("A"), ord("Z") + 1) if chr(c) not in used]
-    na = da - len(sa.replace("...", ""))
-    nb = db - len(sb.replace("...", ""))
-    ne = max(na, nb)
-    ell = "".join(spare[:ne])
-    sa = sa.replace("...", ell[ne - na:]) if "..." in sa else sa
-    sb = sb.replace("...", ell[ne - nb:]) if "..." in sb else sb
-    out = out.replace("...", ell) if "..." in out else out
-    return sa, sb, out
+def einsum_subscripts(eq: str, ops: Sequence[Tensor]) -> tuple[list[str], str]:
+    """Explicit subscripts: ellipses expanded to spare letters, the output spelt out."""
+    eq = eq.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    parts = lhs.split(",")
+    if len(parts) != len(ops):
+        raise ValueError(f"einsum(): {len(parts)} subscripts for {len(ops)} operands in {eq!r}")
+    used = set(eq.replace(".", "").replace(",", "").replace("-", "").replace(">", ""))
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+    n_ell = max((op.dim() - len(p.replace("...", "")) for p, op in zip(parts, ops) if "..." in p), default=0)
+    ell = "".join(spare[:n_ell])
+    subs = []
+    for p, op in zip(parts, ops):
+        if "..." in p:
+            k = op.dim() - len(p.replace("...", ""))
+            p = p.replace("...", ell[n_ell - k:])
+        if len(p) != op.dim():
+            raise ValueError(f"einsum(): subscripts {p!r} do not match an operand of {op.dim()} dimensions")
+        subs.append(p)
+    if not arrow:
+        letters = "".join(subs)
+        out = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell))
+    else:
+        out = out.replace("...", ell)
+    return subs, out
 
 
 # ----------------------------------------------------------------------------- handlers

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import linear as linear_family  # linear(), matmul()
+from .linear import einsum_pair, einsum_subscripts
 from .site import Frame, digital_call, run_product
 from .registry import register
 
@@ -297,77 +298,12 @@ def _einsum_operands(args: tuple) -> tuple[str, list[Tensor]]:
     return eq, list(ops)
 
 
-def _expand(eq: str, ops: list[Tensor]) -> tuple[list[str], str]:
-    """Explicit subscripts: ellipses expanded to spare letters, the output spelt out."""
-    eq = eq.replace(" ", "")
-    lhs, arrow, out = eq.partition("->")
-    parts = lhs.split(",")
-    if len(parts) != len(ops):
-        raise ValueError(f"einsum(): {len(parts)} subscripts for {len(ops)} operands in {eq!r}")
-    used = set(eq.replace(".", "").replace(",", "").replace("-", "").replace(">", ""))
-    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
-    n_ell = max((op.dim() - len(p.replace("...", "")) for p, op in zip(parts, ops) if "..." in p), default=0)
-    ell = "".join(spare[:n_ell])
-    subs = []
-    for p, op in zip(parts, ops):
-        if "..." in p:
-            k = op.dim() - len(p.replace("...", ""))
-            p = p.replace("...", ell[n_ell - k:])
-        if len(p) != op.dim():
-            raise ValueError(f"einsum(): subscripts {p!r} do not match an operand of {op.dim()} dimensions")
-        subs.append(p)
-    if not arrow:
-        letters = "".join(subs)
-        out = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell))
-    else:
-        out = out.replace("...", ell)
-    return subs, out
-
-
-def einsum_pair(sa: str, sb: str, out: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
-    """A two-operand contraction ``sa,sb->out`` (explicit subscripts, no ellipsis) as one batched
-    matrix product: returns ``a3`` (batch, M, K), ``b3`` (batch, K, N) and ``finish`` that turns
-    ``a3 @ b3`` into the einsum's output. Indices in both operands and the output are batch axes,
-    in both operands only the reduction (the analog reduction axis, flattened in ``sa``'s order),
-    in one operand and the output free; indices in one operand only and not in the output are
-    summed digitally first."""
-    for which in (0, 1):
-        s, other, t = (sa, sb, a) if which == 0 else (sb, sa, b)
-        private = [i for i, ch in enumerate(s) if ch not in other and ch not in out]
-        if private:
-            t = t.sum(dim=private)
-            s = "".join(ch for i, ch in enumerate(s) if i not in private)
-        if which == 0:
-            sa, a = s, t
-        else:
-            sb, b = s, t
-    batch = [ch for ch in out if ch in sa and ch in sb]
-    red = [ch for ch in sa if ch in sb and ch not in out]
-    fa = [ch for ch in sa if ch not in sb]
-    fb = [ch for ch in sb if ch not in sa]
-    sizes = {ch: a.shape[i] for i, ch in enumerate(sa)}
-    for i, ch in enumerate(sb):
-        sizes[ch] = max(sizes.get(ch, 1), b.shape[i])
-    pa = a.permute([sa.index(ch) for ch in batch + fa + red])
-    pb = b.permute([sb.index(ch) for ch in batch + red + fb])
-    pa = pa.expand(*[sizes[ch] for ch in batch], *pa.shape[len(batch):])
-    pb = pb.expand(*[sizes[ch] for ch in batch], *pb.shape[len(batch):])
-    bsz = math.prod(sizes[ch] for ch in batch)
-    m, n, k = (math.prod(sizes[ch] for ch in grp) for grp in (fa, fb, red))
-    cur = batch + fa + fb
-
-    def finish(y: Tensor) -> Tensor:
-        return y.reshape([sizes[ch] for ch in cur]).permute([cur.index(ch) for ch in out])
-
-    return pa.reshape(bsz, m, k), pb.reshape(bsz, k, n), finish
-
-
 @register(torch.einsum)
 def answer_einsum(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     eq, ops = _einsum_operands(args)
     if len(ops) < 2 or kwargs or not all(isinstance(o, Tensor) for o in ops):
         return func(*args, **kwargs)  # one operand: a trace, sum or permutation, not a product
-    subs, out = _expand(eq, ops)
+    subs, out = einsum_subscripts(eq, ops)
     cur_s, cur = subs[0], ops[0]
     for i in range(1, len(ops)):
         later = set(out).union(*subs[i + 1:])
