@@ -11,6 +11,7 @@ from .ops.coverage import Coverage, coverage
 from .nn import analog_state, calibrate, convert, digital, is_converted, reseed, set_config, summary, to_digital
 from . import tune  # callable: abfp.tune(model, calibration_inputs, config, **options)
 from .tune import DevicePlan
+from . import explore  # callable: abfp.explore(task, **options) designs the device (abfp explore)
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "Coverage",
     "coverage",
     "digital",
+    "explore",
     "functional",
     "is_converted",
     "metrics",

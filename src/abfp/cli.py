@@ -10,6 +10,7 @@
     abfp precision --noise shot    learned per-layer energy under shot noise
     abfp energy --task fashion-cnn energy and operation counts per layer
     abfp tune --task NAME --json plan.json   a per-layer device plan (gains, repeats) and a report
+    abfp explore --task fashion-cnn --target-drop 1 --json explore.json   design the device
     abfp presets | abfp zoo
 """
 
@@ -295,8 +296,8 @@ def _load_weights(model: Any, path: Path) -> None:
 
 # ------------------------------------------------------------------------------ report
 def _report_parser(sub) -> None:
-    p = sub.add_parser("report", help="Markdown/HTML report with plots from an eval JSON")
-    p.add_argument("json_path", help="records written by 'abfp eval --json'")
+    p = sub.add_parser("report", help="Markdown/HTML report with plots from an eval or explore JSON")
+    p.add_argument("json_path", help="records written by 'abfp eval --json', or 'abfp explore --json' output")
     p.add_argument("--out", default="abfp-report", help="output folder (report.md or report.html plus PNGs)")
     p.add_argument("--html", action="store_true", help="write HTML instead of Markdown")
     add_force_option(p)
@@ -309,12 +310,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = Path(args.json_path)
     if not path.is_file():
         raise UsageError(f"no such file: {path}" if not path.exists() else f"{path} is a folder, not an eval JSON")
+    from .explore.report import explore_report_files, is_explore_result, validate_explore, write_explore_report
+
     try:
-        records = validate_records(json.loads(path.read_text(encoding="utf-8")))
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        explored = is_explore_result(obj)  # written by 'abfp explore --json'
+        records = validate_explore(obj) if explored else validate_records(obj)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is not valid JSON: {e}") from None
     except ValueError as e:
         raise UsageError(f"{path}: {e}") from None
+    if explored:
+        check_output_dir(args.out, explore_report_files(html=args.html), force=args.force, what="--out")
+        print(f"wrote {write_explore_report(records, args.out, html=args.html)}")
+        return 0
     check_output_dir(args.out, report_files(records, html=args.html), force=args.force, what="--out")
     out = write_report(records, args.out, html=args.html)
     print(f"wrote {out}")
@@ -419,11 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: The commands that write files: each has ``--force`` and checks its outputs before any work.
-WRITING_COMMANDS = ("eval", "report", "microbench", "finetune", "precision", "energy", "tune")
+WRITING_COMMANDS = ("eval", "report", "microbench", "finetune", "precision", "energy", "tune", "explore")
 
 
 #: Modules with a ``register(subparsers)`` function that adds their subcommands.
-_EXTRA_COMMAND_MODULES = ("abfp.finetune.cli", "abfp.precision.cli", "abfp.tune.cli")
+_EXTRA_COMMAND_MODULES = ("abfp.finetune.cli", "abfp.precision.cli", "abfp.tune.cli", "abfp.explore.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,102 @@
+"""``abfp.explore(...)``: the explorer on a zoo task, a user task or a (model, data, metric) triple."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import nn
+
+from ..config import REFERENCE_NOISE_STD, ABFPConfig
+from ..energy import EnergyParams
+from ..evaluate.runner import EvalSettings
+from ..zoo.base import Dataset, Metric, Task
+from .search import SearchSpace, explore_model
+from .target import Target
+
+__all__ = ["explore", "resolve_task"]
+
+
+def resolve_task(task: Any) -> Task:
+    """A :class:`Task` from a Task, a zoo name, or ``pkg.mod:fn`` / ``path.py:fn`` (as ``abfp eval``)."""
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, str):
+        from ..cli_common import UsageError, resolve_tasks
+
+        if task == "all":
+            raise ValueError("explore takes one task; run it once per task")
+        try:
+            (t,) = resolve_tasks([task])
+        except UsageError as e:
+            raise ValueError(str(e)) from None
+        return t
+    raise TypeError(f"task must be a zoo task name, 'pkg.mod:fn', a Task or a (model, data, metric) triple; "
+                    f"got {type(task).__name__}")
+
+
+def explore(
+    task: Any,
+    data: Dataset | None = None,
+    metric: Metric | None = None,
+    *,
+    target_drop: float | None = 1.0,
+    target: float | None = None,
+    formats: Sequence[str] = ("fixed", "abfp"),
+    tile_widths: Sequence[int] = (8, 32, 128),
+    gains: Sequence[float] = (1, 2, 4, 8, 16),
+    auto_gain: bool = True,
+    fixed_gains: Sequence[float] = (1,),
+    adc_bits: tuple[int, int] = (2, 16),
+    dac_min_bits: int = 2,
+    dac_search: str = "joint",
+    noise_stds: Sequence[float] = (REFERENCE_NOISE_STD,),
+    prune: bool = True,
+    base: ABFPConfig | None = None,
+    energy_params: EnergyParams | None = None,
+    energy_samples: int = 1,
+    runs: int = 3,
+    samples: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    fixed_percentile: float = 100.0,
+    cache_path: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Design the device: for each family (fixed point / ABFP x tile width x gain rule x noise),
+    the cheapest design (energy per inference, :mod:`abfp.energy`) whose metric meets the target.
+
+    ``task``: a zoo task name, ``"pkg.mod:fn"`` / ``"path/tasks.py:fn"``, a :class:`abfp.zoo.Task`,
+    or a model (then ``data`` and ``metric`` are required). The target is ``target`` (an absolute
+    metric value) or, when it is None, ``target_drop`` percent (relative) from float32. ADC bits
+    are bisected in ``adc_bits = (lo, hi)``, then the DAC bits of each family's cheapest design
+    (``dac_search``: ``"joint"``, ``"separate"`` or ``"none"``) down to ``dac_min_bits``. Noisy
+    designs run ``runs`` times (seeds ``seed + r``); ``cache_path`` is :func:`abfp.evaluate.evaluate`'s
+    SQLite cache (a rerun resumes). Returns the JSON-ready result (see
+    :func:`abfp.explore.search.explore_model`).
+    """
+    # every option checked before the model and data are built
+    tgt = Target(drop_percent=None, absolute=target) if target is not None else Target(drop_percent=target_drop)
+    space = SearchSpace(formats=tuple(formats), tile_widths=tuple(tile_widths), gains=tuple(float(g) for g in gains),
+                        auto_gain=auto_gain, fixed_gains=tuple(float(g) for g in fixed_gains),
+                        adc_bits=tuple(adc_bits), dac_min_bits=dac_min_bits,
+                        dac_search=dac_search, noise_stds=tuple(float(z) for z in noise_stds), prune=prune)
+    if not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
+    if isinstance(task, nn.Module):
+        if data is None or metric is None:
+            raise ValueError("explore(model, data, metric): data and metric are required with a model")
+        model, task_name, default_batch = task, "model", 256
+    else:
+        if data is not None or metric is not None:
+            raise ValueError("explore: give data and metric only with a model, not with a task")
+        t = resolve_task(task)
+        model, data, metric, task_name, default_batch = (t.build_model(), t.load_data(), t.metric, t.name,
+                                                         t.default_batch_size)
+        if samples is None:
+            samples = t.default_samples
+    settings = EvalSettings(runs=runs, batch_size=batch_size or default_batch, samples=samples, device=device,
+                            seed=seed, fixed_percentile=fixed_percentile, cache_path=cache_path, progress=False)
+    return explore_model(model, data, metric, task_name=task_name, target=tgt, space=space, base=base,
+                         energy_params=energy_params, energy_samples=energy_samples, settings=settings,
+                         progress=progress)

@@ -1,0 +1,305 @@
+"""The search of the device space: for each family, the cheapest design that meets the target.
+
+For one model, one fidelity target and each family of designs (number format x tile width x
+gain rule x noise level, see :mod:`abfp.explore.designs`):
+
+1. **ADC bits by bisection** (:func:`abfp.explore.bisect.smallest_passing`, first guess the
+   base device's ADC bits) with the DACs at the base device's bits. A *single-gain* family
+   first tries every gain of its ladder at the first guess; then, best-scoring gain first,
+   the first gain bisects the whole ADC range and every later gain only the bits that could
+   still improve on the family so far (fewer ADC bits than the best found, or less energy
+   than the cheapest found: energy grows with bits, so both bounds cut the range from
+   above), so most gains cost one or two evaluations and none tries a slow high-resolution
+   ADC it cannot win with. An *auto-gain* family (one gain per layer, chosen on calibration
+   data) bisects once.
+2. **DAC bits by bisection** on the family's cheapest design: both DACs together
+   (``dac_search="joint"``), inputs then weights (``"separate"``), or not at all (``"none"``).
+3. **Energy** of every evaluated design from :class:`abfp.explore.costs.CostModel`; the
+   family's cheapest design is the one of least energy per inference that meets the target.
+
+Every design is evaluated by :func:`abfp.evaluate.evaluate` (same cache, same sharding under
+``torchrun``, noisy designs averaged over ``runs`` runs with their standard deviation), once
+per design per call of :func:`explore`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import REFERENCE_NOISE_STD, ABFPConfig
+from ..energy import EnergyParams
+from ..evaluate.distributed import world as dist_world
+from ..evaluate.grid import Point
+from ..evaluate.runner import EvalSettings, evaluate
+from ..zoo.base import Dataset, Metric
+from .bisect import smallest_passing
+from .costs import CostModel
+from .designs import Design, family_name
+from .pareto import pareto_front
+from .target import Target
+
+__all__ = ["SearchSpace", "Explorer", "explore_model"]
+
+DAC_SEARCHES = ("joint", "separate", "none")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What :func:`explore_model` searches (every field a knob; the defaults are the issue's)."""
+
+    formats: tuple[str, ...] = ("fixed", "abfp")
+    tile_widths: tuple[int, ...] = (8, 32, 128)
+    gains: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    """The single-gain ladder of ABFP families (the family's best gain is picked from it)."""
+    auto_gain: bool = True
+    """Also search an ABFP family with one gain per layer (``G = "auto"``)."""
+    fixed_gains: tuple[float, ...] = (1.0,)
+    """The gain ladder of fixed-point families (the authors' baseline: ``G = 1``)."""
+    adc_bits: tuple[int, int] = (2, 16)
+    """The ADC bits ``b_y`` searched, ``[lo, hi]``."""
+    dac_min_bits: int = 2
+    """The fewest DAC bits the DAC search tries (it starts from the base device's bits)."""
+    dac_search: str = "joint"
+    noise_stds: tuple[float, ...] = (REFERENCE_NOISE_STD,)
+    """Device noise, in ADC LSBs (one family per level); SPEC's default: one bin wide."""
+    prune: bool = True
+    """Skip the bits of a later gain that cannot improve the family (off: bisect every gain fully)."""
+
+    def __post_init__(self) -> None:
+        if not self.formats or any(f not in ("fixed", "abfp") for f in self.formats):
+            raise ValueError(f"formats must be a non-empty subset of fixed, abfp; got {list(self.formats)}")
+        if not self.tile_widths or any(type(n) is not int or n < 1 for n in self.tile_widths):
+            raise ValueError(f"tile widths must be positive integers, got {list(self.tile_widths)}")
+        for name in ("gains", "fixed_gains"):
+            for g in getattr(self, name):
+                if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0:
+                    raise ValueError(f"{name}: {g!r} is not a finite number > 0")
+        if "abfp" in self.formats and not self.gains and not self.auto_gain:
+            raise ValueError("ABFP needs at least one gain (a number, or auto)")
+        if "fixed" in self.formats and not self.fixed_gains:
+            raise ValueError("fixed point needs at least one gain")
+        if len(self.adc_bits) != 2:
+            raise ValueError(f"ADC bits range must be (lo, hi), got {self.adc_bits!r}")
+        lo, hi = self.adc_bits
+        if not (type(lo) is int and type(hi) is int and 2 <= lo <= hi <= 24):
+            raise ValueError(f"ADC bits range must be integers 2 <= lo <= hi <= 24, got {lo}..{hi}")
+        if not (type(self.dac_min_bits) is int and 2 <= self.dac_min_bits <= 24):
+            raise ValueError(f"DAC minimum bits must be an integer in [2, 24], got {self.dac_min_bits!r}")
+        if self.dac_search not in DAC_SEARCHES:
+            raise ValueError(f"DAC search must be one of {', '.join(DAC_SEARCHES)}, got {self.dac_search!r}")
+        if not self.noise_stds or any(not math.isfinite(z) or z < 0 for z in self.noise_stds):
+            raise ValueError(f"noise levels must be finite numbers >= 0, got {list(self.noise_stds)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"formats": list(self.formats), "tile_widths": list(self.tile_widths), "gains": list(self.gains),
+                "auto_gain": self.auto_gain, "fixed_gains": list(self.fixed_gains), "adc_bits": list(self.adc_bits),
+                "dac_min_bits": self.dac_min_bits, "dac_search": self.dac_search,
+                "noise_stds": list(self.noise_stds), "prune": self.prune}
+
+
+class Explorer:
+    """Evaluates designs of one model (each once), prices them and runs the searches."""
+
+    def __init__(self, model: nn.Module, data: Dataset, metric: Metric, *, task_name: str, target: Target,
+                 settings: EvalSettings, base: ABFPConfig, costs: CostModel,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.model, self.data, self.metric, self.task_name = model, data, metric, task_name
+        self.settings, self.base, self.costs = settings, base, costs
+        self.higher = metric.higher_is_better
+        self.progress = progress
+        self.results: dict[tuple[Design, str], dict[str, Any]] = {}  # (design, family) -> record
+        self._by_design: dict[Design, dict[str, Any]] = {}
+        fp = evaluate(model, data, metric, [Point("fp32")], task_name=task_name, settings=settings)
+        self.fp32 = float(fp[0]["value"])
+        self.target_rule = target
+        self.target = target.value(self.fp32, self.higher)
+
+    # ---------------------------------------------------------------- one design
+    def measure(self, design: Design, family: str) -> dict[str, Any]:
+        """The record of ``design`` (evaluated at its first request, then remembered)."""
+        rec = self._by_design.get(design)
+        if rec is None:
+            if self.progress:
+                self.progress(f"{family}: {design.label()}")
+            (r,) = evaluate(self.model, self.data, self.metric, [design.point(self.base)], task_name=self.task_name,
+                            settings=self.settings)
+            gains = r.get("gains") if design.auto_gain else None
+            energy = self.costs.energy(design, self.base, gains)
+            rec = {**design.fields(), "value": float(r["value"]), "std": float(r["std"]),
+                   "stderr": r.get("stderr"), "runs": int(r["runs"]),
+                   "values": [float(v) for v in r["values"]],
+                   "energy_pj_per_inference": energy["total"], "adc_energy_pj_per_inference": energy["adc"],
+                   "energy_by_kind_pj": {k: energy[k] for k in ("analog", "dac", "adc", "digital")},
+                   "meets_target": Target.meets(float(r["value"]), self.target, self.higher),
+                   "seconds": float(r["seconds"])}
+            if gains is not None:
+                rec["gains"] = dict(gains)
+            self._by_design[design] = rec
+        key = (design, family)
+        if key not in self.results:
+            self.results[key] = {**rec, "family": family}
+        return rec
+
+    def passes(self, design: Design, family: str) -> bool:
+        return bool(self.measure(design, family)["meets_target"])
+
+    def energy_of(self, design: Design) -> float:
+        """Energy of a single-gain design before it is evaluated (it does not depend on the metric)."""
+        return self.costs.energy(design, self.base)["total"]
+
+    # ---------------------------------------------------------------- families
+    def family_records(self, family: str) -> list[dict[str, Any]]:
+        return [r for (d, f), r in self.results.items() if f == family]
+
+    def cheapest(self, family: str) -> tuple[Design, dict[str, Any]] | None:
+        best = None
+        for (d, f), r in self.results.items():
+            if f == family and r["meets_target"]:
+                if best is None or r["energy_pj_per_inference"] < best[1]["energy_pj_per_inference"]:
+                    best = (d, r)
+        return best
+
+    def search_adc(self, family: str, seeds: Sequence[Design], lo: int, hi: int, prune: bool,
+                   start: int | None = None) -> None:
+        """Bisect the ADC bits of each seed design (one per gain) within the family's bounds;
+        ``start``: the first guess of each bisection (the base device's ADC bits)."""
+        best_bits: int | None = None
+        if len(seeds) > 1 and start is not None and lo <= start <= hi:
+            # every gain at the first guess first (each bisection would start there anyway), then the
+            # best-scoring gain first: its threshold bounds the later gains, which then never try the
+            # slow high-resolution ADCs they could not win with
+            at_start = {seed: self.measure(seed.with_bits(output_bits=start), family)["value"] for seed in seeds}
+            sign = -1.0 if self.higher else 1.0
+            seeds = sorted(seeds, key=lambda d: sign * at_start[d])
+        for seed in seeds:
+            top = hi
+            if prune and best_bits is not None and not seed.auto_gain:
+                best = self.cheapest(family)
+                best_e = best[1]["energy_pj_per_inference"] if best else math.inf
+                top = lo - 1
+                for b in range(lo, hi + 1):  # both bounds are closed downwards: keep the largest b allowed
+                    if b < best_bits or self.energy_of(seed.with_bits(output_bits=b)) < best_e:
+                        top = b
+            b = smallest_passing(lo, top, lambda bits: self.passes(seed.with_bits(output_bits=bits), family),
+                                 start=start if start is not None and start < top else None)
+            if b is not None:
+                best_bits = b if best_bits is None else min(best_bits, b)
+
+    def search_dac(self, family: str, lo: int, mode: str) -> None:
+        """Bisect the DAC bits of the family's cheapest design (if it has one)."""
+        found = self.cheapest(family)
+        if found is None or mode == "none":
+            return
+        d, _ = found
+        x0, w0 = d.input_bits, d.weight_bits
+        if mode == "joint":
+            top = max(x0, w0)
+            if lo < top:
+                smallest_passing(lo, top, lambda b: self.passes(
+                    d.with_bits(input_bits=min(b, x0), weight_bits=min(b, w0)), family), known_pass=top)
+            return
+        bx = smallest_passing(lo, x0, lambda b: self.passes(d.with_bits(input_bits=b), family), known_pass=x0) \
+            if lo < x0 else x0
+        d2 = d.with_bits(input_bits=bx)
+        if lo < w0:
+            smallest_passing(lo, w0, lambda b: self.passes(d2.with_bits(weight_bits=b), family), known_pass=w0)
+
+
+def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name: str = "model",
+                  target: Target | None = None, space: SearchSpace | None = None, base: ABFPConfig | None = None,
+                  energy_params: EnergyParams | None = None, energy_samples: int = 1,
+                  settings: EvalSettings | None = None, progress: bool = True) -> dict[str, Any]:
+    """Search the device space of ``model`` on ``data`` for the cheapest designs meeting ``target``.
+
+    Returns the explore result (a JSON-ready dict): ``target``, ``fp32``, ``metric``,
+    ``energy_params``, ``designs`` (every evaluated design, with ``family``, ``value``,
+    ``std``, energies, ``meets_target`` and ``pareto``), ``cheapest`` (family -> its cheapest
+    design meeting the target, or None) and ``min_adc_bits`` (family -> the fewest ADC bits
+    that met the target at the base DAC bits, or None).
+    """
+    t0 = time.perf_counter()
+    target = target or Target()
+    space = space or SearchSpace()
+    base = base or ABFPConfig()
+    st = settings or EvalSettings()
+    st = EvalSettings(**{**st.__dict__, "progress": False, "layer_stats": False})
+    if energy_samples < 1:
+        raise ValueError(f"energy samples must be >= 1, got {energy_samples}")
+    sub = data.take(st.samples)
+    costs = CostModel.from_model(model, sub.take(energy_samples).inputs, energy_params, base)
+    rank = dist_world()[0]
+    bar = tqdm(desc=f"explore {task_name}", unit="design", disable=not progress or rank != 0, dynamic_ncols=True)
+
+    def tick(text: str) -> None:
+        bar.set_postfix_str(text[-60:])
+        bar.update(1)
+
+    ex = Explorer(model, data, metric, task_name=task_name, target=target, settings=st, base=base, costs=costs,
+                  progress=tick)
+    lo, hi = space.adc_bits
+    families: list[str] = []
+    several_noises = len(space.noise_stds) > 1
+    try:
+        for noise in space.noise_stds:
+            suffix = noise if several_noises else None
+            for fmt in space.formats:
+                for n in space.tile_widths:
+                    ladders: list[tuple[str, list[Any]]] = []
+                    single = list(space.fixed_gains if fmt == "fixed" else space.gains)
+                    if single:
+                        ladders.append((family_name(fmt, n, False, suffix), [float(g) for g in single]))
+                    if fmt == "abfp" and space.auto_gain:
+                        ladders.append((family_name(fmt, n, True, suffix), ["auto"]))
+                    for fam, ladder in ladders:
+                        families.append(fam)
+                        seeds = [Design(fmt, n, base.input_bits, base.weight_bits, hi, g, float(noise)) for g in ladder]
+                        ex.search_adc(fam, seeds, lo, hi, space.prune, start=base.output_bits)
+                        ex.search_dac(fam, space.dac_min_bits, space.dac_search)
+    finally:
+        bar.close()
+    return _result(ex, families, task_name, target, space, base, costs, len(sub), st, time.perf_counter() - t0)
+
+
+def _result(ex: Explorer, families: list[str], task_name: str, target: Target, space: SearchSpace,
+            base: ABFPConfig, costs: CostModel, samples: int, st: EvalSettings, seconds: float) -> dict[str, Any]:
+    designs = list(ex.results.values())
+    points = [(r["energy_pj_per_inference"], r["value"]) for r in designs]
+    front = set(pareto_front(points, ex.higher))
+    for i, r in enumerate(designs):
+        r["pareto"] = i in front
+    cheapest: dict[str, Any] = {}
+    min_bits: dict[str, int | None] = {}
+    for fam in families:
+        found = ex.cheapest(fam)
+        cheapest[fam] = dict(found[1]) if found else None
+        ok = [r["output_bits"] for r in ex.family_records(fam) if r["meets_target"]
+              and r["input_bits"] == base.input_bits and r["weight_bits"] == base.weight_bits]
+        min_bits[fam] = min(ok) if ok else None
+    rule = ({"drop_percent": target.drop_percent} if target.absolute is None else {"absolute": target.absolute})
+    return {
+        "task": task_name,
+        "metric": ex.metric.name,
+        "metric_kind": ex.metric.kind,
+        "higher_is_better": ex.higher,
+        "fp32": ex.fp32,
+        "target": ex.target,
+        "target_rule": rule,
+        "samples": samples,
+        "runs": st.runs,
+        "seed": st.seed,
+        "energy_params": costs.params.to_dict(),
+        "energy_accounting": costs.describe(),
+        "base_config": base.to_dict(),
+        "search": space.to_dict(),
+        "designs": designs,
+        "cheapest": cheapest,
+        "min_adc_bits": min_bits,
+        "evaluations": len(ex._by_design),
+        "seconds": seconds,
+    }

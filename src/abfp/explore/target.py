@@ -1,0 +1,51 @@
+"""The fidelity target a design must meet.
+
+Either relative to float32, ``target = fp32 - drop/100 * |fp32|`` for a metric where higher is
+better (``fp32 + drop/100 * |fp32|`` where lower is better): ``drop = 1`` is "within 1 % of
+float32", the criterion of the method's authors; or an absolute value of the metric.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Target"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """``drop_percent`` (relative to float32) or ``absolute`` (a metric value); exactly one."""
+
+    drop_percent: float | None = 1.0
+    absolute: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.drop_percent is None) == (self.absolute is None):
+            raise ValueError("give a target drop (percent of float32) or an absolute target, exactly one")
+        for name in ("drop_percent", "absolute"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise ValueError(f"target {name} must be a finite number, got {v!r}")
+        if self.drop_percent is not None and not 0 <= self.drop_percent < 100:
+            raise ValueError(f"target drop must be in [0, 100) percent of float32, got {self.drop_percent}")
+
+    def value(self, fp32: float, higher_is_better: bool = True) -> float:
+        """The metric value a design must reach (or, lower is better, stay under)."""
+        if self.absolute is not None:
+            return float(self.absolute)
+        if not math.isfinite(fp32):
+            raise ValueError(f"the float32 metric is {fp32}; give an absolute target")
+        if fp32 == 0 and self.drop_percent:
+            raise ValueError("the float32 metric is 0, so a drop relative to it is 0 too; give an absolute target")
+        d = float(self.drop_percent) / 100.0 * abs(fp32)
+        return fp32 - d if higher_is_better else fp32 + d
+
+    @staticmethod
+    def meets(value: float, target: float, higher_is_better: bool = True) -> bool:
+        return math.isfinite(value) and (value >= target if higher_is_better else value <= target)
+
+    def describe(self) -> str:
+        if self.absolute is not None:
+            return f"absolute {self.absolute:g}"
+        return f"{self.drop_percent:g}% from float32"
