@@ -163,6 +163,26 @@ TUNE = [  # each with a valid --json in a fresh folder unless the case is about 
     (["--json", "{file}/r.json"], "is a file, not a folder"),
 ]
 
+EXPLORE = [  # each with a valid fresh --json unless the case is about an output
+    (["--json", "{fresh_json}", "--target", "90", "--target-drop", "1"], "not both"),
+    (["--json", "{fresh_json}", "--target-drop", "nan"], "finite"),
+    (["--json", "{fresh_json}", "--target-drop", "100"], "target drop"),
+    (["--json", "{fresh_json}", "--adc-bits", "1,16"], "ADC bits"),
+    (["--json", "{fresh_json}", "--gains", "0"], "gain"),
+    (["--json", "{fresh_json}", "--formats", "float"], "formats"),
+    (["--json", "{fresh_json}", "--tile-widths", "0"], "tile widths"),
+    (["--json", "{fresh_json}", "--noise", "-1"], "noise"),
+    (["--json", "{fresh_json}", "--runs", "0"], "--runs"),
+    (["--json", "{fresh_json}", "--params", '{"adc": -1}'], "adc"),
+    (["--json", "{fresh_json}", "--task", "all"], "one task"),
+    (["--json", "{fresh_json}", "--task", "no-such-model"], "unknown zoo task"),
+    (["--json", "{fresh_json}", "--preset", "no-such"], "--preset"),
+    (["--json", "{fresh_json}", "--threads", "0"], "--threads must be >= 1"),
+    (["--json", "{dir}"], "is a folder"),
+    (["--json", "{exists_json}"], "exists; pass --force"),
+    (["--json", "{file}/r.json"], "is a file, not a folder"),
+]
+
 OTHERS = [
     (["presets", "--foo"], "unrecognized arguments"),
     (["zoo", "--foo"], "unrecognized arguments"),
@@ -172,7 +192,7 @@ CASES = ([(["eval", *a], m) for a, m in EVAL] + [(["report", *a], m) for a, m in
          + [(["microbench", *a], m) for a, m in MICROBENCH] + [(["summary", *a], m) for a, m in SUMMARY]
          + [(["finetune", "--no-progress", *a], m) for a, m in FINETUNE]
          + [(["precision", "--quiet", *a], m) for a, m in PRECISION] + [(["energy", *a], m) for a, m in ENERGY]
-         + [(["tune", *a], m) for a, m in TUNE] + OTHERS)
+         + [(["tune", *a], m) for a, m in TUNE] + [(["explore", *a], m) for a, m in EXPLORE] + OTHERS)
 COMMANDS = sorted({argv[0] for argv, _ in CASES})
 
 
@@ -219,13 +239,14 @@ def no_work(monkeypatch):
     import abfp.finetune.methods
     import abfp.nn
     import abfp.precision.experiment
+    import abfp.explore.search
     import abfp.tune.api
 
     for mod, name in ((abfp.evaluate, "evaluate"), (abfp.evaluate.report, "write_report"),
                       (abfp.evaluate.microbench, "run_microbench"), (abfp.nn, "summary"),
                       (abfp.finetune.methods, "dnf"), (abfp.finetune.methods, "qat"),
                       (abfp.precision.experiment, "run_precision"), (abfp.energy, "account"),
-                      (abfp.tune.api, "tune")):
+                      (abfp.tune.api, "tune"), (abfp.explore.search, "explore_model")):
         monkeypatch.setattr(mod, name, trap)
 
 
