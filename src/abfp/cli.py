@@ -228,9 +228,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = task.build_model()
         if weights is not None:
             _load_weights(model, weights)
+        # fixed-point scales and auto gains come from the task's calibration split when it has one
+        # (never from the evaluated inputs: EfficientNet-Lite0's calibration photos, MiniLM's sentences)
+        needs_calibration = any(p.format == "fixed" or p.auto_gain for p in points if p.format != "fp32")
+        calibration = task.load_calibration() if needs_calibration and task.load_calibration is not None else None
         recs = evaluate(
             model, task.load_data(), task.metric, points, task_name=task.name,
-            overrides=plan.overrides() if plan is not None else None,
+            overrides=plan.overrides() if plan is not None else None, calibration=calibration,
             settings=EvalSettings(runs=runs, batch_size=args.batch_size or task.default_batch_size, samples=samples,
                                   device=device, seed=args.seed, fixed_percentile=args.fixed_percentile,
                                   progress=not args.no_progress, cache_path=cache,

@@ -239,3 +239,33 @@ def test_same_named_task_files_in_two_folders_load_two_models(tmp_path):
         model_fingerprint(tb.build_model())
     with pytest.raises(ValueError, match="no such file"):
         zoo.load_callable(f"{tmp_path / 'c' / 'tasks.py'}:make")
+
+
+def test_calibration_split_sets_fixed_point_scales_and_keys_the_cache(tmp_path):
+    """Fixed-point scales come from the calibration inputs when given (a task's
+    ``load_calibration``), not from the evaluated ones; and the cache knows which were used."""
+    from abfp.evaluate import EvalSettings, evaluate
+    from abfp.zoo.base import KL, Dataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    data = Dataset((torch.randn(32, 16),))
+    wide = Dataset((8.0 * torch.randn(32, 16),))  # a calibration split with a much larger range
+    cfg = abfp.ABFPConfig(mode="fixed", tile_width=8, output_bits=6, gain=1.0, noise_std=0.0)
+    st = EvalSettings(progress=False, batch_size=32, calibration_samples=32, cache_path=str(tmp_path / "c.sqlite"))
+
+    def value(calibration):
+        (rec,) = [r for r in evaluate(model, data, KL, [cfg], settings=st, calibration=calibration)
+                  if r["format"] != "fp32"]
+        return rec["value"]
+
+    own, other = value(None), value(wide)
+    assert own != other  # the static input scale came from the calibration inputs
+    # independently: calibrate on the wide split by hand, then evaluate the data once
+    m = abfp.convert(model, cfg)
+    abfp.calibrate(m, [wide.inputs])
+    with torch.no_grad():
+        ref, out = model(*data.inputs), m(*data.inputs)
+    assert other == pytest.approx(KL(out, None, ref), rel=1e-6)
+    # served from the cache: each calibration split keeps its own result
+    assert value(wide) == other and value(None) == own

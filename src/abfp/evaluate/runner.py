@@ -139,9 +139,15 @@ def evaluate(
     task_name: str = "model",
     settings: EvalSettings | None = None,
     overrides: dict[str, ABFPConfig] | None = None,
+    calibration: Dataset | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` at every point; returns one record per (model, point).
+
+    ``calibration``: inputs for the fixed-point scales and auto gains, disjoint from ``data`` (a
+    task's ``load_calibration``); without it they come from ``data`` itself. Either way the first
+    ``min(calibration_samples, samples evaluated)`` are used, so a quick evaluation calibrates
+    quickly too.
 
     ``points``: :class:`Point` objects or bare :class:`ABFPConfig` (taken as ABFP or fixed by
     their mode). Keyword arguments override :class:`EvalSettings` fields. Each record holds
@@ -218,12 +224,16 @@ def evaluate(
                         "extra": extra_fp32, "stderr": fp32_se[metric.name],
                         "extra_stderr": {m.name: fp32_se[m.name] for m in st.extra_metrics}})
 
+    n_calib = min(st.calibration_samples, len(data))
+    if calibration is not None:  # the calibration inputs decide fixed-point scales and auto gains
+        context = {**context, "calibration": data_fingerprint(tuple(t[:n_calib] for t in calibration.inputs), None)}
     plan_overrides = dict(overrides or {})
     if plan_overrides:
         context = {**context, "overrides": {k: v.to_dict() for k, v in sorted(plan_overrides.items())}}
     work = copy.deepcopy(model)
     analog_model = convert(work, ABFPConfig(), inplace=True)
-    calib_inputs = tuple(t[: st.calibration_samples].to(device) for t in data.inputs)
+    calib_source = calibration.inputs if calibration is not None else data.inputs
+    calib_inputs = tuple(t[:n_calib].to(device) for t in calib_source)
     try:
         for p in pts:
             if p.format == "fp32":
