@@ -226,8 +226,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             cache = str(Path(args.cache_dir) / CACHE_FILE)  # one database, keyed on model, data, metric, config
         t0 = time.perf_counter()
         model = task.build_model()
-        if weights is not None:
-            _load_weights(model, weights)
+        if plan is not None:
+            _plan_weights(model, plan, weights)
         # fixed-point scales and auto gains come from the task's calibration split when it has one
         # (never from the evaluated inputs: EfficientNet-Lite0's calibration photos, MiniLM's sentences)
         needs_calibration = any(p.format == "fixed" or p.auto_gain for p in points if p.format != "fp32")
@@ -284,18 +284,24 @@ def _plan_args(args: argparse.Namespace) -> tuple[Any, Path | None]:
     return plan, weights
 
 
-def _load_weights(model: Any, path: Path) -> None:
-    """Load a safetensors file into ``model`` (every key must match)."""
-    from safetensors.torch import load_file
+def _plan_weights(model: Any, plan: Any, path: Path | None) -> None:
+    """Check that ``plan`` was tuned for ``model``'s architecture, then load the safetensors
+    ``path`` (when given) into it, refused if written for another architecture
+    (:mod:`abfp.tune.provenance`; every key must match)."""
+    from .tune.provenance import check_plan_architecture, load_weights
 
     try:
-        state = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise UsageError(f"--weights {path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
+        check_plan_architecture(plan.info, model, "--plan")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if path is None:
+        return
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UsageError(f"--weights {path}: does not fit the model: {' '.join(str(e).split())[:300]}") from None
+        note = load_weights(model, path, plan.info)["note"]
+    except ValueError as e:
+        raise UsageError(f"--weights {path}: {e}") from None
+    if note:
+        print(f"note: --weights {path}: {note}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------ report

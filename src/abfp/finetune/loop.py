@@ -37,7 +37,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,9 @@ class TrainSettings:
     desc: str = ""
     distillation: Distillation | None = None
     inference_layers: bool | None = None
+    #: Per-module devices, ``{regex: ABFPConfig}`` as :func:`abfp.convert` takes them (a
+    #: :class:`abfp.tune.DevicePlan`'s ``overrides()``); the other products use ``config``.
+    overrides: Mapping[str, ABFPConfig] | None = None
 
     @property
     def frozen_layers(self) -> bool:
@@ -115,11 +118,21 @@ class TrainSettings:
             raise TypeError(f"distillation must be an abfp.finetune.Distillation, got {type(self.distillation).__name__}")
         need(self.distillation is None or self.loss_fn is None,
              "pass either a distillation loss or loss_fn, not both (distillation is the loss)")
+        if self.overrides is not None:
+            if not isinstance(self.overrides, Mapping):
+                raise TypeError(f"overrides must be a mapping of module pattern -> ABFPConfig, "
+                                f"got {type(self.overrides).__name__}")
+            for k, v in self.overrides.items():
+                if not isinstance(k, str) or not isinstance(v, ABFPConfig):
+                    raise TypeError(f"overrides: {k!r} -> {type(v).__name__}; needs str -> ABFPConfig")
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (``steps`` may change)."""
-        return {"lr": self.lr, "batch_size": self.batch_size, "seed": self.seed, "weight_decay": self.weight_decay,
-                "lr_decay": self.lr_decay, "exclude": list(self.exclude), "inference_layers": self.frozen_layers}
+        d = {"lr": self.lr, "batch_size": self.batch_size, "seed": self.seed, "weight_decay": self.weight_decay,
+             "lr_decay": self.lr_decay, "exclude": list(self.exclude), "inference_layers": self.frozen_layers}
+        if self.overrides:  # only when set: checkpoints of single-device runs keep their provenance
+            d["overrides"] = {k: v.to_dict() for k, v in self.overrides.items()}
+        return d
 
 
 class Method(Protocol):
@@ -206,11 +219,13 @@ def float_copy(model: nn.Module) -> nn.Module:
 
 
 def device_metric(model: nn.Module, data: Dataset, metric: Metric, config: ABFPConfig, *, batch_size: int = 500,
-                  reference: Tensor | None = None, exclude: Sequence[str] = ()) -> float:
-    """``metric`` of ``model`` run on the device ``config`` (a converted copy, eval mode);
-    the batches are shared among the ranks of the process group, if there is one. A fixed-point
-    ``config`` takes its static scales from the first batch of ``data`` (as ``abfp eval`` does)."""
-    m = convert(model, config, exclude=exclude, inplace=False).eval()
+                  reference: Tensor | None = None, exclude: Sequence[str] = (),
+                  overrides: Mapping[str, ABFPConfig] | None = None) -> float:
+    """``metric`` of ``model`` run on the device ``config`` (per-module ``overrides``; a converted
+    copy, eval mode); the batches are shared among the ranks of the process group, if there is
+    one. A fixed-point ``config`` takes its static scales from the first batch of ``data`` (as
+    ``abfp eval`` does)."""
+    m = convert(model, config, exclude=exclude, overrides=overrides, inplace=False).eval()
     if needs_calibration(m):
         calibrate(m, [tuple(t[:batch_size] for t in data.inputs)])
     out = run_all(m, data, batch_size)
@@ -400,7 +415,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
         metric_before = prev.get("metric_before") if same_eval else None
         if metric_before is None:
             metric_before = device_metric(base, s.eval_data, metric, eval_cfg, batch_size=s.eval_batch_size,
-                                          reference=reference, exclude=s.exclude)
+                                          reference=reference, exclude=s.exclude, overrides=s.overrides)
 
     # ---- setup
     _pin_threads(threads)
@@ -477,7 +492,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     metric_after = None
     if s.eval_data is not None:
         metric_after = device_metric(final, s.eval_data, metric, eval_cfg, batch_size=s.eval_batch_size,
-                                     reference=reference, exclude=s.exclude)
+                                     reference=reference, exclude=s.exclude, overrides=s.overrides)
     _pin_threads(threads)
     timed = step_times[1:] if len(step_times) > 1 else step_times
     details = {"config": eval_cfg.to_dict(), "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,16 +40,17 @@ class QATMethod:
 
     name = "qat"
 
-    def __init__(self, config: ABFPConfig) -> None:
+    def __init__(self, config: ABFPConfig, overrides: Mapping[str, ABFPConfig] | None = None) -> None:
         # the device noise must come from the global generator so that checkpoints capture it
         self.config = config.replace(seed=None)
+        self.overrides = {k: v.replace(seed=None) for k, v in (overrides or {}).items()} or None
 
     def options(self) -> dict[str, Any]:
         return {}
 
     def prepare(self, model: nn.Module, train_data: Dataset, seed: int, exclude: Sequence[str],
                 restored: Any) -> nn.Module:
-        model = convert(model, self.config, exclude=exclude, inplace=True)
+        model = convert(model, self.config, exclude=exclude, overrides=self.overrides, inplace=True)
         if needs_calibration(model):  # fixed point: static scales from the first training samples
             calibrate(model, [tuple(t[:128] for t in train_data.inputs)])
         return model
@@ -118,9 +119,11 @@ class DNFMethod:
 
     name = "dnf"
 
-    def __init__(self, config: ABFPConfig, options: DNFOptions) -> None:
+    def __init__(self, config: ABFPConfig, options: DNFOptions,
+                 overrides: Mapping[str, ABFPConfig] | None = None) -> None:
         self.config = config
         self.opts = options
+        self.overrides = dict(overrides) if overrides else None
         self.model: nn.Module | None = None
         self.noise: DNFNoise | None = None
         self.calibration: tuple[Tensor, ...] = ()
@@ -140,7 +143,9 @@ class DNFMethod:
         import time
 
         cfg = self.config if self.config.seed is not None else self.config.replace(seed=seed)
-        self.model = convert(model, cfg, exclude=exclude, inplace=True)
+        over = None if self.overrides is None else \
+            {k: v if v.seed is not None else v.replace(seed=seed) for k, v in self.overrides.items()}
+        self.model = convert(model, cfg, exclude=exclude, overrides=over, inplace=True)
         g = torch.Generator().manual_seed(seed * 1_000_003 + 104_729)
         n = min(self.opts.calibration_samples, len(train_data))
         idx = torch.randperm(len(train_data), generator=g)[:n]
@@ -239,14 +244,16 @@ def qat(model: nn.Module, train_data: Dataset, config: ABFPConfig | None = None,
     ``eval_batch_size``, ``checkpoint`` (a ``.safetensors`` path), ``checkpoint_every``,
     ``resume``, ``progress``, ``loss_fn``, ``timing_steps``, ``timing_every``, ``exclude``,
     ``callback(step, loss)``, ``inference_layers`` (batch norm and dropout in eval mode while
-    training; default: only when distilling). Label-free: ``loss="kl"`` (``temperature``),
+    training; default: only when distilling), ``overrides`` (per-module devices ``{regex:
+    ABFPConfig}``, e.g. ``DevicePlan.overrides()``: a per-layer plan of gains and repeats). Label-free: ``loss="kl"`` (``temperature``),
     ``"cosine"`` or ``"mse"`` distils from a frozen float32 copy of ``model`` on the inputs of
     ``train_data`` (labels unused; see :mod:`abfp.finetune.distillation`). Returns a
     :class:`FinetuneResult` (the model is a finetuned float32 copy; ``model`` itself is not
     changed).
     """
     settings = _settings(steps, lr, batch_size, kwargs)
-    return finetune(QATMethod(config or ABFPConfig()), model, train_data, config or ABFPConfig(), settings)
+    return finetune(QATMethod(config or ABFPConfig(), settings.overrides), model, train_data, config or ABFPConfig(),
+                    settings)
 
 
 def dnf(model: nn.Module, train_data: Dataset, config: ABFPConfig | None = None, *, steps: int, lr: float,
@@ -270,7 +277,7 @@ def dnf(model: nn.Module, train_data: Dataset, config: ABFPConfig | None = None,
                          rank_by=rank_by, sampler=sampler)
     settings = _settings(steps, lr, batch_size, kwargs)
     cfg = config or ABFPConfig()
-    return finetune(DNFMethod(cfg, options), model, train_data, cfg, settings)
+    return finetune(DNFMethod(cfg, options, settings.overrides), model, train_data, cfg, settings)
 
 
 def distil(model: nn.Module, inputs: Any, config: ABFPConfig | None = None, *,

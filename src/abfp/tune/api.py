@@ -6,8 +6,13 @@ are given) and by the energy per inference (:mod:`abfp.energy`):
 1. ``single gain``: the base device as given (one gain everywhere);
 2. ``gain``: a gain per module (:mod:`.gains`, the error rule by default);
 3. ``repeats``: repeats per module to reach ``target`` at the least energy (:mod:`.repeats`);
-4. ``finetune``: label-free finetuning of the weights on the plan, when ``finetune`` is given
-   (a callable ``(model, plan, calibration inputs) -> finetuned float32 model``).
+4. ``finetune``: label-free finetuning of the weights on the plan, when ``finetune`` is given:
+   ``"distil-qat"`` / ``"distil-dnf"`` (:class:`.finetune.DistilStage`, options in
+   ``finetune_options``) or any callable ``(model, plan, calibration inputs) -> finetuned
+   float32 model``. It sees the calibration inputs only.
+
+Each stage records its metric with its standard error over the evaluation samples (when the
+metric is a per-sample mean) and the ``extra_metrics`` (e.g. KL and top-1 agreement).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +30,12 @@ from ..config import ABFPConfig
 from ..energy import EnergyParams, account_rows
 from ..nn import summary, to_digital
 from ..zoo.base import COSINE, Dataset, Metric
+from .finetune import FINETUNE_METHODS, DistilStage, default_loss
 from .gains import GainRule, _as_tuple, choose_gains
 from .plan import DevicePlan
 from .repeats import noise_profile, search_repeats
 
-__all__ = ["StageResult", "TuneResult", "tune", "default_target", "evaluate_plan"]
+__all__ = ["StageResult", "TuneResult", "tune", "default_target", "evaluate_plan", "plan_outputs"]
 
 
 @dataclass
@@ -43,10 +49,16 @@ class StageResult:
     seconds: float
     plan: DevicePlan
     note: str = ""
+    stderr: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.name, "metric": self.metric, "energy_pj": self.energy, "seconds": self.seconds,
-                "note": self.note}
+        return {"stage": self.name, "metric": self.metric, "stderr": self.stderr, "extra": self.extra,
+                "energy_pj": self.energy, "seconds": self.seconds, "note": self.note}
+
+    def metric_text(self) -> str:
+        """``metric ± stderr`` (4 significant digits)."""
+        return f"{self.metric:.4g}" + ("" if self.stderr is None else f" ± {self.stderr:.2g}")
 
 
 @dataclass
@@ -72,10 +84,12 @@ class TuneResult:
     def table(self) -> str:
         e0 = self.stages[0].energy if self.stages else 0.0
         lines = [f"{self.metric_name}: float32 {self.fp32_metric:.4g}, target {self.target}",
-                 f"  {'stage':<12} {'metric':>10} {'energy/inf (uJ)':>16} {'x single':>9} {'time (s)':>9}"]
+                 f"  {'stage':<12} {'metric':>18} {'energy/inf (uJ)':>16} {'x single':>9} {'time (s)':>9}"]
         for s in self.stages:
-            lines.append(f"  {s.name:<12} {s.metric:>10.4g} {s.energy / 1e6:>16.4g} "
-                         f"{(s.energy / e0 if e0 else 0):>9.3f} {s.seconds:>9.1f}  {s.note}")
+            extra = ", ".join(f"{k} {v:.4g}" for k, v in s.extra.items())
+            lines.append(f"  {s.name:<12} {s.metric_text():>18} {s.energy / 1e6:>16.4g} "
+                         f"{(s.energy / e0 if e0 else 0):>9.3f} {s.seconds:>9.1f}  "
+                         + "; ".join(t for t in (extra, s.note) if t))
         return "\n".join(lines)
 
 
@@ -93,14 +107,19 @@ def _outputs(model: nn.Module, data: Dataset, batch_size: int) -> Tensor:
     return run_model(model, data, batch_size)
 
 
+def plan_outputs(model: nn.Module, plan: DevicePlan, data: Dataset, batch_size: int = 64, seed: int = 0) -> Tensor:
+    """The outputs of ``model`` converted by ``plan`` (noise seed ``seed``) on ``data``."""
+    m = plan.with_seed(seed).convert(model)
+    try:
+        return _outputs(m.eval(), data, batch_size)
+    finally:
+        to_digital(m)
+
+
 def evaluate_plan(model: nn.Module, plan: DevicePlan, data: Dataset, metric: Metric, reference: Tensor,
                   batch_size: int = 64, seed: int = 0) -> float:
     """``metric`` of ``model`` converted by ``plan`` (noise seed ``seed``) on ``data``."""
-    m = plan.with_seed(seed).convert(model)
-    try:
-        return metric(_outputs(m.eval(), data, batch_size), data.targets, reference)
-    finally:
-        to_digital(m)
+    return metric(plan_outputs(model, plan, data, batch_size, seed), data.targets, reference)
 
 
 def _energy(model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...], params: EnergyParams) -> float:
@@ -126,6 +145,30 @@ def _product_modules(model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, .
     return out
 
 
+def _finetune_stage(finetune: Any, options: Mapping[str, Any] | None, metric: Metric,
+                    seed: int) -> Callable[[nn.Module, DevicePlan, tuple[Tensor, ...]], nn.Module] | None:
+    """``finetune`` as a callable: a method name becomes a :class:`DistilStage` of ``options``."""
+    if finetune is None or finetune == "none":
+        if options:
+            raise ValueError("finetune_options given without finetune")
+        return None
+    if isinstance(finetune, str):
+        if finetune not in FINETUNE_METHODS:
+            raise ValueError(f"finetune must be one of {', '.join(FINETUNE_METHODS)} or a callable, got {finetune!r}")
+        opts = dict(options or {})
+        unknown = sorted(set(opts) - (set(DistilStage.__dataclass_fields__) - {"method", "losses"}))
+        if unknown:
+            raise ValueError(f"unknown finetune option(s) {unknown}")
+        opts.setdefault("loss", default_loss(metric))
+        opts.setdefault("seed", seed)
+        return DistilStage(finetune, **opts)  # type: ignore[arg-type]
+    if not callable(finetune):
+        raise TypeError(f"finetune must be a method name or a callable, got {type(finetune).__name__}")
+    if options:
+        raise ValueError("finetune_options go with a finetune method name, not a callable")
+    return finetune
+
+
 def tune(
     model: nn.Module,
     calibration_inputs: Any,
@@ -144,7 +187,9 @@ def tune(
     repeats: bool = True,
     max_repeats: int = 16,
     repeat_steps: int = 8,
-    finetune: Callable[[nn.Module, DevicePlan, tuple[Tensor, ...]], nn.Module] | None = None,
+    finetune: str | Callable[[nn.Module, DevicePlan, tuple[Tensor, ...]], nn.Module] | None = None,
+    finetune_options: Mapping[str, Any] | None = None,
+    extra_metrics: Sequence[Metric] = (),
     exclude: Sequence[str] = (),
     batch_size: int = 64,
     energy_samples: int = 4,
@@ -159,7 +204,13 @@ def tune(
     its first ``gain_samples`` samples, repeats on all of it. ``metric`` (default: cosine
     similarity of the outputs to float32) and ``target`` (default :func:`default_target`)
     decide the repeats; stage metrics are reported on ``eval_inputs`` when given.
-    ``gains``: the allowed gain values (default powers of two up to ``max_gain``).
+    ``gains``: the allowed gain values (default powers of two up to ``max_gain``);
+    ``gain_tolerance``: accept the smallest gain whose error is within ``(1 + tolerance)`` of
+    the least (a gain G costs G times the analog energy).
+    ``finetune``: ``"distil-qat"``, ``"distil-dnf"`` (options ``finetune_options``: ``steps``,
+    ``lr``, ``batch_size``, ``loss`` (default ``kl`` for a %-metric or KL, else ``cosine``),
+    ``temperature``, ``seed``, ``progress``) or a callable; it gets the calibration inputs only.
+    ``extra_metrics``: reported per stage besides ``metric``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"tune needs an nn.Module, got {type(model).__name__}")
@@ -179,6 +230,10 @@ def tune(
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if target is not None and not (isinstance(target, (int, float)) and math.isfinite(target)):
         raise ValueError(f"target must be a finite number, got {target!r}")
+    for m_ in extra_metrics:
+        if not isinstance(m_, Metric):
+            raise TypeError(f"extra_metrics must be abfp.zoo.base.Metric objects, got {type(m_).__name__}")
+    finetune = _finetune_stage(finetune, finetune_options, metric, seed)
     calib = Dataset(_as_tuple(calibration_inputs), calibration_targets)
     evald = calib if eval_inputs is None else Dataset(_as_tuple(eval_inputs), eval_targets)
     if len(calib) == 0:
@@ -203,9 +258,13 @@ def tune(
 
     def stage(name: str, plan: DevicePlan, t0: float, m: nn.Module = model, note: str = "") -> None:
         seconds = time.perf_counter() - t0
-        v = evaluate_plan(m, plan, evald, metric, ref_eval, batch_size, seed)
-        stages.append(StageResult(name, v, _energy(m, plan, e_inputs, params), seconds, plan, note))
-        say(f"{name}: {metric.name} {v:.4g}, {stages[-1].energy / 1e6:.4g} uJ per inference ({seconds:.1f} s)")
+        out = plan_outputs(m, plan, evald, batch_size, seed)
+        v = metric(out, evald.targets, ref_eval)
+        extra = {x.name: x(out, evald.targets, ref_eval) for x in extra_metrics if x.name != metric.name}
+        stages.append(StageResult(name, v, _energy(m, plan, e_inputs, params), seconds, plan, note,
+                                  metric.stderr(out, evald.targets, ref_eval), extra))
+        say(f"{name}: {metric.name} {stages[-1].metric_text()}, {stages[-1].energy / 1e6:.4g} uJ per inference "
+            f"({seconds:.1f} s)")
 
     # 1. the single-gain device as given
     base_plan = DevicePlan(config, exclude=tuple(exclude))
@@ -257,7 +316,11 @@ def tune(
         out_model = finetune(copy.deepcopy(model), plan, calib.inputs)
         if not isinstance(out_model, nn.Module):
             raise TypeError(f"finetune must return an nn.Module, got {type(out_model).__name__}")
-        stage("finetune", plan, t0, m=out_model.eval())
+        desc = finetune.describe() if isinstance(finetune, DistilStage) else {"callable": repr(finetune)}
+        details["finetune"] = desc
+        stage("finetune", plan, t0, m=out_model.eval(),
+              note=f"{desc['method']}, {desc['loss']} loss, {desc['steps']} steps on {len(calib)} calibration inputs"
+              if isinstance(finetune, DistilStage) else "")
 
     plan.info.update({"stages": [s.to_dict() for s in stages], "metric": metric.name, "target": target,
                       "fp32": fp32_eval})

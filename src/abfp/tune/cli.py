@@ -1,8 +1,14 @@
 """``abfp tune`` (registered by :func:`abfp.cli.build_parser`).
 
     abfp tune --task efficientnet-lite0 --json plan.json
+    abfp tune --task minilm-l6 --json out/plan.json --finetune distil-qat --finetune-steps 60
     abfp tune --task mytasks.py:make --json out/plan.json --out out --target 0.995 --force
     abfp eval --task efficientnet-lite0 --plan plan.json --weights plan.safetensors
+
+Calibration (gains, repeats, finetuning) uses the task's calibration split when it has one
+(EfficientNet-Lite0's other photos, MiniLM's other sentences), else its training split
+(Fashion-MNIST), else the first ``--calibration`` samples of its data; the stages are measured
+on the task's evaluation data (after those samples in the last case), never on calibration inputs.
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ from ..cli_common import (
     require_finite,
     single_task,
 )
+from .finetune import FINETUNE_METHODS
 
 
 def _parser(sub) -> None:
-    p = sub.add_parser("tune", help="a per-layer device plan (gains, repeats) for a model, with a report",
+    p = sub.add_parser("tune", help="a per-layer device plan (gains, repeats, finetuning) for a model, with a report",
                        description="Per-layer gains that minimise each layer's error, then per-layer repeats that "
-                                   "reach a target at the least energy. Calibration uses the task's first "
-                                   "--calibration samples; stage metrics are measured on the next --eval-samples.")
+                                   "reach a target at the least energy, then optional label-free finetuning. "
+                                   "Calibration uses --calibration samples of the task's calibration split (else "
+                                   "its training split, else its first samples); stage metrics are measured on "
+                                   "--eval-samples of its evaluation data, never on calibration inputs.")
     p.add_argument("--task", default="fashion-cnn", help="zoo task, package.module:function or path.py:function")
     p.add_argument("--preset", default=None, help="base device (default: the authors' n=128 8/8/8 G=8, noise 1 bin)")
     p.add_argument("--config", default=None, help="base device as a JSON file or string")
@@ -43,16 +52,33 @@ def _parser(sub) -> None:
                    help="allowed gain values (default: powers of two up to --max-gain)")
     p.add_argument("--max-gain", type=float, default=256.0)
     p.add_argument("--gain-samples", type=int, default=32, help="calibration samples for the gains (default 32)")
+    p.add_argument("--gain-tolerance", type=float, default=None,
+                   help="error rule: keep the smallest gain whose error is within (1 + tol) x the least "
+                        "(a gain G costs G x the analog energy; default 0)")
     p.add_argument("--no-repeats", action="store_true", help="skip the repeats stage")
     p.add_argument("--max-repeats", type=int, default=16)
     p.add_argument("--target", type=float, default=None,
                    help="metric to reach (default: float32 minus 0.3 points, or minus 0.005)")
+    f = p.add_argument_group("label-free finetuning (distillation from the float32 model on the calibration inputs)")
+    f.add_argument("--finetune", choices=["none", *FINETUNE_METHODS], default="none",
+                   help="distil-qat: train through the plan's devices; distil-dnf: float32 plus the plan's measured "
+                        "noise (default none)")
+    f.add_argument("--finetune-steps", type=int, default=None, help=f"AdamW steps (default {FT_DEFAULTS['steps']})")
+    f.add_argument("--finetune-lr", type=float, default=None, help=f"learning rate (default {FT_DEFAULTS['lr']:g})")
+    f.add_argument("--finetune-batch-size", type=int, default=None,
+                   help=f"calibration inputs per step (default {FT_DEFAULTS['batch_size']})")
+    f.add_argument("--finetune-loss", choices=["kl", "cosine", "mse"], default=None,
+                   help="kl on logits, cosine or mse on embeddings (default: kl for a classifier, else cosine)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     add_force_option(p)
     p.set_defaults(func=cmd_tune)
+
+
+#: Defaults of the finetuning options.
+FT_DEFAULTS = {"steps": 100, "lr": 1e-5, "batch_size": 32}
 
 
 def register(sub) -> None:
@@ -66,9 +92,16 @@ def output_names(json_path: str) -> tuple[str, str, str]:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    require_at_least(args, ("calibration", "eval_samples", "gain_samples", "max_repeats", "batch_size", "threads"))
+    require_at_least(args, ("calibration", "eval_samples", "gain_samples", "max_repeats", "batch_size", "threads",
+                            "finetune_steps", "finetune_batch_size"))
     require_at_least(args, ("seed",), 0)
-    require_finite(args, ("max_gain", "target"))
+    require_finite(args, ("max_gain", "target", "gain_tolerance", "finetune_lr"))
+    finetune_options = _finetune_options(args)
+    if args.gain_tolerance is not None:
+        if args.gain_tolerance < 0:
+            raise UsageError(f"--gain-tolerance must be >= 0, got {args.gain_tolerance}")
+        if args.gain_rule == "saturation":
+            raise UsageError("--gain-tolerance goes with the error rule (--gain-rule error)")
     if args.max_gain < 1:
         raise UsageError(f"--max-gain must be >= 1, got {args.max_gain}")
     for g in args.gains or ():
@@ -85,21 +118,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     check_output_dir(out_dir, list(names), force=args.force, what="--out")
     task = single_task(args.task, "tune")
     apply_threads(args.threads)
-    data = task.load_data()
-    if args.calibration >= len(data):
-        raise UsageError(f"--calibration {args.calibration}: {task.name} has {len(data)} samples; leave some to evaluate")
-    end = len(data) if args.eval_samples is None else min(len(data), args.calibration + args.eval_samples)
-    cal = tuple(t[: args.calibration] for t in data.inputs)
-    ev = tuple(t[args.calibration:end] for t in data.inputs)
-    tg = data.targets
+    calib, evald, source = split_data(task, args.calibration, args.eval_samples)
 
     from tqdm.auto import tqdm
 
-    from ..outputs import atomic_path
     from .api import tune
     from .report import write_plot, write_report
 
-    bar = tqdm(total=4, desc=f"tune {task.name}", unit="stage", disable=args.no_progress, leave=False)
+    bar = tqdm(total=4 + (args.finetune != "none"), desc=f"tune {task.name}", unit="stage", disable=args.no_progress, leave=False)
 
     def progress(line: str) -> None:
         if not line.startswith(" "):
@@ -108,23 +134,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
             tqdm.write(line, file=sys.stderr)
 
     try:
-        res = tune(task.build_model(), cal, cfg, metric=task.metric, target=args.target,
-                   calibration_targets=None if tg is None else tg[: args.calibration],
-                   eval_inputs=ev, eval_targets=None if tg is None else tg[args.calibration:end],
+        from .. import zoo
+
+        res = tune(task.build_model(), calib.inputs, cfg, metric=task.metric, target=args.target,
+                   calibration_targets=calib.targets, eval_inputs=evald.inputs, eval_targets=evald.targets,
                    gain_rule=args.gain_rule, gains=args.gains, max_gain=args.max_gain,
+                   gain_tolerance=args.gain_tolerance or 0.0,
                    gain_samples=args.gain_samples, repeats=not args.no_repeats, max_repeats=args.max_repeats,
+                   finetune=None if args.finetune == "none" else args.finetune, finetune_options=finetune_options,
+                   extra_metrics=zoo.extra_metrics(task.name),
                    batch_size=args.batch_size or task.default_batch_size, seed=args.seed, progress=progress)
     finally:
         bar.close()
-    res.plan.info.update(task=task.name, calibration_samples=args.calibration, eval_samples=end - args.calibration)
-    from safetensors.torch import save_file
-
+    res.plan.info.update(task=task.name, calibration_samples=len(calib), calibration_source=source,
+                         eval_samples=len(evald))
     from ..outputs import atomic_write_text
+    from .provenance import save_weights
 
     weights, report, plot = (out_dir / n for n in names)
-    state = {k: v.detach().contiguous().clone() for k, v in res.model.state_dict().items()}
-    with atomic_path(weights, suffix=".tmp.safetensors") as tmp:
-        save_file(state, str(tmp))
+    res.plan.info["weights"] = save_weights(res.model, weights)
     atomic_write_text(plan_path, res.plan.to_json() + "\n")
     write_plot(res, plot)
     cmd = f"abfp tune {' '.join(sys.argv[2:])}" if len(sys.argv) > 2 else "abfp tune"
@@ -132,3 +160,45 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(res.table())
     print(f"wrote {plan_path}, {weights}, {report}, {plot}")
     return 0
+
+
+def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:
+    """The ``--finetune-*`` options as :class:`~.finetune.DistilStage` fields (``None`` without
+    ``--finetune``; giving them without it is an error)."""
+    given = {k: getattr(args, f"finetune_{k}") for k in ("steps", "lr", "batch_size", "loss")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.finetune == "none":
+        if given:
+            raise UsageError(f"--finetune-{next(iter(given)).replace('_', '-')} goes with --finetune distil-qat|distil-dnf")
+        return None
+    if "lr" in given and given["lr"] <= 0:
+        raise UsageError(f"--finetune-lr must be > 0, got {given['lr']}")
+    return {**FT_DEFAULTS, **given, "progress": not args.no_progress}
+
+
+def split_data(task, calibration: int, eval_samples: int | None):
+    """``(calibration Dataset, evaluation Dataset, where the calibration came from)``.
+
+    The task's calibration split (``Task.load_calibration``) when it has one, else its training
+    split (the zoo's trainable tasks, labels kept for a label metric), else the first
+    ``calibration`` samples of its data; evaluation is the task's data (after those samples in
+    the last case), its first ``eval_samples`` when given. Never overlapping."""
+    from ..finetune.data import TRAINABLE_TASKS, training_data
+    from ..zoo.base import Dataset
+
+    data = task.load_data()
+    if task.load_calibration is not None or task.name in TRAINABLE_TASKS:
+        if task.load_calibration is not None:
+            calib, source = task.load_calibration(), "the task's calibration split"
+        else:
+            calib, source = training_data(task.name, calibration), "the task's training split"
+        if len(calib) < calibration:
+            raise UsageError(f"--calibration {calibration}: {task.name}'s calibration data has {len(calib)} samples")
+        return calib.take(calibration), data.take(eval_samples), source
+    if calibration >= len(data):
+        raise UsageError(f"--calibration {calibration}: {task.name} has {len(data)} samples; leave some to evaluate")
+    end = len(data) if eval_samples is None else min(len(data), calibration + eval_samples)
+    tg = data.targets
+    calib = Dataset(tuple(t[:calibration] for t in data.inputs), None if tg is None else tg[:calibration])
+    evald = Dataset(tuple(t[calibration:end] for t in data.inputs), None if tg is None else tg[calibration:end])
+    return calib, evald, "the first samples of the task's data (it has no calibration split)"

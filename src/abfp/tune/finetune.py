@@ -1,0 +1,85 @@
+"""The finetuning stage of ``abfp tune``: label-free distillation on the tuned plan.
+
+``distil-qat`` trains through the plan's devices (every module at its own gain and repeats,
+straight-through gradients, :func:`abfp.finetune.qat`); ``distil-dnf`` trains float32 with
+noise drawn from per-site histograms of ``dy = y_plan - y_fp32`` measured once on the plan
+(:func:`abfp.finetune.dnf`). Either way the targets are the frozen float32 model's outputs on
+the *calibration* inputs (no labels, never the evaluation inputs), and the loss is one of
+:mod:`abfp.finetune.distillation`: ``kl`` on logits (``T^2 KL(softmax(t/T) || softmax(s/T))``),
+``cosine`` (``1 - cos(s, t)``) or ``mse`` on embeddings. The stage returns the finetuned
+float32 model; the plan (gains, repeats) is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from ..zoo.base import Metric
+from .plan import DevicePlan
+
+__all__ = ["FINETUNE_METHODS", "DistilStage", "default_loss"]
+
+#: The finetuning stages ``abfp tune --finetune`` knows.
+FINETUNE_METHODS: tuple[str, ...] = ("distil-qat", "distil-dnf")
+
+
+def default_loss(metric: Metric) -> str:
+    """``kl`` for a classifier's metric (a percentage, or the KL divergence), else ``cosine``."""
+    return "kl" if metric.unit == "%" or metric.name.startswith("KL") else "cosine"
+
+
+@dataclass
+class DistilStage:
+    """A callable ``(model, plan, calibration_inputs) -> finetuned float32 model`` for
+    :func:`abfp.tune` (``finetune=``): ``steps`` AdamW steps of learning rate ``lr`` on batches
+    of ``batch_size`` calibration inputs (fewer if there are fewer inputs), ``loss`` against the
+    frozen float32 model (``temperature`` for ``kl``), ``seed`` for batch order and noise."""
+
+    method: Literal["distil-qat", "distil-dnf"] = "distil-qat"
+    steps: int = 100
+    lr: float = 1e-5
+    batch_size: int = 32
+    loss: Literal["kl", "cosine", "mse"] = "kl"
+    temperature: float = 1.0
+    seed: int = 0
+    progress: bool = False
+    #: the training losses of the last call
+    losses: list[float] = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from ..finetune.distillation import Distillation
+
+        if self.method not in FINETUNE_METHODS:
+            raise ValueError(f"finetune method must be one of {', '.join(FINETUNE_METHODS)}, got {self.method!r}")
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"finetune {name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
+                or self.lr <= 0:
+            raise ValueError(f"finetune lr must be a finite number > 0, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"finetune seed must be an integer >= 0, got {self.seed!r}")
+        Distillation(self.loss, self.temperature)  # validates loss and temperature
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("progress", "losses")}
+
+    def __call__(self, model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...]) -> nn.Module:
+        from ..finetune.distillation import Distillation, as_inputs
+        from ..finetune.methods import dnf, qat
+
+        data = as_inputs(inputs)
+        if len(data) < 2:
+            raise ValueError("finetuning needs at least 2 calibration inputs")
+        run = qat if self.method == "distil-qat" else dnf
+        res = run(model, data, plan.base, steps=self.steps, lr=self.lr, batch_size=min(self.batch_size, len(data)),
+                  loss=Distillation(self.loss, self.temperature), overrides=plan.overrides() or None,
+                  exclude=[re.escape(e) for e in plan.exclude], seed=self.seed, progress=self.progress, timing_steps=0, timing_every=0)
+        self.losses = list(res.losses)
+        return res.model
