@@ -1,4 +1,4 @@
-"""ABFPConfig: defaults, validation, JSON round trip, presets."""
+"""ABFPConfig: defaults, validation, JSON round trip, presets; ExecutionOptions apart from the device."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from abfp import ABFPConfig, presets
+from abfp import ABFPConfig, ExecutionOptions, presets
+from abfp.config import config_key
 
 
 def test_defaults_are_the_authors_reference_setting():
@@ -48,8 +49,11 @@ def test_tile_products_beyond_float64_exactness_are_refused():
 def test_json_round_trip(mode, n, b, gain, noise, seed, dist, sd, flag):
     c = ABFPConfig(mode=mode, tile_width=n, input_bits=b, weight_bits=b, output_bits=b, gain=gain,
                    noise_std=noise, seed=seed, noise_dist=dist, scale_dtype=sd, bf16_tile_outputs=flag)
-    assert ABFPConfig.from_json(c.to_json()) == c
-    assert ABFPConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert ABFPConfig.from_json(c.to_json(execution=True)) == c
+    assert ABFPConfig.from_dict(json.loads(json.dumps(c.to_dict(execution=True)))) == c
+    # the device alone: everything but the execution options
+    device = ABFPConfig.from_json(c.to_json())
+    assert device == c.replace(execution=ExecutionOptions()) and device.seed is None
 
 
 def test_json_files_and_bad_json(tmp_path):
@@ -73,3 +77,72 @@ def test_presets_cover_the_authors_grid():
     assert ABFPConfig.preset("fixed-888-n128").mode == "fixed"
     with pytest.raises(ValueError, match="known presets"):
         ABFPConfig.preset("nope")
+
+
+# --------------------------------------------------------------------------- execution options
+#: An ABFPConfig.to_dict() as written before the execution options were split off (kernel and
+#: seed among the device fields), e.g. in a config file or a plan's base.
+OLD_JSON = {"mode": "abfp", "tile_width": 32, "input_bits": 6, "weight_bits": 7, "output_bits": 9, "gain": 2.0,
+            "noise_std": 0.5, "noise_dist": "gaussian", "scale_dtype": "float32", "seed": 11,
+            "bf16_tile_outputs": False, "bf16_io": False, "kernel": "chunked", "recurrent_concat": False, "repeats": 1}
+
+
+def test_device_description_leaves_out_the_execution_options():
+    c = ABFPConfig(tile_width=32, kernel="reference", seed=4)
+    assert c.execution == ExecutionOptions(kernel="reference", seed=4)
+    assert (c.kernel, c.seed) == ("reference", 4)
+    d = c.to_dict()
+    assert "kernel" not in d and "seed" not in d and "execution" not in d and d["tile_width"] == 32
+    assert c.to_dict(execution=True)["execution"] == {"kernel": "reference", "seed": 4}
+    assert json.loads(c.to_json())["tile_width"] == 32 and "execution" not in json.loads(c.to_json())
+
+
+def test_old_json_with_kernel_and_seed_at_the_top_level_still_loads(tmp_path):
+    c = ABFPConfig.from_dict(OLD_JSON)
+    assert c.execution == ExecutionOptions(kernel="chunked", seed=11)
+    assert (c.tile_width, c.input_bits, c.weight_bits, c.output_bits, c.noise_dist) == (32, 6, 7, 9, "gaussian")
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps(OLD_JSON))
+    assert ABFPConfig.from_json(p) == c
+    # the top-level (old) keys win over an execution object
+    both = ABFPConfig.from_dict({"seed": 2, "execution": {"kernel": "reference", "seed": 9}})
+    assert both.execution == ExecutionOptions(kernel="reference", seed=2)
+    with pytest.raises(ValueError, match="unknown ExecutionOptions field"):
+        ABFPConfig.from_dict({"execution": {"kernal": "auto"}})
+
+
+def test_config_key_is_the_old_flat_dict():
+    """Caches and checkpoints keyed on the old to_dict() keep matching: config_key gives it back."""
+    c = ABFPConfig.from_dict(OLD_JSON)
+    assert config_key(c) == OLD_JSON
+    # every field decides the key: configs that differ only in execution options never share one
+    assert config_key(c.replace(seed=12)) != config_key(c)
+    assert config_key(c.replace(kernel="auto")) != config_key(c)
+
+
+def test_replace_and_the_old_keywords_set_the_execution_options():
+    c = ABFPConfig(gain=2.0, seed=3)
+    assert c.replace(seed=5).execution == ExecutionOptions(seed=5)
+    assert c.replace(kernel="chunked").execution == ExecutionOptions(kernel="chunked", seed=3)
+    assert c.replace(gain=4.0).execution == c.execution
+    assert ABFPConfig(execution=ExecutionOptions(seed=1), kernel="reference").execution == ExecutionOptions("reference", 1)
+    assert c.with_execution(None) is c
+    assert c.with_execution(ExecutionOptions(kernel="chunked")) == ABFPConfig(gain=2.0, kernel="chunked")
+    with pytest.raises(TypeError, match="ExecutionOptions"):
+        c.with_execution({"kernel": "auto"})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="execution"):
+        ABFPConfig(execution={"kernel": "auto"})  # type: ignore[arg-type]
+    for field, value in (("kernel", "cuda"), ("seed", -1), ("seed", True)):
+        with pytest.raises(ValueError, match=f"ExecutionOptions.{field}"):
+            ExecutionOptions(**{field: value})
+
+
+def test_configs_pickled_before_the_split_unpickle():
+    import pickle
+
+    c = ABFPConfig(tile_width=32, kernel="chunked", seed=6)
+    assert pickle.loads(pickle.dumps(c)) == c
+    old_state = {**c.to_dict(), "kernel": "chunked", "seed": 6}  # the __dict__ of an old config
+    restored = ABFPConfig.__new__(ABFPConfig)
+    restored.__setstate__(old_state)
+    assert restored == c

@@ -183,7 +183,7 @@ def _with_configs(records: list[dict[str, Any]], points: Sequence[Any]) -> list[
     if len(device_points) != len(device_records) or any(
             r.get("label") != p.label() for r, p in zip(device_records, device_points)):
         raise RuntimeError("abfp eval: the runner's records do not follow the grid's points")
-    configs = iter(p.config.to_dict() for p in device_points)
+    configs = iter(p.config.to_dict(execution=True) for p in device_points)
     return [{**r, "config": None if r.get("format") == "fp32" else next(configs)} for r in records]
 
 

@@ -1,4 +1,11 @@
-"""The device description: :class:`ABFPConfig`, validated, JSON round-trip, named presets.
+"""The device description: :class:`ABFPConfig`, validated, JSON round-trip, named presets;
+and how the simulator runs it: :class:`ExecutionOptions` (``kernel``, noise ``seed``).
+
+The two are kept apart: ``ABFPConfig.to_dict()`` is the device alone (what a chip is),
+``to_dict(execution=True)`` adds ``"execution": {"kernel": ..., "seed": ...}``. A config
+carries its execution options in ``ABFPConfig.execution``; ``config.kernel`` and
+``config.seed`` read them. JSON written before the split (``kernel`` and ``seed`` beside the
+device fields) still loads. Caches and checkpoints key on :func:`config_key`.
 
 Notation (SPEC.md): ``L(b) = 2**(b-1) - 1`` is the largest code of a signed symmetric
 b-bit converter; ``n`` the tile width; ``G`` the gain.
@@ -7,6 +14,7 @@ b-bit converter; ``n`` the tile width; ``G`` the gain.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,6 +44,63 @@ MAX_EXACT_TILE_PRODUCT = 1 << 53
 def max_code(bits: int) -> int:
     """``L(b) = 2**(b-1) - 1``: the largest code of a signed symmetric b-bit converter."""
     return 2 ** (bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How the simulator runs a device (not a property of the device).
+
+    Invalid values raise ``ValueError`` naming the field and its allowed range.
+    """
+
+    kernel: Kernel = "auto"
+    """Implementation. ``"reference"`` follows SPEC line by line in float64; ``"chunked"`` is
+    the fast path with float32 GEMMs on the codes; ``"auto"`` (default) is the fast path with
+    int8 GEMMs on the codes (``torch._int_mm``, exact int32 sums) where the DACs have at most
+    8 bits, the tiles are at least 32 wide and the GEMM is large enough to gain (on CPU; on
+    x86 with AVX-512 VNNI several times faster than float32). Pick ``"chunked"`` on a CPU
+    whose int8 GEMM is slow. Both fast paths run their element-wise work as compiled kernels
+    (:mod:`abfp.numerics.fused`, numba) where numba is installed and the ADC arithmetic is
+    float32 (uniform or no noise, no bfloat16 tile outputs), else as torch operations.
+
+    The two fast paths give the same numbers as each other, noise included. The reference
+    gives the same numbers without noise, and with uniform noise draws the same counter-based
+    samples from the same generator state (outputs may still differ by one code where the
+    float32 sum ``r + e`` rounds across an ADC boundary that float64 does not); with Gaussian
+    noise it draws its own samples, so it agrees in distribution only (see the tests)."""
+
+    seed: Optional[int] = None
+    """Seed of the device noise: each model's (or the functional calls') noise stream starts at
+    ``seed * 1_000_003 + offset`` (:mod:`abfp.noise_keys`). ``None``: draw from torch's global
+    generator."""
+
+    def __post_init__(self) -> None:
+        if self.kernel not in ("auto", "reference", "chunked"):
+            raise ValueError(f"ExecutionOptions.kernel={self.kernel!r} is invalid: must be 'auto', 'reference' or 'chunked'")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"ExecutionOptions.seed={self.seed!r} is invalid: must be None or a non-negative integer")
+
+    def replace(self, **changes: Any) -> "ExecutionOptions":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ExecutionOptions":
+        if isinstance(d, ExecutionOptions):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"ExecutionOptions need a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(EXECUTION_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown ExecutionOptions field(s) {unknown}; known: {list(EXECUTION_FIELDS)}")
+        return cls(**d)
+
+
+#: The fields of :class:`ExecutionOptions`, which configs written before the split kept at the top level.
+EXECUTION_FIELDS = ("kernel", "seed")
 
 
 @dataclass(frozen=True)
@@ -81,29 +146,12 @@ class ABFPConfig:
     """Format of the block scales: ``"bfloat16"`` (round to nearest, the authors' choice),
     ``"float32"`` (exact max) or ``"pow2"`` (rounded up to a power of two, ``2**ceil(log2 max)``)."""
 
-    seed: Optional[int] = None
-    """Seed of the device noise. ``None``: draw from torch's global generator."""
-
     bf16_tile_outputs: bool = False
     """Round each tile's rescaled output ``y[m,j,t]`` to bfloat16 before the float32 sum
     (the authors' simulation did)."""
 
     bf16_io: bool = False
     """Keep layer inputs and outputs in bfloat16 (the authors' simulation did)."""
-
-    kernel: Kernel = "auto"
-    """Implementation (not a device property): the fast paths give the same numbers as each
-    other, and as the reference without noise (see the tests); with noise the reference draws
-    its own noise samples, so its outputs agree in distribution only. ``"reference"`` follows
-    SPEC line by line in float64; ``"chunked"`` is the fast
-    path with float32 GEMMs on the codes; ``"auto"`` (default) is the fast path with int8
-    GEMMs on the codes (``torch._int_mm``, exact int32 sums) where the DACs have at most 8
-    bits, the tiles are at least 32 wide and the GEMM is large enough to gain (on CPU; on
-    x86 with AVX-512 VNNI several times faster than float32). Pick ``"chunked"`` on a CPU
-    whose int8 GEMM is slow. Both fast paths run their element-wise work as compiled
-    kernels (:mod:`abfp.numerics.fused`, numba) where numba is installed and the ADC
-    arithmetic is float32 (uniform or no noise, no bfloat16 tile outputs), else as torch
-    operations: the same numbers either way."""
 
     recurrent_concat: bool = False
     """Recurrent layers (LSTM, GRU, RNN and their cells): ``False`` (default) computes each
@@ -119,6 +167,11 @@ class ABFPConfig:
     device noise acts with standard deviation ``noise_std / sqrt(k)`` (the simulator draws one
     noise sample of that deviation), and energy accounting (:mod:`abfp.energy`) counts ``k``
     analog passes, ``k`` input DAC conversions and ``k`` ADC conversions. An integer >= 1."""
+
+    execution: ExecutionOptions = ExecutionOptions()
+    """How the simulator runs this device (:class:`ExecutionOptions`: ``kernel``, noise
+    ``seed``); not part of the device description (:meth:`to_dict` leaves it out unless asked).
+    ``ABFPConfig(kernel=..., seed=...)`` and ``replace(kernel=..., seed=...)`` set it too."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -154,15 +207,13 @@ class ABFPConfig:
             raise bad("noise_dist", "must be 'uniform' or 'gaussian'")
         if self.scale_dtype not in ("bfloat16", "float32", "pow2"):
             raise bad("scale_dtype", "must be 'bfloat16', 'float32' or 'pow2'")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise bad("seed", "must be None or a non-negative integer")
         for name in ("bf16_tile_outputs", "bf16_io", "recurrent_concat"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
-        if self.kernel not in ("auto", "reference", "chunked"):
-            raise bad("kernel", "must be 'auto', 'reference' or 'chunked'")
         if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
             raise bad("repeats", "must be an integer >= 1")
+        if not isinstance(self.execution, ExecutionOptions):
+            raise bad("execution", "must be an ExecutionOptions")
 
     # ----------------------------------------------------------------- derived values
     @property
@@ -184,26 +235,66 @@ class ABFPConfig:
     def noisy(self) -> bool:
         return self.noise_std > 0
 
+    @property
+    def kernel(self) -> Kernel:
+        """``execution.kernel`` (:attr:`ExecutionOptions.kernel`)."""
+        return self.execution.kernel
+
+    @property
+    def seed(self) -> Optional[int]:
+        """``execution.seed`` (:attr:`ExecutionOptions.seed`)."""
+        return self.execution.seed
+
     def replace(self, **changes: Any) -> "ABFPConfig":
-        """A copy with some fields changed (validated)."""
+        """A copy with some fields changed (validated); ``kernel=`` and ``seed=`` change
+        :attr:`execution`."""
         return dataclasses.replace(self, **changes)
 
+    def with_execution(self, execution: ExecutionOptions | None) -> "ABFPConfig":
+        """The same device run with ``execution`` (``None``: this config unchanged)."""
+        if execution is None:
+            return self
+        if not isinstance(execution, ExecutionOptions):
+            raise TypeError(f"execution must be an ExecutionOptions, got {type(execution).__name__}")
+        return self if execution == self.execution else dataclasses.replace(self, execution=execution)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # configs pickled before the split carry ``kernel`` and ``seed`` among the fields
+        state = dict(state)
+        legacy = {k: state.pop(k) for k in EXECUTION_FIELDS if k in state}
+        if "execution" not in state:
+            state["execution"] = ExecutionOptions(**legacy)
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+
     # ----------------------------------------------------------------------- JSON
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def to_dict(self, *, execution: bool = False) -> dict[str, Any]:
+        """The device fields; with ``execution=True`` also ``"execution": {"kernel", "seed"}``.
+
+        Keys of caches and checkpoints use :func:`config_key` (device and execution)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "execution"}
+        if execution:
+            d["execution"] = self.execution.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ABFPConfig":
+        """The config of :meth:`to_dict`'s JSON object. Older JSON with ``kernel`` and ``seed``
+        beside the device fields loads too (those keys win over an ``"execution"`` object)."""
         if not isinstance(d, dict):
             raise ValueError(f"an ABFPConfig needs a JSON object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | set(EXECUTION_FIELDS)
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ABFPConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        d = dict(d)
+        execution = ExecutionOptions.from_dict(d.pop("execution", {}))
+        legacy = {k: d.pop(k) for k in EXECUTION_FIELDS if k in d}
+        return cls(**d, execution=execution.replace(**legacy) if legacy else execution)
 
-    def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
-        return jsonio.dump(self.to_dict(), path, indent=indent)
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 2, execution: bool = False) -> str:
+        """JSON of :meth:`to_dict` (the execution options too with ``execution=True``)."""
+        return jsonio.dump(self.to_dict(execution=execution), path, indent=indent)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "ABFPConfig":
@@ -225,6 +316,32 @@ class ABFPConfig:
         if self.mode == "fixed":
             return f"fixed n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}{k}"
         return f"abfp n={self.tile_width} {bits} G={self.gain:g} noise={self.noise_std:.3g}{k}"
+
+
+_dataclass_init = ABFPConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self: ABFPConfig, *args: Any, **kwargs: Any) -> None:
+    # ``kernel=`` and ``seed=`` (the fields before the split) set ``execution``; they win over it
+    legacy = {k: kwargs.pop(k) for k in EXECUTION_FIELDS if k in kwargs}
+    if legacy:
+        execution = kwargs.get("execution", ExecutionOptions())
+        if not isinstance(execution, ExecutionOptions):
+            raise ValueError(f"ABFPConfig.execution={execution!r} is invalid: must be an ExecutionOptions")
+        kwargs["execution"] = execution.replace(**legacy)
+    _dataclass_init(self, *args, **kwargs)
+
+
+ABFPConfig.__init__ = _init  # type: ignore[method-assign]
+
+
+def config_key(config: ABFPConfig) -> dict[str, Any]:
+    """Everything that decides a config's numbers, device and execution options, as one flat
+    JSON-able dict: the same keys and values ``ABFPConfig.to_dict()`` gave before the split (the
+    device fields, ``seed``, ``kernel``), so cache keys and checkpoint metadata written then
+    still match, and two configs that differ in any field never share a key."""
+    return {**config.to_dict(), **config.execution.to_dict()}
 
 
 #: The gain the authors found best per tile width on their models (SPEC.md table).

@@ -6,7 +6,7 @@ the default counter noise (uniform) it draws one 63-bit key per product from it
 :func:`product_generator` decides which stream, in this order:
 
 1. an explicit ``generator=`` (functional calls, ``ProductCall.analog`` of interceptors): that one;
-2. no noise (``noise_std == 0``) or no seed (``config.seed is None``): ``None``, i.e. torch's
+2. no noise (``noise_std == 0``) or no seed (``config.execution.seed is None``): ``None``, i.e. torch's
    global generator (finetuning strips the seed and reseeds the global generator per step);
 3. otherwise the caller's :class:`NoiseStreams`: one generator per ``(device, seed)``, started
    at ``start(seed, offset)`` on first use and *continued* by every later product, so
@@ -94,6 +94,7 @@ def product_generator(cfg: ABFPConfig, streams: NoiseStreams, device: torch.devi
     """The generator one product with ``cfg`` draws its noise from (see the module docstring)."""
     if generator is not None:
         return generator
-    if cfg.noise_std == 0 or cfg.seed is None:
+    seed = cfg.execution.seed
+    if cfg.noise_std == 0 or seed is None:
         return None
-    return streams.get(cfg.seed, device)
+    return streams.get(seed, device)

@@ -84,7 +84,7 @@ overrides = st.fixed_dictionaries({}, optional={
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(base=configs, over=overrides)
 def test_config_fields_survive_and_flags_override_only_their_fields(base, over):
-    argv = ["--config", base.to_json(indent=None)]
+    argv = ["--config", base.to_json(indent=None, execution=True)]  # device and execution options
     flag = {"tile_width": "--tile-widths", "gain": "--gains", "noise_std": "--noise"}
     for key, values in over.items():
         if key == "bits":
@@ -156,7 +156,7 @@ def test_eval_records_show_the_config_and_its_numbers(device, tmp_path, capsys):
     recs = json.loads(out.read_text())
     assert [r["format"] for r in recs] == ["fp32", device.mode]
     rec = recs[1]
-    assert rec["config"] == device.to_dict()
+    assert rec["config"] == device.to_dict(execution=True)
     for field in SWEEP_FIELDS:
         assert rec[field] == getattr(device, field), field
     assert rec["noise_dist"] == device.noise_dist

@@ -12,6 +12,9 @@ recomputed, never served from the cache. Each fingerprint is a sha256 hex digest
 * :func:`callable_fingerprint` (of a metric's function): qualified name, bytecode, default
   arguments, closure values and ``functools.partial`` arguments.
 
+Device configs are keyed by :func:`abfp.config.config_key` (re-exported here): the device
+fields and the execution options (kernel, seed), flat, as before the two were split.
+
 A fingerprint is conservative: two objects that compute the same thing differently (say
 an edited comment that moved a line) may get different prints, costing a recomputation,
 never a wrong number.
@@ -27,7 +30,9 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["callable_fingerprint", "data_fingerprint", "metric_fingerprint", "model_fingerprint"]
+from ..config import config_key
+
+__all__ = ["callable_fingerprint", "config_key", "data_fingerprint", "metric_fingerprint", "model_fingerprint"]
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 

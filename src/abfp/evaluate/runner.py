@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import ABFPConfig
+from ..config import ABFPConfig, config_key
 from ..nn import analog_state, calibrate, convert, is_converted, reseed, set_config, summary, to_digital
 from ..zoo.base import Dataset, Metric
 from .autogain import choose_gains, gain_overrides
@@ -229,7 +229,7 @@ def evaluate(
         context = {**context, "calibration": data_fingerprint(tuple(t[:n_calib] for t in calibration.inputs), None)}
     plan_overrides = dict(overrides or {})
     if plan_overrides:
-        context = {**context, "overrides": {k: v.to_dict() for k, v in sorted(plan_overrides.items())}}
+        context = {**context, "overrides": {k: config_key(v) for k, v in sorted(plan_overrides.items())}}
     work = copy.deepcopy(model)
     analog_model = convert(work, ABFPConfig(), inplace=True)
     calib_source = calibration.inputs if calibration is not None else data.inputs
@@ -253,7 +253,7 @@ def evaluate(
             for r in range(n_runs):
                 rcfg = cfg.replace(seed=st.seed + r) if p.noisy else cfg
                 # the batch size decides how noise draws fall on samples: part of the key
-                key = run_key({**context, "format": p.format, "config": rcfg.to_dict(), "run": r,
+                key = run_key({**context, "format": p.format, "config": config_key(rcfg), "run": r,
                                "auto_gain": p.auto_gain,
                                "autogain_threshold": st.autogain_threshold if p.auto_gain else None,
                                "pct": st.fixed_percentile if p.format == "fixed" else None,

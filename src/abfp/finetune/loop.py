@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import ABFPConfig
+from ..config import ABFPConfig, config_key
 from ..evaluate.distributed import world
 from ..evaluate.runner import _first_tensor, run_all
 from ..nn import convert, is_converted, to_digital
@@ -301,7 +301,7 @@ def produced_by(method: Method, base: nn.Module, train_data: Dataset, config: AB
     if isinstance(loss_fn, Distillation) and train_data.targets is not None:
         teacher = digest(["teacher outputs"], train_data.targets)
     return {"method": method.name, "options": method.options(), "settings": s.fingerprint(),
-            "config": config.to_dict(), "train_samples": len(train_data),
+            "config": config_key(config), "train_samples": len(train_data),
             "model": digest(repr(base), base.state_dict()),
             "train_data": digest([len(train_data.inputs)], *train_data.inputs,
                                  "targets", train_data.targets if train_data.targets is not None else "none"),
@@ -495,7 +495,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
                                      reference=reference, exclude=s.exclude, overrides=s.overrides)
     _pin_threads(threads)
     timed = step_times[1:] if len(step_times) > 1 else step_times
-    details = {"config": eval_cfg.to_dict(), "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,
+    details = {"config": eval_cfg.to_dict(execution=True), "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,
                "weight_decay": s.weight_decay, "lr_decay": s.lr_decay, "metric": metric.name if s.eval_data else None,
                "eval_samples": len(s.eval_data) if s.eval_data is not None else None,
                "resumed_from": int(prev["step"]) if restored else None, "world_size": world_size, **details}

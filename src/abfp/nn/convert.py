@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..config import ABFPConfig
+from ..config import ABFPConfig, ExecutionOptions
 from .mode import EnterHook, ExitHook
 from .state import AnalogState, normalise_overrides
 
@@ -29,6 +29,7 @@ def convert(
     overrides: Mapping[str, ABFPConfig] | None = None,
     inplace: bool = False,
     include_matmul: bool = True,
+    execution: ExecutionOptions | None = None,
 ) -> nn.Module:
     """Run ``model``'s linear, convolution and (with ``include_matmul``) activation-by-activation
     products on the device described by ``config``.
@@ -36,12 +37,15 @@ def convert(
     ``exclude``: module names or regular expressions (full match) kept digital, with
     everything inside them. ``overrides``: module name or regex -> its own config (wins over
     ``exclude``; inherited by submodules). ``inplace=False`` converts a deep copy.
+    ``execution``: how every product runs (:class:`~abfp.config.ExecutionOptions`: kernel,
+    noise seed), replacing ``config.execution`` and the overrides' (``None``: each keeps its own).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert needs an nn.Module, got {type(model).__name__}")
     config = config or ABFPConfig()
     if not isinstance(config, ABFPConfig):
         raise TypeError(f"config must be an ABFPConfig, got {type(config).__name__}")
+    config, overrides = _with_execution(config, overrides, execution)
     if isinstance(exclude, str):
         exclude = (exclude,)
     if is_converted(model):
@@ -53,7 +57,7 @@ def convert(
     state = AnalogState(
         config=config,
         exclude=tuple(exclude),
-        overrides=normalise_overrides(overrides),
+        overrides=overrides,
         include_matmul=include_matmul,
     )
     for pattern in list(state.exclude) + list(state.overrides):
@@ -65,6 +69,17 @@ def convert(
         module.register_forward_hook(ExitHook(), always_call=True)
     setattr(model, STATE_ATTR, state)
     return model
+
+
+def _with_execution(config: ABFPConfig, overrides: Mapping[str, ABFPConfig] | None,
+                    execution: ExecutionOptions | None) -> tuple[ABFPConfig, dict[str, ABFPConfig]]:
+    """``config`` and the overrides run with ``execution`` (unchanged when it is ``None``)."""
+    overrides = normalise_overrides(overrides)
+    if execution is None:
+        return config, overrides
+    if not isinstance(execution, ExecutionOptions):
+        raise TypeError(f"execution must be an ExecutionOptions, got {type(execution).__name__}")
+    return config.with_execution(execution), {k: v.with_execution(execution) for k, v in overrides.items()}
 
 
 def _matches_any(name: str, pattern: str) -> bool:
@@ -79,17 +94,18 @@ def set_config(
     *,
     overrides: Mapping[str, ABFPConfig] | None = None,
     exclude: Sequence[str] | None = None,
+    execution: ExecutionOptions | None = None,
 ) -> nn.Module:
-    """Point a converted model at another device config (and overrides) without re-converting."""
-    st = analog_state(model)
+    """Point a converted model at another device config (and overrides) without re-converting;
+    ``execution`` as in :func:`convert`."""
+    state = analog_state(model)
     if not isinstance(config, ABFPConfig):
         raise TypeError(f"config must be an ABFPConfig, got {type(config).__name__}")
-    st.config = config
-    st.overrides = normalise_overrides(overrides)
+    state.config, state.overrides = _with_execution(config, overrides, execution)
     if exclude is not None:
-        st.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    st.resolve([name for name, _ in model.named_modules()])
-    st.reseed(0)
+        state.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    state.resolve([name for name, _ in model.named_modules()])
+    state.reseed(0)
     return model
 
 
@@ -99,10 +115,10 @@ def is_converted(model: nn.Module) -> bool:
 
 def analog_state(model: nn.Module) -> AnalogState:
     """The :class:`AnalogState` of a converted model (ValueError if it was not converted)."""
-    st = getattr(model, STATE_ATTR, None)
-    if not isinstance(st, AnalogState):
+    state = getattr(model, STATE_ATTR, None)
+    if not isinstance(state, AnalogState):
         raise ValueError("this model is not converted: call abfp.convert(model, config) first")
-    return st
+    return state
 
 
 def to_digital(model: nn.Module, *, inplace: bool = True) -> nn.Module:
@@ -122,14 +138,14 @@ def to_digital(model: nn.Module, *, inplace: bool = True) -> nn.Module:
 @contextmanager
 def digital(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily run a converted model digitally (float32), e.g. for a reference pass."""
-    st = analog_state(model)
-    saved = dict(st.module_configs)
+    state = analog_state(model)
+    saved = dict(state.module_configs)
     try:
-        for k in st.module_configs:
-            st.module_configs[k] = None
+        for k in state.module_configs:
+            state.module_configs[k] = None
         yield model
     finally:
-        st.module_configs.update(saved)
+        state.module_configs.update(saved)
 
 
 @torch.no_grad()
@@ -149,10 +165,10 @@ def calibrate(
     """
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-    st = analog_state(model)
-    st.input_scales.clear()
-    st.calibrating = True
-    st.calibration_percentile = percentile
+    state = analog_state(model)
+    state.input_scales.clear()
+    state.calibrating = True
+    state.calibration_percentile = percentile
     was_training = model.training
     model.eval()  # calibration must not move batch-norm statistics
     try:
@@ -160,17 +176,17 @@ def calibrate(
             inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
             model(*inputs)
     finally:
-        st.calibrating = False
+        state.calibrating = False
         model.train(was_training)
-    return dict(st.input_scales)
+    return dict(state.input_scales)
 
 
 def needs_calibration(model: nn.Module) -> bool:
     """Whether a converted model has fixed-point products and no calibrated scales yet (its
     forward would raise: call :func:`calibrate` first)."""
-    st = analog_state(model)
-    return not st.input_scales and any(c is not None and c.mode == "fixed"
-                                       for c in [*st.module_configs.values(), *st.overrides.values()])
+    state = analog_state(model)
+    return not state.input_scales and any(c is not None and c.mode == "fixed"
+                                       for c in [*state.module_configs.values(), *state.overrides.values()])
 
 
 def reseed(model: nn.Module | None = None, offset: int = 0) -> None:

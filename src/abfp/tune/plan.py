@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from .. import jsonio
-from ..config import ABFPConfig
+from ..config import ABFPConfig, ExecutionOptions
 
 __all__ = ["DevicePlan", "PLAN_FORMAT"]
 
@@ -57,8 +57,9 @@ class DevicePlan:
                 return self.base
             name = name.rpartition(".")[0]
 
-    def convert(self, model: nn.Module, *, inplace: bool = False) -> nn.Module:
-        """``model`` converted to run on this plan's devices (a copy unless ``inplace``)."""
+    def convert(self, model: nn.Module, *, inplace: bool = False, execution: ExecutionOptions | None = None) -> nn.Module:
+        """``model`` converted to run on this plan's devices (a copy unless ``inplace``);
+        ``execution``: how every product runs (kernel, noise seed; ``None``: each config's own)."""
         from ..nn import convert
 
         names = {n for n, _ in model.named_modules()}
@@ -66,7 +67,7 @@ class DevicePlan:
         if missing:
             raise ValueError(f"DevicePlan names module(s) the model does not have: {missing[:3]}")
         return convert(model, self.base, exclude=[re.escape(e) for e in self.exclude],
-                       overrides=self.overrides(), inplace=inplace)
+                       overrides=self.overrides(), inplace=inplace, execution=execution)
 
     def with_seed(self, seed: int | None) -> "DevicePlan":
         """The same plan with every config's noise seed set to ``seed``."""
@@ -75,9 +76,9 @@ class DevicePlan:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        base = self.base.to_dict()
+        base = self.base.to_dict(execution=True)
         # per module only the fields that differ from the base: a short, readable plan
-        mods = {name: {k: v for k, v in cfg.to_dict().items() if base.get(k) != v}
+        mods = {name: {k: v for k, v in cfg.to_dict(execution=True).items() if base.get(k) != v}
                 for name, cfg in self.modules.items()}
         return {"format": PLAN_FORMAT, "base": base, "modules": mods, "exclude": list(self.exclude),
                 "info": self.info}
@@ -100,7 +101,7 @@ class DevicePlan:
             if not isinstance(changes, dict):
                 raise ValueError(f"DevicePlan module {name!r}: needs a JSON object of config fields")
             try:
-                modules[name] = ABFPConfig.from_dict({**base.to_dict(), **changes})
+                modules[name] = ABFPConfig.from_dict({**base.to_dict(execution=True), **changes})
             except ValueError as e:
                 raise ValueError(f"DevicePlan module {name!r}: {e}") from None
         exclude = d.get("exclude", [])
