@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ABFPConfig, ExecutionOptions
 from .mode import EnterHook, ExitHook
-from .state import AnalogState, normalise_overrides
+from .state import AnalogState, _matches, is_site_pattern, normalise_overrides, site_pattern_names_a_module
 
 STATE_ATTR = "abfp_state"
 
@@ -36,7 +36,9 @@ def convert(
 
     ``exclude``: module names or regular expressions (full match) kept digital, with
     everything inside them. ``overrides``: module name or regex -> its own config (wins over
-    ``exclude``; inherited by submodules). ``inplace=False`` converts a deep copy.
+    ``exclude``; inherited by submodules), or a product site or a regex over site names
+    (``"attn:matmul1"``: that product alone; see :mod:`abfp.nn.state`). ``inplace=False``
+    converts a deep copy.
     ``execution``: how every product runs (:class:`~abfp.config.ExecutionOptions`: kernel,
     noise seed), replacing ``config.execution`` and the overrides' (``None``: each keeps its own).
     """
@@ -60,9 +62,7 @@ def convert(
         overrides=overrides,
         include_matmul=include_matmul,
     )
-    for pattern in list(state.exclude) + list(state.overrides):
-        if not any(_matches_any(n, pattern) for n in names):
-            raise ValueError(f"{pattern!r} matches no module of the model; module names look like {names[1:4]}")
+    _check_patterns(state, names)
     state.resolve(names)
     for name, module in model.named_modules():
         module.register_forward_pre_hook(EnterHook(name, state))
@@ -82,10 +82,15 @@ def _with_execution(config: ABFPConfig, overrides: Mapping[str, ABFPConfig] | No
     return config.with_execution(execution), {k: v.with_execution(execution) for k, v in overrides.items()}
 
 
-def _matches_any(name: str, pattern: str) -> bool:
-    from .state import _matches
-
-    return _matches(name, pattern)
+def _check_patterns(state: AnalogState, names: list[str]) -> None:
+    """Every exclude and override pattern names a module, or (an override) a site of one."""
+    for pattern in list(state.exclude) + list(state.overrides):
+        if pattern in state.overrides and is_site_pattern(pattern, names):
+            if not site_pattern_names_a_module(pattern, names):
+                raise ValueError(f"override {pattern!r} names product sites of no module of the model; sites look "
+                                 f"like '<module name>:<op><index>' (e.g. {names[-1]!r}:linear0)")
+        elif not any(_matches(n, pattern) for n in names):
+            raise ValueError(f"{pattern!r} matches no module of the model; module names look like {names[1:4]}")
 
 
 def set_config(

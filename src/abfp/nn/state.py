@@ -1,9 +1,21 @@
-"""What a converted model carries: per-module configs, noise generators, calibration, records.
+r"""What a converted model carries: per-module configs, noise generators, calibration, records.
 
 One :class:`AnalogState` hangs off the root module of a converted model as ``abfp_state``.
 Products are identified by *site*: ``"<module name>:<op><index>"``, the index counting the
 products of that kind inside one call of the module (``"fc1:linear0"``,
 ``"encoder.layer.0.attention.self:matmul1"``).
+
+Which config a product runs with (:meth:`AnalogState.config_for_site`), most specific first:
+
+1. a *site override*: an override whose pattern names product sites (``"attn:matmul1"``, or a
+   regex over site names such as ``r".*attention\.self:matmul1"``): the last one that matches;
+2. else its module's config (:meth:`AnalogState.resolve`): the last *module override* that
+   matches the module name, else ``None`` (digital) if the module is excluded, else the
+   parent module's config, else the base config.
+
+An override pattern is a site pattern when it contains ``":"`` and matches no module name.
+Site overrides change products of analog modules only: the products of an excluded module stay
+digital (override the module itself to make it analog).
 """
 
 from __future__ import annotations
@@ -53,22 +65,46 @@ class AnalogState:
     coverage: Coverage = field(default_factory=Coverage)
     # the device-noise streams of this model (see abfp.noise_keys)
     streams: NoiseStreams = field(default_factory=NoiseStreams)
+    # the overrides that name product sites (see the module docstring), split off by resolve()
+    site_overrides: dict[str, ABFPConfig] = field(default_factory=dict)
+    # site -> its site override (None: none matches), filled as products run
+    _site_cache: dict[str, ABFPConfig | None] = field(default_factory=dict, repr=False)
 
     def resolve(self, names: list[str]) -> None:
-        """Config of every module: overrides win, then exclusion, else the parent's config."""
+        """Config of every module: overrides win, then exclusion, else the parent's config;
+        overrides that name product sites (not modules) are kept apart for
+        :meth:`config_for_site`."""
         self.module_configs.clear()
+        self._site_cache.clear()
+        self.site_overrides = {p: c for p, c in self.overrides.items() if is_site_pattern(p, names)}
+        module_overrides = [(p, c) for p, c in self.overrides.items() if p not in self.site_overrides]
         for name in names:
             parent = name.rpartition(".")[0] if "." in name else ("" if name else None)
             cfg: ABFPConfig | None = self.config if parent is None else self.module_configs.get(parent, self.config)
             if any(_matches(name, p) for p in self.exclude):
                 cfg = None
-            for pattern, ocfg in self.overrides.items():
+            for pattern, ocfg in module_overrides:
                 if _matches(name, pattern):
                     cfg = ocfg
             self.module_configs[name] = cfg
 
     def config_for(self, module_name: str) -> ABFPConfig | None:
+        """The config of a module's products (``None``: digital), site overrides aside."""
         return self.module_configs.get(module_name, self.config)
+
+    def config_for_site(self, module_name: str, site: str) -> ABFPConfig | None:
+        """The config of the product at ``site`` of module ``module_name``: the last site
+        override matching ``site``, else the module's config (see the module docstring)."""
+        if not self.site_overrides:
+            return self.config_for(module_name)
+        if site not in self._site_cache:
+            found = None
+            for pattern, ocfg in self.site_overrides.items():
+                if _matches(site, pattern):
+                    found = ocfg
+            self._site_cache[site] = found
+        found = self._site_cache[site]
+        return self.config_for(module_name) if found is None else found
 
     def generator(self, cfg: ABFPConfig, device: torch.device) -> torch.Generator | None:
         """The noise stream of a product with ``cfg`` (:func:`abfp.noise_keys.product_generator`):
@@ -85,12 +121,27 @@ class AnalogState:
         new.exclude = tuple(self.exclude)
         new.overrides = dict(self.overrides)
         new.module_configs = dict(self.module_configs)
+        new.site_overrides = dict(self.site_overrides)
+        new._site_cache = {}
         new.input_scales = {k: list(v) for k, v in self.input_scales.items()}
         new.records = {}
         new.interceptors = {}
         new.coverage = Coverage()
         new.streams = self.streams.fresh()
         return new
+
+
+def is_site_pattern(pattern: str, names: list[str]) -> bool:
+    """Whether an override ``pattern`` names product sites rather than modules: it contains
+    ``":"`` (sites are ``"<module>:<op><index>"``) and matches none of the module ``names``."""
+    return ":" in pattern and not any(_matches(n, pattern) for n in names)
+
+
+def site_pattern_names_a_module(pattern: str, names: list[str]) -> bool:
+    r"""Whether the part of a site ``pattern`` before one of its ``":"`` matches a module name
+    (``"attn:matmul1"``: module ``attn``; ``r".*\.self:matmul\d"``: any module ending in ``.self``)."""
+    cuts = [i for i, ch in enumerate(pattern) if ch == ":"]
+    return any(_matches(n, pattern[:i]) for i in cuts for n in names)
 
 
 def normalise_overrides(overrides: Mapping[str, ABFPConfig] | None) -> dict[str, ABFPConfig]:

@@ -154,8 +154,8 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
     name (default: ``frame.site(op)``, counting the products of kind ``op`` in this call).
     """
     state = frame.state
-    cfg = state.config_for(frame.name)
     site = frame.site(op) if site is None else site
+    cfg = state.config_for_site(frame.name, site)
     if state.calibrating:
         _calibrate(state, site, *operands)
         return func(*args, **kwargs)
