@@ -1,22 +1,32 @@
-"""Measure ``abfp.tune`` on a zoo model: single gain vs saturation auto gain vs error-minimising
-gain vs + repeats, on held-out samples (calibration = the first samples, evaluation = the next).
+"""Measure ``abfp.tune`` on a zoo model, stage by stage, on held-out inputs.
 
-    python3 benchmarks/bench_tune.py --task efficientnet-lite0 --calibration 16 --eval 44 --out r.json
+Rows: single gain (the base device), auto gain (the saturation rule), the error-minimising gain
+(with ``--gain-tolerance``), + repeats, + label-free finetuning (``--finetune``). Each row: the
+task's metric ± its standard error over the evaluation samples, the extra metrics (KL, top-1
+agreement), energy per inference and its ratio to the single-gain device, wall time of the stage.
+Calibration and finetuning use the task's calibration split (else its training split), exactly as
+``abfp tune`` does (:func:`abfp.tune.cli.split_data`); evaluation the task's evaluation data.
+
+    python3 benchmarks/bench_tune.py --task fashion-cnn --calibration 256 --eval 1000 --out r.json
+    python3 benchmarks/bench_tune.py --task minilm-l6 --calibration 64 --eval 192 --gain-tolerance 0.25 \
+        --finetune distil-qat --finetune-steps 40 --out r.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 
 from abfp import ABFPConfig, zoo
-from abfp.tune import DevicePlan, choose_gains, evaluate_plan, tune
-from abfp.tune.api import _energy, _outputs, _product_modules
 from abfp.energy import EnergyParams
-from abfp.zoo.base import KL, COSINE, Dataset
+from abfp.tune import DevicePlan, choose_gains, tune
+from abfp.tune.api import _energy, _outputs, _product_modules, plan_outputs
+from abfp.tune.cli import split_data
+from abfp.zoo.base import COSINE, KL
 
 
 def main() -> None:
@@ -25,9 +35,18 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=64)
     ap.add_argument("--eval", type=int, default=256)
     ap.add_argument("--gain-samples", type=int, default=16)
-    ap.add_argument("--metric", choices=["task", "kl", "cosine"], default="task")
+    ap.add_argument("--gain-tolerance", type=float, default=0.0)
+    ap.add_argument("--max-gain", type=float, default=256.0)
+    ap.add_argument("--metric", choices=["task", "kl", "cosine"], default="task", help="tuning metric")
     ap.add_argument("--target", type=float, default=None)
     ap.add_argument("--max-repeats", type=int, default=16)
+    ap.add_argument("--no-repeats", action="store_true")
+    ap.add_argument("--no-saturation", action="store_true", help="skip the saturation-rule row")
+    ap.add_argument("--finetune", choices=["none", "distil-qat", "distil-dnf"], default="none")
+    ap.add_argument("--finetune-steps", type=int, default=100)
+    ap.add_argument("--finetune-lr", type=float, default=1e-5)
+    ap.add_argument("--finetune-batch-size", type=int, default=32)
+    ap.add_argument("--finetune-loss", choices=["kl", "cosine", "mse"], default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
@@ -35,38 +54,56 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     task = zoo.get(a.task)
     model = task.build_model().eval()
-    data = task.load_data()
-    cal = data.take(a.calibration)
-    ev = Dataset(tuple(t[a.calibration:a.calibration + a.eval] for t in data.inputs),
-                 None if data.targets is None else data.targets[a.calibration:a.calibration + a.eval])
+    cal, ev, source = split_data(task, a.calibration, a.eval)
     metric = {"task": task.metric, "kl": KL, "cosine": COSINE}[a.metric]
+    metrics = [task.metric, *zoo.extra_metrics(a.task)]
     cfg = ABFPConfig()
+    ft_opts = None
+    if a.finetune != "none":
+        ft_opts = {"steps": a.finetune_steps, "lr": a.finetune_lr, "batch_size": a.finetune_batch_size}
+        if a.finetune_loss:
+            ft_opts["loss"] = a.finetune_loss
     t0 = time.perf_counter()
     res = tune(model, cal.inputs, cfg, metric=metric, target=a.target, calibration_targets=cal.targets,
                eval_inputs=ev.inputs, eval_targets=ev.targets, gain_samples=a.gain_samples,
-               max_repeats=a.max_repeats, batch_size=a.batch_size, progress=lambda s: print(s, flush=True))
+               gain_tolerance=a.gain_tolerance, max_gain=a.max_gain, repeats=not a.no_repeats,
+               max_repeats=a.max_repeats, finetune=None if a.finetune == "none" else a.finetune,
+               finetune_options=ft_opts, extra_metrics=[m for m in metrics if m.name != metric.name],
+               batch_size=a.batch_size, progress=lambda s: print(s, flush=True))
     total = time.perf_counter() - t0
     print(res.table(), flush=True)
-    # the saturation rule (today's auto gain), for comparison, and every stage's task metrics
-    t1 = time.perf_counter()
-    sat = choose_gains(model, tuple(t[:a.gain_samples] for t in cal.inputs), cfg, rule="saturation")
-    sat_s = time.perf_counter() - t1
-    e_in = tuple(t[:4] for t in cal.inputs)
-    mods = _product_modules(model, DevicePlan(cfg), e_in)
-    sat_plan = DevicePlan(cfg, {m: cfg.replace(gain=sat.get(m, cfg.gain)) for m in mods})
     ref = _outputs(model, ev, a.batch_size)
-    metrics = [task.metric, *zoo.extra_metrics(a.task)]
+    e_in = tuple(t[:4] for t in cal.inputs)
     rows = []
-    plans = [("single gain G=8", res.stages[0].plan, res.stages[0].seconds),
-             ("auto gain (saturation)", sat_plan, sat_s)] + [(s.name, s.plan, s.seconds) for s in res.stages[1:]]
-    for name, plan, secs in plans:
-        vals = {m.name: evaluate_plan(model, plan, ev, m, ref, a.batch_size, 0) for m in metrics}
-        rows.append({"stage": name, "metrics": vals, "energy_pj": _energy(model, plan, e_in, EnergyParams()),
+
+    def row(name: str, plan: DevicePlan, secs: float, m: torch.nn.Module = model) -> None:
+        out = plan_outputs(m, plan, ev, a.batch_size, 0)
+        vals = {x.name: x(out, ev.targets, ref) for x in metrics}
+        errs = {x.name: x.stderr(out, ev.targets, ref) for x in metrics}
+        rows.append({"stage": name, "metrics": vals, "stderr": errs, "energy_pj": _energy(m, plan, e_in, EnergyParams()),
                      "seconds": secs, "plan": plan.to_dict()})
-        print(name, vals, rows[-1]["energy_pj"], flush=True)
-    fp32 = {m.name: m(ref, ev.targets, ref) for m in metrics}
-    json.dump({"task": a.task, "calibration": a.calibration, "eval": len(ev), "fp32": fp32, "rows": rows,
-               "tune_seconds": total, "tune": res.to_dict()}, open(a.out, "w"), indent=1, default=str)
+        print(name, vals, errs, rows[-1]["energy_pj"], flush=True)
+
+    row("single gain G=8", res.stages[0].plan, res.stages[0].seconds)
+    if not a.no_saturation:  # today's auto gain, for comparison
+        t1 = time.perf_counter()
+        sat = choose_gains(model, tuple(t[:a.gain_samples] for t in cal.inputs), cfg, rule="saturation")
+        mods = _product_modules(model, DevicePlan(cfg), e_in)
+        row("auto gain (saturation)", DevicePlan(cfg, {m: cfg.replace(gain=sat.get(m, cfg.gain)) for m in mods}),
+            time.perf_counter() - t1)
+    for s in res.stages[1:]:
+        row(s.name, s.plan, s.seconds, res.model if s.name == "finetune" else model)
+    fp32 = {x.name: x(ref, ev.targets, ref) for x in metrics}
+    e0 = rows[0]["energy_pj"]
+    print(f"\n| stage | {' | '.join(x.name for x in metrics)} | energy/inf (uJ) | x single | time (s) |")
+    for r in rows:
+        cells = " | ".join(f"{r['metrics'][x.name]:.4g}" + (f" ± {r['stderr'][x.name]:.2g}" if r["stderr"][x.name]
+                                                             is not None else "") for x in metrics)
+        print(f"| {r['stage']} | {cells} | {r['energy_pj'] / 1e6:.4g} | {r['energy_pj'] / e0:.2f} | {r['seconds']:.0f} |")
+    with open(a.out, "w") as f:
+        json.dump({"task": a.task, "command": " ".join(sys.argv), "calibration": len(cal), "calibration_source": source,
+                   "eval": len(ev), "fp32": fp32, "rows": rows, "tune_seconds": total, "tune": res.to_dict()},
+                  f, indent=1, default=str)
 
 
 if __name__ == "__main__":

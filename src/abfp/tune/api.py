@@ -83,7 +83,9 @@ class TuneResult:
 
     def table(self) -> str:
         e0 = self.stages[0].energy if self.stages else 0.0
-        lines = [f"{self.metric_name}: float32 {self.fp32_metric:.4g}, target {self.target}",
+        target = "none" if self.target is None else f"{self.target:.4g}"
+        lines = [f"{self.metric_name}: float32 {self.fp32_metric:.4g} on the evaluation inputs, "
+                 f"target {target} (on the calibration inputs)",
                  f"  {'stage':<12} {'metric':>18} {'energy/inf (uJ)':>16} {'x single':>9} {'time (s)':>9}"]
         for s in self.stages:
             extra = ", ".join(f"{k} {v:.4g}" for k, v in s.extra.items())

@@ -19,7 +19,8 @@ def write_plot(result: Any, path: str | Path) -> Path:
 
     names = [s.name for s in result.stages]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a.plot(names, [s.metric for s in result.stages], "o-")
+    a.errorbar(names, [s.metric for s in result.stages], yerr=[s.stderr or 0.0 for s in result.stages], fmt="o-",
+               capsize=3)
     a.axhline(result.fp32_metric, color="gray", ls="--", label="float32")
     if result.target is not None:
         a.axhline(result.target, color="tab:red", ls=":", label="target")
@@ -38,13 +39,15 @@ def write_plot(result: Any, path: str | Path) -> Path:
 
 def report_markdown(result: Any, title: str, plot_name: str, commands: str = "") -> str:
     e0 = result.stages[0].energy if result.stages else 0.0
-    lines = [f"# abfp tune: {title}", "", f"Metric: {result.metric_name} (float32 {result.fp32_metric:.4g}; "
-             f"target {result.target}). Tuning took {result.seconds:.1f} s.", "",
-             "| stage | metric | energy per inference (uJ) | x single gain | stage time (s) | note |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"# abfp tune: {title}", "", f"Metric: {result.metric_name} (float32 {result.fp32_metric:.4g} on the "
+             f"evaluation inputs; target {result.target} on the calibration inputs; ± one standard error over the "
+             f"evaluation samples). Tuning took {result.seconds:.1f} s.", "",
+             "| stage | metric | other metrics | energy per inference (uJ) | x single gain | stage time (s) | note |",
+             "|---|---|---|---|---|---|---|"]
     for s in result.stages:
-        lines.append(f"| {s.name} | {s.metric:.4g} | {s.energy / 1e6:.4g} | {(s.energy / e0 if e0 else 0):.3f} | "
-                     f"{s.seconds:.1f} | {s.note} |")
+        extra = ", ".join(f"{k} {v:.4g}" for k, v in s.extra.items())
+        lines.append(f"| {s.name} | {s.metric_text()} | {extra} | {s.energy / 1e6:.4g} | "
+                     f"{(s.energy / e0 if e0 else 0):.3f} | {s.seconds:.1f} | {s.note} |")
     lines += ["", f"![metric and energy per stage]({plot_name})", ""]
     if commands:
         lines += ["```", commands, "```", ""]
