@@ -32,6 +32,10 @@ from .distributed import broadcast_from_main, gather_outputs
 from .distributed import world as dist_world
 from .fingerprint import data_fingerprint, metric_fingerprint, model_fingerprint
 from .grid import Point
+from .memo import EvalMemo
+
+#: The largest per-layer gain auto gain tries (powers of two from 1).
+AUTOGAIN_MAX = 256.0
 
 
 def _first_tensor(out: Any) -> Tensor:
@@ -97,6 +101,10 @@ class EvalSettings:
     fixed_percentile: float = 100.0
     calibration_samples: int = 256
     autogain_threshold: float = 1e-4
+    #: ``(weight, input, ADC)`` bits at which auto gains are chosen, once per device (the point's
+    #: format, tile width and every other field kept, noise off) and reused at every bit setting;
+    #: ``None``: chosen at each point's own bits. Part of the cache key when set.
+    autogain_bits: tuple[int, int, int] | None = None
     layer_stats: bool = True
     progress: bool = True
     #: the SQLite cache file of finished runs (None: no cache); see :mod:`abfp.evaluate.cache`
@@ -117,6 +125,14 @@ def cache_context(model: nn.Module, data: Dataset, metric: Metric, st: EvalSetti
         "device": torch.device(st.device).type,
         "torch": torch.__version__.split("+")[0],
     }
+
+
+def _gain_choice_config(cfg: ABFPConfig, bits: tuple[int, int, int] | None) -> ABFPConfig:
+    """The device auto gains are chosen on: ``cfg`` itself, or ``cfg`` at ``bits`` (w, x, y) without noise."""
+    if bits is None:
+        return cfg
+    wb, xb, yb = bits
+    return cfg.replace(weight_bits=wb, input_bits=xb, output_bits=yb, noise_std=0.0)
 
 
 def _aggregate(values: list[float]) -> tuple[float, float]:
@@ -140,6 +156,8 @@ def evaluate(
     settings: EvalSettings | None = None,
     overrides: dict[str, ABFPConfig] | None = None,
     calibration: Dataset | None = None,
+    memo: EvalMemo | None = None,
+    enough: Callable[[list[float], list[float | None]], bool] | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` at every point; returns one record per (model, point).
@@ -157,12 +175,23 @@ def evaluate(
     (per-product saturation and error on the first batch) and ``gains`` for auto gain.
     ``overrides``: per-module configs (as :func:`abfp.convert` takes them, e.g. a
     :class:`abfp.tune.DevicePlan`'s) applied at every ABFP point; each run sets their seed.
+
+    ``memo``: an :class:`abfp.evaluate.memo.EvalMemo` shared by calls on the same model (the
+    explorer's): the float32 outputs, fixed-point scales and auto gains are computed once per
+    memo, so a point whose runs are all in the cache runs no forward pass. ``enough``: a
+    stopping rule for the runs of a point, called after each run but the last with the values
+    so far and their per-sample standard errors; ``True`` stops (``runs`` then counts the
+    runs made, ``early_stopped`` says so). It is applied alike to cached and computed runs.
     """
     st = settings or EvalSettings()
     if kwargs:
         st = EvalSettings(**{**st.__dict__, **kwargs})
     if st.runs < 1:
         raise ValueError(f"runs must be >= 1, got {st.runs}")
+    if st.autogain_bits is not None and (len(st.autogain_bits) != 3 or any(
+            type(b) is not int or not 2 <= b <= 24 for b in st.autogain_bits)):
+        raise ValueError(f"autogain_bits must be three integers in [2, 24] (w, x, y), got {st.autogain_bits!r}")
+    memo = memo if memo is not None else EvalMemo()
     pts = [p if isinstance(p, Point) else Point(p.mode, p) for p in points]
     data = data.take(st.samples)
     if len(data) == 0:
@@ -183,9 +212,13 @@ def evaluate(
     def run(m: nn.Module) -> Tensor:
         return run_all(m, data, st.batch_size, device, tick)
 
-    t0 = time.perf_counter()
-    ref = run(model)
-    fp32_seconds = time.perf_counter() - t0
+    def reference() -> tuple[Tensor, float]:
+        t0 = time.perf_counter()
+        out = run(model)
+        return out, time.perf_counter() - t0
+
+    ref, fp32_seconds = memo.lookup("references", run_key({**context, "kind": "fp32-outputs",
+                                                           "batch": st.batch_size}), reference, "fp32")
     targets = data.targets
     fp32_value = metric(ref, targets, ref)
     extra_fp32 = {m.name: m(ref, targets, ref) for m in st.extra_metrics}
@@ -230,10 +263,48 @@ def evaluate(
     plan_overrides = dict(overrides or {})
     if plan_overrides:
         context = {**context, "overrides": {k: config_key(v) for k, v in sorted(plan_overrides.items())}}
-    work = copy.deepcopy(model)
-    analog_model = convert(work, ABFPConfig(), inplace=True)
     calib_source = calibration.inputs if calibration is not None else data.inputs
     calib_inputs = tuple(t[:n_calib].to(device) for t in calib_source)
+    work: list[nn.Module] = []  # the converted working copy, made at the first run not in the cache
+
+    def analog() -> nn.Module:
+        if not work:
+            work.append(convert(copy.deepcopy(model), ABFPConfig(), inplace=True))
+        return work[0]
+
+    def point_gains(p: Point) -> dict[str, float]:
+        """The auto gains of ``p``: chosen on the point's own bits, or once per device at
+        ``st.autogain_bits`` (memo, then the disk cache, then :func:`choose_gains`)."""
+        assert p.config is not None
+        at = _gain_choice_config(p.config, st.autogain_bits)
+        gkey = run_key({**context, "kind": "autogain-choice", "config": config_key(at),
+                        "threshold": st.autogain_threshold, "max_gain": AUTOGAIN_MAX})
+
+        def choose() -> dict[str, float]:
+            if st.autogain_bits is not None:
+                hit = broadcast_from_main(cache.get(gkey) if rank == 0 else None)
+                if hit is not None and isinstance(hit.get("gains"), dict):
+                    return {str(k): float(v) for k, v in hit["gains"].items()}
+            t1 = time.perf_counter()
+            m = analog()
+            set_config(m, at)
+            g = choose_gains(m, calib_inputs, at, threshold=st.autogain_threshold, max_gain=AUTOGAIN_MAX)
+            if st.autogain_bits is not None and rank == 0:  # value: the entry format's number, unused here
+                cache.put(gkey, {"value": 0.0, "seconds": time.perf_counter() - t1, "gains": g},
+                          info=f"{task_name} auto gains at {Point(p.format, at, auto_gain=True).label()}")
+            return g
+
+        return memo.lookup("gains", gkey, choose, "gains")
+
+    def fixed_scales() -> dict[str, list[float]]:
+        """Fixed-point activation scales: a digital pass, the same for every device."""
+        skey = run_key({**context, "kind": "fixed-scales", "pct": st.fixed_percentile, "n_calib": n_calib})
+
+        def record() -> dict[str, list[float]]:
+            return {k: list(v) for k, v in calibrate(analog(), [calib_inputs], percentile=st.fixed_percentile).items()}
+
+        return memo.lookup("scales", skey, record, "scales")
+
     try:
         for p in pts:
             if p.format == "fp32":
@@ -242,14 +313,14 @@ def evaluate(
             bar.set_postfix_str(p.label())
             overrides: dict[str, ABFPConfig] = dict(plan_overrides) if p.format == "abfp" else {}
             gains: dict[str, float] | None = None
+            prepared = False
             cfg = p.config
-            set_config(analog_model, cfg)
-            if p.auto_gain:
-                gains = choose_gains(analog_model, calib_inputs, cfg, threshold=st.autogain_threshold)
-                overrides = {**overrides, **gain_overrides(gains, cfg)}
+            rule = ({"autogain_at": list(st.autogain_bits), "autogain_max": AUTOGAIN_MAX}
+                    if p.auto_gain and st.autogain_bits is not None else {})
             n_runs = st.runs if p.noisy else 1
             values, seconds, extras, layers, ses = [], [], [], None, []
             coverages: list[dict[str, Any] | None] = []
+            stopped = False
             for r in range(n_runs):
                 rcfg = cfg.replace(seed=st.seed + r) if p.noisy else cfg
                 # the batch size decides how noise draws fall on samples: part of the key
@@ -257,7 +328,7 @@ def evaluate(
                                "auto_gain": p.auto_gain,
                                "autogain_threshold": st.autogain_threshold if p.auto_gain else None,
                                "pct": st.fixed_percentile if p.format == "fixed" else None,
-                               "batch": st.batch_size if p.noisy else None})
+                               "batch": st.batch_size if p.noisy else None, **rule})
                 hit = broadcast_from_main(cache.get(key) if rank == 0 else None)
                 if hit is not None:
                     values.append(hit["value"])
@@ -268,42 +339,55 @@ def evaluate(
                     layers = layers or hit.get("layers")
                     gains = gains or hit.get("gains")
                     bar.update(n_samples)
-                    continue
-                run_overrides = {k: v.replace(seed=rcfg.seed) for k, v in overrides.items()}
-                set_config(analog_model, rcfg, overrides=run_overrides)
-                if p.format == "fixed":
-                    calibrate(analog_model, [calib_inputs], percentile=st.fixed_percentile)
-                analog_state(analog_model).coverage.reset()
-                t1 = time.perf_counter()
-                out = run(analog_model)
-                dt = time.perf_counter() - t1
-                cov = analog_state(analog_model).coverage.as_dict()  # this run's device MAC share
-                v = metric(out, targets, ref)
-                if not math.isfinite(v):
-                    raise FloatingPointError(f"{task_name} at {p.label()}: metric is {v}")
-                ex = {m.name: m(out, targets, ref) for m in st.extra_metrics}
-                se = stderrs(out)
-                lay = None
-                if st.layer_stats and r == 0 and rank == 0:
-                    first = tuple(t[: st.batch_size].to(device) for t in data.inputs)
-                    lay = summary(analog_model, first).as_dicts()
-                    layers = lay
-                if rank == 0:
-                    cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains,
-                                    "coverage": cov, "stderr": se},
-                              info=f"{task_name} {p.label()} run {r}")
-                values.append(v)
-                coverages.append(cov)
-                seconds.append(dt)
-                extras.append(ex)
-                ses.append(se)
+                else:
+                    analog_model = analog()
+                    if not prepared:  # the point's gains, only when a run has to be computed
+                        if p.auto_gain:
+                            gains = point_gains(p)
+                            overrides = {**overrides, **gain_overrides(gains, cfg)}
+                        prepared = True
+                    run_overrides = {k: v.replace(seed=rcfg.seed) for k, v in overrides.items()}
+                    set_config(analog_model, rcfg, overrides=run_overrides)
+                    if p.format == "fixed":
+                        analog_state(analog_model).input_scales = {k: list(v) for k, v in fixed_scales().items()}
+                    analog_state(analog_model).coverage.reset()
+                    t1 = time.perf_counter()
+                    out = run(analog_model)
+                    memo.count("runs")
+                    dt = time.perf_counter() - t1
+                    cov = analog_state(analog_model).coverage.as_dict()  # this run's device MAC share
+                    v = metric(out, targets, ref)
+                    if not math.isfinite(v):
+                        raise FloatingPointError(f"{task_name} at {p.label()}: metric is {v}")
+                    ex = {m.name: m(out, targets, ref) for m in st.extra_metrics}
+                    se = stderrs(out)
+                    lay = None
+                    if st.layer_stats and r == 0 and rank == 0:
+                        first = tuple(t[: st.batch_size].to(device) for t in data.inputs)
+                        lay = summary(analog_model, first).as_dicts()
+                        layers = lay
+                    if rank == 0:
+                        cache.put(key, {"value": v, "seconds": dt, "extra": ex, "layers": lay, "gains": gains,
+                                        "coverage": cov, "stderr": se},
+                                  info=f"{task_name} {p.label()} run {r}")
+                    values.append(v)
+                    coverages.append(cov)
+                    seconds.append(dt)
+                    extras.append(ex)
+                    ses.append(se)
+                # the same rule on cached and computed runs: the result never depends on the cache
+                if enough is not None and r + 1 < n_runs and enough(list(values), [e.get(metric.name) for e in ses]):
+                    stopped = True
+                    break
             mean, std = _aggregate(values)
             se_mean = {k: _mean_or_none([e.get(k) for e in ses]) for k in stderrs_keys}
             extra = {k: statistics.fmean(e[k] for e in extras) for k in (extras[0] if extras else {})}
-            rec = {**base_record(p), "value": mean, "std": std, "runs": n_runs, "values": values,
+            rec = {**base_record(p), "value": mean, "std": std, "runs": len(values), "values": values,
                    "delta_vs_fp32": mean - fp32_value, "seconds": statistics.fmean(seconds),
                    "extra": extra, "layers": layers, "stderr": se_mean[metric.name],
                    "extra_stderr": {k: se_mean[k] for k in stderrs_keys[1:]}}
+            if enough is not None and p.noisy:
+                rec["early_stopped"] = stopped
             if gains is not None:
                 rec["gains"] = gains
             known = [c for c in coverages if c is not None]
@@ -313,7 +397,8 @@ def evaluate(
                 rec["digital_ops"] = known[0]["digital_ops"]
             records.append(rec)
     finally:
-        to_digital(analog_model)
+        if work:
+            to_digital(work[0])
         bar.close()
         cache.close()
     return records

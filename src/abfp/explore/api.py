@@ -13,7 +13,7 @@ from ..zoo.base import Dataset, Metric, Task
 from .search import SearchSpace, explore_model
 from .target import Target
 
-__all__ = ["explore", "resolve_task"]
+__all__ = ["explore", "resolve_task", "task_calibration"]
 
 
 def resolve_task(task: Any) -> Task:
@@ -51,6 +51,9 @@ def explore(
     dac_search: str = "joint",
     noise_stds: Sequence[float] = (REFERENCE_NOISE_STD,),
     prune: bool = True,
+    global_prune: bool = False,
+    early_stop: float | None = None,
+    calibration: Dataset | None = None,
     base: ABFPConfig | None = None,
     energy_params: EnergyParams | None = None,
     energy_samples: int = 1,
@@ -72,25 +75,33 @@ def explore(
     are bisected in ``adc_bits = (lo, hi)``, then the DAC bits of each family's cheapest design
     (``dac_search``: ``"joint"``, ``"separate"`` or ``"none"``) down to ``dac_min_bits``. Noisy
     designs run ``runs`` times (seeds ``seed + r``); ``cache_path`` is :func:`abfp.evaluate.evaluate`'s
-    SQLite cache (a rerun resumes). Returns the JSON-ready result (see
-    :func:`abfp.explore.search.explore_model`).
+    SQLite cache (a rerun resumes). ``early_stop = z``: a noisy design stops averaging once its
+    mean is ``z`` standard errors from the target; ``global_prune``: designs costing at least as
+    much as one known to meet the target are skipped (see :mod:`abfp.explore.search`).
+    Fixed-point scales and auto gains come from the task's calibration split when it has one
+    (``calibration``: a :class:`Dataset` of inputs, with a model). Returns the JSON-ready
+    result (see :func:`abfp.explore.search.explore_model`).
     """
     # every option checked before the model and data are built
     tgt = Target(drop_percent=None, absolute=target) if target is not None else Target(drop_percent=target_drop)
     space = SearchSpace(formats=tuple(formats), tile_widths=tuple(tile_widths), gains=tuple(float(g) for g in gains),
                         auto_gain=auto_gain, fixed_gains=tuple(float(g) for g in fixed_gains),
                         adc_bits=tuple(adc_bits), dac_min_bits=dac_min_bits,
-                        dac_search=dac_search, noise_stds=tuple(float(z) for z in noise_stds), prune=prune)
+                        dac_search=dac_search, noise_stds=tuple(float(z) for z in noise_stds), prune=prune,
+                        global_prune=bool(global_prune), early_stop=early_stop)
     if not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
     if isinstance(task, nn.Module):
         if data is None or metric is None:
             raise ValueError("explore(model, data, metric): data and metric are required with a model")
         model, task_name, default_batch = task, "model", 256
+        if calibration is not None and not isinstance(calibration, Dataset):
+            raise TypeError(f"calibration must be an abfp.zoo.Dataset, got {type(calibration).__name__}")
     else:
-        if data is not None or metric is not None:
-            raise ValueError("explore: give data and metric only with a model, not with a task")
+        if data is not None or metric is not None or calibration is not None:
+            raise ValueError("explore: give data, metric and calibration only with a model, not with a task")
         t = resolve_task(task)
+        calibration = task_calibration(t, space)
         model, data, metric, task_name, default_batch = (t.build_model(), t.load_data(), t.metric, t.name,
                                                          t.default_batch_size)
         if samples is None:
@@ -99,4 +110,10 @@ def explore(
                             seed=seed, fixed_percentile=fixed_percentile, cache_path=cache_path, progress=False)
     return explore_model(model, data, metric, task_name=task_name, target=tgt, space=space, base=base,
                          energy_params=energy_params, energy_samples=energy_samples, settings=settings,
-                         progress=progress)
+                         progress=progress, calibration=calibration)
+
+
+def task_calibration(task: Task, space: SearchSpace) -> Dataset | None:
+    """The task's calibration split when the search needs calibration (fixed point, auto gain)."""
+    needs = "fixed" in space.formats or ("abfp" in space.formats and space.auto_gain)
+    return task.load_calibration() if needs and task.load_calibration is not None else None

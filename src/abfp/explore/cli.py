@@ -66,6 +66,12 @@ def _parser(sub: Any) -> None:
                    help="device noise std in ADC LSBs; a comma list sweeps it (default: the base device's, one bin "
                         "wide: 0.2887)")
     p.add_argument("--no-prune", action="store_true", help="bisect every gain over the whole ADC range")
+    p.add_argument("--global-prune", action="store_true",
+                   help="skip every design costing at least as much energy as one already known to meet the target "
+                        "(families searched cheapest first; a dominated family may report no design of its own)")
+    p.add_argument("--early-stop", type=float, default=None, metavar="Z",
+                   help="stop averaging a noisy design's runs once its mean is Z standard errors from the target "
+                        "(e.g. 3; default: every design runs --runs times)")
     p.add_argument("--runs", type=int, default=3, help="runs per noisy design (mean and std; default 3)")
     p.add_argument("--samples", type=int, default=None, help="evaluate the first N samples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's own")
@@ -97,7 +103,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
     require_at_least(args, ("runs", "samples", "batch_size", "threads", "energy_samples"))
     require_at_least(args, ("seed",), 0)
-    require_finite(args, ("target_drop", "target", "fixed_percentile"))
+    require_finite(args, ("target_drop", "target", "fixed_percentile", "early_stop"))
     if args.target is not None and args.target_drop is not None:
         raise UsageError("give --target or --target-drop, not both")
     if not 0 < args.fixed_percentile <= 100:
@@ -112,7 +118,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
                             gains=tuple(float(g) for g in gains if g != "auto"), auto_gain="auto" in gains,
                             fixed_gains=tuple(args.fixed_gains), adc_bits=tuple(args.adc_bits),
                             dac_min_bits=args.dac_min_bits, dac_search=args.dac_search, noise_stds=tuple(noise),
-                            prune=not args.no_prune)
+                            prune=not args.no_prune, global_prune=args.global_prune, early_stop=args.early_stop)
         # every design the search may visit must be a valid device: refuse a bad one now, not mid-search
         for n in space.tile_widths:
             for b in (space.adc_bits[0], space.adc_bits[1]):
@@ -132,6 +138,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from ..evaluate.distributed import init_from_env, shutdown
     from ..evaluate.runner import EvalSettings
     from .report import explore_report_files, format_explore_table, write_explore_report
+    from .api import task_calibration
     from .search import explore_model
 
     opts = _options(args)
@@ -154,7 +161,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
         result = explore_model(task.build_model(), task.load_data(), task.metric, task_name=task.name,
                                target=opts["target"], space=opts["space"], base=opts["base"],
                                energy_params=opts["params"], energy_samples=args.energy_samples, settings=settings,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress,
+                               calibration=task_calibration(task, opts["space"]))
         show(format_explore_table(result))
         show(f"  ({time.perf_counter() - t0:.1f} s, {result['evaluations']} designs evaluated)")
         if rank == 0:

@@ -19,7 +19,21 @@ gain rule x noise level, see :mod:`abfp.explore.designs`):
 
 Every design is evaluated by :func:`abfp.evaluate.evaluate` (same cache, same sharding under
 ``torchrun``, noisy designs averaged over ``runs`` runs with their standard deviation), once
-per design per call of :func:`explore`.
+per design per call of :func:`explore`. One :class:`abfp.evaluate.memo.EvalMemo` serves the
+whole search: the float32 outputs, fixed-point scales and auto gains are computed once, so a
+design whose runs are in the cache costs no forward pass. Auto gains are chosen once per
+device (format and tile width) at the base device's bits and reused at every bit setting.
+
+Two options trade completeness for time:
+
+* ``early_stop = z``: a noisy design stops averaging runs once its mean is ``z`` standard
+  errors from the target (:func:`abfp.explore.target.decided`).
+* ``global_prune``: a design whose energy is at least that of a design already known to meet
+  the target (any family) is not evaluated: it cannot be the cheapest. Its bisection treats it
+  as passing (a cheaper design of the family may lie below it) and it is listed under
+  ``pruned``. Families are searched cheapest-first (by the energy of their design at the base
+  bits) so that a good bound is found early. A family may then have no cheapest design of its
+  own (``cheapest`` is ``null``, ``pruned_families`` names what dominated it).
 """
 
 from __future__ import annotations
@@ -36,13 +50,14 @@ from ..config import REFERENCE_NOISE_STD, ABFPConfig
 from ..energy import EnergyParams
 from ..evaluate.distributed import world as dist_world
 from ..evaluate.grid import Point
+from ..evaluate.memo import EvalMemo
 from ..evaluate.runner import EvalSettings, evaluate
 from ..zoo.base import Dataset, Metric
 from .bisect import smallest_passing
 from .costs import CostModel
 from .designs import Design, family_name
 from .pareto import pareto_front
-from .target import Target
+from .target import Target, decided
 
 __all__ = ["SearchSpace", "Explorer", "explore_model"]
 
@@ -70,6 +85,11 @@ class SearchSpace:
     """Device noise, in ADC LSBs (one family per level); SPEC's default: one bin wide."""
     prune: bool = True
     """Skip the bits of a later gain that cannot improve the family (off: bisect every gain fully)."""
+    global_prune: bool = False
+    """Skip every design whose energy is at least that of a design known to meet the target."""
+    early_stop: float | None = None
+    """``z``: stop averaging a noisy design's runs once its mean is ``z`` standard errors from the
+    target (:func:`abfp.explore.target.decided`); None: every design runs ``runs`` times."""
 
     def __post_init__(self) -> None:
         if not self.formats or any(f not in ("fixed", "abfp") for f in self.formats):
@@ -95,12 +115,16 @@ class SearchSpace:
             raise ValueError(f"DAC search must be one of {', '.join(DAC_SEARCHES)}, got {self.dac_search!r}")
         if not self.noise_stds or any(not math.isfinite(z) or z < 0 for z in self.noise_stds):
             raise ValueError(f"noise levels must be finite numbers >= 0, got {list(self.noise_stds)}")
+        z = self.early_stop
+        if z is not None and (isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0):
+            raise ValueError(f"early stop must be a finite number of standard errors > 0, got {z!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"formats": list(self.formats), "tile_widths": list(self.tile_widths), "gains": list(self.gains),
                 "auto_gain": self.auto_gain, "fixed_gains": list(self.fixed_gains), "adc_bits": list(self.adc_bits),
                 "dac_min_bits": self.dac_min_bits, "dac_search": self.dac_search,
-                "noise_stds": list(self.noise_stds), "prune": self.prune}
+                "noise_stds": list(self.noise_stds), "prune": self.prune, "global_prune": self.global_prune,
+                "early_stop": self.early_stop}
 
 
 class Explorer:
@@ -108,17 +132,31 @@ class Explorer:
 
     def __init__(self, model: nn.Module, data: Dataset, metric: Metric, *, task_name: str, target: Target,
                  settings: EvalSettings, base: ABFPConfig, costs: CostModel,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, calibration: Dataset | None = None,
+                 early_stop: float | None = None, global_prune: bool = False) -> None:
         self.model, self.data, self.metric, self.task_name = model, data, metric, task_name
         self.settings, self.base, self.costs = settings, base, costs
+        self.calibration, self.early_stop, self.global_prune = calibration, early_stop, global_prune
         self.higher = metric.higher_is_better
         self.progress = progress
+        self.memo = EvalMemo()
         self.results: dict[tuple[Design, str], dict[str, Any]] = {}  # (design, family) -> record
         self._by_design: dict[Design, dict[str, Any]] = {}
-        fp = evaluate(model, data, metric, [Point("fp32")], task_name=task_name, settings=settings)
-        self.fp32 = float(fp[0]["value"])
+        self.pruned: dict[Design, dict[str, Any]] = {}  # designs global pruning did not evaluate
+        self._device_gains: dict[tuple[str, int], dict[str, float]] = {}  # (format, n) -> auto gains
+        fp = self._evaluate(Point("fp32"))
+        self.fp32 = float(fp["value"])
         self.target_rule = target
         self.target = target.value(self.fp32, self.higher)
+
+    def _evaluate(self, point: Point) -> dict[str, Any]:
+        stop = None
+        if self.early_stop is not None and point.format != "fp32":
+            z, target = self.early_stop, self.target
+            stop = lambda values, stderrs: decided(values, stderrs, target, z)  # noqa: E731
+        (r,) = evaluate(self.model, self.data, self.metric, [point], task_name=self.task_name,
+                        settings=self.settings, calibration=self.calibration, memo=self.memo, enough=stop)
+        return r
 
     # ---------------------------------------------------------------- one design
     def measure(self, design: Design, family: str) -> dict[str, Any]:
@@ -127,9 +165,10 @@ class Explorer:
         if rec is None:
             if self.progress:
                 self.progress(f"{family}: {design.label()}")
-            (r,) = evaluate(self.model, self.data, self.metric, [design.point(self.base)], task_name=self.task_name,
-                            settings=self.settings)
+            r = self._evaluate(design.point(self.base))
             gains = r.get("gains") if design.auto_gain else None
+            if gains is not None:  # chosen once per device: they price the device's other designs
+                self._device_gains.setdefault((design.format, design.tile_width), dict(gains))
             energy = self.costs.energy(design, self.base, gains)
             rec = {**design.fields(), "value": float(r["value"]), "std": float(r["std"]),
                    "stderr": r.get("stderr"), "runs": int(r["runs"]),
@@ -138,6 +177,8 @@ class Explorer:
                    "energy_by_kind_pj": {k: energy[k] for k in ("analog", "dac", "adc", "digital")},
                    "meets_target": Target.meets(float(r["value"]), self.target, self.higher),
                    "seconds": float(r["seconds"])}
+            if "early_stopped" in r:
+                rec["early_stopped"] = bool(r["early_stopped"])
             if gains is not None:
                 rec["gains"] = dict(gains)
             self._by_design[design] = rec
@@ -147,11 +188,46 @@ class Explorer:
         return rec
 
     def passes(self, design: Design, family: str) -> bool:
+        """Whether ``design`` meets the target; a design global pruning skips counts as passing
+        (it cannot be the cheapest, and a cheaper design of its family may lie below it)."""
+        if self.global_prune and design not in self._by_design and self.dominated(design, family):
+            return True
         return bool(self.measure(design, family)["meets_target"])
 
+    def value_at(self, design: Design, family: str) -> float | None:
+        """The metric of ``design`` (None when global pruning skips it)."""
+        if self.global_prune and design not in self._by_design and self.dominated(design, family):
+            return None
+        return float(self.measure(design, family)["value"])
+
     def energy_of(self, design: Design) -> float:
-        """Energy of a single-gain design before it is evaluated (it does not depend on the metric)."""
+        """Energy of a design before it is evaluated (it does not depend on the metric). For an
+        auto-gain design: exact once its device's gains are known, else a lower bound (every
+        layer at ``G = 1``; a gain never lowers the energy)."""
+        if design.auto_gain:
+            gains = self._device_gains.get((design.format, design.tile_width))
+            if gains is None:
+                gains = {}
+            return self.costs.energy(design, self.base, gains)["total"]
         return self.costs.energy(design, self.base)["total"]
+
+    def dominated(self, design: Design, family: str) -> bool:
+        """Whether a design already known to meet the target costs no more than ``design``
+        (then ``design`` is recorded under ``pruned`` and not evaluated)."""
+        if design in self.pruned:
+            return True
+        e = self.energy_of(design)
+        best = None
+        for d, r in self._by_design.items():
+            if r["meets_target"] and r["energy_pj_per_inference"] <= e:
+                if best is None or r["energy_pj_per_inference"] < best[1]["energy_pj_per_inference"]:
+                    best = (d, r)
+        if best is None:
+            return False
+        self.pruned[design] = {**design.fields(), "family": family, "energy_pj_per_inference_at_least": e,
+                               "dominated_by": best[0].label(),
+                               "dominated_by_energy_pj": best[1]["energy_pj_per_inference"]}
+        return True
 
     # ---------------------------------------------------------------- families
     def family_records(self, family: str) -> list[dict[str, Any]]:
@@ -174,9 +250,9 @@ class Explorer:
             # every gain at the first guess first (each bisection would start there anyway), then the
             # best-scoring gain first: its threshold bounds the later gains, which then never try the
             # slow high-resolution ADCs they could not win with
-            at_start = {seed: self.measure(seed.with_bits(output_bits=start), family)["value"] for seed in seeds}
+            at_start = {seed: self.value_at(seed.with_bits(output_bits=start), family) for seed in seeds}
             sign = -1.0 if self.higher else 1.0
-            seeds = sorted(seeds, key=lambda d: sign * at_start[d])
+            seeds = sorted(seeds, key=lambda d: math.inf if at_start[d] is None else sign * at_start[d])
         for seed in seeds:
             top = hi
             if prune and best_bits is not None and not seed.auto_gain:
@@ -214,8 +290,12 @@ class Explorer:
 def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name: str = "model",
                   target: Target | None = None, space: SearchSpace | None = None, base: ABFPConfig | None = None,
                   energy_params: EnergyParams | None = None, energy_samples: int = 1,
-                  settings: EvalSettings | None = None, progress: bool = True) -> dict[str, Any]:
+                  settings: EvalSettings | None = None, progress: bool = True,
+                  calibration: Dataset | None = None) -> dict[str, Any]:
     """Search the device space of ``model`` on ``data`` for the cheapest designs meeting ``target``.
+
+    ``calibration``: the task's calibration split (fixed-point scales and auto gains come from
+    it, never from the evaluated inputs); None: the first evaluated inputs, as ``evaluate``.
 
     Returns the explore result (a JSON-ready dict): ``target``, ``fp32``, ``metric``,
     ``energy_params``, ``designs`` (every evaluated design, with ``family``, ``value``,
@@ -228,7 +308,9 @@ def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name:
     space = space or SearchSpace()
     base = base or ABFPConfig()
     st = settings or EvalSettings()
-    st = EvalSettings(**{**st.__dict__, "progress": False, "layer_stats": False})
+    # auto gains: chosen once per device (format, tile width) at the base device's bits
+    st = EvalSettings(**{**st.__dict__, "progress": False, "layer_stats": False,
+                         "autogain_bits": (base.weight_bits, base.input_bits, base.output_bits)})
     if energy_samples < 1:
         raise ValueError(f"energy samples must be >= 1, got {energy_samples}")
     sub = data.take(st.samples)
@@ -241,29 +323,42 @@ def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name:
         bar.update(1)
 
     ex = Explorer(model, data, metric, task_name=task_name, target=target, settings=st, base=base, costs=costs,
-                  progress=tick)
+                  progress=tick, calibration=calibration, early_stop=space.early_stop,
+                  global_prune=space.global_prune)
     lo, hi = space.adc_bits
-    families: list[str] = []
-    several_noises = len(space.noise_stds) > 1
+    plan = _families(space, base)
+    families = [fam for fam, _ in plan]
+    if space.global_prune:  # cheapest family first (its design at the base bits): a low bound early
+        plan.sort(key=lambda f: min(ex.energy_of(d.with_bits(output_bits=base.output_bits)) for d in f[1]))
     try:
-        for noise in space.noise_stds:
-            suffix = noise if several_noises else None
-            for fmt in space.formats:
-                for n in space.tile_widths:
-                    ladders: list[tuple[str, list[Any]]] = []
-                    single = list(space.fixed_gains if fmt == "fixed" else space.gains)
-                    if single:
-                        ladders.append((family_name(fmt, n, False, suffix), [float(g) for g in single]))
-                    if fmt == "abfp" and space.auto_gain:
-                        ladders.append((family_name(fmt, n, True, suffix), ["auto"]))
-                    for fam, ladder in ladders:
-                        families.append(fam)
-                        seeds = [Design(fmt, n, base.input_bits, base.weight_bits, hi, g, float(noise)) for g in ladder]
-                        ex.search_adc(fam, seeds, lo, hi, space.prune, start=base.output_bits)
-                        ex.search_dac(fam, space.dac_min_bits, space.dac_search)
+        for fam, seeds in plan:
+            ex.search_adc(fam, seeds, lo, hi, space.prune, start=base.output_bits)
+            ex.search_dac(fam, space.dac_min_bits, space.dac_search)
     finally:
         bar.close()
     return _result(ex, families, task_name, target, space, base, costs, len(sub), st, time.perf_counter() - t0)
+
+
+def _families(space: SearchSpace, base: ABFPConfig) -> list[tuple[str, list[Design]]]:
+    """Every family of the space (in report order) with its seed designs (one per gain, at the
+    base DAC bits and the highest ADC bits searched)."""
+    hi = space.adc_bits[1]
+    out: list[tuple[str, list[Design]]] = []
+    several_noises = len(space.noise_stds) > 1
+    for noise in space.noise_stds:
+        suffix = noise if several_noises else None
+        for fmt in space.formats:
+            for n in space.tile_widths:
+                ladders: list[tuple[str, list[Any]]] = []
+                single = list(space.fixed_gains if fmt == "fixed" else space.gains)
+                if single:
+                    ladders.append((family_name(fmt, n, False, suffix), [float(g) for g in single]))
+                if fmt == "abfp" and space.auto_gain:
+                    ladders.append((family_name(fmt, n, True, suffix), ["auto"]))
+                for fam, ladder in ladders:
+                    out.append((fam, [Design(fmt, n, base.input_bits, base.weight_bits, hi, g, float(noise))
+                                      for g in ladder]))
+    return out
 
 
 def _result(ex: Explorer, families: list[str], task_name: str, target: Target, space: SearchSpace,
@@ -281,6 +376,9 @@ def _result(ex: Explorer, families: list[str], task_name: str, target: Target, s
         ok = [r["output_bits"] for r in ex.family_records(fam) if r["meets_target"]
               and r["input_bits"] == base.input_bits and r["weight_bits"] == base.weight_bits]
         min_bits[fam] = min(ok) if ok else None
+    pruned_families = {fam: sorted({p["dominated_by"] for p in ex.pruned.values() if p["family"] == fam})
+                       for fam in families if cheapest[fam] is None and any(
+                           p["family"] == fam for p in ex.pruned.values())}
     rule = ({"drop_percent": target.drop_percent} if target.absolute is None else {"absolute": target.absolute})
     return {
         "task": task_name,
@@ -301,5 +399,10 @@ def _result(ex: Explorer, families: list[str], task_name: str, target: Target, s
         "cheapest": cheapest,
         "min_adc_bits": min_bits,
         "evaluations": len(ex._by_design),
+        "pruned": list(ex.pruned.values()),
+        "pruned_families": pruned_families,
+        "autogain_bits": list(st.autogain_bits) if st.autogain_bits else None,
+        "calibration": "calibration split" if ex.calibration is not None else "evaluated inputs",
+        "forward_passes": dict(ex.memo.forwards),
         "seconds": seconds,
     }

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
-__all__ = ["Target"]
+__all__ = ["Target", "decided"]
 
 
 @dataclass(frozen=True)
@@ -49,3 +50,29 @@ class Target:
         if self.absolute is not None:
             return f"absolute {self.absolute:g}"
         return f"{self.drop_percent:g}% from float32"
+
+
+def decided(values: Sequence[float], stderrs: Sequence[float | None], target: float, z: float) -> bool:
+    """Whether the runs so far of a noisy design settle its side of the target (early stop).
+
+    With ``k`` runs of mean ``m``, spread ``s_run`` (their standard deviation, 0 for one run)
+    and mean per-sample standard error ``s_sample`` (the metric's sampling error on the
+    evaluated inputs), the mean's standard error is taken as ``max(s_run, s_sample) / sqrt(k)``
+    and the design is decided when ``|m - target| >= z`` times it. ``s_sample`` is a
+    conservative stand-in for the run-to-run spread (device noise flips at most the samples
+    near a decision boundary), so one run can decide a design far from the target. Undecided:
+    a zero standard error from a single run, or a run without a per-sample error.
+    """
+    k = len(values)
+    if k == 0 or not math.isfinite(z) or z < 0:
+        return False
+    known = [e for e in stderrs[:k] if e is not None]
+    if len(known) < k and k < 2:
+        return False
+    s_sample = sum(known) / len(known) if len(known) == k else 0.0
+    mean = sum(values) / k
+    s_run = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1)) if k > 1 else 0.0
+    se = max(s_run, s_sample) / math.sqrt(k)
+    if se == 0.0 and k < 2:
+        return False
+    return abs(mean - target) >= z * se
