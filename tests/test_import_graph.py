@@ -117,3 +117,45 @@ def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib\nfor m in %r:\n    importlib.import_module(m)\nprint('ok')" % names
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+# The layers of docs/architecture.md: a module may import its own layer and those above it
+# (smaller numbers), never one below. Keep this table and the document's in step.
+LAYERS = {
+    0: ("abfp.config", "abfp.noise_keys", "abfp.jsonio"),
+    1: ("abfp.numerics",),
+    2: ("abfp.ops", "abfp.functional"),
+    3: ("abfp.nn", "abfp.noise"),
+    4: ("abfp.evaluate", "abfp.finetune", "abfp.precision", "abfp.tune", "abfp.explore", "abfp.energy",
+        "abfp.metrics", "abfp.zoo", "abfp.outputs"),
+    5: ("abfp.cli", "abfp.cli_common", "abfp.__main__"),
+}
+
+
+def layer_of(module: str) -> int:
+    """The layer of ``module`` (the package itself, which re-exports everything, is above all: 6)."""
+    if module == PKG:
+        return 6
+    if module.endswith(".cli") or module == "abfp.cli_common":
+        return 5  # the command lines of the tools (finetune/cli, precision/cli, ...)
+    for layer, prefixes in LAYERS.items():
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return layer
+    raise AssertionError(f"{module} is in no layer of docs/architecture.md: add it to LAYERS and the document")
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
+            for m, deps in sorted(graph.items()) for d in sorted(deps) if layer_of(d) > layer_of(m)]
+
+
+def test_layer_check_sees_a_downward_import():
+    assert layer_violations({"abfp.ops.linear": {"abfp.nn.state"}, "abfp.nn.state": set()}) == [
+        "abfp.ops.linear (layer 2) imports abfp.nn.state (layer 3)"]
+    assert layer_violations({"abfp.nn.state": {"abfp.ops.site"}, "abfp.ops.site": set()}) == []
+
+
+def test_modules_import_only_their_layer_and_those_above():
+    """docs/architecture.md: description -> numerics -> products -> model conversion -> tools -> CLI."""
+    graph = import_graph()
+    assert layer_violations(graph) == []

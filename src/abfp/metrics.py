@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 
-def _pair(y: Tensor, y_ref: Tensor) -> tuple[Tensor, Tensor]:
+def _as_float64_pair(y: Tensor, y_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """``y`` and its reference, detached, in float64 (ValueError if their shapes differ)."""
     if y.shape != y_ref.shape:
         raise ValueError(f"shapes differ: {tuple(y.shape)} vs {tuple(y_ref.shape)}")
     return y.detach().double(), y_ref.detach().double()
@@ -16,7 +17,7 @@ def _pair(y: Tensor, y_ref: Tensor) -> tuple[Tensor, Tensor]:
 
 def relative_error(y: Tensor, y_ref: Tensor) -> float:
     """``||Y - Y_fp32|| / ||Y_fp32||`` (Frobenius norms); inf when the reference is zero and Y is not."""
-    y, r = _pair(y, y_ref)
+    y, r = _as_float64_pair(y, y_ref)
     num = torch.linalg.vector_norm(y - r).item()
     den = torch.linalg.vector_norm(r).item()
     if den == 0:
@@ -26,7 +27,7 @@ def relative_error(y: Tensor, y_ref: Tensor) -> float:
 
 def sqnr_db(y: Tensor, y_ref: Tensor) -> float:
     """``10 log10(sum Y_fp32^2 / sum (Y - Y_fp32)^2)``; inf for an exact result."""
-    y, r = _pair(y, y_ref)
+    y, r = _as_float64_pair(y, y_ref)
     noise = ((y - r) ** 2).sum().item()
     signal = (r**2).sum().item()
     if noise == 0:

@@ -162,11 +162,16 @@ def calibrate(
 ) -> dict[str, list[float]]:
     """Static activation scales for the fixed-point baseline (SPEC section 2).
 
-    Runs ``model`` digitally on ``batches`` (each a tensor or a tuple of model inputs) and
-    records, per product site, the ``percentile`` of |input| (100: the max) over all
-    batches. Fixed-mode products then use these scales; a fixed-mode product whose site was not
-    calibrated raises ``ValueError`` (it never falls back to each call's own max, which would
-    make the baseline dynamic). Weights keep their own static scale, max |W|.
+    Runs ``model`` in float32 (eval mode, batch-norm statistics untouched) on ``batches`` (each
+    a tensor or a tuple of model inputs) and records, per product site and operand, the
+    ``percentile`` of |operand| within each call (100: the max), keeping the largest over all
+    calls and batches. Returns ``{site: [first operand's scale, second operand's]}``.
+
+    Fixed-mode products then use these scales: a product with weights uses the first (its
+    input's) and keeps the weights' own static scale, max |W|; a product of two activations
+    (``matmul``) uses both. A fixed-mode product whose site was not calibrated raises
+    ``ValueError`` (it never falls back to each call's own max, which would make the baseline
+    dynamic).
     """
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")

@@ -58,7 +58,7 @@ class AnalogState:
     # recording for summary(): site -> SiteRecord
     recording: bool = False
     records: dict[str, SiteRecord] = field(default_factory=dict)
-    # site (or "*") -> fn(call: abfp.nn.mode.ProductCall) -> Tensor: replaces how the product is
+    # site (or "*") -> fn(call: abfp.ops.site.ProductCall) -> Tensor: replaces how the product is
     # computed (DNF sampling, dynamic-precision noise, recording); runs only in analog modules
     interceptors: dict[str, Any] = field(default_factory=dict)
     # MACs computed on the device and in float32 (see abfp.ops.coverage)

@@ -81,14 +81,14 @@ def summary(model: nn.Module, example_input: Any, config=None) -> Summary:
         model = convert(model, config)
         if needs_calibration(model):
             calibrate(model, [example_input])
-    st = analog_state(model)
-    st.records.clear()
-    st.coverage.reset()
-    st.recording = True
+    state = analog_state(model)
+    state.records.clear()
+    state.coverage.reset()
+    state.recording = True
     try:
         inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
         model(*inputs)
     finally:
-        st.recording = False
-    cov = Coverage(st.coverage.analog_macs, st.coverage.digital_macs, dict(st.coverage.digital_ops))
-    return Summary(rows=list(st.records.values()), coverage=cov)
+        state.recording = False
+    cov = Coverage(state.coverage.analog_macs, state.coverage.digital_macs, dict(state.coverage.digital_ops))
+    return Summary(rows=list(state.records.values()), coverage=cov)

@@ -79,9 +79,9 @@ class NoiseInjector:
 
     def remove(self) -> nn.Module:
         """Uninstall the interceptor; the model computes on the ABFP device again."""
-        st = analog_state(self.model)
-        if st.interceptors.get("*") == self._intercept:
-            del st.interceptors["*"]
+        state = analog_state(self.model)
+        if state.interceptors.get("*") == self._intercept:
+            del state.interceptors["*"]
         return self.model
 
     def _generator(self, device: torch.device) -> torch.Generator | None:

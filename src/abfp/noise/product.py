@@ -1,6 +1,6 @@
 """The geometry of one intercepted product: what each output sees (``||x||``, ``D``, ``||w_i||``).
 
-A :class:`ProductView` wraps an :class:`abfp.nn.mode.ProductCall` (or plain operands) and
+A :class:`ProductView` wraps an :class:`abfp.ops.site.ProductCall` (or plain operands) and
 answers, broadcastable to the product's output ``y``:
 
 * ``input_norm_sq()``: ``||x||^2`` of the vector each output is a dot product with. Linear:

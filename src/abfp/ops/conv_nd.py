@@ -25,7 +25,7 @@ a linear product with rows ``b, p``, ``N = C_out/groups * prod(kernel)`` columns
 cropped to ``(L_in - 1) s - 2 pad + dil (k - 1) + output_padding + 1`` per axis, then the bias.
 
 The handlers registered here answer ``torch.conv3d`` and ``torch.conv_transpose1d/2d/3d``
-inside converted modules; each product goes through :func:`abfp.nn.mode.run_product`.
+inside converted modules; each product goes through :func:`abfp.ops.site.run_product`.
 """
 
 from __future__ import annotations
@@ -339,8 +339,8 @@ def answer_conv3d(frame, func, args, kwargs):
     x, w, b, stride, padding, dilation, groups = conv_args(*args, **kwargs)
     k = w[0].numel()  # reduction length per group: C_in/groups * k_d * k_h * k_w
 
-    def analog(c, s, st, g):
-        return conv3d(x, w, b, stride, padding, dilation, groups, config=c, input_scale=s[0], generator=g, stats=st)
+    def analog(c, s, stats, g):
+        return conv3d(x, w, b, stride, padding, dilation, groups, config=c, input_scale=s[0], generator=g, stats=stats)
 
     return run_product(frame, "conv", func, args, kwargs, analog, (x, w), k, lambda y: y.numel() * k)
 
@@ -364,9 +364,9 @@ def answer_conv_transpose(nd: int):
         x, w, b, stride, padding, output_padding, groups, dilation = _transposed_args(*args, **kwargs)
         k = w.shape[0] // groups  # reduction length of each product: C_in/groups
 
-        def analog(c, s, st, g):
+        def analog(c, s, stats, g):
             return fn(x, w, b, stride, padding, output_padding, groups, dilation,
-                      config=c, input_scale=s[0], generator=g, stats=st)
+                      config=c, input_scale=s[0], generator=g, stats=stats)
 
         # MACs: every input position (x.numel() counts them times C_in) times C_out/g * prod(kernel)
         macs = x.numel() * w[0].numel()

@@ -16,7 +16,7 @@ numbers are those of one product per step). With ``ABFPConfig.recurrent_concat``
 come from one product per step over ``[x_t, h_{t-1}]`` against ``[W_ih W_hh]`` (GRU: the
 reset and update gates only; see the field's docstring).
 
-Every product goes through :func:`abfp.nn.mode.run_product` as a ``"linear"`` product
+Every product goes through :func:`abfp.ops.site.run_product` as a ``"linear"`` product
 (``F.linear(x, W)`` is its float32 twin), at a site named after the weight it uses and
 aggregated over time steps: ``"<module>:ih_l0"``, ``"<module>:hh_l0_reverse"``,
 ``"<module>:hr_l1"``, ``"<module>:cat_l0"``; cells drop the layer suffix (``"<cell>:hh"``).
@@ -57,8 +57,8 @@ class _Products:
             return x.new_zeros((0, w.shape[0]), dtype=torch.float32)
         k = int(w.shape[1])
 
-        def analog(c, s, st, g):
-            return AF.linear(x, w, None, config=c, input_scale=s[0], generator=g, stats=st)
+        def analog(c, s, stats, g):
+            return AF.linear(x, w, None, config=c, input_scale=s[0], generator=g, stats=stats)
 
         y = self._run(self.frame, "linear", F.linear, (x, w), {}, analog, (x, w), k,
                       lambda y: int(x.shape[0]) * int(w.shape[0]) * k, site=self.prefix + site)

@@ -6,15 +6,15 @@ decorating a handler::
 
     @register(torch.lstm)
     def _lstm(frame, func, args, kwargs):
-        ...                       # compute with abfp.nn.mode.run_product(...) per product
+        ...                       # compute with abfp.ops.site.run_product(...) per product
         return output
 
-A handler receives the innermost running module's frame (:class:`abfp.nn.mode.Frame`: its
+A handler receives the innermost running module's frame (:class:`abfp.ops.site.Frame`: its
 name, its :class:`~abfp.nn.state.AnalogState`, and the site counter) and the intercepted
 call, and returns what ``func(*args, **kwargs)`` would. Each analog product it computes goes
-through :func:`abfp.nn.mode.run_product`, which does calibration, interceptors (DNF, dynamic
-precision noise), recording for ``summary`` and energy, and the device call: a family never
-re-implements those.
+through :func:`abfp.ops.site.run_product`, which picks the site's config, does calibration,
+interceptors (DNF, dynamic precision noise), recording for ``summary`` and energy, and the
+device call: a family never re-implements those.
 
 Adding a family is one new module in ``abfp/ops/`` and one import line in
 ``abfp/ops/__init__.py``.

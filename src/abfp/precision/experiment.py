@@ -98,37 +98,37 @@ def training_data(task: Task) -> tuple[Dataset, str]:
 def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
                   progress: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Run the experiment on ``task``; returns the JSON-ready result (see the module docstring)."""
-    st = settings or PrecisionSettings()
+    settings = settings or PrecisionSettings()
     say = progress or (lambda s: None)
     t_start = time.perf_counter()
     model = task.build_model().eval()
-    data = task.load_data().take(st.eval_samples)
+    data = task.load_data().take(settings.eval_samples)
     if data.targets is None and task.metric.kind == "accuracy":
         raise ValueError(f"{task.name}: the metric needs labels")
     sign = 1.0 if task.metric.higher_is_better else -1.0
-    ref = run_model(model, data, st.eval_batch_size)
+    ref = run_model(model, data, settings.eval_batch_size)
     fp32 = task.metric(ref, data.targets, ref)
-    target = st.target if st.target is not None else fp32 - sign * st.target_drop
-    say(f"{task.name}: float32 {task.metric.name} {fp32:.3f}; target {target:.3f}; noise {st.noise}"
-        f"{' per channel' if st.per_channel else ''}")
+    target = settings.target if settings.target is not None else fp32 - sign * settings.target_drop
+    say(f"{task.name}: float32 {task.metric.name} {fp32:.3f}; target {target:.3f}; noise {settings.noise}"
+        f"{' per channel' if settings.per_channel else ''}")
 
     train, train_source = training_data(task)
     if train.targets is None:
         raise ValueError(f"{task.name}: learning the energies needs labelled training data")
-    inj = NoiseInjector(model, st.noise, per_channel=st.per_channel, seed=st.seed)
-    inj.profile([tuple(t[: st.profile_samples] for t in train.inputs)])
+    inj = NoiseInjector(model, settings.noise, per_channel=settings.per_channel, seed=settings.seed)
+    inj.profile([tuple(t[: settings.profile_samples] for t in train.inputs)])
     sites = inj.sites
 
     def metric_once(seed: int) -> float:
         inj.reseed(seed)
-        out = run_model(inj.model, data, st.eval_batch_size)
+        out = run_model(inj.model, data, settings.eval_batch_size)
         return task.metric(out, data.targets, ref)
 
     def metric_now(seed: int | None = None) -> float:
         if seed is not None:
             return metric_once(seed)
         # the searches: mean over search_seeds fixed seeds (common random numbers across energies)
-        return statistics.fmean(metric_once(st.seed + i) for i in range(st.search_seeds))
+        return statistics.fmean(metric_once(settings.seed + i) for i in range(settings.search_seeds))
 
     def score(value: float) -> float:
         return sign * value
@@ -142,21 +142,21 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
         say(f"  uniform E {e:>10.4g}: {v:.3f}")
         return score(v)
 
-    uni = search_min_energy(uniform_at, score(target), start=st.start_energy, rel_tol=st.rel_tol)
+    uni = search_min_energy(uniform_at, score(target), start=settings.start_energy, rel_tol=settings.rel_tol)
     e_uniform = uni.energy
     inj.set_energy(e_uniform)
     uniform_bits = inj.effective_bits()
-    uniform_seeds = [metric_now(st.seed + 1000 + i) for i in range(st.final_seeds)]
+    uniform_seeds = [metric_now(settings.seed + 1000 + i) for i in range(settings.final_seeds)]
     t_uniform = time.perf_counter() - t0
     say(f"uniform: E = {e_uniform:.4g} ({len(uni.evaluations)} evaluations, {t_uniform:.0f} s)")
 
     # 3. learn
-    e_learn = st.learn_ratio * e_uniform
+    e_learn = settings.learn_ratio * e_uniform
     inj.set_energy(e_learn)
-    batches = shuffled_batches(train.inputs, train.targets, st.batch_size, seed=st.seed)
-    say(f"learning log E ({'per channel' if st.per_channel else 'per layer'}) for {st.steps} batches of "
-        f"{st.batch_size}: lambda {st.lambda_:g}, lr {st.lr:g}, E_target {e_learn:.4g}")
-    learned = learn_energies(inj, batches, target_energy=e_learn, lam=st.lambda_, steps=st.steps, lr=st.lr,
+    batches = shuffled_batches(train.inputs, train.targets, settings.batch_size, seed=settings.seed)
+    say(f"learning log E ({'per channel' if settings.per_channel else 'per layer'}) for {settings.steps} batches of "
+        f"{settings.batch_size}: lambda {settings.lambda_:g}, lr {settings.lr:g}, E_target {e_learn:.4g}")
+    learned = learn_energies(inj, batches, target_energy=e_learn, lam=settings.lambda_, steps=settings.steps, lr=settings.lr,
                              progress=say)
     shape = {s: inj.energy(s).clone() for s in sites}
     shape_mean = float(inj.mean_energy())
@@ -170,11 +170,11 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
         say(f"  learned E_mean {e_mean:>10.4g}: {v:.3f}")
         return score(v)
 
-    lrn = search_min_energy(learned_at, score(target), start=e_uniform, rel_tol=st.rel_tol)
+    lrn = search_min_energy(learned_at, score(target), start=e_uniform, rel_tol=settings.rel_tol)
     e_learned = lrn.energy
     inj.set_energy({s: shape[s] * (e_learned / shape_mean) for s in sites})
     learned_bits = inj.effective_bits()
-    learned_seeds = [metric_now(st.seed + 1000 + i) for i in range(st.final_seeds)]
+    learned_seeds = [metric_now(settings.seed + 1000 + i) for i in range(settings.final_seeds)]
     saving = 1.0 - e_learned / e_uniform
     say(f"learned: E_mean = {e_learned:.4g}; energy saving {100 * saving:.1f} %")
 
@@ -187,19 +187,19 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
             "site": s, "kind": p.kind, "macs_per_sample": p.macs_per_sample, "fan_in": p.fan_in,
             "uniform_energy": e_uniform, "learned_energy": inj.layer_energy(s),
             "b_eff_uniform": uniform_bits[s], "b_eff_learned": learned_bits[s],
-            "repeats_of_smallest": max(repeats[s]) if not st.per_channel else repeats[s],
+            "repeats_of_smallest": max(repeats[s]) if not settings.per_channel else repeats[s],
         }
-        if st.per_channel:
+        if settings.per_channel:
             row["learned_energy_channels"] = [float(v) for v in inj.energy(s)]
         layers.append(row)
     inj.remove()
     return {
         "task": task.name,
         "metric": task.metric.name,
-        "noise": st.noise,
-        "per_channel": st.per_channel,
+        "noise": settings.noise,
+        "per_channel": settings.per_channel,
         "fp32_metric": fp32,
-        "target_drop": st.target_drop if st.target is None else None,
+        "target_drop": settings.target_drop if settings.target is None else None,
         "target_metric": target,
         "uniform_energy": e_uniform,
         "uniform_metric": sign * uni.metric,
@@ -208,17 +208,17 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
         "learned_metric": sign * lrn.metric,
         "learned_metric_other_seeds": learned_seeds,
         "energy_saving": saving,
-        "aj_per_mac_uniform": e_uniform * st.aj_per_photon,
-        "aj_per_mac_learned": e_learned * st.aj_per_photon,
-        "aj_per_photon": st.aj_per_photon,
-        "energy_unit": "photons per MAC" if st.noise == "shot" else "energy per MAC (noise-model units)",
+        "aj_per_mac_uniform": e_uniform * settings.aj_per_photon,
+        "aj_per_mac_learned": e_learned * settings.aj_per_photon,
+        "aj_per_photon": settings.aj_per_photon,
+        "energy_unit": "photons per MAC" if settings.noise == "shot" else "energy per MAC (noise-model units)",
         "layers": layers,
-        "learning": {"steps": learned.steps, "batch_size": st.batch_size, "lambda": st.lambda_, "lr": st.lr,
+        "learning": {"steps": learned.steps, "batch_size": settings.batch_size, "lambda": settings.lambda_, "lr": settings.lr,
                      "target_energy": e_learn, "seconds": learned.seconds, "data": train_source,
                      "history": learned.history},
-        "search": {"uniform": uni.evaluations, "learned": lrn.evaluations, "rel_tol": st.rel_tol,
-                   "seed": st.seed, "eval_samples": len(data)},
-        "settings": asdict(st),
+        "search": {"uniform": uni.evaluations, "learned": lrn.evaluations, "rel_tol": settings.rel_tol,
+                   "seed": settings.seed, "eval_samples": len(data)},
+        "settings": asdict(settings),
         "seconds": time.perf_counter() - t_start,
     }
 
