@@ -140,3 +140,30 @@ def test_time_steps_interleaves_three_methods(tiny_model, tiny_train, tiny_confi
         assert len(r[name]["times"]) == 3 and r[name]["median"] > 0
     assert r["qat_to_dnf"] == pytest.approx(r["qat"]["median"] / r["dnf"]["median"])
     assert not abfp.is_converted(tiny_model)
+
+
+@pytest.mark.skipif(not abfp.finetune.sampler.alias_kernel.usable(), reason="numba not usable")
+def test_compiled_and_eager_samplers_train_the_same(tiny_model, tiny_train, tiny_config) -> None:
+    """The two samplers make the same draws: whole DNF runs end with the same weights (per
+    channel, so the kernel's per-element channel path is exercised on the linear layer)."""
+    kw = dict(steps=4, lr=0.01, batch_size=32, progress=False, calibration_samples=32, per_channel=True,
+              timing_steps=0)
+    a = dnf(tiny_model, tiny_train, tiny_config, sampler="eager", **kw)
+    b = dnf(tiny_model, tiny_train, tiny_config, sampler="compiled", **kw)
+    assert b.details["dnf"]["sampler_used"] == "compiled"
+    assert a.losses == b.losses
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_checkpoints_key_on_the_sampler_version(tmp_path) -> None:
+    from abfp.finetune.loop import _check_compatible
+    from abfp.finetune.methods import DNFMethod, DNFOptions
+    from abfp.finetune.sampler import SAMPLER_VERSION
+
+    opts = DNFMethod(abfp.ABFPConfig(), DNFOptions()).options()
+    assert opts["sampler_version"] == SAMPLER_VERSION
+    _check_compatible({"options": dict(opts)}, {"options": opts}, tmp_path / "c")
+    with pytest.raises(ValueError, match="sampler_version"):
+        _check_compatible({"options": {**opts, "sampler_version": SAMPLER_VERSION - 1}}, {"options": opts},
+                          tmp_path / "c")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from abfp.finetune.histogram import Histogram, alias_arrays
-from abfp.finetune.sampler import add_noise
+from abfp.finetune import alias_kernel
+from abfp.finetune.sampler import add_noise, noisy_eager
 
 torch.set_num_threads(1)
 
@@ -115,16 +117,108 @@ def test_per_channel_sampling_uses_each_rows_histogram() -> None:
 
 def test_compiled_equals_eager_and_is_repeatable() -> None:
     h = _hist([0.1, 0.2, 0.3, 0.4])
-    y = torch.randn(4, 50_000)  # the same layout (1, 1, N) as above: one compilation serves both tests
+    y = torch.randn(4, 50_000)
     torch.manual_seed(5)
     a = add_noise(y, h, backend="eager")
     torch.manual_seed(5)
-    b = add_noise(y, h, backend="compiled")
+    b = add_noise(y.clone(), h, backend="compiled")
     torch.manual_seed(5)
     c = add_noise(y, h, backend="eager")
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert torch.equal(a, b)  # bit for bit
     assert torch.equal(a, c)
     assert not torch.equal(add_noise(y, h, backend="eager"), c)  # the next draw differs
+
+
+def _reference_draw(key: int, i: int, packed: list[int], lo: float, width: float) -> float:
+    """The formula of the sampler's docstring in plain Python integers (one element)."""
+    m64 = (1 << 64) - 1
+    z = (key + (i + 1) * 0x9E3779B97F4A7C15) & m64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+    z ^= z >> 31
+    v = (z >> 32) * len(packed)
+    s = v >> 32
+    t = packed[s]
+    k = s if (v & 0xFFFFFFFF) < (t & 0xFFFFFFFF) else t >> 32
+    f32 = np.float32
+    pos = f32(k) + f32((z & 0xFFFFFFFF) >> 8) * f32(2.0**-24)
+    return float(f32(lo) + f32(width) * pos)
+
+
+def test_draws_follow_the_documented_formula() -> None:
+    h = _hist([0.3, 0.05, 0.4, 0.25])
+    packed, lo, width = h.alias_table()
+    key = 0x5DEECE66D12345
+    y = torch.zeros(3000)
+    expected = [_reference_draw(key, i, packed[0].tolist(), float(lo[0]), float(width[0])) for i in range(3000)]
+    got_eager = noisy_eager(y.view(1, 1, -1), key, packed, lo, width).view(-1)
+    assert got_eager.tolist() == expected
+    if alias_kernel.usable():
+        got = y.clone()
+        alias_kernel.add_alias_noise_(got, (1, 1, 3000), key, *h.kernel_tables())
+        assert got.tolist() == expected
+
+
+def _random_hist(g: torch.Generator, channels: int, bins: int, channel_dim: int | None) -> Histogram:
+    probs = torch.rand(channels, bins, generator=g) ** 3 + 1e-4
+    return Histogram(lo=torch.randn(channels, generator=g), width=torch.rand(channels, generator=g),
+                     probs=probs / probs.sum(1, keepdim=True), channel_dim=channel_dim)
+
+
+@pytest.mark.skipif(not alias_kernel.usable(), reason="numba not usable")
+@pytest.mark.parametrize("case", range(12))
+def test_compiled_kernel_equals_eager_on_random_layouts(case: int) -> None:
+    """Per layer and per channel, channel runs longer and shorter than the kernel's blocks and
+    chunks (a linear layer's channel is the last dimension: runs of one element)."""
+    g = torch.Generator().manual_seed(100 + case)
+    nd = int(torch.randint(1, 5, (1,), generator=g))
+    shape = tuple(int(v) for v in torch.randint(1, 9, (nd,), generator=g))
+    if case % 3 == 0:  # long runs, several chunks
+        shape = shape[:-1] + (alias_kernel.CHUNK + 3 * alias_kernel.BLOCK + 7,)
+    per_channel = case % 2 == 1
+    dim = int(torch.randint(0, nd, (1,), generator=g)) if per_channel else None
+    h = _random_hist(g, shape[dim] if dim is not None else 1, int(torch.randint(1, 130, (1,), generator=g)), dim)
+    y = torch.randn(shape, generator=g)
+    torch.manual_seed(case)
+    a = add_noise(y, h, backend="eager")
+    torch.manual_seed(case)
+    b = add_noise(y.clone(), h, backend="compiled")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not alias_kernel.usable(), reason="numba not usable")
+def test_compiled_adds_in_place_and_keeps_views_apart() -> None:
+    h = _hist([0.5, 0.5])
+    y = torch.zeros(6, 8)
+    out = add_noise(y, h, backend="compiled")
+    assert out is y and bool((y != 0).any())  # the layer's own output: no new tensor
+    base = torch.zeros(8, 6)
+    view = base.t()  # not contiguous: a new tensor, the base untouched
+    out = add_noise(view, h, backend="compiled")
+    assert bool((base == 0).all()) and bool((out != 0).any())
+    base = torch.zeros(4, 6)
+    row = base[1]  # a contiguous view: a new tensor too
+    out = add_noise(row, h, backend="compiled")
+    assert bool((base == 0).all()) and out.data_ptr() != row.data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_per_channel_sampling_matches_each_row(backend: str) -> None:
+    """Chi-square of each channel's bins, channel as the last dimension (runs of one element)."""
+    if backend == "compiled" and not alias_kernel.usable():
+        pytest.skip("numba not usable")
+    c = 3
+    probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.02, 0.08, 0.9]])
+    h = Histogram(lo=torch.tensor([0.0, 10.0, 20.0]), width=torch.ones(c), probs=probs, channel_dim=-1)
+    n = 60_000
+    torch.manual_seed(3)
+    xi = add_noise(torch.zeros(n, c), h, backend=backend)  # type: ignore[arg-type]
+    for j in range(c):
+        k = torch.floor(xi[:, j].double() - 10 * j).long()
+        assert int(k.min()) >= 0 and int(k.max()) <= 2
+        counts = torch.bincount(k, minlength=3).double()
+        expected = probs[j].double() * n
+        assert float(((counts - expected) ** 2 / expected).sum()) < 13.8  # 2 d.o.f.: P(> 13.8) = 0.001
 
 
 def test_gradient_is_identity() -> None:
@@ -136,8 +230,42 @@ def test_gradient_is_identity() -> None:
     torch.testing.assert_close(y.grad, torch.arange(6.0).expand(4, 6))
 
 
+@pytest.mark.skipif(not alias_kernel.usable(), reason="numba not usable")
+def test_in_place_noise_keeps_autograd_right() -> None:
+    """The compiled sampler writes into a layer's output; backward through convolution,
+    linear layer and batched product gives the gradients of the same graph with the same
+    noise added out of place."""
+    g = torch.Generator().manual_seed(0)
+    conv, lin = torch.nn.Conv2d(2, 3, 3), torch.nn.Linear(12, 5)
+    x = torch.randn(4, 2, 4, 4, generator=g)
+    h = _hist([0.2, 0.3, 0.5])
+
+    def run(backend: str) -> tuple[torch.Tensor, ...]:
+        conv.zero_grad()
+        lin.zero_grad()
+        torch.manual_seed(9)
+        a = add_noise(conv(x), h, backend=backend)  # type: ignore[arg-type]
+        b = add_noise(lin(a.flatten(1)), h, backend=backend)  # type: ignore[arg-type]
+        c = add_noise(b.unsqueeze(2) @ b.unsqueeze(1), h, backend=backend)  # type: ignore[arg-type]
+        (c.tanh().sum() + b.square().sum()).backward()
+        return c.detach(), conv.weight.grad.clone(), lin.weight.grad.clone()  # type: ignore[union-attr]
+
+    for e, k in zip(run("eager"), run("compiled")):
+        assert torch.equal(e, k)
+
+
 def test_mean_and_variance_formulas() -> None:
     h = _hist([0.25, 0.75], lo=0.0, width=2.0)  # uniform on [0,2) w.p. 1/4, on [2,4) w.p. 3/4
     assert float(h.mean()) == pytest.approx(0.25 * 1 + 0.75 * 3)
     second = 0.25 * (1 + 4 / 12) + 0.75 * (9 + 4 / 12)
     assert float(h.variance()) == pytest.approx(second - 2.5**2)
+
+
+def test_compiled_backend_refuses_what_it_cannot_run() -> None:
+    h = _hist([0.5, 0.5])
+    with pytest.raises(ValueError, match="float32 CPU tensor"):
+        add_noise(torch.zeros(4, dtype=torch.float64), h, backend="compiled")
+    with pytest.raises(ValueError, match="backend must be"):
+        add_noise(torch.zeros(4), h, backend="fast")  # type: ignore[arg-type]
+    auto = add_noise(torch.zeros(4, dtype=torch.float64), h)  # auto: the eager sampler
+    assert auto.dtype == torch.float64

@@ -95,7 +95,7 @@ def register(sub: Any) -> None:
     d.add_argument("--rank-by", choices=["std", "relative"], default="std",
                    help="how --layer-fraction ranks sites: std(dy) (the authors, default) or std(dy)/rms(y_fp32)")
     d.add_argument("--sampler", choices=["auto", "compiled", "eager"], default="auto",
-                   help="noise sampler implementation (auto: torch.compile, eager if that fails)")
+                   help="noise sampler implementation, same draws (auto: the compiled numba kernel on CPU, else eager torch)")
     c = p.add_argument_group("checkpoints and output")
     c.add_argument("--checkpoint", default=None,
                    help="checkpoint file (default .abfp_finetune/<model>-<method>.safetensors; '' disables)")

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -83,7 +86,7 @@ class Histogram:
     count: int = 0
     shape: tuple[int, ...] = ()
     signal_rms: float = 0.0
-    _tables: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    _tables: dict[str, tuple[Any, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.probs.ndim != 2 or self.lo.shape != (self.probs.shape[0],) or self.width.shape != self.lo.shape:
@@ -174,6 +177,18 @@ class Histogram:
         out = (packed.to(device), self.lo.to(device), self.width.to(device))
         self._tables[key] = out
         return out
+
+    def kernel_tables(self) -> tuple[np.ndarray, np.ndarray, Tensor, Tensor]:
+        """The tables of :meth:`alias_table` as the compiled sampler reads them: ``(thr, alias,
+        lo, width)`` with ``thr`` (C, B) uint32 and ``alias`` (C, B) float32 numpy arrays (the
+        bins as numbers: exact below 2^24 bins), ``lo``, ``width`` CPU tensors."""
+        hit = self._tables.get("kernel")
+        if hit is None:
+            packed, lo, width = self.alias_table("cpu")
+            p = packed.numpy()
+            hit = ((p & 0xFFFFFFFF).astype(np.uint32), (p >> 32).astype(np.float32), lo, width)
+            self._tables["kernel"] = hit
+        return hit  # type: ignore[return-value]
 
     def sample(self, shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None) -> Tensor:
         """Plain (unfused) draws, for inspection and tests: a tensor of ``shape`` whose

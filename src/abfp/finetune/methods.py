@@ -29,7 +29,7 @@ from .dnf import DNFNoise, build_histograms, select_noisiest
 from .histogram import DEFAULT_BINS, DEFAULT_SMOOTHING, Histogram
 from .loop import FinetuneResult, TrainSettings, finetune
 from .parallel import from_main
-from .sampler import Backend, backend_in_use
+from .sampler import SAMPLER_VERSION, Backend, backend_in_use
 
 __all__ = ["DNFOptions", "distil", "dnf", "qat"]
 
@@ -77,7 +77,8 @@ class DNFOptions:
     ``layer_fraction``: inject noise only at the ``ceil(fraction * n)`` sites with the largest
     standard deviation of ``dy`` (1.0: all sites); ``rank_by="relative"`` ranks by
     ``std(dy) / rms(y_fp32)`` instead, which does not favour layers with large outputs.
-    ``sampler``: ``"auto"`` (compiled, eager if compiling fails), ``"compiled"`` or ``"eager"``.
+    ``sampler``: ``"auto"`` (the compiled kernel where it runs, else eager torch), ``"compiled"`` or
+    ``"eager"`` (the same draws; :mod:`.sampler`).
     """
 
     bins: int = DEFAULT_BINS
@@ -136,6 +137,7 @@ class DNFMethod:
     def options(self) -> dict[str, Any]:
         d = asdict(self.opts)
         d.pop("sampler")  # an implementation choice: resuming with another sampler is allowed
+        d["sampler_version"] = SAMPLER_VERSION  # but not with other draws
         return d
 
     def prepare(self, model: nn.Module, train_data: Dataset, seed: int, exclude: Sequence[str],

@@ -54,14 +54,19 @@ def _shr(z: Tensor, s: int) -> Tensor:
     return (z >> s) & ((1 << (64 - s)) - 1)
 
 
+def splitmix64(key: int, counter: Tensor) -> Tensor:
+    """``mix(key + counter * golden)`` (int64 holding the unsigned 64-bit bits; wraps modulo
+    2**64): splitmix64's output for each ``counter``."""
+    z = counter * _signed(GOLDEN) + _signed(key & _M64)
+    z = (z ^ _shr(z, 30)) * _signed(MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(MIX2)
+    return z ^ _shr(z, 31)
+
+
 def noise_ints(key: int, index: Tensor) -> Tensor:
     """The odd integers ``k`` (int64, in [-32767, 32767]) of the samples at ``index`` (int64,
     any shape and device). Integer arithmetic wraps modulo 2**64 as two's complement."""
-    w = (index >> 2) + 1
-    z = w * _signed(GOLDEN) + _signed(key & _M64)
-    z = (z ^ _shr(z, 30)) * _signed(MIX1)
-    z = (z ^ _shr(z, 27)) * _signed(MIX2)
-    z = z ^ _shr(z, 31)
+    z = splitmix64(key, (index >> 2) + 1)
     # shifts of at most 48: the sign bits an arithmetic shift brings in are masked away
     v = (z >> ((index & 3) * 16)) & 0xFFFF
     return ((v ^ 0x8000) - 0x8000) | 1

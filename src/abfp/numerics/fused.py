@@ -81,13 +81,18 @@ if AVAILABLE:
     _jit: Any = dict(cache=True, nogil=True, error_model="numpy")
 
     @njit(inline="always", **_jit)
+    def splitmix64(key: np.uint64, counter: np.uint64) -> np.uint64:
+        """``mix(key + counter * golden)``: splitmix64's output for ``counter`` (modulo 2**64)."""
+        z = key + counter * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+    @njit(inline="always", **_jit)
     def _noise_int(key: np.uint64, idx: np.int64) -> np.float32:
         """The odd noise integer ``k`` of sample ``idx`` (:mod:`.counter_noise`), as float32."""
         u = np.uint64(idx)
-        z = key + ((u >> np.uint64(2)) + np.uint64(1)) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        z = z ^ (z >> np.uint64(31))
+        z = splitmix64(key, (u >> np.uint64(2)) + np.uint64(1))
         v = np.int64((z >> ((u & np.uint64(3)) * np.uint64(16))) & np.uint64(0xFFFF))
         return np.float32(((v ^ 0x8000) - 0x8000) | 1)
 
