@@ -87,7 +87,7 @@ class AdcPlan:
         return AdcPlan(1.0, float(g * ly), float(n * lx * lw), True, ly, step, gemm_dtype, i8)
 
     def int_ratio(self) -> tuple[float, float]:
-        """``(mult, q)`` with ``D * mult / q`` (float32, in this order) the LSB value of an
+        """``(multiplier, divisor)`` with ``D * multiplier / divisor`` (float32, in this order) the LSB value of an
         integer tile product ``D`` *without* ``code_multiplier``: what :meth:`int_to_lsb`
         computes (narrow forms only)."""
         assert not self.wide

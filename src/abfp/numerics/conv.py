@@ -5,9 +5,9 @@ Layout. A stride-``s`` convolution reads, for kernel offset ``(i, j)``, the padd
 ``(h s + i d, w s + j d)``. Split the padded input into ``s_h s_w`` *phase images*,
 ``xs[c, phase (a, b)][y, x] = xpad[c, y s_h + a, x s_w + b]``; then offset ``(i, j)`` reads
 phase ``(i d_h mod s_h, j d_w mod s_w)`` at ``(h + i d_h // s_h, w + j d_w // s_w)``: stride 1.
-Each phase image is stored with rows of ``wv >= wo`` columns, so for every reduction index
-``k`` the patch values over *virtual* positions ``v = h wv + w`` are one contiguous run
-``xs[src(k)][off(k) + v]``; the ``wv - wo`` extra columns of each row are computed and
+Each phase image is stored with rows of ``row_width >= wo`` columns, so for every reduction index
+``k`` the patch values over *virtual* positions ``v = h row_width + w`` are one contiguous run
+``xs[src(k)][off(k) + v]``; the ``row_width - wo`` extra columns of each row are computed and
 dropped (the epilogue writes only the real ones). This is what lets the kernels run on
 contiguous memory at full vector width.
 
@@ -39,41 +39,42 @@ INT8_MAX_GROUPS = 4
 
 
 @functools.lru_cache(maxsize=256)
-def _tables(cin: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, wv: int) -> tuple[np.ndarray, np.ndarray]:
+def _tables(cin: int, kh: int, kw: int, stride_h: int, stride_w: int, dh: int, dw: int,
+            row_width: int) -> tuple[np.ndarray, np.ndarray]:
     """For each reduction index ``k`` (groups, then ``unfold`` order ``(c, i, j)``): the phase
     image it reads (``c * phases + phase``) and its offset in virtual positions."""
     c, i, j = np.meshgrid(np.arange(cin), np.arange(kh), np.arange(kw), indexing="ij")
-    src = c * (sh * sw) + ((i * dh) % sh) * sw + (j * dw) % sw
-    off = ((i * dh) // sh) * wv + (j * dw) // sw
+    src = c * (stride_h * stride_w) + ((i * dh) % stride_h) * stride_w + (j * dw) % stride_w
+    off = ((i * dh) // stride_h) * row_width + (j * dw) // stride_w
     return src.reshape(-1).astype(np.int64), off.reshape(-1).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=256)
-def _real_index(hr: int, wv: int, wo: int, scale: int) -> np.ndarray:
-    """For each virtual position ``h wv + w`` of ``hr`` rows: ``(h wo + w) scale`` if ``w < wo``,
-    else -1 (an extra column)."""
-    w = np.arange(wv)
-    r = (np.arange(hr)[:, None] * wo + w[None, :]) * scale
+def _output_index(out_rows: int, row_width: int, wo: int, scale: int) -> np.ndarray:
+    """For each virtual position ``h row_width + w`` of ``out_rows`` output rows: its output
+    index ``(h wo + w) scale`` if ``w < wo``, else -1 (an extra column, dropped)."""
+    w = np.arange(row_width)
+    r = (np.arange(out_rows)[:, None] * wo + w[None, :]) * scale
     return np.where(w[None, :] < wo, r, -1).reshape(-1).astype(np.int64)
 
 
 def _fill_phases(xs: Tensor, src: Tensor, pads: tuple[int, int, int, int], stride: tuple[int, int]) -> None:
-    """Copy images ``src`` (C, b, H, W) into their phase images ``xs`` (C * phases, b, hv, wv),
-    whose padding (and anything outside the input) is already zero."""
+    """Copy images ``src`` (C, b, H, W) into their phase images ``xs``
+    (C * phases, b, phase_rows, row_width), whose padding (and anything outside the input) is already zero."""
     pl, _, pt, _ = pads
-    sh, sw = stride
+    stride_h, stride_w = stride
     c, b, h, w = src.shape
-    xv = xs.view(c, sh * sw, *xs.shape[1:])
-    for a in range(sh):
-        y0 = -(-(pt - a) // sh)  # first phase row whose padded row a + y sh is an input row
-        ry = y0 * sh + a - pt
-        rows = len(range(ry, h, sh))
-        for bb in range(sw):
-            x0 = -(-(pl - bb) // sw)
-            rx = x0 * sw + bb - pl
-            cols = len(range(rx, w, sw))
+    xv = xs.view(c, stride_h * stride_w, *xs.shape[1:])
+    for a in range(stride_h):
+        y0 = -(-(pt - a) // stride_h)  # first phase row whose padded row a + y stride_h is an input row
+        ry = y0 * stride_h + a - pt
+        rows = len(range(ry, h, stride_h))
+        for bb in range(stride_w):
+            x0 = -(-(pl - bb) // stride_w)
+            rx = x0 * stride_w + bb - pl
+            cols = len(range(rx, w, stride_w))
             if rows > 0 and cols > 0:
-                xv[:, a * sw + bb, :b, y0 : y0 + rows, x0 : x0 + cols].copy_(src[:, :, ry::sh, rx::sw])
+                xv[:, a * stride_w + bb, :b, y0 : y0 + rows, x0 : x0 + cols].copy_(src[:, :, ry::stride_h, rx::stride_w])
 
 
 def _matmul_into(out: Tensor, a: Tensor, b: Tensor) -> None:
@@ -91,15 +92,15 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     """``F.conv2d`` on the device (no bias), from ``x`` (B, C, H, W); see the module text.
     ``static``: the fixed-mode input scale (0-d); ``key``: the uniform-noise key."""
     bt, c, h, w_ = x.shape
-    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = k, stride, dilation, out_hw
+    (kh, kw), (stride_h, stride_w), (dh, dw), (ho, wo) = k, stride, dilation, out_hw
     pl, pr, pt, pb = pads
     G = groups
     kg = (c // G) * kh * kw
     T, n, Ng = weights.codes.shape[1], weights.codes.shape[2], weights.codes.shape[3]
     cout = G * Ng
-    wv = -(-(w_ + pl + pr) // sw)
-    hv = max(-(-(h + pt + pb) // sh), ho + ((kh - 1) * dh) // sh + 1)
-    k_src, k_off = _tables(c, kh, kw, sh, sw, dh, dw, wv)
+    row_width = -(-(w_ + pl + pr) // stride_w)
+    phase_rows = max(-(-(h + pt + pb) // stride_h), ho + ((kh - 1) * dh) // stride_h + 1)
+    k_src, k_off = _tables(c, kh, kw, stride_h, stride_w, dh, dw, row_width)
     y = torch.empty(bt, cout, ho, wo, dtype=torch.float32,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     # int8 GEMMs (exact int32) one per group and tile; else float32 codes, batched over groups and tiles
@@ -110,27 +111,27 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
         assert weights.codes_i8 is not None
         lhs8 = [[weights.codes_i8[g, t, :r].t().contiguous() for t, r in spans] for g in range(G)]
     wt = weights.codes.transpose(-1, -2)  # (G, T, Ng, n): the float32 codes (times the multiplier) as left operands
-    mult, q = plan.int_ratio() if int8 else (1.0, plan.divisor)
-    adc_args = _adc_args(cfg, plan, mult, q, key, stats is not None)
+    int_mult, int_div = plan.int_ratio() if int8 else (1.0, plan.divisor)
+    adc_args = _adc_args(cfg, plan, int_mult, int_div, key, stats is not None)
     clamp = needs_clamp(static is None, cfg.input_max_code)
     lx = np.float32(cfg.input_max_code)
     # images (or output rows of one image) per chunk: bounded by the codes and the partial sums
-    per_row = wv * max(G * kg, T * cout * 4)
+    per_row = row_width * max(G * kg, T * cout * 4)
     rows = max(1, min(PATCH_BYTES, CHUNK_ELEMENTS * 4) // per_row)
     chunks = plan_chunks(bt, ho, rows)
     nb = max(1, min(bt, rows // ho)) if rows >= ho else 1
     src = (x.to(torch.bfloat16) if cfg.bf16_io else x).transpose(0, 1)  # (C, B, H, W) view
-    xs = scratch("phases", (c * sh * sw, nb, hv, wv), torch.float32, x.device).zero_()
-    xs_np = fused.as_numpy(xs.view(c * sh * sw, nb, hv * wv))
-    sw_np = fused.as_numpy(weights.scales)
+    xs = scratch("phases", (c * stride_h * stride_w, nb, phase_rows, row_width), torch.float32, x.device).zero_()
+    xs_np = fused.as_numpy(xs.view(c * stride_h * stride_w, nb, phase_rows * row_width))
+    weight_scales_np = fused.as_numpy(weights.scales)
     fused.set_threads()
     clipped = 0
     for b0, b1, h0, h1 in chunks:
-        b, hr = b1 - b0, h1 - h0
+        b, out_rows = b1 - b0, h1 - h0
         if h0 == 0:
             _fill_phases(xs, src[:, b0:b1], pads, stride)
-        L = hr * wv
-        offs = k_off + h0 * wv
+        L = out_rows * row_width
+        offs = k_off + h0 * row_width
         codes = scratch("patch_codes", (G, kg, b * L), torch.int8 if int8 else torch.float32, x.device)
         if static is None:
             s = scratch("input_scales", (T, G, b, L), torch.float32, x.device)
@@ -152,8 +153,9 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                 _matmul_into(d[:, :full], wt[:, :full], codes[:, : full * n].view(G, full, n, b * L))
             if full < T:
                 _matmul_into(d[:, full], wt[:, full, :, : kg - full * n], codes[:, full * n :])
-        clipped += fused.epilogue_cols(fused.as_numpy(d), *adc_args, fused.as_numpy(s.view(T, G, b * L)), sw_np,
-                                       fused.as_numpy(y[b0:b1, :, h0:h1]), wv, _real_index(hr, wv, wo, Ng), bt * ho * wo,
+        clipped += fused.epilogue_cols(fused.as_numpy(d), *adc_args, fused.as_numpy(s.view(T, G, b * L)),
+                                       weight_scales_np, fused.as_numpy(y[b0:b1, :, h0:h1]), row_width,
+                                       _output_index(out_rows, row_width, wo, Ng), bt * ho * wo,
                                        (b0 * ho + h0) * wo)
     _count(stats, clipped, T * cout * bt * ho * wo)
     if cfg.bf16_io:

@@ -155,16 +155,16 @@ def conv3d(
     do, ho, wo = ((p - dl * (k - 1) - 1) // s + 1 for p, dl, k, s in zip(padded, dil3, (kd, kh, kw), stride3))
     if do <= 0 or ho <= 0 or wo <= 0:
         raise ValueError("conv3d: the kernel is larger than the (padded) input")
-    (sd, sh, sw), (dd, dh, dw) = stride3, dil3
+    (stride_d, stride_h, stride_w), (dd, dh, dw) = stride3, dil3
     kg = cg * kd * kh * kw
     w3 = weight.reshape(groups, cout // groups, kg)  # rows in unfold order (c, i, j, l)
     weights = _encoded(WEIGHT_CACHE, weight, w3, config, weight_scale, cache)
     if config.mode == "fixed" and input_scale is None:
         input_scale = x.detach().abs().max() if x.numel() else 0.0  # one scale for the whole tensor
-    # depth slices as channels: x2[b*Do + d, c*kd + i] = xpad[b, c, d*sd + i*dd]
+    # depth slices as channels: x2[b*Do + d, c*kd + i] = xpad[b, c, d*stride_d + i*dd]
     xd = F.pad(x, (0, 0, 0, 0, *pads[0])) if any(pads[0]) else x
-    span = sd * (do - 1) + 1
-    x2 = torch.stack([xd[:, :, i * dd : i * dd + span : sd] for i in range(kd)], dim=2)  # (B, C, kd, Do, H, W)
+    span = stride_d * (do - 1) + 1
+    x2 = torch.stack([xd[:, :, i * dd : i * dd + span : stride_d] for i in range(kd)], dim=2)  # (B, C, kd, Do, H, W)
     x2 = x2.permute(0, 3, 1, 2, 4, 5).reshape(bt * do, c * kd, h_in, w_in)
     pads_hw = (pads[2][0], pads[2][1], pads[1][0], pads[1][1])
     channels_last = _channels_last_3d(x) or _channels_last_3d(weight)
@@ -172,13 +172,13 @@ def conv3d(
         if weights is None:
             weights = encode_weights(w3.detach().to(torch.bfloat16) if config.bf16_io else w3.detach(), config,
                                      weight_scale)
-        y2 = _conv2d_cols(x2, pads_hw, weights, config, groups, (kh, kw), (sh, sw), (dh, dw), (ho, wo),
-                             input_scale, generator_for(config, generator, x.device), stats,
+        y2 = _conv2d_cols(x2, pads_hw, weights, config, groups, (kh, kw), (stride_h, stride_w), (dh, dw),
+                             (ho, wo), input_scale, generator_for(config, generator, x.device), stats,
                              channels_last=channels_last)
     else:
         xp = F.pad(x2, pads_hw) if any(pads_hw) else x2
-        y2 = _conv2d_rows(xp, w3, weights, config, groups, (kh, kw), (sh, sw), (dh, dw), (ho, wo), input_scale,
-                             weight_scale, generator, stats)
+        y2 = _conv2d_rows(xp, w3, weights, config, groups, (kh, kw), (stride_h, stride_w), (dh, dw), (ho, wo),
+                             input_scale, weight_scale, generator, stats)
     # (B*Do, Cout, Ho, Wo) -> (B, Cout, Do, Ho, Wo): channels-last 2-D output is channels-last 3-D here
     y = y2.unflatten(0, (bt, do)).transpose(1, 2)
     y = y.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
