@@ -11,6 +11,7 @@ from abfp import ABFPConfig
 from abfp.evaluate import runner
 from abfp.evaluate.grid import Point
 from abfp.evaluate.memo import EvalMemo
+from abfp.explore.report import format_explore_table
 from abfp.explore.target import decided
 from abfp.nn import is_converted
 from abfp.zoo.base import Dataset
@@ -184,6 +185,10 @@ def test_global_prune_finds_the_same_cheapest_design_with_fewer_evaluations():
     for fam in pruned["pruned_families"]:
         assert pruned["cheapest"][fam] is None
     assert pruned["search"]["global_prune"] is True
+    text = format_explore_table(pruned)  # the table says which families were dominated, not "none meets"
+    assert f"global prune ({len(pruned['pruned'])} dominated designs skipped)" in text
+    for fam in pruned["pruned_families"]:
+        assert any(line.split()[0] == fam and "dominated (global prune)" in line for line in text.splitlines())
 
 
 def _with_calibration():
@@ -244,3 +249,15 @@ def test_bad_early_stop_is_refused(kw, match):
 def test_calibration_with_a_task_is_refused():
     with pytest.raises(ValueError, match="calibration only with a model"):
         abfp.explore(TASK, calibration=Dataset((torch.zeros(2, 64),), None))
+
+
+@pytest.mark.slow  # explores a tiny model (seconds)
+def test_no_bits_below_a_failing_first_guess_are_evaluated():
+    """The metric is taken as monotone in the ADC bits: a gain that misses the target at the base
+    ADC bits (8) is never tried with fewer."""
+    res = abfp.explore(TASK, formats=("abfp",), tile_widths=(8, 32), gains=(0.25, 1, 4, 16), auto_gain=False,
+                       noise_stds=(0.0,), adc_bits=(3, 12), dac_search="none", runs=1, progress=False)
+    failing = [(d["tile_width"], d["gain"]) for d in res["designs"] if d["output_bits"] == 8 and not d["meets_target"]]
+    assert failing  # G = 0.25 wastes the ADC range
+    for n, g in failing:
+        assert not [d for d in res["designs"] if (d["tile_width"], d["gain"]) == (n, g) and d["output_bits"] < 8]

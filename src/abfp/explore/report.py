@@ -83,10 +83,13 @@ def _value(d: Mapping[str, Any]) -> str:
 def _rows(res: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     min_bits = res.get("min_adc_bits") or {}
+    dominated = res.get("pruned_families") or {}
     for fam, d in res["cheapest"].items():
         mb = min_bits.get(fam)
         if d is None:
-            rows.append([fam, "none meets the target", "", "", "", "", "", "" if mb is None else str(mb)])
+            why = ("dominated (global prune): " + "; ".join(dominated[fam]) if dominated.get(fam)
+                   else "none meets the target")
+            rows.append([fam, why, "", "", "", "", "", "" if mb is None else str(mb)])
             continue
         rows.append([fam, _bits(d), _gain(d), f"{d['noise_std']:.3g}", _value(d),
                      f"{d['energy_pj_per_inference']:.4g}", f"{d['adc_energy_pj_per_inference']:.4g}",
@@ -103,7 +106,20 @@ def _summary_line(res: Mapping[str, Any]) -> str:
            else "absolute" if "absolute" in rule else "")
     return (f"{res.get('task', 'model')}: {res['metric']}, float32 {res['fp32']:.4g}, target {res['target']:.4g}"
             + (f" ({how})" if how else "") + f"; {len(res['designs'])} designs evaluated"
-            + (f" on {res['samples']} samples, {res.get('runs')} runs per noisy design" if res.get("samples") else ""))
+            + (f" on {res['samples']} samples, {res.get('runs')} runs per noisy design" if res.get("samples") else "")
+            + _speed_note(res))
+
+
+def _speed_note(res: Mapping[str, Any]) -> str:
+    """Early stop and global pruning, when the search used them."""
+    search = res.get("search") or {}
+    notes = []
+    if search.get("early_stop") is not None:
+        stopped = sum(1 for d in res["designs"] if d.get("early_stopped"))
+        notes.append(f"early stop at {search['early_stop']:g} standard errors ({stopped} designs stopped early)")
+    if search.get("global_prune"):
+        notes.append(f"global prune ({len(res.get('pruned') or [])} dominated designs skipped)")
+    return "; " + ", ".join(notes) if notes else ""
 
 
 def format_explore_table(res: Mapping[str, Any]) -> str:
@@ -197,8 +213,10 @@ def write_explore_report(res: Mapping[str, Any], out_dir: str | Path, *, html: b
     doc.h(2, "Metric against energy")
     doc.img(PLOT, "Pareto plot")
     doc.h(2, "Every evaluated design")
-    doc.table(["family", "bits w/x/y", "gain", "noise", "metric", "meets", "pareto", "pJ/inference", "ADC pJ/inf."],
-              [[_family(d), _bits(d), _gain(d), f"{d['noise_std']:.3g}", _value(d), "yes" if d["meets_target"] else "",
+    doc.table(["family", "bits w/x/y", "gain", "noise", "metric", "runs", "meets", "pareto", "pJ/inference",
+               "ADC pJ/inf."],
+              [[_family(d), _bits(d), _gain(d), f"{d['noise_std']:.3g}", _value(d), str(d.get("runs", "")),
+                "yes" if d["meets_target"] else "",
                 "yes" if d.get("pareto") else "", f"{d['energy_pj_per_inference']:.4g}",
                 f"{d['adc_energy_pj_per_inference']:.4g}"] for d in res["designs"]])
     doc.h(2, "Energy parameters (pJ per event)")

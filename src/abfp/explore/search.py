@@ -31,8 +31,9 @@ Two options trade completeness for time:
 * ``global_prune``: a design whose energy is at least that of a design already known to meet
   the target (any family) is not evaluated: it cannot be the cheapest. Its bisection treats it
   as passing (a cheaper design of the family may lie below it) and it is listed under
-  ``pruned``. Families are searched cheapest-first (by the energy of their design at the base
-  bits) so that a good bound is found early. A family may then have no cheapest design of its
+  ``pruned``. Every family's designs at the base ADC bits are evaluated first, cheapest first
+  (they run the fast path and usually decide), then the families are searched in that order,
+  so that a low bound is found early. A family may then have no cheapest design of its
   own (``cheapest`` is ``null``, ``pruned_families`` names what dominated it).
 """
 
@@ -262,8 +263,13 @@ class Explorer:
                 for b in range(lo, hi + 1):  # both bounds are closed downwards: keep the largest b allowed
                     if b < best_bits or self.energy_of(seed.with_bits(output_bits=b)) < best_e:
                         top = b
-            b = smallest_passing(lo, top, lambda bits: self.passes(seed.with_bits(output_bits=bits), family),
-                                 start=start if start is not None and start < top else None)
+            first = lo
+            if start is not None and lo <= start <= hi:
+                rec = self._by_design.get(seed.with_bits(output_bits=start))
+                if rec is not None and not rec["meets_target"]:
+                    first = start + 1  # monotone in the ADC bits: every bit below a failing one fails too
+            b = smallest_passing(first, top, lambda bits: self.passes(seed.with_bits(output_bits=bits), family),
+                                 start=start if start is not None and first <= start < top else None)
             if b is not None:
                 best_bits = b if best_bits is None else min(best_bits, b)
 
@@ -328,11 +334,17 @@ def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name:
     lo, hi = space.adc_bits
     plan = _families(space, base)
     families = [fam for fam, _ in plan]
-    if space.global_prune:  # cheapest family first (its design at the base bits): a low bound early
-        plan.sort(key=lambda f: min(ex.energy_of(d.with_bits(output_bits=base.output_bits)) for d in f[1]))
+    start = base.output_bits
     try:
+        if space.global_prune and lo <= start <= hi:
+            # probes: every family's designs at the base ADC bits first, cheapest first (they run the
+            # fast path and usually decide), so that the deeper searches start with a low bound
+            plan.sort(key=lambda f: min(ex.energy_of(d.with_bits(output_bits=start)) for d in f[1]))
+            for fam, seeds in plan:
+                for seed in sorted(seeds, key=lambda d: ex.energy_of(d.with_bits(output_bits=start))):
+                    ex.passes(seed.with_bits(output_bits=start), fam)
         for fam, seeds in plan:
-            ex.search_adc(fam, seeds, lo, hi, space.prune, start=base.output_bits)
+            ex.search_adc(fam, seeds, lo, hi, space.prune, start=start)
             ex.search_dac(fam, space.dac_min_bits, space.dac_search)
     finally:
         bar.close()
