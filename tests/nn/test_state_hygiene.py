@@ -96,11 +96,22 @@ def test_an_exception_in_an_interceptor_leaves_no_state():
     _assert_clean(before)
 
 
-def test_a_failed_torch_export_leaves_no_state():
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_failed_torch_export_leaves_no_state(strict):
     before = _modes()
-    am = abfp.convert(nn.Sequential(nn.Linear(16, 4)), COARSE)
+    am = abfp.convert(nn.Sequential(nn.Linear(16, 4)), COARSE.replace(noise_dist="gaussian", noise_std=0.5))
     with pytest.raises(RuntimeError, match="cannot be traced"):
-        torch.export.export(am, (torch.randn(3, 16),))
+        torch.export.export(am, (torch.randn(3, 16),), strict=strict)
+    _assert_clean(before)
+
+
+def test_a_traced_call_leaves_no_state():
+    before = _modes()
+    am = abfp.convert(nn.Sequential(nn.Linear(16, 4)), COARSE.replace(noise_std=0.0))
+    torch.export.export(am, (torch.randn(3, 16),))
+    _assert_clean(before)
+    with torch.no_grad():
+        torch.compile(am, fullgraph=True, backend="eager")(torch.randn(3, 16))
     _assert_clean(before)
 
 

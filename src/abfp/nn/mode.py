@@ -19,8 +19,9 @@ that is on the interpreter stack the module is running, once it is gone the fram
 enters, exits or runs a product; dropping the frame that entered :class:`AnalogMode` takes the
 mode (and any mode pushed above it and left behind) off torch's function-mode stack. An exit
 finds its own frame by module, so exits that do not match the top repair the stack rather than
-popping someone else's frame. Tracing a converted model (``torch.export``, ``torch.compile``)
-is refused before any state is touched.
+popping someone else's frame. Under a tracer (``torch.compile``, ``torch.export``,
+``torch.jit.trace``) frames are trusted without looking at the interpreter stack, and the
+products become the custom operators of :mod:`abfp.ops.custom`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from ..ops.attention import sdpa  # noqa: F401  (re-exported: it lived here)
 from ..ops.coverage import DigitalProductWarning, no_analog_model
+from ..ops.device import NotTraceable, tracing
 from ..ops.registry import handler_for
-from ..ops.site import Frame, ProductCall, _calibrate, _record, _scales, digital_call, run_product  # noqa: F401
+from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, check_traceable, digital_call,  # noqa: F401
+                        run_product)
 from .state import AnalogState
 
 __all__ = ["AnalogMode", "EnterHook", "ExitHook", "Frame", "ProductCall", "digital_call", "drop_stale", "run_product"]
@@ -115,15 +118,17 @@ class EnterHook:
         self.state = state
 
     def __call__(self, module: torch.nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                f"abfp: a converted model cannot be traced (torch.export / torch.compile reached {self.name or 'the root'!r}); "
-                "export or compile the float32 model: abfp.to_digital(model, inplace=False)")
-        caller = sys._getframe(1)  # torch's Module._call_impl, which runs forward next
+        dynamo = torch.compiler.is_dynamo_compiling()
+        # torch's Module._call_impl, which runs forward next (dynamo cannot look at interpreter
+        # frames: a frame it traces is trusted; a failed dynamo trace changes no Python state)
+        caller = None if dynamo else sys._getframe(1)
         stack = _stack()
-        drop_stale(stack, caller)
+        if not dynamo:
+            drop_stale(stack, caller)
         frame = Frame(self.name, self.state, module, caller)
         if not any(f.mode is not None for f in stack):
+            if tracing():
+                check_traceable(self.state)  # refuse before any state changes
             _leave_orphan_modes()
             frame.mode = AnalogMode()
             frame.mode.__enter__()
@@ -156,7 +161,8 @@ class AnalogMode(TorchFunctionMode):
         name = no_analog_model(func) if handler is None else None
         if handler is None and name is None:  # not a product
             return func(*args, **kwargs)
-        drop_stale(stack, sys._getframe(1))
+        if not torch.compiler.is_dynamo_compiling():
+            drop_stale(stack, sys._getframe(1))
         if not stack:
             return func(*args, **kwargs)
         frame = stack[-1]
@@ -169,4 +175,10 @@ class AnalogMode(TorchFunctionMode):
             return digital_call(frame, func, args, kwargs, "no analog model")
         if frame.state.config_for(frame.name) is None:
             return digital_call(frame, func, args, kwargs, "excluded module")
-        return handler(frame, func, args, kwargs)
+        try:
+            return handler(frame, func, args, kwargs)
+        except NotTraceable:
+            # the tracer unwinds without the exit hooks: leave no frame and no mode behind
+            while stack:
+                _pop(stack)
+            raise

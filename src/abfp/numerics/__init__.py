@@ -68,12 +68,15 @@ def analog_product(
     stats: ProductStats | None = None,
     want_mask: bool = False,
     weights: Encoded | None = None,
+    key: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``X @ W^T`` on the device, without bias: x3 (B, M, K), w3 (Bw, N, K) -> (B, M, N) float32.
 
     ``weights``: pre-encoded weights (a cache hit), else ``w3`` is encoded here. ``noise``
     (B, T, M, N) replaces the drawn device noise (tests). ``want_mask`` also returns the
-    straight-through mask of the ADC clamp (B, T, M, N).
+    straight-through mask of the ADC clamp (B, T, M, N). ``key``: the counter-noise key of
+    uniform noise (default: one drawn from ``generator``, :func:`.kernels.draw_key`); the
+    traced custom operators (:mod:`abfp.ops.custom`) pass the key they drew in the graph.
     """
     if cfg.bf16_io:
         x3 = x3.to(torch.bfloat16)
@@ -99,7 +102,7 @@ def analog_product(
         static = static_scale_value(x3, input_scale, cfg.scale_dtype)
     we = weights if weights is not None else encode_weights(w3, cfg, weight_scale)
     y, mask = analog_gemm(x3, we, cfg, plan, input_scale=static, generator=generator, noise=noise, stats=stats,
-                          want_mask=want_mask)
+                          want_mask=want_mask, key=key)
     if cfg.bf16_io:
         y = y.to(torch.bfloat16).to(torch.float32)
     return y, mask

@@ -51,10 +51,6 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _MIN_NORMAL = np.float32(2.0**-126)
 
 
-#: Rows and columns of one work item of :func:`narrow_rows` (its sums: 16 KiB, in L1).
-NARROW_ROWS = 16
-NARROW_COLS = 256
-
 _launched_in: int | None = None  # the process whose threads ran the kernels
 
 
@@ -149,78 +145,6 @@ if AVAILABLE:
                     if count:
                         clipped += abs(r) > ly
                     out[j] += (np.rint(min(max(r, -ly), ly)) * s) * wt[j]
-        return clipped
-
-    @njit(parallel=True, **_jit)
-    def narrow_rows(x, sx, wc, sw, mult, q, w16, ly, key, noisy, count, y, b_off, M, m_off):
-        """Tile products, ADC and tile sum in one pass, for narrow tiles (no partial sums in memory).
-
-        ``x`` (b, m, T n) float32 input codes of rows ``m_off ...`` of batches ``b_off ...``
-        of a (B, T, M, N) product; ``sx`` (b, m, T) their scales; ``wc`` (Bw, T, n, N) weight
-        codes and ``sw`` (Bw, T, N) scales (Bw = 1: shared). Each work item takes
-        :data:`NARROW_ROWS` rows by :data:`NARROW_COLS` columns: for ``t = 0, 1, ...`` the
-        tile products ``D`` of its rows go through the ADC of :func:`epilogue_rows` and into
-        the rows' sums, held in a small local block. ``D`` is a float32 dot product of
-        integer codes, exact (the caller checks the bound), so summed four terms at a time
-        it is the GEMM's number. ``y`` (b, m, N) receives the sums; returns the number of
-        clipped samples (``count``; else 0).
-        """
-        b, m, _ = x.shape
-        T, n, N = wc.shape[1], wc.shape[2], wc.shape[3]
-        shared = wc.shape[0] == 1
-        rb = (m + NARROW_ROWS - 1) // NARROW_ROWS
-        cb = (N + NARROW_COLS - 1) // NARROW_COLS
-        clipped = 0
-        for item in prange(b * rb * cb):
-            ib = item // (rb * cb)
-            r0 = ((item // cb) % rb) * NARROW_ROWS
-            j0 = (item % cb) * NARROW_COLS
-            r1 = min(m, r0 + NARROW_ROWS)
-            j1 = min(N, j0 + NARROW_COLS)
-            nj = j1 - j0
-            wb = 0 if shared else b_off + ib
-            acc = np.zeros((NARROW_ROWS, NARROW_COLS), np.float32)
-            dv = np.empty(NARROW_COLS, np.float32)
-            for t in range(T):
-                wt = wc[wb, t]
-                st = sw[wb, t, j0:j1]
-                for r in range(r0, r1):
-                    xr = x[ib, r, t * n : t * n + n]
-                    k = 0
-                    if n >= 4:  # the first four terms set the sums
-                        wa, wb1, wc2, wd = wt[0, j0:j1], wt[1, j0:j1], wt[2, j0:j1], wt[3, j0:j1]
-                        ca, cb1, cc, cd = xr[0], xr[1], xr[2], xr[3]
-                        for j in range(nj):
-                            dv[j] = (ca * wa[j] + cb1 * wb1[j]) + (cc * wc2[j] + cd * wd[j])
-                        k = 4
-                    else:
-                        for j in range(nj):
-                            dv[j] = np.float32(0.0)
-                    while k + 4 <= n:
-                        wa, wb1, wc2, wd = wt[k, j0:j1], wt[k + 1, j0:j1], wt[k + 2, j0:j1], wt[k + 3, j0:j1]
-                        ca, cb1, cc, cd = xr[k], xr[k + 1], xr[k + 2], xr[k + 3]
-                        for j in range(nj):
-                            dv[j] += (ca * wa[j] + cb1 * wb1[j]) + (cc * wc2[j] + cd * wd[j])
-                        k += 4
-                    while k < n:
-                        wa = wt[k, j0:j1]
-                        ca = xr[k]
-                        for j in range(nj):
-                            dv[j] += ca * wa[j]
-                        k += 1
-                    s = sx[ib, r, t]
-                    out = acc[r - r0]
-                    base = (((b_off + ib) * T + t) * M + m_off + r) * N + j0
-                    for j in range(nj):
-                        v = _lsb(dv[j], mult, q, w16, key, noisy, base + j)
-                        if count:
-                            clipped += abs(v) > ly
-                        out[j] += (np.rint(min(max(v, -ly), ly)) * s) * st[j]
-            for r in range(r0, r1):
-                dst = y[ib, r, j0:j1]
-                src = acc[r - r0]
-                for j in range(nj):
-                    dst[j] = src[j]
         return clipped
 
     @njit(parallel=True, **_jit)

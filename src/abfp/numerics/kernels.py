@@ -44,10 +44,6 @@ INT8_MIN_MACS = 1 << 18
 #: output, and one batched float32 GEMM over all tiles wins (measured: n = 8 and 16 lose,
 #: n = 32 ties, n >= 64 wins by 1.5-2x; ``benchmarks/bench_linear.py``).
 INT8_MIN_TILE = 32
-#: Tiles narrower than this run the tile products inside the compiled epilogue
-#: (:func:`.fused.narrow_rows`): with a short reduction a GEMM is bound by writing its
-#: ``(T, rows, N)`` partial sums, which the fused kernel never stores.
-NARROW_MAX_TILE = 32
 
 
 def use_int8(w: Encoded, plan: AdcPlan, rows: int) -> bool:
@@ -120,6 +116,7 @@ def analog_gemm(
     stats: ProductStats | None = None,
     want_mask: bool = False,
     chunk_elements: int | None = None,
+    key: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Sum over tiles of the ADC'd tile products of ``x3`` (B, M, K) with encoded weights.
 
@@ -128,7 +125,7 @@ def analog_gemm(
     ``plan.code_multiplier``; ``w.scales`` (Bw, T, N) already times ``plan.step``.
     ``input_scale``: the fixed-mode static scale (0-d, in the scale format). ``noise``:
     optional explicit noise (B, T, M, N) in LSBs (tests); else uniform noise has index
-    ``((b T + t) M + m) N + j`` under one key drawn from ``generator``. Returns ``Y`` (B, M, N)
+    ``((b T + t) M + m) N + j`` under one key drawn from ``generator`` (or ``key``, when given). Returns ``Y`` (B, M, N)
     float32 and, with ``want_mask``, the straight-through mask (B, T, M, N) bool (True: not
     clipped). The epilogue runs compiled (:mod:`.fused`) where it can, with the same numbers.
     """
@@ -144,27 +141,20 @@ def analog_gemm(
         if mask is not None:
             mask.fill_(True)
         return y, mask
-    key = draw_key(cfg, generator) if noise is None else None
+    if noise is not None:
+        key = None
+    elif key is None:
+        key = draw_key(cfg, generator)
     # gd: the dtype of the code GEMM (float32 or float64: whichever sums the tile products exactly)
     gd = code_gemm_dtype(plan, dev, cfg.weight_max_code, cfg.input_max_code)
     compiled = noise is None and not want_mask and use_fused(cfg, plan, dev)
     if compiled:
         fused.set_threads()
     sw_all = w.scales  # (Bw, T, N)
-    narrow = compiled and n < NARROW_MAX_TILE and gd == torch.float32
-    # rows per chunk: bounded by the partial sums (T*N per row; none in the narrow kernel) and
-    # the input codes (T*n per row)
-    chunks = plan_chunks(B, M, chunk_elements // (T * (n if narrow else max(N, n))))
+    # rows per chunk: bounded by the partial sums (T*N per row) and the input codes (T*n per row)
+    chunks = plan_chunks(B, M, chunk_elements // (T * max(N, n)))
     for b0, b1, m0, m1 in chunks:
         b, m = b1 - b0, m1 - m0
-        if narrow:  # tile products, ADC and tile sum in one kernel
-            codes, sx = _encode_rows_compiled(x3[b0:b1, m0:m1], n, T, cfg, input_scale, False)
-            clipped = fused.narrow_rows(
-                fused.as_numpy(codes.view(b, m, T * n)), fused.as_numpy(sx), fused.as_numpy(wc), fused.as_numpy(sw_all),
-                *_adc_args(cfg, plan, 1.0, plan.divisor, key, stats is not None), fused.as_numpy(y[b0:b1, m0:m1]),
-                b0, M, m0)
-            _count(stats, clipped, b * T * m * N)
-            continue
         int8 = use_int8(w, plan, m)
         if compiled:
             codes, sx = _encode_rows_compiled(x3[b0:b1, m0:m1], n, T, cfg, input_scale, int8)

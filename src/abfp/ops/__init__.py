@@ -20,3 +20,4 @@ from . import attention  # noqa: E402,F401  (scaled_dot_product_attention, multi
 from . import conv_nd  # noqa: E402,F401  (conv3d and the transposed convolutions)
 from . import recurrent  # noqa: E402,F401  (LSTM, GRU, RNN and their cells)
 from . import products  # noqa: E402,F401  (addmm, mv, tensordot, einsum of any arity, bilinear, ...)
+from . import custom  # noqa: E402,F401  (the custom operators abfp::device, abfp::device_backward, abfp::conv2d)

@@ -22,7 +22,8 @@ from ..numerics.blocks import static_scale_value
 from ..numerics.conv import conv2d_fused
 from ..numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, plan_chunks, use_fused
 from ..numerics.workspace import scratch
-from .device import WEIGHT_CACHE, bf16, generator_for, product, without_bf16_io, check_finite
+from .device import (WEIGHT_CACHE, NotTraceable, bf16, check_finite, config_json, encoded_weights, generator_for,
+                     product, scale_arg, traced_key, tracing, without_bf16_io)
 from .registry import register
 from .site import Frame, run_product
 
@@ -68,18 +69,23 @@ def conv2d(
     generator: torch.Generator | None = None,
     stats: ProductStats | None = None,
     cache: bool = True,
+    key: int | None = None,
 ) -> Tensor:
     """``F.conv2d`` on the device, as im2col: the reduction axis is ``C_in/groups * k_h * k_w``
     in ``unfold`` order; grouped (and depthwise) convolutions run one product per group.
 
     Fixed mode without ``input_scale``: max |x| over the whole input tensor. Bias as in
     :func:`linear` (with ``bf16_io``: ``bf16(Y + b)``). An empty batch gives an empty output
-    of the right shape."""
-    check_finite(x, "input")
-    if not cache:
-        check_finite(weight, "weight")
-    if bias is not None:
-        check_finite(bias, "bias")
+    of the right shape. ``key``: the uniform-noise key (default: drawn from the generator).
+    Under a tracer the inference product is the custom operator ``abfp::conv2d`` and the
+    product with gradients ``abfp::device`` on the patches (:mod:`abfp.ops.custom`)."""
+    traced = tracing()
+    if not traced:
+        check_finite(x, "input")
+        if not cache:
+            check_finite(weight, "weight")
+        if bias is not None:
+            check_finite(bias, "bias")
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
@@ -111,6 +117,10 @@ def conv2d(
         raise ValueError("conv2d: the kernel is larger than the (padded) input")
     kg = cg * kh * kw
     w3 = weight.reshape(groups, cout // groups, kg)
+    if traced:
+        y = _conv2d_traced(x, weight, w3, bias, pads, stride, dilation, groups, (kh, kw), (ho, wo), config,
+                           input_scale, weight_scale, generator, stats, cache)
+        return (y.squeeze(0) if unbatched else y).to(out_dtype)
     weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
     generator = generator_for(config, generator, x.device)  # one stream for every chunk of the call
     device = config
@@ -125,10 +135,10 @@ def conv2d(
             weights = encode_weights(w3.detach().to(torch.bfloat16) if device.bf16_io else w3.detach(), device,
                                      weight_scale)
         y = _conv2d_cols(x, pads, weights, device, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
-                         generator, stats, channels_last=_channels_last(x) or _channels_last(weight))
+                         generator, stats, channels_last=_channels_last(x) or _channels_last(weight), key=key)
     else:
         y = _conv2d_rows(F.pad(x, pads) if any(pads) else x, w3, weights, device, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
-                         weight_scale, generator, stats)
+                         weight_scale, generator, stats, key=key)
     if bias is not None:
         y.add_(bias.to(torch.float32).view(1, -1, 1, 1))  # y is this call's own tensor
         if config.bf16_io:
@@ -136,6 +146,57 @@ def conv2d(
     if unbatched:
         y = y.squeeze(0)
     return y.to(out_dtype)
+
+
+def _conv2d_traced(x: Tensor, weight: Tensor, w3: Tensor, bias: Tensor | None, pads: tuple[int, int, int, int],
+                   stride: tuple[int, int], dilation: tuple[int, int], groups: int, k: tuple[int, int],
+                   out_hw: tuple[int, int], config: ABFPConfig, input_scale: Any, weight_scale: Any,
+                   generator: torch.Generator | None, stats: ProductStats | None, cache: bool) -> Tensor:
+    """:func:`conv2d` under a tracer, the same numbers as eager: inference as the custom operator
+    ``abfp::conv2d`` (column layout, compiled kernels), with gradients (or the reference kernel)
+    as the row-major patches through ``abfp::device``; the bias add and bfloat16 rounding in the graph."""
+    if stats is not None:
+        raise NotTraceable("a convolution with ADC statistics (abfp.summary recording) cannot be traced")
+    if bias is not None:
+        torch._assert_async(torch.isfinite(bias).all(), "bias contains NaN or Inf; the analog device cannot encode it")
+    device, wsrc = config, weight
+    if config.bf16_io and bias is not None:
+        # round the inputs here and the output after the bias (not before it)
+        device, x, w3 = without_bf16_io(config), bf16(x), bf16(w3)
+        wsrc = weight if cache else bf16(weight)
+    wcfg = config_json(config) if cache else ""
+    generator = generator_for(config, generator, x.device)
+    fast = config.kernel != "reference" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    if fast:
+        y = torch.ops.abfp.conv2d(x, wsrc, list(pads), list(stride), list(dilation), groups, config_json(device), wcfg,
+                                  scale_arg(input_scale), scale_arg(weight_scale), traced_key(device, generator))
+    else:
+        if config.mode == "fixed" and input_scale is None:
+            raise NotTraceable("a fixed-point convolution with gradients needs its input_scale to be traced")
+        y = _conv2d_rows(F.pad(x, pads) if any(pads) else x, w3, None, device, groups, k, stride, dilation, out_hw,
+                         input_scale, weight_scale, generator, None, weight_config=config if cache else None)
+    if bias is not None:
+        y = y + bias.to(torch.float32).view(1, -1, 1, 1)
+        if config.bf16_io:
+            y = bf16(y)
+    return y
+
+
+def conv2d_columns(x: Tensor, weight: Tensor, pads: tuple[int, ...], stride: tuple[int, ...],
+                   dilation: tuple[int, ...], groups: int, config: ABFPConfig, weight_config: str,
+                   input_scale: float | None, weight_scale: float | None, key: int | None) -> Tensor:
+    """The body of the custom operator ``abfp::conv2d``: the input check, the weight encoding
+    (:func:`abfp.ops.device.encoded_weights`) and :func:`_conv2d_cols`, without bias."""
+    check_finite(x, "input")
+    cout, cg, kh, kw = weight.shape
+    w3 = weight.reshape(groups, cout // groups, cg * kh * kw)
+    weights = encoded_weights(weight, w3, config, weight_config, weight_scale)
+    ho = (x.shape[2] + pads[2] + pads[3] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + pads[0] + pads[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if x.shape[0] == 0:
+        return torch.zeros(0, cout, ho, wo, dtype=torch.float32, device=x.device)
+    return _conv2d_cols(x, tuple(pads), weights, config, groups, (kh, kw), tuple(stride), tuple(dilation),  # type: ignore[arg-type]
+                        (ho, wo), input_scale, None, None, channels_last=False, key=key)
 
 
 def _channels_last(t: Tensor) -> bool:
@@ -146,7 +207,8 @@ def _channels_last(t: Tensor) -> bool:
 
 def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, groups: int, k: tuple[int, int],
                  stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int], input_scale: Any,
-                 weight_scale: Any, generator: torch.Generator | None, stats: ProductStats | None) -> Tensor:
+                 weight_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
+                 key: int | None = None, weight_config: ABFPConfig | None = None) -> Tensor:
     """Convolution as row-major patches through :func:`product` (the path with gradients and
     the float64 reference): im2col a few images at a time, keeping memory near the float32
     convolution's."""
@@ -160,8 +222,8 @@ def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, gr
         xi = x[i : i + step]
         bi = xi.shape[0]
         cols = _im2col(xi, kh, kw, stride, dilation, ho, wo).reshape(bi * ho * wo, groups, kg).permute(1, 0, 2)
-        yi = product(cols, w3, config, input_scale=input_scale, weight_scale=weight_scale,
-                      generator=generator, weights=weights, stats=stats)  # (G, bi*L, cout/G)
+        yi = product(cols, w3, config, input_scale=input_scale, weight_scale=weight_scale, generator=generator,
+                     weights=weights, stats=stats, key=key, weight_config=weight_config)  # (G, bi*L, cout/G)
         outs.append(yi.reshape(groups, bi, ho, wo, cout // groups).permute(1, 0, 4, 2, 3).reshape(bi, cout, ho, wo))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -169,7 +231,7 @@ def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, gr
 def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, config: ABFPConfig, groups: int,
                  k: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
                  input_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
-                 channels_last: bool) -> Tensor:
+                 channels_last: bool, key: int | None = None) -> Tensor:
     """Inference convolution in the column layout: through the compiled kernels
     (:func:`abfp.numerics.conv.conv2d_fused`) where :func:`use_fused` allows, else with torch
     operations as below (:func:`abfp.numerics.kernels.analog_gemm_cols`), the same numbers.
@@ -188,7 +250,8 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     T = weights.codes.shape[1]
     plan = AdcPlan.for_config(config)
     static = static_scale_value(x, input_scale, config.scale_dtype) if config.mode == "fixed" else None
-    key = draw_key(config, generator)
+    if key is None:
+        key = draw_key(config, generator)
     if use_fused(config, plan, x.device):
         return conv2d_fused(x, pads, weights, config, plan, groups, k, stride, dilation, out_hw, static, key, stats,
                             channels_last)

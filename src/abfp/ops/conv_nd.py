@@ -41,7 +41,7 @@ from torch import Tensor
 from ..config import ABFPConfig
 from ..numerics import ProductStats, encode_weights
 from .conv import _conv2d_cols, _conv2d_rows, conv_args
-from .device import WEIGHT_CACHE, WeightCache, check_finite, generator_for, product
+from .device import WEIGHT_CACHE, NotTraceable, WeightCache, check_finite, generator_for, product, tracing
 from .registry import register
 
 __all__ = ["conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
@@ -60,7 +60,12 @@ def _tuple(v: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
 
 
 def _check_operands(x: Tensor, weight: Tensor, bias: Tensor | None, cache: bool, op: str, nd: int) -> bool:
-    """Finite, well-shaped operands; returns whether the input is unbatched."""
+    """Finite, well-shaped operands; returns whether the input is unbatched. Under a tracer:
+    :class:`~abfp.ops.device.NotTraceable` (these products run on pre-encoded weights, outside
+    the custom operators of :mod:`abfp.ops.custom`)."""
+    if tracing():
+        raise NotTraceable(f"{op} runs on pre-encoded weights, which no custom operator covers yet; "
+                           f"trace the model with these layers excluded (abfp.convert(..., exclude=[...])) or eagerly")
     check_finite(x, "input")
     if not cache:
         check_finite(weight, "weight")

@@ -9,6 +9,7 @@ estimators (see :mod:`abfp.functional`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import weakref
@@ -24,7 +25,9 @@ from ..numerics import Encoded, ProductStats, analog_product, encode_weights
 from ..numerics.blocks import block_scales, inside_clamp, pad_to_tiles, static_scales
 
 __all__ = ["check_finite", "generator_for", "reseed", "WEIGHT_CACHE", "WeightCache", "clear_cache", "product",
-           "without_bf16_io", "bf16", "promoted_dtype", "dequantised", "AnalogProduct"]
+           "without_bf16_io", "bf16", "promoted_dtype", "dequantised", "AnalogProduct", "ste_grads", "tracing",
+           "NotTraceable", "untraceable", "traced_key", "traced_product", "config_json", "config_from_json", "encoded_weights",
+           "scale_arg"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -79,12 +82,17 @@ class WeightCache:
             cfg.gain, cfg.scale_dtype, cfg.bf16_io, weight_scale,
         )
 
+    @staticmethod
+    def encode(w: Tensor, w3: Tensor, cfg: ABFPConfig, weight_scale: Any) -> Encoded:
+        """``w3`` (a view of the weight ``w``) encoded without remembering it."""
+        check_finite(w, "weight")
+        return encode_weights(w3.detach().to(torch.bfloat16) if cfg.bf16_io else w3.detach(), cfg, weight_scale)
+
     def get(self, w: Tensor, w3: Tensor, cfg: ABFPConfig, weight_scale: Any) -> Encoded:
         key = self._key(w, cfg, weight_scale)
-        w3 = w3.detach().to(torch.bfloat16) if cfg.bf16_io else w3.detach()
         if key is None:
-            check_finite(w, "weight")
-            return encode_weights(w3, cfg, weight_scale)
+            return self.encode(w, w3, cfg, weight_scale)
+        w3 = w3.detach().to(torch.bfloat16) if cfg.bf16_io else w3.detach()
         with self._lock:
             hit = self._d.get(key)
             if hit is not None and hit[0]() is w:
@@ -137,11 +145,11 @@ def dequantised(v3: Tensor, cfg: ABFPConfig, scale: Any, max_code: int) -> tuple
 
 class AnalogProduct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x3, w3, cfg, input_scale, weight_scale, generator, weights, stats):  # type: ignore[override]
+    def forward(ctx, x3, w3, cfg, input_scale, weight_scale, generator, weights, stats, key=None):  # type: ignore[override]
         want_mask = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         y, mask = analog_product(
             x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale,
-            generator=generator, stats=stats, want_mask=want_mask, weights=weights,
+            generator=generator, stats=stats, want_mask=want_mask, weights=weights, key=key,
         )
         if want_mask:
             ctx.save_for_backward(x3, w3, mask)
@@ -151,38 +159,48 @@ class AnalogProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
         x3, w3, mask = ctx.saved_tensors
-        cfg = ctx.cfg
-        gy = gy.to(torch.float32)
-        B, M, K = x3.shape
-        Bw, N = w3.shape[0], w3.shape[1]
-        xq, mx = dequantised(x3, cfg, ctx.input_scale, cfg.input_max_code)  # (B, M, T, n)
-        wq, mw = dequantised(w3, cfg, ctx.weight_scale, cfg.weight_max_code)  # (Bw, N, T, n)
-        T, n = xq.shape[2], xq.shape[3]
-        gx = gw = None
-        if bool(mask.all()):
-            # no ADC sample clipped: the tiles recombine into one GEMM each way
-            xf = xq.reshape(B, M, T * n)[..., :K]
-            wf = wq.reshape(Bw, N, T * n)[..., :K]
-            if ctx.needs_input_grad[0]:
-                gx = torch.matmul(gy, wf) * mx
-            if ctx.needs_input_grad[1]:
-                gw = torch.matmul(gy.transpose(1, 2), xf)
-        else:
-            gm = gy.unsqueeze(1) * mask  # (B, T, M, N)
-            if ctx.needs_input_grad[0]:
-                gx = torch.matmul(gm, wq.permute(0, 2, 1, 3))  # (B, T, M, n)
-                gx = gx.permute(0, 2, 1, 3).reshape(B, M, T * n)[..., :K] * mx
-            if ctx.needs_input_grad[1]:
-                gw = torch.matmul(gm.transpose(-1, -2), xq.permute(0, 2, 1, 3))  # (B, T, N, n)
-                gw = gw.permute(0, 2, 1, 3).reshape(B, N, T * n)[..., :K]
-        if gw is not None:
-            if Bw == 1 and B > 1:
-                gw = gw.sum(0, keepdim=True)
-            gw = gw * mw
-            gw = gw.to(w3.dtype)
-        if gx is not None:
-            gx = gx.to(x3.dtype)
-        return gx, gw, None, None, None, None, None, None
+        gx, gw = ste_grads(gy, x3, w3, mask, ctx.cfg, ctx.input_scale, ctx.weight_scale,
+                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return gx, gw, None, None, None, None, None, None, None
+
+
+def ste_grads(gy: Tensor, x3: Tensor, w3: Tensor, mask: Tensor, cfg: ABFPConfig, input_scale: Any, weight_scale: Any,
+              need_x: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Straight-through gradients of ``Y = X3 @ W3^T`` on the device, in float32: the tile products
+    of the dequantised codes, ``dX = sum_t (dY * m_t) Wq_t`` and ``dW = sum_t (dY * m_t)^T Xq_t``
+    with ``m_t`` the ADC clamp mask of tile ``t`` (one GEMM each way when no sample clipped),
+    times the DAC clamp masks. ``mask``: (B, T, M, N) bool, True where not clipped."""
+    gy = gy.to(torch.float32)
+    B, M, K = x3.shape
+    Bw, N = w3.shape[0], w3.shape[1]
+    xq, mx = dequantised(x3, cfg, input_scale, cfg.input_max_code)  # (B, M, T, n)
+    wq, mw = dequantised(w3, cfg, weight_scale, cfg.weight_max_code)  # (Bw, N, T, n)
+    T, n = xq.shape[2], xq.shape[3]
+    gx = gw = None
+    if bool(mask.all()):
+        # no ADC sample clipped: the tiles recombine into one GEMM each way
+        xf = xq.reshape(B, M, T * n)[..., :K]
+        wf = wq.reshape(Bw, N, T * n)[..., :K]
+        if need_x:
+            gx = torch.matmul(gy, wf) * mx
+        if need_w:
+            gw = torch.matmul(gy.transpose(1, 2), xf)
+    else:
+        gm = gy.unsqueeze(1) * mask  # (B, T, M, N)
+        if need_x:
+            gx = torch.matmul(gm, wq.permute(0, 2, 1, 3))  # (B, T, M, n)
+            gx = gx.permute(0, 2, 1, 3).reshape(B, M, T * n)[..., :K] * mx
+        if need_w:
+            gw = torch.matmul(gm.transpose(-1, -2), xq.permute(0, 2, 1, 3))  # (B, T, N, n)
+            gw = gw.permute(0, 2, 1, 3).reshape(B, N, T * n)[..., :K]
+    if gw is not None:
+        if Bw == 1 and B > 1:
+            gw = gw.sum(0, keepdim=True)
+        gw = gw * mw
+        gw = gw.to(w3.dtype)
+    if gx is not None:
+        gx = gx.to(x3.dtype)
+    return gx, gw
 
 
 def product(
@@ -195,14 +213,138 @@ def product(
     generator: torch.Generator | None = None,
     weights: Encoded | None = None,
     stats: ProductStats | None = None,
+    key: int | None = None,
+    weight_config: ABFPConfig | None = None,
 ) -> Tensor:
+    """``X3 @ W3^T`` on the device (see :func:`abfp.numerics.analog_product`), with the
+    straight-through backward when an operand requires a gradient. Under a tracer
+    (:func:`tracing`) the product is the custom operator ``abfp::device`` (:func:`traced_product`).
+    ``key``: the uniform-noise key (default: drawn from the generator). ``weight_config``: under
+    a tracer, the config ``w3`` is encoded under (the one ``weights`` were encoded under in eager)."""
     generator = generator_for(cfg, generator, x3.device)
+    if tracing():
+        if weights is not None or stats is not None:
+            raise NotTraceable("a product on pre-encoded weights or with ADC statistics cannot be traced")
+        return traced_product(x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale, generator=generator,
+                              weight_config=weight_config)
     if torch.is_grad_enabled() and (x3.requires_grad or w3.requires_grad):
-        return AnalogProduct.apply(x3, w3, cfg, input_scale, weight_scale, generator, weights, stats)
+        return AnalogProduct.apply(x3, w3, cfg, input_scale, weight_scale, generator, weights, stats, key)
     y, _ = analog_product(
         x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale,
-        generator=generator, stats=stats, weights=weights,
+        generator=generator, stats=stats, weights=weights, key=key,
     )
+    return y
+
+
+# --------------------------------------------------------------------------- tracing
+class NotTraceable(RuntimeError):
+    """A product a tracer (``torch.compile``, ``torch.export``, ``torch.jit.trace``) cannot record
+    as the custom operators of :mod:`abfp.ops.custom`; the message says why."""
+
+
+def tracing() -> bool:
+    """Whether a tracer runs this code: dynamo (``torch.compile``, strict ``torch.export``), a
+    fake-tensor tracer (non-strict ``torch.export``, ``make_fx``) or ``torch.jit.trace``."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    from torch._guards import detect_fake_mode  # deferred: a private module, looked up only here
+
+    return detect_fake_mode() is not None
+
+
+def _json_value(v: Any) -> str:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        names = sorted([f.name for f in dataclasses.fields(v)])
+        return "{" + ",".join(['"' + k + '":' + _json_value(getattr(v, k)) for k in names]) + "}"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"abfp: a config field of type {type(v).__name__} has no JSON form")
+
+
+@torch.compiler.assume_constant_result
+def config_json(cfg: ABFPConfig) -> str:
+    """The canonical JSON of ``cfg`` with its execution options (sorted keys, separators ``,``
+    and ``:``: the text of ``json.dumps(cfg.to_dict(execution=True), sort_keys=True,
+    separators=(",", ":"))``): how a config travels into a custom operator. Written out by hand,
+    and a constant to dynamo (``assume_constant_result``), so that tracers fold it."""
+    return _json_value(cfg)
+
+
+@functools.lru_cache(maxsize=256)
+def config_from_json(text: str) -> ABFPConfig:
+    """:func:`config_json`'s inverse (cached: one parse per distinct config)."""
+    return ABFPConfig.from_json(text)
+
+
+def untraceable(cfg: ABFPConfig, generator: torch.Generator | None = None) -> str | None:
+    """Why a product with ``cfg`` cannot be traced, or ``None``: its noise cannot be drawn in a
+    graph when it is Gaussian or the reference kernel's (both drawn sample by sample from a
+    ``torch.Generator`` inside the product) or comes from a seeded stream (``config.seed`` or an
+    explicit ``generator``: a ``torch.Generator`` object)."""
+    if cfg.noise_std == 0:
+        return None
+    if cfg.noise_dist != "uniform":
+        return ("Gaussian device noise is drawn from a torch.Generator inside the product; "
+                "use noise_dist='uniform' (counter noise) or noise_std=0")
+    if cfg.kernel == "reference":
+        return "the reference kernel draws its device noise from a torch.Generator; use kernel='auto' or noise_std=0"
+    if cfg.seed is not None or generator is not None:
+        return ("a seeded noise stream (config.seed or generator=) is a torch.Generator a tracer cannot record; "
+                "trace with seed=None (keys from torch's global generator: torch.manual_seed) or noise_std=0")
+    return None
+
+
+def traced_key(cfg: ABFPConfig, generator: torch.Generator | None) -> Tensor | None:
+    """The uniform-noise key of one traced product, drawn in the graph from torch's global
+    generator exactly as an eager product without a seed draws it (``torch.randint(0, 2**63 - 1,
+    (1,))``), as an int64 tensor; ``None`` without noise. Raises :class:`NotTraceable` where
+    :func:`untraceable` says why."""
+    why = untraceable(cfg, generator)
+    if why is not None:
+        raise NotTraceable(why)
+    if cfg.noise_std == 0:
+        return None
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=torch.device("cpu"))
+
+
+def encoded_weights(w: Tensor, w3: Tensor, cfg: ABFPConfig, weight_config: str, weight_scale: Any) -> Encoded:
+    """The encoding of ``w3`` (a view of the weight ``w``) inside a custom operator: under
+    ``weight_config`` (a :func:`config_json`) cached per weight value when ``w`` is a tensor of
+    its own (a parameter), encoded once when it is a view made in the graph (a fresh object
+    every call, which the cache would only fill); with ``weight_config == ""`` encoded per call
+    under ``cfg``. The weight's finiteness is checked on every encoding."""
+    if not weight_config:
+        return WEIGHT_CACHE.encode(w, w3, cfg, weight_scale)
+    wcfg = config_from_json(weight_config)
+    if w._base is None:
+        return WEIGHT_CACHE.get(w, w3, wcfg, weight_scale)
+    return WEIGHT_CACHE.encode(w, w3, wcfg, weight_scale)
+
+
+def scale_arg(scale: Any) -> float | None:
+    """A static scale as a custom operator takes it: ``None`` or a Python float."""
+    if scale is None or isinstance(scale, (int, float)):
+        return None if scale is None else float(scale)
+    raise NotTraceable("a tensor-valued static scale cannot be traced; pass a Python float")
+
+
+def traced_product(x3: Tensor, w: Tensor, cfg: ABFPConfig, *, input_scale: Any = None, weight_scale: Any = None,
+                   generator: torch.Generator | None = None, weight_config: ABFPConfig | None = None) -> Tensor:
+    """``X3 @ W^T`` as the custom operator ``abfp::device`` (:mod:`abfp.ops.custom`), which the
+    tracers record as one node: the input check, the encodings, the code GEMMs and the ADC run
+    inside it; its registered backward is ``abfp::device_backward`` (:func:`ste_grads`).
+    ``w``: (Bw, N, K), or a 2-D static weight (N, K) whose encoding is cached per weight value
+    under ``weight_config`` (as :data:`WEIGHT_CACHE` does in eager)."""
+    key = traced_key(cfg, generator)
+    want_mask = torch.is_grad_enabled() and (x3.requires_grad or w.requires_grad)
+    y, _ = torch.ops.abfp.device(x3, w, config_json(cfg), "" if weight_config is None else config_json(weight_config),
+                                 scale_arg(input_scale), scale_arg(weight_scale), key, want_mask)
     return y
 
 

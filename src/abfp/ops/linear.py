@@ -11,6 +11,7 @@ functions inside converted modules. Both the reference and the fast path are
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,7 +20,8 @@ from torch import Tensor
 
 from ..config import ABFPConfig
 from ..numerics import ProductStats
-from .device import WEIGHT_CACHE, bf16, check_finite, product, promoted_dtype, without_bf16_io
+from .device import (WEIGHT_CACHE, NotTraceable, bf16, check_finite, generator_for, product, promoted_dtype, traced_product,
+                     tracing, without_bf16_io)
 from .registry import register
 from .site import Frame, digital_call, run_product
 
@@ -44,11 +46,14 @@ def linear(
     (default: each tensor's own max |value| over the whole call). Weight encodings are cached
     per weight value (``cache=False`` re-encodes every call). Bias is added digitally in
     float32: ``y = Y + b``; with ``bf16_io`` the inputs and weights are rounded to bfloat16 and
-    the output after the bias, ``y = bf16(Y + b)`` (SPEC 1 step 7).
+    the output after the bias, ``y = bf16(Y + b)`` (SPEC 1 step 7). Under a tracer the product
+    is the custom operator ``abfp::device`` (:mod:`abfp.ops.custom`), which checks the operands.
     """
-    check_finite(x, "input")
-    if not cache:
-        check_finite(weight, "weight")
+    traced = tracing()
+    if not traced:
+        check_finite(x, "input")
+        if not cache:
+            check_finite(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
@@ -56,21 +61,32 @@ def linear(
             f"input's last dimension ({x.shape[-1] if x.dim() else 'scalar'}) must equal weight's in_features ({weight.shape[1]})"
         )
     if bias is not None:
-        check_finite(bias, "bias")
+        if traced:
+            torch._assert_async(torch.isfinite(bias).all(), "bias contains NaN or Inf; the analog device cannot encode it")
+        else:
+            check_finite(bias, "bias")
     out_dtype = x.dtype
     lead = x.shape[:-1]
     x3 = x.reshape(1, math.prod(lead), x.shape[-1])
     w3 = weight.unsqueeze(0)
-    weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache else None
+    weights = WEIGHT_CACHE.get(weight, w3, config, weight_scale) if cache and not traced else None
     device = config
     if config.bf16_io and bias is not None:
         # round the inputs here and the output after the bias (not before it)
         device, x3, w3 = without_bf16_io(config), bf16(x3), bf16(w3)
-    y = product(x3, w3, device, input_scale=input_scale, weight_scale=weight_scale,
-                 generator=generator, weights=weights, stats=stats)
+    if traced:
+        if stats is not None:
+            raise NotTraceable("a product with ADC statistics (abfp.summary recording) cannot be traced")
+        # the 2-D weight itself, so that the operator caches its encoding per weight value
+        y = traced_product(x3, weight if cache else w3, device, input_scale=input_scale, weight_scale=weight_scale,
+                           generator=generator_for(config, generator, x.device),
+                           weight_config=config if cache else None)
+    else:
+        y = product(x3, w3, device, input_scale=input_scale, weight_scale=weight_scale,
+                    generator=generator, weights=weights, stats=stats)
     y = y.reshape(*lead, weight.shape[0])
     if bias is not None:
-        y.add_(bias.to(torch.float32))  # y is this call's own tensor
+        y = y + bias.to(torch.float32) if traced else y.add_(bias.to(torch.float32))  # y is this call's own tensor
         if config.bf16_io:
             y = bf16(y)
     return y.to(out_dtype)
@@ -89,8 +105,9 @@ def matmul(
     """``torch.matmul(a, b)`` on the device, batch dims broadcast; both operands get dynamic
     block scales along the reduction axis. In ``fixed`` mode ``a_scale``/``b_scale`` are the
     static per-tensor scales (default: each tensor's max |value|)."""
-    check_finite(a, "first operand")
-    check_finite(b, "second operand")
+    if not tracing():  # traced: checked inside the operator
+        check_finite(a, "first operand")
+        check_finite(b, "second operand")
     if a.dim() == 0 or b.dim() == 0:
         raise ValueError("matmul needs operands of at least one dimension")
     out_dtype = promoted_dtype(a, b)
@@ -139,8 +156,9 @@ def einsum(
         raise ValueError("abfp einsum takes exactly two operands")
     a3, b3, finish = einsum_pair(subs[0], subs[1], out, a, b)
     w3 = b3.transpose(1, 2)  # (batch, N, K): the second operand's rows along the reduction
-    check_finite(a3, "first operand")
-    check_finite(w3, "second operand")
+    if not tracing():  # traced: checked inside the operator
+        check_finite(a3, "first operand")
+        check_finite(w3, "second operand")
     y = product(a3, w3, config, input_scale=a_scale, weight_scale=b_scale, generator=generator,
                 stats=stats).to(promoted_dtype(a, b))
     return finish(y)
@@ -247,5 +265,7 @@ def answer_rmatmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> A
 
 
 register(F.linear)(answer_linear)
-register(torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm, torch.mm, Tensor.mm)(answer_matmul)
+# operator.matmul: what dynamo (torch.compile, strict torch.export) hands the mode for ``a @ b``
+register(torch.matmul, Tensor.matmul, Tensor.__matmul__, operator.matmul, torch.bmm, Tensor.bmm, torch.mm,
+         Tensor.mm)(answer_matmul)
 register(Tensor.__rmatmul__)(answer_rmatmul)

@@ -22,8 +22,9 @@ from ..config import ABFPConfig
 from ..numerics import ProductStats
 from ..numerics.blocks import num_tiles
 from .coverage import estimate_macs, func_name
+from .device import NotTraceable, tracing, untraceable
 
-__all__ = ["Frame", "ProductCall", "SiteRecord", "run_product", "digital_call"]
+__all__ = ["Frame", "ProductCall", "SiteRecord", "run_product", "digital_call", "check_traceable"]
 
 
 @dataclass
@@ -156,6 +157,8 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
     state = frame.state
     site = frame.site(op) if site is None else site
     cfg = state.config_for_site(frame.name, site)
+    if tracing():
+        return _traced(frame, site, cfg, analog, operands, macs)
     if state.calibrating:
         _calibrate(state, site, *operands)
         return func(*args, **kwargs)
@@ -176,6 +179,40 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
         with torch.no_grad():
             y_ref = func(*args, **kwargs)
         _record(frame, site, op, cfg, operands[0].shape, operands[1].shape, k, macs(y), stats, y, y_ref)  # type: ignore[arg-type]
+    return y
+
+
+def check_traceable(state: Any) -> None:
+    """Raise :class:`~abfp.ops.device.NotTraceable` naming the first module of a converted model
+    whose products a tracer cannot record (see :func:`abfp.ops.device.untraceable`), or the
+    model-wide reason (calibration, recording, interceptors): checked when a traced call enters
+    the model, before any state changes."""
+    if state.calibrating or state.recording:
+        raise NotTraceable("abfp: a converted model cannot be traced while it calibrates or records for "
+                           "abfp.summary (both read values); run them eagerly")
+    if state.interceptors:
+        raise NotTraceable("abfp: a converted model with interceptors (DNF finetuning, dynamic precision) cannot be "
+                           "traced: they run Python on the values")
+    for name, cfg in [("", state.config), *state.module_configs.items(), *state.site_overrides.items()]:
+        why = None if cfg is None else untraceable(cfg)
+        if why is not None:
+            raise NotTraceable(f"abfp: module {name or 'the root'!r} cannot be traced: {why}")
+
+
+def _traced(frame: Frame, site: str, cfg: ABFPConfig, analog: Callable, operands: tuple[Tensor, ...],
+            macs: Callable[[Tensor], int]) -> Any:
+    """:func:`run_product` under a tracer: the device call as custom operators, or a
+    :class:`~abfp.ops.device.NotTraceable` naming the product, its module and why (see
+    :func:`check_traceable`)."""
+    state = frame.state
+    where = f"abfp: product {site} (module {frame.name or 'the root'!r}) cannot be traced: "
+    if state.calibrating or state.recording or state.interceptors:
+        check_traceable(state)
+    try:
+        y = analog(cfg, _scales(state, cfg, site), None, state.generator(cfg, operands[0].device))
+    except NotTraceable as e:
+        raise NotTraceable(where + str(e)) from None
+    state.coverage.analog_macs += int(macs(y))
     return y
 
 

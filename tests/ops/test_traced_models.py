@@ -1,0 +1,211 @@
+"""Converted zoo models under torch.compile, torch.export (strict and non-strict) and
+torch.jit.trace give the eager numbers bit for bit, with every product a custom operator.
+
+Noise-free configurations must agree exactly; with (uniform, unseeded) noise the traced graph
+draws each product's key from torch's global generator as eager does, so the same
+``torch.manual_seed`` gives the same numbers (inductor with ``fallback_random``, which makes its
+``randint`` torch's). An exported graph holds one ``abfp::device``/``abfp::conv2d`` node per
+product that eager runs on the device: none is silently computed in float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import abfp
+from abfp.ops.custom import conv2d as conv2d_op
+from abfp.ops.custom import device as device_op
+from abfp.ops.device import NotTraceable
+from abfp.zoo import fashion
+
+NOISE_FREE = abfp.ABFPConfig(noise_std=0.0)
+NOISY = abfp.ABFPConfig()  # uniform counter noise, no seed: keys from torch's global generator
+DEVICE_OPS = {device_op._opoverload, conv2d_op._opoverload}
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    x = fashion.normalize(torch.rand(2, 28, 28))
+    return {"fashion-cnn": fashion.build_cnn().eval(), "fashion-vit": fashion.build_vit().eval()}, x
+
+
+def _eager(am: nn.Module, x: torch.Tensor, seed: int = 7) -> torch.Tensor:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return am(x)
+
+
+def _count_products(am: nn.Module, x: torch.Tensor) -> int:
+    """Products eager runs on the device: an interceptor that counts and computes each one."""
+    state = abfp.analog_state(am)
+    n = 0
+
+    def count(call):
+        nonlocal n
+        n += 1
+        return call.analog()
+
+    state.interceptors["*"] = count
+    try:
+        with torch.no_grad():
+            am(x)
+    finally:
+        del state.interceptors["*"]
+    return n
+
+
+def _device_nodes(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for node in gm.graph.nodes if node.op == "call_function" and node.target in DEVICE_OPS)
+
+
+@pytest.mark.parametrize("name", ["fashion-cnn", "fashion-vit"])
+@pytest.mark.parametrize("strict", [True, False])
+def test_export_equals_eager_and_keeps_every_product_on_the_device(models, name, strict):
+    nets, x = models
+    am = abfp.convert(nets[name], NOISE_FREE)
+    ye = _eager(am, x)
+    ep = torch.export.export(am, (x,), strict=strict)
+    assert _device_nodes(ep.graph_module) == _count_products(am, x) > 0
+    assert not any(n.op == "call_function" and n.target in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
+                                                             torch.ops.aten.matmul.default, torch.ops.aten.linear.default,
+                                                             torch.ops.aten.convolution.default)
+                   for n in ep.graph_module.graph.nodes), "a float32 product is left in the exported graph"
+    assert torch.equal(ep.module()(x), ye)
+
+
+@pytest.mark.parametrize("name", ["fashion-cnn", "fashion-vit"])
+def test_compile_equals_eager_without_and_with_noise(models, name):
+    nets, x = models
+    for cfg in (NOISE_FREE, NOISY):
+        am = abfp.convert(nets[name], cfg)
+        ye = _eager(am, x)
+        compiled = torch.compile(am, fullgraph=True)  # fullgraph: a graph break is an error
+        with torch._inductor.config.patch(fallback_random=True):
+            yc = _eager(compiled, x)
+        assert torch.equal(yc, ye), cfg.noise_std
+        if cfg.noise_std:
+            assert not torch.equal(_eager(am, x, seed=8), ye)  # the noise is there and follows the seed
+
+
+@pytest.mark.parametrize("name", ["fashion-cnn", "fashion-vit"])
+def test_jit_trace_equals_eager(models, name):
+    nets, x = models
+    am = abfp.convert(nets[name], NOISE_FREE)
+    ye = _eager(am, x)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(am, (x,))
+    assert "abfp::device" in str(traced.inlined_graph)
+    assert torch.equal(_eager(traced, x), ye)
+
+
+@pytest.mark.parametrize("name", ["fashion-cnn", "fashion-vit"])
+def test_compile_with_gradients_equals_eager(models, name):
+    """Training mode: the loss and the straight-through gradients of every weight, bit for bit."""
+    nets, x = models
+    am = abfp.convert(nets[name], NOISE_FREE)
+    target = torch.tensor([1, 3])
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in am.named_parameters() if p.grad is not None}
+
+    le, ge = step(am)
+    lc, gc = step(torch.compile(am, fullgraph=True, backend="aot_eager"))
+    assert torch.equal(lc, le)
+    assert ge.keys() == gc.keys() and len(ge) > 0
+    for k in ge:
+        if k.endswith("bias"):
+            # a bias gradient is torch's own float32 sum of dY over rows, which the compiled
+            # backward may reduce in another order: the same to a few ulp, not bit for bit
+            torch.testing.assert_close(gc[k], ge[k], rtol=1e-6, atol=1e-6)
+        else:  # every weight gradient comes out of abfp::device_backward: bit for bit
+            assert torch.equal(gc[k], ge[k]), k
+
+
+def test_same_key_same_numbers_and_the_input_check_inside_the_operator():
+    torch.manual_seed(3)
+    x3, w = torch.randn(1, 5, 40), torch.randn(6, 40)
+    cfg = abfp.ops.device.config_json(NOISY)
+    key = torch.tensor([12345], dtype=torch.int64)
+    y1, _ = torch.ops.abfp.device(x3, w, cfg, "", None, None, key, False)
+    y2, _ = torch.compile(lambda a, b: torch.ops.abfp.device(a, b, cfg, "", None, None, key, False), fullgraph=True)(x3, w)
+    assert torch.equal(y1, y2)
+    y3, _ = torch.ops.abfp.device(x3, w, cfg, "", None, None, key + 1, False)
+    assert not torch.equal(y1, y3)
+    bad = x3.clone()
+    bad[0, 0, 0] = float("nan")
+    am = abfp.convert(nn.Sequential(nn.Linear(40, 6)), NOISE_FREE)
+    ep = torch.export.export(am, (x3[0],))  # traced without a data-dependent guard
+    with pytest.raises(ValueError, match="input contains NaN or Inf"):
+        ep.module()(bad[0])
+
+
+@pytest.mark.parametrize("cfg, why", [
+    (abfp.ABFPConfig(noise_dist="gaussian"), "Gaussian"),
+    (abfp.ABFPConfig(kernel="reference"), "reference kernel"),
+    (abfp.ABFPConfig(seed=5), "seeded noise stream"),
+])
+def test_untraceable_products_raise_naming_the_module(cfg, why):
+    """Refused before any state changes; under dynamo (strict export, fullgraph compile) the
+    refusal reaches the user inside dynamo's own error, which quotes it."""
+    am = abfp.convert(nn.Sequential(nn.Linear(16, 4)), cfg)
+    x = torch.randn(3, 16)
+    with pytest.raises(NotTraceable, match=f"module 'the root' cannot be traced: .*{why}"):
+        torch.export.export(am, (x,), strict=False)
+    with pytest.raises(Exception, match=f"module 'the root' cannot be traced: .*{why}"):
+        torch.export.export(am, (x,), strict=True)
+    with pytest.raises(Exception, match=why):
+        torch.compile(am, fullgraph=True, backend="eager")(x)
+    with torch.no_grad(), pytest.raises(NotTraceable, match=why):
+        torch.jit.trace(am, (x,))
+    with torch.no_grad():
+        assert am(x).shape == (3, 4)  # eager still works after the refusals
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Conv3d(2, 3, 3), torch.randn(1, 2, 5, 5, 5)),
+    (nn.ConvTranspose2d(2, 3, 3), torch.randn(1, 2, 5, 5)),
+])
+def test_families_on_pre_encoded_weights_refuse_to_be_traced(layer, x):
+    am = abfp.convert(nn.Sequential(layer), NOISE_FREE)
+    with pytest.raises(NotTraceable, match="product 0:conv0 \\(module '0'\\) cannot be traced: .*pre-encoded weights"):
+        torch.export.export(am, (x,), strict=False)
+    with torch.no_grad(), pytest.raises(NotTraceable, match="pre-encoded weights"):
+        torch.jit.trace(am, (x,))
+    with torch.no_grad():  # and eagerly they still run
+        assert am(x).shape == layer(x).shape
+
+
+@pytest.mark.parametrize("layer, args", [
+    (nn.LSTM(4, 5), (torch.randn(3, 1, 4),)),
+    (nn.Conv1d(2, 3, 3), (torch.randn(1, 2, 9),)),
+    (nn.MultiheadAttention(8, 2), (torch.randn(3, 1, 8),) * 3),
+])
+def test_other_families_export_equal_to_eager(layer, args):
+    am = abfp.convert(layer, NOISE_FREE).eval()
+    with torch.no_grad():
+        ye = am(*args)
+    ep = torch.export.export(am, args)
+    y = ep.module()(*args)
+    first = (lambda t: t[0] if isinstance(t, tuple) else t)
+    assert _device_nodes(ep.graph_module) > 0
+    assert torch.equal(first(y), first(ye))
+
+
+def test_config_json_is_the_canonical_json_and_round_trips():
+    import json
+
+    from abfp.ops.device import config_from_json, config_json
+
+    for cfg in (NOISY, NOISE_FREE.replace(mode="fixed", tile_width=8), abfp.ABFPConfig(seed=3, kernel="reference")):
+        text = config_json(cfg)
+        assert text == json.dumps(cfg.to_dict(execution=True), sort_keys=True, separators=(",", ":"))
+        assert config_from_json(text) == cfg
