@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--gain-samples", type=int, default=16)
     ap.add_argument("--gain-tolerance", type=float, default=0.0)
     ap.add_argument("--max-gain", type=float, default=256.0)
+    ap.add_argument("--gain-descent", action="store_true")
     ap.add_argument("--metric", choices=["task", "kl", "cosine"], default="task", help="tuning metric")
     ap.add_argument("--target", type=float, default=None)
     ap.add_argument("--max-repeats", type=int, default=16)
@@ -66,7 +67,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = tune(model, cal.inputs, cfg, metric=metric, target=a.target, calibration_targets=cal.targets,
                eval_inputs=ev.inputs, eval_targets=ev.targets, gain_samples=a.gain_samples,
-               gain_tolerance=a.gain_tolerance, max_gain=a.max_gain, repeats=not a.no_repeats,
+               gain_tolerance=a.gain_tolerance, gain_descent=a.gain_descent, max_gain=a.max_gain, repeats=not a.no_repeats,
                max_repeats=a.max_repeats, finetune=None if a.finetune == "none" else a.finetune,
                finetune_options=ft_opts, extra_metrics=[m for m in metrics if m.name != metric.name],
                batch_size=a.batch_size, progress=lambda s: print(s, flush=True))
@@ -76,7 +77,7 @@ def main() -> None:
     e_in = tuple(t[:4] for t in cal.inputs)
     rows = []
 
-    def row(name: str, plan: DevicePlan, secs: float, m: torch.nn.Module = model) -> None:
+    def row(name: str, plan: DevicePlan, secs: float, m: torch.nn.Module = model) -> None:  # a plan tune did not make
         out = plan_outputs(m, plan, ev, a.batch_size, 0)
         vals = {x.name: x(out, ev.targets, ref) for x in metrics}
         errs = {x.name: x.stderr(out, ev.targets, ref) for x in metrics}
@@ -84,7 +85,13 @@ def main() -> None:
                      "seconds": secs, "plan": plan.to_dict()})
         print(name, vals, errs, rows[-1]["energy_pj"], flush=True)
 
-    row("single gain G=8", res.stages[0].plan, res.stages[0].seconds)
+    def from_stage(s) -> None:  # tune measured it already (same inputs, same noise seed)
+        vals = {metric.name: s.metric, **s.extra}
+        errs = {x.name: s.stderr if x.name == metric.name else None for x in metrics}
+        rows.append({"stage": s.name, "metrics": vals, "stderr": errs, "energy_pj": s.energy, "seconds": s.seconds,
+                     "plan": s.plan.to_dict(), "note": s.note})
+
+    from_stage(res.stages[0])
     if not a.no_saturation:  # today's auto gain, for comparison
         t1 = time.perf_counter()
         sat = choose_gains(model, tuple(t[:a.gain_samples] for t in cal.inputs), cfg, rule="saturation")
@@ -92,12 +99,12 @@ def main() -> None:
         row("auto gain (saturation)", DevicePlan(cfg, {m: cfg.replace(gain=sat.get(m, cfg.gain)) for m in mods}),
             time.perf_counter() - t1)
     for s in res.stages[1:]:
-        row(s.name, s.plan, s.seconds, res.model if s.name == "finetune" else model)
+        from_stage(s)
     fp32 = {x.name: x(ref, ev.targets, ref) for x in metrics}
     e0 = rows[0]["energy_pj"]
     print(f"\n| stage | {' | '.join(x.name for x in metrics)} | energy/inf (uJ) | x single | time (s) |")
     for r in rows:
-        cells = " | ".join(f"{r['metrics'][x.name]:.4g}" + (f" ± {r['stderr'][x.name]:.2g}" if r["stderr"][x.name]
+        cells = " | ".join(f"{r['metrics'][x.name]:.4g}" + (f" ± {r['stderr'][x.name]:.2g}" if r["stderr"].get(x.name)
                                                              is not None else "") for x in metrics)
         print(f"| {r['stage']} | {cells} | {r['energy_pj'] / 1e6:.4g} | {r['energy_pj'] / e0:.2f} | {r['seconds']:.0f} |")
     with open(a.out, "w") as f:

@@ -136,3 +136,43 @@ def test_unreachable_target_keeps_no_repeats() -> None:
     found = search_repeats(prof, lambda reps: -sum(0.1 + r * r / reps[m] for m, r in prof.noise_error.items()),
                            lambda v: v >= -0.1, max_repeats=8)
     assert not found.reached and found.repeats == {"a": 1, "b": 1} and len(found.trials) == 2
+
+
+def test_descent_lowers_the_costliest_first_and_stops_at_the_target() -> None:
+    from abfp.tune.descent import descend_gains
+
+    # a made-up model: the metric is 1 - sum of per-module errors, error of module m at gain g = w_m / g
+    w = {"a": 0.02, "b": 0.001, "c": 0.004}
+    cost = {"a": 1.0, "b": 5.0, "c": 3.0}
+
+    def score(g: dict[str, float]) -> float:
+        return 1.0 - sum(w[m] / g[m] for m in g)
+
+    start = {m: 64.0 for m in w}
+    res = descend_gains(start, [1, 2, 4, 8, 16, 32, 64], cost, score, lambda v: v >= 0.998, score(start))
+    assert score(res.gains) >= 0.998 and res.metric == score(res.gains)
+    assert [t[0] for t in res.trials][0] == "b"  # the costliest module first
+    for m in w:  # locally minimal: one more lowering of any module misses the target
+        if res.gains[m] > 1:
+            assert score({**res.gains, m: res.gains[m] / 2}) < 0.998
+    # a start that misses the target lowers nothing
+    assert descend_gains(start, [1, 64], cost, score, lambda v: v >= 2.0, score(start)).gains == start
+
+
+def test_tune_gain_descent_saves_energy_and_keeps_the_target() -> None:
+    import abfp
+    from abfp.zoo.base import Dataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 6))
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    res = abfp.tune(model, x, ABFPConfig(tile_width=8), target=0.999, gain_descent=True, repeats=False)
+    assert [s.name for s in res.stages] == ["single gain", "gain", "gain descent"]
+    gain, desc = res.stages[1], res.stages[2]
+    # eval inputs are the calibration inputs here: both plans reach the target on them
+    assert gain.metric >= 0.999 and desc.metric >= 0.999, (gain.metric, desc.metric)
+    before = res.details["error_rule_gains"]
+    assert all(res.plan.modules[m].gain <= before[m] for m in res.plan.modules)
+    assert any(res.plan.modules[m].gain < before[m] for m in res.plan.modules)
+    assert desc.energy < gain.energy
+    assert len(res.details["gain_descent_trials"]) >= len(res.plan.modules)

@@ -4,7 +4,9 @@ Stages, each measured by ``metric`` on the evaluation inputs (the calibration in
 are given) and by the energy per inference (:mod:`abfp.energy`):
 
 1. ``single gain``: the base device as given (one gain everywhere);
-2. ``gain``: a gain per module (:mod:`.gains`, the error rule by default);
+2. ``gain``: a gain per module (:mod:`.gains`, the error rule by default); with
+   ``gain_descent``, then ``gain descent``: the gains lowered, most expensive module first,
+   while the target is reached on the calibration inputs (:mod:`.descent`);
 3. ``repeats``: repeats per module to reach ``target`` at the least energy (:mod:`.repeats`);
 4. ``finetune``: label-free finetuning of the weights on the plan, when ``finetune`` is given:
    ``"distil-qat"`` / ``"distil-dnf"`` (:class:`.finetune.DistilStage`, options in
@@ -31,7 +33,8 @@ from ..energy import EnergyParams, account_rows
 from ..nn import summary, to_digital
 from ..zoo.base import COSINE, Dataset, Metric
 from .finetune import FINETUNE_METHODS, DistilStage, default_loss
-from .gains import GainRule, _as_tuple, choose_gains
+from .descent import descend_gains
+from .gains import GainRule, _as_tuple, choose_gains, power_of_two_gains
 from .plan import DevicePlan
 from .repeats import noise_profile, search_repeats
 
@@ -186,6 +189,7 @@ def tune(
     max_gain: float = 256.0,
     gain_tolerance: float = 0.0,
     gain_samples: int = 32,
+    gain_descent: bool = False,
     repeats: bool = True,
     max_repeats: int = 16,
     repeat_steps: int = 8,
@@ -212,6 +216,8 @@ def tune(
     ``finetune``: ``"distil-qat"``, ``"distil-dnf"`` (options ``finetune_options``: ``steps``,
     ``lr``, ``batch_size``, ``loss`` (default ``kl`` for a %-metric or KL, else ``cosine``),
     ``temperature``, ``seed``, ``progress``) or a callable; it gets the calibration inputs only.
+    ``gain_descent``: after the gain stage, lower the gains, most expensive module first, while
+    the target is still reached on the calibration inputs (:mod:`.descent`; a stage of its own).
     ``extra_metrics``: reported per stage besides ``metric``.
     """
     if not isinstance(model, nn.Module):
@@ -281,8 +287,41 @@ def tune(
     gain_plan = DevicePlan(config, {m: config.replace(gain=chosen.get(m, config.gain)) for m in modules},
                            tuple(exclude), {"gain_rule": gain_rule})
     stage("gain", gain_plan, t0, note=f"{gain_rule} rule")
-    plan = gain_plan
     details: dict[str, Any] = {"gains": chosen}
+
+    def with_gains(g: dict[str, float]) -> DevicePlan:
+        return DevicePlan(config, {m: config.replace(gain=g.get(m, config.gain)) for m in modules},
+                          tuple(exclude), {"gain_rule": gain_rule})
+
+    def calibration_score(p: DevicePlan) -> float:
+        return evaluate_plan(model, p, calib, metric, ref_cal, batch_size, seed)
+
+    # 2b. gain descent (optional)
+    if gain_descent:
+        t0 = time.perf_counter()
+        conv = gain_plan.with_seed(seed).convert(model)
+        try:
+            cost = noise_profile(conv.eval(), e_inputs, params).repeat_energy
+        finally:
+            to_digital(conv)
+        start = {m: chosen.get(m, config.gain) for m in modules}
+
+        def score_gains(g: dict[str, float]) -> float:
+            v = calibration_score(with_gains(g))
+            say(f"  gain descent: {sum(1 for m in g if g[m] < start[m])} modules lowered: {metric.name} {v:.4g} "
+                "on calibration")
+            return v
+
+        allowed = gains if gains is not None else power_of_two_gains(max_gain)
+        desc = descend_gains(start, allowed, cost, score_gains, meets, calibration_score(gain_plan))
+        gain_plan = with_gains(desc.gains)
+        details.update(gains=desc.gains, error_rule_gains=start, gain_descent_trials=desc.trials)
+        lowered = sum(1 for m in modules if desc.gains[m] < start[m])
+        stage("gain descent", gain_plan, t0,
+              note=f"{lowered} of {len(modules)} modules lowered, {desc.metric:.4g} on calibration"
+              if meets(desc.metric) else f"the gains miss the target {target:.4g} on calibration "
+              f"({desc.metric:.4g}): none lowered")
+    plan = gain_plan
 
     # 3. repeats per module
     if repeats:
@@ -298,7 +337,7 @@ def tune(
                               tuple(exclude), dict(gain_plan.info))
 
         def score(reps: dict[str, int]) -> float:
-            v = evaluate_plan(model, with_repeats(reps), calib, metric, ref_cal, batch_size, seed)
+            v = calibration_score(with_repeats(reps))
             say(f"  repeats: total {sum(reps.values())} over {len(reps)} modules (max {max(reps.values(), default=1)}): "
                 f"{metric.name} {v:.4g} on calibration")
             return v

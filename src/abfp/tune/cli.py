@@ -55,6 +55,9 @@ def _parser(sub) -> None:
     p.add_argument("--gain-tolerance", type=float, default=None,
                    help="error rule: keep the smallest gain whose error is within (1 + tol) x the least "
                         "(a gain G costs G x the analog energy; default 0)")
+    p.add_argument("--gain-descent", action="store_true",
+                   help="then lower the gains, most expensive layer first, while --target is still reached on the "
+                        "calibration inputs (energy)")
     p.add_argument("--no-repeats", action="store_true", help="skip the repeats stage")
     p.add_argument("--max-repeats", type=int, default=16)
     p.add_argument("--target", type=float, default=None,
@@ -125,7 +128,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .api import tune
     from .report import write_plot, write_report
 
-    bar = tqdm(total=4 + (args.finetune != "none"), desc=f"tune {task.name}", unit="stage", disable=args.no_progress, leave=False)
+    stages = 2 + args.gain_descent + (not args.no_repeats) + (args.finetune != "none")
+    bar = tqdm(total=stages, desc=f"tune {task.name}", unit="stage", disable=args.no_progress, leave=False)
 
     def progress(line: str) -> None:
         if not line.startswith(" "):
@@ -139,7 +143,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         res = tune(task.build_model(), calib.inputs, cfg, metric=task.metric, target=args.target,
                    calibration_targets=calib.targets, eval_inputs=evald.inputs, eval_targets=evald.targets,
                    gain_rule=args.gain_rule, gains=args.gains, max_gain=args.max_gain,
-                   gain_tolerance=args.gain_tolerance or 0.0,
+                   gain_tolerance=args.gain_tolerance or 0.0, gain_descent=args.gain_descent,
                    gain_samples=args.gain_samples, repeats=not args.no_repeats, max_repeats=args.max_repeats,
                    finetune=None if args.finetune == "none" else args.finetune, finetune_options=finetune_options,
                    extra_metrics=zoo.extra_metrics(task.name),
