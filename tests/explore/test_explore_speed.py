@@ -179,9 +179,20 @@ def test_global_prune_finds_the_same_cheapest_design_with_fewer_evaluations():
            {k: b_full[k] for k in ("format", "tile_width", "output_bits", "input_bits", "weight_bits")}
     assert pruned["evaluations"] < full["evaluations"] and pruned["pruned"]
     passing = [d["energy_pj_per_inference"] for d in pruned["designs"] if d["meets_target"]]
-    for p in pruned["pruned"]:  # each skipped design costs at least as much as a passing one
+    from explore_tiny_task import make  # noqa: PLC0415
+    from abfp.energy import account
+
+    task = make()
+    x = task.load_data().inputs[0][:1]
+    for p in pruned["pruned"]:  # each skipped design costs at least as much as a passing one ...
         assert p["energy_pj_per_inference_at_least"] >= p["dominated_by_energy_pj"] >= min(passing)
         assert p["dominated_by_energy_pj"] in passing
+        if p["gain"] != "auto":  # ... even with both DACs at the fewest bits the DAC search tries (2)
+            cfg = ABFPConfig(mode=p["format"], tile_width=p["tile_width"], input_bits=min(2, p["input_bits"]),
+                             weight_bits=min(2, p["weight_bits"]), output_bits=p["output_bits"], gain=p["gain"],
+                             noise_std=0.0)
+            floor = account(task.build_model(), x, cfg).totals()["energy_total"]
+            assert p["energy_pj_per_inference_at_least"] == pytest.approx(floor, rel=1e-12)
     for fam in pruned["pruned_families"]:
         assert pruned["cheapest"][fam] is None
     assert pruned["search"]["global_prune"] is True

@@ -87,8 +87,7 @@ def _rows(res: Mapping[str, Any]) -> list[list[str]]:
     for fam, d in res["cheapest"].items():
         mb = min_bits.get(fam)
         if d is None:
-            why = ("dominated (global prune): " + "; ".join(dominated[fam]) if dominated.get(fam)
-                   else "none meets the target")
+            why = "dominated (global prune)" if dominated.get(fam) else "none meets the target"
             rows.append([fam, why, "", "", "", "", "", "" if mb is None else str(mb)])
             continue
         rows.append([fam, _bits(d), _gain(d), f"{d['noise_std']:.3g}", _value(d),

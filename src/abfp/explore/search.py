@@ -28,8 +28,9 @@ Two options trade completeness for time:
 
 * ``early_stop = z``: a noisy design stops averaging runs once its mean is ``z`` standard
   errors from the target (:func:`abfp.explore.target.decided`).
-* ``global_prune``: a design whose energy is at least that of a design already known to meet
-  the target (any family) is not evaluated: it cannot be the cheapest. Its bisection treats it
+* ``global_prune``: a design whose energy, even with its DACs at the fewest bits the DAC search
+  tries, is at least that of a design already known to meet the target (any family) is not
+  evaluated: neither it nor a design derived from it can be the cheapest. Its bisection treats it
   as passing (a cheaper design of the family may lie below it) and it is listed under
   ``pruned``. Every family's designs at the base ADC bits are evaluated first, cheapest first
   (they run the fast path and usually decide), then the families are searched in that order,
@@ -134,10 +135,11 @@ class Explorer:
     def __init__(self, model: nn.Module, data: Dataset, metric: Metric, *, task_name: str, target: Target,
                  settings: EvalSettings, base: ABFPConfig, costs: CostModel,
                  progress: Callable[[str], None] | None = None, calibration: Dataset | None = None,
-                 early_stop: float | None = None, global_prune: bool = False) -> None:
+                 early_stop: float | None = None, global_prune: bool = False, dac_floor: int | None = None) -> None:
         self.model, self.data, self.metric, self.task_name = model, data, metric, task_name
         self.settings, self.base, self.costs = settings, base, costs
         self.calibration, self.early_stop, self.global_prune = calibration, early_stop, global_prune
+        self.dac_floor = dac_floor  # the fewest DAC bits the DAC search may reach (None: no DAC search)
         self.higher = metric.higher_is_better
         self.progress = progress
         self.memo = EvalMemo()
@@ -212,12 +214,22 @@ class Explorer:
             return self.costs.energy(design, self.base, gains)["total"]
         return self.costs.energy(design, self.base)["total"]
 
+    def energy_floor(self, design: Design) -> float:
+        """The least energy of ``design`` and of every design the DAC search could derive from
+        it (both DACs at the fewest bits it tries): what global pruning compares."""
+        if self.dac_floor is None:
+            return self.energy_of(design)
+        return self.energy_of(design.with_bits(input_bits=min(design.input_bits, self.dac_floor),
+                                               weight_bits=min(design.weight_bits, self.dac_floor)))
+
     def dominated(self, design: Design, family: str) -> bool:
-        """Whether a design already known to meet the target costs no more than ``design``
-        (then ``design`` is recorded under ``pruned`` and not evaluated)."""
+        """Whether a design already known to meet the target costs no more than ``design``, even
+        with its DACs at the fewest bits the DAC search tries (then ``design`` is recorded
+        under ``pruned`` and not evaluated: neither it nor a design derived from it can be
+        the cheapest)."""
         if design in self.pruned:
             return True
-        e = self.energy_of(design)
+        e = self.energy_floor(design)
         best = None
         for d, r in self._by_design.items():
             if r["meets_target"] and r["energy_pj_per_inference"] <= e:
@@ -330,7 +342,7 @@ def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name:
 
     ex = Explorer(model, data, metric, task_name=task_name, target=target, settings=st, base=base, costs=costs,
                   progress=tick, calibration=calibration, early_stop=space.early_stop,
-                  global_prune=space.global_prune)
+                  global_prune=space.global_prune, dac_floor=None if space.dac_search == "none" else space.dac_min_bits)
     lo, hi = space.adc_bits
     plan = _families(space, base)
     families = [fam for fam, _ in plan]
