@@ -314,6 +314,7 @@ def authors_adc_comparison(params: EnergyParams | None = None, *, abfp_tile: int
     authors count it) of ABFP (n=128, G=8, 8 bits) against fixed point (n=8, 12.5 bits):
     ``2**12.5 / (2**8 * 8) = 2**4.5 / 8 = 2.83``; and MACs per conversion ``128 / 8 = 16``."""
     p = params or EnergyParams()
-    a = p.adc_energy(abfp_bits) * abfp_gain
-    f = p.adc_energy(fixed_bits) * fixed_gain
-    return AdcComparison(a, f, f / a if a else math.inf, abfp_tile / fixed_tile)
+    abfp_energy = p.adc_energy(abfp_bits) * abfp_gain
+    fixed_energy = p.adc_energy(fixed_bits) * fixed_gain
+    return AdcComparison(abfp_energy, fixed_energy, fixed_energy / abfp_energy if abfp_energy else math.inf,
+                         abfp_tile / fixed_tile)
