@@ -15,7 +15,9 @@ Which config a product runs with (:meth:`AnalogState.config_for_site`), most spe
 
 An override pattern is a site pattern when it contains ``":"`` and matches no module name.
 Site overrides change products of analog modules only: the products of an excluded module stay
-digital (override the module itself to make it analog).
+digital (override the module itself to make it analog). Which products a module makes is
+decided by the module's config: ``recurrent_concat`` of a recurrent layer is read from it,
+not from a site override.
 """
 
 from __future__ import annotations
