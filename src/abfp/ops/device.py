@@ -22,11 +22,12 @@ from torch import Tensor
 from ..config import ABFPConfig
 from ..noise_keys import FUNCTIONAL_STREAMS, product_generator
 from ..numerics import Encoded, ProductStats, analog_product, encode_weights
-from ..numerics.blocks import block_scales, inside_clamp, pad_to_tiles, static_scales
+from ..numerics.kernels import draw_key
+from ..numerics.blocks import inside_clamp, pad_to_tiles, padded_block_scales, static_scales
 
 __all__ = ["check_finite", "generator_for", "reseed", "WEIGHT_CACHE", "WeightCache", "clear_cache", "product",
            "without_bf16_io", "bf16", "promoted_dtype", "dequantised", "AnalogProduct", "ste_grads", "tracing",
-           "NotTraceable", "untraceable", "traced_key", "traced_product", "config_json", "config_from_json", "encoded_weights",
+           "NotTraceable", "untraceable", "training_product", "traced_key", "traced_product", "config_json", "config_from_json", "encoded_weights",
            "scale_arg"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -125,51 +126,94 @@ def clear_cache() -> None:
 
 
 # --------------------------------------------------------------------------- autograd
-def dequantised(v3: Tensor, cfg: ABFPConfig, scale: Any, max_code: int) -> tuple[Tensor, Tensor]:
-    """STE view of one operand: dequantised values (B, R, T, n) and the DAC clamp mask (B, R, K)."""
+def dequantised(v3: Tensor, cfg: ABFPConfig, scale: Any, max_code: int) -> tuple[Tensor, Tensor | None]:
+    """STE view of one operand: dequantised values ``q = round(clamp(v / s, -1, 1) L) s / L``
+    (zero where the block scale ``s`` is zero) as (B, R, T, n'), and the DAC clamp mask
+    (B, R, K), or ``None`` where no element can clip (ABFP mode). ``n' = n``, or ``K`` when one
+    tile holds the whole reduction (the padding columns would be zeros that every consumer
+    drops; the values are the same)."""
     n = cfg.tile_width
     v3 = v3.detach().to(torch.float32)
-    s = block_scales(v3, n, cfg.scale_dtype) if cfg.mode == "abfp" else static_scales(v3, n, scale, cfg.scale_dtype)
-    t = s.shape[-1]
-    vt = pad_to_tiles(v3, n).reshape(*v3.shape[:-1], t, n)
-    pos = (s > 0).unsqueeze(-1)
-    safe = torch.where(pos, s.unsqueeze(-1), torch.ones_like(s.unsqueeze(-1)))
-    q = torch.round(torch.clamp(vt / safe, -1.0, 1.0) * max_code) * (safe / max_code)
-    q = torch.where(pos, q, torch.zeros_like(q))
+    k = v3.shape[-1]
+    nt = k if 0 < k <= n else n
+    vt = pad_to_tiles(v3, nt)
+    t = vt.shape[-1] // nt
+    s = padded_block_scales(vt, v3.shape[:-1], nt, cfg.scale_dtype) if cfg.mode == "abfp" else \
+        static_scales(v3, n, scale, cfg.scale_dtype)
+    vt = vt.reshape(*v3.shape[:-1], t, nt)
+    s1 = s.unsqueeze(-1)
+    pos = s1 > 0
+    everywhere = bool(pos.all())
+    safe = s1 if everywhere else torch.where(pos, s1, 1.0)
+    q = vt / safe
+    q.clamp_(-1.0, 1.0).mul_(max_code).round_().mul_(safe / max_code)
+    if not everywhere:
+        q.masked_fill_(~pos, 0.0)
     if cfg.mode == "abfp":
         # The block scale is the block's own max: its clamp only bites when the scale format
         # rounds the max down by a fraction of a code; that element keeps its gradient.
-        return q, torch.ones(v3.shape, dtype=torch.bool, device=v3.device)
+        return q, None
     return q, inside_clamp(v3, s, n)
+
+
+def training_product(x3: Tensor, w3: Tensor, cfg: ABFPConfig, *, input_scale: Any = None, weight_scale: Any = None,
+                     generator: torch.Generator | None = None, weights: Encoded | None = None,
+                     stats: ProductStats | None = None, key: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """The forward of a product with gradients: ``Y`` and the ADC clamp mask of the
+    straight-through backward, ``None`` when no ADC sample clipped (the usual case).
+
+    Where the noise is a counter key (uniform or none, not the reference kernel) the product runs
+    first on the inference path, the compiled kernels, counting the clipped samples; only if
+    one clipped is it run again with the mask (the torch path), under the same noise key, so
+    ``Y`` is the same either way. Otherwise it runs once with the mask."""
+    counter = cfg.kernel != "reference" and (cfg.noise_std == 0 or cfg.noise_dist == "uniform")
+    B, M, K = x3.shape
+    if not counter or min(B, M, K, w3.shape[1]) == 0:
+        return analog_product(x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale, generator=generator,
+                              stats=stats, want_mask=True, weights=weights, key=key)
+    if key is None:
+        key = draw_key(cfg, generator)  # the one draw the product makes
+    counted = ProductStats()
+    y, _ = analog_product(x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale, stats=counted,
+                          weights=weights, key=key)
+    if stats is not None:
+        stats.saturated += counted.saturated
+        stats.conversions += counted.conversions
+    if counted.saturated == 0:
+        return y, None
+    return analog_product(x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale, want_mask=True,
+                          weights=weights, key=key)
 
 
 class AnalogProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x3, w3, cfg, input_scale, weight_scale, generator, weights, stats, key=None):  # type: ignore[override]
-        want_mask = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        y, mask = analog_product(
-            x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale,
-            generator=generator, stats=stats, want_mask=want_mask, weights=weights, key=key,
-        )
-        if want_mask:
-            ctx.save_for_backward(x3, w3, mask)
-            ctx.cfg, ctx.input_scale, ctx.weight_scale = cfg, input_scale, weight_scale
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            y, _ = analog_product(x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale,
+                                  generator=generator, stats=stats, weights=weights, key=key)
+            return y
+        y, mask = training_product(x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale,
+                                   generator=generator, weights=weights, stats=stats, key=key)
+        ctx.clipped = mask is not None
+        ctx.save_for_backward(x3, w3, *([mask] if mask is not None else []))
+        ctx.cfg, ctx.input_scale, ctx.weight_scale = cfg, input_scale, weight_scale
         return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        x3, w3, mask = ctx.saved_tensors
-        gx, gw = ste_grads(gy, x3, w3, mask, ctx.cfg, ctx.input_scale, ctx.weight_scale,
+        x3, w3, *mask = ctx.saved_tensors
+        gx, gw = ste_grads(gy, x3, w3, mask[0] if mask else None, ctx.cfg, ctx.input_scale, ctx.weight_scale,
                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return gx, gw, None, None, None, None, None, None, None
 
 
-def ste_grads(gy: Tensor, x3: Tensor, w3: Tensor, mask: Tensor, cfg: ABFPConfig, input_scale: Any, weight_scale: Any,
+def ste_grads(gy: Tensor, x3: Tensor, w3: Tensor, mask: Tensor | None, cfg: ABFPConfig, input_scale: Any, weight_scale: Any,
               need_x: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
     """Straight-through gradients of ``Y = X3 @ W3^T`` on the device, in float32: the tile products
     of the dequantised codes, ``dX = sum_t (dY * m_t) Wq_t`` and ``dW = sum_t (dY * m_t)^T Xq_t``
     with ``m_t`` the ADC clamp mask of tile ``t`` (one GEMM each way when no sample clipped),
-    times the DAC clamp masks. ``mask``: (B, T, M, N) bool, True where not clipped."""
+    times the DAC clamp masks. ``mask``: (B, T, M, N) bool, True where not clipped (``None``:
+    no sample clipped)."""
     gy = gy.to(torch.float32)
     B, M, K = x3.shape
     Bw, N = w3.shape[0], w3.shape[1]
@@ -177,26 +221,29 @@ def ste_grads(gy: Tensor, x3: Tensor, w3: Tensor, mask: Tensor, cfg: ABFPConfig,
     wq, mw = dequantised(w3, cfg, weight_scale, cfg.weight_max_code)  # (Bw, N, T, n)
     T, n = xq.shape[2], xq.shape[3]
     gx = gw = None
-    if bool(mask.all()):
+    if mask is None or bool(mask.all()):
         # no ADC sample clipped: the tiles recombine into one GEMM each way
         xf = xq.reshape(B, M, T * n)[..., :K]
         wf = wq.reshape(Bw, N, T * n)[..., :K]
         if need_x:
-            gx = torch.matmul(gy, wf) * mx
+            gx = torch.matmul(gy, wf)
         if need_w:
             gw = torch.matmul(gy.transpose(1, 2), xf)
     else:
         gm = gy.unsqueeze(1) * mask  # (B, T, M, N)
         if need_x:
             gx = torch.matmul(gm, wq.permute(0, 2, 1, 3))  # (B, T, M, n)
-            gx = gx.permute(0, 2, 1, 3).reshape(B, M, T * n)[..., :K] * mx
+            gx = gx.permute(0, 2, 1, 3).reshape(B, M, T * n)[..., :K]
         if need_w:
             gw = torch.matmul(gm.transpose(-1, -2), xq.permute(0, 2, 1, 3))  # (B, T, N, n)
             gw = gw.permute(0, 2, 1, 3).reshape(B, N, T * n)[..., :K]
+    if gx is not None and mx is not None:
+        gx = gx * mx
     if gw is not None:
         if Bw == 1 and B > 1:
             gw = gw.sum(0, keepdim=True)
-        gw = gw * mw
+        if mw is not None:
+            gw = gw * mw
         gw = gw.to(w3.dtype)
     if gx is not None:
         gx = gx.to(x3.dtype)

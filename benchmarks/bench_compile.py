@@ -1,0 +1,71 @@
+"""A converted model in eager mode against the same model under ``torch.compile`` and the
+float32 model (issue 17, item 1).
+
+Each case is one inference forward (``torch.no_grad``) on one batch; the three are timed
+interleaved in one loop (fp32, eager, compiled, fp32, ...), so machine load hits them alike;
+the figures are medians of the per-round ratios against float32. The compiled model is
+``torch.compile(converted_model)`` (inductor; every product one ``abfp::device`` or
+``abfp::conv2d`` node, the digital work between them compiled); its output is checked equal
+to eager's (noise-free config) before timing.
+
+    python3 benchmarks/bench_compile.py [--models fashion-cnn,fashion-vit] [--repeats 20] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from abfp import ABFPConfig, zoo
+from abfp.nn import convert
+from timing import time_interleaved  # benchmarks/timing.py
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="fashion-cnn,fashion-vit")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
+    rows = []
+    for name in args.models.split(","):
+        task = zoo.get(name)
+        x = task.load_data().inputs[0][: args.batch_size]
+        fp32 = task.build_model().eval()
+        eager = convert(task.build_model().eval(), ABFPConfig(noise_std=0.0))
+        t0 = time.perf_counter()
+        compiled = torch.compile(eager)
+        with torch.no_grad():
+            same = torch.equal(compiled(x), eager(x))
+        compile_s = time.perf_counter() - t0
+        cases = {"fp32": fp32, "eager": eager, "compiled": compiled}
+
+        def run(m) -> None:
+            with torch.no_grad():
+                m(x)
+
+        times = time_interleaved([lambda m=m: run(m) for m in cases.values()], args.repeats)
+        row = {"model": name, "threads": args.threads, "repeats": args.repeats, "batch": args.batch_size,
+               "compiled_equals_eager": same, "first_compile_s": round(compile_s, 1)}
+        for case, t in zip(cases, times):
+            row[f"{case}_ms"] = 1e3 * statistics.median(t)
+            if case != "fp32":
+                row[f"{case}_ratio"] = statistics.median(b / a for a, b in zip(times[0], t))
+        rows.append(row)
+        print(json.dumps(row))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

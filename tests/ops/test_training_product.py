@@ -1,0 +1,66 @@
+"""The forward of a product with gradients (``ops.device.training_product``) equals the one-pass
+forward with the ADC mask: the same output and the same straight-through gradients, whether
+samples clip or not, with and without noise (the same key), and on the torch fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from abfp import ABFPConfig
+from abfp.numerics import ProductStats, analog_product
+from abfp.ops.device import AnalogProduct, dequantised, ste_grads, training_product
+
+
+def _operands(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 9, 70, generator=g), torch.randn(1, 5, 70, generator=g)
+
+
+@pytest.mark.parametrize("gain, clips", [(1.0, False), (64.0, True)])
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+@pytest.mark.parametrize("kernel", ["auto", "chunked"])
+def test_two_pass_forward_equals_the_masked_forward(gain, clips, noise, kernel):
+    cfg = ABFPConfig(tile_width=32, gain=gain, noise_std=noise, kernel=kernel)
+    x3, w3 = _operands(1)
+    key = 987654321
+    y1, mask1 = analog_product(x3, w3, cfg, want_mask=True, key=key)
+    stats = ProductStats()
+    y2, mask2 = training_product(x3, w3, cfg, key=key, stats=stats)
+    assert torch.equal(y1, y2)
+    assert (stats.saturated > 0) == clips == (not bool(mask1.all()))
+    assert stats.conversions == mask1.numel() and stats.saturated == int((~mask1).sum())
+    if clips:
+        assert torch.equal(mask1, mask2)
+    else:
+        assert mask2 is None
+    gy = torch.randn_like(y1)
+    g1 = ste_grads(gy, x3, w3, mask1, cfg, None, None, True, True)
+    g2 = ste_grads(gy, x3, w3, mask2, cfg, None, None, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_the_autograd_function_draws_one_key_as_before():
+    """Noise from torch's global generator: the product consumes exactly one draw (the key), so
+    the generator's state afterwards is what the one-pass forward leaves."""
+    cfg = ABFPConfig(tile_width=32, gain=64.0, noise_std=0.5)
+    x3, w3 = _operands(2)
+    torch.manual_seed(5)
+    y1, _ = analog_product(x3, w3, cfg, want_mask=True)
+    after1 = torch.rand(1)
+    torch.manual_seed(5)
+    y2 = AnalogProduct.apply(x3.requires_grad_(), w3, cfg, None, None, None, None, None)
+    after2 = torch.rand(1)
+    assert torch.equal(y1, y2.detach()) and torch.equal(after1, after2)
+
+
+def test_dequantised_without_padding_equals_the_padded_values():
+    """One tile holds the reduction (K <= n): the dequantised values are those of the padded
+    tile, without its zero columns."""
+    v3 = torch.randn(3, 4, 20)
+    cfg = ABFPConfig(tile_width=32)
+    q, mask = dequantised(v3, cfg, None, cfg.input_max_code)
+    assert q.shape == (3, 4, 1, 20) and mask is None
+    s = v3.abs().amax(-1, keepdim=True).to(torch.bfloat16).float()
+    expect = torch.round(torch.clamp(v3 / s, -1, 1) * cfg.input_max_code) * (s / cfg.input_max_code)
+    assert torch.equal(q.reshape(3, 4, 20), expect)
