@@ -51,6 +51,10 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _MIN_NORMAL = np.float32(2.0**-126)
 
 
+#: Rows and columns of one work item of :func:`narrow_rows` (its sums: 16 KiB, in L1).
+NARROW_ROWS = 16
+NARROW_COLS = 256
+
 _launched_in: int | None = None  # the process whose threads ran the kernels
 
 
@@ -95,6 +99,19 @@ if AVAILABLE:
         z = splitmix64(key, (u >> np.uint64(2)) + np.uint64(1))
         v = np.int64((z >> ((u & np.uint64(3)) * np.uint64(16))) & np.uint64(0xFFFF))
         return np.float32(((v ^ 0x8000) - 0x8000) | 1)
+
+    @njit(inline="always", **_jit)
+    def _noise_run(key, base, nj, buf):
+        """``buf[off + j] = _noise_int(key, base + j)`` for ``j < nj``, ``off = base mod 4``
+        (returned): one hash per four samples (the four 16-bit lanes of one splitmix64
+        output) instead of one per sample; ``buf`` holds at least ``nj + 6`` values."""
+        g0 = base >> 2
+        for g in range(((base + nj + 3) >> 2) - g0):
+            z = splitmix64(key, np.uint64(g0 + g) + np.uint64(1))
+            for lane in range(4):  # unrolled: four adjacent stores
+                v = np.int64((z >> np.uint64(16 * lane)) & np.uint64(0xFFFF))
+                buf[4 * g + lane] = np.float32(((v ^ 0x8000) - 0x8000) | 1)
+        return base - 4 * g0
 
     @njit(inline="always", **_jit)
     def _lsb(dv, mult, q, w16, key, noisy, idx):
@@ -145,6 +162,103 @@ if AVAILABLE:
                     if count:
                         clipped += abs(r) > ly
                     out[j] += (np.rint(min(max(r, -ly), ly)) * s) * wt[j]
+        return clipped
+
+    @njit(inline="always", **_jit)
+    def _narrow_dots(x, ib, g0, g1, t, wt, j0, j1, dv):
+        """``dv[r - g0, j] = D`` for rows ``g0 .. g1 - 1`` (at most 4) and columns ``j0 .. j1 - 1``
+        of tile ``t``: float32 dot products of integer codes (exact, so in any order the
+        GEMM's numbers); four rows share every weight load, two terms at a time."""
+        n = wt.shape[0]
+        nj = j1 - j0
+        for rr in range(g1 - g0):
+            d = dv[rr]
+            for j in range(nj):
+                d[j] = np.float32(0.0)
+        if g1 - g0 == 4:
+            x0 = x[ib, g0, t * n : t * n + n]
+            x1 = x[ib, g0 + 1, t * n : t * n + n]
+            x2 = x[ib, g0 + 2, t * n : t * n + n]
+            x3 = x[ib, g0 + 3, t * n : t * n + n]
+            d0, d1, d2, d3 = dv[0], dv[1], dv[2], dv[3]
+            k = 0
+            while k < n:
+                k2 = min(k + 1, n - 1)
+                h = np.float32(1.0) if k2 > k else np.float32(0.0)  # an odd last term: the second is 0
+                wa, wb = wt[k, j0:j1], wt[k2, j0:j1]
+                a0, a1, a2, a3 = x0[k], x1[k], x2[k], x3[k]
+                b0, b1, b2, b3 = x0[k2] * h, x1[k2] * h, x2[k2] * h, x3[k2] * h
+                for j in range(nj):
+                    p = wa[j]
+                    u = wb[j]
+                    d0[j] += a0 * p + b0 * u
+                    d1[j] += a1 * p + b1 * u
+                    d2[j] += a2 * p + b2 * u
+                    d3[j] += a3 * p + b3 * u
+                k += 2
+        else:
+            for r in range(g0, g1):
+                xr = x[ib, r, t * n : t * n + n]
+                d = dv[r - g0]
+                for k in range(n):
+                    wa = wt[k, j0:j1]
+                    c = xr[k]
+                    for j in range(nj):
+                        d[j] += c * wa[j]
+
+    @njit(parallel=True, **_jit)
+    def narrow_rows(x, sx, wc, sw, mult, q, w16, ly, key, noisy, count, y, b_off, M, m_off):
+        """Tile products, ADC and tile sum in one pass, for narrow tiles (no partial sums in memory).
+
+        ``x`` (b, m, T n) float32 input codes of rows ``m_off ...`` of batches ``b_off ...``
+        of a (B, T, M, N) product; ``sx`` (b, m, T) their scales; ``wc`` (Bw, T, n, N) weight
+        codes and ``sw`` (Bw, T, N) scales (Bw = 1: shared). Each work item takes
+        :data:`NARROW_ROWS` rows by :data:`NARROW_COLS` columns: for ``t = 0, 1, ...`` the
+        tile products ``D`` of its rows (:func:`_narrow_dots`, exact: the caller checks the
+        bound) go through the ADC of :func:`epilogue_rows` and into the rows' sums, held in
+        a small local block. ``y`` (b, m, N) receives the sums; returns the number of
+        clipped samples (``count``; else 0).
+        """
+        b, m, _ = x.shape
+        T, N = wc.shape[1], wc.shape[3]
+        shared = wc.shape[0] == 1
+        rb = (m + NARROW_ROWS - 1) // NARROW_ROWS
+        cb = (N + NARROW_COLS - 1) // NARROW_COLS
+        clipped = 0
+        for item in prange(b * rb * cb):
+            ib = item // (rb * cb)
+            r0 = ((item // cb) % rb) * NARROW_ROWS
+            j0 = (item % cb) * NARROW_COLS
+            r1 = min(m, r0 + NARROW_ROWS)
+            j1 = min(N, j0 + NARROW_COLS)
+            nj = j1 - j0
+            wb = 0 if shared else b_off + ib
+            acc = np.zeros((NARROW_ROWS, NARROW_COLS), np.float32)
+            dv = np.empty((4, NARROW_COLS), np.float32)
+            nz = np.empty(NARROW_COLS + 8, np.float32)
+            for t in range(T):
+                st = sw[wb, t, j0:j1]
+                for g0 in range(r0, r1, 4):
+                    g1 = min(r1, g0 + 4)
+                    _narrow_dots(x, ib, g0, g1, t, wc[wb, t], j0, j1, dv)
+                    for r in range(g0, g1):
+                        d = dv[r - g0]
+                        s = sx[ib, r, t]
+                        out = acc[r - r0]
+                        base = (((b_off + ib) * T + t) * M + m_off + r) * N + j0
+                        off = _noise_run(key, base, nj, nz) if noisy else 0
+                        for j in range(nj):
+                            v = (np.float32(d[j]) * mult) / q  # as _lsb, the noise integers drawn above
+                            if noisy:
+                                v = v + nz[off + j] * w16
+                            if count:
+                                clipped += abs(v) > ly
+                            out[j] += (np.rint(min(max(v, -ly), ly)) * s) * st[j]
+            for r in range(r0, r1):
+                dst = y[ib, r, j0:j1]
+                src = acc[r - r0]
+                for j in range(nj):
+                    dst[j] = src[j]
         return clipped
 
     @njit(parallel=True, **_jit)

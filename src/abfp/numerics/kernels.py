@@ -44,6 +44,10 @@ INT8_MIN_MACS = 1 << 18
 #: output, and one batched float32 GEMM over all tiles wins (measured: n = 8 and 16 lose,
 #: n = 32 ties, n >= 64 wins by 1.5-2x; ``benchmarks/bench_linear.py``).
 INT8_MIN_TILE = 32
+#: Tiles narrower than this run the tile products inside the compiled epilogue
+#: (:func:`.fused.narrow_rows`): with a short reduction a GEMM is bound by writing its
+#: ``(T, rows, N)`` partial sums, which the fused kernel never stores.
+NARROW_MAX_TILE = 32
 
 
 def use_int8(w: Encoded, plan: AdcPlan, rows: int) -> bool:
@@ -151,10 +155,20 @@ def analog_gemm(
     if compiled:
         fused.set_threads()
     sw_all = w.scales  # (Bw, T, N)
-    # rows per chunk: bounded by the partial sums (T*N per row) and the input codes (T*n per row)
-    chunks = plan_chunks(B, M, chunk_elements // (T * max(N, n)))
+    narrow = compiled and n < NARROW_MAX_TILE and gd == torch.float32
+    # rows per chunk: bounded by the partial sums (T*N per row; none in the narrow kernel) and
+    # the input codes (T*n per row)
+    chunks = plan_chunks(B, M, chunk_elements // (T * (n if narrow else max(N, n))))
     for b0, b1, m0, m1 in chunks:
         b, m = b1 - b0, m1 - m0
+        if narrow:  # tile products, ADC and tile sum in one kernel
+            codes, sx = _encode_rows_compiled(x3[b0:b1, m0:m1], n, T, cfg, input_scale, False)
+            clipped = fused.narrow_rows(
+                fused.as_numpy(codes.view(b, m, T * n)), fused.as_numpy(sx), fused.as_numpy(wc), fused.as_numpy(sw_all),
+                *_adc_args(cfg, plan, 1.0, plan.divisor, key, stats is not None), fused.as_numpy(y[b0:b1, m0:m1]),
+                b0, M, m0)
+            _count(stats, clipped, b * T * m * N)
+            continue
         int8 = use_int8(w, plan, m)
         if compiled:
             codes, sx = _encode_rows_compiled(x3[b0:b1, m0:m1], n, T, cfg, input_scale, int8)
