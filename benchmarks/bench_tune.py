@@ -87,7 +87,7 @@ def main() -> None:
 
     def from_stage(s) -> None:  # tune measured it already (same inputs, same noise seed)
         vals = {metric.name: s.metric, **s.extra}
-        errs = {x.name: s.stderr if x.name == metric.name else None for x in metrics}
+        errs = {metric.name: s.stderr, **s.extra_stderr}
         rows.append({"stage": s.name, "metrics": vals, "stderr": errs, "energy_pj": s.energy, "seconds": s.seconds,
                      "plan": s.plan.to_dict(), "note": s.note})
 

@@ -67,6 +67,8 @@ def test_tune_finetune_stage_improves_held_out_fidelity() -> None:
     assert tuned.metric < 0.8 * gain.metric, (gain.metric, tuned.metric)
     assert tuned.stderr is not None and 0 < tuned.stderr < tuned.metric
     assert set(tuned.extra) == {AGREEMENT.name} and 0 <= tuned.extra[AGREEMENT.name] <= 100
+    p = tuned.extra[AGREEMENT.name] / 100  # the agreement's standard error, 100 sqrt(p (1 - p) / (N - 1))
+    assert tuned.extra_stderr[AGREEMENT.name] == pytest.approx(100 * (p * (1 - p) / 255) ** 0.5, rel=1e-9, abs=1e-12)
     assert tuned.energy == gain.energy  # finetuning changes weights, not the device
     assert res.details["finetune"]["loss"] == "kl" and res.details["finetune"]["method"] == "distil-qat"
     # the result's model is the finetuned float32 model; the input model is untouched

@@ -126,6 +126,18 @@ def clear_cache() -> None:
 
 
 # --------------------------------------------------------------------------- autograd
+def _dequantise_(q: Tensor, s: Tensor, max_code: int) -> Tensor:
+    """``q = round(clamp(q / s, -1, 1) L) s / L`` in place over blocks ``q`` (..., n) with scales
+    ``s`` (..., 1); zero where ``s`` is zero."""
+    pos = s > 0
+    everywhere = bool(pos.all())
+    safe = s if everywhere else torch.where(pos, s, 1.0)
+    q.div_(safe).clamp_(-1.0, 1.0).mul_(max_code).round_().mul_(safe / max_code)
+    if not everywhere:
+        q.masked_fill_(~pos, 0.0)
+    return q
+
+
 def dequantised(v3: Tensor, cfg: ABFPConfig, scale: Any, max_code: int) -> tuple[Tensor, Tensor | None]:
     """STE view of one operand: dequantised values ``q = round(clamp(v / s, -1, 1) L) s / L``
     (zero where the block scale ``s`` is zero) as (B, R, T, n'), and the DAC clamp mask
@@ -140,20 +152,36 @@ def dequantised(v3: Tensor, cfg: ABFPConfig, scale: Any, max_code: int) -> tuple
     t = vt.shape[-1] // nt
     s = padded_block_scales(vt, v3.shape[:-1], nt, cfg.scale_dtype) if cfg.mode == "abfp" else \
         static_scales(v3, n, scale, cfg.scale_dtype)
-    vt = vt.reshape(*v3.shape[:-1], t, nt)
-    s1 = s.unsqueeze(-1)
-    pos = s1 > 0
-    everywhere = bool(pos.all())
-    safe = s1 if everywhere else torch.where(pos, s1, 1.0)
-    q = vt / safe
-    q.clamp_(-1.0, 1.0).mul_(max_code).round_().mul_(safe / max_code)
-    if not everywhere:
-        q.masked_fill_(~pos, 0.0)
-    if cfg.mode == "abfp":
-        # The block scale is the block's own max: its clamp only bites when the scale format
-        # rounds the max down by a fraction of a code; that element keeps its gradient.
-        return q, None
-    return q, inside_clamp(v3, s, n)
+    q = _dequantise_(vt.reshape(*v3.shape[:-1], t, nt).clone(), s.unsqueeze(-1), max_code)
+    return q, (None if cfg.mode == "abfp" else inside_clamp(v3, s, n))
+
+
+def dequantised_rows(v3: Tensor, cfg: ABFPConfig, scale: Any, max_code: int) -> tuple[Tensor, Tensor | None]:
+    """:func:`dequantised` laid out as ``v3`` (B, R, K), without padding: the full tiles at once,
+    then the last, shorter one on its own columns (the same values: padding zeros change no
+    block maximum)."""
+    n = cfg.tile_width
+    v3 = v3.detach().to(torch.float32)
+    lead, k = v3.shape[:-1], v3.shape[-1]
+    full = k // n
+    spans = [(0, full * n)] * (full > 0) + [(full * n, k)] * (k > full * n)
+    q = None if len(spans) == 1 else torch.empty(v3.shape, dtype=torch.float32, device=v3.device)
+    for a, b in spans:
+        w = min(n, b - a)
+        part = torch.empty(*lead, (b - a) // w, w, dtype=torch.float32, device=v3.device)
+        part.view(*lead, b - a).copy_(v3[..., a:b])
+        if cfg.mode == "abfp":
+            s = padded_block_scales(part.view(*lead, b - a), lead, w, cfg.scale_dtype)
+        else:
+            s = static_scales(part.view(*lead, b - a), w, scale, cfg.scale_dtype)
+        _dequantise_(part, s.unsqueeze(-1), max_code)
+        if q is None:
+            q = part.view(*lead, k)
+        else:
+            q[..., a:b] = part.view(*lead, b - a)
+    if q is None:  # an empty reduction
+        q = v3.clone()
+    return q, (None if cfg.mode == "abfp" else inside_clamp(v3, static_scales(v3, n, scale, cfg.scale_dtype), n))
 
 
 def training_product(x3: Tensor, w3: Tensor, cfg: ABFPConfig, *, input_scale: Any = None, weight_scale: Any = None,
@@ -217,19 +245,19 @@ def ste_grads(gy: Tensor, x3: Tensor, w3: Tensor, mask: Tensor | None, cfg: ABFP
     gy = gy.to(torch.float32)
     B, M, K = x3.shape
     Bw, N = w3.shape[0], w3.shape[1]
-    xq, mx = dequantised(x3, cfg, input_scale, cfg.input_max_code)  # (B, M, T, n)
-    wq, mw = dequantised(w3, cfg, weight_scale, cfg.weight_max_code)  # (Bw, N, T, n)
-    T, n = xq.shape[2], xq.shape[3]
     gx = gw = None
     if mask is None or bool(mask.all()):
         # no ADC sample clipped: the tiles recombine into one GEMM each way
-        xf = xq.reshape(B, M, T * n)[..., :K]
-        wf = wq.reshape(Bw, N, T * n)[..., :K]
+        xf, mx = dequantised_rows(x3, cfg, input_scale, cfg.input_max_code)  # (B, M, K)
+        wf, mw = dequantised_rows(w3, cfg, weight_scale, cfg.weight_max_code)  # (Bw, N, K)
         if need_x:
             gx = torch.matmul(gy, wf)
         if need_w:
             gw = torch.matmul(gy.transpose(1, 2), xf)
     else:
+        xq, mx = dequantised(x3, cfg, input_scale, cfg.input_max_code)  # (B, M, T, n)
+        wq, mw = dequantised(w3, cfg, weight_scale, cfg.weight_max_code)  # (Bw, N, T, n)
+        T, n = xq.shape[2], xq.shape[3]
         gm = gy.unsqueeze(1) * mask  # (B, T, M, N)
         if need_x:
             gx = torch.matmul(gm, wq.permute(0, 2, 1, 3))  # (B, T, M, n)

@@ -54,9 +54,11 @@ class StageResult:
     note: str = ""
     stderr: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    extra_stderr: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.name, "metric": self.metric, "stderr": self.stderr, "extra": self.extra,
+                "extra_stderr": self.extra_stderr,
                 "energy_pj": self.energy, "seconds": self.seconds, "note": self.note}
 
     def metric_text(self) -> str:
@@ -268,9 +270,11 @@ def tune(
         seconds = time.perf_counter() - t0
         out = plan_outputs(m, plan, evald, batch_size, seed)
         v = metric(out, evald.targets, ref_eval)
-        extra = {x.name: x(out, evald.targets, ref_eval) for x in extra_metrics if x.name != metric.name}
+        others = [x for x in extra_metrics if x.name != metric.name]
         stages.append(StageResult(name, v, _energy(m, plan, e_inputs, params), seconds, plan, note,
-                                  metric.stderr(out, evald.targets, ref_eval), extra))
+                                  metric.stderr(out, evald.targets, ref_eval),
+                                  {x.name: x(out, evald.targets, ref_eval) for x in others},
+                                  {x.name: x.stderr(out, evald.targets, ref_eval) for x in others}))
         say(f"{name}: {metric.name} {stages[-1].metric_text()}, {stages[-1].energy / 1e6:.4g} uJ per inference "
             f"({seconds:.1f} s)")
 
