@@ -269,3 +269,24 @@ def test_calibration_split_sets_fixed_point_scales_and_keys_the_cache(tmp_path):
     assert other == pytest.approx(KL(out, None, ref), rel=1e-6)
     # served from the cache: each calibration split keeps its own result
     assert value(wide) == other and value(None) == own
+
+
+def test_model_fingerprint_is_the_same_in_every_process():
+    """A set literal in a method (``x in {"a", "b"}``, as torch's Conv2d has) compiles to a
+    frozenset constant whose repr order follows the per-process string hash seed; the print
+    must not (else a cache written by one process is never read by the next)."""
+    import subprocess
+    import sys
+
+    code = ("import torch.nn as nn\n"
+            "from abfp.evaluate.fingerprint import model_fingerprint\n"
+            "class M(nn.Module):\n"
+            "    def forward(self, x):\n"
+            "        return x if self.mode in {'alpha', 'beta', 'gamma', 'delta', 'eps'} else -x\n"
+            "import torch; torch.manual_seed(0)\n"
+            "m = M(); m.mode = 'alpha'\n"
+            "print(model_fingerprint(nn.Sequential(m, nn.Conv2d(1, 2, 3))))\n")
+    prints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout
+              for seed in (1, 2, 3, 4)}
+    assert len(prints) == 1 and len(prints.pop().strip()) == 64

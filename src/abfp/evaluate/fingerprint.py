@@ -63,6 +63,17 @@ def _plain(value: Any, depth: int = 0) -> str | None:
     return None
 
 
+def _const_text(c: Any) -> str:
+    """A constant's text, the same in every process: a ``frozenset`` (``x in {"a", "b"}``
+    compiles to one) is written sorted, since its ``repr`` order follows the per-process
+    string hash seed. Other constants keep their ``repr`` (so their prints do not change)."""
+    if isinstance(c, frozenset):
+        return "frozenset({" + ", ".join(sorted(_const_text(v) for v in c)) + "})"
+    if isinstance(c, tuple) and any(isinstance(v, (frozenset, tuple)) for v in c):
+        return "(" + ", ".join(_const_text(v) for v in c) + ("," if len(c) == 1 else "") + ")"
+    return repr(c)
+
+
 def _update_code(h: Any, code: types.CodeType, depth: int = 0) -> None:
     h.update(code.co_code)
     h.update(repr(code.co_names).encode())
@@ -71,7 +82,7 @@ def _update_code(h: Any, code: types.CodeType, depth: int = 0) -> None:
             if depth < 8:
                 _update_code(h, c, depth + 1)
         else:
-            h.update(repr(c).encode())
+            h.update(_const_text(c).encode())
 
 
 def _update_callable(h: Any, fn: Any, depth: int = 0) -> None:
