@@ -5,8 +5,10 @@ Each case is one inference forward (``torch.no_grad``) on one batch; the three a
 interleaved in one loop (fp32, eager, compiled, fp32, ...), so machine load hits them alike;
 the figures are medians of the per-round ratios against float32. The compiled model is
 ``torch.compile(converted_model)`` (inductor; every product one ``abfp::device`` or
-``abfp::conv2d`` node, the digital work between them compiled); its output is checked equal
-to eager's (noise-free config) before timing.
+``abfp::conv2d`` node, the digital work between them compiled); its output is compared with
+eager's (noise-free config): equal when inductor rounds the digital float32 work as eager does
+(the CNN), else an ADC sample near a code boundary may round the other way (the ViT's layer
+norm and softmax: ``max_abs_diff``).
 
     python3 benchmarks/bench_compile.py [--models fashion-cnn,fashion-vit] [--repeats 20] [--threads 1]
 """
@@ -45,7 +47,7 @@ def main() -> None:
         t0 = time.perf_counter()
         compiled = torch.compile(eager)
         with torch.no_grad():
-            same = torch.equal(compiled(x), eager(x))
+            yc, ye = compiled(x), eager(x)
         compile_s = time.perf_counter() - t0
         cases = {"fp32": fp32, "eager": eager, "compiled": compiled}
 
@@ -55,7 +57,8 @@ def main() -> None:
 
         times = time_interleaved([lambda m=m: run(m) for m in cases.values()], args.repeats)
         row = {"model": name, "threads": args.threads, "repeats": args.repeats, "batch": args.batch_size,
-               "compiled_equals_eager": same, "first_compile_s": round(compile_s, 1)}
+               "compiled_equals_eager": torch.equal(yc, ye), "max_abs_diff": float((yc - ye).abs().max()),
+               "first_compile_s": round(compile_s, 1)}
         for case, t in zip(cases, times):
             row[f"{case}_ms"] = 1e3 * statistics.median(t)
             if case != "fp32":

@@ -46,6 +46,7 @@ from .state import AnalogState
 __all__ = ["AnalogMode", "EnterHook", "ExitHook", "Frame", "ProductCall", "digital_call", "drop_stale", "run_product"]
 
 _tls = threading.local()
+_tls.stack = []  # the importing thread's, made here so that a compiled call does not guard on its creation
 
 
 def _stack() -> list[Frame]:
