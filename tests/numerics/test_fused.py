@@ -192,3 +192,33 @@ def test_bfloat16_scales_round_as_torch_rounds_ties_included():
     one = np.zeros(1, np.int64)
     fused.patch_encode(xs, one, one, 1, 1, True, np.float32(127), False, scales, codes)
     assert torch.equal(torch.from_numpy(scales).flatten(), vals.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("cout, groups", [(8, 1), (16, 2), (12, 3)])
+def test_four_channel_epilogue_equals_the_torch_path(monkeypatch, cout, groups):
+    """Output channels per group a multiple of 4: :func:`fused.epilogue_cols4` (one noise hash per
+    four channels) gives the torch path's numbers and clipped count, with noise and saturation."""
+    calls = {"four": 0}
+    real = fused.epilogue_cols4
+
+    def spy(*a):
+        calls["four"] += 1
+        return real(*a)
+
+    monkeypatch.setattr(fused, "epilogue_cols4", spy)
+    g = torch.Generator().manual_seed(cout)
+    x = torch.randn(2, 2 * groups, 9, 13, generator=g) * 2
+    wt = torch.randn(cout, 2, 3, 3, generator=g)
+    cfg = ABFPConfig(tile_width=8, gain=8.0, noise_std=1.0)
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(fused, "AVAILABLE", on)
+        AF.clear_cache()
+        stats = ProductStats()
+        with torch.no_grad():
+            y = AF.conv2d(x, wt, padding=1, stride=(1, 2), groups=groups, config=cfg,
+                          generator=torch.Generator().manual_seed(5), stats=stats)
+        outs.append((y, stats.saturated, stats.conversions))
+    assert calls["four"] > 0
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert outs[0][1:] == outs[1][1:] and outs[0][1] > 0

@@ -153,7 +153,8 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                 _matmul_into(d[:, :full], wt[:, :full], codes[:, : full * n].view(G, full, n, b * L))
             if full < T:
                 _matmul_into(d[:, full], wt[:, full, :, : kg - full * n], codes[:, full * n :])
-        clipped += fused.epilogue_cols(fused.as_numpy(d), *adc_args, fused.as_numpy(s.view(T, G, b * L)),
+        epilogue = fused.epilogue_cols4 if Ng % 4 == 0 else fused.epilogue_cols
+        clipped += epilogue(fused.as_numpy(d), *adc_args, fused.as_numpy(s.view(T, G, b * L)),
                                        weight_scales_np, fused.as_numpy(y[b0:b1, :, h0:h1]), row_width,
                                        _output_index(out_rows, row_width, wo, Ng), bt * ho * wo,
                                        (b0 * ho + h0) * wo)

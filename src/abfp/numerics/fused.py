@@ -301,6 +301,53 @@ if AVAILABLE:
         return clipped
 
     @njit(parallel=True, **_jit)
+    def epilogue_cols4(d, mult, q, w16, ly, key, noisy, count, sx, sw, y, wv, real, p_total, p_off):
+        """:func:`epilogue_cols` four output channels at a time, for ``Ng`` a multiple of 4
+        (same arguments, same numbers). The noise of channels ``o0 .. o0 + 3`` (``o0`` a
+        multiple of 4) at one position has indices ``4 i .. 4 i + 3``: the four 16-bit lanes
+        of one splitmix64 output (:mod:`.counter_noise`), so one hash serves four samples."""
+        G, T, Ng, _ = d.shape
+        bc, _, hr, wo = y.shape
+        lb = hr * wv
+        og = Ng // 4
+        clipped = 0
+        for item in prange(G * og * bc):
+            g = item // (og * bc)
+            o0 = ((item // bc) % og) * 4
+            ib = item % bc
+            acc = np.zeros((4, lb), np.float32)
+            nz = np.zeros((4, lb), np.float32)
+            v0 = ib * lb
+            for t in range(T):
+                st = sx[t, g, v0 : v0 + lb]
+                base = ((g * T + t) * p_total + p_off + ib * hr * wo) * Ng + o0
+                if noisy:
+                    for v in range(lb):  # extra columns (real < 0): any value, never used
+                        z = splitmix64(key, np.uint64(max(base + real[v], 0) >> 2) + np.uint64(1))
+                        for lane in range(4):
+                            u = np.int64((z >> np.uint64(16 * lane)) & np.uint64(0xFFFF))
+                            nz[lane, v] = np.float32(((u ^ 0x8000) - 0x8000) | 1)
+                for lane in range(4):
+                    dt = d[g, t, o0 + lane, v0 : v0 + lb]
+                    wt = sw[g, t, o0 + lane]
+                    a = acc[lane]
+                    e = nz[lane]
+                    for v in range(lb):
+                        r = (np.float32(dt[v]) * mult) / q  # as _lsb, with the noise integers above
+                        if noisy:
+                            r = r + e[v] * w16
+                        if count:
+                            clipped += (abs(r) > ly) & (real[v] >= 0)
+                        a[v] += (np.rint(min(max(r, -ly), ly)) * st[v]) * wt
+            for lane in range(4):
+                a = acc[lane]
+                for h in range(hr):
+                    row = y[ib, g * Ng + o0 + lane, h]
+                    for w in range(wo):
+                        row[w] = a[h * wv + w]
+        return clipped
+
+    @njit(parallel=True, **_jit)
     def patch_encode(xs, k_src, k_off, kg, n, bf16, lx, clamp, out_s, out):
         """Block scales and DAC codes of a convolution's patches, one tile at a time.
 
