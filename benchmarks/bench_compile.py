@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import torch
 
 from abfp import ABFPConfig, zoo
 from abfp.nn import convert
-from timing import time_interleaved  # benchmarks/timing.py
+from timing import ratio_row, time_interleaved  # benchmarks/timing.py
 
 
 def main() -> None:
@@ -59,11 +58,7 @@ def main() -> None:
         row = {"model": name, "threads": args.threads, "repeats": args.repeats, "batch": args.batch_size,
                "compiled_equals_eager": torch.equal(yc, ye), "max_abs_diff": float((yc - ye).abs().max()),
                "first_compile_s": round(compile_s, 1)}
-        for case, t in zip(cases, times):
-            row[f"{case}_ms"] = 1e3 * statistics.median(t)
-            if case != "fp32":
-                row[f"{case}_ratio"] = statistics.median(b / a for a, b in zip(times[0], t))
-        rows.append(row)
+        rows.append(ratio_row(row, list(cases), times))
         print(json.dumps(row))
     if args.json:
         with open(args.json, "w") as f:

@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from abfp import ABFPConfig, zoo
 from abfp.finetune.data import training_data
 from abfp.nn import convert
-from timing import time_interleaved  # benchmarks/timing.py
+from timing import ratio_row, time_interleaved  # benchmarks/timing.py
 
 #: the issue's finetuning scenarios (docs/finetune.md): A for the CNN, C for the transformer
 CONFIGS = {"fashion-cnn": ABFPConfig(noise_std=2.0), "fashion-vit": ABFPConfig(gain=1.0, noise_std=0.2887)}
@@ -62,11 +61,8 @@ def main() -> None:
 
             steps.append(step)
         times = time_interleaved(steps, args.repeats)
-        row = {"model": name, "threads": args.threads, "repeats": args.repeats, "batch": args.batch_size}
-        for case, t in zip(cases, times):
-            row[f"{case}_ms"] = 1e3 * statistics.median(t)
-            if case != "fp32":
-                row[f"{case}_ratio"] = statistics.median(b / a for a, b in zip(times[0], t))
+        row = ratio_row({"model": name, "threads": args.threads, "repeats": args.repeats, "batch": args.batch_size},
+                        list(cases), times)
         rows.append(row)
         print(json.dumps(row))
     if args.json:
