@@ -233,9 +233,9 @@ if AVAILABLE:
             j1 = min(N, j0 + NARROW_COLS)
             nj = j1 - j0
             wb = 0 if shared else b_off + ib
-            acc = np.zeros((NARROW_ROWS, NARROW_COLS), np.float32)
-            dv = np.empty((4, NARROW_COLS), np.float32)
-            nz = np.empty(NARROW_COLS + 8, np.float32)
+            acc = np.zeros((min(NARROW_ROWS, r1 - r0), nj), np.float32)  # small products: small blocks
+            dv = np.empty((4, nj), np.float32)
+            nz = np.empty(nj + 8, np.float32)
             for t in range(T):
                 st = sw[wb, t, j0:j1]
                 for g0 in range(r0, r1, 4):
