@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by process CPU time instead of wall clock (steadier on a machine shared with other jobs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cases = {
@@ -95,15 +97,17 @@ def main() -> None:
     models["ABFP n=128 G=8 noise, channels-last"] = abfp.convert(
         task.build_model().eval().to(memory_format=cl), cases["ABFP n=128 G=8 noise 1 bin"], inplace=True)
     times: dict[str, list[float]] = {k: [] for k in models}
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for m in models.values():
         run_model(m, data.take(args.batch_size), args.batch_size)  # warm-up (weight encodings cached)
     for _ in range(args.repeats):
         for k, m in models.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             run_model(m, data, args.batch_size)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     print(f"{args.task}, {args.samples} samples, batch {args.batch_size}, torch {torch.__version__}, "
-          f"{args.threads} threads, {platform.machine()}; medians of {args.repeats}")
+          f"{args.threads} threads, {platform.machine()}; medians of {args.repeats}"
+          f"{' (process CPU time)' if args.cpu_time else ''}")
     print("time x: against float32 in the same memory format (channels-last rows: against float32 channels-last)")
     print(f"{'case':<36} {'seconds':>8} {'time x':>7} {'peak MB':>8} {'mem x':>6} {'warm-up MB':>11}")
     mem_fp = None if args.no_memory else peak_memory_mb(args.task, args.samples, args.threads, "fp32",
