@@ -320,11 +320,9 @@ class NotTraceable(RuntimeError):
 def tracing() -> bool:
     """Whether a tracer runs this code: dynamo (``torch.compile``, strict ``torch.export``), a
     fake-tensor tracer (non-strict ``torch.export``, ``make_fx``) or ``torch.jit.trace``."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return True
-    from torch._guards import detect_fake_mode  # deferred: a private module, looked up only here
-
-    return detect_fake_mode() is not None
+    # cheap checks only (a few tenths of a microsecond each): this runs on every eager product
+    return (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
 
 
 def _json_value(v: Any) -> str:
