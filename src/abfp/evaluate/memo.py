@@ -16,7 +16,7 @@ call keeps, for the lifetime of the search:
 Keys are fingerprints, not object identities: a model changed in place, other data or another
 rule is recomputed, never served stale. ``forwards`` counts the passes the memo could not
 save (tests use it: a search whose designs all come from the disk cache runs one float32
-pass and nothing else).
+pass and no other evaluation pass; the explorer's energy recording is outside the memo).
 """
 
 from __future__ import annotations
