@@ -12,7 +12,7 @@ in ``tests/numerics/test_fused.py``):
 - :func:`rows_block_max` / :func:`rows_codes`: the same for the rows of a product (linear
   layers, attention);
 - :func:`epilogue_rows` / :func:`epilogue_cols`: ADC on integer tile products
-  ``r = D * mult / q``, noise (:mod:`.counter_noise`), clamp, round, ``* sx * sw``, and the
+  ``r = D * lsb_num / lsb_den``, noise (:mod:`.counter_noise`), clamp, round, ``* sx * sw``, and the
   float32 sum over tiles in order ``t = 0, 1, ...``.
 
 numba compiles them on first use (a few seconds, cached on disk afterwards) and runs them
@@ -114,11 +114,11 @@ if AVAILABLE:
         return base - 4 * g0
 
     @njit(inline="always", **_jit)
-    def _lsb(dv, mult, q, w16, key, noisy, idx):
-        """A tile product in output LSBs, with its noise: ``D * mult / q + e``."""
-        r = (np.float32(dv) * mult) / q
+    def _lsb(dv, lsb_num, lsb_den, noise_step, key, noisy, idx):
+        """A tile product in output LSBs, with its noise: ``D * lsb_num / lsb_den + e``."""
+        r = (np.float32(dv) * lsb_num) / lsb_den
         if noisy:
-            r = r + _noise_int(key, idx) * w16
+            r = r + _noise_int(key, idx) * noise_step
         return r
 
     @njit(inline="always", **_jit)
@@ -136,7 +136,7 @@ if AVAILABLE:
             dst[v] = _code(src[v], scales[v], lx, clamp)
 
     @njit(parallel=True, **_jit)
-    def epilogue_rows(d, mult, q, w16, ly, key, noisy, count, sx, sw, y, b_off, M, m_off):
+    def epilogue_rows(d, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, b_off, M, m_off):
         """``y[b, m, :] = sum_t ADC(d[b, t, m, :]) * sx[b, m, t] * sw[b or 0, t, :]``.
 
         ``d`` (b, T, m, N) tile products of a chunk of rows ``m_off ...`` of batches
@@ -158,7 +158,7 @@ if AVAILABLE:
                 wt = wb[t]
                 base = (((b_off + ib) * T + t) * M + m_off + im) * N
                 for j in range(N):
-                    r = _lsb(dt[j], mult, q, w16, key, noisy, base + j)
+                    r = _lsb(dt[j], lsb_num, lsb_den, noise_step, key, noisy, base + j)
                     if count:
                         clipped += abs(r) > ly
                     out[j] += (np.rint(min(max(r, -ly), ly)) * s) * wt[j]
@@ -207,7 +207,7 @@ if AVAILABLE:
                         d[j] += c * wa[j]
 
     @njit(parallel=True, **_jit)
-    def narrow_rows(x, sx, wc, sw, mult, q, w16, ly, key, noisy, count, y, b_off, M, m_off):
+    def narrow_rows(x, sx, wc, sw, lsb_num, lsb_den, noise_step, ly, key, noisy, count, y, b_off, M, m_off):
         """Tile products, ADC and tile sum in one pass, for narrow tiles (no partial sums in memory).
 
         ``x`` (b, m, T n) float32 input codes of rows ``m_off ...`` of batches ``b_off ...``
@@ -237,7 +237,7 @@ if AVAILABLE:
             dv = np.empty((4, nj), np.float32)
             nz = np.empty(nj + 8, np.float32)
             for t in range(T):
-                st = sw[wb, t, j0:j1]
+                w_scale = sw[wb, t, j0:j1]
                 for g0 in range(r0, r1, 4):
                     g1 = min(r1, g0 + 4)
                     _narrow_dots(x, ib, g0, g1, t, wc[wb, t], j0, j1, dv)
@@ -248,12 +248,12 @@ if AVAILABLE:
                         base = (((b_off + ib) * T + t) * M + m_off + r) * N + j0
                         off = _noise_run(key, base, nj, nz) if noisy else 0
                         for j in range(nj):
-                            v = (np.float32(d[j]) * mult) / q  # as _lsb, the noise integers drawn above
+                            v = (np.float32(d[j]) * lsb_num) / lsb_den  # as _lsb, the noise integers drawn above
                             if noisy:
-                                v = v + nz[off + j] * w16
+                                v = v + nz[off + j] * noise_step
                             if count:
                                 clipped += abs(v) > ly
-                            out[j] += (np.rint(min(max(v, -ly), ly)) * s) * st[j]
+                            out[j] += (np.rint(min(max(v, -ly), ly)) * s) * w_scale[j]
             for r in range(r0, r1):
                 dst = y[ib, r, j0:j1]
                 src = acc[r - r0]
@@ -262,21 +262,21 @@ if AVAILABLE:
         return clipped
 
     @njit(parallel=True, **_jit)
-    def epilogue_cols(d, mult, q, w16, ly, key, noisy, count, sx, sw, y, wv, real, p_total, p_off):
+    def epilogue_cols(d, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, virtual_w, real_pos, p_total, p_off):
         """The convolution's epilogue, written straight into the output.
 
-        ``d`` (G, T, Ng, bc * hr * wv) tile products over virtual positions (output rows of
-        ``wv`` columns, of which the first ``wo`` are real); ``sx`` (T, G, bc * hr * wv);
-        ``sw`` (G, T, Ng); ``y`` (bc, G * Ng, hr, wo), any strides; ``real`` (hr * wv) the
+        ``d`` (G, T, Ng, bc * out_h * virtual_w) tile products over virtual positions (output rows of
+        ``virtual_w`` columns, of which the first ``wo`` are real); ``sx`` (T, G, bc * out_h * virtual_w);
+        ``sw`` (G, T, Ng); ``y`` (bc, G * Ng, out_h, wo), any strides; ``real_pos`` (out_h * virtual_w) the
         index of each virtual position among one image's real ones times ``Ng``
         (``(h wo + w) Ng``; negative for the extra columns). The sample of output position ``p`` (``p_off`` + its index among the
-        chunk's ``bc * hr * wo``) has noise index ``((g T + t) p_total + p) Ng + o``. Every
+        chunk's ``bc * out_h * wo``) has noise index ``((g T + t) p_total + p) Ng + o``. Every
         virtual position is computed (long contiguous loops); only real ones are written and
         counted. Returns the number of clipped samples (``count``; else 0).
         """
         G, T, Ng, _ = d.shape
-        bc, _, hr, wo = y.shape
-        lb = hr * wv
+        bc, _, out_h, wo = y.shape
+        lb = out_h * virtual_w
         clipped = 0
         for gob in prange(G * Ng * bc):
             g = gob // (Ng * bc)
@@ -286,29 +286,29 @@ if AVAILABLE:
             v0 = ib * lb
             for t in range(T):
                 dt = d[g, t, o, v0 : v0 + lb]
-                st = sx[t, g, v0 : v0 + lb]
+                x_scale = sx[t, g, v0 : v0 + lb]
                 wt = sw[g, t, o]
-                base = ((g * T + t) * p_total + p_off + ib * hr * wo) * Ng + o
+                base = ((g * T + t) * p_total + p_off + ib * out_h * wo) * Ng + o
                 for v in range(lb):
-                    r = _lsb(dt[v], mult, q, w16, key, noisy, base + real[v])
+                    r = _lsb(dt[v], lsb_num, lsb_den, noise_step, key, noisy, base + real_pos[v])
                     if count:
-                        clipped += (abs(r) > ly) & (real[v] >= 0)
-                    acc[v] += (np.rint(min(max(r, -ly), ly)) * st[v]) * wt
-            for h in range(hr):
+                        clipped += (abs(r) > ly) & (real_pos[v] >= 0)
+                    acc[v] += (np.rint(min(max(r, -ly), ly)) * x_scale[v]) * wt
+            for h in range(out_h):
                 row = y[ib, g * Ng + o, h]
                 for w in range(wo):
-                    row[w] = acc[h * wv + w]
+                    row[w] = acc[h * virtual_w + w]
         return clipped
 
     @njit(parallel=True, **_jit)
-    def epilogue_cols4(d, mult, q, w16, ly, key, noisy, count, sx, sw, y, wv, real, p_total, p_off):
+    def epilogue_cols4(d, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, virtual_w, real_pos, p_total, p_off):
         """:func:`epilogue_cols` four output channels at a time, for ``Ng`` a multiple of 4
         (same arguments, same numbers). The noise of channels ``o0 .. o0 + 3`` (``o0`` a
         multiple of 4) at one position has indices ``4 i .. 4 i + 3``: the four 16-bit lanes
         of one splitmix64 output (:mod:`.counter_noise`), so one hash serves four samples."""
         G, T, Ng, _ = d.shape
-        bc, _, hr, wo = y.shape
-        lb = hr * wv
+        bc, _, out_h, wo = y.shape
+        lb = out_h * virtual_w
         og = Ng // 4
         clipped = 0
         for item in prange(G * og * bc):
@@ -319,11 +319,11 @@ if AVAILABLE:
             nz = np.zeros((4, lb), np.float32)
             v0 = ib * lb
             for t in range(T):
-                st = sx[t, g, v0 : v0 + lb]
-                base = ((g * T + t) * p_total + p_off + ib * hr * wo) * Ng + o0
+                x_scale = sx[t, g, v0 : v0 + lb]
+                base = ((g * T + t) * p_total + p_off + ib * out_h * wo) * Ng + o0
                 if noisy:
-                    for v in range(lb):  # extra columns (real < 0): any value, never used
-                        z = splitmix64(key, np.uint64(max(base + real[v], 0) >> 2) + np.uint64(1))
+                    for v in range(lb):  # extra columns (real_pos < 0): any value, never used
+                        z = splitmix64(key, np.uint64(max(base + real_pos[v], 0) >> 2) + np.uint64(1))
                         for lane in range(4):
                             u = np.int64((z >> np.uint64(16 * lane)) & np.uint64(0xFFFF))
                             nz[lane, v] = np.float32(((u ^ 0x8000) - 0x8000) | 1)
@@ -333,18 +333,18 @@ if AVAILABLE:
                     a = acc[lane]
                     e = nz[lane]
                     for v in range(lb):
-                        r = (np.float32(dt[v]) * mult) / q  # as _lsb, with the noise integers above
+                        r = (np.float32(dt[v]) * lsb_num) / lsb_den  # as _lsb, with the noise integers above
                         if noisy:
-                            r = r + e[v] * w16
+                            r = r + e[v] * noise_step
                         if count:
-                            clipped += (abs(r) > ly) & (real[v] >= 0)
-                        a[v] += (np.rint(min(max(r, -ly), ly)) * st[v]) * wt
+                            clipped += (abs(r) > ly) & (real_pos[v] >= 0)
+                        a[v] += (np.rint(min(max(r, -ly), ly)) * x_scale[v]) * wt
             for lane in range(4):
                 a = acc[lane]
-                for h in range(hr):
+                for h in range(out_h):
                     row = y[ib, g * Ng + o0 + lane, h]
                     for w in range(wo):
-                        row[w] = a[h * wv + w]
+                        row[w] = a[h * virtual_w + w]
         return clipped
 
     @njit(parallel=True, **_jit)

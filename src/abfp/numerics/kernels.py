@@ -149,13 +149,13 @@ def analog_gemm(
         key = None
     elif key is None:
         key = draw_key(cfg, generator)
-    # gd: the dtype of the code GEMM (float32 or float64: whichever sums the tile products exactly)
-    gd = code_gemm_dtype(plan, dev, cfg.weight_max_code, cfg.input_max_code)
+    # code_dtype: the dtype of the code GEMM (float32 or float64: whichever sums the tile products exactly)
+    code_dtype = code_gemm_dtype(plan, dev, cfg.weight_max_code, cfg.input_max_code)
     compiled = noise is None and not want_mask and use_fused(cfg, plan, dev)
     if compiled:
         fused.set_threads()
     sw_all = w.scales  # (Bw, T, N)
-    narrow = compiled and n < NARROW_MAX_TILE and gd == torch.float32
+    narrow = compiled and n < NARROW_MAX_TILE and code_dtype == torch.float32
     # rows per chunk: bounded by the partial sums (T*N per row; none in the narrow kernel) and
     # the input codes (T*n per row)
     chunks = plan_chunks(B, M, chunk_elements // (T * (n if narrow else max(N, n))))
@@ -182,17 +182,17 @@ def analog_gemm(
             xs = codes.permute(0, 2, 1, 3)  # (b, T, m, n) view: the GEMM takes the strides as they are
             ws = wc if wc.shape[0] == 1 else wc[b0:b1]
             d = scratch("tiles", (b, T, m, N), plan.gemm_dtype, dev)
-            if gd == torch.float32:
+            if code_dtype == torch.float32:
                 torch.matmul(xs, ws.expand(b, T, n, N), out=d)  # (b, T, m, N): exact integer tile products
-            elif gd == plan.gemm_dtype:
-                torch.matmul(xs.to(gd), ws.to(gd), out=d)
+            elif code_dtype == plan.gemm_dtype:
+                torch.matmul(xs.to(code_dtype), ws.to(code_dtype), out=d)
             else:  # CUDA: exact float64 products, integers of at most 2**24 (exact in float32)
-                d.copy_(torch.matmul(xs.to(gd), ws.to(gd)))
+                d.copy_(torch.matmul(xs.to(code_dtype), ws.to(code_dtype)))
         yc = y[b0:b1, m0:m1]
         if compiled:
-            mult, q = plan.int_ratio() if int8 else (1.0, plan.divisor)
+            lsb_num, lsb_den = plan.int_ratio() if int8 else (1.0, plan.divisor)
             clipped = fused.epilogue_rows(
-                fused.as_numpy(d), *_adc_args(cfg, plan, mult, q, key, stats is not None), fused.as_numpy(sx),
+                fused.as_numpy(d), *_adc_args(cfg, plan, lsb_num, lsb_den, key, stats is not None), fused.as_numpy(sx),
                 fused.as_numpy(sw_all), fused.as_numpy(yc), b0, M, m0)
             _count(stats, clipped, d.numel())
             continue
@@ -256,12 +256,12 @@ def use_fused(cfg: ABFPConfig, plan: AdcPlan, device: torch.device) -> bool:
             and (cfg.noise_std == 0 or cfg.noise_dist == "uniform"))
 
 
-def _adc_args(cfg: ABFPConfig, plan: AdcPlan, mult: float, q: float, key: int | None, count: bool) -> tuple:
-    """``mult, q, w16, ly, key, noisy, count`` for the compiled epilogues: a tile product ``D``
-    is ``D * mult / q`` output LSBs (:meth:`AdcPlan.int_ratio`), ``w16`` = ``w / 2**16``, the
+def _adc_args(cfg: ABFPConfig, plan: AdcPlan, lsb_num: float, lsb_den: float, key: int | None, count: bool) -> tuple:
+    """``lsb_num, lsb_den, noise_step, ly, key, noisy, count`` for the compiled epilogues: a tile product ``D``
+    is ``D * lsb_num / lsb_den`` output LSBs (:meth:`AdcPlan.int_ratio`), ``noise_step`` = ``w / 2**16``, the
     value in output LSBs of one noise integer (:func:`.counter_noise.noise_scale`), ``ly`` = ``L(b_y)``."""
     f32 = np.float32
-    return (f32(mult), f32(q), f32(noise_scale(effective_noise_std(cfg)) if key is not None else 0.0), f32(plan.max_code),
+    return (f32(lsb_num), f32(lsb_den), f32(noise_scale(effective_noise_std(cfg)) if key is not None else 0.0), f32(plan.max_code),
             np.uint64(key or 0), key is not None, count)
 
 
@@ -352,9 +352,9 @@ def analog_gemm_cols(
     if P == 0 or Ng == 0 or G == 0:
         return torch.zeros(G, Ng, P, dtype=torch.float32, device=cols.device)
     int8 = use_int8(w, plan, P)
-    gd = _lsb_dtype(plan) if int8 else plan.gemm_dtype
-    mm = gd if int8 else code_gemm_dtype(plan, cols.device, cfg.weight_max_code, cfg.input_max_code)
-    d = scratch("tiles", (T, G, Ng, P), gd, cols.device)
+    code_dtype = _lsb_dtype(plan) if int8 else plan.gemm_dtype
+    mm = code_dtype if int8 else code_gemm_dtype(plan, cols.device, cfg.weight_max_code, cfg.input_max_code)
+    d = scratch("tiles", (T, G, Ng, P), code_dtype, cols.device)
     sx = scratch("input_scales", (T, G, 1, P), torch.float32, cols.device)
     full = K // n  # tiles of the full width n (n <= K), encoded and multiplied at once
     spans = ([(0, full, n)] if full else []) + ([(full, T, K - full * n)] if full < T else [])
