@@ -32,8 +32,8 @@ def choose_gains(
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     m = model if is_converted(model) else convert(model, config)
-    st = analog_state(m)
-    saved = (st.config, dict(st.overrides))
+    state = analog_state(m)
+    saved = (state.config, dict(state.overrides))
     worst: dict[str, dict[float, float]] = {}  # module -> gain -> worst saturated fraction
     try:
         g = 1.0

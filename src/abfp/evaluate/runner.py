@@ -112,7 +112,7 @@ class EvalSettings:
     extra_metrics: Sequence[Metric] = field(default_factory=tuple)
 
 
-def cache_context(model: nn.Module, data: Dataset, metric: Metric, st: EvalSettings) -> dict[str, Any]:
+def cache_context(model: nn.Module, data: Dataset, metric: Metric, eval_settings: EvalSettings) -> dict[str, Any]:
     """What every cached run of this evaluation shares in its key: fingerprints of the model,
     the data actually evaluated and the metrics, plus the settings that change results."""
     return {
@@ -120,9 +120,9 @@ def cache_context(model: nn.Module, data: Dataset, metric: Metric, st: EvalSetti
         "data": data_fingerprint(data.inputs, data.targets),
         "samples": len(data),
         "metric": metric_fingerprint(metric),
-        "extra_metrics": [metric_fingerprint(m) for m in st.extra_metrics],
-        "calibration_samples": st.calibration_samples,
-        "device": torch.device(st.device).type,
+        "extra_metrics": [metric_fingerprint(m) for m in eval_settings.extra_metrics],
+        "calibration_samples": eval_settings.calibration_samples,
+        "device": torch.device(eval_settings.device).type,
         "torch": torch.__version__.split("+")[0],
     }
 
@@ -183,34 +183,34 @@ def evaluate(
     so far and their per-sample standard errors; ``True`` stops (``runs`` then counts the
     runs made, ``early_stopped`` says so). It is applied alike to cached and computed runs.
     """
-    st = settings or EvalSettings()
+    eval_settings = settings or EvalSettings()
     if kwargs:
-        st = EvalSettings(**{**st.__dict__, **kwargs})
-    if st.runs < 1:
-        raise ValueError(f"runs must be >= 1, got {st.runs}")
-    if st.autogain_bits is not None and (len(st.autogain_bits) != 3 or any(
-            type(b) is not int or not 2 <= b <= 24 for b in st.autogain_bits)):
-        raise ValueError(f"autogain_bits must be three integers in [2, 24] (w, x, y), got {st.autogain_bits!r}")
+        eval_settings = EvalSettings(**{**eval_settings.__dict__, **kwargs})
+    if eval_settings.runs < 1:
+        raise ValueError(f"runs must be >= 1, got {eval_settings.runs}")
+    if eval_settings.autogain_bits is not None and (len(eval_settings.autogain_bits) != 3 or any(
+            type(b) is not int or not 2 <= b <= 24 for b in eval_settings.autogain_bits)):
+        raise ValueError(f"autogain_bits must be three integers in [2, 24] (w, x, y), got {eval_settings.autogain_bits!r}")
     memo = memo if memo is not None else EvalMemo()
     pts = [p if isinstance(p, Point) else Point(p.mode, p) for p in points]
-    data = data.take(st.samples)
+    data = data.take(eval_settings.samples)
     if len(data) == 0:
         raise ValueError("no data to evaluate")
-    device = torch.device(st.device)
+    device = torch.device(eval_settings.device)
     model = model.to(device).eval()
     rank = dist_world()[0]
     # rank 0 alone reads and writes the cache and tells the other ranks what it found
-    cache = RunCache(st.cache_path if rank == 0 else None)
-    context = cache_context(model, data, metric, st)
+    cache = RunCache(eval_settings.cache_path if rank == 0 else None)
+    context = cache_context(model, data, metric, eval_settings)
     n_samples = len(data)
-    total = sum((st.runs if p.noisy else 1) for p in pts if p.format != "fp32") + 1
-    bar = tqdm(total=total * n_samples, unit="img", disable=not st.progress or dist_world()[0] != 0,
+    total = sum((eval_settings.runs if p.noisy else 1) for p in pts if p.format != "fp32") + 1
+    bar = tqdm(total=total * n_samples, unit="img", disable=not eval_settings.progress or dist_world()[0] != 0,
                desc=task_name, leave=False,
                dynamic_ncols=True)
-    tick = bar.update if st.progress else None
+    tick = bar.update if eval_settings.progress else None
 
     def run(m: nn.Module) -> Tensor:
-        return run_all(m, data, st.batch_size, device, tick)
+        return run_all(m, data, eval_settings.batch_size, device, tick)
 
     def reference() -> tuple[Tensor, float]:
         t0 = time.perf_counter()
@@ -218,15 +218,15 @@ def evaluate(
         return out, time.perf_counter() - t0
 
     ref, fp32_seconds = memo.lookup("references", run_key({**context, "kind": "fp32-outputs",
-                                                           "batch": st.batch_size}), reference, "fp32")
+                                                           "batch": eval_settings.batch_size}), reference, "fp32")
     targets = data.targets
     fp32_value = metric(ref, targets, ref)
-    extra_fp32 = {m.name: m(ref, targets, ref) for m in st.extra_metrics}
+    extra_fp32 = {m.name: m(ref, targets, ref) for m in eval_settings.extra_metrics}
 
     def stderrs(out: Tensor) -> dict[str, float | None]:  # standard errors over the samples
-        return {m.name: m.stderr(out, targets, ref) for m in (metric, *st.extra_metrics)}
+        return {m.name: m.stderr(out, targets, ref) for m in (metric, *eval_settings.extra_metrics)}
 
-    stderrs_keys = [metric.name, *(m.name for m in st.extra_metrics)]
+    stderrs_keys = [metric.name, *(m.name for m in eval_settings.extra_metrics)]
 
     records: list[dict[str, Any]] = []
 
@@ -255,9 +255,9 @@ def evaluate(
         records.append({**base_record(Point("fp32")), "value": fp32_value, "std": 0.0, "runs": 1,
                         "values": [fp32_value], "delta_vs_fp32": 0.0, "seconds": fp32_seconds,
                         "extra": extra_fp32, "stderr": fp32_se[metric.name],
-                        "extra_stderr": {m.name: fp32_se[m.name] for m in st.extra_metrics}})
+                        "extra_stderr": {m.name: fp32_se[m.name] for m in eval_settings.extra_metrics}})
 
-    n_calib = min(st.calibration_samples, len(data))
+    n_calib = min(eval_settings.calibration_samples, len(data))
     if calibration is not None:  # the calibration inputs decide fixed-point scales and auto gains
         context = {**context, "calibration": data_fingerprint(tuple(t[:n_calib] for t in calibration.inputs), None)}
     plan_overrides = dict(overrides or {})
@@ -274,22 +274,22 @@ def evaluate(
 
     def point_gains(p: Point) -> dict[str, float]:
         """The auto gains of ``p``: chosen on the point's own bits, or once per device at
-        ``st.autogain_bits`` (memo, then the disk cache, then :func:`choose_gains`)."""
+        ``eval_settings.autogain_bits`` (memo, then the disk cache, then :func:`choose_gains`)."""
         assert p.config is not None
-        at = _gain_choice_config(p.config, st.autogain_bits)
+        at = _gain_choice_config(p.config, eval_settings.autogain_bits)
         gkey = run_key({**context, "kind": "autogain-choice", "config": config_key(at),
-                        "threshold": st.autogain_threshold, "max_gain": AUTOGAIN_MAX})
+                        "threshold": eval_settings.autogain_threshold, "max_gain": AUTOGAIN_MAX})
 
         def choose() -> dict[str, float]:
-            if st.autogain_bits is not None:
+            if eval_settings.autogain_bits is not None:
                 hit = broadcast_from_main(cache.get(gkey) if rank == 0 else None)
                 if hit is not None and isinstance(hit.get("gains"), dict):
                     return {str(k): float(v) for k, v in hit["gains"].items()}
             t1 = time.perf_counter()
             m = analog()
             set_config(m, at)
-            g = choose_gains(m, calib_inputs, at, threshold=st.autogain_threshold, max_gain=AUTOGAIN_MAX)
-            if st.autogain_bits is not None and rank == 0:  # value: the entry format's number, unused here
+            g = choose_gains(m, calib_inputs, at, threshold=eval_settings.autogain_threshold, max_gain=AUTOGAIN_MAX)
+            if eval_settings.autogain_bits is not None and rank == 0:  # value: the entry format's number, unused here
                 cache.put(gkey, {"value": 0.0, "seconds": time.perf_counter() - t1, "gains": g},
                           info=f"{task_name} auto gains at {Point(p.format, at, auto_gain=True).label()}")
             return g
@@ -298,10 +298,10 @@ def evaluate(
 
     def fixed_scales() -> dict[str, list[float]]:
         """Fixed-point activation scales: a digital pass, the same for every device."""
-        skey = run_key({**context, "kind": "fixed-scales", "pct": st.fixed_percentile, "n_calib": n_calib})
+        skey = run_key({**context, "kind": "fixed-scales", "pct": eval_settings.fixed_percentile, "n_calib": n_calib})
 
         def record() -> dict[str, list[float]]:
-            return {k: list(v) for k, v in calibrate(analog(), [calib_inputs], percentile=st.fixed_percentile).items()}
+            return {k: list(v) for k, v in calibrate(analog(), [calib_inputs], percentile=eval_settings.fixed_percentile).items()}
 
         return memo.lookup("scales", skey, record, "scales")
 
@@ -315,20 +315,20 @@ def evaluate(
             gains: dict[str, float] | None = None
             prepared = False
             cfg = p.config
-            rule = ({"autogain_at": list(st.autogain_bits), "autogain_max": AUTOGAIN_MAX}
-                    if p.auto_gain and st.autogain_bits is not None else {})
-            n_runs = st.runs if p.noisy else 1
+            rule = ({"autogain_at": list(eval_settings.autogain_bits), "autogain_max": AUTOGAIN_MAX}
+                    if p.auto_gain and eval_settings.autogain_bits is not None else {})
+            n_runs = eval_settings.runs if p.noisy else 1
             values, seconds, extras, layers, ses = [], [], [], None, []
             coverages: list[dict[str, Any] | None] = []
             stopped = False
             for r in range(n_runs):
-                rcfg = cfg.replace(seed=st.seed + r) if p.noisy else cfg
+                rcfg = cfg.replace(seed=eval_settings.seed + r) if p.noisy else cfg
                 # the batch size decides how noise draws fall on samples: part of the key
                 key = run_key({**context, "format": p.format, "config": config_key(rcfg), "run": r,
                                "auto_gain": p.auto_gain,
-                               "autogain_threshold": st.autogain_threshold if p.auto_gain else None,
-                               "pct": st.fixed_percentile if p.format == "fixed" else None,
-                               "batch": st.batch_size if p.noisy else None, **rule})
+                               "autogain_threshold": eval_settings.autogain_threshold if p.auto_gain else None,
+                               "pct": eval_settings.fixed_percentile if p.format == "fixed" else None,
+                               "batch": eval_settings.batch_size if p.noisy else None, **rule})
                 hit = broadcast_from_main(cache.get(key) if rank == 0 else None)
                 if hit is not None:
                     values.append(hit["value"])
@@ -359,11 +359,11 @@ def evaluate(
                     v = metric(out, targets, ref)
                     if not math.isfinite(v):
                         raise FloatingPointError(f"{task_name} at {p.label()}: metric is {v}")
-                    ex = {m.name: m(out, targets, ref) for m in st.extra_metrics}
+                    ex = {m.name: m(out, targets, ref) for m in eval_settings.extra_metrics}
                     se = stderrs(out)
                     lay = None
-                    if st.layer_stats and r == 0 and rank == 0:
-                        first = tuple(t[: st.batch_size].to(device) for t in data.inputs)
+                    if eval_settings.layer_stats and r == 0 and rank == 0:
+                        first = tuple(t[: eval_settings.batch_size].to(device) for t in data.inputs)
                         lay = summary(analog_model, first).as_dicts()
                         layers = lay
                     if rank == 0:

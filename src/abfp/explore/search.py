@@ -325,13 +325,13 @@ def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name:
     target = target or Target()
     space = space or SearchSpace()
     base = base or ABFPConfig()
-    st = settings or EvalSettings()
+    eval_settings = settings or EvalSettings()
     # auto gains: chosen once per device (format, tile width) at the base device's bits
-    st = EvalSettings(**{**st.__dict__, "progress": False, "layer_stats": False,
+    eval_settings = EvalSettings(**{**eval_settings.__dict__, "progress": False, "layer_stats": False,
                          "autogain_bits": (base.weight_bits, base.input_bits, base.output_bits)})
     if energy_samples < 1:
         raise ValueError(f"energy samples must be >= 1, got {energy_samples}")
-    sub = data.take(st.samples)
+    sub = data.take(eval_settings.samples)
     costs = CostModel.from_model(model, sub.take(energy_samples).inputs, energy_params, base)
     rank = dist_world()[0]
     bar = tqdm(desc=f"explore {task_name}", unit="design", disable=not progress or rank != 0, dynamic_ncols=True)
@@ -340,7 +340,7 @@ def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name:
         bar.set_postfix_str(text[-60:])
         bar.update(1)
 
-    ex = Explorer(model, data, metric, task_name=task_name, target=target, settings=st, base=base, costs=costs,
+    ex = Explorer(model, data, metric, task_name=task_name, target=target, settings=eval_settings, base=base, costs=costs,
                   progress=tick, calibration=calibration, early_stop=space.early_stop,
                   global_prune=space.global_prune, dac_floor=None if space.dac_search == "none" else space.dac_min_bits)
     lo, hi = space.adc_bits
@@ -360,7 +360,7 @@ def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name:
             ex.search_dac(fam, space.dac_min_bits, space.dac_search)
     finally:
         bar.close()
-    return _result(ex, families, task_name, target, space, base, costs, len(sub), st, time.perf_counter() - t0)
+    return _result(ex, families, task_name, target, space, base, costs, len(sub), eval_settings, time.perf_counter() - t0)
 
 
 def _families(space: SearchSpace, base: ABFPConfig) -> list[tuple[str, list[Design]]]:
@@ -386,7 +386,7 @@ def _families(space: SearchSpace, base: ABFPConfig) -> list[tuple[str, list[Desi
 
 
 def _result(ex: Explorer, families: list[str], task_name: str, target: Target, space: SearchSpace,
-            base: ABFPConfig, costs: CostModel, samples: int, st: EvalSettings, seconds: float) -> dict[str, Any]:
+            base: ABFPConfig, costs: CostModel, samples: int, eval_settings: EvalSettings, seconds: float) -> dict[str, Any]:
     designs = list(ex.results.values())
     points = [(r["energy_pj_per_inference"], r["value"]) for r in designs]
     front = set(pareto_front(points, ex.higher))
@@ -413,8 +413,8 @@ def _result(ex: Explorer, families: list[str], task_name: str, target: Target, s
         "target": ex.target,
         "target_rule": rule,
         "samples": samples,
-        "runs": st.runs,
-        "seed": st.seed,
+        "runs": eval_settings.runs,
+        "seed": eval_settings.seed,
         "energy_params": costs.params.to_dict(),
         "energy_accounting": costs.describe(),
         "base_config": base.to_dict(),
@@ -425,7 +425,7 @@ def _result(ex: Explorer, families: list[str], task_name: str, target: Target, s
         "evaluations": len(ex._by_design),
         "pruned": list(ex.pruned.values()),
         "pruned_families": pruned_families,
-        "autogain_bits": list(st.autogain_bits) if st.autogain_bits else None,
+        "autogain_bits": list(eval_settings.autogain_bits) if eval_settings.autogain_bits else None,
         "calibration": "calibration split" if ex.calibration is not None else "evaluated inputs",
         "forward_passes": dict(ex.memo.forwards),
         "seconds": seconds,

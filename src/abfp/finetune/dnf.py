@@ -59,7 +59,7 @@ def record_differentials(model: nn.Module, inputs: Sequence[Tensor], *,
     ``dy = analog(x) - digital(x)`` with ``x`` the float32 network's activation (each call
     of a site adds one tensor). ``sites``: only these (default all analog sites).
     """
-    st = analog_state(model)
+    state = analog_state(model)
     wanted = None if sites is None else set(sites)
     out: dict[str, SiteDifferential] = {}
 
@@ -73,16 +73,16 @@ def record_differentials(model: nn.Module, inputs: Sequence[Tensor], *,
             rec.y_count += y32.numel()
         return y
 
-    saved = dict(st.interceptors)
+    saved = dict(state.interceptors)
     was_training = model.training
-    st.interceptors.clear()
-    st.interceptors["*"] = recorder
+    state.interceptors.clear()
+    state.interceptors["*"] = recorder
     try:
         model.eval()
         model(*inputs)
     finally:
-        st.interceptors.clear()
-        st.interceptors.update(saved)
+        state.interceptors.clear()
+        state.interceptors.update(saved)
         model.train(was_training)
     return out
 
@@ -143,15 +143,15 @@ class DNFNoise:
         return add_noise(y, hist, backend=self.backend)
 
     def attach(self) -> "DNFNoise":
-        st = analog_state(self.model)
-        st.interceptors.clear()
-        st.interceptors["*"] = self
+        state = analog_state(self.model)
+        state.interceptors.clear()
+        state.interceptors["*"] = self
         return self
 
     def detach(self) -> None:
-        st = analog_state(self.model)
-        if st.interceptors.get("*") is self:
-            del st.interceptors["*"]
+        state = analog_state(self.model)
+        if state.interceptors.get("*") is self:
+            del state.interceptors["*"]
 
     def warm_up(self) -> None:
         """Compile the sampler for each site's recorded output shape (draws no global random numbers)."""

@@ -121,11 +121,11 @@ def choose_gains(
             raise ValueError("the saturation rule searches powers of two; give max_gain, not candidates")
         return saturation_gains(m, inputs, config, max_gain=max_gain, threshold=threshold)
     greedy = GreedyGain(candidates if candidates is not None else power_of_two_gains(max_gain), tolerance)
-    st = analog_state(m)
-    st.interceptors["*"] = greedy
+    state = analog_state(m)
+    state.interceptors["*"] = greedy
     reseed(m, 0)
     try:
         m(*inputs)
     finally:
-        st.interceptors.pop("*", None)
+        state.interceptors.pop("*", None)
     return dict(greedy.chosen)

@@ -62,14 +62,14 @@ class _NoiseMeter:
 def noise_profile(converted: nn.Module, inputs: tuple[torch.Tensor, ...],
                   params: EnergyParams | None = None) -> NoiseProfile:
     """:class:`NoiseProfile` of a converted model (its configs as they are) on one batch."""
-    st = analog_state(converted)
+    state = analog_state(converted)
     meter = _NoiseMeter()
-    st.interceptors["*"] = meter
+    state.interceptors["*"] = meter
     reseed(converted, 0)
     try:
         converted(*inputs)
     finally:
-        st.interceptors.pop("*", None)
+        state.interceptors.pop("*", None)
     r = {m: math.sqrt(meter.err[m] / meter.ref[m]) if meter.ref[m] > 0 else 0.0 for m in meter.err}
     params = params or EnergyParams()
     c: dict[str, float] = {}
