@@ -15,28 +15,18 @@ norm and softmax: ``max_abs_diff``).
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import time
 
 import torch
 
 from abfp import ABFPConfig, zoo
 from abfp.nn import convert
-from timing import ratio_row, time_interleaved  # benchmarks/timing.py
+from timing import model_bench_args, ratio_row, time_interleaved, write_rows  # benchmarks/timing.py
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="fashion-cnn,fashion-vit")
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
+    args = model_bench_args(__doc__)
     rows = []
     for name in args.models.split(","):
         task = zoo.get(name)
@@ -60,9 +50,7 @@ def main() -> None:
                "first_compile_s": round(compile_s, 1)}
         rows.append(ratio_row(row, list(cases), times))
         print(json.dumps(row))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_rows(args.json, rows)
 
 
 if __name__ == "__main__":

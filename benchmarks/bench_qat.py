@@ -11,63 +11,31 @@ both alike; the figure is the median of the per-round ratios QAT / float32.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import platform
 
-import torch
-import torch.nn.functional as F
 
 from abfp import ABFPConfig, zoo
-from abfp.finetune.data import training_data
 from abfp.nn import convert
-from timing import ratio_row, time_interleaved  # benchmarks/timing.py
+from timing import model_bench_args, ratio_row, time_interleaved, training_batch, training_step, write_rows  # benchmarks/timing.py
 
 #: the issue's finetuning scenarios (docs/finetune.md): A for the CNN, C for the transformer
 CONFIGS = {"fashion-cnn": ABFPConfig(noise_std=2.0), "fashion-vit": ABFPConfig(gain=1.0, noise_std=0.2887)}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="fashion-cnn,fashion-vit")
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
+    args = model_bench_args(__doc__)
     rows = []
     for name in args.models.split(","):
-        task = zoo.get(name)
-        data = training_data(name, 512)
-        g = torch.Generator().manual_seed(0)
-        idx = torch.randperm(len(data), generator=g)
-        x = data.inputs[0][idx[:args.batch_size]]
-        y = data.targets[idx[:args.batch_size]]
-        base = task.build_model()
+        x, y, _ = training_batch(name, args.batch_size)
+        base = zoo.get(name).build_model()
         cases = {"fp32": copy.deepcopy(base).float(), "qat": convert(base, CONFIGS[name], inplace=False).float()}
-        steps = []
-        for m in cases.values():
-            m.train()
-            opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-
-            def step(m=m, opt=opt) -> None:
-                loss = F.cross_entropy(m(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            steps.append(step)
-        times = time_interleaved(steps, args.repeats)
+        times = time_interleaved([training_step(m, x, y) for m in cases.values()], args.repeats)
         row = ratio_row({"model": name, "threads": args.threads, "repeats": args.repeats, "batch": args.batch_size},
                         list(cases), times)
         rows.append(row)
         print(json.dumps(row))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_rows(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Callable
 
@@ -31,3 +32,63 @@ def ratio_row(row: dict, cases: list[str], times: list[list[float]]) -> dict:
         if i:
             row[f"{case}_ratio"] = statistics.median(b / a for a, b in zip(times[0], t))
     return row
+
+
+def model_bench_args(doc: str | None, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The options every per-model step benchmark takes (``--models``, ``--repeats``,
+    ``--threads``, ``--batch-size``, ``--json``), plus ``extra``'s; sets torch's thread count
+    and prints the torch version, threads and processor."""
+    import platform
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="fashion-cnn,fashion-vit")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
+    return args
+
+
+def training_batch(name: str, batch_size: int, pool: int = 512):
+    """``(x, y, pool_inputs)``: a fixed random batch (seed 0) of ``name``'s training data, and
+    the shuffled first ``pool`` inputs it was drawn from."""
+    import torch
+
+    from abfp.finetune.data import training_data
+
+    data = training_data(name, pool)
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    return data.inputs[0][idx[:batch_size]], data.targets[idx[:batch_size]], data.inputs[0][idx]
+
+
+def training_step(model, x, y) -> Callable[[], None]:
+    """One training step of ``model`` on ``(x, y)``: forward, cross-entropy, backward, AdamW (lr 1e-4)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def write_rows(path: str | None, rows: list[dict]) -> None:
+    """Write ``rows`` as a JSON list to ``path`` (nothing when ``path`` is None)."""
+    import json
+
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=2)
