@@ -9,8 +9,8 @@ estimators (see :mod:`abfp.functional`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import json
 import threading
 import weakref
 from collections import OrderedDict
@@ -325,28 +325,13 @@ def tracing() -> bool:
             or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
 
 
-def _json_value(v: Any) -> str:
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        names = sorted([f.name for f in dataclasses.fields(v)])
-        return "{" + ",".join(['"' + k + '":' + _json_value(getattr(v, k)) for k in names]) + "}"
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    raise TypeError(f"abfp: a config field of type {type(v).__name__} has no JSON form")
-
-
 @torch.compiler.assume_constant_result
 def config_json(cfg: ABFPConfig) -> str:
     """The canonical JSON of ``cfg`` with its execution options (sorted keys, separators ``,``
     and ``:``: the text of ``json.dumps(cfg.to_dict(execution=True), sort_keys=True,
-    separators=(",", ":"))``): how a config travels into a custom operator. Written out by hand,
-    and a constant to dynamo (``assume_constant_result``), so that tracers fold it."""
-    return _json_value(cfg)
+    separators=(",", ":"))``): how a config travels into a custom operator; a constant to
+    dynamo (``assume_constant_result``), so that tracers fold it."""
+    return json.dumps(cfg.to_dict(execution=True), sort_keys=True, separators=(",", ":"))
 
 
 @functools.lru_cache(maxsize=256)
