@@ -22,6 +22,7 @@ from abfp.numerics.kernels import use_fused
 
 sys.path.insert(0, str(Path(__file__).parent))
 from device_strategies import device_configs  # noqa: E402
+from kernel_spies import spied_kernels  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
 
@@ -33,22 +34,7 @@ noise = st.sampled_from([0.0, 0.0, 0.3, 1.0, 3.0])
 @pytest.fixture
 def compiled(monkeypatch):
     """``compiled(on)``: run with or without the compiled kernels; counts their calls."""
-    calls = {"conv": 0, "rows": 0}
-    for name, key in (("patch_encode", "conv"), ("patch_codes", "conv"), ("epilogue_rows", "rows")):
-        real = getattr(fused, name)
-
-        def spy(*a, _real=real, _key=key):
-            calls[_key] += 1
-            return _real(*a)
-
-        monkeypatch.setattr(fused, name, spy)
-
-    def set_mode(on: bool) -> dict:
-        monkeypatch.setattr(fused, "AVAILABLE", on)
-        AF.clear_cache()
-        return calls
-
-    return set_mode
+    return spied_kernels(monkeypatch, {"patch_encode": "conv", "patch_codes": "conv", "epilogue_rows": "rows"})
 
 
 geometries = st.fixed_dictionaries({
@@ -198,22 +184,14 @@ def test_bfloat16_scales_round_as_torch_rounds_ties_included():
 def test_four_channel_epilogue_equals_the_torch_path(monkeypatch, cout, groups):
     """Output channels per group a multiple of 4: :func:`fused.epilogue_cols4` (one noise hash per
     four channels) gives the torch path's numbers and clipped count, with noise and saturation."""
-    calls = {"four": 0}
-    real = fused.epilogue_cols4
-
-    def spy(*a):
-        calls["four"] += 1
-        return real(*a)
-
-    monkeypatch.setattr(fused, "epilogue_cols4", spy)
+    set_mode = spied_kernels(monkeypatch, {"epilogue_cols4": "four"})
     g = torch.Generator().manual_seed(cout)
     x = torch.randn(2, 2 * groups, 9, 13, generator=g) * 2
     wt = torch.randn(cout, 2, 3, 3, generator=g)
     cfg = ABFPConfig(tile_width=8, gain=8.0, noise_std=1.0)
     outs = []
     for on in (True, False):
-        monkeypatch.setattr(fused, "AVAILABLE", on)
-        AF.clear_cache()
+        calls = set_mode(on)
         stats = ProductStats()
         with torch.no_grad():
             y = AF.conv2d(x, wt, padding=1, stride=(1, 2), groups=groups, config=cfg,

@@ -19,6 +19,7 @@ from abfp.numerics import AdcPlan, ProductStats, analog_product, fused, kernels
 
 sys.path.insert(0, str(Path(__file__).parent))
 from device_strategies import device_configs  # noqa: E402
+from kernel_spies import spied_kernels  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
 
@@ -29,21 +30,7 @@ narrow_configs = (device_configs(max_dac_bits=8, gains=(0.5, 1.0, 3.0, 8.0, 64.0
 @pytest.fixture
 def narrow(monkeypatch):
     """``narrow(on)``: compiled kernels on or off; returns the count of narrow-kernel calls."""
-    calls = {"narrow": 0}
-    real = fused.narrow_rows
-
-    def spy(*a):
-        calls["narrow"] += 1
-        return real(*a)
-
-    monkeypatch.setattr(fused, "narrow_rows", spy)
-
-    def set_mode(on: bool) -> dict:
-        monkeypatch.setattr(fused, "AVAILABLE", on)
-        AF.clear_cache()
-        return calls
-
-    return set_mode
+    return spied_kernels(monkeypatch, {"narrow_rows": "narrow"})
 
 
 def _both(narrow, x, w, cfg, seed, **kw):
