@@ -486,3 +486,21 @@ def test_product_view_of_conv3d_and_noise_injector_on_a_converted_model():
     with torch.no_grad():
         y_noisy = conv(xin)
     assert y_noisy.shape == m(xin).shape and not torch.allclose(y_noisy, m(xin))
+
+
+@pytest.mark.parametrize("cfg", [QUIET, HIGH, QUIET.replace(kernel="chunked"), QUIET.replace(kernel="reference")],
+                         ids=["auto", "wide-adc", "chunked", "reference"])
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_empty_batch_gives_torch_shape(cfg, nd):
+    """A batch of 0 samples (the last, empty shard of a data set) gives torch's empty output,
+    for every dimension, plain and transposed, on every kernel."""
+    x = torch.randn(0, 4, *(6,) * nd)
+    conv = {1: (AF.conv1d, F.conv1d), 2: (AF.conv2d, F.conv2d), 3: (AF.conv3d, F.conv3d)}[nd]
+    convt = {1: (AF.conv_transpose1d, F.conv_transpose1d), 2: (AF.conv_transpose2d, F.conv_transpose2d),
+             3: (AF.conv_transpose3d, F.conv_transpose3d)}[nd]
+    w, wt = torch.randn(6, 2, *(3,) * nd), torch.randn(4, 3, *(3,) * nd)
+    for (ours, theirs), weight, args in ((conv, w, dict(padding=1, groups=2)), (convt, wt, dict(stride=2))):
+        y = ours(x, weight, config=cfg, **args)
+        assert y.shape == theirs(x, weight, **args).shape and y.dtype == x.dtype
+    m = abfp.convert(nn.Sequential(getattr(nn, f"Conv{nd}d")(4, 6, 3)), cfg)
+    assert m(x).shape == (0, 6, *(4,) * nd)

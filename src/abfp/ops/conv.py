@@ -193,8 +193,6 @@ def conv2d_columns(x: Tensor, weight: Tensor, pads: tuple[int, ...], stride: tup
     weights = encoded_weights(weight, w3, config, weight_config, weight_scale)
     ho = (x.shape[2] + pads[2] + pads[3] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (x.shape[3] + pads[0] + pads[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if x.shape[0] == 0:
-        return torch.zeros(0, cout, ho, wo, dtype=torch.float32, device=x.device)
     return _conv2d_cols(x, tuple(pads), weights, config, groups, (kh, kw), tuple(stride), tuple(dilation),  # type: ignore[arg-type]
                         (ho, wo), input_scale, None, None, channels_last=False, key=key)
 
@@ -252,6 +250,9 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     static = static_scale_value(x, input_scale, config.scale_dtype) if config.mode == "fixed" else None
     if key is None:
         key = draw_key(config, generator)
+    if bt == 0 or ho * wo == 0:  # nothing to convert (an empty batch): no chunk to plan
+        return torch.empty(bt, cout, ho, wo, dtype=torch.float32, device=x.device,
+                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if use_fused(config, plan, x.device):
         return conv2d_fused(x, pads, weights, config, plan, groups, k, stride, dilation, out_hw, static, key, stats,
                             channels_last)
