@@ -34,6 +34,7 @@ def force_int8(monkeypatch):
     """int8 GEMMs for every product that can take them (whatever its size)."""
 
     def set_mode(on: bool) -> None:
+        monkeypatch.setattr(kernels, "INT8_GEMM", on)  # whether or not this CPU's int8 GEMM is fast
         monkeypatch.setattr(kernels, "INT8_MIN_MACS", 0 if on else 1 << 62)
         monkeypatch.setattr(kernels, "INT8_MIN_TILE", 1 if on else 1 << 30)
         AF.clear_cache()
@@ -78,6 +79,22 @@ def test_int8_path_is_taken_and_exact_on_the_default_device(force_int8):
     y, _ = analog_product(x, w, cfg)
     ref = reference_product(x, w, cfg)
     assert torch.equal(y.double(), ref.y) or float((y.double() - ref.y).abs().max()) <= 1e-5 * float(ref.y.abs().max())
+
+
+def test_int8_gemm_only_where_the_cpu_makes_it_fast(monkeypatch):
+    """Without a fast int8 GEMM on this CPU (``INT8_GEMM`` false) no product takes int8, however
+    large; with it the default device's layer does; ``ABFP_INT8_GEMM`` overrides the detection."""
+    cfg = ABFPConfig(noise_std=0.0)
+    from abfp.numerics import encode_weights
+
+    we = encode_weights(torch.randn(1, 48, 515), cfg)
+    plan = kernels.AdcPlan.for_config(cfg)
+    for on in (False, True):
+        monkeypatch.setattr(kernels, "INT8_GEMM", on)
+        assert kernels.use_int8(we, plan, 4096) is on
+    for env, expected in (("0", False), ("1", True)):
+        monkeypatch.setenv("ABFP_INT8_GEMM", env)
+        assert kernels.int8_gemm_is_fast() is expected
 
 
 def test_int8_is_off_above_eight_bits():
@@ -153,8 +170,8 @@ def test_inference_convolution_noise_is_seeded_and_centred():
 
 
 def test_chunked_setting_is_the_float_path_and_agrees_with_auto():
-    """``kernel="chunked"`` keeps float32 GEMMs; ``"auto"`` takes int8 on a layer this size:
-    the same outputs, noise included."""
+    """``kernel="chunked"`` keeps float32 GEMMs; ``"auto"`` takes int8 on a layer this size
+    (where this CPU's int8 GEMM is fast, ``kernels.INT8_GEMM``): the same outputs, noise included."""
     x = torch.randn(1, 256, 512)
     w = torch.randn(1, 384, 512)
     outs = {}

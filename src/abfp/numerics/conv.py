@@ -28,7 +28,7 @@ from ..config import ABFPConfig
 from . import fused
 from .adc import AdcPlan
 from .blocks import Encoded, needs_clamp, round_scale
-from .kernels import CHUNK_ELEMENTS, INT8_MIN_TILE, ProductStats, _adc_args, _count, _int_mm, plan_chunks
+from .kernels import CHUNK_ELEMENTS, ProductStats, _adc_args, _count, _int_mm, int8_tiles, plan_chunks
 from .workspace import scratch
 
 #: int8 patch codes per chunk (bytes): a few images at a time stay in the caches.
@@ -104,7 +104,7 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     y = torch.empty(bt, cout, ho, wo, dtype=torch.float32,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     # int8 GEMMs (exact int32) one per group and tile; else float32 codes, batched over groups and tiles
-    int8 = plan.int8 and weights.codes_i8 is not None and n >= INT8_MIN_TILE and G <= INT8_MAX_GROUPS
+    int8 = int8_tiles(plan, weights) and G <= INT8_MAX_GROUPS
     full = kg // n  # tiles of the full width n; a last tile of kg - full * n rows is computed on its own
     spans = [(t, min(n, kg - t * n)) for t in range(T)]
     if int8:
