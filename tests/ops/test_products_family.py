@@ -158,6 +158,22 @@ def test_einsum_two_and_three_operands_with_true_macs():
         torch.testing.assert_close(run(lambda p: torch.einsum("ij->ji", p), m1)[0], m1.T)
 
 
+def test_einsum_index_repeated_within_an_operand_takes_its_diagonal():
+    """``ii,ij->j`` (a trace-like operand) and ``iji,jk->ik``: the repeated index selects the
+    diagonal (digital, a selection) and the contraction is one device product."""
+    g = torch.Generator().manual_seed(5)  # its own data: the module's generator feeds the later tests
+    sq, m2 = torch.randn(20, 20, generator=g), torch.randn(20, 6, generator=g)
+    y, s = run(lambda p, q: torch.einsum("ii,ij->j", p, q), sq, m2)
+    close(y, oracle(torch.diagonal(sq)[None], m2)[0])
+    assert s.analog_macs == 6 * 20 and s.device_mac_share == 1.0
+    t3 = torch.randn(4, 20, 4, generator=g)
+    y, s = run(lambda p, q: torch.einsum("iji,jk->ik", p, q), t3, m2)
+    close(y, oracle(torch.diagonal(t3, 0, 0, 2).T, m2))
+    assert s.analog_macs == 4 * 6 * 20
+    y, _ = run(lambda p, q, r: torch.einsum("ii,ij,jkk->k", p, q, r), sq, m2, torch.randn(6, 3, 3, generator=g))
+    assert y.shape == (3,)
+
+
 def test_bilinear_two_products():
     bl = nn.Bilinear(6, 5, 4)
     x1, x2 = torch.randn(3, 6, generator=g), torch.randn(3, 5, generator=g)

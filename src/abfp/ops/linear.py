@@ -170,9 +170,11 @@ def einsum_pair(sa: str, sb: str, out: str, a: Tensor, b: Tensor) -> tuple[Tenso
     ``a3 @ b3`` into the einsum's output. Indices in both operands and the output are batch axes,
     in both operands only the reduction (the analog reduction axis, flattened in ``sa``'s order),
     in one operand and the output free; indices in one operand only and not in the output are
-    summed digitally first."""
+    summed digitally first; an index repeated within one operand (``ii,ij->j``) takes that operand's
+    diagonal first (a selection, no product)."""
     for which in (0, 1):
         s, other, t = (sa, sb, a) if which == 0 else (sb, sa, b)
+        s, t = _einsum_diagonals(s, t)
         private = [i for i, ch in enumerate(s) if ch not in other and ch not in out]
         if private:
             t = t.sum(dim=private)
@@ -200,6 +202,17 @@ def einsum_pair(sa: str, sb: str, out: str, a: Tensor, b: Tensor) -> tuple[Tenso
         return y.reshape([sizes[ch] for ch in cur]).permute([cur.index(ch) for ch in out])
 
     return pa.reshape(bsz, m, k), pb.reshape(bsz, k, n), finish
+
+
+def _einsum_diagonals(s: str, t: Tensor) -> tuple[str, Tensor]:
+    """``t`` with subscripts ``s`` where every index repeated in ``s`` is replaced by its diagonal
+    (``torch.diagonal`` moves it to the last axis): ``"iji"`` -> ``"ji"``, ``t[a, b, a]``."""
+    while len(set(s)) < len(s):
+        ch = next(c for c in s if s.count(c) > 1)
+        i, j = s.index(ch), s.index(ch, s.index(ch) + 1)
+        t = torch.diagonal(t, 0, i, j)
+        s = "".join(c for k, c in enumerate(s) if k not in (i, j)) + ch
+    return s, t
 
 
 def einsum_subscripts(eq: str, ops: Sequence[Tensor]) -> tuple[list[str], str]:
