@@ -80,6 +80,13 @@ class NoiseStreams:
             self.offset = int(offset)
             self._generators.clear()
 
+    def __getstate__(self) -> dict:
+        """Pickled without its lock and generators: it loads as :meth:`fresh` streams."""
+        return {"offset": self.offset, "start": self._start}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["offset"], start=state["start"])  # type: ignore[misc]
+
     def fresh(self) -> "NoiseStreams":
         """New streams with the same start rule and offset (none drawn yet): for a copied model."""
         return NoiseStreams(self.offset, start=self._start)

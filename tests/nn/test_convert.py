@@ -197,6 +197,30 @@ def test_deepcopy_of_a_converted_model_is_independent():
     assert abfp.analog_state(cm2) is not abfp.analog_state(cm)
 
 
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_pickled_converted_model_loads_with_its_configs_and_fresh_streams(how, tmp_path):
+    """A converted model pickles (``torch.save`` of the whole model): the copy keeps configs,
+    overrides and calibration, starts its seeded noise streams afresh (as a deep copy does),
+    and gives the original's numbers."""
+    import pickle
+
+    cm = abfp.convert(small_cnn(), ABFPConfig(seed=3, mode="fixed"), overrides={"6": ABFPConfig(seed=3, gain=2.0)})
+    x = torch.randn(2, 3, 8, 8)
+    abfp.calibrate(cm, [x])
+    with torch.no_grad():
+        cm(x)  # the original's streams have moved on; the copy's start afresh
+        if how == "pickle":
+            cm2 = pickle.loads(pickle.dumps(cm))
+        else:
+            torch.save(cm, tmp_path / "m.pt")
+            cm2 = torch.load(tmp_path / "m.pt", weights_only=False)
+        s, s2 = abfp.analog_state(cm), abfp.analog_state(cm2)
+        assert s2 is not s and s2.overrides == s.overrides and s2.input_scales == s.input_scales
+        abfp.reseed(cm)
+        assert torch.equal(cm2(x), cm(x))
+        assert abfp.coverage(cm2).analog_macs == abfp.coverage(cm).analog_macs // 2  # counted since loading
+
+
 def test_seeded_noise_is_reproducible_across_runs_with_reseed():
     m = small_cnn()
     cm = abfp.convert(m, ABFPConfig(seed=7))

@@ -118,19 +118,25 @@ class AnalogState:
         """Restart every noise stream (at ``seed * 1_000_003 + offset``): the next run repeats exactly."""
         self.streams.restart(offset)
 
+    def _not_copied(self) -> dict[str, Any]:
+        """What a copy (deep copy, pickle, ``torch.save``) starts afresh: no recordings, no
+        interceptors, zero coverage counts, an empty site cache, noise streams not yet drawn."""
+        return dict(records={}, interceptors={}, coverage=Coverage(), _site_cache={}, streams=self.streams.fresh())
+
     def __deepcopy__(self, memo: dict) -> "AnalogState":
         new = copy.copy(self)
         new.exclude = tuple(self.exclude)
         new.overrides = dict(self.overrides)
         new.module_configs = dict(self.module_configs)
         new.site_overrides = dict(self.site_overrides)
-        new._site_cache = {}
         new.input_scales = {k: list(v) for k, v in self.input_scales.items()}
-        new.records = {}
-        new.interceptors = {}
-        new.coverage = Coverage()
-        new.streams = self.streams.fresh()
+        new.__dict__.update(self._not_copied())
         return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled as a deep copy is made (:meth:`_not_copied`): a saved converted model loads with its
+        configs, overrides and calibration, and fresh noise streams."""
+        return {**self.__dict__, **self._not_copied()}
 
 
 def is_site_pattern(pattern: str, names: list[str]) -> bool:
