@@ -224,6 +224,47 @@ def test_unsupported_product_is_named_once_per_model_and_counted():
         assert "cdist" in str(s)
 
 
+def test_in_place_forms_run_on_the_device_like_their_out_of_place_forms():
+    """``t.addmm_(a, b)`` and the other in-place forms: the out-of-place form's device numbers and
+    MACs, written into ``t`` (they used to run in float32 without a word)."""
+    g = torch.Generator().manual_seed(6)
+    c, a, b, v = torch.randn(5, 7, generator=g), A, B, torch.randn(20, generator=g)
+    pairs = [(lambda t, p, q: t.clone().addmm_(p, q, beta=0.5, alpha=2), lambda t, p, q: torch.addmm(t, p, q, beta=0.5, alpha=2)),
+             (lambda t, p, q: t[None].clone().baddbmm_(p[None], q[None]), lambda t, p, q: torch.baddbmm(t[None], p[None], q[None])),
+             (lambda t, p, q: t.clone().addbmm_(p[None], q[None]), lambda t, p, q: torch.addbmm(t, p[None], q[None])),
+             (lambda t, p, q: t[:, 0].clone().addmv_(p, v), lambda t, p, q: torch.addmv(t[:, 0], p, v)),
+             (lambda t, p, q: t.clone().addr_(p[:, 0], q[0]), lambda t, p, q: torch.addr(t, p[:, 0], q[0]))]
+    for in_place, out_of_place in pairs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DigitalProductWarning)
+            y, s = run(in_place, c, a, b)
+        ref, s_ref = run(out_of_place, c, a, b)
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+        assert s.analog_macs == s_ref.analog_macs > 0 and s.device_mac_share == 1.0
+        assert not torch.allclose(y, out_of_place(c, a, b), rtol=1e-3, atol=1e-3)  # the device, not float32
+    with pytest.raises(RuntimeError, match="Bad in-place call"):
+        run(lambda t, p, q: t[0].clone().addmm_(p, q), c, a, b)
+
+
+@pytest.mark.parametrize("fn,macs", [(lambda p, q: torch.kron(p, q), 5 * 20 * 20 * 7),
+                                     (lambda p, q: p.kron(q), 5 * 20 * 20 * 7),
+                                     (lambda p, q: torch.linalg.matrix_power(q[:7], 5), 3 * 7 ** 3),
+                                     (lambda p, q: q[:7].matrix_power(4), 2 * 7 ** 3)],
+                         ids=["torch.kron", "Tensor.kron", "torch.linalg.matrix_power", "Tensor.matrix_power"])
+def test_products_without_analog_model_are_named_and_their_macs_counted(fn, macs):
+    """kron (each output one product of two elements) and matrix_power (repeated squaring:
+    ``floor(log2 n) + popcount(n) - 1`` products of ``m^3`` MACs) stay float32, named by the name
+    users call them by, with their MACs in the digital share (they counted 0 before)."""
+    m = abfp.convert(Call(fn), CFG)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        m(A, B)
+    names = [str(x.message) for x in w if issubclass(x.category, DigitalProductWarning)]
+    name = fn.__code__.co_names[-1]
+    assert len(names) == 1 and f"{name} (in" in names[0] and "_VariableFunctions" not in names[0], names
+    assert abfp.coverage(m).digital_macs == macs and abfp.coverage(m).share == 0.0
+
+
 def test_excluded_module_counts_as_digital():
     net = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
     m = abfp.convert(net, CFG, exclude=["2"])

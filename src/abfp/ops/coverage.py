@@ -142,6 +142,19 @@ def _sdpa(args, kwargs, out):
     return lead * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
 
 
+def _kron(args, kwargs, out):
+    return out.numel() if isinstance(out, Tensor) else 0  # each output is one product of two elements
+
+
+def _matrix_power(args, kwargs, out):
+    """``A^n`` by repeated squaring (torch's way): ``floor(log2 |n|) + popcount(|n|) - 1`` matrix
+    products of ``m x m`` matrices, ``m^3`` MACs each, per matrix of the batch."""
+    a, n = _t(_arg(args, kwargs, 0, "input")), abs(int(_arg(args, kwargs, 1, "n")))
+    if a is None or n < 2:
+        return 0
+    return (n.bit_length() - 1 + bin(n).count("1") - 1) * a.numel() * a.shape[-1]
+
+
 def _bilinear(args, kwargs, out):
     w = _t(_arg(args, kwargs, 2, "weight"))
     return out.numel() // max(1, w.shape[0]) * w.numel() if w is not None and isinstance(out, Tensor) else 0
@@ -166,11 +179,14 @@ _ESTIMATORS: dict[Any, MacEstimator] = {
     torch.conv_tbc: _conv_tbc,
     F.scaled_dot_product_attention: _sdpa,
     F.bilinear: _bilinear,
+    torch.kron: _kron, torch.Tensor.kron: _kron, torch._addmm_activation: _addmm,
+    torch.linalg.matrix_power: _matrix_power, torch.matrix_power: _matrix_power, torch.Tensor.matrix_power: _matrix_power,
 }
 
 #: Product-like functions that have no analog model: they run in float32 with a warning.
 _NO_ANALOG_MODEL: set[Any] = {torch.cdist, torch.conv_tbc, torch._int_mm, torch.convolution, torch._convolution,
-                              torch.linalg.matrix_power, torch.matrix_power, torch.kron}
+                              torch.linalg.matrix_power, torch.matrix_power, torch.Tensor.matrix_power, torch.kron,
+                              torch.Tensor.kron, torch._addmm_activation}
 for _name in ("_scaled_mm", "cudnn_convolution", "mkldnn_convolution", "cudnn_convolution_transpose",
               "miopen_convolution", "sparse_coo_tensor_mm", "smm", "hspmm", "sspaddmm"):
     _f = getattr(torch, _name, None)
@@ -199,9 +215,18 @@ def _aten_name(func: Any) -> str | None:
 
 
 def func_name(func: Any) -> str:
-    """A readable name of a torch function: ``torch.cdist``, ``Tensor.addmm``, ``torch.nn.functional.linear``."""
+    """A readable name of a torch function: ``torch.cdist``, ``Tensor.addmm``, ``torch.kron``,
+    ``torch.linalg.matrix_power``, ``torch.ops.aten.mm`` (the name users call it by, whatever
+    class or extension module torch's build defines it in)."""
+    aten = _aten_name(func)
+    if aten is not None:
+        return aten
     qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
     mod = getattr(func, "__module__", None)
+    if qual.startswith("_VariableFunctionsClass."):  # torch.kron, torch._int_mm, ... on recent torch
+        return "torch." + qual.split(".", 1)[1]
+    if mod == "torch._C._linalg" and qual.startswith("linalg_"):
+        return "torch.linalg." + qual[len("linalg_"):]
     if mod in (None, "torch._C._VariableFunctions", "torch._C.TensorBase", "torch._C._nn", "torch._C._linalg",
                "torch.functional"):
         if qual.startswith("TensorBase.") or qual.startswith("Tensor."):

@@ -27,6 +27,8 @@ additions, scalings and sums around them digital (float32):
                                        (a linear product with static weight rows ``A[o, :, j]``,
                                        ``K = in1``), then ``y[., o] = sum_j u[., o, j] x2[., j]`` (an
                                        activation-by-activation product, ``K = in2``); plus bias.
+``t.addmm_``, ``addmv_``, ``baddbmm_``, the out-of-place form's products, the result written into
+``addbmm_``, ``addr_`` (in place)      ``t``.
 =====================================  =========================================================
 
 MACs recorded for ``summary`` and energy are those of the products as computed here
@@ -335,3 +337,25 @@ def answer_bilinear(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> 
     if bias is not None:
         y = y + bias
     return y
+
+
+# ----------------------------------------------------------------------------- in-place forms
+def _in_place(answer: Callable[[Frame, Callable, tuple, dict], Tensor]) -> Callable[[Frame, Callable, tuple, dict], Tensor]:
+    """The handler of an in-place form (``t.addmm_(a, b)``) from its out-of-place one: the same
+    device products, then the result written into ``t``, which must have its shape (as torch
+    requires)."""
+
+    def answer_in_place(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+        target, result = args[0], answer(frame, func, args, kwargs)
+        if result.shape != target.shape:
+            raise RuntimeError(f"Bad in-place call: input tensor size {list(target.shape)} and output tensor size "
+                               f"{list(result.shape)} should match")
+        return target.copy_(result)
+
+    return answer_in_place
+
+
+for _func, _answer in ((torch.Tensor.addmm_, answer_addmm), (torch.Tensor.addmv_, answer_addmv),
+                       (torch.addmv_, answer_addmv), (torch.Tensor.baddbmm_, answer_baddbmm),
+                       (torch.Tensor.addbmm_, answer_addbmm), (torch.Tensor.addr_, answer_addr)):
+    register(_func)(_in_place(_answer))
