@@ -100,6 +100,10 @@ class EvalSettings:
     seed: int = 0
     fixed_percentile: float = 100.0
     calibration_samples: int = 256
+    #: how many calibration inputs decide fixed-point scales and auto gains: ``min(calibration_count,
+    #: len(calibration))``; None: ``min(calibration_samples, samples evaluated)`` (a screen on a few
+    #: samples sets it to calibrate the same device as the full evaluation)
+    calibration_count: int | None = None
     autogain_threshold: float = 1e-4
     #: ``(weight, input, ADC)`` bits at which auto gains are chosen, once per device (the point's
     #: format, tile width and every other field kept, noise off) and reused at every bit setting;
@@ -257,7 +261,11 @@ def evaluate(
                         "extra": extra_fp32, "stderr": fp32_se[metric.name],
                         "extra_stderr": {m.name: fp32_se[m.name] for m in eval_settings.extra_metrics}})
 
-    n_calib = min(eval_settings.calibration_samples, len(data))
+    if eval_settings.calibration_count is not None:
+        n_calib = min(eval_settings.calibration_count, len(calibration if calibration is not None else data))
+        context = {**context, "n_calib": n_calib}  # decides the scales and gains: in every key
+    else:
+        n_calib = min(eval_settings.calibration_samples, len(data))
     if calibration is not None:  # the calibration inputs decide fixed-point scales and auto gains
         context = {**context, "calibration": data_fingerprint(tuple(t[:n_calib] for t in calibration.inputs), None)}
     plan_overrides = dict(overrides or {})

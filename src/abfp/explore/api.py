@@ -49,6 +49,9 @@ def explore(
     adc_bits: tuple[int, int] = (2, 16),
     dac_min_bits: int = 2,
     dac_search: str = "joint",
+    dac_max_bits: int | None = None,
+    screen: int | None = None,
+    screen_z: float = 3.0,
     noise_stds: Sequence[float] = (REFERENCE_NOISE_STD,),
     prune: bool = True,
     global_prune: bool = False,
@@ -78,6 +81,10 @@ def explore(
     SQLite cache (a rerun resumes). ``early_stop = z``: a noisy design stops averaging once its
     mean is ``z`` standard errors from the target; ``global_prune``: designs costing at least as
     much as one known to meet the target are skipped (see :mod:`abfp.explore.search`).
+    ``dac_max_bits``: when no design of a family meets the target at the base DAC bits (even at
+    the highest ADC bits), its DACs are raised by bisection up to this many bits. ``screen = k``:
+    every design is first evaluated on the first ``k`` samples (one run) and evaluated on all of
+    them only unless it misses the target there by ``screen_z`` standard errors.
     Fixed-point scales and auto gains come from the task's calibration split when it has one
     (``calibration``: a :class:`Dataset` of inputs, with a model). Returns the JSON-ready
     result (see :func:`abfp.explore.search.explore_model`).
@@ -87,7 +94,8 @@ def explore(
     space = SearchSpace(formats=tuple(formats), tile_widths=tuple(tile_widths), gains=tuple(float(g) for g in gains),
                         auto_gain=auto_gain, fixed_gains=tuple(float(g) for g in fixed_gains),
                         adc_bits=tuple(adc_bits), dac_min_bits=dac_min_bits,
-                        dac_search=dac_search, noise_stds=tuple(float(z) for z in noise_stds), prune=prune,
+                        dac_search=dac_search, dac_max_bits=dac_max_bits, screen=screen, screen_z=screen_z,
+                        noise_stds=tuple(float(z) for z in noise_stds), prune=prune,
                         global_prune=bool(global_prune), early_stop=early_stop)
     if not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs must be an integer >= 1, got {runs!r}")

@@ -62,6 +62,13 @@ def _parser(sub: Any) -> None:
     p.add_argument("--dac-search", choices=["joint", "separate", "none"], default="joint",
                    help="DAC bits of each family's cheapest design: both DACs together (default), inputs then "
                         "weights, or none")
+    p.add_argument("--dac-max-bits", type=int, default=None,
+                   help="when no design of a family meets the target at the base DAC bits, even at the highest ADC "
+                        "bits, raise both DACs by bisection up to this many bits (default: never)")
+    p.add_argument("--screen", type=int, default=None, metavar="K",
+                   help="evaluate every design first on the first K samples (one run); one missing the target there "
+                        "by --screen-z standard errors is not evaluated on all samples (default: no screen)")
+    p.add_argument("--screen-z", type=float, default=3.0, help="standard errors of the screen's rejection (default 3)")
     p.add_argument("--noise", type=csv_list(float, "--noise"), default=None,
                    help="device noise std in ADC LSBs; a comma list sweeps it (default: the base device's, one bin "
                         "wide: 0.2887)")
@@ -103,7 +110,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
     require_at_least(args, ("runs", "samples", "batch_size", "threads", "energy_samples"))
     require_at_least(args, ("seed",), 0)
-    require_finite(args, ("target_drop", "target", "fixed_percentile", "early_stop"))
+    require_finite(args, ("target_drop", "target", "fixed_percentile", "early_stop", "screen_z"))
     if args.target is not None and args.target_drop is not None:
         raise UsageError("give --target or --target-drop, not both")
     if not 0 < args.fixed_percentile <= 100:
@@ -117,18 +124,26 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         space = SearchSpace(formats=tuple(args.formats), tile_widths=tuple(args.tile_widths),
                             gains=tuple(float(g) for g in gains if g != "auto"), auto_gain="auto" in gains,
                             fixed_gains=tuple(args.fixed_gains), adc_bits=tuple(args.adc_bits),
-                            dac_min_bits=args.dac_min_bits, dac_search=args.dac_search, noise_stds=tuple(noise),
+                            dac_min_bits=args.dac_min_bits, dac_search=args.dac_search,
+                            dac_max_bits=args.dac_max_bits, screen=args.screen, screen_z=args.screen_z,
+                            noise_stds=tuple(noise),
                             prune=not args.no_prune, global_prune=args.global_prune, early_stop=args.early_stop)
         # every design the search may visit must be a valid device: refuse a bad one now, not mid-search
         for n in space.tile_widths:
             for b in (space.adc_bits[0], space.adc_bits[1]):
                 base.replace(tile_width=n, output_bits=b)
             base.replace(tile_width=n, input_bits=space.dac_min_bits, weight_bits=space.dac_min_bits)
+            if space.dac_max_bits is not None:
+                base.replace(tile_width=n, input_bits=space.dac_max_bits, weight_bits=space.dac_max_bits,
+                             output_bits=space.adc_bits[1])
         params = EnergyParams.from_dict(load_json_arg(args.params, "--params")) if args.params else EnergyParams()
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.dac_min_bits > max(base.input_bits, base.weight_bits):
         raise UsageError(f"--dac-min-bits {args.dac_min_bits} exceeds the base device's DAC bits "
+                         f"{base.input_bits}/{base.weight_bits}")
+    if args.dac_max_bits is not None and args.dac_max_bits < max(base.input_bits, base.weight_bits):
+        raise UsageError(f"--dac-max-bits {args.dac_max_bits} is below the base device's DAC bits "
                          f"{base.input_bits}/{base.weight_bits}")
     return {"base": base, "target": target, "space": space, "params": params}
 

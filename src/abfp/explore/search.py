@@ -12,8 +12,16 @@ gain rule x noise level, see :mod:`abfp.explore.designs`):
    above), so most gains cost one or two evaluations and none tries a slow high-resolution
    ADC it cannot win with. An *auto-gain* family (one gain per layer, chosen on calibration
    data) bisects once.
+   When no design of the family meets the target at the base DAC bits, even at the highest
+   ADC bits, and ``dac_max_bits`` is set, both DACs of the gain that came closest there are
+   raised by bisection in ``(base, dac_max_bits]`` (:meth:`Explorer.raise_dac`) and the ADC
+   bits are bisected again at those DAC bits.
 2. **DAC bits by bisection** on the family's cheapest design: both DACs together
    (``dac_search="joint"``), inputs then weights (``"separate"``), or not at all (``"none"``).
+
+A design that a failure already implies is not evaluated: the metric is taken as monotone in
+every converter's bits, so a design of a device (format, tile width, gain, noise) with no more
+bits in any converter than one that missed the target misses it too (``implied_failures``).
 3. **Energy** of every evaluated design from :class:`abfp.explore.costs.CostModel`; the
    family's cheapest design is the one of least energy per inference that meets the target.
 
@@ -28,6 +36,11 @@ Two options trade completeness for time:
 
 * ``early_stop = z``: a noisy design stops averaging runs once its mean is ``z`` standard
   errors from the target (:func:`abfp.explore.target.decided`).
+* ``screen = k``: every design is first evaluated on the first ``k`` samples (one run,
+  calibrated on the same inputs as the full evaluation); one that misses the target there by at
+  least ``screen_z`` standard errors over those samples is not evaluated on all of them (its
+  record has ``screened_out`` and ``samples = k``). Only failures are decided on the screen:
+  every design that meets the target was evaluated on all samples.
 * ``global_prune``: a design whose energy, even with its DACs at the fewest bits the DAC search
   tries, is at least that of a design already known to meet the target (any family) is not
   evaluated: neither it nor a design derived from it can be the cheapest. Its bisection treats it
@@ -83,6 +96,13 @@ class SearchSpace:
     dac_min_bits: int = 2
     """The fewest DAC bits the DAC search tries (it starts from the base device's bits)."""
     dac_search: str = "joint"
+    dac_max_bits: int | None = None
+    """The most DAC bits a family's DACs are raised to when none of its designs meets the target at
+    the base device's DAC bits and the highest ADC bits (None: never raised)."""
+    screen: int | None = None
+    """Evaluate every design first on the first ``screen`` samples (one run); one that misses the
+    target there by ``screen_z`` standard errors is not evaluated on all samples (None: no screen)."""
+    screen_z: float = 3.0
     noise_stds: tuple[float, ...] = (REFERENCE_NOISE_STD,)
     """Device noise, in ADC LSBs (one family per level); SPEC's default: one bin wide."""
     prune: bool = True
@@ -113,6 +133,13 @@ class SearchSpace:
             raise ValueError(f"ADC bits range must be integers 2 <= lo <= hi <= 24, got {lo}..{hi}")
         if not (type(self.dac_min_bits) is int and 2 <= self.dac_min_bits <= 24):
             raise ValueError(f"DAC minimum bits must be an integer in [2, 24], got {self.dac_min_bits!r}")
+        if self.dac_max_bits is not None and not (type(self.dac_max_bits) is int and 2 <= self.dac_max_bits <= 24):
+            raise ValueError(f"DAC maximum bits must be an integer in [2, 24], got {self.dac_max_bits!r}")
+        if self.screen is not None and not (type(self.screen) is int and self.screen >= 1):
+            raise ValueError(f"screen samples must be an integer >= 1, got {self.screen!r}")
+        sz = self.screen_z
+        if isinstance(sz, bool) or not isinstance(sz, (int, float)) or not math.isfinite(sz) or sz <= 0:
+            raise ValueError(f"screen z must be a finite number of standard errors > 0, got {sz!r}")
         if self.dac_search not in DAC_SEARCHES:
             raise ValueError(f"DAC search must be one of {', '.join(DAC_SEARCHES)}, got {self.dac_search!r}")
         if not self.noise_stds or any(not math.isfinite(z) or z < 0 for z in self.noise_stds):
@@ -124,7 +151,8 @@ class SearchSpace:
     def to_dict(self) -> dict[str, Any]:
         return {"formats": list(self.formats), "tile_widths": list(self.tile_widths), "gains": list(self.gains),
                 "auto_gain": self.auto_gain, "fixed_gains": list(self.fixed_gains), "adc_bits": list(self.adc_bits),
-                "dac_min_bits": self.dac_min_bits, "dac_search": self.dac_search,
+                "dac_min_bits": self.dac_min_bits, "dac_search": self.dac_search, "dac_max_bits": self.dac_max_bits,
+                "screen": self.screen, "screen_z": self.screen_z,
                 "noise_stds": list(self.noise_stds), "prune": self.prune, "global_prune": self.global_prune,
                 "early_stop": self.early_stop}
 
@@ -135,7 +163,8 @@ class Explorer:
     def __init__(self, model: nn.Module, data: Dataset, metric: Metric, *, task_name: str, target: Target,
                  settings: EvalSettings, base: ABFPConfig, costs: CostModel,
                  progress: Callable[[str], None] | None = None, calibration: Dataset | None = None,
-                 early_stop: float | None = None, global_prune: bool = False, dac_floor: int | None = None) -> None:
+                 early_stop: float | None = None, global_prune: bool = False, dac_floor: int | None = None,
+                 screen: int | None = None, screen_z: float = 3.0) -> None:
         self.model, self.data, self.metric, self.task_name = model, data, metric, task_name
         self.settings, self.base, self.costs = settings, base, costs
         self.calibration, self.early_stop, self.global_prune = calibration, early_stop, global_prune
@@ -146,11 +175,29 @@ class Explorer:
         self.results: dict[tuple[Design, str], dict[str, Any]] = {}  # (design, family) -> record
         self._by_design: dict[Design, dict[str, Any]] = {}
         self.pruned: dict[Design, dict[str, Any]] = {}  # designs global pruning did not evaluate
+        self.implied: dict[Design, dict[str, Any]] = {}  # designs known to fail without evaluation
         self._device_gains: dict[tuple[str, int], dict[str, float]] = {}  # (format, n) -> auto gains
+        self.adc_search_dacs: dict[str, tuple[int, int]] = {}  # family -> raised (input, weight) DAC bits
+        self.samples = len(data.take(settings.samples))
         fp = self._evaluate(Point("fp32"))
         self.fp32 = float(fp["value"])
         self.target_rule = target
         self.target = target.value(self.fp32, self.higher)
+        self.screen: tuple[EvalSettings, Dataset, float] | None = None
+        if screen is not None and screen < self.samples:
+            self.screen = self._screen_setup(screen)
+        self.screen_z = screen_z
+
+    def _screen_setup(self, k: int) -> tuple[EvalSettings, Dataset, float]:
+        """Settings, calibration inputs and target of the screen on the first ``k`` samples: one
+        run, calibrated on the same inputs as the full evaluation (the task's calibration
+        split, else the first evaluated inputs), so the screen evaluates the same device."""
+        n_calib = min(self.settings.calibration_samples, self.samples)
+        calib = (self.calibration if self.calibration is not None else self.data).take(n_calib)
+        settings = EvalSettings(**{**self.settings.__dict__, "samples": k, "runs": 1, "calibration_count": n_calib})
+        (fp,) = evaluate(self.model, self.data, self.metric, [Point("fp32")], task_name=self.task_name,
+                         settings=settings, memo=self.memo)
+        return settings, calib, self.target_rule.value(float(fp["value"]), self.higher)
 
     def _evaluate(self, point: Point) -> dict[str, Any]:
         stop = None
@@ -161,6 +208,19 @@ class Explorer:
                         settings=self.settings, calibration=self.calibration, memo=self.memo, enough=stop)
         return r
 
+    def _screened_out(self, point: Point) -> dict[str, Any] | None:
+        """The screen's record of ``point`` when it misses the screen's target by at least
+        ``screen_z`` standard errors over the screened samples (then it is not evaluated on
+        all samples); None when it passes the screen or is too close to call."""
+        assert self.screen is not None
+        settings, calib, target = self.screen
+        (r,) = evaluate(self.model, self.data, self.metric, [point], task_name=self.task_name,
+                        settings=settings, calibration=calib, memo=self.memo)
+        v, se = float(r["value"]), r.get("stderr")
+        if Target.meets(v, target, self.higher) or se is None or abs(v - target) < self.screen_z * float(se):
+            return None
+        return {**r, "screen_target": target}
+
     # ---------------------------------------------------------------- one design
     def measure(self, design: Design, family: str) -> dict[str, Any]:
         """The record of ``design`` (evaluated at its first request, then remembered)."""
@@ -168,7 +228,11 @@ class Explorer:
         if rec is None:
             if self.progress:
                 self.progress(f"{family}: {design.label()}")
-            r = self._evaluate(design.point(self.base))
+            point = design.point(self.base)
+            r = self._screened_out(point) if self.screen is not None else None
+            screened = r is not None
+            if r is None:
+                r = self._evaluate(point)
             gains = r.get("gains") if design.auto_gain else None
             if gains is not None:  # chosen once per device: they price the device's other designs
                 self._device_gains.setdefault((design.format, design.tile_width), dict(gains))
@@ -178,8 +242,10 @@ class Explorer:
                    "values": [float(v) for v in r["values"]],
                    "energy_pj_per_inference": energy["total"], "adc_energy_pj_per_inference": energy["adc"],
                    "energy_by_kind_pj": {k: energy[k] for k in ("analog", "dac", "adc", "digital")},
-                   "meets_target": Target.meets(float(r["value"]), self.target, self.higher),
-                   "seconds": float(r["seconds"])}
+                   "meets_target": not screened and Target.meets(float(r["value"]), self.target, self.higher),
+                   "samples": int(r["samples"]), "seconds": float(r["seconds"])}
+            if self.screen is not None:
+                rec["screened_out"] = screened
             if "early_stopped" in r:
                 rec["early_stopped"] = bool(r["early_stopped"])
             if gains is not None:
@@ -195,7 +261,25 @@ class Explorer:
         (it cannot be the cheapest, and a cheaper design of its family may lie below it)."""
         if self.global_prune and design not in self._by_design and self.dominated(design, family):
             return True
+        if design not in self._by_design and self.implied_fail(design, family):
+            return False
         return bool(self.measure(design, family)["meets_target"])
+
+    def implied_fail(self, design: Design, family: str) -> bool:
+        """Whether an evaluated design of the same device (format, tile width, gain, noise) with at
+        least as many bits in each converter missed the target: the metric is taken as monotone in
+        every converter's bits, so ``design`` misses it too and is not evaluated (it is listed
+        under ``implied_failures``)."""
+        if design in self.implied:
+            return True
+        for d, r in self._by_design.items():
+            if (not r["meets_target"] and (d.format, d.tile_width, d.gain, d.noise_std) ==
+                    (design.format, design.tile_width, design.gain, design.noise_std)
+                    and d.input_bits >= design.input_bits and d.weight_bits >= design.weight_bits
+                    and d.output_bits >= design.output_bits):
+                self.implied[design] = {**design.fields(), "family": family, "implied_by": d.label()}
+                return True
+        return False
 
     def value_at(self, design: Design, family: str) -> float | None:
         """The metric of ``design`` (None when global pruning skips it)."""
@@ -285,6 +369,29 @@ class Explorer:
             if b is not None:
                 best_bits = b if best_bits is None else min(best_bits, b)
 
+    def raise_dac(self, family: str, seeds: Sequence[Design], adc_bits: int, top: int) -> list[Design] | None:
+        """When no design of the family meets the target: the seeds with both DACs raised to the
+        fewest bits, at most ``top``, at which the gain that came closest at ``adc_bits`` (the
+        highest ADC bits) meets it (bisection above the seeds' DAC bits); None when even ``top``
+        bits do not (or no seed was evaluated at ``adc_bits``)."""
+        at_top = {seed: self.value_at(seed.with_bits(output_bits=adc_bits), family) for seed in seeds}
+        sign = -1.0 if self.higher else 1.0
+        ranked = sorted((d for d in seeds if at_top[d] is not None), key=lambda d: sign * at_top[d])  # type: ignore[operator]
+        if not ranked:
+            return None
+        lead = ranked[0]
+        b0 = max(lead.input_bits, lead.weight_bits)
+        if b0 >= top:
+            return None
+
+        def raised(d: Design, b: int) -> Design:
+            return d.with_bits(input_bits=max(b, d.input_bits), weight_bits=max(b, d.weight_bits))
+
+        b = smallest_passing(b0 + 1, top, lambda b: self.passes(raised(lead, b).with_bits(output_bits=adc_bits), family))
+        if b is None:
+            return None
+        return [raised(d, b) for d in seeds]
+
     def search_dac(self, family: str, lo: int, mode: str) -> None:
         """Bisect the DAC bits of the family's cheapest design (if it has one)."""
         found = self.cheapest(family)
@@ -342,7 +449,8 @@ def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name:
 
     ex = Explorer(model, data, metric, task_name=task_name, target=target, settings=eval_settings, base=base, costs=costs,
                   progress=tick, calibration=calibration, early_stop=space.early_stop,
-                  global_prune=space.global_prune, dac_floor=None if space.dac_search == "none" else space.dac_min_bits)
+                  global_prune=space.global_prune, dac_floor=None if space.dac_search == "none" else space.dac_min_bits,
+                  screen=space.screen, screen_z=space.screen_z)
     lo, hi = space.adc_bits
     plan = _families(space, base)
     families = [fam for fam, _ in plan]
@@ -357,6 +465,14 @@ def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name:
                     ex.passes(seed.with_bits(output_bits=start), fam)
         for fam, seeds in plan:
             ex.search_adc(fam, seeds, lo, hi, space.prune, start=start)
+            if (space.dac_max_bits is not None and ex.cheapest(fam) is None
+                    and not any(p["family"] == fam for p in ex.pruned.values())):
+                # nothing meets the target at the base DAC bits, even at the highest ADC bits:
+                # raise the DACs (the gain that came closest), then bisect the ADC bits there
+                raised = ex.raise_dac(fam, seeds, hi, space.dac_max_bits)
+                if raised is not None:
+                    ex.adc_search_dacs[fam] = (raised[0].input_bits, raised[0].weight_bits)
+                    ex.search_adc(fam, raised, lo, hi, space.prune, start=start)
             ex.search_dac(fam, space.dac_min_bits, space.dac_search)
     finally:
         bar.close()
@@ -397,8 +513,9 @@ def _result(ex: Explorer, families: list[str], task_name: str, target: Target, s
     for fam in families:
         found = ex.cheapest(fam)
         cheapest[fam] = dict(found[1]) if found else None
+        xb, wb = ex.adc_search_dacs.get(fam, (base.input_bits, base.weight_bits))
         ok = [r["output_bits"] for r in ex.family_records(fam) if r["meets_target"]
-              and r["input_bits"] == base.input_bits and r["weight_bits"] == base.weight_bits]
+              and r["input_bits"] == xb and r["weight_bits"] == wb]
         min_bits[fam] = min(ok) if ok else None
     pruned_families = {fam: sorted({p["dominated_by"] for p in ex.pruned.values() if p["family"] == fam})
                        for fam in families if cheapest[fam] is None and any(
@@ -422,6 +539,9 @@ def _result(ex: Explorer, families: list[str], task_name: str, target: Target, s
         "designs": designs,
         "cheapest": cheapest,
         "min_adc_bits": min_bits,
+        "adc_search_dac_bits": {fam: list(ex.adc_search_dacs.get(fam, (base.input_bits, base.weight_bits)))
+                                for fam in families},
+        "implied_failures": list(ex.implied.values()),
         "evaluations": len(ex._by_design),
         "pruned": list(ex.pruned.values()),
         "pruned_families": pruned_families,
