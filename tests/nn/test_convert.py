@@ -138,6 +138,72 @@ def test_nn_multihead_attention(need_weights):
     assert sum(r.kind == "matmul" for r in s.rows) == 2 and sum(r.kind == "linear" for r in s.rows) == 4
 
 
+@pytest.mark.parametrize("bias_kv,zero_attn,need_weights", [(True, False, True), (False, True, False), (True, True, True),
+                                                           (True, True, False)])
+def test_nn_multihead_attention_with_bias_kv_and_zero_attn(bias_kv, zero_attn, need_weights):
+    """``add_bias_kv`` / ``add_zero_attn`` append a key/value row (and a mask column) as torch does;
+    the products stay on the device (they used to be refused)."""
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True, add_bias_kv=bias_kv, add_zero_attn=zero_attn).eval()
+    q, kv = torch.randn(3, 4, 16), torch.randn(3, 6, 16)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    mask = torch.randn(4, 6)
+    with torch.no_grad():
+        ref, wref = mha(q, kv, kv, key_padding_mask=pad, attn_mask=mask, need_weights=need_weights,
+                        average_attn_weights=False)
+        cm = abfp.convert(mha, IDEAL)
+        out, w = cm(q, kv, kv, key_padding_mask=pad, attn_mask=mask, need_weights=need_weights,
+                    average_attn_weights=False)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    if need_weights:
+        torch.testing.assert_close(w, wref, rtol=1e-3, atol=1e-3)
+    assert abfp.coverage(cm).share == 1.0
+    s_len = 6 + bias_kv + zero_attn
+    assert abfp.coverage(cm).analog_macs == 3 * (4 * 16 * 16 * 2 + 6 * 16 * 16 * 2) + 2 * 3 * 4 * 4 * s_len * 4
+
+
+def test_multi_head_attention_forward_with_static_keys_and_values():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x, sk, sv):
+            m = self.mha
+            return F.multi_head_attention_forward(x, x, x, 8, 2, m.in_proj_weight, m.in_proj_bias, None, None, False,
+                                                  0.0, m.out_proj.weight, m.out_proj.bias, training=False,
+                                                  static_k=sk, static_v=sv, need_weights=False)[0]
+
+    torch.manual_seed(2)
+    x, sk, sv = torch.randn(5, 3, 8), torch.randn(3 * 2, 7, 4), torch.randn(3 * 2, 7, 4)
+    m = M().eval()
+    with torch.no_grad():
+        ref, out = m(x, sk, sv), abfp.convert(m, IDEAL)(x, sk, sv)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_fully_masked_query_rows():
+    """A query row whose keys are all masked: ``scaled_dot_product_attention`` gives zeros there, as
+    torch does; MHA with ``need_weights=True`` (where torch's softmax gives NaN) is refused naming
+    the product, never a silent NaN."""
+    class M(nn.Module):
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    for mask in (torch.ones(4, 5, dtype=torch.bool), torch.zeros(4, 5)):
+        mask[1] = False if mask.dtype == torch.bool else float("-inf")
+        with torch.no_grad():
+            ref, out = M()(q, k, v, mask), abfp.convert(M(), IDEAL)(q, k, v, mask)
+        assert bool(torch.isfinite(out).all()) and bool((out[:, :, 1] == 0).all())
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"product :matmul1 .*NaN or Inf"):
+        abfp.convert(mha, IDEAL)(x, x, x, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+
+
 def test_scaled_dot_product_attention_with_masks():
     class M(nn.Module):
         def forward(self, q, k, v, mask):

@@ -265,6 +265,35 @@ def test_products_without_analog_model_are_named_and_their_macs_counted(fn, macs
     assert abfp.coverage(m).digital_macs == macs and abfp.coverage(m).share == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_products_of_integer_or_complex_operands_stay_digital_and_are_named(dtype):
+    """No DAC encodes integers or complex numbers: such a product runs as torch computes it, named
+    (with its dtype) in the warning and counted as digital (it used to raise a TypeError)."""
+    a, b = (torch.randint(-5, 5, (5, 20)), torch.randint(-5, 5, (20, 7))) if dtype == torch.int64 else (
+        torch.randn(5, 20, dtype=dtype), torch.randn(20, 7, dtype=dtype))
+    m = abfp.convert(Call(lambda p, q, r: (torch.matmul(p, q), torch.nn.functional.linear(r, q.T.real.float()))), CFG)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y, lin = m(a, b, A)
+    assert torch.equal(y, a @ b)
+    name = f"torch.matmul on {str(dtype).replace('torch.', '')} operands"
+    assert [str(x.message).split(" (in")[0] for x in w if issubclass(x.category, DigitalProductWarning)] == ["abfp: " + name]
+    cov = abfp.coverage(m)
+    assert cov.digital_ops == {f"{name} (no analog model)": 5 * 7 * 20} and cov.analog_macs == 5 * 7 * 20
+
+
+def test_bad_input_is_refused_naming_the_product_and_module():
+    net = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 3)))
+    m = abfp.convert(net, CFG)
+    x = torch.randn(4, 20)
+    with pytest.raises(ValueError, match=r"^abfp: product 0:linear0 \(module '0'\): input contains NaN or Inf"):
+        m(x.index_fill(1, torch.tensor([3]), float("nan")))
+    with torch.no_grad():
+        m[2][0].weight[1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"^abfp: product 2.0:linear0 \(module '2.0'\): weight contains NaN or Inf"):
+        m(x)
+
+
 def test_excluded_module_counts_as_digital():
     net = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
     m = abfp.convert(net, CFG, exclude=["2"])

@@ -29,18 +29,17 @@ from __future__ import annotations
 import sys
 import threading
 import types
-import warnings
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from ..ops.attention import sdpa  # noqa: F401  (re-exported: it lived here)
-from ..ops.coverage import DigitalProductWarning, no_analog_model
+from ..ops.coverage import no_analog_model
 from ..ops.device import NotTraceable, tracing
 from ..ops.registry import handler_for
 from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, check_traceable, digital_call,  # noqa: F401
-                        run_product)
+                        run_product, warn_digital)
 from .state import AnalogState
 
 __all__ = ["AnalogMode", "EnterHook", "ExitHook", "Frame", "ProductCall", "digital_call", "drop_stale", "run_product"]
@@ -168,11 +167,7 @@ class AnalogMode(TorchFunctionMode):
             return func(*args, **kwargs)
         frame = stack[-1]
         if handler is None:
-            state = frame.state
-            if state.config_for(frame.name) is not None and not state.calibrating and name not in state.coverage.warned:
-                state.coverage.warned.add(name)
-                warnings.warn(f"abfp: {name} (in {frame.name or 'the model'}) has no analog model and ran in "
-                              "float32; abfp.summary lists its MACs", DigitalProductWarning, stacklevel=2)
+            warn_digital(frame, name)
             return digital_call(frame, func, args, kwargs, "no analog model")
         if frame.state.config_for(frame.name) is None:
             return digital_call(frame, func, args, kwargs, "excluded module")

@@ -4,8 +4,11 @@
 Both dispatch as a whole, hiding their inner products from a ``TorchFunctionMode``; here they
 are rewritten with their projections as ``linear`` products and ``QK^T``, ``AV`` as ``matmul``
 products (:mod:`abfp.ops.linear`); scaling, masking, softmax and dropout are digital (float32).
-MHA covers the usual arguments; ``bias_k``/``bias_v``, ``add_zero_attn`` and
-``static_k``/``static_v`` are rejected with a clear error.
+MHA covers every argument torch's has, ``bias_k``/``bias_v``, ``add_zero_attn`` and
+``static_k``/``static_v`` included (appended key/value rows, as torch appends them).
+A query row whose keys are all masked attends to nothing in ``scaled_dot_product_attention``
+(its output row is 0, torch's ``_safe_softmax``); in MHA with ``need_weights=True`` torch's
+softmax gives NaN there, which the device refuses by name (a clear error, not a silent NaN).
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from .registry import register
 from .site import Frame, digital_call
 
 __all__ = ["sdpa", "multi_head_attention", "answer_sdpa", "answer_mha"]
+
+
+#: torch's softmax for attention (``F.scaled_dot_product_attention``'s math path): a row of
+#: only ``-inf`` scores gives zeros rather than NaN; plain softmax where torch lacks it.
+_softmax = getattr(torch, "_safe_softmax", torch.softmax)
 
 
 def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
@@ -44,7 +52,7 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = N
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    attn = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    attn = _softmax(scores.float(), dim=-1).to(query.dtype)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p, training=True)
     return matmul(attn, value)
@@ -63,8 +71,8 @@ def multi_head_attention(
     attention: Callable[..., Tensor],
     matmul: Callable[[Tensor, Tensor], Tensor],
 ) -> tuple[Tensor, Tensor | None]:
-    if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None:
-        raise NotImplementedError("abfp: multi-head attention with bias_k/bias_v, add_zero_attn or static_k/v is not supported")
+    if (bias_k is None) != (bias_v is None):
+        raise ValueError("multi-head attention: bias_k and bias_v must be given together")
     unbatched = query.dim() == 2
     if unbatched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -86,11 +94,23 @@ def multi_head_attention(
     q = linear(query, wq, bq)
     k = linear(key, wk, bk)
     v = linear(value, wv, bv)
+    if bias_k is not None and bias_v is not None:  # one more key/value row, as torch appends it
+        k, v = torch.cat([k, bias_k.repeat(1, bsz, 1)]), torch.cat([v, bias_v.repeat(1, bsz, 1)])
+        attn_mask, key_padding_mask = _pad_last(attn_mask), _pad_last(key_padding_mask)
 
-    def heads(t: Tensor, length: int) -> Tensor:  # (L, B, E) -> (B, H, L, D)
-        return t.reshape(length, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
+    def heads(t: Tensor) -> Tensor:  # (L, B, E) -> (B, H, L, D)
+        return t.reshape(t.shape[0], bsz, num_heads, head_dim).permute(1, 2, 0, 3)
 
-    q, k, v = heads(q, tgt_len), heads(k, src_len), heads(v, src_len)
+    def static(t: Tensor) -> Tensor:  # (B*H, S, D) -> (B, H, S, D)
+        return t.reshape(bsz, num_heads, t.shape[1], head_dim)
+
+    q = heads(q)
+    k = heads(k) if static_k is None else static(static_k)
+    v = heads(v) if static_v is None else static(static_v)
+    if add_zero_attn:  # a zero key/value row
+        k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))
+        attn_mask, key_padding_mask = _pad_last(attn_mask), _pad_last(key_padding_mask)
+    src_len = k.shape[-2]
 
     mask: Tensor | None = None
     if attn_mask is not None:
@@ -111,7 +131,7 @@ def multi_head_attention(
         scores = matmul(q, k.transpose(-2, -1)) / (head_dim**0.5)
         if mask is not None:
             scores = scores + mask
-        attn = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        attn = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # torch's: NaN where every key is masked
         weights = attn
         if p > 0:
             attn = F.dropout(attn, p=p)
@@ -128,6 +148,11 @@ def multi_head_attention(
         if weights is not None:
             weights = weights.squeeze(0)
     return out, weights
+
+
+def _pad_last(mask: Tensor | None) -> Tensor | None:
+    """A mask with one more key column that masks nothing (False, or 0.0), as torch pads it."""
+    return None if mask is None else F.pad(mask, (0, 1))
 
 
 # ----------------------------------------------------------------------------- handlers

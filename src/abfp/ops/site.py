@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ from torch import Tensor
 from ..config import ABFPConfig
 from ..numerics import ProductStats
 from ..numerics.blocks import num_tiles
-from .coverage import estimate_macs, func_name
+from .coverage import DigitalProductWarning, estimate_macs, func_name
 from .device import NotTraceable, tracing, untraceable
 
 __all__ = ["Frame", "ProductCall", "SiteRecord", "run_product", "digital_call", "check_traceable"]
@@ -157,6 +158,11 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
     state = frame.state
     site = frame.site(op) if site is None else site
     cfg = state.config_for_site(frame.name, site)
+    odd = next((t.dtype for t in operands if isinstance(t, Tensor) and not t.is_floating_point()), None)
+    if odd is not None:  # integer, bool or complex operands: no DAC encodes them
+        name = f"{func_name(func)} on {str(odd).replace('torch.', '')} operands"
+        warn_digital(frame, name)
+        return digital_call(frame, func, args, kwargs, "no analog model", name=name)
     if tracing():
         return _traced(frame, site, cfg, analog, operands, macs)
     if state.calibrating:
@@ -173,7 +179,12 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
         state.coverage.analog_macs += int(macs(y)) if isinstance(y, Tensor) else 0
         return y
     stats = ProductStats() if state.recording else None
-    y = analog(cfg, _scales(state, cfg, site), stats, state.generator(cfg, operands[0].device))
+    try:
+        y = analog(cfg, _scales(state, cfg, site), stats, state.generator(cfg, operands[0].device))
+    except (ValueError, TypeError) as e:  # bad input (NaN, Inf, ...): say which product of which module
+        if type(e) not in (ValueError, TypeError) or str(e).startswith("abfp: product "):
+            raise
+        raise type(e)(f"abfp: product {site} (module {frame.name or 'the root'!r}): {e}") from e
     state.coverage.analog_macs += int(macs(y))
     if state.recording:
         with torch.no_grad():
@@ -219,16 +230,27 @@ def _traced(frame: Frame, site: str, cfg: ABFPConfig, analog: Callable, operands
     return y
 
 
-def digital_call(frame: Frame, func: Callable, args: tuple, kwargs: dict, reason: str) -> Any:
+def warn_digital(frame: Frame, name: str) -> None:
+    """Name a product with no analog model (``name``) in a :class:`~abfp.ops.coverage.DigitalProductWarning`,
+    once per converted model, unless its module is excluded or the model calibrates."""
+    state = frame.state
+    if state.config_for(frame.name) is not None and not state.calibrating and name not in state.coverage.warned:
+        state.coverage.warned.add(name)
+        warnings.warn(f"abfp: {name} (in {frame.name or 'the model'}) has no analog model and ran digitally; "
+                      "abfp.summary lists its MACs", DigitalProductWarning, stacklevel=4)
+
+
+def digital_call(frame: Frame, func: Callable, args: tuple, kwargs: dict, reason: str, *, name: str | None = None) -> Any:
     """Run a product in float32 and count its MACs as digital (coverage): ``reason`` says why
     (an excluded module, ``include_matmul=False``); products with no analog model at all are
-    also named in a :class:`~abfp.ops.coverage.DigitalProductWarning`."""
+    also named in a :class:`~abfp.ops.coverage.DigitalProductWarning` (:func:`warn_digital`).
+    ``name``: how coverage and ``summary`` name it (default: the function's name)."""
     out = func(*args, **kwargs)
     state = frame.state
     if state.calibrating:
         return out
     macs = estimate_macs(func, args, kwargs, out)
-    name = func_name(func)
+    name = func_name(func) if name is None else name
     state.coverage.add_digital(f"{name} ({reason})", macs)
     if state.recording:
         site = frame.site("digital")
