@@ -8,7 +8,8 @@ import pytest
 import numpy as np
 import torch
 
-from abfp.finetune.histogram import Histogram, alias_arrays
+from abfp.finetune.hash32 import words
+from abfp.finetune.histogram import Histogram, alias_arrays, slot_bits
 from abfp.finetune import alias_kernel
 from abfp.finetune.sampler import add_noise, noisy_eager
 
@@ -75,6 +76,42 @@ def test_alias_tables_reproduce_probabilities_exactly() -> None:
     implied = q.clone()
     implied.scatter_add_(1, alias, 1.0 - q)
     torch.testing.assert_close(implied / 100, probs, rtol=0, atol=1e-12)
+    q, alias = alias_arrays(probs, 128)  # padded to 128 slots: the 28 extra ones never kept
+    assert bool((alias < 100).all()) and bool((q[:, 100:] == 0).all())
+    implied = q.clone()
+    implied.scatter_add_(1, alias, 1.0 - q)
+    torch.testing.assert_close(implied[:, :100] / 128, probs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bins", [1, 2, 3, 7, 64, 100, 129])
+def test_packed_tables_give_each_bin_its_probability_to_2_pow_minus_32(bins: int) -> None:
+    """Each slot of the 32-bit words gives its threshold's share to its own bin and the rest to
+    its alias: summed in integers, every bin's probability is within (slots pointing at it + 1)
+    units of 2^-32 of p_j."""
+    g = torch.Generator().manual_seed(bins)
+    probs = torch.rand(3, bins, generator=g, dtype=torch.float64) ** 4
+    probs[1, : bins // 2] = 0.0
+    probs[1, -1] += 0.1
+    probs /= probs.sum(1, keepdim=True)
+    h = Histogram(lo=torch.zeros(3), width=torch.ones(3), probs=probs.float())
+    packed, _, _ = h.alias_table()
+    b = slot_bits(bins)
+    assert packed.shape == (3, 1 << b) and (1 << b) >= bins and (b == 1 or (1 << b) // 2 < bins)
+    one = 1 << (32 - b)
+    for c in range(3):
+        units = [0] * bins
+        pointing = [1] * bins
+        for s, e in enumerate(packed[c].tolist()):
+            t, a = e >> b, e & ((1 << b) - 1)
+            assert 0 <= t < one and a < bins
+            if s < bins:
+                units[s] += t
+            units[a] += one - t
+            pointing[a] += 1
+        assert sum(units) == 1 << 32
+        p = h.probs[c].double() / h.probs[c].double().sum()
+        for j in range(bins):
+            assert abs(units[j] - float(p[j]) * 2**32) <= pointing[j] + 1e-3
 
 
 def _hist(probs: list[float], lo: float = -1.0, width: float = 0.25) -> Histogram:
@@ -129,34 +166,60 @@ def test_compiled_equals_eager_and_is_repeatable() -> None:
     assert not torch.equal(add_noise(y, h, backend="eager"), c)  # the next draw differs
 
 
-def _reference_draw(key: int, i: int, packed: list[int], lo: float, width: float) -> float:
-    """The formula of the sampler's docstring in plain Python integers (one element)."""
-    m64 = (1 << 64) - 1
-    z = (key + (i + 1) * 0x9E3779B97F4A7C15) & m64
+def _h32(v: int) -> int:
+    m32 = 0xFFFFFFFF
+    v ^= v >> 16
+    v = (v * 0x7FEB352D) & m32
+    v ^= v >> 15
+    v = (v * 0x846CA68B) & m32
+    return v ^ (v >> 16)
+
+
+def _reference_words(key: int, i: int) -> tuple[int, int]:
+    """``(u, r)`` of element ``i`` by the formula of ``abfp.finetune.hash32``, in plain Python integers."""
+    m32, m64 = 0xFFFFFFFF, (1 << 64) - 1
+    z = (key + ((i >> 32) + 1) * 0x9E3779B97F4A7C15) & m64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
     z ^= z >> 31
-    v = (z >> 32) * len(packed)
-    s = v >> 32
-    t = packed[s]
-    k = s if (v & 0xFFFFFFFF) < (t & 0xFFFFFFFF) else t >> 32
+    x = i & m32
+    return _h32((x * 0x9E3779B9 + (z & m32)) & m32), _h32((x * 0x85EBCA77 + (z >> 32)) & m32)
+
+
+def _reference_draw(key: int, i: int, packed: list[int], lo: float, width: float) -> float:
+    """The formula of the sampler's docstring in plain Python integers (one element)."""
+    u, r = _reference_words(key, i)
+    b = len(packed).bit_length() - 1
+    s = u >> (32 - b)
+    e = packed[s]
+    k = s if (u & ((1 << (32 - b)) - 1)) < (e >> b) else e & ((1 << b) - 1)
     f32 = np.float32
-    pos = f32(k) + f32((z & 0xFFFFFFFF) >> 8) * f32(2.0**-24)
+    pos = f32(k) + f32(r >> 8) * f32(2.0**-24)
     return float(f32(lo) + f32(width) * pos)
 
 
+def test_hash_words_follow_the_formula_across_segments() -> None:
+    """The torch words at indices on both sides of 2^32 and 2^33 (each 2^32 segment has its own key)."""
+    key = 0x1234_5678_9ABC_DEF
+    idx = [0, 1, 2, 5, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**33 + 7, 2**40 + 3]
+    u, r = words(key, torch.tensor(idx))
+    assert list(zip(u.tolist(), r.tolist())) == [_reference_words(key, i) for i in idx]
+    assert _reference_words(key, 2**32 + 1) != _reference_words(key, 1)
+
+
 def test_draws_follow_the_documented_formula() -> None:
-    h = _hist([0.3, 0.05, 0.4, 0.25])
-    packed, lo, width = h.alias_table()
-    key = 0x5DEECE66D12345
-    y = torch.zeros(3000)
-    expected = [_reference_draw(key, i, packed[0].tolist(), float(lo[0]), float(width[0])) for i in range(3000)]
-    got_eager = noisy_eager(y.view(1, 1, -1), key, packed, lo, width).view(-1)
-    assert got_eager.tolist() == expected
-    if alias_kernel.usable():
-        got = y.clone()
-        alias_kernel.add_alias_noise_(got, (1, 1, 3000), key, *h.kernel_tables())
-        assert got.tolist() == expected
+    for probs in ([0.3, 0.05, 0.4, 0.25], [0.3, 0.05, 0.4, 0.2, 0.05]):  # 4 slots; 8 slots for 5 bins
+        h = _hist(probs)
+        packed, lo, width = h.alias_table()
+        key = 0x5DEECE66D12345
+        y = torch.zeros(3000)
+        expected = [_reference_draw(key, i, packed[0].tolist(), float(lo[0]), float(width[0])) for i in range(3000)]
+        got_eager = noisy_eager(y.view(1, 1, -1), key, packed, lo, width).view(-1)
+        assert got_eager.tolist() == expected
+        if alias_kernel.usable():
+            got = y.clone()
+            alias_kernel.add_alias_noise_(got, (1, 1, 3000), key, *h.kernel_tables())
+            assert got.tolist() == expected
 
 
 def _random_hist(g: torch.Generator, channels: int, bins: int, channel_dim: int | None) -> Histogram:
@@ -197,9 +260,29 @@ def test_compiled_adds_in_place_and_keeps_views_apart() -> None:
     out = add_noise(view, h, backend="compiled")
     assert bool((base == 0).all()) and bool((out != 0).any())
     base = torch.zeros(4, 6)
-    row = base[1]  # a contiguous view: a new tensor too
+    row = base[1]  # a contiguous view of part of its storage: a new tensor too
     out = add_noise(row, h, backend="compiled")
     assert bool((base == 0).all()) and out.data_ptr() != row.data_ptr()
+    lin = torch.nn.Linear(6, 5)
+    y = lin(torch.randn(2, 3, 6))  # a view of all of addmm's output (F.linear on 3-D input)
+    assert y._base is not None
+    before = y.detach().clone()
+    assert add_noise(y, h, backend="compiled") is y and not torch.equal(y.detach(), before)
+    w = torch.zeros(3, 4, requires_grad=True)  # a parameter: never written
+    out = add_noise(w, h, backend="compiled")
+    assert bool((w == 0).all()) and out is not w
+    out = add_noise(w.view(12), h, backend="compiled")  # nor through a view of it
+    assert bool((w == 0).all())
+
+
+@pytest.mark.skipif(not alias_kernel.usable(), reason="numba not usable")
+def test_in_place_noise_trips_autograd_on_a_saved_output() -> None:
+    """Written in place outside autograd, the output's version still moves: a producer that
+    saved its output for backward (``exp``) makes backward raise instead of using noisy values."""
+    x = torch.randn(5, requires_grad=True)
+    y = add_noise(x.exp(), _hist([0.5, 0.5]), backend="compiled")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
@@ -233,7 +316,7 @@ def test_gradient_is_identity() -> None:
 @pytest.mark.skipif(not alias_kernel.usable(), reason="numba not usable")
 def test_in_place_noise_keeps_autograd_right() -> None:
     """The compiled sampler writes into a layer's output; backward through convolution,
-    linear layer and batched product gives the gradients of the same graph with the same
+    linear layer (2-D and 3-D input: a view of its output) and batched product gives the gradients of the same graph with the same
     noise added out of place."""
     g = torch.Generator().manual_seed(0)
     conv, lin = torch.nn.Conv2d(2, 3, 3), torch.nn.Linear(12, 5)
@@ -247,7 +330,8 @@ def test_in_place_noise_keeps_autograd_right() -> None:
         a = add_noise(conv(x), h, backend=backend)  # type: ignore[arg-type]
         b = add_noise(lin(a.flatten(1)), h, backend=backend)  # type: ignore[arg-type]
         c = add_noise(b.unsqueeze(2) @ b.unsqueeze(1), h, backend=backend)  # type: ignore[arg-type]
-        (c.tanh().sum() + b.square().sum()).backward()
+        d = add_noise(lin(a.reshape(2, 2, 12)), h, backend=backend)  # type: ignore[arg-type]
+        (c.tanh().sum() + b.square().sum() + d.sin().sum()).backward()
         return c.detach(), conv.weight.grad.clone(), lin.weight.grad.clone()  # type: ignore[union-attr]
 
     for e, k in zip(run("eager"), run("compiled")):

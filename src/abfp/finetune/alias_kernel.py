@@ -1,18 +1,23 @@
 """The compiled DNF sampler: ``y += xi`` in place, one pass, ``xi`` from Walker alias tables.
 
-One numba kernel reads each element of the layer output once, draws its noise from a
-counter-based hash of the element's flat index and adds it where it lies; no tensor of
-random numbers, bins or noise is ever built. The draw of element ``i`` (row ``c`` of the
-tables; formula of :mod:`.sampler`):
+One numba kernel reads each element of the layer output once, draws its noise from two
+counter-based 32-bit hashes of the element's flat index and adds it where it lies; no
+tensor of random numbers, bins or noise is ever built. The draw of element ``i`` (row ``c``
+of the tables; formulas of :mod:`.hash32` and :mod:`.sampler`, arithmetic modulo 2^32):
 
-    z = splitmix64(key + (i + 1) * golden)        (:func:`abfp.numerics.fused.splitmix64`)
-    v = (z >> 32) * B,   slot = v >> 32,   bin = slot if (v mod 2^32) < thr[c, slot] else alias[c, slot]
-    y[i] += lo[c] + width[c] * (float32(bin) + float32((z mod 2^32) >> 8) * 2^-24)
+    x = i mod 2^32,   (k1, k2) = the key words of segment i // 2^32
+    u = h(x * MUL_U + k1),   r = h(x * MUL_R + k2)
+    s = u >> (32 - b),   e = packed[c, s],   bin = s if (u mod 2^(32-b)) < (e >> b) else e mod 2^b
+    y[i] += lo[c] + width[c] * (float32(bin) + float32(r >> 8) * 2^-24)
 
 with float32 arithmetic in exactly the order the eager torch version (:func:`.sampler.noisy_eager`)
-uses, so both give the same bits (tested). The output is walked in chunks of
-:data:`CHUNK` elements over ``torch.get_num_threads()`` threads; inside a chunk, every run of
-elements of one channel uses that channel's table row.
+uses, so both give the same bits (tested). The output is walked in chunks of :data:`CHUNK`
+elements (aligned, so a chunk never straddles two 2^32 segments) over
+``torch.get_num_threads()`` threads, and inside a chunk in blocks of :data:`BLOCK` in three
+loops: the hashes ``u`` (vectorised, 8 per AVX2 instruction), the table look-ups (scalar,
+branch-free), then ``r`` and the additions (vectorised). Where the channel changes within
+a block (short runs: per-channel tables of a linear layer) the look-up loop also applies
+each element's ``lo`` and ``width``.
 """
 
 from __future__ import annotations
@@ -26,14 +31,12 @@ from ..numerics import fused
 
 __all__ = ["AVAILABLE", "BLOCK", "CHUNK", "add_alias_noise_", "usable"]
 
-#: elements per parallel work item (a few pages of float32: small next to a layer output)
+#: elements per parallel work item (a few pages of float32: small next to a layer output; divides 2^32)
 CHUNK = 16384
 #: elements per inner block (its scratch stays in L1)
 BLOCK = 512
 
 AVAILABLE = fused.AVAILABLE
-_M32 = np.uint64(0xFFFFFFFF)
-_S32 = np.uint64(32)
 _SCALE = np.float32(2.0**-24)
 
 
@@ -43,88 +46,160 @@ def usable() -> bool:
 
 
 if AVAILABLE:
-    from numba import njit, prange
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
 
     from ..numerics.fused import splitmix64
+    from .hash32 import H1, H2, MUL_R, MUL_U
 
     _jit: Any = dict(cache=True, nogil=True, error_model="numpy")
+    _U = np.uint32
+    _M32 = np.uint64(0xFFFFFFFF)
+
+    def _op32(name: str):
+        """A numba intrinsic: the LLVM ``name`` instruction on two uint32 values, giving uint32.
+        (numba types uint32 arithmetic as 64-bit; LLVM then narrows it back to 32-bit lanes
+        in some loops and not in others. These keep the hash's IR 32-bit, so it vectorises
+        8 wide on AVX2 wherever it is inlined.)"""
+
+        @intrinsic
+        def op(typingctx, a, b):
+            if a != types.uint32 or b != types.uint32:
+                return None
+
+            def codegen(context, builder, signature, args):
+                return getattr(builder, name)(args[0], args[1])
+
+            return types.uint32(types.uint32, types.uint32), codegen
+
+        return op
+
+    _mul32, _add32, _xor32, _shr32 = (_op32(n) for n in ("mul", "add", "xor", "lshr"))
 
     @njit(inline="always", **_jit)
-    def _hashes(i0, m, key, bins, slot, frac, pos):  # pragma: no cover - compiled
-        """Slot, alias fraction and in-bin position of elements ``i0 .. i0 + m - 1`` (vectorises)."""
-        for j in range(m):
-            z = splitmix64(key, np.uint64(i0 + j) + np.uint64(1))
-            v = (z >> _S32) * bins
-            slot[j] = np.int64(v >> _S32)
-            frac[j] = np.uint32(v & _M32)
-            pos[j] = np.float32(np.uint32(z & _M32) >> np.uint32(8)) * _SCALE
+    def _h(v):  # pragma: no cover - compiled
+        """The 32-bit hash ``h`` of :mod:`.hash32` (uint32 in, uint32 out)."""
+        v = _xor32(v, _shr32(v, _U(16)))
+        v = _mul32(v, _U(H1))
+        v = _xor32(v, _shr32(v, _U(15)))
+        v = _mul32(v, _U(H2))
+        return _xor32(v, _shr32(v, _U(16)))
 
     @njit(inline="always", **_jit)
-    def _run(y, i0, m, key, thr, alias, l0, w0, slot, frac, pos, bins):  # pragma: no cover - compiled
-        """``y[i0 + j] += xi`` for ``j < m`` (at most :data:`BLOCK`), one channel's tables.
-
-        Three loops, so that the two without table look-ups vectorise: hashes, then the
-        look-ups (scalar, branch-free), then the additions."""
-        _hashes(i0, m, key, bins, slot, frac, pos)
-        for j in range(m):
-            s = slot[j]
-            a = alias[s]
-            # the bin as float32 (exact: bins < 2^24): s where frac < thr[s], else alias[s]
-            pos[j] = (a + np.float32(frac[j] < thr[s]) * (np.float32(s) - a)) + pos[j]
-        for j in range(m):
-            y[i0 + j] = y[i0 + j] + (l0 + w0 * pos[j])
+    def _word(x0, j, mul, k):  # pragma: no cover - compiled
+        """``h((x0 + j) * mul + k)`` modulo 2^32."""
+        return _h(_add32(_mul32(_add32(x0, _U(j)), mul), k))
 
     @njit(inline="always", **_jit)
-    def _run_mixed(y, i0, m, n, C, key, thr, alias, lo, width, slot, frac, pos, bins):  # pragma: no cover - compiled
-        """As :func:`_run` where the channel changes every ``n`` elements (short runs: the
-        channel of each element is looked up with its table entry)."""
-        _hashes(i0, m, key, bins, slot, frac, pos)
-        r = i0 // n
-        c = r % C
-        off = i0 - r * n
+    def _log2(s):  # pragma: no cover - compiled
+        """``b`` with ``s = 2^b``."""
+        b = 0
+        while (1 << (b + 1)) <= s:
+            b += 1
+        return b
+
+    @njit(inline="always", **_jit)
+    def _u_words(x0, m, k1, u):  # pragma: no cover - compiled
+        """``u[j] = h(x * MUL_U + k1)`` for ``x = x0 + j``, ``j < m``."""
         for j in range(m):
-            s = slot[j]
-            a = alias[c, s]
-            k = (a + np.float32(frac[j] < thr[c, s]) * (np.float32(s) - a)) + pos[j]
-            pos[j] = lo[c] + width[c] * k
+            u[j] = _word(x0, j, _U(MUL_U), k1)
+
+    @njit(inline="always", **_jit)
+    def _pick(v, e, b, fmask, smask):  # pragma: no cover - compiled
+        """The bin (int32) of the word ``v`` given its slot's table entry ``e`` (branch-free)."""
+        a = np.int32(e & smask)
+        return a + np.int32((v & fmask) < (e >> b)) * (np.int32(v >> _U(32 - b)) - a)
+
+    @njit(inline="always", **_jit)
+    def _run(yb, x0, k1, k2, tab, b, l0, w0, u, kb):  # pragma: no cover - compiled
+        """``yb[j] += xi`` for the block ``yb`` (at most :data:`BLOCK` elements) of one channel."""
+        m = yb.shape[0]
+        fmask = _U((1 << (32 - b)) - 1)
+        smask = _U((1 << b) - 1)
+        _u_words(x0, m, k1, u)
+        for j in range(m):
+            v = u[j]
+            kb[j] = np.float32(_pick(v, tab[v >> _U(32 - b)], b, fmask, smask))
+        for j in range(m):
+            p = np.float32(np.int32(_shr32(_word(x0, j, _U(MUL_R), k2), _U(8)))) * _SCALE
+            yb[j] = yb[j] + (l0 + w0 * (kb[j] + p))
+
+    @njit(inline="always", **_jit)
+    def _run_mixed(yb, x0, k1, k2, c, off, n, tab, b, lo, width, u, kb):  # pragma: no cover - compiled
+        """As :func:`_run` where the channel changes every ``n`` elements (``c``, ``off``: the
+        channel of ``yb[0]`` and its place in its run): the look-up loop applies each
+        element's ``lo`` and ``width``."""
+        m = yb.shape[0]
+        C = tab.shape[0]
+        fmask = _U((1 << (32 - b)) - 1)
+        smask = _U((1 << b) - 1)
+        _u_words(x0, m, k1, u)
+        for j in range(m):  # u's in-bin positions, in kb
+            kb[j] = np.float32(np.int32(_shr32(_word(x0, j, _U(MUL_R), k2), _U(8)))) * _SCALE
+        for j in range(m):
+            v = u[j]
+            k = np.float32(_pick(v, tab[c, v >> _U(32 - b)], b, fmask, smask))
+            kb[j] = lo[c] + width[c] * (k + kb[j])
             off += 1
             if off == n:
                 off = 0
                 c = c + 1 if c + 1 < C else 0
         for j in range(m):
-            y[i0 + j] = y[i0 + j] + pos[j]
+            yb[j] = yb[j] + kb[j]
+
+    @njit(inline="always", **_jit)
+    def _chunk(y, ch, n, key, tab, b, lo, width, u, kb):  # pragma: no cover - compiled
+        """Chunk ``ch`` of the flat output ``y`` (laid out (o, C, n))."""
+        C = tab.shape[0]
+        i = ch * CHUNK
+        end = min(y.shape[0], i + CHUNK)
+        z = splitmix64(key, np.uint64(i >> 32) + np.uint64(1))
+        k1 = _U(z & _M32)
+        k2 = _U(z >> np.uint64(32))
+        while i < end:
+            x0 = _U(i & 0xFFFFFFFF)
+            if C > 1 and n < BLOCK:  # short runs of one channel: the channel per element
+                stop = min(end, i + BLOCK)
+                run = i // n
+                _run_mixed(y[i:stop], x0, k1, k2, run % C, i - run * n, n, tab, b, lo, width, u, kb)
+            else:  # runs of one channel, in blocks of at most BLOCK elements
+                run = i // n
+                c = run % C
+                stop = min(end, (run + 1) * n, i + BLOCK)
+                _run(y[i:stop], x0, k1, k2, tab[c], b, lo[c], width[c], u, kb)
+            i = stop
 
     @njit(parallel=True, **_jit)
-    def _alias_noise(y, n, C, key, thr, alias, lo, width):  # pragma: no cover - compiled
+    def _alias_noise(y, n, key, tab, lo, width):  # pragma: no cover - compiled
         """``y`` (flat float32, ``o * C * n`` elements laid out (o, C, n)): ``y[i] += xi_i``;
-        ``thr`` (C, B) uint32, ``alias`` (C, B) float32 (the bins as numbers)."""
-        total = y.shape[0]
-        bins = np.uint64(thr.shape[1])
-        chunks = (total + CHUNK - 1) // CHUNK
+        ``tab`` (C, 2^b) uint32 packed alias words, ``lo``, ``width`` (C,) float32."""
+        b = _log2(tab.shape[1])
+        chunks = (y.shape[0] + CHUNK - 1) // CHUNK
         for ch in prange(chunks):
-            slot = np.empty(BLOCK, np.int64)
-            frac = np.empty(BLOCK, np.uint32)
-            pos = np.empty(BLOCK, np.float32)
-            i = ch * CHUNK
-            end = min(total, i + CHUNK)
-            while i < end:
-                if C > 1 and n < BLOCK:  # short runs of one channel: the channel per element
-                    stop = min(end, i + BLOCK)
-                    _run_mixed(y, i, stop - i, n, C, key, thr, alias, lo, width, slot, frac, pos, bins)
-                else:  # runs of one channel, in blocks of at most BLOCK elements
-                    run = i // n
-                    c = run % C
-                    stop = min(end, (run + 1) * n, i + BLOCK)
-                    _run(y, i, stop - i, key, thr[c], alias[c], lo[c], width[c], slot, frac, pos, bins)
-                i = stop
+            u = np.empty(BLOCK, np.uint32)
+            kb = np.empty(BLOCK, np.float32)
+            _chunk(y, ch, n, key, tab, b, lo, width, u, kb)
+
+    @njit(**_jit)
+    def _alias_noise_serial(y, n, key, tab, lo, width):  # pragma: no cover - compiled
+        """:func:`_alias_noise` on the calling thread (no parallel launch: one chunk, or one thread)."""
+        b = _log2(tab.shape[1])
+        u = np.empty(BLOCK, np.uint32)
+        kb = np.empty(BLOCK, np.float32)
+        for ch in range((y.shape[0] + CHUNK - 1) // CHUNK):
+            _chunk(y, ch, n, key, tab, b, lo, width, u, kb)
 
 
-def add_alias_noise_(y: torch.Tensor, layout: tuple[int, int, int], key: int, thr: np.ndarray, alias: np.ndarray,
-                     lo: torch.Tensor, width: torch.Tensor) -> None:
+def add_alias_noise_(y: torch.Tensor, layout: tuple[int, int, int], key: int, tab: np.ndarray, lo: np.ndarray,
+                     width: np.ndarray) -> None:
     """Add the noise to the contiguous float32 CPU tensor ``y`` in place (viewed as ``layout``
     = (outer, C, inner)); tables as :meth:`Histogram.kernel_tables` gives them."""
     if not (y.is_contiguous() and y.dtype == torch.float32 and y.device.type == "cpu"):
         raise ValueError("the compiled sampler needs a contiguous float32 CPU tensor")
-    fused.set_threads()
     flat = y.detach().view(-1).numpy()
-    _alias_noise(flat, max(1, layout[2]), layout[1], np.uint64(key), thr, alias, lo.numpy(), width.numpy())
+    args = (flat, max(1, layout[2]), np.uint64(key), tab, lo, width)
+    if flat.shape[0] <= CHUNK or torch.get_num_threads() == 1:  # no thread pool to launch
+        _alias_noise_serial(*args)
+    else:
+        fused.set_threads()
+        _alias_noise(*args)

@@ -11,10 +11,14 @@ uniform inside it". Its mean and variance, used for reporting, are
 
     mean = sum_j p_j c_j,      var = sum_j p_j (c_j^2 + width^2 / 12) - mean^2,
 
-with ``c_j`` the bin centres. Sampling uses Walker's alias method (:meth:`alias_table`):
-slot ``s`` is drawn uniformly from ``0 .. B-1``; it keeps bin ``s`` with probability
-``q_s`` and otherwise gives bin ``a_s``; Vose's construction makes
-``(q_s + sum_{t: a_t = s} (1 - q_t)) / B = p_s`` for every bin, which is exact.
+with ``c_j`` the bin centres. Sampling uses Walker's alias method (:meth:`alias_table`)
+over ``S = 2^b >= B`` slots (``b = slot_bits(B)``; slots ``B .. S-1`` have probability 0):
+slot ``s`` is drawn uniformly from ``0 .. S-1``; it keeps bin ``s`` with probability ``q_s``
+and otherwise gives bin ``a_s``; Vose's construction makes
+``(q_s + sum_{t: a_t = s} (1 - q_t)) / S = p_s`` for every bin, which is exact. The sampler
+stores ``q_s`` as an integer threshold ``T_s = floor(q_s 2^(32-b))`` packed with the alias
+into one 32-bit word ``T_s 2^b + a_s``, so every bin's probability is a multiple of 2^-32
+within ``(number of slots pointing at it) * 2^-32`` of ``p_j``.
 """
 
 from __future__ import annotations
@@ -28,23 +32,36 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Histogram", "alias_arrays"]
+__all__ = ["MAX_BINS", "Histogram", "alias_arrays", "slot_bits"]
 
 #: Default number of bins and per-bin pseudo-count (SPEC section 4).
 DEFAULT_BINS = 100
 DEFAULT_SMOOTHING = 0.5
 
-_TWO32 = 1 << 32
+#: Most bins the sampler's packed tables hold (slot index and threshold share 32 bits).
+MAX_BINS = 1 << 16
 
 
-def alias_arrays(probs: Tensor) -> tuple[Tensor, Tensor]:
-    """Vose's alias method for each row of ``probs`` (C, B), rows summing to 1.
+def slot_bits(bins: int) -> int:
+    """``b``: the sampler draws one of ``2^b`` slots, the least power of two >= ``bins`` (at least 2)."""
+    if not 1 <= bins <= MAX_BINS:
+        raise ValueError(f"the DNF sampler handles 1 to {MAX_BINS} bins, got {bins}")
+    return max(1, (bins - 1).bit_length())
 
-    Returns ``(q, alias)``: float64 (C, B) thresholds in [0, 1] and int64 (C, B) alias bins.
-    Drawing slot ``s`` uniformly and keeping it when ``u < q[s]`` (``u`` uniform on [0, 1)),
-    else taking ``alias[s]``, gives bin ``j`` with probability ``probs[j]``.
+
+def alias_arrays(probs: Tensor, slots: int | None = None) -> tuple[Tensor, Tensor]:
+    """Vose's alias method for each row of ``probs`` (C, B), rows summing to 1, over ``slots``
+    slots (default ``B``; more than ``B``: the extra bins have probability 0).
+
+    Returns ``(q, alias)``: float64 (C, slots) thresholds in [0, 1] and int64 (C, slots) alias
+    bins. Drawing slot ``s`` uniformly and keeping it when ``u < q[s]`` (``u`` uniform on
+    [0, 1)), else taking ``alias[s]``, gives bin ``j`` with probability ``probs[j]``.
     """
     p = probs.detach().to(torch.float64).cpu()
+    if slots is not None:
+        if slots < p.shape[1]:
+            raise ValueError(f"{slots} slots for {p.shape[1]} bins")
+        p = torch.nn.functional.pad(p, (0, slots - p.shape[1]))
     c, b = p.shape
     qs: list[list[float]] = []
     aliases: list[list[int]] = []
@@ -100,8 +117,8 @@ class Histogram:
         """Histogram of ``samples``: all values together (``channel_dim=None``) or one row per
         index of ``channel_dim`` (per output channel). ``bins`` equal-width bins over each row's
         ``[min, max]``; ``smoothing`` is added to every bin's count before normalising."""
-        if bins < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
+        if not 1 <= bins <= MAX_BINS:
+            raise ValueError(f"bins must be in 1 .. {MAX_BINS} (the sampler's tables), got {bins}")
         if not smoothing >= 0:
             raise ValueError(f"smoothing must be >= 0, got {smoothing}")
         x = samples.detach().to(torch.float64)
@@ -158,35 +175,40 @@ class Histogram:
 
     # ------------------------------------------------------------------ sampling
     def alias_table(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
-        """Tables for the fused sampler: ``(packed, lo, width)`` on ``device``.
+        """Tables for the sampler: ``(packed, lo, width)`` on ``device``.
 
-        ``packed`` (C, B) int64 = ``alias << 32 | round(q * 2**32)``; a slot that always keeps
-        its own bin (``q = 1``) is stored as alias = itself, threshold 0.
+        ``packed`` (C, 2^b) int64 holds the 32-bit words ``T_s * 2^b + a_s`` (module doc;
+        ``b = slot_bits(B)``, ``T_s = floor(q_s 2^(32-b))``); a slot that always keeps its own
+        bin (``q_s = 1``) is stored as alias = itself, threshold 0.
         """
         key = str(device)
         hit = self._tables.get(key)
         if hit is not None:
             return hit
-        q, alias = alias_arrays(self.probs)
-        thr = torch.floor(q * _TWO32).to(torch.int64)
-        own = torch.arange(self.bins, dtype=torch.int64).expand_as(alias)
-        full = thr >= _TWO32
+        b = slot_bits(self.bins)
+        q, alias = alias_arrays(self.probs, 1 << b)
+        if bool((alias >= self.bins).any()):  # pragma: no cover - Vose never aliases to an empty slot
+            raise AssertionError("alias table points at a padding slot")
+        one = 1 << (32 - b)
+        thr = torch.floor(q * one).to(torch.int64)
+        own = torch.arange(1 << b, dtype=torch.int64).expand_as(alias)
+        full = thr >= one
         alias = torch.where(full, own, alias)
         thr = torch.where(full, torch.zeros_like(thr), thr)
-        packed = (alias << 32) | thr
+        if bool((full & (own >= self.bins)).any()):  # pragma: no cover - padding slots have q = 0
+            raise AssertionError("a padding slot keeps itself")
+        packed = (thr << b) | alias
         out = (packed.to(device), self.lo.to(device), self.width.to(device))
         self._tables[key] = out
         return out
 
-    def kernel_tables(self) -> tuple[np.ndarray, np.ndarray, Tensor, Tensor]:
-        """The tables of :meth:`alias_table` as the compiled sampler reads them: ``(thr, alias,
-        lo, width)`` with ``thr`` (C, B) uint32 and ``alias`` (C, B) float32 numpy arrays (the
-        bins as numbers: exact below 2^24 bins), ``lo``, ``width`` CPU tensors."""
+    def kernel_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tables of :meth:`alias_table` as the compiled sampler reads them: ``(packed,
+        lo, width)`` numpy arrays, ``packed`` (C, 2^b) uint32, ``lo`` and ``width`` (C,) float32."""
         hit = self._tables.get("kernel")
         if hit is None:
             packed, lo, width = self.alias_table("cpu")
-            p = packed.numpy()
-            hit = ((p & 0xFFFFFFFF).astype(np.uint32), (p >> 32).astype(np.float32), lo, width)
+            hit = (packed.numpy().astype(np.uint32), lo.float().contiguous().numpy(), width.float().contiguous().numpy())
             self._tables["kernel"] = hit
         return hit  # type: ignore[return-value]
 

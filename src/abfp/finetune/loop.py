@@ -310,7 +310,8 @@ def produced_by(method: Method, base: nn.Module, train_data: Dataset, config: AB
 
 _HINTS = {"loss": " (another loss: --loss / --temperature)", "teacher": " (another teacher or other training inputs)",
           "threads": " (set the same thread count: torch.set_num_threads / --threads)",
-          "model": " (another model or other starting weights)", "train_data": " (other training data)"}
+          "model": " (another model or other starting weights)", "train_data": " (other training data)",
+          "sampler_version": " (written by an abfp whose DNF sampler drew other noise values: finetune anew)"}
 
 
 def _short(v: Any) -> str:
@@ -325,7 +326,7 @@ def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], path: Path
             continue
         if isinstance(v, dict) and isinstance(meta.get(k), dict):  # name the keys that differ
             old = meta[k]
-            diffs += [f"{k}.{j}: checkpoint {_short(old.get(j))} vs now {_short(v.get(j))}"
+            diffs += [f"{k}.{j}: checkpoint {_short(old.get(j))} vs now {_short(v.get(j))}{_HINTS.get(j, '')}"
                       for j in sorted(set(v) | set(old)) if old.get(j) != v.get(j)]
         else:
             diffs.append(f"{k}: checkpoint {_short(meta.get(k))} vs now {_short(v)}{_HINTS.get(k, '')}")

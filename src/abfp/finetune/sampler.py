@@ -5,14 +5,18 @@ so drawing the noise must cost little next to the layer itself. The sampler need
 random-number state: one 63-bit ``key`` is drawn per call from torch's global generator
 (so ``torch.manual_seed`` and ``torch.get_rng_state`` make runs repeatable), and the draw of
 the element with flat index ``i`` (in the contiguous (outer, C, inner) view, row ``c`` of the
-tables for its channel ``c``) is a pure function of ``key`` and ``i``:
+tables for its channel ``c``) is a pure function of ``key`` and ``i``: two 32-bit words
+``u, r`` (:mod:`.hash32`: a 32-bit hash of ``i``, keyed per call; it vectorises 8 wide on
+AVX2), then
 
-    z = splitmix64(key + (i + 1) * 0x9E3779B97F4A7C15)      (64 bits; as in abfp.numerics.counter_noise)
-    v = (z >> 32) * B,   slot s = v >> 32  (uniform on 0..B-1),   f = v mod 2^32  (uniform 32 bits)
-    bin k = s if f < threshold[c, s] else alias[c, s]            (Walker's alias method, :mod:`.histogram`)
-    xi = lo[c] + width[c] * (k + ((z mod 2^32) >> 8) / 2^24)   (float32; uniform inside bin k)
+    slot s = u >> (32 - b) (uniform on 0..2^b-1),   f = u mod 2^(32-b)
+    e = packed[c, s] = T_s 2^b + a_s,   bin k = s if f < T_s else a_s      (Walker's alias method,
+                                                                         :meth:`Histogram.alias_table`)
+    xi = lo[c] + width[c] * (float32(k) + float32(r >> 8) * 2^-24)   (float32; uniform inside bin k)
 
-Bin probabilities are exact to 2^-32 and the position inside a bin has 24 bits.
+``2^b`` is the least power of two >= the number of bins ``B`` (:func:`.histogram.slot_bits`);
+bin probabilities are multiples of 2^-32 (exact to a few 2^-32), the position inside a
+bin has 24 bits.
 Gradients pass through unchanged: ``d(y + xi)/dy = 1``.
 
 Two implementations give the same bits (tested): the compiled kernel
@@ -21,10 +25,12 @@ output, with no other tensor per element; :func:`noisy_eager` is the readable to
 (any device and dtype, a handful of int64 temporaries per element). ``backend="auto"``
 takes the kernel wherever it applies.
 
-:data:`SAMPLER_VERSION` names the formula: version 2 (this one) draws other values than
-version 1 (a 32-bit multiply-xorshift hash with three seeds per call, ``torch.compile``)
-from the same distributions. A finetuning checkpoint records it, so a run is never resumed
-with other draws than it started with.
+:data:`SAMPLER_VERSION` names the formula. Version 3 (this one, 2026-12-02) draws other
+values than version 2 (one splitmix64 per element, ``B`` slots: 64-bit multiplies, which
+CPUs without AVX-512 do not vectorise; 4-5x slower there) and version 1 (a 32-bit
+multiply-xorshift hash with three seeds per call, ``torch.compile``), from the same
+distributions. A finetuning checkpoint records it, so a run is never resumed with other
+draws than it started with.
 """
 
 from __future__ import annotations
@@ -34,17 +40,19 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
-from ..numerics.counter_noise import noise_key, splitmix64
+from ..numerics.counter_noise import noise_key
 from . import alias_kernel
+from .hash32 import words
 from .histogram import Histogram
 
-__all__ = ["SAMPLER_VERSION", "add_noise", "backend_in_use", "noisy_eager", "noisy_layout", "warm_up", "Backend"]
+__all__ = ["SAMPLER_VERSION", "add_noise", "backend_in_use", "noisy_eager", "noisy_layout", "owns_memory", "warm_up", "Backend"]
 
 Backend = Literal["auto", "compiled", "eager"]
 
 #: Version of the draw formula above (checkpoints key on it).
-SAMPLER_VERSION = 2
+SAMPLER_VERSION = 3
 
 _M32 = 0xFFFFFFFF
 
@@ -52,15 +60,14 @@ _M32 = 0xFFFFFFFF
 def noisy_eager(y3: Tensor, key: int, packed: Tensor, lo: Tensor, width: Tensor) -> Tensor:
     """``y3 + xi`` for ``y3`` laid out as (outer, C, inner), in torch (the formula of the module doc)."""
     o, c, n = y3.shape
-    b = packed.shape[1]
+    b = packed.shape[1].bit_length() - 1
     ch = torch.arange(c, device=y3.device, dtype=torch.int64).view(1, c, 1)
     i = torch.arange(o * c * n, device=y3.device, dtype=torch.int64).view(o, c, n)
-    z = splitmix64(key, i + 1)
-    v = ((z >> 32) & _M32) * b
-    slot = v >> 32
-    t = packed.reshape(-1)[ch * b + slot]
-    k = torch.where((v & _M32) < (t & _M32), slot, t >> 32)
-    pos = k.to(torch.float32) + ((z & _M32) >> 8).to(torch.float32) * (2.0**-24)
+    u, r = words(key, i)
+    slot = u >> (32 - b)
+    e = packed.reshape(-1)[(ch << b) + slot]
+    k = torch.where((u & ((1 << (32 - b)) - 1)) < (e >> b), slot, e & ((1 << b) - 1))
+    pos = k.to(torch.float32) + (r >> 8).to(torch.float32) * (2.0**-24)
     return y3 + (lo.view(1, c, 1) + width.view(1, c, 1) * pos)
 
 
@@ -82,17 +89,26 @@ def noisy_layout(shape: tuple[int, ...] | torch.Size, channel_dim: int | None) -
     return (math.prod(shape[:d]), shape[d], math.prod(shape[d + 1 :]))
 
 
+def owns_memory(y: Tensor) -> bool:
+    """Whether the noise may be written into ``y``'s memory: ``y`` is contiguous and covers its
+    whole storage (a product's fresh output, or a view of all of it, as ``F.linear`` returns for
+    3-D inputs), and neither it nor its base is a leaf that requires a gradient (a parameter)."""
+    if not y.is_contiguous() or y.storage_offset() != 0 or \
+            y.untyped_storage().nbytes() != y.numel() * y.element_size():
+        return False
+    base = y if y._base is None else y._base
+    return not (y.requires_grad and y.is_leaf) and not (base.requires_grad and base.is_leaf)
+
+
 class _AddNoise(torch.autograd.Function):
+    """``y + xi`` out of place (a new tensor), gradient the identity."""
+
     @staticmethod
     def forward(ctx, y: Tensor, hist: Histogram, compiled: bool, key: int,  # type: ignore[override]
                 layout: tuple[int, int, int]) -> Tensor:
         if not compiled:
             packed, lo, width = hist.alias_table(y.device)
             return noisy_eager(y.detach().contiguous().view(layout), key, packed, lo, width).view(y.shape)
-        if y.is_contiguous() and y._base is None:  # the layer's own output: add the noise where it lies
-            alias_kernel.add_alias_noise_(y, layout, key, *hist.kernel_tables())
-            ctx.mark_dirty(y)
-            return y
         out = y.detach().contiguous()
         if out.data_ptr() == y.data_ptr():
             out = out.clone()
@@ -108,10 +124,13 @@ def add_noise(y: Tensor, hist: Histogram, *, backend: Backend = "auto") -> Tenso
     """``y + xi``, ``xi`` i.i.d. from ``hist`` (row ``c`` for index ``c`` of ``hist.channel_dim``).
 
     Draws one key from torch's global generator; the gradient with respect to ``y`` is the
-    identity. The compiled backend adds the noise to ``y``'s own memory where ``y`` is a
-    contiguous tensor that is not a view (a layer's fresh output; autograd is told) and
-    returns ``y``; otherwise the result is a new tensor. ``backend="compiled"`` raises where
-    the kernel cannot run (numba absent, not a float32 CPU tensor).
+    identity. The compiled backend adds the noise to ``y``'s own memory where
+    :func:`owns_memory` allows (a layer's fresh output) and returns ``y``: the addition is
+    outside autograd, which needs no node for it (the noise has no gradient, ``y``'s gradient
+    passes to ``y``'s producer unchanged); ``y``'s version is bumped, so that a producer that
+    kept its output for its backward makes autograd's version check raise there. Otherwise the result is a new tensor.
+    ``backend="compiled"`` raises where the kernel cannot run (numba absent, not a float32 CPU
+    tensor).
     """
     if backend not in ("auto", "compiled", "eager"):
         raise ValueError(f"backend must be 'auto', 'compiled' or 'eager', got {backend!r}")
@@ -124,7 +143,12 @@ def add_noise(y: Tensor, hist: Histogram, *, backend: Backend = "auto") -> Tenso
         raise ValueError(f"the compiled DNF sampler needs numba and a float32 CPU tensor (got {y.dtype} on "
                          f"{y.device.type}, numba {'usable' if alias_kernel.usable() else 'not usable'}); "
                          "use backend 'auto' or 'eager'")
-    return _AddNoise.apply(y, hist, compiled, noise_key(None), layout)
+    key = noise_key(None)
+    if compiled and owns_memory(y):
+        alias_kernel.add_alias_noise_(y, layout, key, *hist.kernel_tables())
+        increment_version(y)  # written through numpy: tell autograd's version check
+        return y
+    return _AddNoise.apply(y, hist, compiled, key, layout)
 
 
 def warm_up(hist: Histogram, shape: tuple[int, ...], *, backend: Backend = "auto") -> None:
