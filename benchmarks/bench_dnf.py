@@ -6,13 +6,14 @@ images, noise injected at every site) are timed interleaved in one loop (fp32, D
 DNF, ...), so machine load hits both alike; the figure is the median of the per-round
 ratios DNF / float32. With ``--eager`` a third case times the eager torch sampler.
 
-    python3 benchmarks/bench_dnf.py [--models fashion-cnn,fashion-vit] [--repeats 20] [--threads 1]
+    python3 benchmarks/bench_dnf.py [--models fashion-cnn,fashion-vit] [--repeats 20] [--threads 1] [--cpu-time]
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import time
 
 
 from abfp import ABFPConfig, zoo
@@ -26,9 +27,15 @@ CONFIGS = {"fashion-cnn": ABFPConfig(noise_std=2.0, seed=0),
            "fashion-vit": ABFPConfig(gain=1.0, noise_std=0.2887, seed=0)}
 
 
+def _options(ap) -> None:
+    ap.add_argument("--eager", action="store_true", help="also time the eager torch sampler")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by process CPU time instead of wall clock (steadier on a machine shared with other jobs)")
+
+
 def main() -> None:
-    args = model_bench_args(__doc__, lambda ap: ap.add_argument(
-        "--eager", action="store_true", help="also time the eager torch sampler"))
+    args = model_bench_args(__doc__, _options)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     rows = []
     for name in args.models.split(","):
         x, y, pool = training_batch(name, args.batch_size)
@@ -43,9 +50,10 @@ def main() -> None:
         for m, backend in cases.values():
             if backend is not None:
                 DNFNoise(m, hists, backend=backend).attach()
-        times = time_interleaved([training_step(m, x, y) for m, _ in cases.values()], args.repeats)
+        times = time_interleaved([training_step(m, x, y) for m, _ in cases.values()], args.repeats, clock)
         row = ratio_row({"model": name, "threads": args.threads, "repeats": args.repeats, "batch": args.batch_size,
-                         "sampler": sampler.backend_in_use("auto")}, list(cases), times)
+                         "sampler": sampler.backend_in_use("auto"), "sampler_version": sampler.SAMPLER_VERSION,
+                         "clock": "process CPU" if args.cpu_time else "wall"}, list(cases), times)
         rows.append(row)
         print(json.dumps(row))
     write_rows(args.json, rows)
