@@ -215,3 +215,23 @@ def test_converted_model_noise_streams_are_the_documented_ones():
                                               m[2].weight, m[2].bias, config=cfg, generator=g) for x in xs])
             assert torch.equal(got, want)
             assert stream_start(seed, offset) == (seed * 1_000_003 + offset) % 2**63
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(overrides={"zzz": COARSE}), "'zzz' matches no module"),
+                                          (dict(overrides={"0(": COARSE}), "neither a module name .* nor a valid regular expression"),
+                                          (dict(exclude=["nope"]), "'nope' matches no module"),
+                                          (dict(overrides={"zz:linear0": COARSE}), "names product sites of no module")])
+def test_set_config_checks_patterns_as_convert_does_and_changes_nothing_on_error(kwargs, match):
+    """A bad pattern given to set_config raises (it used to be accepted and silently match
+    nothing) and leaves the model's configs as they were."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    m = abfp.convert(net, COARSE, exclude=["2"])
+    state = abfp.analog_state(m)
+    before = (state.config, dict(state.overrides), state.exclude, dict(state.module_configs))
+    with pytest.raises(ValueError, match=match):
+        abfp.set_config(m, COARSE.replace(gain=4.0), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        abfp.convert(net, COARSE, **kwargs)
+    assert (state.config, dict(state.overrides), state.exclude, dict(state.module_configs)) == before
+    abfp.set_config(m, COARSE.replace(gain=4.0), overrides={"0": COARSE}, exclude=[])  # good patterns still work
+    assert state.module_configs["2"] == COARSE.replace(gain=4.0) and state.module_configs["0"] == COARSE

@@ -8,6 +8,7 @@ were, and a converted model's ``state_dict`` loads into the original model and b
 from __future__ import annotations
 
 import copy
+import re
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -85,6 +86,12 @@ def _with_execution(config: ABFPConfig, overrides: Mapping[str, ABFPConfig] | No
 def _check_patterns(state: AnalogState, names: list[str]) -> None:
     """Every exclude and override pattern names a module, or (an override) a site of one."""
     for pattern in list(state.exclude) + list(state.overrides):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            if pattern not in names:
+                raise ValueError(f"{pattern!r} is neither a module name of the model nor a valid regular expression "
+                                 f"({e})") from None
         if pattern in state.overrides and is_site_pattern(pattern, names):
             if not site_pattern_names_a_module(pattern, names):
                 raise ValueError(f"override {pattern!r} names product sites of no module of the model; sites look "
@@ -102,14 +109,19 @@ def set_config(
     execution: ExecutionOptions | None = None,
 ) -> nn.Module:
     """Point a converted model at another device config (and overrides) without re-converting;
-    ``execution`` as in :func:`convert`."""
+    ``execution`` as in :func:`convert`. Patterns are checked as :func:`convert` checks them,
+    before anything changes: a bad one raises and leaves the model as it was."""
     state = analog_state(model)
     if not isinstance(config, ABFPConfig):
         raise TypeError(f"config must be an ABFPConfig, got {type(config).__name__}")
-    state.config, state.overrides = _with_execution(config, overrides, execution)
-    if exclude is not None:
-        state.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    state.resolve([name for name, _ in model.named_modules()])
+    config, overrides_ = _with_execution(config, overrides, execution)
+    if exclude is None:
+        exclude = state.exclude
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    names = [name for name, _ in model.named_modules()]
+    _check_patterns(AnalogState(config=config, exclude=exclude, overrides=overrides_), names)
+    state.config, state.overrides, state.exclude = config, overrides_, exclude
+    state.resolve(names)
     state.reseed(0)
     return model
 
