@@ -164,6 +164,17 @@ USER_MODULE = textwrap.dedent(
     def as_pair_and_name():
         return nn.Linear(2, 3), (torch.randn(6, 2), None), "agreement"
 
+    def float64_model():
+        torch.manual_seed(0)
+        ids = torch.randint(0, 5, (6, 3))
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb, self.fc = nn.Embedding(5, 2), nn.Linear(2, 3)
+            def forward(self, x, ids):
+                return self.fc(x + self.emb(ids).sum(1))
+        return M().double(), ((torch.randn(6, 2, dtype=torch.float64), ids), None), "agreement"
+
     def unlabelled_accuracy():
         return nn.Linear(2, 3), torch.randn(6, 2), "top1"
 
@@ -201,6 +212,16 @@ def test_load_callable_wraps_triple(user_module):
 
     task = zoo.load_callable(f"{user_module}:as_pair_and_name")
     assert task.metric is AGREEMENT and task.load_data().targets is None
+
+
+def test_triple_of_a_float64_model_is_evaluated_in_float32(user_module):
+    """A float64 model and its float64 inputs: the model is made float32 and so are the floating
+    inputs (integer inputs, e.g. token ids, stay as they are); it used to fail with a dtype mismatch."""
+    task = zoo.load_callable(f"{user_module}:float64_model")
+    data = task.load_data()
+    assert [t.dtype for t in data.inputs] == [torch.float32, torch.int64]
+    out = run(task.build_model(), data, task.default_batch_size)
+    assert out.shape == (6, 3) and out.dtype == torch.float32
 
 
 @pytest.mark.parametrize(

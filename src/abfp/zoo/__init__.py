@@ -182,7 +182,8 @@ def _from_triple(spec: str, result: tuple[Any, ...]) -> Task:
     dataset, scored_by = _as_dataset(data), _as_metric(metric)
     if scored_by.kind == "accuracy" and dataset.targets is None:
         raise ValueError(f"{spec}: metric {scored_by.name!r} needs labelled data (targets)")
-    model = model.float().eval()
+    model = model.float().eval()  # evaluated in float32, as every zoo model: floating inputs follow
+    dataset = Dataset(tuple(t.float() if t.is_floating_point() else t for t in dataset.inputs), dataset.targets)
     return Task(
         name=spec,
         description=f"user task from {spec}",
