@@ -97,10 +97,23 @@ def test_set_config_and_copies_keep_site_overrides_apart():
     assert {r.site: r.config for r in abfp.summary(twin, X).rows}["attn:matmul1"] == BASE
 
 
-def test_site_overrides_do_not_make_excluded_modules_analog():
-    cm = abfp.convert(_net(), BASE, exclude=["attn"], overrides={"attn:matmul1": WIDE})
-    rows = abfp.summary(cm, X).rows
-    assert {r.site for r in rows if r.kind != "digital"} == {"head:linear0"}
+def test_a_site_override_reincludes_that_product_of_an_excluded_module():
+    """As a module override wins over ``exclude``, so does a site override: the product it names
+    runs on the device with its config; the excluded module's other products stay digital."""
+    net = _net()
+    cm = abfp.convert(net, BASE, exclude=["attn"], overrides={"attn:matmul1": WIDE})
+    s = abfp.summary(cm, X)
+    assert {r.site: r.config for r in s.rows if r.kind != "digital"} == {"attn:matmul1": WIDE, "head:linear0": BASE}
+    assert sum(r.kind == "digital" for r in s.rows) == 3  # qkv, matmul0, proj
+    assert 0 < s.device_mac_share < 1
+    with torch.no_grad():  # the same numbers as computing that one product on the device by hand
+        q, k, v = net.attn.qkv(X).chunk(3, -1)
+        a = torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1)
+        want = AF.linear(net.attn.proj(AF.matmul(a, v, config=WIDE)), net.head.weight, net.head.bias, config=BASE)
+        torch.testing.assert_close(cm(X), want, rtol=0, atol=0)
+    # without the override the whole module is digital
+    plain = abfp.summary(abfp.convert(net, BASE, exclude=["attn"]), X)
+    assert {r.site for r in plain.rows if r.kind != "digital"} == {"head:linear0"}
 
 
 def test_a_site_pattern_that_names_no_module_is_refused():

@@ -169,7 +169,7 @@ class AnalogMode(TorchFunctionMode):
         if handler is None:
             warn_digital(frame, name)
             return digital_call(frame, func, args, kwargs, "no analog model")
-        if frame.state.config_for(frame.name) is None:
+        if frame.state.config_for(frame.name) is None and frame.name not in frame.state.reincluded:
             return digital_call(frame, func, args, kwargs, "excluded module")
         try:
             return handler(frame, func, args, kwargs)

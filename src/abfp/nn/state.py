@@ -14,10 +14,11 @@ Which config a product runs with (:meth:`AnalogState.config_for_site`), most spe
    parent module's config, else the base config.
 
 An override pattern is a site pattern when it contains ``":"`` and matches no module name.
-Site overrides change products of analog modules only: the products of an excluded module stay
-digital (override the module itself to make it analog). Which products a module makes is
-decided by the module's config: ``recurrent_concat`` of a recurrent layer is read from it,
-not from a site override.
+A site override wins over ``exclude`` as a module override does: the product it names runs on
+the device with its config while the other products of the excluded module stay digital
+(:attr:`AnalogState.reincluded` lists the excluded modules a site override reaches). Which
+products a module makes is decided by the module's config: ``recurrent_concat`` of a recurrent
+layer is read from it, not from a site override.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class AnalogState:
     streams: NoiseStreams = field(default_factory=NoiseStreams)
     # the overrides that name product sites (see the module docstring), split off by resolve()
     site_overrides: dict[str, ABFPConfig] = field(default_factory=dict)
+    # excluded modules (config None) whose products a site override may name: their products go
+    # through the product families, each site then digital unless an override names it
+    reincluded: frozenset[str] = frozenset()
     # site -> its site override (None: none matches), filled as products run
     _site_cache: dict[str, ABFPConfig | None] = field(default_factory=dict, repr=False)
 
@@ -89,6 +93,8 @@ class AnalogState:
                 if _matches(name, pattern):
                     cfg = ocfg
             self.module_configs[name] = cfg
+        self.reincluded = frozenset(n for n, c in self.module_configs.items() if c is None and any(
+            site_pattern_names_a_module(p, [n]) for p in self.site_overrides))
 
     def config_for(self, module_name: str) -> ABFPConfig | None:
         """The config of a module's products (``None``: digital), site overrides aside."""

@@ -158,6 +158,8 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
     state = frame.state
     site = frame.site(op) if site is None else site
     cfg = state.config_for_site(frame.name, site)
+    if cfg is None:  # a product of an excluded module that no site override names
+        return digital_call(frame, func, args, kwargs, "excluded module")
     odd = next((t.dtype for t in operands if isinstance(t, Tensor) and not t.is_floating_point()), None)
     if odd is not None:  # integer, bool or complex operands: no DAC encodes them
         name = f"{func_name(func)} on {str(odd).replace('torch.', '')} operands"
