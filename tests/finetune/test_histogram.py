@@ -10,7 +10,7 @@ import torch
 
 from abfp.finetune.hash32 import words
 from abfp.finetune.histogram import Histogram, alias_arrays, slot_bits
-from abfp.finetune import alias_kernel
+from abfp.finetune import alias_kernel, avx2_lookup
 from abfp.finetune.sampler import add_noise, noisy_eager
 
 torch.set_num_threads(1)
@@ -247,6 +247,22 @@ def test_compiled_kernel_equals_eager_on_random_layouts(case: int) -> None:
     torch.manual_seed(case)
     b = add_noise(y.clone(), h, backend="compiled")
     assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not avx2_lookup.USABLE, reason="no AVX2 gather on this CPU (or numba absent)")
+@pytest.mark.parametrize("bits", [1, 4, 7, 16])
+def test_gather_lookup_equals_the_scalar_loop(bits: int) -> None:
+    """The eight-at-a-time AVX2 look-up gives the scalar loop's bins on random words and
+    tables (block lengths not multiples of 8: the scalar tail)."""
+    rng = np.random.default_rng(bits)
+    tab = rng.integers(0, 2**32, 1 << bits, dtype=np.uint64).astype(np.uint32)
+    tab = (tab & np.uint32(~((1 << bits) - 1) & 0xFFFFFFFF)) | rng.integers(0, 1 << bits, 1 << bits).astype(np.uint32)
+    for m in (8, 13, 512):
+        u = rng.integers(0, 2**32, m, dtype=np.uint64).astype(np.uint32)
+        a, b = np.full(m, -1, np.float32), np.full(m, -1, np.float32)
+        alias_kernel._lookup_scalar(tab, u, a, 0, m, bits)
+        alias_kernel._lookup_gather(tab, u, b, 0, m, bits)
+        assert np.array_equal(a, b) and bool((a >= 0).all())
 
 
 @pytest.mark.skipif(not alias_kernel.usable(), reason="numba not usable")

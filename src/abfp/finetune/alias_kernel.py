@@ -14,8 +14,9 @@ with float32 arithmetic in exactly the order the eager torch version (:func:`.sa
 uses, so both give the same bits (tested). The output is walked in chunks of :data:`CHUNK`
 elements (aligned, so a chunk never straddles two 2^32 segments) over
 ``torch.get_num_threads()`` threads, and inside a chunk in blocks of :data:`BLOCK` in three
-loops: the hashes ``u`` (vectorised, 8 per AVX2 instruction), the table look-ups (scalar,
-branch-free), then ``r`` and the additions (vectorised). Where the channel changes within
+loops: the hashes ``u`` (vectorised, 8 per AVX2 instruction), the table look-ups (eight
+per AVX2 gather where the CPU has it, :mod:`.avx2_lookup`; else scalar, branch-free), then
+``r`` and the additions (vectorised). Where the channel changes within
 a block (short runs: per-channel tables of a linear layer) the look-up loop also applies
 each element's ``lo`` and ``width``.
 """
@@ -50,6 +51,8 @@ if AVAILABLE:
     from numba.extending import intrinsic
 
     from ..numerics.fused import splitmix64
+    from . import avx2_lookup
+    from .avx2_lookup import lookup8
     from .hash32 import H1, H2, MUL_R, MUL_U
 
     _jit: Any = dict(cache=True, nogil=True, error_model="numpy")
@@ -111,15 +114,32 @@ if AVAILABLE:
         return a + np.int32((v & fmask) < (e >> b)) * (np.int32(v >> _U(32 - b)) - a)
 
     @njit(inline="always", **_jit)
+    def _lookup_scalar(tab, u, kb, j0, m, b):  # pragma: no cover - compiled
+        """``kb[j] = float32(bin)`` for ``j0 <= j < m``, one table row ``tab`` (scalar, branch-free)."""
+        fmask = _U((1 << (32 - b)) - 1)
+        smask = _U((1 << b) - 1)
+        for j in range(j0, m):
+            v = u[j]
+            kb[j] = np.float32(_pick(v, tab[v >> _U(32 - b)], b, fmask, smask))
+
+    @njit(inline="always", **_jit)
+    def _lookup_gather(tab, u, kb, j0, m, b):  # pragma: no cover - compiled
+        """:func:`_lookup_scalar` eight elements per AVX2 gather (:mod:`.avx2_lookup`), the rest scalar."""
+        j = j0
+        while j + 8 <= m:
+            lookup8(tab, u, kb, j, b)
+            j += 8
+        _lookup_scalar(tab, u, kb, j, m, b)
+
+    #: the look-up loop this process compiles (the gather only where the CPU has AVX2)
+    _lookup = _lookup_gather if avx2_lookup.USABLE else _lookup_scalar
+
+    @njit(inline="always", **_jit)
     def _run(yb, x0, k1, k2, tab, b, l0, w0, u, kb):  # pragma: no cover - compiled
         """``yb[j] += xi`` for the block ``yb`` (at most :data:`BLOCK` elements) of one channel."""
         m = yb.shape[0]
-        fmask = _U((1 << (32 - b)) - 1)
-        smask = _U((1 << b) - 1)
         _u_words(x0, m, k1, u)
-        for j in range(m):
-            v = u[j]
-            kb[j] = np.float32(_pick(v, tab[v >> _U(32 - b)], b, fmask, smask))
+        _lookup(tab, u, kb, 0, m, b)
         for j in range(m):
             p = np.float32(np.int32(_shr32(_word(x0, j, _U(MUL_R), k2), _U(8)))) * _SCALE
             yb[j] = yb[j] + (l0 + w0 * (kb[j] + p))
