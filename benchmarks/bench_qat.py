@@ -6,7 +6,11 @@ the finetuning scenario's config without seed, so the noise keys come from torch
 generator) are timed interleaved in one loop (fp32, QAT, fp32, QAT, ...), so machine load hits
 both alike; the figure is the median of the per-round ratios QAT / float32.
 
-    python3 benchmarks/bench_qat.py [--models fashion-cnn,fashion-vit] [--repeats 20] [--threads 1]
+    python3 benchmarks/bench_qat.py [--models fashion-cnn,fashion-vit] [--repeats 20] [--threads 1] [--rows]
+
+``--rows`` adds a third case, ``qat_rows``: the same QAT model with its convolutions on the row
+path (``abfp.ops.conv.TRAIN_IN_COLUMNS = False``: im2col through autograd, the reference of the
+column training path), so that the gain of the column path is measured in the same loop.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import copy
 import json
 
 
+import abfp.ops.conv as conv_family
 from abfp import ABFPConfig, zoo
 from abfp.nn import convert
 from timing import model_bench_args, ratio_row, time_interleaved, training_batch, training_step, write_rows  # benchmarks/timing.py
@@ -23,14 +28,31 @@ from timing import model_bench_args, ratio_row, time_interleaved, training_batch
 CONFIGS = {"fashion-cnn": ABFPConfig(noise_std=2.0), "fashion-vit": ABFPConfig(gain=1.0, noise_std=0.2887)}
 
 
+def on_rows(step):
+    """``step`` with the convolutions' training path switched to the row path."""
+
+    def run() -> None:
+        conv_family.TRAIN_IN_COLUMNS = False
+        try:
+            step()
+        finally:
+            conv_family.TRAIN_IN_COLUMNS = True
+
+    return run
+
+
 def main() -> None:
-    args = model_bench_args(__doc__)
+    args = model_bench_args(__doc__, lambda ap: ap.add_argument("--rows", action="store_true"))
     rows = []
     for name in args.models.split(","):
         x, y, _ = training_batch(name, args.batch_size)
         base = zoo.get(name).build_model()
         cases = {"fp32": copy.deepcopy(base).float(), "qat": convert(base, CONFIGS[name], inplace=False).float()}
-        times = time_interleaved([training_step(m, x, y) for m in cases.values()], args.repeats)
+        steps = [training_step(m, x, y) for m in cases.values()]
+        if args.rows:
+            cases["qat_rows"] = convert(base, CONFIGS[name], inplace=False).float()
+            steps.append(on_rows(training_step(cases["qat_rows"], x, y)))
+        times = time_interleaved(steps, args.repeats)
         row = ratio_row({"model": name, "threads": args.threads, "repeats": args.repeats, "batch": args.batch_size},
                         list(cases), times)
         rows.append(row)

@@ -10,6 +10,8 @@ row-major patches through :func:`abfp.ops.device.product`), the fast inference p
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,11 +21,13 @@ from torch import Tensor
 from ..config import ABFPConfig
 from ..numerics import AdcPlan, Encoded, ProductStats, encode_weights
 from ..numerics.blocks import static_scale_value
+from ..numerics import fused
+from ..numerics.col2im import col2im
 from ..numerics.conv import conv2d_fused
 from ..numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, plan_chunks, use_fused
 from ..numerics.workspace import scratch
 from .device import (WEIGHT_CACHE, NotTraceable, bf16, check_finite, config_json, encoded_weights, generator_for,
-                     product, scale_arg, traced_key, tracing, without_bf16_io)
+                     product, scale_arg, ste_grads, traced_key, tracing, without_bf16_io)
 from .registry import register
 from .site import Frame, run_product
 
@@ -130,12 +134,16 @@ def conv2d(
     if config.mode == "fixed" and input_scale is None:
         input_scale = x.detach().abs().max() if x.numel() else 0.0  # one scale for the whole tensor
     fast = config.kernel != "reference" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    if fast and bt > 0:
+    if bt > 0 and (fast or trains_in_columns(device, x, w3)):
         if weights is None:
             weights = encode_weights(w3.detach().to(torch.bfloat16) if device.bf16_io else w3.detach(), device,
                                      weight_scale)
+    if fast and bt > 0:
         y = _conv2d_cols(x, pads, weights, device, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
                          generator, stats, channels_last=_channels_last(x) or _channels_last(weight), key=key)
+    elif bt > 0 and trains_in_columns(device, x, w3):
+        geometry = ConvGeometry(pads, stride, dilation, groups, (kh, kw), (ho, wo))
+        y = _conv2d_train(x, w3, geometry, weights, device, input_scale, weight_scale, generator, stats, key)
     else:
         y = _conv2d_rows(F.pad(x, pads) if any(pads) else x, w3, weights, device, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
                          weight_scale, generator, stats, key=key)
@@ -203,18 +211,22 @@ def _channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+def _im2col_step(c: int, k: tuple[int, int], out_hw: tuple[int, int]) -> int:
+    """Images per im2col chunk of :func:`_conv2d_rows`: about :data:`_IM2COL_ELEMENTS` patch elements."""
+    return max(1, _IM2COL_ELEMENTS // max(1, out_hw[0] * out_hw[1] * c * k[0] * k[1]))
+
+
 def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, groups: int, k: tuple[int, int],
                  stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int], input_scale: Any,
                  weight_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
-                 key: int | None = None, weight_config: ABFPConfig | None = None) -> Tensor:
+                 key: int | None = None, weight_config: ABFPConfig | None = None, step: int | None = None) -> Tensor:
     """Convolution as row-major patches through :func:`product` (the path with gradients and
-    the float64 reference): im2col a few images at a time, keeping memory near the float32
-    convolution's."""
+    the float64 reference): im2col a few images at a time (``step``: default
+    :func:`_im2col_step`), keeping memory near the float32 convolution's."""
     bt, c = x.shape[0], x.shape[1]
     (kh, kw), (ho, wo) = k, out_hw
     cout, kg = w3.shape[0] * w3.shape[1], w3.shape[2]
-    per_image = ho * wo * c * kh * kw
-    step = max(1, _IM2COL_ELEMENTS // max(1, per_image))
+    step = step or _im2col_step(c, k, out_hw)
     outs = []
     for i in range(0, max(bt, 1), step):  # an empty batch still makes one (empty) product
         xi = x[i : i + step]
@@ -288,6 +300,169 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     if config.bf16_io:
         y = y.to(torch.bfloat16).to(torch.float32)
     return y
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A 2-D convolution's shape arguments: ``pads`` (left, right, top, bottom), stride,
+    dilation, groups, kernel ``k`` (kh, kw) and output size ``out_hw`` (ho, wo)."""
+
+    pads: tuple[int, int, int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    k: tuple[int, int]
+    out_hw: tuple[int, int]
+
+
+def trains_in_columns(config: ABFPConfig, x: Tensor, w3: Tensor) -> bool:
+    """Whether a convolution with gradients takes :func:`_conv2d_train`: uniform (counter) noise
+    or none, not the reference kernel, float32 CPU operands and the compiled kernels present
+    (else :func:`_conv2d_rows` runs, the reference of this path)."""
+    return (TRAIN_IN_COLUMNS and config.kernel != "reference" and (config.noise_std == 0 or config.noise_dist == "uniform")
+            and x.dtype == w3.dtype == torch.float32 and x.device.type == "cpu" and fused.usable())
+
+
+#: :func:`trains_in_columns` may say yes (tests switch it off to compare with :func:`_conv2d_rows`).
+TRAIN_IN_COLUMNS = True
+
+
+def _conv2d_train(x: Tensor, w3: Tensor, geo: ConvGeometry, weights: Encoded, config: ABFPConfig, input_scale: Any,
+                  weight_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
+                  key: int | None) -> Tensor:
+    """A convolution with gradients (QAT): the forward is the inference path (:func:`_conv2d_cols`,
+    compiled, no float32 patch matrix), under one noise key, so a QAT output equals the
+    inference output bit for bit; the backward (:class:`_ConvTraining`) the straight-through
+    gradients of :func:`_conv2d_rows` bit for bit, and the output is laid out as that path
+    leaves it (:func:`_row_layout`: the layers after it may sum in another order on another
+    layout). Where an ADC sample clipped (the backward needs the clamp mask), the convolution
+    runs again as one :func:`_conv2d_rows` product over the whole batch, under the same key."""
+    if key is None:
+        key = draw_key(config, generator)  # the one draw the convolution makes
+    counted = ProductStats()
+    layout = _row_layout(x.shape[0], geo.groups, w3.shape[1], geo.out_hw, _im2col_step(x.shape[1], geo.k, geo.out_hw))
+    y = _ConvTraining.apply(x, w3, geo, weights, config, input_scale, weight_scale, key, counted, layout)
+    if layout == "view":
+        y = _product_view(y, geo.groups, x.shape[0], geo.out_hw)
+    if stats is not None:
+        stats.saturated += counted.saturated
+        stats.conversions += counted.conversions
+    if counted.saturated == 0:
+        return y
+    masked = _conv2d_rows(F.pad(x, geo.pads) if any(geo.pads) else x, w3, weights, config, geo.groups, geo.k,
+                          geo.stride, geo.dilation, geo.out_hw, input_scale, weight_scale, None, None, key=key,
+                          step=x.shape[0])
+    return _Valued.apply(masked, [y.detach().clone()])
+
+
+def _product_view(yp: Tensor, groups: int, bt: int, out_hw: tuple[int, int]) -> Tensor:
+    """``(G, B*Ho*Wo, N/G)`` product rows as the ``(B, N, Ho, Wo)`` output, as :func:`_conv2d_rows` reshapes them."""
+    ho, wo = out_hw
+    ng = yp.shape[2]
+    return yp.reshape(groups, bt, ho, wo, ng).permute(1, 0, 4, 2, 3).reshape(bt, groups * ng, ho, wo)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_layout(bt: int, groups: int, ng: int, out_hw: tuple[int, int], step: int) -> str | tuple[int, ...]:
+    """The memory layout of :func:`_conv2d_rows`' output, worked out on meta tensors: ``"view"``
+    (one chunk whose output is a view of its product's ``(G, B*Ho*Wo, N/G)`` rows),
+    ``"contiguous"``, ``"channels_last"`` or the strides (of the reshape's copy, or of the
+    ``torch.cat`` over chunks)."""
+    outs = []
+    for i in range(0, bt, step):
+        bi = min(step, bt - i)
+        outs.append(_product_view(torch.empty(groups, bi * out_hw[0] * out_hw[1], ng, device="meta"), groups, bi, out_hw))
+    if len(outs) == 1 and outs[0]._is_view():
+        return "view"
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)
+    if y.is_contiguous():
+        return "contiguous"
+    if y.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return tuple(y.stride())
+
+
+class _Valued(torch.autograd.Function):
+    """``holder[0]`` as the value, with the gradient of ``y`` (the identity): the inference
+    output (zeros keep their sign, tiles their summation order) on the masked product's graph."""
+
+    @staticmethod
+    def forward(ctx, y, holder):  # type: ignore[override]
+        return holder[0]
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g, None
+
+
+class _ConvTraining(torch.autograd.Function):
+    """``y`` of :func:`_conv2d_cols` (as the product rows ``(G, B*Ho*Wo, N/G)`` where ``layout``
+    is ``"view"``); backward: :func:`_conv2d_rows`' straight-through gradients, the same float32
+    operations in the same order (:func:`_train_grads`)."""
+
+    @staticmethod
+    def forward(ctx, x, w3, geo, weights, config, input_scale, weight_scale, key, counted, layout):  # type: ignore[override]
+        ctx.save_for_backward(x, w3)
+        ctx.geo, ctx.config, ctx.input_scale, ctx.weight_scale = geo, config, input_scale, weight_scale
+        ctx.rows = layout == "view"
+        y = _conv2d_cols(x.detach(), geo.pads, weights, config, geo.groups, geo.k, geo.stride, geo.dilation,
+                         geo.out_hw, input_scale, None, counted, channels_last=layout in ("channels_last", "view"),
+                         key=key)
+        if layout == "view":
+            yp = torch.empty(geo.groups, y.shape[0] * y.shape[2] * y.shape[3], w3.shape[1], dtype=y.dtype)
+            _product_view(yp, geo.groups, y.shape[0], geo.out_hw).copy_(y)
+            return yp
+        if isinstance(layout, tuple):
+            return torch.empty_strided(y.shape, layout, dtype=y.dtype).copy_(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x, w3 = ctx.saved_tensors
+        gx, gw = _train_grads(gy, x.detach(), w3.detach(), ctx.geo, ctx.config, ctx.input_scale, ctx.weight_scale,
+                              ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.rows)
+        return gx, gw, None, None, None, None, None, None, None, None
+
+
+def _train_grads(gy: Tensor, x: Tensor, w3: Tensor, geo: ConvGeometry, config: ABFPConfig, input_scale: Any,
+                 weight_scale: Any, need_x: bool, need_w: bool, rows: bool = False) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients autograd computes through :func:`_conv2d_rows` with no ADC sample clipped,
+    bit for bit: per im2col chunk (the last first, as the engine runs them) the chunk's output
+    gradient laid out as that path's reshapes leave it, :func:`abfp.ops.device.ste_grads` on the
+    chunk's patches, the weight gradients summed in that order, the patch gradients folded back
+    by :func:`abfp.numerics.col2im.col2im` (the slices' backward, last offset first) and placed
+    as the batch slices, ``F.pad`` and ``permute`` backward place them (memory layout included)."""
+    bt, c = x.shape[0], x.shape[1]
+    (ho, wo), G = geo.out_hw, geo.groups
+    kg, ng = w3.shape[2], w3.shape[1]
+    step = _im2col_step(c, geo.k, geo.out_hw)
+    xpad = F.pad(x, geo.pads) if any(geo.pads) else x
+    hp, wp = xpad.shape[2], xpad.shape[3]
+    starts = list(range(0, bt, step))
+    # every chunk x[i : i + step] is a slice (even of the whole batch): its backward copies into zeros (NCHW)
+    gxpad = torch.empty(bt, c, hp, wp, dtype=torch.float32) if need_x else None
+    gw = None
+    for i in reversed(starts):
+        xi = xpad[i : i + step]
+        bi = xi.shape[0]
+        cols = _im2col(xi, geo.k[0], geo.k[1], geo.stride, geo.dilation, ho, wo).reshape(bi * ho * wo, G, kg).permute(1, 0, 2)
+        if rows:  # gy is the gradient of the product rows (G, B*Ho*Wo, N/G) themselves (one chunk)
+            gyi = gy
+        else:
+            gyi = gy[i : i + step] if len(starts) > 1 else gy
+            gyi = gyi.reshape(bi, G, ng, ho, wo).permute(1, 0, 3, 4, 2).reshape(G, bi * ho * wo, ng)
+        gxi, gwi = ste_grads(gyi, cols, w3, None, config, input_scale, weight_scale, need_x, need_w)
+        if gwi is not None:
+            gw = gwi if gw is None else gw + gwi
+        if gxpad is not None:
+            g5 = gxi.permute(1, 0, 2).reshape(bi, ho, wo, c, geo.k[0] * geo.k[1])
+            gxpad[i : i + bi].copy_(col2im(g5, (hp, wp), geo.k, geo.stride, geo.dilation).permute(0, 3, 1, 2))
+    if gxpad is not None and len(starts) > 1:
+        gxpad.add_(0.0)  # every chunk's zeros were added to the others' (a -0.0 becomes +0.0)
+    gx = None
+    if gxpad is not None:
+        gx = torch.constant_pad_nd(gxpad, [-p for p in geo.pads]) if any(geo.pads) else gxpad
+    return gx, gw
 
 
 def conv1d(

@@ -1,0 +1,174 @@
+"""A convolution with gradients (QAT) on the column path (``ops.conv._conv2d_train``).
+
+- its forward is the inference convolution (``torch.no_grad``) bit for bit, noise included,
+  also where an ADC sample clips (then the gradients come from one masked row product);
+- its gradients (input, weight, bias) are those autograd computes through the row path
+  (``_conv2d_rows``, the reference: ``TRAIN_IN_COLUMNS = False``) bit for bit, signs of zero
+  and the input gradient's strides included, whenever no ADC sample clips or the batch is one
+  im2col chunk; the outputs are the row path's (up to the sign of a zero) where it draws one key
+  (one chunk, or no noise);
+- the col2im of the backward equals autograd's sum of the offsets' slices bit for bit.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import abfp.functional as AF
+import abfp.ops.conv as conv_family
+from abfp import ABFPConfig
+from abfp.numerics import ProductStats, fused
+from abfp.numerics.col2im import col2im, col2im_reference
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "numerics"))
+from device_strategies import device_configs  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not fused.usable(), reason="the column training path needs the compiled kernels")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def _same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def _layout(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides of the dimensions longer than 1 (a size-1 dimension's stride is arbitrary)."""
+    return tuple(s for s, n in zip(t.stride(), t.shape) if n > 1)
+
+
+def _step(monkeypatch, columns: bool, chunk_elements: int) -> None:
+    monkeypatch.setattr(conv_family, "TRAIN_IN_COLUMNS", columns)
+    monkeypatch.setattr(conv_family, "_IM2COL_ELEMENTS", chunk_elements)
+
+
+def _train(x, w, b, cfg, kw, key):
+    """Output, its ADC statistics, the gradients of ``loss(relu(conv2d(relu(x) * 1.5)))`` (the
+    layers around the convolution see its output's and its input gradient's memory layout, as
+    batch norm or a bias sum would) and the gradient that reaches the convolution's input."""
+    xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    bb = None if b is None else b.clone().requires_grad_(True)
+    stats = ProductStats()
+    xin = torch.relu(xx) * 1.5
+    seen = []
+    xin.register_hook(lambda g: seen.append(g.clone(memory_format=torch.preserve_format)))
+    y = AF.conv2d(xin, ww, bb, **kw, config=cfg, key=key, cache=False, stats=stats)
+    gout = torch.linspace(-1.0, 1.0, y.numel()).reshape(y.shape)
+    gout[..., 0] = -0.0  # negative zeros in the incoming gradient
+    (torch.relu(y) * gout + y * 0.25).sum().backward()
+    return y.detach(), stats, xx.grad, ww.grad, None if bb is None else bb.grad, seen[0]
+
+
+geometries = st.fixed_dictionaries({
+    "batch": st.integers(1, 5),
+    "groups": st.sampled_from([1, 1, 2]),
+    "cin_per_group": st.integers(1, 5),
+    "cout_per_group": st.integers(1, 6),
+    "h": st.integers(3, 10),
+    "w": st.integers(3, 10),
+    "k": st.sampled_from([(1, 1), (2, 2), (3, 3), (3, 2)]),
+    "stride": st.integers(1, 2),
+    "padding": st.integers(0, 2),
+    "dilation": st.integers(1, 2),
+    "bias": st.booleans(),
+})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(geo=geometries, cfg=device_configs(max_dac_bits=8, noise=(0.0, 0.5, 2.0), bf16_io=True,
+                                          tile_widths=(3, 8, 16, 32, 128)),
+       chunk=st.sampled_from([1, 1 << 20]), seed=st.integers(0, 2**31 - 1))
+def test_column_training_equals_inference_forward_and_row_path_gradients(monkeypatch, geo, cfg, chunk, seed):
+    g = torch.Generator().manual_seed(seed)
+    G, (kh, kw_) = geo["groups"], geo["k"]
+    x = torch.randn(geo["batch"], G * geo["cin_per_group"], geo["h"], geo["w"], generator=g)
+    w = torch.randn(G * geo["cout_per_group"], geo["cin_per_group"], kh, kw_, generator=g)
+    b = torch.randn(G * geo["cout_per_group"], generator=g) if geo["bias"] else None
+    kw = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], groups=G)
+    if geo["h"] + 2 * geo["padding"] < geo["dilation"] * (kh - 1) + 1 or geo["w"] + 2 * geo["padding"] < geo["dilation"] * (kw_ - 1) + 1:
+        return
+    key = 987654321
+    _step(monkeypatch, True, chunk)
+    cols = _train(x, w, b, cfg, kw, key)
+    with torch.no_grad():
+        inference = AF.conv2d(torch.relu(x) * 1.5, w, b, **kw, config=cfg, key=key, cache=False)
+    _step(monkeypatch, False, chunk)
+    rows = _train(x, w, b, cfg, kw, key)
+    chunks = 1 if chunk > 1 else geo["batch"]  # an element budget of 1: one image per chunk
+    assert _same_bits(cols[0], inference)
+    assert _layout(cols[0]) == _layout(rows[0])  # the layers after it see the row path's memory layout
+    # the row path restarts the noise of each chunk, and its zeros may carry another sign
+    if cfg.noise_std > 0 and chunks > 1:
+        return  # other outputs, so other gradients after the ReLU
+    assert torch.equal(cols[0], rows[0]) and cols[1] == rows[1]
+    if cols[1].saturated == 0 or chunks == 1:
+        for a, r in zip(cols[2:], rows[2:]):
+            assert _same_bits(a, r)
+        assert _layout(cols[5]) == _layout(rows[5])
+
+
+def test_a_clipped_sample_takes_the_masked_product_over_the_whole_batch(monkeypatch):
+    """gain 64 clips: the forward is still the inference output (one product, one key), and
+    the gradients are the ADC-masked ones of a single-chunk row path."""
+    cfg = ABFPConfig(tile_width=32, gain=64.0, noise_std=0.5)
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(4, 6, 7, 7, generator=g), torch.randn(5, 6, 3, 3, generator=g)
+    kw = dict(padding=1)
+    _step(monkeypatch, True, 1)  # four chunks on the row path, by default
+    cols = _train(x, w, None, cfg, kw, 17)
+    assert cols[1].saturated > 0
+    with torch.no_grad():
+        assert _same_bits(cols[0], AF.conv2d(torch.relu(x) * 1.5, w, **kw, config=cfg, key=17, cache=False))
+    _step(monkeypatch, False, 1 << 20)  # the row path in one chunk
+    rows = _train(x, w, None, cfg, kw, 17)
+    assert torch.equal(cols[0], rows[0]) and cols[1] == rows[1]
+    for a, r in zip(cols[2:4], rows[2:4]):
+        assert _same_bits(a, r)
+
+
+def test_one_key_per_convolution(monkeypatch):
+    """Noise from torch's global generator: the training convolution draws one key, as the
+    inference one does, however many im2col chunks the batch would take."""
+    cfg = ABFPConfig(noise_std=1.0)
+    x, w = torch.randn(3, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    _step(monkeypatch, True, 1)
+    torch.manual_seed(5)
+    y = AF.conv2d(x.requires_grad_(), w, padding=1, config=cfg, cache=False)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        inference = AF.conv2d(x, w, padding=1, config=cfg, cache=False)
+    assert torch.equal(y.detach(), inference) and torch.equal(torch.rand(1), after)
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), c=st.integers(1, 5), ho=st.integers(1, 6), wo=st.integers(1, 6),
+       k=st.sampled_from([(1, 1), (2, 3), (3, 3)]), stride=st.sampled_from([(1, 1), (2, 1), (2, 3)]),
+       dilation=st.sampled_from([(1, 1), (2, 2)]), extra=st.integers(0, 2), seed=st.integers(0, 2**31 - 1))
+def test_col2im_equals_autograd_sum_of_slices(b, c, ho, wo, k, stride, dilation, extra, seed):
+    """Against autograd itself (``torch.stack`` of the offsets' slices of a padded input, as
+    ``_im2col`` builds them), and the compiled kernel against the torch one: the same bits,
+    with ``-0.0`` and ``+0.0`` in the patch gradients."""
+    hp = stride[0] * (ho - 1) + dilation[0] * (k[0] - 1) + 1 + extra
+    wp = stride[1] * (wo - 1) + dilation[1] * (k[1] - 1) + 1 + extra
+    g = torch.Generator().manual_seed(seed)
+    grads = torch.randn(b, ho, wo, c, k[0] * k[1], generator=g)
+    grads[torch.rand(grads.shape, generator=g) < 0.3] = -0.0
+    grads[torch.rand(grads.shape, generator=g) < 0.1] = 0.0
+    xpad = torch.randn(b, c, hp, wp, requires_grad=True)
+    cols = conv_family._im2col(xpad, k[0], k[1], stride, dilation, ho, wo)
+    cols.backward(grads)
+    expect = xpad.grad.permute(0, 2, 3, 1)
+    ref = col2im_reference(grads, (hp, wp), k, stride, dilation)
+    assert _same_bits(ref, expect)
+    assert _same_bits(col2im(grads, (hp, wp), k, stride, dilation), expect)
