@@ -79,8 +79,9 @@ def test_convolution_equals_the_torch_path(compiled, geo, cfg, std, seed):
         with torch.no_grad():
             y = AF.conv2d(x, wt, **kw, config=cfg, generator=torch.Generator().manual_seed(seed), stats=stats)
         outs.append((y, stats))
-        # the compiled path runs wherever the configuration allows it (narrow ADC arithmetic)
-        assert (calls["conv"] > before) == (on and use_fused(cfg, AdcPlan.for_config(cfg), x.device))
+        # the compiled path runs wherever the configuration allows it
+        # (wide plans included: float64 ADC arithmetic in fused.epilogue_cols)
+        assert (calls["conv"] > before) == (on and use_fused(cfg, AdcPlan.for_config(cfg), x.device, wide=True))
     (a, sa), (b, sb) = outs
     assert a.shape == b.shape and a.stride() == b.stride()
     assert torch.equal(a, b)
@@ -200,3 +201,37 @@ def test_four_channel_epilogue_equals_the_torch_path(monkeypatch, cout, groups):
     assert calls["four"] > 0
     assert torch.equal(outs[0][0], outs[1][0])
     assert outs[0][1:] == outs[1][1:] and outs[0][1] > 0
+
+
+@pytest.mark.parametrize("bits,n", [((10, 10, 12), 128), ((8, 8, 12), 32), ((10, 9, 11), 32), ((12, 12, 14), 64)])
+@pytest.mark.parametrize("std", [0.0, 0.3])
+def test_wide_convolution_equals_the_torch_path_and_the_float64_oracle(monkeypatch, bits, n, std):
+    """Wide plans (AdcPlan form C: the ADC step in float64; with n L(b_x) L(b_w) > 2**24 float64
+    tile products too) run through fused.epilogue_cols (float64 ADC arithmetic): the torch path's numbers bit for
+    bit, and SPEC's float64 oracle on the convolution's patches (several tiles per output)."""
+    from test_fast_vs_reference import compare  # noqa: PLC0415  (tests/numerics is on sys.path)
+
+    set_mode = spied_kernels(monkeypatch, {"epilogue_cols": "wide"})
+    wb, xb, yb = bits
+    cfg = ABFPConfig(tile_width=n, weight_bits=wb, input_bits=xb, output_bits=yb, gain=8.0, noise_std=std)
+    assert AdcPlan.for_config(cfg).wide
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 40, 7, 7, generator=g)
+    wt = torch.randn(12, 40, 3, 3, generator=g) / 10
+    outs = []
+    for on in (True, False):
+        calls = set_mode(on)
+        before = calls["wide"]
+        stats = ProductStats()
+        with torch.no_grad():
+            y = AF.conv2d(x, wt, padding=1, config=cfg, generator=torch.Generator().manual_seed(7), stats=stats)
+        assert (calls["wide"] > before) == on
+        outs.append((y, stats))
+    (a, sa), (b, sb) = outs
+    assert torch.equal(a, b)
+    assert (sa.saturated, sa.conversions) == (sb.saturated, sb.conversions)
+    # the oracle: rows are the positions of every image in turn (the convolution's noise index)
+    x3 = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(1, 2 * 49, 360)
+    counts = compare(a.permute(0, 2, 3, 1).reshape(1, 2 * 49, 12), x3, wt.reshape(1, 12, 360), cfg, gen_seed=7)
+    assert counts["exempt"] <= max(2, 0.05 * counts["outputs"])
+    assert counts["adc_flips"] <= max(1, 0.002 * counts["outputs"])

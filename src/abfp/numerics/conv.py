@@ -111,7 +111,14 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
         assert weights.codes_i8 is not None
         lhs8 = [[weights.codes_i8[g, t, :r].t().contiguous() for t, r in spans] for g in range(G)]
     wt = weights.codes.transpose(-1, -2)  # (G, T, Ng, n): the float32 codes (times the multiplier) as left operands
-    int_mult, int_div = plan.int_ratio() if int8 else (1.0, plan.divisor)
+    if plan.wide:  # D * G L(b_y) / (n L(b_x) L(b_w)) in float64 (AdcPlan form C), as the torch path
+        assert plan.code_multiplier == 1.0  # form C folds nothing into the weight codes
+        int_mult, int_div = plan.numerator, plan.divisor
+        if plan.gemm_dtype == torch.float64:  # tile products beyond 2**24: exact float64 codes and GEMM
+            wt = wt.to(torch.float64)
+    else:
+        int_mult, int_div = plan.int_ratio() if int8 else (1.0, plan.divisor)
+    code_dtype = torch.int8 if int8 else plan.gemm_dtype
     adc_args = _adc_args(cfg, plan, int_mult, int_div, key, stats is not None)
     clamp = needs_clamp(static is None, cfg.input_max_code)
     lx = np.float32(cfg.input_max_code)
@@ -132,7 +139,7 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
             _fill_phases(xs, src[:, b0:b1], pads, stride)
         L = out_rows * row_width
         offs = k_off + h0 * row_width
-        codes = scratch("patch_codes", (G, kg, b * L), torch.int8 if int8 else torch.float32, x.device)
+        codes = scratch("patch_codes", (G, kg, b * L), code_dtype, x.device)
         if static is None:
             s = scratch("input_scales", (T, G, b, L), torch.float32, x.device)
             fused.patch_encode(xs_np, k_src, offs, kg, n, cfg.scale_dtype == "bfloat16", lx, clamp,
@@ -143,7 +150,7 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
             s = static.expand(T, G, b, L).contiguous()
         if static is not None or cfg.scale_dtype == "pow2":
             fused.patch_codes(xs_np, k_src, offs, kg, n, fused.as_numpy(s), lx, clamp, fused.as_numpy(codes))
-        d = scratch("patch_tiles", (G, T, Ng, b * L), torch.int32 if int8 else torch.float32, x.device)
+        d = scratch("patch_tiles", (G, T, Ng, b * L), torch.int32 if int8 else plan.gemm_dtype, x.device)
         if int8:
             for g in range(G):
                 for t, r in spans:
@@ -153,7 +160,7 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                 _matmul_into(d[:, :full], wt[:, :full], codes[:, : full * n].view(G, full, n, b * L))
             if full < T:
                 _matmul_into(d[:, full], wt[:, full, :, : kg - full * n], codes[:, full * n :])
-        epilogue = fused.epilogue_cols4 if Ng % 4 == 0 else fused.epilogue_cols
+        epilogue = fused.epilogue_cols4 if Ng % 4 == 0 and not plan.wide else fused.epilogue_cols
         clipped += epilogue(fused.as_numpy(d), *adc_args, fused.as_numpy(s.view(T, G, b * L)),
                                        weight_scales_np, fused.as_numpy(y[b0:b1, :, h0:h1]), row_width,
                                        _output_index(out_rows, row_width, wo, Ng), bt * ho * wo,

@@ -39,7 +39,8 @@ try:  # an optional accelerator: everything works without it
     if os.environ.get("ABFP_NO_NUMBA"):
         raise ImportError("disabled by ABFP_NO_NUMBA")
     import numba
-    from numba import njit, prange
+    from numba import njit, prange, types
+    from numba.extending import overload
 except ImportError:  # pragma: no cover - exercised when numba is absent
     numba = None
 
@@ -113,12 +114,26 @@ if AVAILABLE:
                 buf[4 * g + lane] = np.float32(((v ^ 0x8000) - 0x8000) | 1)
         return base - 4 * g0
 
+    def _in(v, like):  # pragma: no cover - numba compiles its overload below
+        """``v`` as a number of ``like``'s float type (float32 or float64)."""
+        raise NotImplementedError
+
+    @overload(_in, inline="always")
+    def _in_overload(v, like):
+        if like == types.float64:
+            return lambda v, like: np.float64(v)
+        return lambda v, like: np.float32(v)
+
     @njit(inline="always", **_jit)
     def _lsb(dv, lsb_num, lsb_den, noise_step, key, noisy, idx):
-        """A tile product in output LSBs, with its noise: ``D * lsb_num / lsb_den + e``."""
-        r = (np.float32(dv) * lsb_num) / lsb_den
+        """A tile product in output LSBs, with its noise: ``D * lsb_num / lsb_den + e``, in
+        ``lsb_num``'s float type: float32 (the narrow plans' one exact division), or float64 for
+        a wide plan (:class:`~abfp.numerics.adc.AdcPlan` form C: ``lsb_num = G L(b_y)``,
+        ``lsb_den = n L(b_x) L(b_w)``, plus the float32 noise value ``e``, as
+        :func:`abfp.numerics.kernels.adc_` computes it)."""
+        r = (_in(dv, lsb_num) * lsb_num) / lsb_den
         if noisy:
-            r = r + _noise_int(key, idx) * noise_step
+            r = r + _in(_noise_int(key, idx) * noise_step, lsb_num)
         return r
 
     @njit(inline="always", **_jit)
@@ -272,7 +287,9 @@ if AVAILABLE:
         (``(h wo + w) Ng``; negative for the extra columns). The sample of output position ``p`` (``p_off`` + its index among the
         chunk's ``bc * out_h * wo``) has noise index ``((g T + t) p_total + p) Ng + o``. Every
         virtual position is computed (long contiguous loops); only real ones are written and
-        counted. Returns the number of clipped samples (``count``; else 0).
+        counted. Returns the number of clipped samples (``count``; else 0). A wide plan's
+        arguments (``lsb_num``, ``lsb_den``, ``ly`` float64) do the ADC step, noise, clamp and
+        rounding in float64 (:func:`_lsb`); the code times the scales and the tile sum stay float32.
         """
         G, T, Ng, _ = d.shape
         bc, _, out_h, wo = y.shape
@@ -293,7 +310,7 @@ if AVAILABLE:
                     r = _lsb(dt[v], lsb_num, lsb_den, noise_step, key, noisy, base + real_pos[v])
                     if count:
                         clipped += (abs(r) > ly) & (real_pos[v] >= 0)
-                    acc[v] += (np.rint(min(max(r, -ly), ly)) * x_scale[v]) * wt
+                    acc[v] += (np.float32(np.rint(min(max(r, -ly), ly))) * x_scale[v]) * wt
             for h in range(out_h):
                 row = y[ib, g * Ng + o, h]
                 for w in range(wo):

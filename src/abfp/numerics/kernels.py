@@ -277,11 +277,13 @@ def draw_key(cfg: ABFPConfig, generator: torch.Generator | None) -> int | None:
     return noise_key(generator) if cfg.noise_std > 0 and cfg.noise_dist == "uniform" else None
 
 
-def use_fused(cfg: ABFPConfig, plan: AdcPlan, device: torch.device) -> bool:
+def use_fused(cfg: ABFPConfig, plan: AdcPlan, device: torch.device, *, wide: bool = False) -> bool:
     """Whether the compiled epilogue (:mod:`.fused`) can take this product: CPU, numba
-    present, narrow float32 ADC arithmetic, uniform or no noise, no bfloat16 tile outputs."""
-    return (fused.usable() and device.type == "cpu" and cfg.kernel != "reference" and not plan.wide
-            and plan.gemm_dtype == torch.float32 and not cfg.bf16_tile_outputs
+    present, narrow float32 ADC arithmetic, uniform or no noise, no bfloat16 tile outputs.
+    ``wide``: the caller's kernels also take wide plans (float64 ADC arithmetic and float64
+    tile products: the convolution's, :func:`abfp.numerics.conv.conv2d_fused`)."""
+    return (fused.usable() and device.type == "cpu" and cfg.kernel != "reference"
+            and (wide or (not plan.wide and plan.gemm_dtype == torch.float32)) and not cfg.bf16_tile_outputs
             and (cfg.noise_std == 0 or cfg.noise_dist == "uniform"))
 
 
@@ -290,7 +292,8 @@ def _adc_args(cfg: ABFPConfig, plan: AdcPlan, lsb_num: float, lsb_den: float, ke
     is ``D * lsb_num / lsb_den`` output LSBs (:meth:`AdcPlan.int_ratio`), ``noise_step`` = ``w / 2**16``, the
     value in output LSBs of one noise integer (:func:`.counter_noise.noise_scale`), ``ly`` = ``L(b_y)``."""
     f32 = np.float32
-    return (f32(lsb_num), f32(lsb_den), f32(noise_scale(effective_noise_std(cfg)) if key is not None else 0.0), f32(plan.max_code),
+    ft = np.float64 if plan.wide else f32  # a wide plan's ADC arithmetic runs in float64
+    return (ft(lsb_num), ft(lsb_den), f32(noise_scale(effective_noise_std(cfg)) if key is not None else 0.0), ft(plan.max_code),
             np.uint64(key or 0), key is not None, count)
 
 

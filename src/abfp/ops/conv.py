@@ -265,7 +265,7 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     if bt == 0 or ho * wo == 0:  # nothing to convert (an empty batch): no chunk to plan
         return torch.empty(bt, cout, ho, wo, dtype=torch.float32, device=x.device,
                            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if use_fused(config, plan, x.device):
+    if use_fused(config, plan, x.device, wide=True):
         return conv2d_fused(x, pads, weights, config, plan, groups, k, stride, dilation, out_hw, static, key, stats,
                             channels_last)
     pl, pr, pt, pb = pads
