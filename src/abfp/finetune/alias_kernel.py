@@ -173,7 +173,7 @@ if AVAILABLE:
         C = tab.shape[0]
         i = ch * CHUNK
         end = min(y.shape[0], i + CHUNK)
-        z = splitmix64(key, np.uint64(i >> 32) + np.uint64(1))
+        z = splitmix64(np.uint64(key), np.uint64(i >> 32) + np.uint64(1))
         k1 = _U(z & _M32)
         k2 = _U(z >> np.uint64(32))
         while i < end:
@@ -216,8 +216,8 @@ def add_alias_noise_(y: torch.Tensor, layout: tuple[int, int, int], key: int, ta
     = (outer, C, inner)); tables as :meth:`Histogram.kernel_tables` gives them."""
     if not (y.is_contiguous() and y.dtype == torch.float32 and y.device.type == "cpu"):
         raise ValueError("the compiled sampler needs a contiguous float32 CPU tensor")
-    flat = y.detach().view(-1).numpy()
-    args = (flat, max(1, layout[2]), np.uint64(key), tab, lo, width)
+    flat = y.detach().numpy().reshape(-1)
+    args = (flat, max(1, layout[2]), key, tab, lo, width)  # key: a Python int (numba passes it as int64 faster)
     if flat.shape[0] <= CHUNK or torch.get_num_threads() == 1:  # no thread pool to launch
         _alias_noise_serial(*args)
     else:
