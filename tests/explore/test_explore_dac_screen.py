@@ -134,3 +134,16 @@ def test_a_screen_calibrates_the_same_device_as_the_full_evaluation(monkeypatch)
 def test_bad_space_is_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         SearchSpace(**kw)
+
+
+def test_the_screen_samples_are_spread_over_the_evaluated_ones():
+    import torch  # noqa: PLC0415
+
+    from abfp.explore.search import spread  # noqa: PLC0415
+    from abfp.zoo.base import Dataset  # noqa: PLC0415
+
+    x = torch.arange(10 * 3).view(10, 3)
+    d = spread(Dataset((x,), torch.arange(10) * 2), 4)
+    assert d.inputs[0][:, 0].tolist() == [0, 6, 15, 21]  # samples 0, 2, 5, 7 of 10
+    assert d.targets.tolist() == [0, 4, 10, 14]
+    assert len(spread(Dataset((x,)), 10)) == 10 and spread(Dataset((x,)), 10).inputs[0].equal(x)

@@ -83,7 +83,7 @@ def explore(
     much as one known to meet the target are skipped (see :mod:`abfp.explore.search`).
     ``dac_max_bits``: when no design of a family meets the target at the base DAC bits (even at
     the highest ADC bits), its DACs are raised by bisection up to this many bits. ``screen = k``:
-    every design is first evaluated on the first ``k`` samples (one run) and evaluated on all of
+    every design is first evaluated on ``k`` samples spread over the evaluated ones (one run) and evaluated on all of
     them only unless it misses the target there by ``screen_z`` standard errors.
     Fixed-point scales and auto gains come from the task's calibration split when it has one
     (``calibration``: a :class:`Dataset` of inputs, with a model). Returns the JSON-ready

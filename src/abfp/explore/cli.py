@@ -66,7 +66,7 @@ def _parser(sub: Any) -> None:
                    help="when no design of a family meets the target at the base DAC bits, even at the highest ADC "
                         "bits, raise both DACs by bisection up to this many bits (default: never)")
     p.add_argument("--screen", type=int, default=None, metavar="K",
-                   help="evaluate every design first on the first K samples (one run); one missing the target there "
+                   help="evaluate every design first on K of the samples, spread evenly over them (one run); one missing the target there "
                         "by --screen-z standard errors is not evaluated on all samples (default: no screen)")
     p.add_argument("--screen-z", type=float, default=3.0, help="standard errors of the screen's rejection (default 3)")
     p.add_argument("--noise", type=csv_list(float, "--noise"), default=None,

@@ -36,8 +36,8 @@ Two options trade completeness for time:
 
 * ``early_stop = z``: a noisy design stops averaging runs once its mean is ``z`` standard
   errors from the target (:func:`abfp.explore.target.decided`).
-* ``screen = k``: every design is first evaluated on the first ``k`` samples (one run,
-  calibrated on the same inputs as the full evaluation); one that misses the target there by at
+* ``screen = k``: every design is first evaluated on ``k`` of the samples spread evenly over
+  them (one run, calibrated on the same inputs as the full evaluation); one that misses the target there by at
   least ``screen_z`` standard errors over those samples is not evaluated on all of them (its
   record has ``screened_out`` and ``samples = k``). Only failures are decided on the screen:
   every design that meets the target was evaluated on all samples.
@@ -58,6 +58,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -183,21 +184,23 @@ class Explorer:
         self.fp32 = float(fp["value"])
         self.target_rule = target
         self.target = target.value(self.fp32, self.higher)
-        self.screen: tuple[EvalSettings, Dataset, float] | None = None
+        self.screen: tuple[EvalSettings, Dataset, Dataset, float] | None = None
         if screen is not None and screen < self.samples:
             self.screen = self._screen_setup(screen)
         self.screen_z = screen_z
 
-    def _screen_setup(self, k: int) -> tuple[EvalSettings, Dataset, float]:
-        """Settings, calibration inputs and target of the screen on the first ``k`` samples: one
-        run, calibrated on the same inputs as the full evaluation (the task's calibration
-        split, else the first evaluated inputs), so the screen evaluates the same device."""
+    def _screen_setup(self, k: int) -> tuple[EvalSettings, Dataset, Dataset, float]:
+        """Settings, samples, calibration inputs and target of the screen: ``k`` of the evaluated
+        samples spread evenly over them (:func:`spread`: data sets are often ordered, e.g. crops
+        photo by photo), one run, calibrated on the same inputs as the full evaluation (the
+        task's calibration split, else the first evaluated inputs): the same device."""
         n_calib = min(self.settings.calibration_samples, self.samples)
         calib = (self.calibration if self.calibration is not None else self.data).take(n_calib)
-        settings = EvalSettings(**{**self.settings.__dict__, "samples": k, "runs": 1, "calibration_count": n_calib})
-        (fp,) = evaluate(self.model, self.data, self.metric, [Point("fp32")], task_name=self.task_name,
+        data = spread(self.data.take(self.samples), k)
+        settings = EvalSettings(**{**self.settings.__dict__, "samples": None, "runs": 1, "calibration_count": n_calib})
+        (fp,) = evaluate(self.model, data, self.metric, [Point("fp32")], task_name=self.task_name,
                          settings=settings, memo=self.memo)
-        return settings, calib, self.target_rule.value(float(fp["value"]), self.higher)
+        return settings, data, calib, self.target_rule.value(float(fp["value"]), self.higher)
 
     def _evaluate(self, point: Point) -> dict[str, Any]:
         stop = None
@@ -213,8 +216,8 @@ class Explorer:
         ``screen_z`` standard errors over the screened samples (then it is not evaluated on
         all samples); None when it passes the screen or is too close to call."""
         assert self.screen is not None
-        settings, calib, target = self.screen
-        (r,) = evaluate(self.model, self.data, self.metric, [point], task_name=self.task_name,
+        settings, data, calib, target = self.screen
+        (r,) = evaluate(self.model, data, self.metric, [point], task_name=self.task_name,
                         settings=settings, calibration=calib, memo=self.memo)
         v, se = float(r["value"]), r.get("stderr")
         if Target.meets(v, target, self.higher) or se is None or abs(v - target) < self.screen_z * float(se):
@@ -410,6 +413,13 @@ class Explorer:
         d2 = d.with_bits(input_bits=bx)
         if lo < w0:
             smallest_passing(lo, w0, lambda b: self.passes(d2.with_bits(weight_bits=b), family), known_pass=w0)
+
+
+def spread(data: Dataset, k: int) -> Dataset:
+    """``k`` samples of ``data`` spread evenly over it: indices ``floor(i N / k)``, ``i < k``."""
+    n = len(data)
+    idx = torch.arange(k, dtype=torch.int64) * n // k
+    return Dataset(tuple(t[idx] for t in data.inputs), None if data.targets is None else data.targets[idx])
 
 
 def explore_model(model: nn.Module, data: Dataset, metric: Metric, *, task_name: str = "model",
