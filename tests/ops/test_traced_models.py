@@ -224,3 +224,36 @@ def test_config_json_is_the_canonical_json_and_round_trips():
         text = config_json(cfg)
         assert text == json.dumps(cfg.to_dict(execution=True), sort_keys=True, separators=(",", ":"))
         assert config_from_json(text) == cfg
+
+
+class _Attend(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("name", ["conv2d", "conv1d", "lstm", "gru", "attention"])
+def test_export_with_a_dynamic_batch_equals_eager_at_other_batch_sizes(name):
+    """``torch.export`` with ``dynamic_shapes`` on the batch: nothing in the traced products pins
+    the batch to the example's (the coverage count and the chunk loop of the convolution rows
+    and the recurrent MAC count used to call int() on it), and the exported program gives the
+    eager numbers at other batch sizes."""
+    torch.manual_seed(0)
+    net, shape = {"conv2d": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5)), (4, 3, 8, 8)),
+                  "conv1d": (nn.Sequential(nn.Conv1d(3, 4, 3)), (4, 3, 10)),
+                  "lstm": (nn.LSTM(8, 8, num_layers=2, batch_first=True), (4, 5, 8)),
+                  "gru": (nn.GRU(8, 8, batch_first=True, bidirectional=True), (4, 5, 8)),
+                  "attention": (_Attend(), (4, 5, 16))}[name]
+    am = abfp.convert(net.eval(), abfp.ABFPConfig(tile_width=8, gain=2.0, noise_std=0.0))
+    batch = torch.export.Dim("batch", min=2, max=64)
+    ep = torch.export.export(am, (torch.randn(*shape),), dynamic_shapes=({0: batch},))
+    assert "abfp.device" in str(ep.graph) or "abfp.conv2d" in str(ep.graph)
+    for b in (2, 9):
+        x = torch.randn(b, *shape[1:])
+        with torch.no_grad():
+            got, want = ep.module()(x), am(x)
+        got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+        assert torch.equal(got, want)

@@ -227,9 +227,10 @@ def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, gr
     (kh, kw), (ho, wo) = k, out_hw
     cout, kg = w3.shape[0] * w3.shape[1], w3.shape[2]
     step = step or _im2col_step(c, k, out_hw)
+    symbolic = isinstance(bt, torch.SymInt)  # an export with a dynamic batch: one chunk, no loop over its size
     outs = []
-    for i in range(0, max(bt, 1), step):  # an empty batch still makes one (empty) product
-        xi = x[i : i + step]
+    for i in [0] if symbolic else range(0, max(bt, 1), step):  # an empty batch still makes one (empty) product
+        xi = x if symbolic else x[i : i + step]
         bi = xi.shape[0]
         cols = _im2col(xi, kh, kw, stride, dilation, ho, wo).reshape(bi * ho * wo, groups, kg).permute(1, 0, 2)
         yi = product(cols, w3, config, input_scale=input_scale, weight_scale=weight_scale, generator=generator,

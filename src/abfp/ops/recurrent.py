@@ -61,7 +61,7 @@ class _Products:
             return AF.linear(x, w, None, config=c, input_scale=s[0], generator=g, stats=stats)
 
         y = self._run(self.frame, "linear", F.linear, (x, w), {}, analog, (x, w), k,
-                      lambda y: int(x.shape[0]) * int(w.shape[0]) * k, site=self.prefix + site)
+                      lambda y: x.shape[0] * w.shape[0] * k, site=self.prefix + site)
         return y.float()
 
 

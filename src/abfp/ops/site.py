@@ -227,8 +227,11 @@ def _traced(frame: Frame, site: str, cfg: ABFPConfig, analog: Callable, operands
         raise NotTraceable(where + str(e)) from None
     if not torch.compiler.is_dynamo_compiling():
         # under dynamo the counter would be a constant of the graph, guarded on, recompiled for at
-        # every call: compiled calls leave the coverage counters alone
-        state.coverage.analog_macs += int(macs(y))
+        # every call: compiled calls leave the coverage counters alone. A symbolic count (an export
+        # with dynamic shapes) is not counted either: int() of it would pin the shape to this one
+        n = macs(y)
+        if not isinstance(n, torch.SymInt):
+            state.coverage.analog_macs += int(n)
     return y
 
 
