@@ -99,6 +99,12 @@ def test_the_screen_rejects_only_clear_failures_and_keeps_the_answer(raised):
     fields = ("input_bits", "weight_bits", "output_bits", "gain", "value", "energy_pj_per_inference")
     a, b = res["cheapest"]["abfp-n8"], raised["cheapest"]["abfp-n8"]
     assert [a[k] for k in fields] == [b[k] for k in fields]  # ... and did not change the answer
+    from abfp.explore.report import format_explore_table  # noqa: PLC0415
+
+    text = format_explore_table(res)
+    xb, wb = res["adc_search_dac_bits"]["abfp-n8"]
+    assert f"screen on 24 samples ({len(out)} designs rejected there)" in text
+    assert f"DACs raised up to 10 bits where needed (abfp-n8: {xb}/{wb})" in text
 
 
 @pytest.mark.slow  # evaluates a tiny model (seconds)

@@ -77,7 +77,8 @@ def _bits(d: Mapping[str, Any]) -> str:
 
 
 def _value(d: Mapping[str, Any]) -> str:
-    return f"{d['value']:.3f}" + (f" ± {d['std']:.3f}" if d.get("runs", 1) > 1 else "")
+    return (f"{d['value']:.3f}" + (f" ± {d['std']:.3f}" if d.get("runs", 1) > 1 else "")
+            + (f" (screen: {d.get('samples')} samples)" if d.get("screened_out") else ""))
 
 
 def _rows(res: Mapping[str, Any]) -> list[list[str]]:
@@ -116,6 +117,15 @@ def _speed_note(res: Mapping[str, Any]) -> str:
     if search.get("early_stop") is not None:
         stopped = sum(1 for d in res["designs"] if d.get("early_stopped"))
         notes.append(f"early stop at {search['early_stop']:g} standard errors ({stopped} designs stopped early)")
+    if search.get("screen"):
+        out = sum(1 for d in res["designs"] if d.get("screened_out"))
+        notes.append(f"screen on {search['screen']} samples ({out} designs rejected there)")
+    if search.get("dac_max_bits") is not None:
+        raised = {f: b for f, b in (res.get("adc_search_dac_bits") or {}).items()
+                  if b != [res["base_config"]["input_bits"], res["base_config"]["weight_bits"]]} \
+            if isinstance(res.get("base_config"), Mapping) else {}
+        notes.append(f"DACs raised up to {search['dac_max_bits']} bits where needed"
+                     + (f" ({', '.join(f'{f}: {b[0]}/{b[1]}' for f, b in raised.items())})" if raised else ""))
     if search.get("global_prune"):
         notes.append(f"global prune ({len(res.get('pruned') or [])} dominated designs skipped)")
     return "; " + ", ".join(notes) if notes else ""
