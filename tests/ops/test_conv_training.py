@@ -165,6 +165,7 @@ def test_col2im_equals_autograd_sum_of_slices(b, c, ho, wo, k, stride, dilation,
     grads = torch.randn(b, ho, wo, c, k[0] * k[1], generator=g)
     grads[torch.rand(grads.shape, generator=g) < 0.3] = -0.0
     grads[torch.rand(grads.shape, generator=g) < 0.1] = 0.0
+    grads[:, :, :, 0] = -0.0  # a channel of negative zeros: -0.0 only where every offset reaches
     xpad = torch.randn(b, c, hp, wp, requires_grad=True)
     cols = conv_family._im2col(xpad, k[0], k[1], stride, dilation, ho, wo)
     cols.backward(grads)

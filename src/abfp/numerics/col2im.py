@@ -53,16 +53,37 @@ def col2im_reference(g: Tensor, padded_hw: tuple[int, int], k: tuple[int, int], 
 
 def col2im(g: Tensor, padded_hw: tuple[int, int], k: tuple[int, int], stride: tuple[int, int],
            dilation: tuple[int, int]) -> Tensor:
-    """:func:`col2im_reference` in one compiled pass over the output where numba runs (float32,
-    CPU), else that function itself: the same values, signs of zero included."""
+    """:func:`col2im_reference` in one compiled pass over ``g`` where numba runs (float32, CPU),
+    else that function itself: the same values, signs of zero included.
+
+    The kernel scatters ``g`` in its own order (``h``, then ``w`` ascending), which adds the
+    offsets reaching an output in descending order, as autograd does. The ``+0.0`` autograd adds
+    for each offset that does not reach an output only turns a ``-0.0`` sum into ``+0.0``; so
+    the outputs every offset reaches start at ``-0.0`` (``-0.0 + v = v``: the first term as
+    is) and the others at ``+0.0``."""
     if not (fused.usable() and g.dtype == torch.float32 and g.device.type == "cpu"):
         return col2im_reference(g, padded_hw, k, stride, dilation)
     g = g.contiguous()
-    b, ho, wo, c, kk = g.shape
-    out = torch.empty(b, *padded_hw, c, dtype=torch.float32)
+    hp, wp = padded_hw
+    out = torch.zeros(g.shape[0], hp, wp, g.shape[3], dtype=torch.float32)
+    rows, cols = _reached_by_all(hp, g.shape[1], k[0], stride[0], dilation[0]), _reached_by_all(wp, g.shape[2], k[1], stride[1], dilation[1])
+    if rows and cols:
+        out[:, rows[0] : rows[1] + 1 : rows[2], cols[0] : cols[1] + 1 : cols[2]] = -0.0
     fused.set_threads()
     _col2im_kernel(fused.as_numpy(g), *k, *stride, *dilation, fused.as_numpy(out))
     return out
+
+
+def _reached_by_all(size: int, n_out: int, k: int, s: int, d: int) -> tuple[int, int, int] | None:
+    """``(first, last, step)`` of the padded positions ``p < size`` that every kernel offset ``i``
+    reaches (``p = o s + i d`` for some output ``0 <= o < n_out``), or ``None``: they form one
+    arithmetic progression (every ``p`` congruent to each ``i d`` modulo ``s``)."""
+    hits = [p for p in range(size) if all((p - i * d) % s == 0 and 0 <= (p - i * d) // s < n_out for i in range(k))]
+    if not hits:
+        return None
+    step = hits[1] - hits[0] if len(hits) > 1 else 1
+    assert hits == list(range(hits[0], hits[-1] + 1, step))
+    return hits[0], hits[-1], step
 
 
 if fused.AVAILABLE:
@@ -72,33 +93,15 @@ if fused.AVAILABLE:
 
     @njit(parallel=True, **_jit)
     def _col2im_kernel(g, kh, kw, sh, sw, dh, dw, out):
-        """``out[b, y, x, :]``: the offsets' patch gradients summed last offset first, the first
-        term as is, ``+ 0.0`` for an offset that does not reach ``(y, x)`` (see the module)."""
+        """``out[b, h s_h + i d_h, w s_w + j d_w, c] += g[b, h, w, c, i kw + j]``, ``g`` read in order."""
         b, ho, wo, c, kk = g.shape
-        hp, wp = out.shape[1], out.shape[2]
-        for by in prange(b * hp):
-            ib = by // hp
-            y = by % hp
-            for x in range(wp):
-                acc = out[ib, y, x]
-                for o in range(kk - 1, -1, -1):
-                    i = o // kw
-                    j = o - i * kw
-                    ry = y - i * dh
-                    rx = x - j * dw
-                    inside = ry >= 0 and rx >= 0 and ry % sh == 0 and rx % sw == 0 and ry // sh < ho and rx // sw < wo
-                    if o == kk - 1:
-                        if inside:
-                            src = g[ib, ry // sh, rx // sw]
-                            for ch in range(c):
-                                acc[ch] = src[ch, o]
-                        else:
-                            for ch in range(c):
-                                acc[ch] = np.float32(0.0)
-                    elif inside:
-                        src = g[ib, ry // sh, rx // sw]
+        for ib in prange(b):
+            for h in range(ho):
+                for w in range(wo):
+                    src = g[ib, h, w]
+                    for o in range(kk):
+                        i = o // kw
+                        j = o - i * kw
+                        dst = out[ib, h * sh + i * dh, w * sw + j * dw]
                         for ch in range(c):
-                            acc[ch] += src[ch, o]
-                    else:
-                        for ch in range(c):
-                            acc[ch] += np.float32(0.0)
+                            dst[ch] += src[ch, o]

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..config import ABFPConfig
 from ..numerics import AdcPlan, Encoded, ProductStats, encode_weights
 from ..numerics.blocks import static_scale_value
-from ..numerics import fused
+from ..numerics import dequant, fused
 from ..numerics.col2im import col2im
 from ..numerics.conv import conv2d_fused
 from ..numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, plan_chunks, use_fused
@@ -43,10 +43,12 @@ def int_pair(v: int | Sequence[int]) -> tuple[int, int]:
 _IM2COL_ELEMENTS = 1 << 20
 
 
-def _im2col(x: Tensor, kh: int, kw: int, stride: tuple[int, int], dilation: tuple[int, int], ho: int, wo: int) -> Tensor:
+def _im2col(x: Tensor, kh: int, kw: int, stride: tuple[int, int], dilation: tuple[int, int], ho: int, wo: int,
+            out: Tensor | None = None) -> Tensor:
     """Patches of a padded input, channels last: (B, Ho, Wo, C, kh*kw), i.e. each row in
     ``F.unfold`` order (channel-major, then kernel row, kernel column). One strided copy per
-    kernel offset (``F.unfold`` is far slower on CPU)."""
+    kernel offset (``F.unfold`` is far slower on CPU). ``out``: where to stack them (not
+    for a 1x1 kernel, whose patches are a view of ``x``; no autograd)."""
     xl = x.permute(0, 2, 3, 1)  # (B, H, W, C) view
     if kh == kw == 1:
         return xl[:, : stride[0] * (ho - 1) + 1 : stride[0], : stride[1] * (wo - 1) + 1 : stride[1], :].unsqueeze(-1)
@@ -55,7 +57,7 @@ def _im2col(x: Tensor, kh: int, kw: int, stride: tuple[int, int], dilation: tupl
         for j in range(kw):
             r0, c0 = i * dilation[0], j * dilation[1]
             slices.append(xl[:, r0 : r0 + stride[0] * (ho - 1) + 1 : stride[0], c0 : c0 + stride[1] * (wo - 1) + 1 : stride[1], :])
-    return torch.stack(slices, dim=-1)
+    return torch.stack(slices, dim=-1, out=out)
 
 
 def conv2d(
@@ -440,19 +442,27 @@ def _train_grads(gy: Tensor, x: Tensor, w3: Tensor, geo: ConvGeometry, config: A
     xpad = F.pad(x, geo.pads) if any(geo.pads) else x
     hp, wp = xpad.shape[2], xpad.shape[3]
     starts = list(range(0, bt, step))
+    fused_patches = config.mode == "abfp" and config.scale_dtype in ("bfloat16", "float32") and dequant.usable(x)
     # every chunk x[i : i + step] is a slice (even of the whole batch): its backward copies into zeros (NCHW)
     gxpad = torch.empty(bt, c, hp, wp, dtype=torch.float32) if need_x else None
     gw = None
     for i in reversed(starts):
         xi = xpad[i : i + step]
         bi = xi.shape[0]
-        cols = _im2col(xi, geo.k[0], geo.k[1], geo.stride, geo.dilation, ho, wo).reshape(bi * ho * wo, G, kg).permute(1, 0, 2)
+        if fused_patches:  # the dequantised patches straight from the input (the same values)
+            cols = dequant.dequantise_patches(xi, G, geo.k, geo.stride, geo.dilation, geo.out_hw, config.tile_width,
+                                              config.scale_dtype, config.input_max_code,
+                                              scratch("ste_xq", (G, bi * ho * wo, kg), torch.float32, x.device))
+        else:
+            buf = scratch("train_patches", (bi, ho, wo, c, geo.k[0] * geo.k[1]), torch.float32, x.device)
+            cols = _im2col(xi, geo.k[0], geo.k[1], geo.stride, geo.dilation, ho, wo, buf).reshape(bi * ho * wo, G, kg).permute(1, 0, 2)
         if rows:  # gy is the gradient of the product rows (G, B*Ho*Wo, N/G) themselves (one chunk)
             gyi = gy
         else:
             gyi = gy[i : i + step] if len(starts) > 1 else gy
             gyi = gyi.reshape(bi, G, ng, ho, wo).permute(1, 0, 3, 4, 2).reshape(G, bi * ho * wo, ng)
-        gxi, gwi = ste_grads(gyi, cols, w3, None, config, input_scale, weight_scale, need_x, need_w)
+        gxi, gwi = ste_grads(gyi, cols, w3, None, config, input_scale, weight_scale, need_x, need_w, in_scratch=True,
+                             x_dequantised=fused_patches)
         if gwi is not None:
             gw = gwi if gw is None else gw + gwi
         if gxpad is not None:

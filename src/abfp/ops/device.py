@@ -21,9 +21,10 @@ from torch import Tensor
 
 from ..config import ABFPConfig
 from ..noise_keys import FUNCTIONAL_STREAMS, product_generator
-from ..numerics import Encoded, ProductStats, analog_product, encode_weights
+from ..numerics import Encoded, ProductStats, analog_product, dequant, encode_weights
 from ..numerics.kernels import draw_key
 from ..numerics.blocks import inside_clamp, pad_to_tiles, padded_block_scales, static_scales
+from ..numerics.workspace import scratch
 
 __all__ = ["check_finite", "generator_for", "reseed", "WEIGHT_CACHE", "WeightCache", "clear_cache", "product",
            "without_bf16_io", "bf16", "promoted_dtype", "dequantised", "AnalogProduct", "ste_grads", "tracing",
@@ -156,13 +157,18 @@ def dequantised(v3: Tensor, cfg: ABFPConfig, scale: Any, max_code: int) -> tuple
     return q, (None if cfg.mode == "abfp" else inside_clamp(v3, s, n))
 
 
-def dequantised_rows(v3: Tensor, cfg: ABFPConfig, scale: Any, max_code: int) -> tuple[Tensor, Tensor | None]:
+def dequantised_rows(v3: Tensor, cfg: ABFPConfig, scale: Any, max_code: int,
+                     buffer: str | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`dequantised` laid out as ``v3`` (B, R, K), without padding: the full tiles at once,
     then the last, shorter one on its own columns (the same values: padding zeros change no
-    block maximum)."""
+    block maximum). ``buffer``: the compiled path (ABFP mode) writes into that scratch buffer
+    (:func:`abfp.numerics.workspace.scratch`) instead of fresh memory."""
     n = cfg.tile_width
     v3 = v3.detach().to(torch.float32)
     lead, k = v3.shape[:-1], v3.shape[-1]
+    if cfg.mode == "abfp" and k and dequant.usable(v3):  # compiled: the same values in two passes
+        out = None if buffer is None else scratch(buffer, (v3.numel() // k, k), torch.float32, v3.device)
+        return dequant.dequantise_rows(v3.reshape(-1, k), n, cfg.scale_dtype, max_code, out).view(v3.shape), None
     full = k // n
     spans = [(0, full * n)] * (full > 0) + [(full * n, k)] * (k > full * n)
     q = None if len(spans) == 1 else torch.empty(v3.shape, dtype=torch.float32, device=v3.device)
@@ -236,22 +242,31 @@ class AnalogProduct(torch.autograd.Function):
 
 
 def ste_grads(gy: Tensor, x3: Tensor, w3: Tensor, mask: Tensor | None, cfg: ABFPConfig, input_scale: Any, weight_scale: Any,
-              need_x: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+              need_x: bool, need_w: bool, in_scratch: bool = False,
+              x_dequantised: bool = False) -> tuple[Tensor | None, Tensor | None]:
     """Straight-through gradients of ``Y = X3 @ W3^T`` on the device, in float32: the tile products
     of the dequantised codes, ``dX = sum_t (dY * m_t) Wq_t`` and ``dW = sum_t (dY * m_t)^T Xq_t``
     with ``m_t`` the ADC clamp mask of tile ``t`` (one GEMM each way when no sample clipped),
     times the DAC clamp masks. ``mask``: (B, T, M, N) bool, True where not clipped (``None``:
-    no sample clipped)."""
+    no sample clipped). ``in_scratch``: with no sample clipped, the dequantised ``X3`` and ``dX``
+    live in scratch buffers (:func:`abfp.numerics.workspace.scratch`: no fresh memory to fault
+    in), so ``dX`` is valid until the next such call on this thread. ``x_dequantised``: ``X3``
+    already holds the dequantised values (ABFP mode, no sample clipped: the caller built them)."""
     gy = gy.to(torch.float32)
     B, M, K = x3.shape
     Bw, N = w3.shape[0], w3.shape[1]
     gx = gw = None
     if mask is None or bool(mask.all()):
         # no ADC sample clipped: the tiles recombine into one GEMM each way
-        xf, mx = dequantised_rows(x3, cfg, input_scale, cfg.input_max_code)  # (B, M, K)
+        if x_dequantised:
+            assert cfg.mode == "abfp" and mask is None
+            xf, mx = x3, None
+        else:
+            xf, mx = dequantised_rows(x3, cfg, input_scale, cfg.input_max_code, "ste_xq" if in_scratch else None)  # (B, M, K)
         wf, mw = dequantised_rows(w3, cfg, weight_scale, cfg.weight_max_code)  # (Bw, N, K)
         if need_x:
-            gx = torch.matmul(gy, wf)
+            out = scratch("ste_gx", (B, M, K), torch.float32, gy.device) if in_scratch else None
+            gx = torch.matmul(gy, wf, out=out)
         if need_w:
             gw = torch.matmul(gy.transpose(1, 2), xf)
     else:
