@@ -76,6 +76,18 @@ def test_tune_api_stages_and_plan() -> None:
         abfp.tune("model", x)  # type: ignore[arg-type]
 
 
+def test_tune_with_a_label_metric_and_unlabelled_data_says_so_before_any_work() -> None:
+    """A label metric (top-1 accuracy) with calibration or evaluation data that has no labels (a
+    user task whose load_calibration holds inputs only) is refused up front, naming the data."""
+    from abfp.zoo.base import TOP1
+
+    x, y = torch.randn(48, 24, generator=torch.Generator().manual_seed(1)), torch.zeros(48, dtype=torch.long)
+    with pytest.raises(ValueError, match="calibration data has none: give calibration_targets"):
+        abfp.tune(tiny(), x, metric=TOP1)
+    with pytest.raises(ValueError, match="evaluation data has none: give eval_targets"):
+        abfp.tune(tiny(), x, metric=TOP1, calibration_targets=y, eval_inputs=x)
+
+
 def test_cli_tune_then_eval_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     task = tmp_path / "tasks.py"
     task.write_text(TASK)

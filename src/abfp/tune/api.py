@@ -248,6 +248,10 @@ def tune(
     evald = calib if eval_inputs is None else Dataset(_as_tuple(eval_inputs), eval_targets)
     if len(calib) == 0:
         raise ValueError("calibration_inputs is empty")
+    for what, data, arg in (("calibration", calib, "calibration_targets"), ("evaluation", evald, "eval_targets")):
+        if metric.kind == "accuracy" and data.targets is None:
+            raise ValueError(f"metric {metric.name!r} scores against labels, and the {what} data has none: give "
+                             f"{arg} (a task: labels in its Dataset), or a fidelity metric")
     say = progress or (lambda s: None)
     params = energy_params or EnergyParams()
     model = model.eval()
