@@ -43,6 +43,41 @@ def test_records_have_the_documented_keys_and_noise_runs_are_averaged():
     assert "tiny" in format_table(recs)
 
 
+@pytest.mark.parametrize("wrap", ["dict", "logits-key", "dataclass", "tuple"])
+def test_models_returning_dicts_dataclasses_or_tuples_are_scored_on_their_first_output(wrap):
+    """A model whose forward returns a dict (first value, or its ``logits``), a dataclass (first
+    field) or a tuple is scored on that tensor: the same records as the bare model."""
+    import dataclasses
+
+    from torch import nn
+
+    @dataclasses.dataclass
+    class Out:
+        scores: torch.Tensor
+        extra: int = 0
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            y = self.inner(x)
+            return {"dict": lambda: {"scores": y, "aux": y.sum()}, "logits-key": lambda: {"aux": 1.0, "logits": y},
+                    "dataclass": lambda: Out(y), "tuple": lambda: (y, None)}[wrap]()
+
+    t = tiny_task.make()
+    pts = build_grid(tile_widths=(8,), gains=(1.0,), noise_stds=(0.0,))
+    settings = EvalSettings(progress=False, batch_size=32)
+    bare = evaluate(t.build_model(), t.load_data(), t.metric, pts, task_name="tiny", settings=settings)
+    got = evaluate(Wrapped(t.build_model()), t.load_data(), t.metric, pts, task_name="tiny", settings=settings)
+    assert [r["value"] for r in got] == [r["value"] for r in bare]
+    from abfp.evaluate.runner import _first_tensor
+
+    with pytest.raises(TypeError, match="returned dict; evaluate needs a tensor"):
+        _first_tensor({"a": 1})  # no tensor to score: named, not guessed
+
+
 def test_seeded_runs_are_reproducible():
     pts = [Point("abfp", abfp.ABFPConfig(tile_width=8, gain=1.0, noise_std=3.0))]
     assert _run(pts, runs=2)[0]["values"] == _run(pts, runs=2)[0]["values"]

@@ -13,11 +13,12 @@ skips them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -39,14 +40,28 @@ AUTOGAIN_MAX = 256.0
 
 
 def _first_tensor(out: Any) -> Tensor:
+    """The output a metric scores: the tensor itself; a tuple's or list's first item; a model
+    output's or dict's ``logits`` or ``last_hidden_state``; else a dict's first value or a
+    dataclass's first field, when it is a tensor."""
     if isinstance(out, Tensor):
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
     for name in ("logits", "last_hidden_state"):
+        if isinstance(out, Mapping) and isinstance(out.get(name), Tensor):
+            return out[name]
         if hasattr(out, name):
             return getattr(out, name)
-    raise TypeError(f"the model returned {type(out).__name__}; evaluate needs a tensor (or a tuple whose first item is one)")
+    if isinstance(out, Mapping) and out:
+        first = next(iter(out.values()))
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type) and dataclasses.fields(out):
+        first = getattr(out, dataclasses.fields(out)[0].name)
+    else:
+        first = None
+    if isinstance(first, Tensor):
+        return first
+    raise TypeError(f"the model returned {type(out).__name__}; evaluate needs a tensor, a tuple or dict whose first "
+                    "item is one, or an output with 'logits' or 'last_hidden_state'")
 
 
 @torch.no_grad()
