@@ -9,6 +9,7 @@ from . import functional, metrics
 from .config import ABFPConfig, ExecutionOptions, REFERENCE_NOISE_STD, presets
 from .ops.coverage import Coverage, coverage
 from .nn import analog_state, calibrate, convert, digital, is_converted, reseed, set_config, summary, to_digital
+from . import finetune  # abfp.finetune.distil / qat / dnf, as the README spells them
 from . import tune  # callable: abfp.tune(model, calibration_inputs, config, **options)
 from .tune import DevicePlan
 from . import explore  # callable: abfp.explore(task, **options) designs the device (abfp explore)
@@ -27,6 +28,7 @@ __all__ = [
     "coverage",
     "digital",
     "explore",
+    "finetune",
     "functional",
     "is_converted",
     "metrics",

@@ -114,3 +114,14 @@ def test_bad_loss_arguments() -> None:
         ft.distil(TinyNet(), train, SATURATING, method="sgd", steps=1, lr=0.01)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="labelled"):  # cross entropy without labels: one clear line
         ft.qat(TinyNet(), train, SATURATING, steps=1, lr=0.01, batch_size=8, progress=False, timing_steps=0)
+
+
+def test_abfp_finetune_is_reachable_from_import_abfp_as_the_readme_spells_it():
+    """``import abfp; abfp.finetune.distil(...)`` (README): the subpackage is loaded with abfp (a
+    fresh process: no other test's import of abfp.finetune can stand in for it)."""
+    import subprocess
+    import sys
+
+    code = "import abfp; assert callable(abfp.finetune.distil) and callable(abfp.finetune.qat)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
