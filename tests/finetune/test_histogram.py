@@ -369,3 +369,14 @@ def test_compiled_backend_refuses_what_it_cannot_run() -> None:
         add_noise(torch.zeros(4), h, backend="fast")  # type: ignore[arg-type]
     auto = add_noise(torch.zeros(4, dtype=torch.float64), h)  # auto: the eager sampler
     assert auto.dtype == torch.float64
+
+
+def test_wrong_channel_count_is_refused_every_time() -> None:
+    """The layout of a shape is kept per histogram once it passed the check; a shape that fails
+    it fails again on the next call (nothing kept)."""
+    h = Histogram(lo=torch.zeros(3), width=torch.ones(3), probs=torch.full((3, 2), 0.5), channel_dim=1)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="4 channels along dim 1, the histogram 3"):
+            add_noise(torch.zeros(2, 4), h)
+    assert add_noise(torch.zeros(2, 3), h).shape == (2, 3)
+    assert add_noise(torch.zeros(5, 3), h).shape == (5, 3)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Hashable
 
 import numpy as np
 
@@ -103,7 +103,7 @@ class Histogram:
     count: int = 0
     shape: tuple[int, ...] = ()
     signal_rms: float = 0.0
-    _tables: dict[str, tuple[Any, ...]] = field(default_factory=dict, repr=False, compare=False)
+    _tables: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.probs.ndim != 2 or self.lo.shape != (self.probs.shape[0],) or self.width.shape != self.lo.shape:
@@ -201,6 +201,14 @@ class Histogram:
         out = (packed.to(device), self.lo.to(device), self.width.to(device))
         self._tables[key] = out
         return out
+
+    def memo(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per ``key`` and kept with this histogram's tables (what a
+        sampler derives from it and the shape of an output, asked again at every step)."""
+        hit = self._tables.get(key)
+        if hit is None:
+            hit = self._tables[key] = make()
+        return hit
 
     def kernel_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The tables of :meth:`alias_table` as the compiled sampler reads them: ``(packed,

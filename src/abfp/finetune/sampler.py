@@ -72,7 +72,22 @@ def noisy_eager(y3: Tensor, key: int, packed: Tensor, lo: Tensor, width: Tensor)
 
 
 def _compiled_applies(y: Tensor) -> bool:
-    return y.device.type == "cpu" and y.dtype == torch.float32 and alias_kernel.usable()
+    return y.is_cpu and y.dtype == torch.float32 and alias_kernel.usable()
+
+
+def _layout_for(hist: Histogram, shape: torch.Size) -> tuple[int, int, int]:
+    """:func:`noisy_layout` of ``shape``, checked against ``hist``'s channels; kept with ``hist``
+    per shape (a training step asks for the same few shapes at every site and step, and Python
+    work right after a layer's GEMM runs on a cold cache: tens of us per site)."""
+
+    def make() -> tuple[int, int, int]:
+        layout = noisy_layout(shape, hist.channel_dim)
+        if layout[1] != hist.channels:
+            raise ValueError(f"output of shape {tuple(shape)} has {layout[1]} channels along dim "
+                             f"{hist.channel_dim}, the histogram {hist.channels}")
+        return layout
+
+    return hist.memo(("layout", shape), make)
 
 
 def backend_in_use(backend: Backend) -> str:
@@ -134,10 +149,7 @@ def add_noise(y: Tensor, hist: Histogram, *, backend: Backend = "auto") -> Tenso
     """
     if backend not in ("auto", "compiled", "eager"):
         raise ValueError(f"backend must be 'auto', 'compiled' or 'eager', got {backend!r}")
-    layout = noisy_layout(y.shape, hist.channel_dim)
-    if layout[1] != hist.channels:
-        raise ValueError(f"output of shape {tuple(y.shape)} has {layout[1]} channels along dim {hist.channel_dim}, "
-                         f"the histogram {hist.channels}")
+    layout = _layout_for(hist, y.shape)
     compiled = backend != "eager" and _compiled_applies(y)
     if backend == "compiled" and not compiled:
         raise ValueError(f"the compiled DNF sampler needs numba and a float32 CPU tensor (got {y.dtype} on "
