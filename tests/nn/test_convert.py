@@ -320,3 +320,28 @@ def test_hugging_face_bert_converts_with_eager_and_sdpa_attention():
         s = abfp.summary(model, (ids, att), QUIET)
         assert sum(r.kind == "matmul" for r in s.rows) == 4, impl  # QK^T and AV in both layers
         assert sum(r.kind == "linear" for r in s.rows) >= 12
+
+
+def test_summary_takes_keyword_inputs_and_leaves_the_models_coverage_alone():
+    """``summary(model, x, kwargs={...})`` runs ``model(x, **kwargs)`` (also when it converts and
+    calibrates a fixed-point copy itself); its run is a diagnostic, not counted in the model's
+    own coverage."""
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 6), nn.Linear(8, 6)
+
+        def forward(self, x, *, other, use_b=False):
+            return self.a(x) + (self.b(other) if use_b else 0)
+
+    torch.manual_seed(0)
+    x, o = torch.randn(3, 8), torch.randn(3, 8)
+    s = abfp.summary(KW(), x, ABFPConfig(mode="fixed", noise_std=0.0), kwargs={"other": o, "use_b": True})
+    assert sorted(r.site for r in s.rows) == ["a:linear0", "b:linear0"] and s.analog_macs == 2 * 3 * 6 * 8
+    cm = abfp.convert(KW(), QUIET)
+    with torch.no_grad():
+        cm(x, other=o)
+    before = abfp.coverage(cm).as_dict()
+    s = abfp.summary(cm, (x,), kwargs={"other": o, "use_b": True})
+    assert s.analog_macs == 2 * 3 * 6 * 8 and abfp.coverage(cm).as_dict() == before == {
+        "analog_macs": 3 * 6 * 8, "digital_macs": 0, "share": 1.0, "digital_ops": {}}

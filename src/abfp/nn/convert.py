@@ -185,6 +185,17 @@ def calibrate(
     ``ValueError`` (it never falls back to each call's own max, which would make the baseline
     dynamic).
     """
+    with calibrating(model, percentile) as state:
+        for batch in batches:
+            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+            model(*inputs)
+    return dict(state.input_scales)
+
+
+@contextmanager
+def calibrating(model: nn.Module, percentile: float = 100.0) -> Iterator[AnalogState]:
+    """While inside, calls of ``model`` (however it is called: keyword arguments too) record the
+    static scales of :func:`calibrate` (cleared on entry), in eval mode, without gradients."""
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     state = analog_state(model)
@@ -194,13 +205,11 @@ def calibrate(
     was_training = model.training
     model.eval()  # calibration must not move batch-norm statistics
     try:
-        for batch in batches:
-            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
-            model(*inputs)
+        with torch.no_grad():
+            yield state
     finally:
         state.calibrating = False
         model.train(was_training)
-    return dict(state.input_scales)
 
 
 def needs_calibration(model: nn.Module) -> bool:

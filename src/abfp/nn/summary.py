@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ..ops.coverage import Coverage
-from .convert import analog_state, calibrate, convert, is_converted, needs_calibration
+from .convert import analog_state, calibrating, convert, is_converted, needs_calibration
 from .state import SiteRecord
 
 
@@ -68,27 +68,32 @@ class Summary:
 
 
 @torch.no_grad()
-def summary(model: nn.Module, example_input: Any, config=None) -> Summary:
-    """Run ``model`` once on ``example_input`` (a tensor or a tuple of inputs) and tabulate each
-    analog product: kind, shapes, tiles, MACs, ADC conversions, saturated fraction, and the
-    relative error of its output against float32 on the same input.
+def summary(model: nn.Module, example_input: Any, config=None, *, kwargs: Mapping[str, Any] | None = None) -> Summary:
+    """Run ``model`` once on ``example_input`` (a tensor or a tuple of inputs; ``kwargs``: keyword
+    inputs, ``model(*inputs, **kwargs)``) and tabulate each analog product: kind, shapes, tiles,
+    MACs, ADC conversions, saturated fraction, and the relative error of its output against
+    float32 on the same input.
 
     ``model`` may be converted already (a fixed-point one calibrated: see :func:`abfp.calibrate`);
     otherwise it is converted (a copy) with ``config`` and, in fixed mode, calibrated on
-    ``example_input`` itself (its max |x| per site, SPEC section 2).
+    ``example_input`` itself (its max |x| per site, SPEC section 2). The run is a diagnostic: the
+    model's own coverage counters (:func:`abfp.coverage`) are left as they were.
     """
+    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    kwargs = dict(kwargs or {})
     if not is_converted(model):
         model = convert(model, config)
         if needs_calibration(model):
-            calibrate(model, [example_input])
+            with calibrating(model):
+                model(*inputs, **kwargs)
     state = analog_state(model)
     state.records.clear()
-    state.coverage.reset()
+    saved, state.coverage = state.coverage, Coverage(warned=state.coverage.warned)
     state.recording = True
     try:
-        inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-        model(*inputs)
+        model(*inputs, **kwargs)
     finally:
         state.recording = False
-    cov = Coverage(state.coverage.analog_macs, state.coverage.digital_macs, dict(state.coverage.digital_ops))
+        state.coverage, run = saved, state.coverage
+    cov = Coverage(run.analog_macs, run.digital_macs, dict(run.digital_ops))
     return Summary(rows=list(state.records.values()), coverage=cov)
