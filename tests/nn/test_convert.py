@@ -345,3 +345,22 @@ def test_summary_takes_keyword_inputs_and_leaves_the_models_coverage_alone():
     s = abfp.summary(cm, (x,), kwargs={"other": o, "use_b": True})
     assert s.analog_macs == 2 * 3 * 6 * 8 and abfp.coverage(cm).as_dict() == before == {
         "analog_macs": 3 * 6 * 8, "digital_macs": 0, "share": 1.0, "digital_ops": {}}
+
+
+def test_functional_call_runs_on_the_device_and_func_transforms_are_refused_by_name():
+    """``torch.func.functional_call`` with other parameters gives the device numbers of a model holding
+    them; ``torch.func.grad`` / ``vmap`` (whose wrapped tensors the device cannot read) are refused
+    naming the product, instead of torch's 'tensor that doesn't have storage'."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    cm, x = abfp.convert(net, QUIET), torch.randn(4, 8)
+    params = {k: v.detach() * 2 for k, v in cm.named_parameters()}
+    twin = copy.deepcopy(net)
+    twin.load_state_dict(params)
+    with torch.no_grad():
+        torch.testing.assert_close(functional_call(cm, params, (x,)), abfp.convert(twin, QUIET)(x), rtol=0, atol=0)
+    for transform in (lambda: grad(lambda p: functional_call(cm, p, (x,)).sum())(params), lambda: vmap(cm)(x[:, None])):
+        with pytest.raises(NotImplementedError, match=r"product 0:linear0 .*torch.func transform"):
+            transform()

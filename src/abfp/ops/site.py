@@ -170,6 +170,11 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
     if state.calibrating:
         _calibrate(state, site, *operands)
         return func(*args, **kwargs)
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in operands if isinstance(t, Tensor)):
+        raise NotImplementedError(
+            f"abfp: product {site} (module {frame.name or 'the root'!r}) runs under a torch.func transform (grad, "
+            "vmap, jacrev, ...), which the device products do not support; use autograd (loss.backward(), "
+            "torch.autograd.grad) and a batch dimension instead (torch.func.functional_call alone works)")
     interceptor = state.interceptors.get(site) or state.interceptors.get("*")
     if interceptor is not None:
         y = interceptor(ProductCall(
