@@ -2,11 +2,16 @@
 
 - its forward is the inference convolution (``torch.no_grad``) bit for bit, noise included,
   also where an ADC sample clips (then the gradients come from one masked row product);
-- its gradients (input, weight, bias) are those autograd computes through the row path
+- with its reference input gradient (``TORCH_INPUT_GRAD = False``: GEMMs and col2im), its
+  gradients (input, weight, bias) are those autograd computes through the row path
   (``_conv2d_rows``, the reference: ``TRAIN_IN_COLUMNS = False``) bit for bit, signs of zero
   and the input gradient's strides included, whenever no ADC sample clips or the batch is one
   im2col chunk; the outputs are the row path's (up to the sign of a zero) where it draws one key
   (one chunk, or no noise);
+- with torch's convolution input gradient (``TORCH_INPUT_GRAD = True``, the default) the output
+  and the weight and bias gradients are the reference's bit for bit, and the input gradient is
+  within float32 summation error of a float64 ``fold(dY_rows @ Wq)`` (SPEC section 4), as is
+  the reference's;
 - the col2im of the backward equals autograd's sum of the offsets' slices bit for bit.
 """
 
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,9 +53,10 @@ def _layout(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(s for s, n in zip(t.stride(), t.shape) if n > 1)
 
 
-def _step(monkeypatch, columns: bool, chunk_elements: int) -> None:
+def _step(monkeypatch, columns: bool, chunk_elements: int, torch_input_grad: bool = False) -> None:
     monkeypatch.setattr(conv_family, "TRAIN_IN_COLUMNS", columns)
     monkeypatch.setattr(conv_family, "_IM2COL_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(conv_family, "TORCH_INPUT_GRAD", torch_input_grad)
 
 
 def _train(x, w, b, cfg, kw, key):
@@ -115,6 +122,77 @@ def test_column_training_equals_inference_forward_and_row_path_gradients(monkeyp
         for a, r in zip(cols[2:], rows[2:]):
             assert _same_bits(a, r)
         assert _layout(cols[5]) == _layout(rows[5])
+
+
+def _input_grad_float64(gy, w, cfg, geo, x_shape):
+    """SPEC section 4's straight-through input gradient in float64, independently of the code under
+    test: the patch gradients ``dY_rows @ Wq`` (``Wq``: the dequantised weights) folded back by
+    ``F.fold`` onto the padded input, cropped. Also ``S``, the same sum of absolute terms (the
+    scale of its float32 rounding error)."""
+    from abfp.ops.device import dequantised_rows
+
+    G, (kh, kw_), (pl, pr, pt, pb) = geo["groups"], geo["k"], geo["pads"]
+    B, C, H, W = x_shape
+    cout = w.shape[0]
+    wq, _ = dequantised_rows(w.reshape(G, cout // G, -1), cfg, None, cfg.weight_max_code)  # (G, N/G, K)
+    ho, wo = gy.shape[2], gy.shape[3]
+    rows = gy.double().reshape(B, G, cout // G, ho * wo).transpose(2, 3)  # (B, G, L, N/G)
+    out = []
+    for term in (rows @ wq.double(), rows.abs() @ wq.double().abs()):  # (B, G, L, K)
+        cols = term.permute(0, 1, 3, 2).reshape(B, C * kh * kw_, ho * wo)  # F.unfold's (c, i, j) order
+        full = F.fold(cols, (H + pt + pb, W + pl + pr), (kh, kw_), dilation=geo["dilation"], stride=geo["stride"])
+        out.append(full[:, :, pt : pt + H, pl : pl + W])
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(geo=geometries, pads=st.sampled_from(["sym", "asym"]),
+       cfg=device_configs(max_dac_bits=8, tile_widths=(3, 8, 32, 128)).map(lambda c: c.replace(mode="abfp")),
+       seed=st.integers(0, 2**31 - 1))
+def test_torch_input_gradient_is_the_reference_within_float32_summation_error(monkeypatch, geo, pads, cfg, seed):
+    """The default input gradient (torch's convolution input gradient on ``Wq``) against the
+    reference (GEMMs + col2im) and float64: each element of ``dX`` is a sum of ``n = N/G * kh * kw``
+    products ``dY * Wq`` at most, which float32 rounds within ``gamma_(n+1) * S`` of the exact sum
+    (``S``: the sum of their absolute values; ``gamma_m = m u / (1 - m u)``, ``u = 2^-24``) in any
+    summation order; we allow ``n * 2^-23 * S`` per path (``>= gamma_(n+1)``), twice that between
+    the two. Forward, weight and bias gradients: bit for bit the reference's."""
+    g = torch.Generator().manual_seed(seed)
+    G, (kh, kw_) = geo["groups"], geo["k"]
+    d, p = geo["dilation"], geo["padding"]
+    x = torch.randn(geo["batch"], G * geo["cin_per_group"], geo["h"], geo["w"], generator=g)
+    w = torch.randn(G * geo["cout_per_group"], geo["cin_per_group"], kh, kw_, generator=g)
+    b = torch.randn(G * geo["cout_per_group"], generator=g) if geo["bias"] else None
+    if pads == "asym":  # 'same' padding of an even kernel: more on the right and bottom
+        kw = dict(stride=1, padding="same", dilation=d, groups=G)
+        th, tw = d * (kh - 1), d * (kw_ - 1)
+        padlist = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    else:
+        kw = dict(stride=geo["stride"], padding=p, dilation=d, groups=G)
+        padlist = (p, p, p, p)
+    if geo["h"] + padlist[2] + padlist[3] < d * (kh - 1) + 1 or geo["w"] + padlist[0] + padlist[1] < d * (kw_ - 1) + 1:
+        return
+    runs = []
+    for fast in (True, False):
+        _step(monkeypatch, True, 1 << 20, torch_input_grad=fast)
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        bb = None if b is None else b.clone().requires_grad_(True)
+        stats = ProductStats()
+        y = AF.conv2d(xx, ww, bb, **kw, config=cfg, key=11, cache=False, stats=stats)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
+        y.backward(gy)
+        runs.append((y.detach(), stats.saturated, xx.grad, ww.grad, None if bb is None else bb.grad, gy))
+    fast, ref = runs
+    assert _same_bits(fast[0], ref[0]) and fast[1] == ref[1]
+    assert _same_bits(fast[3], ref[3]) and _same_bits(fast[4], ref[4])
+    if ref[1] > 0:
+        return  # a clipped ADC sample: both take the masked row product (its own test)
+    n = (w.shape[0] // G) * kh * kw_
+    exact, size = _input_grad_float64(ref[5], w, cfg, dict(geo, pads=padlist, stride=kw["stride"]), x.shape)
+    bound = n * 2.0**-23 * size
+    for got in (fast[2], ref[2]):
+        assert got.shape == x.shape
+        assert bool(((got.double() - exact).abs() <= bound).all())
+    torch.testing.assert_close(fast[2], ref[2], rtol=0.0, atol=2 * float(bound.max()))
 
 
 def test_a_clipped_sample_takes_the_masked_product_over_the_whole_batch(monkeypatch):

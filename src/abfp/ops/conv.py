@@ -26,8 +26,8 @@ from ..numerics.col2im import col2im
 from ..numerics.conv import conv2d_fused
 from ..numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, plan_chunks, use_fused
 from ..numerics.workspace import scratch
-from .device import (WEIGHT_CACHE, NotTraceable, bf16, check_finite, config_json, encoded_weights, generator_for,
-                     product, scale_arg, ste_grads, traced_key, tracing, without_bf16_io)
+from .device import (WEIGHT_CACHE, NotTraceable, bf16, check_finite, config_json, dequantised_rows, encoded_weights,
+                     generator_for, product, scale_arg, ste_grads, traced_key, tracing, without_bf16_io)
 from .registry import register
 from .site import Frame, run_product
 
@@ -329,6 +329,11 @@ def trains_in_columns(config: ABFPConfig, x: Tensor, w3: Tensor) -> bool:
 #: :func:`trains_in_columns` may say yes (tests switch it off to compare with :func:`_conv2d_rows`).
 TRAIN_IN_COLUMNS = True
 
+#: The column training path's input gradient (ABFP mode) through torch's convolution input
+#: gradient on the dequantised weights (:func:`_input_grad`); ``False``: the readable reference,
+#: the row path's GEMMs and col2im bit for bit. The same sum in another order: float32 ulps apart.
+TORCH_INPUT_GRAD = True
+
 
 def _conv2d_train(x: Tensor, w3: Tensor, geo: ConvGeometry, weights: Encoded, config: ABFPConfig, input_scale: Any,
                   weight_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
@@ -336,7 +341,8 @@ def _conv2d_train(x: Tensor, w3: Tensor, geo: ConvGeometry, weights: Encoded, co
     """A convolution with gradients (QAT): the forward is the inference path (:func:`_conv2d_cols`,
     compiled, no float32 patch matrix), under one noise key, so a QAT output equals the
     inference output bit for bit; the backward (:class:`_ConvTraining`) the straight-through
-    gradients of :func:`_conv2d_rows` bit for bit, and the output is laid out as that path
+    gradients of :func:`_conv2d_rows` (bit for bit, but for the ABFP input gradient where
+    :data:`TORCH_INPUT_GRAD`: float32 ulps), and the output is laid out as that path
     leaves it (:func:`_row_layout`: the layers after it may sum in another order on another
     layout). Where an ADC sample clipped (the backward needs the clamp mask), the convolution
     runs again as one :func:`_conv2d_rows` product over the whole batch, under the same key."""
@@ -401,7 +407,8 @@ class _Valued(torch.autograd.Function):
 class _ConvTraining(torch.autograd.Function):
     """``y`` of :func:`_conv2d_cols` (as the product rows ``(G, B*Ho*Wo, N/G)`` where ``layout``
     is ``"view"``); backward: :func:`_conv2d_rows`' straight-through gradients, the same float32
-    operations in the same order (:func:`_train_grads`)."""
+    operations in the same order (:func:`_train_grads`; the ABFP input gradient in torch's
+    order where :data:`TORCH_INPUT_GRAD`)."""
 
     @staticmethod
     def forward(ctx, x, w3, geo, weights, config, input_scale, weight_scale, key, counted, layout):  # type: ignore[override]
@@ -434,11 +441,19 @@ def _train_grads(gy: Tensor, x: Tensor, w3: Tensor, geo: ConvGeometry, config: A
     gradient laid out as that path's reshapes leave it, :func:`abfp.ops.device.ste_grads` on the
     chunk's patches, the weight gradients summed in that order, the patch gradients folded back
     by :func:`abfp.numerics.col2im.col2im` (the slices' backward, last offset first) and placed
-    as the batch slices, ``F.pad`` and ``permute`` backward place them (memory layout included)."""
+    as the batch slices, ``F.pad`` and ``permute`` backward place them (memory layout included).
+    In ABFP mode with :data:`TORCH_INPUT_GRAD` the input gradient is :func:`_input_grad` instead
+    (the same sum in torch's order; the chunks then only give the weight gradient)."""
     bt, c = x.shape[0], x.shape[1]
     (ho, wo), G = geo.out_hw, geo.groups
     kg, ng = w3.shape[2], w3.shape[1]
     step = _im2col_step(c, geo.k, geo.out_hw)
+    gx_torch = None
+    if need_x and TORCH_INPUT_GRAD and config.mode == "abfp":
+        gx_torch = _input_grad(_product_view(gy, G, bt, geo.out_hw) if rows else gy, x, w3, geo, config, weight_scale)
+        if not need_w:
+            return gx_torch, None
+        need_x = False
     xpad = F.pad(x, geo.pads) if any(geo.pads) else x
     hp, wp = xpad.shape[2], xpad.shape[3]
     starts = list(range(0, bt, step))
@@ -470,10 +485,31 @@ def _train_grads(gy: Tensor, x: Tensor, w3: Tensor, geo: ConvGeometry, config: A
             gxpad[i : i + bi].copy_(col2im(g5, (hp, wp), geo.k, geo.stride, geo.dilation).permute(0, 3, 1, 2))
     if gxpad is not None and len(starts) > 1:
         gxpad.add_(0.0)  # every chunk's zeros were added to the others' (a -0.0 becomes +0.0)
-    gx = None
+    gx = gx_torch
     if gxpad is not None:
         gx = torch.constant_pad_nd(gxpad, [-p for p in geo.pads]) if any(geo.pads) else gxpad
     return gx, gw
+
+
+def _input_grad(gy: Tensor, x: Tensor, w3: Tensor, geo: ConvGeometry, config: ABFPConfig,
+                weight_scale: Any) -> Tensor:
+    """The straight-through input gradient of an ABFP convolution with no ADC sample clipped,
+    ``dX = col2im(dY_rows @ Wq)`` (:func:`abfp.ops.device.ste_grads`, no DAC mask in ABFP mode),
+    as torch's convolution input gradient on the dequantised weights ``Wq`` (one
+    ``aten.convolution_backward``, its own kernels: the same float32 sum in another order).
+    ``gy``: (B, N, Ho, Wo). Asymmetric padding: the gradient of the padded input, cropped."""
+    wq, _ = dequantised_rows(w3, config, weight_scale, config.weight_max_code)  # (G, N/G, K), unfold order
+    cout = w3.shape[0] * w3.shape[1]
+    wq4 = wq.reshape(cout, x.shape[1] // geo.groups, *geo.k)
+    pl, pr, pt, pb = geo.pads
+    symmetric = pl == pr and pt == pb
+    src = x if symmetric else F.pad(x, geo.pads)
+    gx = torch.ops.aten.convolution_backward(gy.to(torch.float32), src, wq4, None, list(geo.stride),
+                                             [pt, pl] if symmetric else [0, 0], list(geo.dilation), False, [0, 0],
+                                             geo.groups, [True, False, False])[0]
+    if symmetric:
+        return gx
+    return gx[:, :, pt : pt + x.shape[2], pl : pl + x.shape[3]]
 
 
 def conv1d(
