@@ -6,11 +6,14 @@ the finetuning scenario's config without seed, so the noise keys come from torch
 generator) are timed interleaved in one loop (fp32, QAT, fp32, QAT, ...), so machine load hits
 both alike; the figure is the median of the per-round ratios QAT / float32.
 
-    python3 benchmarks/bench_qat.py [--models fashion-cnn,fashion-vit] [--repeats 20] [--threads 1] [--rows]
+    python3 benchmarks/bench_qat.py [--models fashion-cnn,fashion-vit] [--repeats 20] [--threads 1] [--rows] [--reference-dx]
 
 ``--rows`` adds a third case, ``qat_rows``: the same QAT model with its convolutions on the row
 path (``abfp.ops.conv.TRAIN_IN_COLUMNS = False``: im2col through autograd, the reference of the
 column training path), so that the gain of the column path is measured in the same loop.
+``--reference-dx`` adds ``qat_ref_dx``: the column path with the convolutions' reference input
+gradient (``abfp.ops.conv.TORCH_INPUT_GRAD = False``: GEMMs + col2im instead of torch's
+convolution input gradient).
 """
 
 from __future__ import annotations
@@ -28,21 +31,23 @@ from timing import model_bench_args, ratio_row, time_interleaved, training_batch
 CONFIGS = {"fashion-cnn": ABFPConfig(noise_std=2.0), "fashion-vit": ABFPConfig(gain=1.0, noise_std=0.2887)}
 
 
-def on_rows(step):
-    """``step`` with the convolutions' training path switched to the row path."""
+def switched(step, flag: str):
+    """``step`` with the switch ``abfp.ops.conv.<flag>`` (``TRAIN_IN_COLUMNS``: the row path;
+    ``TORCH_INPUT_GRAD``: the reference input gradient) off."""
 
     def run() -> None:
-        conv_family.TRAIN_IN_COLUMNS = False
+        setattr(conv_family, flag, False)
         try:
             step()
         finally:
-            conv_family.TRAIN_IN_COLUMNS = True
+            setattr(conv_family, flag, True)
 
     return run
 
 
 def main() -> None:
-    args = model_bench_args(__doc__, lambda ap: ap.add_argument("--rows", action="store_true"))
+    args = model_bench_args(__doc__, lambda ap: (ap.add_argument("--rows", action="store_true"),
+                                                 ap.add_argument("--reference-dx", action="store_true")))
     rows = []
     for name in args.models.split(","):
         x, y, _ = training_batch(name, args.batch_size)
@@ -51,7 +56,10 @@ def main() -> None:
         steps = [training_step(m, x, y) for m in cases.values()]
         if args.rows:
             cases["qat_rows"] = convert(base, CONFIGS[name], inplace=False).float()
-            steps.append(on_rows(training_step(cases["qat_rows"], x, y)))
+            steps.append(switched(training_step(cases["qat_rows"], x, y), "TRAIN_IN_COLUMNS"))
+        if args.reference_dx:
+            cases["qat_ref_dx"] = convert(base, CONFIGS[name], inplace=False).float()
+            steps.append(switched(training_step(cases["qat_ref_dx"], x, y), "TORCH_INPUT_GRAD"))
         times = time_interleaved(steps, args.repeats)
         row = ratio_row({"model": name, "threads": args.threads, "repeats": args.repeats, "batch": args.batch_size},
                         list(cases), times)
