@@ -235,3 +235,56 @@ def test_set_config_checks_patterns_as_convert_does_and_changes_nothing_on_error
     assert (state.config, dict(state.overrides), state.exclude, dict(state.module_configs)) == before
     abfp.set_config(m, COARSE.replace(gain=4.0), overrides={"0": COARSE}, exclude=[])  # good patterns still work
     assert state.module_configs["2"] == COARSE.replace(gain=4.0) and state.module_configs["0"] == COARSE
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("where", ["root", "submodule"])
+def test_an_exception_in_an_exported_forward_leaves_no_state(strict, where):
+    """Non-strict export runs forward with ``torch.compiler.is_compiling()`` true, where torch
+    skips the always-called exit hooks when forward raises: the converted forward itself must
+    leave torch's modes (its own export handler included) as they were."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    before, dispatch_before = _modes(), list(_get_current_dispatch_mode_stack())
+
+    class RaisesAfterProducts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+            self.inner = Raiser(ValueError("inner") if where == "submodule" else None)
+
+        def forward(self, x):
+            y = self.inner(self.fc(x))  # products ran before the raise
+            if where == "root":
+                raise ValueError("root")
+            return y
+
+    am = abfp.convert(RaisesAfterProducts(), COARSE)
+    with pytest.raises(Exception, match=where if where == "root" else "inner"):
+        torch.export.export(am, (torch.randn(3, 16),), strict=strict)
+    assert _modes() == before, "torch's function-mode stack was left changed"
+    assert list(_get_current_dispatch_mode_stack()) == dispatch_before
+    assert abfp_mode._stack() == []
+    a, b = torch.randn(7, 9, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    expect = (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)  # independent of matmul
+    assert torch.allclose(torch.matmul(a, b), expect, rtol=1e-12, atol=1e-12)
+    _assert_clean(before)
+
+
+def test_the_guarded_forward_follows_copies_and_goes_with_to_digital():
+    """convert wraps each module's ``forward`` (see abfp.nn.mode.GuardedForward): a deep copy's
+    wrapper runs the copy, and to_digital restores the module's own ``forward``."""
+    import copy
+
+    m = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    x = torch.randn(5, 16)
+    am = abfp.convert(m, COARSE)
+    c = copy.deepcopy(am)
+    with torch.no_grad():
+        c[0].weight.mul_(2.0)  # the copy's products see the copy's weights, not am's
+        expect = AF.linear(torch.relu(AF.linear(x, c[0].weight, c[0].bias, config=COARSE)), c[2].weight, c[2].bias,
+                           config=COARSE)
+        assert torch.equal(c(x), expect)
+    abfp.to_digital(am)
+    assert all("forward" not in mm.__dict__ for mm in am.modules())
+    with torch.no_grad():
+        assert torch.equal(am(x), m(x))

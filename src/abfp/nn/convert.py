@@ -1,8 +1,9 @@
 """``convert`` a model to run its products on the device, ``to_digital`` to undo it.
 
-Modules are not replaced: each gets a pre-hook and a hook (see :mod:`abfp.nn.mode`), so
-parameters, buffers, ``state_dict`` keys, subclasses and their own ``forward`` stay as they
-were, and a converted model's ``state_dict`` loads into the original model and back.
+Modules are not replaced: each gets a pre-hook, a hook and an instance-level ``forward`` that
+calls its own and cleans up when it raises (see :mod:`abfp.nn.mode`), so parameters, buffers,
+``state_dict`` keys, subclasses and what their ``forward`` computes stay as they were, and a
+converted model's ``state_dict`` loads into the original model and back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import ABFPConfig, ExecutionOptions
-from .mode import EnterHook, ExitHook
+from .mode import EnterHook, ExitHook, GuardedForward
 from .state import AnalogState, _matches, is_site_pattern, normalise_overrides, site_pattern_names_a_module
 
 STATE_ATTR = "abfp_state"
@@ -68,6 +69,7 @@ def convert(
     for name, module in model.named_modules():
         module.register_forward_pre_hook(EnterHook(name, state))
         module.register_forward_hook(ExitHook(), always_call=True)
+        module.forward = GuardedForward(module, module.__dict__.get("forward"))
     setattr(model, STATE_ATTR, state)
     return model
 
@@ -147,6 +149,12 @@ def to_digital(model: nn.Module, *, inplace: bool = True) -> nn.Module:
             for key in [k for k, h in hooks.items() if isinstance(h, kind)]:
                 del hooks[key]
                 module._forward_hooks_always_called.pop(key, None)
+        guard = module.__dict__.get("forward")
+        if isinstance(guard, GuardedForward):
+            if guard.inner is None:
+                del module.forward
+            else:
+                module.forward = guard.inner
     if hasattr(model, STATE_ATTR):
         delattr(model, STATE_ATTR)
     return model

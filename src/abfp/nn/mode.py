@@ -11,7 +11,11 @@ module; each product then takes the common path :func:`abfp.ops.site.run_product
 module is only the dispatch: hooks, frames, :class:`AnalogMode`. Intercepting the call rather than replacing the module
 keeps subclasses that pad inside their own ``forward`` working.
 
-No state outlives a forward, whatever ends it. Each frame remembers the Python frame that ran
+No state outlives a forward, whatever ends it. ``convert`` also wraps each module's ``forward``
+in :class:`GuardedForward`, which pops the module's frame when forward raises anything: torch
+skips the always-called exit hook while ``torch.compiler.is_compiling()`` (non-strict
+``torch.export``, whose own function mode lies below :class:`AnalogMode` and would otherwise be
+left behind when its cleanup pops ours) and for a ``BaseException``. Each frame remembers the Python frame that ran
 its pre-hook (torch's ``Module._call_impl``, which also runs the module's ``forward``): while
 that is on the interpreter stack the module is running, once it is gone the frame is *stale*
 (its forward ended by an exception that skipped the hook, e.g. a ``BaseException`` such as
@@ -26,6 +30,7 @@ products become the custom operators of :mod:`abfp.ops.custom`.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import types
@@ -42,7 +47,8 @@ from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, check_
                         run_product, warn_digital)
 from .state import AnalogState
 
-__all__ = ["AnalogMode", "EnterHook", "ExitHook", "Frame", "ProductCall", "digital_call", "drop_stale", "run_product"]
+__all__ = ["AnalogMode", "EnterHook", "ExitHook", "Frame", "GuardedForward", "ProductCall", "digital_call", "drop_stale",
+           "leave", "run_product"]
 
 _tls = threading.local()
 _tls.stack = []  # the importing thread's, made here so that a compiled call does not guard on its creation
@@ -135,18 +141,55 @@ class EnterHook:
         stack.append(frame)
 
 
+def leave(module: torch.nn.Module) -> None:
+    """Pop ``module``'s frame and every (stale) frame above it; nothing if no frame is
+    ``module``'s (its frame was dropped as stale already, or popped by its other exit)."""
+    stack = _stack()
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i].module is module:
+            while len(stack) > i:
+                _pop(stack)
+            return
+
+
 class ExitHook:
-    """Forward hook of a converted module (runs also when forward raises an ``Exception``):
-    pops this module's frame and every (stale) frame above it; an exit that matches no frame
-    (its frame was dropped as stale already) changes nothing."""
+    """Forward hook of a converted module (runs also when forward raises an ``Exception``,
+    except while ``torch.compiler.is_compiling()``): :func:`leave`."""
 
     def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        stack = _stack()
-        for i in range(len(stack) - 1, -1, -1):
-            if stack[i].module is module:
-                while len(stack) > i:
-                    _pop(stack)
-                return
+        leave(module)
+
+
+class GuardedForward:
+    """A converted module's ``forward``: the module's own, and when it raises anything,
+    :func:`leave` before the exception leaves the module. Torch skips the always-called exit
+    hook when ``torch.compiler.is_compiling()`` (non-strict ``torch.export``) or the exception
+    is a ``BaseException``; a tracer's own mode pushed below :class:`AnalogMode` would then be
+    popped by the tracer's cleanup in place of ours. ``inner``: an instance-level ``forward``
+    the module had before conversion (``None``: its class's)."""
+
+    def __init__(self, module: torch.nn.Module, inner: Any = None) -> None:
+        self.module = module
+        self.inner = inner
+
+    def _forward(self) -> Any:
+        return self.inner if self.inner is not None else type(self.module).forward.__get__(self.module)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # what torch.export and inspect see
+        return inspect.signature(self._forward())
+
+    @property
+    def __code__(self) -> types.CodeType:  # torch.export names its shape environment after it
+        fwd = self._forward()
+        return getattr(fwd, "__code__", None) or fwd.func.__code__  # a function, or a partial
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._forward()(*args, **kwargs)
+        except BaseException:
+            leave(self.module)
+            raise
 
 
 class AnalogMode(TorchFunctionMode):
