@@ -10,16 +10,14 @@ stride 2, padding 1, on 32x32, batch 32. Device: 8/8/8 bits, n = 128, G = 8. Usa
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
 
 import torch
 from torch import nn
 
 import abfp
-from timing import time_interleaved  # benchmarks/timing.py
+from timing import bench_args, time_interleaved  # benchmarks/timing.py
 
 BASE = abfp.ABFPConfig(tile_width=128, gain=8.0, input_bits=8, weight_bits=8, output_bits=8)
 CASES = {
@@ -38,13 +36,7 @@ def layers() -> dict[str, tuple[nn.Module, torch.Tensor]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
+    args = bench_args(__doc__, repeats=10, threads=2)
     print(f"{'layer':<34} {'case':<12} {'fp32 ms':>9} {'abfp ms':>9} {'ratio':>7}")
     rows = []
     for name, (layer, x) in layers().items():

@@ -15,8 +15,6 @@ G = 8, noise one bin wide. Usage:
 
 from __future__ import annotations
 
-import argparse
-import platform
 
 import torch
 from torch import nn
@@ -24,7 +22,7 @@ from torch import nn
 import abfp
 from abfp import functional as AF
 from abfp.numerics import AdcPlan, fused
-from timing import ratio_row, time_interleaved, write_rows  # benchmarks/timing.py
+from timing import bench_args, ratio_row, time_interleaved, write_rows  # benchmarks/timing.py
 
 CASES = {f"{w}/{x}/{y}": abfp.ABFPConfig(tile_width=128, gain=8.0, weight_bits=w, input_bits=x, output_bits=y,
                                         noise_std=0.2887, seed=0) for w, x, y in ((10, 10, 12), (8, 8, 12))}
@@ -40,13 +38,7 @@ def layers() -> dict[str, tuple[nn.Module, torch.Tensor]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
+    args = bench_args(__doc__, repeats=7, threads=1)
     print(f"{'layer':<22} {'bits':<9} {'fp32 ms':>8} {'compiled':>9} {'torch':>9} {'x fp32':>7} {'x fp32':>7} {'speed-up':>8}")
     rows = []
     for name, (layer, x) in layers().items():

@@ -36,19 +36,17 @@ def ratio_row(row: dict, cases: list[str], times: list[list[float]]) -> dict:
     return row
 
 
-def model_bench_args(doc: str | None, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-    """The options every per-model step benchmark takes (``--models``, ``--repeats``,
-    ``--threads``, ``--batch-size``, ``--json``), plus ``extra``'s; sets torch's thread count
-    and prints the torch version, threads and processor."""
+def bench_args(doc: str | None, repeats: int, threads: int,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The options every benchmark takes (``--repeats``, ``--threads``, ``--json``), plus
+    ``extra``'s; sets torch's thread count and prints the torch version, threads and processor."""
     import platform
 
     import torch
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="fashion-cnn,fashion-vit")
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--threads", type=int, default=threads)
     ap.add_argument("--json", default=None)
     if extra is not None:
         extra(ap)
@@ -56,6 +54,18 @@ def model_bench_args(doc: str | None, extra: Callable[[argparse.ArgumentParser],
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
     return args
+
+
+def model_bench_args(doc: str | None, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """:func:`bench_args` of a per-model step benchmark: also ``--models`` and ``--batch-size``."""
+
+    def options(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--models", default="fashion-cnn,fashion-vit")
+        ap.add_argument("--batch-size", type=int, default=64)
+        if extra is not None:
+            extra(ap)
+
+    return bench_args(doc, repeats=20, threads=1, extra=options)
 
 
 def training_batch(name: str, batch_size: int, pool: int = 512):
