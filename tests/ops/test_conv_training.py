@@ -251,3 +251,25 @@ def test_col2im_equals_autograd_sum_of_slices(b, c, ho, wo, k, stride, dilation,
     ref = col2im_reference(grads, (hp, wp), k, stride, dilation)
     assert _same_bits(ref, expect)
     assert _same_bits(col2im(grads, (hp, wp), k, stride, dilation), expect)
+
+
+def test_row_path_chunks_under_an_explicit_key_draw_distinct_noise(monkeypatch):
+    """The row path (the reference of the column path, and the path of float64 or GPU training)
+    under an explicit noise key: each im2col chunk after the first runs under its own key
+    (``chunk_key``), so chunks do not repeat the noise (image i and image i + step equal, as
+    they were); the first chunk is the column path's product bit for bit."""
+    _step(monkeypatch, columns=False, chunk_elements=2 * 4 * 5 * 5 * 9)  # two images per im2col chunk
+    torch.manual_seed(3)
+    cfg = ABFPConfig(tile_width=16, gain=2)
+    x, w = torch.randn(6, 4, 7, 7), torch.randn(8, 4, 3, 3)
+    xg = x.clone().requires_grad_(True)
+    rows = AF.conv2d(xg, w, config=cfg, key=987).detach()
+    noise = rows - AF.conv2d(xg, w, config=cfg.replace(noise_std=0.0), key=987).detach()
+    assert noise.abs().max() > 0
+    for a, b in [(0, 2), (0, 4), (2, 4), (1, 3)]:
+        assert not torch.equal(noise[a], noise[b])
+    with torch.no_grad():
+        cols = AF.conv2d(x[:2], w, config=cfg, key=987)
+    assert torch.equal(rows[:2], cols)
+    keys = {conv_family.chunk_key(987, i) for i in range(0, 64, 2)}
+    assert len(keys) == 32 and all(0 <= k < 2**63 for k in keys) and 987 not in keys

@@ -218,13 +218,27 @@ def _im2col_step(c: int, k: tuple[int, int], out_hw: tuple[int, int]) -> int:
     return max(1, _IM2COL_ELEMENTS // max(1, out_hw[0] * out_hw[1] * c * k[0] * k[1]))
 
 
+def chunk_key(key: int, i: int) -> int:
+    """The noise key of the im2col chunk starting at image ``i`` of a product under ``key``: a
+    splitmix64 mix of both (not ``key`` shifted, whose counter streams would overlap), in
+    ``[0, 2^63)`` like a drawn key."""
+    m = (1 << 64) - 1
+    z = (key + (i + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return (z ^ (z >> 31)) >> 1
+
+
 def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, groups: int, k: tuple[int, int],
                  stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int], input_scale: Any,
                  weight_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
                  key: int | None = None, weight_config: ABFPConfig | None = None, step: int | None = None) -> Tensor:
     """Convolution as row-major patches through :func:`product` (the path with gradients and
     the float64 reference): im2col a few images at a time (``step``: default
-    :func:`_im2col_step`), keeping memory near the float32 convolution's."""
+    :func:`_im2col_step`), keeping memory near the float32 convolution's. Under an explicit
+    noise ``key`` the chunk starting at image ``i > 0`` runs under :func:`chunk_key` ``(key, i)``:
+    one key numbers the samples of one product, so chunks under the same key would repeat its
+    noise image after image (the first chunk keeps ``key``: one chunk is the column path's product)."""
     bt, c = x.shape[0], x.shape[1]
     (kh, kw), (ho, wo) = k, out_hw
     cout, kg = w3.shape[0] * w3.shape[1], w3.shape[2]
@@ -235,8 +249,9 @@ def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, gr
         xi = x if symbolic else x[i : i + step]
         bi = xi.shape[0]
         cols = _im2col(xi, kh, kw, stride, dilation, ho, wo).reshape(bi * ho * wo, groups, kg).permute(1, 0, 2)
+        ki = key if key is None or i == 0 else chunk_key(key, i)
         yi = product(cols, w3, config, input_scale=input_scale, weight_scale=weight_scale, generator=generator,
-                     weights=weights, stats=stats, key=key, weight_config=weight_config)  # (G, bi*L, cout/G)
+                     weights=weights, stats=stats, key=ki, weight_config=weight_config)  # (G, bi*L, cout/G)
         outs.append(yi.reshape(groups, bi, ho, wo, cout // groups).permute(1, 0, 4, 2, 3).reshape(bi, cout, ho, wo))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
