@@ -111,6 +111,20 @@ def test_cli_tune_then_eval_plan(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert recs[1]["value"] > 0.9
 
 
+def test_cli_tune_energy_rule(tmp_path: Path) -> None:
+    task = tmp_path / "tasks.py"
+    task.write_text(TASK)
+    plan = tmp_path / "plan.json"
+    assert main(["tune", "--task", f"{task}:make", "--json", str(plan), "--calibration", "16", "--gain-samples", "8",
+                 "--gain-rule", "energy", "--gains-per-octave", "2", "--max-gain", "32", "--max-repeats", "2",
+                 "--no-progress"]) == 0
+    p = DevicePlan.from_json(plan)
+    grid = {2.0 ** (j / 2) for j in range(11)}
+    assert set(p.modules) == {"0", "2"} and p.base.gain == 8
+    assert all(any(abs(c.gain - g) < 1e-9 for g in grid) and c.repeats in (1, 2) for c in p.modules.values())
+    assert [s["stage"] for s in p.info["stages"]] == ["single gain", "gain"]
+
+
 @pytest.mark.parametrize("extra, msg", [
     (["--plan", "missing.json"], "--plan: no such file"),
     (["--weights", "w.safetensors"], "--weights goes with --plan"),
@@ -137,6 +151,10 @@ def test_cli_eval_plan_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (["--max-gain", "0.5"], "--max-gain"),
     (["--config", '{"repeats": 2}'], "repeats 1"),
     (["--calibration", "48"], "leave some to evaluate"),
+    (["--gains-per-octave", "0"], "--gains-per-octave must be >= 1"),
+    (["--gains-per-octave", "2", "--gains", "2,4"], "without --gains"),
+    (["--gain-rule", "energy", "--gain-tolerance", "0.2"], "--gain-rule energy"),
+    (["--gain-rule", "energy", "--gain-descent"], "--gain-rule energy"),
 ])
 def test_cli_tune_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], msg: str) -> None:
     task = tmp_path / "tasks.py"

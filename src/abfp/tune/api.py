@@ -4,7 +4,8 @@ Stages, each measured by ``metric`` on the evaluation inputs (the calibration in
 are given) and by the energy per inference (:mod:`abfp.energy`):
 
 1. ``single gain``: the base device as given (one gain everywhere);
-2. ``gain``: a gain per module (:mod:`.gains`, the error rule by default); with
+2. ``gain``: a gain per module (:mod:`.gains`, the error rule by default; ``gain_rule="energy"``:
+   gains and repeats together, the least energy that reaches ``target``, :mod:`.allocate`); with
    ``gain_descent``, then ``gain descent``: the gains lowered, most expensive module first,
    while the target is reached on the calibration inputs (:mod:`.descent`);
 3. ``repeats``: repeats per module to reach ``target`` at the least energy (:mod:`.repeats`);
@@ -34,6 +35,7 @@ from ..nn import summary, to_digital
 from ..zoo.base import COSINE, Dataset, Metric
 from .finetune import FINETUNE_METHODS, DistilStage, default_loss
 from .descent import descend_gains
+from .allocate import energy_allocation, repeat_options
 from .gains import GainRule, _as_tuple, choose_gains, power_of_two_gains
 from .plan import DevicePlan
 from .repeats import noise_profile, search_repeats
@@ -218,6 +220,10 @@ def tune(
     ``finetune``: ``"distil-qat"``, ``"distil-dnf"`` (options ``finetune_options``: ``steps``,
     ``lr``, ``batch_size``, ``loss`` (default ``kl`` for a %-metric or KL, else ``cosine``),
     ``temperature``, ``seed``, ``progress``) or a callable; it gets the calibration inputs only.
+    ``gain_rule="energy"``: gains (from ``gains``) and repeats (powers of two up to
+    ``max_repeats``; none when ``repeats`` is false) chosen together, the least energy per
+    inference that reaches ``target`` on the calibration inputs (:mod:`.allocate`); the
+    repeats stage is then skipped.
     ``gain_descent``: after the gain stage, lower the gains, most expensive module first, while
     the target is still reached on the calibration inputs (:mod:`.descent`; a stage of its own).
     ``extra_metrics``: reported per stage besides ``metric``.
@@ -243,6 +249,11 @@ def tune(
     for m_ in extra_metrics:
         if not isinstance(m_, Metric):
             raise TypeError(f"extra_metrics must be abfp.zoo.base.Metric objects, got {type(m_).__name__}")
+    if gain_rule not in ("error", "saturation", "energy"):
+        raise ValueError(f"gain_rule must be 'error', 'saturation' or 'energy', got {gain_rule!r}")
+    if gain_rule == "energy" and (gain_tolerance or gain_descent):
+        raise ValueError("the energy rule chooses the gains for the target itself: gain_tolerance and gain_descent "
+                         "go with the error rule")
     finetune = _finetune_stage(finetune, finetune_options, metric, seed)
     calib = Dataset(_as_tuple(calibration_inputs), calibration_targets)
     evald = calib if eval_inputs is None else Dataset(_as_tuple(eval_inputs), eval_targets)
@@ -289,20 +300,41 @@ def tune(
     # 2. a gain per module
     t0 = time.perf_counter()
     g_inputs = tuple(t[:gain_samples] for t in calib.inputs)
-    chosen = choose_gains(model, g_inputs, config, rule=gain_rule, candidates=gains, max_gain=max_gain,
-                          tolerance=gain_tolerance, exclude=exclude, seed=seed)
     modules = _product_modules(model, base_plan, e_inputs)
-    gain_plan = DevicePlan(config, {m: config.replace(gain=chosen.get(m, config.gain)) for m in modules},
-                           tuple(exclude), {"gain_rule": gain_rule})
-    stage("gain", gain_plan, t0, note=f"{gain_rule} rule")
-    details: dict[str, Any] = {"gains": chosen}
+    details: dict[str, Any] = {}
+
+    def calibration_score(p: DevicePlan) -> float:
+        return evaluate_plan(model, p, calib, metric, ref_cal, batch_size, seed)
+
+    if gain_rule == "energy":
+        def with_settings(st: dict[str, tuple[float, int]]) -> DevicePlan:
+            return DevicePlan(config, {m: config.replace(gain=g, repeats=k) for m, (g, k) in st.items()},
+                              tuple(exclude), {"gain_rule": gain_rule})
+
+        settings, found = energy_allocation(
+            model, g_inputs, None if calib.targets is None else calib.targets[:gain_samples], config, metric,
+            gains if gains is not None else power_of_two_gains(max_gain),
+            repeat_options(max_repeats) if repeats else [1], modules, e_inputs,
+            lambda st: calibration_score(with_settings(st)), meets, params=params, exclude=exclude, seed=seed,
+            progress=say)
+        details.update(found)
+        chosen = {m: s[0] for m, s in settings.items()}
+        gain_plan = with_settings(settings)
+        al = details["allocation"]
+        stage("gain", gain_plan, t0, note=f"energy rule: plan {al['index']} of {al['path_length']} on the path, "
+              f"{al['metric']:.4g} on calibration" + ("" if al["reached"] else
+                                                       f" (misses the target {target:.4g}: the least-error plan)"))
+    else:
+        chosen = choose_gains(model, g_inputs, config, rule=gain_rule, candidates=gains, max_gain=max_gain,
+                              tolerance=gain_tolerance, exclude=exclude, seed=seed)
+        gain_plan = DevicePlan(config, {m: config.replace(gain=chosen.get(m, config.gain)) for m in modules},
+                               tuple(exclude), {"gain_rule": gain_rule})
+        stage("gain", gain_plan, t0, note=f"{gain_rule} rule")
+    details["gains"] = chosen
 
     def with_gains(g: dict[str, float]) -> DevicePlan:
         return DevicePlan(config, {m: config.replace(gain=g.get(m, config.gain)) for m in modules},
                           tuple(exclude), {"gain_rule": gain_rule})
-
-    def calibration_score(p: DevicePlan) -> float:
-        return evaluate_plan(model, p, calib, metric, ref_cal, batch_size, seed)
 
     # 2b. gain descent (optional)
     if gain_descent:
@@ -331,8 +363,8 @@ def tune(
               f"({desc.metric:.4g}): none lowered")
     plan = gain_plan
 
-    # 3. repeats per module
-    if repeats:
+    # 3. repeats per module (the energy rule chose them with the gains)
+    if repeats and gain_rule != "energy":
         t0 = time.perf_counter()
         conv = gain_plan.with_seed(seed).convert(model)
         try:

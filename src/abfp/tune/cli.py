@@ -31,6 +31,7 @@ from ..cli_common import (
     single_task,
 )
 from .finetune import FINETUNE_METHODS
+from .gains import power_of_two_gains
 
 
 def _parser(sub) -> None:
@@ -47,7 +48,11 @@ def _parser(sub) -> None:
     p.add_argument("--out", default=None, help="folder of the weights, report and plot (default: --json's folder)")
     p.add_argument("--calibration", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluation samples after them (default: the rest)")
-    p.add_argument("--gain-rule", choices=["error", "saturation"], default="error")
+    p.add_argument("--gain-rule", choices=["error", "saturation", "energy"], default="error",
+                   help="error: each layer's least-error gain; saturation: the largest power of two with at most 1e-4 "
+                        "saturated; energy: gains and repeats together, the least energy that reaches --target")
+    p.add_argument("--gains-per-octave", type=int, default=None,
+                   help="candidate gains 2**(j/N) up to --max-gain (arbitrary gains; default 1: powers of two)")
     p.add_argument("--gains", type=csv_list(float, "--gains"), default=None,
                    help="allowed gain values (default: powers of two up to --max-gain)")
     p.add_argument("--max-gain", type=float, default=256.0)
@@ -96,7 +101,7 @@ def output_names(json_path: str) -> tuple[str, str, str]:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     require_at_least(args, ("calibration", "eval_samples", "gain_samples", "max_repeats", "batch_size", "threads",
-                            "finetune_steps", "finetune_batch_size"))
+                            "finetune_steps", "finetune_batch_size", "gains_per_octave"))
     require_at_least(args, ("seed",), 0)
     require_finite(args, ("max_gain", "target", "gain_tolerance", "finetune_lr"))
     finetune_options = _finetune_options(args)
@@ -112,6 +117,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise UsageError(f"--gains: {g} is not a finite number > 0")
     if args.gains is not None and args.gain_rule == "saturation":
         raise UsageError("--gains lists values for the error rule; the saturation rule searches powers of two")
+    if args.gains_per_octave is not None:
+        if args.gains is not None or args.gain_rule == "saturation":
+            raise UsageError("--gains-per-octave goes with the error or energy rule, without --gains")
+        args.gains = power_of_two_gains(args.max_gain, args.gains_per_octave)
+    if args.gain_rule == "energy" and (args.gain_tolerance is not None or args.gain_descent):
+        raise UsageError("--gain-rule energy chooses the gains for --target itself: --gain-tolerance and --gain-descent "
+                         "go with the error rule")
     cfg = base_config(args)
     if cfg.mode != "abfp" or cfg.repeats != 1:
         raise UsageError("abfp tune plans an ABFP device: give a base config with mode 'abfp' and repeats 1")
@@ -128,7 +140,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .api import tune
     from .report import write_plot, write_report
 
-    stages = 2 + args.gain_descent + (not args.no_repeats) + (args.finetune != "none")
+    stages = 2 + args.gain_descent + (not args.no_repeats and args.gain_rule != "energy") + (args.finetune != "none")
     bar = tqdm(total=stages, desc=f"tune {task.name}", unit="stage", disable=args.no_progress, leave=False)
 
     def progress(line: str) -> None:

@@ -25,19 +25,22 @@ from ..config import ABFPConfig
 from ..nn import analog_state, convert, reseed
 from ..evaluate.autogain import choose_gains as saturation_gains
 
-__all__ = ["GainRule", "choose_gains", "power_of_two_gains", "GreedyGain"]
+__all__ = ["GainRule", "choose_gains", "power_of_two_gains", "GreedyGain", "intercepted_forward"]
 
-GainRule = Literal["error", "saturation"]
+GainRule = Literal["error", "saturation", "energy"]
 
 
-def power_of_two_gains(max_gain: float = 256.0) -> list[float]:
-    """``1, 2, 4, ..., max_gain`` (powers of two up to ``max_gain``)."""
+def power_of_two_gains(max_gain: float = 256.0, per_octave: int = 1) -> list[float]:
+    """``1, 2, 4, ..., max_gain`` (powers of two up to ``max_gain``); ``per_octave > 1``:
+    ``2 ** (j / per_octave)`` (e.g. 2: ``1, 1.414, 2, 2.828, 4, ...``), arbitrary gains."""
     if not (isinstance(max_gain, (int, float)) and math.isfinite(max_gain) and max_gain >= 1):
         raise ValueError(f"max_gain must be a finite number >= 1, got {max_gain!r}")
-    out, g = [], 1.0
-    while g <= max_gain:
-        out.append(g)
-        g *= 2
+    if isinstance(per_octave, bool) or not isinstance(per_octave, int) or per_octave < 1:
+        raise ValueError(f"gains per octave must be an integer >= 1, got {per_octave!r}")
+    out, j = [], 0
+    while 2.0 ** (j / per_octave) <= max_gain * (1 + 1e-12):
+        out.append(2.0 ** (j / per_octave))
+        j += 1
     return out
 
 
@@ -80,6 +83,17 @@ class GreedyGain:
         return call.analog(call.config.replace(gain=g))
 
 
+def intercepted_forward(converted: nn.Module, inputs: tuple[torch.Tensor, ...], interceptor: Any) -> Any:
+    """``converted(*inputs)`` with ``interceptor`` on every product, noise streams reseeded to 0."""
+    state = analog_state(converted)
+    state.interceptors["*"] = interceptor
+    reseed(converted, 0)
+    try:
+        return converted(*inputs)
+    finally:
+        state.interceptors.pop("*", None)
+
+
 def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
@@ -109,6 +123,8 @@ def choose_gains(
     """
     if not isinstance(config, ABFPConfig):
         raise TypeError(f"config must be an ABFPConfig, got {type(config).__name__}")
+    if rule == "energy":
+        raise ValueError("the energy rule chooses gains for a target metric: use abfp.tune(..., gain_rule='energy')")
     if rule not in ("error", "saturation"):
         raise ValueError(f"gain rule must be 'error' or 'saturation', got {rule!r}")
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
@@ -121,11 +137,5 @@ def choose_gains(
             raise ValueError("the saturation rule searches powers of two; give max_gain, not candidates")
         return saturation_gains(m, inputs, config, max_gain=max_gain, threshold=threshold)
     greedy = GreedyGain(candidates if candidates is not None else power_of_two_gains(max_gain), tolerance)
-    state = analog_state(m)
-    state.interceptors["*"] = greedy
-    reseed(m, 0)
-    try:
-        m(*inputs)
-    finally:
-        state.interceptors.pop("*", None)
+    intercepted_forward(m, inputs, greedy)
     return dict(greedy.chosen)

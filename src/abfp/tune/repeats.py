@@ -27,7 +27,8 @@ from torch import nn
 
 from ..config import ABFPConfig
 from ..energy import EnergyParams, layer_cost
-from ..nn import analog_state, reseed, summary
+from ..nn import summary
+from .gains import intercepted_forward
 
 __all__ = ["NoiseProfile", "noise_profile", "allocate", "search_repeats", "RepeatSearch"]
 
@@ -62,14 +63,8 @@ class _NoiseMeter:
 def noise_profile(converted: nn.Module, inputs: tuple[torch.Tensor, ...],
                   params: EnergyParams | None = None) -> NoiseProfile:
     """:class:`NoiseProfile` of a converted model (its configs as they are) on one batch."""
-    state = analog_state(converted)
     meter = _NoiseMeter()
-    state.interceptors["*"] = meter
-    reseed(converted, 0)
-    try:
-        converted(*inputs)
-    finally:
-        state.interceptors.pop("*", None)
+    intercepted_forward(converted, inputs, meter)
     r = {m: math.sqrt(meter.err[m] / meter.ref[m]) if meter.ref[m] > 0 else 0.0 for m in meter.err}
     params = params or EnergyParams()
     c: dict[str, float] = {}

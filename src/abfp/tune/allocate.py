@@ -1,0 +1,313 @@
+"""Energy-aware gains (and repeats): the least energy per inference that reaches a target.
+
+The error rule (:mod:`.gains`) gives every layer the gain of its least output error; a gain
+``G`` costs ``G`` times the analog energy, so that is rarely the cheapest way to a target. This
+rule spends energy where it buys the most metric per picojoule (a greedy knapsack over the
+layers' candidate settings):
+
+1. **Errors** (one calibration pass with the device noise, upstream layers on the device at
+   their least-error gain, as in the error rule): at every product, for every candidate gain
+   ``G``, the relative error of the noise-free device product ``q_i(G)`` and of its noise
+   ``v_i(G)`` (noisy minus noise-free), both against float32 on the same inputs. With ``k``
+   repeats the noise std falls by ``sqrt(k)``: ``e_i(G, k)**2 = q_i(G)**2 + v_i(G)**2 / k``.
+   A module with several products sums their squared errors.
+2. **Sensitivity** (one float32 forward per module): the metric's loss when only module ``i``
+   gets Gaussian noise of relative size ``delta_i`` (its error at the base gain), ``s_i = loss /
+   delta_i**2``; the model predicts ``loss = sum_i s_i e_i**2`` (independent small errors).
+3. **Energy** per module and setting, ``E_i(G, k)`` (:func:`abfp.energy.layer_cost`).
+4. **Path**: every module starts at its cheapest setting; then, again and again, the module
+   whose next setting on the lower convex hull of its ``(E_i, s_i e_i**2)`` points buys the most
+   predicted loss per unit energy is moved to it (the Lagrangian solutions ``min s_i e_i**2 +
+   lam E_i`` for decreasing ``lam``, one change at a time), up to the least-error settings.
+5. **Search**: a bisection along that path for the cheapest plan that reaches the target on the
+   calibration inputs (same noise seed every trial). The predicted loss only orders the path;
+   the target is checked on the real model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ABFPConfig
+from ..energy import EnergyParams, layer_cost
+from ..nn import convert, summary, to_digital
+from .gains import _as_tuple, _check_candidates, intercepted_forward
+
+__all__ = ["Setting", "LayerProfile", "profile_layers", "sensitivities", "layer_energies", "allocation_path",
+           "search_path", "Allocation", "repeat_options"]
+
+#: ``(gain, repeats)`` of one module.
+Setting = tuple[float, int]
+
+
+def repeat_options(max_repeats: int) -> list[int]:
+    """``1, 2, 4, ...`` up to ``max_repeats``."""
+    if isinstance(max_repeats, bool) or not isinstance(max_repeats, int) or max_repeats < 1:
+        raise ValueError(f"max_repeats must be an integer >= 1, got {max_repeats!r}")
+    out, k = [], 1
+    while k <= max_repeats:
+        out.append(k)
+        k *= 2
+    return out
+
+
+@dataclass
+class LayerProfile:
+    """Per module and candidate gain: squared relative errors of the noise-free product
+    (``quant[m][G]``) and of the noise (``noise[m][G]``); the least-error gain ``best[m]``."""
+
+    quant: dict[str, dict[float, float]] = field(default_factory=dict)
+    noise: dict[str, dict[float, float]] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)
+
+    def error_sq(self, module: str, setting: Setting) -> float:
+        g, k = setting
+        return self.quant[module][g] + self.noise[module][g] / k
+
+
+def _sq(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    r = ref.detach().double()
+    return float(((y.detach().double() - r) ** 2).sum()), float((r * r).sum())
+
+
+class _Profiler:
+    """Interceptor: every candidate gain at every product, noise-free and noisy; the model
+    continues with the module's least-error (noisy) product."""
+
+    def __init__(self, candidates: Sequence[float]) -> None:
+        self.candidates = list(candidates)
+        self.num: dict[str, dict[float, list[float]]] = {}  # module -> G -> [quant num, noise num, total num]
+        self.den: dict[str, float] = {}
+        self.best: dict[str, float] = {}
+
+    def __call__(self, call: Any) -> torch.Tensor:
+        module = call.site.rsplit(":", 1)[0]
+        ref = call.digital()
+        acc = self.num.setdefault(module, {c: [0.0, 0.0, 0.0] for c in self.candidates})
+        outs = {}
+        den = 0.0
+        for c in self.candidates:
+            cfg = call.config.replace(gain=c)
+            clean = call.analog(cfg.replace(noise_std=0.0))
+            noisy = call.analog(cfg)
+            q, den = _sq(clean, ref)
+            acc[c][0] += q
+            acc[c][1] += _sq(noisy, clean)[0]
+            acc[c][2] += _sq(noisy, ref)[0]
+            outs[c] = noisy
+        self.den[module] = self.den.get(module, 0.0) + den
+        if module not in self.best:
+            self.best[module] = min(self.candidates, key=lambda c: acc[c][2])
+        return outs[self.best[module]]
+
+
+@torch.no_grad()
+def profile_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...], config: ABFPConfig,
+                   candidates: Sequence[float], *, exclude: Sequence[str] = (), seed: int = 0) -> LayerProfile:
+    """:class:`LayerProfile` of the float32 ``model`` (not modified) on one calibration batch."""
+    cands = _check_candidates(candidates)
+    inputs = _as_tuple(inputs)
+    m = convert(model, config if config.seed is not None else config.replace(seed=seed), exclude=exclude).eval()
+    prof = _Profiler(cands)
+    intercepted_forward(m, inputs, prof)
+    out = LayerProfile(best=dict(prof.best))
+    for mod, acc in prof.num.items():
+        den = prof.den[mod]
+        out.quant[mod] = {c: (v[0] / den if den > 0 else 0.0) for c, v in acc.items()}
+        out.noise[mod] = {c: (v[1] / den if den > 0 else 0.0) for c, v in acc.items()}
+    return out
+
+
+class _Perturb:
+    """Interceptor: float32 products; those of ``module`` get Gaussian noise of relative size
+    ``delta`` (per product, of its RMS)."""
+
+    def __init__(self, module: str, delta: float, generator: torch.Generator) -> None:
+        self.module, self.delta, self.generator = module, delta, generator
+
+    def __call__(self, call: Any) -> torch.Tensor:
+        y = call.digital()
+        if call.site.rsplit(":", 1)[0] != self.module:
+            return y
+        rms = float(y.detach().double().pow(2).mean().sqrt())
+        noise = torch.randn(y.shape, generator=self.generator, dtype=torch.float64).to(y.dtype)
+        return y + noise * (self.delta * rms)
+
+
+@torch.no_grad()
+def sensitivities(model: nn.Module, inputs: tuple[torch.Tensor, ...], config: ABFPConfig,
+                  deltas: Mapping[str, float], loss: Callable[[torch.Tensor], float], *,
+                  exclude: Sequence[str] = (), seed: int = 0) -> dict[str, float]:
+    """``s_i = loss(outputs with module i perturbed by relative noise delta_i) / delta_i**2``
+    (every other product in float32); ``loss(outputs)`` is the metric's loss against float32."""
+    inputs = _as_tuple(inputs)
+    m = convert(model, config, exclude=exclude).eval()
+    out: dict[str, float] = {}
+    try:
+        for module, delta in deltas.items():
+            if delta <= 0:
+                out[module] = 0.0
+                continue
+            y = intercepted_forward(m, inputs, _Perturb(module, delta, torch.Generator().manual_seed(seed)))
+            out[module] = max(0.0, float(loss(y))) / (delta * delta)
+    finally:
+        to_digital(m)
+    return out
+
+
+def layer_energies(converted: nn.Module, inputs: tuple[torch.Tensor, ...], settings: Sequence[Setting],
+                   params: EnergyParams | None = None) -> dict[str, dict[Setting, float]]:
+    """Energy (pJ per batch of ``inputs``) of every module of a converted model at every setting."""
+    params = params or EnergyParams()
+    out: dict[str, dict[Setting, float]] = {}
+    for row in summary(converted, inputs).rows:
+        if row.kind == "digital" or row.config is None:
+            continue
+        module = row.site.rsplit(":", 1)[0]
+        acc = out.setdefault(module, {s: 0.0 for s in settings})
+        for s in settings:
+            cfg = row.config.replace(gain=s[0], repeats=s[1])
+            acc[s] += layer_cost(row.site, row.kind, row.x_shape, row.w_shape, row.macs, max(1, row.calls), cfg,
+                                 params).total_energy
+    return out
+
+
+def _hull(points: list[tuple[float, float, Setting]]) -> list[tuple[float, float, Setting]]:
+    """Lower convex hull of ``(energy, loss, setting)`` from the cheapest point to the least loss."""
+    pts = sorted(points, key=lambda p: (p[0], p[1]))
+    front: list[tuple[float, float, Setting]] = []
+    for p in pts:  # Pareto front: each next point strictly lower loss
+        if not front or p[1] < front[-1][1]:
+            front.append(p)
+    hull: list[tuple[float, float, Setting]] = []
+    for p in front:
+        while len(hull) >= 2:
+            (e1, l1, _), (e2, l2, _) = hull[-2], hull[-1]
+            # drop hull[-1] if it lies on or above the segment hull[-2] -> p
+            if (l2 - l1) * (p[0] - e1) >= (p[1] - l1) * (e2 - e1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def allocation_path(losses: Mapping[str, Mapping[Setting, float]],
+                    energies: Mapping[str, Mapping[Setting, float]]) -> list[dict[str, Setting]]:
+    """Plans of increasing energy: each module on its cheapest setting, then one module at a
+    time moved to its next hull setting, the one with the most predicted loss saved per unit
+    energy first, until every module is on its least-loss setting."""
+    hulls = {m: _hull([(energies[m][s], losses[m][s], s) for s in losses[m]]) for m in losses}
+    pos = {m: 0 for m in hulls}
+    current = {m: h[0][2] for m, h in hulls.items()}
+    path = [dict(current)]
+    while True:
+        best, best_rate = None, -math.inf
+        for m, h in hulls.items():
+            i = pos[m]
+            if i + 1 >= len(h):
+                continue
+            de, dl = h[i + 1][0] - h[i][0], h[i][1] - h[i + 1][1]
+            rate = math.inf if de <= 0 else dl / de
+            if rate > best_rate:
+                best, best_rate = m, rate
+        if best is None:
+            return path
+        pos[best] += 1
+        current[best] = hulls[best][pos[best]][2]
+        path.append(dict(current))
+
+
+@dataclass
+class Allocation:
+    """The chosen plan (module -> ``(gain, repeats)``), its calibration metric, whether it
+    meets the target, its index on the path, the path's length and every trial
+    ``(index, metric)``."""
+
+    settings: dict[str, Setting]
+    metric: float
+    reached: bool
+    index: int
+    path_length: int
+    trials: list[tuple[int, float]] = field(default_factory=list)
+
+
+def search_path(path: Sequence[Mapping[str, Setting]], score: Callable[[dict[str, Setting]], float],
+                meets: Callable[[float], bool]) -> Allocation:
+    """Bisection for the first plan on ``path`` (ordered by energy) whose ``score`` meets the
+    target; when even the last misses, the last (least predicted loss) plan."""
+    if not path:
+        raise ValueError("empty allocation path")
+    trials: list[tuple[int, float]] = []
+
+    def run(i: int) -> float:
+        v = score(dict(path[i]))
+        trials.append((i, v))
+        return v
+
+    hi = len(path) - 1
+    v_hi = run(hi)
+    if not meets(v_hi):
+        return Allocation(dict(path[hi]), v_hi, False, hi, len(path), trials)
+    lo = -1  # index known (or assumed: the cheapest) to miss
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        v = run(mid)
+        if meets(v):
+            hi, v_hi = mid, v
+        else:
+            lo = mid
+    return Allocation(dict(path[hi]), v_hi, True, hi, len(path), trials)
+
+
+def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor | None,
+                      config: ABFPConfig, metric: Any, gains: Sequence[float], repeats: Sequence[int],
+                      modules: Sequence[str], energy_inputs: tuple[torch.Tensor, ...],
+                      score: Callable[[dict[str, Setting]], float], meets: Callable[[float], bool], *,
+                      params: EnergyParams | None = None, exclude: Sequence[str] = (), seed: int = 0,
+                      progress: Callable[[str], None] | None = None) -> tuple[dict[str, Setting], dict[str, Any]]:
+    """Steps 1-5 of this module: ``(module -> (gain, repeats), details)``. ``inputs`` (with
+    ``targets`` for a label metric) measure the errors and sensitivities, ``energy_inputs`` the
+    energies; ``score(settings)`` is the metric of a plan on the calibration inputs."""
+    say = progress or (lambda s: None)
+    gains = _check_candidates(gains)
+    reps = sorted({int(k) for k in repeats})
+    if not reps or reps[0] < 1:
+        raise ValueError(f"repeats options must be integers >= 1, got {list(repeats)}")
+    prof = profile_layers(model, inputs, config, gains, exclude=exclude, seed=seed)
+    ref = model(*inputs)
+    fp = metric(ref, targets, ref)
+    sign = 1.0 if metric.higher_is_better else -1.0
+    deltas = {m: math.sqrt(min(prof.error_sq(m, (g, 1)) for g in gains)) for m in prof.quant}
+    sens = sensitivities(model, inputs, config, deltas, lambda y: sign * (fp - metric(y, targets, ref)),
+                         exclude=exclude, seed=seed)
+    settings = [(g, k) for g in gains for k in reps]
+    conv = convert(model, config, exclude=exclude).eval()
+    try:
+        energies = layer_energies(conv, energy_inputs, settings, params)
+    finally:
+        to_digital(conv)
+    fixed = {m: (config.gain, 1) for m in modules}
+    known = [m for m in prof.quant if m in energies]
+    losses = {m: {s: sens[m] * prof.error_sq(m, s) for s in settings} for m in known}
+    path = [{**fixed, **p} for p in allocation_path(losses, {m: energies[m] for m in known})]
+    say(f"  energy rule: {len(known)} modules, {len(settings)} settings each, a path of {len(path)} plans")
+
+    def trial(st: dict[str, Setting]) -> float:
+        v = score(st)
+        e = sum(energies[m][st[m]] for m in known)
+        say(f"  energy rule: {e / 1e6:.4g} uJ per batch of the profiled modules: {metric.name} {v:.4g} on calibration")
+        return v
+
+    found = search_path(path, trial, meets)
+    details = {"allocation": {"index": found.index, "path_length": found.path_length, "metric": found.metric,
+                              "reached": found.reached, "trials": found.trials},
+               "sensitivity": sens, "error_sq": {m: {f"{g:g}x{k}": prof.error_sq(m, (g, k)) for g, k in settings}
+                                                 for m in known},
+               "settings": {m: list(s) for m, s in found.settings.items()}}
+    return found.settings, details

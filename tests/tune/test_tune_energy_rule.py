@@ -1,0 +1,153 @@
+"""The energy rule (abfp.tune.allocate): errors against a float64 evaluation of SPEC 1, the
+knapsack path against brute force, the bisection, sensitivities, and ``tune(gain_rule="energy")``."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import abfp
+from abfp import ABFPConfig
+from abfp.tune import power_of_two_gains
+from abfp.tune.allocate import allocation_path, profile_layers, repeat_options, search_path, sensitivities
+from abfp.zoo.base import COSINE
+
+from test_tune_gains_repeats import oracle_linear
+
+
+def test_profile_errors_match_the_float64_device() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(48, 70, generator=g) * torch.rand(48, 1, generator=g)
+    layer = nn.Linear(70, 9, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(9, 70, generator=g))
+    w = layer.weight.detach()
+    cfg = ABFPConfig(tile_width=32, gain=1.0, scale_dtype="float32")  # noise one bin wide
+    cands = [1.0, 3.0, 8.0, 20.0]
+    prof = profile_layers(nn.Sequential(layer), x, cfg, cands)
+    quiet = profile_layers(nn.Sequential(layer), x, cfg.replace(noise_std=0.0), cands)
+    ref = x.double() @ w.double().T
+    # uniform noise of +-0.5 LSB moves a rounded code by at most one: |noisy - clean| <= sum_t LSB_t
+    xp = torch.nn.functional.pad(x.double(), (0, 26)).view(48, 3, 32).abs().amax(-1)
+    wp = torch.nn.functional.pad(w.double(), (0, 26)).view(9, 3, 32).abs().amax(-1)
+    lsb_sum = (xp[:, None, :] * wp[None, :, :]).sum(-1)  # times n / (G L) below
+    for c in cands:
+        want = float(((oracle_linear(x, w, 32, c) - ref) ** 2).sum() / (ref**2).sum())
+        assert prof.quant["0"][c] == pytest.approx(want, rel=1e-5)
+        assert quiet.quant["0"][c] == pytest.approx(want, rel=1e-5) and quiet.noise["0"][c] == 0.0
+        bound = float(((lsb_sum * 32 / (c * 127)) ** 2).sum() / (ref**2).sum())
+        assert 0.0 < prof.noise["0"][c] <= bound
+        assert prof.error_sq("0", (c, 4)) == pytest.approx(prof.quant["0"][c] + prof.noise["0"][c] / 4)
+    assert prof.best["0"] in cands
+
+
+def _brute(losses, energies):
+    mods = sorted(losses)
+    for combo in itertools.product(*(sorted(losses[m]) for m in mods)):
+        yield (sum(energies[m][s] for m, s in zip(mods, combo)), sum(losses[m][s] for m, s in zip(mods, combo)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_path_plans_are_optimal_for_their_energy(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    settings = [(float(G), k) for G in (1, 2, 4, 8) for k in (1, 2)]
+    losses, energies = {}, {}
+    for m in "abc":
+        a, b = float(torch.rand(1, generator=g)) + 0.1, float(torch.rand(1, generator=g)) + 0.1
+        q = float(torch.rand(1, generator=g)) * 3
+        losses[m] = {(G, k): q / G**2 + b / (k * G**2) + 0.01 * float(torch.rand(1, generator=g)) for G, k in settings}
+        energies[m] = {(G, k): k * (a * G + b) for G, k in settings}
+    path = allocation_path(losses, energies)
+    cost = [sum(energies[m][p[m]] for m in p) for p in path]
+    loss = [sum(losses[m][p[m]] for m in p) for p in path]
+    assert all(e2 >= e1 for e1, e2 in zip(cost, cost[1:]))
+    assert all(l2 < l1 for l1, l2 in zip(loss, loss[1:]))
+    every = list(_brute(losses, energies))
+    assert cost[0] == pytest.approx(min(e for e, _ in every))
+    assert loss[-1] == pytest.approx(min(v for _, v in every))
+    for e, v in zip(cost, loss):  # a Lagrangian solution: nothing as cheap has less loss
+        assert all(lv >= v - 1e-12 for le, lv in every if le <= e + 1e-12)
+
+
+def test_search_path_finds_the_first_plan_that_meets() -> None:
+    path = [{"m": (float(i), 1)} for i in range(20)]
+    calls = []
+
+    def score(st):
+        calls.append(st["m"][0])
+        return st["m"][0] / 19.0
+
+    found = search_path(path, score, lambda v: v >= 0.5)
+    assert found.reached and found.index == 10 and found.settings == {"m": (10.0, 1)}
+    assert len(calls) <= 7
+    miss = search_path(path, score, lambda v: v >= 2.0)
+    assert not miss.reached and miss.index == 19
+    first = search_path(path, score, lambda v: v >= -1.0)
+    assert first.index == 0
+    with pytest.raises(ValueError, match="empty"):
+        search_path([], score, lambda v: True)
+
+
+def test_sensitivity_of_cosine_to_relative_noise() -> None:
+    # 1 - cos(y, y + e) ~ |e|^2 / (2 |y|^2) for a small e mostly orthogonal to y: s ~ 1/2
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 512))
+    x = torch.randn(32, 64)
+    ref = model(x)
+    s = sensitivities(model, (x,), ABFPConfig(), {"0": 0.05}, lambda y: 1.0 - COSINE(y, None, ref))
+    assert 0.4 < s["0"] < 0.6
+
+
+def test_gain_grids_and_repeat_options() -> None:
+    assert power_of_two_gains(8) == [1.0, 2.0, 4.0, 8.0]
+    half = power_of_two_gains(8, per_octave=2)
+    assert len(half) == 7 and half[1] == pytest.approx(math.sqrt(2)) and half[-1] == pytest.approx(8.0)
+    assert repeat_options(10) == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match="per octave"):
+        power_of_two_gains(8, per_octave=0)
+    with pytest.raises(ValueError, match="max_repeats"):
+        repeat_options(0)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 6))
+
+
+def test_tune_energy_rule_reaches_the_target_at_less_energy_than_the_error_rule() -> None:
+    model = _mlp()
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    cfg = ABFPConfig(tile_width=8)
+    err = abfp.tune(model, x, cfg, target=0.999, repeats=False)
+    res = abfp.tune(model, x, cfg, target=0.999, gain_rule="energy", gains=power_of_two_gains(64, 2), max_repeats=4)
+    assert [s.name for s in res.stages] == ["single gain", "gain"]  # repeats chosen with the gains
+    assert res.details["allocation"]["reached"]
+    assert res.stages[1].metric >= 0.999  # eval inputs are the calibration inputs here
+    assert res.stages[1].energy < err.stages[1].energy
+    assert set(res.plan.modules) == {"0", "2", "4"}
+    for m, cfg_m in res.plan.modules.items():
+        assert [cfg_m.gain, cfg_m.repeats] == res.details["settings"][m]
+        assert cfg_m.repeats in (1, 2, 4)
+    back = abfp.tune.DevicePlan.from_json(res.plan.to_json())
+    assert back.modules == res.plan.modules
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"gain_rule": "energy", "gain_tolerance": 0.2}, "energy rule"),
+    ({"gain_rule": "energy", "gain_descent": True}, "energy rule"),
+    ({"gain_rule": "louder"}, "gain_rule"),
+])
+def test_tune_energy_rule_bad_options(kwargs: dict, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        abfp.tune(_mlp(), torch.randn(8, 24), ABFPConfig(), **kwargs)
+
+
+def test_choose_gains_refuses_the_energy_rule() -> None:
+    from abfp.tune import choose_gains
+
+    with pytest.raises(ValueError, match="abfp.tune"):
+        choose_gains(_mlp(), torch.randn(4, 24), ABFPConfig(), rule="energy")
