@@ -10,7 +10,7 @@ import torch
 
 from abfp.finetune.hash32 import words
 from abfp.finetune.histogram import Histogram, alias_arrays, slot_bits
-from abfp.finetune import alias_kernel, avx2_lookup
+from abfp.finetune import alias_kernel, avx2_lookup, avx512_block
 from abfp.finetune.sampler import add_noise, noisy_eager
 
 torch.set_num_threads(1)
@@ -263,6 +263,27 @@ def test_gather_lookup_equals_the_scalar_loop(bits: int) -> None:
         alias_kernel._lookup_scalar(tab, u, a, 0, m, bits)
         alias_kernel._lookup_gather(tab, u, b, 0, m, bits)
         assert np.array_equal(a, b) and bool((a >= 0).all())
+
+
+@pytest.mark.skipif(not avx512_block.USABLE, reason="no AVX-512 on this CPU (or numba absent)")
+@pytest.mark.parametrize("bits", [1, 3, 5, 6, 7])
+def test_sixteen_lane_block_equals_the_scalar_loop(bits: int) -> None:
+    """The AVX-512 pass with the table in registers (:mod:`abfp.finetune.avx512_block`) gives the
+    scalar loop's bits, on random tables padded to 128 slots, block lengths with and without a
+    scalar tail, and counters that wrap past 2^32 inside the block."""
+    rng = np.random.default_rng(bits)
+    tab = rng.integers(0, 2**32, 1 << bits, dtype=np.uint64).astype(np.uint32)
+    tab = (tab & np.uint32(~((1 << bits) - 1) & 0xFFFFFFFF)) | rng.integers(0, 1 << bits, 1 << bits).astype(np.uint32)
+    row = alias_kernel.padded(tab[None, :])[0]
+    assert row.shape == (128,) and bool((row[1 << bits:] == 0).all())
+    u32, f32 = np.uint32, np.float32
+    for m, x0 in ((16, 0), (37, 12345), (512, 2**32 - 100), (5, 7)):
+        y = rng.standard_normal(m).astype(np.float32)
+        a, b = y.copy(), y.copy()
+        args = (u32(x0), u32(0x9E3779B9), u32(0x12345678), row, bits, f32(-0.75), f32(0.0137))
+        alias_kernel._run_scalar(a, 0, *args)
+        alias_kernel._run16(b, *args)
+        assert np.array_equal(a, b) and not np.array_equal(a, y)
 
 
 @pytest.mark.skipif(not alias_kernel.usable(), reason="numba not usable")

@@ -13,10 +13,14 @@ of the tables; formulas of :mod:`.hash32` and :mod:`.sampler`, arithmetic modulo
 with float32 arithmetic in exactly the order the eager torch version (:func:`.sampler.noisy_eager`)
 uses, so both give the same bits (tested). The output is walked in chunks of :data:`CHUNK`
 elements (aligned, so a chunk never straddles two 2^32 segments) over
-``torch.get_num_threads()`` threads, and inside a chunk in blocks of :data:`BLOCK` in three
-loops: the hashes ``u`` (vectorised, 8 per AVX2 instruction), the table look-ups (eight
-per AVX2 gather where the CPU has it, :mod:`.avx2_lookup`; else scalar, branch-free), then
-``r`` and the additions (vectorised). Where the channel changes within
+``torch.get_num_threads()`` threads, and inside a chunk in blocks of :data:`BLOCK`. Where the
+CPU has AVX-512 and the table at most 128 slots (the default 100 bins), a block is one pass of
+sixteen lanes with the table held in registers (:mod:`.avx512_block`), its last ``m mod 16``
+elements scalar. Otherwise a block runs in three loops: the hashes ``u`` (vectorised, 8 per
+AVX2 instruction), the table look-ups (eight per AVX2 gather where the CPU has it,
+:mod:`.avx2_lookup`; else scalar, branch-free), then ``r`` and the additions (vectorised).
+The tables reach the kernel padded with zero entries to at least 128 slots (never looked
+up); ``b`` is passed with them. Where the channel changes within
 a block (short runs: per-channel tables of a linear layer) the look-up loop also applies
 each element's ``lo`` and ``width``.
 """
@@ -30,7 +34,7 @@ import torch
 
 from ..numerics import fused
 
-__all__ = ["AVAILABLE", "BLOCK", "CHUNK", "add_alias_noise_", "usable"]
+__all__ = ["AVAILABLE", "BLOCK", "CHUNK", "add_alias_noise_", "padded", "usable"]
 
 #: elements per parallel work item (a few pages of float32: small next to a layer output; divides 2^32)
 CHUNK = 16384
@@ -51,8 +55,9 @@ if AVAILABLE:
     from numba.extending import intrinsic
 
     from ..numerics.fused import splitmix64
-    from . import avx2_lookup
+    from . import avx2_lookup, avx512_block
     from .avx2_lookup import lookup8
+    from .avx512_block import noise16
     from .hash32 import H1, H2, MUL_R, MUL_U
 
     _jit: Any = dict(cache=True, nogil=True, error_model="numpy")
@@ -92,14 +97,6 @@ if AVAILABLE:
     def _word(x0, j, mul, k):  # pragma: no cover - compiled
         """``h((x0 + j) * mul + k)`` modulo 2^32."""
         return _h(_add32(_mul32(_add32(x0, _U(j)), mul), k))
-
-    @njit(inline="always", **_jit)
-    def _log2(s):  # pragma: no cover - compiled
-        """``b`` with ``s = 2^b``."""
-        b = 0
-        while (1 << (b + 1)) <= s:
-            b += 1
-        return b
 
     @njit(inline="always", **_jit)
     def _u_words(x0, m, k1, u):  # pragma: no cover - compiled
@@ -145,6 +142,28 @@ if AVAILABLE:
             yb[j] = yb[j] + (l0 + w0 * (kb[j] + p))
 
     @njit(inline="always", **_jit)
+    def _run_scalar(yb, j0, x0, k1, k2, tab, b, l0, w0):  # pragma: no cover - compiled
+        """:func:`_run` for the elements ``j0 <= j < len(yb)`` one at a time."""
+        fmask = _U((1 << (32 - b)) - 1)
+        smask = _U((1 << b) - 1)
+        for j in range(j0, yb.shape[0]):
+            v = _word(x0, j, _U(MUL_U), k1)
+            k = np.float32(_pick(v, tab[v >> _U(32 - b)], b, fmask, smask))
+            p = np.float32(np.int32(_shr32(_word(x0, j, _U(MUL_R), k2), _U(8)))) * _SCALE
+            yb[j] = yb[j] + (l0 + w0 * (k + p))
+
+    @njit(inline="always", **_jit)
+    def _run16(yb, x0, k1, k2, tab, b, l0, w0):  # pragma: no cover - compiled
+        """:func:`_run` with sixteen lanes and the table (padded to 128 entries) in AVX-512 registers
+        (:mod:`.avx512_block`), the last ``len(yb) mod 16`` elements scalar."""
+        n16 = yb.shape[0] // 16
+        noise16(yb, n16, x0, k1, k2, tab, b, l0, w0)
+        _run_scalar(yb, n16 * 16, x0, k1, k2, tab, b, l0, w0)
+
+    #: whether a one-channel block runs :func:`_run16` (``b`` at most this) or :func:`_run`
+    _BITS16 = avx512_block.MAX_BITS if avx512_block.USABLE else -1
+
+    @njit(inline="always", **_jit)
     def _run_mixed(yb, x0, k1, k2, c, off, n, tab, b, lo, width, u, kb):  # pragma: no cover - compiled
         """As :func:`_run` where the channel changes every ``n`` elements (``c``, ``off``: the
         channel of ``yb[0]`` and its place in its run): the look-up loop applies each
@@ -186,14 +205,16 @@ if AVAILABLE:
                 run = i // n
                 c = run % C
                 stop = min(end, (run + 1) * n, i + BLOCK)
-                _run(y[i:stop], x0, k1, k2, tab[c], b, lo[c], width[c], u, kb)
+                if b <= _BITS16:
+                    _run16(y[i:stop], x0, k1, k2, tab[c], b, lo[c], width[c])
+                else:
+                    _run(y[i:stop], x0, k1, k2, tab[c], b, lo[c], width[c], u, kb)
             i = stop
 
     @njit(parallel=True, **_jit)
-    def _alias_noise(y, n, key, tab, lo, width):  # pragma: no cover - compiled
+    def _alias_noise(y, n, key, tab, b, lo, width):  # pragma: no cover - compiled
         """``y`` (flat float32, ``o * C * n`` elements laid out (o, C, n)): ``y[i] += xi_i``;
-        ``tab`` (C, 2^b) uint32 packed alias words, ``lo``, ``width`` (C,) float32."""
-        b = _log2(tab.shape[1])
+        ``tab`` (C, >= 2^b) uint32 packed alias words (zeros past slot 2^b), ``lo``, ``width`` (C,) float32."""
         chunks = (y.shape[0] + CHUNK - 1) // CHUNK
         for ch in prange(chunks):
             u = np.empty(BLOCK, np.uint32)
@@ -201,13 +222,22 @@ if AVAILABLE:
             _chunk(y, ch, n, key, tab, b, lo, width, u, kb)
 
     @njit(**_jit)
-    def _alias_noise_serial(y, n, key, tab, lo, width):  # pragma: no cover - compiled
+    def _alias_noise_serial(y, n, key, tab, b, lo, width):  # pragma: no cover - compiled
         """:func:`_alias_noise` on the calling thread (no parallel launch: one chunk, or one thread)."""
-        b = _log2(tab.shape[1])
         u = np.empty(BLOCK, np.uint32)
         kb = np.empty(BLOCK, np.float32)
         for ch in range((y.shape[0] + CHUNK - 1) // CHUNK):
             _chunk(y, ch, n, key, tab, b, lo, width, u, kb)
+
+
+def padded(tab: np.ndarray) -> np.ndarray:
+    """The packed table ``tab`` (C, 2^b) as the kernel reads it: zero columns appended up to
+    128 slots (:mod:`.avx512_block` loads 128 entries; slots ``>= 2^b`` are never looked up)."""
+    if tab.shape[1] >= 128:
+        return tab
+    out = np.zeros((tab.shape[0], 128), np.uint32)
+    out[:, : tab.shape[1]] = tab
+    return out
 
 
 def add_alias_noise_(y: torch.Tensor, layout: tuple[int, int, int], key: int, tab: np.ndarray, lo: np.ndarray,
@@ -217,7 +247,8 @@ def add_alias_noise_(y: torch.Tensor, layout: tuple[int, int, int], key: int, ta
     if not (y.is_contiguous() and y.dtype == torch.float32 and y.device.type == "cpu"):
         raise ValueError("the compiled sampler needs a contiguous float32 CPU tensor")
     flat = y.detach().numpy().reshape(-1)
-    args = (flat, max(1, layout[2]), key, tab, lo, width)  # key: a Python int (numba passes it as int64 faster)
+    b = tab.shape[1].bit_length() - 1
+    args = (flat, max(1, layout[2]), key, padded(tab), b, lo, width)  # key: a Python int (numba passes it as int64 faster)
     if flat.shape[0] <= CHUNK or torch.get_num_threads() == 1:  # no thread pool to launch
         _alias_noise_serial(*args)
     else:

@@ -23,20 +23,8 @@ from ..numerics import fused
 __all__ = ["USABLE", "lookup8"]
 
 
-def _host_has_avx2() -> bool:
-    import numba
-    from llvmlite import binding
-
-    if numba.config.CPU_NAME is not None:  # compiling for another CPU (portable caches): no CPU-specific code
-        return False
-    try:
-        return bool(binding.get_host_cpu_features().get("avx2", False))
-    except RuntimeError:  # pragma: no cover - llvmlite cannot read the features
-        return False
-
-
 #: the gather path may run in this process
-USABLE = fused.AVAILABLE and _host_has_avx2()
+USABLE = fused.host_cpu_has("avx2")
 
 lookup8: Any = None
 

@@ -46,6 +46,20 @@ except ImportError:  # pragma: no cover - exercised when numba is absent
 
 AVAILABLE = numba is not None
 
+
+def host_cpu_has(feature: str) -> bool:
+    """numba is present, compiles for this machine's CPU (``NUMBA_CPU_NAME`` unset: no portable
+    caches, so CPU-specific code may be emitted), and that CPU has ``feature`` (an LLVM feature
+    name: ``"avx2"``, ``"avx512f"``, ...)."""
+    if numba is None or numba.config.CPU_NAME is not None:
+        return False
+    from llvmlite import binding
+
+    try:
+        return bool(binding.get_host_cpu_features().get(feature, False))
+    except RuntimeError:  # pragma: no cover - llvmlite cannot read the features
+        return False
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
