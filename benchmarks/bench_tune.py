@@ -23,7 +23,7 @@ import torch
 
 from abfp import ABFPConfig, zoo
 from abfp.energy import EnergyParams
-from abfp.tune import DevicePlan, choose_gains, tune
+from abfp.tune import DevicePlan, choose_gains, power_of_two_gains, tune
 from abfp.tune.api import _energy, _outputs, _product_modules, plan_outputs
 from abfp.tune.cli import split_data
 from abfp.zoo.base import COSINE, KL
@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--gain-tolerance", type=float, default=0.0)
     ap.add_argument("--max-gain", type=float, default=256.0)
     ap.add_argument("--gain-descent", action="store_true")
+    ap.add_argument("--gain-rule", choices=["error", "energy"], default="error")
+    ap.add_argument("--gains-per-octave", type=int, default=1, help="candidate gains 2**(j/N) up to --max-gain")
+    ap.add_argument("--energy-budget", type=float, default=None, help="energy rule: x the single-gain energy")
     ap.add_argument("--metric", choices=["task", "kl", "cosine"], default="task", help="tuning metric")
     ap.add_argument("--target", type=float, default=None)
     ap.add_argument("--max-repeats", type=int, default=16)
@@ -68,6 +71,8 @@ def main() -> None:
     res = tune(model, cal.inputs, cfg, metric=metric, target=a.target, calibration_targets=cal.targets,
                eval_inputs=ev.inputs, eval_targets=ev.targets, gain_samples=a.gain_samples,
                gain_tolerance=a.gain_tolerance, gain_descent=a.gain_descent, max_gain=a.max_gain, repeats=not a.no_repeats,
+               gain_rule=a.gain_rule, energy_budget=a.energy_budget,
+               gains=power_of_two_gains(a.max_gain, a.gains_per_octave) if a.gains_per_octave > 1 else None,
                max_repeats=a.max_repeats, finetune=None if a.finetune == "none" else a.finetune,
                finetune_options=ft_opts, extra_metrics=[m for m in metrics if m.name != metric.name],
                batch_size=a.batch_size, progress=lambda s: print(s, flush=True))

@@ -136,7 +136,25 @@ def test_tune_energy_rule_reaches_the_target_at_less_energy_than_the_error_rule(
     assert back.modules == res.plan.modules
 
 
+def test_tune_energy_budget_keeps_the_plan_within_it() -> None:
+    model = _mlp()
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    for budget in (0.5, 0.99, 1.3):
+        res = abfp.tune(model, x, ABFPConfig(tile_width=8), target=0.999, gain_rule="energy", energy_budget=budget,
+                        gains=power_of_two_gains(64, 2), max_repeats=2)
+        single, plan = res.stages[0].energy, res.stages[1].energy
+        assert res.details["allocation"]["energy_ratio"] == pytest.approx(plan / single, rel=1e-9)
+        assert f"within {budget:g}x" in res.stages[1].note
+        if budget == 0.5:  # the DACs and ADCs alone cost more: the cheapest plan, said so
+            assert plan > budget * single and "none fits" in res.stages[1].note
+            assert all(c.gain == 1.0 and c.repeats == 1 for c in res.plan.modules.values())
+        else:
+            assert plan <= budget * single * (1 + 1e-9) and "none fits" not in res.stages[1].note
+
+
 @pytest.mark.parametrize("kwargs, msg", [
+    ({"gain_rule": "energy", "energy_budget": 0.0}, "energy_budget"),
+    ({"energy_budget": 1.5}, "energy_budget"),
     ({"gain_rule": "energy", "gain_tolerance": 0.2}, "energy rule"),
     ({"gain_rule": "energy", "gain_descent": True}, "energy rule"),
     ({"gain_rule": "louder"}, "gain_rule"),

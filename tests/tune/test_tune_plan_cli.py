@@ -155,6 +155,7 @@ def test_cli_eval_plan_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (["--gains-per-octave", "2", "--gains", "2,4"], "without --gains"),
     (["--gain-rule", "energy", "--gain-tolerance", "0.2"], "--gain-rule energy"),
     (["--gain-rule", "energy", "--gain-descent"], "--gain-rule energy"),
+    (["--energy-budget", "1.5"], "--energy-budget goes with --gain-rule energy"),
 ])
 def test_cli_tune_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], msg: str) -> None:
     task = tmp_path / "tasks.py"

@@ -21,7 +21,8 @@ layers' candidate settings):
    lam E_i`` for decreasing ``lam``, one change at a time), up to the least-error settings.
 5. **Search**: a bisection along that path for the cheapest plan that reaches the target on the
    calibration inputs (same noise seed every trial). The predicted loss only orders the path;
-   the target is checked on the real model.
+   the target is checked on the real model. With an energy ``budget`` (times the single-gain
+   energy) instead: the last plan on the path within it (the least predicted loss it buys).
 """
 
 from __future__ import annotations
@@ -269,11 +270,13 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
                       config: ABFPConfig, metric: Any, gains: Sequence[float], repeats: Sequence[int],
                       modules: Sequence[str], energy_inputs: tuple[torch.Tensor, ...],
                       score: Callable[[dict[str, Setting]], float], meets: Callable[[float], bool], *,
-                      params: EnergyParams | None = None, exclude: Sequence[str] = (), seed: int = 0,
-                      progress: Callable[[str], None] | None = None) -> tuple[dict[str, Setting], dict[str, Any]]:
+                      budget: float | None = None, params: EnergyParams | None = None,
+                      exclude: Sequence[str] = (), seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[dict[str, Setting], dict[str, Any]]:
     """Steps 1-5 of this module: ``(module -> (gain, repeats), details)``. ``inputs`` (with
     ``targets`` for a label metric) measure the errors and sensitivities, ``energy_inputs`` the
-    energies; ``score(settings)`` is the metric of a plan on the calibration inputs."""
+    energies; ``score(settings)`` is the metric of a plan on the calibration inputs. ``budget``:
+    instead of the cheapest plan that meets the target, the plan of least predicted loss whose
+    energy is at most ``budget`` times that of the base config (every module at its gain, k = 1)."""
     say = progress or (lambda s: None)
     gains = _check_candidates(gains)
     reps = sorted({int(k) for k in repeats})
@@ -287,26 +290,38 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
     sens = sensitivities(model, inputs, config, deltas, lambda y: sign * (fp - metric(y, targets, ref)),
                          exclude=exclude, seed=seed)
     settings = [(g, k) for g in gains for k in reps]
+    base = (float(config.gain), 1)
     conv = convert(model, config, exclude=exclude).eval()
     try:
-        energies = layer_energies(conv, energy_inputs, settings, params)
+        energies = layer_energies(conv, energy_inputs, sorted({*settings, base}), params)
     finally:
         to_digital(conv)
-    fixed = {m: (config.gain, 1) for m in modules}
+    fixed = {m: base for m in modules}
     known = [m for m in prof.quant if m in energies]
     losses = {m: {s: sens[m] * prof.error_sq(m, s) for s in settings} for m in known}
-    path = [{**fixed, **p} for p in allocation_path(losses, {m: energies[m] for m in known})]
+    path = [{**fixed, **p} for p in allocation_path(losses, {m: {s: energies[m][s] for s in settings} for m in known})]
     say(f"  energy rule: {len(known)} modules, {len(settings)} settings each, a path of {len(path)} plans")
+
+    def energy(st: Mapping[str, Setting]) -> float:
+        return sum(e[st.get(m, base)] for m, e in energies.items())
+
+    e_base = energy(fixed)
 
     def trial(st: dict[str, Setting]) -> float:
         v = score(st)
-        e = sum(energies[m][st[m]] for m in known)
-        say(f"  energy rule: {e / 1e6:.4g} uJ per batch of the profiled modules: {metric.name} {v:.4g} on calibration")
+        say(f"  energy rule: {energy(st) / e_base:.3f} x the single-gain energy: {metric.name} {v:.4g} on calibration")
         return v
 
-    found = search_path(path, trial, meets)
+    if budget is None:
+        found = search_path(path, trial, meets)
+    else:  # the least predicted loss within the budget: the last path plan that fits
+        fits = [i for i, p in enumerate(path) if energy(p) <= budget * e_base * (1 + 1e-9)]
+        i = fits[-1] if fits else 0
+        v = trial(dict(path[i]))
+        found = Allocation(dict(path[i]), v, meets(v), i, len(path), [(i, v)])
     details = {"allocation": {"index": found.index, "path_length": found.path_length, "metric": found.metric,
-                              "reached": found.reached, "trials": found.trials},
+                              "reached": found.reached, "trials": found.trials, "budget": budget,
+                              "energy_ratio": energy(found.settings) / e_base},
                "sensitivity": sens, "error_sq": {m: {f"{g:g}x{k}": prof.error_sq(m, (g, k)) for g, k in settings}
                                                  for m in known},
                "settings": {m: list(s) for m, s in found.settings.items()}}

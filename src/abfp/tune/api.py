@@ -194,6 +194,7 @@ def tune(
     gain_tolerance: float = 0.0,
     gain_samples: int = 32,
     gain_descent: bool = False,
+    energy_budget: float | None = None,
     repeats: bool = True,
     max_repeats: int = 16,
     repeat_steps: int = 8,
@@ -223,7 +224,8 @@ def tune(
     ``gain_rule="energy"``: gains (from ``gains``) and repeats (powers of two up to
     ``max_repeats``; none when ``repeats`` is false) chosen together, the least energy per
     inference that reaches ``target`` on the calibration inputs (:mod:`.allocate`); the
-    repeats stage is then skipped.
+    repeats stage is then skipped. ``energy_budget`` (with the energy rule): instead, the plan
+    of least predicted error whose energy is at most that many times the single-gain energy.
     ``gain_descent``: after the gain stage, lower the gains, most expensive module first, while
     the target is still reached on the calibration inputs (:mod:`.descent`; a stage of its own).
     ``extra_metrics``: reported per stage besides ``metric``.
@@ -251,6 +253,13 @@ def tune(
             raise TypeError(f"extra_metrics must be abfp.zoo.base.Metric objects, got {type(m_).__name__}")
     if gain_rule not in ("error", "saturation", "energy"):
         raise ValueError(f"gain_rule must be 'error', 'saturation' or 'energy', got {gain_rule!r}")
+    if energy_budget is not None:
+        if gain_rule != "energy":
+            raise ValueError("energy_budget goes with gain_rule='energy'")
+        if isinstance(energy_budget, bool) or not isinstance(energy_budget, (int, float)) \
+                or not math.isfinite(energy_budget) or energy_budget <= 0:
+            raise ValueError(f"energy_budget must be a finite number > 0 (times the single-gain energy), got "
+                             f"{energy_budget!r}")
     if gain_rule == "energy" and (gain_tolerance or gain_descent):
         raise ValueError("the energy rule chooses the gains for the target itself: gain_tolerance and gain_descent "
                          "go with the error rule")
@@ -315,15 +324,19 @@ def tune(
             model, g_inputs, None if calib.targets is None else calib.targets[:gain_samples], config, metric,
             gains if gains is not None else power_of_two_gains(max_gain),
             repeat_options(max_repeats) if repeats else [1], modules, e_inputs,
-            lambda st: calibration_score(with_settings(st)), meets, params=params, exclude=exclude, seed=seed,
-            progress=say)
+            lambda st: calibration_score(with_settings(st)), meets, budget=energy_budget, params=params,
+            exclude=exclude, seed=seed, progress=say)
         details.update(found)
         chosen = {m: s[0] for m, s in settings.items()}
         gain_plan = with_settings(settings)
         al = details["allocation"]
-        stage("gain", gain_plan, t0, note=f"energy rule: plan {al['index']} of {al['path_length']} on the path, "
-              f"{al['metric']:.4g} on calibration" + ("" if al["reached"] else
-                                                       f" (misses the target {target:.4g}: the least-error plan)"))
+        miss = "" if al["reached"] else (f" (misses the target {target:.4g})" if energy_budget is not None
+                                          else f" (misses the target {target:.4g}: the least-error plan)")
+        within = "" if energy_budget is None else f" within {energy_budget:g}x the single-gain energy" + (
+            "" if al["energy_ratio"] <= energy_budget * (1 + 1e-9) else
+            f" (none fits: the cheapest plan, {al['energy_ratio']:.3g}x)")
+        stage("gain", gain_plan, t0, note=f"energy rule{within}: plan {al['index']} of {al['path_length']} on the "
+              f"path, {al['metric']:.4g} on calibration{miss}")
     else:
         chosen = choose_gains(model, g_inputs, config, rule=gain_rule, candidates=gains, max_gain=max_gain,
                               tolerance=gain_tolerance, exclude=exclude, seed=seed)

@@ -51,6 +51,9 @@ def _parser(sub) -> None:
     p.add_argument("--gain-rule", choices=["error", "saturation", "energy"], default="error",
                    help="error: each layer's least-error gain; saturation: the largest power of two with at most 1e-4 "
                         "saturated; energy: gains and repeats together, the least energy that reaches --target")
+    p.add_argument("--energy-budget", type=float, default=None,
+                   help="with --gain-rule energy: the most accurate plan within this many times the single-gain "
+                        "energy, instead of the cheapest that reaches --target")
     p.add_argument("--gains-per-octave", type=int, default=None,
                    help="candidate gains 2**(j/N) up to --max-gain (arbitrary gains; default 1: powers of two)")
     p.add_argument("--gains", type=csv_list(float, "--gains"), default=None,
@@ -103,7 +106,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     require_at_least(args, ("calibration", "eval_samples", "gain_samples", "max_repeats", "batch_size", "threads",
                             "finetune_steps", "finetune_batch_size", "gains_per_octave"))
     require_at_least(args, ("seed",), 0)
-    require_finite(args, ("max_gain", "target", "gain_tolerance", "finetune_lr"))
+    require_finite(args, ("max_gain", "target", "gain_tolerance", "finetune_lr", "energy_budget"))
+    if args.energy_budget is not None and (args.gain_rule != "energy" or args.energy_budget <= 0):
+        raise UsageError(f"--energy-budget goes with --gain-rule energy and must be > 0, got {args.energy_budget}")
     finetune_options = _finetune_options(args)
     if args.gain_tolerance is not None:
         if args.gain_tolerance < 0:
@@ -156,6 +161,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                    calibration_targets=calib.targets, eval_inputs=evald.inputs, eval_targets=evald.targets,
                    gain_rule=args.gain_rule, gains=args.gains, max_gain=args.max_gain,
                    gain_tolerance=args.gain_tolerance or 0.0, gain_descent=args.gain_descent,
+                   energy_budget=args.energy_budget,
                    gain_samples=args.gain_samples, repeats=not args.no_repeats, max_repeats=args.max_repeats,
                    finetune=None if args.finetune == "none" else args.finetune, finetune_options=finetune_options,
                    extra_metrics=zoo.extra_metrics(task.name),
