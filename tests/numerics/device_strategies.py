@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from hypothesis import strategies as st
 
 from abfp import ABFPConfig
@@ -29,3 +30,37 @@ def device_configs(max_dac_bits: int = 10, gains: tuple[float, ...] = (0.5, 1.0,
         bf16_io=st.booleans() if bf16_io else st.just(False),
         kernel=st.sampled_from(kernels),
     )
+
+
+def conv_geometries(groups=(1, 1, 2, 3), cin_per_group=st.integers(1, 7), cout_per_group=st.integers(1, 5),
+                    size=(3, 12), kernel=((1, 4), (1, 3))):
+    """2-D convolution geometries (batch, groups, channels per group, image size, kernel, stride,
+    padding, dilation, memory layout) for :func:`conv_case`."""
+    return st.fixed_dictionaries({
+        "batch": st.integers(1, 3),
+        "groups": st.sampled_from(list(groups)),
+        "cin_per_group": cin_per_group,
+        "cout_per_group": cout_per_group,
+        "h": st.integers(*size),
+        "w": st.integers(*size),
+        "kh": st.integers(*kernel[0]),
+        "kw": st.integers(*kernel[1]),
+        "stride": st.tuples(st.integers(1, 3), st.integers(1, 2)),
+        "padding": st.tuples(st.integers(0, 2), st.integers(0, 2)),
+        "dilation": st.tuples(st.integers(1, 2), st.integers(1, 2)),
+        "channels_last": st.booleans(),
+    })
+
+
+def conv_case(geo: dict, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict, bool]:
+    """``(x, weight, conv2d keyword arguments, valid)`` of a geometry drawn by :func:`conv_geometries`
+    (``valid``: the kernel fits the padded input)."""
+    G = geo["groups"]
+    x = torch.randn(geo["batch"], G * geo["cin_per_group"], geo["h"], geo["w"], generator=g) * 2
+    if geo["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(G * geo["cout_per_group"], geo["cin_per_group"], geo["kh"], geo["kw"], generator=g)
+    kw = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], groups=G)
+    ok = all(geo[s] + 2 * p - d * (k - 1) > 0 for s, p, d, k in
+             (("h", geo["padding"][0], geo["dilation"][0], geo["kh"]), ("w", geo["padding"][1], geo["dilation"][1], geo["kw"])))
+    return x, wt, kw, ok

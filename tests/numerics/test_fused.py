@@ -21,7 +21,7 @@ from abfp.numerics import AdcPlan, ProductStats, analog_product, fused
 from abfp.numerics.kernels import use_fused
 
 sys.path.insert(0, str(Path(__file__).parent))
-from device_strategies import device_configs  # noqa: E402
+from device_strategies import conv_case, conv_geometries, device_configs  # noqa: E402
 from kernel_spies import spied_kernels  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
@@ -34,42 +34,18 @@ noise = st.sampled_from([0.0, 0.0, 0.3, 1.0, 3.0])
 @pytest.fixture
 def compiled(monkeypatch):
     """``compiled(on)``: run with or without the compiled kernels; counts their calls."""
-    return spied_kernels(monkeypatch, {"patch_encode": "conv", "patch_codes": "conv", "epilogue_rows": "rows"})
+    return spied_kernels(monkeypatch, {"patch_encode": "conv", "patch_codes": "conv", "grouped_direct": "conv",
+                                       "epilogue_rows": "rows"})
 
 
-geometries = st.fixed_dictionaries({
-    "batch": st.integers(1, 3),
-    "groups": st.sampled_from([1, 1, 2, 3]),
-    "cin_per_group": st.integers(1, 7),
-    "cout_per_group": st.integers(1, 5),
-    "h": st.integers(3, 12),
-    "w": st.integers(3, 12),
-    "kh": st.integers(1, 4),
-    "kw": st.integers(1, 3),
-    "stride": st.tuples(st.integers(1, 3), st.integers(1, 2)),
-    "padding": st.tuples(st.integers(0, 2), st.integers(0, 2)),
-    "dilation": st.tuples(st.integers(1, 2), st.integers(1, 2)),
-    "channels_last": st.booleans(),
-})
-
-
-def _conv_args(geo, g):
-    G = geo["groups"]
-    x = torch.randn(geo["batch"], G * geo["cin_per_group"], geo["h"], geo["w"], generator=g) * 2
-    if geo["channels_last"]:
-        x = x.contiguous(memory_format=torch.channels_last)
-    wt = torch.randn(G * geo["cout_per_group"], geo["cin_per_group"], geo["kh"], geo["kw"], generator=g)
-    kw = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], groups=G)
-    ok = all(geo[s] + 2 * p - d * (k - 1) > 0 for s, p, d, k in
-             (("h", geo["padding"][0], geo["dilation"][0], geo["kh"]), ("w", geo["padding"][1], geo["dilation"][1], geo["kw"])))
-    return x, wt, kw, ok
+geometries = conv_geometries()
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(geo=geometries, cfg=configs, std=noise, seed=st.integers(0, 2**31 - 1))
 def test_convolution_equals_the_torch_path(compiled, geo, cfg, std, seed):
     cfg = cfg.replace(noise_std=std)
-    x, wt, kw, ok = _conv_args(geo, torch.Generator().manual_seed(seed))
+    x, wt, kw, ok = conv_case(geo, torch.Generator().manual_seed(seed))
     assume(ok)
     outs = []
     for on in (True, False):
@@ -186,6 +162,7 @@ def test_four_channel_epilogue_equals_the_torch_path(monkeypatch, cout, groups):
     """Output channels per group a multiple of 4: :func:`fused.epilogue_cols4` (one noise hash per
     four channels) gives the torch path's numbers and clipped count, with noise and saturation."""
     set_mode = spied_kernels(monkeypatch, {"epilogue_cols4": "four"})
+    monkeypatch.setattr(conv, "DIRECT_GROUPED", False)  # grouped ones would take fused.grouped_direct
     g = torch.Generator().manual_seed(cout)
     x = torch.randn(2, 2 * groups, 9, 13, generator=g) * 2
     wt = torch.randn(cout, 2, 3, 3, generator=g)

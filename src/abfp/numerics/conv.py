@@ -36,6 +36,11 @@ PATCH_BYTES = 1 << 21
 #: int8 GEMMs are one call per group and tile: grouped convolutions with more groups than
 #: this (depthwise ones) take one batched float32 GEMM instead.
 INT8_MAX_GROUPS = 4
+#: Grouped convolutions with at most this many output channels per group run through
+#: :func:`fused.grouped_direct` (:func:`use_direct`); ``DIRECT_GROUPED = False`` (tests) keeps
+#: them on the patch codes, GEMM and epilogue of the other convolutions.
+DIRECT_MAX_OUTPUTS = 8
+DIRECT_GROUPED = True
 
 
 @functools.lru_cache(maxsize=256)
@@ -75,6 +80,17 @@ def _fill_phases(xs: Tensor, src: Tensor, pads: tuple[int, int, int, int], strid
             cols = len(range(rx, w, stride_w))
             if rows > 0 and cols > 0:
                 xv[:, a * stride_w + bb, :b, y0 : y0 + rows, x0 : x0 + cols].copy_(src[:, :, ry::stride_h, rx::stride_w])
+
+
+def use_direct(cfg: ABFPConfig, weights: Encoded, groups: int, int8: bool) -> bool:
+    """Whether a convolution runs through :func:`fused.grouped_direct` (one pass per group and
+    image: no patch codes, no tile products in memory) rather than :func:`fused.patch_encode`, a
+    batched GEMM per group and :func:`fused.epilogue_cols`: grouped (depthwise) convolutions with
+    at most :data:`DIRECT_MAX_OUTPUTS` output channels per group, not on int8 GEMMs, with
+    bfloat16 or float32 block scales (``pow2`` scales are rounded by torch), where
+    :data:`DIRECT_GROUPED` allows it. The same numbers either way."""
+    return (DIRECT_GROUPED and groups > 1 and weights.codes.shape[3] <= DIRECT_MAX_OUTPUTS and not int8
+            and cfg.scale_dtype in ("bfloat16", "float32"))
 
 
 def _matmul_into(out: Tensor, a: Tensor, b: Tensor) -> None:
@@ -131,6 +147,10 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     xs = scratch("phases", (c * stride_h * stride_w, nb, phase_rows, row_width), torch.float32, x.device).zero_()
     xs_np = fused.as_numpy(xs.view(c * stride_h * stride_w, nb, phase_rows * row_width))
     weight_scales_np = fused.as_numpy(weights.scales)
+    direct = use_direct(cfg, weights, G, int8)
+    if direct:  # the weight codes as the GEMM would multiply them (float32, or float64 for a wide GEMM)
+        wc_np = fused.as_numpy(weights.codes.to(plan.gemm_dtype).contiguous())
+        static_np = np.float32(-1.0 if static is None else static.item())
     fused.set_threads()
     clipped = 0
     for b0, b1, h0, h1 in chunks:
@@ -139,6 +159,11 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
             _fill_phases(xs, src[:, b0:b1], pads, stride)
         L = out_rows * row_width
         offs = k_off + h0 * row_width
+        if direct:
+            clipped += fused.grouped_direct(xs_np, k_src, offs, kg, n, cfg.scale_dtype == "bfloat16", static_np, lx,
+                                            wc_np, weight_scales_np, *adc_args, fused.as_numpy(y[b0:b1, :, h0:h1]),
+                                            row_width, bt * ho * wo, (b0 * ho + h0) * wo, fused.DIRECT_ELEMENTS)
+            continue
         codes = scratch("patch_codes", (G, kg, b * L), code_dtype, x.device)
         if static is None:
             s = scratch("input_scales", (T, G, b, L), torch.float32, x.device)

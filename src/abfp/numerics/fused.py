@@ -69,6 +69,9 @@ _MIN_NORMAL = np.float32(2.0**-126)
 #: Rows and columns of one work item of :func:`narrow_rows` (its sums: 16 KiB, in L1).
 NARROW_ROWS = 16
 NARROW_COLS = 256
+#: Values (codes or partial sums of one output channel) per block of :func:`grouped_direct`:
+#: a few output rows at a time stay in L1/L2.
+DIRECT_ELEMENTS = 4096
 
 _launched_in: int | None = None  # the process whose threads ran the kernels
 
@@ -163,6 +166,23 @@ if AVAILABLE:
         """``dst[v] = _code(src[v], scales[v])`` along one run of positions."""
         for v in range(src.shape[0]):
             dst[v] = _code(src[v], scales[v], lx, clamp)
+
+    @njit(inline="always", **_jit)
+    def _block_scales(xs, k_src, k_off, k0, k1, b, v0, nv, bf16, o):
+        """``o[v] = max |xs[k_src[k], b, k_off[k] + v0 + v]|`` over reduction indices ``k0 .. k1 - 1``
+        (a block of patch values) for ``v < nv``, rounded to nearest even bfloat16 as torch
+        converts where ``bf16`` (else float32 as it is)."""
+        for v in range(nv):
+            o[v] = np.float32(0.0)
+        for k in range(k0, k1):
+            src = xs[k_src[k], b, k_off[k] + v0 : k_off[k] + v0 + nv]
+            for v in range(nv):
+                a = abs(src[v])
+                o[v] = a if a > o[v] else o[v]
+        if bf16:
+            u = o[:nv].view(np.uint32)
+            for v in range(nv):
+                u[v] = (u[v] + np.uint32(0x7FFF) + ((u[v] >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
 
     @njit(parallel=True, **_jit)
     def epilogue_rows(d, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, b_off, M, m_off):
@@ -395,20 +415,9 @@ if AVAILABLE:
             g = (bgt // T) % G
             t = bgt % T
             o = out_s[t, g, b]
-            for v in range(L):
-                o[v] = np.float32(0.0)
             k0 = g * kg + t * n
             k1 = g * kg + min(kg, t * n + n)
-            for k in range(k0, k1):
-                off = k_off[k]
-                src = xs[k_src[k], b, off : off + L]
-                for v in range(L):
-                    a = abs(src[v])
-                    o[v] = a if a > o[v] else o[v]
-            if bf16:
-                u = o.view(np.uint32)
-                for v in range(L):
-                    u[v] = (u[v] + np.uint32(0x7FFF) + ((u[v] >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+            _block_scales(xs, k_src, k_off, k0, k1, b, 0, L, bf16, o)
             cl = clamp
             if not cl:  # a subnormal scale may sit far below its block's max: clamp this tile
                 for v in range(L):
@@ -437,6 +446,82 @@ if AVAILABLE:
             src = xs[k_src[k], b, off : off + L]
             dst = out[g, kk, b * L : (b + 1) * L]
             _dac(src, sc, lx, clamp, dst)
+
+    @njit(parallel=True, **_jit)
+    def grouped_direct(xs, k_src, k_off, kg, n, bf16, static, lx, wc, sw, lsb_num, lsb_den, noise_step, ly, key,
+                       noisy, count, y, virtual_w, p_total, p_off, block):
+        """A grouped (depthwise) convolution in one pass, no patch matrix, no partial sums in memory.
+
+        For each group ``g`` and image ``ib`` (one work item), a few output rows at a time:
+        per tile ``t`` the block scales over the patch values of the group's reduction indices
+        ``g kg + t n ...`` (read as :func:`patch_encode` reads them: ``xs[k_src[k], ib, k_off[k] + v]``,
+        bfloat16 or float32 as ``bf16`` says, or the fixed-mode scale ``static`` when it is
+        not negative), each index's DAC codes (:func:`_code`, always clamped: where the clamp
+        is not needed it changes no code), their exact tile products ``D`` with the group's
+        weight codes ``wc`` (G, T, n, Ng) in ``wc``'s dtype (float32 or float64: the GEMM's
+        exact integers), then the ADC and the float32 tile sum of :func:`epilogue_cols` (same
+        noise index, same operations in the same order), written into ``y`` (bc, G Ng, out_h, wo).
+        ``block``: values per block of output rows (:data:`DIRECT_ELEMENTS`). Returns the number
+        of clipped samples (``count``; else 0)."""
+        G, T, _, Ng = wc.shape
+        bc, _, out_h, wo = y.shape
+        kt = min(n, kg)
+        rows = max(1, min(out_h, block // (virtual_w * max(kt, Ng))))
+        seg = rows * virtual_w
+        clipped = 0
+        for gb in prange(G * bc):
+            g = gb // bc
+            ib = gb % bc
+            s = np.empty(seg, np.float32)
+            c = np.empty(seg, wc.dtype)
+            d = np.empty((Ng, seg), wc.dtype)
+            acc = np.empty((Ng, seg), np.float32)
+            for h0 in range(0, out_h, rows):
+                nh = min(rows, out_h - h0)
+                nv = nh * virtual_w
+                v0 = h0 * virtual_w
+                for o in range(Ng):
+                    for v in range(nv):
+                        acc[o, v] = np.float32(0.0)
+                for t in range(T):
+                    k0 = g * kg + t * n
+                    k1 = g * kg + min(kg, t * n + n)
+                    if static >= 0:
+                        for v in range(nv):
+                            s[v] = static
+                    else:
+                        _block_scales(xs, k_src, k_off, k0, k1, ib, v0, nv, bf16, s)
+                    for o in range(Ng):
+                        for v in range(nv):
+                            d[o, v] = 0
+                    for k in range(k0, k1):
+                        src = xs[k_src[k], ib, k_off[k] + v0 : k_off[k] + v0 + nv]
+                        for v in range(nv):
+                            c[v] = _code(src[v], s[v], lx, True)
+                        for o in range(Ng):
+                            w = wc[g, t, k - k0, o]
+                            do = d[o]
+                            for v in range(nv):
+                                do[v] += c[v] * w
+                    for o in range(Ng):
+                        wt = sw[g, t, o]
+                        do = d[o]
+                        ao = acc[o]
+                        for h in range(nh):
+                            base = (((g * T + t) * p_total + p_off + (ib * out_h + h0 + h) * wo) * Ng) + o
+                            for w in range(wo):
+                                v = h * virtual_w + w
+                                r = _lsb(do[v], lsb_num, lsb_den, noise_step, key, noisy, base + w * Ng)
+                                if count:
+                                    clipped += abs(r) > ly
+                                ao[v] += (np.float32(np.rint(min(max(r, -ly), ly))) * s[v]) * wt
+                for o in range(Ng):
+                    ao = acc[o]
+                    for h in range(nh):
+                        row = y[ib, g * Ng + o, h0 + h]
+                        for w in range(wo):
+                            row[w] = ao[h * virtual_w + w]
+        return clipped
 
     @njit(parallel=True, fastmath={"nnan", "ninf", "nsz"}, **_jit)
     def rows_block_max(x, n, out):
