@@ -167,3 +167,52 @@ def test_checkpoints_key_on_the_sampler_version(tmp_path) -> None:
     with pytest.raises(ValueError, match=f"sampler_version: checkpoint {SAMPLER_VERSION - 1} vs now {SAMPLER_VERSION} .*drew other"):
         _check_compatible({"options": {**opts, "sampler_version": SAMPLER_VERSION - 1}}, {"options": opts},
                           tmp_path / "c")
+
+
+def test_stream_keys_are_splitmix64_outputs() -> None:
+    """``key_c`` is the c-th SplitMix64 output of ``base`` (computed here with the int64 tensor
+    version of the mixer), 63 bits; distinct over a long stream and across bases."""
+    from abfp.finetune.sampler import stream_key
+    from abfp.numerics.counter_noise import splitmix64
+
+    for base in (0, 1, 2**63 - 2, 0x1234_5678_9ABC_DEF):
+        c = torch.arange(1000, dtype=torch.int64)
+        ref = [(v & (2**64 - 1)) >> 1 for v in splitmix64(base, c + 1).tolist()]
+        got = [stream_key(base, i) for i in range(1000)]
+        assert got == ref
+        assert all(0 <= k < 2**63 for k in got) and len(set(got)) == 1000
+    assert stream_key(5, 0) != stream_key(6, 0)
+
+
+def test_one_generator_draw_per_forward_and_the_documented_keys(tiny_model, tiny_train, tiny_config) -> None:
+    """A training forward draws one key from torch's global generator (at its first noisy
+    product) and gives its c-th noisy product the key ``stream_key(base, c)``: the output equals
+    the float32 network with ``add_noise(..., key=stream_key(base, c))`` at each site in turn."""
+    from abfp.finetune import add_noise
+    from abfp.finetune.sampler import stream_key
+
+    x = tiny_train.inputs[0][:16]
+    m = abfp.convert(tiny_model, tiny_config)
+    hists = build_histograms(m, (x,))
+    noise = DNFNoise(m, hists, backend="eager").attach()
+    m.train()
+    torch.manual_seed(11)
+    out = m(x)
+    after = torch.get_rng_state()
+    torch.manual_seed(11)
+    base = int(torch.randint(0, 2**63 - 1, (1,)))
+    assert torch.equal(torch.get_rng_state(), after)  # exactly one draw
+    # the same forward by hand: float32 products, the noise of each site with its stream key
+    ref = abfp.convert(tiny_model, tiny_config)
+    count = iter(range(100))
+    abfp.analog_state(ref).interceptors["*"] = lambda call: add_noise(
+        call.digital(), hists[call.site], backend="eager", key=stream_key(base, next(count)))
+    ref.train()
+    assert torch.equal(out, ref(x))
+    assert next(count) == len(hists)  # every site drew one key
+    # a second forward starts a new stream from a new draw: other noise
+    torch.manual_seed(11)
+    assert torch.equal(m(x), out)
+    assert not torch.equal(m(x), out)
+    noise.detach()
+    assert not m._forward_pre_hooks or all(h is not noise.keys for h in m._forward_pre_hooks.values())

@@ -34,7 +34,7 @@ import torch
 
 from ..numerics import fused
 
-__all__ = ["AVAILABLE", "BLOCK", "CHUNK", "add_alias_noise_", "padded", "usable"]
+__all__ = ["AVAILABLE", "BLOCK", "CHUNK", "add_alias_noise_", "kernel_args", "launch", "padded", "usable"]
 
 #: elements per parallel work item (a few pages of float32: small next to a layer output; divides 2^32)
 CHUNK = 16384
@@ -230,14 +230,32 @@ if AVAILABLE:
             _chunk(y, ch, n, key, tab, b, lo, width, u, kb)
 
 
+def kernel_args(tab: np.ndarray, lo: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """``(table, b, lo, width)`` as the kernel reads them, from the tables of
+    :meth:`Histogram.kernel_tables` (``tab`` (C, 2^b)): the table with zero columns appended up
+    to 128 slots (:mod:`.avx512_block` loads 128 entries; slots ``>= 2^b`` are never looked up)
+    and ``b`` (a sampler keeps these per histogram: :func:`launch` takes them)."""
+    b = tab.shape[1].bit_length() - 1
+    if tab.shape[1] < 128:
+        out = np.zeros((tab.shape[0], 128), np.uint32)
+        out[:, : tab.shape[1]] = tab
+        tab = out
+    return tab, b, lo, width
+
+
 def padded(tab: np.ndarray) -> np.ndarray:
-    """The packed table ``tab`` (C, 2^b) as the kernel reads it: zero columns appended up to
-    128 slots (:mod:`.avx512_block` loads 128 entries; slots ``>= 2^b`` are never looked up)."""
-    if tab.shape[1] >= 128:
-        return tab
-    out = np.zeros((tab.shape[0], 128), np.uint32)
-    out[:, : tab.shape[1]] = tab
-    return out
+    """The packed table ``tab`` (C, 2^b) padded to at least 128 slots (:func:`kernel_args`)."""
+    return kernel_args(tab, tab[:0, 0], tab[:0, 0])[0]
+
+
+def launch(flat: np.ndarray, n: int, key: int, tab: np.ndarray, b: int, lo: np.ndarray, width: np.ndarray) -> None:
+    """``flat[i] += xi_i`` for the flat float32 array ``flat`` laid out (outer, C, ``n``), with the
+    tables of :func:`kernel_args`; no checks (:func:`add_alias_noise_` is the checked entry)."""
+    if flat.shape[0] <= CHUNK or torch.get_num_threads() == 1:  # no thread pool to launch
+        _alias_noise_serial(flat, n, key, tab, b, lo, width)  # key: a Python int (numba passes it as int64 faster)
+    else:
+        fused.set_threads()
+        _alias_noise(flat, n, key, tab, b, lo, width)
 
 
 def add_alias_noise_(y: torch.Tensor, layout: tuple[int, int, int], key: int, tab: np.ndarray, lo: np.ndarray,
@@ -246,11 +264,4 @@ def add_alias_noise_(y: torch.Tensor, layout: tuple[int, int, int], key: int, ta
     = (outer, C, inner)); tables as :meth:`Histogram.kernel_tables` gives them."""
     if not (y.is_contiguous() and y.dtype == torch.float32 and y.device.type == "cpu"):
         raise ValueError("the compiled sampler needs a contiguous float32 CPU tensor")
-    flat = y.detach().numpy().reshape(-1)
-    b = tab.shape[1].bit_length() - 1
-    args = (flat, max(1, layout[2]), key, padded(tab), b, lo, width)  # key: a Python int (numba passes it as int64 faster)
-    if flat.shape[0] <= CHUNK or torch.get_num_threads() == 1:  # no thread pool to launch
-        _alias_noise_serial(*args)
-    else:
-        fused.set_threads()
-        _alias_noise(*args)
+    launch(y.detach().numpy().reshape(-1), max(1, layout[2]), key, *kernel_args(tab, lo, width))

@@ -9,7 +9,9 @@
 3. :class:`DNFNoise` is an interceptor (``abfp.analog_state(m).interceptors["*"]``): in
    training mode a product returns ``y_fp32(x) + xi`` with ``xi`` i.i.d. from its site's
    histogram (ordinary float32 autograd; no tiling or quantisation); in eval mode, and at
-   sites without a histogram, it returns ``y_fp32(x)``.
+   sites without a histogram, it returns ``y_fp32(x)``. One forward draws one key from
+   torch's global generator; its noisy products take the keys of a SplitMix64 stream seeded
+   with it (:mod:`.sampler`, :class:`KeyStream`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from torch import Tensor, nn
 from ..nn import analog_state, reseed
 from ..nn.mode import ProductCall
 from .histogram import DEFAULT_BINS, DEFAULT_SMOOTHING, Histogram
-from .sampler import Backend, add_noise, warm_up
+from ..numerics.counter_noise import noise_key
+from .sampler import Backend, add_noise, stream_key, warm_up
 
-__all__ = ["DNFNoise", "SiteDifferential", "build_histograms", "channel_dim_of", "record_differentials",
+__all__ = ["DNFNoise", "KeyStream", "SiteDifferential", "build_histograms", "channel_dim_of", "record_differentials",
            "select_noisiest"]
 
 
@@ -127,31 +130,65 @@ def select_noisiest(hists: Mapping[str, Histogram], fraction: float, by: str = "
     return ranked[: max(1, math.ceil(fraction * len(ranked)))]
 
 
+class KeyStream:
+    """The sampler keys of one model's forwards (:mod:`.sampler`, version 4): a forward pre-hook
+    of the model's root (a new forward, a new stream) and :meth:`next`, the key of the next
+    noisy product: the first of a forward draws ``base`` from torch's global generator, the
+    ``c``-th gets :func:`~.sampler.stream_key` ``(base, c)``."""
+
+    __slots__ = ("base", "count")
+
+    def __init__(self) -> None:
+        self.base: int | None = None
+        self.count = 0
+
+    def __call__(self, module: nn.Module, args: object) -> None:
+        self.base = None
+
+    def next(self) -> int:
+        if self.base is None:
+            self.base = noise_key(None)
+            self.count = 0
+        c = self.count
+        self.count = c + 1
+        return stream_key(self.base, c)
+
+
 class DNFNoise:
-    """Interceptor of a converted model: ``y_fp32(x) + xi`` in training mode (see module doc)."""
+    """Interceptor of a converted model: ``y_fp32(x) + xi`` in training mode (see module doc).
+    :meth:`attach` also registers the :class:`KeyStream` as a forward pre-hook of the model's
+    root (a forward that does not enter through the root continues the previous stream)."""
 
     def __init__(self, model: nn.Module, histograms: Mapping[str, Histogram], *, backend: Backend = "auto") -> None:
         self.model = model
         self.histograms = dict(histograms)
         self.backend: Backend = backend
+        self.keys = KeyStream()
+        self._hook: object | None = None
 
     def __call__(self, call: ProductCall) -> Tensor:
         y = call.digital()
         hist = self.histograms.get(call.site)
         if hist is None or not self.model.training:
             return y
-        return add_noise(y, hist, backend=self.backend)
+        return add_noise(y, hist, backend=self.backend, key=self.keys.next())
 
     def attach(self) -> "DNFNoise":
         state = analog_state(self.model)
         state.interceptors.clear()
         state.interceptors["*"] = self
+        if self._hook is None:
+            self._hook = self.model.register_forward_pre_hook(self.keys)
+        self.keys.base = None
         return self
 
     def detach(self) -> None:
         state = analog_state(self.model)
         if state.interceptors.get("*") is self:
             del state.interceptors["*"]
+        if self._hook is not None:
+            self._hook.remove()  # type: ignore[attr-defined]
+            self._hook = None
 
     def warm_up(self) -> None:
         """Compile the sampler for each site's recorded output shape (draws no global random numbers)."""

@@ -2,8 +2,7 @@
 
 A DNF training step adds one noise sample to every output element of every analog layer,
 so drawing the noise must cost little next to the layer itself. The sampler needs no
-random-number state: one 63-bit ``key`` is drawn per call from torch's global generator
-(so ``torch.manual_seed`` and ``torch.get_rng_state`` make runs repeatable), and the draw of
+random-number state: each call gets one 63-bit ``key``, and the draw of
 the element with flat index ``i`` (in the contiguous (outer, C, inner) view, row ``c`` of the
 tables for its channel ``c``) is a pure function of ``key`` and ``i``: two 32-bit words
 ``u, r`` (:mod:`.hash32`: a 32-bit hash of ``i``, keyed per call; it vectorises 8 wide on
@@ -19,14 +18,28 @@ bin probabilities are multiples of 2^-32 (exact to a few 2^-32), the position in
 bin has 24 bits.
 Gradients pass through unchanged: ``d(y + xi)/dy = 1``.
 
+Keys (version 4): :func:`add_noise` alone draws its key from torch's global generator
+(:func:`abfp.numerics.counter_noise.noise_key`). Inside a model (:class:`.dnf.DNFNoise`) one
+forward draws one ``base`` key from torch's global generator, at its first noisy product,
+and its ``c``-th noisy product (``c = 0, 1, ...``, in call order) gets
+
+    key_c = splitmix64(base + (c + 1) * 0x9E3779B97F4A7C15) >> 1            (:func:`stream_key`)
+
+the ``c``-th output of a SplitMix64 generator seeded with ``base`` (63 bits, as the drawn
+keys): distinct, independent-looking keys, a pure function of torch's generator state at
+the forward (``torch.manual_seed`` and ``torch.get_rng_state`` make runs repeatable and
+checkpoints resumable), at the cost of one generator draw per forward instead of one per
+product (a ``torch.randint`` right after a layer's GEMM cost about 90 us on a cold cache).
+
 Two implementations give the same bits (tested): the compiled kernel
 (:mod:`.alias_kernel`, numba, CPU float32) adds the noise *in place* in one pass over the
 output, with no other tensor per element; :func:`noisy_eager` is the readable torch version
 (any device and dtype, a handful of int64 temporaries per element). ``backend="auto"``
 takes the kernel wherever it applies.
 
-:data:`SAMPLER_VERSION` names the formula. Version 3 (this one, 2026-12-02) draws other
-values than version 2 (one splitmix64 per element, ``B`` slots: 64-bit multiplies, which
+:data:`SAMPLER_VERSION` names the formula. Version 4 (this one, 2026-12-02) draws each
+element as version 3 did from its key; version 3 drew every product's key from torch's global
+generator. Version 3 draws other values than version 2 (one splitmix64 per element, ``B`` slots: 64-bit multiplies, which
 CPUs without AVX-512 do not vectorise; 4-5x slower there) and version 1 (a 32-bit
 multiply-xorshift hash with three seeds per call, ``torch.compile``), from the same
 distributions. A finetuning checkpoint records it, so a run is never resumed with other
@@ -42,19 +55,29 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from ..numerics.counter_noise import noise_key
+from ..numerics.counter_noise import GOLDEN, MIX1, MIX2, noise_key
 from . import alias_kernel
 from .hash32 import words
 from .histogram import Histogram
 
-__all__ = ["SAMPLER_VERSION", "add_noise", "backend_in_use", "noisy_eager", "noisy_layout", "owns_memory", "warm_up", "Backend"]
+__all__ = ["SAMPLER_VERSION", "add_noise", "backend_in_use", "noisy_eager", "noisy_layout", "owns_memory", "stream_key",
+           "warm_up", "Backend"]
 
 Backend = Literal["auto", "compiled", "eager"]
 
 #: Version of the draw formula above (checkpoints key on it).
-SAMPLER_VERSION = 3
+SAMPLER_VERSION = 4
 
 _M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+
+
+def stream_key(base: int, c: int) -> int:
+    """``key_c`` of the module doc: the ``c``-th output of SplitMix64 seeded with ``base``, 63 bits."""
+    z = (base + (c + 1) * GOLDEN) & _M64
+    z = ((z ^ (z >> 30)) * MIX1) & _M64
+    z = ((z ^ (z >> 27)) * MIX2) & _M64
+    return (z ^ (z >> 31)) >> 1
 
 
 def noisy_eager(y3: Tensor, key: int, packed: Tensor, lo: Tensor, width: Tensor) -> Tensor:
@@ -135,15 +158,16 @@ class _AddNoise(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def add_noise(y: Tensor, hist: Histogram, *, backend: Backend = "auto") -> Tensor:
+def add_noise(y: Tensor, hist: Histogram, *, backend: Backend = "auto", key: int | None = None) -> Tensor:
     """``y + xi``, ``xi`` i.i.d. from ``hist`` (row ``c`` for index ``c`` of ``hist.channel_dim``).
 
-    Draws one key from torch's global generator; the gradient with respect to ``y`` is the
-    identity. The compiled backend adds the noise to ``y``'s own memory where
-    :func:`owns_memory` allows (a layer's fresh output) and returns ``y``: the addition is
-    outside autograd, which needs no node for it (the noise has no gradient, ``y``'s gradient
-    passes to ``y``'s producer unchanged); ``y``'s version is bumped, so that a producer that
-    kept its output for its backward makes autograd's version check raise there. Otherwise the result is a new tensor.
+    ``key``: the call's 63-bit key (module doc); ``None`` draws one from torch's global
+    generator. The gradient with respect to ``y`` is the identity. The compiled backend adds
+    the noise to ``y``'s own memory where :func:`owns_memory` allows (a layer's fresh output)
+    and returns ``y``: the addition is outside autograd, which needs no node for it (the noise
+    has no gradient, ``y``'s gradient passes to ``y``'s producer unchanged); ``y``'s version is
+    bumped, so that a producer that kept its output for its backward makes autograd's version
+    check raise there. Otherwise the result is a new tensor.
     ``backend="compiled"`` raises where the kernel cannot run (numba absent, not a float32 CPU
     tensor).
     """
@@ -155,9 +179,11 @@ def add_noise(y: Tensor, hist: Histogram, *, backend: Backend = "auto") -> Tenso
         raise ValueError(f"the compiled DNF sampler needs numba and a float32 CPU tensor (got {y.dtype} on "
                          f"{y.device.type}, numba {'usable' if alias_kernel.usable() else 'not usable'}); "
                          "use backend 'auto' or 'eager'")
-    key = noise_key(None)
+    if key is None:
+        key = noise_key(None)
     if compiled and owns_memory(y):
-        alias_kernel.add_alias_noise_(y, layout, key, *hist.kernel_tables())
+        tables = hist.memo("kernel_args", lambda: alias_kernel.kernel_args(*hist.kernel_tables()))
+        alias_kernel.launch(y.detach().numpy().reshape(-1), max(1, layout[2]), key, *tables)
         increment_version(y)  # written through numpy: tell autograd's version check
         return y
     return _AddNoise.apply(y, hist, compiled, key, layout)
