@@ -216,3 +216,84 @@ def test_one_generator_draw_per_forward_and_the_documented_keys(tiny_model, tiny
     assert not torch.equal(m(x), out)
     noise.detach()
     assert not m._forward_pre_hooks or all(h is not noise.keys for h in m._forward_pre_hooks.values())
+
+
+class _Mixer(torch.nn.Module):
+    """A functional module (its own ``@`` products) around leaf sites, a leaf called twice, a
+    Linear subclass (not a leaf site: its forward is its own) and a module without products."""
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 0.5 * super().forward(x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.q = torch.nn.Linear(4, 4)
+        self.k = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.scaled = self.Scaled(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.conv(x).flatten(2).transpose(1, 2)  # (N, 36, 4)
+        q, k = self.q(self.norm(t)), self.k(t)
+        a = (q @ k.transpose(1, 2)).softmax(-1) @ self.k(t)  # k called twice
+        return self.head(self.scaled(a).mean(1))
+
+
+@pytest.mark.parametrize("backend, per_channel, fraction", [("auto", False, 1.0), ("eager", True, 1.0),
+                                                            ("auto", True, 0.5)])
+def test_direct_sites_give_the_intercepted_values(backend, per_channel, fraction) -> None:
+    """With direct sites (leaf sites noised on exit, modules without noisy sites not
+    intercepted) a DNF forward and backward give the bits of the fully intercepted path, and
+    draw one key per noisy product in the same order; both match a float32 run without noise
+    in eval mode."""
+    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    cfg = abfp.ABFPConfig(tile_width=8, gain=1.0, noise_std=0.5, seed=3)
+    base = _Mixer()
+    runs = []
+    for direct in (True, False):
+        m = abfp.convert(base, cfg)
+        hists = build_histograms(m, (x,), per_channel=per_channel)
+        hists = {s: hists[s] for s in select_noisiest(hists, fraction)}
+        noise = DNFNoise(m, hists, backend=backend, direct=direct).attach()
+        state = abfp.analog_state(m)
+        if direct:
+            assert set(state.direct.leaf.values()) == {s for s in hists if s.split(":")[0] in ("conv", "q", "k", "head")}
+            assert "scaled" not in [s.split(":")[0] for s in state.direct.leaf.values()]
+        else:
+            assert state.direct is None
+        m.train()
+        torch.manual_seed(7)
+        outs = [m(x) for _ in range(2)]
+        sum(o.square().sum() for o in outs).backward()
+        runs.append((outs, [p.grad.clone() for p in m.parameters()], noise.keys.count, torch.get_rng_state()))
+        m.eval()
+        assert torch.equal(m(x), base(x))
+    (a, ga, ca, ra), (b, gb, cb, rb) = runs
+    assert ca == cb == len(hists) + ("k:linear0" in hists) and torch.equal(ra, rb)  # k runs twice
+    assert all(torch.equal(p, q) for p, q in zip(a, b)) and not torch.equal(a[0], a[1])
+    assert all(torch.equal(p, q) for p, q in zip(ga, gb))
+
+
+def test_direct_sites_follow_refreshes_and_detach(tiny_model, tiny_train, tiny_config) -> None:
+    """Replacing the histograms (a refresh) rebuilds the direct sites; detaching removes them and the key hook."""
+    x = tiny_train.inputs[0][:16]
+    m = abfp.convert(tiny_model, tiny_config)
+    hists = build_histograms(m, (x,))
+    noise = DNFNoise(m, hists).attach()
+    state = abfp.analog_state(m)
+    assert set(state.direct.leaf.values()) == {"conv:conv0", "fc:linear0"}
+    noise.histograms = {"fc:linear0": hists["fc:linear0"]}
+    assert set(state.direct.leaf.values()) == {"fc:linear0"}
+    m.train()
+    torch.manual_seed(0)
+    m(x)
+    assert noise.keys.count == 1
+    noise.detach()
+    assert state.direct is None and not state.interceptors and len(m._forward_pre_hooks) == 1  # convert's own

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import analog_state, reseed
-from ..nn.mode import ProductCall
+from ..nn.mode import DirectSites, GuardedForward, ProductCall
+from ..ops.device import tracing
 from .histogram import DEFAULT_BINS, DEFAULT_SMOOTHING, Histogram
 from ..numerics.counter_noise import noise_key
 from .sampler import Backend, add_noise, stream_key, warm_up
@@ -154,17 +155,63 @@ class KeyStream:
         return stream_key(self.base, c)
 
 
+#: modules whose forward makes exactly one product, its output (``forward`` of the class as torch defines it)
+_LEAF_KINDS = {nn.Linear: ("linear0", nn.Linear.forward), nn.Conv1d: ("conv0", nn.Conv1d.forward),
+               nn.Conv2d: ("conv0", nn.Conv2d.forward), nn.Conv3d: ("conv0", nn.Conv3d.forward)}
+
+
+class _DirectDNF(DirectSites):
+    """The direct sites of a model under :class:`DNFNoise` (:mod:`abfp.nn.mode`): a site's output
+    is ``y_fp32 + xi`` wherever DNF would intercept it, ``y_fp32`` elsewhere, so a module whose
+    sites have no histogram needs no interception at all, and an ``nn.Linear`` or ``nn.Conv*d``
+    whose one product has a histogram gets its noise on exit, without the function mode."""
+
+    def __init__(self, noise: "DNFNoise") -> None:
+        self.noise = noise
+        self.state = analog_state(noise.model)
+        modules = dict(noise.model.named_modules())
+        by_module: dict[str, list[str]] = {}
+        for site in noise.histograms:
+            by_module.setdefault(site.rpartition(":")[0], []).append(site)
+        self.leaf: dict[nn.Module, str] = {}
+        functional = set()
+        for name, sites in by_module.items():
+            m = modules.get(name)
+            kind = _LEAF_KINDS.get(type(m))  # type: ignore[arg-type]
+            guard = None if m is None else m.__dict__.get("forward")
+            if (kind is not None and sites == [f"{name}:{kind[0]}"] and type(m).forward is kind[1]
+                    and isinstance(guard, GuardedForward) and guard.inner is None):
+                self.leaf[m] = sites[0]  # type: ignore[index]
+            else:
+                functional.add(name)
+        self.functional = frozenset(functional)
+
+    def active(self) -> bool:
+        st = self.state
+        return (self.noise.model.training and len(st.interceptors) == 1 and st.interceptors.get("*") is self.noise
+                and not st.recording and not st.calibrating and not tracing())
+
+    def output(self, site: str, y: Tensor) -> Tensor:
+        return add_noise(y, self.noise.histograms[site], backend=self.noise.backend, key=self.noise.keys.next())
+
+
 class DNFNoise:
     """Interceptor of a converted model: ``y_fp32(x) + xi`` in training mode (see module doc).
     :meth:`attach` also registers the :class:`KeyStream` as a forward pre-hook of the model's
-    root (a forward that does not enter through the root continues the previous stream)."""
+    root (a forward that does not enter through the root continues the previous stream) and,
+    with ``direct`` (default), sets the model's direct sites (:mod:`abfp.nn.mode`): modules
+    whose products get no noise run without interception, and an ``nn.Linear`` / ``nn.Conv*d``
+    gets its noise on exit (the same values, in the same order: tested). Assigning
+    :attr:`histograms` (a refresh) updates the direct sites."""
 
-    def __init__(self, model: nn.Module, histograms: Mapping[str, Histogram], *, backend: Backend = "auto") -> None:
+    def __init__(self, model: nn.Module, histograms: Mapping[str, Histogram], *, backend: Backend = "auto",
+                 direct: bool = True) -> None:
         self.model = model
-        self.histograms = dict(histograms)
         self.backend: Backend = backend
+        self.direct = direct
         self.keys = KeyStream()
         self._hook: object | None = None
+        self.histograms = histograms
 
     def __call__(self, call: ProductCall) -> Tensor:
         y = call.digital()
@@ -173,10 +220,23 @@ class DNFNoise:
             return y
         return add_noise(y, hist, backend=self.backend, key=self.keys.next())
 
+    @property
+    def histograms(self) -> dict[str, Histogram]:
+        return self._histograms
+
+    @histograms.setter
+    def histograms(self, histograms: Mapping[str, Histogram]) -> None:
+        """Replace the histograms (a refresh) and, when attached, the direct sites with them."""
+        self._histograms = dict(histograms)
+        state = analog_state(self.model)
+        if state.interceptors.get("*") is self:
+            state.direct = _DirectDNF(self) if self.direct else None
+
     def attach(self) -> "DNFNoise":
         state = analog_state(self.model)
         state.interceptors.clear()
         state.interceptors["*"] = self
+        state.direct = _DirectDNF(self) if self.direct else None
         if self._hook is None:
             self._hook = self.model.register_forward_pre_hook(self.keys)
         self.keys.base = None
@@ -186,6 +246,8 @@ class DNFNoise:
         state = analog_state(self.model)
         if state.interceptors.get("*") is self:
             del state.interceptors["*"]
+        if isinstance(state.direct, _DirectDNF) and state.direct.noise is self:
+            state.direct = None
         if self._hook is not None:
             self._hook.remove()  # type: ignore[attr-defined]
             self._hook = None

@@ -68,7 +68,7 @@ def convert(
     state.resolve(names)
     for name, module in model.named_modules():
         module.register_forward_pre_hook(EnterHook(name, state))
-        module.register_forward_hook(ExitHook(), always_call=True)
+        module.register_forward_hook(ExitHook(state), always_call=True)
         module.forward = GuardedForward(module, module.__dict__.get("forward"))
     setattr(model, STATE_ATTR, state)
     return model

@@ -26,6 +26,16 @@ finds its own frame by module, so exits that do not match the top repair the sta
 popping someone else's frame. Under a tracer (``torch.compile``, ``torch.export``,
 ``torch.jit.trace``) frames are trusted without looking at the interpreter stack, and the
 products become the custom operators of :mod:`abfp.ops.custom`.
+
+**Direct sites** (``AnalogState.direct``, a :class:`DirectSites` set by an interceptor that
+only needs the float32 product, e.g. DNF training): while ``direct.active()``, a module that is
+neither a *leaf site* nor a *functional* module, entered while no :class:`AnalogMode` runs,
+pushes no frame and enters no mode: it runs as the float32 module, its products float32 (the
+interceptor's answer at a site it does not touch). A leaf site (``nn.Linear``, ``nn.Conv1d/2d/3d``
+whose one product is its output) is never intercepted; its exit hook hands its output to
+``direct.output``. A functional module (one whose own ``forward`` makes products, e.g. ``q @ k``)
+enters the mode as usual, so its products are named and intercepted as always, and so are those
+of every module it calls (other than leaf sites).
 """
 
 from __future__ import annotations
@@ -47,8 +57,8 @@ from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, check_
                         run_product, warn_digital)
 from .state import AnalogState
 
-__all__ = ["AnalogMode", "EnterHook", "ExitHook", "Frame", "GuardedForward", "ProductCall", "digital_call", "drop_stale",
-           "leave", "run_product"]
+__all__ = ["AnalogMode", "DirectSites", "EnterHook", "ExitHook", "Frame", "GuardedForward", "ProductCall", "digital_call",
+           "drop_stale", "leave", "run_product"]
 
 _tls = threading.local()
 _tls.stack = []  # the importing thread's, made here so that a compiled call does not guard on its creation
@@ -115,15 +125,43 @@ def drop_stale(stack: list[Frame] | None = None, start: types.FrameType | None =
     return n
 
 
+class DirectSites:
+    """What ``AnalogState.direct`` holds (module doc): ``leaf`` maps each leaf-site module to its
+    site, ``functional`` names the modules whose own forward makes products; :meth:`active` says
+    whether the shortcut applies now, :meth:`output` returns a leaf site's output as the
+    interceptor would have answered its product (``y`` is the float32 product)."""
+
+    leaf: dict[torch.nn.Module, str]
+    functional: frozenset[str]
+
+    def active(self) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def output(self, site: str, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _mode_running(stack: list[Frame]) -> bool:
+    for f in stack:
+        if f.mode is not None:
+            return True
+    return False
+
+
 class EnterHook:
     """Forward pre-hook of a converted module: drops stale frames, pushes this module's frame,
-    and enters :class:`AnalogMode` if no running frame holds it."""
+    and enters :class:`AnalogMode` if no running frame holds it (with active direct sites, only
+    inside a functional module: module doc)."""
 
     def __init__(self, name: str, state: AnalogState) -> None:
         self.name = name
         self.state = state
 
     def __call__(self, module: torch.nn.Module, args: Any) -> None:
+        direct = self.state.direct
+        if direct is not None and self.name not in direct.functional and direct.active() \
+                and not _mode_running(_stack()):
+            return  # the float32 module (a leaf site's output is handed to direct.output on exit)
         dynamo = torch.compiler.is_dynamo_compiling()
         # torch's Module._call_impl, which runs forward next (dynamo cannot look at interpreter
         # frames: a frame it traces is trusted; a failed dynamo trace changes no Python state)
@@ -154,10 +192,20 @@ def leave(module: torch.nn.Module) -> None:
 
 class ExitHook:
     """Forward hook of a converted module (runs also when forward raises an ``Exception``,
-    except while ``torch.compiler.is_compiling()``): :func:`leave`."""
+    except while ``torch.compiler.is_compiling()``): :func:`leave`; the output of a leaf site
+    of active direct sites goes through ``direct.output`` (module doc)."""
 
-    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+    def __init__(self, state: AnalogState | None = None) -> None:
+        self.state = state
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
         leave(module)
+        direct = None if self.state is None else self.state.direct
+        if direct is not None and isinstance(output, torch.Tensor):
+            site = direct.leaf.get(module)
+            if site is not None and direct.active():
+                return direct.output(site, output)
+        return None
 
 
 class GuardedForward:
@@ -209,6 +257,9 @@ class AnalogMode(TorchFunctionMode):
         if not stack:
             return func(*args, **kwargs)
         frame = stack[-1]
+        direct = frame.state.direct
+        if direct is not None and frame.module in direct.leaf and direct.active():
+            return func(*args, **kwargs)  # a leaf site: its exit hook answers
         if handler is None:
             warn_digital(frame, name)
             return digital_call(frame, func, args, kwargs, "no analog model")

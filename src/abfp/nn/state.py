@@ -73,6 +73,9 @@ class AnalogState:
     # excluded modules (config None) whose products a site override may name: their products go
     # through the product families, each site then digital unless an override names it
     reincluded: frozenset[str] = frozenset()
+    # products answered without interception where they need none (abfp.nn.mode.DirectSites; DNF
+    # training sets it): set by whoever set the interceptor, not copied
+    direct: Any = None
     # site -> its site override (None: none matches), filled as products run
     _site_cache: dict[str, ABFPConfig | None] = field(default_factory=dict, repr=False)
 
@@ -126,8 +129,9 @@ class AnalogState:
 
     def _not_copied(self) -> dict[str, Any]:
         """What a copy (deep copy, pickle, ``torch.save``) starts afresh: no recordings, no
-        interceptors, zero coverage counts, an empty site cache, noise streams not yet drawn."""
-        return dict(records={}, interceptors={}, coverage=Coverage(), _site_cache={}, streams=self.streams.fresh())
+        interceptors or direct sites, zero coverage counts, an empty site cache, noise streams not yet drawn."""
+        return dict(records={}, interceptors={}, direct=None, coverage=Coverage(), _site_cache={},
+                    streams=self.streams.fresh())
 
     def __deepcopy__(self, memo: dict) -> "AnalogState":
         new = copy.copy(self)
