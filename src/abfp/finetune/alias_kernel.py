@@ -201,13 +201,14 @@ if AVAILABLE:
                 stop = min(end, i + BLOCK)
                 run = i // n
                 _run_mixed(y[i:stop], x0, k1, k2, run % C, i - run * n, n, tab, b, lo, width, u, kb)
-            else:  # runs of one channel, in blocks of at most BLOCK elements
+            else:  # runs of one channel, in blocks of at most BLOCK elements (no scratch: the rest of the run)
                 run = i // n
                 c = run % C
-                stop = min(end, (run + 1) * n, i + BLOCK)
                 if b <= _BITS16:
+                    stop = min(end, (run + 1) * n)
                     _run16(y[i:stop], x0, k1, k2, tab[c], b, lo[c], width[c])
                 else:
+                    stop = min(end, (run + 1) * n, i + BLOCK)
                     _run(y[i:stop], x0, k1, k2, tab[c], b, lo[c], width[c], u, kb)
             i = stop
 

@@ -234,7 +234,9 @@ class GuardedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return self._forward()(*args, **kwargs)
+            if self.inner is None:  # the class's forward, without binding it (runs at every module call)
+                return type(self.module).forward(self.module, *args, **kwargs)
+            return self.inner(*args, **kwargs)
         except BaseException:
             leave(self.module)
             raise
