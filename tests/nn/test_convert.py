@@ -364,3 +364,35 @@ def test_functional_call_runs_on_the_device_and_func_transforms_are_refused_by_n
     for transform in (lambda: grad(lambda p: functional_call(cm, p, (x,)).sum())(params), lambda: vmap(cm)(x[:, None])):
         with pytest.raises(NotImplementedError, match=r"product 0:linear0 .*torch.func transform"):
             transform()
+
+
+def test_product_free_torch_modules_get_no_hooks_and_sites_stay_put() -> None:
+    """Activations, norms, dropout and a non-root ``nn.Sequential`` run without convert's hooks;
+    a subclass with its own forward, an instance-level forward and the root keep them, and the
+    products keep their sites and values (an independent evaluation with abfp.functional)."""
+
+    class Doubled(nn.ReLU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * torch.relu(x) @ torch.eye(x.shape[-1])  # a product inside an activation
+
+    g = torch.Generator().manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.LayerNorm(8), nn.GELU(), nn.Dropout(0.0)), Doubled(),
+                      nn.ReLU(), nn.Linear(8, 3))
+    m[3].forward = lambda x: torch.relu(x)  # an instance forward: hooks stay
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    cfg = ABFPConfig(tile_width=8, gain=1.0, noise_std=0.0)
+    am = abfp.convert(m, cfg)
+    hooked = {name for name, mod in am.named_modules() if mod._forward_pre_hooks}
+    assert hooked == {"", "0", "2", "3", "4"}
+    x = torch.randn(4, 8, generator=g)
+    am.eval()
+    with torch.no_grad():
+        y = am(x)
+        h = AF.linear(x, m[0].weight, m[0].bias, config=cfg)
+        h = F.gelu(F.layer_norm(h, (8,), m[1][0].weight, m[1][0].bias))
+        h = torch.relu(AF.matmul(2 * torch.relu(h), torch.eye(8), config=cfg))
+        expect = AF.linear(h, m[4].weight, m[4].bias, config=cfg)
+    torch.testing.assert_close(y, expect, rtol=0, atol=0)
+    assert [r.site for r in abfp.summary(am, x).rows] == ["0:linear0", "2:matmul0", "4:linear0"]

@@ -1,7 +1,9 @@
 """``convert`` a model to run its products on the device, ``to_digital`` to undo it.
 
 Modules are not replaced: each gets a pre-hook, a hook and an instance-level ``forward`` that
-calls its own and cleans up when it raises (see :mod:`abfp.nn.mode`), so parameters, buffers,
+calls its own and cleans up when it raises (see :mod:`abfp.nn.mode`), except the torch modules
+whose forward makes no product (:data:`_PRODUCT_FREE`: activations, norms, pooling, dropout,
+``nn.Sequential``; not the root), so parameters, buffers,
 ``state_dict`` keys, subclasses and what their ``forward`` computes stay as they were, and a
 converted model's ``state_dict`` loads into the original model and back.
 """
@@ -21,6 +23,25 @@ from .mode import EnterHook, ExitHook, GuardedForward
 from .state import AnalogState, _matches, is_site_pattern, normalise_overrides, site_pattern_names_a_module
 
 STATE_ATTR = "abfp_state"
+
+#: torch modules whose own ``forward`` makes no product (activations, norms, pooling, dropout,
+#: reshapes, ``nn.Sequential``, which only calls its children): they never hold the frame of a
+#: product, so ``convert`` gives them no hooks (a module with hooks takes torch's slow call path,
+#: about 15 us of Python per call; a converted ViT forward has 18 such modules, a DNF training
+#: step of it runs them on top of the float32 work). The class's forward as torch defines it:
+#: a subclass, a patched class or an instance-level ``forward`` keeps its hooks.
+_PRODUCT_FREE = {cls: cls.forward for cls in (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardswish,
+    nn.Hardsigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Sequential)}
+
+
+def product_free(module: nn.Module) -> bool:
+    """Whether ``module`` is one of :data:`_PRODUCT_FREE` running its class's own ``forward``."""
+    fwd = _PRODUCT_FREE.get(type(module))
+    return fwd is not None and type(module).forward is fwd and "forward" not in module.__dict__
 
 
 def convert(
@@ -67,6 +88,8 @@ def convert(
     _check_patterns(state, names)
     state.resolve(names)
     for name, module in model.named_modules():
+        if name and product_free(module):  # no frame needed (the root always gets one: it enters the mode once)
+            continue
         module.register_forward_pre_hook(EnterHook(name, state))
         module.register_forward_hook(ExitHook(state), always_call=True)
         module.forward = GuardedForward(module, module.__dict__.get("forward"))
