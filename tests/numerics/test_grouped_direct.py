@@ -117,6 +117,7 @@ def test_direct_kernel_chunks_agree(monkeypatch, budget):
         whole = AF.conv2d(x, w, padding=1, groups=12, config=cfg)
         monkeypatch.setattr(conv, "PATCH_BYTES", budget)
         monkeypatch.setattr(conv, "CHUNK_ELEMENTS", budget)
+        monkeypatch.setattr(conv, "PHASE_ELEMENTS", budget)
         monkeypatch.setattr(fused, "DIRECT_ELEMENTS", max(1, budget // 100))
         AF.reseed()
         assert torch.equal(AF.conv2d(x, w, padding=1, groups=12, config=cfg), whole)

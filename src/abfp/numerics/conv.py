@@ -33,6 +33,9 @@ from .workspace import scratch
 
 #: int8 patch codes per chunk (bytes): a few images at a time stay in the caches.
 PATCH_BYTES = 1 << 21
+#: Phase-image values per chunk of a convolution through :func:`fused.grouped_direct` (which
+#: holds nothing else): whole images, at least one.
+PHASE_ELEMENTS = 1 << 20
 #: int8 GEMMs are one call per group and tile: grouped convolutions with more groups than
 #: this (depthwise ones) take one batched float32 GEMM instead.
 INT8_MAX_GROUPS = 4
@@ -55,12 +58,13 @@ def _tables(cin: int, kh: int, kw: int, stride_h: int, stride_w: int, dh: int, d
 
 
 @functools.lru_cache(maxsize=256)
-def _output_index(out_rows: int, row_width: int, wo: int, scale: int) -> np.ndarray:
+def _output_index(out_rows: int, row_width: int, wo: int, scale: int, slack: int = 0) -> np.ndarray:
     """For each virtual position ``h row_width + w`` of ``out_rows`` output rows: its output
-    index ``(h wo + w) scale`` if ``w < wo``, else -1 (an extra column, dropped)."""
+    index ``(h wo + w) scale`` if ``w < wo``, else -1 (an extra column, dropped); then ``slack``
+    more -1 (positions past the last row)."""
     w = np.arange(row_width)
     r = (np.arange(out_rows)[:, None] * wo + w[None, :]) * scale
-    return np.where(w[None, :] < wo, r, -1).reshape(-1).astype(np.int64)
+    return np.concatenate([np.where(w[None, :] < wo, r, -1).reshape(-1), np.full(slack, -1)]).astype(np.int64)
 
 
 def _fill_phases(xs: Tensor, src: Tensor, pads: tuple[int, int, int, int], stride: tuple[int, int]) -> None:
@@ -138,16 +142,22 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     adc_args = _adc_args(cfg, plan, int_mult, int_div, key, stats is not None)
     clamp = needs_clamp(static is None, cfg.input_max_code)
     lx = np.float32(cfg.input_max_code)
-    # images (or output rows of one image) per chunk: bounded by the codes and the partial sums
-    per_row = row_width * max(G * kg, T * cout * 4)
-    rows = max(1, min(PATCH_BYTES, CHUNK_ELEMENTS * 4) // per_row)
+    direct = use_direct(cfg, weights, G, int8)
+    if direct:  # nothing but the phase images in memory: whole images, about PHASE_ELEMENTS values of them
+        rows = max(1, PHASE_ELEMENTS // (c * stride_h * stride_w * phase_rows * row_width)) * ho
+    else:  # images (or output rows of one image) per chunk: bounded by the codes and the partial sums
+        per_row = row_width * max(G * kg, T * cout * 4)
+        rows = max(1, min(PATCH_BYTES, CHUNK_ELEMENTS * 4) // per_row)
     chunks = plan_chunks(bt, ho, rows)
     nb = max(1, min(bt, rows // ho)) if rows >= ho else 1
     src = (x.to(torch.bfloat16) if cfg.bf16_io else x).transpose(0, 1)  # (C, B, H, W) view
-    xs = scratch("phases", (c * stride_h * stride_w, nb, phase_rows, row_width), torch.float32, x.device).zero_()
-    xs_np = fused.as_numpy(xs.view(c * stride_h * stride_w, nb, phase_rows * row_width))
+    image_len = phase_rows * row_width
+    n_phase = c * stride_h * stride_w * nb * image_len
+    # the phase images, zeroed, with slack after them for the direct kernel's whole vectors
+    xs_flat = scratch("phases", (n_phase + fused.DIRECT_LANES,), torch.float32, x.device).zero_()
+    xs = xs_flat[:n_phase].view(c * stride_h * stride_w, nb, phase_rows, row_width)
+    xs_np = fused.as_numpy(xs.view(c * stride_h * stride_w, nb, image_len))
     weight_scales_np = fused.as_numpy(weights.scales)
-    direct = use_direct(cfg, weights, G, int8)
     if direct:  # the weight codes as the GEMM would multiply them (float32, or float64 for a wide GEMM)
         wc_np = fused.as_numpy(weights.codes.to(plan.gemm_dtype).contiguous())
         static_np = np.float32(-1.0 if static is None else static.item())
@@ -160,9 +170,11 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
         L = out_rows * row_width
         offs = k_off + h0 * row_width
         if direct:
-            clipped += fused.grouped_direct(xs_np, k_src, offs, kg, n, cfg.scale_dtype == "bfloat16", static_np, lx,
-                                            wc_np, weight_scales_np, *adc_args, fused.as_numpy(y[b0:b1, :, h0:h1]),
-                                            row_width, bt * ho * wo, (b0 * ho + h0) * wo, fused.DIRECT_ELEMENTS)
+            clipped += fused.grouped_direct(fused.as_numpy(xs_flat), nb * image_len, image_len, k_src, offs, kg, n,
+                                            cfg.scale_dtype == "bfloat16", static_np, lx, wc_np, weight_scales_np,
+                                            *adc_args, fused.as_numpy(y[b0:b1, :, h0:h1]), row_width,
+                                            _output_index(out_rows, row_width, wo, Ng, fused.DIRECT_LANES),
+                                            bt * ho * wo, (b0 * ho + h0) * wo, fused.DIRECT_ELEMENTS)
             continue
         codes = scratch("patch_codes", (G, kg, b * L), code_dtype, x.device)
         if static is None:

@@ -72,6 +72,12 @@ NARROW_COLS = 256
 #: Values (codes or partial sums of one output channel) per block of :func:`grouped_direct`:
 #: a few output rows at a time stay in L1/L2.
 DIRECT_ELEMENTS = 4096
+#: :func:`grouped_direct` computes whole vectors of this many positions (AVX-512: 16 float32),
+#: and its callers leave this much slack after the phase images and the position map.
+DIRECT_LANES = 16
+#: Tasks per :func:`grouped_direct` call at most (each takes a run of groups and images and
+#: allocates its scratch once).
+DIRECT_ITEMS = 256
 
 _launched_in: int | None = None  # the process whose threads ran the kernels
 
@@ -168,14 +174,15 @@ if AVAILABLE:
             dst[v] = _code(src[v], scales[v], lx, clamp)
 
     @njit(inline="always", **_jit)
-    def _block_scales(xs, k_src, k_off, k0, k1, b, v0, nv, bf16, o):
-        """``o[v] = max |xs[k_src[k], b, k_off[k] + v0 + v]|`` over reduction indices ``k0 .. k1 - 1``
-        (a block of patch values) for ``v < nv``, rounded to nearest even bfloat16 as torch
-        converts where ``bf16`` (else float32 as it is)."""
+    def _block_scales(xf, k_src, k_off, k0, k1, src_stride, start, nv, bf16, o):
+        """``o[v] = max |xf[k_src[k] src_stride + start + k_off[k] + v]|`` over reduction indices
+        ``k0 .. k1 - 1`` (a block of patch values; ``xf`` the phase images, flat) for ``v < nv``,
+        rounded to nearest even bfloat16 as torch converts where ``bf16`` (else float32 as it is)."""
         for v in range(nv):
             o[v] = np.float32(0.0)
         for k in range(k0, k1):
-            src = xs[k_src[k], b, k_off[k] + v0 : k_off[k] + v0 + nv]
+            i0 = k_src[k] * src_stride + start + k_off[k]
+            src = xf[i0 : i0 + nv]
             for v in range(nv):
                 a = abs(src[v])
                 o[v] = a if a > o[v] else o[v]
@@ -410,6 +417,8 @@ if AVAILABLE:
         writes them with these scales (clamped where ``clamp`` says, and in every tile with
         a subnormal scale: see :func:`abfp.numerics.blocks.codes_`)."""
         T, G, B, L = out_s.shape
+        _, B3, L3 = xs.shape
+        xf = xs.reshape(xs.size)
         for bgt in prange(B * G * T):  # tiles of one block in turn: the threads share the short last tile
             b = bgt // (G * T)
             g = (bgt // T) % G
@@ -417,7 +426,7 @@ if AVAILABLE:
             o = out_s[t, g, b]
             k0 = g * kg + t * n
             k1 = g * kg + min(kg, t * n + n)
-            _block_scales(xs, k_src, k_off, k0, k1, b, 0, L, bf16, o)
+            _block_scales(xf, k_src, k_off, k0, k1, B3 * L3, b * L3, L, bf16, o)
             cl = clamp
             if not cl:  # a subnormal scale may sit far below its block's max: clamp this tile
                 for v in range(L):
@@ -448,38 +457,61 @@ if AVAILABLE:
             _dac(src, sc, lx, clamp, dst)
 
     @njit(parallel=True, **_jit)
-    def grouped_direct(xs, k_src, k_off, kg, n, bf16, static, lx, wc, sw, lsb_num, lsb_den, noise_step, ly, key,
-                       noisy, count, y, virtual_w, p_total, p_off, block):
+    def grouped_direct(xf, src_stride, image_len, k_src, k_off, kg, n, bf16, static, lx, wc, sw, lsb_num, lsb_den,
+                       noise_step, ly, key, noisy, count, y, virtual_w, real_pos, p_total, p_off, block):
         """A grouped (depthwise) convolution in one pass, no patch matrix, no partial sums in memory.
 
-        For each group ``g`` and image ``ib`` (one work item), a few output rows at a time:
-        per tile ``t`` the block scales over the patch values of the group's reduction indices
-        ``g kg + t n ...`` (read as :func:`patch_encode` reads them: ``xs[k_src[k], ib, k_off[k] + v]``,
-        bfloat16 or float32 as ``bf16`` says, or the fixed-mode scale ``static`` when it is
-        not negative), each index's DAC codes (:func:`_code`, always clamped: where the clamp
-        is not needed it changes no code), their exact tile products ``D`` with the group's
-        weight codes ``wc`` (G, T, n, Ng) in ``wc``'s dtype (float32 or float64: the GEMM's
-        exact integers), then the ADC and the float32 tile sum of :func:`epilogue_cols` (same
-        noise index, same operations in the same order), written into ``y`` (bc, G Ng, out_h, wo).
-        ``block``: values per block of output rows (:data:`DIRECT_ELEMENTS`). Returns the number
-        of clipped samples (``count``; else 0)."""
+        For each group ``g`` and image ``ib`` (one work item), a few output rows at a time, over
+        the virtual positions ``v`` of :func:`epilogue_cols` (rows of ``virtual_w``; the patch
+        value of reduction index ``k`` is ``xf[k_src[k] src_stride + ib image_len + k_off[k] + v]``,
+        ``xf`` the phase images flat, as :func:`patch_encode` reads them): per tile ``t`` the block
+        scales (bfloat16 or float32 as ``bf16`` says, or the fixed-mode scale ``static`` when it
+        is not negative), each index's DAC codes (:func:`_code`, always clamped: where the clamp
+        is not needed it changes no code), their exact tile products ``D`` with the group's weight
+        codes ``wc`` (G, T, n, Ng) in ``wc``'s dtype (float32 or float64: the GEMM's exact
+        integers), then the ADC and the float32 tile sum of :func:`epilogue_cols` (same noise
+        index ``base + real_pos[v]``, same operations in the same order), written into ``y``
+        (bc, G Ng, out_h, wo). Every loop runs over whole :data:`DIRECT_LANES` vectors (short
+        rows of small images would otherwise leave most of the work to scalar remainders): the
+        positions past a block's end are computed from whatever values lie there (``xf`` has
+        that much slack after its last image; ``real_pos`` is negative there) and dropped, as the
+        extra columns are. ``block``: values per block of output rows (:data:`DIRECT_ELEMENTS`).
+        Returns the number of clipped samples (``count``; else 0)."""
+        G = wc.shape[0]
+        bc = y.shape[0]
+        items = G * bc
+        per = (items + DIRECT_ITEMS - 1) // DIRECT_ITEMS  # work items per task: scratch allocated once each
+        clipped = 0
+        for task in prange((items + per - 1) // per):
+            clipped += _direct_task(task * per, min(items, task * per + per), xf, src_stride, image_len, k_src, k_off,
+                                    kg, n, bf16, static, lx, wc, sw, lsb_num, lsb_den, noise_step, ly, key, noisy,
+                                    count, y, virtual_w, real_pos, p_total, p_off, block)
+        return clipped
+
+    @njit(**_jit)
+    def _direct_task(i0, i1, xf, src_stride, image_len, k_src, k_off, kg, n, bf16, static, lx, wc, sw, lsb_num,
+                     lsb_den, noise_step, ly, key, noisy, count, y, virtual_w, real_pos, p_total, p_off, block):
+        """Work items ``i0 .. i1 - 1`` (group ``i // bc``, image ``i % bc``) of :func:`grouped_direct`:
+        a function of its own, compiled without the parallel loop's lowering (whose body loops
+        vectorise worse: 1.5x slower on one thread)."""
         G, T, _, Ng = wc.shape
         bc, _, out_h, wo = y.shape
         kt = min(n, kg)
         rows = max(1, min(out_h, block // (virtual_w * max(kt, Ng))))
-        seg = rows * virtual_w
+        seg = (rows * virtual_w + DIRECT_LANES - 1) // DIRECT_LANES * DIRECT_LANES
         clipped = 0
-        for gb in prange(G * bc):
+        s = np.empty(seg, np.float32)
+        c = np.empty(seg, wc.dtype)
+        d = np.empty((Ng, seg), wc.dtype)
+        acc = np.empty((Ng, seg), np.float32)
+        for gb in range(i0, i1):
             g = gb // bc
             ib = gb % bc
-            s = np.empty(seg, np.float32)
-            c = np.empty(seg, wc.dtype)
-            d = np.empty((Ng, seg), wc.dtype)
-            acc = np.empty((Ng, seg), np.float32)
             for h0 in range(0, out_h, rows):
                 nh = min(rows, out_h - h0)
-                nv = nh * virtual_w
                 v0 = h0 * virtual_w
+                nv = (nh * virtual_w + DIRECT_LANES - 1) // DIRECT_LANES * DIRECT_LANES
+                start = ib * image_len + v0
                 for o in range(Ng):
                     for v in range(nv):
                         acc[o, v] = np.float32(0.0)
@@ -490,31 +522,37 @@ if AVAILABLE:
                         for v in range(nv):
                             s[v] = static
                     else:
-                        _block_scales(xs, k_src, k_off, k0, k1, ib, v0, nv, bf16, s)
+                        _block_scales(xf, k_src, k_off, k0, k1, src_stride, start, nv, bf16, s)
                     for o in range(Ng):
                         for v in range(nv):
                             d[o, v] = 0
                     for k in range(k0, k1):
-                        src = xs[k_src[k], ib, k_off[k] + v0 : k_off[k] + v0 + nv]
-                        for v in range(nv):
-                            c[v] = _code(src[v], s[v], lx, True)
-                        for o in range(Ng):
-                            w = wc[g, t, k - k0, o]
-                            do = d[o]
+                        j0 = k_src[k] * src_stride + start + k_off[k]
+                        src = xf[j0 : j0 + nv]
+                        if Ng == 1:  # depthwise: the codes straight into the one product
+                            w = wc[g, t, k - k0, 0]
+                            d0 = d[0]
                             for v in range(nv):
-                                do[v] += c[v] * w
+                                d0[v] += _code(src[v], s[v], lx, True) * w
+                        else:
+                            for v in range(nv):
+                                c[v] = _code(src[v], s[v], lx, True)
+                            for o in range(Ng):
+                                w = wc[g, t, k - k0, o]
+                                do = d[o]
+                                for v in range(nv):
+                                    do[v] += c[v] * w
                     for o in range(Ng):
                         wt = sw[g, t, o]
                         do = d[o]
                         ao = acc[o]
-                        for h in range(nh):
-                            base = (((g * T + t) * p_total + p_off + (ib * out_h + h0 + h) * wo) * Ng) + o
-                            for w in range(wo):
-                                v = h * virtual_w + w
-                                r = _lsb(do[v], lsb_num, lsb_den, noise_step, key, noisy, base + w * Ng)
-                                if count:
-                                    clipped += abs(r) > ly
-                                ao[v] += (np.float32(np.rint(min(max(r, -ly), ly))) * s[v]) * wt
+                        base = ((g * T + t) * p_total + p_off + ib * out_h * wo) * Ng + o
+                        rp = real_pos[v0 : v0 + nv]
+                        for v in range(nv):
+                            r = _lsb(do[v], lsb_num, lsb_den, noise_step, key, noisy, base + rp[v])
+                            if count:
+                                clipped += (abs(r) > ly) & (rp[v] >= 0)
+                            ao[v] += (np.float32(np.rint(min(max(r, -ly), ly))) * s[v]) * wt
                 for o in range(Ng):
                     ao = acc[o]
                     for h in range(nh):
