@@ -163,6 +163,7 @@ def test_four_channel_epilogue_equals_the_torch_path(monkeypatch, cout, groups):
     four channels) gives the torch path's numbers and clipped count, with noise and saturation."""
     set_mode = spied_kernels(monkeypatch, {"epilogue_cols4": "four"})
     monkeypatch.setattr(conv, "DIRECT_GROUPED", False)  # grouped ones would take fused.grouped_direct
+    monkeypatch.setattr(conv, "NARROW8", False)  # width 8 otherwise takes fused.narrow_cols8 (test_narrow_cols8.py)
     g = torch.Generator().manual_seed(cout)
     x = torch.randn(2, 2 * groups, 9, 13, generator=g) * 2
     wt = torch.randn(cout, 2, 3, 3, generator=g)

@@ -44,6 +44,10 @@ INT8_MAX_GROUPS = 4
 #: them on the patch codes, GEMM and epilogue of the other convolutions.
 DIRECT_MAX_OUTPUTS = 8
 DIRECT_GROUPED = True
+#: Tiles of width 8 with output channels per group a multiple of 4 run through
+#: :func:`.fused.narrow_cols8` (tile products, ADC and tile sum in one kernel); ``False``: the
+#: batched GEMM plus :func:`.fused.epilogue_cols4`, its reference (same numbers, tested).
+NARROW8 = True
 
 
 @functools.lru_cache(maxsize=256)
@@ -143,10 +147,15 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     clamp = needs_clamp(static is None, cfg.input_max_code)
     lx = np.float32(cfg.input_max_code)
     direct = use_direct(cfg, weights, G, int8)
+    # tiles of width 8: tile products, ADC and tile sum in one kernel (no partial sums in memory)
+    narrow = (n == 8 and Ng % 4 == 0 and not int8 and not plan.wide and plan.gemm_dtype == torch.float32 and NARROW8
+              and not direct)
+    kc = T * n if narrow else kg  # code rows per group: the narrow kernel reads whole tiles (zero past kg)
+    assert not narrow or int_mult == 1.0  # narrow_cols8 divides by lsb_den alone
     if direct:  # nothing but the phase images in memory: whole images, about PHASE_ELEMENTS values of them
         rows = max(1, PHASE_ELEMENTS // (c * stride_h * stride_w * phase_rows * row_width)) * ho
     else:  # images (or output rows of one image) per chunk: bounded by the codes and the partial sums
-        per_row = row_width * max(G * kg, T * cout * 4)
+        per_row = row_width * (G * kc * 4 if narrow else max(G * kg, T * cout * 4))
         rows = max(1, min(PATCH_BYTES, CHUNK_ELEMENTS * 4) // per_row)
     chunks = plan_chunks(bt, ho, rows)
     nb = max(1, min(bt, rows // ho)) if rows >= ho else 1
@@ -161,6 +170,8 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     if direct:  # the weight codes as the GEMM would multiply them (float32, or float64 for a wide GEMM)
         wc_np = fused.as_numpy(weights.codes.to(plan.gemm_dtype).contiguous())
         static_np = np.float32(-1.0 if static is None else static.item())
+    elif narrow:
+        wc_np = fused.as_numpy(weights.codes)
     fused.set_threads()
     clipped = 0
     for b0, b1, h0, h1 in chunks:
@@ -176,7 +187,9 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                                             _output_index(out_rows, row_width, wo, Ng, fused.DIRECT_LANES),
                                             bt * ho * wo, (b0 * ho + h0) * wo, fused.DIRECT_ELEMENTS)
             continue
-        codes = scratch("patch_codes", (G, kg, b * L), code_dtype, x.device)
+        codes = scratch("patch_codes", (G, kc, b * L), code_dtype, x.device)
+        if kc > kg:
+            codes[:, kg:].zero_()
         if static is None:
             s = scratch("input_scales", (T, G, b, L), torch.float32, x.device)
             fused.patch_encode(xs_np, k_src, offs, kg, n, cfg.scale_dtype == "bfloat16", lx, clamp,
@@ -187,6 +200,12 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
             s = static.expand(T, G, b, L).contiguous()
         if static is not None or cfg.scale_dtype == "pow2":
             fused.patch_codes(xs_np, k_src, offs, kg, n, fused.as_numpy(s), lx, clamp, fused.as_numpy(codes))
+        if narrow:
+            clipped += fused.narrow_cols8(fused.as_numpy(codes), wc_np, *adc_args, fused.as_numpy(s.view(T, G, b * L)),
+                                          weight_scales_np, fused.as_numpy(y[b0:b1, :, h0:h1]), row_width,
+                                          _output_index(out_rows, row_width, wo, Ng), bt * ho * wo,
+                                          (b0 * ho + h0) * wo, fused.NARROW_STRIPE)
+            continue
         d = scratch("patch_tiles", (G, T, Ng, b * L), torch.int32 if int8 else plan.gemm_dtype, x.device)
         if int8:
             for g in range(G):

@@ -13,7 +13,9 @@ in ``tests/numerics/test_fused.py``):
   layers, attention);
 - :func:`epilogue_rows` / :func:`epilogue_cols`: ADC on integer tile products
   ``r = D * lsb_num / lsb_den``, noise (:mod:`.counter_noise`), clamp, round, ``* sx * sw``, and the
-  float32 sum over tiles in order ``t = 0, 1, ...``.
+  float32 sum over tiles in order ``t = 0, 1, ...``;
+- :func:`narrow_rows` / :func:`narrow_cols8`: for narrow tiles (rows: n < 32; convolutions:
+  n = 8) the tile products too, in the same pass, so the partial sums never go to memory.
 
 numba compiles them on first use (a few seconds, cached on disk afterwards) and runs them
 on ``torch.get_num_threads()`` threads (its OpenMP layer); a process forked from one that
@@ -78,6 +80,9 @@ DIRECT_LANES = 16
 #: Tasks per :func:`grouped_direct` call at most (each takes a run of groups and images and
 #: allocates its scratch once).
 DIRECT_ITEMS = 256
+#: Positions of one work item of :func:`narrow_cols8` (measured on fashion-cnn's layers:
+#: 1024 ran 1.1-1.6x faster than 128, where each short vector loop pays its set-up).
+NARROW_STRIPE = 1024
 
 _launched_in: int | None = None  # the process whose threads ran the kernels
 
@@ -403,6 +408,141 @@ if AVAILABLE:
                     row = y[ib, g * Ng + o0 + lane, h]
                     for w in range(wo):
                         row[w] = a[h * virtual_w + w]
+        return clipped
+
+    @njit(fastmath={"contract"}, **_jit)
+    def _dot8(x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7):
+        """``sum_k x_k w_k`` of one tile of width 8, contracted to fused multiply-adds: exact
+        either way on DAC codes (integers times a power of two, every partial sum exact in
+        float32: :attr:`AdcPlan.gemm_dtype`), so the GEMM's numbers. Not inlined by numba:
+        LLVM inlines it with its ``contract`` flags, which then stay off the ADC's arithmetic."""
+        return x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3 + x4 * w4 + x5 * w5 + x6 * w6 + x7 * w7
+
+    @njit(inline="always", **_jit)
+    def _adc1(d, lsb_den, h, noise_step, noisy, ly, s, w):
+        """One sample's ADC (:func:`epilogue_cols4`'s arithmetic, ``lsb_num`` = 1): ``(code * s)
+        * w`` and whether it clipped; the noise integer is the low 16 bits of ``h`` (uint32),
+        made odd, as a signed number (32-bit operations: they vectorise at twice the width)."""
+        r = d / lsb_den
+        if noisy:
+            r = r + np.float32(np.int16(h | np.uint32(1))) * noise_step
+        return (np.rint(min(max(r, -ly), ly)) * s) * w, abs(r) > ly
+
+    @njit(inline="always", **_jit)
+    def _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den, noise_step, ly, noisy, count):
+        """One tile of width 8 for four output channels over a stripe of positions: the tile
+        products ``D`` of the patch codes ``cg[k0 + k, p0:p1]`` (``k < 8``) against ``wq`` (8, 4)
+        weight codes, exact float32 sums kept in registers, then the ADC of
+        :func:`epilogue_cols4` (noise of position ``v``: the splitmix64 output
+        ``mix(kb + hg[v])``, its four lanes the four channels) and ``acc[q4 + lane, v] +=
+        (code * xs[v]) * sq[lane]``; returns the clipped samples of real positions
+        (``real[v]``). ``noisy`` and ``count`` are constants where it is inlined, so each
+        combination compiles to its own vector loop. Every array it loops over is a
+        contiguous 1-D view (a strided one would not vectorise)."""
+        c0, c1, c2, c3 = cg[k0][p0:p1], cg[k0 + 1][p0:p1], cg[k0 + 2][p0:p1], cg[k0 + 3][p0:p1]
+        c4, c5, c6, c7 = cg[k0 + 4][p0:p1], cg[k0 + 5][p0:p1], cg[k0 + 6][p0:p1], cg[k0 + 7][p0:p1]
+        aq = acc[q4 : q4 + 4]  # (rows of one slice: indexing acc by q4 + i keeps the loop scalar)
+        a0, a1, a2, a3 = aq[0], aq[1], aq[2], aq[3]
+        w00, w01, w02, w03 = wq[0, 0], wq[0, 1], wq[0, 2], wq[0, 3]
+        w10, w11, w12, w13 = wq[1, 0], wq[1, 1], wq[1, 2], wq[1, 3]
+        w20, w21, w22, w23 = wq[2, 0], wq[2, 1], wq[2, 2], wq[2, 3]
+        w30, w31, w32, w33 = wq[3, 0], wq[3, 1], wq[3, 2], wq[3, 3]
+        w40, w41, w42, w43 = wq[4, 0], wq[4, 1], wq[4, 2], wq[4, 3]
+        w50, w51, w52, w53 = wq[5, 0], wq[5, 1], wq[5, 2], wq[5, 3]
+        w60, w61, w62, w63 = wq[6, 0], wq[6, 1], wq[6, 2], wq[6, 3]
+        w70, w71, w72, w73 = wq[7, 0], wq[7, 1], wq[7, 2], wq[7, 3]
+        s0, s1, s2, s3 = sq[0], sq[1], sq[2], sq[3]
+        clipped = 0
+        lo = hi = np.uint32(0)
+        for v in range(xs.shape[0]):
+            x0, x1, x2, x3, x4, x5, x6, x7 = c0[v], c1[v], c2[v], c3[v], c4[v], c5[v], c6[v], c7[v]
+            s = xs[v]
+            if noisy:  # splitmix64(key, counter) with key + counter * golden precomputed as kb + hg[v]
+                z = kb + hg[v]
+                z = (z ^ (z >> np.uint64(30))) * _MIX1
+                z = (z ^ (z >> np.uint64(27))) * _MIX2
+                z = z ^ (z >> np.uint64(31))
+                lo = np.uint32(z & np.uint64(0xFFFFFFFF))
+                hi = np.uint32(z >> np.uint64(32))
+            d0 = _dot8(x0, x1, x2, x3, x4, x5, x6, x7, w00, w10, w20, w30, w40, w50, w60, w70)
+            d1 = _dot8(x0, x1, x2, x3, x4, x5, x6, x7, w01, w11, w21, w31, w41, w51, w61, w71)
+            d2 = _dot8(x0, x1, x2, x3, x4, x5, x6, x7, w02, w12, w22, w32, w42, w52, w62, w72)
+            d3 = _dot8(x0, x1, x2, x3, x4, x5, x6, x7, w03, w13, w23, w33, w43, w53, w63, w73)
+            y0, o0 = _adc1(d0, lsb_den, lo, noise_step, noisy, ly, s, s0)
+            y1, o1 = _adc1(d1, lsb_den, lo >> np.uint32(16), noise_step, noisy, ly, s, s1)
+            y2, o2 = _adc1(d2, lsb_den, hi, noise_step, noisy, ly, s, s2)
+            y3, o3 = _adc1(d3, lsb_den, hi >> np.uint32(16), noise_step, noisy, ly, s, s3)
+            a0[v] += y0
+            a1[v] += y1
+            a2[v] += y2
+            a3[v] += y3
+            if count:
+                clipped += (np.int64(o0) + np.int64(o1) + np.int64(o2) + np.int64(o3)) * np.int64(real[v])
+        return clipped
+
+    @njit(parallel=True, **_jit)
+    def narrow_cols8(codes, wc, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, virtual_w, real_pos,
+                     p_total, p_off, stripe):
+        """A convolution's tile products, ADC and tile sum in one pass for tiles of width 8
+        and ``Ng`` a multiple of 4: the numbers of the batched GEMM plus :func:`epilogue_cols4`
+        (same arguments, but ``codes`` (G, 8 T, bc * out_h * virtual_w) float32 patch codes,
+        rows past the reduction zero, and ``wc`` (G, T, 8, Ng) float32 weight codes in place
+        of the tile products; ``lsb_num`` must be 1; ``stripe``: positions per work item). A
+        work item is a group and a stripe of the chunk's virtual positions (across output
+        rows and images): for ``t = 0, 1, ...`` and four channels at a time (:func:`_tile8`)
+        the tile products stay in registers, no ``(T, Ng, positions)`` tensor is written, and
+        the sums of all the group's channels over the stripe stay in a local block."""
+        G, T, _, Ng = wc.shape
+        bc, _, out_h, wo = y.shape
+        lb = out_h * virtual_w
+        ns = (bc * lb + stripe - 1) // stripe
+        og = Ng // 4
+        clipped = 0
+        for item in prange(G * ns):
+            g = item // ns
+            p0 = (item % ns) * stripe
+            p1 = min(bc * lb, p0 + stripe)
+            acc = np.zeros((Ng, p1 - p0), np.float32)
+            hg = np.empty(p1 - p0, np.uint64)  # each position's hash counter (less the tile's) times golden
+            real = np.empty(p1 - p0, np.uint8)
+            for v in range(p0, p1):
+                ib = v // lb
+                rp = real_pos[v - ib * lb]
+                hg[v - p0] = np.uint64((ib * out_h * wo * Ng + max(rp, 0)) >> 2) * _GOLDEN
+                real[v - p0] = rp >= 0
+            cg = codes[g]
+            for t in range(T):
+                xs = sx[t, g][p0:p1]
+                base = ((g * T + t) * p_total + p_off) * Ng
+                for q in range(og):
+                    wq = wc[g, t, :, 4 * q : 4 * q + 4]
+                    sq = sw[g, t, 4 * q : 4 * q + 4]
+                    kb = key + np.uint64(((base + 4 * q) >> 2) + 1) * _GOLDEN
+                    k0, q4 = 8 * t, 4 * q
+                    if noisy and count:  # constant flags: four vector loops
+                        clipped += _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den,
+                                          noise_step, ly, True, True)
+                    elif noisy:
+                        _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den, noise_step, ly,
+                               True, False)
+                    elif count:
+                        clipped += _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den,
+                                          noise_step, ly, False, True)
+                    else:
+                        _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den, noise_step, ly,
+                               False, False)
+            v = p0
+            while v < p1:  # row by row: the real columns of output row h of image ib
+                ib = v // lb
+                h = (v - ib * lb) // virtual_w
+                r0 = ib * lb + h * virtual_w  # the row's first position
+                w0, w1 = v - r0, min(wo, p1 - r0)
+                for o in range(Ng):
+                    dst = y[ib, g * Ng + o, h]
+                    src = acc[o]
+                    for w in range(w0, w1):
+                        dst[w] = src[r0 + w - p0]
+                v = r0 + virtual_w
         return clipped
 
     @njit(parallel=True, **_jit)
