@@ -20,18 +20,16 @@ from abfp.numerics import AdcPlan, ProductStats, fused
 from abfp.numerics.kernels import use_fused
 
 sys.path.insert(0, str(Path(__file__).parent))
-from device_strategies import device_configs  # noqa: E402
+from device_strategies import conv_case, conv_geometries, device_configs  # noqa: E402
 from kernel_spies import spied_kernels  # noqa: E402
-from test_fused import _conv_args  # noqa: E402
-from test_fused import geometries as fused_geometries  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
 
 configs = (device_configs(max_dac_bits=8, gains=(0.5, 1.0, 2.0, 3.0, 8.0, 64.0), tile_widths=(8,))
            .map(lambda c: c.replace(bf16_tile_outputs=False)))
 
-# test_fused's geometries with output channels per group a multiple of 4 (the kernel's condition)
-geometries = fused_geometries.map(lambda geo: {**geo, "cout_per_group": 4 * geo["cout_per_group"]})
+# output channels per group a multiple of 4 (the kernel's condition)
+geometries = conv_geometries(cout_per_group=st.sampled_from([4, 8, 12]))
 
 
 def _narrow(cfg: ABFPConfig) -> bool:
@@ -58,7 +56,7 @@ def test_narrow_kernel_equals_the_gemm_and_epilogue(monkeypatch, geo, cfg, std, 
     full tile), converter settings, noise, with and without clipped counts, and work-item
     stripes that cut output rows and images anywhere."""
     cfg = cfg.replace(noise_std=std)
-    x, wt, kw, ok = _conv_args(geo, torch.Generator().manual_seed(seed))
+    x, wt, kw, ok = conv_case(geo, torch.Generator().manual_seed(seed))
     assume(ok)
     monkeypatch.setattr(fused, "NARROW_STRIPE", stripe)
     set_mode = spied_kernels(monkeypatch, {"narrow_cols8": "narrow"})
