@@ -40,6 +40,7 @@ def _narrow(cfg: ABFPConfig) -> bool:
 
 def _run(monkeypatch, x, wt, kw, cfg, seed, *, narrow: bool, compiled: bool = True, count: bool = True):
     monkeypatch.setattr(conv, "NARROW8", narrow)
+    monkeypatch.setattr(conv, "DIRECT_GROUPED", False)  # grouped ones would take fused.grouped_direct
     monkeypatch.setattr(fused, "AVAILABLE", compiled)
     AF.clear_cache()
     stats = ProductStats() if count else None
