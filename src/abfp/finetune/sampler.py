@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from ..numerics.counter_noise import GOLDEN, MIX1, MIX2, noise_key
+from ..numerics.counter_noise import derived_key, noise_key
 from . import alias_kernel
 from .hash32 import words
 from .histogram import Histogram
@@ -69,15 +69,11 @@ Backend = Literal["auto", "compiled", "eager"]
 SAMPLER_VERSION = 4
 
 _M32 = 0xFFFFFFFF
-_M64 = (1 << 64) - 1
 
 
 def stream_key(base: int, c: int) -> int:
     """``key_c`` of the module doc: the ``c``-th output of SplitMix64 seeded with ``base``, 63 bits."""
-    z = (base + (c + 1) * GOLDEN) & _M64
-    z = ((z ^ (z >> 30)) * MIX1) & _M64
-    z = ((z ^ (z >> 27)) * MIX2) & _M64
-    return (z ^ (z >> 31)) >> 1
+    return derived_key(base, c)
 
 
 def noisy_eager(y3: Tensor, key: int, packed: Tensor, lo: Tensor, width: Tensor) -> Tensor:

@@ -49,6 +49,16 @@ def noise_scale(noise_std: float) -> float:
     return float(torch.tensor(math.sqrt(12.0) * noise_std / 65536.0, dtype=torch.float32))
 
 
+def derived_key(base: int, c: int) -> int:
+    """The ``c``-th output of SplitMix64 seeded with ``base`` (the scalar form of
+    :func:`splitmix64` at counter ``c + 1``), 63 bits like a drawn key: one key derived from
+    another and an index, without the overlap of ``base`` shifted."""
+    z = (base + (c + 1) * GOLDEN) & _M64
+    z = ((z ^ (z >> 30)) * MIX1) & _M64
+    z = ((z ^ (z >> 27)) * MIX2) & _M64
+    return (z ^ (z >> 31)) >> 1
+
+
 def _shr(z: Tensor, s: int) -> Tensor:
     """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
     return (z >> s) & ((1 << (64 - s)) - 1)

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..config import ABFPConfig
 from ..numerics import AdcPlan, Encoded, ProductStats, encode_weights
 from ..numerics.blocks import static_scale_value
+from ..numerics.counter_noise import derived_key
 from ..numerics import dequant, fused
 from ..numerics.col2im import col2im
 from ..numerics.conv import conv2d_fused
@@ -220,13 +221,9 @@ def _im2col_step(c: int, k: tuple[int, int], out_hw: tuple[int, int]) -> int:
 
 def chunk_key(key: int, i: int) -> int:
     """The noise key of the im2col chunk starting at image ``i`` of a product under ``key``: a
-    splitmix64 mix of both (not ``key`` shifted, whose counter streams would overlap), in
-    ``[0, 2^63)`` like a drawn key."""
-    m = (1 << 64) - 1
-    z = (key + (i + 1) * 0x9E3779B97F4A7C15) & m
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-    return (z ^ (z >> 31)) >> 1
+    splitmix64 mix of both (:func:`~abfp.numerics.counter_noise.derived_key`; not ``key``
+    shifted, whose counter streams would overlap), in ``[0, 2^63)`` like a drawn key."""
+    return derived_key(key, i)
 
 
 def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, groups: int, k: tuple[int, int],
