@@ -13,7 +13,8 @@ from torch import nn
 import abfp
 from abfp import ABFPConfig
 from abfp.tune import power_of_two_gains
-from abfp.tune.allocate import allocation_path, profile_layers, repeat_options, search_path, sensitivities
+from abfp.tune.allocate import (allocation_path, energy_allocation, profile_layers, repeat_options, search_path,
+                                sensitivities)
 from abfp.zoo.base import COSINE
 
 from test_tune_gains_repeats import oracle_linear
@@ -100,6 +101,47 @@ def test_sensitivity_of_cosine_to_relative_noise() -> None:
     ref = model(x)
     s = sensitivities(model, (x,), ABFPConfig(), {"0": 0.05}, lambda y: 1.0 - COSINE(y, None, ref))
     assert 0.4 < s["0"] < 0.6
+
+
+def test_sensitivity_of_a_metric_that_does_not_move() -> None:
+    # top-1 on well-separated logits does not change under a 1 % perturbation; the module that
+    # changes the outputs still gets a positive sensitivity (its output error, scaled), the
+    # module whose output is unused gets none
+    torch.manual_seed(0)
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(16, 4), nn.Linear(16, 4)
+
+        def forward(self, x):
+            self.unused(x)
+            return self.used(x)
+
+    model = TwoHeads()
+    x = torch.randn(32, 16) * 10
+    ref = model(x)
+    top1 = lambda y: float((y.argmax(-1) != ref.argmax(-1)).double().mean())  # noqa: E731
+    delta = 0.01
+    s = sensitivities(model, (x,), ABFPConfig(), {"used": delta, "unused": delta}, top1)
+    assert top1(ref) == 0.0 and s["unused"] == 0.0
+    # Gaussian noise of relative size delta on the only product: |y - ref|^2 / |ref|^2 ~ delta^2
+    assert 0.5 < s["used"] < 2.0
+
+
+def test_energy_rule_never_returns_a_plan_worse_than_the_base() -> None:
+    # a score under which only the base config (every module at G = 8, k = 1) is any good: the
+    # path's plans miss the target, so the rule keeps the base config and says so
+    model = _mlp()
+    x = torch.randn(32, 24, generator=torch.Generator().manual_seed(2))
+    cfg = ABFPConfig(tile_width=8)
+    mods = ["0", "2", "4"]
+    base = {m: (8.0, 1) for m in mods}
+    settings, details = energy_allocation(model, (x,), None, cfg, COSINE, [1.0, 2.0, 4.0], [1], mods, (x[:4],),
+                                          lambda st: 0.9 if st == base else 0.1, lambda v: v >= 0.99)
+    assert settings == base
+    al = details["allocation"]
+    assert al["base_plan"] and not al["reached"] and al["metric"] == 0.9 and al["energy_ratio"] == 1.0
 
 
 def test_gain_grids_and_repeat_options() -> None:

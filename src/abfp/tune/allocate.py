@@ -12,8 +12,13 @@ layers' candidate settings):
    repeats the noise std falls by ``sqrt(k)``: ``e_i(G, k)**2 = q_i(G)**2 + v_i(G)**2 / k``.
    A module with several products sums their squared errors.
 2. **Sensitivity** (one float32 forward per module): the metric's loss when only module ``i``
-   gets Gaussian noise of relative size ``delta_i`` (its error at the base gain), ``s_i = loss /
-   delta_i**2``; the model predicts ``loss = sum_i s_i e_i**2`` (independent small errors).
+   gets Gaussian noise of relative size ``delta_i`` (its least error over the gains), ``s_i =
+   loss / delta_i**2``; the model predicts ``loss = sum_i s_i e_i**2`` (independent small errors).
+   A coarse metric (top-1 on a few calibration inputs) may not move at all under so small a
+   perturbation: such a module's ``s_i`` is its relative squared output error ``r_i / delta_i**2``
+   (``r_i = |y - y_fp32|**2 / |y_fp32|**2`` over the model's outputs) times the median ratio
+   ``s_j / (r_j / delta_j**2)`` of the modules where both are positive (1 if none is), so a
+   module that does change the outputs is never treated as free.
 3. **Energy** per module and setting, ``E_i(G, k)`` (:func:`abfp.energy.layer_cost`).
 4. **Path**: every module starts at its cheapest setting; then, again and again, the module
    whose next setting on the lower convex hull of its ``(E_i, s_i e_i**2)`` points buys the most
@@ -23,6 +28,8 @@ layers' candidate settings):
    calibration inputs (same noise seed every trial). The predicted loss only orders the path;
    the target is checked on the real model. With an energy ``budget`` (times the single-gain
    energy) instead: the last plan on the path within it (the least predicted loss it buys).
+   Where the chosen plan misses the target and the base config (every module at its gain,
+   ``k = 1``) scores better on the calibration inputs, the base config is returned instead.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ..config import ABFPConfig
 from ..energy import EnergyParams, layer_cost
@@ -140,25 +148,41 @@ class _Perturb:
         return y + noise * (self.delta * rms)
 
 
+def _output_error_sq(y: Any, ref: Any) -> float:
+    """``|y - ref|**2 / |ref|**2`` over every floating-point tensor of a model's outputs."""
+    num = den = 0.0
+    for a, b in zip(tree_leaves(y), tree_leaves(ref)):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and b.is_floating_point():
+            n, d = _sq(a, b)
+            num, den = num + n, den + d
+    return num / den if den > 0 else 0.0
+
+
 @torch.no_grad()
 def sensitivities(model: nn.Module, inputs: tuple[torch.Tensor, ...], config: ABFPConfig,
                   deltas: Mapping[str, float], loss: Callable[[torch.Tensor], float], *,
                   exclude: Sequence[str] = (), seed: int = 0) -> dict[str, float]:
     """``s_i = loss(outputs with module i perturbed by relative noise delta_i) / delta_i**2``
-    (every other product in float32); ``loss(outputs)`` is the metric's loss against float32."""
+    (every other product in float32); ``loss(outputs)`` is the metric's loss against float32.
+    Where that loss is not positive, the scaled output-error sensitivity of the module docstring."""
     inputs = _as_tuple(inputs)
+    ref = model(*inputs)
     m = convert(model, config, exclude=exclude).eval()
-    out: dict[str, float] = {}
+    metric_s: dict[str, float] = {}
+    output_s: dict[str, float] = {}
     try:
         for module, delta in deltas.items():
             if delta <= 0:
-                out[module] = 0.0
+                metric_s[module] = output_s[module] = 0.0
                 continue
             y = intercepted_forward(m, inputs, _Perturb(module, delta, torch.Generator().manual_seed(seed)))
-            out[module] = max(0.0, float(loss(y))) / (delta * delta)
+            metric_s[module] = max(0.0, float(loss(y))) / (delta * delta)
+            output_s[module] = _output_error_sq(y, ref) / (delta * delta)
     finally:
         to_digital(m)
-    return out
+    both = sorted(metric_s[k] / output_s[k] for k in metric_s if metric_s[k] > 0 and output_s[k] > 0)
+    scale = both[len(both) // 2] if both else 1.0
+    return {k: v if v > 0 else scale * output_s[k] for k, v in metric_s.items()}
 
 
 def layer_energies(converted: nn.Module, inputs: tuple[torch.Tensor, ...], settings: Sequence[Setting],
@@ -319,9 +343,15 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
         i = fits[-1] if fits else 0
         v = trial(dict(path[i]))
         found = Allocation(dict(path[i]), v, meets(v), i, len(path), [(i, v)])
+    base_plan = False
+    if not found.reached and found.settings != fixed:  # never worse than the device it starts from
+        v = trial(dict(fixed))
+        if sign * (v - found.metric) > 0:
+            found = Allocation(dict(fixed), v, meets(v), found.index, found.path_length, found.trials)
+            base_plan = True
     details = {"allocation": {"index": found.index, "path_length": found.path_length, "metric": found.metric,
                               "reached": found.reached, "trials": found.trials, "budget": budget,
-                              "energy_ratio": energy(found.settings) / e_base},
+                              "energy_ratio": energy(found.settings) / e_base, "base_plan": base_plan},
                "sensitivity": sens, "error_sq": {m: {f"{g:g}x{k}": prof.error_sq(m, (g, k)) for g, k in settings}
                                                  for m in known},
                "settings": {m: list(s) for m, s in found.settings.items()}}

@@ -331,12 +331,14 @@ def tune(
         gain_plan = with_settings(settings)
         al = details["allocation"]
         miss = "" if al["reached"] else (f" (misses the target {target:.4g})" if energy_budget is not None
-                                          else f" (misses the target {target:.4g}: the least-error plan)")
+                                          or al["base_plan"] else f" (misses the target {target:.4g}: the least-error plan)")
         within = "" if energy_budget is None else f" within {energy_budget:g}x the single-gain energy" + (
             "" if al["energy_ratio"] <= energy_budget * (1 + 1e-9) else
             f" (none fits: the cheapest plan, {al['energy_ratio']:.3g}x)")
-        stage("gain", gain_plan, t0, note=f"energy rule{within}: plan {al['index']} of {al['path_length']} on the "
-              f"path, {al['metric']:.4g} on calibration{miss}")
+        where = (f"no plan on the path beat the single gain on calibration ({al['metric']:.4g}): kept it"
+                 if al["base_plan"] else
+                 f"plan {al['index']} of {al['path_length']} on the path, {al['metric']:.4g} on calibration")
+        stage("gain", gain_plan, t0, note=f"energy rule{within}: {where}{miss}")
     else:
         chosen = choose_gains(model, g_inputs, config, rule=gain_rule, candidates=gains, max_gain=max_gain,
                               tolerance=gain_tolerance, exclude=exclude, seed=seed)
