@@ -49,3 +49,46 @@ def test_label_free_cli_run(tmp_path, capsys) -> None:
               "--batch-size", "16", "--train-samples", "32", "--eval-samples", "32", "--checkpoint", str(ck),
               "--resume", "--no-progress", "--threads", "1"]) == 2
     assert "loss.loss: checkpoint 'kl' vs now 'mse'" in capsys.readouterr().err
+
+
+TINY = "tests/evaluate/tiny_task.py:make"  # 96 labelled samples, no calibration split
+
+
+@pytest.mark.parametrize("method", ["qat", "dnf"])
+def test_user_task_finetunes_label_free_on_the_first_half(method, tmp_path, monkeypatch) -> None:
+    from abfp import zoo
+    from abfp.finetune.data import split_task_data
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.json"
+    root = __file__.rsplit("/tests/", 1)[0]
+    code = main(["finetune", "--task", f"{root}/{TINY}", "--method", method, "--steps", "3", "--batch-size", "16",
+                 "--json", str(out), "--no-progress", "--threads", "1"])
+    assert code == 0
+    rec = json.loads(out.read_text())
+    # label-free (kl for a percentage metric), trained on samples 0-47, evaluated on 48-95
+    assert rec["loss"] == "kl" and rec["train_samples"] == 48 and rec["fp32_metric"] == 100.0
+    # the default checkpoint is named after the task with the path's separators replaced
+    (ck,) = (tmp_path / ".abfp_finetune").iterdir()
+    assert ck.name.endswith(f"_tests_evaluate_tiny_task.py_make-{method}-kl.safetensors") and "/" not in ck.name[:-1]
+    task = zoo.get(f"{root}/{TINY}")
+    train, evald, source = split_task_data(task, None, None)
+    x = task.load_data().inputs[0]
+    assert len(train) == len(evald) == 48 and "first samples" in source
+    assert train.inputs[0].equal(x[:48]) and evald.inputs[0].equal(x[48:])
+    train, evald, _ = split_task_data(task, 40, 10)
+    assert evald.inputs[0].equal(x[40:50])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--train-samples", "96"], "has 96 samples; leave some to evaluate"),
+    (["--loss", "cosine", "--temperature", "2"], "--temperature only applies"),
+    (["--task", "/no/such/file.py:make"], "no such file"),
+])
+def test_user_task_bad_options_exit_2(argv, message, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    root = __file__.rsplit("/tests/", 1)[0]
+    code = main(["finetune", "--task", f"{root}/{TINY}", "--batch-size", "16", "--no-progress", *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / ".abfp_finetune").exists()

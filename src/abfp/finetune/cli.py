@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from ..cli_common import UsageError, check_output_args
+from ..cli_common import UsageError, check_output_args, single_task
 from ..cli_common import base_config as _base_config
 from ..config import ABFPConfig
 
@@ -41,10 +42,16 @@ UNLABELLED_TASKS = ("efficientnet-lite0", "minilm-l6")
 DEFAULT_LOSS = {"efficientnet-lite0": "kl", "minilm-l6": "cosine"}
 
 
-def resolve_loss(args: argparse.Namespace) -> str:
-    """``--loss``, or its default: ce for a labelled task, the task's distillation loss otherwise."""
+def is_user_task(name: str) -> bool:
+    """``package.module:function`` or ``path.py:function`` (:func:`abfp.zoo.get`)."""
+    return ":" in name
+
+
+def resolve_loss(args: argparse.Namespace) -> str | None:
+    """``--loss``, or its default: ce for a labelled zoo task, the task's distillation loss
+    otherwise; ``None`` for a user task's default (its metric's: :func:`user_task_loss`)."""
     if args.loss is None:
-        return DEFAULT_LOSS.get(args.model, "ce")
+        return None if is_user_task(args.model) else DEFAULT_LOSS.get(args.model, "ce")
     if args.loss == "ce" and args.model in UNLABELLED_TASKS:
         raise UsageError(f"--model {args.model} has no labels: use --loss kl, cosine or mse (label-free)")
     return args.loss
@@ -61,11 +68,14 @@ def register(sub: Any) -> None:
     p.add_argument("--method", choices=["dnf", "qat"], default="dnf", help="default: dnf")
     p.add_argument("--model", "--task", dest="model", default=DEFAULTS["model"],
                    help="zoo task: fashion-cnn (default) or fashion-vit (labelled training set); efficientnet-lite0 "
-                        "or minilm-l6 (label-free, on their calibration split)")
+                        "or minilm-l6 (label-free, on their calibration split); or a user task, package.module:function "
+                        "or path.py:function (label-free by default, on its calibration split if it has one, else on "
+                        "the first --train-samples of its data, evaluated on the rest)")
     p.add_argument("--loss", choices=["ce", "kl", "cosine", "mse"], default=None,
                    help="ce: cross entropy on the labels; kl (logits), cosine or mse (outputs): label-free distillation "
                         "from a frozen float32 copy of the model (default: ce with labels, else the task's: kl for "
-                        "efficientnet-lite0, cosine for minilm-l6)")
+                        "efficientnet-lite0, cosine for minilm-l6; a user task: kl for a percentage or KL metric, "
+                        "else cosine)")
     p.add_argument("--temperature", type=float, default=None, help="temperature T of --loss kl (default 1)")
     g = p.add_argument_group("device (default: n=128, gain 8, 8/8/8, uniform noise of std 2 LSB)")
     g.add_argument("--preset", default=None, help="named device config (abfp presets); replaces the default scenario")
@@ -82,7 +92,8 @@ def register(sub: Any) -> None:
                    "evaluation unless the device config sets one (default 0)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--lr-decay", type=float, default=1.0, help="learning rate factor per epoch of the training set (default 1)")
-    t.add_argument("--train-samples", type=int, default=None, help="use the first N training inputs (default all)")
+    t.add_argument("--train-samples", type=int, default=None, help="use the first N training inputs (default all; a user task without a calibration split: "
+                        "half of its data)")
     t.add_argument("--eval-samples", type=int, default=DEFAULTS["eval_samples"], help=f"first N test / evaluation inputs for the metrics (default {DEFAULTS['eval_samples']})")
     t.add_argument("--eval-batch-size", type=int, default=500, help="default 500")
     d = p.add_argument_group("DNF variants (the defaults are the authors' method)")
@@ -159,7 +170,7 @@ def _validate(args: argparse.Namespace) -> None:
         need(not dnf_only, f"{', '.join(dnf_only)} only apply to --method dnf")
     need(args.temperature is None or (args.temperature > 0 and args.temperature != float("inf")),
          f"--temperature must be > 0, got {args.temperature}")
-    need(args.temperature is None or args.loss == "kl", "--temperature only applies to --loss kl")
+    need(args.temperature is None or args.loss in ("kl", None), "--temperature only applies to --loss kl")
     need(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     need(args.time_steps is None or args.time_steps >= 1, f"--time-steps must be >= 1, got {args.time_steps}")
     # before any work; whether an existing output may be replaced is decided in check_outputs
@@ -196,7 +207,8 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     import torch
 
     from .. import zoo
-    from .data import TRAINABLE_TASKS, training_data, unlabelled_data
+    from ..zoo.base import Dataset
+    from .data import TRAINABLE_TASKS, split_task_data, training_data, unlabelled_data
     from .methods import dnf, qat
 
     if args.batch_size % world_size:
@@ -207,9 +219,11 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     show = print if rank == 0 else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model not in TRAINABLE_TASKS + UNLABELLED_TASKS:
+    user = is_user_task(args.model)
+    if not user and args.model not in TRAINABLE_TASKS + UNLABELLED_TASKS:
         raise UsageError(f"--model {args.model!r}: no training inputs known; choose one of "
-                         f"{', '.join(TRAINABLE_TASKS + UNLABELLED_TASKS)}")
+                         f"{', '.join(TRAINABLE_TASKS + UNLABELLED_TASKS)}, or a user task (package.module:function)")
+    task = user_task_loss(args) if user else None
     cfg = device_config(args)
     ckpt = None if args.time_steps else checkpoint_path(args)
     from .parallel import from_main
@@ -217,21 +231,32 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     resume_meta = from_main(lambda: check_outputs(args, ckpt))
     if resume_meta is not None:
         _adopt_checkpoint(args, ckpt, resume_meta, show)
+    eval_data = None
     try:
-        task = zoo.get(args.model)
-        if args.loss == "ce":
-            train = training_data(args.model, args.train_samples)
+        if user:  # the first --train-samples of its data (or its calibration split); evaluation on the rest
+            train, eval_data, source = split_task_data(task, args.train_samples, args.eval_samples)
+            show(f"training inputs: {source}")
+            if args.loss != "ce":
+                train = Dataset(train.inputs)
+            elif train.targets is None:
+                raise UsageError(f"--loss ce: {args.model}'s training inputs have no labels; use --loss kl, cosine "
+                                 "or mse (label-free)")
         else:
-            train = unlabelled_data(args.model, args.train_samples)
+            task = zoo.get(args.model)
+            if args.loss == "ce":
+                train = training_data(args.model, args.train_samples)
+            else:
+                train = unlabelled_data(args.model, args.train_samples)
     except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"--train-samples {args.train_samples}: {e}" if user else str(e)) from None
     if len(train) < args.batch_size:
         raise UsageError(f"the training set has {len(train)} samples, fewer than --batch-size {args.batch_size}")
     if args.time_steps:
         if args.loss != "ce":
             raise UsageError("--time-steps times labelled training steps; use it with --loss ce")
         return _time_steps(args, task, train, cfg)
-    eval_data = task.load_data().take(args.eval_samples)
+    if eval_data is None:
+        eval_data = task.load_data().take(args.eval_samples)
     if ckpt and args.resume and resume_meta is None:
         show(f"note: no checkpoint at {ckpt}; starting from the beginning")
 
@@ -286,11 +311,27 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     return 0
 
 
+def user_task_loss(args: argparse.Namespace) -> Any:
+    """Load a user task (before any work, so that a bad one fails first) and set ``args.loss``'s
+    default from its metric (:func:`abfp.tune.finetune.default_loss`: ``kl`` for a percentage or
+    KL metric, else ``cosine``); returns the task."""
+    from ..tune.finetune import default_loss
+
+    task = single_task(args.model, "finetune")
+    if args.loss is None:
+        args.loss = default_loss(task.metric)
+    if args.temperature is not None and args.loss != "kl":
+        raise UsageError("--temperature only applies to --loss kl")
+    return task
+
+
 def checkpoint_path(args: argparse.Namespace) -> str | None:
-    """``--checkpoint`` (default ``.abfp_finetune/<model>-<method>.safetensors``; ``''``: none)."""
+    """``--checkpoint`` (default ``.abfp_finetune/<model>-<method>.safetensors``, a user task's
+    name with every character but letters, digits, ``.``, ``_`` and ``-`` as ``_``; ``''``: none)."""
     if args.checkpoint is None:
         loss = "" if getattr(args, "loss", None) in (None, "ce") else f"-{args.loss}"
-        return str(Path(".abfp_finetune") / f"{args.model}-{args.method}{loss}.safetensors")
+        model = re.sub(r"[^A-Za-z0-9._-]", "_", args.model)
+        return str(Path(".abfp_finetune") / f"{model}-{args.method}{loss}.safetensors")
     return args.checkpoint or None
 
 

@@ -11,13 +11,14 @@ split (``Task.load_calibration``: ``efficientnet-lite0``, ``minilm-l6``) finetun
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from torch import Tensor
 
 from ..zoo import dlrm, fashion, unet3d
 from ..zoo.base import Dataset
 
-__all__ = ["TRAINABLE_TASKS", "training_data", "unlabelled_data"]
+__all__ = ["TRAINABLE_TASKS", "training_data", "unlabelled_data", "split_task_data"]
 
 #: Zoo tasks with a known training set.
 TRAINABLE_TASKS = ("fashion-cnn", "fashion-vit", "fashion-lstm", "unet3d", "dlrm")
@@ -68,3 +69,32 @@ def unlabelled_data(task: str, samples: int | None = None) -> Dataset:
     if task in TRAINABLE_TASKS:
         return Dataset(training_data(task, samples).inputs)
     raise ValueError(f"no calibration or training inputs known for task {task!r}")
+
+
+def split_task_data(task: Any, calibration: int | None, eval_samples: int | None) -> tuple[Dataset, Dataset, str]:
+    """``(calibration Dataset, evaluation Dataset, where the calibration came from)`` of any task
+    (zoo or user): never overlapping.
+
+    The task's calibration split (``Task.load_calibration``) when it has one, else its training
+    split (the zoo's trainable tasks, labels kept for a label metric), else the first
+    ``calibration`` samples of its data; evaluation is the task's data (after those samples in
+    the last case), its first ``eval_samples`` when given. ``calibration=None``: all of the
+    calibration split, or half of the data. Raises ``ValueError`` when too few samples are left."""
+    data = task.load_data()
+    if task.load_calibration is not None or task.name in TRAINABLE_TASKS:
+        if task.load_calibration is not None:
+            calib, source = task.load_calibration(), "the task's calibration split"
+        else:
+            calib, source = training_data(task.name, calibration), "the task's training split"
+        if calibration is not None and len(calib) < calibration:
+            raise ValueError(f"{task.name}'s calibration data has {len(calib)} samples")
+        return calib.take(calibration), data.take(eval_samples), source
+    if calibration is None:
+        calibration = len(data) // 2
+    if not 1 <= calibration < len(data):
+        raise ValueError(f"{task.name} has {len(data)} samples; leave some to evaluate")
+    end = len(data) if eval_samples is None else min(len(data), calibration + eval_samples)
+    tg = data.targets
+    calib = Dataset(tuple(t[:calibration] for t in data.inputs), None if tg is None else tg[:calibration])
+    evald = Dataset(tuple(t[calibration:end] for t in data.inputs), None if tg is None else tg[calibration:end])
+    return calib, evald, "the first samples of the task's data (it has no calibration split)"

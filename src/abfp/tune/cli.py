@@ -199,28 +199,10 @@ def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:
 
 
 def split_data(task, calibration: int, eval_samples: int | None):
-    """``(calibration Dataset, evaluation Dataset, where the calibration came from)``.
+    """:func:`abfp.finetune.data.split_task_data` with ``--calibration`` in its errors."""
+    from ..finetune.data import split_task_data
 
-    The task's calibration split (``Task.load_calibration``) when it has one, else its training
-    split (the zoo's trainable tasks, labels kept for a label metric), else the first
-    ``calibration`` samples of its data; evaluation is the task's data (after those samples in
-    the last case), its first ``eval_samples`` when given. Never overlapping."""
-    from ..finetune.data import TRAINABLE_TASKS, training_data
-    from ..zoo.base import Dataset
-
-    data = task.load_data()
-    if task.load_calibration is not None or task.name in TRAINABLE_TASKS:
-        if task.load_calibration is not None:
-            calib, source = task.load_calibration(), "the task's calibration split"
-        else:
-            calib, source = training_data(task.name, calibration), "the task's training split"
-        if len(calib) < calibration:
-            raise UsageError(f"--calibration {calibration}: {task.name}'s calibration data has {len(calib)} samples")
-        return calib.take(calibration), data.take(eval_samples), source
-    if calibration >= len(data):
-        raise UsageError(f"--calibration {calibration}: {task.name} has {len(data)} samples; leave some to evaluate")
-    end = len(data) if eval_samples is None else min(len(data), calibration + eval_samples)
-    tg = data.targets
-    calib = Dataset(tuple(t[:calibration] for t in data.inputs), None if tg is None else tg[:calibration])
-    evald = Dataset(tuple(t[calibration:end] for t in data.inputs), None if tg is None else tg[calibration:end])
-    return calib, evald, "the first samples of the task's data (it has no calibration split)"
+    try:
+        return split_task_data(task, calibration, eval_samples)
+    except ValueError as e:
+        raise UsageError(f"--calibration {calibration}: {e}") from None
