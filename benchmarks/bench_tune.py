@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--finetune-batch-size", type=int, default=32)
     ap.add_argument("--finetune-loss", choices=["kl", "cosine", "mse"], default=None)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--energy-samples", type=int, default=1, help="inputs accounted together for the energy")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -75,11 +76,11 @@ def main() -> None:
                gains=power_of_two_gains(a.max_gain, a.gains_per_octave) if a.gains_per_octave > 1 else None,
                max_repeats=a.max_repeats, finetune=None if a.finetune == "none" else a.finetune,
                finetune_options=ft_opts, extra_metrics=[m for m in metrics if m.name != metric.name],
-               batch_size=a.batch_size, progress=lambda s: print(s, flush=True))
+               batch_size=a.batch_size, energy_samples=a.energy_samples, progress=lambda s: print(s, flush=True))
     total = time.perf_counter() - t0
     print(res.table(), flush=True)
     ref = _outputs(model, ev, a.batch_size)
-    e_in = tuple(t[:4] for t in cal.inputs)
+    e_in = tuple(t[:a.energy_samples] for t in cal.inputs)
     rows = []
 
     def row(name: str, plan: DevicePlan, secs: float, m: torch.nn.Module = model) -> None:  # a plan tune did not make

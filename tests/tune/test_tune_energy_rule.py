@@ -211,3 +211,36 @@ def test_choose_gains_refuses_the_energy_rule() -> None:
 
     with pytest.raises(ValueError, match="abfp.tune"):
         choose_gains(_mlp(), torch.randn(4, 24), ABFPConfig(), rule="energy")
+
+
+def test_tune_energy_is_one_inference_alone_as_abfp_energy_counts_it() -> None:
+    """The stage energies are ``abfp.energy.account`` of the plan on one input (the default), and
+    accounting 4 inputs together differs by exactly the weight DAC conversions they share."""
+    from abfp.energy import EnergyParams, account
+    from abfp.nn import to_digital
+
+    model = _mlp()
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    cfg = ABFPConfig(tile_width=8)
+    kw = dict(target=0.999, gain_rule="energy", gains=power_of_two_gains(64, 2), max_repeats=2, energy_budget=1.3)
+    one = abfp.tune(model, x, cfg, **kw)
+    four = abfp.tune(model, x, cfg, energy_samples=4, **kw)
+    assert one.energy_samples == 1 and one.plan.info["energy_samples"] == 1 and one.to_dict()["energy_samples"] == 1
+    assert four.plan.info["energy_samples"] == 4
+    p = EnergyParams()
+    weight_dac = (24 * 32 + 32 * 32 + 32 * 6) * p.dac_energy(8, "weight")  # N K per call, 8-bit weights
+    for res in (one, four):
+        for s in res.stages:
+            m = s.plan.convert(model)
+            try:
+                want = account(m.eval(), x[:1]).totals()["energy_total"]
+            finally:
+                to_digital(m)
+            if res is one:
+                assert s.energy == pytest.approx(want, rel=1e-12)
+            else:  # four inputs share each call's weight conversions
+                assert s.energy == pytest.approx(want - weight_dac * (1 - 1 / 4), rel=1e-12)
+        ratio = res.stages[1].energy / res.stages[0].energy
+        assert res.details["allocation"]["energy_ratio"] == pytest.approx(ratio, rel=1e-12)
+    with pytest.raises(ValueError, match="energy_samples"):
+        abfp.tune(model, x, cfg, energy_samples=0)

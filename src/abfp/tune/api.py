@@ -82,10 +82,13 @@ class TuneResult:
     higher_is_better: bool = True
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    #: calibration inputs accounted together for the energy per inference
+    energy_samples: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric_name, "fp32": self.fp32_metric, "target": self.target,
                 "higher_is_better": self.higher_is_better, "seconds": self.seconds,
+                "energy_samples": self.energy_samples,
                 "stages": [s.to_dict() for s in self.stages], "details": self.details}
 
     def table(self) -> str:
@@ -203,7 +206,7 @@ def tune(
     extra_metrics: Sequence[Metric] = (),
     exclude: Sequence[str] = (),
     batch_size: int = 64,
-    energy_samples: int = 4,
+    energy_samples: int = 1,
     energy_params: EnergyParams | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -229,6 +232,10 @@ def tune(
     ``gain_descent``: after the gain stage, lower the gains, most expensive module first, while
     the target is still reached on the calibration inputs (:mod:`.descent`; a stage of its own).
     ``extra_metrics``: reported per stage besides ``metric``.
+    ``energy_samples``: the energy per inference is accounted on this many calibration inputs run
+    together (weights are converted once per call, so their DAC energy is shared by them);
+    default 1, one inference alone, as ``abfp energy`` and ``abfp explore`` count it. The energy
+    rule's budget and its ``energy_ratio`` use the same accounting.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"tune needs an nn.Module, got {type(model).__name__}")
@@ -419,6 +426,6 @@ def tune(
               if isinstance(finetune, DistilStage) else "")
 
     plan.info.update({"stages": [s.to_dict() for s in stages], "metric": metric.name, "target": target,
-                      "fp32": fp32_eval})
+                      "fp32": fp32_eval, "energy_samples": len(e_inputs[0])})
     return TuneResult(plan, out_model, stages, metric.name, fp32_eval, target, metric.higher_is_better,
-                      time.perf_counter() - t_all, details)
+                      time.perf_counter() - t_all, details, len(e_inputs[0]))

@@ -80,6 +80,9 @@ def _parser(sub) -> None:
                    help=f"calibration inputs per step (default {FT_DEFAULTS['batch_size']})")
     f.add_argument("--finetune-loss", choices=["kl", "cosine", "mse"], default=None,
                    help="kl on logits, cosine or mse on embeddings (default: kl for a classifier, else cosine)")
+    p.add_argument("--energy-samples", type=int, default=1,
+                   help="calibration inputs accounted together for the energy per inference (weights are converted "
+                        "once per call); default 1, one inference alone, as abfp energy and abfp explore count it")
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -104,7 +107,7 @@ def output_names(json_path: str) -> tuple[str, str, str]:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     require_at_least(args, ("calibration", "eval_samples", "gain_samples", "max_repeats", "batch_size", "threads",
-                            "finetune_steps", "finetune_batch_size", "gains_per_octave"))
+                            "finetune_steps", "finetune_batch_size", "gains_per_octave", "energy_samples"))
     require_at_least(args, ("seed",), 0)
     require_finite(args, ("max_gain", "target", "gain_tolerance", "finetune_lr", "energy_budget"))
     if args.energy_budget is not None and (args.gain_rule != "energy" or args.energy_budget <= 0):
@@ -165,7 +168,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                    gain_samples=args.gain_samples, repeats=not args.no_repeats, max_repeats=args.max_repeats,
                    finetune=None if args.finetune == "none" else args.finetune, finetune_options=finetune_options,
                    extra_metrics=zoo.extra_metrics(task.name),
-                   batch_size=args.batch_size or task.default_batch_size, seed=args.seed, progress=progress)
+                   batch_size=args.batch_size or task.default_batch_size, energy_samples=args.energy_samples,
+                   seed=args.seed, progress=progress)
     finally:
         bar.close()
     res.plan.info.update(task=task.name, calibration_samples=len(calib), calibration_source=source,
