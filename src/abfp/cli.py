@@ -187,6 +187,22 @@ def _with_configs(records: list[dict[str, Any]], points: Sequence[Any]) -> list[
     return [{**r, "config": None if r.get("format") == "fp32" else next(configs)} for r in records]
 
 
+def _with_plan(records: list[dict[str, Any]], plan: Any, path: str) -> list[dict[str, Any]]:
+    """The device records of ``abfp eval --plan``, marked as the plan they ran (``gain``:
+    ``"plan"``, ``gains`` and ``repeats`` per module, ``plan_file``, ``plan_modules``: each
+    module's whole config), not as the single-gain base device the table would otherwise show."""
+    gains = {m: c.gain for m, c in plan.modules.items()}
+    repeats = {m: c.repeats for m, c in plan.modules.items()}
+    modules = {m: c.to_dict(execution=True) for m, c in plan.modules.items()}
+    out = []
+    for r in records:
+        if r.get("format") != "fp32" and plan.modules:
+            r = {**r, "gain": "plan", "gains": gains, "repeats": repeats, "plan_file": str(path),
+                 "plan_modules": modules, "label": f"plan {Path(path).name} (base {r['label']})"}
+        out.append(r)
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import zoo
     from .evaluate import EvalSettings, evaluate, format_table
@@ -241,6 +257,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   extra_metrics=tuple(zoo.extra_metrics(task.name))),
         )
         recs = _with_configs(recs, points)
+        if plan is not None:
+            recs = _with_plan(recs, plan, args.plan)
         show(format_table(recs))
         show(f"  {coverage_line(recs)}  ({time.perf_counter() - t0:.1f} s)\n")
         all_records.extend(recs)

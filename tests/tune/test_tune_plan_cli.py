@@ -109,6 +109,16 @@ def test_cli_tune_then_eval_plan(tmp_path: Path, capsys: pytest.CaptureFixture[s
     recs = json.loads(out.read_text())
     assert [r["format"] for r in recs] == ["fp32", "abfp"]
     assert recs[1]["value"] > 0.9
+    # the record says it ran the plan (per-module gains), not the single-gain base device
+    r = recs[1]
+    assert r["gain"] == "plan" and r["plan_file"] == str(plan) and r["label"].startswith("plan plan.json (base ")
+    assert r["gains"] == {m: c.gain for m, c in p.modules.items()}
+    assert r["repeats"] == {m: c.repeats for m, c in p.modules.items()}
+    assert r["plan_modules"]["0"] == p.modules["0"].to_dict(execution=True)
+    assert " plan " in capsys.readouterr().out
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    lo, hi = min(r["gains"].values()), max(r["gains"].values())
+    assert f"| plan ({lo:g}–{hi:g}) |" in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_cli_tune_energy_rule(tmp_path: Path) -> None:

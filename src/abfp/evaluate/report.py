@@ -69,8 +69,8 @@ def validate_records(records: Any) -> list[Record]:
             if r.get(key) is not None and not _is_number(r[key]):
                 raise ValueError(f"record {i}: {key} must be a number or absent, got {r[key]!r}")
         g = r.get("gain")
-        if g is not None and g != "auto" and not _is_number(g):
-            raise ValueError(f"record {i}: gain must be a number or 'auto', got {g!r}")
+        if g is not None and g not in ("auto", "plan") and not _is_number(g):
+            raise ValueError(f"record {i}: gain must be a number, 'auto' or 'plan', got {g!r}")
         layers = r.get("layers")
         if layers is not None and (not isinstance(layers, list) or not all(isinstance(x, Mapping) for x in layers)):
             raise ValueError(f"record {i}: layers must be a list of dicts or None")
@@ -90,9 +90,9 @@ def _bits(r: Record) -> str:
 
 def _gain_text(r: Record) -> str:
     g = r.get("gain")
-    if g == "auto":
+    if g in ("auto", "plan"):  # per-layer gains: chosen at run time, or a tuned plan's (abfp eval --plan)
         per = [v for v in (r.get("gains") or {}).values() if _is_number(v)]
-        return f"auto ({min(per):g}–{max(per):g})" if per else "auto"
+        return f"{g} ({min(per):g}–{max(per):g})" if per else g
     return f"{g:g}" if _is_number(g) else ""
 
 
@@ -262,9 +262,10 @@ def _plot_gain(g: _Group, path: Path) -> None:
                     ax.errorbar([r["gain"] for r in line], [r["value"] for r in line],
                                 yerr=[_num(r, "std", 0.0) for r in line], marker="o", markersize=4,
                                 linestyle=_LINESTYLES[j % 4], label=f"ABFP n={n} {b}", **style)
-                for r in (r for r in sel if r.get("gain") == "auto"):
-                    ax.errorbar([x_auto], [r["value"]], yerr=[_num(r, "std", 0.0)], marker="*", markersize=12,
-                                linestyle="none", label=f"auto gain n={n} {b}", **style)
+                for r in (r for r in sel if r.get("gain") in ("auto", "plan")):
+                    ax.errorbar([x_auto], [r["value"]], yerr=[_num(r, "std", 0.0)], marker="*" if r["gain"] == "auto"
+                                else "D", markersize=12 if r["gain"] == "auto" else 8, linestyle="none",
+                                label=f"{r['gain']} gain n={n} {b}", **style)
         for j, b in enumerate(sorted({_bits(r) for r in g.fixed})):
             sel = [r for r in g.fixed if _bits(r) == b and _noise(r) == z]
             if sel:
@@ -273,8 +274,9 @@ def _plot_gain(g: _Group, path: Path) -> None:
                             linestyle="none", capsize=3, label=f"fixed point {b}")
         _ref_lines(ax, g)
         ax.set_xscale("log", base=2)
-        ticks = numeric + ([x_auto] if any(r.get("gain") == "auto" for r in g.abfp) else [])
-        ax.set_xticks(ticks, [f"{t:g}" for t in numeric] + ["auto"] * (len(ticks) - len(numeric)))
+        per_layer = sorted({r["gain"] for r in g.abfp if r.get("gain") in ("auto", "plan")})
+        ticks = numeric + ([x_auto] if per_layer else [])
+        ax.set_xticks(ticks, [f"{t:g}" for t in numeric] + ["/".join(per_layer)] * (len(ticks) - len(numeric)))
         ax.set_xlabel("gain G")
         ax.set_title(f"noise std {_noise_text(z)} LSB")
         ax.grid(True, alpha=0.3)
