@@ -68,3 +68,33 @@ def test_bad_bounds_are_refused(lo, hi):
 def test_known_pass_outside_the_range_is_refused():
     with pytest.raises(ValueError, match="outside"):
         smallest_passing(2, 8, lambda b: True, known_pass=9)
+
+
+@settings(max_examples=150, derandomize=True, deadline=None)
+@given(lo=st.integers(2, 12), width=st.integers(0, 14), thr=st.integers(0, 30))
+def test_top_last_finds_the_threshold_and_tests_the_top_only_when_everything_below_fails(lo, width, thr):
+    hi = lo + width
+    calls: list[int] = []
+    found = smallest_passing(lo, hi, lambda b: calls.append(b) or b >= thr, top_last=True)
+    truth = next((b for b in range(lo, hi + 1) if b >= thr), None)  # brute force
+    assert found == truth
+    assert len(calls) == len(set(calls))
+    assert len(calls) <= math.ceil(math.log2(hi - lo + 2))
+    if truth is not None and truth < hi:
+        assert hi not in calls  # the most expensive design is not needed
+        hi_first: list[int] = []
+        smallest_passing(lo, hi, lambda b: hi_first.append(b) or b >= thr)
+        assert len(calls) <= len(hi_first)  # never more calls than testing the top first
+    if found is not None and found > lo:
+        assert found - 1 in calls  # a threshold: the bit below was seen to fail
+
+
+def test_top_last_on_the_dac_raise_of_efficientnet():
+    """The session-9 search: DACs raised in 9..12 where 11 is the threshold: 10 and 11 (two
+    designs) instead of 12, 10, 11."""
+    calls: list[int] = []
+    assert smallest_passing(9, 12, lambda b: calls.append(b) or b >= 11, top_last=True) == 11
+    assert calls == [10, 11]
+    calls.clear()
+    assert smallest_passing(9, 12, lambda b: calls.append(b) or False, top_last=True) is None
+    assert calls == [10, 11, 12]

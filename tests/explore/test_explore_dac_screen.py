@@ -84,9 +84,14 @@ def test_no_design_is_evaluated_that_a_failure_already_implied(raised):
         assert _value((f["weight_bits"], f["input_bits"], f["output_bits"]), f["gain"]) < raised["target"]
 
 
+@pytest.fixture(scope="module")
+def screened():
+    return abfp.explore(TASK, dac_max_bits=10, screen=24, screen_z=1.0, **LOW_DACS)
+
+
 @pytest.mark.slow  # explores a tiny model twice (seconds)
-def test_the_screen_rejects_only_clear_failures_and_keeps_the_answer(raised):
-    res = abfp.explore(TASK, dac_max_bits=10, screen=24, screen_z=1.0, **LOW_DACS)
+def test_the_screen_rejects_only_clear_failures_and_keeps_the_answer(raised, screened):
+    res = screened
     out = [d for d in res["designs"] if d["screened_out"]]
     assert out  # the screen saved full evaluations ...
     full = {(d["weight_bits"], d["input_bits"], d["output_bits"], d["gain"]): d for d in raised["designs"]}
@@ -105,6 +110,42 @@ def test_the_screen_rejects_only_clear_failures_and_keeps_the_answer(raised):
     xb, wb = res["adc_search_dac_bits"]["abfp-n8"]
     assert f"screen on 24 samples ({len(out)} designs rejected there)" in text
     assert f"DACs raised up to 10 bits where needed (abfp-n8: {xb}/{wb})" in text
+
+
+@pytest.mark.slow  # explores a tiny model (seconds)
+def test_the_screen_is_skipped_only_above_a_design_that_passed_it(raised, monkeypatch):
+    """A design with at least the bits of a design of the same device that passed the screen is
+    evaluated on all samples without a screen (``screen_skipped_by`` names that design); every
+    other design is screened first. Counted independently: the screen's passes."""
+    kw = dict(dac_max_bits=10, screen=24, screen_z=3.0, **LOW_DACS)
+    screens = []
+    real = runner.evaluate
+
+    def evaluate(model, data, *a, **k):
+        if len(data) == 24 and a[1][0].format != "fp32":
+            screens.append(a[1][0])
+        return real(model, data, *a, **k)
+
+    monkeypatch.setattr("abfp.explore.search.evaluate", evaluate)
+    res = abfp.explore(TASK, **kw)
+    ds = res["designs"]
+    key = ("format", "tile_width", "gain", "noise_std")
+    bits = ("input_bits", "weight_bits", "output_bits")
+    label = lambda e: f"abfp n=8 {e['weight_bits']}/{e['input_bits']}/{e['output_bits']} G={e['gain']:g} noise=0"  # noqa: E731
+    skipped = [d for d in ds if "screen_skipped_by" in d]
+    assert skipped  # the tiny search has designs above a screened one
+    for i, d in enumerate(ds):
+        below = [e for e in ds[:i] if not e["screened_out"] and all(e[k] == d[k] for k in key)
+                 and all(e[b] <= d[b] for b in bits)]
+        if below:
+            assert d["screen_skipped_by"] in {label(e) for e in below}
+            assert not d["screened_out"] and d["samples"] == 48
+        else:
+            assert "screen_skipped_by" not in d
+    assert len(screens) == len(ds) - len(skipped)  # the skipped screens were not run
+    fields = ("input_bits", "weight_bits", "output_bits", "gain", "value", "energy_pj_per_inference")
+    a, b = res["cheapest"]["abfp-n8"], raised["cheapest"]["abfp-n8"]
+    assert [a[k] for k in fields] == [b[k] for k in fields]  # the answer of the search without a screen
 
 
 @pytest.mark.slow  # evaluates a tiny model (seconds)

@@ -1,11 +1,13 @@
 """The target rule and family names."""
 
 import math
+import statistics
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from abfp.explore.designs import Design, family_name
-from abfp.explore.target import Target
+from abfp.explore.target import Target, bounded_decision, decided
 
 
 @pytest.mark.parametrize("fp32,higher,drop,expected", [
@@ -48,3 +50,46 @@ def test_family_names():
     cfg = d.config(__import__("abfp").ABFPConfig())
     assert (cfg.mode, cfg.tile_width, cfg.output_bits, cfg.gain, cfg.noise_std) == ("abfp", 32, 6, 1.0, 0.0)
     assert d.point(cfg).auto_gain
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(n=st.integers(1, 300), runs=st.integers(1, 5), data=st.data(), target=st.floats(0.0, 100.0),
+       higher=st.booleans())
+def test_bounded_decision_is_the_decision_of_every_completion(n, runs, data, target, higher):
+    """A percentage of n samples, k of ``runs`` runs made: a decision must be the one the mean of
+    all runs gives whatever the remaining runs score (checked on the extremes and random
+    completions); no decision only when the remaining runs can still put the mean on either side."""
+    k = data.draw(st.integers(1, runs))
+    pct = st.integers(0, n).map(lambda h: 100.0 * h / n)
+    made = data.draw(st.lists(pct, min_size=k, max_size=k))
+    got = bounded_decision(made, runs, (0.0, 100.0), target, higher)
+    rest = runs - k
+    completions = [[0.0] * rest, [100.0] * rest] + [data.draw(st.lists(pct, min_size=rest, max_size=rest))
+                                                    for _ in range(3)]
+    sides = {Target.meets(statistics.fmean(made + c), target, higher) for c in completions}
+    if got is not None:
+        assert sides == {got}
+    else:  # the extremes fall on both sides (with every run made the mean is known: always decided)
+        assert rest > 0
+        assert len({Target.meets(statistics.fmean(made + c), target, higher) for c in completions[:2]}) == 2
+
+
+@pytest.mark.parametrize("values,runs,expected", [
+    ([96.88], 2, True),    # the second run would need 101.12 %: fails for certain
+    ([96.09], 2, True),
+    ([99.22], 2, False),   # one flipped crop of 128: 0.78 % stderr, 0.22 from the target: open
+    ([98.0], 2, False),    # a second run at 100 % would give exactly 99: open
+    ([97.9], 3, False),    # two more runs at 100 % reach 99.3
+])
+def test_decided_with_the_metric_bounds(values, runs, expected):
+    se = [100.0 * (0.9 * 0.1 / 127) ** 0.5]  # the per-sample stderr alone decides none of these at z = 3
+    assert not decided(values, se, 99.0, 3.0)
+    assert decided(values, se, 99.0, 3.0, runs=runs, bounds=(0.0, 100.0)) is expected
+
+
+def test_bounds_that_a_value_contradicts_decide_nothing():
+    assert bounded_decision([101.0], 2, (0.0, 100.0), 99.0) is None
+    assert bounded_decision([50.0], 2, (0.0, 100.0), 99.0) is False
+    assert bounded_decision([5.0], 1, (0.0, 100.0), 10.0, higher_is_better=False) is True
+    assert bounded_decision([60.0], 2, (0.0, 100.0), 10.0, higher_is_better=False) is False  # lower is better
+    assert bounded_decision([5.0], 2, (0.0, 100.0), 10.0, higher_is_better=False) is None

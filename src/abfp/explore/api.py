@@ -79,7 +79,8 @@ def explore(
     (``dac_search``: ``"joint"``, ``"separate"`` or ``"none"``) down to ``dac_min_bits``. Noisy
     designs run ``runs`` times (seeds ``seed + r``); ``cache_path`` is :func:`abfp.evaluate.evaluate`'s
     SQLite cache (a rerun resumes). ``early_stop = z``: a noisy design stops averaging once its
-    mean is ``z`` standard errors from the target; ``global_prune``: designs costing at least as
+    mean is ``z`` standard errors from the target, or once the remaining runs cannot move it
+    across the target (the metric's ``bounds``); ``global_prune``: designs costing at least as
     much as one known to meet the target are skipped (see :mod:`abfp.explore.search`).
     ``dac_max_bits``: when no design of a family meets the target at the base DAC bits (even at
     the highest ADC bits), its DACs are raised by bisection up to this many bits. ``screen = k``:

@@ -23,7 +23,7 @@ def max_calls(lo: int, hi: int) -> int:
 
 
 def smallest_passing(lo: int, hi: int, pred: Callable[[int], bool], *, known_pass: int | None = None,
-                     start: int | None = None) -> int | None:
+                     start: int | None = None, top_last: bool = False) -> int | None:
     """The smallest integer ``b`` in ``[lo, hi]`` with ``pred(b)`` true, assuming ``pred`` is
     monotone (false below a threshold, true from it on); ``None`` when ``pred(hi)`` is false
     (or ``hi < lo``).
@@ -32,6 +32,11 @@ def smallest_passing(lo: int, hi: int, pred: Callable[[int], bool], *, known_pas
     search starts from): it is not evaluated again and bounds the search from above.
     ``start``: a first guess in ``[lo, hi]`` (e.g. the base device's 8 bits), tested first: when
     it passes, ``hi`` is never evaluated (one call saved when the answer lies below it).
+    ``top_last``: do not test ``hi`` first; bisect over the ``hi - lo + 2`` outcomes (``lo .. hi``
+    or none), so ``hi`` is evaluated only when every value below it fails: at most
+    ``ceil(log2(hi - lo + 2))`` calls, never more than testing ``hi`` first when the answer lies
+    below ``hi`` (often one fewer), but up to that many instead of one when even ``hi`` fails (the caller expects the range to hold the answer: the DAC raise, whose top design
+    is the most expensive to evaluate). Ignores ``start``.
     Raises ``ValueError`` for non-integer bounds.
     """
     for name, v in (("lo", lo), ("hi", hi)):
@@ -39,7 +44,9 @@ def smallest_passing(lo: int, hi: int, pred: Callable[[int], bool], *, known_pas
             raise ValueError(f"smallest_passing: {name} must be an integer, got {v!r}")
     if hi < lo:
         return None
-    if known_pass is not None:
+    if top_last and known_pass is None:
+        good, bad = hi + 1, lo - 1  # good = hi + 1: "none passes" until a value passes
+    elif known_pass is not None:
         if not lo <= known_pass <= hi:
             raise ValueError(f"smallest_passing: known_pass={known_pass} is outside [{lo}, {hi}]")
         good = known_pass
@@ -55,11 +62,12 @@ def smallest_passing(lo: int, hi: int, pred: Callable[[int], bool], *, known_pas
         if not pred(hi):
             return None
         good, bad = hi, lo - 1
-    # invariant: pred(good) is true; pred(bad) is false (bad = lo - 1: nothing known below)
+    # invariant: pred(good) is true (or good = hi + 1, top_last: none known to pass); pred(bad) is
+    # false (bad = lo - 1: nothing known below)
     while good - bad > 1:
         mid = (bad + good) // 2
         if pred(mid):
             good = mid
         else:
             bad = mid
-    return good
+    return good if good <= hi else None

@@ -67,7 +67,8 @@ def _parser(sub: Any) -> None:
                         "bits, raise both DACs by bisection up to this many bits (default: never)")
     p.add_argument("--screen", type=int, default=None, metavar="K",
                    help="evaluate every design first on K of the samples, spread evenly over them (one run); one missing the target there "
-                        "by --screen-z standard errors is not evaluated on all samples (default: no screen)")
+                        "by --screen-z standard errors is not evaluated on all samples; a design with at least the bits of one "
+                        "that passed the screen skips it (default: no screen)")
     p.add_argument("--screen-z", type=float, default=3.0, help="standard errors of the screen's rejection (default 3)")
     p.add_argument("--noise", type=csv_list(float, "--noise"), default=None,
                    help="device noise std in ADC LSBs; a comma list sweeps it (default: the base device's, one bin "
@@ -77,7 +78,8 @@ def _parser(sub: Any) -> None:
                    help="skip every design costing at least as much energy as one already known to meet the target "
                         "(families searched cheapest first; a dominated family may report no design of its own)")
     p.add_argument("--early-stop", type=float, default=None, metavar="Z",
-                   help="stop averaging a noisy design's runs once its mean is Z standard errors from the target "
+                   help="stop averaging a noisy design's runs once its mean is Z standard errors from the target, "
+                        "or once the remaining runs cannot move it across the target (a percentage lies in 0..100) "
                         "(e.g. 3; default: every design runs --runs times)")
     p.add_argument("--runs", type=int, default=3, help="runs per noisy design (mean and std; default 3)")
     p.add_argument("--samples", type=int, default=None, help="evaluate the first N samples (default: the task's)")

@@ -119,7 +119,9 @@ def _speed_note(res: Mapping[str, Any]) -> str:
         notes.append(f"early stop at {search['early_stop']:g} standard errors ({stopped} designs stopped early)")
     if search.get("screen"):
         out = sum(1 for d in res["designs"] if d.get("screened_out"))
-        notes.append(f"screen on {search['screen']} samples ({out} designs rejected there)")
+        skipped = sum(1 for d in res["designs"] if d.get("screen_skipped_by"))
+        notes.append(f"screen on {search['screen']} samples ({out} designs rejected there"
+                     + (f", {skipped} skipped it above a design that passed it)" if skipped else ")"))
     if search.get("dac_max_bits") is not None:
         raised = {f: b for f, b in (res.get("adc_search_dac_bits") or {}).items()
                   if b != [res["base_config"]["input_bits"], res["base_config"]["weight_bits"]]} \

@@ -14,8 +14,9 @@ gain rule x noise level, see :mod:`abfp.explore.designs`):
    data) bisects once.
    When no design of the family meets the target at the base DAC bits, even at the highest
    ADC bits, and ``dac_max_bits`` is set, both DACs of the gain that came closest there are
-   raised by bisection in ``(base, dac_max_bits]`` (:meth:`Explorer.raise_dac`) and the ADC
-   bits are bisected again at those DAC bits.
+   raised by bisection in ``(base, dac_max_bits]`` (:meth:`Explorer.raise_dac`; the top,
+   ``dac_max_bits``, evaluated only when every fewer-bit DAC misses) and the ADC bits are
+   bisected again at those DAC bits.
 2. **DAC bits by bisection** on the family's cheapest design: both DACs together
    (``dac_search="joint"``), inputs then weights (``"separate"``), or not at all (``"none"``).
 
@@ -35,12 +36,15 @@ device (format and tile width) at the base device's bits and reused at every bit
 Two options trade completeness for time:
 
 * ``early_stop = z``: a noisy design stops averaging runs once its mean is ``z`` standard
-  errors from the target (:func:`abfp.explore.target.decided`).
+  errors from the target, or once no remaining run can move the mean of all runs across the
+  target (a metric with known bounds, e.g. a percentage: certain) (:func:`abfp.explore.target.decided`).
 * ``screen = k``: every design is first evaluated on ``k`` of the samples spread evenly over
   them (one run, calibrated on the same inputs as the full evaluation); one that misses the target there by at
   least ``screen_z`` standard errors over those samples is not evaluated on all of them (its
   record has ``screened_out`` and ``samples = k``). Only failures are decided on the screen:
-  every design that meets the target was evaluated on all samples.
+  every design that meets the target was evaluated on all samples. A design with at least the
+  bits (every converter) of a design of the same device that passed the screen skips it
+  (``screen_skipped_by``): it would pass too, and a screen only rejects.
 * ``global_prune``: a design whose energy, even with its DACs at the fewest bits the DAC search
   tries, is at least that of a design already known to meet the target (any family) is not
   evaluated: neither it nor a design derived from it can be the cheapest. Its bisection treats it
@@ -205,8 +209,9 @@ class Explorer:
     def _evaluate(self, point: Point) -> dict[str, Any]:
         stop = None
         if self.early_stop is not None and point.format != "fp32":
-            z, target = self.early_stop, self.target
-            stop = lambda values, stderrs: decided(values, stderrs, target, z)  # noqa: E731
+            z, target, runs, bounds = self.early_stop, self.target, self.settings.runs, getattr(self.metric, "bounds", None)
+            stop = lambda values, stderrs: decided(values, stderrs, target, z, runs=runs, bounds=bounds,  # noqa: E731
+                                                   higher_is_better=self.higher)
         (r,) = evaluate(self.model, self.data, self.metric, [point], task_name=self.task_name,
                         settings=self.settings, calibration=self.calibration, memo=self.memo, enough=stop)
         return r
@@ -232,7 +237,8 @@ class Explorer:
             if self.progress:
                 self.progress(f"{family}: {design.label()}")
             point = design.point(self.base)
-            r = self._screened_out(point) if self.screen is not None else None
+            passed_screen = self._passed_screen_below(design) if self.screen is not None else None
+            r = self._screened_out(point) if self.screen is not None and passed_screen is None else None
             screened = r is not None
             if r is None:
                 r = self._evaluate(point)
@@ -249,6 +255,8 @@ class Explorer:
                    "samples": int(r["samples"]), "seconds": float(r["seconds"])}
             if self.screen is not None:
                 rec["screened_out"] = screened
+                if passed_screen is not None:
+                    rec["screen_skipped_by"] = passed_screen
             if "early_stopped" in r:
                 rec["early_stopped"] = bool(r["early_stopped"])
             if gains is not None:
@@ -276,13 +284,21 @@ class Explorer:
         if design in self.implied:
             return True
         for d, r in self._by_design.items():
-            if (not r["meets_target"] and (d.format, d.tile_width, d.gain, d.noise_std) ==
-                    (design.format, design.tile_width, design.gain, design.noise_std)
-                    and d.input_bits >= design.input_bits and d.weight_bits >= design.weight_bits
-                    and d.output_bits >= design.output_bits):
+            if not r["meets_target"] and _no_more_bits(design, d):
                 self.implied[design] = {**design.fields(), "family": family, "implied_by": d.label()}
                 return True
         return False
+
+    def _passed_screen_below(self, design: Design) -> str | None:
+        """The label of an evaluated design of the same device with no more bits in any converter
+        than ``design`` that passed the screen (it was evaluated on all samples), else None. By the
+        monotonicity :meth:`implied_fail` assumes, ``design`` would pass the screen too, so its
+        screen is skipped: a screen only rejects, so skipping it never changes a decision (the
+        evaluation on all samples makes it), it only saves the screen's pass."""
+        for d, r in self._by_design.items():
+            if not r.get("screened_out", True) and _no_more_bits(d, design):
+                return d.label()
+        return None
 
     def value_at(self, design: Design, family: str) -> float | None:
         """The metric of ``design`` (None when global pruning skips it)."""
@@ -390,7 +406,9 @@ class Explorer:
         def raised(d: Design, b: int) -> Design:
             return d.with_bits(input_bits=max(b, d.input_bits), weight_bits=max(b, d.weight_bits))
 
-        b = smallest_passing(b0 + 1, top, lambda b: self.passes(raised(lead, b).with_bits(output_bits=adc_bits), family))
+        # the top (the most expensive design) is evaluated only when every fewer-bit DAC fails
+        b = smallest_passing(b0 + 1, top, lambda b: self.passes(raised(lead, b).with_bits(output_bits=adc_bits), family),
+                             top_last=True)
         if b is None:
             return None
         return [raised(d, b) for d in seeds]
@@ -413,6 +431,13 @@ class Explorer:
         d2 = d.with_bits(input_bits=bx)
         if lo < w0:
             smallest_passing(lo, w0, lambda b: self.passes(d2.with_bits(weight_bits=b), family), known_pass=w0)
+
+
+def _no_more_bits(a: Design, b: Design) -> bool:
+    """Whether ``a`` is a design of ``b``'s device (format, tile width, gain, noise) with no more
+    bits than ``b`` in any converter."""
+    return ((a.format, a.tile_width, a.gain, a.noise_std) == (b.format, b.tile_width, b.gain, b.noise_std)
+            and a.input_bits <= b.input_bits and a.weight_bits <= b.weight_bits and a.output_bits <= b.output_bits)
 
 
 def spread(data: Dataset, k: int) -> Dataset:

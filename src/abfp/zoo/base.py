@@ -37,6 +37,10 @@ class Metric:
     #: Per-sample values whose mean is the metric (``None``: not a per-sample mean); gives
     #: :meth:`stderr`.
     per_sample: Callable[[Tensor, "Tensor | None", Tensor], Tensor] | None = None
+    #: ``(lowest, highest)`` value the metric can take (``None``: unknown). Not part of what
+    #: a cached result is keyed on (it never changes a value): the explorer's early stop uses it
+    #: to stop averaging runs once no remaining run can move the mean across the target.
+    bounds: tuple[float, float] | None = None
 
     def __call__(self, outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
         return float(self.fn(outputs, targets, reference))
@@ -154,8 +158,9 @@ def mean_cosine(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> f
     return _cosines(outputs, targets, reference).mean().item()
 
 
-TOP1 = Metric("top-1 accuracy", "accuracy", top1_accuracy, unit="%", per_sample=_top1_hits)
-AGREEMENT = Metric("top-1 agreement with fp32", "fidelity", top1_agreement, unit="%", per_sample=_agreements)
+TOP1 = Metric("top-1 accuracy", "accuracy", top1_accuracy, unit="%", per_sample=_top1_hits, bounds=(0.0, 100.0))
+AGREEMENT = Metric("top-1 agreement with fp32", "fidelity", top1_agreement, unit="%", per_sample=_agreements,
+                   bounds=(0.0, 100.0))
 KL = Metric("KL divergence to fp32", "fidelity", kl_divergence, higher_is_better=False, unit="nats",
             per_sample=_kl_per_sample)
 COSINE = Metric("cosine similarity to fp32", "fidelity", mean_cosine, per_sample=_cosines)
