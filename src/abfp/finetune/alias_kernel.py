@@ -23,6 +23,12 @@ The tables reach the kernel padded with zero entries to at least 128 slots (neve
 up); ``b`` is passed with them. Where the channel changes within
 a block (short runs: per-channel tables of a linear layer) the look-up loop also applies
 each element's ``lo`` and ``width``.
+
+numba caches these kernels on disk keyed by *this* file's time stamp and size: it does not see
+a change to :mod:`.avx512_block`, :mod:`.avx2_lookup` or :mod:`.hash32`, whose code the kernels
+inline. A change there must also change this file (or delete ``__pycache__/alias_kernel.*.nb*``),
+or the old code keeps running from the cache. (Last change of the 16-lane pass: 2026-12-02,
+strength-reduced counters and one integer-to-float conversion per element.)
 """
 
 from __future__ import annotations

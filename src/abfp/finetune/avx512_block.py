@@ -20,6 +20,14 @@ in float32 in exactly this order (no fused multiply-add), so it gives the scalar
 (slots ``>= 2^b`` are never looked up). :data:`USABLE` says whether this process may use it:
 numba present and compiling for this machine's CPU (``NUMBA_CPU_NAME`` unset), and that CPU
 has AVX-512F; elsewhere :mod:`.alias_kernel` runs its other loops.
+
+Two rewrites keep the bits and save instructions (0.57 -> 0.48 ns per element on a 200k-element
+output in L2, Zen 4): ``x * MUL + k`` is kept per lane and stepped by ``16 MUL`` per pass (two
+32-bit multiplies fewer), and ``float32(bin) + float32(r >> 8) 2^-24`` is computed as
+``float32(bin 2^24 + (r >> 8)) 2^-24``: both round the same exact value ``bin + (r >> 8) 2^-24``
+once to nearest even, since ``bin < 2^7`` keeps the integer below ``2^31`` and the power-of-two
+scale is exact. numba's cache does not see this file: a change here must also change
+:mod:`.alias_kernel` (its doc).
 """
 
 from __future__ import annotations
@@ -102,10 +110,16 @@ if USABLE:
             permute = _declare(builder.module, _PERMUTE, ir.FunctionType(_V16, [_V16, _V16, _V16]))
             bit5, bit6, zero = _const(32), _const(64), _const(0)
             scale = ir.Constant(_F16, [2.0**-24] * 16)
+            # x * MUL + k of the loop's first sixteen lanes, then 16 MUL more per pass (modulo 2^32)
+            x = builder.add(_splat(builder, x0_v), lanes)
+            pre_u = cgutils.alloca_once_value(builder, builder.add(builder.mul(x, _const(MUL_U)), k1s))
+            pre_r = cgutils.alloca_once_value(builder, builder.add(builder.mul(x, _const(MUL_R)), k2s))
             with cgutils.for_range(builder, n_v) as loop:
                 first = builder.mul(loop.index, ir.Constant(loop.index.type, 16))
-                x = builder.add(_splat(builder, builder.add(x0_v, builder.trunc(first, _I32))), lanes)
-                u = _hash(builder, builder.add(builder.mul(x, _const(MUL_U)), k1s))
+                xu, xr = builder.load(pre_u), builder.load(pre_r)
+                builder.store(builder.add(xu, _const(16 * MUL_U)), pre_u)
+                builder.store(builder.add(xr, _const(16 * MUL_R)), pre_r)
+                u = _hash(builder, xu)
                 slot = builder.lshr(u, shift)
                 quarter = [builder.call(permute, [table[2 * q], slot, table[2 * q + 1]]) for q in range(4)]
                 hi5 = builder.icmp_unsigned("!=", builder.and_(slot, bit5), zero)
@@ -114,9 +128,12 @@ if USABLE:
                                    builder.select(hi5, quarter[1], quarter[0]))
                 keep = builder.icmp_unsigned("<", builder.and_(u, fmask), builder.lshr(e, bits))
                 k = builder.select(keep, slot, builder.and_(e, smask))
-                r = _hash(builder, builder.add(builder.mul(x, _const(MUL_R)), k2s))
-                pos = builder.fmul(builder.sitofp(builder.lshr(r, _const(8)), _F16), scale)
-                xi = builder.fadd(l0s, builder.fmul(w0s, builder.fadd(builder.sitofp(k, _F16), pos)))
+                r = _hash(builder, xr)
+                # float32(k) + float32(r >> 8) 2^-24 (one rounding) as float32(k 2^24 + (r >> 8)) 2^-24:
+                # the same rounding of the same exact value (k < 128: the integer stays below 2^31)
+                pos = builder.or_(builder.shl(k, _const(24)), builder.lshr(r, _const(8)))
+                pos = builder.fmul(builder.sitofp(pos, _F16), scale)
+                xi = builder.fadd(l0s, builder.fmul(w0s, pos))
                 ptr = builder.bitcast(builder.gep(y_a.data, [first]), _F16.as_pointer())
                 builder.store(builder.fadd(builder.load(ptr, align=4), xi), ptr, align=4)
             return context.get_dummy_value()
