@@ -4,6 +4,8 @@ architecture, the new options' bad input."""
 
 from __future__ import annotations
 
+import copy
+
 import json
 import textwrap
 from pathlib import Path
@@ -124,6 +126,23 @@ def test_weights_provenance(tmp_path: Path) -> None:
     # same architecture, other values: loaded, with a note
     other = {**info, "weights_sha256": "0" * 64}
     assert "not the ones" in load_weights(mlp(16), tmp_path / "w.safetensors", {"weights": other})["note"]
+
+
+
+def test_weights_provenance_of_a_model_with_batch_norm(tmp_path: Path) -> None:
+    """BatchNorm's step count is a 0-dim int64 buffer: hashed by its bytes, saved and restored."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
+    a.train()(torch.randn(4, 1, 6, 6))  # running statistics and num_batches_tracked = 1
+    a.eval()
+    info = save_weights(a, tmp_path / "bn.safetensors")
+    assert info["weights_sha256"] == weights_digest(a.state_dict())
+    b = copy.deepcopy(a)
+    b[1].num_batches_tracked += 1  # only the 0-dim buffer differs
+    assert weights_digest(b.state_dict()) != info["weights_sha256"]
+    c = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
+    assert load_weights(c, tmp_path / "bn.safetensors", {"weights": info})["note"] == ""
+    assert int(c[1].num_batches_tracked) == 1 and torch.equal(c[1].running_mean, a[1].running_mean)
 
 
 TASKS = textwrap.dedent('''
