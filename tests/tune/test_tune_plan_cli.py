@@ -88,12 +88,17 @@ def test_tune_with_a_label_metric_and_unlabelled_data_says_so_before_any_work() 
         abfp.tune(tiny(), x, metric=TOP1, calibration_targets=y, eval_inputs=x)
 
 
-def test_cli_tune_then_eval_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def tiny_tune_args(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """The tiny task written to ``tmp_path``, the plan path and a quick ``abfp tune`` command line."""
     task = tmp_path / "tasks.py"
     task.write_text(TASK)
     plan = tmp_path / "out" / "plan.json"
-    args = ["tune", "--task", f"{task}:make", "--json", str(plan), "--calibration", "16", "--gain-samples", "8",
-            "--max-repeats", "2", "--no-progress"]
+    return task, plan, ["tune", "--task", f"{task}:make", "--json", str(plan), "--calibration", "16",
+                        "--gain-samples", "8", "--max-repeats", "2", "--no-progress"]
+
+
+def test_cli_tune_then_eval_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    task, plan, args = tiny_tune_args(tmp_path)
     assert main(args) == 0
     names = ["plan.json", "plan.safetensors", "plan.report.md", "plan.png"]
     assert all((plan.parent / n).is_file() for n in names)

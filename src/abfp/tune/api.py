@@ -23,7 +23,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -37,6 +38,7 @@ from .finetune import FINETUNE_METHODS, DistilStage, default_loss
 from .descent import descend_gains
 from .allocate import energy_allocation, repeat_options
 from .gains import GainRule, _as_tuple, choose_gains, power_of_two_gains
+from .journal import TuneJournal, run_identity
 from .plan import DevicePlan
 from .repeats import noise_profile, search_repeats
 
@@ -62,6 +64,12 @@ class StageResult:
         return {"stage": self.name, "metric": self.metric, "stderr": self.stderr, "extra": self.extra,
                 "extra_stderr": self.extra_stderr,
                 "energy_pj": self.energy, "seconds": self.seconds, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], plan: DevicePlan) -> "StageResult":
+        """The inverse of :meth:`to_dict` (a journal's record), with the stage's ``plan``."""
+        return cls(d["stage"], d["metric"], d["energy_pj"], d["seconds"], plan, d["note"], d["stderr"],
+                   dict(d["extra"]), dict(d["extra_stderr"]))
 
     def metric_text(self) -> str:
         """``metric ± stderr`` (4 significant digits)."""
@@ -210,6 +218,8 @@ def tune(
     energy_params: EnergyParams | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    journal: str | Path | None = None,
+    resume: bool = False,
 ) -> TuneResult:
     """Tune a per-layer device plan for the float32 ``model``.
 
@@ -236,6 +246,10 @@ def tune(
     together (weights are converted once per call, so their DAC energy is shared by them);
     default 1, one inference alone, as ``abfp energy`` and ``abfp explore`` count it. The energy
     rule's budget and its ``energy_ratio`` use the same accounting.
+    ``journal``: a JSON file where each finished stage is recorded (:mod:`.journal`); with
+    ``resume=True`` the finished stages of an earlier run with the same journal, model, data,
+    metric, config and options are taken from it (another run's journal is refused), so a
+    killed run loses at most the stage it was in (a killed finetuning: its last checkpoint).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"tune needs an nn.Module, got {type(model).__name__}")
@@ -283,6 +297,18 @@ def tune(
     params = energy_params or EnergyParams()
     model = model.eval()
     t_all = time.perf_counter()
+    book = None
+    if journal is not None:
+        options = dict(target=target, gain_rule=gain_rule, gains=None if gains is None else [float(g) for g in gains],
+                       max_gain=max_gain, gain_tolerance=gain_tolerance, gain_samples=gain_samples,
+                       gain_descent=gain_descent, energy_budget=energy_budget, repeats=repeats, max_repeats=max_repeats,
+                       repeat_steps=repeat_steps, exclude=list(exclude), batch_size=batch_size,
+                       energy_samples=energy_samples, energy_params=asdict(params), seed=seed,
+                       finetune=None if finetune is None else finetune.describe() if isinstance(finetune, DistilStage)
+                       else "a callable")
+        book = TuneJournal(journal, run_identity(model, calib, evald, metric, extra_metrics, config, options), resume)
+        if book.resumed:
+            say(f"resuming from {journal}: {len(book.stages)} finished stage(s)")
 
     ref_cal = _outputs(model, calib, batch_size)
     ref_eval = ref_cal if evald is calib else _outputs(model, evald, batch_size)
@@ -296,6 +322,23 @@ def tune(
 
     e_inputs = tuple(t[:energy_samples] for t in calib.inputs)
     stages: list[StageResult] = []
+    details: dict[str, Any] = {}
+
+    def restored(name: str) -> StageResult | None:
+        """A stage finished by an earlier run of this journal (its details added), or None."""
+        rec = None if book is None else book.get(name)
+        if rec is None:
+            return None
+        stages.append(StageResult.from_dict(rec["result"], DevicePlan.from_dict(rec["plan"])))
+        details.update(rec["details"])
+        say(f"{name}: {metric.name} {stages[-1].metric_text()}, {stages[-1].energy / 1e6:.4g} uJ per inference "
+            "(from the journal)")
+        return stages[-1]
+
+    def record(name: str, added: Mapping[str, Any], **extra: Any) -> None:
+        if book is not None:
+            book.put(name, {"result": stages[-1].to_dict(), "plan": stages[-1].plan.to_dict(), "details": dict(added),
+                            **extra})
 
     def stage(name: str, plan: DevicePlan, t0: float, m: nn.Module = model, note: str = "") -> None:
         seconds = time.perf_counter() - t0
@@ -311,18 +354,21 @@ def tune(
 
     # 1. the single-gain device as given
     base_plan = DevicePlan(config, exclude=tuple(exclude))
-    stage("single gain", base_plan, time.perf_counter(), note=config.label())
+    if not restored("single gain"):
+        stage("single gain", base_plan, time.perf_counter(), note=config.label())
+        record("single gain", {})
 
     # 2. a gain per module
     t0 = time.perf_counter()
     g_inputs = tuple(t[:gain_samples] for t in calib.inputs)
     modules = _product_modules(model, base_plan, e_inputs)
-    details: dict[str, Any] = {}
 
     def calibration_score(p: DevicePlan) -> float:
         return evaluate_plan(model, p, calib, metric, ref_cal, batch_size, seed)
 
-    if gain_rule == "energy":
+    if restored("gain"):
+        gain_plan, chosen = stages[-1].plan, dict(details["gains"])
+    elif gain_rule == "energy":
         def with_settings(st: dict[str, tuple[float, int]]) -> DevicePlan:
             return DevicePlan(config, {m: config.replace(gain=g, repeats=k) for m, (g, k) in st.items()},
                               tuple(exclude), {"gain_rule": gain_rule})
@@ -352,6 +398,9 @@ def tune(
         gain_plan = DevicePlan(config, {m: config.replace(gain=chosen.get(m, config.gain)) for m in modules},
                                tuple(exclude), {"gain_rule": gain_rule})
         stage("gain", gain_plan, t0, note=f"{gain_rule} rule")
+    if book is not None and book.get("gain") is None:
+        details["gains"] = chosen
+        record("gain", {k: v for k, v in details.items()})
     details["gains"] = chosen
 
     def with_gains(g: dict[str, float]) -> DevicePlan:
@@ -359,7 +408,9 @@ def tune(
                           tuple(exclude), {"gain_rule": gain_rule})
 
     # 2b. gain descent (optional)
-    if gain_descent:
+    if gain_descent and restored("gain descent"):
+        gain_plan = stages[-1].plan
+    elif gain_descent:
         t0 = time.perf_counter()
         conv = gain_plan.with_seed(seed).convert(model)
         try:
@@ -383,10 +434,13 @@ def tune(
               note=f"{lowered} of {len(modules)} modules lowered, {desc.metric:.4g} on calibration"
               if meets(desc.metric) else f"the gains miss the target {target:.4g} on calibration "
               f"({desc.metric:.4g}): none lowered")
+        record("gain descent", dict(gains=desc.gains, error_rule_gains=start, gain_descent_trials=desc.trials))
     plan = gain_plan
 
     # 3. repeats per module (the energy rule chose them with the gains)
-    if repeats and gain_rule != "energy":
+    if repeats and gain_rule != "energy" and restored("repeats"):
+        plan = stages[-1].plan
+    elif repeats and gain_rule != "energy":
         t0 = time.perf_counter()
         conv = gain_plan.with_seed(seed).convert(model)
         try:
@@ -411,11 +465,19 @@ def tune(
         stage("repeats", plan, t0, note="target reached on calibration" if found.reached
               else f"target {target} not reached even with max_repeats={max_repeats} everywhere "
               f"({found.trials[-1][1]:.4g} on calibration): no repeats kept")
+        record("repeats", dict(repeats=found.repeats, noise_error=profile.noise_error, repeat_trials=found.trials,
+                               target_reached_on_calibration=found.reached))
 
     # 4. finetuning (optional)
     out_model = model
-    if finetune is not None:
+    done = None if book is None or not isinstance(finetune, DistilStage) else book.get("finetune")
+    if done is not None:
+        out_model = book.load_weights(copy.deepcopy(model), done["weights_sha256"]).eval()
+        restored("finetune")
+    elif finetune is not None:
         t0 = time.perf_counter()
+        if book is not None and isinstance(finetune, DistilStage):  # step checkpoints beside the journal
+            finetune = replace(finetune, checkpoint=str(book.finetune_checkpoint), resume=True)
         out_model = finetune(copy.deepcopy(model), plan, calib.inputs)
         if not isinstance(out_model, nn.Module):
             raise TypeError(f"finetune must return an nn.Module, got {type(out_model).__name__}")
@@ -424,6 +486,8 @@ def tune(
         stage("finetune", plan, t0, m=out_model.eval(),
               note=f"{desc['method']}, {desc['loss']} loss, {desc['steps']} steps on {len(calib)} calibration inputs"
               if isinstance(finetune, DistilStage) else "")
+        if book is not None and isinstance(finetune, DistilStage):
+            record("finetune", {"finetune": desc}, weights_sha256=book.save_weights(out_model))
 
     plan.info.update({"stages": [s.to_dict() for s in stages], "metric": metric.name, "target": target,
                       "fp32": fp32_eval, "energy_samples": len(e_inputs[0])})

@@ -87,6 +87,10 @@ def _parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its journal (<json stem>.journal.json beside the outputs): "
+                        "finished stages are not recomputed, a finetuning continues from its last checkpoint; "
+                        "refused when the journal was written by a run with other settings, model or data")
     add_force_option(p)
     p.set_defaults(func=cmd_tune)
 
@@ -135,10 +139,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = base_config(args)
     if cfg.mode != "abfp" or cfg.repeats != 1:
         raise UsageError("abfp tune plans an ABFP device: give a base config with mode 'abfp' and repeats 1")
-    (plan_path,) = check_output_args(args, {"json_path": "--json"})
-    out_dir = Path(args.out) if args.out is not None else plan_path.parent
+    out_dir = Path(args.out) if args.out is not None else Path(args.json_path).parent
+    journal = out_dir / journal_name(args.json_path)
+    if journal.exists() and not (args.resume or args.force):
+        raise UsageError(f"{journal} holds an unfinished run: --resume continues it, --force starts afresh")
+    resuming = args.resume and journal.is_file()  # a resumed run may replace its own outputs
+    (plan_path,) = check_output_args(argparse.Namespace(**{**vars(args), "force": args.force or resuming}),
+                                     {"json_path": "--json"})
     names = output_names(args.json_path)
-    check_output_dir(out_dir, list(names), force=args.force, what="--out")
+    check_output_dir(out_dir, list(names), force=args.force or resuming, what="--out")
     task = single_task(args.task, "tune")
     apply_threads(args.threads)
     calib, evald, source = split_data(task, args.calibration, args.eval_samples)
@@ -146,6 +155,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .api import tune
+    from .journal import JournalMismatch, remove_journal
     from .report import write_plot, write_report
 
     stages = 2 + args.gain_descent + (not args.no_repeats and args.gain_rule != "energy") + (args.finetune != "none")
@@ -169,7 +179,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
                    finetune=None if args.finetune == "none" else args.finetune, finetune_options=finetune_options,
                    extra_metrics=zoo.extra_metrics(task.name),
                    batch_size=args.batch_size or task.default_batch_size, energy_samples=args.energy_samples,
-                   seed=args.seed, progress=progress)
+                   seed=args.seed, progress=progress, journal=journal, resume=args.resume)
+    except JournalMismatch as e:
+        raise UsageError(f"--resume: {e}") from None
     finally:
         bar.close()
     res.plan.info.update(task=task.name, calibration_samples=len(calib), calibration_source=source,
@@ -183,9 +195,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     write_plot(res, plot)
     cmd = f"abfp tune {' '.join(sys.argv[2:])}" if len(sys.argv) > 2 else "abfp tune"
     write_report(res, report, plot.name, task.name, cmd)
+    remove_journal(journal)  # the outputs are written: nothing left to resume
     print(res.table())
     print(f"wrote {plan_path}, {weights}, {report}, {plot}")
     return 0
+
+
+def journal_name(json_path: str) -> str:
+    """The journal of a run writing the plan ``<stem>.json`` (:mod:`.journal`)."""
+    return f"{Path(json_path).stem}.journal.json"
 
 
 def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:

@@ -48,6 +48,10 @@ class DistilStage:
     temperature: float = 1.0
     seed: int = 0
     progress: bool = False
+    #: a step checkpoint (``.safetensors``) and whether to continue from it (results unchanged:
+    #: a resumed run ends bit-identical to an uninterrupted one)
+    checkpoint: str | None = None
+    resume: bool = False
     #: the training losses of the last call
     losses: list[float] = field(default_factory=list, repr=False, compare=False)
 
@@ -68,7 +72,7 @@ class DistilStage:
         Distillation(self.loss, self.temperature)  # validates loss and temperature
 
     def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("progress", "losses")}
+        return {k: v for k, v in asdict(self).items() if k not in ("progress", "losses", "checkpoint", "resume")}
 
     def __call__(self, model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...]) -> nn.Module:
         from ..finetune.distillation import Distillation, as_inputs
@@ -80,6 +84,7 @@ class DistilStage:
         run = qat if self.method == "distil-qat" else dnf
         res = run(model, data, plan.base, steps=self.steps, lr=self.lr, batch_size=min(self.batch_size, len(data)),
                   loss=Distillation(self.loss, self.temperature), overrides=plan.overrides() or None,
-                  exclude=[re.escape(e) for e in plan.exclude], seed=self.seed, progress=self.progress, timing_steps=0, timing_every=0)
+                  exclude=[re.escape(e) for e in plan.exclude], seed=self.seed, progress=self.progress, timing_steps=0, timing_every=0,
+                  checkpoint=self.checkpoint, resume=self.resume)
         self.losses = list(res.losses)
         return res.model
