@@ -24,7 +24,7 @@ from .outputs import OutputError, check_output, check_output_dir
 __all__ = [
     "UsageError", "OneLineParser", "csv_list", "error_line", "print_error", "require", "require_at_least",
     "require_finite", "load_json_arg", "base_config", "apply_threads", "resolve_device", "resolve_tasks",
-    "single_task", "add_force_option", "check_output_args", "check_output_dir", "OutputError",
+    "single_task", "add_force_option", "check_journal", "check_output_args", "check_output_dir", "OutputError",
 ]
 
 
@@ -226,6 +226,16 @@ def add_force_option(parser: argparse.ArgumentParser) -> None:
         return
     parser.add_argument("--force", action="store_true",
                         help="overwrite existing output files (without it an existing output is an error)")
+
+
+def check_journal(journal: Path, args: argparse.Namespace) -> bool:
+    """A command's journal of finished work (:mod:`abfp.journal`), before any work: an existing one
+    needs ``--resume`` (continue it) or ``--force`` (start afresh). Returns whether the run resumes
+    one (then it may replace its own outputs, written by the run it continues)."""
+    if journal.exists() and not (args.resume or args.force):
+        raise UsageError(f"{journal} holds an unfinished run: --resume continues it, --force starts afresh")
+    check_output(journal, force=True, what="journal")
+    return bool(args.resume and journal.is_file())
 
 
 def check_output_args(args: argparse.Namespace, options: dict[str, str]) -> list[Path]:

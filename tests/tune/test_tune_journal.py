@@ -55,7 +55,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path: Path, monkeypatch: p
         m.setattr(DistilStage, "__call__", killed)
         with pytest.raises(Killed):
             _run(journal=journal)
-    kept = json.loads(journal.read_text())["stages"]
+    kept = json.loads(journal.read_text())["records"]
     assert set(kept) == {"single gain", "gain", "gain descent", "repeats"}
 
     def recomputed(*a, **k):
@@ -66,7 +66,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path: Path, monkeypatch: p
             m.setattr(api, name, recomputed)
         res = _run(journal=journal, resume=True)
     assert _summary(res) == whole
-    assert set(json.loads(journal.read_text())["stages"]) == {*kept, "finetune"}
+    assert set(json.loads(journal.read_text())["records"]) == {*kept, "finetune"}
     # all five stages finished: a second resume computes nothing, the finetuned weights come from the journal
     with monkeypatch.context() as m:
         m.setattr(DistilStage, "__call__", killed)

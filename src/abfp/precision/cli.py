@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ from ..cli_common import (
     add_force_option,
     apply_threads,
     base_config,
+    check_journal,
     check_output_args,
     load_json_arg,
     require_at_least,
     require_finite,
     single_task,
 )
+from ..journal import JournalMismatch, remove_journal
 from ..outputs import atomic_path, atomic_write_text
 
 #: The noise types of ``--noise`` (abfp.noise.NOISE_NAMES; not imported here to keep ``abfp`` start-up light).
@@ -56,8 +59,21 @@ def _precision_parser(sub) -> None:
     p.add_argument("--plot", default=None, help="PNG of per-layer E and b_eff (default: next to --json)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its journal (<json stem>.journal.json beside --json, else "
+                        ".abfp_precision/<task>-<noise>.journal.json): finished evaluations and the learned energies "
+                        "are not recomputed; refused when the journal was written by a run with other settings, "
+                        "model or data")
     add_force_option(p)
     p.set_defaults(func=cmd_precision)
+
+
+def journal_path(args: argparse.Namespace) -> Path:
+    """Where ``abfp precision`` keeps its journal (see ``--resume``)."""
+    if args.json_path:
+        return Path(args.json_path).with_name(Path(args.json_path).stem + ".journal.json")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{args.task}-{args.noise}{'-per-channel' if args.per_channel else ''}")
+    return Path(".abfp_precision") / f"{name}.journal.json"
 
 
 def _plot_path(args: argparse.Namespace) -> str | None:
@@ -81,7 +97,10 @@ def cmd_precision(args: argparse.Namespace) -> int:
         raise UsageError("--plot must name a .png file")
     args.plot = _plot_path(args)
     json_path, plot = (args.json_path, args.plot)
-    check_output_args(args, {"json_path": "--json", "plot": "--plot"})
+    journal = journal_path(args)
+    resuming = check_journal(journal, args)  # a resumed run may replace its own outputs
+    check_output_args(argparse.Namespace(**{**vars(args), "force": args.force or resuming}),
+                      {"json_path": "--json", "plot": "--plot"})
     task = single_task(args.task, "precision")
     apply_threads(args.threads)
     settings = PrecisionSettings(
@@ -90,7 +109,11 @@ def cmd_precision(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples, seed=args.seed, search_seeds=args.search_seeds, rel_tol=args.rel_tol,
         aj_per_photon=args.aj_per_photon,
     )
-    result = run_precision(task, settings, progress=None if args.quiet else print)
+    try:
+        result = run_precision(task, settings, progress=None if args.quiet else print, journal=journal,
+                               resume=args.resume)
+    except JournalMismatch as e:
+        raise UsageError(f"--resume: {e}") from None
     print(summarize(result))
     if json_path:
         atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
@@ -99,6 +122,7 @@ def cmd_precision(args: argparse.Namespace) -> int:
         with atomic_path(plot, suffix=".tmp.png") as tmp:
             plot_precision(result, tmp)
         print(f"wrote {plot}")
+    remove_journal(journal, ("learned.safetensors",))  # the outputs are written: nothing left to resume
     return 0
 
 

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -24,9 +25,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..evaluate.runner import run_model
+from ..journal import Journal, JournalMismatch
 from ..noise import NOISE_NAMES, NoiseInjector
 from ..zoo.base import Dataset, Task
-from .learn import learn_energies, shuffled_batches
+from .learn import LearnResult, learn_energies, shuffled_batches
 from .objective import DEFAULT_LAMBDA
 from .search import search_min_energy
 
@@ -95,14 +97,49 @@ def training_data(task: Task) -> tuple[Dataset, str]:
     return task.load_data(), "the task's evaluation data (no separate training data)"
 
 
+def _identity(model: Any, data: Dataset, train: Dataset, task: Task, settings: PrecisionSettings) -> dict[str, str]:
+    """Fingerprints of everything that decides the experiment's numbers (its journal's identity)."""
+    from ..evaluate.fingerprint import data_fingerprint, metric_fingerprint, model_fingerprint
+    from ..numerics import NUMERICS_VERSION
+
+    return {"model": model_fingerprint(model), "evaluation": data_fingerprint(data.inputs, data.targets),
+            "training": data_fingerprint(train.inputs, train.targets), "metric": metric_fingerprint(task.metric),
+            "settings": json.dumps(asdict(settings), sort_keys=True), "numerics": str(NUMERICS_VERSION)}
+
+
 def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
-                  progress: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    """Run the experiment on ``task``; returns the JSON-ready result (see the module docstring)."""
+                  progress: Callable[[str], Any] | None = None, journal: str | Path | None = None,
+                  resume: bool = False) -> dict[str, Any]:
+    """Run the experiment on ``task``; returns the JSON-ready result (see the module docstring).
+
+    ``journal``: a JSON file (:class:`abfp.journal.Journal`) recording every metric evaluation of
+    the searches and the learned energies (``<stem>.learned.safetensors`` beside it) as they
+    finish; with ``resume=True`` a killed run with the same journal, model, data, metric and
+    settings takes them from it (the searches replay without evaluating, the learning is not
+    repeated), so it loses at most the evaluation, or the learning, it was in. Another run's
+    journal is refused, naming what differs."""
     settings = settings or PrecisionSettings()
     say = progress or (lambda s: None)
     t_start = time.perf_counter()
     model = task.build_model().eval()
     data = task.load_data().take(settings.eval_samples)
+    train, train_source = training_data(task)
+    book = None
+    if journal is not None:
+        book = Journal(journal, _identity(model, data, train, task, settings), resume, kind="precision",
+                       sidecars=("learned.safetensors",))
+        if book.resumed:
+            say(f"resuming from {journal}: {len(book.records)} finished record(s)")
+
+    def memo(name: str, fn: Callable[[], float]) -> float:
+        """``fn()``, or its value from the journal."""
+        if book is not None and book.get(name) is not None:
+            return float(book.get(name))
+        v = fn()
+        if book is not None:
+            book.put(name, v)
+        return v
+
     if data.targets is None and task.metric.kind == "accuracy":
         raise ValueError(f"{task.name}: the metric needs labels")
     sign = 1.0 if task.metric.higher_is_better else -1.0
@@ -112,7 +149,6 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
     say(f"{task.name}: float32 {task.metric.name} {fp32:.3f}; target {target:.3f}; noise {settings.noise}"
         f"{' per channel' if settings.per_channel else ''}")
 
-    train, train_source = training_data(task)
     if train.targets is None:
         raise ValueError(f"{task.name}: learning the energies needs labelled training data")
     inj = NoiseInjector(model, settings.noise, per_channel=settings.per_channel, seed=settings.seed)
@@ -137,8 +173,11 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
     t0 = time.perf_counter()
 
     def uniform_at(e: float) -> float:
-        inj.set_energy(e)
-        v = metric_now()
+        def run() -> float:
+            inj.set_energy(e)
+            return metric_now()
+
+        v = memo(f"uniform E={e!r}", run)
         say(f"  uniform E {e:>10.4g}: {v:.3f}")
         return score(v)
 
@@ -146,7 +185,8 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
     e_uniform = uni.energy
     inj.set_energy(e_uniform)
     uniform_bits = inj.effective_bits()
-    uniform_seeds = [metric_now(settings.seed + 1000 + i) for i in range(settings.final_seeds)]
+    uniform_seeds = [memo(f"uniform seed={settings.seed + 1000 + i}", lambda i=i: metric_now(settings.seed + 1000 + i))
+                     for i in range(settings.final_seeds)]
     t_uniform = time.perf_counter() - t0
     say(f"uniform: E = {e_uniform:.4g} ({len(uni.evaluations)} evaluations, {t_uniform:.0f} s)")
 
@@ -156,17 +196,39 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
     batches = shuffled_batches(train.inputs, train.targets, settings.batch_size, seed=settings.seed)
     say(f"learning log E ({'per channel' if settings.per_channel else 'per layer'}) for {settings.steps} batches of "
         f"{settings.batch_size}: lambda {settings.lambda_:g}, lr {settings.lr:g}, E_target {e_learn:.4g}")
-    learned = learn_energies(inj, batches, target_energy=e_learn, lam=settings.lambda_, steps=settings.steps, lr=settings.lr,
-                             progress=say)
-    shape = {s: inj.energy(s).clone() for s in sites}
+    done = None if book is None else book.get("learned")
+    if done is not None:  # learned by the run that wrote the journal
+        from safetensors.torch import load_file
+
+        shape = load_file(str(book.sidecar("learned.safetensors")))
+        if sorted(shape) != sorted(sites):
+            raise JournalMismatch(f"{book.sidecar('learned.safetensors')} does not hold this model's sites")
+        learned = LearnResult(done["steps"], done["seconds"], done["history"])
+        say(f"learned energies from the journal ({learned.steps} steps)")
+    else:
+        learned = learn_energies(inj, batches, target_energy=e_learn, lam=settings.lambda_, steps=settings.steps,
+                                 lr=settings.lr, progress=say)
+        shape = {s: inj.energy(s).detach().clone().contiguous() for s in sites}
+        if book is not None:
+            from safetensors.torch import save_file
+
+            from ..outputs import atomic_path
+
+            with atomic_path(book.sidecar("learned.safetensors"), suffix=".tmp.safetensors") as tmp:
+                save_file(shape, str(tmp))
+            book.put("learned", asdict(learned))
+    inj.set_energy({s: shape[s].clone() for s in sites})
     shape_mean = float(inj.mean_energy())
 
     # 4. the learned allocation at the target
     t0 = time.perf_counter()
 
     def learned_at(e_mean: float) -> float:
-        inj.set_energy({s: shape[s] * (e_mean / shape_mean) for s in sites})
-        v = metric_now()
+        def run() -> float:
+            inj.set_energy({s: shape[s] * (e_mean / shape_mean) for s in sites})
+            return metric_now()
+
+        v = memo(f"learned E_mean={e_mean!r}", run)
         say(f"  learned E_mean {e_mean:>10.4g}: {v:.3f}")
         return score(v)
 
@@ -174,7 +236,8 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
     e_learned = lrn.energy
     inj.set_energy({s: shape[s] * (e_learned / shape_mean) for s in sites})
     learned_bits = inj.effective_bits()
-    learned_seeds = [metric_now(settings.seed + 1000 + i) for i in range(settings.final_seeds)]
+    learned_seeds = [memo(f"learned seed={settings.seed + 1000 + i}", lambda i=i: metric_now(settings.seed + 1000 + i))
+                     for i in range(settings.final_seeds)]
     saving = 1.0 - e_learned / e_uniform
     say(f"learned: E_mean = {e_learned:.4g}; energy saving {100 * saving:.1f} %")
 

@@ -308,7 +308,7 @@ def tune(
                        else "a callable")
         book = TuneJournal(journal, run_identity(model, calib, evald, metric, extra_metrics, config, options), resume)
         if book.resumed:
-            say(f"resuming from {journal}: {len(book.stages)} finished stage(s)")
+            say(f"resuming from {journal}: {len(book.records)} finished stage(s)")
 
     ref_cal = _outputs(model, calib, batch_size)
     ref_eval = ref_cal if evald is calib else _outputs(model, evald, batch_size)

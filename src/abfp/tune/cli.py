@@ -23,6 +23,7 @@ from ..cli_common import (
     add_force_option,
     apply_threads,
     base_config,
+    check_journal,
     check_output_args,
     check_output_dir,
     csv_list,
@@ -141,9 +142,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError("abfp tune plans an ABFP device: give a base config with mode 'abfp' and repeats 1")
     out_dir = Path(args.out) if args.out is not None else Path(args.json_path).parent
     journal = out_dir / journal_name(args.json_path)
-    if journal.exists() and not (args.resume or args.force):
-        raise UsageError(f"{journal} holds an unfinished run: --resume continues it, --force starts afresh")
-    resuming = args.resume and journal.is_file()  # a resumed run may replace its own outputs
+    resuming = check_journal(journal, args)  # a resumed run may replace its own outputs
     (plan_path,) = check_output_args(argparse.Namespace(**{**vars(args), "force": args.force or resuming}),
                                      {"json_path": "--json"})
     names = output_names(args.json_path)
@@ -155,7 +154,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .api import tune
-    from .journal import JournalMismatch, remove_journal
+    from .journal import JournalMismatch, remove_tune_journal
     from .report import write_plot, write_report
 
     stages = 2 + args.gain_descent + (not args.no_repeats and args.gain_rule != "energy") + (args.finetune != "none")
@@ -195,7 +194,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     write_plot(res, plot)
     cmd = f"abfp tune {' '.join(sys.argv[2:])}" if len(sys.argv) > 2 else "abfp tune"
     write_report(res, report, plot.name, task.name, cmd)
-    remove_journal(journal)  # the outputs are written: nothing left to resume
+    remove_tune_journal(journal)  # the outputs are written: nothing left to resume
     print(res.table())
     print(f"wrote {plan_path}, {weights}, {report}, {plot}")
     return 0
