@@ -13,7 +13,7 @@ from torch import nn
 import abfp
 from abfp import ABFPConfig
 from abfp.tune import power_of_two_gains
-from abfp.tune.allocate import (allocation_path, energy_allocation, profile_layers, repeat_options, search_path,
+from abfp.tune.allocate import (allocation_path, energy_allocation, fill_budget, profile_layers, repeat_options, search_path,
                                 sensitivities)
 from abfp.zoo.base import COSINE
 
@@ -72,6 +72,37 @@ def test_path_plans_are_optimal_for_their_energy(seed: int) -> None:
     assert loss[-1] == pytest.approx(min(v for _, v in every))
     for e, v in zip(cost, loss):  # a Lagrangian solution: nothing as cheap has less loss
         assert all(lv >= v - 1e-12 for le, lv in every if le <= e + 1e-12)
+
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_fill_budget_spends_what_the_path_plan_leaves(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    settings = [(float(G), k) for G in (1, 2, 4, 8) for k in (1, 2)]
+    losses, energies = {}, {}
+    for m in "abcd":
+        a, b = float(torch.rand(1, generator=g)) + 0.1, float(torch.rand(1, generator=g)) + 0.1
+        q = float(torch.rand(1, generator=g)) * 3
+        losses[m] = {(G, k): q / G**2 + b / (k * G**2) for G, k in settings}
+        energies[m] = {(G, k): k * (a * G + b) for G, k in settings}
+    path = allocation_path(losses, energies)
+    cost = [sum(energies[m][p[m]] for m in p) for p in path]
+    hulls = {m: [s for s in settings if any(p[m] == s for p in path)] for m in losses}  # each module's moves
+    filled_any = False
+    for i in range(len(path) - 1):
+        limit = cost[i] + 0.999 * (cost[i + 1] - cost[i])  # path plan i fits, i + 1 does not
+        st = fill_budget(path[i], losses, energies, limit)
+        e = sum(energies[m][st[m]] for m in st)
+        assert e <= limit + 1e-12
+        assert sum(losses[m][st[m]] for m in st) <= sum(losses[m][path[i][m]] for m in st) + 1e-12
+        for m in st:  # every module on a path setting, none below the path plan's, and no next move fits
+            assert st[m] in hulls[m] and energies[m][st[m]] >= energies[m][path[i][m]]
+            nxt = [s for s in hulls[m] if energies[m][s] > energies[m][st[m]]]
+            if nxt:
+                step = min(energies[m][s] for s in nxt) - energies[m][st[m]]
+                assert e + step > limit
+        filled_any |= st != path[i]
+    assert filled_any  # the test exercises the fill
 
 
 def test_search_path_finds_the_first_plan_that_meets() -> None:

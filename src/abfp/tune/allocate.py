@@ -48,7 +48,7 @@ from ..nn import convert, summary, to_digital
 from .gains import _as_tuple, _check_candidates, intercepted_forward
 
 __all__ = ["Setting", "LayerProfile", "profile_layers", "sensitivities", "layer_energies", "allocation_path",
-           "search_path", "Allocation", "repeat_options"]
+           "search_path", "Allocation", "repeat_options", "fill_budget"]
 
 #: ``(gain, repeats)`` of one module.
 Setting = tuple[float, int]
@@ -227,25 +227,59 @@ def allocation_path(losses: Mapping[str, Mapping[Setting, float]],
     """Plans of increasing energy: each module on its cheapest setting, then one module at a
     time moved to its next hull setting, the one with the most predicted loss saved per unit
     energy first, until every module is on its least-loss setting."""
-    hulls = {m: _hull([(energies[m][s], losses[m][s], s) for s in losses[m]]) for m in losses}
+    hulls = _hulls(losses, energies)
     pos = {m: 0 for m in hulls}
     current = {m: h[0][2] for m, h in hulls.items()}
     path = [dict(current)]
     while True:
-        best, best_rate = None, -math.inf
-        for m, h in hulls.items():
-            i = pos[m]
-            if i + 1 >= len(h):
-                continue
-            de, dl = h[i + 1][0] - h[i][0], h[i][1] - h[i + 1][1]
-            rate = math.inf if de <= 0 else dl / de
-            if rate > best_rate:
-                best, best_rate = m, rate
+        best = _best_move(hulls, pos)
         if best is None:
             return path
         pos[best] += 1
         current[best] = hulls[best][pos[best]][2]
         path.append(dict(current))
+
+
+def _hulls(losses: Mapping[str, Mapping[Setting, float]],
+           energies: Mapping[str, Mapping[Setting, float]]) -> dict[str, list[tuple[float, float, Setting]]]:
+    return {m: _hull([(energies[m][s], losses[m][s], s) for s in losses[m]]) for m in losses}
+
+
+def _best_move(hulls: Mapping[str, list[tuple[float, float, Setting]]], pos: Mapping[str, int],
+               skip: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """The module (not in ``skip``) whose next hull setting saves the most predicted loss per unit energy."""
+    best, best_rate = None, -math.inf
+    for m, h in hulls.items():
+        i = pos[m]
+        if m in skip or i + 1 >= len(h):
+            continue
+        de, dl = h[i + 1][0] - h[i][0], h[i][1] - h[i + 1][1]
+        rate = math.inf if de <= 0 else dl / de
+        if rate > best_rate:
+            best, best_rate = m, rate
+    return best
+
+
+def fill_budget(plan: Mapping[str, Setting], losses: Mapping[str, Mapping[Setting, float]],
+                energies: Mapping[str, Mapping[Setting, float]], limit: float) -> dict[str, Setting]:
+    """``plan`` (a plan of :func:`allocation_path` within ``limit``, the summed energy of the
+    modules of ``losses``) with the energy left spent: the path's next move no longer fits, so
+    the other modules' next hull moves, best rate first, are taken while they fit (a module
+    whose next move does not fit stops there)."""
+    hulls = _hulls(losses, energies)
+    pos = {m: next(i for i, p in enumerate(h) if p[2] == plan[m]) for m, h in hulls.items()}
+    current = {m: plan[m] for m in hulls}
+    total = sum(energies[m][s] for m, s in current.items())
+    stopped: set[str] = set()
+    while (m := _best_move(hulls, pos, stopped)) is not None:
+        de = hulls[m][pos[m] + 1][0] - hulls[m][pos[m]][0]
+        if total + de > limit:
+            stopped.add(m)
+            continue
+        pos[m] += 1
+        total += de
+        current[m] = hulls[m][pos[m]][2]
+    return {**plan, **current}
 
 
 @dataclass
@@ -338,11 +372,16 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
 
     if budget is None:
         found = search_path(path, trial, meets)
-    else:  # the least predicted loss within the budget: the last path plan that fits
-        fits = [i for i, p in enumerate(path) if energy(p) <= budget * e_base * (1 + 1e-9)]
+    else:  # the least predicted loss within the budget: the last path plan that fits, the rest spent
+        limit = budget * e_base * (1 + 1e-9)
+        fits = [i for i, p in enumerate(path) if energy(p) <= limit]
         i = fits[-1] if fits else 0
-        v = trial(dict(path[i]))
-        found = Allocation(dict(path[i]), v, meets(v), i, len(path), [(i, v)])
+        st = dict(path[i])
+        if fits:
+            rest = energy(st) - sum(energies[m][st[m]] for m in known)  # the modules the rule does not move
+            st = fill_budget(st, losses, {m: {s: energies[m][s] for s in settings} for m in known}, limit - rest)
+        v = trial(st)
+        found = Allocation(st, v, meets(v), i, len(path), [(i, v)])
     base_plan = False
     if not found.reached and found.settings != fixed:  # never worse than the device it starts from
         v = trial(dict(fixed))
