@@ -40,7 +40,7 @@ import torch
 
 from ..numerics import fused
 
-__all__ = ["AVAILABLE", "BLOCK", "CHUNK", "add_alias_noise_", "kernel_args", "launch", "padded", "usable"]
+__all__ = ["AVAILABLE", "BLOCK", "CHUNK", "add_alias_noise_", "kernel_args", "launch", "padded", "stream_noise_at", "usable"]
 
 #: elements per parallel work item (a few pages of float32: small next to a layer output; divides 2^32)
 CHUNK = 16384
@@ -49,6 +49,7 @@ BLOCK = 512
 
 AVAILABLE = fused.AVAILABLE
 _SCALE = np.float32(2.0**-24)
+stream_noise_at: Any = None  # the compiled kernel below, where numba is present
 
 
 def usable() -> bool:
@@ -57,7 +58,7 @@ def usable() -> bool:
 
 
 if AVAILABLE:
-    from numba import njit, prange, types
+    from numba import carray, njit, prange, types
     from numba.extending import intrinsic
 
     from ..numerics.fused import splitmix64
@@ -228,13 +229,38 @@ if AVAILABLE:
             kb = np.empty(BLOCK, np.float32)
             _chunk(y, ch, n, key, tab, b, lo, width, u, kb)
 
-    @njit(**_jit)
-    def _alias_noise_serial(y, n, key, tab, b, lo, width):  # pragma: no cover - compiled
-        """:func:`_alias_noise` on the calling thread (no parallel launch: one chunk, or one thread)."""
+    @njit(inline="always", **_jit)
+    def _serial(y, n, key, tab, b, lo, width):  # pragma: no cover - compiled
         u = np.empty(BLOCK, np.uint32)
         kb = np.empty(BLOCK, np.float32)
         for ch in range((y.shape[0] + CHUNK - 1) // CHUNK):
             _chunk(y, ch, n, key, tab, b, lo, width, u, kb)
+
+    @njit(**_jit)
+    def _alias_noise_serial(y, n, key, tab, b, lo, width):  # pragma: no cover - compiled
+        """:func:`_alias_noise` on the calling thread (no parallel launch: one chunk, or one thread)."""
+        _serial(y, n, key, tab, b, lo, width)
+
+    @intrinsic
+    def _float32_at(typingctx, addr):
+        """The int64 address ``addr`` as a float32 pointer."""
+        if addr != types.int64:
+            return None
+        ptr = types.CPointer(types.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+        return ptr(types.int64), codegen
+
+    @njit(**_jit)
+    def stream_noise_at(addr, size, n, base, c, tab, b, lo, width):  # pragma: no cover - compiled
+        """:func:`launch` on the calling thread on the ``size`` float32 values at address ``addr``
+        (a contiguous tensor's ``data_ptr()``, kept alive by the caller), with the key of the
+        ``c``-th product of the stream ``base`` (:func:`abfp.finetune.sampler.stream_key`, here
+        in compiled code); no checks (:class:`abfp.finetune.sampler.SiteSampler` makes them)."""
+        key = splitmix64(np.uint64(base), np.uint64(c) + np.uint64(1)) >> np.uint64(1)
+        _serial(carray(_float32_at(addr), (size,)), n, key, tab, b, lo, width)
 
 
 def kernel_args(tab: np.ndarray, lo: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ from ..nn.mode import DirectSites, GuardedForward, ProductCall
 from ..ops.device import tracing
 from .histogram import DEFAULT_BINS, DEFAULT_SMOOTHING, Histogram
 from ..numerics.counter_noise import noise_key
-from .sampler import Backend, add_noise, stream_key, warm_up
+from .sampler import Backend, SiteSampler, stream_key, warm_up
 
 __all__ = ["DNFNoise", "KeyStream", "SiteDifferential", "build_histograms", "channel_dim_of", "record_differentials",
            "select_noisiest"]
@@ -146,13 +146,17 @@ class KeyStream:
     def __call__(self, module: nn.Module, args: object) -> None:
         self.base = None
 
-    def next(self) -> int:
+    def take(self) -> tuple[int, int]:
+        """``(base, c)`` of the next noisy product (its key is ``stream_key(base, c)``)."""
         if self.base is None:
             self.base = noise_key(None)
             self.count = 0
         c = self.count
         self.count = c + 1
-        return stream_key(self.base, c)
+        return self.base, c
+
+    def next(self) -> int:
+        return stream_key(*self.take())
 
 
 #: modules whose forward makes exactly one product, its output (``forward`` of the class as torch defines it)
@@ -192,7 +196,7 @@ class _DirectDNF(DirectSites):
                 and not st.recording and not st.calibrating and not tracing())
 
     def output(self, site: str, y: Tensor) -> Tensor:
-        return add_noise(y, self.noise.histograms[site], backend=self.noise.backend, key=self.noise.keys.next())
+        return self.noise.samplers[site](y, self.noise.keys)
 
 
 class DNFNoise:
@@ -207,7 +211,7 @@ class DNFNoise:
     def __init__(self, model: nn.Module, histograms: Mapping[str, Histogram], *, backend: Backend = "auto",
                  direct: bool = True) -> None:
         self.model = model
-        self.backend: Backend = backend
+        self._backend: Backend = backend
         self.direct = direct
         self.keys = KeyStream()
         self._hook: object | None = None
@@ -215,10 +219,19 @@ class DNFNoise:
 
     def __call__(self, call: ProductCall) -> Tensor:
         y = call.digital()
-        hist = self.histograms.get(call.site)
-        if hist is None or not self.model.training:
+        sample = self.samplers.get(call.site)
+        if sample is None or not self.model.training:
             return y
-        return add_noise(y, hist, backend=self.backend, key=self.keys.next())
+        return sample(y, self.keys)
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Backend) -> None:
+        self._backend = backend
+        self.samplers = {site: SiteSampler(h, backend) for site, h in self._histograms.items()}
 
     @property
     def histograms(self) -> dict[str, Histogram]:
@@ -228,6 +241,8 @@ class DNFNoise:
     def histograms(self, histograms: Mapping[str, Histogram]) -> None:
         """Replace the histograms (a refresh) and, when attached, the direct sites with them."""
         self._histograms = dict(histograms)
+        #: each site's :class:`~.sampler.SiteSampler` (what draws its noise)
+        self.samplers = {site: SiteSampler(h, self._backend) for site, h in self._histograms.items()}
         state = analog_state(self.model)
         if state.interceptors.get("*") is self:
             state.direct = _DirectDNF(self) if self.direct else None

@@ -35,7 +35,9 @@ Two implementations give the same bits (tested): the compiled kernel
 (:mod:`.alias_kernel`, numba, CPU float32) adds the noise *in place* in one pass over the
 output, with no other tensor per element; :func:`noisy_eager` is the readable torch version
 (any device and dtype, a handful of int64 temporaries per element). ``backend="auto"``
-takes the kernel wherever it applies.
+takes the kernel wherever it applies. Inside a model, :class:`SiteSampler` (one per site)
+calls the kernel with the least Python per product (the stream key derived in the kernel,
+torch functions disabled); where the kernel may not write, it is :func:`add_noise`.
 
 :data:`SAMPLER_VERSION` names the formula. Version 4 (this one, 2026-12-02) draws each
 element as version 3 did from its key; version 3 drew every product's key from torch's global
@@ -60,7 +62,7 @@ from . import alias_kernel
 from .hash32 import words
 from .histogram import Histogram
 
-__all__ = ["SAMPLER_VERSION", "add_noise", "backend_in_use", "noisy_eager", "noisy_layout", "owns_memory", "stream_key",
+__all__ = ["SAMPLER_VERSION", "SiteSampler", "add_noise", "backend_in_use", "noisy_eager", "noisy_layout", "owns_memory", "stream_key",
            "warm_up", "Backend"]
 
 Backend = Literal["auto", "compiled", "eager"]
@@ -185,6 +187,55 @@ def add_noise(y: Tensor, hist: Histogram, *, backend: Backend = "auto", key: int
     return _AddNoise.apply(y, hist, compiled, key, layout)
 
 
+class SiteSampler:
+    """:func:`add_noise` of one histogram with the keys of a :class:`~.dnf.KeyStream`, with the least
+    Python per call (a training step calls it right after each noisy product, where Python runs
+    on a cold cache: each tensor attribute or call read there cost several us inside a
+    fashion-vit step). Where the compiled kernel applies (:func:`owns_memory`, float32 CPU, one
+    thread or one chunk) it writes the noise at ``y.data_ptr()`` with the stream key computed in
+    the kernel (:func:`.alias_kernel.stream_noise_at`), the output's layout and the kernel's
+    tables kept from the call before; elsewhere it is :func:`add_noise`. The same bits either
+    way (tested)."""
+
+    __slots__ = ("hist", "backend", "shape", "size", "n", "tables")
+
+    def __init__(self, hist: Histogram, backend: Backend = "auto") -> None:
+        if backend not in ("auto", "compiled", "eager"):
+            raise ValueError(f"backend must be 'auto', 'compiled' or 'eager', got {backend!r}")
+        self.hist = hist
+        self.backend: Backend = backend
+        self.shape: torch.Size | None = None  # the shape of the last output, its numel and inner length
+        self.size = self.n = 0
+        self.tables = hist.memo("kernel_args", lambda: alias_kernel.kernel_args(*hist.kernel_tables())) \
+            if backend != "eager" and alias_kernel.usable() else None
+
+    def __call__(self, y: Tensor, keys) -> Tensor:
+        """``y + xi`` (in place where allowed, as :func:`add_noise`) with the key ``keys.take()``
+        (``keys``: a :class:`~.dnf.KeyStream`). Runs with torch functions disabled: an output
+        handed over inside a converted module that holds :class:`abfp.nn.mode.AnalogMode` (a
+        linear layer inside fashion-vit's attention) would otherwise send every tensor
+        attribute read here through the mode's Python (about 12 per call)."""
+        with torch._C.DisableTorchFunction():
+            return self._add(y, keys)
+
+    def _add(self, y: Tensor, keys) -> Tensor:
+        shape = y.shape
+        if shape != self.shape:
+            self.shape = None
+            self.n = max(1, _layout_for(self.hist, shape)[2])  # checks the channels
+            self.size = y.numel()
+            self.shape = shape
+        tables = self.tables
+        if tables is not None and y.dtype == torch.float32 and y.is_cpu and owns_memory(y) \
+                and (self.size <= alias_kernel.CHUNK or torch.get_num_threads() == 1) and alias_kernel.usable():
+            base, c = keys.take()
+            alias_kernel.stream_noise_at(y.data_ptr(), self.size, self.n, base, c, *tables)
+            torch._C._increment_version((y,))  # written behind autograd's back: its version check
+            return y
+        base, c = keys.take()
+        return add_noise(y, self.hist, backend=self.backend, key=stream_key(base, c))
+
+
 def warm_up(hist: Histogram, shape: tuple[int, ...], *, backend: Backend = "auto") -> None:
     """Compile the sampler now (outside any timed step; numba caches it on disk); draws no
     random numbers from the global generator."""
@@ -192,3 +243,11 @@ def warm_up(hist: Histogram, shape: tuple[int, ...], *, backend: Backend = "auto
         return
     y = torch.zeros(noisy_layout(shape, hist.channel_dim))
     alias_kernel.add_alias_noise_(y, tuple(y.shape), 0, *hist.kernel_tables())
+    SiteSampler(hist, backend)(torch.zeros(shape), _FixedKey())  # the kernel that SiteSampler calls
+
+
+class _FixedKey:
+    """A key stream that always gives ``(0, 0)`` (for :func:`warm_up`: no global random numbers)."""
+
+    def take(self) -> tuple[int, int]:
+        return 0, 0
