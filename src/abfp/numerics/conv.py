@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..config import ABFPConfig
-from . import fused
+from . import fused, kernels
 from .adc import AdcPlan
 from .blocks import Encoded, needs_clamp, round_scale
 from .kernels import CHUNK_ELEMENTS, ProductStats, _adc_args, _count, _int_mm, int8_tiles, plan_chunks
@@ -48,6 +48,20 @@ DIRECT_GROUPED = True
 #: :func:`.fused.narrow_cols8` (tile products, ADC and tile sum in one kernel); ``False``: the
 #: batched GEMM plus :func:`.fused.epilogue_cols4`, its reference (same numbers, tested).
 NARROW8 = True
+#: Wide plans whose tile products need float64 (``n L(b_x) L(b_w) > 2**24``: 9-12-bit DACs at
+#: n = 128) split every code into two int8 halves, ``q = 32 h + l`` with ``l`` in ``[-16, 15]``,
+#: and run a tile product as four int8 GEMMs with exact int32 sums
+#: (``D = 1024 hw.hx + 32 (hw.lx + lw.hx) + lw.lx``, :func:`split8_tiles`) instead of one float64
+#: GEMM: the same integers, so the same numbers bit for bit. Only where it gains (measured on this
+#: project's CPU, one thread: four int8 GEMMs cost about one float32 GEMM, half a float64 one, and
+#: splitting the patch codes costs a pass over them): at least :data:`SPLIT8_MIN_ROWS` reduction
+#: rows and :data:`SPLIT8_MIN_OUTPUTS` output channels per group (EfficientNet-Lite0's wider
+#: pointwise convolutions; K = 16-24 or 24 outputs lose). ``SPLIT8 = False``: the float64 GEMM.
+SPLIT8 = True
+SPLIT8_MIN_ROWS = 64
+SPLIT8_MIN_OUTPUTS = 64
+#: ``q = 32 h + l``: the low half's range, ``[-SPLIT8_BASE / 2, SPLIT8_BASE / 2)``.
+SPLIT8_BASE = 32
 
 
 @functools.lru_cache(maxsize=256)
@@ -101,6 +115,73 @@ def use_direct(cfg: ABFPConfig, weights: Encoded, groups: int, int8: bool) -> bo
             and cfg.scale_dtype in ("bfloat16", "float32"))
 
 
+def use_split8(cfg: ABFPConfig, plan: AdcPlan, weights: Encoded, groups: int, kg: int, int8: bool,
+               direct: bool) -> bool:
+    """Whether a convolution's tile products run as four int8 GEMMs on split codes
+    (:data:`SPLIT8`): a wide plan with float64 tile products, few groups (one int8 GEMM call per
+    group and tile), not already int8 or direct, the int8 GEMM fast here, the halves within int8
+    and every partial sum within int32 (``n (32 h_x + 16) (32 h_w + 16) < 2**31``), and a
+    reduction and output width where it gains."""
+    n, ng = weights.codes.shape[2], weights.codes.shape[3]
+    hx, hw = _split_high(cfg.input_max_code), _split_high(cfg.weight_max_code)
+    b = SPLIT8_BASE
+    return (SPLIT8 and kernels.INT8_GEMM and plan.wide and plan.gemm_dtype == torch.float64 and not int8 and not direct
+            and cfg.kernel == "auto" and groups <= INT8_MAX_GROUPS and max(hx, hw) <= 127
+            and n * (b * hx + b // 2) * (b * hw + b // 2) < 2**31
+            and kg >= SPLIT8_MIN_ROWS and ng >= SPLIT8_MIN_OUTPUTS)
+
+
+def _split_high(max_code: int) -> int:
+    """The largest ``|h|`` of ``q = 32 h + l`` over codes ``|q| <= max_code``."""
+    return (max_code + SPLIT8_BASE // 2) // SPLIT8_BASE
+
+
+def split8_(q: Tensor, high: Tensor, low: Tensor) -> None:
+    """Integer codes ``q`` (float32) -> ``high``, ``low`` (int8) with ``q = 32 high + low``,
+    ``low`` in ``[-16, 15]``: ``high = floor((q + 16) / 32)`` (exact: a power-of-two scaling of
+    integers far below 2**24)."""
+    h = scratch("split8_h", q.shape, torch.float32, q.device)
+    torch.add(q, SPLIT8_BASE // 2, out=h).mul_(1.0 / SPLIT8_BASE).floor_()
+    high.copy_(h)
+    low.copy_(torch.sub(q, h.mul_(SPLIT8_BASE), out=h))
+
+
+def split8_weights(weights: Encoded, spans: list[tuple[int, int]]) -> list[list[tuple[Tensor, Tensor]]]:
+    """Per group and tile: the weight codes' halves as left operands, ``(Ng, r)`` int8 each."""
+    wc = weights.codes  # (G, T, n, Ng): integers (a wide plan folds nothing into them)
+    out = []
+    for g in range(wc.shape[0]):
+        row = []
+        for t, r in spans:
+            q = wc[g, t, :r].t().contiguous()
+            hi, lo = torch.empty_like(q, dtype=torch.int8), torch.empty_like(q, dtype=torch.int8)
+            split8_(q, hi, lo)
+            row.append((hi, lo))
+        out.append(row)
+    return out
+
+
+def split8_tiles(codes: Tensor, w8: list[list[tuple[Tensor, Tensor]]], spans: list[tuple[int, int]], n: int,
+                 d: Tensor) -> None:
+    """Exact integer tile products ``d`` (G, T, Ng, P) int32 of patch codes ``codes`` (G, kg, P)
+    (float32 integers) and the split weight codes :func:`split8_weights`, by four int8 GEMMs per
+    group and tile: ``D = ((hw.hx 32 + hw.lx + lw.hx) 32 + lw.lx)``, every partial sum exact
+    in int32 (:func:`use_split8` bounds them)."""
+    G, kg, P = codes.shape
+    high = scratch("split8_high", (G, kg, P), torch.int8, codes.device)
+    low = scratch("split8_low", (G, kg, P), torch.int8, codes.device)
+    split8_(codes, high, low)
+    tmp = scratch("split8_tmp", (d.shape[2], P), torch.int32, codes.device)
+    for g in range(G):
+        for t, r in spans:
+            wh, wl = w8[g][t]
+            xh, xl = high[g, t * n : t * n + r], low[g, t * n : t * n + r]
+            out = d[g, t]
+            _int_mm(wh, xh, out=out)
+            out.mul_(SPLIT8_BASE).add_(_int_mm(wh, xl, out=tmp)).add_(_int_mm(wl, xh, out=tmp))
+            out.mul_(SPLIT8_BASE).add_(_int_mm(wl, xl, out=tmp))
+
+
 def _matmul_into(out: Tensor, a: Tensor, b: Tensor) -> None:
     """``out = a @ b`` (batched), written in place when ``out`` is contiguous."""
     if out.is_contiguous():
@@ -134,19 +215,23 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     if int8:
         assert weights.codes_i8 is not None
         lhs8 = [[weights.codes_i8[g, t, :r].t().contiguous() for t, r in spans] for g in range(G)]
+    direct = use_direct(cfg, weights, G, int8)
+    # wide float64 tile products as four int8 GEMMs on split codes: float32 patch codes, int32 products
+    split = use_split8(cfg, plan, weights, G, kg, int8, direct)
+    if split:
+        w8 = split8_weights(weights, spans)
     wt = weights.codes.transpose(-1, -2)  # (G, T, Ng, n): the float32 codes (times the multiplier) as left operands
     if plan.wide:  # D * G L(b_y) / (n L(b_x) L(b_w)) in float64 (AdcPlan form C), as the torch path
         assert plan.code_multiplier == 1.0  # form C folds nothing into the weight codes
         int_mult, int_div = plan.numerator, plan.divisor
-        if plan.gemm_dtype == torch.float64:  # tile products beyond 2**24: exact float64 codes and GEMM
+        if plan.gemm_dtype == torch.float64 and not split:  # tile products beyond 2**24: exact float64 codes and GEMM
             wt = wt.to(torch.float64)
     else:
         int_mult, int_div = plan.int_ratio() if int8 else (1.0, plan.divisor)
-    code_dtype = torch.int8 if int8 else plan.gemm_dtype
+    code_dtype = torch.int8 if int8 else torch.float32 if split else plan.gemm_dtype
     adc_args = _adc_args(cfg, plan, int_mult, int_div, key, stats is not None)
     clamp = needs_clamp(static is None, cfg.input_max_code)
     lx = np.float32(cfg.input_max_code)
-    direct = use_direct(cfg, weights, G, int8)
     # tiles of width 8: tile products, ADC and tile sum in one kernel (no partial sums in memory)
     narrow = (n == 8 and Ng % 4 == 0 and not int8 and not plan.wide and plan.gemm_dtype == torch.float32 and NARROW8
               and not direct)
@@ -206,11 +291,13 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                                           _output_index(out_rows, row_width, wo, Ng), bt * ho * wo,
                                           (b0 * ho + h0) * wo, fused.NARROW_STRIPE)
             continue
-        d = scratch("patch_tiles", (G, T, Ng, b * L), torch.int32 if int8 else plan.gemm_dtype, x.device)
+        d = scratch("patch_tiles", (G, T, Ng, b * L), torch.int32 if int8 or split else plan.gemm_dtype, x.device)
         if int8:
             for g in range(G):
                 for t, r in spans:
                     _int_mm(lhs8[g][t], codes[g, t * n : t * n + r], out=d[g, t])
+        elif split:  # int32 products: the wide epilogue takes them as float64 integers, exact
+            split8_tiles(codes, w8, spans, n, d)
         else:
             if full:
                 _matmul_into(d[:, :full], wt[:, :full], codes[:, : full * n].view(G, full, n, b * L))
