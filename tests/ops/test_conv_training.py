@@ -1,7 +1,7 @@
 """A convolution with gradients (QAT) on the column path (``ops.conv._conv2d_train``).
 
 - its forward is the inference convolution (``torch.no_grad``) bit for bit, noise included,
-  also where an ADC sample clips (then the gradients come from one masked row product);
+  also where an ADC sample clips (then its gradients are those of one masked row product);
 - with its reference input gradient (``TORCH_INPUT_GRAD = False``: GEMMs and col2im), its
   gradients (input, weight, bias) are those autograd computes through the row path
   (``_conv2d_rows``, the reference: ``TRAIN_IN_COLUMNS = False``) bit for bit, signs of zero
@@ -11,7 +11,10 @@
 - with torch's convolution input gradient (``TORCH_INPUT_GRAD = True``, the default) the output
   and the weight and bias gradients are the reference's bit for bit, and the input gradient is
   within float32 summation error of a float64 ``fold(dY_rows @ Wq)`` (SPEC section 4), as is
-  the reference's;
+  the reference's, where no sample clips;
+- where one clips, the forward's kernels mark the clipped samples (the row product's mask), the
+  convolution runs once, and the gradients are the masked row product's: bit for bit with the
+  reference input gradient, within float32 summation error with torch's;
 - the col2im of the backward equals autograd's sum of the offsets' slices bit for bit.
 """
 
@@ -182,10 +185,10 @@ def test_torch_input_gradient_is_the_reference_within_float32_summation_error(mo
         y.backward(gy)
         runs.append((y.detach(), stats.saturated, xx.grad, ww.grad, None if bb is None else bb.grad, gy))
     fast, ref = runs
-    assert _same_bits(fast[0], ref[0]) and fast[1] == ref[1]
-    assert _same_bits(fast[3], ref[3]) and _same_bits(fast[4], ref[4])
+    assert _same_bits(fast[0], ref[0]) and fast[1] == ref[1] and _same_bits(fast[4], ref[4])
     if ref[1] > 0:
-        return  # a clipped ADC sample: both take the masked row product (its own test)
+        return  # a clipped ADC sample: the masked gradients (their own test)
+    assert _same_bits(fast[3], ref[3])
     n = (w.shape[0] // G) * kh * kw_
     exact, size = _input_grad_float64(ref[5], w, cfg, dict(geo, pads=padlist, stride=kw["stride"]), x.shape)
     bound = n * 2.0**-23 * size
@@ -273,3 +276,126 @@ def test_row_path_chunks_under_an_explicit_key_draw_distinct_noise(monkeypatch):
     assert torch.equal(rows[:2], cols)
     keys = {conv_family.chunk_key(987, i) for i in range(0, 64, 2)}
     assert len(keys) == 32 and all(0 <= k < 2**63 for k in keys) and 987 not in keys
+
+
+def _operands(geo: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """Random input, weight and bias (where ``geo`` has one) of a geometry, ``None`` where its
+    kernel does not fit the padded input."""
+    g = torch.Generator().manual_seed(seed)
+    G, (kh, kw_), p = geo["groups"], geo["k"], geo["padding"]
+    if geo["h"] + 2 * p < geo["dilation"] * (kh - 1) + 1 or geo["w"] + 2 * p < geo["dilation"] * (kw_ - 1) + 1:
+        return None
+    x = torch.randn(geo["batch"], G * geo["cin_per_group"], geo["h"], geo["w"], generator=g)
+    w = torch.randn(G * geo["cout_per_group"], geo["cin_per_group"], kh, kw_, generator=g)
+    b = torch.randn(G * geo["cout_per_group"], generator=g) if geo["bias"] else None
+    return x, w, b
+
+
+def _unfold_rows(x: torch.Tensor, geo: dict, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """The row product's left operand, independently: ``F.unfold`` patches (G, B*Ho*Wo, K)."""
+    G, (kh, kw_) = geo["groups"], geo["k"]
+    cols = F.unfold(F.pad(x, pads), (kh, kw_), dilation=geo["dilation"], stride=geo["stride"])  # (B, C*kh*kw, L)
+    B, L = x.shape[0], cols.shape[2]
+    return cols.reshape(B, G, -1, L).permute(1, 0, 3, 2).reshape(G, B * L, -1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(geo=geometries, cfg=device_configs(max_dac_bits=8, noise=(0.0, 0.5, 2.0), gains=(4.0, 16.0, 64.0, 256.0),
+                                          tile_widths=(3, 8, 16, 32, 128)),
+       direct=st.booleans(), narrow=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_forward_kernels_mark_the_clipped_samples_of_the_row_product(monkeypatch, geo, cfg, direct, narrow, seed):
+    """The clamp mask the column forward's kernels fill (grouped_direct, narrow_cols8,
+    epilogue_cols4, epilogue_cols, or the torch column path) is the row product's
+    (``analog_product(want_mask=True)`` on ``F.unfold`` patches, the same key), sample for sample."""
+    from abfp.numerics import analog_product, encode_weights
+    from abfp.numerics import conv as nconv
+
+    monkeypatch.setattr(nconv, "DIRECT_GROUPED", direct)
+    monkeypatch.setattr(nconv, "NARROW8", narrow)
+    G, (kh, kw_), p = geo["groups"], geo["k"], geo["padding"]
+    operands = _operands(geo, seed)
+    if operands is None:
+        return
+    x, w, _ = operands
+    w3 = w.reshape(G, geo["cout_per_group"], -1)
+    pads = (p, p, p, p)
+    ho = (geo["h"] + 2 * p - geo["dilation"] * (kh - 1) - 1) // geo["stride"] + 1
+    wo = (geo["w"] + 2 * p - geo["dilation"] * (kw_ - 1) - 1) // geo["stride"] + 1
+    static = x.abs().max() if cfg.mode == "fixed" else None
+    weights = encode_weights(w3, cfg, None)
+    stats = ProductStats()
+    inside = torch.ones(G, weights.codes.shape[1], geo["batch"] * ho * wo, geo["cout_per_group"], dtype=torch.bool)
+    y = conv_family._conv2d_cols(x, pads, weights, cfg, G, (kh, kw_), (geo["stride"],) * 2, (geo["dilation"],) * 2,
+                                 (ho, wo), static, None, stats, channels_last=False, key=4321, inside=inside)
+    yr, mask = analog_product(_unfold_rows(x, geo, pads), w3, cfg, input_scale=static, want_mask=True, key=4321)
+    assert int((~inside).sum()) == stats.saturated
+    assert torch.equal(inside, mask)
+    with torch.no_grad():  # the mask changes nothing of the output
+        plain = conv_family._conv2d_cols(x, pads, weights, cfg, G, (kh, kw_), (geo["stride"],) * 2,
+                                         (geo["dilation"],) * 2, (ho, wo), static, None, None, channels_last=False,
+                                         key=4321)
+    assert _same_bits(y, plain)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(geo=geometries, cfg=device_configs(max_dac_bits=8, noise=(0.0, 0.5), gains=(4.0, 16.0, 64.0, 256.0),
+                                          tile_widths=(3, 8, 16, 32, 128)),
+       terms=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_clipped_samples_give_the_masked_row_gradients_without_running_again(monkeypatch, geo, cfg, terms, seed):
+    """Gains that clip: the column path runs each convolution once (its forward's kernels mark
+    the clipped samples), and its gradients are those of the masked row product over the whole
+    batch (the reference: ``TRAIN_IN_COLUMNS = False``, one im2col chunk): with the reference
+    input gradient bit for bit; with torch's (the default, ABFP mode) and the clipped samples'
+    terms subtracted (``terms``: :data:`CLIPPED_TERMS_SHARE` unbounded, else 0: the masked product
+    again) within float32 summation error, bounded by float64 sums of absolute terms."""
+    G, (kh, kw_), p = geo["groups"], geo["k"], geo["padding"]
+    operands = _operands(geo, seed)
+    if operands is None:
+        return
+    x, w, b = operands
+    kw = dict(stride=geo["stride"], padding=p, dilation=geo["dilation"], groups=G)
+    reruns = []
+    real_rows = conv_family._conv2d_rows
+    monkeypatch.setattr(conv_family, "_conv2d_rows", lambda *a, **k: reruns.append(1) or real_rows(*a, **k))
+    monkeypatch.setattr(conv_family, "CLIPPED_TERMS_SHARE", float("inf") if terms else 0.0)
+    _step(monkeypatch, True, 1, torch_input_grad=False)
+    ref_cols = _train(x, w, b, cfg, kw, 99)
+    _step(monkeypatch, True, 1, torch_input_grad=True)
+    fast = _train(x, w, b, cfg, kw, 99)
+    assert not reruns  # nothing ran twice
+    _step(monkeypatch, False, 1 << 20)  # the row path in one chunk: the masked product's autograd
+    rows = _train(x, w, b, cfg, kw, 99)
+    assert torch.equal(ref_cols[0], rows[0]) and ref_cols[1] == rows[1] == fast[1]
+    assert _same_bits(fast[0], ref_cols[0])  # (zeros' signs: the column path's)
+    if rows[1].saturated == 0:
+        return  # nothing clipped: the im2col chunks of the columns' gradients (the first test)
+    for a, r in zip(ref_cols[2:], rows[2:]):
+        assert _same_bits(a, r)
+    assert _same_bits(fast[4], rows[4])
+    if cfg.mode == "fixed":
+        for a, r in zip(fast[2:], ref_cols[2:]):  # the reference path itself
+            assert _same_bits(a, r)
+        return
+    # float32 summation error: every gradient element is a sum of float32 products; both paths
+    # round within m 2^-23 S of the exact sum (m terms, S their absolute sum, here bounded above)
+    from abfp.ops.device import dequantised_rows
+
+    pads = (p, p, p, p)
+    gy_abs = torch.linspace(-1.0, 1.0, rows[0].numel()).reshape(rows[0].shape).abs() + 0.25  # >= |dL/dy|
+    ng, cout = geo["cout_per_group"], w.shape[0]
+    wq, _ = dequantised_rows(w.reshape(G, ng, -1), cfg, None, cfg.weight_max_code)
+    xin = torch.relu(x) * 1.5
+    xq, _ = dequantised_rows(_unfold_rows(xin, geo, pads), cfg, None, cfg.input_max_code)  # (G, M, K)
+    ho, wo = rows[0].shape[2], rows[0].shape[3]
+    gyr = gy_abs.double().reshape(x.shape[0], G, ng, ho * wo).permute(1, 0, 3, 2).reshape(G, -1, ng)  # (G, M, Ng)
+    size_w = gyr.transpose(1, 2) @ xq.double().abs()  # (G, Ng, K)
+    m_w = gyr.shape[1]
+    tol_w = 3 * (m_w + 2) * 2.0**-23 * size_w.reshape(w.shape)
+    assert bool(((fast[3].double() - rows[3].double()).abs() <= tol_w).all())
+    patch = gyr @ wq.double().abs()  # (G, M, K)
+    cols = patch.reshape(G, x.shape[0], ho * wo, -1).permute(1, 0, 3, 2).reshape(x.shape[0], -1, ho * wo)
+    size_x = F.fold(cols, (geo["h"] + 2 * p, geo["w"] + 2 * p), (kh, kw_), dilation=geo["dilation"],
+                    stride=geo["stride"])[:, :, p : p + geo["h"], p : p + geo["w"]]
+    m_x = ng * kh * kw_
+    tol_x = 3 * (m_x + 2) * 2.0**-23 * size_x
+    assert bool(((fast[5].double() - rows[5].double()).abs() <= tol_x).all())

@@ -48,6 +48,8 @@ DIRECT_GROUPED = True
 #: :func:`.fused.narrow_cols8` (tile products, ADC and tile sum in one kernel); ``False``: the
 #: batched GEMM plus :func:`.fused.epilogue_cols4`, its reference (same numbers, tested).
 NARROW8 = True
+#: The kernels' ``inside`` argument when no mask is wanted (an empty array: one compiled signature).
+_NO_MASK = np.ones(0, np.uint8)
 #: Wide plans whose tile products need float64 (``n L(b_x) L(b_w) > 2**24``: 9-12-bit DACs at
 #: n = 128) split every code into two int8 halves, ``q = 32 h + l`` with ``l`` in ``[-16, 15]``,
 #: and run a tile product as four int8 GEMMs with exact int32 sums
@@ -193,9 +195,11 @@ def _matmul_into(out: Tensor, a: Tensor, b: Tensor) -> None:
 def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, cfg: ABFPConfig, plan: AdcPlan,
                  groups: int, k: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
                  out_hw: tuple[int, int], static: Tensor | None, key: int | None, stats: ProductStats | None,
-                 channels_last: bool) -> Tensor:
+                 channels_last: bool, inside: Tensor | None = None) -> Tensor:
     """``F.conv2d`` on the device (no bias), from ``x`` (B, C, H, W); see the module text.
-    ``static``: the fixed-mode input scale (0-d); ``key``: the uniform-noise key."""
+    ``static``: the fixed-mode input scale (0-d); ``key``: the uniform-noise key. ``inside``:
+    a bool tensor of the row-major product's ADC samples (G, T, B Ho Wo, Ng), all True, that
+    the kernels set False where a sample clipped (the straight-through mask; needs ``stats``)."""
     bt, c, h, w_ = x.shape
     (kh, kw), (stride_h, stride_w), (dh, dw), (ho, wo) = k, stride, dilation, out_hw
     pl, pr, pt, pb = pads
@@ -229,7 +233,9 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     else:
         int_mult, int_div = plan.int_ratio() if int8 else (1.0, plan.divisor)
     code_dtype = torch.int8 if int8 else torch.float32 if split else plan.gemm_dtype
+    assert inside is None or stats is not None  # the kernels mark only where they count
     adc_args = _adc_args(cfg, plan, int_mult, int_div, key, stats is not None)
+    inside_np = fused.as_numpy(inside.view(-1).view(torch.uint8)) if inside is not None else _NO_MASK
     clamp = needs_clamp(static is None, cfg.input_max_code)
     lx = np.float32(cfg.input_max_code)
     # tiles of width 8: tile products, ADC and tile sum in one kernel (no partial sums in memory)
@@ -270,7 +276,7 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                                             cfg.scale_dtype == "bfloat16", static_np, lx, wc_np, weight_scales_np,
                                             *adc_args, fused.as_numpy(y[b0:b1, :, h0:h1]), row_width,
                                             _output_index(out_rows, row_width, wo, Ng, fused.DIRECT_LANES),
-                                            bt * ho * wo, (b0 * ho + h0) * wo, fused.DIRECT_ELEMENTS)
+                                            bt * ho * wo, (b0 * ho + h0) * wo, fused.DIRECT_ELEMENTS, inside_np)
             continue
         codes = scratch("patch_codes", (G, kc, b * L), code_dtype, x.device)
         if kc > kg:
@@ -289,7 +295,7 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
             clipped += fused.narrow_cols8(fused.as_numpy(codes), wc_np, *adc_args, fused.as_numpy(s.view(T, G, b * L)),
                                           weight_scales_np, fused.as_numpy(y[b0:b1, :, h0:h1]), row_width,
                                           _output_index(out_rows, row_width, wo, Ng), bt * ho * wo,
-                                          (b0 * ho + h0) * wo, fused.NARROW_STRIPE)
+                                          (b0 * ho + h0) * wo, fused.NARROW_STRIPE, inside_np)
             continue
         d = scratch("patch_tiles", (G, T, Ng, b * L), torch.int32 if int8 or split else plan.gemm_dtype, x.device)
         if int8:
@@ -307,7 +313,7 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
         clipped += epilogue(fused.as_numpy(d), *adc_args, fused.as_numpy(s.view(T, G, b * L)),
                                        weight_scales_np, fused.as_numpy(y[b0:b1, :, h0:h1]), row_width,
                                        _output_index(out_rows, row_width, wo, Ng), bt * ho * wo,
-                                       (b0 * ho + h0) * wo)
+                                       (b0 * ho + h0) * wo, inside_np)
     _count(stats, clipped, T * cout * bt * ho * wo)
     if cfg.bf16_io:
         y = y.to(torch.bfloat16).to(torch.float32)

@@ -322,8 +322,21 @@ if AVAILABLE:
                     dst[j] = src[j]
         return clipped
 
+    @njit(**_jit)
+    def _mark_clipped(dv, lsb_num, lsb_den, noise_step, ly, key, noisy, base, real_pos, inside):
+        """``inside[base + real_pos[v]] = 0`` where the sample of tile product ``dv[v]`` (real
+        positions: ``real_pos[v] >= 0``) clips: :func:`_lsb` again, the same arithmetic as the
+        epilogue's. Called only for a run of positions where a sample clipped (rare), so the
+        epilogues' vector loops stay as they are."""
+        for v in range(real_pos.shape[0]):
+            if real_pos[v] >= 0:
+                r = _lsb(dv[v], lsb_num, lsb_den, noise_step, key, noisy, base + real_pos[v])
+                if abs(r) > ly:
+                    inside[base + real_pos[v]] = 0
+
     @njit(parallel=True, **_jit)
-    def epilogue_cols(d, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, virtual_w, real_pos, p_total, p_off):
+    def epilogue_cols(d, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, virtual_w, real_pos, p_total, p_off,
+                      inside):
         """The convolution's epilogue, written straight into the output.
 
         ``d`` (G, T, Ng, bc * out_h * virtual_w) tile products over virtual positions (output rows of
@@ -333,7 +346,9 @@ if AVAILABLE:
         (``(h wo + w) Ng``; negative for the extra columns). The sample of output position ``p`` (``p_off`` + its index among the
         chunk's ``bc * out_h * wo``) has noise index ``((g T + t) p_total + p) Ng + o``. Every
         virtual position is computed (long contiguous loops); only real ones are written and
-        counted. Returns the number of clipped samples (``count``; else 0). A wide plan's
+        counted. Returns the number of clipped samples (``count``; else 0); with ``count``, a
+        non-empty ``inside`` (uint8, one per sample, by noise index, ones) gets 0 at every clipped
+        sample (:func:`_mark_clipped`: only runs where the count found one). A wide plan's
         arguments (``lsb_num``, ``lsb_den``, ``ly`` float64) do the ADC step, noise, clamp and
         rounding in float64 (:func:`_lsb`); the code times the scales and the tile sum stay float32.
         """
@@ -352,11 +367,15 @@ if AVAILABLE:
                 x_scale = sx[t, g, v0 : v0 + lb]
                 wt = sw[g, t, o]
                 base = ((g * T + t) * p_total + p_off + ib * out_h * wo) * Ng + o
+                c = 0
                 for v in range(lb):
                     r = _lsb(dt[v], lsb_num, lsb_den, noise_step, key, noisy, base + real_pos[v])
                     if count:
-                        clipped += (abs(r) > ly) & (real_pos[v] >= 0)
+                        c += (abs(r) > ly) & (real_pos[v] >= 0)
                     acc[v] += (np.float32(np.rint(min(max(r, -ly), ly))) * x_scale[v]) * wt
+                clipped += c
+                if c > 0 and inside.size > 0:
+                    _mark_clipped(dt, lsb_num, lsb_den, noise_step, ly, key, noisy, base, real_pos, inside)
             for h in range(out_h):
                 row = y[ib, g * Ng + o, h]
                 for w in range(wo):
@@ -364,7 +383,8 @@ if AVAILABLE:
         return clipped
 
     @njit(parallel=True, **_jit)
-    def epilogue_cols4(d, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, virtual_w, real_pos, p_total, p_off):
+    def epilogue_cols4(d, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, virtual_w, real_pos, p_total, p_off,
+                       inside):
         """:func:`epilogue_cols` four output channels at a time, for ``Ng`` a multiple of 4
         (same arguments, same numbers). The noise of channels ``o0 .. o0 + 3`` (``o0`` a
         multiple of 4) at one position has indices ``4 i .. 4 i + 3``: the four 16-bit lanes
@@ -395,13 +415,22 @@ if AVAILABLE:
                     wt = sw[g, t, o0 + lane]
                     a = acc[lane]
                     e = nz[lane]
+                    c = 0
                     for v in range(lb):
                         r = (np.float32(dt[v]) * lsb_num) / lsb_den  # as _lsb, with the noise integers above
                         if noisy:
                             r = r + e[v] * noise_step
                         if count:
-                            clipped += (abs(r) > ly) & (real_pos[v] >= 0)
+                            c += (abs(r) > ly) & (real_pos[v] >= 0)
                         a[v] += (np.rint(min(max(r, -ly), ly)) * x_scale[v]) * wt
+                    clipped += c
+                    if c > 0 and inside.size > 0:  # the same samples again, marking the clipped ones
+                        for v in range(lb):
+                            r = (np.float32(dt[v]) * lsb_num) / lsb_den
+                            if noisy:
+                                r = r + e[v] * noise_step
+                            if abs(r) > ly and real_pos[v] >= 0:
+                                inside[base + lane + real_pos[v]] = 0
             for lane in range(4):
                 a = acc[lane]
                 for h in range(out_h):
@@ -480,9 +509,35 @@ if AVAILABLE:
                 clipped += (np.int64(o0) + np.int64(o1) + np.int64(o2) + np.int64(o3)) * np.int64(real[v])
         return clipped
 
+    @njit(**_jit)
+    def _mark8(cg, k0, p0, p1, wq, hg, kb, lsb_den, noise_step, ly, noisy, base, lb, image_stride, real_pos, inside):
+        """``inside[base + ib image_stride + real_pos[v - ib lb] + lane] = 0`` where the sample of
+        channel ``lane`` at position ``v`` (image ``ib``) of :func:`_tile8`'s stripe clips: its tile
+        products and ADC again (:func:`_dot8`, :func:`_adc1`: the same numbers), one position at a
+        time; only for a stripe where one clipped."""
+        for v in range(p0, p1):
+            ib = v // lb
+            rp = real_pos[v - ib * lb]
+            if rp < 0:
+                continue
+            x = cg[k0 : k0 + 8, v]
+            z = kb + hg[v - p0]
+            z = (z ^ (z >> np.uint64(30))) * _MIX1
+            z = (z ^ (z >> np.uint64(27))) * _MIX2
+            z = z ^ (z >> np.uint64(31))
+            lo = np.uint32(z & np.uint64(0xFFFFFFFF))
+            hi = np.uint32(z >> np.uint64(32))
+            hs = (lo, np.uint32(lo >> np.uint32(16)), hi, np.uint32(hi >> np.uint32(16)))
+            for lane in range(4):
+                d = _dot8(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], wq[0, lane], wq[1, lane], wq[2, lane],
+                          wq[3, lane], wq[4, lane], wq[5, lane], wq[6, lane], wq[7, lane])
+                _, out = _adc1(d, lsb_den, hs[lane], noise_step, noisy, ly, np.float32(1.0), np.float32(1.0))
+                if out:
+                    inside[base + ib * image_stride + rp + lane] = 0
+
     @njit(parallel=True, **_jit)
     def narrow_cols8(codes, wc, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, virtual_w, real_pos,
-                     p_total, p_off, stripe):
+                     p_total, p_off, stripe, inside):
         """A convolution's tile products, ADC and tile sum in one pass for tiles of width 8
         and ``Ng`` a multiple of 4: the numbers of the batched GEMM plus :func:`epilogue_cols4`
         (same arguments, but ``codes`` (G, 8 T, bc * out_h * virtual_w) float32 patch codes,
@@ -491,7 +546,8 @@ if AVAILABLE:
         work item is a group and a stripe of the chunk's virtual positions (across output
         rows and images): for ``t = 0, 1, ...`` and four channels at a time (:func:`_tile8`)
         the tile products stay in registers, no ``(T, Ng, positions)`` tensor is written, and
-        the sums of all the group's channels over the stripe stay in a local block."""
+        the sums of all the group's channels over the stripe stay in a local block. ``inside``: as
+        :func:`epilogue_cols`'s (:func:`_mark8` where a stripe's tile clipped)."""
         G, T, _, Ng = wc.shape
         bc, _, out_h, wo = y.shape
         lb = out_h * virtual_w
@@ -520,14 +576,20 @@ if AVAILABLE:
                     kb = key + np.uint64(((base + 4 * q) >> 2) + 1) * _GOLDEN
                     k0, q4 = 8 * t, 4 * q
                     if noisy and count:  # constant flags: four vector loops
-                        clipped += _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den,
-                                          noise_step, ly, True, True)
+                        c = _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den, noise_step, ly, True, True)
+                        clipped += c
+                        if c > 0 and inside.size > 0:
+                            _mark8(cg, k0, p0, p1, wq, hg, kb, lsb_den, noise_step, ly, True, base + q4, lb,
+                                   out_h * wo * Ng, real_pos, inside)
                     elif noisy:
                         _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den, noise_step, ly,
                                True, False)
                     elif count:
-                        clipped += _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den,
-                                          noise_step, ly, False, True)
+                        c = _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den, noise_step, ly, False, True)
+                        clipped += c
+                        if c > 0 and inside.size > 0:
+                            _mark8(cg, k0, p0, p1, wq, hg, kb, lsb_den, noise_step, ly, False, base + q4, lb,
+                                   out_h * wo * Ng, real_pos, inside)
                     else:
                         _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den, noise_step, ly,
                                False, False)
@@ -598,7 +660,7 @@ if AVAILABLE:
 
     @njit(parallel=True, **_jit)
     def grouped_direct(xf, src_stride, image_len, k_src, k_off, kg, n, bf16, static, lx, wc, sw, lsb_num, lsb_den,
-                       noise_step, ly, key, noisy, count, y, virtual_w, real_pos, p_total, p_off, block):
+                       noise_step, ly, key, noisy, count, y, virtual_w, real_pos, p_total, p_off, block, inside):
         """A grouped (depthwise) convolution in one pass, no patch matrix, no partial sums in memory.
 
         For each group ``g`` and image ``ib`` (one work item), a few output rows at a time, over
@@ -616,7 +678,7 @@ if AVAILABLE:
         positions past a block's end are computed from whatever values lie there (``xf`` has
         that much slack after its last image; ``real_pos`` is negative there) and dropped, as the
         extra columns are. ``block``: values per block of output rows (:data:`DIRECT_ELEMENTS`).
-        Returns the number of clipped samples (``count``; else 0)."""
+        Returns the number of clipped samples (``count``; else 0); ``inside`` as :func:`epilogue_cols`'s."""
         G = wc.shape[0]
         bc = y.shape[0]
         items = G * bc
@@ -625,12 +687,12 @@ if AVAILABLE:
         for task in prange((items + per - 1) // per):
             clipped += _direct_task(task * per, min(items, task * per + per), xf, src_stride, image_len, k_src, k_off,
                                     kg, n, bf16, static, lx, wc, sw, lsb_num, lsb_den, noise_step, ly, key, noisy,
-                                    count, y, virtual_w, real_pos, p_total, p_off, block)
+                                    count, y, virtual_w, real_pos, p_total, p_off, block, inside)
         return clipped
 
     @njit(**_jit)
     def _direct_task(i0, i1, xf, src_stride, image_len, k_src, k_off, kg, n, bf16, static, lx, wc, sw, lsb_num,
-                     lsb_den, noise_step, ly, key, noisy, count, y, virtual_w, real_pos, p_total, p_off, block):
+                     lsb_den, noise_step, ly, key, noisy, count, y, virtual_w, real_pos, p_total, p_off, block, inside):
         """Work items ``i0 .. i1 - 1`` (group ``i // bc``, image ``i % bc``) of :func:`grouped_direct`:
         a function of its own, compiled without the parallel loop's lowering (whose body loops
         vectorise worse: 1.5x slower on one thread)."""
@@ -688,11 +750,15 @@ if AVAILABLE:
                         ao = acc[o]
                         base = ((g * T + t) * p_total + p_off + ib * out_h * wo) * Ng + o
                         rp = real_pos[v0 : v0 + nv]
+                        cl = 0
                         for v in range(nv):
                             r = _lsb(do[v], lsb_num, lsb_den, noise_step, key, noisy, base + rp[v])
                             if count:
-                                clipped += (abs(r) > ly) & (rp[v] >= 0)
+                                cl += (abs(r) > ly) & (rp[v] >= 0)
                             ao[v] += (np.float32(np.rint(min(max(r, -ly), ly))) * s[v]) * wt
+                        clipped += cl
+                        if cl > 0 and inside.size > 0:
+                            _mark_clipped(do, lsb_num, lsb_den, noise_step, ly, key, noisy, base, rp, inside)
                 for o in range(Ng):
                     ao = acc[o]
                     for h in range(nh):

@@ -363,6 +363,7 @@ def analog_gemm_cols(
     p_off: int = 0,
     p_total: int | None = None,
     stats: ProductStats | None = None,
+    inside: Tensor | None = None,
 ) -> Tensor:
     """The same product with the reduction axis before the rows: the convolution layout.
 
@@ -377,6 +378,8 @@ def analog_gemm_cols(
     :func:`analog_gemm` (the same tile products, ADC and float32 tile sum). Uniform noise:
     ``key`` with index ``((g T + t) p_total + p_off + p) Ng + o`` (this chunk's positions are
     ``p_off ...`` of ``p_total`` in the whole convolution: the index of the row-major product).
+    ``inside``: the whole convolution's straight-through mask (G, T, p_total, Ng) bool, whose
+    positions ``p_off ...`` receive this chunk's (True: not clipped).
     """
     G, K, P = cols.shape
     wc = w.codes
@@ -415,7 +418,8 @@ def analog_gemm_cols(
                 out.copy_(torch.matmul(lhs.to(mm), blk.to(mm)))
     pt = P if p_total is None else p_total
     index = None if key is None else grid_index(p_off * Ng, (T, G, Ng, P), (pt * Ng, T * pt * Ng, 1, Ng), cols.device)
-    d = adc_(d, cfg, plan, generator=generator, key=key, index=index, stats=stats, in_lsb=int8)
+    mask_out = None if inside is None else inside.permute(1, 0, 3, 2)[..., p_off : p_off + P]  # (T, G, Ng, P) view
+    d = adc_(d, cfg, plan, generator=generator, key=key, index=index, stats=stats, in_lsb=int8, mask_out=mask_out)
     d.mul_(sx).mul_(w.scales.permute(1, 0, 2).unsqueeze(-1))  # (T, G, Ng, 1)
     if cfg.bf16_tile_outputs:
         d = d.to(torch.bfloat16).to(torch.float32)

@@ -256,7 +256,7 @@ def _conv2d_rows(x: Tensor, w3: Tensor, weights: Encoded, config: ABFPConfig, gr
 def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, config: ABFPConfig, groups: int,
                  k: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
                  input_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
-                 channels_last: bool, key: int | None = None) -> Tensor:
+                 channels_last: bool, key: int | None = None, inside: Tensor | None = None) -> Tensor:
     """Inference convolution in the column layout: through the compiled kernels
     (:func:`abfp.numerics.conv.conv2d_fused`) where :func:`use_fused` allows, else with torch
     operations as below (:func:`abfp.numerics.kernels.analog_gemm_cols`), the same numbers.
@@ -268,6 +268,7 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     output's memory format follows ``F.conv2d``'s: channels-last when the input or the weight
     is channels-last (then pooling and batch norm after it run several times faster), else
     contiguous NCHW, so code after the layer sees the strides it would see in float32.
+    ``inside``: the straight-through mask to fill (see :func:`abfp.numerics.conv.conv2d_fused`).
     """
     bt, c, h, w_ = x.shape
     (kh, kw), (ho, wo) = k, out_hw
@@ -282,7 +283,7 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if use_fused(config, plan, x.device, wide=True):
         return conv2d_fused(x, pads, weights, config, plan, groups, k, stride, dilation, out_hw, static, key, stats,
-                            channels_last)
+                            channels_last, inside)
     pl, pr, pt, pb = pads
     src = (x.to(torch.bfloat16) if config.bf16_io else x).transpose(0, 1)  # (C, B, H, W) view
     y = torch.empty(bt, cout, ho, wo, dtype=torch.float32, device=x.device,
@@ -310,7 +311,7 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                                  xc.storage_offset() + h0 * stride_h * sy))
         yi = analog_gemm_cols(cols.view(groups, (c // groups) * kh * kw, b * rows_c * wo), weights, config, plan,
                               input_scale=static, generator=generator, key=key, p_off=(b0 * ho + h0) * wo,
-                              p_total=bt * ho * wo, stats=stats)  # (G, Ng, P)
+                              p_total=bt * ho * wo, stats=stats, inside=inside)  # (G, Ng, P)
         y[b0:b1, :, h0:h1].copy_(yi.view(cout, b, rows_c, wo).transpose(0, 1))
     if config.bf16_io:
         y = y.to(torch.bfloat16).to(torch.float32)
@@ -356,8 +357,9 @@ def _conv2d_train(x: Tensor, w3: Tensor, geo: ConvGeometry, weights: Encoded, co
     gradients of :func:`_conv2d_rows` (bit for bit, but for the ABFP input gradient where
     :data:`TORCH_INPUT_GRAD`: float32 ulps), and the output is laid out as that path
     leaves it (:func:`_row_layout`: the layers after it may sum in another order on another
-    layout). Where an ADC sample clipped (the backward needs the clamp mask), the convolution
-    runs again as one :func:`_conv2d_rows` product over the whole batch, under the same key."""
+    layout). Where an ADC sample clipped, the backward needs the clamp mask: the forward's
+    kernels mark the clipped samples as they go (``inside``, one byte per ADC sample, kept only
+    when one clipped), and the backward applies it (:func:`_train_grads`); nothing runs twice."""
     if key is None:
         key = draw_key(config, generator)  # the one draw the convolution makes
     counted = ProductStats()
@@ -368,12 +370,7 @@ def _conv2d_train(x: Tensor, w3: Tensor, geo: ConvGeometry, weights: Encoded, co
     if stats is not None:
         stats.saturated += counted.saturated
         stats.conversions += counted.conversions
-    if counted.saturated == 0:
-        return y
-    masked = _conv2d_rows(F.pad(x, geo.pads) if any(geo.pads) else x, w3, weights, config, geo.groups, geo.k,
-                          geo.stride, geo.dilation, geo.out_hw, input_scale, weight_scale, None, None, key=key,
-                          step=x.shape[0])
-    return _Valued.apply(masked, [y.detach().clone()])
+    return y
 
 
 def _product_view(yp: Tensor, groups: int, bt: int, out_hw: tuple[int, int]) -> Tensor:
@@ -403,33 +400,23 @@ def _row_layout(bt: int, groups: int, ng: int, out_hw: tuple[int, int], step: in
     return tuple(y.stride())
 
 
-class _Valued(torch.autograd.Function):
-    """``holder[0]`` as the value, with the gradient of ``y`` (the identity): the inference
-    output (zeros keep their sign, tiles their summation order) on the masked product's graph."""
-
-    @staticmethod
-    def forward(ctx, y, holder):  # type: ignore[override]
-        return holder[0]
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return g, None
-
-
 class _ConvTraining(torch.autograd.Function):
     """``y`` of :func:`_conv2d_cols` (as the product rows ``(G, B*Ho*Wo, N/G)`` where ``layout``
     is ``"view"``); backward: :func:`_conv2d_rows`' straight-through gradients, the same float32
     operations in the same order (:func:`_train_grads`; the ABFP input gradient in torch's
-    order where :data:`TORCH_INPUT_GRAD`)."""
+    order where :data:`TORCH_INPUT_GRAD`). The forward's kernels fill the clamp mask
+    ``(G, T, B*Ho*Wo, N/G)`` (True: not clipped), which the backward gets where a sample clipped."""
 
     @staticmethod
     def forward(ctx, x, w3, geo, weights, config, input_scale, weight_scale, key, counted, layout):  # type: ignore[override]
-        ctx.save_for_backward(x, w3)
         ctx.geo, ctx.config, ctx.input_scale, ctx.weight_scale = geo, config, input_scale, weight_scale
         ctx.rows = layout == "view"
+        bt, (ho, wo) = x.shape[0], geo.out_hw
+        inside = torch.ones(geo.groups, weights.codes.shape[1], bt * ho * wo, w3.shape[1], dtype=torch.bool)
         y = _conv2d_cols(x.detach(), geo.pads, weights, config, geo.groups, geo.k, geo.stride, geo.dilation,
                          geo.out_hw, input_scale, None, counted, channels_last=layout in ("channels_last", "view"),
-                         key=key)
+                         key=key, inside=inside)
+        ctx.save_for_backward(x, w3, *([inside] if counted.saturated else []))
         if layout == "view":
             yp = torch.empty(geo.groups, y.shape[0] * y.shape[2] * y.shape[3], w3.shape[1], dtype=y.dtype)
             _product_view(yp, geo.groups, y.shape[0], geo.out_hw).copy_(y)
@@ -440,14 +427,102 @@ class _ConvTraining(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        x, w3 = ctx.saved_tensors
+        x, w3, *inside = ctx.saved_tensors
         gx, gw = _train_grads(gy, x.detach(), w3.detach(), ctx.geo, ctx.config, ctx.input_scale, ctx.weight_scale,
-                              ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.rows)
+                              ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.rows, inside[0] if inside else None)
         return gx, gw, None, None, None, None, None, None, None, None
 
 
+#: Where a sample clipped, the fast backward (:data:`TORCH_INPUT_GRAD`, ABFP mode) subtracts the
+#: clipped samples' terms (:func:`_clipped_terms`) while they touch at most this share of the
+#: patch matrix's elements; beyond it, the masked product over the whole batch.
+CLIPPED_TERMS_SHARE = 0.25
+
+
 def _train_grads(gy: Tensor, x: Tensor, w3: Tensor, geo: ConvGeometry, config: ABFPConfig, input_scale: Any,
-                 weight_scale: Any, need_x: bool, need_w: bool, rows: bool = False) -> tuple[Tensor | None, Tensor | None]:
+                 weight_scale: Any, need_x: bool, need_w: bool, rows: bool = False,
+                 inside: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """The straight-through gradients; ``inside``: the ADC clamp mask (G, T, B*Ho*Wo, N/G), True
+    where a sample did not clip (``None``: none clipped).
+
+    Where one clipped: with the reference input gradient (or fixed mode, or many clipped
+    samples: :data:`CLIPPED_TERMS_SHARE`) the masked product over the whole batch as one im2col
+    chunk (:func:`_chunk_grads` with the mask: the gradients of that row product bit for bit,
+    as autograd computed them when the convolution ran again as one); else, with one tile per
+    product (``K <= n``), the unmasked gradients of ``dY`` times the mask, and with more, the
+    unmasked gradients less the clipped samples' terms (:func:`_clipped_terms`): the same sums
+    within float32 rounding, in another order."""
+    if inside is None:
+        return _chunk_grads(gy, x, w3, geo, config, input_scale, weight_scale, need_x, need_w, rows)
+    n, kg = config.tile_width, w3.shape[2]
+    fast = TORCH_INPUT_GRAD and config.mode == "abfp"
+    if fast and inside.shape[1] == 1:  # one tile: the mask is one per output, masking dY is all it takes
+        mask = inside[:, 0]
+        gm = gy * (mask if rows else _product_view(mask, geo.groups, x.shape[0], geo.out_hw))
+        return _chunk_grads(gm, x, w3, geo, config, input_scale, weight_scale, need_x, need_w, rows)
+    clipped = int(inside.numel() - inside.sum())
+    terms = clipped * min(n, kg) * (2 if need_x and need_w else 1)
+    if fast and terms <= CLIPPED_TERMS_SHARE * inside.shape[2] * geo.groups * kg:
+        gx, gw = _chunk_grads(gy, x, w3, geo, config, input_scale, weight_scale, need_x, need_w, rows)
+        gyr = gy if rows else _output_rows(gy, geo.groups, geo.out_hw)
+        dx, dw = _clipped_terms(gyr, x, w3, geo, config, input_scale, weight_scale, inside, need_x, need_w)
+        return (None if gx is None else gx.sub_(dx)), (None if gw is None else gw.sub_(dw))
+    return _chunk_grads(gy, x, w3, geo, config, input_scale, weight_scale, need_x, need_w, rows, inside)
+
+
+def _output_rows(gy: Tensor, groups: int, out_hw: tuple[int, int]) -> Tensor:
+    """An output gradient (B, N, Ho, Wo) as the product rows (G, B*Ho*Wo, N/G), by the reshapes
+    with which autograd takes it back through :func:`_conv2d_rows`' output."""
+    bi, (ho, wo) = gy.shape[0], out_hw
+    ng = gy.shape[1] // groups
+    return gy.reshape(bi, groups, ng, ho, wo).permute(1, 0, 3, 4, 2).reshape(groups, bi * ho * wo, ng)
+
+
+def _clipped_terms(gyr: Tensor, x: Tensor, w3: Tensor, geo: ConvGeometry, config: ABFPConfig, input_scale: Any,
+                   weight_scale: Any, inside: Tensor, need_x: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The terms of the clipped ADC samples in the unmasked straight-through gradients (ABFP
+    mode), which the masked ones leave out: for a clipped sample of group ``g``, tile ``t``,
+    output position ``p`` and output ``j`` (of ``gyr`` (G, P, N/G)), ``dY[p, j] Wq[j, tile t]``
+    in the input gradient, folded back to the input positions that tile's patch values came
+    from, and ``dY[p, j] Xq[p, tile t]`` in the weight gradient (``Xq``: the tile's dequantised
+    patch values, :func:`abfp.ops.device.dequantised_rows` on the gathered tile: the values the
+    row product uses). Returns them as (B, C, H, W) and (G, N/G, K), or ``None`` where not asked."""
+    G, T, _, ng = inside.shape
+    n, kg = config.tile_width, w3.shape[2]
+    width = min(n, kg)
+    (kh, kw), (ho, wo), (sh, sw), (dh, dw) = geo.k, geo.out_hw, geo.stride, geo.dilation
+    xpad = F.pad(x, geo.pads) if any(geo.pads) else x
+    bt, c, hp, wp = xpad.shape
+    g, t, p, j = (~inside).nonzero(as_tuple=True)
+    vals = gyr[g, p, j].to(torch.float32)  # (S,)
+    k = t.unsqueeze(1) * width + torch.arange(width)  # (S, width): the tile's reduction indices
+    valid = k < kg
+    k = k.clamp(max=kg - 1)
+    cl, i, jj = k // (kh * kw), (k // kw) % kh, k % kw
+    b, h, w = (p // (ho * wo)).unsqueeze(1), ((p // wo) % ho).unsqueeze(1), (p % wo).unsqueeze(1)
+    where = (((b * c + g.unsqueeze(1) * (c // G) + cl) * hp + h * sh + i * dh) * wp + w * sw + jj * dw)
+    dx = dw_ = None
+    if need_x:
+        wq, _ = dequantised_rows(w3, config, weight_scale, config.weight_max_code)  # (G, N/G, K)
+        terms = vals.unsqueeze(1) * wq[g.unsqueeze(1), j.unsqueeze(1), k] * valid
+        full = torch.zeros(bt * c * hp * wp, dtype=torch.float32).index_add_(0, where.reshape(-1), terms.reshape(-1))
+        dx = full.view(bt, c, hp, wp)
+        pl, _, pt, _ = geo.pads
+        dx = dx[:, :, pt : pt + x.shape[2], pl : pl + x.shape[3]]
+    if need_w:
+        patch = xpad.reshape(-1)[where] * valid  # (S, width): the tile's patch values, zero past K
+        xq, _ = dequantised_rows(patch.unsqueeze(0), config, input_scale, config.input_max_code)
+        terms = vals.unsqueeze(1) * xq[0]
+        at = ((g * ng + j) * kg).unsqueeze(1) + k
+        dw_ = torch.zeros(G * ng * kg, dtype=torch.float32).index_add_(0, at.reshape(-1)[valid.reshape(-1)],
+                                                                         terms.reshape(-1)[valid.reshape(-1)])
+        dw_ = dw_.view(G, ng, kg).to(w3.dtype)
+    return dx, dw_
+
+
+def _chunk_grads(gy: Tensor, x: Tensor, w3: Tensor, geo: ConvGeometry, config: ABFPConfig, input_scale: Any,
+                 weight_scale: Any, need_x: bool, need_w: bool, rows: bool = False,
+                 mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
     """The gradients autograd computes through :func:`_conv2d_rows` with no ADC sample clipped,
     bit for bit: per im2col chunk (the last first, as the engine runs them) the chunk's output
     gradient laid out as that path's reshapes leave it, :func:`abfp.ops.device.ste_grads` on the
@@ -455,13 +530,15 @@ def _train_grads(gy: Tensor, x: Tensor, w3: Tensor, geo: ConvGeometry, config: A
     by :func:`abfp.numerics.col2im.col2im` (the slices' backward, last offset first) and placed
     as the batch slices, ``F.pad`` and ``permute`` backward place them (memory layout included).
     In ABFP mode with :data:`TORCH_INPUT_GRAD` the input gradient is :func:`_input_grad` instead
-    (the same sum in torch's order; the chunks then only give the weight gradient)."""
+    (the same sum in torch's order; the chunks then only give the weight gradient). With the ADC
+    clamp ``mask`` (G, T, B*Ho*Wo, N/G): those of the masked row product over the whole batch as
+    one chunk (float32 patches, the masked tile products of ``ste_grads``), bit for bit."""
     bt, c = x.shape[0], x.shape[1]
     (ho, wo), G = geo.out_hw, geo.groups
     kg, ng = w3.shape[2], w3.shape[1]
-    step = _im2col_step(c, geo.k, geo.out_hw)
+    step = _im2col_step(c, geo.k, geo.out_hw) if mask is None else bt
     gx_torch = None
-    if need_x and TORCH_INPUT_GRAD and config.mode == "abfp":
+    if need_x and TORCH_INPUT_GRAD and config.mode == "abfp" and mask is None:
         gx_torch = _input_grad(_product_view(gy, G, bt, geo.out_hw) if rows else gy, x, w3, geo, config, weight_scale)
         if not need_w:
             return gx_torch, None
@@ -469,7 +546,8 @@ def _train_grads(gy: Tensor, x: Tensor, w3: Tensor, geo: ConvGeometry, config: A
     xpad = F.pad(x, geo.pads) if any(geo.pads) else x
     hp, wp = xpad.shape[2], xpad.shape[3]
     starts = list(range(0, bt, step))
-    fused_patches = config.mode == "abfp" and config.scale_dtype in ("bfloat16", "float32") and dequant.usable(x)
+    fused_patches = (mask is None and config.mode == "abfp" and config.scale_dtype in ("bfloat16", "float32")
+                     and dequant.usable(x))
     # every chunk x[i : i + step] is a slice (even of the whole batch): its backward copies into zeros (NCHW)
     gxpad = torch.empty(bt, c, hp, wp, dtype=torch.float32) if need_x else None
     gw = None
@@ -487,9 +565,9 @@ def _train_grads(gy: Tensor, x: Tensor, w3: Tensor, geo: ConvGeometry, config: A
             gyi = gy
         else:
             gyi = gy[i : i + step] if len(starts) > 1 else gy
-            gyi = gyi.reshape(bi, G, ng, ho, wo).permute(1, 0, 3, 4, 2).reshape(G, bi * ho * wo, ng)
-        gxi, gwi = ste_grads(gyi, cols, w3, None, config, input_scale, weight_scale, need_x, need_w, in_scratch=True,
-                             x_dequantised=fused_patches)
+            gyi = _output_rows(gyi, G, geo.out_hw)
+        gxi, gwi = ste_grads(gyi, cols, w3, mask, config, input_scale, weight_scale, need_x, need_w,
+                             in_scratch=mask is None, x_dequantised=fused_patches)
         if gwi is not None:
             gw = gwi if gw is None else gw + gwi
         if gxpad is not None:
