@@ -53,15 +53,23 @@ def _brute(losses, energies):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_path_plans_are_optimal_for_their_energy(seed: int) -> None:
+def _knapsack(seed: int, modules: str, jitter: float):
+    """Random predicted losses and energies of ``modules`` over gains 1-8 and repeats 1-2."""
     g = torch.Generator().manual_seed(seed)
     settings = [(float(G), k) for G in (1, 2, 4, 8) for k in (1, 2)]
     losses, energies = {}, {}
-    for m in "abc":
+    for m in modules:
         a, b = float(torch.rand(1, generator=g)) + 0.1, float(torch.rand(1, generator=g)) + 0.1
         q = float(torch.rand(1, generator=g)) * 3
-        losses[m] = {(G, k): q / G**2 + b / (k * G**2) + 0.01 * float(torch.rand(1, generator=g)) for G, k in settings}
+        losses[m] = {(G, k): q / G**2 + b / (k * G**2) + jitter * float(torch.rand(1, generator=g))
+                     for G, k in settings}
         energies[m] = {(G, k): k * (a * G + b) for G, k in settings}
+    return settings, losses, energies
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_path_plans_are_optimal_for_their_energy(seed: int) -> None:
+    settings, losses, energies = _knapsack(seed, "abc", 0.01)
     path = allocation_path(losses, energies)
     cost = [sum(energies[m][p[m]] for m in p) for p in path]
     loss = [sum(losses[m][p[m]] for m in p) for p in path]
@@ -77,14 +85,7 @@ def test_path_plans_are_optimal_for_their_energy(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_fill_budget_spends_what_the_path_plan_leaves(seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    settings = [(float(G), k) for G in (1, 2, 4, 8) for k in (1, 2)]
-    losses, energies = {}, {}
-    for m in "abcd":
-        a, b = float(torch.rand(1, generator=g)) + 0.1, float(torch.rand(1, generator=g)) + 0.1
-        q = float(torch.rand(1, generator=g)) * 3
-        losses[m] = {(G, k): q / G**2 + b / (k * G**2) for G, k in settings}
-        energies[m] = {(G, k): k * (a * G + b) for G, k in settings}
+    settings, losses, energies = _knapsack(seed, "abcd", 0.0)
     path = allocation_path(losses, energies)
     cost = [sum(energies[m][p[m]] for m in p) for p in path]
     hulls = {m: [s for s in settings if any(p[m] == s for p in path)] for m in losses}  # each module's moves
