@@ -12,6 +12,7 @@ import argparse
 import json
 import platform
 import statistics
+import time
 
 import torch
 from torch import nn
@@ -33,6 +34,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--shapes", default=None, help="e.g. 256x512x512,512x1024x1024 (M x K x N)")
+    ap.add_argument("--cases", default=None, help="only the cases whose name contains this (e.g. n8)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by process CPU time instead of wall clock (steadier on a machine shared with other jobs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -44,9 +48,12 @@ def main() -> None:
         lin = nn.Linear(k, n).eval()
         x = torch.randn(m, k)
         for name, cfg in CASES.items():
+            if args.cases and args.cases not in name:
+                continue
             conv = abfp.convert(lin, cfg)
             with torch.no_grad():
-                t_fp, t_ab = time_interleaved([lambda: lin(x), lambda: conv(x)], args.repeats)
+                t_fp, t_ab = time_interleaved([lambda: lin(x), lambda: conv(x)], args.repeats,
+                                                time.process_time if args.cpu_time else time.perf_counter)
             ratios = [b / a for a, b in zip(t_fp, t_ab)]
             row = dict(case=name, m=m, k=k, n=n, fp32_ms=1e3 * statistics.median(t_fp),
                        abfp_ms=1e3 * statistics.median(t_ab), ratio=statistics.median(ratios))

@@ -38,8 +38,12 @@ def _narrow(cfg: ABFPConfig) -> bool:
     return use_fused(cfg, plan, torch.device("cpu"), wide=True) and not plan.wide and plan.gemm_dtype == torch.float32
 
 
-def _run(monkeypatch, x, wt, kw, cfg, seed, *, narrow: bool, compiled: bool = True, count: bool = True):
+def _run(monkeypatch, x, wt, kw, cfg, seed, *, narrow: bool = True, vnni: bool = False, compiled: bool = True,
+         count: bool = True):
+    """The convolution's output and clipped counts; ``vnni``: the VNNI form of the kernel may run
+    (tests/numerics/test_vnni8.py), else this one."""
     monkeypatch.setattr(conv, "NARROW8", narrow)
+    monkeypatch.setattr(conv, "VNNI8", vnni)
     monkeypatch.setattr(conv, "DIRECT_GROUPED", False)  # grouped ones would take fused.grouped_direct
     monkeypatch.setattr(fused, "AVAILABLE", compiled)
     AF.clear_cache()

@@ -30,6 +30,7 @@ narrow_configs = (device_configs(max_dac_bits=8, gains=(0.5, 1.0, 3.0, 8.0, 64.0
 @pytest.fixture
 def narrow(monkeypatch):
     """``narrow(on)``: compiled kernels on or off; returns the count of narrow-kernel calls."""
+    monkeypatch.setattr(kernels, "VNNI8", False)  # this kernel, not its VNNI form (tests/numerics/test_vnni8.py)
     return spied_kernels(monkeypatch, {"narrow_rows": "narrow"})
 
 

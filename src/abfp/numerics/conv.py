@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..config import ABFPConfig
-from . import fused, kernels
+from . import fused, kernels, vnni8
 from .adc import AdcPlan
 from .blocks import Encoded, needs_clamp, round_scale
 from .kernels import CHUNK_ELEMENTS, ProductStats, _adc_args, _count, _int_mm, int8_tiles, plan_chunks
@@ -48,6 +48,11 @@ DIRECT_GROUPED = True
 #: :func:`.fused.narrow_cols8` (tile products, ADC and tile sum in one kernel); ``False``: the
 #: batched GEMM plus :func:`.fused.epilogue_cols4`, its reference (same numbers, tested).
 NARROW8 = True
+#: Where :data:`NARROW8` applies, the CPU has AVX-512 VNNI (:data:`.vnni8.USABLE`), the DACs fit in
+#: int8 and :meth:`AdcPlan.int_ratio`'s multiplier is 1: :func:`.vnni8.narrow_cols8_vnni` (int8
+#: dot products) in place of :func:`.fused.narrow_cols8` (float32 ones); ``False``: the latter,
+#: its reference (same numbers, tested).
+VNNI8 = True
 #: The kernels' ``inside`` argument when no mask is wanted (an empty array: one compiled signature).
 _NO_MASK = np.ones(0, np.uint8)
 #: Wide plans whose tile products need float64 (``n L(b_x) L(b_w) > 2**24``: 9-12-bit DACs at
@@ -241,6 +246,12 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     # tiles of width 8: tile products, ADC and tile sum in one kernel (no partial sums in memory)
     narrow = (n == 8 and Ng % 4 == 0 and not int8 and not plan.wide and plan.gemm_dtype == torch.float32 and NARROW8
               and not direct)
+    vnni = (narrow and VNNI8 and vnni8.USABLE and weights.codes_i8 is not None and plan.int8
+            and plan.int_ratio()[0] == 1.0 and inside is None)  # (it marks no clamp mask)
+    if vnni:  # int8 patch codes, the integer tile products divided by int_ratio's divisor
+        code_dtype = torch.int8
+        adc_args = _adc_args(cfg, plan, 1.0, plan.int_ratio()[1], key, stats is not None)
+        wv_np, corr_np = vnni8.pack_weights(weights.codes_i8)
     kc = T * n if narrow else kg  # code rows per group: the narrow kernel reads whole tiles (zero past kg)
     assert not narrow or int_mult == 1.0  # narrow_cols8 divides by lsb_den alone
     if direct:  # nothing but the phase images in memory: whole images, about PHASE_ELEMENTS values of them
@@ -278,11 +289,15 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                                             _output_index(out_rows, row_width, wo, Ng, fused.DIRECT_LANES),
                                             bt * ho * wo, (b0 * ho + h0) * wo, fused.DIRECT_ELEMENTS, inside_np)
             continue
-        codes = scratch("patch_codes", (G, kc, b * L), code_dtype, x.device)
+        # (the VNNI kernel reads up to 15 positions past the last row of the codes and scales)
+        slack = 16 if vnni else 0
+        n_codes = G * kc * b * L
+        codes = scratch("patch_codes", (n_codes + slack,), code_dtype, x.device)[:n_codes].view(G, kc, b * L)
         if kc > kg:
             codes[:, kg:].zero_()
+        s_buf = scratch("input_scales", (T * G * b * L + slack,), torch.float32, x.device)[: T * G * b * L]
         if static is None:
-            s = scratch("input_scales", (T, G, b, L), torch.float32, x.device)
+            s = s_buf.view(T, G, b, L)
             fused.patch_encode(xs_np, k_src, offs, kg, n, cfg.scale_dtype == "bfloat16", lx, clamp,
                                fused.as_numpy(s), fused.as_numpy(codes))
             if cfg.scale_dtype == "pow2":  # rounded as torch rounds it, and the codes again
@@ -291,6 +306,15 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
             s = static.expand(T, G, b, L).contiguous()
         if static is not None or cfg.scale_dtype == "pow2":
             fused.patch_codes(xs_np, k_src, offs, kg, n, fused.as_numpy(s), lx, clamp, fused.as_numpy(codes))
+        if vnni:
+            if s.data_ptr() != s_buf.data_ptr():  # the scales where the slack follows them
+                s = s_buf.view(T, G, b, L).copy_(s)
+            clipped += vnni8.narrow_cols8_vnni(fused.as_numpy(codes), wv_np, corr_np, *adc_args[1:],
+                                               fused.as_numpy(s.view(T, G, b * L)), weight_scales_np,
+                                               fused.as_numpy(y[b0:b1, :, h0:h1]), row_width,
+                                               _output_index(out_rows, row_width, wo, Ng), bt * ho * wo,
+                                               (b0 * ho + h0) * wo, fused.NARROW_STRIPE)
+            continue
         if narrow:
             clipped += fused.narrow_cols8(fused.as_numpy(codes), wc_np, *adc_args, fused.as_numpy(s.view(T, G, b * L)),
                                           weight_scales_np, fused.as_numpy(y[b0:b1, :, h0:h1]), row_width,

@@ -16,6 +16,7 @@ in ``tests/numerics/test_fused.py``):
   float32 sum over tiles in order ``t = 0, 1, ...``;
 - :func:`narrow_rows` / :func:`narrow_cols8`: for narrow tiles (rows: n < 32; convolutions:
   n = 8) the tile products too, in the same pass, so the partial sums never go to memory.
+  (On a CPU with AVX-512 VNNI, :mod:`.vnni8` does n = 8 with int8 dot products: same numbers.)
 
 numba compiles them on first use (a few seconds, cached on disk afterwards) and runs them
 on ``torch.get_num_threads()`` threads (its OpenMP layer); a process forked from one that
@@ -559,13 +560,9 @@ if AVAILABLE:
             p0 = (item % ns) * stripe
             p1 = min(bc * lb, p0 + stripe)
             acc = np.zeros((Ng, p1 - p0), np.float32)
-            hg = np.empty(p1 - p0, np.uint64)  # each position's hash counter (less the tile's) times golden
+            hg = np.empty(p1 - p0, np.uint64)
             real = np.empty(p1 - p0, np.uint8)
-            for v in range(p0, p1):
-                ib = v // lb
-                rp = real_pos[v - ib * lb]
-                hg[v - p0] = np.uint64((ib * out_h * wo * Ng + max(rp, 0)) >> 2) * _GOLDEN
-                real[v - p0] = rp >= 0
+            stripe_positions(p0, p1, lb, out_h, wo, Ng, real_pos, hg, real)
             cg = codes[g]
             for t in range(T):
                 xs = sx[t, g][p0:p1]
@@ -593,19 +590,38 @@ if AVAILABLE:
                     else:
                         _tile8(cg, k0, p0, p1, xs, wq, sq, acc, q4, hg, real, kb, lsb_den, noise_step, ly,
                                False, False)
-            v = p0
-            while v < p1:  # row by row: the real columns of output row h of image ib
-                ib = v // lb
-                h = (v - ib * lb) // virtual_w
-                r0 = ib * lb + h * virtual_w  # the row's first position
-                w0, w1 = v - r0, min(wo, p1 - r0)
-                for o in range(Ng):
-                    dst = y[ib, g * Ng + o, h]
-                    src = acc[o]
-                    for w in range(w0, w1):
-                        dst[w] = src[r0 + w - p0]
-                v = r0 + virtual_w
+            stripe_out(acc, y, g, p0, p1, lb, virtual_w)
         return clipped
+
+    @njit(inline="always", **_jit)
+    def stripe_positions(p0, p1, lb, out_h, wo, Ng, real_pos, hg, real):
+        """For the virtual positions ``p0 .. p1 - 1`` of a stripe (images of ``lb`` positions):
+        ``hg[v - p0]`` the position's uniform-noise hash counter (less the tile's and the
+        channel group's) times golden, ``real[v - p0]`` whether it is a real output position."""
+        for v in range(p0, p1):
+            ib = v // lb
+            rp = real_pos[v - ib * lb]
+            hg[v - p0] = np.uint64((ib * out_h * wo * Ng + max(rp, 0)) >> 2) * _GOLDEN
+            real[v - p0] = rp >= 0
+
+    @njit(inline="always", **_jit)
+    def stripe_out(acc, y, g, p0, p1, lb, virtual_w):
+        """``y[ib, g Ng + o, h, w] = acc[o, v - p0]`` for the real positions ``v`` of a stripe
+        ``p0 .. p1 - 1``, row by row (an integer division per element is slow)."""
+        Ng = acc.shape[0]
+        wo = y.shape[3]
+        v = p0
+        while v < p1:  # row by row: the real columns of output row h of image ib
+            ib = v // lb
+            h = (v - ib * lb) // virtual_w
+            r0 = ib * lb + h * virtual_w  # the row's first position
+            w0, w1 = v - r0, min(wo, p1 - r0)
+            for o in range(Ng):
+                dst = y[ib, g * Ng + o, h]
+                src = acc[o]
+                for w in range(w0, w1):
+                    dst[w] = src[r0 + w - p0]
+            v = r0 + virtual_w
 
     @njit(parallel=True, **_jit)
     def patch_encode(xs, k_src, k_off, kg, n, bf16, lx, clamp, out_s, out):
