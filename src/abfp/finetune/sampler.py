@@ -225,9 +225,9 @@ class SiteSampler:
             self.n = max(1, _layout_for(self.hist, shape)[2])  # checks the channels
             self.size = y.numel()
             self.shape = shape
-        tables = self.tables
-        if tables is not None and y.dtype == torch.float32 and y.is_cpu and owns_memory(y) \
-                and (self.size <= alias_kernel.CHUNK or torch.get_num_threads() == 1) and alias_kernel.usable():
+        tables = self.tables  # (serial kernel: no thread pool, so no check of the process per call)
+        if tables is not None and y.dtype is torch.float32 and y.is_cpu \
+                and (self.size <= alias_kernel.CHUNK or torch.get_num_threads() == 1) and owns_memory(y):
             base, c = keys.take()
             alias_kernel.stream_noise_at(y.data_ptr(), self.size, self.n, base, c, *tables)
             torch._C._increment_version((y,))  # written behind autograd's back: its version check
