@@ -179,9 +179,10 @@ class Encoded:
     codes_i8: Tensor | None = None
     """The same codes as int8 *without* the code multiplier (CPU, at most 8 bits), for the
     int8 GEMM; ``None`` where that path is not used."""
-    vnni_rows: Tensor | None = None
-    """``codes_i8`` of tiles of width 8 packed for :func:`abfp.numerics.vnni8.narrow_rows8_vnni`
-    (:func:`abfp.numerics.vnni8.pack_rows`), made on first use."""
+    vnni_rows: tuple[Tensor, Tensor] | None = None
+    """``codes_i8`` of tiles of width 8 and the scales packed for
+    :func:`abfp.numerics.vnni8.narrow_rows8_vnni` (:func:`abfp.numerics.vnni8.pack_rows`), made on
+    first use."""
 
 
 def encode_operand(

@@ -49,7 +49,7 @@ INT8_MIN_TILE = 32
 #: (:func:`.fused.narrow_rows`): with a short reduction a GEMM is bound by writing its
 #: ``(T, rows, N)`` partial sums, which the fused kernel never stores.
 NARROW_MAX_TILE = 32
-#: Tiles of width 8 with ``N`` a multiple of 32 on a CPU with AVX-512 VNNI, DACs of at most 8
+#: Tiles of width 8 on a CPU with AVX-512 VNNI, DACs of at most 8
 #: bits and :meth:`AdcPlan.int_ratio`'s multiplier 1: :func:`.vnni8.narrow_rows8_vnni` (int8 dot
 #: products) in place of :func:`.fused.narrow_rows`; ``False``: the latter, its reference (same
 #: numbers, tested).
@@ -190,10 +190,10 @@ def analog_gemm(
         fused.set_threads()
     sw_all = w.scales  # (Bw, T, N)
     narrow = compiled and n < NARROW_MAX_TILE and code_dtype == torch.float32
-    vnni = (narrow and n == 8 and N % 32 == 0 and VNNI8 and vnni8.USABLE and w.codes_i8 is not None and plan.int8
+    vnni = (narrow and n == 8 and VNNI8 and vnni8.USABLE and w.codes_i8 is not None and plan.int8
             and plan.int_ratio()[0] == 1.0)
     if vnni and w.vnni_rows is None:  # packed once per weight encoding (it is cached with the weights)
-        w.vnni_rows = vnni8.pack_rows(w.codes_i8)
+        w.vnni_rows = vnni8.pack_rows(w.codes_i8, w.scales)
     # rows per chunk: bounded by the partial sums (T*N per row; none in the narrow kernel) and
     # the input codes (T*n per row)
     chunks = plan_chunks(B, M, chunk_elements // (T * (n if narrow else max(N, n))))
@@ -205,7 +205,8 @@ def analog_gemm(
             adc = _adc_args(cfg, plan, 1.0, plan.int_ratio()[1], key, stats is not None)[1:]
             clipped = vnni8.narrow_rows8_vnni(
                 fused.as_numpy(c8), fused.as_numpy(c8.view(torch.int32)), fused.as_numpy(sx),
-                fused.as_numpy(w.vnni_rows), fused.as_numpy(sw_all), *adc, fused.as_numpy(y[b0:b1, m0:m1]), b0, M, m0)
+                fused.as_numpy(w.vnni_rows[0]), fused.as_numpy(w.vnni_rows[1]), *adc,
+                fused.as_numpy(y[b0:b1, m0:m1]), b0, M, m0)
             _count(stats, clipped, b * T * m * N)
             continue
         if narrow:  # tile products, ADC and tile sum in one kernel

@@ -22,6 +22,11 @@ instructions on sixteen positions at a time (:func:`_stripe8`, numba cannot emit
   a group of four), clamp, round to nearest even, ``(code * s) * w``, and the float32 tile
   sum in the order ``t = 0, 1, ...``, held in registers over the tiles of four channels.
 
+:func:`narrow_rows8_vnni` does the same for the rows of a product (linear layers, attention)
+in place of :func:`.fused.narrow_rows`: the weights are the unsigned operand there (words of
+:func:`pack_rows`, ``w + 128``), the input codes of a row the broadcast signed one, and
+``-128 sum_k x_k`` per row and tile takes the offset out; 32 columns of up to four rows at a time.
+
 :func:`narrow_cols8_vnni` takes :func:`.fused.narrow_cols8`'s arguments, but int8 patch codes
 and the packed weight words of :func:`pack_weights`; it reads up to fifteen positions past
 the stripe's end in ``codes`` and ``sx`` (the caller leaves that slack), whose results it
@@ -63,15 +68,20 @@ def pack_weights(codes_i8: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return words, corr
 
 
-def pack_rows(codes_i8: Tensor) -> Tensor:
-    """Weight codes (Bw, T, 8, N) int8 -> (Bw, T, 2, N) int32 words for :func:`narrow_rows8_vnni`:
-    the codes ``4 h .. 4 h + 3`` of column ``j`` as the four bytes of word ``[., ., h, j]``, each
-    offset to an unsigned byte ``w + 128``."""
+def pack_rows(codes_i8: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Weight codes (Bw, T, 8, N) int8 and scales (Bw, T, N) -> ``(words, scales)`` for
+    :func:`narrow_rows8_vnni`, ``N`` padded to a multiple of 32 (``Np``) with zero codes and scales:
+    ``words`` (Bw, T, 2, Np) int32, the codes ``4 h .. 4 h + 3`` of column ``j`` as the four bytes of
+    word ``[., ., h, j]``, each offset to an unsigned byte ``w + 128``; ``scales`` (Bw, T, Np)."""
     if codes_i8.dtype != torch.int8 or codes_i8.dim() != 4 or codes_i8.shape[2] != 8:
         raise ValueError(f"pack_rows needs (Bw, T, 8, N) int8 codes, got {tuple(codes_i8.shape)} {codes_i8.dtype}")
     bw, t, _, n = codes_i8.shape
-    u = codes_i8.view(torch.uint8) ^ 0x80  # w + 128 (w in -127..127)
-    return u.reshape(bw, t, 2, 4, n).permute(0, 1, 2, 4, 3).contiguous().view(torch.int32).reshape(bw, t, 2, n)
+    if scales.shape != (bw, t, n):
+        raise ValueError(f"pack_rows: scales {tuple(scales.shape)} do not match codes {tuple(codes_i8.shape)}")
+    pad = -n % 32
+    u = torch.nn.functional.pad(codes_i8, (0, pad)).view(torch.uint8) ^ 0x80  # w + 128 (w in -127..127)
+    words = u.reshape(bw, t, 2, 4, n + pad).permute(0, 1, 2, 4, 3).contiguous().view(torch.int32)
+    return words.reshape(bw, t, 2, n + pad), torch.nn.functional.pad(scales.to(torch.float32), (0, pad)).contiguous()
 
 
 if USABLE:
@@ -90,7 +100,8 @@ if USABLE:
 
     def _splat(builder: Any, x: Any, vec: Any) -> Any:
         one = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(_I32, 0))
-        return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(_W16, [0] * 16))
+        return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(_I32, vec.count),
+                                                                                     [0] * vec.count))
 
     def _declare(module: Any, name: str, fnty: Any) -> Any:
         fn = module.globals.get(name)
@@ -107,10 +118,14 @@ if USABLE:
     def _splitmix(builder: Any, z: Any) -> Any:
         """splitmix64's mix of the 64-bit lanes of ``z`` (``key + counter * golden``)."""
         vt = z.type
+
+        def const(v: int) -> Any:
+            return ir.Constant(vt, [v] * vt.count) if isinstance(vt, ir.VectorType) else ir.Constant(vt, v)
+
         for sh, mul in ((30, int(_MIX1)), (27, int(_MIX2)), (31, None)):
-            z = builder.xor(z, builder.lshr(z, ir.Constant(vt, [sh] * vt.count)))
+            z = builder.xor(z, builder.lshr(z, const(sh)))
             if mul is not None:
-                z = builder.mul(z, ir.Constant(vt, [mul] * vt.count))
+                z = builder.mul(z, const(mul))
         return z
 
     class _Adc:
@@ -286,9 +301,18 @@ if USABLE:
                 ws0, ws1, ws2 = cgutils.unpack_tuple(builder, a_wv.strides, 3)
                 sws0, sws1 = cgutils.unpack_tuple(builder, a_sw.strides, 2)
                 ys0, ys1 = cgutils.unpack_tuple(builder, a_y.strides, 2)
-                n_tiles, _, n_cols = cgutils.unpack_tuple(builder, a_wv.shape, 3)
-                m_rows = cgutils.unpack_tuple(builder, a_y.shape, 2)[0]
-                n4 = builder.udiv(n_cols, i64(4))
+                n_tiles = cgutils.unpack_tuple(builder, a_wv.shape, 3)[0]
+                m_rows, n_cols = cgutils.unpack_tuple(builder, a_y.shape, 2)
+                rem = builder.sub(n_cols, jb_v)  # columns of this block (32 unless the last, partial one)
+                full = builder.icmp_signed(">=", rem, i64(32))
+                if count:  # the lanes of real columns
+                    rem_s = _splat(builder, builder.trunc(rem, _I32), _W16)
+                    real = [builder.icmp_signed("<", ir.Constant(_W16, list(range(16 * q, 16 * q + 16))), rem_s)
+                            for q in range(2)]
+                i16x32 = ir.VectorType(_I16, 32)
+                perm = _declare(builder.module, "llvm.x86.avx512.vpermi2var.hi.512",
+                                ir.FunctionType(i16x32, [i16x32, i16x32, i16x32]))
+                part = cgutils.alloca_once(builder, _F16, size=2)  # a partial block's sums, for the copy
                 golden8 = ir.Constant(ir.VectorType(_I64, 8), [(i * int(_GOLDEN)) % 2**64 for i in range(8)])
                 zero_f = ir.Constant(_F16, [0.0] * 16)
                 slots = [cgutils.alloca_once(builder, _F16) for _ in range(2 * ROWS_PER_GROUP)]
@@ -320,13 +344,20 @@ if USABLE:
                             sc = _splat(builder, builder.load(at(a_sx, builder.mul(r, ss0), builder.mul(t, ss1), _F),
                                                               align=4), _F16)
                             noise = [None, None]
-                            if noisy:  # the 32 samples' noise: eight splitmix64 outputs, four 16-bit lanes each
-                                cnt = builder.add(builder.mul(builder.add(builder.add(a0_v, builder.mul(t, m_tot)), r),
-                                                              n4), builder.add(builder.udiv(jb_v, i64(4)), i64(1)))
-                                z0 = builder.add(key_v, builder.mul(cnt, ir.Constant(_I64, int(_GOLDEN))))
-                                z = _splitmix(builder, builder.add(_splat8(builder, z0), golden8))
-                                h16 = builder.or_(builder.bitcast(z, ir.VectorType(_I16, 32)),
-                                                  ir.Constant(ir.VectorType(_I16, 32), [1] * 32))
+                            if noisy:  # the 32 samples' noise: 16-bit lanes of splitmix64 outputs, in order
+                                base = builder.add(builder.mul(builder.add(builder.add(a0_v, builder.mul(t, m_tot)), r),
+                                                               n_cols), jb_v)  # the first sample's noise index
+                                golden = ir.Constant(_I64, int(_GOLDEN))
+                                z0 = builder.add(key_v, builder.mul(builder.add(builder.lshr(base, i64(2)), i64(1)),
+                                                                    golden))
+                                za = _splitmix(builder, builder.add(_splat(builder, z0, ir.VectorType(_I64, 8)), golden8))  # lanes 0 .. 31
+                                zb = _splitmix(builder, builder.add(z0, builder.mul(i64(8), golden)))  # 32 .. 35
+                                zb = builder.insert_element(ir.Constant(ir.VectorType(_I64, 8), [0] * 8), zb,
+                                                            ir.Constant(_I32, 0))
+                                off = builder.trunc(builder.and_(base, i64(3)), _I16)  # the first sample's lane
+                                idx = builder.add(_splat(builder, off, i16x32), ir.Constant(i16x32, list(range(32))))
+                                h16 = builder.call(perm, [builder.bitcast(za, i16x32), idx, builder.bitcast(zb, i16x32)])
+                                h16 = builder.or_(h16, ir.Constant(i16x32, [1] * 32))
                                 e = builder.sext(h16, ir.VectorType(_I32, 32))
                                 undef = ir.Constant(ir.VectorType(_I32, 32), ir.Undefined)
                                 halves = (ir.Constant(_W16, list(range(16 * q, 16 * q + 16))) for q in range(2))
@@ -334,11 +365,22 @@ if USABLE:
                             for q in range(2):
                                 d = adc.dot(c, wl[q], x_lo, wl[2 + q], x_hi)
                                 sl = slots[2 * i + q]
-                                builder.store(builder.fadd(builder.load(sl), adc.sample(d, noise[q], sc, wsc[q])), sl)
+                                y = adc.sample(d, noise[q], sc, wsc[q], real[q] if count else None)
+                                builder.store(builder.fadd(builder.load(sl), y), sl)
                     for i, r in enumerate(rows):
                         yo = builder.add(builder.mul(r, ys0), builder.mul(jb_v, ys1))
-                        for q in range(2):
-                            builder.store(builder.load(slots[2 * i + q]), at(a_y, yo, i64(64 * q), _F16), align=4)
+                        with builder.if_else(full) as (whole, partial):
+                            with whole:
+                                for q in range(2):
+                                    builder.store(builder.load(slots[2 * i + q]), at(a_y, yo, i64(64 * q), _F16),
+                                                  align=4)
+                            with partial:  # the block's first rem columns, one at a time
+                                for q in range(2):
+                                    builder.store(builder.load(slots[2 * i + q]), builder.gep(part, [i64(q)]))
+                                flat = builder.bitcast(part, _F.as_pointer())
+                                with cgutils.for_range(builder, rem) as col:
+                                    v = builder.load(builder.gep(flat, [col.index]))
+                                    builder.store(v, at(a_y, yo, builder.mul(col.index, ys1), _F))
 
                 groups = builder.udiv(m_rows, i64(ROWS_PER_GROUP))
                 with cgutils.for_range(builder, groups) as rg:
@@ -351,11 +393,6 @@ if USABLE:
             return sig, codegen
 
         return rows8
-
-    def _splat8(builder: Any, x: Any) -> Any:
-        v8 = ir.VectorType(_I64, 8)
-        one = builder.insert_element(ir.Constant(v8, ir.Undefined), x, ir.Constant(_I32, 0))
-        return builder.shuffle_vector(one, ir.Constant(v8, ir.Undefined), ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
 
     _rows8 = {(nz, ct): _make_rows8(nz, ct) for nz in (False, True) for ct in (False, True)}
     _r_ff, _r_ft, _r_tf, _r_tt = (_rows8[k] for k in ((False, False), (False, True), (True, False), (True, True)))
@@ -402,14 +439,17 @@ if USABLE:
 
     @njit(parallel=True, **_jit)
     def _narrow_rows8_vnni(x, xw, sx, wv, sw, den, noise_step, ly, key, noisy, count, y, b_off, M, m_off):
-        """:func:`.fused.narrow_rows` for tiles of width 8 and ``N`` a multiple of 32: ``x`` (b, m, 8 T)
-        int8 input codes and ``xw`` the same memory as (b, m, 2 T) int32 words; ``sx`` (b, m, T);
-        ``wv`` (Bw, T, 2, N) the weight words of :func:`pack_rows` and ``sw`` (Bw, T, N) the
-        scales (Bw = 1: shared); ``den`` :meth:`~.adc.AdcPlan.int_ratio`'s divisor. A work item is
-        a block of 32 columns of one batch: for every row (:data:`ROWS_PER_GROUP` at a time), the
-        tile sums stay in registers over ``t = 0, 1, ...``. Same numbers and clipped count."""
+        """:func:`.fused.narrow_rows` for tiles of width 8: ``x`` (b, m, 8 T) int8 input codes and
+        ``xw`` the same memory as (b, m, 2 T) int32 words; ``sx`` (b, m, T); ``wv`` (Bw, T, 2, Np) the
+        weight words and ``sw`` (Bw, T, Np) the scales of :func:`pack_rows` (Bw = 1: shared; ``Np``
+        the ``N`` columns of ``y`` (b, m, N) padded to a multiple of 32); ``den``
+        :meth:`~.adc.AdcPlan.int_ratio`'s divisor. A work item is a block of 32 columns of one
+        batch: for every row (:data:`ROWS_PER_GROUP` at a time), the tile sums stay in registers
+        over ``t = 0, 1, ...``; the noise of the block's samples is read from the 16-bit lanes of
+        nine splitmix64 outputs at the lane of the first one (any ``N``). Same numbers and
+        clipped count."""
         b, m, _ = x.shape
-        T, N = wv.shape[1], wv.shape[3]
+        T, N = wv.shape[1], y.shape[2]
         shared = wv.shape[0] == 1
         corr = np.empty((b, m, T), np.int32)  # -128 sum of each tile's codes: the weights' offset taken out
         for br in prange(b * m):
@@ -420,7 +460,7 @@ if USABLE:
                 for k in range(8):
                     acc += np.int32(xr[8 * t + k])
                 cr[t] = np.int32(-128) * acc
-        nc = N // 32
+        nc = (N + 31) // 32
         clipped = 0
         for item in prange(b * nc):
             ib = item // nc
