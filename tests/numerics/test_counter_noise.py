@@ -48,7 +48,7 @@ def test_compiled_noise_equals_torch_noise(key, start):
     d = np.zeros((1, 1, 1, n), np.int32)
     y = np.zeros((1, 1, n), np.float32)
     fused.epilogue_rows(d, np.float32(1), np.float32(1), np.float32(1), np.float32(1e6), np.uint64(key), True, False,
-                        np.ones((1, 1, 1), np.float32), np.ones((1, 1, n), np.float32), y, 0, 1, start)
+                        np.ones((1, 1, 1), np.float32), np.ones((1, 1, n), np.float32), y, 0, 1, start, np.ones(0, np.uint8))
     k = cn.noise_ints(key, torch.arange(start * n, start * n + n))
     assert torch.equal(torch.from_numpy(y[0, 0]), k.float())
 

@@ -85,3 +85,48 @@ def test_unpadded_backward_equals_the_padded_tiles(mode, k):
     if mode == "fixed":
         ex, ew = ex * mx, ew * mw
     assert torch.equal(gx, ex) and torch.equal(gw, ew)
+
+
+def _device_configs():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "numerics"))
+    from device_strategies import device_configs
+
+    return device_configs(max_dac_bits=8, noise=(0.0, 0.5, 2.0), gains=(4.0, 16.0, 64.0, 256.0),
+                          tile_widths=(3, 8, 16, 32, 128))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=_device_configs(), b=st.integers(1, 3), m=st.sampled_from([1, 7, 40, 700]), k=st.integers(1, 300),
+       n_out=st.integers(1, 40), shared=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_compiled_kernels_mark_the_torch_paths_mask(cfg, b, m, k, n_out, shared, seed):
+    """The straight-through mask the compiled rows kernels (epilogue_rows, narrow_rows; int8 tile
+    products where they run) mark as they count is the torch path's (the compiled kernels off),
+    sample for sample, and the output is the same, whether or not a sample clips."""
+    import abfp.functional as AF
+    from abfp.numerics import fused
+
+    g = torch.Generator().manual_seed(seed)
+    x3, w3 = torch.randn(b, m, k, generator=g), torch.randn(1 if shared else b, n_out, k, generator=g)
+    static = 3.0 if cfg.mode == "fixed" else None
+    runs = []
+    for compiled in (True, False):
+        saved = fused.AVAILABLE
+        fused.AVAILABLE = compiled and saved
+        AF.clear_cache()
+        try:
+            stats = ProductStats()
+            y, mask = analog_product(x3, w3, cfg, input_scale=static, want_mask=True, key=4242, stats=stats)
+        finally:
+            fused.AVAILABLE = saved
+            AF.clear_cache()
+        runs.append((y, mask, stats.saturated))
+    (y1, m1, s1), (y2, m2, s2) = runs
+    assert torch.equal(m1, m2) and s1 == s2 == int((~m1).sum())
+    assert torch.equal(y1, y2)

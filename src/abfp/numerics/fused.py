@@ -198,11 +198,13 @@ if AVAILABLE:
                 u[v] = (u[v] + np.uint32(0x7FFF) + ((u[v] >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
 
     @njit(parallel=True, **_jit)
-    def epilogue_rows(d, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, b_off, M, m_off):
+    def epilogue_rows(d, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, b_off, M, m_off, inside):
         """``y[b, m, :] = sum_t ADC(d[b, t, m, :]) * sx[b, m, t] * sw[b or 0, t, :]``.
 
         ``d`` (b, T, m, N) tile products of a chunk of rows ``m_off ...`` of batches
-        ``b_off ...`` of a (B, T, M, N) product; returns the number of clipped samples.
+        ``b_off ...`` of a (B, T, M, N) product; returns the number of clipped samples. With ``count``, a
+        non-empty ``inside`` (uint8, one per sample of the (B, T, M, N) product, ones) gets 0 at
+        every clipped sample (only for a row where the count found one).
         """
         b, T, m, N = d.shape
         shared = sw.shape[0] == 1
@@ -219,11 +221,17 @@ if AVAILABLE:
                 s = sx[ib, im, t]
                 wt = wb[t]
                 base = (((b_off + ib) * T + t) * M + m_off + im) * N
+                c = 0
                 for j in range(N):
                     r = _lsb(dt[j], lsb_num, lsb_den, noise_step, key, noisy, base + j)
                     if count:
-                        clipped += abs(r) > ly
+                        c += abs(r) > ly
                     out[j] += (np.rint(min(max(r, -ly), ly)) * s) * wt[j]
+                clipped += c
+                if c > 0 and inside.size > 0:
+                    for j in range(N):
+                        if abs(_lsb(dt[j], lsb_num, lsb_den, noise_step, key, noisy, base + j)) > ly:
+                            inside[base + j] = 0
         return clipped
 
     @njit(inline="always", **_jit)
@@ -269,7 +277,7 @@ if AVAILABLE:
                         d[j] += c * wa[j]
 
     @njit(parallel=True, **_jit)
-    def narrow_rows(x, sx, wc, sw, lsb_num, lsb_den, noise_step, ly, key, noisy, count, y, b_off, M, m_off):
+    def narrow_rows(x, sx, wc, sw, lsb_num, lsb_den, noise_step, ly, key, noisy, count, y, b_off, M, m_off, inside):
         """Tile products, ADC and tile sum in one pass, for narrow tiles (no partial sums in memory).
 
         ``x`` (b, m, T n) float32 input codes of rows ``m_off ...`` of batches ``b_off ...``
@@ -279,7 +287,7 @@ if AVAILABLE:
         tile products ``D`` of its rows (:func:`_narrow_dots`, exact: the caller checks the
         bound) go through the ADC of :func:`epilogue_rows` and into the rows' sums, held in
         a small local block. ``y`` (b, m, N) receives the sums; returns the number of
-        clipped samples (``count``; else 0).
+        clipped samples (``count``; else 0); ``inside`` as :func:`epilogue_rows`'s.
         """
         b, m, _ = x.shape
         T, N = wc.shape[1], wc.shape[3]
@@ -309,13 +317,22 @@ if AVAILABLE:
                         out = acc[r - r0]
                         base = (((b_off + ib) * T + t) * M + m_off + r) * N + j0
                         off = _noise_run(key, base, nj, nz) if noisy else 0
+                        c = 0
                         for j in range(nj):
                             v = (np.float32(d[j]) * lsb_num) / lsb_den  # as _lsb, the noise integers drawn above
                             if noisy:
                                 v = v + nz[off + j] * noise_step
                             if count:
-                                clipped += abs(v) > ly
+                                c += abs(v) > ly
                             out[j] += (np.rint(min(max(v, -ly), ly)) * s) * w_scale[j]
+                        clipped += c
+                        if c > 0 and inside.size > 0:  # the same samples again, marking the clipped ones
+                            for j in range(nj):
+                                v = (np.float32(d[j]) * lsb_num) / lsb_den
+                                if noisy:
+                                    v = v + nz[off + j] * noise_step
+                                if abs(v) > ly:
+                                    inside[base + j] = 0
             for r in range(r0, r1):
                 dst = y[ib, r, j0:j1]
                 src = acc[r - r0]

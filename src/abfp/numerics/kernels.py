@@ -185,9 +185,13 @@ def analog_gemm(
         key = draw_key(cfg, generator)
     # code_dtype: the dtype of the code GEMM (float32 or float64: whichever sums the tile products exactly)
     code_dtype = code_gemm_dtype(plan, dev, cfg.weight_max_code, cfg.input_max_code)
-    compiled = noise is None and not want_mask and use_fused(cfg, plan, dev)
+    compiled = noise is None and use_fused(cfg, plan, dev)
+    count = stats is not None or want_mask  # the compiled kernels mark the clipped samples they count
+    inside = _NO_MASK
     if compiled:
         fused.set_threads()
+        if mask is not None:
+            inside = fused.as_numpy(mask.fill_(True).view(-1).view(torch.uint8))
     sw_all = w.scales  # (Bw, T, N)
     narrow = compiled and n < NARROW_MAX_TILE and code_dtype == torch.float32
     vnni = (narrow and n == 8 and VNNI8 and vnni8.USABLE and w.codes_i8 is not None and plan.int8
@@ -213,8 +217,8 @@ def analog_gemm(
             codes, sx = _encode_rows_compiled(x3[b0:b1, m0:m1], n, T, cfg, input_scale, False)
             clipped = fused.narrow_rows(
                 fused.as_numpy(codes.view(b, m, T * n)), fused.as_numpy(sx), fused.as_numpy(wc), fused.as_numpy(sw_all),
-                *_adc_args(cfg, plan, 1.0, plan.divisor, key, stats is not None), fused.as_numpy(y[b0:b1, m0:m1]),
-                b0, M, m0)
+                *_adc_args(cfg, plan, 1.0, plan.divisor, key, count), fused.as_numpy(y[b0:b1, m0:m1]),
+                b0, M, m0, inside)
             _count(stats, clipped, b * T * m * N)
             continue
         int8 = use_int8(w, plan, m)
@@ -240,8 +244,8 @@ def analog_gemm(
         if compiled:
             lsb_num, lsb_den = plan.int_ratio() if int8 else (1.0, plan.divisor)
             clipped = fused.epilogue_rows(
-                fused.as_numpy(d), *_adc_args(cfg, plan, lsb_num, lsb_den, key, stats is not None), fused.as_numpy(sx),
-                fused.as_numpy(sw_all), fused.as_numpy(yc), b0, M, m0)
+                fused.as_numpy(d), *_adc_args(cfg, plan, lsb_num, lsb_den, key, count), fused.as_numpy(sx),
+                fused.as_numpy(sw_all), fused.as_numpy(yc), b0, M, m0, inside)
             _count(stats, clipped, d.numel())
             continue
         index = None if key is None else grid_index((b0 * T * M + m0) * N, (b, T, m, N), (T * M * N, M * N, N, 1), dev)
@@ -255,6 +259,10 @@ def analog_gemm(
             d = d.to(torch.bfloat16).to(torch.float32)
         sum_tiles(d, 1, yc)
     return y, mask
+
+
+#: The compiled kernels' ``inside`` argument when no mask is wanted (an empty array: one signature).
+_NO_MASK = np.ones(0, np.uint8)
 
 
 def _encode_rows_compiled(xc: Tensor, n: int, T: int, cfg: ABFPConfig, static: Tensor | None,

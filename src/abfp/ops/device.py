@@ -197,9 +197,9 @@ def training_product(x3: Tensor, w3: Tensor, cfg: ABFPConfig, *, input_scale: An
     straight-through backward, ``None`` when no ADC sample clipped (the usual case).
 
     Where the noise is a counter key (uniform or none, not the reference kernel) the product runs
-    first on the inference path, the compiled kernels, counting the clipped samples; only if
-    one clipped is it run again with the mask (the torch path), under the same noise key, so
-    ``Y`` is the same either way. Otherwise it runs once with the mask."""
+    on the inference path, the compiled kernels, which count the clipped samples and mark them
+    in the mask as they go (the torch path where they cannot run: the same ``Y`` and mask);
+    the mask is dropped when none clipped. Otherwise it runs once with the mask."""
     counter = cfg.kernel != "reference" and (cfg.noise_std == 0 or cfg.noise_dist == "uniform")
     B, M, K = x3.shape
     if not counter or min(B, M, K, w3.shape[1]) == 0:
@@ -208,15 +208,12 @@ def training_product(x3: Tensor, w3: Tensor, cfg: ABFPConfig, *, input_scale: An
     if key is None:
         key = draw_key(cfg, generator)  # the one draw the product makes
     counted = ProductStats()
-    y, _ = analog_product(x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale, stats=counted,
-                          weights=weights, key=key)
+    y, mask = analog_product(x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale, stats=counted,
+                             want_mask=True, weights=weights, key=key)
     if stats is not None:
         stats.saturated += counted.saturated
         stats.conversions += counted.conversions
-    if counted.saturated == 0:
-        return y, None
-    return analog_product(x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale, want_mask=True,
-                          weights=weights, key=key)
+    return y, (mask if counted.saturated else None)
 
 
 class AnalogProduct(torch.autograd.Function):
