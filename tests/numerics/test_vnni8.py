@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from device_strategies import conv_case, conv_geometries, device_configs  # noqa: E402
 from test_narrow_cols8 import _run  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not vnni8.USABLE, reason="needs numba and a CPU with AVX-512 VNNI")
+# the kernel tests need the kernels; the packing tests are plain torch and run anywhere
+needs_vnni = pytest.mark.skipif(not vnni8.USABLE, reason="needs numba and a CPU with AVX-512 VNNI")
 
 configs = (device_configs(max_dac_bits=8, gains=(0.5, 1.0, 2.0, 8.0, 64.0), tile_widths=(8,))
            .map(lambda c: c.replace(bf16_tile_outputs=False)))
@@ -56,6 +57,7 @@ def _product(monkeypatch, x, w, cfg, seed, *, vnni: bool, compiled: bool = True)
     return y, (stats.saturated, stats.conversions)
 
 
+@needs_vnni
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cfg=configs, std=st.sampled_from([0.0, 0.3, 1.0, 3.0]), B=st.integers(1, 3), M=st.integers(1, 40),
        N=st.integers(1, 300), K=st.integers(1, 120), shared_w=st.booleans(),
@@ -79,6 +81,7 @@ def test_vnni_rows_equal_the_float_kernel_and_the_torch_path(monkeypatch, cfg, s
     assert st_ == st_float == st_torch
 
 
+@needs_vnni
 @pytest.mark.parametrize("budget", [1 << 10, 1 << 14, 1 << 19])
 @pytest.mark.parametrize("gain", [1.0, 16.0])
 def test_vnni_rows_in_chunks_with_saturation(monkeypatch, budget, gain):
@@ -98,6 +101,7 @@ def test_vnni_rows_in_chunks_with_saturation(monkeypatch, budget, gain):
     assert gain == 1 or st_[0] > 0
 
 
+@needs_vnni
 @settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(geo=geometries, cfg=configs, std=st.sampled_from([0.0, 0.0, 0.3, 1.0, 3.0]), count=st.booleans(),
        stripe=st.sampled_from([7, 16, 64, 1024]), seed=st.integers(0, 2**31 - 1))
@@ -120,6 +124,7 @@ def test_vnni_kernel_equals_the_float_kernel_and_the_reference(monkeypatch, geo,
     assert st_ == st_float == st_ref == st_torch
 
 
+@needs_vnni
 @pytest.mark.parametrize("std", [0.0, 1.0])
 @pytest.mark.parametrize("gain", [1.0, 8.0])
 def test_vnni_kernel_in_chunks_with_saturation(monkeypatch, std, gain):
@@ -141,6 +146,7 @@ def test_vnni_kernel_in_chunks_with_saturation(monkeypatch, std, gain):
     assert gain == 1 or st_[0] > 0
 
 
+@needs_vnni
 @pytest.mark.parametrize("mode", ["abfp", "fixed"])
 @pytest.mark.parametrize("scale_dtype", ["bfloat16", "float32", "pow2"])
 def test_vnni_kernel_across_scale_formats(monkeypatch, mode, scale_dtype):
