@@ -206,3 +206,27 @@ def test_pack_weights_rejects_other_shapes():
         vnni8.pack_rows(torch.zeros(1, 2, 8, 4, dtype=torch.int32), torch.zeros(1, 2, 4))
     with pytest.raises(ValueError, match="do not match"):
         vnni8.pack_rows(torch.zeros(1, 2, 8, 4, dtype=torch.int8), torch.zeros(1, 2, 5))
+
+
+@needs_vnni
+@pytest.mark.parametrize("gain", [1.0, 256.0])
+def test_a_wanted_clamp_mask_is_marked_at_width_8(gain: float) -> None:
+    """QAT asks for the clamp mask; the VNNI rows kernel does not mark it, so a product that
+    wants one runs the float32 narrow kernel: the mask and the output equal the torch path's
+    (found by CI: n = 8 products with want_mask=True returned an all-True mask)."""
+    g = torch.Generator().manual_seed(5)
+    x3, w3 = torch.randn(1, 40, 64, generator=g), torch.randn(1, 32, 64, generator=g)
+    cfg = ABFPConfig(tile_width=8, gain=gain, noise_std=0.0)
+    runs = []
+    for compiled in (True, False):
+        saved = fused.AVAILABLE
+        fused.AVAILABLE = compiled and saved
+        try:
+            stats = ProductStats()
+            y, mask = analog_product(x3, w3, cfg, want_mask=True, key=7, stats=stats)
+        finally:
+            fused.AVAILABLE = saved
+        runs.append((y, mask, stats.saturated))
+    (y1, m1, s1), (y2, m2, s2) = runs
+    assert torch.equal(m1, m2) and torch.equal(y1, y2) and s1 == s2 == int((~m1).sum())
+    assert (s1 > 0) == (gain > 1)  # G = 256 clips, G = 1 does not

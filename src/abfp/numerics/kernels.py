@@ -194,8 +194,10 @@ def analog_gemm(
             inside = fused.as_numpy(mask.fill_(True).view(-1).view(torch.uint8))
     sw_all = w.scales  # (Bw, T, N)
     narrow = compiled and n < NARROW_MAX_TILE and code_dtype == torch.float32
+    # (not where a clamp mask is wanted: the VNNI kernel does not mark clipped samples, the
+    # float32 narrow kernel does)
     vnni = (narrow and n == 8 and VNNI8 and vnni8.USABLE and w.codes_i8 is not None and plan.int8
-            and plan.int_ratio()[0] == 1.0)
+            and plan.int_ratio()[0] == 1.0 and not want_mask)
     if vnni and w.vnni_rows is None:  # packed once per weight encoding (it is cached with the weights)
         w.vnni_rows = vnni8.pack_rows(w.codes_i8, w.scales)
     # rows per chunk: bounded by the partial sums (T*N per row; none in the narrow kernel) and
