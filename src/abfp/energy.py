@@ -288,7 +288,7 @@ def account(model: Any, example_input: Any, config: ABFPConfig | None = None,
 
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     samples = int(inputs[0].shape[0]) if hasattr(inputs[0], "shape") and inputs[0].dim() else 1
-    s = summary(model, example_input, config)
+    s = summary(model, example_input, config, errors=False)
     return account_rows(s.rows, samples, params, config)
 
 

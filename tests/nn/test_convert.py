@@ -107,6 +107,26 @@ def test_summary_reports_tiles_macs_conversions_and_errors():
     assert "linear" in str(s)
 
 
+def test_summary_without_errors_records_the_same_counts_and_no_error():
+    """``errors=False`` (auto gain, energy accounting) runs no float32 reference: the same shapes,
+    MACs, conversions and saturated counts as the full summary, relative errors unknown (None)."""
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    cm = abfp.convert(m, QUIET.replace(gain=16.0, tile_width=8))
+    full, light = abfp.summary(cm, x), abfp.summary(cm, x, errors=False)
+    assert [r.site for r in full.rows] == [r.site for r in light.rows] == ["0:conv0", "3:linear0"]
+    for a, b in zip(full.rows, light.rows):
+        assert (a.macs, a.adc_conversions, a.saturated, a.x_shape, a.w_shape) == \
+            (b.macs, b.adc_conversions, b.saturated, b.x_shape, b.w_shape)
+        assert a.relative_error is not None and a.relative_error > 0 and b.relative_error is None
+    assert any(r.saturated > 0 for r in light.rows)  # the comparison covers saturation
+    assert all(d["relative_error"] is None for d in light.as_dicts())
+    assert "       -" in str(light)
+    assert abfp.analog_state(cm).record_errors  # left as it was
+    assert [r.relative_error for r in abfp.summary(cm, x).rows] == [r.relative_error for r in full.rows]
+
+
 def test_attention_products_are_analog_and_sites_counted():
     torch.manual_seed(0)
     m = Attn().eval()

@@ -60,7 +60,7 @@ class CostModel:
 
         cfg = (base or ABFPConfig()).replace(mode="abfp", noise_std=0.0)
         inputs = tuple(example_inputs)
-        rows = summary(model, inputs, cfg).rows
+        rows = summary(model, inputs, cfg, errors=False).rows
         products = [ProductShape(r.site, r.kind, tuple(r.x_shape), tuple(r.w_shape), int(r.macs), max(1, int(r.calls)))
                     for r in rows if r.kind != "digital"]
         return cls(products, int(inputs[0].shape[0]) if inputs[0].dim() else 1, params)

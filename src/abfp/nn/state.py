@@ -60,6 +60,8 @@ class AnalogState:
     calibration_percentile: float = 100.0
     # recording for summary(): site -> SiteRecord
     recording: bool = False
+    # while recording: also run each product's float32 reference for its relative error
+    record_errors: bool = True
     records: dict[str, SiteRecord] = field(default_factory=dict)
     # site (or "*") -> fn(call: abfp.ops.site.ProductCall) -> Tensor: replaces how the product is
     # computed (DNF sampling, dynamic-precision noise, recording); runs only in analog modules

@@ -59,7 +59,8 @@ class Summary:
         for r in self.rows:
             lines.append(
                 f"{r.site[-44:]:<44} {r.kind:<7} {str(tuple(r.x_shape))[:18]:<18} {str(tuple(r.w_shape))[:18]:<18} "
-                f"{r.tiles:>5} {r.macs:>12,} {r.adc_conversions:>11,} {100 * r.saturated_fraction:>7.3f} {r.relative_error:>9.4f}"
+                f"{r.tiles:>5} {r.macs:>12,} {r.adc_conversions:>11,} {100 * r.saturated_fraction:>7.3f} "
+                + (f"{r.relative_error:>9.4f}" if r.relative_error is not None else f"{'-':>9}")
             )
         lines.append(f"total MACs {self.total_macs:,}; ADC conversions {sum(r.adc_conversions for r in self.rows):,}")
         if self.coverage is not None:
@@ -68,7 +69,8 @@ class Summary:
 
 
 @torch.no_grad()
-def summary(model: nn.Module, example_input: Any, config=None, *, kwargs: Mapping[str, Any] | None = None) -> Summary:
+def summary(model: nn.Module, example_input: Any, config=None, *, kwargs: Mapping[str, Any] | None = None,
+            errors: bool = True) -> Summary:
     """Run ``model`` once on ``example_input`` (a tensor or a tuple of inputs; ``kwargs``: keyword
     inputs, ``model(*inputs, **kwargs)``) and tabulate each analog product: kind, shapes, tiles,
     MACs, ADC conversions, saturated fraction, and the relative error of its output against
@@ -78,6 +80,10 @@ def summary(model: nn.Module, example_input: Any, config=None, *, kwargs: Mappin
     otherwise it is converted (a copy) with ``config`` and, in fixed mode, calibrated on
     ``example_input`` itself (its max |x| per site, SPEC section 2). The run is a diagnostic: the
     model's own coverage counters (:func:`abfp.coverage`) are left as they were.
+
+    ``errors=False``: no float32 reference product is run and each row's ``relative_error`` is
+    None (shapes, MACs, ADC conversions and saturation only: about a quarter of the work, what
+    auto gain and energy accounting need).
     """
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     kwargs = dict(kwargs or {})
@@ -89,11 +95,11 @@ def summary(model: nn.Module, example_input: Any, config=None, *, kwargs: Mappin
     state = analog_state(model)
     state.records.clear()
     saved, state.coverage = state.coverage, Coverage(warned=state.coverage.warned)
-    state.recording = True
+    state.recording, state.record_errors = True, bool(errors)
     try:
         model(*inputs, **kwargs)
     finally:
-        state.recording = False
+        state.recording, state.record_errors = False, True
         state.coverage, run = saved, state.coverage
     cov = Coverage(run.analog_macs, run.digital_macs, dict(run.digital_ops))
     return Summary(rows=list(state.records.values()), coverage=cov)

@@ -44,13 +44,19 @@ class SiteRecord:
     err_sq: float = 0.0
     ref_sq: float = 0.0
     config: ABFPConfig | None = None
+    #: False when recorded by ``summary(..., errors=False)``: no float32 reference was run, so
+    #: :attr:`relative_error` is unknown (None)
+    measured_error: bool = True
 
     @property
     def saturated_fraction(self) -> float:
         return self.saturated / self.adc_conversions if self.adc_conversions else 0.0
 
     @property
-    def relative_error(self) -> float:
+    def relative_error(self) -> float | None:
+        """``||y - y_fp32|| / ||y_fp32||`` over every recorded call; None when not measured."""
+        if not self.measured_error:
+            return None
         return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else (0.0 if self.err_sq == 0 else float("inf"))
 
 
@@ -107,6 +113,7 @@ def _record(frame: Frame, site: str, kind: str, cfg: ABFPConfig, x_shape, w_shap
     rec.macs += macs
     rec.adc_conversions += stats.conversions
     rec.saturated += stats.saturated
+    rec.measured_error = y_ref is not None
     if y_ref is not None:
         yr = y_ref.detach().double()
         rec.err_sq += float(((y.detach().double() - yr) ** 2).sum())
@@ -195,7 +202,7 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
     state.coverage.analog_macs += int(macs(y))
     if state.recording:
         with torch.no_grad():
-            y_ref = func(*args, **kwargs)
+            y_ref = func(*args, **kwargs) if state.record_errors else None
         _record(frame, site, op, cfg, operands[0].shape, operands[1].shape, k, macs(y), stats, y, y_ref)  # type: ignore[arg-type]
     return y
 
