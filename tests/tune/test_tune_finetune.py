@@ -202,6 +202,24 @@ def test_cli_tune_finetune_then_eval_refuses_another_architecture(tmp_path: Path
     assert len(err) == 1 and "--weights" in err[0] and "weights of another architecture" in err[0]
 
 
+def test_cli_tune_bias_correct(tmp_path: Path, capsys) -> None:
+    """``--finetune bias-correct``: a finetune stage, weights that load with ``abfp eval --weights``."""
+    tasks = tmp_path / "tasks.py"
+    tasks.write_text(TASKS)
+    plan = tmp_path / "out" / "plan.json"
+    assert main(["tune", "--task", f"{tasks}:narrow", "--json", str(plan), "--calibration", "32", "--gain-samples",
+                 "8", "--no-repeats", "--finetune", "bias-correct", "--finetune-samples", "16", "--no-progress"]) == 0
+    assert "bias-correct: 2 modules corrected, on 16 calibration inputs" in capsys.readouterr().out
+    p = DevicePlan.from_json(plan)
+    assert [s["stage"] for s in p.info["stages"]] == ["single gain", "gain", "finetune"]
+    weights = plan.with_suffix(".safetensors")
+    changed = mlp(16)
+    load_weights(changed, weights, p.info)
+    assert not torch.equal(changed[2].bias, mlp(16)[2].bias) and torch.equal(changed[2].weight, mlp(16)[2].weight)
+    assert main(["eval", "--task", f"{tasks}:narrow", "--plan", str(plan), "--weights", str(weights), "--runs", "1",
+                 "--cache-dir", "", "--no-progress"]) == 0
+
+
 @pytest.mark.parametrize("extra, msg", [
     (["--finetune-steps", "5"], "--finetune-steps goes with --finetune"),
     (["--finetune-loss", "kl"], "--finetune-loss goes with --finetune"),
@@ -211,6 +229,10 @@ def test_cli_tune_finetune_then_eval_refuses_another_architecture(tmp_path: Path
     (["--finetune", "distil-qat", "--finetune-lr", "nan"], "--finetune-lr must be a finite number"),
     (["--finetune", "distil-xyz"], "invalid choice"),
     (["--finetune", "distil-dnf", "--finetune-loss", "hinge"], "invalid choice"),
+    (["--finetune-samples", "8"], "--finetune-samples goes with --finetune"),
+    (["--finetune", "distil-qat", "--finetune-samples", "8"], "--finetune-samples goes with --finetune bias-correct"),
+    (["--finetune", "bias-correct", "--finetune-steps", "5"], "--finetune-steps goes with --finetune distil-qat|distil-dnf"),
+    (["--finetune", "bias-correct", "--finetune-samples", "0"], "--finetune-samples must be >= 1"),
     (["--gain-tolerance", "-0.1"], "--gain-tolerance must be >= 0"),
     (["--gain-tolerance", "inf"], "--gain-tolerance must be a finite number"),
     (["--gain-rule", "saturation", "--gain-tolerance", "0.2"], "--gain-tolerance goes with the error rule"),

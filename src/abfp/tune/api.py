@@ -11,7 +11,8 @@ are given) and by the energy per inference (:mod:`abfp.energy`):
 3. ``repeats``: repeats per module to reach ``target`` at the least energy (:mod:`.repeats`);
 4. ``finetune``: label-free finetuning of the weights on the plan, when ``finetune`` is given:
    ``"distil-qat"`` / ``"distil-dnf"`` (:class:`.finetune.DistilStage`, options in
-   ``finetune_options``) or any callable ``(model, plan, calibration inputs) -> finetuned
+   ``finetune_options``), ``"bias-correct"`` (:class:`.finetune.BiasCorrectStage`: layer-wise
+   bias correction, no training) or any callable ``(model, plan, calibration inputs) -> finetuned
    float32 model``. It sees the calibration inputs only.
 
 Each stage records its metric with its standard error over the evaluation samples (when the
@@ -34,13 +35,16 @@ from ..config import ABFPConfig
 from ..energy import EnergyParams, account_rows
 from ..nn import summary, to_digital
 from ..zoo.base import COSINE, Dataset, Metric
-from .finetune import FINETUNE_METHODS, DistilStage, default_loss
+from .finetune import BiasCorrectStage, DistilStage, finetune_stage
 from .descent import descend_gains
 from .allocate import energy_allocation, repeat_options
 from .gains import GainRule, _as_tuple, choose_gains, power_of_two_gains
 from .journal import TuneJournal, run_identity
 from .plan import DevicePlan
 from .repeats import noise_profile, search_repeats
+
+#: the named finetuning stages (journaled; a callable is not)
+STAGES = (DistilStage, BiasCorrectStage)
 
 __all__ = ["StageResult", "TuneResult", "tune", "default_target", "evaluate_plan", "plan_outputs"]
 
@@ -167,21 +171,16 @@ def _product_modules(model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, .
 
 def _finetune_stage(finetune: Any, options: Mapping[str, Any] | None, metric: Metric,
                     seed: int) -> Callable[[nn.Module, DevicePlan, tuple[Tensor, ...]], nn.Module] | None:
-    """``finetune`` as a callable: a method name becomes a :class:`DistilStage` of ``options``."""
+    """``finetune`` as a callable: a method name becomes its stage (:func:`.finetune.finetune_stage`)
+    of ``options``."""
     if finetune is None or finetune == "none":
         if options:
             raise ValueError("finetune_options given without finetune")
         return None
     if isinstance(finetune, str):
-        if finetune not in FINETUNE_METHODS:
-            raise ValueError(f"finetune must be one of {', '.join(FINETUNE_METHODS)} or a callable, got {finetune!r}")
         opts = dict(options or {})
-        unknown = sorted(set(opts) - (set(DistilStage.__dataclass_fields__) - {"method", "losses"}))
-        if unknown:
-            raise ValueError(f"unknown finetune option(s) {unknown}")
-        opts.setdefault("loss", default_loss(metric))
         opts.setdefault("seed", seed)
-        return DistilStage(finetune, **opts)  # type: ignore[arg-type]
+        return finetune_stage(finetune, opts, metric)
     if not callable(finetune):
         raise TypeError(f"finetune must be a method name or a callable, got {type(finetune).__name__}")
     if options:
@@ -233,7 +232,10 @@ def tune(
     the least (a gain G costs G times the analog energy).
     ``finetune``: ``"distil-qat"``, ``"distil-dnf"`` (options ``finetune_options``: ``steps``,
     ``lr``, ``batch_size``, ``loss`` (default ``kl`` for a %-metric or KL, else ``cosine``),
-    ``temperature``, ``seed``, ``progress``) or a callable; it gets the calibration inputs only.
+    ``temperature``, ``seed``, ``progress``), ``"bias-correct"`` (options ``samples``, ``seed``: the
+    per-channel mean device error of each linear layer and convolution, upstream ones corrected,
+    removed from its bias or from the batch norm it feeds; :mod:`abfp.finetune.layerwise`) or a
+    callable; it gets the calibration inputs only.
     ``gain_rule="energy"``: gains (from ``gains``) and repeats (powers of two up to
     ``max_repeats``; none when ``repeats`` is false) chosen together, the least energy per
     inference that reaches ``target`` on the calibration inputs (:mod:`.allocate`); the
@@ -304,7 +306,7 @@ def tune(
                        gain_descent=gain_descent, energy_budget=energy_budget, repeats=repeats, max_repeats=max_repeats,
                        repeat_steps=repeat_steps, exclude=list(exclude), batch_size=batch_size,
                        energy_samples=energy_samples, energy_params=asdict(params), seed=seed,
-                       finetune=None if finetune is None else finetune.describe() if isinstance(finetune, DistilStage)
+                       finetune=None if finetune is None else finetune.describe() if isinstance(finetune, STAGES)
                        else "a callable")
         book = TuneJournal(journal, run_identity(model, calib, evald, metric, extra_metrics, config, options), resume)
         if book.resumed:
@@ -470,7 +472,7 @@ def tune(
 
     # 4. finetuning (optional)
     out_model = model
-    done = None if book is None or not isinstance(finetune, DistilStage) else book.get("finetune")
+    done = None if book is None or not isinstance(finetune, STAGES) else book.get("finetune")
     if done is not None:
         out_model = book.load_weights(copy.deepcopy(model), done["weights_sha256"]).eval()
         restored("finetune")
@@ -481,12 +483,13 @@ def tune(
         out_model = finetune(copy.deepcopy(model), plan, calib.inputs)
         if not isinstance(out_model, nn.Module):
             raise TypeError(f"finetune must return an nn.Module, got {type(out_model).__name__}")
-        desc = finetune.describe() if isinstance(finetune, DistilStage) else {"callable": repr(finetune)}
+        desc = finetune.describe() if isinstance(finetune, STAGES) else {"callable": repr(finetune)}
+        if isinstance(finetune, BiasCorrectStage):
+            desc = {**desc, "report": finetune.report}
         details["finetune"] = desc
         stage("finetune", plan, t0, m=out_model.eval(),
-              note=f"{desc['method']}, {desc['loss']} loss, {desc['steps']} steps on {len(calib)} calibration inputs"
-              if isinstance(finetune, DistilStage) else "")
-        if book is not None and isinstance(finetune, DistilStage):
+              note=finetune.note(len(calib)) if isinstance(finetune, STAGES) else "")
+        if book is not None and isinstance(finetune, STAGES):
             record("finetune", {"finetune": desc}, weights_sha256=book.save_weights(out_model))
 
     plan.info.update({"stages": [s.to_dict() for s in stages], "metric": metric.name, "target": target,

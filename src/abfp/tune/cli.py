@@ -74,11 +74,14 @@ def _parser(sub) -> None:
     f = p.add_argument_group("label-free finetuning (distillation from the float32 model on the calibration inputs)")
     f.add_argument("--finetune", choices=["none", *FINETUNE_METHODS], default="none",
                    help="distil-qat: train through the plan's devices; distil-dnf: float32 plus the plan's measured "
-                        "noise (default none)")
+                        "noise; bias-correct: subtract each layer's per-channel mean device error, measured with the "
+                        "upstream layers on the device and corrected (no training; default none)")
     f.add_argument("--finetune-steps", type=int, default=None, help=f"AdamW steps (default {FT_DEFAULTS['steps']})")
     f.add_argument("--finetune-lr", type=float, default=None, help=f"learning rate (default {FT_DEFAULTS['lr']:g})")
     f.add_argument("--finetune-batch-size", type=int, default=None,
                    help=f"calibration inputs per step (default {FT_DEFAULTS['batch_size']})")
+    f.add_argument("--finetune-samples", type=int, default=None,
+                   help=f"bias-correct: calibration inputs measured, as one batch (default {BC_DEFAULTS['samples']})")
     f.add_argument("--finetune-loss", choices=["kl", "cosine", "mse"], default=None,
                    help="kl on logits, cosine or mse on embeddings (default: kl for a classifier, else cosine)")
     p.add_argument("--energy-samples", type=int, default=1,
@@ -98,6 +101,8 @@ def _parser(sub) -> None:
 
 #: Defaults of the finetuning options.
 FT_DEFAULTS = {"steps": 100, "lr": 1e-5, "batch_size": 32}
+#: Defaults of the bias correction's options.
+BC_DEFAULTS = {"samples": 64}
 
 
 def register(sub) -> None:
@@ -112,7 +117,7 @@ def output_names(json_path: str) -> tuple[str, str, str]:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     require_at_least(args, ("calibration", "eval_samples", "gain_samples", "max_repeats", "batch_size", "threads",
-                            "finetune_steps", "finetune_batch_size", "gains_per_octave", "energy_samples"))
+                            "finetune_steps", "finetune_batch_size", "finetune_samples", "gains_per_octave", "energy_samples"))
     require_at_least(args, ("seed",), 0)
     require_finite(args, ("max_gain", "target", "gain_tolerance", "finetune_lr", "energy_budget"))
     if args.energy_budget is not None and (args.gain_rule != "energy" or args.energy_budget <= 0):
@@ -208,12 +213,23 @@ def journal_name(json_path: str) -> str:
 def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:
     """The ``--finetune-*`` options as :class:`~.finetune.DistilStage` fields (``None`` without
     ``--finetune``; giving them without it is an error)."""
-    given = {k: getattr(args, f"finetune_{k}") for k in ("steps", "lr", "batch_size", "loss")}
+    given = {k: getattr(args, f"finetune_{k}") for k in ("steps", "lr", "batch_size", "loss", "samples")}
     given = {k: v for k, v in given.items() if v is not None}
+
+    def flag(k: str) -> str:
+        return f"--finetune-{k.replace('_', '-')}"
+
     if args.finetune == "none":
         if given:
-            raise UsageError(f"--finetune-{next(iter(given)).replace('_', '-')} goes with --finetune distil-qat|distil-dnf")
+            raise UsageError(f"{flag(next(iter(given)))} goes with --finetune {'|'.join(FINETUNE_METHODS)}")
         return None
+    if args.finetune == "bias-correct":
+        other = [k for k in given if k not in BC_DEFAULTS]
+        if other:
+            raise UsageError(f"{flag(other[0])} goes with --finetune distil-qat|distil-dnf, not bias-correct")
+        return {**BC_DEFAULTS, **given}
+    if "samples" in given:
+        raise UsageError("--finetune-samples goes with --finetune bias-correct")
     if "lr" in given and given["lr"] <= 0:
         raise UsageError(f"--finetune-lr must be > 0, got {given['lr']}")
     return {**FT_DEFAULTS, **given, "progress": not args.no_progress}

@@ -8,6 +8,12 @@ the *calibration* inputs (no labels, never the evaluation inputs), and the loss 
 :mod:`abfp.finetune.distillation`: ``kl`` on logits (``T^2 KL(softmax(t/T) || softmax(s/T))``),
 ``cosine`` (``1 - cos(s, t)``) or ``mse`` on embeddings. The stage returns the finetuned
 float32 model; the plan (gains, repeats) is kept.
+
+``bias-correct`` (:class:`BiasCorrectStage`) trains nothing: label-free layer-wise bias correction
+(:func:`abfp.finetune.layerwise.bias_correct`), the per-channel mean device error of every
+converted linear layer and convolution on the plan, measured on calibration inputs with the
+upstream modules on the device and already corrected, subtracted from its bias (or added to the
+running mean of the batch norm it feeds).
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from torch import Tensor, nn
 from ..zoo.base import Metric
 from .plan import DevicePlan
 
-__all__ = ["FINETUNE_METHODS", "DistilStage", "default_loss"]
+__all__ = ["FINETUNE_METHODS", "BiasCorrectStage", "DistilStage", "default_loss", "finetune_stage"]
 
+#: The distillation stages.
+DISTIL_METHODS: tuple[str, ...] = ("distil-qat", "distil-dnf")
 #: The finetuning stages ``abfp tune --finetune`` knows.
-FINETUNE_METHODS: tuple[str, ...] = ("distil-qat", "distil-dnf")
+FINETUNE_METHODS: tuple[str, ...] = (*DISTIL_METHODS, "bias-correct")
 
 
 def default_loss(metric: Metric) -> str:
@@ -58,8 +66,8 @@ class DistilStage:
     def __post_init__(self) -> None:
         from ..finetune.distillation import Distillation
 
-        if self.method not in FINETUNE_METHODS:
-            raise ValueError(f"finetune method must be one of {', '.join(FINETUNE_METHODS)}, got {self.method!r}")
+        if self.method not in DISTIL_METHODS:
+            raise ValueError(f"finetune method must be one of {', '.join(DISTIL_METHODS)}, got {self.method!r}")
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -73,6 +81,9 @@ class DistilStage:
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("progress", "losses", "checkpoint", "resume")}
+
+    def note(self, n_inputs: int) -> str:
+        return f"{self.method}, {self.loss} loss, {self.steps} steps on {n_inputs} calibration inputs"
 
     def __call__(self, model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...]) -> nn.Module:
         from ..finetune.distillation import Distillation, as_inputs
@@ -88,3 +99,61 @@ class DistilStage:
                   checkpoint=self.checkpoint, resume=self.resume)
         self.losses = list(res.losses)
         return res.model
+
+
+@dataclass
+class BiasCorrectStage:
+    """A callable ``(model, plan, calibration_inputs) -> corrected float32 model`` for
+    :func:`abfp.tune` (``finetune="bias-correct"``): :func:`abfp.finetune.layerwise.bias_correct`
+    on the plan's devices, on the first ``samples`` calibration inputs (one batch), noise ``seed``."""
+
+    method: Literal["bias-correct"] = "bias-correct"
+    samples: int = 64
+    seed: int = 0
+    #: ``"float32"``: match the float32 model's outputs; ``"local"``: each module's own error
+    target: Literal["float32", "local"] = "float32"
+    #: what the last call corrected and skipped (:meth:`BiasCorrection.describe`)
+    report: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.method != "bias-correct":
+            raise ValueError(f"BiasCorrectStage's method is 'bias-correct', got {self.method!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"finetune samples must be an integer >= 1, got {self.samples!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"finetune seed must be an integer >= 0, got {self.seed!r}")
+        if self.target not in ("float32", "local"):
+            raise ValueError(f"finetune target must be 'float32' or 'local', got {self.target!r}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method, "samples": self.samples, "seed": self.seed, "target": self.target}
+
+    def note(self, n_inputs: int) -> str:
+        r = self.report
+        skipped = f", {len(r['skipped'])} skipped" if r.get("skipped") else ""
+        return (f"bias-correct: {r.get('corrected', 0)} modules corrected{skipped}, on "
+                f"{min(self.samples, n_inputs)} calibration inputs")
+
+    def __call__(self, model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...]) -> nn.Module:
+        from ..finetune.layerwise import bias_correct
+
+        res = bias_correct(model, inputs, plan.base, overrides=plan.overrides() or None,
+                           exclude=[re.escape(e) for e in plan.exclude], samples=self.samples, seed=self.seed,
+                           target=self.target)
+        self.report = res.describe()
+        return res.model
+
+
+def finetune_stage(method: str, options: dict[str, Any], metric: Metric) -> DistilStage | BiasCorrectStage:
+    """The stage of ``method`` (one of :data:`FINETUNE_METHODS`) with ``options`` (its fields;
+    unknown ones are refused; a distillation's loss defaults to :func:`default_loss`)."""
+    if method not in FINETUNE_METHODS:
+        raise ValueError(f"finetune must be one of {', '.join(FINETUNE_METHODS)} or a callable, got {method!r}")
+    cls = BiasCorrectStage if method == "bias-correct" else DistilStage
+    hidden = {"method", "losses", "report"}
+    unknown = sorted(set(options) - (set(cls.__dataclass_fields__) - hidden))
+    if unknown:
+        raise ValueError(f"unknown finetune option(s) {unknown} for {method}")
+    if cls is DistilStage:
+        options.setdefault("loss", default_loss(metric))
+    return cls(method, **options)  # type: ignore[arg-type]
