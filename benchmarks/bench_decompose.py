@@ -23,29 +23,11 @@ dacs`` puts the one module on its DAC-only device instead. JSON after every row 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-from pathlib import Path
 
-import torch
-
-from abfp import zoo
 from abfp.config import ABFPConfig
 from abfp.tune import DevicePlan
-from abfp.tune.api import _outputs, _product_modules, plan_outputs
-from abfp.tune.cli import split_data
-
-
-def load_plan(spec: str) -> DevicePlan:
-    """``RESULT.json:STAGE`` (a bench_tune.py result) or a plan JSON."""
-    if ":" in spec and not Path(spec).exists():
-        path, stage = spec.rsplit(":", 1)
-        found = [r["plan"] for r in json.load(open(path))["rows"] if r["stage"] == stage]
-        if not found:
-            raise SystemExit(f"no stage {stage!r} in {path}")
-        return DevicePlan.from_dict(found[0])
-    return DevicePlan.from_json(spec)
+from abfp.tune.api import _product_modules
+from plan_rows import Rows, load_plan, setup
 
 
 def dacs_only(cfg: ABFPConfig) -> ABFPConfig:
@@ -72,29 +54,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args()
-    torch.set_num_threads(1)
-    task = zoo.get(a.task)
-    model = task.build_model().eval()
-    cal, ev, _ = split_data(task, 1, a.eval)
-    metrics = [task.metric, *zoo.extra_metrics(a.task)]
+    model, cal, ev, metrics = setup(a.task, 1, a.eval)
     plan = load_plan(a.plan_from)
     modules = _product_modules(model, plan, tuple(t[:1] for t in cal.inputs))
-    t0, c0 = time.perf_counter(), time.process_time()
-    ref = _outputs(model, ev, a.batch_size)
-    rows: list[dict] = json.load(open(a.out))["rows"] if a.resume and Path(a.out).exists() else []
-    done = {r["stage"] for r in rows}
+    rows = Rows(a.out, model, ev, metrics, a.batch_size, a.resume, modules=modules)
 
     def evaluate(name: str, p: DevicePlan, **extra) -> None:
-        if name in done:
-            return
-        out = plan_outputs(model, p, ev, a.batch_size, 0)
-        rows.append({"stage": name, **extra, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-                     **{x.name: x(out, ev.targets, ref) for x in metrics},
-                     **{x.name + "_se": x.stderr(out, ev.targets, ref) for x in metrics}})
-        print(rows[-1], flush=True)
-        with open(a.out, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "load": open("/proc/loadavg").read().split()[:3],
-                       "modules": modules, "rows": rows}, f, indent=1)
+        rows.evaluate(name, model, p, **extra)
 
     evaluate("dacs only", mapped(plan, modules, dacs_only))
     evaluate("+ adc", mapped(plan, modules, noiseless))

@@ -17,19 +17,23 @@ float32 copy)::
 ``qat`` trains through the full device simulation (straight-through gradients, noise
 included); ``dnf`` trains the float32 network with noise sampled from per-layer histograms
 of the device's error, measured once. See ``docs/finetune.md``.
+
+Without training (:mod:`.layerwise`): ``ft.bias_correct(model, inputs, cfg).model`` subtracts each
+layer's per-channel mean device error, measured on calibration inputs, from its bias.
 """
 
 from .data import TRAINABLE_TASKS, training_data
 from .distillation import DISTILLATION_LOSSES, Distillation
 from .dnf import DNFNoise, build_histograms, record_differentials, select_noisiest
 from .histogram import Histogram
+from .layerwise import BiasCorrection, bias_correct, channel_mean_errors
 from .loop import FinetuneResult, TrainSettings, device_metric
 from .methods import DNFOptions, distil, dnf, qat
 from .sampler import add_noise
 from .timing import time_steps
 
 __all__ = [
-    "DISTILLATION_LOSSES", "DNFNoise", "DNFOptions", "Distillation", "FinetuneResult", "Histogram", "TRAINABLE_TASKS", "TrainSettings", "add_noise",
-    "build_histograms", "device_metric", "distil", "dnf", "qat", "record_differentials", "select_noisiest", "time_steps",
+    "BiasCorrection", "DISTILLATION_LOSSES", "DNFNoise", "DNFOptions", "Distillation", "FinetuneResult", "Histogram", "TRAINABLE_TASKS", "TrainSettings", "add_noise",
+    "bias_correct", "build_histograms", "channel_mean_errors", "device_metric", "distil", "dnf", "qat", "record_differentials", "select_noisiest", "time_steps",
     "training_data",
 ]  # fmt: skip

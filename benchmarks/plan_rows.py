@@ -1,0 +1,63 @@
+"""Shared by the plan benchmarks (bench_decompose, bench_layerwise, bench_distil_curve): loading a
+task and a plan, and evaluating a plan into JSON rows (metric and extras with standard errors,
+wall and process CPU time since the start, the load average)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from abfp import zoo
+from abfp.tune import DevicePlan
+from abfp.tune.api import _outputs, plan_outputs
+from abfp.tune.cli import split_data
+
+
+def load_plan(spec: str) -> DevicePlan:
+    """``RESULT.json:STAGE`` (a bench_tune.py result's stage) or a plan JSON written by ``abfp tune``."""
+    if ":" in spec and not Path(spec).exists():
+        path, stage = spec.rsplit(":", 1)
+        found = [r["plan"] for r in json.load(open(path))["rows"] if r["stage"] == stage]
+        if not found:
+            raise SystemExit(f"no stage {stage!r} in {path}")
+        return DevicePlan.from_dict(found[0])
+    return DevicePlan.from_json(spec)
+
+
+def setup(task_name: str, calibration: int, eval_samples: int):
+    """One thread; the task's float32 model, calibration and evaluation splits, and metrics."""
+    torch.set_num_threads(1)
+    task = zoo.get(task_name)
+    model = task.build_model().eval()
+    cal, ev, _ = split_data(task, calibration, eval_samples)
+    return model, cal, ev, [task.metric, *zoo.extra_metrics(task_name)]
+
+
+class Rows:
+    """Evaluated rows, written to ``out`` (with ``header``) after each; ``resume`` keeps the rows
+    already there and skips their stages."""
+
+    def __init__(self, out: str, model: torch.nn.Module, ev, metrics, batch_size: int, resume: bool = False,
+                 **header: Any) -> None:
+        self.out, self.ev, self.metrics, self.batch_size, self.header = out, ev, metrics, batch_size, header
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        self.ref = _outputs(model, ev, batch_size)
+        self.rows: list[dict] = json.load(open(out))["rows"] if resume and Path(out).exists() else []
+
+    def evaluate(self, name: str, model: torch.nn.Module, plan: DevicePlan, **extra: Any) -> None:
+        if any(r["stage"] == name for r in self.rows):
+            return
+        out, ev, ref = plan_outputs(model, plan, self.ev, self.batch_size, 0), self.ev, self.ref
+        self.rows.append({"stage": name, **extra, "wall": time.perf_counter() - self.t0,
+                          "cpu": time.process_time() - self.c0,
+                          **{x.name: x(out, ev.targets, ref) for x in self.metrics},
+                          **{x.name + "_se": x.stderr(out, ev.targets, ref) for x in self.metrics}})
+        print(self.rows[-1], flush=True)
+        with open(self.out, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "load": open("/proc/loadavg").read().split()[:3],
+                       **self.header, "rows": self.rows}, f, indent=1)
