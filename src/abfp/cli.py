@@ -92,6 +92,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--no-fixed", action="store_true", help="skip the fixed-point baseline")
     p.add_argument("--fixed-percentile", type=float, default=100.0,
                    help="percentile of |activation| used as the fixed-point static scale (100: the max)")
+    p.add_argument("--calibration-samples", type=int, default=256,
+                   help="calibration inputs (the task's calibration split, else the first evaluated ones) that set "
+                        "fixed-point scales and auto gains: min(N, samples evaluated) (default 256)")
     p.add_argument("--paper", action="store_true",
                    help="the authors' whole grid on the zoo: 6/6/8 and 8/8/8, n=8,32,128, G=1..16, 10 runs")
     p.add_argument("--json", dest="json_path", default=None, help="write the records as a JSON list")
@@ -138,7 +141,7 @@ def eval_sweep(args: argparse.Namespace) -> tuple[ABFPConfig, dict[str, Any]]:
 
 
 def _validate_eval(args: argparse.Namespace) -> None:
-    require_at_least(args, ("runs", "samples", "batch_size", "threads"))
+    require_at_least(args, ("runs", "samples", "batch_size", "threads", "calibration_samples"))
     require_at_least(args, ("seed",), 0)
     require_finite(args, ("fixed_percentile",))
     if not 0 < args.fixed_percentile <= 100:
@@ -253,6 +256,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             overrides=plan.overrides() if plan is not None else None, calibration=calibration,
             settings=EvalSettings(runs=runs, batch_size=args.batch_size or task.default_batch_size, samples=samples,
                                   device=device, seed=args.seed, fixed_percentile=args.fixed_percentile,
+                                  calibration_samples=args.calibration_samples,
                                   progress=not args.no_progress, cache_path=cache,
                                   extra_metrics=tuple(zoo.extra_metrics(task.name))),
         )

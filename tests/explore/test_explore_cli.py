@@ -50,6 +50,7 @@ def test_explore_user_task_json_report_and_force(tmp_path, capsys):
     (["--tile-widths", "0"], "tile widths"),
     (["--noise", "-1"], "noise"),
     (["--runs", "0"], "--runs"),
+    (["--calibration-samples", "0"], "--calibration-samples"),
     (["--dac-min-bits", "12"], "--dac-min-bits"),
     (["--dac-max-bits", "6"], "--dac-max-bits"),
     (["--dac-max-bits", "30"], "DAC maximum"),

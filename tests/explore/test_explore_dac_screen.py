@@ -194,3 +194,15 @@ def test_the_screen_samples_are_spread_over_the_evaluated_ones():
     assert d.inputs[0][:, 0].tolist() == [0, 6, 15, 21]  # samples 0, 2, 5, 7 of 10
     assert d.targets.tolist() == [0, 4, 10, 14]
     assert len(spread(Dataset((x,)), 10)) == 10 and spread(Dataset((x,)), 10).inputs[0].equal(x)
+
+
+@pytest.mark.slow  # explores a tiny model (seconds)
+def test_a_screen_and_the_full_evaluation_share_one_calibration_pass():
+    """The screen (a few samples) and the full evaluation calibrate on the same inputs, so the
+    fixed-point scales and the auto gains of one device are computed once for both: their keys hold
+    the model and the calibration inputs, not the evaluated samples."""
+    res = abfp.explore(TASK, formats=("fixed", "abfp"), tile_widths=(8,), gains=(), auto_gain=True,
+                       noise_stds=(0.0,), adc_bits=(6, 10), dac_search="none", runs=1, progress=False, screen=16)
+    full = [d for d in res["designs"] if not d.get("screened_out") and d["samples"] == 48]
+    assert {d["format"] for d in full} == {"fixed", "abfp"}  # both devices were also evaluated in full
+    assert res["forward_passes"]["scales"] == 1 and res["forward_passes"]["gains"] == 1

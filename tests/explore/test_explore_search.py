@@ -147,7 +147,29 @@ def test_auto_gain_family_prices_its_per_layer_gains():
         assert d["energy_by_kind_pj"]["analog"] == pytest.approx(analog, rel=1e-12)
 
 
+@pytest.mark.slow  # explores a tiny model (seconds)
+@pytest.mark.parametrize("n_calib,expected", [(5, 5), (1000, 48)])
+def test_auto_gains_and_fixed_scales_use_calibration_samples_inputs(monkeypatch, n_calib, expected):
+    """``calibration_samples``: auto gain and fixed-point calibration see min(N, samples) inputs (here
+    the evaluated ones: the tiny task has no calibration split), and the JSON says how many."""
+    from abfp.evaluate import autogain
+
+    seen: list[int] = []
+    real = autogain.choose_gains
+
+    def spy(m, inputs, *a, **k):
+        seen.append(int(inputs[0].shape[0]))
+        return real(m, inputs, *a, **k)
+
+    monkeypatch.setattr(runner, "choose_gains", spy)
+    res = abfp.explore(TASK, formats=("abfp",), tile_widths=(32,), gains=(), auto_gain=True, noise_stds=(0.0,),
+                       adc_bits=(5, 6), dac_search="none", runs=1, progress=False, calibration_samples=n_calib)
+    assert seen and set(seen) == {expected}
+    assert res["calibration_samples"] == expected
+
+
 @pytest.mark.parametrize("kw,match", [
+    (dict(calibration_samples=0), "calibration_samples"),
     (dict(target_drop=150.0), "target drop"),
     (dict(target_drop=float("nan")), "finite"),
     (dict(tile_widths=(0,)), "tile widths"),

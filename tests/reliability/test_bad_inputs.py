@@ -34,6 +34,7 @@ EVAL = [
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--runs", "0"], "--runs must be >= 1"),
+    (["--calibration-samples", "0"], "--calibration-samples must be >= 1"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--device", "foo"], "--device 'foo'"),
     (["--device", "tpu"], "--device 'tpu'"),

@@ -66,6 +66,7 @@ def explore(
     seed: int = 0,
     device: str = "cpu",
     fixed_percentile: float = 100.0,
+    calibration_samples: int = 256,
     cache_path: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -87,7 +88,9 @@ def explore(
     every design is first evaluated on ``k`` samples spread over the evaluated ones (one run) and evaluated on all of
     them only unless it misses the target there by ``screen_z`` standard errors.
     Fixed-point scales and auto gains come from the task's calibration split when it has one
-    (``calibration``: a :class:`Dataset` of inputs, with a model). Returns the JSON-ready
+    (``calibration``: a :class:`Dataset` of inputs, with a model), its first
+    ``min(calibration_samples, samples)`` inputs (auto gain runs them once per gain of its ladder,
+    9 times, per tile width). Returns the JSON-ready
     result (see :func:`abfp.explore.search.explore_model`).
     """
     # every option checked before the model and data are built
@@ -100,6 +103,8 @@ def explore(
                         global_prune=bool(global_prune), early_stop=early_stop)
     if not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
+    if not isinstance(calibration_samples, int) or calibration_samples < 1:
+        raise ValueError(f"calibration_samples must be an integer >= 1, got {calibration_samples!r}")
     if isinstance(task, nn.Module):
         if data is None or metric is None:
             raise ValueError("explore(model, data, metric): data and metric are required with a model")
@@ -116,7 +121,8 @@ def explore(
         if samples is None:
             samples = t.default_samples
     settings = EvalSettings(runs=runs, batch_size=batch_size or default_batch, samples=samples, device=device,
-                            seed=seed, fixed_percentile=fixed_percentile, cache_path=cache_path, progress=False)
+                            seed=seed, fixed_percentile=fixed_percentile, calibration_samples=calibration_samples,
+                            cache_path=cache_path, progress=False)
     return explore_model(model, data, metric, task_name=task_name, target=tgt, space=space, base=base,
                          energy_params=energy_params, energy_samples=energy_samples, settings=settings,
                          progress=progress, calibration=calibration)

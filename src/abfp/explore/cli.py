@@ -84,6 +84,10 @@ def _parser(sub: Any) -> None:
     p.add_argument("--runs", type=int, default=3, help="runs per noisy design (mean and std; default 3)")
     p.add_argument("--samples", type=int, default=None, help="evaluate the first N samples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's own")
+    p.add_argument("--calibration-samples", type=int, default=256,
+                   help="calibration inputs (the task's calibration split, else the first evaluated ones) that set "
+                        "fixed-point scales and auto gains: min(N, samples evaluated) (default 256); auto gain runs "
+                        "them 9 times per tile width, so a few dozen make a search much cheaper")
     p.add_argument("--energy-samples", type=int, default=1,
                    help="inputs accounted together for energy (weights converted once per call); default 1")
     p.add_argument("--params", default=None, help="energy per event (EnergyParams) as a JSON file or string")
@@ -110,7 +114,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     from .search import SearchSpace
     from .target import Target
 
-    require_at_least(args, ("runs", "samples", "batch_size", "threads", "energy_samples"))
+    require_at_least(args, ("runs", "samples", "batch_size", "threads", "energy_samples", "calibration_samples"))
     require_at_least(args, ("seed",), 0)
     require_finite(args, ("target_drop", "target", "fixed_percentile", "early_stop", "screen_z"))
     if args.target is not None and args.target_drop is not None:
@@ -172,6 +176,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     samples = args.samples if args.samples is not None else task.default_samples
     settings = EvalSettings(runs=args.runs, batch_size=args.batch_size or task.default_batch_size, samples=samples,
                             device=device, seed=args.seed, fixed_percentile=args.fixed_percentile,
+                            calibration_samples=args.calibration_samples,
                             cache_path=str(Path(args.cache_dir) / CACHE_FILE) if args.cache_dir else None)
     t0 = time.perf_counter()
     try:

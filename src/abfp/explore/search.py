@@ -582,6 +582,8 @@ def _result(ex: Explorer, families: list[str], task_name: str, target: Target, s
         "pruned_families": pruned_families,
         "autogain_bits": list(eval_settings.autogain_bits) if eval_settings.autogain_bits else None,
         "calibration": "calibration split" if ex.calibration is not None else "evaluated inputs",
+        "calibration_samples": min(eval_settings.calibration_samples, samples,
+                                   *([len(ex.calibration)] if ex.calibration is not None else [])),
         "forward_passes": dict(ex.memo.forwards),
         "seconds": seconds,
     }
