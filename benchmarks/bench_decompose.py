@@ -13,7 +13,8 @@ stage, or a plan JSON written by ``abfp tune``) is evaluated as
 
 and, with ``--per-layer``, with one module at a time on its device (the plan's config, noise
 included; every other module float32), ranked by KL: which layers carry the loss. ``--per-layer-mode
-dacs`` puts the one module on its DAC-only device instead. JSON after every row (``--out``);
+dacs`` puts the one module on its DAC-only device instead; ``--probe MODULE:GAIN:REPEATS`` (or
+``MODULE:dacs``) evaluates one module alone at another setting. JSON after every row (``--out``);
 ``--resume`` skips rows already in it.
 
     python3 benchmarks/bench_decompose.py --plan-from docs/results/tune/efficientnet-I.json:gain \
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=312)
     ap.add_argument("--batch-size", type=int, default=24)
     ap.add_argument("--per-layer", action="store_true")
+    ap.add_argument("--probe", action="append", default=[],
+                    help="MODULE:GAIN:REPEATS or MODULE:dacs: that module alone on that device (repeatable)")
     ap.add_argument("--dac-split", action="store_true", help="also the 8-bit weight DAC alone, the input DAC alone")
     ap.add_argument("--per-layer-mode", choices=["plan", "dacs"], default="plan")
     ap.add_argument("--out", required=True)
@@ -68,6 +71,12 @@ def main() -> None:
     if a.dac_split:
         evaluate("weight dac only", mapped(plan, modules, lambda c: dacs_only(c).replace(input_bits=16)))
         evaluate("input dac only", mapped(plan, modules, lambda c: dacs_only(c).replace(weight_bits=16)))
+    for spec in a.probe:
+        m, *setting = spec.split(":")
+        cfg = dacs_only(plan.config_for(m)) if setting == ["dacs"] else \
+            plan.config_for(m).replace(gain=float(setting[0]), repeats=int(setting[1]))
+        others = tuple(x for x in modules if x != m)
+        evaluate(f"probe {spec}", DevicePlan(cfg, {m: cfg}, plan.exclude + others), module=m, config=cfg.label())
     if a.per_layer:
         for m in modules:
             cfg = plan.config_for(m) if a.per_layer_mode == "plan" else dacs_only(plan.config_for(m))

@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=312)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--target", choices=["float32", "local"], default="float32")
+    ap.add_argument("--correct-on", choices=["calibration", "eval"], default="calibration",
+                    help="eval: a diagnostic only (the correction sees the evaluation inputs): does it help "
+                         "when the inputs' distribution is the one evaluated?")
     ap.add_argument("--batch-size", type=int, default=24)
     ap.add_argument("--baseline", action="store_true", help="also evaluate the uncorrected plan")
     ap.add_argument("--out", required=True)
@@ -49,11 +52,11 @@ def main() -> None:
     m = model
     for r in range(a.rounds):
         c1, w1 = time.process_time(), time.perf_counter()
-        res = bias_correct(m, cal.inputs, plan.base, overrides=plan.overrides(),
+        res = bias_correct(m, (cal if a.correct_on == "calibration" else ev).inputs, plan.base, overrides=plan.overrides(),
                            exclude=[re.escape(e) for e in plan.exclude], samples=a.samples, seed=r, target=a.target)
         m = res.model
         rel = sorted(res.relative_error.items(), key=lambda kv: -kv[1])[:8]
-        evaluate(f"bias-correct ({a.target}) round {r + 1}", m, samples=a.samples, correct_cpu=time.process_time() - c1,
+        evaluate(f"bias-correct ({a.target}, on {a.correct_on}) round {r + 1}", m, samples=a.samples, correct_cpu=time.process_time() - c1,
                  correct_wall=time.perf_counter() - w1, corrected=len(res.corrections), skipped=res.skipped,
                  largest_relative_error=rel)
 

@@ -128,6 +128,10 @@ def test_what_cannot_be_corrected_is_named() -> None:
     assert "no bias" in res.skipped["a"]
     assert "2 times" in res.skipped["b"]
     assert res.targets == {}
+    # an embedding look-up is digital: neither corrected nor reported as skipped
+    emb = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 3)).eval()
+    res = bias_correct(emb, torch.arange(10).reshape(5, 2), QUIET)
+    assert res.targets == {"1": "1.bias"} and res.skipped == {}
 
 
 @settings(max_examples=8, deadline=None)

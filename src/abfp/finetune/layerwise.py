@@ -207,7 +207,8 @@ def bias_correct(model: nn.Module, inputs: Any, config: ABFPConfig | None = None
     state = analog_state(device_model)
     for n, m in device_model.named_modules():
         if state.config_for(n) is not None and n not in names and not product_free(m) \
-                and any(True for _ in m.parameters(recurse=False)):
+                and not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) \
+                and any(True for _ in m.parameters(recurse=False)):  # look-ups are digital: nothing to correct
             out.skipped[n] = f"a {type(m).__name__}: only linear layers and convolutions are corrected"
     dev_mods = dict(device_model.named_modules())
     res_mods = dict(result_model.named_modules())
