@@ -1,7 +1,8 @@
 """``convert`` a model to run its products on the device, ``to_digital`` to undo it.
 
-Modules are not replaced: each gets a pre-hook, a hook and an instance-level ``forward`` that
-calls its own and cleans up when it raises (see :mod:`abfp.nn.mode`), except the torch modules
+Modules are not replaced: each gets an instance-level ``forward`` that pushes its frame, calls
+its own and pops the frame, also when it raises (see :mod:`abfp.nn.mode`; no hooks, so torch
+calls the module on its fast path), except the torch modules
 whose forward makes no product (:data:`_PRODUCT_FREE`: activations, norms, pooling, dropout,
 ``nn.Sequential``; not the root), so parameters, buffers,
 ``state_dict`` keys, subclasses and what their ``forward`` computes stay as they were, and a
@@ -19,17 +20,16 @@ import torch
 from torch import nn
 
 from ..config import ABFPConfig, ExecutionOptions
-from .mode import EnterHook, ExitHook, GuardedForward
+from .mode import GuardedForward
 from .state import AnalogState, _matches, is_site_pattern, normalise_overrides, site_pattern_names_a_module
 
 STATE_ATTR = "abfp_state"
 
 #: torch modules whose own ``forward`` makes no product (activations, norms, pooling, dropout,
 #: reshapes, ``nn.Sequential``, which only calls its children): they never hold the frame of a
-#: product, so ``convert`` gives them no hooks (a module with hooks takes torch's slow call path,
-#: about 15 us of Python per call; a converted ViT forward has 18 such modules, a DNF training
-#: step of it runs them on top of the float32 work). The class's forward as torch defines it:
-#: a subclass, a patched class or an instance-level ``forward`` keeps its hooks.
+#: product, so ``convert`` leaves them as they are (no wrapped ``forward``, no Python of ours per
+#: call). The class's forward as torch defines it: a subclass, a patched class or an
+#: instance-level ``forward`` is wrapped.
 _PRODUCT_FREE = {cls: cls.forward for cls in (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardswish,
     nn.Hardsigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
@@ -90,9 +90,7 @@ def convert(
     for name, module in model.named_modules():
         if name and product_free(module):  # no frame needed (the root always gets one: it enters the mode once)
             continue
-        module.register_forward_pre_hook(EnterHook(name, state))
-        module.register_forward_hook(ExitHook(state), always_call=True)
-        module.forward = GuardedForward(module, module.__dict__.get("forward"))
+        module.forward = GuardedForward(module, module.__dict__.get("forward"), name, state)
     setattr(model, STATE_ATTR, state)
     return model
 
@@ -168,10 +166,6 @@ def to_digital(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     for module in model.modules():
-        for hooks, kind in ((module._forward_pre_hooks, EnterHook), (module._forward_hooks, ExitHook)):
-            for key in [k for k, h in hooks.items() if isinstance(h, kind)]:
-                del hooks[key]
-                module._forward_hooks_always_called.pop(key, None)
         guard = module.__dict__.get("forward")
         if isinstance(guard, GuardedForward):
             if guard.inner is None:

@@ -57,7 +57,7 @@ from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, check_
                         run_product, warn_digital)
 from .state import AnalogState
 
-__all__ = ["AnalogMode", "DirectSites", "EnterHook", "ExitHook", "Frame", "GuardedForward", "ProductCall", "digital_call",
+__all__ = ["AnalogMode", "DirectSites", "Frame", "GuardedForward", "ProductCall", "digital_call",
            "drop_stale", "leave", "run_product"]
 
 _tls = threading.local()
@@ -148,40 +148,27 @@ def _mode_running(stack: list[Frame]) -> bool:
     return False
 
 
-class EnterHook:
-    """Forward pre-hook of a converted module: drops stale frames, pushes this module's frame,
-    and enters :class:`AnalogMode` if no running frame holds it (with active direct sites, only
-    inside a functional module: module doc)."""
-
-    def __init__(self, name: str, state: AnalogState) -> None:
-        self.name = name
-        self.state = state
-
-    def __call__(self, module: torch.nn.Module, args: Any) -> None:
-        direct = self.state.direct
-        if direct is not None and self.name not in direct.functional and direct.active() \
-                and not _mode_running(_stack()):
-            return  # the float32 module (a leaf site's output is handed to direct.output on exit)
-        dynamo = torch.compiler.is_dynamo_compiling()
-        # torch's Module._call_impl, which runs forward next (dynamo cannot look at interpreter
-        # frames: a frame it traces is trusted; a failed dynamo trace changes no Python state)
-        caller = None if dynamo else sys._getframe(1)
-        stack = _stack()
-        if not dynamo:
-            drop_stale(stack, caller)
-        frame = Frame(self.name, self.state, module, caller)
-        if not any(f.mode is not None for f in stack):
-            if tracing():
-                check_traceable(self.state)  # refuse before any state changes
-            _leave_orphan_modes()
-            frame.mode = AnalogMode()
-            frame.mode.__enter__()
-        stack.append(frame)
+def _enter(name: str, state: AnalogState, module: torch.nn.Module, caller: types.FrameType | None) -> None:
+    """Push ``module``'s frame (after dropping stale frames) and enter :class:`AnalogMode` if no
+    running frame holds it. ``caller``: the interpreter frame running the module (``None``
+    while dynamo traces: a frame it traces is trusted; a failed dynamo trace changes no Python
+    state)."""
+    stack = _stack()
+    if caller is not None:
+        drop_stale(stack, caller)
+    frame = Frame(name, state, module, caller)
+    if not _mode_running(stack):
+        if tracing():
+            check_traceable(state)  # refuse before any state changes
+        _leave_orphan_modes()
+        frame.mode = AnalogMode()
+        frame.mode.__enter__()
+    stack.append(frame)
 
 
 def leave(module: torch.nn.Module) -> None:
     """Pop ``module``'s frame and every (stale) frame above it; nothing if no frame is
-    ``module``'s (its frame was dropped as stale already, or popped by its other exit)."""
+    ``module``'s (its frame was dropped as stale already, or never pushed)."""
     stack = _stack()
     for i in range(len(stack) - 1, -1, -1):
         if stack[i].module is module:
@@ -190,35 +177,24 @@ def leave(module: torch.nn.Module) -> None:
             return
 
 
-class ExitHook:
-    """Forward hook of a converted module (runs also when forward raises an ``Exception``,
-    except while ``torch.compiler.is_compiling()``): :func:`leave`; the output of a leaf site
-    of active direct sites goes through ``direct.output`` (module doc)."""
-
-    def __init__(self, state: AnalogState | None = None) -> None:
-        self.state = state
-
-    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
-        leave(module)
-        direct = None if self.state is None else self.state.direct
-        if direct is not None and isinstance(output, torch.Tensor):
-            site = direct.leaf.get(module)
-            if site is not None and direct.active():
-                return direct.output(site, output)
-        return None
-
-
 class GuardedForward:
-    """A converted module's ``forward``: the module's own, and when it raises anything,
-    :func:`leave` before the exception leaves the module. Torch skips the always-called exit
-    hook when ``torch.compiler.is_compiling()`` (non-strict ``torch.export``) or the exception
-    is a ``BaseException``; a tracer's own mode pushed below :class:`AnalogMode` would then be
-    popped by the tracer's cleanup in place of ours. ``inner``: an instance-level ``forward``
-    the module had before conversion (``None``: its class's)."""
+    """A converted module's ``forward`` (an instance attribute; the module has no hooks, so torch
+    calls it on its fast path): pushes the module's frame (module doc), runs the module's own
+    forward, and pops the frame however that ends, an exception of any kind included (torch
+    would skip an always-called exit hook while ``torch.compiler.is_compiling()``, in non-strict
+    ``torch.export``, or for a ``BaseException``; a tracer's own mode pushed below
+    :class:`AnalogMode` would then be popped by the tracer's cleanup in place of ours). With
+    active direct sites, a module that is neither functional nor inside a running mode pushes
+    no frame, and a leaf site's output goes through ``direct.output`` (module doc).
+    ``inner``: an instance-level ``forward`` the module had before conversion (``None``: its
+    class's)."""
 
-    def __init__(self, module: torch.nn.Module, inner: Any = None) -> None:
+    def __init__(self, module: torch.nn.Module, inner: Any = None, name: str = "",
+                 state: AnalogState | None = None) -> None:
         self.module = module
         self.inner = inner
+        self.name = name
+        self.state = state
 
     def _forward(self) -> Any:
         return self.inner if self.inner is not None else type(self.module).forward.__get__(self.module)
@@ -233,13 +209,31 @@ class GuardedForward:
         return getattr(fwd, "__code__", None) or fwd.func.__code__  # a function, or a partial
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        state = self.state
+        direct = None if state is None else state.direct
+        if direct is not None and self.name not in direct.functional and direct.active() \
+                and not _mode_running(_stack()):
+            pushed = False  # the float32 module (a leaf site's output goes to direct.output below)
+        else:
+            pushed = state is not None
+            if pushed:
+                _enter(self.name, state, module, None if torch.compiler.is_dynamo_compiling() else sys._getframe(0))
         try:
             if self.inner is None:  # the class's forward, without binding it (runs at every module call)
-                return type(self.module).forward(self.module, *args, **kwargs)
-            return self.inner(*args, **kwargs)
+                out = type(module).forward(module, *args, **kwargs)
+            else:
+                out = self.inner(*args, **kwargs)
         except BaseException:
-            leave(self.module)
+            leave(module)
             raise
+        if pushed:
+            leave(module)
+        if direct is not None and isinstance(out, torch.Tensor):
+            site = direct.leaf.get(module)
+            if site is not None and direct.active():
+                return direct.output(site, out)
+        return out
 
 
 class AnalogMode(TorchFunctionMode):
