@@ -362,3 +362,32 @@ def test_eval_records_and_table_report_the_device_mac_share(tmp_path):
     again = evaluate(Net(), data, TOP1, [CFG], settings=EvalSettings(progress=False, batch_size=40,
                                                                   cache_path=str(tmp_path / "c.sqlite")))
     assert [r for r in again if r["format"] != "fp32"][0]["device_mac_share"] == dev["device_mac_share"]
+
+
+def test_a_handler_registered_after_a_call_answers_that_function():
+    """The function mode remembers the functions that are no product (``abfp.ops.registry.PLAIN``,
+    answered with the least Python); registering a handler later forgets them, so the new
+    handler answers its function from the next call on."""
+    from abfp.ops import registry
+
+    class Tanh(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x)
+
+    m = abfp.convert(Tanh(), ABFPConfig(tile_width=8))
+    x = torch.randn(3, 5)
+    assert torch.equal(m(x), torch.tanh(x)) and torch.tanh in registry.PLAIN
+    calls = []
+
+    def doubled(frame, func, args, kwargs):
+        calls.append(frame.name)
+        return 2 * func(*args, **kwargs)
+
+    registry.register(torch.tanh)(doubled)
+    try:
+        assert torch.tanh not in registry.PLAIN
+        assert torch.equal(m(x), 2 * torch.tanh(x)) and calls == [""]
+    finally:
+        del registry._HANDLERS[torch.tanh]
+        registry.PLAIN.clear()
+    assert torch.equal(m(x), torch.tanh(x)) and calls == [""]

@@ -1,25 +1,26 @@
 """Routing products to the device while a converted module runs.
 
-Every module of a converted model gets a forward pre-hook that pushes ``(module name,
-state)`` on a thread-local stack (the first one also enters :class:`AnalogMode`, a
-``TorchFunctionMode``) and a forward hook that pops it. While the mode is active, the
+Every module of a converted model gets an instance-level ``forward``, :class:`GuardedForward`,
+that pushes ``(module name, state)`` on a thread-local stack (the first one also enters
+:class:`AnalogMode`, a ``TorchFunctionMode``), runs the module's own forward and pops it
+(no torch hooks: torch calls a module without hooks on its fast path, and a module with hooks
+costs about 15 us of Python per call). While the mode is active, the
 functional calls that modules make (``F.linear``, ``F.conv1d/2d``, ``torch.matmul``,
 ``@``, ``bmm``, ``mm``, ``baddbmm``, ``einsum``, ``F.scaled_dot_product_attention``,
 ``F.multi_head_attention_forward``, and every function a product family of :mod:`abfp.ops`
 registers) are answered by that family's handler with the frame of the innermost running
-module; each product then takes the common path :func:`abfp.ops.site.run_product`. This
-module is only the dispatch: hooks, frames, :class:`AnalogMode`. Intercepting the call rather than replacing the module
+module; each product then takes the common path :func:`abfp.ops.site.run_product`. Functions
+that are no product are remembered (``abfp.ops.registry.PLAIN``) and answered at once. This
+module is only the dispatch: frames, :class:`AnalogMode`. Intercepting the call rather than replacing the module
 keeps subclasses that pad inside their own ``forward`` working.
 
-No state outlives a forward, whatever ends it. ``convert`` also wraps each module's ``forward``
-in :class:`GuardedForward`, which pops the module's frame when forward raises anything: torch
-skips the always-called exit hook while ``torch.compiler.is_compiling()`` (non-strict
-``torch.export``, whose own function mode lies below :class:`AnalogMode` and would otherwise be
-left behind when its cleanup pops ours) and for a ``BaseException``. Each frame remembers the Python frame that ran
-its pre-hook (torch's ``Module._call_impl``, which also runs the module's ``forward``): while
-that is on the interpreter stack the module is running, once it is gone the frame is *stale*
-(its forward ended by an exception that skipped the hook, e.g. a ``BaseException`` such as
-``KeyboardInterrupt``, or a traced call). Stale frames are dropped whenever a converted module
+No state outlives a forward, whatever ends it: :class:`GuardedForward` pops the module's frame
+however its forward ends (an exception of any kind, under non-strict ``torch.export`` too,
+whose own function mode lies below :class:`AnalogMode` and would otherwise be left behind when
+its cleanup pops ours). Each frame remembers the Python frame that pushed it (the wrapper's
+call, which runs the module's ``forward``): while that is on the interpreter stack the module
+is running, once it is gone the frame is *stale* (its forward ended without popping it, e.g.
+a traced call). Stale frames are dropped whenever a converted module
 enters, exits or runs a product; dropping the frame that entered :class:`AnalogMode` takes the
 mode (and any mode pushed above it and left behind) off torch's function-mode stack. An exit
 finds its own frame by module, so exits that do not match the top repair the stack rather than
@@ -32,8 +33,9 @@ only needs the float32 product, e.g. DNF training): while ``direct.active()``, a
 neither a *leaf site* nor a *functional* module, entered while no :class:`AnalogMode` runs,
 pushes no frame and enters no mode: it runs as the float32 module, its products float32 (the
 interceptor's answer at a site it does not touch). A leaf site (``nn.Linear``, ``nn.Conv1d/2d/3d``
-whose one product is its output) is never intercepted; its exit hook hands its output to
-``direct.output``. A functional module (one whose own ``forward`` makes products, e.g. ``q @ k``)
+whose one product is its output) is never intercepted: it pushes no frame, runs without the
+mode (taken off torch's stack for its call when a functional module around it holds it) and
+its wrapper hands its output to ``direct.output``. A functional module (one whose own ``forward`` makes products, e.g. ``q @ k``)
 enters the mode as usual, so its products are named and intercepted as always, and so are those
 of every module it calls (other than leaf sites).
 """
@@ -52,7 +54,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from ..ops.attention import sdpa  # noqa: F401  (re-exported: it lived here)
 from ..ops.coverage import no_analog_model
 from ..ops.device import NotTraceable, tracing
-from ..ops.registry import handler_for
+from ..ops.registry import PLAIN as _PLAIN, handler_for
 from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, check_traceable, digital_call,  # noqa: F401
                         run_product, warn_digital)
 from .state import AnalogState
@@ -115,7 +117,7 @@ def _pop(stack: list[Frame]) -> Frame:
 
 def drop_stale(stack: list[Frame] | None = None, start: types.FrameType | None = None) -> int:
     """Drop the frames on top of ``stack`` whose module is no longer running (their forward ended
-    without the exit hook); returns how many. A stale frame lies above every running one."""
+    without popping them); returns how many. A stale frame lies above every running one."""
     stack = _stack() if stack is None else stack
     start = sys._getframe(1) if start is None else start
     n = 0
@@ -208,26 +210,38 @@ class GuardedForward:
         fwd = self._forward()
         return getattr(fwd, "__code__", None) or fwd.func.__code__  # a function, or a partial
 
+    def _run(self, args: tuple, kwargs: dict) -> Any:
+        if self.inner is None:  # the class's forward, without binding it (runs at every module call)
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return self.inner(*args, **kwargs)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
         state = self.state
         direct = None if state is None else state.direct
-        if direct is not None and self.name not in direct.functional and direct.active() \
-                and not _mode_running(_stack()):
-            pushed = False  # the float32 module (a leaf site's output goes to direct.output below)
-        else:
-            pushed = state is not None
-            if pushed:
-                _enter(self.name, state, module, None if torch.compiler.is_dynamo_compiling() else sys._getframe(0))
+        if direct is not None and self.name not in direct.functional and direct.active():
+            site = direct.leaf.get(module)
+            if not _mode_running(_stack()):  # the float32 module, no frame
+                out = self._run(args, kwargs)
+                return direct.output(site, out) if site is not None and isinstance(out, torch.Tensor) else out
+            if site is not None and torch._C._len_torch_function_stack() > 0 and isinstance(
+                    mode := torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), AnalogMode):
+                # a leaf site inside a functional module: its one product is float32 (the mode would
+                # answer it with the product itself), so it runs without the mode and without a frame
+                torch._C._pop_torch_function_stack()
+                try:
+                    out = self._run(args, kwargs)
+                finally:
+                    torch._C._push_on_torch_function_stack(mode)
+                return direct.output(site, out) if isinstance(out, torch.Tensor) else out
+        if state is not None:
+            _enter(self.name, state, module, None if torch.compiler.is_dynamo_compiling() else sys._getframe(0))
         try:
-            if self.inner is None:  # the class's forward, without binding it (runs at every module call)
-                out = type(module).forward(module, *args, **kwargs)
-            else:
-                out = self.inner(*args, **kwargs)
+            out = self._run(args, kwargs)
         except BaseException:
             leave(module)
             raise
-        if pushed:
+        if state is not None:
             leave(module)
         if direct is not None and isinstance(out, torch.Tensor):
             site = direct.leaf.get(module)
@@ -241,12 +255,15 @@ class AnalogMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _PLAIN:  # not a product (the common case: answered with the least Python)
+            return func(*args, **kwargs)
         stack = _stack()
         if not stack:
             return func(*args, **kwargs)
         handler = handler_for(func)
         name = no_analog_model(func) if handler is None else None
         if handler is None and name is None:  # not a product
+            _PLAIN.add(func)
             return func(*args, **kwargs)
         if not torch.compiler.is_dynamo_compiling():
             drop_stale(stack, sys._getframe(1))
@@ -255,7 +272,7 @@ class AnalogMode(TorchFunctionMode):
         frame = stack[-1]
         direct = frame.state.direct
         if direct is not None and frame.module in direct.leaf and direct.active():
-            return func(*args, **kwargs)  # a leaf site: its exit hook answers
+            return func(*args, **kwargs)  # a leaf site: its wrapper answers
         if handler is None:
             warn_digital(frame, name)
             return digital_call(frame, func, args, kwargs, "no analog model")
@@ -264,7 +281,7 @@ class AnalogMode(TorchFunctionMode):
         try:
             return handler(frame, func, args, kwargs)
         except NotTraceable:
-            # the tracer unwinds without the exit hooks: leave no frame and no mode behind
+            # the tracer unwinds without the wrappers popping: leave no frame and no mode behind
             while stack:
                 _pop(stack)
             raise

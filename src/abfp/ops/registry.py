@@ -29,6 +29,12 @@ Handler = Callable[[Any, Callable, tuple, dict], Any]
 _HANDLERS: dict[Any, Handler] = {}
 
 
+#: functions seen inside a converted module that are neither registered products nor product-like
+#: calls without an analog model (:func:`abfp.ops.coverage.no_analog_model`): the function mode
+#: answers them at once (filled by :class:`abfp.nn.mode.AnalogMode`, emptied by :func:`register`)
+PLAIN: set[Any] = set()
+
+
 def register(*funcs: Any) -> Callable[[Handler], Handler]:
     """Decorator: ``handler`` answers each of ``funcs`` inside converted modules."""
 
@@ -37,6 +43,7 @@ def register(*funcs: Any) -> Callable[[Handler], Handler]:
             if f in _HANDLERS and _HANDLERS[f] is not handler:
                 raise RuntimeError(f"abfp: two product families register {getattr(f, '__name__', f)}")
             _HANDLERS[f] = handler
+        PLAIN.clear()
         return handler
 
     return deco
