@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from abfp import ABFPConfig
 from abfp.numerics import ProductStats, analog_product
@@ -96,10 +98,6 @@ def _device_configs():
 
     return device_configs(max_dac_bits=8, noise=(0.0, 0.5, 2.0), gains=(4.0, 16.0, 64.0, 256.0),
                           tile_widths=(3, 8, 16, 32, 128))
-
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)
