@@ -41,7 +41,7 @@ def main() -> None:
     teacher = dict(model.named_modules())[a.module]
     student = copy.deepcopy(teacher).train()
     cfg = plan.config_for(a.module + ".1") if a.module + ".1" in plan.modules else plan.config_for(a.module)
-    dev = abfp.convert(student, cfg.replace(seed=None))
+    dev = abfp.convert(student, cfg.replace(seed=None), inplace=True)  # trains the student's own parameters
     with torch.no_grad():
         target = teacher(x)
     def full_mse() -> float:
