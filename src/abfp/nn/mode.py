@@ -255,17 +255,19 @@ class AnalogMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _PLAIN:  # not a product (the common case: answered with the least Python)
-            return func(*args, **kwargs)
+        dynamo = torch.compiler.is_dynamo_compiling()
+        if not dynamo and func in _PLAIN:  # not a product (the common case: answered with the least Python;
+            return func(*args, **kwargs)   # not under dynamo, which would guard on the set while it grows)
         stack = _stack()
         if not stack:
             return func(*args, **kwargs)
         handler = handler_for(func)
         name = no_analog_model(func) if handler is None else None
         if handler is None and name is None:  # not a product
-            _PLAIN.add(func)
+            if not dynamo:
+                _PLAIN.add(func)
             return func(*args, **kwargs)
-        if not torch.compiler.is_dynamo_compiling():
+        if not dynamo:
             drop_stale(stack, sys._getframe(1))
         if not stack:
             return func(*args, **kwargs)
