@@ -14,7 +14,8 @@ stage, or a plan JSON written by ``abfp tune``) is evaluated as
 and, with ``--per-layer``, with one module at a time on its device (the plan's config, noise
 included; every other module float32), ranked by KL: which layers carry the loss. ``--per-layer-mode
 dacs`` puts the one module on its DAC-only device instead; ``--probe MODULE:GAIN:REPEATS`` (or
-``MODULE:dacs``) evaluates one module alone at another setting. JSON after every row (``--out``);
+``MODULE:dacs``) evaluates one module alone at another setting; ``--float32 MODULE`` (repeatable):
+the whole plan with those modules float32. JSON after every row (``--out``);
 ``--resume`` skips rows already in it.
 
     python3 benchmarks/bench_decompose.py --plan-from docs/results/tune/efficientnet-I.json:gain \
@@ -52,6 +53,8 @@ def main() -> None:
     ap.add_argument("--per-layer", action="store_true")
     ap.add_argument("--probe", action="append", default=[],
                     help="MODULE:GAIN:REPEATS or MODULE:dacs: that module alone on that device (repeatable)")
+    ap.add_argument("--float32", action="append", default=[],
+                    help="MODULE: one row with the plan as it is but these modules float32 (repeatable)")
     ap.add_argument("--dac-split", action="store_true", help="also the 8-bit weight DAC alone, the input DAC alone")
     ap.add_argument("--per-layer-mode", choices=["plan", "dacs"], default="plan")
     ap.add_argument("--out", required=True)
@@ -71,6 +74,10 @@ def main() -> None:
     if a.dac_split:
         evaluate("weight dac only", mapped(plan, modules, lambda c: dacs_only(c).replace(input_bits=16)))
         evaluate("input dac only", mapped(plan, modules, lambda c: dacs_only(c).replace(weight_bits=16)))
+    if a.float32:
+        keep = tuple(a.float32)
+        evaluate(f"plan with {', '.join(keep)} float32",
+                 DevicePlan(plan.base, {k: v for k, v in plan.modules.items() if k not in keep}, plan.exclude + keep))
     for spec in a.probe:
         m, *setting = spec.split(":")
         cfg = dacs_only(plan.config_for(m)) if setting == ["dacs"] else \
