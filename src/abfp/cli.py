@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .allocator import keep_freed_memory
 from .cli_common import (
     OneLineParser,
     UsageError,
@@ -474,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argparse's ``SystemExit(2)``, also with one line."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    keep_freed_memory()  # large tensors reuse the heap instead of fresh kernel pages (abfp.allocator)
     try:
         return int(args.func(args) or 0)
     except (UsageError, ValueError, OSError, ImportError, TypeError) as e:
