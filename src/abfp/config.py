@@ -214,6 +214,16 @@ class ABFPConfig:
             raise bad("repeats", "must be an integer >= 1")
         if not isinstance(self.execution, ExecutionOptions):
             raise bad("execution", "must be an ExecutionOptions")
+        # the same device without the bfloat16 output rounding (a layer with a bias rounds after
+        # adding it), made here, where the config is made: a tracer (torch.compile, strict
+        # torch.export) that built it inside a traced forward would hand the custom operators a
+        # config it cannot reconstruct (the operators got the default device's JSON)
+        object.__setattr__(self, "_without_bf16_io", dataclasses.replace(self, bf16_io=False) if self.bf16_io else self)
+
+    @property
+    def without_bf16_io(self) -> "ABFPConfig":
+        """This device without the bfloat16 rounding of layer outputs (``bf16_io=False``)."""
+        return self._without_bf16_io  # type: ignore[attr-defined]
 
     # ----------------------------------------------------------------- derived values
     @property

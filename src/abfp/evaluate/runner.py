@@ -283,18 +283,25 @@ def evaluate(
         n_calib = min(eval_settings.calibration_samples, len(data))
     calib_source = calibration.inputs if calibration is not None else data.inputs
     calib_inputs = tuple(t[:n_calib].to(device) for t in calib_source)
-    calib_fp = data_fingerprint(calib_inputs, None)
+    fingerprints: list[str] = []  # the calibration inputs' fingerprint, computed once, when first needed
+
+    def calib_fp() -> str:
+        if not fingerprints:
+            fingerprints.append(data_fingerprint(calib_inputs, None))
+        return fingerprints[0]
+
     if calibration is not None:  # the calibration inputs decide fixed-point scales and auto gains
-        context = {**context, "calibration": calib_fp}
+        context = {**context, "calibration": calib_fp()}
     plan_overrides = dict(overrides or {})
     if plan_overrides:
         context = {**context, "overrides": {k: config_key(v) for k, v in sorted(plan_overrides.items())}}
     # what decides fixed-point scales and auto gains: the model (and a plan's overrides), the
     # calibration inputs themselves, where and with which torch they run; not the evaluated data, the
     # metric or the sample count, so a screen on a few samples and the full evaluation share them
-    calib_context = {"model": context["model"], "calibration_inputs": calib_fp,
-                     "device": context["device"], "torch": context["torch"],
-                     **({"overrides": context["overrides"]} if "overrides" in context else {})}
+    def calib_context() -> dict[str, object]:
+        return {"model": context["model"], "calibration_inputs": calib_fp(),
+                "device": context["device"], "torch": context["torch"],
+                **({"overrides": context["overrides"]} if "overrides" in context else {})}
     work: list[nn.Module] = []  # the converted working copy, made at the first run not in the cache
 
     def analog() -> nn.Module:
@@ -307,7 +314,7 @@ def evaluate(
         ``eval_settings.autogain_bits`` (memo, then the disk cache, then :func:`choose_gains`)."""
         assert p.config is not None
         at = _gain_choice_config(p.config, eval_settings.autogain_bits)
-        gkey = run_key({**calib_context, "kind": "autogain-choice", "config": config_key(at),
+        gkey = run_key({**calib_context(), "kind": "autogain-choice", "config": config_key(at),
                         "threshold": eval_settings.autogain_threshold, "max_gain": AUTOGAIN_MAX})
 
         def choose() -> dict[str, float]:
@@ -328,7 +335,7 @@ def evaluate(
 
     def fixed_scales() -> dict[str, list[float]]:
         """Fixed-point activation scales: a digital pass, the same for every device."""
-        skey = run_key({**calib_context, "kind": "fixed-scales", "pct": eval_settings.fixed_percentile})
+        skey = run_key({**calib_context(), "kind": "fixed-scales", "pct": eval_settings.fixed_percentile})
 
         def record() -> dict[str, list[float]]:
             return {k: list(v) for k, v in calibrate(analog(), [calib_inputs], percentile=eval_settings.fixed_percentile).items()}

@@ -40,8 +40,9 @@ from torch import Tensor
 
 from ..config import ABFPConfig
 from ..numerics import ProductStats, encode_weights
-from .conv import _conv2d_cols, _conv2d_rows, conv_args
-from .device import WEIGHT_CACHE, NotTraceable, WeightCache, check_finite, generator_for, product, tracing
+from .conv import _conv2d_cols, _conv2d_rows, conv2d, conv_args
+from .device import (WEIGHT_CACHE, NotTraceable, WeightCache, bf16, check_finite, generator_for, product, tracing,
+                     without_bf16_io)
 from .registry import register
 
 __all__ = ["conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
@@ -59,18 +60,22 @@ def _tuple(v: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
     return t
 
 
-def _check_operands(x: Tensor, weight: Tensor, bias: Tensor | None, cache: bool, op: str, nd: int) -> bool:
-    """Finite, well-shaped operands; returns whether the input is unbatched. Under a tracer:
-    :class:`~abfp.ops.device.NotTraceable` (these products run on pre-encoded weights, outside
-    the custom operators of :mod:`abfp.ops.custom`)."""
+def _check_operands(x: Tensor, weight: Tensor, bias: Tensor | None, cache: bool, op: str, nd: int,
+                    stats: ProductStats | None) -> bool:
+    """Finite, well-shaped operands; returns whether the input is unbatched. Under a tracer the
+    input and weight are checked inside the custom operators (:mod:`abfp.ops.custom`) and the
+    bias by an asynchronous assert in the graph; ADC statistics cannot be traced."""
     if tracing():
-        raise NotTraceable(f"{op} runs on pre-encoded weights, which no custom operator covers yet; "
-                           f"trace the model with these layers excluded (abfp.convert(..., exclude=[...])) or eagerly")
-    check_finite(x, "input")
-    if not cache:
-        check_finite(weight, "weight")
-    if bias is not None:
-        check_finite(bias, "bias")
+        if stats is not None:
+            raise NotTraceable(f"{op} with ADC statistics (abfp.summary recording) cannot be traced")
+        if bias is not None:
+            torch._assert_async(torch.isfinite(bias).all(), "bias contains NaN or Inf; the analog device cannot encode it")
+    else:
+        check_finite(x, "input")
+        if not cache:
+            check_finite(weight, "weight")
+        if bias is not None:
+            check_finite(bias, "bias")
     if weight.dim() != nd + 2 or x.dim() not in (nd + 1, nd + 2):
         raise ValueError(f"{op} needs a {nd + 2}-D (or unbatched {nd + 1}-D) input and a {nd + 2}-D weight, "
                          f"got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -143,7 +148,7 @@ def conv3d(
     ``c * k_d + i`` (see the module docstring): the same numbers, and the fast compiled path.
     Weight encodings are cached per weight value (``cache=False`` re-encodes every call).
     """
-    unbatched = _check_operands(x, weight, bias, cache, "conv3d", 3)
+    unbatched = _check_operands(x, weight, bias, cache, "conv3d", 3, stats)
     if unbatched:
         x = x.unsqueeze(0)
     out_dtype = x.dtype
@@ -163,9 +168,12 @@ def conv3d(
     (stride_d, stride_h, stride_w), (dd, dh, dw) = stride3, dil3
     kg = cg * kd * kh * kw
     w3 = weight.reshape(groups, cout // groups, kg)  # rows in unfold order (c, i, j, l)
-    weights = _encoded(WEIGHT_CACHE, weight, w3, config, weight_scale, cache)
-    if config.mode == "fixed" and input_scale is None:
-        input_scale = x.detach().abs().max() if x.numel() else 0.0  # one scale for the whole tensor
+    traced = tracing()
+    weights = None if traced else _encoded(WEIGHT_CACHE, weight, w3, config, weight_scale, cache)
+    device = config
+    if config.bf16_io and bias is not None:
+        # as conv2d: round the inputs here and the output after the bias (not before it)
+        device, x, w3 = without_bf16_io(config), bf16(x), bf16(w3)
     # depth slices as channels: x2[b*Do + d, c*kd + i] = xpad[b, c, d*stride_d + i*dd]
     xd = F.pad(x, (0, 0, 0, 0, *pads[0])) if any(pads[0]) else x
     span = stride_d * (do - 1) + 1
@@ -173,25 +181,58 @@ def conv3d(
     x2 = x2.permute(0, 3, 1, 2, 4, 5).reshape(bt * do, c * kd, h_in, w_in)
     pads_hw = (pads[2][0], pads[2][1], pads[1][0], pads[1][1])
     channels_last = _channels_last_3d(x) or _channels_last_3d(weight)
-    if config.kernel != "reference" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        if weights is None:
-            weights = encode_weights(w3.detach().to(torch.bfloat16) if config.bf16_io else w3.detach(), config,
-                                     weight_scale)
-        y2 = _conv2d_cols(x2, pads_hw, weights, config, groups, (kh, kw), (stride_h, stride_w), (dh, dw),
-                             (ho, wo), input_scale, generator_for(config, generator, x.device), stats,
-                             channels_last=channels_last)
+    if traced:
+        y2 = _conv3d_traced(x2, weight, bias, config, groups, pads_hw, (stride_h, stride_w), (dh, dw),
+                            input_scale, weight_scale, generator, cache, _reads_every_depth(d_in, pads[0], kd, dd, stride_d))
     else:
-        xp = F.pad(x2, pads_hw) if any(pads_hw) else x2
-        y2 = _conv2d_rows(xp, w3, weights, config, groups, (kh, kw), (stride_h, stride_w), (dh, dw), (ho, wo),
-                             input_scale, weight_scale, generator, stats)
+        if config.mode == "fixed" and input_scale is None:
+            input_scale = x.detach().abs().max() if x.numel() else 0.0  # one scale for the whole tensor
+        if config.kernel != "reference" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            if weights is None:
+                weights = encode_weights(w3.detach().to(torch.bfloat16) if device.bf16_io else w3.detach(), device,
+                                         weight_scale)
+            y2 = _conv2d_cols(x2, pads_hw, weights, device, groups, (kh, kw), (stride_h, stride_w), (dh, dw),
+                              (ho, wo), input_scale, generator_for(config, generator, x.device), stats,
+                              channels_last=channels_last)
+        else:
+            xp = F.pad(x2, pads_hw) if any(pads_hw) else x2
+            y2 = _conv2d_rows(xp, w3, weights, device, groups, (kh, kw), (stride_h, stride_w), (dh, dw), (ho, wo),
+                              input_scale, weight_scale, generator, stats)
+        if bias is not None:
+            y2.add_(bias.to(torch.float32).view(1, -1, 1, 1))  # y2 is this call's own tensor
+            if config.bf16_io:
+                y2 = bf16(y2)
     # (B*Do, Cout, Ho, Wo) -> (B, Cout, Do, Ho, Wo): channels-last 2-D output is channels-last 3-D here
     y = y2.unflatten(0, (bt, do)).transpose(1, 2)
     y = y.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
-    if bias is not None:
-        y.add_(bias.to(torch.float32).view(1, -1, 1, 1, 1))  # y is this call's own tensor
     if unbatched:
         y = y.squeeze(0)
     return y.to(out_dtype)
+
+
+def _reads_every_depth(d_in: int, pad: tuple[int, int], kd: int, dd: int, stride_d: int) -> bool:
+    """Whether the gathered depth slices hold every input depth (else a stride skips some)."""
+    read = {d * stride_d + i * dd - pad[0] for i in range(kd) for d in range((d_in + sum(pad) - dd * (kd - 1) - 1) // stride_d + 1)}
+    return read.issuperset(range(d_in))
+
+
+def _conv3d_traced(x2: Tensor, weight: Tensor, bias: Tensor | None, config: ABFPConfig, groups: int, pads_hw: tuple[int, int, int, int], stride: tuple[int, int],
+                   dilation: tuple[int, int], input_scale: Any, weight_scale: Any,
+                   generator: torch.Generator | None, cache: bool, reads_all: bool) -> Tensor:
+    """:func:`conv3d` under a tracer: the 2-D device convolution of the gathered depth slices
+    (:func:`abfp.ops.conv.conv2d`, i.e. the custom operator ``abfp::conv2d``, or ``abfp::device``
+    on the patches with gradients), so the same numbers as eager; bias and bfloat16 output in
+    the graph."""
+    if config.mode == "fixed" and input_scale is None and not reads_all:
+        raise NotTraceable("a fixed-point conv3d whose depth stride skips input slices needs a static input_scale "
+                           "to be traced (its dynamic scale is max |x| over slices the graph does not read): "
+                           "calibrate the model (abfp.calibrate) or pass input_scale")
+    cout, cg, kd, kh, kw = weight.shape
+    w2 = weight.reshape(cout, cg * kd, kh, kw)
+    xp = F.pad(x2, pads_hw) if any(pads_hw) else x2
+    # conv2d rounds the inputs itself when it has a bias: hand it the config the caller holds
+    return conv2d(xp, w2, bias, stride, 0, dilation, groups, config=config, input_scale=input_scale,
+                  weight_scale=weight_scale, generator=generator, cache=cache)
 
 
 def _channels_last_3d(t: Tensor) -> bool:
@@ -267,7 +308,7 @@ def conv_transpose_nd(
 ) -> Tensor:
     """The transposed convolution of ``nd`` spatial axes on the device (see the module docstring)."""
     op = f"conv_transpose{nd}d"
-    unbatched = _check_operands(x, weight, bias, cache, op, nd)
+    unbatched = _check_operands(x, weight, bias, cache, op, nd, stats)
     if unbatched:
         x = x.unsqueeze(0)
     out_dtype = x.dtype
@@ -281,9 +322,15 @@ def conv_transpose_nd(
     # (kernel offset, o): each offset's outputs are contiguous channel rows for the overlap-add
     x3 = x.reshape(bt, groups, cg, L).permute(1, 0, 3, 2).reshape(groups, bt * L, cg)
     w3 = weight.reshape(groups, cg, cout_g, kvol).permute(0, 3, 2, 1).reshape(groups, n_cols, cg)
-    weights = _encoded(_TRANSPOSED_CACHE, weight, w3, config, weight_scale, cache)
-    y3 = product(x3, w3, config, input_scale=input_scale, weight_scale=weight_scale, generator=generator,
-                     weights=weights, stats=stats)  # (G, B*L, kvol * C_out/g) float32
+    # under a tracer the weight is encoded inside the custom operator, per call (w3 is made in the graph)
+    weights = None if tracing() else _encoded(_TRANSPOSED_CACHE, weight, w3, config, weight_scale, cache)
+    device = config
+    if config.bf16_io:
+        # the layer's output is the overlap-add of many products: round the inputs here and the
+        # output once, after the overlap-add and the bias (as conv2d with a bias)
+        device, x3, w3 = without_bf16_io(config), bf16(x3), bf16(w3)
+    y3 = product(x3, w3, device, input_scale=input_scale, weight_scale=weight_scale, generator=generator,
+                 weights=weights, stats=stats)  # (G, B*L, kvol * C_out/g) float32
     # col2im, channels last: (G, B, *sp_in, *k, C_out/g) -> (B, *sp_in, *k, G, C_out/g)
     cols = y3.view(groups, bt, *sp_in, *k, cout_g)
     cols = cols.squeeze(0) if groups == 1 else cols.movedim(0, -2).reshape(bt, *sp_in, *k, groups * cout_g)
@@ -291,6 +338,8 @@ def conv_transpose_nd(
     _overlap_add(cols, y, sp_in, k, s, p, d)
     if bias is not None:
         y.add_(bias.to(torch.float32))  # y is this call's own tensor
+    if config.bf16_io:
+        y = bf16(y)
     y = y.movedim(-1, 1)  # (B, C_out, *sp_out): channels-last memory (2-D, 3-D) as the products came
     if nd == 1:
         y = y.contiguous()

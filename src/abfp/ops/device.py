@@ -418,11 +418,12 @@ def traced_product(x3: Tensor, w: Tensor, cfg: ABFPConfig, *, input_scale: Any =
     return y
 
 
-@functools.lru_cache(maxsize=256)
 def without_bf16_io(cfg: ABFPConfig) -> ABFPConfig:
     """``cfg`` without the bfloat16 rounding of its output: a layer with a bias rounds after
-    adding it (SPEC 1 step 7: the bias add is digital, the layer output is bfloat16)."""
-    return cfg.replace(bf16_io=False)
+    adding it (SPEC 1 step 7: the bias add is digital, the layer output is bfloat16). The twin
+    the config made when it was constructed (:attr:`ABFPConfig.without_bf16_io`), never one made
+    under a tracer."""
+    return cfg.without_bf16_io
 
 
 def bf16(t: Tensor) -> Tensor:
