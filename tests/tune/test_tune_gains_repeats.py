@@ -176,3 +176,28 @@ def test_tune_gain_descent_saves_energy_and_keeps_the_target() -> None:
     assert any(res.plan.modules[m].gain < before[m] for m in res.plan.modules)
     assert desc.energy < gain.energy
     assert len(res.details["gain_descent_trials"]) >= len(res.plan.modules)
+
+
+def test_per_layer_gains_worse_than_the_single_gain_on_calibration_are_not_kept(monkeypatch) -> None:
+    """The per-layer rules minimise a proxy (each layer's error or saturation); where their plan
+    scores worse on the calibration inputs than the single gain, tune keeps the single gain and
+    says so, instead of returning a plan worse than the device it started from."""
+    import abfp
+    import abfp.tune.api as api
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 6))
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    cfg = ABFPConfig(tile_width=8, gain=2.0, noise_std=0.0)
+    good = abfp.tune(model, x, cfg, repeats=False)
+    assert good.details["gain_check"]["text"] == ""  # the error rule beats G=2 here and is kept
+    assert good.stages[1].metric >= good.stages[0].metric
+    # a rule that saturates every layer (gain 4096): far worse on calibration
+    monkeypatch.setattr(api, "choose_gains", lambda model, *a, **k: {"0": 4096.0, "2": 4096.0})
+    res = abfp.tune(model, x, cfg, repeats=False)
+    check = res.details["gain_check"]
+    assert check["per_layer"] < check["single_gain"] - check["stderr"]
+    assert "kept the single gain" in res.stages[1].note
+    assert all(c.gain == 2.0 for c in res.plan.modules.values()) and set(res.plan.modules) == {"0", "2"}
+    assert res.details["gains"] == {"0": 2.0, "2": 2.0}
+    assert res.stages[1].metric == res.stages[0].metric

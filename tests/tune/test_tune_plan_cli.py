@@ -179,3 +179,26 @@ def test_cli_tune_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0]
     assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_tune_default_calibration_fits_the_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--calibration``'s default (64) is an upper bound: a task without a calibration split
+    gives at most half of its data, a smaller calibration split is used whole. An explicit
+    value larger than what the task has is still refused before any work."""
+    task = tmp_path / "tasks.py"
+    task.write_text(TASK + textwrap.dedent('''
+        def with_split():
+            t = make()
+            g = torch.Generator().manual_seed(2)
+            return Task("tiny-split", "tiny mlp", t.build_model, t.load_data, COSINE, default_batch_size=16,
+                        load_calibration=lambda: Dataset((torch.randn(20, 24, generator=g),)))
+    '''))
+    quick = ["--gain-samples", "8", "--max-repeats", "2", "--no-progress"]
+    for fn, n_calib, n_eval in (("make", 24, 24), ("with_split", 20, 48)):
+        plan = tmp_path / fn / "plan.json"
+        assert main(["tune", "--task", f"{task}:{fn}", "--json", str(plan), *quick]) == 0
+        info = DevicePlan.from_json(plan).info
+        assert (info["calibration_samples"], info["eval_samples"]) == (n_calib, n_eval)
+    assert main(["tune", "--task", f"{task}:with_split", "--json", str(tmp_path / "x.json"), "--calibration", "30",
+                 *quick]) == 2
+    assert "calibration data has 20 samples" in capsys.readouterr().err

@@ -71,7 +71,8 @@ def unlabelled_data(task: str, samples: int | None = None) -> Dataset:
     raise ValueError(f"no calibration or training inputs known for task {task!r}")
 
 
-def split_task_data(task: Any, calibration: int | None, eval_samples: int | None) -> tuple[Dataset, Dataset, str]:
+def split_task_data(task: Any, calibration: int | None, eval_samples: int | None, *,
+                    at_most: bool = False) -> tuple[Dataset, Dataset, str]:
     """``(calibration Dataset, evaluation Dataset, where the calibration came from)`` of any task
     (zoo or user): never overlapping.
 
@@ -79,18 +80,22 @@ def split_task_data(task: Any, calibration: int | None, eval_samples: int | None
     split (the zoo's trainable tasks, labels kept for a label metric), else the first
     ``calibration`` samples of its data; evaluation is the task's data (after those samples in
     the last case), its first ``eval_samples`` when given. ``calibration=None``: all of the
-    calibration split, or half of the data. Raises ``ValueError`` when too few samples are left."""
+    calibration split, or half of the data. ``at_most``: ``calibration`` is a default, not a
+    request: a smaller calibration split is used whole, and data without one gives at most half
+    of its samples. Raises ``ValueError`` when too few samples are left."""
     data = task.load_data()
     if task.load_calibration is not None or task.name in TRAINABLE_TASKS:
         if task.load_calibration is not None:
             calib, source = task.load_calibration(), "the task's calibration split"
         else:
             calib, source = training_data(task.name, calibration), "the task's training split"
-        if calibration is not None and len(calib) < calibration:
+        if calibration is not None and len(calib) < calibration and not at_most:
             raise ValueError(f"{task.name}'s calibration data has {len(calib)} samples")
         return calib.take(calibration), data.take(eval_samples), source
     if calibration is None:
         calibration = len(data) // 2
+    elif at_most:
+        calibration = min(calibration, len(data) // 2)
     if not 1 <= calibration < len(data):
         raise ValueError(f"{task.name} has {len(data)} samples; leave some to evaluate")
     end = len(data) if eval_samples is None else min(len(data), calibration + eval_samples)

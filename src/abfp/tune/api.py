@@ -146,6 +146,24 @@ def evaluate_plan(model: nn.Module, plan: DevicePlan, data: Dataset, metric: Met
     return metric(plan_outputs(model, plan, data, batch_size, seed), data.targets, reference)
 
 
+def _no_worse_than_single_gain(gain_plan: DevicePlan, base_plan: DevicePlan, calib: Dataset, reference: Tensor,
+                               metric: Metric, outputs: Callable[[DevicePlan], Tensor]) -> tuple[DevicePlan, dict[str, Any]]:
+    """``gain_plan``, or ``base_plan`` where the per-layer gains score worse on the calibration
+    inputs than the single gain by more than one standard error of the single gain's score
+    (``metric.stderr``; any amount when it has none): the per-layer rules minimise each layer's
+    output error or saturation, a proxy that can lose the metric itself (a model whose float32
+    classes are near ties). Decided on calibration inputs only, never the evaluation inputs.
+    Returns the plan kept and what was compared (``{"single_gain", "per_layer", "stderr", "text"}``)."""
+    base_out, gain_out = outputs(base_plan), outputs(gain_plan)
+    b, g = metric(base_out, calib.targets, reference), metric(gain_out, calib.targets, reference)
+    se = metric.stderr(base_out, calib.targets, reference) or 0.0
+    loss = (b - g) if metric.higher_is_better else (g - b)
+    worse = loss > se
+    text = (f"the per-layer gains scored {g:.4g} on calibration against the single gain's {b:.4g} "
+            f"(standard error {se:.2g}): kept the single gain") if worse else ""
+    return (base_plan if worse else gain_plan), {"single_gain": b, "per_layer": g, "stderr": se, "text": text}
+
+
 def _energy(model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...], params: EnergyParams) -> float:
     m = plan.convert(model)
     try:
@@ -399,7 +417,13 @@ def tune(
                               tolerance=gain_tolerance, exclude=exclude, seed=seed)
         gain_plan = DevicePlan(config, {m: config.replace(gain=chosen.get(m, config.gain)) for m in modules},
                                tuple(exclude), {"gain_rule": gain_rule})
-        stage("gain", gain_plan, t0, note=f"{gain_rule} rule")
+        kept, note = _no_worse_than_single_gain(gain_plan, base_plan, calib, ref_cal, metric,
+                                                lambda p: plan_outputs(model, p, calib, batch_size, seed))
+        if kept is base_plan:  # the per-layer rule scored worse on calibration: every module at the base gain
+            chosen = {m: config.gain for m in modules}
+            gain_plan = DevicePlan(config, {m: config for m in modules}, tuple(exclude), {"gain_rule": gain_rule})
+        details["gain_check"] = note
+        stage("gain", gain_plan, t0, note=f"{gain_rule} rule" + (f": {note['text']}" if kept is base_plan else ""))
     if book is not None and book.get("gain") is None:
         details["gains"] = chosen
         record("gain", {k: v for k, v in details.items()})

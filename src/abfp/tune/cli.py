@@ -47,7 +47,9 @@ def _parser(sub) -> None:
     p.add_argument("--config", default=None, help="base device as a JSON file or string")
     p.add_argument("--json", dest="json_path", required=True, help="write the DevicePlan here (JSON)")
     p.add_argument("--out", default=None, help="folder of the weights, report and plot (default: --json's folder)")
-    p.add_argument("--calibration", type=int, default=64, help="calibration samples (default 64)")
+    p.add_argument("--calibration", type=int, default=None,
+                   help=f"calibration samples (default {DEFAULT_CALIBRATION}, or all of a smaller calibration split, or "
+                        "half of the data of a task without one)")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluation samples after them (default: the rest)")
     p.add_argument("--gain-rule", choices=["error", "saturation", "energy"], default="error",
                    help="error: each layer's least-error gain; saturation: the largest power of two with at most 1e-4 "
@@ -103,6 +105,8 @@ def _parser(sub) -> None:
 FT_DEFAULTS = {"steps": 100, "lr": 1e-5, "batch_size": 32}
 #: Defaults of the bias correction's options.
 BC_DEFAULTS = {"samples": 64}
+#: ``--calibration``'s default: at most this many calibration samples.
+DEFAULT_CALIBRATION = 64
 
 
 def register(sub) -> None:
@@ -145,6 +149,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = base_config(args)
     if cfg.mode != "abfp" or cfg.repeats != 1:
         raise UsageError("abfp tune plans an ABFP device: give a base config with mode 'abfp' and repeats 1")
+    calibration_default = args.calibration is None
+    if calibration_default:
+        args.calibration = DEFAULT_CALIBRATION  # as the journal records it
     out_dir = Path(args.out) if args.out is not None else Path(args.json_path).parent
     journal = out_dir / journal_name(args.json_path)
     resuming = check_journal(journal, args)  # a resumed run may replace its own outputs
@@ -154,7 +161,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     check_output_dir(out_dir, list(names), force=args.force or resuming, what="--out")
     task = single_task(args.task, "tune")
     apply_threads(args.threads)
-    calib, evald, source = split_data(task, args.calibration, args.eval_samples)
+    calib, evald, source = split_data(task, args.calibration, args.eval_samples, at_most=calibration_default)
 
     from tqdm.auto import tqdm
 
@@ -235,11 +242,11 @@ def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:
     return {**FT_DEFAULTS, **given, "progress": not args.no_progress}
 
 
-def split_data(task, calibration: int, eval_samples: int | None):
+def split_data(task, calibration: int, eval_samples: int | None, *, at_most: bool = False):
     """:func:`abfp.finetune.data.split_task_data` with ``--calibration`` in its errors."""
     from ..finetune.data import split_task_data
 
     try:
-        return split_task_data(task, calibration, eval_samples)
+        return split_task_data(task, calibration, eval_samples, at_most=at_most)
     except ValueError as e:
         raise UsageError(f"--calibration {calibration}: {e}") from None
