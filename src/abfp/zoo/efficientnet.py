@@ -155,6 +155,66 @@ def crops_of(photos: tuple[str, ...], per_photo: int = CROPS_PER_PHOTO) -> Tenso
     return torch.stack(batch)
 
 
+_PHOTO_CACHE: dict[str, Tensor] = {}
+
+
+def _cached_photo(name: str) -> Tensor:
+    if name not in _PHOTO_CACHE:
+        _PHOTO_CACHE[name] = _photo(name)
+    return _PHOTO_CACHE[name]
+
+
+def random_crops(n: int, generator: torch.Generator, *, photos: tuple[str, ...] = CALIBRATION_PHOTOS,
+                 min_scale: float = 0.3, max_scale: float = 1.0, mirror: bool = True,
+                 jitter: float = 0.0) -> Tensor:
+    """``n`` fresh random crops of the calibration photos, normalised as :func:`preprocess` does
+    (n x 3 x 224 x 224): for each, a photo drawn uniformly from ``photos``, a square of side
+    ``s`` x (shorter side) with ``s`` uniform in [``min_scale``, ``max_scale``] at a uniform
+    position, mirrored with probability 1/2 (``mirror``), and, when ``jitter`` > 0, brightness
+    and contrast each scaled by a factor uniform in [1 - jitter, 1 + jitter] (clamped to [0, 1]).
+
+    Every draw comes from ``generator``: the same seed gives the same crops. For label-free
+    finetuning with a new batch every step (:meth:`abfp.zoo.Task.sample_finetuning_batch`).
+    ``photos`` must not name an evaluation photo (:data:`EVAL_PHOTOS`): those are never
+    trained on."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of crops must be a positive integer, got {n!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not photos:
+        raise ValueError("photos must name at least one photo")
+    leaked = sorted(set(photos) & set(EVAL_PHOTOS))
+    if leaked:
+        raise ValueError(f"evaluation photos cannot be finetuning inputs: {', '.join(leaked)}")
+    unknown = sorted(set(photos) - set(CALIBRATION_PHOTOS))
+    if unknown:
+        raise ValueError(f"unknown calibration photo(s): {', '.join(unknown)}; known: {', '.join(CALIBRATION_PHOTOS)}")
+    if not 0.0 < min_scale <= max_scale <= 1.0:
+        raise ValueError(f"need 0 < min_scale <= max_scale <= 1, got {min_scale!r}, {max_scale!r}")
+    if not 0.0 <= jitter < 1.0:
+        raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
+    u = torch.rand(n, 6, generator=generator, dtype=torch.float64).tolist()
+    which = torch.randint(len(photos), (n,), generator=generator).tolist()
+    batch = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k in range(n):
+            img = _cached_photo(photos[which[k]])
+            size = min_scale + (max_scale - min_scale) * u[k][0]
+            crop = _crop(img, u[k][1], u[k][2], size)
+            if mirror and u[k][3] < 0.5:
+                crop = crop.flip(-1)
+            if jitter > 0:
+                b, c = 1 + jitter * (2 * u[k][4] - 1), 1 + jitter * (2 * u[k][5] - 1)
+                mean = crop.mean()
+                crop = ((crop - mean) * c + mean * b).clamp(0.0, 1.0)
+            batch.append(preprocess(crop))
+    finally:
+        torch.set_num_threads(threads)
+    return torch.stack(batch)
+
+
 def load_data() -> Dataset:
     """The evaluation split: 312 normalised 224x224 crops (12 photos x 26 crops), unlabelled."""
     return Dataset((crops_of(EVAL_PHOTOS),))

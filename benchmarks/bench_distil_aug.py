@@ -1,0 +1,138 @@
+"""Distil-QAT of EfficientNet-Lite0 on a tuned plan with a fresh batch of random calibration crops every step.
+
+Session 10's distil-QAT drew its batches from the 338 fixed calibration crops and overfit them (training
+loss fell, held-out KL rose). Here every step gets ``--batch-size`` new crops
+(:func:`abfp.zoo.efficientnet.random_crops`: one of the 13 calibration photos, a square of 0.3-1.0 of its
+shorter side at a random place, mirrored half the time, ``--jitter`` brightness/contrast), distilled (KL on
+logits) against the frozen float32 model's logits on the same batch. The device is the plan of
+``--plan-from RESULT.json:STAGE`` (noise from torch's global generator while training, as ``abfp.finetune.qat``);
+batch norm and every other submodule stay in eval mode. ``--train`` picks the trainable parameters:
+``all``, or ``sensitive`` (the stem convolution and block 0's depthwise convolution, the two layers that carry
+72 % of the single-layer KL, with the batch norms after them). AdamW at ``--lr``, one optimiser for the whole
+run. Every ``--every`` steps the model is evaluated on the plan (noise seed 0) on the 312 evaluation crops:
+top-1 agreement and KL against float32, with standard errors (the float32 logits and the unfinetuned plan's
+row are cached under ``--cache``). Wall and process CPU time and the load average are in every row; the JSON
+is rewritten after every row.
+
+    OMP_NUM_THREADS=1 python3 benchmarks/bench_distil_aug.py --plan-from docs/results/tune/efficientnet-I.json:gain \\
+        --lr 1e-5 --batch-size 8 --steps 200 --every 50 --train all --out aug.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from abfp import zoo
+from abfp.finetune.distillation import kl_loss
+from abfp.finetune.loop import set_training
+from abfp.nn import convert, to_digital
+from abfp.tune import DevicePlan
+from abfp.tune.api import plan_outputs
+from abfp.zoo.base import AGREEMENT, KL
+from abfp.zoo.efficientnet import random_crops
+
+SENSITIVE = ("_conv_stem.", "_bn0.", "_blocks.0._depthwise_conv.", "_blocks.0._bn1.")
+
+
+def load_plan(spec: str) -> DevicePlan:
+    path, stage = spec.rsplit(":", 1)
+    found = [r["plan"] for r in json.load(open(path))["rows"] if r["stage"] == stage]
+    if not found:
+        raise SystemExit(f"no stage {stage!r} in {path}")
+    return DevicePlan.from_dict(found[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plan-from", default="docs/results/tune/efficientnet-I.json:gain")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--train", choices=("all", "sensitive"), default="all")
+    ap.add_argument("--jitter", type=float, default=0.0)
+    ap.add_argument("--min-scale", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval", type=int, default=312, help="the first EVAL evaluation crops (312: all)")
+    ap.add_argument("--eval-batch-size", type=int, default=24)
+    ap.add_argument("--cache", default="/tmp/effnet-aug-cache")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--save", default=None, help="write the finetuned float32 weights (state dict) here at the end")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    task = zoo.get("efficientnet-lite0")
+    model = task.build_model().eval()
+    teacher = task.build_model().eval()
+    plan = load_plan(a.plan_from)
+    ev = task.load_data().take(a.eval)
+    cache = Path(a.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    ref_path = cache / f"ref-{len(ev)}.pt"
+    if ref_path.exists():
+        ref = torch.load(ref_path)
+    else:
+        with torch.no_grad():
+            ref = torch.cat([teacher(x) for (x,), _ in ev.batches(a.eval_batch_size)])
+        torch.save(ref, ref_path)
+    rows: list[dict] = []
+
+    def record(step: int, m: torch.nn.Module | None, extra: dict) -> None:
+        key = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        plan_path = cache / f"plan-{key}-{len(ev)}.pt"
+        if m is None and plan_path.exists():
+            out = torch.load(plan_path)
+        else:
+            digital = model if m is None else to_digital(m, inplace=False)
+            out = plan_outputs(digital, plan, ev, a.eval_batch_size, 0)
+            if m is None:
+                torch.save(out, plan_path)
+        rows.append({"step": step, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                     "load": os.getloadavg()[0], **extra,
+                     "agreement": AGREEMENT(out, None, ref), "agreement_se": AGREEMENT.stderr(out, None, ref),
+                     "kl": KL(out, None, ref), "kl_se": KL.stderr(out, None, ref)})
+        print(rows[-1], flush=True)
+        with open(a.out, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "args": vars(a), "rows": rows}, f, indent=1)
+
+    record(0, None, {})
+    over = {k: v.replace(seed=None) for k, v in plan.overrides().items()}
+    net = convert(model, plan.base.replace(seed=None), overrides=over, inplace=True)
+    params = []
+    for name, p in net.named_parameters():
+        p.requires_grad_(a.train == "all" or name.startswith(SENSITIVE))
+        if p.requires_grad:
+            params.append(p)
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    set_training(net, frozen=True)
+    torch.manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
+    losses: list[float] = []
+    for step in range(1, a.steps + 1):
+        x = random_crops(a.batch_size, gen, min_scale=a.min_scale, jitter=a.jitter)
+        with torch.no_grad():
+            t = teacher(x)
+        loss = kl_loss(net(x), t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % a.every == 0 or step == a.steps:
+            recent = losses[-a.every:]
+            net.eval()
+            record(step, net, {"train_loss": sum(recent) / len(recent), "n_params": sum(p.numel() for p in params)})
+            set_training(net, frozen=True)
+    if a.save:
+        torch.save(to_digital(net, inplace=False).state_dict(), a.save)
+
+
+if __name__ == "__main__":
+    main()
