@@ -17,6 +17,11 @@ from torch import Tensor
 #: The smallest positive normal float32 (and bfloat16): below it bfloat16 keeps fewer than
 #: 8 significant bits, so rounding a block maximum to bfloat16 may move it by up to 100 %.
 MIN_NORMAL = 2.0**-126
+#: The largest finite bfloat16, ``(2 - 2^-7) 2^127``, and the largest pow2 scale, ``2^127``: a
+#: scale format saturates there (a block max beyond it, up to float32's ``(2 - 2^-23) 2^127``,
+#: would round to ``inf``, encode as zeros and rescale to NaN); the DAC clamp saturates the codes.
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)
+POW2_MAX = 2.0**127
 
 
 def round_scale(s: Tensor, scale_dtype: str) -> Tensor:
@@ -25,14 +30,15 @@ def round_scale(s: Tensor, scale_dtype: str) -> Tensor:
     ``"pow2"``: ``2**ceil(log2 s)`` computed exactly from the binary exponent
     (``s = m 2**e`` with ``m`` in [1/2, 1): ``ceil(log2 s) = e - 1`` if ``m = 1/2``, else
     ``e``), not through a float32 ``log2``, which rounds ``log2(2**k (1 + 2**-23))`` to ``k``.
-    A scale above ``2**127`` becomes ``inf`` (its block encodes as zeros).
+    Both saturate at their largest finite value (:data:`BF16_MAX`, :data:`POW2_MAX`): a block
+    max beyond it is encoded at full scale, its codes clamped (:func:`has_subnormal`).
     """
     s = s.to(torch.float32)
     if scale_dtype == "bfloat16":
-        return s.to(torch.bfloat16).to(torch.float32)
+        return s.to(torch.bfloat16).to(torch.float32).clamp_(max=BF16_MAX)
     if scale_dtype == "pow2":
         m, e = torch.frexp(s)
-        e = e - (m == 0.5).to(e.dtype)
+        e = (e - (m == 0.5).to(e.dtype)).clamp_(max=127)
         return torch.where(s > 0, torch.ldexp(torch.ones_like(s), e), torch.zeros_like(s))
     return s
 
@@ -105,8 +111,10 @@ def needs_clamp(own_max: bool, max_code: int) -> bool:
 
 def has_subnormal(s: Tensor) -> bool:
     """Whether any positive scale is below :data:`MIN_NORMAL` (bfloat16 rounding of such a
-    block maximum can put ``|v / s|`` far above 1: ``1.4 * 2**-133`` rounds to ``2**-133``)."""
-    return bool(((s > 0) & (s < MIN_NORMAL)).any())
+    block maximum can put ``|v / s|`` far above 1: ``1.4 * 2**-133`` rounds to ``2**-133``) or
+    at least :data:`POW2_MAX` (where a scale format saturates, ``|v / s|`` may reach 2): the
+    codes of such blocks need the clamp."""
+    return bool(((s > 0) & (s < MIN_NORMAL) | (s >= POW2_MAX)).any())
 
 
 def codes_(v: Tensor, s: Tensor, max_code: int, *, own_max: bool = False) -> Tensor:

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..config import ABFPConfig
 from . import fused, kernels, vnni8
 from .adc import AdcPlan
-from .blocks import Encoded, needs_clamp, round_scale
+from .blocks import Encoded, has_subnormal, needs_clamp, round_scale
 from .kernels import CHUNK_ELEMENTS, ProductStats, _adc_args, _count, _int_mm, int8_tiles, plan_chunks
 from .workspace import scratch
 
@@ -302,6 +302,7 @@ def conv2d_fused(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                                fused.as_numpy(s), fused.as_numpy(codes))
             if cfg.scale_dtype == "pow2":  # rounded as torch rounds it, and the codes again
                 s = round_scale(s, "pow2")
+                clamp = clamp or has_subnormal(s)  # a saturated scale (2^127) may be half its block's max
         else:
             s = static.expand(T, G, b, L).contiguous()
         if static is not None or cfg.scale_dtype == "pow2":

@@ -137,7 +137,8 @@ if fused.AVAILABLE:
         if bf16:
             u = sc.view(np.uint32)
             for t in range(T):
-                u[t] = (u[t] + np.uint32(0x7FFF) + ((u[t] >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+                u[t] = min((u[t] + np.uint32(0x7FFF) + ((u[t] >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000),
+                           np.uint32(0x7F7F0000))  # saturating at the largest finite bfloat16
         for t in range(T):
             seg = dst[t * n : min(kg, t * n + n)]
             s = sc[t]

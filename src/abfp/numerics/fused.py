@@ -67,6 +67,10 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _MIN_NORMAL = np.float32(2.0**-126)
+#: Scales at or above 2^127 (saturated, see :data:`abfp.numerics.blocks.POW2_MAX`) need the clamp.
+_SCALE_CLAMP_FROM = np.float32(2.0**127)
+#: The largest finite bfloat16 as float32 bits: bfloat16 scales saturate there.
+_BF16_MAX_BITS = np.uint32(0x7F7F0000)
 
 
 #: Rows and columns of one work item of :func:`narrow_rows` (its sums: 16 KiB, in L1).
@@ -183,7 +187,8 @@ if AVAILABLE:
     def _block_scales(xf, k_src, k_off, k0, k1, src_stride, start, nv, bf16, o):
         """``o[v] = max |xf[k_src[k] src_stride + start + k_off[k] + v]|`` over reduction indices
         ``k0 .. k1 - 1`` (a block of patch values; ``xf`` the phase images, flat) for ``v < nv``,
-        rounded to nearest even bfloat16 as torch converts where ``bf16`` (else float32 as it is)."""
+        rounded to nearest even bfloat16 as torch converts where ``bf16``, saturating at the largest
+        finite bfloat16 (else float32 as it is)."""
         for v in range(nv):
             o[v] = np.float32(0.0)
         for k in range(k0, k1):
@@ -195,7 +200,8 @@ if AVAILABLE:
         if bf16:
             u = o[:nv].view(np.uint32)
             for v in range(nv):
-                u[v] = (u[v] + np.uint32(0x7FFF) + ((u[v] >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+                u[v] = min((u[v] + np.uint32(0x7FFF) + ((u[v] >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000),
+                           _BF16_MAX_BITS)
 
     @njit(parallel=True, **_jit)
     def epilogue_rows(d, lsb_num, lsb_den, noise_step, ly, key, noisy, count, sx, sw, y, b_off, M, m_off, inside):
@@ -663,9 +669,9 @@ if AVAILABLE:
             k1 = g * kg + min(kg, t * n + n)
             _block_scales(xf, k_src, k_off, k0, k1, B3 * L3, b * L3, L, bf16, o)
             cl = clamp
-            if not cl:  # a subnormal scale may sit far below its block's max: clamp this tile
+            if not cl:  # a subnormal or saturated scale may sit far below its block's max: clamp this tile
                 for v in range(L):
-                    if o[v] > 0 and o[v] < _MIN_NORMAL:
+                    if (o[v] > 0 and o[v] < _MIN_NORMAL) or o[v] >= _SCALE_CLAMP_FROM:
                         cl = True
                         break
             for k in range(k0, k1):

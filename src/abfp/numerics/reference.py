@@ -29,9 +29,10 @@ class ReferenceResult:
 
 
 def _round_scale(s: Tensor, scale_dtype: str) -> Tensor:
-    """The scale format, in float64 (a float32-range format: beyond 2**128 is inf)."""
+    """The scale format, in float64, saturating at its largest finite value (bfloat16
+    ``(2 - 2^-7) 2^127``, pow2 ``2^127``): a block max beyond it encodes at full scale."""
     if scale_dtype == "bfloat16":
-        return s.to(torch.float32).to(torch.bfloat16).to(torch.float64)
+        return s.to(torch.float32).to(torch.bfloat16).to(torch.float64).clamp(max=float(torch.finfo(torch.bfloat16).max))
     if scale_dtype == "pow2":
         # 2**ceil(log2 s), exactly: float64 log2 brackets the exponent, one step corrects it
         pos = s > 0
@@ -39,7 +40,7 @@ def _round_scale(s: Tensor, scale_dtype: str) -> Tensor:
         e = torch.ceil(torch.log2(torch.where(pos, s, one)))
         e = torch.where(torch.exp2(e - 1) >= s, e - 1, e)
         e = torch.where(torch.exp2(e) < s, e + 1, e)
-        return torch.where(pos, torch.exp2(e), torch.zeros_like(s)).to(torch.float32).to(torch.float64)
+        return torch.where(pos, torch.exp2(e.clamp(max=127)), torch.zeros_like(s)).to(torch.float32).to(torch.float64)
     return s.to(torch.float32).to(torch.float64)
 
 
