@@ -75,6 +75,8 @@ def speech(cls, cfg, feats, **kw):
 #: name -> factory of (model, args, kwargs); what each brings that the others do not.
 MODELS = {
     "gpt2": lm(T.GPT2Model, T.GPT2Config, n_embd=32, n_layer=2, n_head=4, n_positions=32),  # Conv1D: addmm
+    "gpt2-eager": lm(T.GPT2Model, T.GPT2Config, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                     attn_implementation="eager"),  # attention as matmul, softmax, matmul
     "bert": text(T.BertModel, T.BertConfig, max_position_embeddings=32, **H),
     "distilbert": text(T.DistilBertModel, T.DistilBertConfig, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                        max_position_embeddings=32),
@@ -83,6 +85,9 @@ MODELS = {
     "deberta-v2": text(T.DebertaV2Model, T.DebertaV2Config, max_position_embeddings=32, relative_attention=True,
                        pos_att_type=["p2c", "c2p"], **H),  # disentangled attention: gathers of products
     "convbert": text(T.ConvBertModel, T.ConvBertConfig, embedding_size=32, max_position_embeddings=32, **H),
+    "nystromformer": lambda: (T.NystromformerModel(T.NystromformerConfig(
+        vocab_size=100, max_position_embeddings=64, num_landmarks=4, segment_means_seq_len=16, conv_kernel_size=3, **H)),
+        (), dict(input_ids=torch.randint(3, 100, (B, 16), generator=torch.Generator().manual_seed(1)))),  # pinv by matmuls
     "bigbird": text(T.BigBirdModel, T.BigBirdConfig, max_position_embeddings=64, attention_type="original_full", **H),
     "longformer": text(T.LongformerModel, T.LongformerConfig, max_position_embeddings=40, attention_window=4, **H),
     "t5": lambda: (T.T5Model(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -91,6 +96,8 @@ MODELS = {
     "bart": seq2seq(T.BartModel, T.BartConfig, max_position_embeddings=32),
     "marian": seq2seq(T.MarianModel, T.MarianConfig, max_position_embeddings=32),
     "llama": lm(T.LlamaModel, T.LlamaConfig, max_position_embeddings=32, num_key_value_heads=2, **H),  # rotary, GQA
+    "llama-eager": lm(T.LlamaModel, T.LlamaConfig, max_position_embeddings=32, num_key_value_heads=2,
+                      attn_implementation="eager", **H),
     "mistral": lm(T.MistralModel, T.MistralConfig, max_position_embeddings=32, num_key_value_heads=2, **H),
     "qwen2": lm(T.Qwen2Model, T.Qwen2Config, max_position_embeddings=32, num_key_value_heads=2, **H),
     "gemma3": lm(T.Gemma3TextModel, T.Gemma3TextConfig, max_position_embeddings=32, num_key_value_heads=2, head_dim=8,
@@ -121,6 +128,7 @@ MODELS = {
     "fnet": lm(T.FNetModel, T.FNetConfig, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
                max_position_embeddings=32),  # Fourier mixing: FFTs are no products, digital
     "vit": image(T.ViTModel, T.ViTConfig, 16, image_size=16, patch_size=4, **H),
+    "dinov2": image(T.Dinov2Model, T.Dinov2Config, 16, image_size=16, patch_size=4, **H),
     "beit": image(T.BeitModel, T.BeitConfig, 16, image_size=16, patch_size=4, use_relative_position_bias=True, **H),
     "swin": image(T.SwinModel, T.SwinConfig, image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
                   num_heads=[2, 2], window_size=4),
@@ -143,6 +151,10 @@ MODELS = {
     "wav2vec2": audio(T.Wav2Vec2Model, T.Wav2Vec2Config),  # grouped positional conv1d
     "hubert": audio(T.HubertModel, T.HubertConfig),
     "wavlm": audio(T.WavLMModel, T.WavLMConfig, num_buckets=16, max_bucket_distance=20),  # gated relative bias
+    "encodec": lambda: (T.EncodecModel(T.EncodecConfig(
+        hidden_size=16, num_filters=4, num_residual_layers=1, upsampling_ratios=[2, 2], codebook_size=16,
+        codebook_dim=16, num_lstm_layers=1, sampling_rate=800, target_bandwidths=[1.5])),
+        (torch.randn(1, 1, 64),), {}),  # conv1d, LSTM, transposed conv1d; the codebook look-up is digital
     "clip": lambda: (T.CLIPModel(T.CLIPConfig(
         text_config=dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=16),
@@ -166,6 +178,8 @@ def output(o) -> torch.Tensor:
         return o
     if getattr(o, "text_embeds", None) is not None:
         return torch.cat([o.text_embeds.flatten(), o.image_embeds.flatten()])
+    if getattr(o, "audio_values", None) is not None:  # EnCodec: the decoded audio, not its integer codes
+        return o.audio_values
     if getattr(o, "last_hidden_state", None) is not None:
         return o.last_hidden_state
     return o[0]
@@ -226,6 +240,16 @@ def test_longformer_mask_of_float32_min_through_an_einsum_runs():
     assert rel(out, ref) < 0.05
 
 
+@pytest.mark.parametrize("name", ["gpt2", "t5", "whisper", "longformer", "encodec"])
+def test_summary_lists_every_product_of_a_model_we_have_not_seen(name):
+    model, args, kwargs = build(name)
+    with torch.no_grad():
+        s = abfp.summary(model, args, DEFAULT, kwargs=kwargs, errors=False)
+    assert s.device_mac_share == 1.0 and s.coverage.digital_macs == 0
+    assert s.rows and sum(r.macs for r in s.rows) == s.coverage.analog_macs
+    assert not any(r.kind == "digital" for r in s.rows)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_generate_with_the_kv_cache_runs_on_the_device(arch):
     """``generate()`` (greedy, KV cache): the ideal device picks float32's tokens; every step's
@@ -270,9 +294,12 @@ def test_packed_recurrent_layers_run_on_the_device(layer):
 
 if __name__ == "__main__":  # the table of docs/families.md
     torch.set_num_threads(1)
-    print("| model | MACs | device MAC share | rel. error ideal | rel. error default 8/8/8 |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | product sites | MACs | device MAC share | rel. error ideal | rel. error default 8/8/8 |")
+    print("|---|---:|---:|---:|---:|---:|")
     for n in sorted(MODELS):
         r = measure(n)
+        m, a, kw = build(n)
+        with torch.no_grad():
+            sites = len(abfp.summary(m, a, DEFAULT, kwargs=kw, errors=False).rows)
         share = min(r["ideal_share"], r["default_share"])
-        print(f"| {n} | {r['macs']:,} | {100 * share:.1f} % | {r['ideal_rel']:.1e} | {r['default_rel']:.1e} |")
+        print(f"| {n} | {sites} | {r['macs']:,} | {100 * share:.1f} % | {r['ideal_rel']:.1e} | {r['default_rel']:.1e} |")
