@@ -4,7 +4,9 @@ One step: ``loss = loss_fn(model(x), t)`` (label-free: ``t`` are the outputs of 
 float32 teacher, computed once, and the loss a :class:`~.distillation.Distillation`), backward,
 ``AdamW`` step with learning rate ``lr * lr_decay ** epoch`` (``epoch = step // (N // batch_size)``). The batch of step ``k``
 is slice ``k mod (N // batch_size)`` of a permutation of the training set seeded by
-``(seed, epoch)``, so it depends on the step number only. Everything random inside a step
+``(seed, epoch)``, so it depends on the step number only; with ``sample_inputs`` (fresh inputs,
+distillation only) it is a new batch drawn from a generator seeded by ``(seed, step)``, the teacher's
+outputs on it computed at that step. Everything random inside a step
 (dropout, device noise in QAT, DNF seeds) comes from torch's global generator, seeded with
 ``seed`` once and saved in every checkpoint: a run resumed from a checkpoint repeats the
 uninterrupted run bit for bit. The torch thread count is held at the caller's for the whole
@@ -54,7 +56,7 @@ from .checkpoint import digest, load_checkpoint, model_state, restore_optimizer,
 from .distillation import Distillation, teacher_outputs
 from .parallel import check_divisible, from_main, mean_over_ranks, shard, step_seed, sync_from_main, unwrap, wrap
 
-__all__ = ["FinetuneResult", "Method", "TrainSettings", "device_metric", "finetune", "produced_by"]
+__all__ = ["FinetuneResult", "Method", "TrainSettings", "callable_name", "device_metric", "finetune", "produced_by"]
 
 LossFn = Callable[[Tensor, Tensor | None], Tensor]
 
@@ -94,6 +96,12 @@ class TrainSettings:
     #: Per-module devices, ``{regex: ABFPConfig}`` as :func:`abfp.convert` takes them (a
     #: :class:`abfp.tune.DevicePlan`'s ``overrides()``); the other products use ``config``.
     overrides: Mapping[str, ABFPConfig] | None = None
+    #: Fresh inputs (distillation only): ``(generator, n) -> tuple of input tensors``; the batch of
+    #: step ``k`` is ``sample_inputs(Generator().manual_seed(seed * 1_000_003 + k), batch_size)``
+    #: with the frozen float32 teacher's outputs on it as targets, instead of a slice of the
+    #: fixed training inputs (which still serve DNF's histograms and fixed point's scales).
+    #: E.g. :attr:`abfp.zoo.Task.sample_finetuning_batch`.
+    sample_inputs: Callable[[torch.Generator, int], Any] | None = None
 
     @property
     def frozen_layers(self) -> bool:
@@ -118,6 +126,12 @@ class TrainSettings:
             raise TypeError(f"distillation must be an abfp.finetune.Distillation, got {type(self.distillation).__name__}")
         need(self.distillation is None or self.loss_fn is None,
              "pass either a distillation loss or loss_fn, not both (distillation is the loss)")
+        if self.sample_inputs is not None:
+            if not callable(self.sample_inputs):
+                raise TypeError(f"sample_inputs must be a callable (generator, n) -> inputs, "
+                                f"got {type(self.sample_inputs).__name__}")
+            need(self.distillation is not None,
+                 "sample_inputs (fresh unlabelled inputs) needs a distillation loss: they have no labels")
         if self.overrides is not None:
             if not isinstance(self.overrides, Mapping):
                 raise TypeError(f"overrides must be a mapping of module pattern -> ABFPConfig, "
@@ -132,6 +146,8 @@ class TrainSettings:
              "lr_decay": self.lr_decay, "exclude": list(self.exclude), "inference_layers": self.frozen_layers}
         if self.overrides:  # only when set: checkpoints of single-device runs keep their provenance
             d["overrides"] = {k: v.to_dict() for k, v in self.overrides.items()}
+        if self.sample_inputs is not None:
+            d["sample_inputs"] = callable_name(self.sample_inputs)
         return d
 
 
@@ -254,6 +270,34 @@ class _Batches:
         idx = self._perm[j * self.batch_size : (j + 1) * self.batch_size]
         inputs = tuple(t[idx] for t in self.data.inputs)
         return inputs, None if self.data.targets is None else self.data.targets[idx]
+
+
+def callable_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of ``fn``: how checkpoints and journals name a sampler."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+class _FreshBatches(_Batches):
+    """The batch of step ``k``: ``sample(Generator().manual_seed(seed * 1_000_003 + k), batch_size)``
+    with the frozen ``teacher``'s outputs on it as targets (depends on the step number only)."""
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int, sample: Callable[[torch.Generator, int], Any],
+                 teacher: nn.Module) -> None:
+        # no minimum size for ``data``: the batches do not come from it (it only sets the epoch length)
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.per_epoch = max(1, len(data) // batch_size)
+        self.sample, self.teacher = sample, teacher
+
+    def __call__(self, step: int) -> tuple[tuple[Tensor, ...], Tensor | None]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        raw = self.sample(g, self.batch_size)
+        inputs = (raw,) if isinstance(raw, Tensor) else raw
+        if not (isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, Tensor) for t in inputs)):
+            raise TypeError(f"sample_inputs must return a Tensor or a tuple of Tensors, got {type(raw).__name__}")
+        if any(t.shape[0] != self.batch_size for t in inputs):
+            raise ValueError(f"sample_inputs returned {[t.shape[0] for t in inputs]} rows, asked for {self.batch_size}")
+        inputs = tuple(inputs)
+        return inputs, teacher_outputs(self.teacher, inputs, self.batch_size)
 
 
 class _Fp32Timer:
@@ -382,14 +426,18 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     threads = _pin_threads()
     rank, world_size = world()
     check_divisible(s.batch_size, world_size)
-    batches = _Batches(train_data, s.batch_size, s.seed)
+    if s.sample_inputs is None:
+        batches = _Batches(train_data, s.batch_size, s.seed)
     eval_cfg = config if config.seed is not None else config.replace(seed=s.seed)
     base = float_copy(model)
     sync_from_main(base)
     if s.distillation is not None:  # the frozen float32 teacher's outputs become the targets
         inputs = train_data.inputs
         train_data = Dataset(inputs, from_main(lambda: teacher_outputs(base, inputs)))
-        batches = _Batches(train_data, s.batch_size, s.seed)
+        if s.sample_inputs is None:
+            batches = _Batches(train_data, s.batch_size, s.seed)
+        else:  # a new batch every step; the teacher stays float32
+            batches = _FreshBatches(train_data, s.batch_size, s.seed, s.sample_inputs, copy.deepcopy(base).eval())
 
     ckpt = Path(s.checkpoint) if s.checkpoint else None
     expected = _json_roundtrip(produced_by(method, base, train_data, eval_cfg, s, loss_fn)) if ckpt else {}

@@ -247,7 +247,9 @@ def qat(model: nn.Module, train_data: Dataset, config: ABFPConfig | None = None,
     ``resume``, ``progress``, ``loss_fn``, ``timing_steps``, ``timing_every``, ``exclude``,
     ``callback(step, loss)``, ``inference_layers`` (batch norm and dropout in eval mode while
     training; default: only when distilling), ``overrides`` (per-module devices ``{regex:
-    ABFPConfig}``, e.g. ``DevicePlan.overrides()``: a per-layer plan of gains and repeats). Label-free: ``loss="kl"`` (``temperature``),
+    ABFPConfig}``, e.g. ``DevicePlan.overrides()``: a per-layer plan of gains and repeats),
+    ``sample_inputs`` (with a distillation loss: ``(generator, n) -> inputs``, a fresh batch every
+    step instead of the fixed ``train_data``, e.g. ``Task.sample_finetuning_batch``). Label-free: ``loss="kl"`` (``temperature``),
     ``"cosine"`` or ``"mse"`` distils from a frozen float32 copy of ``model`` on the inputs of
     ``train_data`` (labels unused; see :mod:`abfp.finetune.distillation`). Returns a
     :class:`FinetuneResult` (the model is a finetuned float32 copy; ``model`` itself is not

@@ -250,7 +250,9 @@ def tune(
     the least (a gain G costs G times the analog energy).
     ``finetune``: ``"distil-qat"``, ``"distil-dnf"`` (options ``finetune_options``: ``steps``,
     ``lr``, ``batch_size``, ``loss`` (default ``kl`` for a %-metric or KL, else ``cosine``),
-    ``temperature``, ``seed``, ``progress``), ``"bias-correct"`` (options ``samples``, ``seed``: the
+    ``temperature``, ``seed``, ``progress``, ``fresh_inputs``: ``(generator, n) -> inputs``, a new
+    batch every step instead of the calibration inputs, e.g. ``Task.sample_finetuning_batch``;
+    ``abfp tune --task`` passes the task's), ``"bias-correct"`` (options ``samples``, ``seed``: the
     per-channel mean device error of each linear layer and convolution, upstream ones corrected,
     removed from its bias or from the batch norm it feeds; :mod:`abfp.finetune.layerwise`) or a
     callable; it gets the calibration inputs only.

@@ -84,6 +84,10 @@ def _parser(sub) -> None:
                    help=f"calibration inputs per step (default {FT_DEFAULTS['batch_size']})")
     f.add_argument("--finetune-samples", type=int, default=None,
                    help=f"bias-correct: calibration inputs measured, as one batch (default {BC_DEFAULTS['samples']})")
+    f.add_argument("--finetune-inputs", choices=["fresh", "fixed"], default=None,
+                   help="distil-qat/dnf: fresh = a new batch every step from the task's sample_finetuning_batch "
+                        "(e.g. random crops of the calibration photos), fixed = the calibration inputs (default: "
+                        "fresh where the task has such a sampler, else fixed)")
     f.add_argument("--finetune-loss", choices=["kl", "cosine", "mse"], default=None,
                    help="kl on logits, cosine or mse on embeddings (default: kl for a classifier, else cosine)")
     p.add_argument("--energy-samples", type=int, default=1,
@@ -160,6 +164,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     names = output_names(args.json_path)
     check_output_dir(out_dir, list(names), force=args.force or resuming, what="--out")
     task = single_task(args.task, "tune")
+    _add_fresh_inputs(finetune_options, args, task)
     apply_threads(args.threads)
     calib, evald, source = split_data(task, args.calibration, args.eval_samples, at_most=calibration_default)
 
@@ -240,6 +245,20 @@ def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:
     if "lr" in given and given["lr"] <= 0:
         raise UsageError(f"--finetune-lr must be > 0, got {given['lr']}")
     return {**FT_DEFAULTS, **given, "progress": not args.no_progress}
+
+
+def _add_fresh_inputs(options: dict[str, object] | None, args: argparse.Namespace, task) -> None:
+    """``--finetune-inputs``: the task's :attr:`~abfp.zoo.Task.sample_finetuning_batch` as the
+    distillation's ``fresh_inputs`` (by default wherever the task has one)."""
+    sampler = getattr(task, "sample_finetuning_batch", None)
+    if args.finetune_inputs is not None and args.finetune not in ("distil-qat", "distil-dnf"):
+        raise UsageError("--finetune-inputs goes with --finetune distil-qat|distil-dnf")
+    if args.finetune_inputs == "fresh" and sampler is None:
+        raise UsageError(f"--finetune-inputs fresh: task {task.name!r} has no sample_finetuning_batch "
+                         "(use --finetune-inputs fixed)")
+    if options is not None and args.finetune in ("distil-qat", "distil-dnf") and sampler is not None \
+            and args.finetune_inputs != "fixed":
+        options["fresh_inputs"] = sampler
 
 
 def split_data(task, calibration: int, eval_samples: int | None, *, at_most: bool = False):

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
-from torch import Tensor, nn
+from torch import Generator, Tensor, nn
 
 from ..zoo.base import Metric
 from .plan import DevicePlan
@@ -60,6 +60,10 @@ class DistilStage:
     #: a resumed run ends bit-identical to an uninterrupted one)
     checkpoint: str | None = None
     resume: bool = False
+    #: fresh inputs, ``(generator, n) -> inputs`` (e.g. :attr:`abfp.zoo.Task.sample_finetuning_batch`):
+    #: a new batch of ``batch_size`` every step (seeded by ``seed`` and the step) instead of the
+    #: calibration inputs (see :class:`abfp.finetune.loop.TrainSettings`); ``None``: the calibration inputs
+    fresh_inputs: Callable[[Generator, int], Any] | None = field(default=None, repr=False)
     #: the training losses of the last call
     losses: list[float] = field(default_factory=list, repr=False, compare=False)
 
@@ -78,11 +82,23 @@ class DistilStage:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"finetune seed must be an integer >= 0, got {self.seed!r}")
         Distillation(self.loss, self.temperature)  # validates loss and temperature
+        if self.fresh_inputs is not None and not callable(self.fresh_inputs):
+            raise TypeError(f"finetune fresh_inputs must be a callable (generator, n) -> inputs, "
+                            f"got {type(self.fresh_inputs).__name__}")
 
     def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("progress", "losses", "checkpoint", "resume")}
+        skip = ("progress", "losses", "checkpoint", "resume", "fresh_inputs")
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
+        if self.fresh_inputs is not None:  # only when set: earlier journals stay valid
+            from ..finetune.loop import callable_name
+
+            d["fresh_inputs"] = callable_name(self.fresh_inputs)
+        return d
 
     def note(self, n_inputs: int) -> str:
+        if self.fresh_inputs is not None:
+            return (f"{self.method}, {self.loss} loss, {self.steps} steps of {self.batch_size} fresh inputs "
+                    f"(a new batch every step)")
         return f"{self.method}, {self.loss} loss, {self.steps} steps on {n_inputs} calibration inputs"
 
     def __call__(self, model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...]) -> nn.Module:
@@ -93,7 +109,9 @@ class DistilStage:
         if len(data) < 2:
             raise ValueError("finetuning needs at least 2 calibration inputs")
         run = qat if self.method == "distil-qat" else dnf
-        res = run(model, data, plan.base, steps=self.steps, lr=self.lr, batch_size=min(self.batch_size, len(data)),
+        fresh = {} if self.fresh_inputs is None else {"sample_inputs": self.fresh_inputs}
+        batch = self.batch_size if fresh else min(self.batch_size, len(data))
+        res = run(model, data, plan.base, steps=self.steps, lr=self.lr, batch_size=batch, **fresh,
                   loss=Distillation(self.loss, self.temperature), overrides=plan.overrides() or None,
                   exclude=[re.escape(e) for e in plan.exclude], seed=self.seed, progress=self.progress, timing_steps=0, timing_every=0,
                   checkpoint=self.checkpoint, resume=self.resume)

@@ -116,6 +116,12 @@ class Task:
     #: Inputs for calibration and label-free finetuning, disjoint from ``load_data``'s
     #: (``None``: the task has no separate split).
     load_calibration: Callable[[], Dataset] | None = None
+    #: Fresh label-free finetuning inputs: ``(generator, n) -> tuple of input tensors`` (``n``
+    #: rows each), drawn only from ``generator`` (the same seed gives the same batch) and never
+    #: from ``load_data``'s inputs; e.g. random crops of the calibration photos. When set,
+    #: ``abfp tune``'s distillation stages draw a new batch every step instead of cycling through
+    #: the fixed calibration inputs (``None``: the task has none).
+    sample_finetuning_batch: Callable[[torch.Generator, int], tuple[Tensor, ...]] | None = None
 
 
 def _top1_hits(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Tensor:

@@ -174,7 +174,7 @@ def random_crops(n: int, generator: torch.Generator, *, photos: tuple[str, ...] 
     and contrast each scaled by a factor uniform in [1 - jitter, 1 + jitter] (clamped to [0, 1]).
 
     Every draw comes from ``generator``: the same seed gives the same crops. For label-free
-    finetuning with a new batch every step (:meth:`abfp.zoo.Task.sample_finetuning_batch`).
+    finetuning with a new batch every step (:attr:`abfp.zoo.Task.sample_finetuning_batch`).
     ``photos`` must not name an evaluation photo (:data:`EVAL_PHOTOS`): those are never
     trained on."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -213,6 +213,12 @@ def random_crops(n: int, generator: torch.Generator, *, photos: tuple[str, ...] 
     finally:
         torch.set_num_threads(threads)
     return torch.stack(batch)
+
+
+def sample_finetuning_batch(generator: torch.Generator, n: int) -> tuple[Tensor]:
+    """The task's fresh finetuning inputs: ``n`` :func:`random_crops` of the calibration photos
+    (scale 0.3-1.0, mirrored half the time, no colour jitter) as a one-tensor tuple."""
+    return (random_crops(n, generator),)
 
 
 def load_data() -> Dataset:
@@ -277,6 +283,7 @@ TASKS: list[Task] = [
         build_model=build_model,
         load_data=load_data,
         load_calibration=load_calibration,
+        sample_finetuning_batch=sample_finetuning_batch,
         metric=AGREEMENT,
         default_samples=None,
         default_batch_size=32,
