@@ -5,7 +5,8 @@ For every model: (a) the converted forward runs; (b) every product ran on the de
 share 1.0, no ``DigitalProductWarning``); (c) the output is finite; (d) on the near-ideal device
 (preset ``ideal``: 16-bit DACs, 24-bit ADC, G = 1, no noise) the output is within 1e-3 (relative
 L2) of float32, and on the default 8/8/8 device (noise one bin wide) further away, below 1.
-Also ``generate()`` with the KV cache on tiny GPT-2 and Llama, and torch's packed recurrent layers.
+Also ``generate()`` with the KV cache on tiny GPT-2 and Llama, ``abfp.summary``, straight-through
+gradients, and torch's packed recurrent layers.
 ``python tests/reach/test_hf_models.py`` prints the table of docs/families.md ("Reach").
 """
 
@@ -248,6 +249,29 @@ def test_summary_lists_every_product_of_a_model_we_have_not_seen(name):
     assert s.device_mac_share == 1.0 and s.coverage.digital_macs == 0
     assert s.rows and sum(r.macs for r in s.rows) == s.coverage.analog_macs
     assert not any(r.kind == "digital" for r in s.rows)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5", "convnext", "whisper", "mamba"])
+def test_gradients_through_a_model_we_have_not_seen_are_float32s_on_the_ideal_device(name):
+    """Straight-through gradients (QAT, finetuning): on the ideal device every parameter's
+    gradient is within 1e-3 of float32's (eval mode: no dropout), and on the default one finite."""
+    model, args, kwargs = build(name)
+    with torch.no_grad():
+        shape = output(model(*args, **kwargs)).shape
+    direction = torch.randn(shape, generator=torch.Generator().manual_seed(4))  # (a norm's output has a fixed size)
+
+    def grads(m):
+        m.zero_grad(set_to_none=True)
+        (output(m(*args, **kwargs)) * direction).sum().backward()
+        return {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+    want = grads(model)
+    got = grads(abfp.convert(model, IDEAL))
+    assert got.keys() == want.keys() and want
+    for k in want:
+        if want[k].norm() > 0:
+            assert rel(got[k], want[k]) < 1e-3, k
+    assert all(torch.isfinite(g).all() for g in grads(abfp.convert(model, DEFAULT)).values())
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
