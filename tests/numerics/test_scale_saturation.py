@@ -118,3 +118,17 @@ def test_a_mask_of_float32_min_through_a_product_is_never_nan(fmt):
     y = AF.matmul(ones, mask, config=ABFPConfig(noise_std=0.0, scale_dtype=fmt))
     assert not torch.isnan(y).any()
     assert (y[..., :2] == 0).all() and (y[..., 2:] < -2.0**127).all()
+
+
+@pytest.mark.xfail(strict=True, reason="known limit (docs/families.md, Reach): the fast path rescales a tile as "
+                   "(qy * sx) * sw' in float32; with sx = the largest bfloat16, qy * sx overflows to inf although "
+                   "the tile's value (about 1e37 here) fits in float32")
+@pytest.mark.parametrize("n", [8, 128])
+def test_fast_path_input_blocks_at_float32_max(n):
+    x = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
+    x[:, 3] = -F32_MAX
+    w = torch.randn(4, 20, generator=torch.Generator().manual_seed(1)) / 40
+    cfg = ABFPConfig(noise_std=0.0, tile_width=n)
+    ref = reference_product(x.unsqueeze(0), w.unsqueeze(0), cfg).y[0]
+    assert torch.isfinite(ref.float()).all()
+    torch.testing.assert_close(AF.linear(x, w, config=cfg, cache=False).double(), ref, rtol=1e-5, atol=0)
