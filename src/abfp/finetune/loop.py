@@ -339,8 +339,7 @@ def produced_by(method: Method, base: nn.Module, train_data: Dataset, config: AB
     ``loss`` names the distillation loss and its temperature and ``teacher`` is the digest of
     the teacher's outputs (which are the training targets)."""
     describe = getattr(loss_fn, "describe", None)
-    loss = describe() if callable(describe) else \
-        f"{getattr(loss_fn, '__module__', '?')}.{getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}"
+    loss = describe() if callable(describe) else callable_name(loss_fn)
     teacher = None
     if isinstance(loss_fn, Distillation) and train_data.targets is not None:
         teacher = digest(["teacher outputs"], train_data.targets)
