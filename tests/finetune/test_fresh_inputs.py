@@ -88,6 +88,21 @@ def test_deterministic_under_a_seed_and_resume_bit_identical(tmp_path: Path) -> 
         ft.qat(mlp(), fixed(), SATURATING, steps=4, seed=2, checkpoint=ck, resume=True, **KW)
 
 
+def test_a_checkpoint_refuses_a_sampler_that_draws_other_inputs_under_the_same_name(tmp_path: Path) -> None:
+    """The checkpoint records the sampler's code and a probe of its output, not only its name:
+    a sampler with the same name that draws other inputs is refused, never resumed into."""
+    ck = tmp_path / "f.safetensors"
+    ft.qat(mlp(), fixed(), SATURATING, steps=2, seed=2, checkpoint=ck, checkpoint_every=2,
+           sample_inputs=randn_sampler, **KW)
+
+    def other(generator: torch.Generator, n: int) -> tuple[torch.Tensor]:
+        return (2 * torch.randn(n, 24, generator=generator),)
+
+    other.__qualname__ = randn_sampler.__qualname__  # same name, other inputs
+    with pytest.raises(ValueError, match="sample_inputs"):
+        ft.qat(mlp(), fixed(), SATURATING, steps=4, seed=2, checkpoint=ck, resume=True, sample_inputs=other, **KW)
+
+
 def test_fresh_inputs_generalise_where_few_fixed_inputs_overfit() -> None:
     held = torch.randn(512, 24, generator=torch.Generator().manual_seed(99))
     teacher = mlp().eval()

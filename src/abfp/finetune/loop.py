@@ -56,7 +56,8 @@ from .checkpoint import digest, load_checkpoint, model_state, restore_optimizer,
 from .distillation import Distillation, teacher_outputs
 from .parallel import check_divisible, from_main, mean_over_ranks, shard, step_seed, sync_from_main, unwrap, wrap
 
-__all__ = ["FinetuneResult", "Method", "TrainSettings", "callable_name", "device_metric", "finetune", "produced_by"]
+__all__ = ["FinetuneResult", "Method", "TrainSettings", "callable_name", "device_metric", "finetune", "produced_by",
+           "sampler_identity"]
 
 LossFn = Callable[[Tensor, Tensor | None], Tensor]
 
@@ -147,7 +148,7 @@ class TrainSettings:
         if self.overrides:  # only when set: checkpoints of single-device runs keep their provenance
             d["overrides"] = {k: v.to_dict() for k, v in self.overrides.items()}
         if self.sample_inputs is not None:
-            d["sample_inputs"] = callable_name(self.sample_inputs)
+            d["sample_inputs"] = sampler_identity(self.sample_inputs)
         return d
 
 
@@ -273,8 +274,20 @@ class _Batches:
 
 
 def callable_name(fn: Callable[..., Any]) -> str:
-    """``module.qualname`` of ``fn``: how checkpoints and journals name a sampler."""
+    """``module.qualname`` of ``fn``."""
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def sampler_identity(fn: Callable[[torch.Generator, int], Any]) -> str:
+    """How checkpoints and journals record a fresh-input sampler, so that a run resumed (or a tune
+    stage restored) with another sampler is refused: the sha256 of its code, defaults and closure
+    (:func:`abfp.evaluate.fingerprint.callable_fingerprint`), the digest of what it returns for
+    ``(Generator().manual_seed(0), 2)`` (catches a change in the code it calls), and its name."""
+    from ..evaluate.fingerprint import callable_fingerprint
+
+    probe = fn(torch.Generator().manual_seed(0), 2)
+    parts = tuple(probe) if isinstance(probe, (tuple, list)) else (probe,)
+    return f"code {callable_fingerprint(fn)[:12]}, probe {digest(*parts)[:12]}: {callable_name(fn)}"
 
 
 class _FreshBatches(_Batches):

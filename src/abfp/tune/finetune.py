@@ -90,9 +90,9 @@ class DistilStage:
         skip = ("progress", "losses", "checkpoint", "resume", "fresh_inputs")
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
         if self.fresh_inputs is not None:  # only when set: earlier journals stay valid
-            from ..finetune.loop import callable_name
+            from ..finetune.loop import sampler_identity
 
-            d["fresh_inputs"] = callable_name(self.fresh_inputs)
+            d["fresh_inputs"] = sampler_identity(self.fresh_inputs)
         return d
 
     def note(self, n_inputs: int) -> str:
