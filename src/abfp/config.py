@@ -223,7 +223,11 @@ class ABFPConfig:
     @property
     def without_bf16_io(self) -> "ABFPConfig":
         """This device without the bfloat16 rounding of layer outputs (``bf16_io=False``)."""
-        return self._without_bf16_io  # type: ignore[attr-defined]
+        twin = self.__dict__.get("_without_bf16_io")
+        if twin is None:  # a config unpickled from an abfp that did not make the twin
+            twin = dataclasses.replace(self, bf16_io=False) if self.bf16_io else self
+            object.__setattr__(self, "_without_bf16_io", twin)
+        return twin
 
     # ----------------------------------------------------------------- derived values
     @property

@@ -386,3 +386,6 @@ def test_a_config_carries_its_twin_without_bf16_io():
 
     for c in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg)), abfp.ABFPConfig.from_json(cfg.to_json())):
         assert c == cfg and c.without_bf16_io == twin
+    legacy = copy.copy(cfg)  # as unpickled from an abfp that did not make the twin
+    del legacy.__dict__["_without_bf16_io"]
+    assert legacy.without_bf16_io == twin
