@@ -11,7 +11,7 @@ batch norm and every other submodule stay in eval mode. ``--train`` picks the tr
 72 % of the single-layer KL, with the batch norms after them). AdamW at ``--lr``, one optimiser for the whole
 run. Every ``--every`` steps the model is evaluated on the plan (noise seed 0) on the 312 evaluation crops:
 top-1 agreement and KL against float32, with standard errors (the float32 logits and the unfinetuned plan's
-row are cached under ``--cache``). Wall and process CPU time and the load average are in every row; the JSON
+row are cached under ``--cache``; each row's logits go to ``OUT.stepN.pt``). Wall and process CPU time and the load average are in every row; the JSON
 is rewritten after every row.
 
     OMP_NUM_THREADS=1 python3 benchmarks/bench_distil_aug.py --plan-from docs/results/tune/efficientnet-I.json:gain \\
@@ -95,6 +95,7 @@ def main() -> None:
             out = plan_outputs(digital, plan, ev, a.eval_batch_size, 0)
             if m is None:
                 torch.save(out, plan_path)
+        torch.save(out, f"{a.out}.step{step}.pt")  # the logits, for paired comparisons between rows
         rows.append({"step": step, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
                      "load": os.getloadavg()[0], **extra,
                      "agreement": AGREEMENT(out, None, ref), "agreement_se": AGREEMENT.stderr(out, None, ref),
