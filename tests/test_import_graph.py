@@ -11,6 +11,7 @@ every package that re-exports its submodules would be a cycle.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,28 @@ def test_modules_import_only_their_layer_and_those_above():
     """docs/architecture.md: description -> numerics -> products -> model conversion -> tools -> CLI."""
     graph = import_graph()
     assert layer_violations(graph) == []
+
+
+ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+
+
+def file_index_mismatches(doc: str, files: set[str]) -> list[str]:
+    """What the file index of docs/architecture.md gets wrong: modules it does not list, and
+    entries for files that do not exist (``- `pkg/mod.py`: ...`` lines under "Where each file is")."""
+    index = doc.split("## Where each file is", 1)
+    if len(index) < 2:
+        return ["docs/architecture.md has no '## Where each file is' section"]
+    listed = set(re.findall(r"^- `([\w/]+\.py)`:", index[1].split("\n## ", 1)[0], flags=re.M))
+    return ([f"not in the index: {f}" for f in sorted(files - listed)]
+            + [f"in the index but not in src/abfp: {f}" for f in sorted(listed - files)])
+
+
+def test_file_index_check_sees_a_missing_and_a_stale_entry():
+    doc = "# x\n## Where each file is\n- `a.py`: one.\n- `gone/b.py`: two.\n## Next\n- `c.py`: three.\n"
+    assert file_index_mismatches(doc, {"a.py", "c.py"}) == [
+        "not in the index: c.py", "in the index but not in src/abfp: gone/b.py"]
+
+
+def test_architecture_map_lists_every_module():
+    files = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts}
+    assert file_index_mismatches(ARCHITECTURE.read_text(), files) == []
