@@ -111,6 +111,62 @@ def test_metric_fingerprint_sees_the_function_and_its_parameters():
     assert callable_fingerprint(scaled(1.0)) == callable_fingerprint(scaled(1.0))
 
 
+_USER_CODE = """
+import torch
+from torch import nn
+SCALE = 1.0
+LIMIT = torch.tensor(3.0)
+CALLS = {"forward": 0}
+def helper(x):
+    return x * SCALE
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.offset = torch.zeros(2)  # a plain tensor attribute, not a buffer
+    def forward(self, x):
+        CALLS["forward"] += 1
+        return torch.minimum(helper(self.fc(x)), LIMIT) + self.offset
+def score(out, tgt, ref):
+    return float(out.mean()) * SCALE
+"""
+
+
+def _user_module(name: str = "user_net"):
+    """A user's module, as ``abfp eval --task mymodule:fn`` imports it."""
+    import types
+
+    mod = types.ModuleType(name)
+    exec(compile(_USER_CODE, f"{name}.py", "exec"), mod.__dict__)
+    return mod
+
+
+def test_model_and_metric_prints_see_the_helpers_constants_and_tensors_user_code_reads():
+    """A model whose forward calls a helper of its module that reads a module constant: editing
+    the helper or the constant changes its outputs, so it must change the print (a cache served
+    the old numbers); a counter the forward bumps must not (else nothing is ever served)."""
+    mod = _user_module()
+    torch.manual_seed(0)
+    m = mod.Net()
+    base, metric = model_fingerprint(m), callable_fingerprint(mod.score)
+    m(torch.ones(1, 2))  # the counter moved: the same print
+    assert model_fingerprint(m) == base and callable_fingerprint(mod.score) == metric
+    mod.SCALE = 2.0
+    assert model_fingerprint(m) != base and callable_fingerprint(mod.score) != metric
+    mod.SCALE = 1.0
+    mod.LIMIT = torch.tensor(4.0)
+    assert model_fingerprint(m) != base
+    mod.LIMIT = torch.tensor(3.0)
+    assert model_fingerprint(m) == base
+    exec("def helper(x):\n    return x * SCALE + 1\n", mod.__dict__)
+    assert model_fingerprint(m) != base
+    m2 = _user_module("user_net").Net()
+    m2.load_state_dict(m.state_dict())
+    assert model_fingerprint(m2) == base
+    m2.offset = torch.ones(2)
+    assert model_fingerprint(m2) != base
+
+
 # ------------------------------------------------------------------ evaluate with a cache
 def _eval(model, data, metric, cache, **kw):
     pts = [Point("abfp", abfp.ABFPConfig(tile_width=8, gain=2.0, noise_std=1.0))]

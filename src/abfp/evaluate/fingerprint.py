@@ -7,7 +7,12 @@ recomputed, never served from the cache. Each fingerprint is a sha256 hex digest
 * :func:`model_fingerprint`: every parameter and buffer (name, dtype, shape, bytes) and,
   per submodule, its name, class (module and qualified name), ``extra_repr()``, plain
   attributes (numbers, strings, ...) and the bytecode of its class's methods, so a changed
-  ``forward`` counts too.
+  ``forward`` counts too; a tensor kept as a plain attribute counts as a buffer does.
+* In the user's own code (not the standard library, not an installed package): what a method's
+  or metric's global names refer to, the value of a module constant (numbers, strings, tuples,
+  tensors) and the code of a helper function or class it calls, followed in turn; so editing a
+  helper that ``forward`` calls, or a constant it reads, is a new print. A mutable global (a
+  counter dict) is not read, or every call would make a new print.
 * :func:`data_fingerprint`: every input tensor and the targets (dtype, shape, bytes).
 * :func:`callable_fingerprint` (of a metric's function): qualified name, bytecode, default
   arguments, closure values and ``functools.partial`` arguments.
@@ -24,6 +29,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import site
+import sys
+import sysconfig
 import types
 from typing import Any, Iterable
 
@@ -74,7 +83,80 @@ def _const_text(c: Any) -> str:
     return repr(c)
 
 
-def _update_code(h: Any, code: types.CodeType, depth: int = 0) -> None:
+#: Top-level packages whose functions are not followed into wherever they are installed (torch's
+#: version is in every cache key, abfp's numerics by ``NUMERICS_VERSION``).
+_LIBRARIES = frozenset({"abfp", "torch", "numpy", "numba", "functorch", "sympy", "triton", "builtins"})
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_roots() -> tuple[str, ...]:
+    """Folders of installed code: the standard library and every site-packages folder."""
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots.update(site.getsitepackages())
+    roots.add(site.getusersitepackages())
+    return tuple(sorted(os.path.realpath(r) + os.sep for r in roots if r))
+
+
+def _is_user_code(module: Any) -> bool:
+    """Whether the code of the module named ``module`` is the user's (followed into): not the
+    standard library, not an installed package (their globals may be per-process, e.g. a session
+    id) and not one of :data:`_LIBRARIES`; a module with no file (built in memory) is the user's."""
+    if not isinstance(module, str) or not module:
+        return False
+    top = module.split(".", 1)[0]
+    if top in _LIBRARIES or top in sys.stdlib_module_names:
+        return False
+    path = getattr(sys.modules.get(module), "__file__", None)
+    return not isinstance(path, str) or not os.path.realpath(path).startswith(_installed_roots())
+
+
+def _immutable_plain(value: Any, depth: int = 0) -> str | None:
+    """:func:`_plain` of a value that cannot change in place (numbers, strings, their tuples):
+    a module-level counter dict is left out, or every call would change the print."""
+    if isinstance(value, _PLAIN):
+        return repr(value)
+    if depth < 3 and isinstance(value, tuple):
+        items = [_immutable_plain(v, depth + 1) for v in value]
+        return None if None in items else f"tuple({', '.join(items)})"  # type: ignore[arg-type]
+    if depth < 3 and isinstance(value, frozenset):
+        return _const_text(value)
+    return None
+
+
+def _update_globals(h: Any, code: types.CodeType, globals_: dict[str, Any], depth: int, seen: set[int]) -> None:
+    """What user code's global names (``co_names``) of ``code`` and its nested code refer to: the
+    value of an immutable constant or tensor, and the code of a user function or class it calls
+    (followed in turn), so a changed helper ``forward`` calls, or a module constant it reads,
+    changes the print. Library functions and mutable globals (counters) are not followed."""
+    for name in code.co_names:
+        if name not in globals_:
+            continue
+        value = globals_[name]
+        plain = _immutable_plain(value)
+        if plain is not None:
+            h.update(f"global|{name}={plain};".encode())
+        elif isinstance(value, Tensor):
+            _update_tensor(h, f"global|{name}", value)
+        elif isinstance(value, types.FunctionType) and _is_user_code(value.__module__) and depth < 8:
+            if id(value.__code__) not in seen:
+                seen.add(id(value.__code__))
+                h.update(f"global|{name}|{value.__module__}.{value.__qualname__}|".encode())
+                _update_code(h, value.__code__, 0, value.__globals__, depth + 1, seen)
+                for d in (value.__defaults__ or ()):
+                    _update_value(h, d, 1)
+        elif isinstance(value, type) and _is_user_code(value.__module__) and id(value) not in seen:
+            seen.add(id(value))
+            h.update(f"global|{name}|{_class_code(value, depth + 1, seen)}|".encode())
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            _update_globals(h, c, globals_, depth, seen)
+
+
+def _update_code(h: Any, code: types.CodeType, depth: int = 0, globals_: dict[str, Any] | None = None,
+                 follow: int = 0, seen: set[int] | None = None) -> None:
+    """The bytecode, names and constants of ``code`` (and its nested code); with ``globals_``
+    (the function's ``__globals__``, user code only) also what its global names refer to
+    (:func:`_update_globals`; ``follow`` counts the functions followed so far)."""
     h.update(code.co_code)
     h.update(repr(code.co_names).encode())
     for c in code.co_consts:
@@ -83,6 +165,13 @@ def _update_code(h: Any, code: types.CodeType, depth: int = 0) -> None:
                 _update_code(h, c, depth + 1)
         else:
             h.update(_const_text(c).encode())
+    if globals_ is not None and depth == 0:
+        _update_globals(h, code, globals_, follow, seen if seen is not None else {id(code)})
+
+
+def _user_globals(fn: types.FunctionType) -> dict[str, Any] | None:
+    """``fn.__globals__`` when ``fn`` is user code (its globals are followed), else None."""
+    return fn.__globals__ if _is_user_code(fn.__module__) else None
 
 
 def _update_callable(h: Any, fn: Any, depth: int = 0) -> None:
@@ -102,7 +191,7 @@ def _update_callable(h: Any, fn: Any, depth: int = 0) -> None:
     h.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}|".encode())
     code = getattr(fn, "__code__", None)
     if isinstance(code, types.CodeType):
-        _update_code(h, code)
+        _update_code(h, code, globals_=_user_globals(fn) if isinstance(fn, types.FunctionType) else None)
         for d in (getattr(fn, "__defaults__", None) or ()):
             _update_value(h, d, depth + 1)
         for cell in (getattr(fn, "__closure__", None) or ()):
@@ -138,9 +227,11 @@ def _update_value(h: Any, value: Any, depth: int = 0) -> None:
                     h.update(f"{k}={p};".encode())
 
 
-def _class_code(cls: type) -> str:
-    """sha256 of the bytecode of every function defined on ``cls`` and its bases below nn.Module."""
+def _class_code(cls: type, follow: int = 0, seen: set[int] | None = None) -> str:
+    """sha256 of the bytecode of every function defined on ``cls`` and its bases below nn.Module
+    (of user code, with what its global names refer to: :func:`_update_globals`)."""
     h = hashlib.sha256()
+    seen = seen if seen is not None else set()
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             break
@@ -151,7 +242,8 @@ def _class_code(cls: type) -> str:
                 fn = fn.fget
             if isinstance(fn, types.FunctionType):
                 h.update(name.encode())
-                _update_code(h, fn.__code__)
+                seen.add(id(fn.__code__))
+                _update_code(h, fn.__code__, 0, _user_globals(fn), follow, seen)
     return h.hexdigest()
 
 
@@ -172,6 +264,8 @@ def model_fingerprint(model: nn.Module) -> str:
             p = _plain(v)
             if p is not None:
                 h.update(f"{k}={p};".encode())
+            elif isinstance(v, Tensor):  # a tensor kept as a plain attribute, not a buffer
+                _update_tensor(h, f"attr|{name}.{k}", v)
     for name, p in model.named_parameters(remove_duplicate=False):
         _update_tensor(h, f"param|{name}", p)
     for name, b in model.named_buffers(remove_duplicate=False):
