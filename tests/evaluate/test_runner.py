@@ -176,3 +176,33 @@ def test_cache_keys_change_with_the_numerics_version(monkeypatch):
     k1 = cache.run_key({"format": "abfp", "config": {"gain": 8}, "run": 0})
     monkeypatch.setattr(cache, "NUMERICS_VERSION", cache.NUMERICS_VERSION + 1)
     assert cache.run_key({"format": "abfp", "config": {"gain": 8}, "run": 0}) != k1
+
+
+def test_a_nan_score_or_nan_outputs_are_refused_naming_the_sample_not_tabled():
+    """An arg-max metric scores NaN outputs as some class, and a NaN score passes every comparison:
+    both must stop the evaluation with the sample or the metric named, never reach the table."""
+    from abfp.zoo.base import AGREEMENT, Dataset, Metric
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(6, 4)
+    pts = [Point("fp32"), Point("abfp", abfp.ABFPConfig(tile_width=8, noise_std=0.0))]
+    settings = EvalSettings(progress=False, runs=1, batch_size=4, layer_stats=False)
+    nan_metric = Metric("broken", "fidelity", lambda out, tgt, ref: float("nan"))
+    with pytest.raises(FloatingPointError, match="'broken' of model in float32 is nan"):
+        evaluate(model, Dataset((x,)), nan_metric, pts[:1], settings=settings)
+    bad = x.clone()
+    bad[5, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="sample 5 is NaN.*input 0 holds NaN"):
+        evaluate(model, Dataset((bad,)), AGREEMENT, pts, settings=settings)
+
+    class LogHead(torch.nn.Module):  # a NaN made after the last product: the device cannot see it
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.log(self.fc(x))
+
+    with pytest.raises(FloatingPointError, match="float32 model's output for sample 0 is NaN.*the model made it"):
+        evaluate(LogHead().eval(), Dataset((x,)), AGREEMENT, pts, settings=settings)

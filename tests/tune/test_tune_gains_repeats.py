@@ -201,3 +201,15 @@ def test_per_layer_gains_worse_than_the_single_gain_on_calibration_are_not_kept(
     assert all(c.gain == 2.0 for c in res.plan.modules.values()) and set(res.plan.modules) == {"0", "2"}
     assert res.details["gains"] == {"0": 2.0, "2": 2.0}
     assert res.stages[1].metric == res.stages[0].metric
+
+
+def test_tune_refuses_a_metric_that_scores_nan() -> None:
+    """A NaN float32 score made a NaN target that no plan meets: every stage ran to max repeats
+    and reported NaN. It is refused before any stage."""
+    from abfp.zoo.base import Metric
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    broken = Metric("broken", "fidelity", lambda out, tgt, ref: float("nan"))
+    with pytest.raises(FloatingPointError, match="'broken' of the float32 model on the calibration inputs is nan"):
+        abfp.tune(model, torch.randn(8, 8), ABFPConfig(tile_width=8), metric=broken)

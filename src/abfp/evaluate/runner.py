@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -64,6 +63,22 @@ def _first_tensor(out: Any) -> Tensor:
                     "item is one, or an output with 'logits' or 'last_hidden_state'")
 
 
+def _refuse_nan(y: Tensor, inputs: tuple[Tensor, ...], start: int, converted: bool) -> None:
+    """A ``FloatingPointError`` when the outputs ``y`` of the samples from ``start`` hold a NaN
+    (a metric would score it silently: an arg-max of NaN is a class), naming the first such sample
+    and whether its inputs hold NaN or infinity themselves. Infinite outputs pass (masked logits)."""
+    if not y.is_floating_point() or not bool(torch.isnan(y).any()):
+        return
+    rows = torch.isnan(y.reshape(y.shape[0], -1)).any(1) if y.dim() else torch.ones(1, dtype=torch.bool)
+    first = int(rows.nonzero()[0, 0])
+    bad_in = [k for k, t in enumerate(inputs) if t.is_floating_point() and t.shape[0] > first
+              and not bool(torch.isfinite(t[first]).all())]
+    why = (f"its input {bad_in[0]} holds NaN or infinity" if bad_in else
+           "its inputs are finite: the model made it" + (" on the device" if converted else ""))
+    raise FloatingPointError(f"the {'converted' if converted else 'float32'} model's output for sample "
+                             f"{start + first} is NaN ({int(rows.sum())} samples of this batch): {why}")
+
+
 @torch.no_grad()
 def run_model(model: nn.Module, data: Dataset, batch_size: int, device: torch.device | str = "cpu",
               progress: Callable[[int], None] | None = None, *, shard: tuple[int, int] = (0, 1)) -> Tensor:
@@ -84,6 +99,7 @@ def run_model(model: nn.Module, data: Dataset, batch_size: int, device: torch.de
         if converted:
             reseed(model, i)
         y = _first_tensor(model(*(t.to(device) for t in inputs)))
+        _refuse_nan(y, inputs, i * batch_size, converted)
         outs.append((i, y.detach().float().cpu()))
         if progress:
             progress(inputs[0].shape[0])
@@ -239,8 +255,8 @@ def evaluate(
     ref, fp32_seconds = memo.lookup("references", run_key({**context, "kind": "fp32-outputs",
                                                            "batch": eval_settings.batch_size}), reference, "fp32")
     targets = data.targets
-    fp32_value = metric(ref, targets, ref)
-    extra_fp32 = {m.name: m(ref, targets, ref) for m in eval_settings.extra_metrics}
+    fp32_value = metric.finite(ref, targets, ref, f"{task_name} in float32")
+    extra_fp32 = {m.name: m.finite(ref, targets, ref, f"{task_name} in float32") for m in eval_settings.extra_metrics}
 
     def stderrs(out: Tensor) -> dict[str, float | None]:  # standard errors over the samples
         return {m.name: m.stderr(out, targets, ref) for m in (metric, *eval_settings.extra_metrics)}
@@ -393,10 +409,9 @@ def evaluate(
                     memo.count("runs")
                     dt = time.perf_counter() - t1
                     cov = analog_state(analog_model).coverage.as_dict()  # this run's device MAC share
-                    v = metric(out, targets, ref)
-                    if not math.isfinite(v):
-                        raise FloatingPointError(f"{task_name} at {p.label()}: metric is {v}")
-                    ex = {m.name: m(out, targets, ref) for m in eval_settings.extra_metrics}
+                    v = metric.finite(out, targets, ref, f"{task_name} at {p.label()}")
+                    ex = {m.name: m.finite(out, targets, ref, f"{task_name} at {p.label()}")
+                          for m in eval_settings.extra_metrics}
                     se = stderrs(out)
                     lay = None
                     if eval_settings.layer_stats and r == 0 and rank == 0:

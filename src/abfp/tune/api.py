@@ -334,8 +334,8 @@ def tune(
 
     ref_cal = _outputs(model, calib, batch_size)
     ref_eval = ref_cal if evald is calib else _outputs(model, evald, batch_size)
-    fp32_cal = metric(ref_cal, calib.targets, ref_cal)
-    fp32_eval = metric(ref_eval, evald.targets, ref_eval)
+    fp32_cal = metric.finite(ref_cal, calib.targets, ref_cal, "the float32 model on the calibration inputs")
+    fp32_eval = metric.finite(ref_eval, evald.targets, ref_eval, "the float32 model on the evaluation inputs")
     if target is None:
         target = default_target(metric, fp32_cal)
 
@@ -365,7 +365,7 @@ def tune(
     def stage(name: str, plan: DevicePlan, t0: float, m: nn.Module = model, note: str = "") -> None:
         seconds = time.perf_counter() - t0
         out = plan_outputs(m, plan, evald, batch_size, seed)
-        v = metric(out, evald.targets, ref_eval)
+        v = metric.finite(out, evald.targets, ref_eval, f"stage {name!r}")
         others = [x for x in extra_metrics if x.name != metric.name]
         stages.append(StageResult(name, v, _energy(m, plan, e_inputs, params), seconds, plan, note,
                                   metric.stderr(out, evald.targets, ref_eval),

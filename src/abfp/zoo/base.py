@@ -8,6 +8,7 @@ package.module:function`` needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -44,6 +45,18 @@ class Metric:
 
     def __call__(self, outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
         return float(self.fn(outputs, targets, reference))
+
+    def finite(self, outputs: Tensor, targets: Tensor | None, reference: Tensor, where: str) -> float:
+        """The metric, refused with a ``FloatingPointError`` naming ``where`` (e.g. "the float32
+        model") when it is NaN or infinite: a NaN score would pass every comparison silently (a
+        table row, a tuning target that no plan meets)."""
+        value = self(outputs, targets, reference)
+        if not math.isfinite(value):
+            bad = int((~torch.isfinite(outputs)).sum()) if outputs.is_floating_point() else 0
+            why = (f"{bad} of the {outputs.numel()} outputs are NaN or infinite" if bad else
+                   "the outputs are finite: the metric function returned it")
+            raise FloatingPointError(f"metric {self.name!r} of {where} is {value} ({why})")
+        return value
 
     def stderr(self, outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float | None:
         """Standard error of the metric over the samples, ``std(v_i, ddof=1) / sqrt(N)`` of the
