@@ -32,14 +32,30 @@ def _check_parent(p: Path, what: str) -> None:
                 raise OutputError(f"{what} {str(p)!r}: {str(anc)!r} is a file, not a folder")
             if not os.access(anc, os.W_OK | os.X_OK):
                 raise OutputError(f"{what} {str(p)!r}: folder {str(anc)!r} is not writable")
+            _probe(anc, p, what)
             break
+
+
+def _probe(folder: Path, p: Path, what: str) -> None:
+    """Create and remove a file in ``folder``: ``os.access`` says yes to root on a file system that
+    refuses new files (``/proc``, ``/sys``, a full or read-only mount checked without ``W_OK``), where
+    the atomic write at the end of a run would fail after all the work."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".abfp-probe.", dir=str(folder))
+    except OSError as e:
+        raise OutputError(f"{what} {str(p)!r}: cannot create a file in folder {str(folder)!r} "
+                          f"({e.strerror or e})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 def check_output(path: str | os.PathLike, *, force: bool = False, what: str = "output file") -> Path:
     """Check that ``path`` can be written as a file, before any work is done.
 
     Raises :class:`OutputError` when ``path`` is a folder, lies under a file, its folder is not
-    writable, or it exists and ``force`` is false. Creates nothing.
+    writable (a file is created there and removed again to be sure), or it exists and ``force``
+    is false. Leaves nothing behind.
     """
     p = Path(path)
     if str(path) == "" or p.name in ("", ".", ".."):
@@ -55,7 +71,7 @@ def check_output(path: str | os.PathLike, *, force: bool = False, what: str = "o
 def check_output_dir(path: str | os.PathLike, names: list[str] | tuple[str, ...] = (), *, force: bool = False,
                      what: str = "output folder") -> Path:
     """Check that ``path`` can be (or is) a folder and that the files ``names`` inside it may be
-    written: each existing one needs ``force``. Creates nothing."""
+    written: each existing one needs ``force``. Leaves nothing behind."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{what} {str(p)!r} is a file, not a folder")

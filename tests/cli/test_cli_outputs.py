@@ -99,3 +99,18 @@ def test_cli_helpers_import_no_command_module():
                        env={**os.environ, "PYTHONPATH": SRC})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == ""  # the command modules need only abfp.cli_common, never abfp.cli
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_a_folder_that_refuses_new_files_is_caught_before_the_work(tmp_path):
+    """``os.access`` says yes to root on /proc, which refuses new files: eval, tune and explore
+    ran to the end and then failed writing. The check creates (and removes) a file to be sure."""
+    from abfp.outputs import OutputError, check_output, check_output_dir
+
+    with pytest.raises(OutputError, match="cannot create a file in folder '/proc'|folder '/proc' is not writable"):
+        check_output("/proc/abfp-out.json")
+    with pytest.raises(OutputError, match="/proc"):
+        check_output_dir("/proc/abfp-out", ["plan.json"])
+    check_output(tmp_path / "new" / "x.json")
+    check_output_dir(tmp_path / "d", ["a.json"])
+    assert list(tmp_path.iterdir()) == []  # the probes leave nothing behind
