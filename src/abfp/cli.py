@@ -464,6 +464,25 @@ def build_parser() -> argparse.ArgumentParser:
 WRITING_COMMANDS = ("eval", "report", "microbench", "finetune", "precision", "energy", "tune", "explore")
 
 
+#: What an interrupted command keeps and how to continue it (Ctrl-C; exit status 130).
+INTERRUPTED = {
+    "eval": "finished runs are cached; rerun the same command to resume",
+    "explore": "finished runs are cached; rerun the same command to resume",
+    "tune": "finished stages are in the journal; rerun the same command with --resume to continue",
+    "precision": "finished records are in the journal; rerun the same command with --resume to continue",
+    "finetune": "rerun the same command with --resume to continue from the last checkpoint",
+}
+
+
+def interrupted_line(args: argparse.Namespace) -> str:
+    """The one line printed when the command of ``args`` is interrupted: what was kept, how to
+    continue (a cached command run with ``--cache-dir ''`` kept nothing)."""
+    command = getattr(args, "command", None) or ""
+    if getattr(args, "cache_dir", None) == "":
+        return "abfp: interrupted (the cache is off (--cache-dir ''): nothing was kept)"
+    return f"abfp: interrupted ({INTERRUPTED.get(command, 'nothing was written')})"
+
+
 #: Modules with a ``register(subparsers)`` function that adds their subcommands.
 _EXTRA_COMMAND_MODULES = ("abfp.finetune.cli", "abfp.precision.cli", "abfp.tune.cli", "abfp.explore.cli")
 
@@ -482,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_error(e)
         return 2
     except KeyboardInterrupt:
-        print("abfp: interrupted (finished runs are cached; rerun the same command to resume)", file=sys.stderr)
+        print(interrupted_line(args), file=sys.stderr)
         return 130
 
 

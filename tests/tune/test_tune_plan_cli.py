@@ -202,3 +202,27 @@ def test_cli_tune_default_calibration_fits_the_task(tmp_path: Path, capsys: pyte
     assert main(["tune", "--task", f"{task}:with_split", "--json", str(tmp_path / "x.json"), "--calibration", "30",
                  *quick]) == 2
     assert "calibration data has 20 samples" in capsys.readouterr().err
+
+
+def test_cli_tune_interrupted_says_how_to_continue_and_resume_finishes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the repeats stage: the line told the user to rerun the same command, which a tune
+    journal refuses; it names --resume, and --resume finishes from the journal."""
+    import abfp.tune.api as api
+
+    task, plan, args = tiny_tune_args(tmp_path)
+    real = api.search_repeats
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "search_repeats", interrupt)
+    assert main(args) == 130
+    assert "rerun the same command with --resume" in capsys.readouterr().err
+    assert not plan.exists() and (plan.parent / "plan.journal.json").is_file()
+    assert main(args) == 2 and "--resume continues it" in capsys.readouterr().err
+    monkeypatch.setattr(api, "search_repeats", real)
+    chosen = []
+    monkeypatch.setattr(api, "choose_gains", lambda *a, **k: chosen.append(1))  # finished: not chosen again
+    assert main([*args, "--resume"]) == 0
+    assert plan.is_file() and not chosen and not (plan.parent / "plan.journal.json").exists()
