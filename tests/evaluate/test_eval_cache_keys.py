@@ -100,13 +100,18 @@ def test_metric_fingerprint_sees_the_function_and_its_parameters():
     top5 = Metric("acc", "accuracy", functools.partial(accuracy, k=5))
     assert metric_fingerprint(top1) != metric_fingerprint(top5)
     assert metric_fingerprint(TOP1) != metric_fingerprint(KL)
-    assert metric_fingerprint(TOP1) == metric_fingerprint(Metric(TOP1.name, TOP1.kind, TOP1.fn, unit=TOP1.unit))
+    assert metric_fingerprint(TOP1) == metric_fingerprint(Metric(TOP1.name, TOP1.kind, TOP1.fn, unit=TOP1.unit,
+                                                                 per_sample=TOP1.per_sample))
     assert metric_fingerprint(TOP1) != metric_fingerprint(Metric(TOP1.name, TOP1.kind, TOP1.fn, higher_is_better=False,
-                                                                 unit=TOP1.unit))
+                                                                 unit=TOP1.unit, per_sample=TOP1.per_sample))
 
     def scaled(c):
         return lambda out, tgt, ref: c * float(out.mean())
 
+    # the per-sample values give the standard errors a cached run holds: they count too
+    halved = Metric(TOP1.name, TOP1.kind, TOP1.fn, unit=TOP1.unit, per_sample=lambda o, t, r: TOP1.per_sample(o, t, r) / 2)
+    assert metric_fingerprint(halved) != metric_fingerprint(Metric(TOP1.name, TOP1.kind, TOP1.fn, unit=TOP1.unit,
+                                                                   per_sample=TOP1.per_sample))
     assert callable_fingerprint(scaled(1.0)) != callable_fingerprint(scaled(2.0))  # closure values count
     assert callable_fingerprint(scaled(1.0)) == callable_fingerprint(scaled(1.0))
 

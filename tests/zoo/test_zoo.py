@@ -362,3 +362,18 @@ def test_minilm_fidelity_and_data():
     assert COSINE(out, None, ref) == pytest.approx(1.0, abs=1e-6)
     assert COSINE(out.roll(1, 0), None, ref) < 0.9  # another sentence's embedding in each row
     assert model_of("minilm-l6").encoder.config._attn_implementation in ("eager", "sdpa")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Dataset(([torch.randn(3), torch.randn(5)],)), r"inputs\[0\] is a list of tensors; .*pad"),
+    (lambda: Dataset((np.zeros((4, 2)),)), r"inputs\[0\] must be a torch.Tensor, got numpy.ndarray .*from_numpy"),
+    (lambda: Dataset((torch.randn(4, 2),), [0, 1, 0, 1]), "targets must be a torch.Tensor, got builtins.list"),
+    (lambda: Dataset((torch.tensor(1.0),)), r"inputs\[0\] is a 0-d tensor"),
+    (lambda: Dataset((torch.randn(4, 2),), torch.tensor(1)), "targets is a 0-d tensor"),
+])
+def test_dataset_refuses_what_it_cannot_batch_with_a_clear_error(make, message):
+    """A user's list of variable-length tensors, numpy arrays or 0-d tensors failed later with an
+    AttributeError or IndexError from inside the batching (or, numpy, inside the model)."""
+    with pytest.raises(ValueError, match=message):
+        make()
+    assert Dataset([torch.randn(4, 2), torch.randn(4)]).inputs[1].shape == (4,)  # a list of inputs is a tuple

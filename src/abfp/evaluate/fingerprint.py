@@ -294,9 +294,12 @@ def callable_fingerprint(fn: Any) -> str:
 
 
 def metric_fingerprint(metric: Any) -> str:
-    """sha256 of a :class:`abfp.zoo.Metric`: its name, kind, direction, unit and function."""
+    """sha256 of a :class:`abfp.zoo.Metric`: its name, kind, direction, unit, function and
+    per-sample function (it gives the standard errors a cached run holds)."""
     h = hashlib.sha256()
     for field in ("name", "kind", "higher_is_better", "unit"):
         h.update(f"{field}={getattr(metric, field, None)!r};".encode())
     h.update(callable_fingerprint(getattr(metric, "fn", metric)).encode())
+    per_sample = getattr(metric, "per_sample", None)
+    h.update(b"per_sample|" + (b"none" if per_sample is None else callable_fingerprint(per_sample).encode()))
     return h.hexdigest()

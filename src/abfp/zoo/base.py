@@ -70,6 +70,18 @@ class Metric:
         return float(v.std(unbiased=True) / v.numel() ** 0.5)
 
 
+def _check_rows(t: object, what: str) -> None:
+    """``t`` must be a tensor of at least one dimension (its rows are the samples)."""
+    if isinstance(t, (list, tuple)) and all(isinstance(v, Tensor) for v in t):
+        raise ValueError(f"{what} is a {type(t).__name__} of tensors; give one tensor whose dim 0 is the samples "
+                         "(pad variable-length samples to one length, with a mask as a second input)")
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor, got {type(t).__module__}.{type(t).__qualname__}"
+                         + (" (torch.from_numpy converts it)" if type(t).__module__ == "numpy" else ""))
+    if t.dim() == 0:
+        raise ValueError(f"{what} is a 0-d tensor; its dim 0 must be the samples")
+
+
 @dataclass
 class Dataset:
     """Inputs (a tuple of tensors, each sliced along dim 0 into batches) and optional targets.
@@ -83,8 +95,15 @@ class Dataset:
     def __post_init__(self) -> None:
         if isinstance(self.inputs, Tensor):
             self.inputs = (self.inputs,)
-        if not self.inputs:
-            raise ValueError("Dataset.inputs must hold at least one tensor")
+        if isinstance(self.inputs, list):
+            self.inputs = tuple(self.inputs)
+        if not isinstance(self.inputs, tuple) or not self.inputs:
+            raise ValueError("Dataset.inputs must be a tensor or a tuple of at least one tensor, got "
+                             f"{type(self.inputs).__name__}")
+        for i, t in enumerate(self.inputs):
+            _check_rows(t, f"Dataset.inputs[{i}]")
+        if self.targets is not None:
+            _check_rows(self.targets, "Dataset.targets")
         n = self.inputs[0].shape[0]
         for t in self.inputs[1:]:
             if t.shape[0] != n:
