@@ -73,3 +73,22 @@ def test_bad_distillation_arguments() -> None:
         Distillation("kl")(torch.zeros(2, 3), None)
     with pytest.raises(TypeError, match="inputs must be"):
         as_inputs([1, 2, 3])
+
+
+def test_cross_entropy_refuses_regression_targets_and_keeps_indices_and_probabilities() -> None:
+    """``F.cross_entropy`` takes float targets of the outputs' shape for class probabilities: a
+    user's regression targets trained on a meaningless loss, silently (``abfp finetune --loss ce``)."""
+    import torch.nn.functional as F
+
+    from abfp.finetune.loop import cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3, generator=g)
+    with pytest.raises(ValueError, match="regression targets"):
+        cross_entropy(logits, torch.randn(6, 3, generator=g))
+    with pytest.raises(ValueError, match="not probabilities"):
+        cross_entropy(logits, torch.randn(6, generator=g))  # float values, one per sample
+    labels = torch.tensor([0, 2, 1, 1, 0, 2])
+    assert torch.equal(cross_entropy(logits, labels), F.cross_entropy(logits, labels))
+    probs = torch.softmax(torch.randn(6, 3, generator=g), -1)
+    assert torch.equal(cross_entropy((logits, None), probs), F.cross_entropy(logits, probs))

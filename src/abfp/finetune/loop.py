@@ -66,7 +66,25 @@ def cross_entropy(outputs: Any, targets: Tensor | None) -> Tensor:
     """Default loss: cross entropy of the model's (first) output tensor against the labels."""
     if targets is None:
         raise ValueError("the default loss (cross entropy) needs labelled training data; pass loss_fn")
-    return F.cross_entropy(_first_tensor(outputs), targets)
+    logits = _first_tensor(outputs)
+    if targets.is_floating_point() and not _class_probabilities(targets, logits):
+        raise ValueError(f"the default loss (cross entropy) needs class indices or class probabilities as labels; "
+                         f"these are {targets.dtype} {tuple(targets.shape)} values that are not probabilities over the "
+                         f"{tuple(logits.shape)} outputs (regression targets?): use a distillation loss ('mse', "
+                         "'cosine', 'kl') or pass loss_fn")
+    return F.cross_entropy(logits, targets)
+
+
+def _class_probabilities(targets: Tensor, logits: Tensor) -> bool:
+    """Whether floating ``targets`` are class probabilities for ``logits`` (what ``F.cross_entropy``
+    takes them for): the same shape, in [0, 1], summing to 1 over the class dimension."""
+    if targets.shape != logits.shape or logits.dim() < 1:
+        return False
+    t = targets.detach().double()
+    if not bool(((t >= 0) & (t <= 1)).all()):
+        return False
+    dim = 1 if t.dim() > 1 else 0
+    return bool(torch.allclose(t.sum(dim), torch.ones((), dtype=t.dtype), atol=1e-3))
 
 
 @dataclass
