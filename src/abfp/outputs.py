@@ -106,10 +106,10 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=str(p.parent))
     os.close(fd)
     tmp_p = Path(tmp)
-    with contextlib.suppress(OSError):  # mkstemp makes 0600: give the file the mode a plain open() would
-        os.chmod(tmp_p, _file_mode(p))
     try:
         yield tmp_p
+        with contextlib.suppress(OSError):  # mkstemp makes 0600, and a writer may make the file anew (safetensors
+            os.chmod(tmp_p, _file_mode(p))  # keeps 0600): give it the mode a plain open() would, once written
         with open(tmp_p, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_p, p)

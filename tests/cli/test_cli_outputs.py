@@ -114,3 +114,17 @@ def test_a_folder_that_refuses_new_files_is_caught_before_the_work(tmp_path):
     check_output(tmp_path / "new" / "x.json")
     check_output_dir(tmp_path / "d", ["a.json"])
     assert list(tmp_path.iterdir()) == []  # the probes leave nothing behind
+
+
+def test_a_writer_that_makes_its_file_anew_still_gets_plain_permissions(tmp_path):
+    """safetensors' save_file recreates the file it is given with 0600: tuned weights
+    (plan.safetensors) came out unreadable to the group while the plan beside them was 0644."""
+    import torch
+    from safetensors.torch import save_file
+
+    target = tmp_path / "w.safetensors"
+    with atomic_path(target, suffix=".tmp.safetensors") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
