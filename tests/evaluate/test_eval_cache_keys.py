@@ -172,6 +172,38 @@ def test_model_and_metric_prints_see_the_helpers_constants_and_tensors_user_code
     assert model_fingerprint(m2) != base
 
 
+def test_model_fingerprint_sees_a_settings_object_and_tensor_lists_the_forward_reads():
+    """A config dataclass or namespace kept on a module (``self.cfg.scale``) decides its outputs:
+    two models that differ only there got one print, so the second was served the first's numbers."""
+    import dataclasses
+    import types
+
+    @dataclasses.dataclass
+    class Cfg:
+        scale: float = 1.0
+
+    class M(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.cfg, self.fc, self.masks = cfg, nn.Linear(2, 2), [torch.ones(2)]
+
+        def forward(self, x):
+            return self.fc(x) * self.cfg.scale * self.masks[0]
+
+    torch.manual_seed(0)
+    a = M(Cfg())
+    base = model_fingerprint(a)
+    for other in (Cfg(scale=2.0), types.SimpleNamespace(scale=1.0)):
+        b = M(other)
+        b.load_state_dict(a.state_dict())
+        assert model_fingerprint(b) != base
+    c = M(Cfg())
+    c.load_state_dict(a.state_dict())
+    assert model_fingerprint(c) == base
+    c.masks = [torch.zeros(2)]
+    assert model_fingerprint(c) != base
+
+
 # ------------------------------------------------------------------ evaluate with a cache
 def _eval(model, data, metric, cache, **kw):
     pts = [Point("abfp", abfp.ABFPConfig(tile_width=8, gain=2.0, noise_std=1.0))]

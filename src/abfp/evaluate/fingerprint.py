@@ -7,7 +7,9 @@ recomputed, never served from the cache. Each fingerprint is a sha256 hex digest
 * :func:`model_fingerprint`: every parameter and buffer (name, dtype, shape, bytes) and,
   per submodule, its name, class (module and qualified name), ``extra_repr()``, plain
   attributes (numbers, strings, ...) and the bytecode of its class's methods, so a changed
-  ``forward`` counts too; a tensor kept as a plain attribute counts as a buffer does.
+  ``forward`` counts too; a tensor (or list of tensors) kept as a plain attribute counts as a
+  buffer does, and a settings object kept as one (a config dataclass, a namespace) by its type
+  and plain attributes.
 * In the user's own code (not the standard library, not an installed package): what a method's
   or metric's global names refer to, the value of a module constant (numbers, strings, tuples,
   tensors) and the code of a helper function or class it calls, followed in turn; so editing a
@@ -27,6 +29,7 @@ never a wrong number.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -216,15 +219,23 @@ def _update_value(h: Any, value: Any, depth: int = 0) -> None:
     elif callable(value) and not isinstance(value, type):
         _update_callable(h, value, depth + 1)
     else:
-        # another object: its type and plain attributes (a dict that changes between calls,
-        # like a counter, changes the print: conservative)
-        h.update(f"<{type(value).__module__}.{type(value).__qualname__}>".encode())
-        attrs = getattr(value, "__dict__", None)
-        if isinstance(attrs, dict) and depth < 4:
-            for k, v in sorted(attrs.items()):
-                p = _plain(v)
-                if p is not None:
-                    h.update(f"{k}={p};".encode())
+        _update_object(h, value, depth)
+
+
+def _update_object(h: Any, value: Any, depth: int = 0) -> None:
+    """Another object (a config, a namespace): its type and plain attributes, a dataclass's
+    fields too (a dict that changes between calls, like a counter, changes the print:
+    conservative)."""
+    h.update(f"<{type(value).__module__}.{type(value).__qualname__}>".encode())
+    attrs = getattr(value, "__dict__", None)
+    items = dict(attrs) if isinstance(attrs, dict) else {}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items.update({f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)})
+    if depth < 4:
+        for k, v in sorted(items.items()):
+            p = _plain(v)
+            if p is not None:
+                h.update(f"{k}={p};".encode())
 
 
 def _class_code(cls: type, follow: int = 0, seen: set[int] | None = None) -> str:
@@ -266,6 +277,12 @@ def model_fingerprint(model: nn.Module) -> str:
                 h.update(f"{k}={p};".encode())
             elif isinstance(v, Tensor):  # a tensor kept as a plain attribute, not a buffer
                 _update_tensor(h, f"attr|{name}.{k}", v)
+            elif isinstance(v, (list, tuple)) and v and all(isinstance(t, Tensor) for t in v):
+                for i, t in enumerate(v):
+                    _update_tensor(h, f"attr|{name}.{k}[{i}]", t)
+            elif not (callable(v) or isinstance(v, (nn.Module, types.ModuleType))):
+                h.update(f"attr|{k}|".encode())  # a settings object the forward reads (a config dataclass)
+                _update_object(h, v)
     for name, p in model.named_parameters(remove_duplicate=False):
         _update_tensor(h, f"param|{name}", p)
     for name, b in model.named_buffers(remove_duplicate=False):
