@@ -6,7 +6,11 @@ loss fell, held-out KL rose). Here every step gets ``--batch-size`` new crops
 shorter side at a random place, mirrored half the time, ``--jitter`` brightness/contrast), distilled (KL on
 logits) against the frozen float32 model's logits on the same batch. The device is the plan of
 ``--plan-from RESULT.json:STAGE`` (noise from torch's global generator while training, as ``abfp.finetune.qat``);
-batch norm and every other submodule stay in eval mode. ``--train`` picks the trainable parameters:
+batch norm and every other submodule stay in eval mode. ``--method dnf`` trains with differential noise instead
+(the library's :class:`abfp.finetune.methods.DNFMethod`: histograms of the plan's ``dy`` measured once on
+``--dnf-samples`` calibration crops, float32 plus noise drawn from them; the same fresh crops and loss).
+``--init W.pt`` starts from saved weights (a ``--save`` of an earlier run; step numbers continue from
+``--step-offset``; give another ``--seed`` for other crops; AdamW starts afresh). ``--train`` picks the trainable parameters:
 ``all``, or ``sensitive`` (the stem convolution and block 0's depthwise convolution, the two layers that carry
 72 % of the single-layer KL, with the batch norms after them). AdamW at ``--lr``, one optimiser for the whole
 run. Every ``--every`` steps the model is evaluated on the plan (noise seed 0) on the 312 evaluation crops:
@@ -31,23 +35,15 @@ from pathlib import Path
 import torch
 
 from abfp import zoo
-from abfp.finetune.distillation import kl_loss
 from abfp.finetune.loop import set_training
-from abfp.nn import convert, to_digital
-from abfp.tune import DevicePlan
+from abfp.finetune.methods import DNFMethod, DNFOptions, QATMethod
+from abfp.nn import to_digital
 from abfp.tune.api import plan_outputs
 from abfp.zoo.base import AGREEMENT, KL
 from abfp.zoo.efficientnet import random_crops
+from plan_rows import distil_update, load_plan  # benchmarks/plan_rows.py
 
 SENSITIVE = ("_conv_stem.", "_bn0.", "_blocks.0._depthwise_conv.", "_blocks.0._bn1.")
-
-
-def load_plan(spec: str) -> DevicePlan:
-    path, stage = spec.rsplit(":", 1)
-    found = [r["plan"] for r in json.load(open(path))["rows"] if r["stage"] == stage]
-    if not found:
-        raise SystemExit(f"no stage {stage!r} in {path}")
-    return DevicePlan.from_dict(found[0])
 
 
 def main() -> None:
@@ -57,6 +53,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--method", choices=("qat", "dnf"), default="qat")
+    ap.add_argument("--dnf-samples", type=int, default=128, help="dnf: calibration crops for the histograms")
+    ap.add_argument("--init", default=None, help="start from these float32 weights (a state dict from --save)")
+    ap.add_argument("--step-offset", type=int, default=0, help="number the steps from here (with --init)")
     ap.add_argument("--train", choices=("all", "sensitive"), default="all")
     ap.add_argument("--jitter", type=float, default=0.0)
     ap.add_argument("--min-scale", type=float, default=0.3)
@@ -71,6 +71,8 @@ def main() -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     task = zoo.get("efficientnet-lite0")
     model = task.build_model().eval()
+    if a.init:
+        model.load_state_dict(torch.load(a.init))
     teacher = task.build_model().eval()
     plan = load_plan(a.plan_from)
     ev = task.load_data().take(a.eval)
@@ -86,14 +88,15 @@ def main() -> None:
     rows: list[dict] = []
 
     def record(step: int, m: torch.nn.Module | None, extra: dict) -> None:
+        """``m``: the model being trained (converted); ``None``: the starting weights (cached unless ``--init``)."""
         key = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-        plan_path = cache / f"plan-{key}-{len(ev)}.pt"
-        if m is None and plan_path.exists():
+        plan_path = None if a.init else cache / f"plan-{key}-{len(ev)}.pt"
+        if m is None and plan_path is not None and plan_path.exists():
             out = torch.load(plan_path)
         else:
             digital = model if m is None else to_digital(m, inplace=False)
             out = plan_outputs(digital, plan, ev, a.eval_batch_size, 0)
-            if m is None:
+            if m is None and plan_path is not None:
                 torch.save(out, plan_path)
         torch.save(out, f"{a.out}.step{step}.pt")  # the logits, for paired comparisons between rows
         rows.append({"step": step, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
@@ -104,9 +107,12 @@ def main() -> None:
         with open(a.out, "w") as f:
             json.dump({"command": " ".join(sys.argv), "args": vars(a), "rows": rows}, f, indent=1)
 
-    record(0, None, {})
-    over = {k: v.replace(seed=None) for k, v in plan.overrides().items()}
-    net = convert(model, plan.base.replace(seed=None), overrides=over, inplace=True)
+    record(a.step_offset, None, {})
+    if a.method == "qat":  # the device in the forward, noise from torch's global generator
+        method = QATMethod(plan.base, plan.overrides())
+    else:  # float32 plus noise from histograms of the plan's dy on --dnf-samples calibration crops
+        method = DNFMethod(plan.base, DNFOptions(calibration_samples=a.dnf_samples), plan.overrides())
+    net = method.prepare(model, task.load_calibration(), a.seed, (), None)
     params = []
     for name, p in net.named_parameters():
         p.requires_grad_(a.train == "all" or name.startswith(SENSITIVE))
@@ -117,20 +123,15 @@ def main() -> None:
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
     losses: list[float] = []
-    for step in range(1, a.steps + 1):
+    for step in range(a.step_offset + 1, a.step_offset + a.steps + 1):
         x = random_crops(a.batch_size, gen, min_scale=a.min_scale, jitter=a.jitter)
-        with torch.no_grad():
-            t = teacher(x)
-        loss = kl_loss(net(x), t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if step % a.every == 0 or step == a.steps:
+        losses.append(distil_update(net, teacher, opt, x))
+        if step % a.every == 0 or step == a.step_offset + a.steps:
             recent = losses[-a.every:]
             net.eval()
-            record(step, net, {"train_loss": sum(recent) / len(recent), "n_params": sum(p.numel() for p in params)})
+            record(step, net, {"method": a.method, "train_loss": sum(recent) / len(recent), "n_params": sum(p.numel() for p in params)})
             set_training(net, frozen=True)
+    method.finish()
     if a.save:
         torch.save(to_digital(net, inplace=False).state_dict(), a.save)
 

@@ -1,6 +1,6 @@
-"""Shared by the plan benchmarks (bench_decompose, bench_layerwise, bench_distil_curve): loading a
-task and a plan, and evaluating a plan into JSON rows (metric and extras with standard errors,
-wall and process CPU time since the start, the load average)."""
+"""Shared by the plan benchmarks (bench_decompose, bench_layerwise, bench_distil_curve, bench_distil_aug,
+bench_distil_step): loading a task and a plan, a distillation step, and evaluating a plan into JSON rows
+(metric and extras with standard errors, wall and process CPU time since the start, the load average)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,21 @@ def load_plan(spec: str) -> DevicePlan:
             raise SystemExit(f"no stage {stage!r} in {path}")
         return DevicePlan.from_dict(found[0])
     return DevicePlan.from_json(spec)
+
+
+def distil_update(student: torch.nn.Module, teacher: torch.nn.Module, opt: torch.optim.Optimizer,
+                  x: torch.Tensor) -> float:
+    """One distillation step on the batch ``x``: the frozen ``teacher``'s logits, the KL of the
+    ``student``'s against them, backward and ``opt``'s update; returns the loss."""
+    from abfp.finetune.distillation import kl_loss
+
+    with torch.no_grad():
+        t = teacher(x)
+    loss = kl_loss(student(x), t)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def setup(task_name: str, calibration: int, eval_samples: int):

@@ -190,6 +190,10 @@ TASKS = textwrap.dedent('''
 
     def plain():
         return Task("plain", "mlp", _build, _data(1, 40), KL, default_batch_size=16, load_calibration=_data(2, 32))
+
+    def small():  # declares its own finetuning batch size, as efficientnet-lite0 does
+        return Task("small", "mlp", _build, _data(1, 40), KL, default_batch_size=16, load_calibration=_data(2, 32),
+                    sample_finetuning_batch=sample, finetune_batch_size=4)
 ''')
 
 
@@ -227,3 +231,40 @@ def test_cli_finetune_inputs_bad_input(tmp_path: Path, capsys, task: str, extra:
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
     assert msg in err[-1]
     assert not (tmp_path / "o" / "p.json").exists()
+
+
+def _finetune_note(tmp_path: Path) -> str:
+    p = DevicePlan.from_json(tmp_path / "o" / "p.json")
+    return str([s for s in p.info["stages"] if s["stage"] == "finetune"][0])
+
+
+def test_cli_tune_takes_the_tasks_finetune_batch_size(tmp_path: Path, capsys) -> None:
+    """Without --finetune-batch-size a task's own finetune_batch_size is used (fresh or fixed inputs, qat or
+    dnf), a given --finetune-batch-size wins, and a task without one gets the general default (32)."""
+    (tmp_path / "tasks.py").write_text(TASKS)
+    ft_args = ["--finetune", "distil-qat", "--finetune-steps", "2"]
+    assert _tune(tmp_path, "small", *ft_args) == 0
+    assert "4 fresh inputs" in _finetune_note(tmp_path)
+    assert _tune(tmp_path, "small", *ft_args, "--finetune-batch-size", "8", "--force") == 0
+    assert "8 fresh inputs" in _finetune_note(tmp_path)
+    assert _tune(tmp_path, "fresh", *ft_args, "--force") == 0
+    assert "32 fresh inputs" in _finetune_note(tmp_path)
+    assert _tune(tmp_path, "small", "--finetune", "distil-dnf", "--finetune-steps", "2", "--finetune-inputs", "fixed",
+                 "--force") == 0
+    assert "2 steps of 4 on 32 calibration inputs" in _finetune_note(tmp_path)
+    capsys.readouterr()
+
+
+def test_task_finetune_batch_size_bad_input() -> None:
+    from abfp.zoo import Task
+
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="finetune_batch_size must be an integer >= 1 or None"):
+            Task("t", "d", mlp, lambda: fixed(4), KL, finetune_batch_size=bad)  # type: ignore[arg-type]
+    assert Task("t", "d", mlp, lambda: fixed(4), KL).finetune_batch_size is None
+
+
+def test_efficientnet_declares_batch_8() -> None:
+    from abfp.zoo.efficientnet import TASKS as EFF
+
+    assert EFF[0].finetune_batch_size == 8

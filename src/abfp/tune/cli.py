@@ -81,7 +81,8 @@ def _parser(sub) -> None:
     f.add_argument("--finetune-steps", type=int, default=None, help=f"AdamW steps (default {FT_DEFAULTS['steps']})")
     f.add_argument("--finetune-lr", type=float, default=None, help=f"learning rate (default {FT_DEFAULTS['lr']:g})")
     f.add_argument("--finetune-batch-size", type=int, default=None,
-                   help=f"calibration inputs per step (default {FT_DEFAULTS['batch_size']})")
+                   help=f"calibration inputs per step (default: the task's own where it declares one, "
+                        f"Task.finetune_batch_size, e.g. 8 for efficientnet-lite0; else {FT_DEFAULTS['batch_size']})")
     f.add_argument("--finetune-samples", type=int, default=None,
                    help=f"bias-correct: calibration inputs measured, as one batch (default {BC_DEFAULTS['samples']})")
     f.add_argument("--finetune-inputs", choices=["fresh", "fixed"], default=None,
@@ -165,6 +166,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     check_output_dir(out_dir, list(names), force=args.force or resuming, what="--out")
     task = single_task(args.task, "tune")
     _add_fresh_inputs(finetune_options, args, task)
+    _task_batch_size(finetune_options, args, task)
     apply_threads(args.threads)
     calib, evald, source = split_data(task, args.calibration, args.eval_samples, at_most=calibration_default)
 
@@ -259,6 +261,15 @@ def _add_fresh_inputs(options: dict[str, object] | None, args: argparse.Namespac
     if options is not None and args.finetune in ("distil-qat", "distil-dnf") and sampler is not None \
             and args.finetune_inputs != "fixed":
         options["fresh_inputs"] = sampler
+
+
+def _task_batch_size(options: dict[str, object] | None, args: argparse.Namespace, task) -> None:
+    """The task's :attr:`~abfp.zoo.Task.finetune_batch_size` as the distillation's batch size when
+    ``--finetune-batch-size`` is not given."""
+    default = getattr(task, "finetune_batch_size", None)
+    if options is not None and args.finetune in ("distil-qat", "distil-dnf") and args.finetune_batch_size is None \
+            and default is not None:
+        options["batch_size"] = default
 
 
 def split_data(task, calibration: int, eval_samples: int | None, *, at_most: bool = False):

@@ -99,7 +99,8 @@ class DistilStage:
         if self.fresh_inputs is not None:
             return (f"{self.method}, {self.loss} loss, {self.steps} steps of {self.batch_size} fresh inputs "
                     f"(a new batch every step)")
-        return f"{self.method}, {self.loss} loss, {self.steps} steps on {n_inputs} calibration inputs"
+        return (f"{self.method}, {self.loss} loss, {self.steps} steps of {min(self.batch_size, n_inputs)} "
+                f"on {n_inputs} calibration inputs")
 
     def __call__(self, model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...]) -> nn.Module:
         from ..finetune.distillation import Distillation, as_inputs

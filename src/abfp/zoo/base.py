@@ -154,6 +154,15 @@ class Task:
     #: ``abfp tune``'s distillation stages draw a new batch every step instead of cycling through
     #: the fixed calibration inputs (``None``: the task has none).
     sample_finetuning_batch: Callable[[torch.Generator, int], tuple[Tensor, ...]] | None = None
+    #: ``abfp tune``'s finetuning batch size for this task when the user gives no
+    #: ``--finetune-batch-size`` (``None``: the general default, 32); for a model whose training
+    #: step through the device is slow (EfficientNet-Lite0: 8)
+    finetune_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        b = self.finetune_batch_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"Task {self.name!r}: finetune_batch_size must be an integer >= 1 or None, got {b!r}")
 
 
 def _top1_hits(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Tensor:

@@ -284,6 +284,7 @@ TASKS: list[Task] = [
         load_data=load_data,
         load_calibration=load_calibration,
         sample_finetuning_batch=sample_finetuning_batch,
+        finetune_batch_size=8,  # a distil-QAT step of 32 crops costs 5.3x one of 8 (docs/tune.md, session 13)
         metric=AGREEMENT,
         default_samples=None,
         default_batch_size=32,
