@@ -37,6 +37,11 @@ def remove_journal(path: str | Path, sidecars: Sequence[str] = ()) -> None:
         f.unlink(missing_ok=True)
 
 
+#: How to start afresh, said by every refusal to resume (the API's ``resume=False``; the command
+#: lines refuse an unfinished journal without ``--resume`` unless ``--force`` is given).
+AFRESH = "start afresh without resume (on the command line: --force instead of --resume)"
+
+
 class Journal:
     """One journal file (see the module). ``kind`` names it in messages and in its format tag;
     ``sidecars``: the names of its sidecar files (removed with it)."""
@@ -58,12 +63,12 @@ class Journal:
                 old = dict(blob["identity"])
                 records = dict(blob["records"])
             except (ValueError, KeyError, TypeError) as e:
-                raise JournalMismatch(f"{kind} journal {self.path} is damaged ({e}); start afresh without resume") \
+                raise JournalMismatch(f"{kind} journal {self.path} is damaged ({e}); {AFRESH}") \
                     from None
             differ = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
             if differ:
                 raise JournalMismatch(f"{kind} journal {self.path} was written by another run: its {', '.join(differ)} "
-                                      "differ from this one's; start afresh without resume")
+                                      f"differ from this one's; {AFRESH}")
             self.records, self.resumed = records, True
         else:
             remove_journal(self.path, self.sidecars)

@@ -226,3 +226,25 @@ def test_cli_tune_interrupted_says_how_to_continue_and_resume_finishes(
     monkeypatch.setattr(api, "choose_gains", lambda *a, **k: chosen.append(1))  # finished: not chosen again
     assert main([*args, "--resume"]) == 0
     assert plan.is_file() and not chosen and not (plan.parent / "plan.journal.json").exists()
+
+
+def test_cli_tune_damaged_journal_says_the_flag_that_starts_afresh(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged journal told the user to 'start afresh without resume', which the command refuses
+    for an unfinished journal; the line names --force, and --force starts afresh."""
+    import abfp.tune.api as api
+
+    task, plan, args = tiny_tune_args(tmp_path)
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "search_repeats", interrupt)
+    assert main(args) == 130
+    monkeypatch.undo()
+    journal = plan.parent / "plan.journal.json"
+    journal.write_text(journal.read_text()[:100])
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert "--force instead of --resume" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0 and plan.is_file()

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from torch import Tensor, nn
 
 from ..evaluate.fingerprint import config_key, data_fingerprint, metric_fingerprint, model_fingerprint
-from ..journal import Journal, JournalMismatch, remove_journal
+from ..journal import AFRESH, Journal, JournalMismatch, remove_journal
 from ..numerics import NUMERICS_VERSION
 
 __all__ = ["JournalMismatch", "TuneJournal", "remove_tune_journal", "run_identity"]
@@ -84,6 +84,6 @@ class TuneJournal(Journal):
         state: dict[str, Tensor] = load_file(str(self.finetuned_weights))
         if weights_digest(state) != digest:
             raise JournalMismatch(f"{self.finetuned_weights} is not the finetuned weights the journal recorded; "
-                                  "start afresh without resume")
+                                  f"{AFRESH}")
         model.load_state_dict(state)
         return model
