@@ -206,3 +206,22 @@ def test_a_nan_score_or_nan_outputs_are_refused_naming_the_sample_not_tabled():
 
     with pytest.raises(FloatingPointError, match="float32 model's output for sample 0 is NaN.*the model made it"):
         evaluate(LogHead().eval(), Dataset((x,)), AGREEMENT, pts, settings=settings)
+
+
+def test_an_output_dataclass_with_logits_none_is_scored_on_its_hidden_state():
+    """An output type with a ``logits`` field left None (a HF-style output of a base model) gave
+    None to the metric, an AttributeError later; the tensor field it holds is scored."""
+    import dataclasses
+
+    from abfp.evaluate.runner import _first_tensor
+
+    @dataclasses.dataclass
+    class Out:
+        loss: object = None
+        logits: object = None
+        last_hidden_state: object = None
+
+    h = torch.ones(2, 3)
+    assert _first_tensor(Out(last_hidden_state=h)) is h
+    with pytest.raises(TypeError, match="returned Out"):
+        _first_tensor(Out())

@@ -49,7 +49,7 @@ def _first_tensor(out: Any) -> Tensor:
     for name in ("logits", "last_hidden_state"):
         if isinstance(out, Mapping) and isinstance(out.get(name), Tensor):
             return out[name]
-        if hasattr(out, name):
+        if isinstance(getattr(out, name, None), Tensor):  # an output dataclass may hold None there
             return getattr(out, name)
     if isinstance(out, Mapping) and out:
         first = next(iter(out.values()))
