@@ -94,6 +94,32 @@ def test_resume_refuses_other_model_data_or_threads(tmp_path: Path, tiny_train, 
     assert qat(TinyNet(), tiny_train, tiny_config, resume=True, **kw).details["resumed_from"] == 2
 
 
+def test_resume_refuses_edited_user_code_of_the_model_or_the_loss(tmp_path: Path, tiny_train, tiny_config) -> None:
+    """The checkpoint knew the starting weights and the loss function's name only: a model whose
+    forward was edited, or a loss edited under the same name, was resumed and trained on."""
+    ckpt = tmp_path / "e.safetensors"
+    kw = dict(steps=3, lr=0.01, batch_size=32, progress=False, timing_steps=0, checkpoint=ckpt)
+
+    def loss(out, tgt):
+        return torch.nn.functional.cross_entropy(out, tgt)
+
+    qat(TinyNet(), tiny_train, tiny_config, loss_fn=loss, **{**kw, "steps": 2})
+
+    class Edited(TinyNet):  # the same weights and repr, another forward
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    Edited.__name__ = Edited.__qualname__ = "TinyNet"
+    with pytest.raises(ValueError, match="model"):
+        qat(Edited(), tiny_train, tiny_config, loss_fn=loss, resume=True, **kw)
+
+    def loss(out, tgt):  # noqa: F811  the same name, another loss
+        return 2 * torch.nn.functional.cross_entropy(out, tgt)
+
+    with pytest.raises(ValueError, match="loss"):
+        qat(TinyNet(), tiny_train, tiny_config, loss_fn=loss, resume=True, **kw)
+
+
 def test_resume_steps_below_or_equal_the_checkpoint(tmp_path: Path, tiny_train, tiny_eval, tiny_config) -> None:
     ckpt = tmp_path / "e.safetensors"
     kw = dict(lr=0.01, batch_size=32, progress=False, timing_steps=0, checkpoint=ckpt, eval_data=tiny_eval)

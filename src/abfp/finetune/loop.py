@@ -369,22 +369,37 @@ def produced_by(method: Method, base: nn.Module, train_data: Dataset, config: AB
     run resumed with another thread count would no longer be bit-identical). When distilling,
     ``loss`` names the distillation loss and its temperature and ``teacher`` is the digest of
     the teacher's outputs (which are the training targets)."""
+    from ..evaluate.fingerprint import _is_user_code, callable_fingerprint, model_fingerprint
+
     describe = getattr(loss_fn, "describe", None)
     loss = describe() if callable(describe) else callable_name(loss_fn)
+    if not callable(describe) and _is_user_code(getattr(loss_fn, "__module__", None)):
+        loss += f" (code {callable_fingerprint(loss_fn)[:12]})"  # the user's loss edited under the same name
     teacher = None
     if isinstance(loss_fn, Distillation) and train_data.targets is not None:
         teacher = digest(["teacher outputs"], train_data.targets)
     return {"method": method.name, "options": method.options(), "settings": s.fingerprint(),
             "config": config_key(config), "train_samples": len(train_data),
-            "model": digest(repr(base), base.state_dict()),
+            "model": digest(repr(base), base.state_dict()) + _user_code_print(base, model_fingerprint),
             "train_data": digest([len(train_data.inputs)], *train_data.inputs,
                                  "targets", train_data.targets if train_data.targets is not None else "none"),
             "loss": loss, "teacher": teacher, "threads": torch.get_num_threads()}
 
 
+def _user_code_print(model: nn.Module, model_fingerprint: Callable[[nn.Module], str]) -> str:
+    """``""`` for a model of abfp's, torch's or an installed package's classes (their checkpoints keep
+    the provenance they had), else ``" code <print>"``: the user's own forward (and the helpers it
+    calls) edited with the weights unchanged is another model."""
+    from ..evaluate.fingerprint import _is_user_code
+
+    if not any(_is_user_code(type(m).__module__) for m in model.modules()):
+        return ""
+    return f" code {model_fingerprint(model)[:12]}"
+
+
 _HINTS = {"loss": " (another loss: --loss / --temperature)", "teacher": " (another teacher or other training inputs)",
           "threads": " (set the same thread count: torch.set_num_threads / --threads)",
-          "model": " (another model or other starting weights)", "train_data": " (other training data)",
+          "model": " (another model, other starting weights or edited model code)", "train_data": " (other training data)",
           "sampler_version": " (written by an abfp whose DNF sampler drew other noise values: finetune anew)"}
 
 
