@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..config import config_key
 
-__all__ = ["callable_fingerprint", "config_key", "data_fingerprint", "metric_fingerprint", "model_fingerprint"]
+__all__ = ["callable_fingerprint", "config_key", "data_fingerprint", "is_user_code", "metric_fingerprint", "model_fingerprint"]
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 
@@ -100,7 +100,7 @@ def _installed_roots() -> tuple[str, ...]:
     return tuple(sorted(os.path.realpath(r) + os.sep for r in roots if r))
 
 
-def _is_user_code(module: Any) -> bool:
+def is_user_code(module: Any) -> bool:
     """Whether the code of the module named ``module`` is the user's (followed into): not the
     standard library, not an installed package (their globals may be per-process, e.g. a session
     id) and not one of :data:`_LIBRARIES`; a module with no file (built in memory) is the user's."""
@@ -140,14 +140,14 @@ def _update_globals(h: Any, code: types.CodeType, globals_: dict[str, Any], dept
             h.update(f"global|{name}={plain};".encode())
         elif isinstance(value, Tensor):
             _update_tensor(h, f"global|{name}", value)
-        elif isinstance(value, types.FunctionType) and _is_user_code(value.__module__) and depth < 8:
+        elif isinstance(value, types.FunctionType) and is_user_code(value.__module__) and depth < 8:
             if id(value.__code__) not in seen:
                 seen.add(id(value.__code__))
                 h.update(f"global|{name}|{value.__module__}.{value.__qualname__}|".encode())
                 _update_code(h, value.__code__, 0, value.__globals__, depth + 1, seen)
                 for d in (value.__defaults__ or ()):
                     _update_value(h, d, 1)
-        elif isinstance(value, type) and _is_user_code(value.__module__) and id(value) not in seen:
+        elif isinstance(value, type) and is_user_code(value.__module__) and id(value) not in seen:
             seen.add(id(value))
             h.update(f"global|{name}|{_class_code(value, depth + 1, seen)}|".encode())
     for c in code.co_consts:
@@ -174,7 +174,7 @@ def _update_code(h: Any, code: types.CodeType, depth: int = 0, globals_: dict[st
 
 def _user_globals(fn: types.FunctionType) -> dict[str, Any] | None:
     """``fn.__globals__`` when ``fn`` is user code (its globals are followed), else None."""
-    return fn.__globals__ if _is_user_code(fn.__module__) else None
+    return fn.__globals__ if is_user_code(fn.__module__) else None
 
 
 def _update_callable(h: Any, fn: Any, depth: int = 0) -> None:

@@ -369,11 +369,11 @@ def produced_by(method: Method, base: nn.Module, train_data: Dataset, config: AB
     run resumed with another thread count would no longer be bit-identical). When distilling,
     ``loss`` names the distillation loss and its temperature and ``teacher`` is the digest of
     the teacher's outputs (which are the training targets)."""
-    from ..evaluate.fingerprint import _is_user_code, callable_fingerprint, model_fingerprint
+    from ..evaluate.fingerprint import callable_fingerprint, is_user_code, model_fingerprint
 
     describe = getattr(loss_fn, "describe", None)
     loss = describe() if callable(describe) else callable_name(loss_fn)
-    if not callable(describe) and _is_user_code(getattr(loss_fn, "__module__", None)):
+    if not callable(describe) and is_user_code(getattr(loss_fn, "__module__", None)):
         loss += f" (code {callable_fingerprint(loss_fn)[:12]})"  # the user's loss edited under the same name
     teacher = None
     if isinstance(loss_fn, Distillation) and train_data.targets is not None:
@@ -390,9 +390,9 @@ def _user_code_print(model: nn.Module, model_fingerprint: Callable[[nn.Module], 
     """``""`` for a model of abfp's, torch's or an installed package's classes (their checkpoints keep
     the provenance they had), else ``" code <print>"``: the user's own forward (and the helpers it
     calls) edited with the weights unchanged is another model."""
-    from ..evaluate.fingerprint import _is_user_code
+    from ..evaluate.fingerprint import is_user_code
 
-    if not any(_is_user_code(type(m).__module__) for m in model.modules()):
+    if not any(is_user_code(type(m).__module__) for m in model.modules()):
         return ""
     return f" code {model_fingerprint(model)[:12]}"
 
