@@ -90,3 +90,40 @@ def test_cli_journal_refuse_resume_finish(tmp_path: Path, capsys: pytest.Capture
     assert "--resume: precision journal" in err and "is damaged" in err
     assert main([*argv, "--force"]) == 0
     assert out.is_file() and not journal.exists() and not (tmp_path / "r.journal.learned.safetensors").exists()
+
+
+def test_labels_the_learning_cannot_use_are_refused_before_a_journal_is_started(tmp_path: Path) -> None:
+    """Regression targets reached F.cross_entropy mid-run (a model returning a tuple, a raw torch
+    error) and unlabelled data was refused after the journal was written, so the next run was
+    told it 'holds an unfinished run'. Both are refused first, leaving nothing behind."""
+    import dataclasses
+
+    import torch
+
+    from abfp.zoo.base import COSINE, Dataset
+
+    base = tiny_precision_task.make()
+    x = base.load_data().inputs[0]
+    model = base.build_model()
+    with torch.no_grad():
+        y = model(x) + 0.5  # regression targets of the outputs' shape
+
+    class Pair(torch.nn.Module):  # returns (outputs, features): scored on its first tensor
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(x), x
+
+    tuple_out = Pair().eval()
+    for task, message in ((dataclasses.replace(base, load_data=lambda: Dataset((x,), y), metric=COSINE),
+                           "regression targets"),
+                          (dataclasses.replace(base, build_model=lambda: tuple_out, load_data=lambda: Dataset((x,), y),
+                                               metric=COSINE), "regression targets"),
+                          (dataclasses.replace(base, load_data=lambda: Dataset((x,)), metric=COSINE),
+                           "needs labelled training data")):
+        journal = tmp_path / "p.journal.json"
+        with pytest.raises(ValueError, match=message):
+            run_precision(task, PrecisionSettings(**SETTINGS), journal=journal)
+        assert not journal.exists()

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..evaluate.runner import run_model
 from ..journal import Journal, JournalMismatch
 from ..noise import NOISE_NAMES, NoiseInjector
@@ -107,6 +109,20 @@ def _identity(model: Any, data: Dataset, train: Dataset, task: Task, settings: P
             "settings": json.dumps(asdict(settings), sort_keys=True), "numerics": str(NUMERICS_VERSION)}
 
 
+def _check_labels(task: Task, model: Any, data: Dataset, train: Dataset) -> None:
+    """``ValueError`` before any work when the metric needs labels the evaluation data lacks, the
+    training data has no labels, or its labels do not suit the learning loss (the labels' cross
+    entropy, tried on two training samples: regression targets, an output it cannot score)."""
+    from ..finetune.loop import cross_entropy
+
+    if data.targets is None and task.metric.kind == "accuracy":
+        raise ValueError(f"{task.name}: the metric needs labels")
+    if train.targets is None:
+        raise ValueError(f"{task.name}: learning the energies needs labelled training data")
+    with torch.no_grad():
+        cross_entropy(model(*(t[:2] for t in train.inputs)), train.targets[:2])
+
+
 def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
                   progress: Callable[[str], Any] | None = None, journal: str | Path | None = None,
                   resume: bool = False) -> dict[str, Any]:
@@ -124,6 +140,7 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
     model = task.build_model().eval()
     data = task.load_data().take(settings.eval_samples)
     train, train_source = training_data(task)
+    _check_labels(task, model, data, train)  # bad input is refused before a journal is started
     book = None
     if journal is not None:
         book = Journal(journal, _identity(model, data, train, task, settings), resume, kind="precision",
@@ -140,17 +157,13 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
             book.put(name, v)
         return v
 
-    if data.targets is None and task.metric.kind == "accuracy":
-        raise ValueError(f"{task.name}: the metric needs labels")
     sign = 1.0 if task.metric.higher_is_better else -1.0
     ref = run_model(model, data, settings.eval_batch_size)
-    fp32 = task.metric(ref, data.targets, ref)
+    fp32 = task.metric.finite(ref, data.targets, ref, f"{task.name} in float32")
     target = settings.target if settings.target is not None else fp32 - sign * settings.target_drop
     say(f"{task.name}: float32 {task.metric.name} {fp32:.3f}; target {target:.3f}; noise {settings.noise}"
         f"{' per channel' if settings.per_channel else ''}")
 
-    if train.targets is None:
-        raise ValueError(f"{task.name}: learning the energies needs labelled training data")
     inj = NoiseInjector(model, settings.noise, per_channel=settings.per_channel, seed=settings.seed)
     inj.profile([tuple(t[: settings.profile_samples] for t in train.inputs)])
     sites = inj.sites

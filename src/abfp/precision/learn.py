@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..finetune.loop import cross_entropy
 from ..noise import NoiseInjector
 from .objective import constrained_loss
 
@@ -49,10 +49,12 @@ def shuffled_batches(inputs: tuple[Tensor, ...], targets: Tensor, batch_size: in
 
 def learn_energies(injector: NoiseInjector, batches: Iterable[tuple[tuple[Tensor, ...], Tensor]], *,
                    target_energy: float, lam: float, steps: int, lr: float = 0.01,
-                   loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+                   loss_fn: Callable[[Any, Tensor], Tensor] = cross_entropy,
                    log_every: int = 25, progress: Callable[[str], Any] | None = None) -> LearnResult:
     """Train the injector's ``log E`` for ``steps`` batches of ``(inputs, targets)``.
 
+    ``loss_fn(outputs, targets)`` gets the model's outputs as it returns them (the default, the
+    labels' cross entropy, scores the first tensor of a tuple or dict and refuses regression targets).
     The model runs in eval mode (batch-norm statistics and dropout as at inference) with every
     parameter frozen; the flags are restored afterwards.
     """
