@@ -213,3 +213,15 @@ def test_tune_refuses_a_metric_that_scores_nan() -> None:
     broken = Metric("broken", "fidelity", lambda out, tgt, ref: float("nan"))
     with pytest.raises(FloatingPointError, match="'broken' of the float32 model on the calibration inputs is nan"):
         abfp.tune(model, torch.randn(8, 8), ABFPConfig(tile_width=8), metric=broken)
+
+
+def test_tune_refusing_bad_input_leaves_no_journal(tmp_path) -> None:
+    """The journal was started before the float32 pass: a NaN input or score left it behind, and the
+    next run was told it 'holds an unfinished run'."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 8)
+    x[2, 3] = float("nan")
+    journal = tmp_path / "t.journal.json"
+    with pytest.raises(FloatingPointError, match="sample 2 is NaN"):
+        abfp.tune(nn.Sequential(nn.Linear(8, 4)).eval(), x, ABFPConfig(tile_width=8), journal=journal)
+    assert not journal.exists()

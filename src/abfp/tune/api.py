@@ -319,9 +319,17 @@ def tune(
     params = energy_params or EnergyParams()
     model = model.eval()
     t_all = time.perf_counter()
+    ref_cal = _outputs(model, calib, batch_size)
+    ref_eval = ref_cal if evald is calib else _outputs(model, evald, batch_size)
+    fp32_cal = metric.finite(ref_cal, calib.targets, ref_cal, "the float32 model on the calibration inputs")
+    fp32_eval = metric.finite(ref_eval, evald.targets, ref_eval, "the float32 model on the evaluation inputs")
+    target_given = target
+    if target is None:
+        target = default_target(metric, fp32_cal)
+    # the journal is started once the float32 pass has passed its checks: bad input leaves none behind
     book = None
     if journal is not None:
-        options = dict(target=target, gain_rule=gain_rule, gains=None if gains is None else [float(g) for g in gains],
+        options = dict(target=target_given, gain_rule=gain_rule, gains=None if gains is None else [float(g) for g in gains],
                        max_gain=max_gain, gain_tolerance=gain_tolerance, gain_samples=gain_samples,
                        gain_descent=gain_descent, energy_budget=energy_budget, repeats=repeats, max_repeats=max_repeats,
                        repeat_steps=repeat_steps, exclude=list(exclude), batch_size=batch_size,
@@ -331,13 +339,6 @@ def tune(
         book = TuneJournal(journal, run_identity(model, calib, evald, metric, extra_metrics, config, options), resume)
         if book.resumed:
             say(f"resuming from {journal}: {len(book.records)} finished stage(s)")
-
-    ref_cal = _outputs(model, calib, batch_size)
-    ref_eval = ref_cal if evald is calib else _outputs(model, evald, batch_size)
-    fp32_cal = metric.finite(ref_cal, calib.targets, ref_cal, "the float32 model on the calibration inputs")
-    fp32_eval = metric.finite(ref_eval, evald.targets, ref_eval, "the float32 model on the evaluation inputs")
-    if target is None:
-        target = default_target(metric, fp32_cal)
 
     def meets(v: float) -> bool:
         return v >= target if metric.higher_is_better else v <= target
