@@ -225,3 +225,19 @@ def test_an_output_dataclass_with_logits_none_is_scored_on_its_hidden_state():
     assert _first_tensor(Out(last_hidden_state=h)) is h
     with pytest.raises(TypeError, match="returned Out"):
         _first_tensor(Out())
+
+
+def test_a_model_that_is_not_float32_is_said_to_be_the_reference():
+    """A Task's bfloat16 model was evaluated as is and its row labelled fp32 without a word."""
+    import warnings
+
+    from abfp.zoo.base import AGREEMENT, Dataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).to(torch.bfloat16).eval()
+    settings = EvalSettings(progress=False, runs=1, batch_size=4, layer_stats=False)
+    with pytest.warns(UserWarning, match="bfloat16 weights: the 'fp32' reference is this model in its own precision"):
+        evaluate(model, Dataset((torch.randn(4, 4).bfloat16(),)), AGREEMENT, [Point("fp32")], settings=settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(model.float(), Dataset((torch.randn(4, 4),)), AGREEMENT, [Point("fp32")], settings=settings)

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -61,6 +62,17 @@ def _first_tensor(out: Any) -> Tensor:
         return first
     raise TypeError(f"the model returned {type(out).__name__}; evaluate needs a tensor, a tuple or dict whose first "
                     "item is one, or an output with 'logits' or 'last_hidden_state'")
+
+
+def _warn_not_float32(model: nn.Module, task_name: str) -> None:
+    """A warning when ``model`` holds floating parameters or buffers that are not float32: the
+    reference row is labelled fp32, and it is this model in its own precision (a task given as a
+    ``(model, data, metric)`` triple is made float32; a :class:`Task` is taken as it is)."""
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *model.buffers())
+                     if t.is_floating_point() and t.dtype != torch.float32})
+    if dtypes:
+        warnings.warn(f"{task_name}: the model holds {', '.join(dtypes)} weights: the 'fp32' reference is this model "
+                      f"in its own precision, not float32 (model.float() makes it float32)", stacklevel=3)
 
 
 def _refuse_nan(y: Tensor, inputs: tuple[Tensor, ...], start: int, converted: bool) -> None:
@@ -233,6 +245,7 @@ def evaluate(
         raise ValueError("no data to evaluate")
     device = torch.device(eval_settings.device)
     model = model.to(device).eval()
+    _warn_not_float32(model, task_name)
     rank = dist_world()[0]
     # rank 0 alone reads and writes the cache and tells the other ranks what it found
     cache = RunCache(eval_settings.cache_path if rank == 0 else None)
