@@ -377,3 +377,18 @@ def test_dataset_refuses_what_it_cannot_batch_with_a_clear_error(make, message):
     with pytest.raises(ValueError, match=message):
         make()
     assert Dataset([torch.randn(4, 2), torch.randn(4)]).inputs[1].shape == (4,)  # a list of inputs is a tuple
+
+
+def test_classification_metrics_refuse_inputs_they_would_score_as_a_constant():
+    """Labels of shape (N, 1) broadcast against the (N,) predictions (4 right answers scored 50 %),
+    and an arg-max, softmax or cosine of one output per sample is the same for every model
+    (100 %, 0 nats, 1): each was a silent wrong number."""
+    out = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    assert TOP1(out, labels, out) == 100.0
+    with pytest.raises(ValueError, match=r"labels of shape \(4,\); got \(4, 1\)"):
+        TOP1(out, labels[:, None], out)
+    one = out[:, :1] - 0.5
+    for metric in (TOP1, AGREEMENT, KL, COSINE):
+        with pytest.raises(ValueError, match=r"at least two entries in their last dimension, got shape \(4, 1\)"):
+            metric(one, labels, one)

@@ -165,10 +165,25 @@ class Task:
             raise ValueError(f"Task {self.name!r}: finetune_batch_size must be an integer >= 1 or None, got {b!r}")
 
 
+def _scores(outputs: Tensor, metric: str) -> Tensor:
+    """``outputs`` when their last dimension holds at least two scores (classes, features);
+    else a ``ValueError``: an arg-max, a softmax or a cosine of one number per sample is the
+    same for every model (100 %, 0 nats, its sign), a silent constant instead of a score."""
+    if outputs.dim() < 2 or outputs.shape[-1] < 2:
+        raise ValueError(f"{metric} needs outputs with at least two entries in their last dimension, got shape "
+                         f"{tuple(outputs.shape)}; a model with one output per sample (regression) needs a metric "
+                         "of its own, e.g. a mean squared error")
+    return outputs
+
+
 def _top1_hits(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Tensor:
     if targets is None:
         raise ValueError("top-1 accuracy needs labels")
-    return 100.0 * (outputs.argmax(-1) == targets).double()
+    predicted = _scores(outputs, "top-1 accuracy").argmax(-1)
+    if targets.shape != predicted.shape:
+        raise ValueError(f"top-1 accuracy needs one class index per sample, labels of shape {tuple(predicted.shape)}; "
+                         f"got {tuple(targets.shape)} (compared element by element they would broadcast)")
+    return 100.0 * (predicted == targets).double()
 
 
 def top1_accuracy(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
@@ -177,7 +192,7 @@ def top1_accuracy(outputs: Tensor, targets: Tensor | None, reference: Tensor) ->
 
 
 def _agreements(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Tensor:
-    return 100.0 * (outputs.argmax(-1) == reference.argmax(-1)).double()
+    return 100.0 * (_scores(outputs, "top-1 agreement").argmax(-1) == reference.argmax(-1)).double()
 
 
 def top1_agreement(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
@@ -187,7 +202,7 @@ def top1_agreement(outputs: Tensor, targets: Tensor | None, reference: Tensor) -
 
 def _kl_per_sample(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Tensor:
     logp_ref = torch.log_softmax(reference.double(), -1)
-    logp = torch.log_softmax(outputs.double(), -1)
+    logp = torch.log_softmax(_scores(outputs, "KL divergence").double(), -1)
     return (logp_ref.exp() * (logp_ref - logp)).sum(-1).flatten()
 
 
@@ -197,7 +212,8 @@ def kl_divergence(outputs: Tensor, targets: Tensor | None, reference: Tensor) ->
 
 
 def _cosines(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Tensor:
-    return torch.nn.functional.cosine_similarity(outputs.double(), reference.double(), dim=-1).flatten()
+    return torch.nn.functional.cosine_similarity(_scores(outputs, "cosine similarity").double(), reference.double(),
+                                                 dim=-1).flatten()
 
 
 def mean_cosine(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
