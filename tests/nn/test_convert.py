@@ -418,3 +418,24 @@ def test_product_free_torch_modules_get_no_hooks_and_sites_stay_put() -> None:
         expect = AF.linear(h, m[4].weight, m[4].bias, config=cfg)
     torch.testing.assert_close(y, expect, rtol=0, atol=0)
     assert [r.site for r in abfp.summary(am, x).rows] == ["0:linear0", "2:matmul0", "4:linear0"]
+
+
+def test_weight_parametrizations_are_prepared_digitally_not_on_the_device():
+    """Spectral norm's power iteration (``torch.mv``, ``torch.vdot`` on the weight) ran as device
+    products every forward, counted as the model's MACs and perturbing the weight itself; a
+    deployed model's weights are prepared once. The converted model equals the device products of
+    the float32 model's prepared weights, bit for bit, and only the layers' products are counted."""
+    from torch.nn.utils import parametrizations as P
+
+    torch.manual_seed(0)
+    cfg = ABFPConfig(tile_width=8, noise_std=0.0)
+    model = nn.Sequential(P.spectral_norm(nn.Linear(8, 6)), nn.ReLU(), P.weight_norm(nn.Linear(6, 3))).eval()
+    x = torch.randn(4, 8)
+    conv = abfp.convert(model, cfg, inplace=False)
+    y = conv(x)
+    h = torch.relu(AF.linear(x, model[0].weight.detach(), model[0].bias.detach(), config=cfg))
+    assert torch.equal(y, AF.linear(h, model[2].weight.detach(), model[2].bias.detach(), config=cfg))
+    assert torch.equal(conv[0].weight, model[0].weight)
+    assert [r.site for r in abfp.summary(conv, x).rows] == ["0:linear0", "2:linear0"]
+    abfp.to_digital(conv)
+    assert torch.equal(conv(x), model(x))

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from ..config import ABFPConfig, ExecutionOptions
 from .mode import GuardedForward
@@ -87,10 +88,12 @@ def convert(
     )
     _check_patterns(state, names)
     state.resolve(names)
+    prepared = [n for n, m in model.named_modules() if isinstance(m, ParametrizationList)]
     for name, module in model.named_modules():
         if name and product_free(module):  # no frame needed (the root always gets one: it enters the mode once)
             continue
-        module.forward = GuardedForward(module, module.__dict__.get("forward"), name, state)
+        module.forward = GuardedForward(module, module.__dict__.get("forward"), name, state,
+                                        weight_preparation=any(name == p or name.startswith(p + ".") for p in prepared))
     setattr(model, STATE_ATTR, state)
     return model
 

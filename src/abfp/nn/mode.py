@@ -192,11 +192,15 @@ class GuardedForward:
     class's)."""
 
     def __init__(self, module: torch.nn.Module, inner: Any = None, name: str = "",
-                 state: AnalogState | None = None) -> None:
+                 state: AnalogState | None = None, *, weight_preparation: bool = False) -> None:
         self.module = module
         self.inner = inner
         self.name = name
         self.state = state
+        #: a module that prepares a weight (a ``torch.nn.utils.parametrize`` parametrization, e.g.
+        #: spectral norm's power iteration): it runs digitally, off the mode, with no frame and no
+        #: count, as a deployed model's weights are prepared once before they reach the device
+        self.weight_preparation = weight_preparation
 
     def _forward(self) -> Any:
         return self.inner if self.inner is not None else type(self.module).forward.__get__(self.module)
@@ -218,6 +222,14 @@ class GuardedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
         state = self.state
+        if self.weight_preparation and not torch.compiler.is_dynamo_compiling() \
+                and torch._C._len_torch_function_stack() > 0 and isinstance(
+                    mode := torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), AnalogMode):
+            torch._C._pop_torch_function_stack()
+            try:
+                return self._run(args, kwargs)
+            finally:
+                torch._C._push_on_torch_function_stack(mode)
         direct = None if state is None else state.direct
         if direct is not None and self.name not in direct.functional and direct.active():
             site = direct.leaf.get(module)
