@@ -439,3 +439,21 @@ def test_weight_parametrizations_are_prepared_digitally_not_on_the_device():
     assert [r.site for r in abfp.summary(conv, x).rows] == ["0:linear0", "2:linear0"]
     abfp.to_digital(conv)
     assert torch.equal(conv(x), model(x))
+
+
+def test_a_calibration_that_fails_midway_keeps_the_scales_the_model_had():
+    """Calibration cleared the scales, then a bad second batch raised: the model kept the first
+    batch's scales only and its next forward used them without a word."""
+    from abfp.nn.convert import needs_calibration
+
+    torch.manual_seed(0)
+    conv = abfp.convert(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval(),
+                        ABFPConfig(mode="fixed", tile_width=8, noise_std=0.0))
+    with pytest.raises(RuntimeError):
+        abfp.calibrate(conv, [torch.randn(4, 8), torch.randn(4, 9)])
+    assert abfp.analog_state(conv).input_scales == {} and needs_calibration(conv)
+    good = abfp.calibrate(conv, [torch.randn(4, 8)], percentile=99.0)
+    with pytest.raises(RuntimeError):
+        abfp.calibrate(conv, [10 * torch.randn(4, 8), torch.randn(4, 9)])
+    state = abfp.analog_state(conv)
+    assert state.input_scales == good and state.calibration_percentile == 99.0

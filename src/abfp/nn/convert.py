@@ -223,10 +223,14 @@ def calibrate(
 @contextmanager
 def calibrating(model: nn.Module, percentile: float = 100.0) -> Iterator[AnalogState]:
     """While inside, calls of ``model`` (however it is called: keyword arguments too) record the
-    static scales of :func:`calibrate` (cleared on entry), in eval mode, without gradients."""
+    static scales of :func:`calibrate` (cleared on entry), in eval mode, without gradients. An
+    exception inside puts the scales the model had back (a half-finished calibration would
+    leave scales from the first batches only, used silently by the next forward)."""
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     state = analog_state(model)
+    before = {k: list(v) for k, v in state.input_scales.items()}
+    percentile_before = state.calibration_percentile
     state.input_scales.clear()
     state.calibrating = True
     state.calibration_percentile = percentile
@@ -235,6 +239,11 @@ def calibrating(model: nn.Module, percentile: float = 100.0) -> Iterator[AnalogS
     try:
         with torch.no_grad():
             yield state
+    except BaseException:
+        state.input_scales.clear()
+        state.input_scales.update(before)
+        state.calibration_percentile = percentile_before
+        raise
     finally:
         state.calibrating = False
         model.train(was_training)
