@@ -192,3 +192,33 @@ def test_bad_task_is_refused():
         abfp.explore(3.5)
     with pytest.raises(ValueError, match="data and metric"):
         abfp.explore(ABFPConfig and __import__("torch").nn.Linear(2, 2))
+
+
+def test_a_design_that_makes_the_outputs_nan_fails_named_instead_of_stopping_the_search():
+    """sqrt of an exact float32 zero: the device's noise makes it negative, the output NaN. The
+    evaluation refuses NaN outputs (an arg-max metric would score them as a class); the explorer
+    records that design as failing with the reason, and the search goes on."""
+    import math
+
+    import torch
+    from torch import nn
+
+    import abfp
+    from abfp.zoo.base import AGREEMENT, Dataset
+
+    class SqrtHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2, bias=False)
+            with torch.no_grad():
+                self.fc.weight.copy_(torch.tensor([[1.0, -1.0], [1.0, 1.0]]))
+
+        def forward(self, x):
+            return torch.sqrt(self.fc(x))
+
+    x = torch.tensor([[1.0, 1.0]] + [[1.5, 1.1]] * 7)
+    res = abfp.explore(SqrtHead().eval(), Dataset((x,)), AGREEMENT, formats=("abfp",), tile_widths=(8,), gains=(1,),
+                       auto_gain=False, adc_bits=(2, 4), noise_stds=(2.0,), runs=1, dac_search="none", progress=False)
+    failed = [d for d in res["designs"] if "failed" in d]
+    assert failed and all(math.isnan(d["value"]) and not d["meets_target"] for d in failed)
+    assert "is NaN" in failed[0]["failed"] and "on the device" in failed[0]["failed"]

@@ -238,10 +238,16 @@ class Explorer:
                 self.progress(f"{family}: {design.label()}")
             point = design.point(self.base)
             passed_screen = self._passed_screen_below(design) if self.screen is not None else None
-            r = self._screened_out(point) if self.screen is not None and passed_screen is None else None
-            screened = r is not None
-            if r is None:
-                r = self._evaluate(point)
+            try:
+                r = self._screened_out(point) if self.screen is not None and passed_screen is None else None
+                screened = r is not None
+                if r is None:
+                    r = self._evaluate(point)
+            except FloatingPointError as e:  # the design makes the model's outputs NaN: it fails, named
+                if self.progress:
+                    self.progress(f"  {design.label()}: {e}")
+                screened, r = False, {"value": math.nan, "std": math.nan, "stderr": None, "runs": 0, "values": [],
+                                      "samples": len(self.data), "seconds": 0.0, "failed": str(e)}
             gains = r.get("gains") if design.auto_gain else None
             if gains is not None:  # chosen once per device: they price the device's other designs
                 self._device_gains.setdefault((design.format, design.tile_width), dict(gains))
@@ -259,6 +265,8 @@ class Explorer:
                     rec["screen_skipped_by"] = passed_screen
             if "early_stopped" in r:
                 rec["early_stopped"] = bool(r["early_stopped"])
+            if "failed" in r:
+                rec["failed"] = r["failed"]
             if gains is not None:
                 rec["gains"] = dict(gains)
             self._by_design[design] = rec
