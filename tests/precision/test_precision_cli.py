@@ -65,3 +65,12 @@ def test_precision_command_writes_json_and_plot(tmp_path, capsys):
     assert d["noise"] == "shot" and d["target_metric"] == pytest.approx(80.0)
     assert {"uniform_energy", "learned_energy", "energy_saving", "layers"} <= set(d)
     assert out.with_suffix(".png").exists()
+
+
+def test_precision_takes_no_progress_as_the_other_commands_do() -> None:
+    from abfp.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["precision", "--task", "fashion-cnn", "--no-progress"]).quiet is True
+    assert parse(["precision", "--task", "fashion-cnn", "--quiet"]).quiet is True
+    assert parse(["precision", "--task", "fashion-cnn"]).quiet is False

@@ -124,6 +124,7 @@ def test_labels_the_learning_cannot_use_are_refused_before_a_journal_is_started(
                           (dataclasses.replace(base, load_data=lambda: Dataset((x,)), metric=COSINE),
                            "needs labelled training data")):
         journal = tmp_path / "p.journal.json"
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message) as err:
             run_precision(task, PrecisionSettings(**SETTINGS), journal=journal)
+        assert "distillation" not in str(err.value)  # finetuning's advice: precision has no such option
         assert not journal.exists()

@@ -181,6 +181,16 @@ def test_cli_tune_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     assert not (tmp_path / "p.json").exists()
 
 
+def test_cli_tune_out_that_is_a_file_is_named_as_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    task, plan, argv = tiny_tune_args(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert main([*argv, "--out", str(afile)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "is a file, not a folder" in err[0] and "journal" not in err[0]
+    assert afile.read_text() == "keep" and not plan.exists()
+
+
 def test_cli_tune_default_calibration_fits_the_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--calibration``'s default (64) is an upper bound: a task without a calibration split
     gives at most half of its data, a smaller calibration split is used whole. An explicit

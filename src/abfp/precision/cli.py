@@ -58,7 +58,8 @@ def _precision_parser(sub) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write the result as JSON")
     p.add_argument("--plot", default=None, help="PNG of per-layer E and b_eff (default: next to --json)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress lines (--no-progress as in the other commands)")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run from its journal (<json stem>.journal.json beside --json, else "
                         ".abfp_precision/<task>-<noise>.journal.json): finished evaluations and the learned energies "

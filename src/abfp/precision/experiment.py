@@ -120,7 +120,15 @@ def _check_labels(task: Task, model: Any, data: Dataset, train: Dataset) -> None
     if train.targets is None:
         raise ValueError(f"{task.name}: learning the energies needs labelled training data")
     with torch.no_grad():
-        cross_entropy(model(*(t[:2] for t in train.inputs)), train.targets[:2])
+        outputs = model(*(t[:2] for t in train.inputs))
+    try:
+        cross_entropy(outputs, train.targets[:2])
+    except ValueError as e:  # its advice (a distillation loss, loss_fn) is finetuning's, not ours
+        t = train.targets
+        raise ValueError(f"{task.name}: learning the energies minimises the labels' cross entropy, so the training "
+                         f"labels must be class indices or class probabilities over the model's outputs; got "
+                         f"{t.dtype} labels of shape {tuple(t.shape)} (regression targets? abfp precision cannot "
+                         f"learn from them)") from e
 
 
 def run_precision(task: Task, settings: PrecisionSettings | None = None, *,

@@ -158,6 +158,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if calibration_default:
         args.calibration = DEFAULT_CALIBRATION  # as the journal records it
     out_dir = Path(args.out) if args.out is not None else Path(args.json_path).parent
+    if args.out is not None:  # named as --out, before the journal inside it is looked at
+        check_output_dir(out_dir, force=True, what="--out")
     journal = out_dir / journal_name(args.json_path)
     resuming = check_journal(journal, args)  # a resumed run may replace its own outputs
     (plan_path,) = check_output_args(argparse.Namespace(**{**vars(args), "force": args.force or resuming}),
