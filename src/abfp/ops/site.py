@@ -111,8 +111,11 @@ def _record(frame: Frame, site: str, kind: str, cfg: ABFPConfig, x_shape, w_shap
     rec.tiles = num_tiles(k, cfg.tile_width)
     rec.calls += 1
     rec.macs += macs
-    rec.adc_conversions += stats.conversions
-    rec.saturated += stats.saturated
+    # k repeats (SPEC section 5) are simulated as one pass with the averaged noise; the device
+    # converts every output k times: count its conversions (as abfp.energy does), and the
+    # saturated ones of the simulated pass k times (the fraction is the simulated pass's)
+    rec.adc_conversions += stats.conversions * cfg.repeats
+    rec.saturated += stats.saturated * cfg.repeats
     rec.measured_error = y_ref is not None
     if y_ref is not None:
         yr = y_ref.detach().double()

@@ -1,0 +1,117 @@
+"""One quantity, one number: MACs, ADC conversions and energy per inference through every path
+that reports them (abfp.summary, abfp.energy.account, abfp energy), against an independent
+float64 hand count of SPEC section 6 (the formulas of docs/energy.md, not abfp's code)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import abfp
+from abfp.energy import EnergyParams, account
+
+P = EnergyParams(analog_mac=0.0013, dac_input=0.07, dac_weight=0.05, adc=1.1, reference_bits=8.0,
+                 digital_multiply=0.3, digital_add=0.11, digital_compare=0.031)
+B = 2
+
+
+class Five(nn.Module):
+    """A linear on tokens, a grouped convolution, a grouped transposed convolution, an
+    activation matmul and a 1-d convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(20, 7)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.tconv = nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2)
+        self.c1 = nn.Conv1d(3, 5, 4)
+
+    def forward(self, x, img, a, b, seq):
+        return (self.fc(x).sum() + self.conv(img).sum() + self.tconv(img).sum() + torch.matmul(a, b).sum()
+                + self.c1(seq).sum())
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(s, generator=g) for s in ((B, 3, 20), (B, 4, 5, 5), (B, 5, 20), (B, 20, 6), (B, 3, 11)))
+
+
+# (site, M rows, N outputs, K per group, groups, weight DAC conversions, dynamically scaled second operand)
+PRODUCTS = [
+    ("fc:linear0", B * 3, 7, 20, 1, 7 * 20, 0),
+    ("conv:conv0", B * 25, 6, 2 * 9, 2, 6 * 2 * 9, 0),
+    # transposed: per input position and group, C_in/g = 2 inputs -> C_out/g * 2 * 2 = 12 outputs
+    ("tconv:conv0", B * 25, 6 * 4, 2, 2, 24 * 2, 0),
+    (":matmul0", B * 5, 6, 20, 1, B * 20 * 6, B * 20 * 6),
+    ("c1:conv0", B * 8, 5, 12, 1, 5 * 12, 0),
+]
+
+
+def _hand(cfg: abfp.ABFPConfig) -> dict[str, float]:
+    """Per inference, float64, from the formulas alone."""
+    n, k, G = cfg.tile_width, cfg.repeats, float(cfg.gain)
+    fixed = cfg.mode == "fixed"
+    tot = {"macs": 0.0, "adc": 0.0, "dac_in": 0.0, "dac_w": 0.0, "energy": 0.0, "energy_adc": 0.0}
+    for _, M, N, K, g, dw, dyn_w in PRODUCTS:
+        T = math.ceil(K / n)
+        macs, adc, dac_in = M * N * K, M * N * T * k, M * K * g * k
+        dyn = M * K * g + dyn_w
+        mults = (1 if fixed else 2) * M * N * T + dyn
+        adds = M * N * (T - 1) + M * N * T * (k - 1)
+        e_adc = adc * P.adc * 2.0 ** (cfg.output_bits - 8)
+        e = (macs * k * P.analog_mac * G + dac_in * P.dac_input * 2.0 ** (cfg.input_bits - 8)
+             + dw * P.dac_weight * 2.0 ** (cfg.weight_bits - 8) + e_adc + mults * P.digital_multiply
+             + adds * P.digital_add + (0 if fixed else dyn) * P.digital_compare)
+        for key, v in (("macs", macs), ("adc", adc), ("dac_in", dac_in), ("dac_w", dw), ("energy", e),
+                       ("energy_adc", e_adc)):
+            tot[key] += v
+    return {key: v / B for key, v in tot.items()}
+
+
+CONFIGS = [abfp.ABFPConfig(tile_width=8, gain=4.0, input_bits=6, weight_bits=7, output_bits=9),
+           abfp.ABFPConfig(tile_width=8, gain=2.0, repeats=3),
+           abfp.ABFPConfig(tile_width=8, mode="fixed"),
+           abfp.ABFPConfig(tile_width=128, gain=8.0)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label())
+def test_energy_per_inference_equals_a_hand_count(cfg):
+    t = account(Five().eval(), _inputs(), cfg, P).totals()
+    h = _hand(cfg)
+    assert (t["macs"], t["adc_conversions"], t["dac_inputs"], t["dac_weights"]) == \
+        (h["macs"], h["adc"], h["dac_in"], h["dac_w"])
+    assert t["energy_total"] == pytest.approx(h["energy"], rel=1e-12)
+    assert t["energy_adc"] == pytest.approx(h["energy_adc"], rel=1e-12)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label())
+def test_summary_and_energy_count_the_same_conversions(cfg):
+    """abfp.summary's ADC conversions are the device's, k per output per tile with k repeats
+    (they were one simulated pass's: 1/k of what abfp energy charged)."""
+    model = Five().eval()
+    s = abfp.summary(model, _inputs(), cfg, errors=False)
+    rep = account(model, _inputs(), cfg, P)
+    assert [r.site for r in s.rows] == [c.site for c in rep.layers] == [p[0] for p in PRODUCTS]
+    for r, c in zip(s.rows, rep.layers):
+        assert (r.macs, r.adc_conversions) == (c.macs, c.adc_conversions), r.site
+        assert 0.0 <= r.saturated_fraction <= 1.0
+    assert sum(r.adc_conversions for r in s.rows) / B == _hand(cfg)["adc"]
+    assert s.total_macs / B == _hand(cfg)["macs"]
+
+
+def test_summary_counts_each_sites_own_repeats():
+    """A plan's per-module repeats: each row counts its own k."""
+    base = abfp.ABFPConfig(tile_width=8)
+    model = abfp.convert(Five().eval(), base, overrides={"conv": base.replace(repeats=4)})
+    s = abfp.summary(model, _inputs(), errors=False)
+    rep = account(model, _inputs(), base, P)
+    by_site = {r.site: r for r in s.rows}
+    for c in rep.layers:
+        assert by_site[c.site].adc_conversions == c.adc_conversions
+    one = abfp.summary(Five().eval(), _inputs(), base, errors=False)
+    assert {r.site: r.adc_conversions for r in s.rows} == \
+        {r.site: r.adc_conversions * (4 if r.site == "conv:conv0" else 1) for r in one.rows}
