@@ -8,7 +8,8 @@ tiles, ``g`` groups and ``P`` products of that shape (batched matmuls):
 * ``macs``: ``M N K`` (the summary's count: every output a dot product of length K);
 * ``dac_inputs``: ``M K g`` input conversions (the im2col rows of a convolution);
 * ``dac_weights``: ``N K`` per call for static weights (converted once per call, shared by
-  the batch); ``P K N`` for a matmul, whose second operand is an activation;
+  the batch); ``P K N`` for a matmul, whose second operand is an activation (``K N`` per call
+  when that operand is one matrix shared by every product);
 * ``adc_conversions``: ``M N T`` (one per output per tile);
 * digital work: ``scale_multiplies = 2 M N T`` in ABFP (``sx * sw``, then times the code; the
   constant ``n / (G L(b_y))`` is folded into ``sw``), ``M N T`` in fixed point (one static
@@ -16,6 +17,9 @@ tiles, ``g`` groups and ``P`` products of that shape (batched matmuls):
   ``max_compares``: one per input value converted with a dynamic block scale (``M K g``, and
   ``P K N`` more for a matmul's second operand; 0 in fixed point);
   ``normalise_multiplies``: one per dynamically converted value (``x / s`` before the DAC).
+
+A site run with several pairs of operand shapes is counted per pair (:func:`site_cost`, from
+``SiteRecord.shape_groups``) and summed.
 
 Repeats (``config.repeats = k``, SPEC section 5): each product runs ``k`` times and its outputs
 are averaged, so ``dac_inputs`` and ``adc_conversions`` are ``k`` times the counts above, the
@@ -49,7 +53,7 @@ from . import jsonio
 from .config import ABFPConfig
 
 __all__ = ["AdcComparison", "EnergyParams", "EnergyReport", "LayerCost", "account", "account_rows",
-           "authors_adc_comparison", "layer_cost"]
+           "authors_adc_comparison", "layer_cost", "row_cost", "shape_groups", "site_cost"]
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,10 @@ def layer_cost(site: str, kind: str, x_shape: Sequence[int], w_shape: Sequence[i
         M = int(x_shape[-2]) if len(x_shape) > 1 else 1
         N = int(w_shape[-1]) if len(w_shape) > 1 else 1
         products = macs // max(1, M * N * K)
-        M *= products  # rows over all products; weights are per product below
+        M *= products  # rows over all products
+        # the second operand's own products: one (K, N) matrix shared by every product when it
+        # broadcasts (``x @ w`` with ``w`` 2-d), converted once per call like a static weight
+        w_products = calls * _prod(w_shape[:-2]) if len(w_shape) > 2 else calls
         dynamic_weights = True
     else:
         raise ValueError(f"unknown product kind {kind!r}")
@@ -202,7 +209,7 @@ def layer_cost(site: str, kind: str, x_shape: Sequence[int], w_shape: Sequence[i
     c = LayerCost(site, kind, config.label(), M, N, K, T, groups, products, macs=int(macs))
     k = config.repeats  # k repeated analog passes, averaged digitally
     c.dac_inputs = M * K * groups * k
-    c.dac_weights = K * N * products if dynamic_weights else N * K * calls
+    c.dac_weights = K * N * min(products, w_products) if dynamic_weights else N * K * calls
     c.adc_conversions = outputs * T * k
     c.accumulate_adds = outputs * (T - 1) + outputs * T * (k - 1)
     dyn = M * K * groups + (c.dac_weights if dynamic_weights else 0)  # block scales: once per input
@@ -219,6 +226,39 @@ def layer_cost(site: str, kind: str, x_shape: Sequence[int], w_shape: Sequence[i
         + c.accumulate_adds * p.digital_add + c.max_compares * p.digital_compare,
     }
     return c
+
+
+ShapeGroup = tuple[Sequence[int], Sequence[int], int, int]
+"""``(x_shape, w_shape, macs, calls)`` of the calls of one site with one pair of operand shapes."""
+
+
+def shape_groups(row: Any) -> list[ShapeGroup]:
+    """The shape groups of an :func:`abfp.summary` row (``SiteRecord.shape_groups``), or the
+    row's own shapes, MACs and calls for a record that has none."""
+    groups = getattr(row, "shape_groups", None)
+    if callable(groups):
+        return list(groups())
+    return [(tuple(row.x_shape), tuple(row.w_shape), int(row.macs), max(1, int(row.calls)))]
+
+
+def site_cost(site: str, kind: str, groups: Sequence[ShapeGroup], config: ABFPConfig,
+              params: EnergyParams) -> LayerCost:
+    """Counts and energies of one site that ran with one or more pairs of operand shapes (a
+    shared module on two sequence lengths): :func:`layer_cost` of each group, summed. ``M``
+    and ``products`` are summed too; ``N``, ``K``, ``tiles`` and ``groups`` are the last group's."""
+    parts = [layer_cost(site, kind, x, w, macs, max(1, calls), config, params) for x, w, macs, calls in groups]
+    if len(parts) == 1:
+        return parts[0]
+    out = dataclasses.replace(parts[-1], energy=dict(parts[-1].energy))
+    for name in _COUNTS + ("M", "products"):
+        setattr(out, name, sum(getattr(p, name) for p in parts))
+    out.energy = {k: sum(p.energy.get(k, 0.0) for p in parts) for k in _ENERGIES}
+    return out
+
+
+def row_cost(row: Any, config: ABFPConfig, params: EnergyParams) -> LayerCost:
+    """:func:`site_cost` of one :func:`abfp.summary` row (every shape it ran with) on ``config``."""
+    return site_cost(row.site, row.kind, shape_groups(row), config, params)
 
 
 @dataclass
@@ -277,7 +317,7 @@ def account_rows(rows: Sequence[Any], samples: int, params: EnergyParams | None 
         if r.kind == "digital":  # stayed float32 (see abfp.ops.coverage): no converter energy
             continue
         cfg = r.config or config or ABFPConfig()
-        layers.append(layer_cost(r.site, r.kind, r.x_shape, r.w_shape, r.macs, max(1, r.calls), cfg, params))
+        layers.append(row_cost(r, cfg, params))
     return EnergyReport(layers, samples, params)
 
 

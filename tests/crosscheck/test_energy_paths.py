@@ -115,3 +115,57 @@ def test_summary_counts_each_sites_own_repeats():
     one = abfp.summary(Five().eval(), _inputs(), base, errors=False)
     assert {r.site: r.adc_conversions for r in s.rows} == \
         {r.site: r.adc_conversions * (4 if r.site == "conv:conv0" else 1) for r in one.rows}
+
+
+class SharedAttention(nn.Module):
+    """One attention module run on two sequence lengths: its two matmul sites each see two
+    pairs of operand shapes; and ``x @ w`` with a 2-d activation ``w`` shared by the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = _Att()
+
+    def forward(self, x, y, w):
+        return self.att(x).sum() + self.att(y).sum() + (x @ w).sum()
+
+
+class _Att(nn.Module):
+    def forward(self, q):
+        return torch.softmax(q @ q.transpose(-1, -2), -1) @ q
+
+
+def test_a_site_run_on_two_shapes_is_counted_per_shape():
+    """Counted from each call's own shapes (they were all counted from the last call's: 480
+    input and 480 weight DAC conversions for 288 and 288, and 480 ADC conversions where the
+    summary counted 288); a second operand shared by the batch is converted once per call."""
+    cfg = abfp.ABFPConfig(tile_width=8)
+    x, y, w = torch.randn(2, 6, 16), torch.randn(2, 3, 16), torch.randn(16, 5)
+    s = abfp.summary(SharedAttention().eval(), (x, y, w), cfg, errors=False)
+    rep = account(SharedAttention().eval(), (x, y, w), cfg, P)
+    by = {c.site: c for c in rep.layers}
+
+    def hand(calls):  # (batch, M per product, N, K, second operand's products)
+        t = {"macs": 0, "adc": 0, "dac_in": 0, "dac_w": 0}
+        for b, m, n, k, wp in calls:
+            t["macs"] += b * m * n * k
+            t["adc"] += b * m * n * math.ceil(k / 8)
+            t["dac_in"] += b * m * k
+            t["dac_w"] += wp * k * n
+        return t
+
+    truth = {"att:matmul0": hand([(2, 6, 6, 16, 2), (2, 3, 3, 16, 2)]),   # q @ q^T
+             "att:matmul1": hand([(2, 6, 16, 6, 2), (2, 3, 16, 3, 2)]),   # A @ q
+             ":matmul0": hand([(2, 6, 5, 16, 1)])}                         # x @ w, w shared
+    for r in s.rows:
+        c, h = by[r.site], truth[r.site]
+        assert (c.macs, c.adc_conversions, c.dac_inputs, c.dac_weights) == (h["macs"], h["adc"], h["dac_in"], h["dac_w"])
+        assert (r.macs, r.adc_conversions) == (c.macs, c.adc_conversions)
+        assert c.max_compares == c.dac_inputs + c.dac_weights  # ABFP: every dynamic value's block max
+    # the explorer's cost model and the tune rules price the same rows the same way
+    from abfp.explore.costs import CostModel  # noqa: PLC0415
+    from abfp.explore.designs import Design  # noqa: PLC0415
+
+    cm = CostModel.from_model(SharedAttention().eval(), (x, y, w), P, base=cfg)
+    d = Design("abfp", 8, 8, 8, 8, 2.0, 0.0)
+    t = account(SharedAttention().eval(), (x, y, w), d.config(cfg), P).totals()
+    assert cm.energy(d, cfg)["total"] == pytest.approx(t["energy_total"], rel=1e-12)

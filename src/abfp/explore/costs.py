@@ -2,7 +2,7 @@
 
 The shapes and MAC counts of a model's analog products do not depend on the device, so the
 explorer records them once (one :func:`abfp.summary` pass on ``samples`` inputs) and prices
-every design from them with :func:`abfp.energy.layer_cost`: analog MACs at
+every design from them with :func:`abfp.energy.row_cost`: analog MACs at
 ``analog_mac * G`` (with auto gain, each layer's own ``G``), DAC conversions at
 ``dac * 2**(b - reference_bits)``, ADC conversions at ``adc * 2**(b_y - reference_bits)``
 (one per output per tile), and the digital work (scales, tile sums, block max search).
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ABFPConfig
-from ..energy import EnergyParams, layer_cost
+from ..energy import EnergyParams, row_cost, shape_groups
 from .designs import Design
 
 __all__ = ["CostModel", "ProductShape"]
@@ -34,6 +34,12 @@ class ProductShape:
     w_shape: tuple[int, ...]
     macs: int
     calls: int
+    #: ``(x_shape, w_shape, macs, calls)`` per pair of operand shapes the site ran with
+    #: (:meth:`abfp.ops.site.SiteRecord.shape_groups`); empty: the fields above, one group
+    groups: tuple[tuple[tuple[int, ...], tuple[int, ...], int, int], ...] = ()
+
+    def shape_groups(self) -> list[tuple[tuple[int, ...], tuple[int, ...], int, int]]:
+        return list(self.groups) or [(self.x_shape, self.w_shape, self.macs, self.calls)]
 
     @property
     def module(self) -> str:
@@ -61,7 +67,8 @@ class CostModel:
         cfg = (base or ABFPConfig()).replace(mode="abfp", noise_std=0.0)
         inputs = tuple(example_inputs)
         rows = summary(model, inputs, cfg, errors=False).rows
-        products = [ProductShape(r.site, r.kind, tuple(r.x_shape), tuple(r.w_shape), int(r.macs), max(1, int(r.calls)))
+        products = [ProductShape(r.site, r.kind, tuple(r.x_shape), tuple(r.w_shape), int(r.macs), max(1, int(r.calls)),
+                                 tuple((tuple(x), tuple(w), int(m), int(c)) for x, w, m, c in shape_groups(r)))
                     for r in rows if r.kind != "digital"]
         return cls(products, int(inputs[0].shape[0]) if inputs[0].dim() else 1, params)
 
@@ -76,7 +83,7 @@ class CostModel:
         sums = {"analog": 0.0, "dac": 0.0, "adc": 0.0, "digital": 0.0}
         for p in self.products:
             c = cfg.replace(gain=float(gains.get(p.module, 1.0))) if gains is not None and design.auto_gain else cfg
-            cost = layer_cost(p.site, p.kind, p.x_shape, p.w_shape, p.macs, p.calls, c, self.params)
+            cost = row_cost(p, c, self.params)
             for k, v in cost.energy.items():
                 sums[k] += v
         out = {k: v / self.samples for k, v in sums.items()}

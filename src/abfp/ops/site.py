@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -47,6 +47,17 @@ class SiteRecord:
     #: False when recorded by ``summary(..., errors=False)``: no float32 reference was run, so
     #: :attr:`relative_error` is unknown (None)
     measured_error: bool = True
+    #: ``(x_shape, w_shape) -> [calls, macs]`` for every pair of operand shapes the site ran
+    #: with (``x_shape``/``w_shape`` are the last call's): a shared module run on two sequence
+    #: lengths, whose counts (DAC conversions, products) :mod:`abfp.energy` takes per shape
+    shapes: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = field(default_factory=dict)
+
+    def shape_groups(self) -> list[tuple[tuple[int, ...], tuple[int, ...], int, int]]:
+        """``(x_shape, w_shape, macs, calls)`` per distinct pair of operand shapes, in first-run
+        order; one group from the last call's shapes when none were recorded."""
+        if not self.shapes:
+            return [(tuple(self.x_shape), tuple(self.w_shape), int(self.macs), max(1, int(self.calls)))]
+        return [(x, w, macs, calls) for (x, w), (calls, macs) in self.shapes.items()]
 
     @property
     def saturated_fraction(self) -> float:
@@ -111,6 +122,9 @@ def _record(frame: Frame, site: str, kind: str, cfg: ABFPConfig, x_shape, w_shap
     rec.tiles = num_tiles(k, cfg.tile_width)
     rec.calls += 1
     rec.macs += macs
+    group = rec.shapes.setdefault((rec.x_shape, rec.w_shape), [0, 0])
+    group[0] += 1
+    group[1] += macs
     # k repeats (SPEC section 5) are simulated as one pass with the averaged noise; the device
     # converts every output k times: count its conversions (as abfp.energy does), and the
     # saturated ones of the simulated pass k times (the fraction is the simulated pass's)

@@ -19,7 +19,7 @@ layers' candidate settings):
    (``r_i = |y - y_fp32|**2 / |y_fp32|**2`` over the model's outputs) times the median ratio
    ``s_j / (r_j / delta_j**2)`` of the modules where both are positive (1 if none is), so a
    module that does change the outputs is never treated as free.
-3. **Energy** per module and setting, ``E_i(G, k)`` (:func:`abfp.energy.layer_cost`).
+3. **Energy** per module and setting, ``E_i(G, k)`` (:func:`abfp.energy.row_cost`).
 4. **Path**: every module starts at its cheapest setting; then, again and again, the module
    whose next setting on the lower convex hull of its ``(E_i, s_i e_i**2)`` points buys the most
    predicted loss per unit energy is moved to it (the Lagrangian solutions ``min s_i e_i**2 +
@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ..config import ABFPConfig
-from ..energy import EnergyParams, layer_cost
+from ..energy import EnergyParams, row_cost
 from ..nn import convert, summary, to_digital
 from .gains import _as_tuple, _check_candidates, intercepted_forward
 
@@ -197,8 +197,7 @@ def layer_energies(converted: nn.Module, inputs: tuple[torch.Tensor, ...], setti
         acc = out.setdefault(module, {s: 0.0 for s in settings})
         for s in settings:
             cfg = row.config.replace(gain=s[0], repeats=s[1])
-            acc[s] += layer_cost(row.site, row.kind, row.x_shape, row.w_shape, row.macs, max(1, row.calls), cfg,
-                                 params).total_energy
+            acc[s] += row_cost(row, cfg, params).total_energy
     return out
 
 

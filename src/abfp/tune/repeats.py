@@ -6,7 +6,7 @@ standard deviation by ``sqrt(k)`` and multiplies its analog, input-DAC and ADC e
 1. One pass on the calibration batch measures each module's noise error ``r_i`` (the relative
    difference between its product with and without the device noise, on the same inputs,
    upstream layers on the device) and the energy ``c_i`` one more repeat of it costs
-   (:func:`abfp.energy.layer_cost`).
+   (:func:`abfp.energy.row_cost`).
 2. Minimising the summed noise variance ``sum_i r_i**2 / k_i`` at a fixed energy
    ``sum_i c_i k_i`` gives ``k_i`` proportional to ``r_i / sqrt(c_i)`` (Lagrange):
    ``k_i(lam) = clamp(round(lam * r_i / sqrt(c_i)), 1, max_repeats)``.
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import ABFPConfig
-from ..energy import EnergyParams, layer_cost
+from ..energy import EnergyParams, row_cost
 from ..nn import summary
 from .gains import intercepted_forward
 
@@ -73,9 +73,8 @@ def noise_profile(converted: nn.Module, inputs: tuple[torch.Tensor, ...],
             continue
         module = row.site.rsplit(":", 1)[0]
         cfg1 = row.config.replace(repeats=1)
-        e1 = layer_cost(row.site, row.kind, row.x_shape, row.w_shape, row.macs, max(1, row.calls), cfg1, params)
-        e2 = layer_cost(row.site, row.kind, row.x_shape, row.w_shape, row.macs, max(1, row.calls),
-                        cfg1.replace(repeats=2), params)
+        e1 = row_cost(row, cfg1, params)
+        e2 = row_cost(row, cfg1.replace(repeats=2), params)
         c[module] = c.get(module, 0.0) + e2.total_energy - e1.total_energy
     return NoiseProfile(r, c)
 
