@@ -169,3 +169,20 @@ def test_a_site_run_on_two_shapes_is_counted_per_shape():
     d = Design("abfp", 8, 8, 8, 8, 2.0, 0.0)
     t = account(SharedAttention().eval(), (x, y, w), d.config(cfg), P).totals()
     assert cm.energy(d, cfg)["total"] == pytest.approx(t["energy_total"], rel=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "reference"])
+def test_k_repeats_are_the_noise_of_std_over_sqrt_k(kernel):
+    """SPEC section 5: a device with ``k`` repeats is the device with noise ``std / sqrt(k)``
+    (same seed: the same outputs, bit for bit), at ``k`` times the ADC and analog energy."""
+    ex = abfp.ExecutionOptions(seed=3, kernel=kernel)
+    a = abfp.ABFPConfig(tile_width=8, noise_std=1.0, repeats=4)
+    b = abfp.ABFPConfig(tile_width=8, noise_std=0.5)
+    outs = []
+    for cfg in (a, b, b.replace(noise_std=0.0)):
+        m = abfp.convert(Five().eval(), cfg, execution=ex)
+        with torch.no_grad():
+            outs.append(m(*_inputs()))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    ea, eb = (account(Five().eval(), _inputs(), c, P).totals() for c in (a, b))
+    assert ea["adc_conversions"] == 4 * eb["adc_conversions"] and ea["energy_analog"] == pytest.approx(4 * eb["energy_analog"])
