@@ -264,6 +264,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         recs = _with_configs(recs, points)
         if plan is not None:
             recs = _with_plan(recs, plan, args.plan)
+            note = _plan_data_note(plan, args.plan)
+            if note:
+                show(note)
         show(format_table(recs))
         show(f"  {coverage_line(recs)}  ({time.perf_counter() - t0:.1f} s)\n")
         all_records.extend(recs)
@@ -272,6 +275,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         show(f"wrote {len(all_records)} records to {json_out[0]}")
     shutdown()
     return 0
+
+
+def _plan_data_note(plan: Any, path: str) -> str | None:
+    """A note when ``plan`` was tuned on the first samples of the task's data (a task with no
+    calibration split): this evaluation starts at sample 0 and includes them, while ``abfp
+    tune``'s stage metrics were measured on the samples after them, so the two numbers differ."""
+    info = plan.info or {}
+    n = info.get("calibration_samples")
+    if not n or not str(info.get("calibration_source", "")).startswith("the first samples"):
+        return None
+    return (f"note: {Path(path).name} was tuned on the first {n} samples of this task's data (it has no "
+            f"calibration split), which this evaluation includes; abfp tune's stage metrics were measured on "
+            f"the {info.get('eval_samples', '?')} samples after them")
 
 
 def _plan_args(args: argparse.Namespace) -> tuple[Any, Path | None]:

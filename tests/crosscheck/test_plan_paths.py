@@ -30,13 +30,14 @@ def tuned(tmp_path_factory):
     return plan
 
 
-def test_eval_plan_reports_the_tune_stage_metric(tuned, tmp_path):
+def test_eval_plan_reports_the_tune_stage_metric(tuned, tmp_path, capsys):
     info = json.loads(tuned.read_text())["info"]
     last = info["stages"][-1]
     rec_path = tmp_path / "rec.json"
     assert main(["eval", "--task", TASK, "--plan", str(tuned), "--weights", str(tuned.with_suffix(".safetensors")),
                  "--samples", str(EVAL_SAMPLES), "--runs", "1", "--seed", "0", "--json", str(rec_path),
                  "--cache-dir", "", "--no-progress", "--threads", "1"]) == 0
+    assert "tuned on the first" not in capsys.readouterr().out  # a calibration split: no overlap
     rec = json.loads(rec_path.read_text())[1]
     assert rec["samples"] == info["eval_samples"] == EVAL_SAMPLES
     assert rec["value"] == last["metric"] and rec["stderr"] == last["stderr"]
@@ -66,3 +67,21 @@ def test_plan_converted_by_hand_gives_the_stage_metric_and_energy(tuned):
     assert e == pytest.approx(info["stages"][-1]["energy_pj"], rel=1e-12)
     assert {c.repeats for c in plan.modules.values()} - {1}, "the plan was meant to have repeats"
     assert e > info["stages"][0]["energy_pj"]
+
+
+def test_eval_plan_says_when_it_scores_the_tuning_inputs(tmp_path, capsys):
+    """A task without a calibration split: tune calibrates on its first samples and scores the
+    stages on the rest; abfp eval --plan scores from sample 0, so its number is not the stage
+    table's, and it says so (with a calibration split it says nothing: the test above)."""
+    task = tmp_path / "nosplit.py"
+    task.write_text(Path(__file__).with_name("plan_task.py").read_text().replace(
+        ", load_calibration=lambda: Dataset((xc,))", ""))
+    plan = tmp_path / "plan.json"
+    assert main(["tune", "--task", f"{task}:make", "--json", str(plan), "--calibration", "16", "--gain-samples", "8",
+                 "--no-repeats", "--no-progress", "--threads", "1"]) == 0
+    info = json.loads(plan.read_text())["info"]
+    assert info["calibration_source"].startswith("the first samples") and info["eval_samples"] == 24
+    capsys.readouterr()
+    assert main(["eval", "--task", f"{task}:make", "--plan", str(plan), "--runs", "1", "--cache-dir", "",
+                 "--no-progress", "--threads", "1"]) == 0
+    assert "tuned on the first 16 samples of this task's data" in capsys.readouterr().out
