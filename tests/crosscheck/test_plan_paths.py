@@ -85,3 +85,21 @@ def test_eval_plan_says_when_it_scores_the_tuning_inputs(tmp_path, capsys):
     assert main(["eval", "--task", f"{task}:make", "--plan", str(plan), "--runs", "1", "--cache-dir", "",
                  "--no-progress", "--threads", "1"]) == 0
     assert "tuned on the first 16 samples of this task's data" in capsys.readouterr().out
+
+
+def test_abfp_energy_of_the_plan_is_the_stage_energy(tuned, tmp_path, capsys):
+    """``abfp energy --plan`` (and, for the single-gain stage, ``abfp energy --config`` of the
+    base device) gives the energies of ``abfp tune``'s stage table."""
+    stages = json.loads(tuned.read_text())["info"]["stages"]
+    for name, extra in (("plan", ["--plan", str(tuned)]), ("base", ["--config", json.dumps({"noise_std": 2.0})])):
+        out = tmp_path / f"{name}.json"
+        assert main(["energy", "--task", TASK, "--json", str(out), *extra]) == 0
+        got = json.loads(out.read_text())["per_inference"]["energy_total"]
+        want = stages[-1 if name == "plan" else 0]["energy_pj"]
+        assert got == pytest.approx(want, rel=1e-12), name
+    assert stages[-1]["energy_pj"] > stages[0]["energy_pj"]
+    capsys.readouterr()
+    assert main(["energy", "--task", TASK, "--plan", str(tuned), "--preset", "default"]) == 2
+    assert "--plan sets the device" in capsys.readouterr().err
+    assert main(["energy", "--task", TASK, "--plan", str(tmp_path / "none.json")]) == 2
+    assert "no such file" in capsys.readouterr().err

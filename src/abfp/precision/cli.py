@@ -136,6 +136,8 @@ def _energy_parser(sub) -> None:
     p.add_argument("--preset", default=None, help="device config preset (default: the default config)")
     p.add_argument("--config", default=None, help="device config as a JSON file or string")
     p.add_argument("--params", default=None, help="energy per event (EnergyParams) as a JSON file or string")
+    p.add_argument("--plan", default=None,
+                   help="account a device plan (abfp tune --json): each module at its own gain and repeats")
     p.add_argument("--batch-size", type=int, default=1,
                    help="samples accounted together (weights are converted once per call); default 1")
     p.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
@@ -147,7 +149,8 @@ def cmd_energy(args: argparse.Namespace) -> int:
     from ..energy import EnergyParams, account, authors_adc_comparison
 
     require_at_least(args, ("batch_size",))
-    cfg = base_config(args)
+    plan = _energy_plan(args)
+    cfg = plan.base if plan is not None else base_config(args)
     try:
         params = EnergyParams.from_dict(load_json_arg(args.params, "--params")) if args.params else EnergyParams()
     except ValueError as e:
@@ -155,18 +158,43 @@ def cmd_energy(args: argparse.Namespace) -> int:
     json_out = check_output_args(args, {"json_path": "--json"})
     task = single_task(args.task, "energy")
     data = task.load_data().take(args.batch_size)
-    report = account(task.build_model(), data.inputs, cfg, params)
-    print(f"{task.name} on {cfg.label()}")
+    model = task.build_model()
+    if plan is not None:
+        try:
+            model = plan.convert(model)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--plan {args.plan}: {' '.join(str(e).split())}") from None
+    report = account(model, data.inputs, cfg, params)
+    print(f"{task.name} on {cfg.label()}" + (f", plan {Path(args.plan).name}" if plan is not None else ""))
     print(report)
     cmp_ = authors_adc_comparison(params)
     print(f"ADC energy per conversion, fixed point n=8 at 12.5 bits vs ABFP n=128, G=8, 8 bits: {cmp_.ratio:.2f}x; "
           f"per MAC {cmp_.per_mac_ratio:.1f}x")
     if json_out:
         out: dict[str, Any] = {"task": task.name, "config": cfg.to_dict(), **report.to_dict(),
+                               **({"plan_file": str(args.plan)} if plan is not None else {}),
                                "authors_adc_comparison": {"ratio": cmp_.ratio, "per_mac_ratio": cmp_.per_mac_ratio}}
         atomic_write_text(json_out[0], json.dumps(out, indent=2) + "\n")
         print(f"wrote {json_out[0]}")
     return 0
+
+
+def _energy_plan(args: argparse.Namespace) -> Any:
+    """``--plan`` as a DevicePlan (None without it), checked before any work."""
+    if args.plan is None:
+        return None
+    if args.preset is not None or args.config is not None:
+        raise UsageError("--plan sets the device; drop " + ", ".join(
+            f for f, v in (("--preset", args.preset), ("--config", args.config)) if v is not None))
+    from ..tune.plan import DevicePlan
+
+    path = Path(args.plan)
+    if not path.is_file():
+        raise UsageError(f"--plan: no such file: {path}" if not path.exists() else f"--plan: {path} is a folder")
+    try:
+        return DevicePlan.from_json(path)
+    except ValueError as e:
+        raise UsageError(f"--plan {path}: {' '.join(str(e).split())}") from None
 
 
 def register(sub) -> None:
