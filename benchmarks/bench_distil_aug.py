@@ -9,6 +9,11 @@ logits) against the frozen float32 model's logits on the same batch. The device 
 batch norm and every other submodule stay in eval mode. ``--method dnf`` trains with differential noise instead
 (the library's :class:`abfp.finetune.methods.DNFMethod`: histograms of the plan's ``dy`` measured once on
 ``--dnf-samples`` calibration crops, float32 plus noise drawn from them; the same fresh crops and loss).
+``--dnf-per-channel`` fits one histogram per output channel instead of one per layer, ``--dnf-smoothing`` is
+added to every bin's count (the authors' 0.5). ``--diagnose N`` trains
+nothing: after the plan's row it evaluates the float32 model with the DNF noise (training mode, noise seeds
+``0..N-1``) on the same evaluation crops (``--diagnose-crops M``: on M fresh random crops, the training
+distribution, instead, with the plan's row on them too), the check that the noise model hurts as much as the device does.
 ``--init W.pt`` starts from saved weights (a ``--save`` of an earlier run; step numbers continue from
 ``--step-offset``; give another ``--seed`` for other crops; AdamW starts afresh). ``--train`` picks the trainable parameters:
 ``all``, or ``sensitive`` (the stem convolution and block 0's depthwise convolution, the two layers that carry
@@ -39,7 +44,7 @@ from abfp.finetune.loop import set_training
 from abfp.finetune.methods import DNFMethod, DNFOptions, QATMethod
 from abfp.nn import to_digital
 from abfp.tune.api import plan_outputs
-from abfp.zoo.base import AGREEMENT, KL
+from abfp.zoo.base import AGREEMENT, KL, Dataset
 from abfp.zoo.efficientnet import random_crops
 from plan_rows import distil_update, load_plan  # benchmarks/plan_rows.py
 
@@ -55,6 +60,12 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--method", choices=("qat", "dnf"), default="qat")
     ap.add_argument("--dnf-samples", type=int, default=128, help="dnf: calibration crops for the histograms")
+    ap.add_argument("--dnf-per-channel", action="store_true", help="dnf: one histogram per output channel")
+    ap.add_argument("--dnf-smoothing", type=float, default=0.5, help="dnf: added to every histogram bin's count")
+    ap.add_argument("--diagnose", type=int, default=0, metavar="N",
+                    help="dnf: no training; evaluate float32 + DNF noise with noise seeds 0..N-1, then stop")
+    ap.add_argument("--diagnose-crops", type=int, default=0, metavar="M",
+                    help="with --diagnose: M fresh random calibration crops (seed 10000 + --seed) instead of the evaluation crops")
     ap.add_argument("--init", default=None, help="start from these float32 weights (a state dict from --save)")
     ap.add_argument("--step-offset", type=int, default=0, help="number the steps from here (with --init)")
     ap.add_argument("--train", choices=("all", "sensitive"), default="all")
@@ -67,6 +78,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--save", default=None, help="write the finetuned float32 weights (state dict) here at the end")
     a = ap.parse_args()
+    if a.diagnose and a.method != "dnf":
+        ap.error("--diagnose needs --method dnf")
+    if a.diagnose_crops and not a.diagnose:
+        ap.error("--diagnose-crops needs --diagnose")
     torch.set_num_threads(1)
     t0, c0 = time.perf_counter(), time.process_time()
     task = zoo.get("efficientnet-lite0")
@@ -75,10 +90,15 @@ def main() -> None:
         model.load_state_dict(torch.load(a.init))
     teacher = task.build_model().eval()
     plan = load_plan(a.plan_from)
-    ev = task.load_data().take(a.eval)
+    if a.diagnose_crops:
+        gen_ev = torch.Generator().manual_seed(10_000 + a.seed)
+        ev = Dataset(random_crops(a.diagnose_crops, gen_ev, min_scale=a.min_scale, jitter=a.jitter))
+        tag = f"crops{a.seed}-{a.min_scale}-{a.jitter}-"
+    else:
+        ev, tag = task.load_data().take(a.eval), ""
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    ref_path = cache / f"ref-{len(ev)}.pt"
+    ref_path = cache / f"ref-{tag}{len(ev)}.pt"
     if ref_path.exists():
         ref = torch.load(ref_path)
     else:
@@ -87,10 +107,18 @@ def main() -> None:
         torch.save(ref, ref_path)
     rows: list[dict] = []
 
+    def write() -> None:
+        with open(a.out, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "args": vars(a), "rows": rows}, f, indent=1)
+
+    def scored(out: torch.Tensor) -> dict:
+        return {"agreement": AGREEMENT(out, None, ref), "agreement_se": AGREEMENT.stderr(out, None, ref),
+                "kl": KL(out, None, ref), "kl_se": KL.stderr(out, None, ref)}
+
     def record(step: int, m: torch.nn.Module | None, extra: dict) -> None:
         """``m``: the model being trained (converted); ``None``: the starting weights (cached unless ``--init``)."""
         key = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-        plan_path = None if a.init else cache / f"plan-{key}-{len(ev)}.pt"
+        plan_path = None if a.init else cache / f"plan-{key}-{tag}{len(ev)}.pt"
         if m is None and plan_path is not None and plan_path.exists():
             out = torch.load(plan_path)
         else:
@@ -100,19 +128,31 @@ def main() -> None:
                 torch.save(out, plan_path)
         torch.save(out, f"{a.out}.step{step}.pt")  # the logits, for paired comparisons between rows
         rows.append({"step": step, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-                     "load": os.getloadavg()[0], **extra,
-                     "agreement": AGREEMENT(out, None, ref), "agreement_se": AGREEMENT.stderr(out, None, ref),
-                     "kl": KL(out, None, ref), "kl_se": KL.stderr(out, None, ref)})
+                     "load": os.getloadavg()[0], **extra, **scored(out)})
         print(rows[-1], flush=True)
-        with open(a.out, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "args": vars(a), "rows": rows}, f, indent=1)
+        write()
 
     record(a.step_offset, None, {})
     if a.method == "qat":  # the device in the forward, noise from torch's global generator
         method = QATMethod(plan.base, plan.overrides())
     else:  # float32 plus noise from histograms of the plan's dy on --dnf-samples calibration crops
-        method = DNFMethod(plan.base, DNFOptions(calibration_samples=a.dnf_samples), plan.overrides())
+        method = DNFMethod(plan.base, DNFOptions(calibration_samples=a.dnf_samples, per_channel=a.dnf_per_channel,
+                                                      smoothing=a.dnf_smoothing), plan.overrides())
     net = method.prepare(model, task.load_calibration(), a.seed, (), None)
+    if a.diagnose:  # float32 + the histograms' noise (training mode draws it), no weight changes
+        set_training(net, frozen=True)
+        for noise_seed in range(a.diagnose):
+            torch.manual_seed(noise_seed)
+            with torch.no_grad():
+                out = torch.cat([net(x) for (x,), _ in ev.batches(a.eval_batch_size)])
+            torch.save(out, f"{a.out}.noise{noise_seed}.pt")
+            rows.append({"step": a.step_offset, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                         "load": os.getloadavg()[0], "method": "dnf-noise", "per_channel": a.dnf_per_channel,
+                         "noise_seed": noise_seed, "histogram_seconds": method.histogram_seconds, **scored(out)})
+            print(rows[-1], flush=True)
+            write()
+        method.finish()
+        return
     params = []
     for name, p in net.named_parameters():
         p.requires_grad_(a.train == "all" or name.startswith(SENSITIVE))
