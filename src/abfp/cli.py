@@ -35,6 +35,7 @@ from .cli_common import (
     check_output_args,
     check_output_dir,
     csv_list,
+    load_plan_arg,
     print_error,
     require_at_least,
     require_finite,
@@ -303,15 +304,8 @@ def _plan_args(args: argparse.Namespace) -> tuple[Any, Path | None]:
         clash.append("--paper")
     if clash:
         raise UsageError(f"--plan sets the device; drop {', '.join(clash)}")
-    from .tune.plan import DevicePlan
-
     path = Path(args.plan)
-    if not path.is_file():
-        raise UsageError(f"--plan: no such file: {path}" if not path.exists() else f"--plan: {path} is a folder")
-    try:
-        plan = DevicePlan.from_json(path)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"--plan {path}: {' '.join(str(e).split())}") from None
+    plan = load_plan_arg(args.plan)
     if plan.exclude:
         raise UsageError(f"--plan {path}: plans with excluded modules are not evaluated by abfp eval")
     args.no_fixed = True

@@ -125,6 +125,20 @@ def load_json_arg(spec: str, option: str) -> Any:
         raise UsageError(f"{option}{where}: not valid JSON: {e}") from None
 
 
+def load_plan_arg(spec: str) -> Any:
+    """``--plan PLAN.json`` (``abfp tune --json``) as a :class:`~abfp.tune.DevicePlan`, or a
+    :class:`UsageError` naming the option (a missing file, a folder, a plan that does not load)."""
+    from .tune.plan import DevicePlan
+
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"--plan: no such file: {path}" if not path.exists() else f"--plan: {path} is a folder")
+    try:
+        return DevicePlan.from_json(path)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--plan {path}: {' '.join(str(e).split())}") from None
+
+
 def base_config(args: argparse.Namespace) -> ABFPConfig:
     """The device named by ``--config`` (a JSON file or string) or ``--preset``; the default
     :class:`ABFPConfig` when neither is given. Both together are an error."""

@@ -22,6 +22,7 @@ from ..cli_common import (
     check_journal,
     check_output_args,
     load_json_arg,
+    load_plan_arg,
     require_at_least,
     require_finite,
     single_task,
@@ -186,15 +187,7 @@ def _energy_plan(args: argparse.Namespace) -> Any:
     if args.preset is not None or args.config is not None:
         raise UsageError("--plan sets the device; drop " + ", ".join(
             f for f, v in (("--preset", args.preset), ("--config", args.config)) if v is not None))
-    from ..tune.plan import DevicePlan
-
-    path = Path(args.plan)
-    if not path.is_file():
-        raise UsageError(f"--plan: no such file: {path}" if not path.exists() else f"--plan: {path} is a folder")
-    try:
-        return DevicePlan.from_json(path)
-    except ValueError as e:
-        raise UsageError(f"--plan {path}: {' '.join(str(e).split())}") from None
+    return load_plan_arg(args.plan)
 
 
 def register(sub) -> None:
