@@ -369,7 +369,7 @@ def produced_by(method: Method, base: nn.Module, train_data: Dataset, config: AB
     run resumed with another thread count would no longer be bit-identical). When distilling,
     ``loss`` names the distillation loss and its temperature and ``teacher`` is the digest of
     the teacher's outputs (which are the training targets)."""
-    from ..evaluate.fingerprint import callable_fingerprint, is_user_code, model_fingerprint
+    from ..evaluate.fingerprint import callable_fingerprint, is_user_code
 
     describe = getattr(loss_fn, "describe", None)
     loss = describe() if callable(describe) else callable_name(loss_fn)
@@ -380,17 +380,17 @@ def produced_by(method: Method, base: nn.Module, train_data: Dataset, config: AB
         teacher = digest(["teacher outputs"], train_data.targets)
     return {"method": method.name, "options": method.options(), "settings": s.fingerprint(),
             "config": config_key(config), "train_samples": len(train_data),
-            "model": digest(repr(base), base.state_dict()) + _user_code_print(base, model_fingerprint),
+            "model": digest(repr(base), base.state_dict()) + _user_code_print(base),
             "train_data": digest([len(train_data.inputs)], *train_data.inputs,
                                  "targets", train_data.targets if train_data.targets is not None else "none"),
             "loss": loss, "teacher": teacher, "threads": torch.get_num_threads()}
 
 
-def _user_code_print(model: nn.Module, model_fingerprint: Callable[[nn.Module], str]) -> str:
+def _user_code_print(model: nn.Module) -> str:
     """``""`` for a model of abfp's, torch's or an installed package's classes (their checkpoints keep
     the provenance they had), else ``" code <print>"``: the user's own forward (and the helpers it
     calls) edited with the weights unchanged is another model."""
-    from ..evaluate.fingerprint import is_user_code
+    from ..evaluate.fingerprint import is_user_code, model_fingerprint
 
     if not any(is_user_code(type(m).__module__) for m in model.modules()):
         return ""
