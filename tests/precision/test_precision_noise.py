@@ -201,6 +201,11 @@ def test_repeats_set_and_round_energies():
         inj.set_repeats(10.0, {s0: 0})
     with pytest.raises(ValueError):
         inj.set_repeats(10.0, {s0: 1.5})
+    # a misspelt site is refused (it used to be ignored: every site then ran `default` repeats)
+    before = inj.energies()
+    with pytest.raises(KeyError, match="unknown site 'nosuch:linear0'"):
+        inj.set_repeats(10.0, {s0: 2, "nosuch:linear0": 4})
+    assert inj.energies() == before
     # MAC-weighted mean over layers (each layer's E the mean over its channels)
     inj.set_energy({s0: 2.0, s1: [1.0, 5.0]})
     macs = inj.macs()

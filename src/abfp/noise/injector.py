@@ -228,6 +228,9 @@ class NoiseInjector:
         if not base_energy > 0:
             raise ValueError(f"base_energy must be > 0, got {base_energy}")
         table: Mapping[str, Any] = repeats if isinstance(repeats, Mapping) else {}
+        unknown = [site for site in table if site not in self.log_energy]
+        if unknown:
+            raise KeyError(f"unknown site {unknown[0]!r}; profiled sites: {', '.join(self.sites)}")
         uniform = default if isinstance(repeats, Mapping) else repeats
         values: dict[str, Any] = {}
         for site in self.log_energy:
