@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -457,3 +458,16 @@ def test_a_calibration_that_fails_midway_keeps_the_scales_the_model_had():
         abfp.calibrate(conv, [10 * torch.randn(4, 8), torch.randn(4, 9)])
     state = abfp.analog_state(conv)
     assert state.input_scales == good and state.calibration_percentile == 99.0
+
+
+def test_an_override_of_modules_that_compute_no_product_is_refused():
+    """An override on a ReLU or a LayerNorm sets nothing (they make no product): it was accepted
+    and ignored; a pattern that also names a layer with products is fine."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4), nn.Sequential(nn.Linear(4, 2)))
+    for pattern in ("1", "2", "[12]"):
+        with pytest.raises(ValueError, match=f"override '{re.escape(pattern)}' names only modules that compute no product"):
+            abfp.convert(m, QUIET, overrides={pattern: IDEAL})
+    cm = abfp.convert(m, QUIET, overrides={"[01]": IDEAL, "3": IDEAL})  # a Sequential holds layers: fine
+    with pytest.raises(ValueError, match=r"compute no product \(1 \(ReLU\)\)"):
+        abfp.set_config(cm, QUIET, overrides={"1": IDEAL})
+    assert abfp.analog_state(cm).overrides == {"[01]": IDEAL, "3": IDEAL}  # left as it was

@@ -121,3 +121,36 @@ def test_a_site_pattern_that_names_no_module_is_refused():
         abfp.convert(_net(), BASE, overrides={"atn:matmul1": WIDE})
     with pytest.raises(ValueError, match="matches no module"):
         abfp.convert(_net(), BASE, overrides={"atn": WIDE})
+
+
+def test_a_site_override_that_matches_no_product_of_its_module_is_named_after_the_forward():
+    """``"head:linear1"`` (head makes linear0 only) or ``"attn:conv0"`` used to set nothing, silently."""
+    from abfp.nn.state import OverrideWarning
+    cm = abfp.convert(_net(), BASE, overrides={"head:linear1": LOUD, r"attn:conv\d": LOUD, "attn:matmul1": WIDE})
+    with pytest.warns(OverrideWarning) as got, torch.no_grad():
+        cm(X)
+    text = sorted(str(w.message) for w in got)
+    assert len(text) == 2
+    assert "'attn:conv\\\\d' matched no product site" in text[0] and "'attn:matmul0'" in text[0]
+    assert "'head:linear1' matched no product site" in text[1] and "['head:linear0']" in text[1]
+    import warnings
+    with warnings.catch_warnings():  # once per override; the override that matched says nothing
+        warnings.simplefilter("error", OverrideWarning)
+        with torch.no_grad():
+            cm(X)
+        cm2 = abfp.convert(_net(), BASE, overrides={"attn:matmul1": WIDE})
+        with torch.no_grad():
+            cm2.attn(X)  # a submodule run alone is a whole forward too
+            cm2(X)
+
+
+def test_a_site_override_of_a_module_that_has_not_run_waits_for_it():
+    from abfp.nn.state import OverrideWarning
+    cm = abfp.convert(_net(), BASE, overrides={"head:linear2": LOUD})
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OverrideWarning)
+        with torch.no_grad():
+            cm.attn(X)  # head did not run: nothing known yet
+    with pytest.warns(OverrideWarning, match="head:linear2"), torch.no_grad():
+        cm(X)

@@ -391,3 +391,18 @@ def test_a_handler_registered_after_a_call_answers_that_function():
         del registry._HANDLERS[torch.tanh]
         registry.PLAIN.clear()
     assert torch.equal(m(x), torch.tanh(x)) and calls == [""]
+
+
+def test_linear_with_a_one_dimensional_weight_is_one_device_row():
+    # torch's F.linear takes a 1-D weight (one output, dropped); converted it raised IndexError
+    X = torch.randn(3, 4, 20, generator=g)
+    y, s = run(lambda x: F.linear(x, v), X)
+    assert y.shape == (3, 4)
+    close(y, oracle(X.reshape(12, 20), v.unsqueeze(1)).reshape(3, 4))
+    assert s.device_mac_share == 1.0 and s.analog_macs == 12 * 20
+    b = torch.tensor(0.5)
+    y1, _ = run(lambda x: F.linear(x, v, b), A[0])
+    assert y1.shape == ()
+    close(y1, oracle(A[:1], v.unsqueeze(1)).reshape(()) + 0.5)
+    with pytest.raises(ValueError, match="1-D weight takes a bias only"):
+        run(lambda x: F.linear(x, v, b), A)

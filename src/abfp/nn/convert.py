@@ -79,14 +79,15 @@ def convert(
         inplace = True
     if not inplace:
         model = copy.deepcopy(model)
-    names = [name for name, _ in model.named_modules()]
+    modules = dict(model.named_modules())
+    names = list(modules)
     state = AnalogState(
         config=config,
         exclude=tuple(exclude),
         overrides=overrides,
         include_matmul=include_matmul,
     )
-    _check_patterns(state, names)
+    _check_patterns(state, modules)
     state.resolve(names)
     prepared = [n for n, m in model.named_modules() if isinstance(m, ParametrizationList)]
     for name, module in model.named_modules():
@@ -109,8 +110,11 @@ def _with_execution(config: ABFPConfig, overrides: Mapping[str, ABFPConfig] | No
     return config.with_execution(execution), {k: v.with_execution(execution) for k, v in overrides.items()}
 
 
-def _check_patterns(state: AnalogState, names: list[str]) -> None:
-    """Every exclude and override pattern names a module, or (an override) a site of one."""
+def _check_patterns(state: AnalogState, modules: Mapping[str, nn.Module]) -> None:
+    """Every exclude and override pattern names a module, or (an override) a site of one; a
+    module override names at least one module that can make a product (not only activations,
+    norms, pooling: :func:`product_free` modules without children, whose config nothing reads)."""
+    names = list(modules)
     for pattern in list(state.exclude) + list(state.overrides):
         try:
             re.compile(pattern)
@@ -124,6 +128,12 @@ def _check_patterns(state: AnalogState, names: list[str]) -> None:
                                  f"like '<module name>:<op><index>' (e.g. {names[-1]!r}:linear0)")
         elif not any(_matches(n, pattern) for n in names):
             raise ValueError(f"{pattern!r} matches no module of the model; module names look like {names[1:4]}")
+        elif pattern in state.overrides and all(product_free(m) and next(m.children(), None) is None
+                                                for n, m in modules.items() if _matches(n, pattern)):
+            hit = [f"{n} ({type(m).__name__})" for n, m in modules.items() if _matches(n, pattern)]
+            raise ValueError(f"override {pattern!r} names only modules that compute no product ({', '.join(hit[:3])}"
+                             f"{', ...' if len(hit) > 3 else ''}): an override sets the device of a module's products "
+                             "(and its submodules'); name the layer whose products it should set")
 
 
 def set_config(
@@ -144,8 +154,9 @@ def set_config(
     if exclude is None:
         exclude = state.exclude
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    names = [name for name, _ in model.named_modules()]
-    _check_patterns(AnalogState(config=config, exclude=exclude, overrides=overrides_), names)
+    modules = dict(model.named_modules())
+    names = list(modules)
+    _check_patterns(AnalogState(config=config, exclude=exclude, overrides=overrides_), modules)
     state.config, state.overrides, state.exclude = config, overrides_, exclude
     state.resolve(names)
     state.reseed(0)

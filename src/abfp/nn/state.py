@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -34,6 +35,11 @@ from ..config import ABFPConfig
 from ..noise_keys import NoiseStreams, product_generator
 from ..ops.coverage import Coverage
 from ..ops.site import SiteRecord  # noqa: F401  (re-exported: it lived here)
+
+
+class OverrideWarning(UserWarning):
+    """An override of :func:`abfp.convert` that sets nothing: a product site pattern that none of
+    its module's products matched."""
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -80,6 +86,8 @@ class AnalogState:
     direct: Any = None
     # site -> its site override (None: none matches), filled as products run
     _site_cache: dict[str, ABFPConfig | None] = field(default_factory=dict, repr=False)
+    # site overrides not yet seen to match a site nor reported as matching none (check_site_overrides)
+    _unsettled: set[str] = field(default_factory=set, repr=False)
 
     def resolve(self, names: list[str]) -> None:
         """Config of every module: overrides win, then exclusion, else the parent's config;
@@ -88,6 +96,7 @@ class AnalogState:
         self.module_configs.clear()
         self._site_cache.clear()
         self.site_overrides = {p: c for p, c in self.overrides.items() if is_site_pattern(p, names)}
+        self._unsettled = set(self.site_overrides)
         module_overrides = [(p, c) for p, c in self.overrides.items() if p not in self.site_overrides]
         for name in names:
             parent = name.rpartition(".")[0] if "." in name else ("" if name else None)
@@ -115,9 +124,27 @@ class AnalogState:
             for pattern, ocfg in self.site_overrides.items():
                 if _matches(site, pattern):
                     found = ocfg
+                    self._unsettled.discard(pattern)
             self._site_cache[site] = found
         found = self._site_cache[site]
         return self.config_for(module_name) if found is None else found
+
+    def check_site_overrides(self) -> None:
+        """After a whole forward: warn (:class:`OverrideWarning`, once per override) about each site
+        override that matched none of the products its module made (``"fc:linear1"`` where ``fc``
+        made only ``fc:linear0``), naming the sites the module did make; an override whose module
+        has not run yet is checked after a later forward."""
+        ran: dict[str, list[str]] = {}
+        for site in self._site_cache:
+            ran.setdefault(site.rpartition(":")[0], []).append(site)
+        for pattern in sorted(self._unsettled):
+            hit = [m for m in ran if site_pattern_names_a_module(pattern, [m])]
+            if hit:
+                self._unsettled.discard(pattern)
+                made = [s for m in hit for s in ran[m]]
+                warnings.warn(f"abfp: override {pattern!r} matched no product site: module(s) {hit[:3]} ran and made "
+                              f"{made[:6]}{' ...' if len(made) > 6 else ''} (abfp.summary lists every site); "
+                              "this override sets nothing", OverrideWarning, stacklevel=3)
 
     def generator(self, cfg: ABFPConfig, device: torch.device) -> torch.Generator | None:
         """The noise stream of a product with ``cfg`` (:func:`abfp.noise_keys.product_generator`):
@@ -133,7 +160,7 @@ class AnalogState:
         """What a copy (deep copy, pickle, ``torch.save``) starts afresh: no recordings, no
         interceptors or direct sites, zero coverage counts, an empty site cache, noise streams not yet drawn."""
         return dict(records={}, interceptors={}, direct=None, coverage=Coverage(), _site_cache={},
-                    streams=self.streams.fresh())
+                    _unsettled=set(self.site_overrides), streams=self.streams.fresh())
 
     def __deepcopy__(self, memo: dict) -> "AnalogState":
         new = copy.copy(self)

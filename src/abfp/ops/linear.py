@@ -250,8 +250,17 @@ def linear_args(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> tu
 
 def answer_linear(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
     """``F.linear`` inside a converted module: one product, ``K = in_features``,
-    ``MACs = rows * out_features * in_features``."""
+    ``MACs = rows * out_features * in_features``. A 1-D weight (torch's one output, dropped)
+    is the product with one weight row, its output axis squeezed."""
     x, w, b = linear_args(*args, **kwargs)
+    if isinstance(x, Tensor) and isinstance(w, Tensor) and (x.dim() == 0 or w.dim() not in (1, 2)):
+        raise ValueError(f"abfp: F.linear in module {frame.name or 'the root'!r} needs an input of at least one "
+                         f"dimension and a 1-D or 2-D weight, got shapes {tuple(x.shape)} and {tuple(w.shape)}")
+    if isinstance(w, Tensor) and w.dim() == 1:
+        if b is not None and not (x.dim() == 1 and b.dim() == 0):  # what torch's own F.linear refuses too
+            raise ValueError(f"abfp: F.linear in module {frame.name or 'the root'!r} with a 1-D weight takes a bias "
+                             f"only with a 1-D input and a 0-d bias, got shapes {tuple(x.shape)} and {tuple(b.shape)}")
+        return answer_linear(frame, func, (x, w.unsqueeze(0), b), {}).squeeze(-1)
     rows = x.numel() // max(1, x.shape[-1])
     return run_product(frame, "linear", func, args, kwargs,
                        lambda c, s, stats, g: linear(x, w, b, config=c, input_scale=s[0], generator=g, stats=stats),
