@@ -308,6 +308,9 @@ def _plan_args(args: argparse.Namespace) -> tuple[Any, Path | None]:
     plan = load_plan_arg(args.plan)
     if plan.exclude:
         raise UsageError(f"--plan {path}: plans with excluded modules are not evaluated by abfp eval")
+    if plan.base.mode != "abfp":
+        raise UsageError(f"--plan {path}: its base device is in mode {plan.base.mode!r}; abfp eval --plan evaluates "
+                         "ABFP plans (fixed-point points need calibrated scales, which a plan does not carry)")
     args.no_fixed = True
     weights = None
     if args.weights is not None:

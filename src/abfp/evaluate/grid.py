@@ -22,6 +22,16 @@ class Point:
     config: ABFPConfig | None = None  # None for fp32
     auto_gain: bool = False
 
+    def __post_init__(self) -> None:
+        if self.format not in ("fp32", "fixed", "abfp"):
+            raise ValueError(f"Point format must be 'fp32', 'fixed' or 'abfp', got {self.format!r}")
+        if (self.format == "fp32") != (self.config is None):
+            raise ValueError("a Point has a config exactly when its format is not 'fp32'")
+        if self.config is not None and self.config.mode != self.format:
+            # the format decides calibration and overrides, the mode the numerics: they must agree
+            raise ValueError(f"Point format {self.format!r} with a config in mode {self.config.mode!r}: "
+                             f"give Point({self.config.mode!r}, config)")
+
     @property
     def noisy(self) -> bool:
         return self.config is not None and self.config.noise_std > 0

@@ -251,7 +251,14 @@ def evaluate(
     cache = RunCache(eval_settings.cache_path if rank == 0 else None)
     context = cache_context(model, data, metric, eval_settings)
     n_samples = len(data)
-    total = sum((eval_settings.runs if p.noisy else 1) for p in pts if p.format != "fp32") + 1
+    noisy_overrides = any(c.noise_std > 0 for c in (overrides or {}).values())
+
+    def is_noisy(p: Point) -> bool:
+        """Whether ``p``'s runs draw device noise: its own device, or a noisy per-module override
+        (applied at ABFP points) on a noise-free base; such a point runs ``runs`` seeded times."""
+        return p.noisy or (p.format == "abfp" and noisy_overrides)
+
+    total = sum((eval_settings.runs if is_noisy(p) else 1) for p in pts if p.format != "fp32") + 1
     bar = tqdm(total=total * n_samples, unit="img", disable=not eval_settings.progress or dist_world()[0] != 0,
                desc=task_name, leave=False,
                dynamic_ncols=True)
@@ -383,26 +390,29 @@ def evaluate(
             cfg = p.config
             rule = ({"autogain_at": list(eval_settings.autogain_bits), "autogain_max": AUTOGAIN_MAX}
                     if p.auto_gain and eval_settings.autogain_bits is not None else {})
-            n_runs = eval_settings.runs if p.noisy else 1
+            noisy = is_noisy(p)
+            n_runs = eval_settings.runs if noisy else 1
             values, seconds, extras, layers, ses = [], [], [], None, []
             coverages: list[dict[str, Any] | None] = []
             stopped = False
             for r in range(n_runs):
-                rcfg = cfg.replace(seed=eval_settings.seed + r) if p.noisy else cfg
+                rcfg = cfg.replace(seed=eval_settings.seed + r) if noisy else cfg
                 # the batch size decides how noise draws fall on samples: part of the key
                 key = run_key({**context, "format": p.format, "config": config_key(rcfg), "run": r,
                                "auto_gain": p.auto_gain,
                                "autogain_threshold": eval_settings.autogain_threshold if p.auto_gain else None,
                                "pct": eval_settings.fixed_percentile if p.format == "fixed" else None,
-                               "batch": eval_settings.batch_size if p.noisy else None, **rule})
+                               "batch": eval_settings.batch_size if noisy else None, **rule})
                 hit = broadcast_from_main(cache.get(key) if rank == 0 else None)
+                if hit is not None and eval_settings.layer_stats and r == 0 and hit.get("layers") is None:
+                    hit = None  # written without per-layer statistics (e.g. by abfp explore): measure them
                 if hit is not None:
                     values.append(hit["value"])
                     coverages.append(hit.get("coverage"))
                     seconds.append(hit["seconds"])
                     extras.append(hit.get("extra", {}))
                     ses.append(hit.get("stderr", {}))
-                    layers = layers or hit.get("layers")
+                    layers = (layers or hit.get("layers")) if eval_settings.layer_stats else None
                     gains = gains or hit.get("gains")
                     bar.update(n_samples)
                 else:
@@ -451,7 +461,7 @@ def evaluate(
                    "delta_vs_fp32": mean - fp32_value, "seconds": statistics.fmean(seconds),
                    "extra": extra, "layers": layers, "stderr": se_mean[metric.name],
                    "extra_stderr": {k: se_mean[k] for k in stderrs_keys[1:]}}
-            if enough is not None and p.noisy:
+            if enough is not None and noisy:
                 rec["early_stopped"] = stopped
             if gains is not None:
                 rec["gains"] = gains
