@@ -471,3 +471,35 @@ def test_an_override_of_modules_that_compute_no_product_is_refused():
     with pytest.raises(ValueError, match=r"compute no product \(1 \(ReLU\)\)"):
         abfp.set_config(cm, QUIET, overrides={"1": IDEAL})
     assert abfp.analog_state(cm).overrides == {"[01]": IDEAL, "3": IDEAL}  # left as it was
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_the_hook_form_of_spectral_norm_is_prepared_digitally_too(train):
+    """``torch.nn.utils.spectral_norm`` (a forward pre-hook, not a parametrization) ran its
+    ``sigma`` (and in training its power iteration: ``mv``, ``dot``) as device products of the
+    parent module: 45 extra MACs in eval, 125 in training, a perturbed weight."""
+    from torch.nn.utils import remove_spectral_norm, spectral_norm
+
+    torch.manual_seed(0)
+    cfg = ABFPConfig(tile_width=8, noise_std=0.0, input_bits=4, weight_bits=4)
+    model = nn.Sequential(spectral_norm(nn.Linear(8, 5)), nn.ReLU(), nn.Linear(5, 3)).train(train)
+    x = torch.randn(3, 8)
+    conv = abfp.convert(model, cfg).train(train)
+    twin = copy.deepcopy(model)  # the float32 model
+    y = conv(x)
+    twin(x)  # the same hook step on the float32 copy: the weight the device must see
+    assert torch.equal(conv[0].weight, twin[0].weight)
+    h = torch.relu(AF.linear(x, twin[0].weight.detach(), twin[0].bias.detach(), config=cfg))
+    assert torch.equal(y, AF.linear(h, twin[2].weight.detach(), twin[2].bias.detach(), config=cfg))
+    assert abfp.coverage(conv).analog_macs == 3 * 8 * 5 + 3 * 5 * 3
+    abfp.to_digital(conv)
+    remove_spectral_norm(conv[0])  # the hook is torch's again
+    assert not conv[0]._forward_pre_hooks
+
+
+def test_a_model_torch_cannot_copy_is_refused_with_the_way_out():
+    lin = torch.nn.utils.weight_norm(nn.Linear(4, 2))
+    lin(torch.randn(1, 4))  # its weight is now computed: deepcopy refuses it
+    with pytest.raises(ValueError, match=r"inplace=True"):
+        abfp.convert(nn.Sequential(lin), QUIET)
+    assert abfp.is_converted(abfp.convert(nn.Sequential(lin), QUIET, inplace=True))

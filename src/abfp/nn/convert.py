@@ -19,9 +19,10 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ..config import ABFPConfig, ExecutionOptions
-from .mode import GuardedForward
+from .mode import DigitalSpectralNorm, GuardedForward
 from .state import AnalogState, _matches, is_site_pattern, normalise_overrides, site_pattern_names_a_module
 
 STATE_ATTR = "abfp_state"
@@ -78,7 +79,12 @@ def convert(
         model = to_digital(model, inplace=inplace)
         inplace = True
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as e:  # e.g. a weight computed by a torch.nn.utils.weight_norm hook
+            raise ValueError(f"convert(..., inplace=False) converts a copy of the model, and torch cannot copy this "
+                             f"one ({str(e).splitlines()[0]}); convert it in place: convert(model, config, "
+                             "inplace=True)") from e
     modules = dict(model.named_modules())
     names = list(modules)
     state = AnalogState(
@@ -91,6 +97,9 @@ def convert(
     state.resolve(names)
     prepared = [n for n, m in model.named_modules() if isinstance(m, ParametrizationList)]
     for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if type(hook) is SpectralNorm:  # the hook form of spectral norm prepares the weight
+                hook.__class__ = DigitalSpectralNorm
         if name and product_free(module):  # no frame needed (the root always gets one: it enters the mode once)
             continue
         module.forward = GuardedForward(module, module.__dict__.get("forward"), name, state,
@@ -180,6 +189,9 @@ def to_digital(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if type(hook) is DigitalSpectralNorm:
+                hook.__class__ = SpectralNorm
         guard = module.__dict__.get("forward")
         if isinstance(guard, GuardedForward):
             if guard.inner is None:

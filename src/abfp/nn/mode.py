@@ -49,6 +49,7 @@ import types
 from typing import Any
 
 import torch
+from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from ..ops.attention import sdpa  # noqa: F401  (re-exported: it lived here)
@@ -59,8 +60,8 @@ from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, check_
                         run_product, warn_digital)
 from .state import AnalogState
 
-__all__ = ["AnalogMode", "DirectSites", "Frame", "GuardedForward", "ProductCall", "digital_call",
-           "drop_stale", "leave", "run_product"]
+__all__ = ["AnalogMode", "DigitalSpectralNorm", "DirectSites", "Frame", "GuardedForward", "ProductCall", "digital_call",
+           "drop_stale", "leave", "off_mode", "run_product"]
 
 _tls = threading.local()
 _tls.stack = []  # the importing thread's, made here so that a compiled call does not guard on its creation
@@ -179,6 +180,34 @@ def leave(module: torch.nn.Module) -> None:
             return
 
 
+def off_mode(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with a running :class:`AnalogMode` taken off torch's stack for the
+    call (weight preparation: its products are float32 and counted nowhere, as a deployed model's
+    weights are prepared once before they reach the device); under dynamo, as it is."""
+    if not torch.compiler.is_dynamo_compiling() and torch._C._len_torch_function_stack() > 0 and isinstance(
+            mode := torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), AnalogMode):
+        torch._C._pop_torch_function_stack()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch._C._push_on_torch_function_stack(mode)
+    if torch.compiler.is_dynamo_compiling():
+        with torch._C.DisableTorchFunction():
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+class DigitalSpectralNorm(SpectralNorm):
+    """The forward pre-hook of :func:`torch.nn.utils.spectral_norm` (the hook form; the
+    parametrization form is a ``ParametrizationList``, see ``weight_preparation``), its power
+    iteration and ``sigma`` run as weight preparation (:func:`off_mode`): ``convert`` sets a
+    converted module's hook to this class, ``to_digital`` back (``isinstance(hook, SpectralNorm)``
+    holds, so ``remove_spectral_norm`` and the state-dict hooks work as before)."""
+
+    def __call__(self, module: torch.nn.Module, inputs: Any) -> None:
+        return off_mode(super().__call__, module, inputs)
+
+
 class GuardedForward:
     """A converted module's ``forward`` (an instance attribute; the module has no hooks, so torch
     calls it on its fast path): pushes the module's frame (module doc), runs the module's own
@@ -222,14 +251,8 @@ class GuardedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
         state = self.state
-        if self.weight_preparation and not torch.compiler.is_dynamo_compiling() \
-                and torch._C._len_torch_function_stack() > 0 and isinstance(
-                    mode := torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), AnalogMode):
-            torch._C._pop_torch_function_stack()
-            try:
-                return self._run(args, kwargs)
-            finally:
-                torch._C._push_on_torch_function_stack(mode)
+        if self.weight_preparation:
+            return off_mode(self._run, args, kwargs)
         direct = None if state is None else state.direct
         if direct is not None and self.name not in direct.functional and direct.active():
             site = direct.leaf.get(module)
