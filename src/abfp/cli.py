@@ -37,6 +37,7 @@ from .cli_common import (
     csv_list,
     load_plan_arg,
     print_error,
+    refuse_inapplicable,
     require_at_least,
     require_finite,
     resolve_device,
@@ -90,11 +91,11 @@ def _eval_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=None, help="evaluate the first N samples (default: the task's own)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's own")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, mps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed of the device noise (run r: seed + r; default 0)")
     p.add_argument("--no-fixed", action="store_true", help="skip the fixed-point baseline")
-    p.add_argument("--fixed-percentile", type=float, default=100.0,
-                   help="percentile of |activation| used as the fixed-point static scale (100: the max)")
-    p.add_argument("--calibration-samples", type=int, default=256,
+    p.add_argument("--fixed-percentile", type=float, default=None,
+                   help="percentile of |activation| used as the fixed-point static scale (default 100: the max)")
+    p.add_argument("--calibration-samples", type=int, default=None,
                    help="calibration inputs (the task's calibration split, else the first evaluated ones) that set "
                         "fixed-point scales and auto gains: min(N, samples evaluated) (default 256)")
     p.add_argument("--paper", action="store_true",
@@ -146,7 +147,7 @@ def _validate_eval(args: argparse.Namespace) -> None:
     require_at_least(args, ("runs", "samples", "batch_size", "threads", "calibration_samples"))
     require_at_least(args, ("seed",), 0)
     require_finite(args, ("fixed_percentile",))
-    if not 0 < args.fixed_percentile <= 100:
+    if args.fixed_percentile is not None and not 0 < args.fixed_percentile <= 100:
         raise UsageError(f"--fixed-percentile must be in (0, 100], got {args.fixed_percentile}")
     for n in args.tile_widths or ():
         if n < 1:
@@ -177,6 +178,25 @@ def eval_points(args: argparse.Namespace) -> tuple[list[Any], int]:
     points = build_grid(tile_widths=sweep["tile_widths"], gains=gains, bits=bits, noise_stds=sweep["noise"],
                         fixed=not args.no_fixed, base=base)
     return points, sweep["runs"]
+
+
+def _refuse_inapplicable_eval(args: argparse.Namespace, points: Sequence[Any], plan: Any) -> None:
+    """Options that would change no row of this grid are refused; the others get their defaults."""
+    fixed = any(p.format == "fixed" for p in points)
+    auto = any(p.auto_gain for p in points)
+    noisy = any(p.noisy for p in points) or (plan is not None and any(c.noise_std > 0 for c in plan.modules.values()))
+    why: dict[str, str] = {}
+    if not fixed:
+        why["fixed_percentile"] = "no fixed-point row is evaluated (--no-fixed, --plan or a fixed-point base device)"
+    if not fixed and not auto:
+        why["calibration_samples"] = "calibration sets fixed-point scales and auto gains, and no row has either"
+    if not noisy:
+        for name in ("runs", "seed", "noise_dist"):
+            why[name] = "every row is noise-free (noise 0): one run each, no noise to seed or shape"
+    refuse_inapplicable(args, why)
+    args.fixed_percentile = 100.0 if args.fixed_percentile is None else args.fixed_percentile
+    args.calibration_samples = 256 if args.calibration_samples is None else args.calibration_samples
+    args.seed = 0 if args.seed is None else args.seed
 
 
 def _with_configs(records: list[dict[str, Any]], points: Sequence[Any]) -> list[dict[str, Any]]:
@@ -221,6 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .evaluate.grid import Point
 
         points = [Point("fp32"), Point("abfp", plan.base)]
+    _refuse_inapplicable_eval(args, points, plan)
     device = resolve_device(args.device)
     apply_threads(args.threads)
     json_out = check_output_args(args, {"json_path": "--json"})

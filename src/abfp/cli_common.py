@@ -23,7 +23,7 @@ from .outputs import OutputError, check_output, check_output_dir
 
 __all__ = [
     "UsageError", "OneLineParser", "csv_list", "error_line", "print_error", "require", "require_at_least",
-    "require_finite", "load_json_arg", "base_config", "apply_threads", "resolve_device", "resolve_tasks",
+    "require_finite", "refuse_inapplicable", "load_json_arg", "base_config", "apply_threads", "resolve_device", "resolve_tasks",
     "single_task", "add_force_option", "check_journal", "check_output_args", "check_output_dir", "OutputError",
 ]
 
@@ -89,6 +89,16 @@ def require_at_least(args: argparse.Namespace, names: Iterable[str], low: int = 
         v = getattr(args, name, None)
         if v is not None and v < low:
             raise UsageError(f"{_flag(name)} must be >= {low}, got {v}")
+
+
+def refuse_inapplicable(args: argparse.Namespace, why: dict[str, str]) -> None:
+    """:class:`UsageError` for the first option of ``why`` (attribute name -> why it does not apply
+    in this run) that was given (set, not None, not False): an option that would change nothing
+    is refused, never silently ignored. The caller lists only those that do not apply."""
+    for name, reason in why.items():
+        v = getattr(args, name, None)
+        if v is not None and v is not False:
+            raise UsageError(f"{_flag(name)} does not apply here: {reason}")
 
 
 def require_finite(args: argparse.Namespace, names: Iterable[str]) -> None:

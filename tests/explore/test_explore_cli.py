@@ -11,7 +11,7 @@ from abfp.explore.report import DESIGN_KEYS, RESULT_KEYS
 
 TASK = str(Path(__file__).with_name("explore_tiny_task.py")) + ":make"
 QUICK = ["explore", "--task", TASK, "--formats", "abfp", "--tile-widths", "32", "--gains", "4", "--noise", "0",
-         "--adc-bits", "4,8", "--dac-search", "none", "--runs", "1", "--no-progress"]
+         "--adc-bits", "4,8", "--dac-search", "none", "--no-progress"]
 
 
 @pytest.mark.slow  # explores a tiny model, then reports on it (seconds)
@@ -51,7 +51,7 @@ def test_explore_user_task_json_report_and_force(tmp_path, capsys):
     (["--noise", "-1"], "noise"),
     (["--runs", "0"], "--runs"),
     (["--calibration-samples", "0"], "--calibration-samples"),
-    (["--dac-min-bits", "12"], "--dac-min-bits"),
+    (["--dac-search", "joint", "--dac-min-bits", "12"], "--dac-min-bits"),
     (["--dac-max-bits", "6"], "--dac-max-bits"),
     (["--dac-max-bits", "30"], "DAC maximum"),
     (["--screen", "0"], "screen samples"),

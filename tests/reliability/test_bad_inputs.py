@@ -206,7 +206,34 @@ OTHERS = [
     (["zoo", "--foo"], "unrecognized arguments"),
 ]
 
-CASES = ([(["eval", *a], m) for a, m in EVAL] + [(["report", *a], m) for a, m in REPORT]
+#: Options that would change nothing in the run they are given to: refused, never silently ignored.
+INAPPLICABLE = [
+    (["eval", "--no-fixed", "--fixed-percentile", "99"], "--fixed-percentile does not apply"),
+    (["eval", "--no-fixed", "--gains", "1,2", "--calibration-samples", "8"], "--calibration-samples does not apply"),
+    (["eval", "--noise", "0", "--runs", "2"], "--runs does not apply"),
+    (["eval", "--noise", "0", "--seed", "3"], "--seed does not apply"),
+    (["eval", "--noise", "0", "--noise-dist", "gaussian"], "--noise-dist does not apply"),
+    (["explore", "--json", "{fresh_json}", "--html"], "--html does not apply"),
+    (["explore", "--json", "{fresh_json}", "--formats", "abfp", "--fixed-gains", "1,2"], "--fixed-gains does not apply"),
+    (["explore", "--json", "{fresh_json}", "--formats", "abfp", "--fixed-percentile", "99"],
+     "--fixed-percentile does not apply"),
+    (["explore", "--json", "{fresh_json}", "--formats", "fixed", "--gains", "1,2"], "--gains does not apply"),
+    (["explore", "--json", "{fresh_json}", "--formats", "abfp", "--gains", "1,2", "--calibration-samples", "8"],
+     "--calibration-samples does not apply"),
+    (["explore", "--json", "{fresh_json}", "--screen-z", "2"], "--screen-z does not apply"),
+    (["explore", "--json", "{fresh_json}", "--dac-search", "none", "--dac-min-bits", "4"], "--dac-min-bits does not apply"),
+    (["explore", "--json", "{fresh_json}", "--noise", "0", "--runs", "2"], "--runs does not apply"),
+    (["explore", "--json", "{fresh_json}", "--noise", "0", "--early-stop", "3"], "--early-stop does not apply"),
+    # a --config naming a tile width, mode or gain the search replaces by its own
+    (["explore", "--json", "{fresh_json}", "--config", '{"tile_width": 64}'], "tile_width 64 is not searched"),
+    (["explore", "--json", "{fresh_json}", "--formats", "abfp", "--config", '{"mode": "fixed"}'],
+     "mode 'fixed' is not searched"),
+    (["explore", "--json", "{fresh_json}", "--config", '{"gain": 3}'], "gain 3.0 is not searched"),
+    (["tune", "--json", "{fresh_json}", "--no-repeats", "--max-repeats", "4"], "--max-repeats does not apply"),
+    (["tune", "--json", "{fresh_json}", "--gains", "1,2", "--max-gain", "4"], "--max-gain does not apply"),
+]
+
+CASES = ([(["eval", *a], m) for a, m in EVAL] + INAPPLICABLE + [(["report", *a], m) for a, m in REPORT]
          + [(["microbench", *a], m) for a, m in MICROBENCH] + [(["summary", *a], m) for a, m in SUMMARY]
          + [(["finetune", "--no-progress", *a], m) for a, m in FINETUNE]
          + [(["precision", "--quiet", *a], m) for a, m in PRECISION] + [(["energy", *a], m) for a, m in ENERGY]

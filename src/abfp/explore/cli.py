@@ -17,6 +17,7 @@ from ..cli_common import (
     check_output_dir,
     csv_list,
     load_json_arg,
+    refuse_inapplicable,
     require_at_least,
     require_finite,
     resolve_device,
@@ -53,12 +54,12 @@ def _parser(sub: Any) -> None:
                    help="comma list of fixed, abfp (default both)")
     p.add_argument("--tile-widths", type=csv_list(int, "--tile-widths"), default=[8, 32, 128],
                    help="comma list of tile widths n (default 8,32,128)")
-    p.add_argument("--gains", type=csv_list(str, "--gains"), default=["1", "2", "4", "8", "16", "auto"],
+    p.add_argument("--gains", type=csv_list(str, "--gains"), default=None,
                    help="ABFP gain ladder; 'auto' adds a per-layer-gain family (default 1,2,4,8,16,auto)")
-    p.add_argument("--fixed-gains", type=csv_list(float, "--fixed-gains"), default=[1.0],
+    p.add_argument("--fixed-gains", type=csv_list(float, "--fixed-gains"), default=None,
                    help="fixed-point gain ladder (default 1, the authors' baseline)")
     p.add_argument("--adc-bits", type=_range, default=(2, 16), help="ADC bits searched, LO,HI (default 2,16)")
-    p.add_argument("--dac-min-bits", type=int, default=2, help="fewest DAC bits tried (default 2)")
+    p.add_argument("--dac-min-bits", type=int, default=None, help="fewest DAC bits tried (default 2)")
     p.add_argument("--dac-search", choices=["joint", "separate", "none"], default="joint",
                    help="DAC bits of each family's cheapest design: both DACs together (default), inputs then "
                         "weights, or none")
@@ -69,7 +70,7 @@ def _parser(sub: Any) -> None:
                    help="evaluate every design first on K of the samples, spread evenly over them (one run); one missing the target there "
                         "by --screen-z standard errors is not evaluated on all samples; a design with at least the bits of one "
                         "that passed the screen skips it (default: no screen)")
-    p.add_argument("--screen-z", type=float, default=3.0, help="standard errors of the screen's rejection (default 3)")
+    p.add_argument("--screen-z", type=float, default=None, help="standard errors of the screen's rejection (default 3)")
     p.add_argument("--noise", type=csv_list(float, "--noise"), default=None,
                    help="device noise std in ADC LSBs; a comma list sweeps it (default: the base device's, one bin "
                         "wide: 0.2887)")
@@ -81,20 +82,23 @@ def _parser(sub: Any) -> None:
                    help="stop averaging a noisy design's runs once its mean is Z standard errors from the target, "
                         "or once the remaining runs cannot move it across the target (a percentage lies in 0..100) "
                         "(e.g. 3; default: every design runs --runs times)")
-    p.add_argument("--runs", type=int, default=3, help="runs per noisy design (mean and std; default 3)")
+    p.add_argument("--runs", type=int, default=None, help="runs per noisy design (mean and std; default 3)")
     p.add_argument("--samples", type=int, default=None, help="evaluate the first N samples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's own")
-    p.add_argument("--calibration-samples", type=int, default=256,
+    p.add_argument("--calibration-samples", type=int, default=None,
                    help="calibration inputs (the task's calibration split, else the first evaluated ones) that set "
                         "fixed-point scales and auto gains: min(N, samples evaluated) (default 256); auto gain runs "
                         "them 9 times per tile width, so a few dozen make a search much cheaper")
     p.add_argument("--energy-samples", type=int, default=1,
                    help="inputs accounted together for energy (weights converted once per call); default 1")
     p.add_argument("--params", default=None, help="energy per event (EnergyParams) as a JSON file or string")
-    p.add_argument("--preset", default=None, help="base device (DAC/ADC bits, noise, options) as a preset")
-    p.add_argument("--config", default=None, help="base device as a JSON file or string")
-    p.add_argument("--fixed-percentile", type=float, default=100.0,
-                   help="percentile of |activation| used as the fixed-point static scale (100: the max)")
+    p.add_argument("--preset", default=None, help="base device (DAC/ADC bits, noise, options) as a preset; "
+                                                  "the search sets its format, tile width and gain")
+    p.add_argument("--config", default=None, help="base device as a JSON file or string (its mode, tile_width and "
+                                                  "gain, when named, must be among --formats, --tile-widths and "
+                                                  "the gain ladders: the search sets them)")
+    p.add_argument("--fixed-percentile", type=float, default=None,
+                   help="percentile of |activation| used as the fixed-point static scale (default 100: the max)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, help="write the result as one JSON object")
@@ -119,10 +123,11 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     require_finite(args, ("target_drop", "target", "fixed_percentile", "early_stop", "screen_z"))
     if args.target is not None and args.target_drop is not None:
         raise UsageError("give --target or --target-drop, not both")
-    if not 0 < args.fixed_percentile <= 100:
+    if args.fixed_percentile is not None and not 0 < args.fixed_percentile <= 100:
         raise UsageError(f"--fixed-percentile must be in (0, 100], got {args.fixed_percentile}")
     base = base_config(args)
     noise = args.noise if args.noise is not None else [base.noise_std]
+    _refuse_inapplicable_explore(args, noise)
     try:
         gains = [parse_gain(g) for g in args.gains]
         target = (Target(drop_percent=None, absolute=args.target) if args.target is not None
@@ -145,6 +150,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         params = EnergyParams.from_dict(load_json_arg(args.params, "--params")) if args.params else EnergyParams()
     except ValueError as e:
         raise UsageError(str(e)) from None
+    _check_base_is_searched(args, base, space)
     if args.dac_min_bits > max(base.input_bits, base.weight_bits):
         raise UsageError(f"--dac-min-bits {args.dac_min_bits} exceeds the base device's DAC bits "
                          f"{base.input_bits}/{base.weight_bits}")
@@ -152,6 +158,52 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--dac-max-bits {args.dac_max_bits} is below the base device's DAC bits "
                          f"{base.input_bits}/{base.weight_bits}")
     return {"base": base, "target": target, "space": space, "params": params}
+
+
+#: The defaults of the options that are refused where they do not apply (None on the parser).
+_DEFAULTS = {"gains": ["1", "2", "4", "8", "16", "auto"], "fixed_gains": [1.0], "dac_min_bits": 2, "screen_z": 3.0,
+             "runs": 3, "calibration_samples": 256, "fixed_percentile": 100.0}
+
+
+def _refuse_inapplicable_explore(args: argparse.Namespace, noise: list[float]) -> None:
+    """Options that would change nothing in this search are refused; the others get their defaults."""
+    formats = list(args.formats)
+    auto = "abfp" in formats and "auto" in [str(g).strip().lower() for g in (args.gains or _DEFAULTS["gains"])]
+    why: dict[str, str] = {}
+    if args.out is None:
+        why["html"] = "it chooses the format of the --out report, and no --out is given"
+    if "abfp" not in formats:
+        why["gains"] = "no ABFP family is searched (--formats)"
+    if "fixed" not in formats:
+        why["fixed_gains"] = why["fixed_percentile"] = "no fixed-point family is searched (--formats)"
+    if "fixed" not in formats and not auto:
+        why["calibration_samples"] = "calibration sets fixed-point scales and auto gains, and no family has either"
+    if args.screen is None:
+        why["screen_z"] = "it sets the rejection of --screen, and no screen is run"
+    if args.dac_search == "none":
+        why["dac_min_bits"] = "no DAC bits are searched (--dac-search none)"
+    if not any(z > 0 for z in noise):
+        why["runs"] = why["early_stop"] = "every design is noise-free (noise 0): one run each"
+    refuse_inapplicable(args, why)
+    for name, default in _DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
+def _check_base_is_searched(args: argparse.Namespace, base: Any, space: Any) -> None:
+    """A ``--config`` that names the mode, tile width or gain the search itself sets must name one it
+    searches: any other value would be silently replaced by the search's."""
+    if args.config is None:
+        return
+    named = load_json_arg(args.config, "--config")
+    ladder = [*space.gains, *space.fixed_gains]
+    for field, value, searched, option in (("mode", base.mode, list(space.formats), "--formats"),
+                                           ("tile_width", base.tile_width, list(space.tile_widths), "--tile-widths"),
+                                           ("gain", base.gain, ladder, "--gains / --fixed-gains")):
+        if isinstance(named, dict) and field in named and value not in searched:
+            raise UsageError(f"--config: {field} {value!r} is not searched ({option} "
+                             f"{','.join(str(v) for v in searched)}); explore sets the {field} of every design: "
+                             f"add it to {option.split(' ')[0]} or drop it from --config")
 
 
 def cmd_explore(args: argparse.Namespace) -> int:

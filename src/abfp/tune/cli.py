@@ -27,6 +27,7 @@ from ..cli_common import (
     check_output_args,
     check_output_dir,
     csv_list,
+    refuse_inapplicable,
     require_at_least,
     require_finite,
     single_task,
@@ -61,7 +62,8 @@ def _parser(sub) -> None:
                    help="candidate gains 2**(j/N) up to --max-gain (arbitrary gains; default 1: powers of two)")
     p.add_argument("--gains", type=csv_list(float, "--gains"), default=None,
                    help="allowed gain values (default: powers of two up to --max-gain)")
-    p.add_argument("--max-gain", type=float, default=256.0)
+    p.add_argument("--max-gain", type=float, default=None,
+                   help="the largest candidate gain (default 256; not with --gains, which lists them)")
     p.add_argument("--gain-samples", type=int, default=32, help="calibration samples for the gains (default 32)")
     p.add_argument("--gain-tolerance", type=float, default=None,
                    help="error rule: keep the smallest gain whose error is within (1 + tol) x the least "
@@ -70,7 +72,7 @@ def _parser(sub) -> None:
                    help="then lower the gains, most expensive layer first, while --target is still reached on the "
                         "calibration inputs (energy)")
     p.add_argument("--no-repeats", action="store_true", help="skip the repeats stage")
-    p.add_argument("--max-repeats", type=int, default=16)
+    p.add_argument("--max-repeats", type=int, default=None, help="the most repeats of a module (default 16)")
     p.add_argument("--target", type=float, default=None,
                    help="metric to reach (default: float32 minus 0.3 points, or minus 0.005)")
     f = p.add_argument_group("label-free finetuning (distillation from the float32 model on the calibration inputs)")
@@ -131,6 +133,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     require_finite(args, ("max_gain", "target", "gain_tolerance", "finetune_lr", "energy_budget"))
     if args.energy_budget is not None and (args.gain_rule != "energy" or args.energy_budget <= 0):
         raise UsageError(f"--energy-budget goes with --gain-rule energy and must be > 0, got {args.energy_budget}")
+    refuse_inapplicable(args, {
+        **({"max_gain": "--gains lists the candidate gains"} if args.gains is not None else {}),
+        **({"max_repeats": "no repeats are chosen (--no-repeats)"} if args.no_repeats else {})})
+    args.max_gain = 256.0 if args.max_gain is None else args.max_gain
+    args.max_repeats = 16 if args.max_repeats is None else args.max_repeats
     finetune_options = _finetune_options(args)
     if args.gain_tolerance is not None:
         if args.gain_tolerance < 0:
