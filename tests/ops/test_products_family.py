@@ -406,3 +406,28 @@ def test_linear_with_a_one_dimensional_weight_is_one_device_row():
     close(y1, oracle(A[:1], v.unsqueeze(1)).reshape(()) + 0.5)
     with pytest.raises(ValueError, match="1-D weight takes a bias only"):
         run(lambda x: F.linear(x, v, b), A)
+
+
+def test_include_matmul_false_keeps_products_with_a_weight_on_the_device():
+    """``include_matmul=False`` keeps activation-by-activation products float32; ``x @ W``,
+    ``einsum(x, W)``, ``mv(W, x)``, ``tensordot(x, W)`` with ``W`` a parameter went float32 too,
+    while ``addmm(b, x, W)`` ran on the device."""
+    W = nn.Parameter(B.clone())
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = W
+
+        def forward(self, x):
+            h = (x @ self.w) + torch.einsum("mk,kn->mn", x, self.w) + torch.tensordot(x, self.w, 1)
+            return h + torch.mv(self.w.T, x[0]) + (x @ x.T).sum()  # the last one: two activations
+
+    m = abfp.convert(Mixed(), CFG, include_matmul=False)
+    with torch.no_grad():
+        y = m(A)
+    cov = abfp.coverage(m)
+    assert cov.analog_macs == 3 * 5 * 20 * 7 + 7 * 20 and cov.digital_macs == 5 * 5 * 20
+    assert list(cov.digital_ops) == ["Tensor.matmul (include_matmul=False)"]
+    ref = oracle(A, B)
+    close(y, 3 * ref + oracle(B.T.contiguous(), A[0].unsqueeze(1)).squeeze(1) + (A.double() @ A.double().T).sum())

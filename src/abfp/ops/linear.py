@@ -25,7 +25,7 @@ from .device import (WEIGHT_CACHE, NotTraceable, bf16, check_finite, generator_f
 from .registry import register
 from .site import Frame, digital_call, run_product
 
-__all__ = ["linear", "matmul", "einsum", "linear_args", "answer_linear", "answer_matmul", "answer_rmatmul"]
+__all__ = ["linear", "matmul", "einsum", "linear_args", "is_weight", "answer_linear", "answer_matmul", "answer_rmatmul"]
 
 
 def linear(
@@ -267,13 +267,19 @@ def answer_linear(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> An
                        (x, w), w.shape[1], lambda y: rows * w.shape[0] * w.shape[1])
 
 
+def is_weight(t: Tensor) -> bool:
+    """A static operand: a parameter (or a leaf that requires grad), not an activation."""
+    return isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad)
+
+
 def answer_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
-    """``torch.matmul`` (and ``@``, ``bmm``, ``mm``) of two activations: one product,
-    ``K = a.shape[-1]``, ``MACs = y.numel() * K``; float32 with ``include_matmul=False``."""
+    """``torch.matmul`` (and ``@``, ``bmm``, ``mm``): one product, ``K = a.shape[-1]``,
+    ``MACs = y.numel() * K``; a product of two activations (no operand :func:`is_weight`) is
+    float32 with ``include_matmul=False``."""
     a, b = args[0], args[1]
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         return func(*args, **kwargs)
-    if not frame.state.include_matmul:
+    if not frame.state.include_matmul and not (is_weight(a) or is_weight(b)):
         return digital_call(frame, func, args, kwargs, "include_matmul=False")
     return run_product(frame, "matmul", func, args, kwargs,
                        lambda c, s, stats, g: matmul(a, b, config=c, generator=g, stats=stats, a_scale=s[0], b_scale=s[1]),

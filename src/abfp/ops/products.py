@@ -45,22 +45,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import linear as linear_family  # linear(), matmul()
-from .linear import einsum_pair, einsum_subscripts
+from .linear import einsum_pair, einsum_subscripts, is_weight as _is_weight
 from .site import Frame, digital_call, run_product
 from .registry import register
 
 
 # ----------------------------------------------------------------------------- primitives
-def _is_weight(t: Tensor) -> bool:
-    """A static operand: a parameter (or a leaf that requires grad), not an activation."""
-    return isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad)
-
-
 def device_matmul(frame: Frame, a: Tensor, b: Tensor) -> Tensor:
     """``torch.matmul(a, b)`` as one device product through :func:`run_product` (batched and
     broadcast like torch.matmul; 1-D operands as in torch). With ``convert(...,
-    include_matmul=False)`` it stays float32, counted as digital."""
-    if not frame.state.include_matmul:
+    include_matmul=False)`` a product of two activations stays float32, counted as digital."""
+    if not frame.state.include_matmul and not (_is_weight(a) or _is_weight(b)):
         return digital_call(frame, torch.matmul, (a, b), {}, "include_matmul=False")
     k = a.shape[-1]
     return run_product(
