@@ -48,3 +48,26 @@ def test_results_never_alias_scratch():
         keep = c1.clone()
         AF.conv2d(torch.randn(2, 8, 9, 9), wi, padding=1, config=cfg)
     assert torch.equal(c1, keep)
+
+
+def test_buffers_first_made_under_inference_mode_serve_later_calls():
+    """A converted model run first under ``torch.inference_mode`` made its scratch buffers inference
+    tensors; every later call outside it (``no_grad``, training) failed with "Inplace update to
+    inference tensor outside InferenceMode"."""
+    import abfp
+    from torch import nn
+
+    workspace.release()
+    torch.manual_seed(0)
+    am = abfp.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 5)), ABFPConfig(tile_width=8),
+                      execution=abfp.ExecutionOptions(seed=0))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.inference_mode():
+        abfp.reseed(am)
+        y_inf = am(x)
+    assert not workspace.scratch("phases", (4,), torch.float32, "cpu").is_inference()
+    with torch.no_grad():
+        abfp.reseed(am)
+        assert torch.equal(am(x), y_inf)
+    am(x).sum().backward()
+    assert am[0].weight.grad is not None

@@ -37,7 +37,8 @@ def scratch(name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, 
     bufs = _buffers()
     buf = bufs.get(key)
     if buf is None or buf.numel() < n:
-        buf = torch.empty(max(n, 1), dtype=dtype, device=dev)
+        with torch.inference_mode(False):  # a normal tensor: written in place inside inference mode and out of it
+            buf = torch.empty(max(n, 1), dtype=dtype, device=dev)
         bufs[key] = buf
     return buf[:n].view(shape)
 
