@@ -175,8 +175,10 @@ def eval_points(args: argparse.Namespace) -> tuple[list[Any], int]:
             base.replace(tile_width=n)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    # the fixed-point baseline is the base device in fixed mode: at its tile width (128 without
+    # --preset / --config, the authors' baseline), whichever tile widths the ABFP rows sweep
     points = build_grid(tile_widths=sweep["tile_widths"], gains=gains, bits=bits, noise_stds=sweep["noise"],
-                        fixed=not args.no_fixed, base=base)
+                        fixed=not args.no_fixed, fixed_tile_width=base.tile_width, base=base)
     return points, sweep["runs"]
 
 

@@ -38,8 +38,25 @@ def test_every_preset_is_the_device_of_the_sweep(name):
         (fixed,) = _device_rows(points, "fixed")
         assert (fixed.weight_bits, fixed.input_bits, fixed.output_bits, fixed.noise_std, fixed.gain) == (
             preset.weight_bits, preset.input_bits, preset.output_bits, preset.noise_std, 1.0)
+        # at the base device's tile width: abfp-888-n32's baseline ran at n = 128 whatever the preset said
+        assert fixed == preset.replace(mode="fixed", gain=1.0)
     else:  # a fixed-point device: no 'abfp' rows
         assert [p.format for p in points] == ["fp32", "fixed"]
+
+
+def test_the_fixed_point_baseline_is_the_base_device_in_fixed_mode_and_its_row_says_its_tile_width():
+    from abfp.evaluate import format_table
+
+    points, _ = _points(["--config", '{"tile_width": 32, "scale_dtype": "pow2"}', "--tile-widths", "8,32"])
+    (fixed,) = _device_rows(points, "fixed")
+    assert fixed == ABFPConfig(mode="fixed", tile_width=32, gain=1.0, scale_dtype="pow2")
+    points, _ = _points([])  # no base device named: the authors' baseline, n = 128
+    (fixed,) = _device_rows(points, "fixed")
+    assert fixed == ABFPConfig(mode="fixed", gain=1.0)
+    rec = {"model": "m", "format": "fixed", "tile_width": 32, "weight_bits": 8, "input_bits": 8, "output_bits": 8,
+           "gain": 1.0, "noise_std": 0.0, "value": 1.0, "runs": 1, "delta_vs_fp32": 0.0, "seconds": 0.0,
+           "metric": "m", "samples": 1}
+    assert "fixed     32" in format_table([rec])
 
 
 def test_command_line_sweep_overrides_only_what_it_names():

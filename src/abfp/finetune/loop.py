@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import ABFPConfig, config_key
+from ..config import ABFPConfig, ExecutionOptions, config_key
 from ..evaluate.distributed import world
 from ..evaluate.runner import _first_tensor, run_all
 from ..nn import convert, is_converted, to_digital
@@ -164,7 +164,10 @@ class TrainSettings:
         d = {"lr": self.lr, "batch_size": self.batch_size, "seed": self.seed, "weight_decay": self.weight_decay,
              "lr_decay": self.lr_decay, "exclude": list(self.exclude), "inference_layers": self.frozen_layers}
         if self.overrides:  # only when set: checkpoints of single-device runs keep their provenance
-            d["overrides"] = {k: v.to_dict() for k, v in self.overrides.items()}
+            # the device, and its execution options where they are not the defaults (a kernel changes
+            # the numbers; checkpoints written before with default ones keep their provenance)
+            d["overrides"] = {k: v.to_dict(execution=v.execution != ExecutionOptions())
+                              for k, v in self.overrides.items()}
         if self.sample_inputs is not None:
             d["sample_inputs"] = sampler_identity(self.sample_inputs)
         return d
