@@ -431,3 +431,13 @@ def test_include_matmul_false_keeps_products_with_a_weight_on_the_device():
     assert list(cov.digital_ops) == ["Tensor.matmul (include_matmul=False)"]
     ref = oracle(A, B)
     close(y, 3 * ref + oracle(B.T.contiguous(), A[0].unsqueeze(1)).squeeze(1) + (A.double() @ A.double().T).sum())
+
+
+def test_einsum_with_a_zero_dimensional_operand():
+    """``einsum("ij,->ij", x, s)`` (torch takes it) raised TypeError inside a converted module;
+    it is a product with ``K = 1`` per element, as ``outer`` is."""
+    gz = torch.Generator().manual_seed(6)
+    x, s0 = torch.randn(3, 4, generator=gz), torch.tensor(2.5)
+    y, s = run(lambda p, q: torch.einsum("ij,->ij", p, q), x, s0)
+    close(y, oracle(x.reshape(12, 1), s0.reshape(1, 1)).reshape(3, 4))
+    assert s.analog_macs == 12

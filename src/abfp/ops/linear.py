@@ -192,8 +192,8 @@ def einsum_pair(sa: str, sb: str, out: str, a: Tensor, b: Tensor) -> tuple[Tenso
         sizes[ch] = max(sizes.get(ch, 1), b.shape[i])
     pa = a.permute([sa.index(ch) for ch in batch + fa + red])
     pb = b.permute([sb.index(ch) for ch in batch + red + fb])
-    pa = pa.expand(*[sizes[ch] for ch in batch], *pa.shape[len(batch):])
-    pb = pb.expand(*[sizes[ch] for ch in batch], *pb.shape[len(batch):])
+    pa = pa.expand([*[sizes[ch] for ch in batch], *pa.shape[len(batch):]])  # a list: a 0-d operand too
+    pb = pb.expand([*[sizes[ch] for ch in batch], *pb.shape[len(batch):]])
     bsz = math.prod(sizes[ch] for ch in batch)
     m, n, k = (math.prod(sizes[ch] for ch in grp) for grp in (fa, fb, red))
     cur = batch + fa + fb
