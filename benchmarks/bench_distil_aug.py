@@ -14,11 +14,18 @@ added to every bin's count (the authors' 0.5). ``--diagnose N`` trains
 nothing: after the plan's row it evaluates the float32 model with the DNF noise (training mode, noise seeds
 ``0..N-1``) on the same evaluation crops (``--diagnose-crops M``: on M fresh random crops, the training
 distribution, instead, with the plan's row on them too), the check that the noise model hurts as much as the device does.
-``--init W.pt`` starts from saved weights (a ``--save`` of an earlier run; step numbers continue from
+``--baseline OTHER.json`` adds to every row the paired difference
+(``after - before``, mean and standard error over the same crops) against that run's row at the same step, and
+every row has it against this run's first row (``vs_start``). ``--init W.pt`` starts from saved weights (a ``--save`` of an earlier run; step numbers continue from
 ``--step-offset``; give another ``--seed`` for other crops; AdamW starts afresh). ``--train`` picks the trainable parameters:
-``all``, or ``sensitive`` (the stem convolution and block 0's depthwise convolution, the two layers that carry
-72 % of the single-layer KL, with the batch norms after them). AdamW at ``--lr``, one optimiser for the whole
-run. Every ``--every`` steps the model is evaluated on the plan (noise seed 0) on the 312 evaluation crops:
+``all``, ``sensitive`` (the stem convolution and block 0's depthwise convolution, the two layers that carry
+72 % of the single-layer KL, with the batch norms after them) or ``no-bn`` (every weight but the batch norms' affine
+parameters; their running statistics are frozen either way). AdamW at ``--lr``, one optimiser for the whole
+run; ``--schedule cosine`` scales the rate of step ``s`` by :func:`abfp.finetune.loop.warmup_cosine` (``--warmup``
+linear steps, then half a cosine to ~0 at step ``--schedule-steps``, by default the run's last step; counted from
+step 0, so a run continued with ``--init``/``--step-offset`` continues the schedule). ``--temperature T``: the KL at
+temperature T (times T^2, as :func:`abfp.finetune.distillation.kl_loss`). With ``--save`` the weights are written
+after every evaluated row, so a killed run can be continued from its last row. Every ``--every`` steps the model is evaluated on the plan (noise seed 0) on the 312 evaluation crops:
 top-1 agreement and KL against float32, with standard errors (the float32 logits and the unfinetuned plan's
 row are cached under ``--cache``; each row's logits go to ``OUT.stepN.pt``). Wall and process CPU time and the load average are in every row; the JSON
 is rewritten after every row.
@@ -40,15 +47,31 @@ from pathlib import Path
 import torch
 
 from abfp import zoo
-from abfp.finetune.loop import set_training
+from abfp.finetune.loop import set_training, warmup_cosine
 from abfp.finetune.methods import DNFMethod, DNFOptions, QATMethod
 from abfp.nn import to_digital
 from abfp.tune.api import plan_outputs
 from abfp.zoo.base import AGREEMENT, KL, Dataset
 from abfp.zoo.efficientnet import random_crops
-from plan_rows import distil_update, load_plan  # benchmarks/plan_rows.py
+from plan_rows import distil_update, load_plan, paired  # benchmarks/plan_rows.py
 
 SENSITIVE = ("_conv_stem.", "_bn0.", "_blocks.0._depthwise_conv.", "_blocks.0._bn1.")
+
+
+def trainable(name: str, module_kind: str, train: str) -> bool:
+    """Whether parameter ``name`` (of a module of class ``module_kind``) is trained under ``--train``."""
+    if train == "sensitive":
+        return name.startswith(SENSITIVE)
+    if train == "no-bn":
+        return "BatchNorm" not in module_kind
+    return True
+
+
+def lr_at(step: int, a: argparse.Namespace) -> float:
+    """The learning rate of step ``step`` (counted from 1, as the rows number them)."""
+    if a.schedule == "constant":
+        return a.lr
+    return a.lr * warmup_cosine(step - 1, a.schedule_steps, a.warmup)
 
 
 def main() -> None:
@@ -68,7 +91,12 @@ def main() -> None:
                     help="with --diagnose: M fresh random calibration crops (seed 10000 + --seed) instead of the evaluation crops")
     ap.add_argument("--init", default=None, help="start from these float32 weights (a state dict from --save)")
     ap.add_argument("--step-offset", type=int, default=0, help="number the steps from here (with --init)")
-    ap.add_argument("--train", choices=("all", "sensitive"), default="all")
+    ap.add_argument("--train", choices=("all", "sensitive", "no-bn"), default="all")
+    ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    ap.add_argument("--warmup", type=int, default=0, help="cosine: linear warm-up steps")
+    ap.add_argument("--schedule-steps", type=int, default=None,
+                    help="cosine: the schedule's length (default: --step-offset + --steps)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="the KL's softmax temperature")
     ap.add_argument("--jitter", type=float, default=0.0)
     ap.add_argument("--min-scale", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
@@ -76,12 +104,22 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=24)
     ap.add_argument("--cache", default="/tmp/effnet-aug-cache")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--save", default=None, help="write the finetuned float32 weights (state dict) here at the end")
+    ap.add_argument("--save", default=None, help="write the finetuned float32 weights (state dict) here after every row")
+    ap.add_argument("--baseline", default=None, metavar="OTHER.json",
+                    help="another run's --out: each row also gets the paired difference against its row at the same step")
     a = ap.parse_args()
     if a.diagnose and a.method != "dnf":
         ap.error("--diagnose needs --method dnf")
     if a.diagnose_crops and not a.diagnose:
         ap.error("--diagnose-crops needs --diagnose")
+    if a.schedule_steps is None:
+        a.schedule_steps = a.step_offset + a.steps
+    if a.schedule == "cosine" and not 0 <= a.warmup < a.schedule_steps:
+        ap.error("--warmup must be >= 0 and below the schedule's steps")
+    if a.schedule == "cosine" and a.schedule_steps < a.step_offset + a.steps:
+        ap.error("--schedule-steps must reach the run's last step (--step-offset + --steps)")
+    if not a.temperature > 0:
+        ap.error("--temperature must be > 0")
     torch.set_num_threads(1)
     t0, c0 = time.perf_counter(), time.process_time()
     task = zoo.get("efficientnet-lite0")
@@ -127,8 +165,14 @@ def main() -> None:
             if m is None and plan_path is not None:
                 torch.save(out, plan_path)
         torch.save(out, f"{a.out}.step{step}.pt")  # the logits, for paired comparisons between rows
+        versus = {}
+        for what, path in (("vs_start", f"{a.out}.step{a.step_offset}.pt"),
+                           ("vs_baseline", a.baseline and f"{a.baseline}.step{step}.pt")):
+            if m is not None and path and Path(path).exists():
+                before = torch.load(path)
+                versus[what] = {"kl": paired(KL, before, out, ref), "agreement": paired(AGREEMENT, before, out, ref)}
         rows.append({"step": step, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-                     "load": os.getloadavg()[0], **extra, **scored(out)})
+                     "load": os.getloadavg()[0], **extra, **scored(out), **versus})
         print(rows[-1], flush=True)
         write()
 
@@ -154,8 +198,9 @@ def main() -> None:
         method.finish()
         return
     params = []
+    kinds = {name: type(m).__name__ for name, m in net.named_modules()}
     for name, p in net.named_parameters():
-        p.requires_grad_(a.train == "all" or name.startswith(SENSITIVE))
+        p.requires_grad_(trainable(name, kinds[name.rpartition(".")[0]], a.train))
         if p.requires_grad:
             params.append(p)
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
@@ -165,15 +210,18 @@ def main() -> None:
     losses: list[float] = []
     for step in range(a.step_offset + 1, a.step_offset + a.steps + 1):
         x = random_crops(a.batch_size, gen, min_scale=a.min_scale, jitter=a.jitter)
-        losses.append(distil_update(net, teacher, opt, x))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, a)
+        losses.append(distil_update(net, teacher, opt, x, a.temperature))
         if step % a.every == 0 or step == a.step_offset + a.steps:
             recent = losses[-a.every:]
             net.eval()
-            record(step, net, {"method": a.method, "train_loss": sum(recent) / len(recent), "n_params": sum(p.numel() for p in params)})
+            record(step, net, {"method": a.method, "train_loss": sum(recent) / len(recent),
+                               "n_params": sum(p.numel() for p in params), "lr": lr_at(step, a)})
+            if a.save:  # after every row: a killed run continues from here (--init, --step-offset)
+                torch.save(to_digital(net, inplace=False).state_dict(), a.save)
             set_training(net, frozen=True)
     method.finish()
-    if a.save:
-        torch.save(to_digital(net, inplace=False).state_dict(), a.save)
 
 
 if __name__ == "__main__":

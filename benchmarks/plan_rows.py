@@ -30,18 +30,26 @@ def load_plan(spec: str) -> DevicePlan:
 
 
 def distil_update(student: torch.nn.Module, teacher: torch.nn.Module, opt: torch.optim.Optimizer,
-                  x: torch.Tensor) -> float:
+                  x: torch.Tensor, temperature: float = 1.0) -> float:
     """One distillation step on the batch ``x``: the frozen ``teacher``'s logits, the KL of the
-    ``student``'s against them, backward and ``opt``'s update; returns the loss."""
+    ``student``'s against them (at ``temperature``, times its square), backward and ``opt``'s update;
+    returns the loss."""
     from abfp.finetune.distillation import kl_loss
 
     with torch.no_grad():
         t = teacher(x)
-    loss = kl_loss(student(x), t)
+    loss = kl_loss(student(x), t, temperature)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return float(loss.detach())
+
+
+def paired(metric, before: torch.Tensor, after: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``metric``'s paired difference ``after - before`` on the same inputs (outputs of two models;
+    ``ref``: float32's): the mean of the per-sample differences and its standard error."""
+    d = (metric.per_sample(after, None, ref) - metric.per_sample(before, None, ref)).double().flatten()
+    return float(d.mean()), float(d.std(unbiased=True) / d.numel() ** 0.5)
 
 
 def setup(task_name: str, calibration: int, eval_samples: int):

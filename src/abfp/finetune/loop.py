@@ -57,9 +57,26 @@ from .distillation import Distillation, teacher_outputs
 from .parallel import check_divisible, from_main, mean_over_ranks, shard, step_seed, sync_from_main, unwrap, wrap
 
 __all__ = ["FinetuneResult", "Method", "TrainSettings", "callable_name", "device_metric", "finetune", "produced_by",
-           "sampler_identity"]
+           "sampler_identity", "warmup_cosine"]
 
 LossFn = Callable[[Tensor, Tensor | None], Tensor]
+
+
+def warmup_cosine(step: int, steps: int, warmup: int = 0) -> float:
+    """The learning-rate factor of step ``step`` (counted from 0) of ``steps``: a linear warm-up
+    ``(step + 1) / warmup`` over the first ``warmup`` steps, then half a cosine from 1 down towards 0,
+    ``(1 + cos(pi * (step - warmup) / (steps - warmup))) / 2`` (1 at step ``warmup``, just above 0 at
+    the last step)."""
+    for name, v in (("step", step), ("steps", steps), ("warmup", warmup)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"warmup_cosine: {name} must be an integer >= 0, got {v!r}")
+    if not warmup < steps:
+        raise ValueError(f"warmup_cosine: warmup ({warmup}) must be below steps ({steps})")
+    if step >= steps:
+        raise ValueError(f"warmup_cosine: step {step} is past the schedule's {steps} steps")
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
 
 
 def cross_entropy(outputs: Any, targets: Tensor | None) -> Tensor:
