@@ -441,3 +441,29 @@ def test_einsum_with_a_zero_dimensional_operand():
     y, s = run(lambda p, q: torch.einsum("ij,->ij", p, q), x, s0)
     close(y, oracle(x.reshape(12, 1), s0.reshape(1, 1)).reshape(3, 4))
     assert s.analog_macs == 12
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*reduce_range.*:UserWarning")
+def test_torch_ao_quantized_layers_are_named_and_counted_as_digital():
+    """torch.ao's quantized layers call ``torch.ops.quantized.*`` kernels on packed weights: they
+    ran in float32/int8 with no warning and no MACs counted (device MAC share 100 % of nothing)."""
+    net = nn.Sequential(nn.Linear(20, 6), nn.ReLU(), nn.Linear(6, 2))
+    qm = torch.ao.quantization.quantize_dynamic(net, {nn.Linear}, dtype=torch.qint8)
+    m = abfp.convert(qm, CFG)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        m(A)
+    named = [str(x.message) for x in w if issubclass(x.category, DigitalProductWarning)]
+    assert len(named) == 1 and "torch.ops.quantized.linear_dynamic" in named[0]
+    cov = abfp.coverage(m)
+    assert cov.analog_macs == 0 and cov.digital_macs == 5 * 20 * 6 + 5 * 6 * 2
+
+    conv = nn.Sequential(torch.ao.quantization.QuantStub(), nn.Conv2d(2, 3, 3), torch.ao.quantization.DeQuantStub()).eval()
+    conv.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+    prepared = torch.ao.quantization.prepare(conv)
+    prepared(torch.randn(1, 2, 6, 6))
+    m = abfp.convert(torch.ao.quantization.convert(prepared), CFG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DigitalProductWarning)
+        m(torch.randn(1, 2, 6, 6))
+    assert abfp.coverage(m).digital_ops == {"torch.ops.quantized.conv2d (no analog model)": 3 * 4 * 4 * 2 * 3 * 3}

@@ -204,14 +204,49 @@ _ATEN_PRODUCTS = {"mm", "bmm", "addmm", "addmv", "addbmm", "baddbmm", "mv", "dot
                   "rnn_tanh", "rnn_relu", "bilinear", "cdist"}
 
 
-def _aten_name(func: Any) -> str | None:
+#: torch.ao's quantized kernels (``nn.quantized.dynamic.Linear`` calls ``torch.ops.quantized.linear_dynamic``):
+#: products on integer codes of torch's own quantisation, no analog model
+_QUANTIZED_PRODUCTS = {"linear", "linear_dynamic", "linear_dynamic_fp16", "linear_dynamic_fp16_unpacked_weight",
+                       "linear_leaky_relu", "linear_relu", "linear_relu_dynamic", "linear_relu_dynamic_fp16",
+                       "linear_tanh", "linear_with_input_q_dq_qweight_dq_output_fp32",
+                       "linear_with_input_q_dq_qweight_dq_relu_output_fp32", "conv1d", "conv1d_relu", "conv1d_dynamic",
+                       "conv2d", "conv2d_relu", "conv2d_add", "conv2d_add_relu", "conv2d_dynamic", "conv3d",
+                       "conv3d_relu", "conv3d_dynamic", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+                       "conv_transpose1d_dynamic", "conv_transpose2d_dynamic", "conv_transpose3d_dynamic", "matmul",
+                       "int4mm_packed_weight_cpu"}
+
+
+def _op_name(func: Any) -> tuple[str, str] | None:
+    """``(namespace, operator)`` of a ``torch.ops`` operator, else None."""
     ops = getattr(torch, "_ops", None)
     if ops is None or not isinstance(func, (ops.OpOverload, ops.OpOverloadPacket)):
         return None
     name = str(func.name() if isinstance(func, ops.OpOverload) else func._qualified_op_name)
     ns, _, op = name.partition("::")
-    op = op.split(".")[0]
-    return f"torch.ops.{ns}.{op}" if ns == "aten" and op in _ATEN_PRODUCTS else None
+    return ns, op.split(".")[0]
+
+
+def _aten_name(func: Any) -> str | None:
+    """``torch.ops.<ns>.<op>`` of a product operator reached directly (aten) or through torch.ao's
+    quantized modules, else None."""
+    name = _op_name(func)
+    if name is None:
+        return None
+    ns, op = name
+    if (ns == "aten" and op in _ATEN_PRODUCTS) or (ns == "quantized" and op in _QUANTIZED_PRODUCTS):
+        return f"torch.ops.{ns}.{op}"
+    return None
+
+
+def _quantized(op: str) -> MacEstimator:
+    """MACs of a torch.ao quantized kernel: its weight is packed (``weight()``/``unpack()``)."""
+    def est(args, kwargs, out):
+        x, packed = args[0], args[1]
+        if op.startswith("linear") or op == "matmul":
+            return _matmul_macs(x, None, out)
+        w = packed.weight() if hasattr(packed, "weight") else packed.unpack()[0]
+        return x.numel() * math.prod(w.shape[1:]) if op.startswith("conv_transpose") else out.numel() * w[0].numel()
+    return est
 
 
 def func_name(func: Any) -> str:
@@ -247,7 +282,9 @@ def estimate_macs(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
     est = _ESTIMATORS.get(func)
     if est is None:
         name = _aten_name(func)
-        if name is not None:
+        if name is not None and name.startswith("torch.ops.quantized."):
+            est = _quantized(name.rsplit(".", 1)[-1])
+        elif name is not None:
             op = name.rsplit(".", 1)[-1]
             est = {"addmm": _addmm, "addmv": _addmm, "baddbmm": _addmm, "addbmm": _addbmm,
                    "convolution": _convolution, "_convolution": _convolution}.get(op, _mm)
