@@ -35,7 +35,9 @@ from .cli_common import (
     check_output_args,
     check_output_dir,
     csv_list,
+    device_plan_arg,
     load_plan_arg,
+    plan_model,
     print_error,
     refuse_inapplicable,
     require_at_least,
@@ -437,6 +439,8 @@ def _summary_parser(sub) -> None:
     p.add_argument("--task", default="fashion-cnn", help="one zoo task or path/tasks.py:make")
     p.add_argument("--preset", default=None, help="device config preset (default: the default config)")
     p.add_argument("--config", default=None, help="device config as a JSON file or string")
+    p.add_argument("--plan", default=None,
+                   help="tabulate a device plan (abfp tune --json): each module at its own gain and repeats")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_summary)
@@ -446,14 +450,21 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from .nn import summary
 
     require_at_least(args, ("batch_size", "threads"))
-    cfg = base_config(args)
+    plan = device_plan_arg(args)
+    cfg = plan.base if plan is not None else base_config(args)
+    if plan is not None and args.task == "all":
+        raise UsageError("--plan was tuned for one model: give one --task")
     apply_threads(args.threads)
     tasks = resolve_tasks([args.task])  # 'all': one table per installed zoo task
     for i, task in enumerate(tasks):
         data = task.load_data().take(args.batch_size)
         if len(tasks) > 1:
             print(("\n" if i else "") + f"{task.name} on {cfg.label()}")
-        print(summary(task.build_model(), data.inputs, cfg))
+        model = task.build_model()
+        if plan is not None:  # converted with every module's own device; summary keeps it
+            model = plan_model(plan, model, args.plan)
+            print(f"{task.name} on plan {Path(args.plan).name} (base {cfg.label()})")
+        print(summary(model, data.inputs, cfg))
     return 0
 
 

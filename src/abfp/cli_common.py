@@ -23,7 +23,7 @@ from .outputs import OutputError, check_output, check_output_dir
 
 __all__ = [
     "UsageError", "OneLineParser", "csv_list", "error_line", "print_error", "require", "require_at_least",
-    "require_finite", "refuse_inapplicable", "load_json_arg", "base_config", "apply_threads", "resolve_device", "resolve_tasks",
+    "require_finite", "refuse_inapplicable", "load_json_arg", "device_plan_arg", "plan_model", "base_config", "apply_threads", "resolve_device", "resolve_tasks",
     "single_task", "add_force_option", "check_journal", "check_output_args", "check_output_dir", "OutputError",
 ]
 
@@ -147,6 +147,31 @@ def load_plan_arg(spec: str) -> Any:
         return DevicePlan.from_json(path)
     except (ValueError, TypeError) as e:
         raise UsageError(f"--plan {path}: {' '.join(str(e).split())}") from None
+
+
+def device_plan_arg(args: argparse.Namespace) -> Any:
+    """``--plan`` of a command that otherwise takes ``--preset`` / ``--config`` (``abfp energy``,
+    ``abfp summary``) as a DevicePlan, None without it; refused with either of them (the plan sets
+    the device). Checked before any work."""
+    if getattr(args, "plan", None) is None:
+        return None
+    given = [f for f, v in (("--preset", getattr(args, "preset", None)), ("--config", getattr(args, "config", None)))
+             if v is not None]
+    if given:
+        raise UsageError("--plan sets the device; drop " + ", ".join(given))
+    return load_plan_arg(args.plan)
+
+
+def plan_model(plan: Any, model: Any, spec: str) -> Any:
+    """``model`` converted with ``plan`` (every module at its own device), refused in one line when
+    the plan was tuned for another architecture or names modules the model does not have."""
+    from .tune.provenance import check_plan_architecture
+
+    try:
+        check_plan_architecture(plan.info, model, "it")
+        return plan.convert(model)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--plan {spec}: {' '.join(str(e).split())}") from None
 
 
 def base_config(args: argparse.Namespace) -> ABFPConfig:

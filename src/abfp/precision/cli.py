@@ -21,8 +21,9 @@ from ..cli_common import (
     base_config,
     check_journal,
     check_output_args,
+    device_plan_arg,
     load_json_arg,
-    load_plan_arg,
+    plan_model,
     require_at_least,
     require_finite,
     single_task,
@@ -150,7 +151,7 @@ def cmd_energy(args: argparse.Namespace) -> int:
     from ..energy import EnergyParams, account, authors_adc_comparison
 
     require_at_least(args, ("batch_size",))
-    plan = _energy_plan(args)
+    plan = device_plan_arg(args)
     cfg = plan.base if plan is not None else base_config(args)
     try:
         params = EnergyParams.from_dict(load_json_arg(args.params, "--params")) if args.params else EnergyParams()
@@ -161,10 +162,7 @@ def cmd_energy(args: argparse.Namespace) -> int:
     data = task.load_data().take(args.batch_size)
     model = task.build_model()
     if plan is not None:
-        try:
-            model = plan.convert(model)
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--plan {args.plan}: {' '.join(str(e).split())}") from None
+        model = plan_model(plan, model, args.plan)
     report = account(model, data.inputs, cfg, params)
     print(f"{task.name} on {cfg.label()}" + (f", plan {Path(args.plan).name}" if plan is not None else ""))
     print(report)
@@ -178,16 +176,6 @@ def cmd_energy(args: argparse.Namespace) -> int:
         atomic_write_text(json_out[0], json.dumps(out, indent=2) + "\n")
         print(f"wrote {json_out[0]}")
     return 0
-
-
-def _energy_plan(args: argparse.Namespace) -> Any:
-    """``--plan`` as a DevicePlan (None without it), checked before any work."""
-    if args.plan is None:
-        return None
-    if args.preset is not None or args.config is not None:
-        raise UsageError("--plan sets the device; drop " + ", ".join(
-            f for f, v in (("--preset", args.preset), ("--config", args.config)) if v is not None))
-    return load_plan_arg(args.plan)
 
 
 def register(sub) -> None:
