@@ -503,3 +503,17 @@ def test_a_model_torch_cannot_copy_is_refused_with_the_way_out():
     with pytest.raises(ValueError, match=r"inplace=True"):
         abfp.convert(nn.Sequential(lin), QUIET)
     assert abfp.is_converted(abfp.convert(nn.Sequential(lin), QUIET, inplace=True))
+
+
+def test_a_torchscript_module_is_refused_by_name():
+    """A scripted or traced submodule made convert fail with "'_CachedForward' object has no
+    attribute '__getattr__'"; its products run in TorchScript, out of abfp's sight."""
+    x = torch.randn(2, 4)
+    for inner, kind in ((torch.jit.script(nn.Linear(4, 4)), "RecursiveScriptModule"),
+                        (torch.jit.trace(nn.Linear(4, 4), x), "TopLevelTracedModule")):
+        model = nn.Sequential(nn.Linear(4, 4), inner)
+        with pytest.raises(TypeError, match=f"module '1' is a TorchScript module \\({kind}\\)"):
+            abfp.convert(model, QUIET, inplace=True)
+        assert not abfp.is_converted(model) and "forward" not in model[0].__dict__  # nothing changed
+    with pytest.raises(TypeError, match="module 'the root' is a TorchScript module"):
+        abfp.convert(torch.jit.script(nn.Linear(4, 4)), QUIET)

@@ -75,6 +75,12 @@ def convert(
     config, overrides = _with_execution(config, overrides, execution)
     if isinstance(exclude, str):
         exclude = (exclude,)
+    scripted = next(((n or "the root", m) for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)),
+                    None)
+    if scripted is not None:  # its forward is TorchScript: no Python of ours runs in it, its products are out of sight
+        raise TypeError(f"module {scripted[0]!r} is a TorchScript module ({type(scripted[1]).__name__}): "
+                        "its products run inside TorchScript, where abfp can neither reach nor count them; convert "
+                        "the Python module (torch.jit.trace of a converted model works)")
     if is_converted(model):
         model = to_digital(model, inplace=inplace)
         inplace = True
