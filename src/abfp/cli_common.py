@@ -91,6 +91,10 @@ def require_at_least(args: argparse.Namespace, names: Iterable[str], low: int = 
             raise UsageError(f"{_flag(name)} must be >= {low}, got {v}")
 
 
+#: Options whose attribute name is not their flag's.
+_FLAGS = {"json_path": "--json"}
+
+
 def refuse_inapplicable(args: argparse.Namespace, why: dict[str, str]) -> None:
     """:class:`UsageError` for the first option of ``why`` (attribute name -> why it does not apply
     in this run) that was given (set, not None, not False): an option that would change nothing
@@ -98,7 +102,7 @@ def refuse_inapplicable(args: argparse.Namespace, why: dict[str, str]) -> None:
     for name, reason in why.items():
         v = getattr(args, name, None)
         if v is not None and v is not False:
-            raise UsageError(f"{_flag(name)} does not apply here: {reason}")
+            raise UsageError(f"{_FLAGS.get(name, _flag(name))} does not apply here: {reason}")
 
 
 def require_finite(args: argparse.Namespace, names: Iterable[str]) -> None:

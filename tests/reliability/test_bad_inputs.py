@@ -229,6 +229,11 @@ INAPPLICABLE = [
     (["explore", "--json", "{fresh_json}", "--formats", "abfp", "--config", '{"mode": "fixed"}'],
      "mode 'fixed' is not searched"),
     (["explore", "--json", "{fresh_json}", "--config", '{"gain": 3}'], "gain 3.0 is not searched"),
+    (["precision", "--quiet", "--target", "80", "--target-drop", "1"], "not both"),
+    (["precision", "--quiet", "--noise", "thermal", "--aj-per-photon", "0.2"], "--aj-per-photon does not apply"),
+    (["finetune", "--no-progress", "--time-steps", "2", "--json", "{fresh_json}"], "--json does not apply"),
+    (["finetune", "--no-progress", "--time-steps", "2", "--resume"], "--resume does not apply"),
+    (["finetune", "--no-progress", "--checkpoint", "", "--checkpoint-every", "5"], "--checkpoint-every does not apply"),
     (["tune", "--json", "{fresh_json}", "--no-repeats", "--max-repeats", "4"], "--max-repeats does not apply"),
     (["tune", "--json", "{fresh_json}", "--gains", "1,2", "--max-gain", "4"], "--max-gain does not apply"),
 ]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli_common import UsageError, check_output_args, single_task
+from ..cli_common import UsageError, check_output_args, refuse_inapplicable, single_task
 from ..cli_common import base_config as _base_config
 from ..config import ABFPConfig
 
@@ -110,7 +110,7 @@ def register(sub: Any) -> None:
     c = p.add_argument_group("checkpoints and output")
     c.add_argument("--checkpoint", default=None,
                    help="checkpoint file (default .abfp_finetune/<model>-<method>.safetensors; '' disables)")
-    c.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    c.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
     c.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint if there is one (same settings; it ends bit-identical to an "
                         "uninterrupted run)")
@@ -155,7 +155,14 @@ def _validate(args: argparse.Namespace) -> None:
     need(args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     need(args.train_samples is None or args.train_samples >= args.batch_size,
          f"--train-samples ({args.train_samples}) must be at least one batch ({args.batch_size})")
-    need(args.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    need(args.checkpoint_every is None or args.checkpoint_every >= 1,
+         f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    timing = "--time-steps times steps instead of finetuning: nothing is trained, written or resumed"
+    refuse_inapplicable(args, {
+        **({k: timing for k in ("json_path", "save_model", "resume", "checkpoint", "checkpoint_every")}
+           if args.time_steps is not None else {}),
+        **({"checkpoint_every": "no checkpoint is written (--checkpoint '')"} if args.checkpoint == "" else {})})
+    args.checkpoint_every = 50 if args.checkpoint_every is None else args.checkpoint_every
     need(args.calibration_samples >= 1, f"--calibration-samples must be >= 1, got {args.calibration_samples}")
     need(args.bins >= 1, f"--bins must be >= 1, got {args.bins}")
     need(args.refresh_every >= 0, f"--refresh-every must be >= 0, got {args.refresh_every}")

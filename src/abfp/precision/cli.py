@@ -24,6 +24,7 @@ from ..cli_common import (
     device_plan_arg,
     load_json_arg,
     plan_model,
+    refuse_inapplicable,
     require_at_least,
     require_finite,
     single_task,
@@ -43,8 +44,8 @@ def _precision_parser(sub) -> None:
     p.add_argument("--task", default="fashion-cnn", help="zoo task (default fashion-cnn)")
     p.add_argument("--noise", choices=NOISE_CHOICES, default="shot")
     p.add_argument("--per-channel", action="store_true", help="one energy per output channel instead of per layer")
-    p.add_argument("--target-drop", type=float, default=2.0, help="target = float32 metric minus this (default 2)")
-    p.add_argument("--target", type=float, default=None, help="absolute target metric (overrides --target-drop)")
+    p.add_argument("--target-drop", type=float, default=None, help="target = float32 metric minus this (default 2)")
+    p.add_argument("--target", type=float, default=None, help="absolute target metric (instead of --target-drop)")
     p.add_argument("--steps", type=int, default=300, help="learning steps (batches), default 300")
     p.add_argument("--batch-size", type=int, default=128, help="learning batch size (default 128)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate on log E (default 0.01)")
@@ -56,7 +57,8 @@ def _precision_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--search-seeds", type=int, default=1,
                    help="noise seeds averaged at every energy of the searches (default 1)")
-    p.add_argument("--aj-per-photon", type=float, default=0.128, help="attojoules per photon (0.128 at 1550 nm)")
+    p.add_argument("--aj-per-photon", type=float, default=None,
+                   help="attojoules per photon, for --noise shot (default 0.128, at 1550 nm)")
     p.add_argument("--json", dest="json_path", default=None, help="write the result as JSON")
     p.add_argument("--plot", default=None, help="PNG of per-layer E and b_eff (default: next to --json)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -88,6 +90,12 @@ def cmd_precision(args: argparse.Namespace) -> int:
     from .experiment import PrecisionSettings, plot_precision, run_precision, summarize
 
     require_finite(args, ("target_drop", "lr", "lam", "learn_ratio", "rel_tol", "aj_per_photon", "target"))
+    if args.target is not None and args.target_drop is not None:
+        raise UsageError("give --target or --target-drop, not both")
+    refuse_inapplicable(args, {} if args.noise == "shot" else {
+        "aj_per_photon": f"--noise {args.noise} energies are not photons (it converts shot noise's photons per MAC)"})
+    args.target_drop = 2.0 if args.target_drop is None else args.target_drop
+    args.aj_per_photon = 0.128 if args.aj_per_photon is None else args.aj_per_photon
     if args.target_drop < 0:
         raise UsageError("--target-drop must be >= 0")
     require_at_least(args, ("steps", "batch_size", "eval_samples", "threads", "search_seeds"))
