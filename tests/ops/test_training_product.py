@@ -128,3 +128,35 @@ def test_compiled_kernels_mark_the_torch_paths_mask(cfg, b, m, k, n_out, shared,
     (y1, m1, s1), (y2, m2, s2) = runs
     assert torch.equal(m1, m2) and s1 == s2 == int((~m1).sum())
     assert torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_gradient_checkpointing_recomputes_a_converted_layer(noise):
+    """``torch.utils.checkpoint(..., use_reentrant=False)`` (torch's recommended form, what
+    transformers' gradient checkpointing uses) raised CheckpointError: the weight's NaN check
+    recorded an autograd node in the forward, which the recomputation (weight cache hit) skipped."""
+    import abfp
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, ck: bool) -> None:
+            super().__init__()
+            self.a, self.b, self.ck = nn.Linear(40, 16), nn.Linear(16, 3), ck
+
+        def forward(self, x):
+            return self.b(torch.relu(checkpoint(self.a, x, use_reentrant=False) if self.ck else self.a(x)))
+
+    torch.manual_seed(0)
+    plain, ck = Net(False), Net(True)
+    ck.load_state_dict(plain.state_dict())
+    cfg = ABFPConfig(tile_width=8, noise_std=noise)
+    x = torch.randn(6, 40)
+    grads = []
+    for net in (plain, ck):
+        m = abfp.convert(net, cfg)
+        torch.manual_seed(1)  # unseeded noise comes from torch's generator, which checkpoint restores
+        m(x).sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for g0, g1 in zip(*grads):
+        assert torch.equal(g0, g1)

@@ -40,7 +40,10 @@ def check_finite(t: Tensor, name: str) -> None:
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16), got {t.dtype}")
     # one reduction without temporaries; only a non-finite sum (NaN/Inf inside, or a
-    # harmless overflow) pays for the exact element-wise check
+    # harmless overflow) pays for the exact element-wise check. Detached: a check records no
+    # autograd graph (a saved tensor of it would differ between a checkpoint's forward and its
+    # recomputation, where the weight cache skips the weight's check)
+    t = t.detach()
     if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf; the analog device cannot encode it")
 
