@@ -198,6 +198,9 @@ def _refuse_inapplicable_eval(args: argparse.Namespace, points: Sequence[Any], p
         for name in ("runs", "seed", "noise_dist"):
             why[name] = "every row is noise-free (noise 0): one run each, no noise to seed or shape"
     refuse_inapplicable(args, why)
+    seeds = {p.config.seed for p in points if p.config is not None} - {None}
+    if args.seed is not None and seeds and seeds != {args.seed}:
+        raise UsageError(f"--seed {args.seed} and the device's own seed {min(seeds)} (execution.seed): give one")
     args.fixed_percentile = 100.0 if args.fixed_percentile is None else args.fixed_percentile
     args.calibration_samples = 256 if args.calibration_samples is None else args.calibration_samples
     args.seed = 0 if args.seed is None else args.seed

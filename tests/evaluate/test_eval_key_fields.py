@@ -114,7 +114,7 @@ def warm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _check(warm: Path, tmp_path: Path, points: list[Point], ignore: tuple[str, ...] = (), **kw: Any) -> None:
+def _check(warm: Path, tmp_path: Path, points: list[Point], ignore: tuple[str, ...] = (), **kw: Any) -> list[dict[str, Any]]:
     cache = tmp_path / "runs.sqlite"
     shutil.copy(warm, cache)
     memo = EvalMemo()
@@ -122,6 +122,20 @@ def _check(warm: Path, tmp_path: Path, points: list[Point], ignore: tuple[str, .
     served = _evaluate(points, cache, memo, **kw)
     cold = _evaluate(points, None, **kw)
     assert _comparable(served, ignore) == _comparable(cold, ignore)
+    return cold
+
+
+def _values(records: list[dict[str, Any]]) -> list[Any]:
+    return [r["values"] for r in records if r["format"] != "fp32"]
+
+
+@pytest.fixture(scope="module")
+def base_values() -> list[Any]:
+    return _values(_evaluate(_points(), None))
+
+
+#: device fields that cannot change this model's numbers, and why
+NO_EFFECT = {"recurrent_concat": "the tiny model has no recurrent layer"}
 
 
 def test_every_field_has_a_perturbation():
@@ -145,13 +159,17 @@ def test_a_perturbed_setting_is_never_served_a_stale_run(name, warm, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_PERTURB))
-def test_a_perturbed_device_field_is_never_served_a_stale_run(name, warm, tmp_path):
-    _check(warm, tmp_path, _points({name: CONFIG_PERTURB[name]}))
+def test_a_perturbed_device_field_is_never_served_a_stale_run_and_is_honoured(name, warm, tmp_path, base_values):
+    cold = _check(warm, tmp_path, _points({name: CONFIG_PERTURB[name]}))
+    # honoured: the field changes the numbers (every row's, but noise_std's noise-free row and the
+    # fields a fixed-point row ignores: at least one row's)
+    assert (_values(cold) == base_values) == (name in NO_EFFECT), name
 
 
 @pytest.mark.parametrize("name", sorted(EXECUTION_PERTURB))
-def test_a_perturbed_execution_option_is_never_served_a_stale_run(name, warm, tmp_path):
-    _check(warm, tmp_path, _points(execution={name: EXECUTION_PERTURB[name]}))
+def test_a_perturbed_execution_option_is_never_served_a_stale_run_and_is_honoured(name, warm, tmp_path, base_values):
+    cold = _check(warm, tmp_path, _points(execution={name: EXECUTION_PERTURB[name]}))
+    assert _values(cold) != base_values, name
 
 
 @pytest.mark.parametrize("name", KWARG_PERTURB)

@@ -3,7 +3,8 @@
 The float32 pass runs once; its outputs are the reference for fidelity metrics. Each
 device point converts one working copy of the model (hooks only, no re-copy per point),
 calibrates fixed-point scales or per-layer gains where asked, and runs ``runs`` times with
-seeds ``seed + run`` when the device is noisy (once when it is not). Finished runs are
+seeds ``seed + run`` when the device is noisy (once when it is not; ``seed`` is the point's own
+``config.execution.seed`` when it has one, else ``EvalSettings.seed``). Finished runs are
 cached on disk (:mod:`abfp.evaluate.cache`), keyed on fingerprints of the model, the data
 and the metrics (:mod:`abfp.evaluate.fingerprint`) and on everything else that decides a
 run (device config, seed, batch size of noisy runs, calibration, numerics version); a rerun
@@ -396,7 +397,8 @@ def evaluate(
             coverages: list[dict[str, Any] | None] = []
             stopped = False
             for r in range(n_runs):
-                rcfg = cfg.replace(seed=eval_settings.seed + r) if noisy else cfg
+                # run r's noise seed: the point's own seed (its config's execution.seed) + r, else settings.seed + r
+                rcfg = cfg.replace(seed=(eval_settings.seed if cfg.seed is None else cfg.seed) + r) if noisy else cfg
                 # the batch size decides how noise draws fall on samples: part of the key
                 key = run_key({**context, "format": p.format, "config": config_key(rcfg), "run": r,
                                "auto_gain": p.auto_gain,
