@@ -517,3 +517,21 @@ def test_a_torchscript_module_is_refused_by_name():
         assert not abfp.is_converted(model) and "forward" not in model[0].__dict__  # nothing changed
     with pytest.raises(TypeError, match="module 'the root' is a TorchScript module"):
         abfp.convert(torch.jit.script(nn.Linear(4, 4)), QUIET)
+
+
+def test_a_model_holding_a_converted_module_is_refused():
+    """Converting a model that holds a converted module ran that module's products with its own
+    device and state: missing from the model's summary and coverage, and still analog after
+    ``to_digital`` of the model. Converting a module of a converted model did the same."""
+    torch.manual_seed(0)
+    inner = abfp.convert(nn.Linear(8, 8), QUIET)
+    parent = nn.Sequential(inner, nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"module '0' is converted already .* overrides=\{'0': config\}"):
+        abfp.convert(parent, IDEAL)
+    assert "forward" not in parent[2].__dict__  # nothing changed
+    abfp.to_digital(inner)
+    whole = abfp.convert(parent, IDEAL)
+    with pytest.raises(ValueError, match="this module is part of a converted model"):
+        abfp.convert(whole[0], QUIET, inplace=True)
+    abfp.convert(whole, QUIET, inplace=True)  # the converted model itself is converted anew
+    assert abfp.analog_state(whole).config == QUIET

@@ -81,6 +81,7 @@ def convert(
         raise TypeError(f"module {scripted[0]!r} is a TorchScript module ({type(scripted[1]).__name__}): "
                         "its products run inside TorchScript, where abfp can neither reach nor count them; convert "
                         "the Python module (torch.jit.trace of a converted model works)")
+    _check_not_nested(model)
     if is_converted(model):
         model = to_digital(model, inplace=inplace)
         inplace = True
@@ -112,6 +113,23 @@ def convert(
                                         weight_preparation=any(name == p or name.startswith(p + ".") for p in prepared))
     setattr(model, STATE_ATTR, state)
     return model
+
+
+def _check_not_nested(model: nn.Module) -> None:
+    """Refuse a model that holds a converted module, or is a module of a converted model: its
+    products would run with the other conversion's device and state, out of this one's sight
+    (``summary``, ``coverage``, ``to_digital``). A converted model itself is re-converted."""
+    if is_converted(model):
+        return
+    for name, m in model.named_modules():
+        if is_converted(m) or isinstance(m.__dict__.get("forward"), GuardedForward):
+            if not name:
+                raise ValueError("this module is part of a converted model (abfp.convert was called on a model that "
+                                 "holds it): convert that model, with an override naming this module for its own "
+                                 "device, or call abfp.to_digital on that model first")
+            raise ValueError(f"module {name!r} is converted already (abfp.convert was called on it): convert the whole "
+                             f"model once, with overrides={{{name!r}: config}} to give it its own device, or call "
+                             f"abfp.to_digital on it first")
 
 
 def _with_execution(config: ABFPConfig, overrides: Mapping[str, ABFPConfig] | None,
