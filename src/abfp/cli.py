@@ -194,6 +194,8 @@ def _refuse_inapplicable_eval(args: argparse.Namespace, points: Sequence[Any], p
         why["fixed_percentile"] = "no fixed-point row is evaluated (--no-fixed, --plan or a fixed-point base device)"
     if not fixed and not auto:
         why["calibration_samples"] = "calibration sets fixed-point scales and auto gains, and no row has either"
+    if not any(p.format == "abfp" for p in points):
+        why["no_fixed"] = "the base device is fixed point: its rows are the grid, there is no separate baseline"
     if not noisy:
         for name in ("runs", "seed", "noise_dist"):
             why[name] = "every row is noise-free (noise 0): one run each, no noise to seed or shape"

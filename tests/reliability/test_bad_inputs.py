@@ -211,6 +211,7 @@ INAPPLICABLE = [
     (["eval", "--no-fixed", "--fixed-percentile", "99"], "--fixed-percentile does not apply"),
     (["eval", "--no-fixed", "--gains", "1,2", "--calibration-samples", "8"], "--calibration-samples does not apply"),
     (["eval", "--noise", "0", "--runs", "2"], "--runs does not apply"),
+    (["eval", "--preset", "fixed-888-n32", "--no-fixed"], "--no-fixed does not apply"),
     (["eval", "--config", '{"execution": {"seed": 4}}', "--seed", "3"], "--seed 3 and the device's own seed 4"),
     (["eval", "--noise", "0", "--seed", "3"], "--seed does not apply"),
     (["eval", "--noise", "0", "--noise-dist", "gaussian"], "--noise-dist does not apply"),
