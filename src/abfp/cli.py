@@ -279,6 +279,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = task.build_model()
         if plan is not None:
             _plan_weights(model, plan, weights)
+            try:  # before the float32 pass: a plan that does not apply is refused before any work
+                plan.check(model)
+            except ValueError as e:
+                raise UsageError(f"--plan {args.plan}: {e}") from None
         # fixed-point scales and auto gains come from the task's calibration split when it has one
         # (never from the evaluated inputs: EfficientNet-Lite0's calibration photos, MiniLM's sentences)
         needs_calibration = any(p.format == "fixed" or p.auto_gain for p in points if p.format != "fp32")

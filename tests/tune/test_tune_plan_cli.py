@@ -258,3 +258,22 @@ def test_cli_tune_damaged_journal_says_the_flag_that_starts_afresh(
     assert main([*args, "--resume"]) == 2
     assert "--force instead of --resume" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0 and plan.is_file()
+
+
+@pytest.mark.parametrize("modules, msg", [({"3": ABFPConfig()}, "does not have"),
+                                          ({"1": ABFPConfig(gain=2.0)}, "compute no product")])
+def test_cli_eval_plan_that_does_not_apply_is_refused_before_the_float32_pass(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, modules, msg) -> None:
+    """A plan naming a module the model lacks, or only a ReLU, was refused by convert after the
+    float32 evaluation of the whole data (minutes on a large task); now before it."""
+    (tmp_path / "tinytask_plan.py").write_text(TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plan = tmp_path / "plan.json"
+    DevicePlan(ABFPConfig(), modules).to_json(plan)
+    import abfp.evaluate as ev
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("evaluated before the plan was checked"))
+    assert main(["eval", "--task", "tinytask_plan:make", "--no-progress", "--plan", str(plan)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--plan {plan}" in err[0] and msg in err[0]
+    with pytest.raises(ValueError, match=msg):
+        DevicePlan(ABFPConfig(), modules).check(tiny())

@@ -115,6 +115,15 @@ def convert(
     return model
 
 
+def check_patterns(model: nn.Module, *, exclude: Sequence[str] = (),
+                   overrides: Mapping[str, ABFPConfig] | None = None) -> None:
+    """Raise ValueError as :func:`convert` would for these ``exclude`` and ``overrides`` patterns
+    on ``model``, without converting anything (tools check a plan before their work starts)."""
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    _check_patterns(AnalogState(config=ABFPConfig(), exclude=exclude, overrides=normalise_overrides(overrides)),
+                    dict(model.named_modules()))
+
+
 def _check_not_nested(model: nn.Module) -> None:
     """Refuse a model that holds a converted module, or is a module of a converted model: its
     products would run with the other conversion's device and state, out of this one's sight

@@ -57,15 +57,23 @@ class DevicePlan:
                 return self.base
             name = name.rpartition(".")[0]
 
-    def convert(self, model: nn.Module, *, inplace: bool = False, execution: ExecutionOptions | None = None) -> nn.Module:
-        """``model`` converted to run on this plan's devices (a copy unless ``inplace``);
-        ``execution``: how every product runs (kernel, noise seed; ``None``: each config's own)."""
-        from ..nn import convert
+    def check(self, model: nn.Module) -> None:
+        """Raise ValueError when this plan does not apply to ``model``: a module it names is
+        missing, or names only modules that make no product (as :func:`abfp.convert` refuses)."""
+        from ..nn.convert import check_patterns
 
         names = {n for n, _ in model.named_modules()}
         missing = sorted(set(self.modules) - names)
         if missing:
             raise ValueError(f"DevicePlan names module(s) the model does not have: {missing[:3]}")
+        check_patterns(model, exclude=[re.escape(e) for e in self.exclude], overrides=self.overrides())
+
+    def convert(self, model: nn.Module, *, inplace: bool = False, execution: ExecutionOptions | None = None) -> nn.Module:
+        """``model`` converted to run on this plan's devices (a copy unless ``inplace``);
+        ``execution``: how every product runs (kernel, noise seed; ``None``: each config's own)."""
+        from ..nn import convert
+
+        self.check(model)
         return convert(model, self.base, exclude=[re.escape(e) for e in self.exclude],
                        overrides=self.overrides(), inplace=inplace, execution=execution)
 
