@@ -59,7 +59,8 @@ def reseed(offset: int = 0) -> None:
 
 # --------------------------------------------------------------------------- weight cache
 class WeightCache:
-    """Encoded weights keyed on (tensor identity, version, device config): encode once per value.
+    """Encoded weights keyed on (tensor identity, version, the config fields an encoding depends on,
+    the kernel): encode once per value.
 
     A weight changed in place by ordinary ops (an optimizer step, ``load_state_dict``) bumps
     its version and is re-encoded. Writes through ``.data`` are invisible to the version
@@ -85,6 +86,7 @@ class WeightCache:
             id(w), version, w.data_ptr(), tuple(w.shape), w.dtype, str(w.device),
             cfg.mode, cfg.tile_width, cfg.weight_bits, cfg.output_bits, cfg.input_bits,
             cfg.gain, cfg.scale_dtype, cfg.bf16_io, weight_scale,
+            cfg.kernel,  # "auto" keeps int8 codes beside the float ones (AdcPlan.int8), "chunked" none
         )
 
     @staticmethod
