@@ -140,3 +140,42 @@ def test_precision_killed_at_any_evaluation_resumes_bit_identical(seed, tmp_path
     resumed = run_precision(task, PrecisionSettings(**SETTINGS), journal=journal, resume=True)
     assert _numbers(resumed) == _numbers(whole)
     assert resumed_count.calls == 1 + total - (j - 1)
+
+
+# ------------------------------------------------------------------------------ explore
+@pytest.mark.parametrize("seed", range(2))
+def test_explore_killed_at_any_run_resumes_bit_identical(seed, tmp_path, monkeypatch):
+    import abfp
+    from abfp.evaluate import runner
+    from abfp.nn import is_converted
+
+    task = str(HERE.parent / "explore" / "explore_tiny_task.py") + ":make"
+    kw = dict(formats=("fixed", "abfp"), tile_widths=(8,), gains=(4,), auto_gain=False, adc_bits=(3, 8),
+              dac_search="none", noise_stds=(0.2887,), runs=2, progress=False)
+    real = runner.run_all
+
+    def device_runs(kill_at=None):
+        count = Counted(real, kill_at)
+
+        def run_all(model, *a, **k):  # count (and kill) the device runs only, the units the cache keeps
+            return count(model, *a, **k) if is_converted(model) else real(model, *a, **k)
+
+        monkeypatch.setattr(runner, "run_all", run_all)
+        return count
+
+    count = device_runs()
+    whole = abfp.explore(task, **kw)
+    total = count.calls
+    j = _unit("explore", seed, 1, total)
+    cache = str(tmp_path / "runs.sqlite")
+    device_runs(kill_at=j)
+    with pytest.raises(KeyboardInterrupt):
+        abfp.explore(task, cache_path=cache, **kw)
+    resumed_count = device_runs()
+    resumed = abfp.explore(task, cache_path=cache, **kw)
+    assert resumed_count.calls == total - (j - 1)  # the run in flight and those after it
+    def numbers(result):  # every design and the cheapest per family, without their timings
+        strip = lambda d: None if d is None else {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
+        return [strip(d) for d in result["designs"]], {f: strip(d) for f, d in result["cheapest"].items()}
+
+    assert numbers(resumed) == numbers(whole)
