@@ -342,8 +342,10 @@ def _plan_args(args: argparse.Namespace) -> tuple[Any, Path | None]:
     plan = load_plan_arg(args.plan)
     if plan.exclude:
         raise UsageError(f"--plan {path}: plans with excluded modules are not evaluated by abfp eval")
-    if plan.base.mode != "abfp":
-        raise UsageError(f"--plan {path}: its base device is in mode {plan.base.mode!r}; abfp eval --plan evaluates "
+    fixed = [name for name, cfg in plan.modules.items() if cfg.mode != "abfp"]
+    if plan.base.mode != "abfp" or fixed:
+        where = "its base device" if plan.base.mode != "abfp" else f"the device of module {fixed[0]!r}"
+        raise UsageError(f"--plan {path}: {where} is in mode 'fixed'; abfp eval --plan evaluates "
                          "ABFP plans (fixed-point points need calibrated scales, which a plan does not carry)")
     args.no_fixed = True
     weights = None

@@ -146,14 +146,21 @@ def test_cli_tune_energy_rule(tmp_path: Path) -> None:
     (["--plan", "PLAN", "--gains", "4"], "--plan sets the device"),
     (["--plan", "BAD"], "--plan"),
     (["--plan", "PLAN", "--weights", "BAD"], "--weights"),
+    (["--plan", "FIXED_BASE"], "its base device is in mode 'fixed'"),
+    # a fixed-point module ran the float32 pass, then failed telling a command-line user to call abfp.calibrate
+    (["--plan", "FIXED_MODULE"], "the device of module '0' is in mode 'fixed'"),
 ])
 def test_cli_eval_plan_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], msg: str) -> None:
     good = tmp_path / "plan.json"
     DevicePlan(ABFPConfig()).to_json(good)
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "other"}')
-    extra = [str(good) if e == "PLAN" else str(bad) if e == "BAD" else str(tmp_path / e) if e.endswith((".json", ".safetensors")) else e
-             for e in extra]
+    plans = {"FIXED_BASE": DevicePlan(ABFPConfig(mode="fixed")),
+             "FIXED_MODULE": DevicePlan(ABFPConfig(), {"0": ABFPConfig(mode="fixed")})}
+    for name, plan in plans.items():
+        plan.to_json(tmp_path / f"{name}.json")
+    extra = [str(good) if e == "PLAN" else str(bad) if e == "BAD" else str(tmp_path / f"{e}.json") if e in plans
+             else str(tmp_path / e) if e.endswith((".json", ".safetensors")) else e for e in extra]
     assert main(["eval", "--task", "fashion-cnn", "--no-progress", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0]
