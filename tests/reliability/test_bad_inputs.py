@@ -225,6 +225,7 @@ INAPPLICABLE = [
     (["explore", "--json", "{fresh_json}", "--screen-z", "2"], "--screen-z does not apply"),
     (["explore", "--json", "{fresh_json}", "--dac-search", "none", "--dac-min-bits", "4"], "--dac-min-bits does not apply"),
     (["explore", "--json", "{fresh_json}", "--noise", "0", "--runs", "2"], "--runs does not apply"),
+    (["explore", "--json", "{fresh_json}", "--noise", "0", "--seed", "2"], "--seed does not apply"),
     (["explore", "--json", "{fresh_json}", "--noise", "0", "--early-stop", "3"], "--early-stop does not apply"),
     # a --config naming a tile width, mode or gain the search replaces by its own
     (["explore", "--json", "{fresh_json}", "--config", '{"tile_width": 64}'], "tile_width 64 is not searched"),

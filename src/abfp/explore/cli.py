@@ -100,7 +100,7 @@ def _parser(sub: Any) -> None:
     p.add_argument("--fixed-percentile", type=float, default=None,
                    help="percentile of |activation| used as the fixed-point static scale (default 100: the max)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, mps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed of the device noise (run r: seed + r; default 0)")
     p.add_argument("--json", dest="json_path", default=None, help="write the result as one JSON object")
     p.add_argument("--out", default=None, help="write a report folder (explore.md, pareto.png)")
     p.add_argument("--html", action="store_true", help="with --out: explore.html instead of explore.md")
@@ -127,6 +127,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--fixed-percentile must be in (0, 100], got {args.fixed_percentile}")
     base = base_config(args)
     noise = args.noise if args.noise is not None else [base.noise_std]
+    if args.seed is not None and base.seed is not None and args.seed != base.seed:
+        raise UsageError(f"--seed {args.seed} and the device's own seed {base.seed} (execution.seed): give one")
     _refuse_inapplicable_explore(args, noise)
     try:
         gains = [parse_gain(g) for g in args.gains]
@@ -162,7 +164,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 #: The defaults of the options that are refused where they do not apply (None on the parser).
 _DEFAULTS = {"gains": ["1", "2", "4", "8", "16", "auto"], "fixed_gains": [1.0], "dac_min_bits": 2, "screen_z": 3.0,
-             "runs": 3, "calibration_samples": 256, "fixed_percentile": 100.0}
+             "runs": 3, "calibration_samples": 256, "fixed_percentile": 100.0, "seed": 0}
 
 
 def _refuse_inapplicable_explore(args: argparse.Namespace, noise: list[float]) -> None:
@@ -183,7 +185,7 @@ def _refuse_inapplicable_explore(args: argparse.Namespace, noise: list[float]) -
     if args.dac_search == "none":
         why["dac_min_bits"] = "no DAC bits are searched (--dac-search none)"
     if not any(z > 0 for z in noise):
-        why["runs"] = why["early_stop"] = "every design is noise-free (noise 0): one run each"
+        why["runs"] = why["early_stop"] = why["seed"] = "every design is noise-free (noise 0): one run each"
     refuse_inapplicable(args, why)
     for name, default in _DEFAULTS.items():
         if getattr(args, name) is None:
