@@ -160,3 +160,26 @@ def test_gradient_checkpointing_recomputes_a_converted_layer(noise):
         grads.append([p.grad for p in m.parameters()])
     for g0, g1 in zip(*grads):
         assert torch.equal(g0, g1)
+
+
+@pytest.mark.parametrize("layer, shape", [("linear", (4, 8)), ("conv", (2, 3, 6, 6))])
+def test_differentiating_a_device_gradient_again_is_refused(layer, shape):
+    """A gradient penalty (``autograd.grad(..., create_graph=True)`` then ``backward``) treated the
+    straight-through gradients as constants: the first layer's parameter gradient 98 % off, the
+    others missing, silently. First-order gradients with ``create_graph=True`` still work."""
+    import abfp
+    from torch import nn
+
+    torch.manual_seed(0)
+    first = nn.Linear(8, 16) if layer == "linear" else nn.Conv2d(3, 4, 3)
+    net = nn.Sequential(first, nn.Tanh(), nn.Flatten(), nn.LazyLinear(1))
+    x = torch.randn(*shape)
+    net(x)  # materialise the lazy layer
+    m = abfp.convert(net, ABFPConfig(tile_width=8, noise_std=0.0))
+    xx = x.clone().requires_grad_()
+    g, = torch.autograd.grad(m(xx).sum(), xx, create_graph=True)
+    xr = x.clone().requires_grad_()
+    g_ref, = torch.autograd.grad(m(xr).sum(), xr)
+    assert torch.equal(g.detach(), g_ref)  # the first-order gradient is the straight-through one
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        (g.norm() - 1).pow(2).backward()

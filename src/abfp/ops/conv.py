@@ -28,7 +28,8 @@ from ..numerics.conv import conv2d_fused
 from ..numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, plan_chunks, use_fused
 from ..numerics.workspace import scratch
 from .device import (WEIGHT_CACHE, NotTraceable, bf16, check_finite, config_json, dequantised_rows, encoded_weights,
-                     generator_for, product, scale_arg, ste_grads, traced_key, tracing, without_bf16_io)
+                     first_order_only, generator_for, product, scale_arg, ste_grads, traced_key, tracing,
+                     without_bf16_io)
 from .registry import register
 from .site import Frame, run_product
 
@@ -428,9 +429,10 @@ class _ConvTraining(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
         x, w3, *inside = ctx.saved_tensors
-        gx, gw = _train_grads(gy, x.detach(), w3.detach(), ctx.geo, ctx.config, ctx.input_scale, ctx.weight_scale,
-                              ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.rows, inside[0] if inside else None)
-        return gx, gw, None, None, None, None, None, None, None, None
+        with torch.no_grad():
+            gx, gw = _train_grads(gy, x.detach(), w3.detach(), ctx.geo, ctx.config, ctx.input_scale, ctx.weight_scale,
+                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.rows, inside[0] if inside else None)
+        return first_order_only((gx, gw, None, None, None, None, None, None, None, None), gy, x, w3)
 
 
 #: Where a sample clipped, the fast backward (:data:`TORCH_INPUT_GRAD`, ABFP mode) subtracts the

@@ -28,7 +28,7 @@ from ..numerics.workspace import scratch
 
 __all__ = ["check_finite", "generator_for", "reseed", "WEIGHT_CACHE", "WeightCache", "clear_cache", "product",
            "without_bf16_io", "bf16", "promoted_dtype", "dequantised", "AnalogProduct", "ste_grads", "tracing",
-           "NotTraceable", "untraceable", "training_product", "traced_key", "traced_product", "config_json", "config_from_json", "encoded_weights",
+           "NotTraceable", "untraceable", "first_order_only", "training_product", "traced_key", "traced_product", "config_json", "config_from_json", "encoded_weights",
            "scale_arg"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -221,6 +221,29 @@ def training_product(x3: Tensor, w3: Tensor, cfg: ABFPConfig, *, input_scale: An
     return y, (mask if counted.saturated else None)
 
 
+_TWICE = ("abfp: a device product cannot be differentiated twice (create_graph=True: a gradient penalty, "
+          "meta-learning): its straight-through gradient is defined to first order only; compute the second-order "
+          "term on the float32 model (abfp.digital(model))")
+
+
+def first_order_only(grads: tuple, *saved: Tensor | None) -> tuple:
+    """A backward's ``grads`` as they are, or, when the backward runs to build a graph
+    (``create_graph=True``) and a gradient would depend on a saved operand that needs grad,
+    behind a node that raises :data:`_TWICE` if the graph is differentiated: the straight-through
+    gradients are not differentiable, and silently treating them as constants gave wrong
+    second-order gradients (a gradient penalty's parameter gradients 98 % off, or missing)."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in saved):
+        return grads
+    live = [i for i, g in enumerate(grads) if isinstance(g, Tensor)]
+    err = torch._C._functions.DelayedError(_TWICE, len(live))
+    wrapped = err(*[grads[i].detach().requires_grad_() for i in live])
+    wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+    out = list(grads)
+    for i, g in zip(live, wrapped):
+        out[i] = g
+    return tuple(out)
+
+
 class AnalogProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x3, w3, cfg, input_scale, weight_scale, generator, weights, stats, key=None):  # type: ignore[override]
@@ -238,9 +261,10 @@ class AnalogProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
         x3, w3, *mask = ctx.saved_tensors
-        gx, gw = ste_grads(gy, x3, w3, mask[0] if mask else None, ctx.cfg, ctx.input_scale, ctx.weight_scale,
-                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return gx, gw, None, None, None, None, None, None, None
+        with torch.no_grad():
+            gx, gw = ste_grads(gy, x3, w3, mask[0] if mask else None, ctx.cfg, ctx.input_scale, ctx.weight_scale,
+                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return first_order_only((gx, gw, None, None, None, None, None, None, None), gy, x3, w3)
 
 
 def ste_grads(gy: Tensor, x3: Tensor, w3: Tensor, mask: Tensor | None, cfg: ABFPConfig, input_scale: Any, weight_scale: Any,
