@@ -55,7 +55,8 @@ def test_explore_values_are_abfp_eval_values(explored, tmp_path):
         ds = [d for d in designs if d["family"] == fam]
         bits = ",".join(sorted({f"{d['weight_bits']}/{d['input_bits']}/{d['output_bits']}" for d in ds}))
         recs = _eval(tmp_path, fam, ["--config", json.dumps({"mode": fmt, "tile_width": 8}), "--tile-widths", "8",
-                                     "--gains", "1" if fmt == "fixed" else "2", "--bits", bits, "--no-fixed"])
+                                     "--gains", "1" if fmt == "fixed" else "2", "--bits", bits,
+                                     *(["--no-fixed"] if fmt == "abfp" else [])])  # a fixed base has no baseline
         by_bits = {(r["weight_bits"], r["input_bits"], r["output_bits"]): r for r in recs}
         for d in ds:
             r = by_bits[(d["weight_bits"], d["input_bits"], d["output_bits"])]
