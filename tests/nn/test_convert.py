@@ -535,3 +535,18 @@ def test_a_model_holding_a_converted_module_is_refused():
         abfp.convert(whole[0], QUIET, inplace=True)
     abfp.convert(whole, QUIET, inplace=True)  # the converted model itself is converted anew
     assert abfp.analog_state(whole).config == QUIET
+
+
+def test_calibration_without_batches_or_with_only_zeros_says_so():
+    """``calibrate(model, [])`` wiped the model's scales and returned {} (the next forward then
+    failed); a site that saw only zeros got a static scale of 0, which encodes every later input
+    as 0: the layer's output was its bias alone, silently."""
+    conv = abfp.convert(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval(),
+                        ABFPConfig(mode="fixed", tile_width=8, noise_std=0.0))
+    good = abfp.calibrate(conv, [torch.randn(4, 8)])
+    with pytest.raises(ValueError, match="at least one batch"):
+        abfp.calibrate(conv, iter([]))
+    assert abfp.analog_state(conv).input_scales == good
+    with pytest.warns(UserWarning, match=r"\['0:linear0'\] saw only zeros") as got:
+        abfp.calibrate(conv, [torch.zeros(4, 8)])
+    assert got[0].filename == __file__  # points at the caller

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -270,9 +271,18 @@ def calibrate(
     dynamic).
     """
     with calibrating(model, percentile) as state:
+        n = 0
         for batch in batches:
             inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
             model(*inputs)
+            n += 1
+        if n == 0:  # the scales would all be gone (raised inside: the model keeps the ones it had)
+            raise ValueError("calibrate needs at least one batch of inputs, got none")
+    zero = sorted(site for site, scales in state.input_scales.items() if any(s == 0 for s in scales if s is not None))
+    if zero:
+        warnings.warn(f"abfp.calibrate: product site(s) {zero[:4]}{' ...' if len(zero) > 4 else ''} saw only zeros in "
+                      "the calibration batches: a static scale of 0 encodes every later input as 0 (calibrate on "
+                      "inputs like the ones the model will see)", UserWarning, stacklevel=3)
     return dict(state.input_scales)
 
 
