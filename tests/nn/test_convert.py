@@ -550,3 +550,17 @@ def test_calibration_without_batches_or_with_only_zeros_says_so():
     with pytest.warns(UserWarning, match=r"\['0:linear0'\] saw only zeros") as got:
         abfp.calibrate(conv, [torch.zeros(4, 8)])
     assert got[0].filename == __file__  # points at the caller
+
+
+def test_convert_arguments_of_the_wrong_kind_are_refused_in_words():
+    """``overrides`` as a list of pairs raised AttributeError ('list' object has no attribute
+    'items'), ``exclude=[0]`` a regex TypeError, ``exclude=None`` 'NoneType' is not iterable,
+    and ``include_matmul="no"`` was accepted as True."""
+    m = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="overrides must be a mapping"):
+        abfp.convert(m, QUIET, overrides=[("0", IDEAL)])
+    with pytest.raises(TypeError, match="exclude takes module names or regular expressions"):
+        abfp.convert(m, QUIET, exclude=[0])
+    with pytest.raises(TypeError, match="include_matmul must be True or False"):
+        abfp.convert(m, QUIET, include_matmul="no")
+    assert abfp.analog_state(abfp.convert(m, QUIET, exclude=None)).exclude == ()

@@ -73,9 +73,10 @@ def convert(
     config = config or ABFPConfig()
     if not isinstance(config, ABFPConfig):
         raise TypeError(f"config must be an ABFPConfig, got {type(config).__name__}")
+    if not isinstance(include_matmul, bool):
+        raise TypeError(f"include_matmul must be True or False, got {include_matmul!r}")
     config, overrides = _with_execution(config, overrides, execution)
-    if isinstance(exclude, str):
-        exclude = (exclude,)
+    exclude = _patterns(exclude)
     scripted = next(((n or "the root", m) for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)),
                     None)
     if scripted is not None:  # its forward is TorchScript: no Python of ours runs in it, its products are out of sight
@@ -116,12 +117,22 @@ def convert(
     return model
 
 
+def _patterns(exclude: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``exclude`` as a tuple of module names or patterns (a str is one; ``None``: none)."""
+    if exclude is None:
+        return ()
+    out = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    bad = [e for e in out if not isinstance(e, str)]
+    if bad:
+        raise TypeError(f"exclude takes module names or regular expressions (str), got {bad[0]!r}")
+    return out
+
+
 def check_patterns(model: nn.Module, *, exclude: Sequence[str] = (),
                    overrides: Mapping[str, ABFPConfig] | None = None) -> None:
     """Raise ValueError as :func:`convert` would for these ``exclude`` and ``overrides`` patterns
     on ``model``, without converting anything (tools check a plan before their work starts)."""
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    _check_patterns(AnalogState(config=ABFPConfig(), exclude=exclude, overrides=normalise_overrides(overrides)),
+    _check_patterns(AnalogState(config=ABFPConfig(), exclude=_patterns(exclude), overrides=normalise_overrides(overrides)),
                     dict(model.named_modules()))
 
 
@@ -194,9 +205,7 @@ def set_config(
     if not isinstance(config, ABFPConfig):
         raise TypeError(f"config must be an ABFPConfig, got {type(config).__name__}")
     config, overrides_ = _with_execution(config, overrides, execution)
-    if exclude is None:
-        exclude = state.exclude
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    exclude = state.exclude if exclude is None else _patterns(exclude)
     modules = dict(model.named_modules())
     names = list(modules)
     _check_patterns(AnalogState(config=config, exclude=exclude, overrides=overrides_), modules)

@@ -192,6 +192,9 @@ def site_pattern_names_a_module(pattern: str, names: list[str]) -> bool:
 
 
 def normalise_overrides(overrides: Mapping[str, ABFPConfig] | None) -> dict[str, ABFPConfig]:
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must be a mapping of module name or pattern -> ABFPConfig, got "
+                        f"{type(overrides).__name__}")
     out: dict[str, ABFPConfig] = {}
     for k, v in (overrides or {}).items():
         if not isinstance(v, ABFPConfig):
