@@ -23,7 +23,8 @@ from .outputs import OutputError, check_output, check_output_dir
 
 __all__ = [
     "UsageError", "OneLineParser", "csv_list", "error_line", "print_error", "require", "require_at_least",
-    "require_finite", "refuse_inapplicable", "load_json_arg", "device_plan_arg", "plan_model", "base_config", "apply_threads", "resolve_device", "resolve_tasks",
+    "require_finite", "refuse_inapplicable", "load_json_arg", "device_plan_arg", "plan_model", "base_config",
+    "apply_threads", "resolve_device", "resolve_tasks",
     "single_task", "add_force_option", "check_journal", "check_output_args", "check_output_dir", "OutputError",
 ]
 

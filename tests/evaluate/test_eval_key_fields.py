@@ -114,7 +114,8 @@ def warm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _check(warm: Path, tmp_path: Path, points: list[Point], ignore: tuple[str, ...] = (), **kw: Any) -> list[dict[str, Any]]:
+def _check(warm: Path, tmp_path: Path, points: list[Point], ignore: tuple[str, ...] = (),
+           **kw: Any) -> list[dict[str, Any]]:
     cache = tmp_path / "runs.sqlite"
     shutil.copy(warm, cache)
     memo = EvalMemo()
