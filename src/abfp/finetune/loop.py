@@ -2,7 +2,8 @@
 
 One step: ``loss = loss_fn(model(x), t)`` (label-free: ``t`` are the outputs of the frozen
 float32 teacher, computed once, and the loss a :class:`~.distillation.Distillation`), backward,
-``AdamW`` step with learning rate ``lr * lr_decay ** epoch`` (``epoch = step // (N // batch_size)``). The batch of step ``k``
+``AdamW`` step with learning rate ``lr * lr_decay ** epoch`` (``epoch = step // (N // batch_size)``; with
+``lr_schedule="cosine"`` also times :func:`warmup_cosine` of the step). The batch of step ``k``
 is slice ``k mod (N // batch_size)`` of a permutation of the training set seeded by
 ``(seed, epoch)``, so it depends on the step number only; with ``sample_inputs`` (fresh inputs,
 distillation only) it is a new batch drawn from a generator seeded by ``(seed, step)``, the teacher's
@@ -60,6 +61,8 @@ __all__ = ["FinetuneResult", "Method", "TrainSettings", "callable_name", "device
            "sampler_identity", "warmup_cosine"]
 
 LossFn = Callable[[Tensor, Tensor | None], Tensor]
+#: The learning-rate schedules of :class:`TrainSettings`.
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
 def warmup_cosine(step: int, steps: int, warmup: int = 0) -> float:
@@ -138,6 +141,11 @@ class TrainSettings:
     #: fixed training inputs (which still serve DNF's histograms and fixed point's scales).
     #: E.g. :attr:`abfp.zoo.Task.sample_finetuning_batch`.
     sample_inputs: Callable[[torch.Generator, int], Any] | None = None
+    #: The learning rate's schedule over the steps: ``"constant"`` (``lr``, times ``lr_decay`` per
+    #: epoch) or ``"cosine"``: also times :func:`warmup_cosine` of the step (a linear warm-up over
+    #: ``warmup`` steps, then half a cosine down to nearly 0 at the last of ``steps``).
+    lr_schedule: str = "constant"
+    warmup: int = 0
 
     @property
     def frozen_layers(self) -> bool:
@@ -158,6 +166,13 @@ class TrainSettings:
         need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
         need(self.timing_steps >= 0 and self.timing_every >= 0, "timing_steps and timing_every must be >= 0")
         need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+        need(self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        need(isinstance(self.warmup, int) and not isinstance(self.warmup, bool) and self.warmup >= 0,
+             f"warmup must be a non-negative integer, got {self.warmup!r}")
+        need(self.warmup == 0 or self.lr_schedule == "cosine", "warmup goes with lr_schedule='cosine'")
+        need(self.lr_schedule != "cosine" or self.warmup < self.steps,
+             f"warmup ({self.warmup}) must be below steps ({self.steps})")
         if self.distillation is not None and not isinstance(self.distillation, Distillation):
             raise TypeError(f"distillation must be an abfp.finetune.Distillation, got {type(self.distillation).__name__}")
         need(self.distillation is None or self.loss_fn is None,
@@ -187,7 +202,14 @@ class TrainSettings:
                               for k, v in self.overrides.items()}
         if self.sample_inputs is not None:
             d["sample_inputs"] = sampler_identity(self.sample_inputs)
+        if self.lr_schedule != "constant":  # only when set: earlier checkpoints stay valid
+            d.update(lr_schedule=self.lr_schedule, warmup=self.warmup, schedule_steps=self.steps)
         return d
+
+    def lr_at(self, step: int, epoch: int) -> float:
+        """The learning rate of step ``step`` (counted from 0) in epoch ``epoch``."""
+        lr = self.lr * self.lr_decay ** epoch
+        return lr * warmup_cosine(step, self.steps, self.warmup) if self.lr_schedule == "cosine" else lr
 
 
 class Method(Protocol):
@@ -565,7 +587,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
             if world_size > 1:
                 torch.manual_seed(step_seed(s.seed, rank, step))
             method.before_step(step)
-            lr = s.lr * s.lr_decay ** batches.epoch(step)
+            lr = s.lr_at(step, batches.epoch(step))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             inputs, targets = shard(batches(step), rank, world_size)

@@ -93,6 +93,11 @@ def _parser(sub) -> None:
                         "fresh where the task has such a sampler, else fixed)")
     f.add_argument("--finetune-loss", choices=["kl", "cosine", "mse"], default=None,
                    help="kl on logits, cosine or mse on embeddings (default: kl for a classifier, else cosine)")
+    f.add_argument("--finetune-schedule", choices=["constant", "cosine"], default=None,
+                   help="distil-qat/dnf: the learning rate over the steps: constant, or cosine (a linear warm-up over "
+                        "--finetune-warmup steps, then half a cosine from --finetune-lr to nearly 0; default constant)")
+    f.add_argument("--finetune-warmup", type=int, default=None,
+                   help="with --finetune-schedule cosine: linear warm-up steps (default 0)")
     p.add_argument("--energy-samples", type=int, default=1,
                    help="calibration inputs accounted together for the energy per inference (weights are converted "
                         "once per call); default 1, one inference alone, as abfp energy and abfp explore count it")
@@ -236,7 +241,8 @@ def journal_name(json_path: str) -> str:
 def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:
     """The ``--finetune-*`` options as :class:`~.finetune.DistilStage` fields (``None`` without
     ``--finetune``; giving them without it is an error)."""
-    given = {k: getattr(args, f"finetune_{k}") for k in ("steps", "lr", "batch_size", "loss", "samples")}
+    given = {k: getattr(args, f"finetune_{k}") for k in ("steps", "lr", "batch_size", "loss", "samples", "schedule",
+                                                         "warmup")}
     given = {k: v for k, v in given.items() if v is not None}
 
     def flag(k: str) -> str:
@@ -255,6 +261,11 @@ def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:
         raise UsageError("--finetune-samples goes with --finetune bias-correct")
     if "lr" in given and given["lr"] <= 0:
         raise UsageError(f"--finetune-lr must be > 0, got {given['lr']}")
+    if "warmup" in given and given.get("schedule") != "cosine":
+        raise UsageError("--finetune-warmup goes with --finetune-schedule cosine")
+    steps = given.get("steps", FT_DEFAULTS["steps"])
+    if "warmup" in given and not 0 <= given["warmup"] < steps:
+        raise UsageError(f"--finetune-warmup must be >= 0 and below the steps ({steps}), got {given['warmup']}")
     return {**FT_DEFAULTS, **given, "progress": not args.no_progress}
 
 

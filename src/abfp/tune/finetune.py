@@ -64,11 +64,16 @@ class DistilStage:
     #: a new batch of ``batch_size`` every step (seeded by ``seed`` and the step) instead of the
     #: calibration inputs (see :class:`abfp.finetune.loop.TrainSettings`); ``None``: the calibration inputs
     fresh_inputs: Callable[[Generator, int], Any] | None = field(default=None, repr=False)
+    #: the learning rate over the steps: ``"constant"``, or ``"cosine"`` (a linear warm-up over
+    #: ``warmup`` steps, then half a cosine to nearly 0: :func:`abfp.finetune.loop.warmup_cosine`)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup: int = 0
     #: the training losses of the last call
     losses: list[float] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         from ..finetune.distillation import Distillation
+        from ..finetune.loop import LR_SCHEDULES
 
         if self.method not in DISTIL_METHODS:
             raise ValueError(f"finetune method must be one of {', '.join(DISTIL_METHODS)}, got {self.method!r}")
@@ -82,13 +87,23 @@ class DistilStage:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"finetune seed must be an integer >= 0, got {self.seed!r}")
         Distillation(self.loss, self.temperature)  # validates loss and temperature
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"finetune schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.schedule!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"finetune warmup must be an integer >= 0, got {self.warmup!r}")
+        if self.warmup and self.schedule != "cosine":
+            raise ValueError("finetune warmup goes with schedule='cosine'")
+        if self.schedule == "cosine" and self.warmup >= self.steps:
+            raise ValueError(f"finetune warmup ({self.warmup}) must be below steps ({self.steps})")
         if self.fresh_inputs is not None and not callable(self.fresh_inputs):
             raise TypeError(f"finetune fresh_inputs must be a callable (generator, n) -> inputs, "
                             f"got {type(self.fresh_inputs).__name__}")
 
     def describe(self) -> dict[str, Any]:
-        skip = ("progress", "losses", "checkpoint", "resume", "fresh_inputs")
+        skip = ("progress", "losses", "checkpoint", "resume", "fresh_inputs", "schedule", "warmup")
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
+        if self.schedule != "constant":  # only when set: earlier journals stay valid
+            d.update(schedule=self.schedule, warmup=self.warmup)
         if self.fresh_inputs is not None:  # only when set: earlier journals stay valid
             from ..finetune.loop import sampler_identity
 
@@ -96,11 +111,12 @@ class DistilStage:
         return d
 
     def note(self, n_inputs: int) -> str:
+        sched = "" if self.schedule == "constant" else f", cosine lr schedule ({self.warmup} warm-up steps)"
         if self.fresh_inputs is not None:
             return (f"{self.method}, {self.loss} loss, {self.steps} steps of {self.batch_size} fresh inputs "
-                    f"(a new batch every step)")
+                    f"(a new batch every step){sched}")
         return (f"{self.method}, {self.loss} loss, {self.steps} steps of {min(self.batch_size, n_inputs)} "
-                f"on {n_inputs} calibration inputs")
+                f"on {n_inputs} calibration inputs{sched}")
 
     def __call__(self, model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...]) -> nn.Module:
         from ..finetune.distillation import Distillation, as_inputs
@@ -115,7 +131,7 @@ class DistilStage:
         res = run(model, data, plan.base, steps=self.steps, lr=self.lr, batch_size=batch, **fresh,
                   loss=Distillation(self.loss, self.temperature), overrides=plan.overrides() or None,
                   exclude=[re.escape(e) for e in plan.exclude], seed=self.seed, progress=self.progress, timing_steps=0, timing_every=0,
-                  checkpoint=self.checkpoint, resume=self.resume)
+                  checkpoint=self.checkpoint, resume=self.resume, lr_schedule=self.schedule, warmup=self.warmup)
         self.losses = list(res.losses)
         return res.model
 
