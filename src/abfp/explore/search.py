@@ -574,10 +574,11 @@ def _result(ex: Explorer, families: list[str], task_name: str, target: Target, s
         "target_rule": rule,
         "samples": samples,
         "runs": eval_settings.runs,
-        "seed": eval_settings.seed,
+        # the noise seed of run 0 (run r: seed + r): the base device's own when it has one (evaluate's rule)
+        "seed": eval_settings.seed if base.seed is None else base.seed,
         "energy_params": costs.params.to_dict(),
         "energy_accounting": costs.describe(),
-        "base_config": base.to_dict(),
+        "base_config": base.to_dict(execution=True),  # kernel and seed too: they decide the numbers
         "search": space.to_dict(),
         "designs": designs,
         "cheapest": cheapest,
