@@ -217,3 +217,14 @@ def test_a_point_whose_format_contradicts_its_configs_mode_is_refused():
         Point("float", ABFPConfig())
     with pytest.raises(ValueError, match="config exactly"):
         Point("fp32", ABFPConfig())
+
+
+def test_a_noisy_record_says_the_seeds_and_batch_size_of_its_runs():
+    """Two evaluations at --seed 0 and 5 gave records that differed only in their values."""
+    recs = _evaluate(_points(), None, seed=5)
+    noisy = [r for r in recs if r["format"] != "fp32" and r["noise_std"] > 0]
+    assert noisy and all(r["seeds"] == [5, 6] and r["batch_size"] == 32 for r in noisy)
+    quiet = [r for r in recs if r["format"] != "fp32" and r["noise_std"] == 0]
+    assert quiet and all("seeds" not in r for r in quiet)
+    own = _evaluate(_points(execution={"seed": 11}), None)  # a device with its own seed runs from it
+    assert all(r["seeds"] == [11, 12] for r in own if r["format"] != "fp32" and r["noise_std"] > 0)

@@ -218,7 +218,8 @@ def evaluate(
     ``points``: :class:`Point` objects or bare :class:`ABFPConfig` (taken as ABFP or fixed by
     their mode). Keyword arguments override :class:`EvalSettings` fields. Each record holds
     ``model, format, tile_width, input_bits, weight_bits, output_bits, gain, noise_std,
-    metric, value, std, runs, values, delta_vs_fp32, seconds``, ``stderr`` (standard error of
+    metric, value, std, runs, values, delta_vs_fp32, seconds``, for a noisy point the ``seeds`` of
+    its runs and its ``batch_size`` (they decide its noise), ``stderr`` (standard error of
     ``value`` over the samples, mean over runs; ``extra_stderr`` for the extra metrics) and, per point, ``layers``
     (per-product saturation and error on the first batch) and ``gains`` for auto gain.
     ``overrides``: per-module configs (as :func:`abfp.convert` takes them, e.g. a
@@ -393,7 +394,7 @@ def evaluate(
                     if p.auto_gain and eval_settings.autogain_bits is not None else {})
             noisy = is_noisy(p)
             n_runs = eval_settings.runs if noisy else 1
-            values, seconds, extras, layers, ses = [], [], [], None, []
+            values, seconds, extras, layers, ses, seeds = [], [], [], None, [], []
             coverages: list[dict[str, Any] | None] = []
             stopped = False
             for r in range(n_runs):
@@ -405,6 +406,7 @@ def evaluate(
                                "autogain_threshold": eval_settings.autogain_threshold if p.auto_gain else None,
                                "pct": eval_settings.fixed_percentile if p.format == "fixed" else None,
                                "batch": eval_settings.batch_size if noisy else None, **rule})
+                seeds.append(rcfg.seed)
                 hit = broadcast_from_main(cache.get(key) if rank == 0 else None)
                 if hit is not None and eval_settings.layer_stats and r == 0 and hit.get("layers") is None:
                     hit = None  # written without per-layer statistics (e.g. by abfp explore): measure them
@@ -463,6 +465,8 @@ def evaluate(
                    "delta_vs_fp32": mean - fp32_value, "seconds": statistics.fmean(seconds),
                    "extra": extra, "layers": layers, "stderr": se_mean[metric.name],
                    "extra_stderr": {k: se_mean[k] for k in stderrs_keys[1:]}}
+            if noisy:  # what decides the noise of each run: its seed, and how batches fall on samples
+                rec["seeds"], rec["batch_size"] = seeds[:len(values)], eval_settings.batch_size
             if enough is not None and noisy:
                 rec["early_stopped"] = stopped
             if gains is not None:
