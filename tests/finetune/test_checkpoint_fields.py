@@ -29,8 +29,10 @@ ALLOWED = {
 
 
 def test_every_training_setting_is_in_the_checkpoint_provenance():
-    s = TrainSettings(steps=1, lr=1e-3, batch_size=2, overrides={"fc": ABFPConfig()},
-                      sample_inputs=lambda g, n: None)
+    # every optional part set (overrides, fresh inputs, a schedule: keyed only when set, so that
+    # checkpoints written before them stay valid)
+    s = TrainSettings(steps=4, lr=1e-3, batch_size=2, overrides={"fc": ABFPConfig()},
+                      sample_inputs=lambda g, n: None, lr_schedule="cosine", warmup=1)
     keyed = set(s.fingerprint())
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     missing = names - keyed - set(ELSEWHERE) - set(ALLOWED)

@@ -238,6 +238,8 @@ INAPPLICABLE = [
     (["finetune", "--no-progress", "--time-steps", "2", "--resume"], "--resume does not apply"),
     (["finetune", "--no-progress", "--checkpoint", "", "--checkpoint-every", "5"], "--checkpoint-every does not apply"),
     (["tune", "--json", "{fresh_json}", "--no-repeats", "--max-repeats", "4"], "--max-repeats does not apply"),
+    (["tune", "--json", "{fresh_json}", "--config", '{"execution": {"seed": 4}}', "--seed", "3"],
+     "--seed 3 and the device's own seed 4"),
     (["tune", "--json", "{fresh_json}", "--gains", "1,2", "--max-gain", "4"], "--max-gain does not apply"),
 ]
 

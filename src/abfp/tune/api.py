@@ -272,6 +272,9 @@ def tune(
     ``resume=True`` the finished stages of an earlier run with the same journal, model, data,
     metric, config and options are taken from it (another run's journal is refused), so a
     killed run loses at most the stage it was in (a killed finetuning: its last checkpoint).
+    ``seed``: the noise seed of every stage's evaluations, of the gain choice and of the
+    finetuning; a ``config`` with its own ``execution.seed`` runs at that one instead (as
+    ``abfp.evaluate`` and finetuning do), everywhere.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"tune needs an nn.Module, got {type(model).__name__}")
@@ -282,6 +285,8 @@ def tune(
         raise ValueError("tune plans ABFP devices: config.mode must be 'abfp'")
     if config.repeats != 1:
         raise ValueError(f"tune chooses the repeats: give a config with repeats=1, got {config.repeats}")
+    if config.seed is not None:  # the device's own seed: the gains already ran at it, the stage metrics did not
+        seed = config.seed
     metric = metric or COSINE
     if not isinstance(metric, Metric):
         raise TypeError(f"metric must be an abfp.zoo.base.Metric, got {type(metric).__name__}")

@@ -102,7 +102,8 @@ def _parser(sub) -> None:
                    help="calibration inputs accounted together for the energy per inference (weights are converted "
                         "once per call); default 1, one inference alone, as abfp energy and abfp explore count it")
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's own")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="noise seed of the stages, gains and finetuning (default 0, or the device's own)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--resume", action="store_true",
@@ -164,6 +165,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError("--gain-rule energy chooses the gains for --target itself: --gain-tolerance and --gain-descent "
                          "go with the error rule")
     cfg = base_config(args)
+    if args.seed is not None and cfg.seed is not None and args.seed != cfg.seed:
+        raise UsageError(f"--seed {args.seed} and the device's own seed {cfg.seed} (execution.seed): give one")
+    args.seed = 0 if args.seed is None else args.seed
     if cfg.mode != "abfp" or cfg.repeats != 1:
         raise UsageError("abfp tune plans an ABFP device: give a base config with mode 'abfp' and repeats 1")
     calibration_default = args.calibration is None
