@@ -564,3 +564,15 @@ def test_convert_arguments_of_the_wrong_kind_are_refused_in_words():
     with pytest.raises(TypeError, match="include_matmul must be True or False"):
         abfp.convert(m, QUIET, include_matmul="no")
     assert abfp.analog_state(abfp.convert(m, QUIET, exclude=None)).exclude == ()
+
+
+def test_a_module_replaced_after_convert_is_refused_when_it_runs():
+    """A head replaced after convert (``model[2] = ...``) ran its products as the root's: analog
+    although '2' was excluded, under the root's name and device. It is refused naming the module,
+    through product-free containers too; converting again covers it."""
+    m = abfp.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), QUIET, exclude=["2"])
+    m[2] = nn.Sequential(nn.ReLU(), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"module '2\.1' was added or replaced after abfp.convert"):
+        m(torch.randn(2, 4))
+    again = abfp.convert(m, QUIET, exclude=["2"])
+    assert [r.site for r in abfp.summary(again, torch.randn(2, 4)).rows if r.kind != "digital"] == ["0:linear0"]

@@ -23,29 +23,10 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ..config import ABFPConfig, ExecutionOptions
-from .mode import DigitalSpectralNorm, GuardedForward
+from .mode import _PRODUCT_FREE, DigitalSpectralNorm, GuardedForward, product_free  # noqa: F401  (re-exported)
 from .state import AnalogState, _matches, is_site_pattern, normalise_overrides, site_pattern_names_a_module
 
 STATE_ATTR = "abfp_state"
-
-#: torch modules whose own ``forward`` makes no product (activations, norms, pooling, dropout,
-#: reshapes, ``nn.Sequential``, which only calls its children): they never hold the frame of a
-#: product, so ``convert`` leaves them as they are (no wrapped ``forward``, no Python of ours per
-#: call). The class's forward as torch defines it: a subclass, a patched class or an
-#: instance-level ``forward`` is wrapped.
-_PRODUCT_FREE = {cls: cls.forward for cls in (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardswish,
-    nn.Hardsigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Sequential)}
-
-
-def product_free(module: nn.Module) -> bool:
-    """Whether ``module`` is one of :data:`_PRODUCT_FREE` running its class's own ``forward``."""
-    fwd = _PRODUCT_FREE.get(type(module))
-    return fwd is not None and type(module).forward is fwd and "forward" not in module.__dict__
-
 
 def convert(
     model: nn.Module,

@@ -49,6 +49,7 @@ import types
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
@@ -62,6 +63,41 @@ from .state import AnalogState
 
 __all__ = ["AnalogMode", "DigitalSpectralNorm", "DirectSites", "Frame", "GuardedForward", "ProductCall", "digital_call",
            "drop_stale", "leave", "off_mode", "run_product"]
+
+#: torch modules whose own ``forward`` makes no product (activations, norms, pooling, dropout,
+#: reshapes, ``nn.Sequential``, which only calls its children): they never hold the frame of a
+#: product, so ``convert`` leaves them as they are (no wrapped ``forward``, no Python of ours per
+#: call). The class's forward as torch defines it: a subclass, a patched class or an
+#: instance-level ``forward`` is wrapped.
+_PRODUCT_FREE = {cls: cls.forward for cls in (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardswish,
+    nn.Hardsigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Sequential)}
+
+
+def product_free(module: nn.Module) -> bool:
+    """Whether ``module`` is one of :data:`_PRODUCT_FREE` running its class's own ``forward``."""
+    fwd = _PRODUCT_FREE.get(type(module))
+    return fwd is not None and type(module).forward is fwd and "forward" not in module.__dict__
+
+
+def _unconverted_below(module: torch.nn.Module, name: str) -> str | None:
+    """The name of a module below ``module`` that can make products but has no
+    :class:`GuardedForward` (added or replaced after ``convert``), looking through product-free
+    containers; None when there is none."""
+    for child_name, child in module._modules.items():
+        if child is None or isinstance(child.__dict__.get("forward"), GuardedForward):
+            continue
+        full = f"{name}.{child_name}" if name else child_name
+        if not product_free(child):
+            return full
+        found = _unconverted_below(child, full)
+        if found is not None:
+            return found
+    return None
+
 
 _tls = threading.local()
 _tls.stack = []  # the importing thread's, made here so that a compiled call does not guard on its creation
@@ -309,6 +345,13 @@ class AnalogMode(TorchFunctionMode):
         if not stack:
             return func(*args, **kwargs)
         frame = stack[-1]
+        if not dynamo and frame.module is not None and frame.module._modules:
+            added = _unconverted_below(frame.module, frame.name)
+            if added is not None:  # its products would run under this module's name and device
+                owner = repr(frame.name) if frame.name else "the root"
+                raise ValueError(f"abfp: module {added!r} was added or replaced after abfp.convert: its products would "
+                                 f"run as products of {owner}, with that module's device, exclusion and overrides; "
+                                 "convert the model again (abfp.convert(model, config, ...)) after changing it")
         direct = frame.state.direct
         if direct is not None and frame.module in direct.leaf and direct.active():
             return func(*args, **kwargs)  # a leaf site: its wrapper answers
