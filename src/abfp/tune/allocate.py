@@ -30,6 +30,8 @@ layers' candidate settings):
    energy) instead: the last plan on the path within it (the least predicted loss it buys).
    Where the chosen plan misses the target and the base config (every module at its gain,
    ``k = 1``) scores better on the calibration inputs, the base config is returned instead.
+6. **Refine** (optional, ``refine``): the predicted loss can misjudge a module, so the few
+   modules of largest predicted loss are checked on the model itself (:mod:`.refine`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ..config import ABFPConfig
 from ..energy import EnergyParams, row_cost
 from ..nn import convert, summary, to_digital
 from .gains import _as_tuple, _check_candidates, intercepted_forward
+from .refine import refine_settings
 
 __all__ = ["Setting", "LayerProfile", "profile_layers", "sensitivities", "layer_energies", "allocation_path",
            "search_path", "Allocation", "repeat_options", "fill_budget"]
@@ -328,12 +331,15 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
                       modules: Sequence[str], energy_inputs: tuple[torch.Tensor, ...],
                       score: Callable[[dict[str, Setting]], float], meets: Callable[[float], bool], *,
                       budget: float | None = None, params: EnergyParams | None = None,
-                      exclude: Sequence[str] = (), seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[dict[str, Setting], dict[str, Any]]:
+                      exclude: Sequence[str] = (), seed: int = 0, refine: int = 0,
+                      progress: Callable[[str], None] | None = None) -> tuple[dict[str, Setting], dict[str, Any]]:
     """Steps 1-5 of this module: ``(module -> (gain, repeats), details)``. ``inputs`` (with
     ``targets`` for a label metric) measure the errors and sensitivities, ``energy_inputs`` the
     energies; ``score(settings)`` is the metric of a plan on the calibration inputs. ``budget``:
     instead of the cheapest plan that meets the target, the plan of least predicted loss whose
-    energy is at most ``budget`` times that of the base config (every module at its gain, k = 1)."""
+    energy is at most ``budget`` times that of the base config (every module at its gain, k = 1).
+    ``refine``: then step 6 (:mod:`.refine`) on that many modules, those of largest predicted
+    loss at the chosen settings, within the budget (or, without one, the chosen plan's energy)."""
     say = progress or (lambda s: None)
     gains = _check_candidates(gains)
     reps = sorted({int(k) for k in repeats})
@@ -387,10 +393,19 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
         if sign * (v - found.metric) > 0:
             found = Allocation(dict(fixed), v, meets(v), found.index, found.path_length, found.trials)
             base_plan = True
+    refined: dict[str, Any] | None = None
+    if refine and not base_plan:
+        order = sorted(known, key=lambda m: -losses[m][found.settings[m]])[:refine]
+        cap = budget * e_base * (1 + 1e-9) if budget is not None else energy(found.settings) * (1 + 1e-9)
+        r = refine_settings(found.settings, order, gains, reps, energy, cap, trial, found.metric,
+                            metric.higher_is_better)
+        refined = {"modules": order, "trials": [list(t) for t in r.trials],
+                   "moved": {m: [list(a), list(b)] for m, (a, b) in r.moved(found.settings).items()}}
+        found = Allocation(r.settings, r.metric, meets(r.metric), found.index, found.path_length, found.trials)
     details = {"allocation": {"index": found.index, "path_length": found.path_length, "metric": found.metric,
                               "reached": found.reached, "trials": found.trials, "budget": budget,
                               "energy_ratio": energy(found.settings) / e_base, "base_plan": base_plan},
                "sensitivity": sens, "error_sq": {m: {f"{g:g}x{k}": prof.error_sq(m, (g, k)) for g, k in settings}
                                                  for m in known},
-               "settings": {m: list(s) for m, s in found.settings.items()}}
+               "settings": {m: list(s) for m, s in found.settings.items()}, "refine": refined}
     return found.settings, details

@@ -223,6 +223,7 @@ def tune(
     gain_samples: int = 32,
     gain_descent: bool = False,
     energy_budget: float | None = None,
+    refine: int = 0,
     repeats: bool = True,
     max_repeats: int = 16,
     repeat_steps: int = 8,
@@ -261,6 +262,11 @@ def tune(
     inference that reaches ``target`` on the calibration inputs (:mod:`.allocate`); the
     repeats stage is then skipped. ``energy_budget`` (with the energy rule): instead, the plan
     of least predicted error whose energy is at most that many times the single-gain energy.
+    ``refine`` (with the energy rule): then check the rule's choice for that many modules, those of
+    largest predicted loss, on the calibration inputs, each moved to the neighbouring gain (one
+    candidate step either way, any repeats) that scores best there within the budget or, without
+    a budget, the rule's energy (:mod:`.refine`; at most ``refine * 3 * repeat options``
+    calibration forwards).
     ``gain_descent``: after the gain stage, lower the gains, most expensive module first, while
     the target is still reached on the calibration inputs (:mod:`.descent`; a stage of its own).
     ``extra_metrics``: reported per stage besides ``metric``.
@@ -308,6 +314,10 @@ def tune(
                 or not math.isfinite(energy_budget) or energy_budget <= 0:
             raise ValueError(f"energy_budget must be a finite number > 0 (times the single-gain energy), got "
                              f"{energy_budget!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be an integer >= 0 (modules to refine), got {refine!r}")
+    if refine and gain_rule != "energy":
+        raise ValueError("refine goes with gain_rule='energy' (it checks the energy rule's choice on the model)")
     if gain_rule == "energy" and (gain_tolerance or gain_descent):
         raise ValueError("the energy rule chooses the gains for the target itself: gain_tolerance and gain_descent "
                          "go with the error rule")
@@ -336,7 +346,7 @@ def tune(
     if journal is not None:
         options = dict(target=target_given, gain_rule=gain_rule, gains=None if gains is None else [float(g) for g in gains],
                        max_gain=max_gain, gain_tolerance=gain_tolerance, gain_samples=gain_samples,
-                       gain_descent=gain_descent, energy_budget=energy_budget, repeats=repeats, max_repeats=max_repeats,
+                       gain_descent=gain_descent, energy_budget=energy_budget, refine=refine, repeats=repeats, max_repeats=max_repeats,
                        repeat_steps=repeat_steps, exclude=list(exclude), batch_size=batch_size,
                        energy_samples=energy_samples, energy_params=asdict(params), seed=seed,
                        finetune=None if finetune is None else finetune.describe() if isinstance(finetune, STAGES)
@@ -406,7 +416,7 @@ def tune(
             gains if gains is not None else power_of_two_gains(max_gain),
             repeat_options(max_repeats) if repeats else [1], modules, e_inputs,
             lambda st: calibration_score(with_settings(st)), meets, budget=energy_budget, params=params,
-            exclude=exclude, seed=seed, progress=say)
+            exclude=exclude, seed=seed, refine=refine, progress=say)
         details.update(found)
         chosen = {m: s[0] for m, s in settings.items()}
         gain_plan = with_settings(settings)
@@ -419,7 +429,10 @@ def tune(
         where = (f"no plan on the path beat the single gain on calibration ({al['metric']:.4g}): kept it"
                  if al["base_plan"] else
                  f"plan {al['index']} of {al['path_length']} on the path, {al['metric']:.4g} on calibration")
-        stage("gain", gain_plan, t0, note=f"energy rule{within}: {where}{miss}")
+        moved = (details.get("refine") or {}).get("moved") or {}
+        refined = "" if not refine or al["base_plan"] else "; refined on calibration: " + (", ".join(
+            f"{m} {a[0]:.3g}x{a[1]} -> {b[0]:.3g}x{b[1]}" for m, (a, b) in moved.items()) or "no change")
+        stage("gain", gain_plan, t0, note=f"energy rule{within}: {where}{miss}{refined}")
     else:
         chosen = choose_gains(model, g_inputs, config, rule=gain_rule, candidates=gains, max_gain=max_gain,
                               tolerance=gain_tolerance, exclude=exclude, seed=seed)

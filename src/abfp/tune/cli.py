@@ -58,6 +58,10 @@ def _parser(sub) -> None:
     p.add_argument("--energy-budget", type=float, default=None,
                    help="with --gain-rule energy: the most accurate plan within this many times the single-gain "
                         "energy, instead of the cheapest that reaches --target")
+    p.add_argument("--refine", type=int, default=0,
+                   help="with --gain-rule energy: check the rule's choice for this many modules (largest predicted "
+                        "loss first) on the calibration inputs, each moved to the neighbouring gain that scores best "
+                        "there at no more energy (default 0: none)")
     p.add_argument("--gains-per-octave", type=int, default=None,
                    help="candidate gains 2**(j/N) up to --max-gain (arbitrary gains; default 1: powers of two)")
     p.add_argument("--gains", type=csv_list(float, "--gains"), default=None,
@@ -137,6 +141,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             "finetune_steps", "finetune_batch_size", "finetune_samples", "gains_per_octave", "energy_samples"))
     require_at_least(args, ("seed",), 0)
     require_finite(args, ("max_gain", "target", "gain_tolerance", "finetune_lr", "energy_budget"))
+    if args.refine < 0:
+        raise UsageError(f"--refine must be >= 0 (modules to refine), got {args.refine}")
+    if args.refine and args.gain_rule != "energy":
+        raise UsageError("--refine goes with --gain-rule energy")
     if args.energy_budget is not None and (args.gain_rule != "energy" or args.energy_budget <= 0):
         raise UsageError(f"--energy-budget goes with --gain-rule energy and must be > 0, got {args.energy_budget}")
     refuse_inapplicable(args, {
@@ -210,7 +218,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                    calibration_targets=calib.targets, eval_inputs=evald.inputs, eval_targets=evald.targets,
                    gain_rule=args.gain_rule, gains=args.gains, max_gain=args.max_gain,
                    gain_tolerance=args.gain_tolerance or 0.0, gain_descent=args.gain_descent,
-                   energy_budget=args.energy_budget,
+                   energy_budget=args.energy_budget, refine=args.refine,
                    gain_samples=args.gain_samples, repeats=not args.no_repeats, max_repeats=args.max_repeats,
                    finetune=None if args.finetune == "none" else args.finetune, finetune_options=finetune_options,
                    extra_metrics=zoo.extra_metrics(task.name),

@@ -1,0 +1,113 @@
+"""Step 6 of the energy rule, the refinement on the real metric (:mod:`abfp.tune.refine`):
+against a brute force over the neighbourhoods, within the energy limit, never worse than its start,
+and through ``abfp.tune(refine=N)`` / ``abfp tune --refine N``."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import abfp
+from abfp import ABFPConfig
+from abfp.tune import power_of_two_gains
+from abfp.tune.refine import refine_settings
+
+GAINS = [1.0, 2.0, 4.0, 8.0, 16.0]
+REPS = [1, 2, 4]
+
+
+def _energy(st_: dict) -> float:
+    return sum(g * k for g, k in st_.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(["a", "b", "c"]), st.tuples(st.sampled_from(GAINS), st.sampled_from(REPS)),
+                       min_size=1, max_size=3),
+       st.integers(0, 2**31 - 1), st.floats(0.5, 3.0), st.booleans())
+def test_refine_matches_a_brute_force_module_by_module(start: dict, salt: int, slack: float, higher: bool) -> None:
+    table = {}
+
+    def score(st_: dict) -> float:
+        key = tuple(sorted(st_.items()))
+        if key not in table:
+            table[key] = float(torch.rand(1, generator=torch.Generator().manual_seed(hash((key, salt)) % 2**31)))
+        return table[key]
+
+    limit = _energy(start) * slack
+    modules = sorted(start)
+    r = refine_settings(start, modules, GAINS, REPS, _energy, limit, score, score(dict(start)), higher)
+    # brute force: each module in turn, the best neighbour (one gain step, any repeats) within the limit
+    better = (lambda a, b: a > b) if higher else (lambda a, b: a < b)
+    cur, best, n = dict(start), score(dict(start)), 0
+    for m in modules:
+        at = GAINS.index(cur[m][0])
+        pick = None
+        for g, k in itertools.product(GAINS[max(0, at - 1): at + 2], REPS):
+            trial = {**cur, m: (g, k)}
+            if (g, k) == cur[m] or _energy(trial) > limit:
+                continue
+            n += 1
+            v = score(trial)
+            if better(v, best):
+                pick, best = (g, k), v
+        if pick:
+            cur[m] = pick
+    assert r.settings == cur and r.metric == best and len(r.trials) == n
+    assert _energy(r.settings) <= max(limit, _energy(start))
+    assert not better(score(dict(start)), r.metric)  # never worse than the start
+    for m, (a, b) in r.moved(start).items():
+        assert a == start[m] and b == r.settings[m] != a
+
+
+def test_refine_bad_arguments() -> None:
+    with pytest.raises(KeyError, match="'z'"):
+        refine_settings({"a": (1.0, 1)}, ["z"], GAINS, REPS, _energy, 10.0, lambda s: 0.0, 0.0, True)
+    with pytest.raises(ValueError, match="width"):
+        refine_settings({"a": (1.0, 1)}, ["a"], GAINS, REPS, _energy, 10.0, lambda s: 0.0, 0.0, True, width=0)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 6))
+
+
+def test_tune_refine_is_never_worse_on_calibration_and_stays_within_the_budget() -> None:
+    model = _mlp()
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    kw = dict(target=0.9999, gain_rule="energy", gains=power_of_two_gains(64, 2), max_repeats=2, energy_budget=1.3)
+    plain = abfp.tune(model, x, ABFPConfig(tile_width=8), **kw)
+    ref = abfp.tune(model, x, ABFPConfig(tile_width=8), refine=2, **kw)
+    assert plain.details["refine"] is None
+    r = ref.details["refine"]
+    assert len(r["modules"]) == 2 and r["trials"]
+    assert all(len(t) == 4 for t in r["trials"])
+    # eval inputs are the calibration inputs here, scored with the same seed as the trials
+    assert ref.stages[1].metric >= plain.stages[1].metric
+    assert ref.details["allocation"]["energy_ratio"] <= 1.3 * (1 + 1e-9)
+    assert "refined on calibration" in ref.stages[1].note
+    for m, (a, b) in r["moved"].items():
+        assert b == ref.details["settings"][m] and [ref.plan.modules[m].gain, ref.plan.modules[m].repeats] == b
+    # the refined modules are the rule's riskiest: largest predicted loss at the chosen settings
+    sens, err = plain.details["sensitivity"], plain.details["error_sq"]
+    chosen = plain.details["settings"]
+    loss = {m: sens[m] * err[m][f"{chosen[m][0]:g}x{chosen[m][1]}"] for m in err}
+    assert r["modules"] == sorted(loss, key=lambda m: -loss[m])[:2]
+
+
+@pytest.mark.parametrize("kwargs, msg", [({"refine": -1}, "refine"), ({"refine": 1}, "gain_rule='energy'"),
+                                         ({"refine": True, "gain_rule": "energy"}, "refine")])
+def test_tune_refine_bad_options(kwargs: dict, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        abfp.tune(_mlp(), torch.randn(8, 24), ABFPConfig(), **kwargs)
+
+
+def test_cli_refine_needs_the_energy_rule(capsys) -> None:
+    from abfp.cli import main
+
+    assert main(["tune", "--task", "fashion-cnn", "--json", "x.json", "--refine", "2"]) == 2
+    assert "--refine goes with --gain-rule energy" in capsys.readouterr().err
+    assert main(["tune", "--task", "fashion-cnn", "--json", "x.json", "--gain-rule", "energy", "--refine", "-1"]) == 2
