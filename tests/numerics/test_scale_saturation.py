@@ -10,6 +10,9 @@ as any float32 arithmetic gives), never NaN."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,39 +21,11 @@ from abfp import functional as AF
 from abfp.numerics import fused, reference_product
 from abfp.numerics.blocks import round_scale
 
+sys.path.insert(0, str(Path(__file__).parent))
+from spec64 import spec64 as _spec64  # noqa: E402
+
 F32_MAX = float(torch.finfo(torch.float32).max)
 BF16_MAX = float(torch.finfo(torch.bfloat16).max)
-
-
-def _spec64(x: torch.Tensor, w: torch.Tensor, cfg: ABFPConfig) -> torch.Tensor:
-    """SPEC section 1 (ABFP, no noise) in float64, written out here: X (M, K) @ W (N, K)^T,
-    scales saturating at the largest finite value of their format."""
-    n = cfg.tile_width
-    lx, lw, ly = (2 ** (b - 1) - 1 for b in (cfg.input_bits, cfg.weight_bits, cfg.output_bits))
-    k = x.shape[-1]
-    t = -(-k // n)
-
-    def tiles(v):
-        return torch.nn.functional.pad(v.double(), (0, t * n - k)).reshape(v.shape[0], t, n)
-
-    def scale(v):
-        m = v.abs().amax(-1)
-        if cfg.scale_dtype == "bfloat16":
-            return m.float().to(torch.bfloat16).double().clamp(max=BF16_MAX)
-        if cfg.scale_dtype == "pow2":
-            e = torch.ceil(torch.log2(m.clamp(min=1e-300)))
-            return torch.where(m > 0, torch.exp2(e.clamp(max=127)), torch.zeros_like(m))
-        return m
-
-    def codes(v, s, lv):
-        return torch.round((v / torch.where(s > 0, s, 1).unsqueeze(-1)).clamp(-1, 1) * lv)
-
-    xt, wt = tiles(x), tiles(w)
-    sx, sw = scale(xt), scale(wt)
-    d = torch.einsum("mtk,ntk->mnt", codes(xt, sx, lx), codes(wt, sw, lw))
-    a = cfg.gain * (d / (lx * lw)) / n
-    qy = torch.round(a.clamp(-1, 1) * ly)
-    return (qy * (n / (cfg.gain * ly)) * sx.unsqueeze(1) * sw.unsqueeze(0)).sum(-1)
 
 
 def test_scale_formats_saturate_at_their_largest_finite_value():

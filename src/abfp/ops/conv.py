@@ -138,14 +138,17 @@ def conv2d(
     if config.mode == "fixed" and input_scale is None:
         input_scale = x.detach().abs().max() if x.numel() else 0.0  # one scale for the whole tensor
     fast = config.kernel != "reference" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    if bt > 0 and (fast or trains_in_columns(device, x, w3)):
+    # an empty batch, or an empty reduction (no input channels: every output is the empty sum 0), has
+    # nothing to tile: the row path gives its zeros
+    work = bt > 0 and kg > 0
+    if work and (fast or trains_in_columns(device, x, w3)):
         if weights is None:
             weights = encode_weights(w3.detach().to(torch.bfloat16) if device.bf16_io else w3.detach(), device,
                                      weight_scale)
-    if fast and bt > 0:
+    if fast and work:
         y = _conv2d_cols(x, pads, weights, device, groups, (kh, kw), stride, dilation, (ho, wo), input_scale,
                          generator, stats, channels_last=_channels_last(x) or _channels_last(weight), key=key)
-    elif bt > 0 and trains_in_columns(device, x, w3):
+    elif work and trains_in_columns(device, x, w3):
         geometry = ConvGeometry(pads, stride, dilation, groups, (kh, kw), (ho, wo))
         y = _conv2d_train(x, w3, geometry, weights, device, input_scale, weight_scale, generator, stats, key)
     else:
@@ -279,9 +282,11 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
     static = static_scale_value(x, input_scale, config.scale_dtype) if config.mode == "fixed" else None
     if key is None:
         key = draw_key(config, generator)
-    if bt == 0 or ho * wo == 0:  # nothing to convert (an empty batch): no chunk to plan
-        return torch.empty(bt, cout, ho, wo, dtype=torch.float32, device=x.device,
-                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if bt == 0 or ho * wo == 0 or c == 0:  # nothing to convert (an empty batch or reduction): no chunk to plan
+        # (no input channels: every output is the empty sum, 0)
+        y = torch.empty(bt, cout, ho, wo, dtype=torch.float32, device=x.device,
+                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return y.zero_() if c == 0 else y
     if use_fused(config, plan, x.device, wide=True):
         return conv2d_fused(x, pads, weights, config, plan, groups, k, stride, dilation, out_hw, static, key, stats,
                             channels_last, inside)
