@@ -206,3 +206,24 @@ def test_convolutions_without_input_channels_give_the_empty_sum(kernel, grad):
         if grad:
             y.sum().backward()
             assert x.grad.shape == x.shape
+
+
+# ----------------------------------------------------------------------------- fixed-point scales
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_fixed_point_scale_that_cannot_encode_is_a_clear_error_in_every_kernel(bad, kernel):
+    """The reference kernel gave NaN (scale NaN) or zeros (scale inf or negative) where the fast
+    path refuses the scale."""
+    r = _gen(6)
+    cfg = CFG.replace(mode="fixed", kernel=kernel)
+    x, w = r(3, 20), r(4, 20)
+    calls = [lambda **s: AF.linear(x, w, config=cfg, cache=False, **s),
+             lambda **s: AF.conv2d(x.reshape(1, 3, 4, 5), w.reshape(4, 5, 2, 2)[:, :3], config=cfg, cache=False, **s),
+             lambda **s: AF.conv_transpose1d(x[None], w[:3, :, None], config=cfg, cache=False, **s)]
+    for call in calls:
+        for arg in ("input_scale", "weight_scale"):
+            with pytest.raises(ValueError, match="fixed-point scale must be finite"):
+                call(**{arg: bad})
+    for arg in ("a_scale", "b_scale"):
+        with pytest.raises(ValueError, match="fixed-point scale must be finite"):
+            AF.matmul(x, w.t(), config=cfg, **{arg: bad})
