@@ -47,17 +47,23 @@ def _families(x: torch.Tensor, w: torch.Tensor) -> dict:
     }
 
 
-def _check_all(x: torch.Tensor, w: torch.Tensor, cfg: ABFPConfig) -> None:
+def _check_all(x: torch.Tensor, w: torch.Tensor, cfg: ABFPConfig, grad: bool = False) -> None:
+    """Every family and kernel within one ADC code of the float64 SPEC value; ``grad``: through the
+    paths that record gradients (straight-through), whose gradients must be finite too."""
     want, code = spec64(x, w, cfg, with_code=True)
     assert torch.isfinite(want).all()
+    x, w = x.clone().requires_grad_(grad), w.clone().requires_grad_(grad)
     for name, f in _families(x, w).items():
         for kernel in KERNELS:
             got = f(cfg.replace(kernel=kernel))
             assert got.shape == want.shape and got.dtype == x.dtype, (name, kernel)
-            err = (got.double() - want).abs()
+            err = (got.detach().double() - want).abs()
             # one ADC code (SPEC's allowance) plus float32 rounding of the sum
             ok = err <= code + 2.0**-22 * want.abs() + 2.0**-149
             assert bool(ok.all()), f"{name}/{kernel}: max error {err.max().item():.3g}, one code {code.max().item():.3g}"
+            if grad:
+                gx, gw = torch.autograd.grad(got.sum(), (x, w))
+                assert bool(torch.isfinite(gx).all() and torch.isfinite(gw).all()), (name, kernel)
 
 
 def _gen(seed: int):
@@ -102,10 +108,11 @@ def _edge_cases():
     }
 
 
+@pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("case", list(_edge_cases()))
-def test_every_family_and_kernel_follows_spec_on_edge_inputs(case):
+def test_every_family_and_kernel_follows_spec_on_edge_inputs(case, grad):
     x, w, cfg = _edge_cases()[case]
-    _check_all(x, w, cfg)
+    _check_all(x, w, cfg, grad)
 
 
 _EDGE_VALUES = [0.0, 1e-40, -1e-40, 1.0 + 2**-8, -(2 - 2**-8), 0.5 + 2**-9, 3.0, -1e-3]
