@@ -102,9 +102,9 @@ def test_stage_and_cli_pass_the_schedule_on(monkeypatch: pytest.MonkeyPatch) -> 
 
     args = argparse.Namespace(finetune="distil-qat", finetune_steps=5, finetune_lr=2e-3, finetune_batch_size=8,
                               finetune_loss=None, finetune_samples=None, finetune_schedule="cosine",
-                              finetune_warmup=1, no_progress=True)
+                              finetune_warmup=1, finetune_temperature=2.0, no_progress=True)
     options = _finetune_options(args)
-    assert (options["schedule"], options["warmup"]) == ("cosine", 1)
+    assert (options["schedule"], options["warmup"], options["temperature"]) == ("cosine", 1, 2.0)
     seen: list[float] = []
     step = torch.optim.AdamW.step
 
@@ -118,6 +118,7 @@ def test_stage_and_cli_pass_the_schedule_on(monkeypatch: pytest.MonkeyPatch) -> 
     stage = DistilStage(**{k: v for k, v in options.items()})
     stage(model, DevicePlan(ABFPConfig(tile_width=4)), (torch.randn(32, 12),))
     assert seen == pytest.approx([2e-3 * warmup_cosine(k, 5, 1) for k in range(5)], rel=1e-12)
+    assert stage.describe()["temperature"] == 2.0
 
 
 def test_stage_describes_its_schedule_only_when_set() -> None:

@@ -97,6 +97,8 @@ def _parser(sub) -> None:
                         "fresh where the task has such a sampler, else fixed)")
     f.add_argument("--finetune-loss", choices=["kl", "cosine", "mse"], default=None,
                    help="kl on logits, cosine or mse on embeddings (default: kl for a classifier, else cosine)")
+    f.add_argument("--finetune-temperature", type=float, default=None,
+                   help="kl loss: the softmax temperature T of T^2 KL(softmax(t/T) || softmax(s/T)) (default 1)")
     f.add_argument("--finetune-schedule", choices=["constant", "cosine"], default=None,
                    help="distil-qat/dnf: the learning rate over the steps: constant, or cosine (a linear warm-up over "
                         "--finetune-warmup steps, then half a cosine from --finetune-lr to nearly 0; default constant)")
@@ -140,7 +142,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     require_at_least(args, ("calibration", "eval_samples", "gain_samples", "max_repeats", "batch_size", "threads",
                             "finetune_steps", "finetune_batch_size", "finetune_samples", "gains_per_octave", "energy_samples"))
     require_at_least(args, ("seed",), 0)
-    require_finite(args, ("max_gain", "target", "gain_tolerance", "finetune_lr", "energy_budget"))
+    require_finite(args, ("max_gain", "target", "gain_tolerance", "finetune_lr", "finetune_temperature",
+                          "energy_budget"))
     if args.refine < 0:
         raise UsageError(f"--refine must be >= 0 (modules to refine), got {args.refine}")
     if args.refine and args.gain_rule != "energy":
@@ -254,7 +257,7 @@ def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:
     """The ``--finetune-*`` options as :class:`~.finetune.DistilStage` fields (``None`` without
     ``--finetune``; giving them without it is an error)."""
     given = {k: getattr(args, f"finetune_{k}") for k in ("steps", "lr", "batch_size", "loss", "samples", "schedule",
-                                                         "warmup")}
+                                                         "warmup", "temperature")}
     given = {k: v for k, v in given.items() if v is not None}
 
     def flag(k: str) -> str:
@@ -273,6 +276,10 @@ def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:
         raise UsageError("--finetune-samples goes with --finetune bias-correct")
     if "lr" in given and given["lr"] <= 0:
         raise UsageError(f"--finetune-lr must be > 0, got {given['lr']}")
+    if "temperature" in given and given["temperature"] <= 0:
+        raise UsageError(f"--finetune-temperature must be > 0, got {given['temperature']}")
+    if "temperature" in given and given.get("loss", "kl") != "kl":
+        raise UsageError("--finetune-temperature goes with --finetune-loss kl")
     if "warmup" in given and given.get("schedule") != "cosine":
         raise UsageError("--finetune-warmup goes with --finetune-schedule cosine")
     steps = given.get("steps", FT_DEFAULTS["steps"])
