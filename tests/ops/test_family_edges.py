@@ -234,3 +234,26 @@ def test_a_fixed_point_scale_that_cannot_encode_is_a_clear_error_in_every_kernel
     for arg in ("a_scale", "b_scale"):
         with pytest.raises(ValueError, match="fixed-point scale must be finite"):
             AF.matmul(x, w.t(), config=cfg, **{arg: bad})
+
+
+# ----------------------------------------------------------------------------- float64 beyond float32
+@pytest.mark.parametrize("where", ["x", "w"])
+@pytest.mark.parametrize("kernel", ["auto", "reference"])
+def test_float64_operands_beyond_float32_are_a_clear_error(where, kernel):
+    """The device computes in float32: a finite float64 value float32 cannot hold (1e100, 2^128)
+    encoded as inf, and the product came out NaN (fast) or inf (reference) where float64 is finite.
+    float32's largest value itself is accepted."""
+    r = _gen(7)
+    cfg = CFG.replace(kernel=kernel)
+    f32max = float(torch.finfo(torch.float32).max)
+    for big in (1e100, 2.0**128):
+        x, w = r(3, 20).double(), r(4, 20).double()
+        (x if where == "x" else w)[1, 5] = big
+        for name, f in _families(x, w).items():
+            with pytest.raises(ValueError, match="beyond float32's range"):
+                f(cfg)
+        with pytest.raises(ValueError, match="beyond float32's range"):
+            AF.linear(x, w, config=cfg)  # through the weight cache
+    x, w = r(3, 20).double() / 1e38, r(4, 20).double()  # weights that large are within the fast path's range
+    w[1, 5] = -f32max
+    assert torch.isfinite(AF.linear(x, w, config=cfg, cache=False)).all()

@@ -38,7 +38,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def check_finite(t: Tensor, name: str) -> None:
     """Raise ValueError naming the operand when ``t`` holds NaN or Inf."""
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16), got {t.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16, float64), got {t.dtype}")
     # one reduction without temporaries; only a non-finite sum (NaN/Inf inside, or a
     # harmless overflow) pays for the exact element-wise check. Detached: a check records no
     # autograd graph (a saved tensor of it would differ between a checkpoint's forward and its
@@ -46,6 +46,13 @@ def check_finite(t: Tensor, name: str) -> None:
     t = t.detach()
     if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf; the analog device cannot encode it")
+    if t.dtype == torch.float64 and t.numel():
+        # the device computes in float32: a float64 value that float32 cannot hold would encode as
+        # inf (NaN out of finite operands)
+        big = float(t.abs().max())
+        if not torch.isfinite(torch.tensor(big, dtype=torch.float32)):
+            raise ValueError(f"{name} holds values beyond float32's range (max |v| = {big:.4g}); the analog "
+                             "device computes in float32")
 
 
 def generator_for(cfg: ABFPConfig, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
