@@ -216,11 +216,11 @@ def test_convolutions_without_input_channels_give_the_empty_sum(kernel, grad):
 
 
 # ----------------------------------------------------------------------------- fixed-point scales
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 1e100])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_a_fixed_point_scale_that_cannot_encode_is_a_clear_error_in_every_kernel(bad, kernel):
-    """The reference kernel gave NaN (scale NaN) or zeros (scale inf or negative) where the fast
-    path refuses the scale."""
+    """The reference kernel gave NaN (scale NaN) or zeros (scale inf, negative, or beyond float32's
+    range) where the fast path refuses the scale."""
     r = _gen(6)
     cfg = CFG.replace(mode="fixed", kernel=kernel)
     x, w = r(3, 20), r(4, 20)
@@ -229,10 +229,10 @@ def test_a_fixed_point_scale_that_cannot_encode_is_a_clear_error_in_every_kernel
              lambda **s: AF.conv_transpose1d(x[None], w[:3, :, None], config=cfg, cache=False, **s)]
     for call in calls:
         for arg in ("input_scale", "weight_scale"):
-            with pytest.raises(ValueError, match="fixed-point scale must be finite"):
+            with pytest.raises(ValueError, match="fixed-point scale must be finite in float32"):
                 call(**{arg: bad})
     for arg in ("a_scale", "b_scale"):
-        with pytest.raises(ValueError, match="fixed-point scale must be finite"):
+        with pytest.raises(ValueError, match="fixed-point scale must be finite in float32"):
             AF.matmul(x, w.t(), config=cfg, **{arg: bad})
 
 

@@ -93,7 +93,8 @@ def static_scale_value(v: Tensor, scale: float | Tensor | None, scale_dtype: str
         scale = v.abs().max() if v.numel() else torch.zeros(())
     s = torch.as_tensor(scale, dtype=torch.float32, device=v.device).reshape(())
     if not torch.isfinite(s) or s < 0:
-        raise ValueError(f"a fixed-point scale must be finite and >= 0, got {float(s)}")
+        given = float(torch.as_tensor(scale, dtype=torch.float64).reshape(()))  # not its float32 inf
+        raise ValueError(f"a fixed-point scale must be finite in float32 and >= 0, got {given}")
     return round_scale(s, scale_dtype)
 
 

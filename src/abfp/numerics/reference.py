@@ -127,8 +127,8 @@ def reference_product(
         xs = torch.as_tensor(input_scale if input_scale is not None else (x.abs().max() if x.numel() else 0.0), dtype=torch.float64)
         ws = torch.as_tensor(weight_scale if weight_scale is not None else (w.abs().max() if w.numel() else 0.0), dtype=torch.float64)
         for given in (xs, ws):  # as the fast path: a scale that cannot encode is an error, not NaN or zeros
-            if not bool(torch.isfinite(given).all()) or bool((given < 0).any()):
-                raise ValueError(f"a fixed-point scale must be finite and >= 0, got {given.tolist()}")
+            if not bool(torch.isfinite(given.float()).all()) or bool((given < 0).any()):  # held in float32
+                raise ValueError(f"a fixed-point scale must be finite in float32 and >= 0, got {given.tolist()}")
         sx = xs.expand(B, M, T).clone()
         sw = ws.expand(B, N, T).clone()
     sx = _round_scale(sx, cfg.scale_dtype)
