@@ -178,6 +178,9 @@ def test_cli_eval_plan_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (["--gain-rule", "energy", "--gain-tolerance", "0.2"], "--gain-rule energy"),
     (["--gain-rule", "energy", "--gain-descent"], "--gain-rule energy"),
     (["--energy-budget", "1.5"], "--energy-budget goes with --gain-rule energy"),
+    (["--refine", "2"], "--refine goes with --gain-rule energy"),
+    (["--gain-rule", "energy", "--refine", "-1"], "--refine must be >= 0"),
+    (["--metric", "top1"], "has none; use agreement, kl or cosine"),
 ])
 def test_cli_tune_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], msg: str) -> None:
     task = tmp_path / "tasks.py"
@@ -284,3 +287,26 @@ def test_cli_eval_plan_that_does_not_apply_is_refused_before_the_float32_pass(
     assert len(err) == 1 and f"--plan {plan}" in err[0] and msg in err[0]
     with pytest.raises(ValueError, match=msg):
         DevicePlan(ABFPConfig(), modules).check(tiny())
+
+
+def test_cli_tune_metric_chooses_what_is_tuned_and_reported_first(tmp_path: Path) -> None:
+    """``--metric kl`` tunes a task whose own metric is cosine on the KL of its outputs instead; the
+    task's cosine is still reported beside it. The names are zoo.METRICS' keys."""
+    from abfp import zoo
+    from abfp.tune.cli import METRIC_CHOICES
+
+    assert set(METRIC_CHOICES) == {"task", *zoo.METRICS}
+    task = tmp_path / "tasks.py"
+    task.write_text(TASK)
+    quick = ["--calibration", "16", "--gain-samples", "8", "--no-repeats", "--no-progress"]
+    stages = {}
+    for choice in ("task", "kl"):
+        plan = tmp_path / f"{choice}.json"
+        assert main(["tune", "--task", f"{task}:make", "--json", str(plan), "--metric", choice, *quick]) == 0
+        stages[choice] = DevicePlan.from_json(plan).info["stages"]
+    assert DevicePlan.from_json(tmp_path / "kl.json").info["metric"] == "KL divergence to fp32"
+    assert DevicePlan.from_json(tmp_path / "task.json").info["metric"] == "cosine similarity to fp32"
+    # the error rule chooses gains by each layer's output error, whatever the metric: the same plans, so the
+    # task's cosine reported beside the KL equals the cosine the default run reports
+    for a, b in zip(stages["kl"], stages["task"]):
+        assert a["extra"]["cosine similarity to fp32"] == pytest.approx(b["metric"], abs=1e-12)

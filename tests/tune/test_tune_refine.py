@@ -103,11 +103,3 @@ def test_tune_refine_is_never_worse_on_calibration_and_stays_within_the_budget()
 def test_tune_refine_bad_options(kwargs: dict, msg: str) -> None:
     with pytest.raises(ValueError, match=msg):
         abfp.tune(_mlp(), torch.randn(8, 24), ABFPConfig(), **kwargs)
-
-
-def test_cli_refine_needs_the_energy_rule(capsys) -> None:
-    from abfp.cli import main
-
-    assert main(["tune", "--task", "fashion-cnn", "--json", "x.json", "--refine", "2"]) == 2
-    assert "--refine goes with --gain-rule energy" in capsys.readouterr().err
-    assert main(["tune", "--task", "fashion-cnn", "--json", "x.json", "--gain-rule", "energy", "--refine", "-1"]) == 2

@@ -58,6 +58,10 @@ def _parser(sub) -> None:
     p.add_argument("--energy-budget", type=float, default=None,
                    help="with --gain-rule energy: the most accurate plan within this many times the single-gain "
                         "energy, instead of the cheapest that reaches --target")
+    p.add_argument("--metric", choices=list(METRIC_CHOICES), default="task",
+                   help="what the gains, repeats and stages are chosen and reported on: the task's own metric "
+                        "(default), or top1 (needs labels), agreement, kl, cosine (to float32); the task's metrics "
+                        "are still reported beside it")
     p.add_argument("--refine", type=int, default=0,
                    help="with --gain-rule energy: check the rule's choice for this many modules (largest predicted "
                         "loss first) on the calibration inputs, each moved to the neighbouring gain that scores best "
@@ -128,6 +132,19 @@ BC_DEFAULTS = {"samples": 64}
 DEFAULT_CALIBRATION = 64
 
 
+#: ``--metric`` names: the task's own, or one of :data:`abfp.zoo.METRICS` (tested to match).
+METRIC_CHOICES = ("task", "top1", "agreement", "kl", "cosine")
+
+
+def tune_metrics(task: object, choice: str) -> tuple[object, list[object]]:
+    """The metric ``--metric`` names for ``task``, and the task's metrics to report beside it."""
+    from .. import zoo
+
+    metric = task.metric if choice == "task" else zoo.METRICS[choice]
+    extras = [m for m in [task.metric, *zoo.extra_metrics(task.name)] if m.name != metric.name]
+    return metric, extras
+
+
 def register(sub) -> None:
     _parser(sub)
 
@@ -194,10 +211,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     names = output_names(args.json_path)
     check_output_dir(out_dir, list(names), force=args.force or resuming, what="--out")
     task = single_task(args.task, "tune")
+    metric, extras = tune_metrics(task, args.metric)
     _add_fresh_inputs(finetune_options, args, task)
     _task_batch_size(finetune_options, args, task)
     apply_threads(args.threads)
     calib, evald, source = split_data(task, args.calibration, args.eval_samples, at_most=calibration_default)
+    if metric.kind == "accuracy" and (calib.targets is None or evald.targets is None):
+        raise UsageError(f"--metric {args.metric}: {metric.name} scores against labels, and task {task.name!r} has "
+                         "none; use agreement, kl or cosine (to float32)")
 
     from tqdm.auto import tqdm
 
@@ -215,16 +236,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
             tqdm.write(line, file=sys.stderr)
 
     try:
-        from .. import zoo
-
-        res = tune(task.build_model(), calib.inputs, cfg, metric=task.metric, target=args.target,
+        res = tune(task.build_model(), calib.inputs, cfg, metric=metric, target=args.target,
                    calibration_targets=calib.targets, eval_inputs=evald.inputs, eval_targets=evald.targets,
                    gain_rule=args.gain_rule, gains=args.gains, max_gain=args.max_gain,
                    gain_tolerance=args.gain_tolerance or 0.0, gain_descent=args.gain_descent,
                    energy_budget=args.energy_budget, refine=args.refine,
                    gain_samples=args.gain_samples, repeats=not args.no_repeats, max_repeats=args.max_repeats,
                    finetune=None if args.finetune == "none" else args.finetune, finetune_options=finetune_options,
-                   extra_metrics=zoo.extra_metrics(task.name),
+                   extra_metrics=extras,
                    batch_size=args.batch_size or task.default_batch_size, energy_samples=args.energy_samples,
                    seed=args.seed, progress=progress, journal=journal, resume=args.resume)
     except JournalMismatch as e:
