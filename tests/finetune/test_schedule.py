@@ -128,3 +128,6 @@ def test_stage_describes_its_schedule_only_when_set() -> None:
     d = DistilStage(schedule="cosine", warmup=10).describe()
     assert (d["schedule"], d["warmup"]) == ("cosine", 10)
     assert "cosine lr schedule (10 warm-up steps)" in DistilStage(schedule="cosine", warmup=10).note(64)
+    # the stage note names a softmax temperature other than 1 (a report of a T = 2 run did not say so)
+    assert DistilStage(temperature=2.0).note(64).endswith(", temperature 2")
+    assert "temperature" not in DistilStage().note(64)

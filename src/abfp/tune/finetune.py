@@ -112,6 +112,8 @@ class DistilStage:
 
     def note(self, n_inputs: int) -> str:
         sched = "" if self.schedule == "constant" else f", cosine lr schedule ({self.warmup} warm-up steps)"
+        if self.loss == "kl" and self.temperature != 1.0:
+            sched += f", temperature {self.temperature:g}"
         if self.fresh_inputs is not None:
             return (f"{self.method}, {self.loss} loss, {self.steps} steps of {self.batch_size} fresh inputs "
                     f"(a new batch every step){sched}")
