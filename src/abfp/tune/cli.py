@@ -17,6 +17,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..cli_common import (
     UsageError,
@@ -34,6 +35,9 @@ from ..cli_common import (
 )
 from .finetune import FINETUNE_METHODS
 from .gains import power_of_two_gains
+
+if TYPE_CHECKING:
+    from ..zoo.base import Metric, Task
 
 
 def _parser(sub) -> None:
@@ -136,7 +140,7 @@ DEFAULT_CALIBRATION = 64
 METRIC_CHOICES = ("task", "top1", "agreement", "kl", "cosine")
 
 
-def tune_metrics(task: object, choice: str) -> tuple[object, list[object]]:
+def tune_metrics(task: Task, choice: str) -> tuple[Metric, list[Metric]]:
     """The metric ``--metric`` names for ``task``, and the task's metrics to report beside it."""
     from .. import zoo
 
