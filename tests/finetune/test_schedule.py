@@ -5,11 +5,30 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from abfp.finetune.loop import warmup_cosine
 
+
+
+def record_lrs(monkeypatch) -> list[float]:
+    """The learning rate of every AdamW step taken from now on (appended as the steps run)."""
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    return seen
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
 
 def test_known_rates() -> None:
     # 10 steps, 2 of warm-up: 0.5, 1 (the peak), then the cosine over the 8 remaining steps
@@ -53,16 +72,8 @@ def _lrs_of_run(monkeypatch: pytest.MonkeyPatch, **kw) -> list[float]:
     from abfp import ABFPConfig
     from abfp.zoo.base import Dataset
 
-    seen: list[float] = []
-    step = torch.optim.AdamW.step
-
-    def recording(self, *a, **k):
-        seen.append(self.param_groups[0]["lr"])
-        return step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
+    seen = record_lrs(monkeypatch)
+    model = tiny_model()
     data = Dataset((torch.randn(32, 12, generator=torch.Generator().manual_seed(1)),))
     ft.qat(model, data, ABFPConfig(tile_width=4), batch_size=8, loss="kl", progress=False, timing_steps=0, **kw)
     return seen
@@ -105,16 +116,8 @@ def test_stage_and_cli_pass_the_schedule_on(monkeypatch: pytest.MonkeyPatch) -> 
                               finetune_warmup=1, finetune_temperature=2.0, no_progress=True)
     options = _finetune_options(args)
     assert (options["schedule"], options["warmup"], options["temperature"]) == ("cosine", 1, 2.0)
-    seen: list[float] = []
-    step = torch.optim.AdamW.step
-
-    def recording(self, *a, **k):
-        seen.append(self.param_groups[0]["lr"])
-        return step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
+    seen = record_lrs(monkeypatch)
+    model = tiny_model()
     stage = DistilStage(**{k: v for k, v in options.items()})
     stage(model, DevicePlan(ABFPConfig(tile_width=4)), (torch.randn(32, 12),))
     assert seen == pytest.approx([2e-3 * warmup_cosine(k, 5, 1) for k in range(5)], rel=1e-12)
