@@ -58,8 +58,9 @@ def _check_all(x: torch.Tensor, w: torch.Tensor, cfg: ABFPConfig, grad: bool = F
             got = f(cfg.replace(kernel=kernel))
             assert got.shape == want.shape and got.dtype == x.dtype, (name, kernel)
             err = (got.detach().double() - want).abs()
-            # one ADC code (SPEC's allowance) plus float32 rounding of the sum
-            ok = err <= code + 2.0**-22 * want.abs() + 2.0**-149
+            # one ADC code (SPEC's allowance) plus float32 rounding of the sum; below float32's smallest
+            # normal (2**-126) the rescale's intermediate products are subnormal and keep no relative precision
+            ok = err <= code + 2.0**-22 * want.abs() + 2.0**-126
             assert bool(ok.all()), f"{name}/{kernel}: max error {err.max().item():.3g}, one code {code.max().item():.3g}"
             if grad:
                 gx, gw = torch.autograd.grad(got.sum(), (x, w))
