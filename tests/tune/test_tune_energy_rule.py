@@ -276,3 +276,23 @@ def test_tune_energy_is_one_inference_alone_as_abfp_energy_counts_it() -> None:
         assert res.details["allocation"]["energy_ratio"] == pytest.approx(ratio, rel=1e-12)
     with pytest.raises(ValueError, match="energy_samples"):
         abfp.tune(model, x, cfg, energy_samples=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fill_budget_keeps_a_module_that_is_off_its_hull(seed: int) -> None:
+    # a module moved off its hull (by the refinement) keeps its setting and its energy counts; the
+    # others are filled exactly as if it were not there, with the energy it takes subtracted
+    settings, losses, energies = _knapsack(seed, "abcd", 0.0)
+    path = allocation_path(losses, energies)
+    plan = dict(path[len(path) // 3])
+    on_hull = {s for p in path for s in [p["a"]]}
+    off = next(s for s in settings if s not in on_hull)
+    plan["a"] = off
+    limit = sum(energies[m][plan[m]] for m in plan) * 1.3
+    st = fill_budget(plan, losses, energies, limit)
+    assert st["a"] == off
+    rest = {m: losses[m] for m in "bcd"}
+    alone = fill_budget({m: plan[m] for m in "bcd"}, rest, {m: energies[m] for m in "bcd"}, limit - energies["a"][off])
+    assert {m: st[m] for m in "bcd"} == alone
+    assert sum(energies[m][st[m]] for m in st) <= limit + 1e-12
+    assert alone != {m: plan[m] for m in "bcd"}  # the test exercises the fill

@@ -180,6 +180,9 @@ def test_cli_eval_plan_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (["--energy-budget", "1.5"], "--energy-budget goes with --gain-rule energy"),
     (["--refine", "2"], "--refine goes with --gain-rule energy"),
     (["--gain-rule", "energy", "--refine", "-1"], "--refine must be >= 0"),
+    (["--gain-rule", "energy", "--refine", "2", "--refine-passes", "-1"], "--refine-passes must be >= 0"),
+    (["--gain-rule", "energy", "--refine-passes", "2"], "go with --refine N"),
+    (["--gain-rule", "energy", "--refine-fill"], "go with --refine N"),
     (["--metric", "top1"], "has none; use agreement, kl or cosine"),
 ])
 def test_cli_tune_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], msg: str) -> None:

@@ -29,14 +29,7 @@ def _energy(st_: dict) -> float:
                        min_size=1, max_size=3),
        st.integers(0, 2**31 - 1), st.floats(0.5, 3.0), st.booleans())
 def test_refine_matches_a_brute_force_module_by_module(start: dict, salt: int, slack: float, higher: bool) -> None:
-    table = {}
-
-    def score(st_: dict) -> float:
-        key = tuple(sorted(st_.items()))
-        if key not in table:
-            table[key] = float(torch.rand(1, generator=torch.Generator().manual_seed(hash((key, salt)) % 2**31)))
-        return table[key]
-
+    score = _random_score(salt)
     limit = _energy(start) * slack
     modules = sorted(start)
     r = refine_settings(start, modules, GAINS, REPS, _energy, limit, score, score(dict(start)), higher)
@@ -102,4 +95,109 @@ def test_tune_refine_is_never_worse_on_calibration_and_stays_within_the_budget()
                                          ({"refine": True, "gain_rule": "energy"}, "refine")])
 def test_tune_refine_bad_options(kwargs: dict, msg: str) -> None:
     with pytest.raises(ValueError, match=msg):
+        abfp.tune(_mlp(), torch.randn(8, 24), ABFPConfig(), **kwargs)
+
+
+def _random_score(salt: int):
+    table: dict = {}
+
+    def score(st_: dict) -> float:
+        key = tuple(sorted(st_.items()))
+        if key not in table:
+            table[key] = float(torch.rand(1, generator=torch.Generator().manual_seed(hash((key, salt)) % 2**31)))
+        return table[key]
+    return score
+
+
+def _neighbours(cur: dict, m: str, limit: float):
+    """Every plan one move of ``m`` away (one gain step either way, any repeats) within ``limit``."""
+    at = GAINS.index(cur[m][0])
+    for g, k in itertools.product(GAINS[max(0, at - 1): at + 2], REPS):
+        trial = {**cur, m: (g, k)}
+        if (g, k) != cur[m] and _energy(trial) <= limit:
+            yield (g, k), trial
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.tuples(st.sampled_from(GAINS), st.sampled_from(REPS)),
+                       min_size=1, max_size=4),
+       st.integers(0, 2**31 - 1), st.floats(0.5, 3.0), st.booleans(), st.sampled_from([1, 2, 3, None]))
+def test_refine_passes_match_a_brute_force_of_repeated_passes(start: dict, salt: int, slack: float, higher: bool,
+                                                               passes: int | None) -> None:
+    score = _random_score(salt)
+    limit = _energy(start) * slack
+    modules = sorted(start)
+    r = refine_settings(start, modules, GAINS, REPS, _energy, limit, score, score(dict(start)), higher, passes=passes)
+    better = (lambda a, b: a > b) if higher else (lambda a, b: a < b)
+    # brute force: whole passes, each module to its best neighbour; stop after a pass with no move or at the cap
+    cur, best, done, seen = dict(start), score(dict(start)), 0, {tuple(sorted(start.items()))}
+    while passes is None or done < passes:
+        done += 1
+        any_move = False
+        for m in modules:
+            pick = None
+            for s, trial in _neighbours(cur, m, limit):
+                seen.add(tuple(sorted(trial.items())))
+                if better(score(trial), best):
+                    pick, best = s, score(trial)
+            if pick:
+                cur[m], any_move = pick, True
+        if not any_move:
+            break
+    assert r.settings == cur and r.metric == best and r.passes == done
+    # each plan scored once (the start not at all), and only plans the brute force looked at
+    assert len(r.trials) == len(seen) - 1
+    assert _energy(r.settings) <= max(limit, _energy(start))
+    assert not better(score(dict(start)), r.metric)
+    if passes is None:  # run until nothing moves: a local optimum over every listed module's neighbourhood
+        for m in modules:
+            assert not any(better(score(trial), r.metric) for _, trial in _neighbours(r.settings, m, limit))
+
+
+def test_refine_passes_second_pass_takes_what_the_first_freed() -> None:
+    # a's better setting (4, 2) costs 8 and fits only after b has given up a repeat (b is refined after a)
+    start = {"a": (4.0, 1), "b": (4.0, 2)}
+    table = {(("a", (4.0, 1)), ("b", (4.0, 2))): 1.0, (("a", (4.0, 1)), ("b", (4.0, 1))): 0.9,
+             (("a", (4.0, 2)), ("b", (4.0, 1))): 0.5}
+
+    def score(st_: dict) -> float:
+        return table.get(tuple(sorted(st_.items())), 2.0)
+
+    one = refine_settings(start, ["a", "b"], GAINS, REPS, _energy, 12.0, score, 1.0, False)
+    assert one.settings == {"a": (4.0, 1), "b": (4.0, 1)} and one.metric == 0.9 and one.passes == 1
+    more = refine_settings(start, ["a", "b"], GAINS, REPS, _energy, 12.0, score, 1.0, False, passes=None)
+    assert more.settings == {"a": (4.0, 2), "b": (4.0, 1)} and more.metric == 0.5 and more.passes == 3
+    with pytest.raises(ValueError, match="passes"):
+        refine_settings(start, ["a"], GAINS, REPS, _energy, 12.0, score, 1.0, False, passes=0)
+
+
+def test_tune_refine_passes_and_fill() -> None:
+    model = _mlp()
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    kw = dict(target=0.9999, gain_rule="energy", gains=power_of_two_gains(64, 2), max_repeats=2, energy_budget=1.3,
+              refine=3)
+    one = abfp.tune(model, x, ABFPConfig(tile_width=8), **kw)
+    more = abfp.tune(model, x, ABFPConfig(tile_width=8), refine_passes=None, refine_fill=True, **kw)
+    r1, r = one.details["refine"], more.details["refine"]
+    assert r1["passes"] == 1 and "fill" not in r1 and r["passes"] >= 1
+    # the first pass is the same, the later ones and the fill only improve it on calibration
+    assert r["trials"][:len(r1["trials"])] == r1["trials"]
+    assert more.stages[1].metric >= one.stages[1].metric
+    assert more.details["allocation"]["energy_ratio"] <= 1.3 * (1 + 1e-9)
+    fill = r["fill"]
+    assert set(fill) == {"moved", "metric", "kept"}
+    assert not fill["kept"] or (fill["metric"] is not None and fill["metric"] == more.details["allocation"]["metric"])
+    note = more.stages[1].note
+    assert f"({r['passes']} pass" in note and "fill" in note
+
+
+@pytest.mark.parametrize("kwargs, err, msg", [
+    ({"gain_rule": "energy", "refine": 1, "refine_passes": 0}, ValueError, "refine_passes"),
+    ({"gain_rule": "energy", "refine": 1, "refine_passes": True}, ValueError, "refine_passes"),
+    ({"gain_rule": "energy", "refine_passes": 2}, ValueError, "go with refine"),
+    ({"gain_rule": "energy", "refine_fill": True}, ValueError, "go with refine"),
+    ({"gain_rule": "energy", "refine": 1, "refine_fill": 1}, TypeError, "refine_fill"),
+])
+def test_tune_refine_passes_bad_options(kwargs: dict, err: type, msg: str) -> None:
+    with pytest.raises(err, match=msg):
         abfp.tune(_mlp(), torch.randn(8, 24), ABFPConfig(), **kwargs)

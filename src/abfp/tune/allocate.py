@@ -267,12 +267,14 @@ def fill_budget(plan: Mapping[str, Setting], losses: Mapping[str, Mapping[Settin
     """``plan`` (a plan of :func:`allocation_path` within ``limit``, the summed energy of the
     modules of ``losses``) with the energy left spent: the path's next move no longer fits, so
     the other modules' next hull moves, best rate first, are taken while they fit (a module
-    whose next move does not fit stops there)."""
+    whose next move does not fit stops there). A module whose setting is not on its hull (moved
+    there by :mod:`.refine`) keeps it: its energy counts, it is not moved."""
     hulls = _hulls(losses, energies)
-    pos = {m: next(i for i, p in enumerate(h) if p[2] == plan[m]) for m, h in hulls.items()}
+    at = {m: next((i for i, p in enumerate(h) if p[2] == plan[m]), None) for m, h in hulls.items()}
+    pos = {m: i or 0 for m, i in at.items()}
     current = {m: plan[m] for m in hulls}
     total = sum(energies[m][s] for m, s in current.items())
-    stopped: set[str] = set()
+    stopped: set[str] = {m for m, i in at.items() if i is None}
     while (m := _best_move(hulls, pos, stopped)) is not None:
         de = hulls[m][pos[m] + 1][0] - hulls[m][pos[m]][0]
         if total + de > limit:
@@ -331,7 +333,8 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
                       modules: Sequence[str], energy_inputs: tuple[torch.Tensor, ...],
                       score: Callable[[dict[str, Setting]], float], meets: Callable[[float], bool], *,
                       budget: float | None = None, params: EnergyParams | None = None,
-                      exclude: Sequence[str] = (), seed: int = 0, refine: int = 0,
+                      exclude: Sequence[str] = (), seed: int = 0, refine: int = 0, refine_passes: int | None = 1,
+                      refine_fill: bool = False,
                       progress: Callable[[str], None] | None = None) -> tuple[dict[str, Setting], dict[str, Any]]:
     """Steps 1-5 of this module: ``(module -> (gain, repeats), details)``. ``inputs`` (with
     ``targets`` for a label metric) measure the errors and sensitivities, ``energy_inputs`` the
@@ -339,7 +342,10 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
     instead of the cheapest plan that meets the target, the plan of least predicted loss whose
     energy is at most ``budget`` times that of the base config (every module at its gain, k = 1).
     ``refine``: then step 6 (:mod:`.refine`) on that many modules, those of largest predicted
-    loss at the chosen settings, within the budget (or, without one, the chosen plan's energy)."""
+    loss at the chosen settings, within the budget (or, without one, the chosen plan's energy),
+    in up to ``refine_passes`` passes (``None``: until one moves nothing). ``refine_fill``: then
+    the energy the refinement left unspent goes to :func:`fill_budget`'s moves of the modules it
+    left on their hulls, kept only when the filled plan scores better on calibration."""
     say = progress or (lambda s: None)
     gains = _check_candidates(gains)
     reps = sorted({int(k) for k in repeats})
@@ -398,10 +404,23 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
         order = sorted(known, key=lambda m: -losses[m][found.settings[m]])[:refine]
         cap = budget * e_base * (1 + 1e-9) if budget is not None else energy(found.settings) * (1 + 1e-9)
         r = refine_settings(found.settings, order, gains, reps, energy, cap, trial, found.metric,
-                            metric.higher_is_better)
-        refined = {"modules": order, "trials": [list(t) for t in r.trials],
+                            metric.higher_is_better, passes=refine_passes)
+        refined = {"modules": order, "trials": [list(t) for t in r.trials], "passes": r.passes,
                    "moved": {m: [list(a), list(b)] for m, (a, b) in r.moved(found.settings).items()}}
         found = Allocation(r.settings, r.metric, meets(r.metric), found.index, found.path_length, found.trials)
+        if refine_fill:
+            known_e = {m: {s: energies[m][s] for s in settings} for m in known}
+            rest = energy(found.settings) - sum(known_e[m][found.settings[m]] for m in known)
+            filled = fill_budget(found.settings, losses, known_e, cap - rest)
+            fill: dict[str, Any] = {"moved": {m: [list(found.settings[m]), list(s)] for m, s in filled.items()
+                                              if found.settings[m] != s}, "metric": None, "kept": False}
+            if fill["moved"]:
+                v = trial(filled)
+                fill["metric"] = v
+                if sign * (v - found.metric) > 0:
+                    fill["kept"] = True
+                    found = Allocation(filled, v, meets(v), found.index, found.path_length, found.trials)
+            refined["fill"] = fill
     details = {"allocation": {"index": found.index, "path_length": found.path_length, "metric": found.metric,
                               "reached": found.reached, "trials": found.trials, "budget": budget,
                               "energy_ratio": energy(found.settings) / e_base, "base_plan": base_plan},

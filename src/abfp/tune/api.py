@@ -206,6 +206,20 @@ def _finetune_stage(finetune: Any, options: Mapping[str, Any] | None, metric: Me
     return finetune
 
 
+def _refine_note(refined: Mapping[str, Any]) -> str:
+    """The gain stage note's account of the refinement (and its fill)."""
+    moved = refined.get("moved") or {}
+    passes = refined.get("passes", 1)
+    note = f"; refined on calibration ({passes} pass{'es' if passes != 1 else ''}): " + (", ".join(
+        f"{m} {a[0]:.3g}x{a[1]} -> {b[0]:.3g}x{b[1]}" for m, (a, b) in moved.items()) or "no change")
+    fill = refined.get("fill")
+    if fill is not None:
+        note += ("; fill: nothing left to spend" if not fill["moved"] else
+                 f"; fill ({len(fill['moved'])} modules, {fill['metric']:.4g} on calibration): "
+                 + ("kept" if fill["kept"] else "not better, dropped"))
+    return note
+
+
 def tune(
     model: nn.Module,
     calibration_inputs: Any,
@@ -224,6 +238,8 @@ def tune(
     gain_descent: bool = False,
     energy_budget: float | None = None,
     refine: int = 0,
+    refine_passes: int | None = 1,
+    refine_fill: bool = False,
     repeats: bool = True,
     max_repeats: int = 16,
     repeat_steps: int = 8,
@@ -266,7 +282,10 @@ def tune(
     largest predicted loss, on the calibration inputs, each moved to the neighbouring gain (one
     candidate step either way, any repeats) that scores best there within the budget or, without
     a budget, the rule's energy (:mod:`.refine`; at most ``refine * 3 * repeat options``
-    calibration forwards).
+    calibration forwards per pass). ``refine_passes``: that many passes over those modules at
+    most, while the last one moved one (``None``: until a pass moves nothing); ``refine_fill``:
+    then the energy left under the budget goes to the rule's next moves of the other modules
+    (:func:`.allocate.fill_budget`), kept only when that scores better on calibration.
     ``gain_descent``: after the gain stage, lower the gains, most expensive module first, while
     the target is still reached on the calibration inputs (:mod:`.descent`; a stage of its own).
     ``extra_metrics``: reported per stage besides ``metric``.
@@ -318,6 +337,13 @@ def tune(
         raise ValueError(f"refine must be an integer >= 0 (modules to refine), got {refine!r}")
     if refine and gain_rule != "energy":
         raise ValueError("refine goes with gain_rule='energy' (it checks the energy rule's choice on the model)")
+    if refine_passes is not None and (isinstance(refine_passes, bool) or not isinstance(refine_passes, int)
+                                      or refine_passes < 1):
+        raise ValueError(f"refine_passes must be an integer >= 1 or None (until nothing moves), got {refine_passes!r}")
+    if not isinstance(refine_fill, bool):
+        raise TypeError(f"refine_fill must be a bool, got {type(refine_fill).__name__}")
+    if (refine_passes != 1 or refine_fill) and not refine:
+        raise ValueError("refine_passes and refine_fill go with refine > 0 (modules to refine)")
     if gain_rule == "energy" and (gain_tolerance or gain_descent):
         raise ValueError("the energy rule chooses the gains for the target itself: gain_tolerance and gain_descent "
                          "go with the error rule")
@@ -346,7 +372,8 @@ def tune(
     if journal is not None:
         options = dict(target=target_given, gain_rule=gain_rule, gains=None if gains is None else [float(g) for g in gains],
                        max_gain=max_gain, gain_tolerance=gain_tolerance, gain_samples=gain_samples,
-                       gain_descent=gain_descent, energy_budget=energy_budget, refine=refine, repeats=repeats, max_repeats=max_repeats,
+                       gain_descent=gain_descent, energy_budget=energy_budget, refine=refine,
+                       refine_passes=refine_passes, refine_fill=refine_fill, repeats=repeats, max_repeats=max_repeats,
                        repeat_steps=repeat_steps, exclude=list(exclude), batch_size=batch_size,
                        energy_samples=energy_samples, energy_params=asdict(params), seed=seed,
                        finetune=None if finetune is None else finetune.describe() if isinstance(finetune, STAGES)
@@ -416,7 +443,8 @@ def tune(
             gains if gains is not None else power_of_two_gains(max_gain),
             repeat_options(max_repeats) if repeats else [1], modules, e_inputs,
             lambda st: calibration_score(with_settings(st)), meets, budget=energy_budget, params=params,
-            exclude=exclude, seed=seed, refine=refine, progress=say)
+            exclude=exclude, seed=seed, refine=refine, refine_passes=refine_passes,
+            refine_fill=refine_fill, progress=say)
         details.update(found)
         chosen = {m: s[0] for m, s in settings.items()}
         gain_plan = with_settings(settings)
@@ -429,9 +457,7 @@ def tune(
         where = (f"no plan on the path beat the single gain on calibration ({al['metric']:.4g}): kept it"
                  if al["base_plan"] else
                  f"plan {al['index']} of {al['path_length']} on the path, {al['metric']:.4g} on calibration")
-        moved = (details.get("refine") or {}).get("moved") or {}
-        refined = "" if not refine or al["base_plan"] else "; refined on calibration: " + (", ".join(
-            f"{m} {a[0]:.3g}x{a[1]} -> {b[0]:.3g}x{b[1]}" for m, (a, b) in moved.items()) or "no change")
+        refined = "" if not refine or al["base_plan"] else _refine_note(details["refine"])
         stage("gain", gain_plan, t0, note=f"energy rule{within}: {where}{miss}{refined}")
     else:
         chosen = choose_gains(model, g_inputs, config, rule=gain_rule, candidates=gains, max_gain=max_gain,

@@ -70,6 +70,12 @@ def _parser(sub) -> None:
                    help="with --gain-rule energy: check the rule's choice for this many modules (largest predicted "
                         "loss first) on the calibration inputs, each moved to the neighbouring gain that scores best "
                         "there at no more energy (default 0: none)")
+    p.add_argument("--refine-passes", type=int, default=1,
+                   help="with --refine: go through those modules again, up to this many passes in all, while the "
+                        "last pass moved one (0: until a pass moves nothing; default 1)")
+    p.add_argument("--refine-fill", action="store_true",
+                   help="with --refine: spend the energy left under --energy-budget on the energy rule's next moves "
+                        "of the other modules, kept when that scores better on the calibration inputs")
     p.add_argument("--gains-per-octave", type=int, default=None,
                    help="candidate gains 2**(j/N) up to --max-gain (arbitrary gains; default 1: powers of two)")
     p.add_argument("--gains", type=csv_list(float, "--gains"), default=None,
@@ -169,6 +175,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError(f"--refine must be >= 0 (modules to refine), got {args.refine}")
     if args.refine and args.gain_rule != "energy":
         raise UsageError("--refine goes with --gain-rule energy")
+    if args.refine_passes < 0:
+        raise UsageError(f"--refine-passes must be >= 0 (0: until a pass moves nothing), got {args.refine_passes}")
+    if (args.refine_passes != 1 or args.refine_fill) and not args.refine:
+        raise UsageError("--refine-passes and --refine-fill go with --refine N")
     if args.energy_budget is not None and (args.gain_rule != "energy" or args.energy_budget <= 0):
         raise UsageError(f"--energy-budget goes with --gain-rule energy and must be > 0, got {args.energy_budget}")
     refuse_inapplicable(args, {
@@ -245,6 +255,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                    gain_rule=args.gain_rule, gains=args.gains, max_gain=args.max_gain,
                    gain_tolerance=args.gain_tolerance or 0.0, gain_descent=args.gain_descent,
                    energy_budget=args.energy_budget, refine=args.refine,
+                   refine_passes=args.refine_passes or None, refine_fill=args.refine_fill,
                    gain_samples=args.gain_samples, repeats=not args.no_repeats, max_repeats=args.max_repeats,
                    finetune=None if args.finetune == "none" else args.finetune, finetune_options=finetune_options,
                    extra_metrics=extras,
