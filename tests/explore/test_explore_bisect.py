@@ -14,7 +14,7 @@ def synthetic_metric(bits: int, threshold_bits: float) -> float:
     return 100.0 - 2.0 ** (threshold_bits - bits)
 
 
-@settings(max_examples=120, derandomize=True, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(lo=st.integers(2, 12), width=st.integers(0, 14), thr=st.floats(0.0, 30.0), start=st.none() | st.integers(2, 26))
 def test_bisection_finds_the_true_threshold_of_a_monotone_metric(lo, width, thr, start):
     hi = lo + width
@@ -35,7 +35,7 @@ def test_bisection_finds_the_true_threshold_of_a_monotone_metric(lo, width, thr,
     assert len(calls) <= max_calls(lo, hi) + (1 if start is not None else 0)
 
 
-@settings(max_examples=60, derandomize=True, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(lo=st.integers(2, 8), width=st.integers(1, 10), thr=st.integers(0, 20))
 def test_known_pass_is_not_evaluated_again(lo, width, thr):
     hi = lo + width
@@ -70,7 +70,7 @@ def test_known_pass_outside_the_range_is_refused():
         smallest_passing(2, 8, lambda b: True, known_pass=9)
 
 
-@settings(max_examples=150, derandomize=True, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(lo=st.integers(2, 12), width=st.integers(0, 14), thr=st.integers(0, 30))
 def test_top_last_finds_the_threshold_and_tests_the_top_only_when_everything_below_fails(lo, width, thr):
     hi = lo + width

@@ -25,7 +25,7 @@ def brute_front(points, higher):
 coord = st.integers(0, 6).map(float)  # few distinct values: ties are common
 
 
-@settings(max_examples=120, derandomize=True, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(points=st.lists(st.tuples(coord, coord), max_size=25), higher=st.booleans())
 def test_front_matches_brute_force(points, higher):
     assert sorted(pareto_front(points, higher)) == brute_front(points, higher)

@@ -52,7 +52,7 @@ def test_family_names():
     assert d.point(cfg).auto_gain
 
 
-@settings(max_examples=300, derandomize=True, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(n=st.integers(1, 300), runs=st.integers(1, 5), data=st.data(), target=st.floats(0.0, 100.0),
        higher=st.booleans())
 def test_bounded_decision_is_the_decision_of_every_completion(n, runs, data, target, higher):

@@ -33,7 +33,7 @@ def _cos_ref(s: torch.Tensor, t: torch.Tensor) -> float:
     return out / len(s)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 6), c=st.integers(2, 9), temp=st.sampled_from([0.5, 1.0, 2.0, 4.0]), seed=st.integers(0, 10**6),
        scale=st.sampled_from([0.1, 1.0, 8.0]))
 def test_losses_match_float64_formulas(n: int, c: int, temp: float, seed: int, scale: float) -> None:

@@ -43,7 +43,7 @@ def test_known_rates() -> None:
     assert warmup_cosine(4, 5) == pytest.approx((1 + math.cos(math.pi * 4 / 5)) / 2, rel=1e-12)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None)
 @given(steps=st.integers(2, 3000), data=st.data())
 def test_shape(steps: int, data: st.DataObject) -> None:
     warmup = data.draw(st.integers(0, steps - 1))

@@ -278,7 +278,7 @@ configs = st.builds(
 
 
 @pytest.mark.slow
-@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     cfg=configs,
     family=st.sampled_from(["LSTM", "GRU", "RNN_tanh", "RNN_relu"]),

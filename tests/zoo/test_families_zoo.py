@@ -225,7 +225,7 @@ def _auc_by_pairs(scores: np.ndarray, labels: np.ndarray) -> float:
     return 100.0 * wins / (len(pos) * len(neg))
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(-4, 4), st.booleans()), min_size=2, max_size=40))
 def test_roc_auc_is_the_pairwise_win_rate(pairs):
     scores = np.array([float(s) for s, _ in pairs])  # small integers: many ties
@@ -251,7 +251,7 @@ def test_auc_metric_reads_the_click_logit_and_rejects_bad_input():
         dlrm.AUC(logits, None, logits)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.sampled_from([(2, 3, 4), (1, 4, 4, 4)]))
 def test_dice_matches_an_independent_set_count(seed, n, shape):
     rng = np.random.default_rng(seed)

@@ -314,8 +314,9 @@ class GuardedForward:
             raise
         if state is not None:
             leave(module)
-            if state._unsettled and not _stack() and not torch.compiler.is_dynamo_compiling():
+            if (state._unsettled or state._pending_sites) and not _stack() and not torch.compiler.is_dynamo_compiling():
                 state.check_site_overrides()  # the outermost converted module returned: a whole forward ran
+                state.check_interceptor_sites()
         if direct is not None and isinstance(out, torch.Tensor):
             site = direct.leaf.get(module)
             if site is not None and direct.active():

@@ -70,7 +70,8 @@ class AnalogState:
     record_errors: bool = True
     records: dict[str, SiteRecord] = field(default_factory=dict)
     # site (or "*") -> fn(call: abfp.ops.site.ProductCall) -> Tensor: replaces how the product is
-    # computed (DNF sampling, dynamic-precision noise, recording); runs only in analog modules
+    # computed (DNF sampling, dynamic-precision noise, recording); runs only in analog modules. A site
+    # that no product of the model is (nor an interceptor's per_site key) is an error (check_interceptor_site)
     interceptors: dict[str, Any] = field(default_factory=dict)
     # MACs computed on the device and in float32 (see abfp.ops.coverage)
     coverage: Coverage = field(default_factory=Coverage)
@@ -88,6 +89,11 @@ class AnalogState:
     _site_cache: dict[str, ABFPConfig | None] = field(default_factory=dict, repr=False)
     # site overrides not yet seen to match a site nor reported as matching none (check_site_overrides)
     _unsettled: set[str] = field(default_factory=set, repr=False)
+    # the interceptors as last checked (check_interceptor_site), the sites they name not yet seen made,
+    # and the sites each module made in this forward while some are pending
+    _interceptors_checked: tuple = field(default=(), repr=False)
+    _pending_sites: set[str] = field(default_factory=set, repr=False)
+    _made: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def resolve(self, names: list[str]) -> None:
         """Config of every module: overrides win, then exclusion, else the parent's config;
@@ -146,6 +152,54 @@ class AnalogState:
                               f"{made[:6]}{' ...' if len(made) > 6 else ''} (abfp.summary lists every site); "
                               "this override sets nothing", OverrideWarning, stacklevel=3)
 
+    def check_interceptor_site(self, site: str, cfg: ABFPConfig | None) -> None:
+        """Before the product ``site`` runs (``interceptors`` not empty): every site the interceptors
+        name (a key other than ``"*"``, a key of an interceptor's ``per_site``) must belong to a module
+        of the model and to an analog one, and an interceptor installed for one site may name no other
+        in ``per_site``; a clear error where not (it would never run). Whether the named sites exist
+        is settled by :meth:`check_interceptor_sites` after the forward."""
+        now = tuple((k, id(v), tuple(getattr(v, "per_site", None) or ())) for k, v in self.interceptors.items())
+        if now != self._interceptors_checked:
+            self._interceptors_checked = ()
+            self._pending_sites = set()
+            for key, _, per_site in now:
+                named = ([] if key == "*" else [key]) + list(per_site)
+                for s in named:
+                    if not isinstance(s, str) or ":" not in s or s.rpartition(":")[0] not in self.module_configs:
+                        raise ValueError(f"abfp: interceptor site {s!r} names no module of this model: sites are "
+                                         "'<module>:<op><index>', as abfp.summary lists them (or '*' for every product)")
+                    module = s.rpartition(":")[0]
+                    if self.module_configs[module] is None and module not in self.reincluded:
+                        raise ValueError(self._excluded_site(s))
+                    if key != "*" and s != key:
+                        raise ValueError(f"abfp: the interceptor for site {key!r} names site {s!r} in its per_site, "
+                                         f"which it never sees (install it under '*' to reach both)")
+                self._pending_sites.update(named)
+            self._interceptors_checked = now
+        if site in self._pending_sites and cfg is None:
+            raise ValueError(self._excluded_site(site))
+        if self._pending_sites:
+            self._made.setdefault(site.rpartition(":")[0], []).append(site)
+
+    @staticmethod
+    def _excluded_site(site: str) -> str:
+        return (f"abfp: interceptor site {site!r} is a product of an excluded (digital) module, which no interceptor "
+                "sees; a site override in abfp.convert brings it back to the device")
+
+    def check_interceptor_sites(self) -> None:
+        """After a whole forward: a site an interceptor names whose module ran without making it is a
+        clear error naming the sites the module made; one whose module has not run yet is checked
+        after a later forward."""
+        made, self._made = self._made, {}
+        seen = {s for sites in made.values() for s in sites}
+        self._pending_sites -= seen
+        for site in sorted(self._pending_sites):
+            sites = made.get(site.rpartition(":")[0])
+            if sites:
+                raise ValueError(f"abfp: interceptor site {site!r} matched no product: module "
+                                 f"{site.rpartition(':')[0]!r} ran and made {sites[:6]}{' ...' if len(sites) > 6 else ''} "
+                                 "(abfp.summary lists every site)")
+
     def generator(self, cfg: ABFPConfig, device: torch.device) -> torch.Generator | None:
         """The noise stream of a product with ``cfg`` (:func:`abfp.noise_keys.product_generator`):
         one per device and seed, started at ``(seed * 1_000_003 + offset) mod 2^63`` and continued
@@ -160,6 +214,7 @@ class AnalogState:
         """What a copy (deep copy, pickle, ``torch.save``) starts afresh: no recordings, no
         interceptors or direct sites, zero coverage counts, an empty site cache, noise streams not yet drawn."""
         return dict(records={}, interceptors={}, direct=None, coverage=Coverage(), _site_cache={},
+                    _interceptors_checked=(), _pending_sites=set(), _made={},
                     _unsettled=set(self.site_overrides), streams=self.streams.fresh())
 
     def __deepcopy__(self, memo: dict) -> "AnalogState":

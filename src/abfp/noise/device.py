@@ -53,7 +53,8 @@ class RepeatAverage:
     """An interceptor that runs a product ``k`` times on the device and averages the outputs.
 
     Install with ``abfp.analog_state(model).interceptors[site or "*"] = RepeatAverage(k)``;
-    ``per_site`` overrides ``k`` for listed sites. Each run draws its own device noise.
+    ``per_site`` overrides ``k`` for listed sites, which must be product sites of the model (checked by
+    :meth:`abfp.nn.state.AnalogState.check_interceptor_site`). Each run draws its own device noise.
     """
 
     repeats: int = 1

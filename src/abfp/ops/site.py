@@ -182,6 +182,8 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
     state = frame.state
     site = frame.site(op) if site is None else site
     cfg = state.config_for_site(frame.name, site)
+    if state.interceptors:
+        state.check_interceptor_site(site, cfg)
     if cfg is None:  # a product of an excluded module that no site override names
         return digital_call(frame, func, args, kwargs, "excluded module")
     odd = next((t.dtype for t in operands if isinstance(t, Tensor) and not t.is_floating_point()), None)
