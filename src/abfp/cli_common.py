@@ -285,10 +285,15 @@ def add_force_option(parser: argparse.ArgumentParser) -> None:
 def check_journal(journal: Path, args: argparse.Namespace) -> bool:
     """A command's journal of finished work (:mod:`abfp.journal`), before any work: an existing one
     needs ``--resume`` (continue it) or ``--force`` (start afresh). Returns whether the run resumes
-    one (then it may replace its own outputs, written by the run it continues)."""
+    one (then it may replace its own outputs, written by the run it continues). ``--resume`` with no
+    journal starts from the beginning, said in one line on stderr (a retry loop that always passes
+    ``--resume`` works even when the first run was killed before it journalled anything)."""
     if journal.exists() and not (args.resume or args.force):
         raise UsageError(f"{journal} holds an unfinished run: --resume continues it, --force starts afresh")
     check_output(journal, force=True, what="journal")
+    if args.resume and not journal.exists():
+        print(f"abfp: note: --resume: no journal at {journal}, nothing to continue: starting from the beginning",
+              file=sys.stderr)
     return bool(args.resume and journal.is_file())
 
 

@@ -53,7 +53,24 @@ from . import jsonio
 from .config import ABFPConfig
 
 __all__ = ["AdcComparison", "EnergyParams", "EnergyReport", "LayerCost", "account", "account_rows",
-           "authors_adc_comparison", "layer_cost", "row_cost", "shape_groups", "site_cost"]
+           "authors_adc_comparison", "layer_cost", "row_cost", "shape_groups", "site_cost", "unaccounted_settings"]
+
+#: Device fields the accounting does not read: they change the numbers a product gives, not what it
+#: costs (noise is paid for through ``repeats``, SPEC section 5; scale formats and bfloat16 rounding
+#: do not change the operation counts), nor how the simulator runs it (``execution``: kernel, seed).
+UNACCOUNTED_FIELDS = ("noise_std", "noise_dist", "scale_dtype", "bf16_tile_outputs", "bf16_io")
+
+
+def unaccounted_settings(config: ABFPConfig) -> list[str]:
+    """The settings of ``config`` that differ from the default device and that the accounting does
+    not read (:data:`UNACCOUNTED_FIELDS`, the execution options), as ``"name value"``: what
+    ``abfp energy`` says it did not use."""
+    default = ABFPConfig()
+    out = [f"{f} {getattr(config, f)!r}" for f in UNACCOUNTED_FIELDS if getattr(config, f) != getattr(default, f)]
+    for f in ("kernel", "seed"):
+        if getattr(config.execution, f) != getattr(default.execution, f):
+            out.append(f"{f} {getattr(config.execution, f)!r}")
+    return out
 
 
 @dataclass(frozen=True)

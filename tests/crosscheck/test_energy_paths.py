@@ -5,6 +5,7 @@ float64 hand count of SPEC section 6 (the formulas of docs/energy.md, not abfp's
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,26 @@ def test_k_repeats_are_the_noise_of_std_over_sqrt_k(kernel):
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
     ea, eb = (account(Five().eval(), _inputs(), c, P).totals() for c in (a, b))
     assert ea["adc_conversions"] == 4 * eb["adc_conversions"] and ea["energy_analog"] == pytest.approx(4 * eb["energy_analog"])
+
+
+def test_the_settings_energy_does_not_read_change_no_count_and_the_command_says_so(capsys, tmp_path):
+    """``abfp energy --config`` accepted noise, scale-format and execution fields and used none of them,
+    silently. They change no count or energy (checked here field by field), and the command says so."""
+    from abfp.cli import main  # noqa: PLC0415
+    from abfp.energy import UNACCOUNTED_FIELDS, unaccounted_settings  # noqa: PLC0415
+
+    base = abfp.ABFPConfig(tile_width=8, noise_std=0.0)
+    other = dict(noise_std=2.0, noise_dist="gaussian", scale_dtype="pow2", bf16_tile_outputs=True, bf16_io=True)
+    assert set(other) == set(UNACCOUNTED_FIELDS)
+    want = account(Five().eval(), _inputs(), base, P).totals()
+    for cfg in [base.replace(**{f: v}) for f, v in other.items()] + [base.replace(kernel="reference", seed=5)]:
+        assert account(Five().eval(), _inputs(), cfg, P).totals() == want
+    assert unaccounted_settings(abfp.ABFPConfig()) == []
+    assert unaccounted_settings(base.replace(seed=5, gain=2.0)) == ["noise_std 0.0", "seed 5"]
+    task = str(Path(__file__).parents[1] / "evaluate" / "tiny_task.py") + ":make"
+    assert main(["energy", "--task", task, "--config", '{"noise_std": 0.5, "seed": 3, "gain": 2}']) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["abfp: note: the device's noise_std 0.5, seed 3 change no energy or operation count: not used "
+                   "(noise is paid for through repeats)"]
+    assert main(["energy", "--task", task, "--config", '{"gain": 2}']) == 0
+    assert capsys.readouterr().err == ""

@@ -96,8 +96,9 @@ def test_another_runs_journal_is_refused(tmp_path: Path) -> None:
 
 def test_cli_journal_refuse_resume_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, plan, args = tiny_tune_args(tmp_path)
-    assert main(args) == 0
     journal = plan.parent / "plan.journal.json"
+    assert main([*args, "--resume"]) == 0  # no journal: starts from the beginning, and says so
+    assert f"--resume: no journal at {journal}, nothing to continue" in capsys.readouterr().err
     assert not journal.exists()  # a finished run leaves no journal
     plan.unlink()
     journal.write_text("{}")  # a killed run's journal

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -156,11 +157,15 @@ def _energy_parser(sub) -> None:
 
 
 def cmd_energy(args: argparse.Namespace) -> int:
-    from ..energy import EnergyParams, account, authors_adc_comparison
+    from ..energy import EnergyParams, account, authors_adc_comparison, unaccounted_settings
 
     require_at_least(args, ("batch_size",))
     plan = device_plan_arg(args)
     cfg = plan.base if plan is not None else base_config(args)
+    unused = unaccounted_settings(cfg) if plan is None else []
+    if unused:  # valid device settings that energy does not depend on: said, not silently dropped
+        print(f"abfp: note: the device's {', '.join(unused)} change no energy or operation count: not used "
+              "(noise is paid for through repeats)", file=sys.stderr)
     try:
         params = EnergyParams.from_dict(load_json_arg(args.params, "--params")) if args.params else EnergyParams()
     except ValueError as e:
