@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import abfp
 import abfp.functional as AF
 from abfp import ABFPConfig
 
@@ -157,6 +158,32 @@ def test_every_family_keeps_the_input_dtype_and_the_float32_numbers(dtype):
             assert got.dtype == dtype, (name, kernel)
             tol = code + want.abs() * (torch.finfo(dtype).eps if dtype != torch.float64 else 2.0**-22)
             assert bool(((got.double() - want).abs() <= tol).all()), (name, kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_autocast_changes_neither_the_device_numbers_nor_the_output_dtype(kernel):
+    """SPEC step 7: float32 in, float32 out unless the device says otherwise (``bf16_io``); autocast
+    is a policy for digital GEMMs, not a device setting. Under CPU autocast bfloat16 torch's linear,
+    conv and matmul return bfloat16; every family here returns the float32 numbers it gives without
+    autocast, bit for bit (autocast reaches none of the kernels' own torch calls), also in a model."""
+    r = _gen(8)
+    cfg = CFG.replace(kernel=kernel)
+    x, w = r(3, 40), r(4, 40)
+    fams = _families(x, w)
+    want = {name: f(cfg) for name, f in fams.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(x, w).dtype == torch.bfloat16  # what plain torch does
+        for name, f in fams.items():
+            got = f(cfg)
+            assert got.dtype == torch.float32 and torch.equal(got, want[name]), name
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 6, 3), torch.nn.Flatten(), torch.nn.Linear(6 * 38, 5))
+    am = abfp.convert(model, cfg)
+    xs = r(2, 3, 40)
+    with torch.no_grad():
+        ref = am(xs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = am(xs)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
