@@ -38,7 +38,7 @@ def _run(tmp_path: Path, name: str, *args: str) -> tuple[list[list[str]], list[s
     (d / "conftest.py").write_text(CONFTEST.read_text())
     (d / "test_probe.py").write_text("import pytest\n" + PROBE)
     log = d / "log"
-    env = dict(os.environ, PROBE_LOG=str(log))
+    env = {k: v for k, v in os.environ.items() if k != "ABFP_EXPLORE_FACTOR"} | {"PROBE_LOG": str(log)}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(d), *args],
                        cwd=d, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
