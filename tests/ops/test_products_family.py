@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import abfp
 from abfp import ABFPConfig
@@ -131,14 +132,40 @@ def test_tensordot_and_linalg():
     assert s.analog_macs == 4 * 3 * 20
 
 
-def test_multi_dot_and_chain_left_to_right():
-    m1, m2, m3 = torch.randn(4, 20, generator=g), torch.randn(20, 9, generator=g), torch.randn(9, 3, generator=g)
-    first = oracle(m1, m2).float()
-    ref = oracle(first, m3)
-    close(run(lambda a, b, c: torch.linalg.multi_dot([a, b, c]), m1, m2, m3)[0], ref)
+@pytest.mark.parametrize("shapes,plan", [
+    (((4, 20), (20, 9), (9, 3)), (0, (1, 2))),           # A(BC): 20*9*3 + 4*20*3 = 780 < (AB)C 4*20*9 + 4*9*3 = 828
+    (((4, 20), (20, 9), (9, 30)), ((0, 1), 2)),          # (AB)C: 720 + 1080 < 5400 + 2400
+    (((3, 4), (4, 5), (5, 6)), ((0, 1), 2)),             # a tie-free (AB)C
+    (((6, 2), (2, 7), (7, 1), (1, 5)), ((0, (1, 2)), 3)),  # four: torch's dynamic programme
+])
+def test_multi_dot_and_chain_in_torchs_order(shapes, plan):
+    """``multi_dot``/``chain_matmul`` multiply in torch's order (the fewest MACs), each pairwise
+    product on the device; they multiplied left to right, up to 10x the MACs of the float32 model
+    (``(10, 1), (1, 10), (10, 1)``: 200 device MACs where torch does 20)."""
+    mats = [torch.randn(sh, generator=g) for sh in shapes]
+
+    def oracle_plan(p):
+        return mats[p].double() if isinstance(p, int) else oracle(oracle_plan(p[0]).float(), oracle_plan(p[1]).float())
+
+    def macs(p):  # rows x columns x inner size of every pairwise product of the plan
+        if isinstance(p, int):
+            return 0, shapes[p][0], shapes[p][1]
+        ma, r, k = macs(p[0])
+        mb, _, c = macs(p[1])
+        return ma + mb + r * k * c, r, c
+
+    with FlopCounterMode(display=False) as fc:  # torch's own order costs what the plan costs
+        torch.linalg.multi_dot(mats)
+    assert fc.get_total_flops() == 2 * macs(plan)[0]
+    ref = oracle_plan(plan)
+    y, s = run(lambda *ms: torch.linalg.multi_dot(list(ms)), *mats)
+    close(y, ref)
+    assert s.coverage.analog_macs == macs(plan)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch deprecates chain_matmul
-        close(run(lambda a, b, c: torch.chain_matmul(a, b, c), m1, m2, m3)[0], ref)
+        y, s = run(lambda *ms: torch.chain_matmul(*ms), *mats)
+    close(y, ref)
+    assert s.coverage.analog_macs == macs(plan)[0]
 
 
 def test_einsum_two_and_three_operands_with_true_macs():
@@ -300,6 +327,78 @@ def test_excluded_module_counts_as_digital():
     s = abfp.summary(m, torch.randn(4, 20))
     assert s.coverage.analog_macs == 4 * 8 * 20 and s.coverage.digital_macs == 4 * 3 * 8
     assert s.device_mac_share == pytest.approx(640 / (640 + 96))
+
+
+class _Seq(nn.Module):
+    def __init__(self, layer, fn):
+        super().__init__()
+        self.layer, self.fn = layer, fn
+
+    def forward(self, *xs):
+        return self.fn(self.layer, *xs)
+
+
+_W = torch.randn(6, 8, generator=g)
+_PACKED = nn.utils.rnn.pack_padded_sequence(torch.randn(3, 5, 8, generator=g), torch.tensor([5, 3, 2]),
+                                            batch_first=True, enforce_sorted=False)
+
+
+@pytest.mark.parametrize("layer,fn,xs", [
+    (nn.LSTM(8, 12, num_layers=2, bidirectional=True, proj_size=4), lambda m, x: m(x)[0], (torch.randn(5, 3, 8, generator=g),)),
+    (nn.GRU(8, 12, batch_first=True), lambda m, x: m(x)[0].data, (_PACKED,)),
+    (nn.RNN(8, 12), lambda m, x: m(x)[0], (torch.randn(5, 8, generator=g),)),  # unbatched
+    (nn.LSTMCell(8, 12), lambda m, x: m(x)[0], (torch.randn(3, 8, generator=g),)),
+    (nn.GRUCell(8, 12), lambda m, x: m(x), (torch.randn(8, generator=g),)),
+    (nn.MultiheadAttention(8, 2, kdim=6, vdim=4, add_bias_kv=True, add_zero_attn=True),
+     lambda m, q, k, v: m(q, k, v)[0], (torch.randn(5, 3, 8, generator=g), torch.randn(7, 3, 6, generator=g),
+                                        torch.randn(7, 3, 4, generator=g))),
+    (nn.Identity(), lambda m, a, b: torch.einsum("bij,bjk,kl->bil", a, b, _W), (torch.randn(2, 3, 4, generator=g),
+                                                                                 torch.randn(2, 4, 6, generator=g))),
+    (nn.Identity(), lambda m, a, b: torch.tensordot(a, b, dims=([1, 2], [0, 1])), (torch.randn(3, 4, 5, generator=g),
+                                                                                   torch.randn(4, 5, 2, generator=g))),
+    (nn.Identity(), lambda m, a: torch.linalg.multi_dot([a, a.t(), a]), (torch.randn(3, 4, generator=g),)),
+    (nn.Identity(), lambda m, a, b: a.baddbmm(batch1=a, batch2=b), (torch.randn(2, 3, 3, generator=g),
+                                                                    torch.randn(2, 3, 3, generator=g))),
+    (nn.Identity(), lambda m, c, a, v: torch.addmv(c, mat=a, vec=v), (torch.randn(3, generator=g),
+                                                                      torch.randn(3, 4, generator=g), torch.randn(4, generator=g))),
+    (nn.Identity(), lambda m, a: torch.zeros(3, 6).addmm_(a, _W.t()), (torch.randn(3, 8, generator=g),)),
+    (nn.Identity(), lambda m, a: _W.t().__rmatmul__(a), (torch.randn(3, 8, generator=g),)),
+    (nn.Identity(), lambda m, a: torch.outer(a, a) + torch.linalg.vecdot(a, a), (torch.randn(4, generator=g),)),
+    (nn.Bilinear(8, 6, 3), lambda m, a, b: m(a, b), (torch.randn(5, 8, generator=g), torch.randn(5, 6, generator=g))),
+], ids=["lstm", "gru-packed", "rnn-unbatched", "lstm-cell", "gru-cell-unbatched", "mha", "einsum", "tensordot",
+        "multi_dot", "baddbmm-keywords", "addmv-keywords", "addmm_", "rmatmul", "outer-vecdot", "bilinear"])
+def test_products_of_an_excluded_module_count_the_macs_the_device_would(layer, fn, xs):
+    """Excluded, a call runs whole in float32 and its MACs count as digital: the same MACs the
+    device counts when it runs them. LSTM, GRU, RNN and their cells, MHA, einsum, tensordot,
+    multi_dot and the in-place, reflected and keyword spellings counted 0 (an excluded LSTM left the
+    device MAC share at 100 %)."""
+    torch.manual_seed(0)
+    model = _Seq(layer, fn).eval()
+    on = abfp.convert(model, CFG)
+    off = abfp.convert(model, CFG, exclude=[".*"])
+    with torch.no_grad():
+        y = off(*xs)
+        on(*xs)
+        torch.testing.assert_close(y, model(*xs))  # excluded: torch's own float32 numbers
+    device, digital = abfp.coverage(on), abfp.coverage(off)
+    assert device.analog_macs > 0 and device.digital_macs == 0
+    assert digital.analog_macs == 0 and digital.digital_macs == device.analog_macs, digital.digital_ops
+
+
+def test_every_product_function_has_a_mac_count_for_its_float32_calls():
+    """Every function a product family answers can run in float32 (excluded module,
+    ``include_matmul=False``): each has a MAC count there (``coverage.estimate_macs``)."""
+    from abfp.ops.coverage import _ESTIMATORS, func_name
+    from abfp.ops.registry import registered
+
+    assert [func_name(f) for f in registered() if f not in _ESTIMATORS] == []
+
+
+def test_include_matmul_false_counts_the_float32_einsum():
+    a, b = torch.randn(2, 3, 4, generator=g), torch.randn(2, 4, 5, generator=g)
+    m = abfp.convert(Call(lambda x, y: torch.einsum("bij,bjk->bik", x, y)), CFG, include_matmul=False)
+    m(a, b)
+    assert abfp.coverage(m).digital_macs == 2 * 3 * 4 * 5 and abfp.coverage(m).analog_macs == 0
 
 
 def test_direct_aten_product_is_named():

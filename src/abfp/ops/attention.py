@@ -13,6 +13,7 @@ softmax gives NaN there, which the device refuses by name (a clear error, not a 
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .coverage import register_macs
 from .linear import answer_linear, answer_matmul
 from .registry import register
 from .site import Frame, digital_call
@@ -174,5 +176,29 @@ def answer_mha(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
     )
 
 
+_MHA_PARAMS = inspect.signature(multi_head_attention)
+
+
+def mha_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    """MACs of one ``F.multi_head_attention_forward`` as :func:`multi_head_attention` computes it:
+    the three input projections (all three run, also beside ``static_k``/``static_v``), ``QK^T``
+    and ``AV`` over the keys after ``bias_k`` and the zero row are appended, the output projection."""
+    a = _MHA_PARAMS.bind_partial(*args, **kwargs).arguments
+    q, k, v = a["query"], a["key"], a["value"]
+    if a.get("use_separate_proj_weight", False):
+        wq, wk, wv = a["q_proj_weight"].numel(), a["k_proj_weight"].numel(), a["v_proj_weight"].numel()
+    else:
+        wq = wk = wv = a["in_proj_weight"].numel() // 3
+    rows = math.prod(q.shape[:-1])
+    batch = 1 if q.dim() == 2 else q.shape[1]
+    static_k = a.get("static_k")
+    keys = (k.shape[0] if static_k is None else static_k.shape[1]) + (a.get("bias_k") is not None) \
+        + bool(a.get("add_zero_attn", False))
+    attention = 2 * batch * q.shape[0] * keys * q.shape[-1]  # QK^T and AV: heads x head_dim = embed_dim
+    return (rows * wq + math.prod(k.shape[:-1]) * wk + math.prod(v.shape[:-1]) * wv + attention
+            + rows * a["out_proj_weight"].numel())
+
+
 register(F.scaled_dot_product_attention)(answer_sdpa)
 register(F.multi_head_attention_forward)(answer_mha)
+register_macs(F.multi_head_attention_forward)(mha_macs)

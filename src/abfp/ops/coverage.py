@@ -17,6 +17,7 @@ converted model (not once per process: a second model, or the same model after
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Coverage", "coverage", "DigitalProductWarning", "digital_product_macs", "estimate_macs", "no_analog_model"]
+__all__ = ["Coverage", "coverage", "DigitalProductWarning", "digital_product_macs", "estimate_macs", "no_analog_model",
+           "register_macs"]
 
 
 class DigitalProductWarning(UserWarning):
@@ -118,10 +120,36 @@ def _addmm(args, kwargs, out):
     return _matmul_macs(_arg(args, kwargs, 1, "mat1"), None, out)
 
 
+def _addmv(args, kwargs, out):
+    return _matmul_macs(_arg(args, kwargs, 1, "mat"), None, out)
+
+
+def _baddbmm(args, kwargs, out):
+    return _matmul_macs(_arg(args, kwargs, 1, "batch1"), None, out)
+
+
 def _addbmm(args, kwargs, out):
     b1 = _t(_arg(args, kwargs, 1, "batch1"))
     b2 = _t(_arg(args, kwargs, 2, "batch2"))
     return b1.shape[0] * b1.shape[1] * b1.shape[2] * b2.shape[2] if b1 is not None and b2 is not None else 0
+
+
+def _rmatmul(args, kwargs, out):
+    """``b.__rmatmul__(a)`` is ``a @ b``: the reduction is ``a``'s last axis."""
+    return _matmul_macs(_arg(args, kwargs, 1, "other"), None, out)
+
+
+def _outer(args, kwargs, out):
+    """``outer``/``ger``/``addr``: one product of two elements per output (K = 1, as the device counts it)."""
+    return out.numel() if isinstance(out, Tensor) else 0
+
+
+def _vecdot(args, kwargs, out):
+    x, y = _t(_arg(args, kwargs, 0, "x")), _t(_arg(args, kwargs, 1, "y"))
+    dim = kwargs.get("dim", -1)
+    if x is None or y is None or not isinstance(out, Tensor) or x.dim() == 0:
+        return 0
+    return out.numel() * max(x.shape[dim], y.shape[dim] if y.dim() else 1)
 
 
 def _cdist(args, kwargs, out):
@@ -156,8 +184,10 @@ def _matrix_power(args, kwargs, out):
 
 
 def _bilinear(args, kwargs, out):
+    """``y[., o] = sum_j (sum_i x1[., i] A[o, i, j]) x2[., j]``: ``in1 * in2`` MACs, then ``in2``, per
+    output (torch's ``_trilinear`` and the device's two products alike)."""
     w = _t(_arg(args, kwargs, 2, "weight"))
-    return out.numel() // max(1, w.shape[0]) * w.numel() if w is not None and isinstance(out, Tensor) else 0
+    return out.numel() * (w.shape[1] + 1) * w.shape[2] if w is not None and isinstance(out, Tensor) and w.dim() == 3 else 0
 
 
 MacEstimator = Callable[[tuple, dict, Any], int]
@@ -172,9 +202,15 @@ _ESTIMATORS: dict[Any, MacEstimator] = {
     torch.matmul: _mm, torch.Tensor.matmul: _mm, torch.Tensor.__matmul__: _mm, torch.mm: _mm, torch.Tensor.mm: _mm,
     torch.bmm: _mm, torch.Tensor.bmm: _mm, torch.mv: _mm, torch.Tensor.mv: _mm, torch.linalg.matmul: _mm,
     torch.dot: _mm, torch.Tensor.dot: _mm, torch.inner: _mm, torch._int_mm: _mm,
-    torch.addmm: _addmm, torch.Tensor.addmm: _addmm, torch.baddbmm: _addmm, torch.Tensor.baddbmm: _addmm,
-    torch.addmv: _addmm, torch.Tensor.addmv: _addmm,
+    torch.addmm: _addmm, torch.Tensor.addmm: _addmm, torch.baddbmm: _baddbmm, torch.Tensor.baddbmm: _baddbmm,
+    torch.addmv: _addmv, torch.Tensor.addmv: _addmv,
     torch.addbmm: _addbmm, torch.Tensor.addbmm: _addbmm,
+    operator.matmul: _mm, torch.Tensor.__rmatmul__: _rmatmul, torch.vdot: _mm, torch.Tensor.vdot: _mm,
+    torch.Tensor.inner: _mm, torch.linalg.vecdot: _vecdot,
+    torch.outer: _outer, torch.Tensor.outer: _outer, torch.ger: _outer, torch.Tensor.ger: _outer,
+    torch.addr: _outer, torch.Tensor.addr: _outer, torch.Tensor.addr_: _outer,
+    torch.Tensor.addmm_: _addmm, torch.Tensor.addmv_: _addmv, torch.addmv_: _addmv, torch.Tensor.baddbmm_: _baddbmm,
+    torch.Tensor.addbmm_: _addbmm,
     torch.cdist: _cdist,
     torch.conv_tbc: _conv_tbc,
     F.scaled_dot_product_attention: _sdpa,
@@ -182,6 +218,25 @@ _ESTIMATORS: dict[Any, MacEstimator] = {
     torch.kron: _kron, torch.Tensor.kron: _kron, torch._addmm_activation: _addmm,
     torch.linalg.matrix_power: _matrix_power, torch.matrix_power: _matrix_power, torch.Tensor.matrix_power: _matrix_power,
 }
+
+
+
+def register_macs(*funcs: Any) -> Callable[[MacEstimator], MacEstimator]:
+    """Decorator: ``est(args, kwargs, out)`` gives the MACs of ``funcs`` computed in float32.
+
+    A product family registers one for every function it answers with several products (a
+    recurrent layer, attention, an einsum chain), counted as the family would count them on the
+    device: that call inside an excluded module (or under ``include_matmul=False``) runs whole
+    in float32, and without it its MACs counted as 0 (a device share of 100 % with an LSTM off
+    the device)."""
+
+    def deco(est: MacEstimator) -> MacEstimator:
+        for f in funcs:
+            _ESTIMATORS[f] = est
+        return est
+
+    return deco
+
 
 #: Product-like functions that have no analog model: they run in float32 with a warning.
 _NO_ANALOG_MODEL: set[Any] = {torch.cdist, torch.conv_tbc, torch._int_mm, torch.convolution, torch._convolution,
@@ -286,7 +341,7 @@ def estimate_macs(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
             est = _quantized(name.rsplit(".", 1)[-1])
         elif name is not None:
             op = name.rsplit(".", 1)[-1]
-            est = {"addmm": _addmm, "addmv": _addmm, "baddbmm": _addmm, "addbmm": _addbmm,
+            est = {"addmm": _addmm, "addmv": _addmv, "baddbmm": _baddbmm, "addbmm": _addbmm,
                    "convolution": _convolution, "_convolution": _convolution}.get(op, _mm)
     if est is None:
         return 0

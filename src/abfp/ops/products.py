@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import linear as linear_family  # linear(), matmul()
+from .coverage import register_macs
 from .linear import einsum_pair, einsum_subscripts, is_weight as _is_weight
 from .site import Frame, digital_call, run_product
 from .registry import register
@@ -251,19 +252,76 @@ def answer_tensordot(frame: Frame, func: Callable, args: tuple, kwargs: dict) ->
     return _finish(_tensordot(frame, a, b, da, db), out)
 
 
+@register_macs(torch.tensordot)
+def _tensordot_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    a, b, dims, _ = _tensordot_args(*args, **kwargs)
+    _, db = _dims(dims, a.dim(), b.dim())
+    return a.numel() * math.prod(b.shape[j] for j in range(b.dim()) if j not in db)  # M K N
+
+
 # ----------------------------------------------------------------------------- chains
+
+
+def chain_order(mats: Sequence[Tensor]) -> tuple[Any, int]:
+    """The order ``torch.linalg.multi_dot`` multiplies ``mats`` in (the fewest MACs; a 1-D first
+    operand a row, a 1-D last one a column) and its MACs: ``(plan, macs)`` with ``plan`` an index
+    or a pair of plans. Three matrices: torch's closed form, ``(AB)C`` on a tie; more: the
+    matrix-chain dynamic programme, the first cheapest split on a tie (torch's)."""
+    n = len(mats)
+    p = [1 if i == 0 and m.dim() == 1 else m.shape[0] for i, m in enumerate(mats)]
+    p.append(1 if mats[-1].dim() == 1 else mats[-1].shape[-1])
+    if n == 1:
+        return 0, 0
+    if n == 2:
+        return (0, 1), p[0] * p[1] * p[2]
+    if n == 3:
+        a, b, c, d = p
+        cost1, cost2 = a * c * (b + d), b * d * (a + c)  # (AB)C, A(BC)
+        return ((0, (1, 2)), cost2) if cost1 > cost2 else (((0, 1), 2), cost1)
+    cost = [[0] * n for _ in range(n)]
+    split = [[0] * n for _ in range(n)]
+    for span in range(1, n):
+        for i in range(n - span):
+            j = i + span
+            cost[i][j] = -1
+            for k in range(i, j):
+                q = cost[i][k] + cost[k + 1][j] + p[i] * p[k + 1] * p[j + 1]
+                if cost[i][j] < 0 or q < cost[i][j]:
+                    cost[i][j], split[i][j] = q, k
+
+    def plan(i: int, j: int) -> Any:
+        return i if i == j else (plan(i, split[i][j]), plan(split[i][j] + 1, j))
+
+    return plan(0, n - 1), cost[0][n - 1]
+
+
 def _chain(frame: Frame, mats: Sequence[Tensor]) -> Tensor:
+    """The chain's products on the device, in torch's order (:func:`chain_order`)."""
     if len(mats) == 0:
         raise RuntimeError("multi_dot(): expected at least 2 tensors but got 0")
-    y = mats[0]
-    for m in mats[1:]:
-        y = device_matmul(frame, y, m)
-    return y
+
+    def run(plan: Any) -> Tensor:
+        return mats[plan] if isinstance(plan, int) else device_matmul(frame, run(plan[0]), run(plan[1]))
+
+    return run(chain_order(mats)[0])
+
+
+def _chain_mats(args: tuple, kwargs: dict) -> list[Tensor]:
+    if "tensors" in kwargs:
+        return list(kwargs["tensors"])
+    mats = list(args)
+    return list(mats[0]) if len(mats) == 1 and isinstance(mats[0], (list, tuple)) else mats
+
+
+@register_macs(torch.linalg.multi_dot, torch.chain_matmul)
+def _chain_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    mats = _chain_mats(args, kwargs)
+    return chain_order(mats)[1] if len(mats) >= 2 else 0
 
 
 @register(torch.linalg.multi_dot)
 def answer_multi_dot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
-    mats = list(args[0] if args else kwargs["tensors"])
+    mats = _chain_mats(args, kwargs)
     out = kwargs.get("out")
     if len(mats) < 2:
         return func(*args, **kwargs)
@@ -272,9 +330,7 @@ def answer_multi_dot(frame: Frame, func: Callable, args: tuple, kwargs: dict) ->
 
 @register(torch.chain_matmul)
 def answer_chain_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
-    mats = list(args)
-    if len(mats) == 1 and isinstance(mats[0], (list, tuple)):
-        mats = list(mats[0])
+    mats = _chain_mats(args, kwargs)
     if len(mats) < 2:
         return func(*args, **kwargs)
     return _finish(_chain(frame, mats), kwargs.get("out"))
@@ -310,6 +366,29 @@ def answer_einsum(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Te
     if cur_s != out:
         cur = cur.permute([cur_s.index(c) for c in out])
     return cur
+
+
+@register_macs(torch.einsum)
+def _einsum_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    """MACs of an einsum as :func:`answer_einsum` computes it: pairwise, left to right, each
+    contraction one product over the union of its operands' indices (indices private to one
+    operand summed first, no MACs; a K = 1 contraction, ``i,j->ij``, is a product too)."""
+    eq, ops = _einsum_operands(args)
+    if len(ops) < 2 or not all(isinstance(o, Tensor) for o in ops):
+        return 0
+    subs, out_s = einsum_subscripts(eq, ops)
+    sizes: dict[str, int] = {}
+    for sub, op in zip(subs, ops):
+        for ch, n in zip(sub, op.shape):
+            sizes[ch] = max(sizes.get(ch, 1), int(n))
+    cur, macs = subs[0], 0
+    for i in range(1, len(ops)):
+        later = set(out_s).union(*subs[i + 1:])
+        keep = "".join(dict.fromkeys(c for c in cur + subs[i] if c in later))
+        used = {c for c in cur if c in subs[i] or c in keep} | {c for c in subs[i] if c in cur or c in keep}
+        macs += math.prod(sizes[c] for c in used)
+        cur = keep
+    return macs
 
 
 # ----------------------------------------------------------------------------- bilinear

@@ -26,6 +26,7 @@ A second recurrent call with other weights inside the same module call gets a pr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as AF
+from .coverage import register_macs
 from .registry import register
 
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -287,8 +289,22 @@ def _sequence_handler(kind: str) -> Callable:
     return handler
 
 
+def _sequence_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    """MACs of one recurrent call (padded or packed), as the device computes it: every row of every
+    step meets every weight matrix of its layer and direction once (``ih``, ``hh``, ``hr``), in the
+    separate and the concatenated (``cat``) forms alike."""
+    if _is_packed(args, kwargs):
+        data, _, _, params, *_ = _packed_args(*args, **kwargs)
+        rows = data.shape[0]
+    else:
+        x, _, params, *_ = _padded_args(*args, **kwargs)
+        rows = math.prod(x.shape[:-1])
+    return rows * sum(p.numel() for p in params if p.dim() == 2)
+
+
 for _kind in _GATES:
     register(getattr(torch, _kind))(_sequence_handler(_kind))
+    register_macs(getattr(torch, _kind))(_sequence_macs)
 
 
 # ----------------------------------------------------------------------------- cells
@@ -317,5 +333,12 @@ def _cell_handler(kind: str) -> Callable:
     return handler
 
 
+def _cell_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    """MACs of one cell call: each input row meets ``W_ih`` and ``W_hh`` once."""
+    x, _, w_ih, w_hh, _, _ = _cell_args(*args, **kwargs)
+    return math.prod(x.shape[:-1]) * (w_ih.numel() + w_hh.numel())
+
+
 for _kind in _GATES:
     register(getattr(torch, _kind + "_cell"))(_cell_handler(_kind))
+    register_macs(getattr(torch, _kind + "_cell"))(_cell_macs)
