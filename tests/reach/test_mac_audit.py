@@ -11,8 +11,8 @@ oneDNN off (torch's CPU LSTM is otherwise one fused ``mkldnn_rnn_layer``, not co
 ``addbmm_``, which it does not count, are given to it here as ``2 x M x K`` and ``2 x B x M x K x N``
 (:data:`_UNCOUNTED`).
 
-For every model of the catalog (plain PyTorch and Hugging Face ``transformers`` built tiny from
-their configs, never downloaded), converted on the default device:
+For every model of the catalog (plain PyTorch, Hugging Face ``transformers`` built tiny from their
+configs and a sentence-transformers pipeline, never downloaded), converted on the default device:
 
 1. the device's MACs (``abfp.coverage``) equal the independent count plus the documented
    conventions of :data:`CONVENTIONS` (products torch computes with an element-wise ``mul``, which
@@ -313,6 +313,32 @@ def _hf():
     return {n: (lambda n=n: hf.build(n)) for n in names}, hf.output
 
 
+def _sentence_transformer():
+    """A sentence-transformers pipeline (tiny BERT, mean pooling, a dense layer, normalisation) built
+    offline: a 20-word vocabulary and random weights saved to a temporary folder and loaded back."""
+    import tempfile
+
+    import transformers as T
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers import models
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "the a cat dog sat on mat ran far away quick brown fox".split()
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.txt"), "w") as f:
+            f.write("\n".join(words) + "\n")
+        T.BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt")).save_pretrained(d)
+        T.BertModel(T.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=32)).save_pretrained(d)
+        st = SentenceTransformer(modules=[models.Transformer(d, max_seq_length=16), models.Pooling(32, "mean"),
+                                          models.Dense(32, 16), models.Normalize()], device="cpu")
+    features = st.tokenize(["the cat sat on the mat", "a quick brown fox ran far away", "the dog sat"])
+    return st, (features,), {}
+
+
 def _catalog():
     out = {n: (f, None) for n, f in PLAIN.items()}
     try:
@@ -320,6 +346,11 @@ def _catalog():
     except Exception:  # transformers missing: the plain catalog alone
         return out
     out.update({n: (f, hf_output) for n, f in hf_models.items()})
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        return out
+    out["sentence-transformers"] = (_sentence_transformer, lambda o: o["sentence_embedding"])
     return out
 
 
