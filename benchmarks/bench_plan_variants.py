@@ -7,6 +7,9 @@ as ``abfp tune`` counts it, relative to the single-gain device.
 
     python3 benchmarks/bench_plan_variants.py --plan-from docs/results/tune/efficientnet-s14-oct2.json:gain \
         --variant "stem 22.6/2=_conv_stem.1:22.627:2" --on calibration --seeds 0,1 --out v.json
+
+A plan of ``abfp tune --finetune`` runs with its finetuned weights: ``--plan-from P.json@W.safetensors``,
+``--compare NAME=P.json@W.safetensors`` (each plan on its own copy of the model).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from plan_rows import load_plan, paired, setup  # noqa: E402
 
+import copy  # noqa: E402
+
 from abfp.energy import EnergyParams  # noqa: E402
+from abfp.tune.provenance import load_weights  # noqa: E402
 from abfp.tune import DevicePlan  # noqa: E402
 from abfp.tune.api import _energy, _outputs, plan_outputs  # noqa: E402
 
@@ -44,6 +50,17 @@ def moved(plan: DevicePlan, moves: dict[str, tuple[float, int]]) -> DevicePlan:
     return DevicePlan(plan.base, modules, plan.exclude)
 
 
+def plan_and_model(spec: str, model):
+    """``PLAN[@WEIGHTS.safetensors]`` -> the plan and the model it runs on (a copy with the weights loaded)."""
+    plan_spec, _, weights = spec.partition("@")
+    plan = load_plan(plan_spec)
+    if not weights:
+        return plan, model
+    m = copy.deepcopy(model)
+    load_weights(m, weights, plan.info)
+    return plan, m.eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="efficientnet-lite0")
@@ -60,23 +77,23 @@ def main() -> None:
     model, cal, ev, metrics = setup(a.task, a.calibration, a.eval)
     data = ev if a.on == "eval" else cal
     ref = _outputs(model, data, a.batch_size)
-    base = load_plan(a.plan_from)
-    plans = {"base": base}
+    base, base_model = plan_and_model(a.plan_from, model)
+    plans = {"base": (base, base_model)}
     for c in a.compare:
         name, _, spec = c.partition("=")
-        plans[name] = load_plan(spec)
+        plans[name] = plan_and_model(spec, model)
     for v in a.variant:
         name, moves = parse_variant(v)
-        plans[name] = moved(base, moves)
+        plans[name] = (moved(base, moves), base_model)
     e_inputs = tuple(t[:1] for t in cal.inputs)
     single = _energy(model, DevicePlan(base.base, {}, base.exclude), e_inputs, EnergyParams())
     rows = []
     for seed in [int(s) for s in a.seeds.split(",")]:
         base_out = None
-        for name, plan in plans.items():
-            out = plan_outputs(model, plan, data, a.batch_size, seed)
+        for name, (plan, m_) in plans.items():
+            out = plan_outputs(m_, plan, data, a.batch_size, seed)
             row = {"plan": name, "seed": seed, "on": a.on,
-                   "energy_x": _energy(model, plan, e_inputs, EnergyParams()) / single}
+                   "energy_x": _energy(m_, plan, e_inputs, EnergyParams()) / single}
             for m in metrics:
                 row[m.name] = m(out, data.targets, ref)
                 row[m.name + "_se"] = m.stderr(out, data.targets, ref)
