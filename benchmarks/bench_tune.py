@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--refine", type=int, default=0, help="energy rule: modules checked on the model (abfp.tune.refine)")
     ap.add_argument("--refine-passes", type=int, default=1, help="refinement passes at most (0: until none moves)")
     ap.add_argument("--refine-fill", action="store_true", help="spend what the refinement leaves (fill_budget)")
+    ap.add_argument("--refine-margin", type=float, default=0.0, help="a refined move must win by this fraction")
     ap.add_argument("--metric", choices=["task", "kl", "cosine"], default="task", help="tuning metric")
     ap.add_argument("--target", type=float, default=None)
     ap.add_argument("--max-repeats", type=int, default=16)
@@ -77,6 +78,7 @@ def main() -> None:
                gain_tolerance=a.gain_tolerance, gain_descent=a.gain_descent, max_gain=a.max_gain, repeats=not a.no_repeats,
                gain_rule=a.gain_rule, energy_budget=a.energy_budget, refine=a.refine,
                refine_passes=a.refine_passes or None, refine_fill=a.refine_fill,
+               refine_margin=a.refine_margin,
                gains=power_of_two_gains(a.max_gain, a.gains_per_octave) if a.gains_per_octave > 1 else None,
                max_repeats=a.max_repeats, finetune=None if a.finetune == "none" else a.finetune,
                finetune_options=ft_opts, extra_metrics=[m for m in metrics if m.name != metric.name],

@@ -183,6 +183,8 @@ def test_cli_eval_plan_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (["--gain-rule", "energy", "--refine", "2", "--refine-passes", "-1"], "--refine-passes must be >= 0"),
     (["--gain-rule", "energy", "--refine-passes", "2"], "go with --refine N"),
     (["--gain-rule", "energy", "--refine-fill"], "go with --refine N"),
+    (["--gain-rule", "energy", "--refine-margin", "0.01"], "go with --refine N"),
+    (["--gain-rule", "energy", "--refine", "2", "--refine-margin", "1"], "--refine-margin must be in [0, 1)"),
     (["--metric", "top1"], "has none; use agreement, kl or cosine"),
 ])
 def test_cli_tune_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], msg: str) -> None:

@@ -121,27 +121,31 @@ def _neighbours(cur: dict, m: str, limit: float):
 @settings(max_examples=60, deadline=None)
 @given(st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.tuples(st.sampled_from(GAINS), st.sampled_from(REPS)),
                        min_size=1, max_size=4),
-       st.integers(0, 2**31 - 1), st.floats(0.5, 3.0), st.booleans(), st.sampled_from([1, 2, 3, None]))
+       st.integers(0, 2**31 - 1), st.floats(0.5, 3.0), st.booleans(), st.sampled_from([1, 2, 3, None]),
+       st.sampled_from([0.0, 0.05, 0.3]))
 def test_refine_passes_match_a_brute_force_of_repeated_passes(start: dict, salt: int, slack: float, higher: bool,
-                                                               passes: int | None) -> None:
+                                                               passes: int | None, margin: float) -> None:
     score = _random_score(salt)
     limit = _energy(start) * slack
     modules = sorted(start)
-    r = refine_settings(start, modules, GAINS, REPS, _energy, limit, score, score(dict(start)), higher, passes=passes)
+    r = refine_settings(start, modules, GAINS, REPS, _energy, limit, score, score(dict(start)), higher, passes=passes,
+                        margin=margin)
     better = (lambda a, b: a > b) if higher else (lambda a, b: a < b)
-    # brute force: whole passes, each module to its best neighbour; stop after a pass with no move or at the cap
+    # by more than the margin: above (1 + margin) times / below (1 - margin) times the plan's (positive) score
+    clears = (lambda a, b: a > b * (1 + margin)) if higher else (lambda a, b: a < b * (1 - margin))
+    # brute force: whole passes, each module to its best neighbour when that clears the margin; stop after a
+    # pass with no move or at the cap
     cur, best, done, seen = dict(start), score(dict(start)), 0, {tuple(sorted(start.items()))}
     while passes is None or done < passes:
         done += 1
         any_move = False
         for m in modules:
-            pick = None
-            for s, trial in _neighbours(cur, m, limit):
-                seen.add(tuple(sorted(trial.items())))
-                if better(score(trial), best):
-                    pick, best = s, score(trial)
-            if pick:
-                cur[m], any_move = pick, True
+            scores = {s: score(trial) for s, trial in _neighbours(cur, m, limit)}
+            seen.update(tuple(sorted({**cur, m: s}.items())) for s in scores)
+            if scores:
+                pick = (max if higher else min)(scores, key=lambda s: scores[s])
+                if clears(scores[pick], best):
+                    cur[m], best, any_move = pick, scores[pick], True
         if not any_move:
             break
     assert r.settings == cur and r.metric == best and r.passes == done
@@ -151,7 +155,7 @@ def test_refine_passes_match_a_brute_force_of_repeated_passes(start: dict, salt:
     assert not better(score(dict(start)), r.metric)
     if passes is None:  # run until nothing moves: a local optimum over every listed module's neighbourhood
         for m in modules:
-            assert not any(better(score(trial), r.metric) for _, trial in _neighbours(r.settings, m, limit))
+            assert not any(clears(score(trial), r.metric) for _, trial in _neighbours(r.settings, m, limit))
 
 
 def test_refine_passes_second_pass_takes_what_the_first_freed() -> None:
@@ -169,6 +173,12 @@ def test_refine_passes_second_pass_takes_what_the_first_freed() -> None:
     assert more.settings == {"a": (4.0, 2), "b": (4.0, 1)} and more.metric == 0.5 and more.passes == 3
     with pytest.raises(ValueError, match="passes"):
         refine_settings(start, ["a"], GAINS, REPS, _energy, 12.0, score, 1.0, False, passes=0)
+    # a margin of 15 % keeps b where it was (0.9 is 10 % better than 1.0), and so a's move never fits
+    kept = refine_settings(start, ["a", "b"], GAINS, REPS, _energy, 12.0, score, 1.0, False, passes=None, margin=0.15)
+    assert kept.settings == start and kept.metric == 1.0 and kept.passes == 1
+    for bad in (-0.1, 1.0, True, float("nan")):
+        with pytest.raises(ValueError, match="margin"):
+            refine_settings(start, ["a"], GAINS, REPS, _energy, 12.0, score, 1.0, False, margin=bad)
 
 
 def test_tune_refine_passes_and_fill() -> None:
@@ -196,6 +206,8 @@ def test_tune_refine_passes_and_fill() -> None:
     ({"gain_rule": "energy", "refine": 1, "refine_passes": True}, ValueError, "refine_passes"),
     ({"gain_rule": "energy", "refine_passes": 2}, ValueError, "go with refine"),
     ({"gain_rule": "energy", "refine_fill": True}, ValueError, "go with refine"),
+    ({"gain_rule": "energy", "refine_margin": 0.01}, ValueError, "go with refine"),
+    ({"gain_rule": "energy", "refine": 1, "refine_margin": 1.0}, ValueError, "refine_margin"),
     ({"gain_rule": "energy", "refine": 1, "refine_fill": 1}, TypeError, "refine_fill"),
 ])
 def test_tune_refine_passes_bad_options(kwargs: dict, err: type, msg: str) -> None:

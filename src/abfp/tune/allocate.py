@@ -334,7 +334,7 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
                       score: Callable[[dict[str, Setting]], float], meets: Callable[[float], bool], *,
                       budget: float | None = None, params: EnergyParams | None = None,
                       exclude: Sequence[str] = (), seed: int = 0, refine: int = 0, refine_passes: int | None = 1,
-                      refine_fill: bool = False,
+                      refine_fill: bool = False, refine_margin: float = 0.0,
                       progress: Callable[[str], None] | None = None) -> tuple[dict[str, Setting], dict[str, Any]]:
     """Steps 1-5 of this module: ``(module -> (gain, repeats), details)``. ``inputs`` (with
     ``targets`` for a label metric) measure the errors and sensitivities, ``energy_inputs`` the
@@ -345,7 +345,9 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
     loss at the chosen settings, within the budget (or, without one, the chosen plan's energy),
     in up to ``refine_passes`` passes (``None``: until one moves nothing). ``refine_fill``: then
     the energy the refinement left unspent goes to :func:`fill_budget`'s moves of the modules it
-    left on their hulls, kept only when the filled plan scores better on calibration."""
+    left on their hulls, kept only when the filled plan scores better on calibration.
+    ``refine_margin``: a refined module moves only when that beats the plan by more than this
+    fraction of its calibration metric."""
     say = progress or (lambda s: None)
     gains = _check_candidates(gains)
     reps = sorted({int(k) for k in repeats})
@@ -404,8 +406,9 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
         order = sorted(known, key=lambda m: -losses[m][found.settings[m]])[:refine]
         cap = budget * e_base * (1 + 1e-9) if budget is not None else energy(found.settings) * (1 + 1e-9)
         r = refine_settings(found.settings, order, gains, reps, energy, cap, trial, found.metric,
-                            metric.higher_is_better, passes=refine_passes)
-        refined = {"modules": order, "trials": [list(t) for t in r.trials], "passes": r.passes,
+                            metric.higher_is_better, passes=refine_passes,
+                            margin=refine_margin)
+        refined = {"modules": order, "trials": [list(t) for t in r.trials], "passes": r.passes, "margin": refine_margin,
                    "moved": {m: [list(a), list(b)] for m, (a, b) in r.moved(found.settings).items()}}
         found = Allocation(r.settings, r.metric, meets(r.metric), found.index, found.path_length, found.trials)
         if refine_fill:

@@ -210,7 +210,8 @@ def _refine_note(refined: Mapping[str, Any]) -> str:
     """The gain stage note's account of the refinement (and its fill)."""
     moved = refined.get("moved") or {}
     passes = refined.get("passes", 1)
-    note = f"; refined on calibration ({passes} pass{'es' if passes != 1 else ''}): " + (", ".join(
+    margin = f", margin {refined['margin']:g}" if refined.get("margin") else ""
+    note = f"; refined on calibration ({passes} pass{'es' if passes != 1 else ''}{margin}): " + (", ".join(
         f"{m} {a[0]:.3g}x{a[1]} -> {b[0]:.3g}x{b[1]}" for m, (a, b) in moved.items()) or "no change")
     fill = refined.get("fill")
     if fill is not None:
@@ -240,6 +241,7 @@ def tune(
     refine: int = 0,
     refine_passes: int | None = 1,
     refine_fill: bool = False,
+    refine_margin: float = 0.0,
     repeats: bool = True,
     max_repeats: int = 16,
     repeat_steps: int = 8,
@@ -285,7 +287,9 @@ def tune(
     calibration forwards per pass). ``refine_passes``: that many passes over those modules at
     most, while the last one moved one (``None``: until a pass moves nothing); ``refine_fill``:
     then the energy left under the budget goes to the rule's next moves of the other modules
-    (:func:`.allocate.fill_budget`), kept only when that scores better on calibration.
+    (:func:`.allocate.fill_budget`), kept only when that scores better on calibration;
+    ``refine_margin``: a module moves only when that beats the plan on calibration by more than
+    this fraction of its metric (default 0: any improvement).
     ``gain_descent``: after the gain stage, lower the gains, most expensive module first, while
     the target is still reached on the calibration inputs (:mod:`.descent`; a stage of its own).
     ``extra_metrics``: reported per stage besides ``metric``.
@@ -342,8 +346,10 @@ def tune(
         raise ValueError(f"refine_passes must be an integer >= 1 or None (until nothing moves), got {refine_passes!r}")
     if not isinstance(refine_fill, bool):
         raise TypeError(f"refine_fill must be a bool, got {type(refine_fill).__name__}")
-    if (refine_passes != 1 or refine_fill) and not refine:
-        raise ValueError("refine_passes and refine_fill go with refine > 0 (modules to refine)")
+    if isinstance(refine_margin, bool) or not isinstance(refine_margin, (int, float)) or not 0 <= refine_margin < 1:
+        raise ValueError(f"refine_margin must be a number in [0, 1) (a fraction of the metric), got {refine_margin!r}")
+    if (refine_passes != 1 or refine_fill or refine_margin) and not refine:
+        raise ValueError("refine_passes, refine_fill and refine_margin go with refine > 0 (modules to refine)")
     if gain_rule == "energy" and (gain_tolerance or gain_descent):
         raise ValueError("the energy rule chooses the gains for the target itself: gain_tolerance and gain_descent "
                          "go with the error rule")
@@ -373,7 +379,8 @@ def tune(
         options = dict(target=target_given, gain_rule=gain_rule, gains=None if gains is None else [float(g) for g in gains],
                        max_gain=max_gain, gain_tolerance=gain_tolerance, gain_samples=gain_samples,
                        gain_descent=gain_descent, energy_budget=energy_budget, refine=refine,
-                       refine_passes=refine_passes, refine_fill=refine_fill, repeats=repeats, max_repeats=max_repeats,
+                       refine_passes=refine_passes, refine_fill=refine_fill, refine_margin=refine_margin,
+                       repeats=repeats, max_repeats=max_repeats,
                        repeat_steps=repeat_steps, exclude=list(exclude), batch_size=batch_size,
                        energy_samples=energy_samples, energy_params=asdict(params), seed=seed,
                        finetune=None if finetune is None else finetune.describe() if isinstance(finetune, STAGES)
@@ -444,7 +451,7 @@ def tune(
             repeat_options(max_repeats) if repeats else [1], modules, e_inputs,
             lambda st: calibration_score(with_settings(st)), meets, budget=energy_budget, params=params,
             exclude=exclude, seed=seed, refine=refine, refine_passes=refine_passes,
-            refine_fill=refine_fill, progress=say)
+            refine_fill=refine_fill, refine_margin=refine_margin, progress=say)
         details.update(found)
         chosen = {m: s[0] for m, s in settings.items()}
         gain_plan = with_settings(settings)

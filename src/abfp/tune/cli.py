@@ -76,6 +76,9 @@ def _parser(sub) -> None:
     p.add_argument("--refine-fill", action="store_true",
                    help="with --refine: spend the energy left under --energy-budget on the energy rule's next moves "
                         "of the other modules, kept when that scores better on the calibration inputs")
+    p.add_argument("--refine-margin", type=float, default=0.0,
+                   help="with --refine: move a module only when that beats the plan on the calibration inputs by "
+                        "more than this fraction of its metric (default 0: any improvement)")
     p.add_argument("--gains-per-octave", type=int, default=None,
                    help="candidate gains 2**(j/N) up to --max-gain (arbitrary gains; default 1: powers of two)")
     p.add_argument("--gains", type=csv_list(float, "--gains"), default=None,
@@ -177,8 +180,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError("--refine goes with --gain-rule energy")
     if args.refine_passes < 0:
         raise UsageError(f"--refine-passes must be >= 0 (0: until a pass moves nothing), got {args.refine_passes}")
-    if (args.refine_passes != 1 or args.refine_fill) and not args.refine:
-        raise UsageError("--refine-passes and --refine-fill go with --refine N")
+    if not 0 <= args.refine_margin < 1:
+        raise UsageError(f"--refine-margin must be in [0, 1) (a fraction of the metric), got {args.refine_margin}")
+    if (args.refine_passes != 1 or args.refine_fill or args.refine_margin) and not args.refine:
+        raise UsageError("--refine-passes, --refine-fill and --refine-margin go with --refine N")
     if args.energy_budget is not None and (args.gain_rule != "energy" or args.energy_budget <= 0):
         raise UsageError(f"--energy-budget goes with --gain-rule energy and must be > 0, got {args.energy_budget}")
     refuse_inapplicable(args, {
@@ -256,6 +261,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                    gain_tolerance=args.gain_tolerance or 0.0, gain_descent=args.gain_descent,
                    energy_budget=args.energy_budget, refine=args.refine,
                    refine_passes=args.refine_passes or None, refine_fill=args.refine_fill,
+                   refine_margin=args.refine_margin,
                    gain_samples=args.gain_samples, repeats=not args.no_repeats, max_repeats=args.max_repeats,
                    finetune=None if args.finetune == "none" else args.finetune, finetune_options=finetune_options,
                    extra_metrics=extras,
