@@ -335,7 +335,8 @@ def _sentence_transformer():
                                  intermediate_size=64, max_position_embeddings=32)).save_pretrained(d)
         st = SentenceTransformer(modules=[models.Transformer(d, max_seq_length=16), models.Pooling(32, "mean"),
                                           models.Dense(32, 16), models.Normalize()], device="cpu")
-    features = st.tokenize(["the cat sat on the mat", "a quick brown fox ran far away", "the dog sat"])
+    encode = getattr(st, "preprocess", None) or st.tokenize  # tokenize: before sentence-transformers 6
+    features = encode(["the cat sat on the mat", "a quick brown fox ran far away", "the dog sat"])
     return st, (features,), {}
 
 
