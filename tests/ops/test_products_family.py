@@ -410,6 +410,30 @@ def test_direct_aten_product_is_named():
     assert s.coverage.digital_macs == 5 * 7 * 20
 
 
+_ATEN = torch.ops.aten
+
+
+@pytest.mark.parametrize("fn,xs,macs", [
+    (lambda x, w: _ATEN.conv2d(x, w), ((2, 3, 8, 8), (4, 3, 3, 3)), 2 * 4 * 6 * 6 * 27),
+    (lambda x, w: _ATEN.conv_transpose2d(x, w), ((1, 4, 5, 5), (4, 3, 2, 2)), 100 * 3 * 2 * 2),
+    (lambda a, b: _ATEN.einsum("ij,jk->ik", [a, b]), ((3, 4), (4, 5)), 3 * 4 * 5),
+    (lambda a, b: _ATEN.tensordot(a, b, [1, 2], [0, 1]), ((3, 4, 5), (4, 5, 2)), 3 * 20 * 2),
+    (lambda q, k, v: _ATEN.scaled_dot_product_attention(q, k, v), ((1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8)),
+     2 * 4 * 5 * (8 + 8)),
+], ids=["conv2d", "conv_transpose2d", "einsum", "tensordot", "sdpa"])
+def test_direct_aten_products_are_named_with_their_macs(fn, xs, macs):
+    """aten products called directly stay float32, named, counted as the torch function of their
+    name counts them: convolutions counted ``output x input width``, einsum 0, tensordot a wrong
+    ``K``, and ``aten.scaled_dot_product_attention`` ran in float32 unnamed and uncounted."""
+    m = abfp.convert(Call(fn), CFG)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        m(*(torch.randn(sh, generator=g) for sh in xs))
+    assert any(issubclass(x.category, DigitalProductWarning) for x in w)
+    cov = abfp.coverage(m)
+    assert cov.analog_macs == 0 and cov.digital_macs == macs, cov.digital_ops
+
+
 def test_gpt2_runs_fully_analog():
     """Hugging Face GPT-2's Conv1D layers call torch.addmm: most of its MACs (was float32)."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -256,7 +256,24 @@ for _f in (getattr(torch.sparse, "mm", None), getattr(torch.sparse, "addmm", Non
 _ATEN_PRODUCTS = {"mm", "bmm", "addmm", "addmv", "addbmm", "baddbmm", "mv", "dot", "matmul", "linear",
                   "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
                   "conv_transpose2d", "conv_transpose3d", "einsum", "tensordot", "_int_mm", "lstm", "gru",
-                  "rnn_tanh", "rnn_relu", "bilinear", "cdist"}
+                  "rnn_tanh", "rnn_relu", "bilinear", "cdist", "scaled_dot_product_attention",
+                  "_scaled_dot_product_attention_math", "_scaled_dot_product_flash_attention_for_cpu",
+                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention"}
+
+
+def _aten_tensordot(args, kwargs, out):
+    """``aten.tensordot(a, b, dims_a, dims_b)``: ``M K N``."""
+    b, dims_b = _t(_arg(args, kwargs, 1, "other")), _arg(args, kwargs, 3, "dims_other")
+    a = _t(_arg(args, kwargs, 0, "self"))
+    if a is None or b is None or dims_b is None:
+        return 0
+    keep = [j for j in range(b.dim()) if j not in {d % b.dim() for d in dims_b}]
+    return a.numel() * math.prod(b.shape[j] for j in keep)
+
+
+#: aten products whose arguments are not those of the torch function of the same name
+_ATEN_ESTIMATORS: dict[str, MacEstimator] = {"tensordot": _aten_tensordot, "linear": _linear,
+                                             **{op: _sdpa for op in _ATEN_PRODUCTS if "scaled_dot_product" in op}}
 
 
 #: torch.ao's quantized kernels (``nn.quantized.dynamic.Linear`` calls ``torch.ops.quantized.linear_dynamic``):
@@ -339,10 +356,9 @@ def estimate_macs(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
         name = _aten_name(func)
         if name is not None and name.startswith("torch.ops.quantized."):
             est = _quantized(name.rsplit(".", 1)[-1])
-        elif name is not None:
+        elif name is not None:  # an aten product: as the torch function of its name counts it
             op = name.rsplit(".", 1)[-1]
-            est = {"addmm": _addmm, "addmv": _addmv, "baddbmm": _baddbmm, "addbmm": _addbmm,
-                   "convolution": _convolution, "_convolution": _convolution}.get(op, _mm)
+            est = _ATEN_ESTIMATORS.get(op) or _ESTIMATORS.get(getattr(torch, op, None)) or _mm
     if est is None:
         return 0
     try:
