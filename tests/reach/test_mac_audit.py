@@ -442,6 +442,32 @@ def test_every_product_equals_the_reference_kernel_on_its_operands(name):
     assert not bad, bad
 
 
+@pytest.mark.parametrize("name", ["seq2seq", "attentions", "functional", "einsums"])
+def test_the_count_holds_in_training_under_autocast_and_through_functional_call(name):
+    """The same MACs in train mode (dropout active), under bfloat16 autocast, through
+    ``torch.func.functional_call``, and on a device with 8-wide tiles, concatenated recurrent gates
+    and 3 repeats (each product still counted once: repeats are energy, not MACs)."""
+    model, args, kwargs, _ = _build(name)
+    want = independent_macs(model, args, kwargs) + sum(CONVENTIONS.get(name, {}).values())
+    runs = {
+        "train": (DEFAULT, lambda m: m.train()(*args, **kwargs)),
+        "autocast": (DEFAULT, lambda m: _autocast(m, args, kwargs)),
+        "functional_call": (DEFAULT, lambda m: torch.func.functional_call(m, dict(m.named_parameters()), args, kwargs)),
+        "n8-concat-repeats": (DEFAULT.replace(tile_width=8, recurrent_concat=True, repeats=3), lambda m: m(*args, **kwargs)),
+    }
+    for label, (cfg, call) in runs.items():
+        cm, _ = _convert(model, cfg)
+        with torch.no_grad():
+            call(cm)
+        cov = abfp.coverage(cm)
+        assert (cov.analog_macs, cov.digital_macs) == (want, 0), (label, cov)
+
+
+def _autocast(m, args, kwargs):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return m(*args, **kwargs)
+
+
 def test_the_spy_sees_a_float32_product():
     """The spy itself: a float32 matmul is seen, DAC codes (integer-valued floats) are not."""
     spy = FloatProducts()
