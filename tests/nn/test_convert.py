@@ -442,6 +442,27 @@ def test_weight_parametrizations_are_prepared_digitally_not_on_the_device():
     assert torch.equal(conv(x), model(x))
 
 
+def test_calibration_batches_of_keyword_inputs():
+    """A batch that is a mapping is the model's keyword inputs (a tokenizer's output, a
+    seq2seq model's ``decoder_input_ids``): it was passed as one positional argument."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(5, 3)
+
+        def forward(self, x, *, other):
+            return self.a(x) + self.b(other)
+
+    torch.manual_seed(0)
+    m = abfp.convert(TwoInputs(), ABFPConfig(mode="fixed", noise_std=0.0))
+    batches = [{"x": torch.randn(2, 4), "other": torch.randn(2, 5)} for _ in range(3)]
+    scales = abfp.calibrate(m, batches)
+    assert scales["a:linear0"][0] == max(float(b["x"].abs().max()) for b in batches)
+    assert scales["b:linear0"][0] == max(float(b["other"].abs().max()) for b in batches)
+    assert m(**batches[0]).shape == (2, 3)
+
+
 def test_a_calibration_that_fails_midway_keeps_the_scales_the_model_had():
     """Calibration cleared the scales, then a bad second batch raised: the model kept the first
     batch's scales only and its next forward used them without a word."""

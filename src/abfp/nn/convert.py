@@ -250,7 +250,8 @@ def calibrate(
     """Static activation scales for the fixed-point baseline (SPEC section 2).
 
     Runs ``model`` in float32 (eval mode, batch-norm statistics untouched) on ``batches`` (each
-    a tensor or a tuple of model inputs) and records, per product site and operand, the
+    a tensor, a tuple of model inputs, or a mapping of keyword inputs such as a tokenizer's
+    output, ``model(**batch)``) and records, per product site and operand, the
     ``percentile`` of |operand| within each call (100: the max), keeping the largest over all
     calls and batches. Returns ``{site: [first operand's scale, second operand's]}``.
 
@@ -263,8 +264,10 @@ def calibrate(
     with calibrating(model, percentile) as state:
         n = 0
         for batch in batches:
-            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
-            model(*inputs)
+            if isinstance(batch, Mapping):  # keyword inputs: a tokenizer's output, {"input_ids": ..., ...}
+                model(**batch)
+            else:
+                model(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
             n += 1
         if n == 0:  # the scales would all be gone (raised inside: the model keeps the ones it had)
             raise ValueError("calibrate needs at least one batch of inputs, got none")
