@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -93,7 +93,11 @@ class Walk:
         tie = (_near_ties(x_dev, r.sx[0], cfg.tile_width, cfg.input_max_code).unsqueeze(1)
                | _near_ties(w.detach().float(), r.sw[0], cfg.tile_width, cfg.weight_max_code).unsqueeze(0))
         assert bool(((diff <= code * (1 + 1e-3) + tol) | tie)[bad].all()), f"{site}#{k}: more than one code off"
-        self.mismatches += int(bad.sum())
+        # SPEC's allowance: a DAC value on a rounding boundary (a tie) rounds either way in float32, and that is
+        # not rare when a product feeds a product: with pow2 scales a projection's outputs are k n / (G L(b_y))
+        # times a power of two, so the next DAC's x / s * L(b_x) is 3 k / 2 at n = 3, G = 1, 5-bit ADC and DAC
+        # (every odd k a tie; found by the explore profile). Differences away from a tie must be rare.
+        self.mismatches += int((bad & ~tie).sum())
         self.outputs += bad.numel()
         return torch.where(bad, y_dev.double(), y), x_dev
 
@@ -279,6 +283,10 @@ configs = st.builds(
 
 @pytest.mark.slow
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(cfg=ABFPConfig(tile_width=3, input_bits=5, weight_bits=3, output_bits=5, gain=1.0, noise_std=0.0,
+                        scale_dtype="pow2"),
+         family="LSTM", I=1, H=7, layers=1, bidir=False, proj=3, batch_first=False, bias=False, form="padded", T=3,
+         B=1, given_state=False, seed=0)  # pow2 scales put the projected state on DAC ties: 9 of 177 outputs
 @given(
     cfg=configs,
     family=st.sampled_from(["LSTM", "GRU", "RNN_tanh", "RNN_relu"]),
