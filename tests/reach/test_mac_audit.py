@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs only: nothing is ever downloaded
 
@@ -85,7 +85,8 @@ def independent_macs(model: nn.Module, args: tuple, kwargs: dict) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.backends.mkldnn.flags' TF32 deprecation note
         with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), sdpa_kernel(SDPBackend.MATH), \
-                _no_mha_fast_path(), FlopCounterMode(display=False, custom_mapping=_UNCOUNTED) as fc:
+                _no_mha_fast_path(), getattr(model, "flop_counter_stand_in", nullcontext)(), \
+                FlopCounterMode(display=False, custom_mapping=_UNCOUNTED) as fc:
             model(*args, **kwargs)
     flops = fc.get_total_flops()
     assert flops % 2 == 0
@@ -108,7 +109,12 @@ class FloatProducts(TorchDispatchMode):
         super().__init__()
         self.seen: dict[str, int] = {}
 
+    supports_higher_order_operators = True  # flex_attention's operator: float32 products, counted as one call
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            self.seen[func.name()] = self.seen.get(func.name(), 0) + 1
+            return func(*args, **(kwargs or {}))  # torch took the spy off for this call
         name = func.overloadpacket.__name__
         if name in _ATEN_PRODUCTS:
             floats = [t for t in args if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
@@ -257,6 +263,41 @@ class Einsums(nn.Module):
         return o.sum() + three.sum() + sub.sum() + private.sum() + diag.sum() + outer.sum()
 
 
+class Flex(nn.Module):
+    """``flex_attention`` (torch's higher-order operator): a score_mod reading a per-head bias, a
+    causal block mask, grouped-query heads (4 query heads, 2 key/value heads), the log-sum-exp.
+    FlopCounterMode cannot run torch's eager operator (a TypeError inside it), so its count runs
+    the model with the attention replaced by zeros (:meth:`flop_counter_stand_in`) and the
+    attention's MACs are a convention (:data:`CONVENTIONS`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.bias = nn.Parameter(R(4))
+        self.stand_in = False
+
+    @contextmanager
+    def flop_counter_stand_in(self):
+        self.stand_in = True
+        try:
+            yield
+        finally:
+            self.stand_in = False
+
+    def forward(self, x):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, 4, 4).transpose(1, 2)
+        k, v = self.kv(x).reshape(b, t, 2, 2, 4).permute(2, 0, 3, 1, 4)
+        if self.stand_in:
+            return q.sum() * 0 + k.sum() * 0 + v.sum() * 0
+        mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, t, t, device="cpu")
+        out, lse = flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s + self.bias[h], block_mask=mask,
+                                  enable_gqa=True, return_lse=True)
+        return out.sum() + lse.sum()
+
+
 def _plain(model, *shapes):
     """A factory: the model, and standard normal inputs of these shapes drawn after it."""
     return lambda: (model(), tuple(torch.randn(s) for s in shapes), {})
@@ -275,6 +316,7 @@ PLAIN = {
     "attentions": _plain(Attentions, (2, 5, 16), (2, 5, 16), (6, 2, 8), (6, 2, 12)),
     "functional": _plain(Functional, (5, 8), (2, 3, 6, 6), (2, 3, 4), (2, 4, 5)),
     "einsums": _plain(Einsums, (2, 2, 4, 8), (2, 2, 5, 8), (2, 2, 5, 8)),
+    "flex-attention": _plain(Flex, (2, 6, 16)),
 }
 
 #: MACs the device counts that FlopCounterMode does not, by model, with the reason: torch computes
@@ -287,6 +329,8 @@ CONVENTIONS = {
         "nn.Bilinear(8, 6, 3) on 5 rows: 5 x 3 x 6 x (8 + 1)": 5 * 3 * 6 * (8 + 1),
     },
     "einsums": {"einsum('i,j->ij') of two 8-vectors: 64 K = 1 products": 8 * 8},
+    "flex-attention": {"flex_attention's QK^T and PV, which FlopCounterMode cannot run (see Flex): 2 sequences x "
+                       "4 query heads x 6 queries x 6 keys x (4 + 4)": 2 * 4 * 6 * 6 * (4 + 4)},
     "longformer": {"each layer's sliding-window mask, einsum('bcxd,bcyd->bcxy', ones, mask) over a head dim of 1: "
                    "2 layers x 2 sequences x 3 chunks x 4 x 4 K = 1 products": 2 * 2 * 3 * 4 * 4},
 }
@@ -442,7 +486,7 @@ def test_every_product_equals_the_reference_kernel_on_its_operands(name):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("name", ["seq2seq", "attentions", "functional", "einsums"])
+@pytest.mark.parametrize("name", ["seq2seq", "attentions", "functional", "einsums", "flex-attention"])
 def test_the_count_holds_in_training_under_autocast_and_through_functional_call(name):
     """The same MACs in train mode (dropout active), under bfloat16 autocast, through
     ``torch.func.functional_call``, and on a device with 8-wide tiles, concatenated recurrent gates

@@ -53,7 +53,7 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-from ..ops.attention import sdpa  # noqa: F401  (re-exported: it lived here)
+from ..ops.attention import flex_eager, flex_restore, sdpa  # noqa: F401  (sdpa re-exported: it lived here)
 from ..ops.coverage import no_analog_model
 from ..ops.device import NotTraceable, tracing
 from ..ops.registry import PLAIN as _PLAIN, handler_for
@@ -131,6 +131,8 @@ def _leave_mode(mode: "AnalogMode") -> None:
     while torch._C._len_torch_function_stack() > 0:
         if torch._C._pop_torch_function_stack() is mode:
             break
+    flex_restore(mode._flex_before)
+    mode._flex_before = None
 
 
 def _leave_orphan_modes() -> None:
@@ -326,6 +328,13 @@ class GuardedForward:
 
 class AnalogMode(TorchFunctionMode):
     """Answers product calls with the device while converted modules run."""
+
+    _flex_before: Any = None
+
+    def __enter__(self):  # flex_attention calls its operator eagerly, where this mode answers it
+        # (restored when the mode is left: :func:`_leave_mode`)
+        self._flex_before = flex_eager()
+        return super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

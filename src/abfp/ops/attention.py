@@ -1,5 +1,6 @@
-"""The attention family: ``F.scaled_dot_product_attention`` and ``F.multi_head_attention_forward``
-(what ``nn.MultiheadAttention`` and ``nn.Transformer*`` call) with their products on the device.
+"""The attention family: ``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``
+(what ``nn.MultiheadAttention`` and ``nn.Transformer*`` call) and ``flex_attention`` (torch's
+higher-order operator) with their products on the device.
 
 Both dispatch as a whole, hiding their inner products from a ``TorchFunctionMode``; here they
 are rewritten with their projections as ``linear`` products and ``QK^T``, ``AV`` as ``matmul``
@@ -9,6 +10,11 @@ MHA covers every argument torch's has, ``bias_k``/``bias_v``, ``add_zero_attn`` 
 A query row whose keys are all masked attends to nothing in ``scaled_dot_product_attention``
 (its output row is 0, torch's ``_safe_softmax``); in MHA with ``need_weights=True`` torch's
 softmax gives NaN there, which the device refuses by name (a clear error, not a silent NaN).
+``torch.nn.attention.flex_attention.flex_attention`` wraps its operator in ``torch.compile`` even
+in eager mode, where dynamo would trace the function mode; while a converted model runs,
+:class:`abfp.nn.mode.AnalogMode` has it call the operator eagerly (:func:`flex_eager`), and
+:func:`flex` answers it: ``score_mod``, the block mask's ``mask_mod``, GQA and the log-sum-exp
+as torch's eager path computes them.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from .linear import answer_linear, answer_matmul
 from .registry import register
 from .site import Frame, digital_call
 
-__all__ = ["sdpa", "multi_head_attention", "answer_sdpa", "answer_mha"]
+__all__ = ["sdpa", "multi_head_attention", "flex", "answer_sdpa", "answer_mha", "answer_flex", "FLEX_HOP"]
 
 
 #: torch's softmax for attention (``F.scaled_dot_product_attention``'s math path): a row of
@@ -199,6 +205,91 @@ def mha_macs(args: tuple, kwargs: dict, out: Any) -> int:
             + rows * a["out_proj_weight"].numel())
 
 
+# ----------------------------------------------------------------------------- flex_attention
+try:  # torch's flex_attention higher-order operator (torch >= 2.5): what the function mode sees of a
+    # ``torch.nn.attention.flex_attention.flex_attention`` call
+    import torch.nn.attention.flex_attention as _flex_module
+    from torch._higher_order_ops.flex_attention import flex_attention as FLEX_HOP
+except ImportError:  # pragma: no cover - an older torch
+    _flex_module = None
+    FLEX_HOP = None
+
+
+def flex(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable, block_mask: tuple, scale: float,
+         kernel_options: dict | None = None, score_mod_other_buffers: tuple = (), mask_mod_other_buffers: tuple = (),
+         *, matmul: Callable[[Tensor, Tensor], Tensor] = torch.matmul) -> tuple[Tensor, Tensor, Tensor]:
+    """torch's flex_attention operator (its arguments: ``block_mask`` is ``BlockMask.as_tuple()``,
+    whose last entry is the ``mask_mod``) with its two products done by ``matmul``:
+    ``scores = matmul(q, k^T) * scale`` (scaled after the product, as :func:`sdpa`), then, digitally
+    (float32), ``score_mod(score, b, h, q_idx, kv_idx)``, the ``mask_mod`` (masked -> ``-inf``) and
+    the softmax (a fully masked row attends to nothing: 0), then ``matmul(P, v)``. GQA: the key and
+    value heads repeat for their query groups. Returns ``(out, lse, max_scores)`` as the operator
+    does: the log-sum-exp and the row maxima of the modified scores in base 2 (``flex_attention``
+    multiplies them by ln 2); ``-inf`` for a fully masked row. As torch's eager (math) path, only
+    the ``mask_mod`` masks: the block structure of the mask is a kernel's shortcut."""
+    from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+
+    if query.size(1) % key.size(1):
+        raise ValueError(f"flex_attention: {query.size(1)} query heads are not a multiple of {key.size(1)} key heads")
+    group = query.size(1) // key.size(1)
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    bq, bkv = query.size(0), key.size(0)
+    if not (bq == bkv or bkv == 1):
+        raise ValueError(f"flex_attention: batch sizes {bq} (query) and {bkv} (key/value) do not broadcast")
+    key, value = key.expand(bq, *key.shape[1:]), value.expand(bq, *value.shape[1:])
+    scores = matmul(query, key.transpose(-2, -1)) * scale
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scores = scores.to(work)
+    b, h, m, n = (torch.arange(s, device=scores.device) for s in scores.shape)
+    vmapped = _flex_module._vmap_for_bhqkv  # torch's: each index is one vmapped dimension, as its kernels see it
+    smod = vmapped(score_mod, prefix=(0,), suffix=(None,) * len(score_mod_other_buffers))
+    mmod = vmapped(block_mask[-1], prefix=(), suffix=(None,) * len(mask_mod_other_buffers))
+    with TransformGetItemToIndex():  # ``buffer[h]`` in a mod indexes with a tensor, as under vmap it must
+        scores = torch.where(mmod(b, h, m, n, *mask_mod_other_buffers),
+                             smod(scores, b, h, m, n, *score_mod_other_buffers),
+                             torch.tensor(float("-inf"), dtype=work, device=scores.device))
+    empty = torch.all(scores == float("-inf"), dim=-1)
+    lse = torch.where(empty, float("-inf"), scores.logsumexp(dim=-1))
+    top = scores.max(dim=-1).values
+    attn = _softmax(scores, dim=-1).to(query.dtype)
+    out = matmul(attn, value.to(query.dtype))
+    return out, lse / math.log(2), top / math.log(2)
+
+
+def answer_flex(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """torch's flex_attention operator: two ``matmul`` products; float32 with ``include_matmul=False``."""
+    if not frame.state.include_matmul:
+        return digital_call(frame, func, args, kwargs, "include_matmul=False")
+    return flex(*args, **kwargs, matmul=lambda a, b: answer_matmul(frame, torch.matmul, (a, b), {}))
+
+
+def flex_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    """MACs of one flex_attention call as :func:`flex` computes it: ``QK^T`` and ``PV`` over every
+    query head (the key/value heads repeated for GQA), every query and every key."""
+    q, k, v = args[0], args[1], args[2]
+    return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
+
+
+def flex_eager() -> Any:
+    """Make ``flex_attention`` call its operator eagerly (not under dynamo) while a converted model
+    runs, so the function mode answers it with real tensors; returns what to restore (:func:`flex_restore`).
+    torch otherwise wraps the operator in ``torch.compile`` even in eager mode, and dynamo would trace
+    the mode itself. The eager operator is torch's math path, the numbers torch's eager compile gives."""
+    if _flex_module is None or torch.compiler.is_dynamo_compiling():
+        return None
+    before = _flex_module._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
+    _flex_module._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
+    return before
+
+
+def flex_restore(before: Any) -> None:
+    if before is not None and _flex_module is not None:
+        _flex_module._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = before
+
+
+if FLEX_HOP is not None:
+    register(FLEX_HOP)(answer_flex)
+    register_macs(FLEX_HOP)(flex_macs)
 register(F.scaled_dot_product_attention)(answer_sdpa)
 register(F.multi_head_attention_forward)(answer_mha)
 register_macs(F.multi_head_attention_forward)(mha_macs)
