@@ -327,3 +327,28 @@ if __name__ == "__main__":  # the table of docs/families.md
             sites = len(abfp.summary(m, a, DEFAULT, kwargs=kw, errors=False).rows)
         share = min(r["ideal_share"], r["default_share"])
         print(f"| {n} | {sites} | {r['macs']:,} | {100 * share:.1f} % | {r['ideal_rel']:.1e} | {r['default_rel']:.1e} |")
+
+
+def test_compiled_flex_attention_is_refused_and_sdpa_runs_on_the_device() -> None:
+    """A model set to HF's flex_attention (its own torch.compile: products out of sight, float32,
+    uncounted) is refused by name before anything is converted; switched to sdpa it converts, and
+    every product is on the device."""
+    cfg = T.LlamaConfig(vocab_size=100, **H)
+    cfg._attn_implementation = "flex_attention"
+    model = T.LlamaForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="flex_attention.*sdpa"):
+        abfp.convert(model, IDEAL)
+    assert not abfp.is_converted(model)
+    model.set_attn_implementation("sdpa")
+    converted = abfp.convert(model, IDEAL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DigitalProductWarning)
+        with torch.no_grad():
+            converted(input_ids=_ids())
+    eager = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, **H)).eval()
+    eager.set_attn_implementation("eager")  # attention as plain matmuls: the count to meet
+    eager = abfp.convert(eager, IDEAL)
+    with torch.no_grad():
+        eager(input_ids=_ids())
+    cov = abfp.coverage(converted)
+    assert cov.share == 1.0 and cov.analog_macs == abfp.coverage(eager).analog_macs > 0

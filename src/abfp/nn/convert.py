@@ -65,6 +65,7 @@ def convert(
                         "its products run inside TorchScript, where abfp can neither reach nor count them; convert "
                         "the Python module (torch.jit.trace of a converted model works)")
     _check_not_nested(model)
+    _check_no_compiled_attention(model)
     if is_converted(model):
         model = to_digital(model, inplace=inplace)
         inplace = True
@@ -115,6 +116,20 @@ def check_patterns(model: nn.Module, *, exclude: Sequence[str] = (),
     on ``model``, without converting anything (tools check a plan before their work starts)."""
     _check_patterns(AnalogState(config=ABFPConfig(), exclude=_patterns(exclude), overrides=normalise_overrides(overrides)),
                     dict(model.named_modules()))
+
+
+def _check_no_compiled_attention(model: nn.Module) -> None:
+    """Refuse a Hugging Face model set to ``attn_implementation="flex_attention"``: it calls its own
+    ``torch.compile(flex_attention)``, and a compiled graph's products run out of abfp's sight
+    (float32, counted nowhere). abfp simulates the same model's ``"sdpa"`` and ``"eager"``
+    attention, and ``flex_attention`` called eagerly (``ops.attention.flex``)."""
+    for name, m in model.named_modules():
+        if getattr(getattr(m, "config", None), "_attn_implementation", None) == "flex_attention":
+            raise ValueError(f"module {name or 'the root'!r} uses Hugging Face's compiled flex_attention "
+                             "(attn_implementation='flex_attention'): its attention products would run in float32, "
+                             "compiled, out of abfp's sight and counted nowhere; load the model with "
+                             "attn_implementation='sdpa' (or 'eager'), which abfp simulates, or call "
+                             "model.set_attn_implementation('sdpa') before convert")
 
 
 def _check_not_nested(model: nn.Module) -> None:
