@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["Coverage", "coverage", "DigitalProductWarning", "digital_product_macs", "estimate_macs", "no_analog_model",
-           "register_macs"]
+           "register_macs", "tensordot_macs"]
 
 
 class DigitalProductWarning(UserWarning):
@@ -220,7 +220,6 @@ _ESTIMATORS: dict[Any, MacEstimator] = {
 }
 
 
-
 def register_macs(*funcs: Any) -> Callable[[MacEstimator], MacEstimator]:
     """Decorator: ``est(args, kwargs, out)`` gives the MACs of ``funcs`` computed in float32.
 
@@ -261,14 +260,18 @@ _ATEN_PRODUCTS = {"mm", "bmm", "addmm", "addmv", "addbmm", "baddbmm", "mv", "dot
                   "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention"}
 
 
-def _aten_tensordot(args, kwargs, out):
-    """``aten.tensordot(a, b, dims_a, dims_b)``: ``M K N``."""
-    b, dims_b = _t(_arg(args, kwargs, 1, "other")), _arg(args, kwargs, 3, "dims_other")
-    a = _t(_arg(args, kwargs, 0, "self"))
-    if a is None or b is None or dims_b is None:
-        return 0
+def tensordot_macs(a: Tensor, b: Tensor, dims_b: Any) -> int:
+    """A tensordot of ``a`` with ``b`` contracting ``b``'s axes ``dims_b``: ``M K N`` (every element
+    of ``a`` meets every kept element of ``b``)."""
     keep = [j for j in range(b.dim()) if j not in {d % b.dim() for d in dims_b}]
     return a.numel() * math.prod(b.shape[j] for j in keep)
+
+
+def _aten_tensordot(args, kwargs, out):
+    """``aten.tensordot(a, b, dims_a, dims_b)``."""
+    b, dims_b = _t(_arg(args, kwargs, 1, "other")), _arg(args, kwargs, 3, "dims_other")
+    a = _t(_arg(args, kwargs, 0, "self"))
+    return 0 if a is None or b is None or dims_b is None else tensordot_macs(a, b, dims_b)
 
 
 #: aten products whose arguments are not those of the torch function of the same name

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import linear as linear_family  # linear(), matmul()
-from .coverage import register_macs
+from .coverage import register_macs, tensordot_macs
 from .linear import einsum_pair, einsum_subscripts, is_weight as _is_weight
 from .site import Frame, digital_call, run_product
 from .registry import register
@@ -256,7 +256,7 @@ def answer_tensordot(frame: Frame, func: Callable, args: tuple, kwargs: dict) ->
 def _tensordot_macs(args: tuple, kwargs: dict, out: Any) -> int:
     a, b, dims, _ = _tensordot_args(*args, **kwargs)
     _, db = _dims(dims, a.dim(), b.dim())
-    return a.numel() * math.prod(b.shape[j] for j in range(b.dim()) if j not in db)  # M K N
+    return tensordot_macs(a, b, db)
 
 
 # ----------------------------------------------------------------------------- chains

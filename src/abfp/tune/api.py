@@ -41,6 +41,7 @@ from .allocate import energy_allocation, repeat_options
 from .gains import GainRule, _as_tuple, choose_gains, power_of_two_gains
 from .journal import TuneJournal, run_identity
 from .plan import DevicePlan
+from .refine import check_refine_options
 from .repeats import noise_profile, search_repeats
 
 #: the named finetuning stages (journaled; a callable is not)
@@ -341,13 +342,9 @@ def tune(
         raise ValueError(f"refine must be an integer >= 0 (modules to refine), got {refine!r}")
     if refine and gain_rule != "energy":
         raise ValueError("refine goes with gain_rule='energy' (it checks the energy rule's choice on the model)")
-    if refine_passes is not None and (isinstance(refine_passes, bool) or not isinstance(refine_passes, int)
-                                      or refine_passes < 1):
-        raise ValueError(f"refine_passes must be an integer >= 1 or None (until nothing moves), got {refine_passes!r}")
+    check_refine_options(refine_passes, refine_margin, prefix="refine_")
     if not isinstance(refine_fill, bool):
         raise TypeError(f"refine_fill must be a bool, got {type(refine_fill).__name__}")
-    if isinstance(refine_margin, bool) or not isinstance(refine_margin, (int, float)) or not 0 <= refine_margin < 1:
-        raise ValueError(f"refine_margin must be a number in [0, 1) (a fraction of the metric), got {refine_margin!r}")
     if (refine_passes != 1 or refine_fill or refine_margin) and not refine:
         raise ValueError("refine_passes, refine_fill and refine_margin go with refine > 0 (modules to refine)")
     if gain_rule == "energy" and (gain_tolerance or gain_descent):

@@ -60,6 +60,15 @@ class Refinement:
         return {m: (before[m], s) for m, s in self.settings.items() if before.get(m) != s}
 
 
+def check_refine_options(passes: int | None, margin: float, prefix: str = "") -> None:
+    """ValueError unless ``passes`` is an integer >= 1 or ``None`` and ``margin`` a number in
+    ``[0, 1)`` (``prefix``: how the caller names them, e.g. ``"refine_"``)."""
+    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 1):
+        raise ValueError(f"{prefix}passes must be an integer >= 1 or None (until nothing moves), got {passes!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise ValueError(f"{prefix}margin must be a number in [0, 1) (a fraction of the metric), got {margin!r}")
+
+
 def refine_settings(settings: Mapping[str, Setting], modules: Sequence[str], gains: Sequence[float],
                     repeats: Sequence[int], energy: Callable[[Mapping[str, Setting]], float], limit: float,
                     score: Callable[[dict[str, Setting]], float], start_metric: float, higher_is_better: bool,
@@ -69,10 +78,7 @@ def refine_settings(settings: Mapping[str, Setting], modules: Sequence[str], gai
     docstring). ``energy(settings)``: the plan's energy, in the units of ``limit``."""
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be an integer >= 1, got {width!r}")
-    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 1):
-        raise ValueError(f"passes must be an integer >= 1 or None (until nothing moves), got {passes!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-        raise ValueError(f"margin must be a number in [0, 1) (a fraction of the metric), got {margin!r}")
+    check_refine_options(passes, margin)
     missing = [m for m in modules if m not in settings]
     if missing:
         raise KeyError(f"refine_settings: {missing[0]!r} has no setting to refine")
