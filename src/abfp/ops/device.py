@@ -14,10 +14,11 @@ import json
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..config import ABFPConfig
 from ..noise_keys import FUNCTIONAL_STREAMS, product_generator
@@ -69,9 +70,12 @@ class WeightCache:
     """Encoded weights keyed on (tensor identity, version, the config fields an encoding depends on,
     the kernel): encode once per value.
 
-    A weight changed in place by ordinary ops (an optimizer step, ``load_state_dict``) bumps
-    its version and is re-encoded. Writes through ``.data`` are invisible to the version
-    counter: call :func:`clear_cache` after them.
+    A weight changed in place by ordinary ops (``load_state_dict``, ``w.mul_(2)`` under
+    ``torch.no_grad()``, an optimizer step) bumps its version and is re-encoded. A step of any
+    ``torch.optim`` optimizer also forgets its parameters' encodings (:func:`_forget_stepped`, a
+    global step hook): fused optimizers (``fused=True``) and optimizers that write through
+    ``p.data`` leave the version as it was. Other writes through ``.data`` (or a NumPy view) are
+    invisible to the version counter: call :func:`clear_cache` after them.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
@@ -129,8 +133,27 @@ class WeightCache:
         with self._lock:
             self._d.clear()
 
+    def forget(self, tensors: Iterable[Tensor]) -> None:
+        """Drop the encodings of ``tensors`` (in every layout: a key's first field is the tensor's
+        ``id``, or ``(layout tag, id)``)."""
+        ids = {id(t) for t in tensors}
+        with self._lock:
+            for k in [k for k in self._d if (k[0][1] if isinstance(k[0], tuple) else k[0]) in ids]:
+                del self._d[k]
+
 
 WEIGHT_CACHE = WeightCache()
+
+
+def _forget_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """After any optimizer step, forget the encodings of the parameters it updated: a fused step
+    (``fused=True``) or one through ``p.data`` writes without bumping the version the cache keys
+    on (without this, the next forward computed with the weights of before the step)."""
+    if WEIGHT_CACHE._d:
+        WEIGHT_CACHE.forget(p for group in optimizer.param_groups for p in group["params"])
+
+
+register_optimizer_step_post_hook(_forget_stepped)
 
 
 def clear_cache() -> None:
