@@ -309,6 +309,39 @@ def test_products_of_integer_or_complex_operands_stay_digital_and_are_named(dtyp
     assert cov.digital_ops == {f"{name} (no analog model)": 5 * 7 * 20} and cov.analog_macs == 5 * 7 * 20
 
 
+_gs = torch.Generator().manual_seed(7)  # its own: the module's g draws the other tests' data
+_S = A * (torch.rand(5, 20, generator=_gs) < 0.3)  # a sparse operand's values (a graph's adjacency, ...)
+_MASK = (torch.rand(5, 7, generator=_gs) < 0.4).float()
+
+
+@pytest.mark.parametrize("fn,name,macs", [
+    (lambda s, b, c: s.to_sparse() @ b, "Tensor.matmul on sparse_coo operands", 5 * 7 * 20),
+    (lambda s, b, c: torch.mm(s.to_sparse(), b), "torch.mm on sparse_coo operands", 5 * 7 * 20),
+    (lambda s, b, c: torch.matmul(s.to_sparse_csr(), b), "torch.matmul on sparse_csr operands", 5 * 7 * 20),
+    (lambda s, b, c: F.linear(s.to_sparse(), b.T), "torch.linear on sparse_coo operands", 5 * 7 * 20),
+    (lambda s, b, c: torch.bmm(s[None].to_sparse(), b[None]), "torch.bmm on sparse_coo operands", 5 * 7 * 20),
+    (lambda s, b, c: torch.addmm(c, s.to_sparse(), b), "torch.addmm on sparse_coo operands", 5 * 7 * 20),
+    (lambda s, b, c: torch.sparse.mm(s.to_sparse(), b), "torch.sparse.mm", 5 * 7 * 20),
+    (lambda s, b, c: torch.sparse.addmm(c, s.to_sparse(), b), "torch.sparse.addmm", 5 * 7 * 20),
+    (lambda s, b, c: torch.sparse.sampled_addmm(_MASK.to_sparse_csr(), s, b).to_dense(), "torch.sparse.sampled_addmm",
+     int(_MASK.sum()) * 20)],
+    ids=["matmul-op", "mm", "matmul-csr", "linear", "bmm", "addmm", "sparse.mm", "sparse.addmm", "sampled_addmm"])
+def test_products_of_sparse_operands_stay_digital_and_are_named(fn, name, macs):
+    """A sparse operand (a GCN's ``adj @ h``): no DAC encodes a sparse tensor, so the product runs as
+    torch's sparse kernel computes it, named (with the layout) in the warning and counted as digital,
+    as a dense product of its shape (``sampled_addmm``: the outputs it computes, ``K`` MACs each).
+    ``adj @ h`` used to raise ``expand is unsupported for Sparse tensors`` where torch runs it, and
+    ``torch.sparse.mm`` was named but counted 0 MACs (a 100 % device share)."""
+    m = abfp.convert(Call(fn), CFG)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y = m(_S, B, C)
+    torch.testing.assert_close(y.to_dense() if y.layout != torch.strided else y, fn(_S, B, C).to_dense())
+    assert [str(x.message).split(" (in")[0] for x in w if issubclass(x.category, DigitalProductWarning)] == ["abfp: " + name]
+    cov = abfp.coverage(m)
+    assert cov.digital_ops == {f"{name} (no analog model)": macs} and cov.analog_macs == 0
+
+
 def test_bad_input_is_refused_naming_the_product_and_module():
     net = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 3)))
     m = abfp.convert(net, CFG)

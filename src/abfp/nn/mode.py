@@ -54,7 +54,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from ..ops.attention import flex_eager, flex_restore, sdpa  # noqa: F401  (sdpa re-exported: it lived here)
-from ..ops.coverage import no_analog_model
+from ..ops.coverage import func_name, no_analog_model, sparse_layout
 from ..ops.device import NotTraceable, tracing
 from ..ops.registry import PLAIN as _PLAIN, handler_for
 from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, check_traceable, digital_call,  # noqa: F401
@@ -370,6 +370,11 @@ class AnalogMode(TorchFunctionMode):
             return digital_call(frame, func, args, kwargs, "no analog model")
         if frame.state.config_for(frame.name) is None and frame.name not in frame.state.reincluded:
             return digital_call(frame, func, args, kwargs, "excluded module")
+        layout = sparse_layout(args, kwargs)
+        if layout is not None:  # a sparse operand (a graph's adjacency, ...): torch's sparse kernel, named
+            name = f"{func_name(func)} on {layout} operands"
+            warn_digital(frame, name)
+            return digital_call(frame, func, args, kwargs, "no analog model", name=name)
         try:
             return handler(frame, func, args, kwargs)
         except NotTraceable:

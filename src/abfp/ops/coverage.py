@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["Coverage", "coverage", "DigitalProductWarning", "digital_product_macs", "estimate_macs", "no_analog_model",
-           "register_macs", "tensordot_macs"]
+           "register_macs", "sparse_layout", "tensordot_macs"]
 
 
 class DigitalProductWarning(UserWarning):
@@ -170,6 +170,13 @@ def _sdpa(args, kwargs, out):
     return lead * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
 
 
+def _sampled_addmm(args, kwargs, out):
+    """``torch.sparse.sampled_addmm(input, mat1, mat2)``: only the ``nnz`` outputs that ``input``
+    keeps are computed, ``K`` MACs each."""
+    inp, a = _t(_arg(args, kwargs, 0, "input")), _t(_arg(args, kwargs, 1, "mat1"))
+    return inp._nnz() * a.shape[-1] if inp is not None and a is not None and inp.layout != torch.strided else 0
+
+
 def _kron(args, kwargs, out):
     return out.numel() if isinstance(out, Tensor) else 0  # each output is one product of two elements
 
@@ -217,6 +224,9 @@ _ESTIMATORS: dict[Any, MacEstimator] = {
     F.bilinear: _bilinear,
     torch.kron: _kron, torch.Tensor.kron: _kron, torch._addmm_activation: _addmm,
     torch.linalg.matrix_power: _matrix_power, torch.matrix_power: _matrix_power, torch.Tensor.matrix_power: _matrix_power,
+    # sparse products: the dense count (rows x columns x K), what the device would compute
+    torch.sparse.mm: _mm, torch.smm: _mm, torch.hspmm: _mm, torch.sparse.addmm: _addmm, torch.sspaddmm: _addmm,
+    torch.sparse.sampled_addmm: _sampled_addmm,
 }
 
 
@@ -246,7 +256,8 @@ for _name in ("_scaled_mm", "cudnn_convolution", "mkldnn_convolution", "cudnn_co
     _f = getattr(torch, _name, None)
     if _f is not None:
         _NO_ANALOG_MODEL.add(_f)
-for _f in (getattr(torch.sparse, "mm", None), getattr(torch.sparse, "addmm", None)):
+for _f in (getattr(torch.sparse, "mm", None), getattr(torch.sparse, "addmm", None),
+           getattr(torch.sparse, "sampled_addmm", None)):
     if _f is not None:
         _NO_ANALOG_MODEL.add(_f)
 
@@ -337,12 +348,25 @@ def func_name(func: Any) -> str:
         return "torch." + qual.split(".", 1)[1]
     if mod == "torch._C._linalg" and qual.startswith("linalg_"):
         return "torch.linalg." + qual[len("linalg_"):]
+    if mod == "torch._C._sparse":  # torch.sparse.mm is _sparse_mm, sampled_addmm sparse_sampled_addmm
+        return "torch.sparse." + qual.removeprefix("_sparse_").removeprefix("sparse_")
     if mod in (None, "torch._C._VariableFunctions", "torch._C.TensorBase", "torch._C._nn", "torch._C._linalg",
                "torch.functional"):
         if qual.startswith("TensorBase.") or qual.startswith("Tensor."):
             return "Tensor." + qual.split(".", 1)[1]
         return f"torch.{qual}"
     return f"{mod}.{qual}"
+
+
+def sparse_layout(args: tuple, kwargs: dict) -> str | None:
+    """The layout (``sparse_coo``, ``sparse_csr``, ...) of the first operand of a call that is not
+    a dense (strided) tensor, looking into lists of operands (``einsum``, ``multi_dot``); None
+    when every operand is dense. No DAC encodes a sparse tensor's values in place."""
+    for a in (*args, *kwargs.values()):
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, Tensor) and t.layout != torch.strided:
+                return str(t.layout).removeprefix("torch.")
+    return None
 
 
 def no_analog_model(func: Any) -> str | None:
