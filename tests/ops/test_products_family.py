@@ -342,6 +342,27 @@ def test_products_of_sparse_operands_stay_digital_and_are_named(fn, name, macs):
     assert cov.digital_ops == {f"{name} (no analog model)": macs} and cov.analog_macs == 0
 
 
+def test_weighted_embedding_bag_stays_digital_and_is_named():
+    """``nn.EmbeddingBag(mode="sum")(idx, per_sample_weights=w)`` (DLRM's weighted features) sums
+    ``w[l] E[idx[l]]``: a sparse product with no analog model, named and counted as digital, one
+    ``D``-wide product per index that is not ``padding_idx`` (it ran in float32 uncounted); without
+    weights a bag is a sum of rows: no product, no warning, nothing counted."""
+    bag = nn.EmbeddingBag(10, 6, mode="sum", padding_idx=0)
+    idx, w = torch.tensor([[1, 2, 0], [4, 5, 6]]), torch.rand(2, 3, generator=g)
+    flat, offsets = idx.flatten(), torch.tensor([0, 2])
+    m = abfp.convert(Call(lambda i, p, f, o: (bag(i, per_sample_weights=p), bag(f, o, per_sample_weights=p.flatten()),
+                                              bag(i))), CFG)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ys = m(idx, w, flat, offsets)
+    for y, ref in zip(ys, (bag(idx, per_sample_weights=w), bag(flat, offsets, per_sample_weights=w.flatten()), bag(idx))):
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    name = "torch.nn.functional.embedding_bag with per_sample_weights"
+    assert [str(x.message).split(" (in")[0] for x in rec if issubclass(x.category, DigitalProductWarning)] == ["abfp: " + name]
+    cov = abfp.coverage(m)
+    assert cov.digital_ops == {f"{name} (no analog model)": 2 * 5 * 6} and cov.analog_macs == 0
+
+
 def test_bad_input_is_refused_naming_the_product_and_module():
     net = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 3)))
     m = abfp.convert(net, CFG)

@@ -47,7 +47,7 @@ from torch import Tensor
 from . import linear as linear_family  # linear(), matmul()
 from .coverage import register_macs, tensordot_macs
 from .linear import einsum_pair, einsum_subscripts, is_weight as _is_weight
-from .site import Frame, digital_call, run_product
+from .site import Frame, digital_call, run_product, warn_digital
 from .registry import register
 
 
@@ -411,6 +411,39 @@ def answer_bilinear(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> 
     if bias is not None:
         y = y + bias
     return y
+
+
+# ----------------------------------------------------------------------------- weighted embedding bags
+def _embedding_bag_args(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
+                        mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
+    return input, weight, per_sample_weights, padding_idx
+
+
+@register_macs(F.embedding_bag)
+def _embedding_bag_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    """``sum_l w[l] E[idx[l]]``: one product of ``D`` MACs per index that is not ``padding_idx``
+    (torch skips those); a bag without ``per_sample_weights`` (a sum, mean or max of rows) is no product."""
+    idx, weight, psw, pad = _embedding_bag_args(*args, **kwargs)
+    if psw is None:
+        return 0
+    n = idx.numel() if pad is None else int((idx != pad % weight.shape[0]).sum())
+    return n * weight.shape[1]
+
+
+EMBEDDING_BAG_PSW = "torch.nn.functional.embedding_bag with per_sample_weights"
+
+
+@register(F.embedding_bag)
+def answer_embedding_bag(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    """An embedding bag's look-ups stay digital (README: embedding look-ups). With
+    ``per_sample_weights`` its sum ``y[b] = sum_l w[b, l] E[idx[b, l]]`` is a product of a sparse
+    row (the weights at the looked-up indices) by the table: like every sparse product it has no
+    analog model, so it runs as torch computes it, named in a ``DigitalProductWarning`` and
+    counted as digital (``idx.numel() x D`` MACs)."""
+    if _embedding_bag_args(*args, **kwargs)[2] is None:
+        return func(*args, **kwargs)
+    warn_digital(frame, EMBEDDING_BAG_PSW)
+    return digital_call(frame, func, args, kwargs, "no analog model", name=EMBEDDING_BAG_PSW)
 
 
 # ----------------------------------------------------------------------------- in-place forms
