@@ -40,6 +40,7 @@ from .cli_common import (
     plan_model,
     print_error,
     refuse_inapplicable,
+    refuse_overwriting_inputs,
     require_at_least,
     require_finite,
     resolve_device,
@@ -402,11 +403,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"{path} is not valid JSON: {e}") from None
     except ValueError as e:
         raise UsageError(f"{path}: {e}") from None
+    files = explore_report_files(html=args.html) if explored else report_files(records, html=args.html)
+    check_output_dir(args.out, files, force=args.force, what="--out")
+    refuse_overwriting_inputs(args, {Path(args.out) / n: "--out" for n in files}, {path: "input JSON"})
     if explored:
-        check_output_dir(args.out, explore_report_files(html=args.html), force=args.force, what="--out")
         print(f"wrote {write_explore_report(records, args.out, html=args.html)}")
         return 0
-    check_output_dir(args.out, report_files(records, html=args.html), force=args.force, what="--out")
     out = write_report(records, args.out, html=args.html)
     print(f"wrote {out}")
     return 0

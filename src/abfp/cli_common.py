@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -26,6 +27,7 @@ __all__ = [
     "require_finite", "refuse_inapplicable", "load_json_arg", "device_plan_arg", "plan_model", "base_config",
     "apply_threads", "resolve_device", "resolve_tasks",
     "single_task", "add_force_option", "check_journal", "check_output_args", "check_output_dir", "OutputError",
+    "INPUT_OPTIONS", "input_files", "refuse_overwriting_inputs",
 ]
 
 
@@ -302,12 +304,50 @@ def check_output_args(args: argparse.Namespace, options: dict[str, str]) -> list
     before any work: a folder, a path under a file, an unwritable folder or (without ``--force``) an
     existing file is a one-line error naming the flag. Returns the paths that are set."""
     force = bool(getattr(args, "force", False))
-    out = []
+    named: dict[Path, str] = {}
     for attr, flag in options.items():
         v = getattr(args, attr, None)
         if v is None:
             continue
-        out.append(check_output(v, force=force, what=flag))
-    if len({p.resolve() for p in out}) < len(out):
+        named[check_output(v, force=force, what=flag)] = flag
+    out = list(named)
+    if len({p.resolve() for p in out}) < sum(getattr(args, a, None) is not None for a in options):
         raise UsageError(f"{', '.join(options.values())} must name different files")
+    refuse_overwriting_inputs(args, named)
     return out
+
+
+#: Options (attribute -> flag) that name a file the command reads. No output may be one of them:
+#: with ``--force`` the output would replace the input it was computed from (an ``abfp eval --plan
+#: p.json --json p.json --force`` used to leave the records where the plan was).
+INPUT_OPTIONS = {"config": "--config", "plan": "--plan", "weights": "--weights", "params": "--params"}
+
+
+def input_files(args: argparse.Namespace) -> dict[Path, str]:
+    """The files ``args`` reads, each with the option that names it: :data:`INPUT_OPTIONS` given as
+    file names (not inline JSON) and the files of ``--task path/tasks.py:make`` task specs."""
+    files: dict[Path, str] = {}
+    for attr, flag in INPUT_OPTIONS.items():
+        v = getattr(args, attr, None)
+        if isinstance(v, str) and v and not v.lstrip().startswith("{"):
+            files[Path(v)] = flag
+    tasks = getattr(args, "tasks", None) or [getattr(args, "task", None)]
+    for spec in tasks:
+        module = spec.rpartition(":")[0] if isinstance(spec, str) else ""
+        if module.endswith(".py") or "/" in module:
+            files[Path(module)] = "--task"
+    return files
+
+
+def refuse_overwriting_inputs(args: argparse.Namespace, outputs: dict[Path, str],
+                              inputs: dict[Path, str] | None = None) -> None:
+    """:class:`UsageError` when an output (path -> its flag) is the same file as one the command
+    reads (:func:`input_files` of ``args``, plus ``inputs``): checked before any work, whatever
+    ``--force`` says. Same file: :func:`os.path.samefile` (a link or another spelling of the path
+    counts); an output that does not exist yet is no input."""
+    sources = {**input_files(args), **(inputs or {})}
+    for out, flag in outputs.items():
+        for src, src_flag in sources.items():
+            if Path(out).exists() and src.exists() and os.path.samefile(out, src):
+                raise UsageError(f"{flag} {str(out)!r} is the {src_flag} file this command reads: write the output "
+                                 "to another file (--force would replace the input)")

@@ -18,6 +18,7 @@ from ..cli_common import (
     csv_list,
     load_json_arg,
     refuse_inapplicable,
+    refuse_overwriting_inputs,
     require_at_least,
     require_finite,
     resolve_device,
@@ -222,6 +223,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     json_out = check_output_args(args, {"json_path": "--json"})
     if args.out is not None:
         check_output_dir(args.out, explore_report_files(html=args.html), force=args.force, what="--out")
+        refuse_overwriting_inputs(args, {Path(args.out) / n: "--out" for n in explore_report_files(html=args.html)})
     if args.cache_dir:
         check_output_dir(args.cache_dir, what="--cache-dir")
     task = single_task(args.task, "explore")

@@ -29,6 +29,7 @@ from ..cli_common import (
     check_output_dir,
     csv_list,
     refuse_inapplicable,
+    refuse_overwriting_inputs,
     require_at_least,
     require_finite,
     single_task,
@@ -229,6 +230,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                      {"json_path": "--json"})
     names = output_names(args.json_path)
     check_output_dir(out_dir, list(names), force=args.force or resuming, what="--out")
+    refuse_overwriting_inputs(args, {out_dir / n: "--out" for n in names})
     task = single_task(args.task, "tune")
     metric, extras = tune_metrics(task, args.metric)
     _add_fresh_inputs(finetune_options, args, task)
