@@ -276,12 +276,18 @@ def test_in_place_forms_run_on_the_device_like_their_out_of_place_forms():
 @pytest.mark.parametrize("fn,macs", [(lambda p, q: torch.kron(p, q), 5 * 20 * 20 * 7),
                                      (lambda p, q: p.kron(q), 5 * 20 * 20 * 7),
                                      (lambda p, q: torch.linalg.matrix_power(q[:7], 5), 3 * 7 ** 3),
-                                     (lambda p, q: q[:7].matrix_power(4), 2 * 7 ** 3)],
-                         ids=["torch.kron", "Tensor.kron", "torch.linalg.matrix_power", "Tensor.matrix_power"])
+                                     (lambda p, q: q[:7].matrix_power(4), 2 * 7 ** 3),
+                                     (lambda p, q, t=A[:2, :6].reshape(2, 2, 3): F.affine_grid(t, [2, 1, 5, 7]), 2 * 5 * 7 * 2 * 3),
+                                     (lambda p, q, t=A[:3, :8].reshape(2, 3, 4): F.affine_grid(t, [2, 1, 2, 3, 4]),
+                                      2 * 2 * 3 * 4 * 3 * 4)],
+                         ids=["torch.kron", "Tensor.kron", "torch.linalg.matrix_power", "Tensor.matrix_power",
+                              "F.affine_grid", "F.affine_grid-3d"])
 def test_products_without_analog_model_are_named_and_their_macs_counted(fn, macs):
-    """kron (each output one product of two elements) and matrix_power (repeated squaring:
-    ``floor(log2 n) + popcount(n) - 1`` products of ``m^3`` MACs) stay float32, named by the name
-    users call them by, with their MACs in the digital share (they counted 0 before)."""
+    """kron (each output one product of two elements), matrix_power (repeated squaring:
+    ``floor(log2 n) + popcount(n) - 1`` products of ``m^3`` MACs) and a spatial transformer's
+    ``affine_grid`` (each coordinate a base-grid row times ``theta``: ``K`` = 3, 3-D 4) stay
+    float32, named by the name users call them by, with their MACs in the digital share (they
+    counted 0 before; affine_grid was not even named)."""
     m = abfp.convert(Call(fn), CFG)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")

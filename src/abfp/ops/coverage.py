@@ -177,6 +177,13 @@ def _sampled_addmm(args, kwargs, out):
     return inp._nnz() * a.shape[-1] if inp is not None and a is not None and inp.layout != torch.strided else 0
 
 
+def _affine_grid(args, kwargs, out):
+    """``F.affine_grid(theta, size)``: each output coordinate is one row of the base grid
+    ``(x, y, 1)`` (3-D: ``(x, y, z, 1)``) times ``theta``, ``K = theta.shape[-1]`` MACs."""
+    theta = _t(_arg(args, kwargs, 0, "theta"))
+    return out.numel() * theta.shape[-1] if theta is not None and isinstance(out, Tensor) else 0
+
+
 def _kron(args, kwargs, out):
     return out.numel() if isinstance(out, Tensor) else 0  # each output is one product of two elements
 
@@ -225,6 +232,7 @@ _ESTIMATORS: dict[Any, MacEstimator] = {
     torch.kron: _kron, torch.Tensor.kron: _kron, torch._addmm_activation: _addmm,
     torch.linalg.matrix_power: _matrix_power, torch.matrix_power: _matrix_power, torch.Tensor.matrix_power: _matrix_power,
     # sparse products: the dense count (rows x columns x K), what the device would compute
+    F.affine_grid: _affine_grid, torch.affine_grid_generator: _affine_grid,
     torch.sparse.mm: _mm, torch.smm: _mm, torch.hspmm: _mm, torch.sparse.addmm: _addmm, torch.sspaddmm: _addmm,
     torch.sparse.sampled_addmm: _sampled_addmm,
 }
@@ -250,7 +258,9 @@ def register_macs(*funcs: Any) -> Callable[[MacEstimator], MacEstimator]:
 #: Product-like functions that have no analog model: they run in float32 with a warning.
 _NO_ANALOG_MODEL: set[Any] = {torch.cdist, torch.conv_tbc, torch._int_mm, torch.convolution, torch._convolution,
                               torch.linalg.matrix_power, torch.matrix_power, torch.Tensor.matrix_power, torch.kron,
-                              torch.Tensor.kron, torch._addmm_activation}
+                              torch.Tensor.kron, torch._addmm_activation,
+                              # a spatial transformer's sampling grid: coordinates times theta (K = 3 or 4)
+                              F.affine_grid, torch.affine_grid_generator}
 for _name in ("_scaled_mm", "cudnn_convolution", "mkldnn_convolution", "cudnn_convolution_transpose",
               "miopen_convolution", "sparse_coo_tensor_mm", "smm", "hspmm", "sspaddmm"):
     _f = getattr(torch, _name, None)
