@@ -12,6 +12,7 @@ so ``abfp --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -44,8 +45,43 @@ def error_line(exc: BaseException | str) -> str:
 
 
 def print_error(exc: BaseException | str) -> None:
-    """Print ``abfp: error: <one line>`` to stderr."""
-    print(f"abfp: error: {error_line(exc)}", file=sys.stderr)
+    """Print ``abfp: error: <one line>`` to stderr; an error that came out of the user's own code
+    (a task function, a model's ``forward``) ends with where: :func:`user_code_location`."""
+    where = user_code_location(exc) if isinstance(exc, BaseException) else None
+    suffix = f" ({type(exc).__name__} {where})" if where else ""
+    print(f"abfp: error: {error_line(exc)}{suffix}", file=sys.stderr)
+
+
+def _library_roots() -> tuple[str, ...]:
+    """Folders whose code is not the user's: abfp itself, the standard library, installed packages."""
+    import sysconfig
+
+    roots = {str(Path(__file__).resolve().parent)}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        with contextlib.suppress(KeyError):
+            roots.add(str(Path(sysconfig.get_paths()[key]).resolve()))
+    return tuple(r + os.sep for r in roots)
+
+
+def user_code_location(exc: BaseException) -> str | None:
+    """Where ``exc`` came out of the user's own code (not abfp, the standard library or an installed
+    package): ``raised in your code at FILE:LINE, in FUNCTION`` when its innermost frame is theirs,
+    ``from your code at ...`` (their innermost frame) when it was raised deeper, by a library their
+    code called; None when it never passed through their code. A ``ValueError`` of a task's
+    ``make()`` or a model's ``forward`` is printed as one line like abfp's own errors: this says where."""
+    roots = _library_roots()
+    where, innermost_is_user = None, False
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        path = code.co_filename
+        innermost_is_user = not path.startswith("<") and not str(Path(path).resolve()).startswith(roots)
+        if innermost_is_user:
+            where = f"{path}:{tb.tb_lineno}, in {code.co_name}"
+        tb = tb.tb_next
+    if where is None:
+        return None
+    return f"{'raised in' if innermost_is_user else 'from'} your code at {where}"
 
 
 class OneLineParser(argparse.ArgumentParser):
