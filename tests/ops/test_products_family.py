@@ -201,6 +201,28 @@ def test_einsum_index_repeated_within_an_operand_takes_its_diagonal():
     assert y.shape == (3,)
 
 
+@pytest.mark.parametrize("shapes,dim", [(((5, 16), (1, 16)), -1), (((2, 16, 3), (2, 16, 3)), 1)], ids=["broadcast", "dim1"])
+def test_cosine_similarity_is_a_device_dot_product(shapes, dim):
+    """``F.cosine_similarity`` (and ``nn.CosineSimilarity``, the same call): torch divides each
+    operand by its norm along ``dim`` (at least ``eps``) and sums the products; the division stays
+    digital, the dot products are device products, ``K`` = the size of ``dim``, checked against the
+    float64 SPEC product of the normalised operands (it ran in float32 unnamed and uncounted)."""
+    x1, x2 = (torch.randn(sh, generator=g) for sh in shapes)
+    x1[0].zero_()  # a zero vector: its norm is eps, its cosine 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DigitalProductWarning)
+        y, s = run(lambda a, b: F.cosine_similarity(a, b, dim=dim), x1, x2)
+        m = abfp.convert(nn.CosineSimilarity(dim=dim), CFG)
+        torch.testing.assert_close(m(x1, x2), y, rtol=0, atol=0)
+    a, b = torch.broadcast_tensors(x1, x2)
+    a, b = (t / torch.linalg.vector_norm(t, dim=dim, keepdim=True).clamp_min(1e-8) for t in (a, b))
+    a, b = a.movedim(dim, -1).reshape(-1, a.shape[dim]), b.movedim(dim, -1).reshape(-1, b.shape[dim])
+    ref = torch.stack([oracle(a[i:i + 1], b[i].unsqueeze(1))[0, 0] for i in range(a.shape[0])]).reshape(y.shape)
+    close(y, ref)
+    assert s.analog_macs == y.numel() * 16 and s.device_mac_share == 1.0
+    assert not torch.allclose(y, F.cosine_similarity(x1, x2, dim=dim), atol=1e-3)  # the device, not float32
+
+
 def test_bilinear_two_products():
     bl = nn.Bilinear(6, 5, 4)
     x1, x2 = torch.randn(3, 6, generator=g), torch.randn(3, 5, generator=g)

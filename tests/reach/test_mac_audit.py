@@ -239,8 +239,9 @@ class Functional(nn.Module):
         ab = torch.addbmm(torch.zeros(3, 5), a3, b3)
         o = torch.outer(x[0], x[1]) + torch.addr(torch.zeros(8, 8), x[2], x[3])
         vd = torch.linalg.vecdot(x, x)
+        cs = F.cosine_similarity(x, x.flip(0))
         b = self.bil(x, y)
-        return sum(u.sum() for u in (y, z, v, d, t, chain, cm, acc, r, c, ct, ab, o, vd, b))
+        return sum(u.sum() for u in (y, z, v, d, t, chain, cm, acc, r, c, ct, ab, o, vd, cs, b))
 
 
 class Einsums(nn.Module):
@@ -326,6 +327,7 @@ CONVENTIONS = {
     "functional": {
         "outer and addr of two 8-vectors: 64 K = 1 products each": 2 * 8 * 8,
         "linalg.vecdot of 5 rows of 8: a mul and a sum in torch": 5 * 8,
+        "cosine_similarity of 5 rows of 8: a mul and a sum in torch": 5 * 8,
         "nn.Bilinear(8, 6, 3) on 5 rows: 5 x 3 x 6 x (8 + 1)": 5 * 3 * 6 * (8 + 1),
     },
     "einsums": {"einsum('i,j->ij') of two 8-vectors: 64 K = 1 products": 8 * 8},

@@ -18,6 +18,8 @@ additions, scalings and sums around them digital (float32):
                                        order ``dims`` pairs them), free axes into rows/columns.
 ``linalg.matmul``                      ``matmul``.
 ``linalg.vecdot(x, y, dim)``           one dot product of length ``x.shape[dim]`` per output.
+``cosine_similarity(x1, x2, dim)``     one dot product per output of the operands each divided
+                                       (digitally) by its norm along ``dim``, torch's formula.
 ``linalg.multi_dot``, ``chain_matmul`` left to right, each pairwise product on the device.
 ``einsum`` (any number of operands)    contracted pairwise, left to right; each pairwise
                                        contraction is one device product; indices private to one
@@ -193,16 +195,47 @@ def _vecdot_args(x, y, *, dim=-1, out=None):
     return x, y, dim, out
 
 
+def _device_vecdot(frame: Frame, x: Tensor, y: Tensor, dim: int) -> Tensor:
+    """``sum_k x[..., k, ...] y[..., k, ...]`` over axis ``dim``: one device dot product per output
+    (batch axes broadcast), as one batched ``(1, K) @ (K, 1)`` product."""
+    xm, ym = x.movedim(dim, -1), y.movedim(dim, -1)
+    batch = torch.broadcast_shapes(xm.shape[:-1], ym.shape[:-1])
+    xm = xm.expand(*batch, xm.shape[-1]).unsqueeze(-2)
+    ym = ym.expand(*batch, ym.shape[-1]).unsqueeze(-1)
+    return device_matmul(frame, xm, ym).reshape(batch)
+
+
 @register(torch.linalg.vecdot)
 def answer_vecdot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     x, y, dim, out = _vecdot_args(*args, **kwargs)
     if x.is_complex() or y.is_complex():
         return func(*args, **kwargs)
-    xm, ym = x.movedim(dim, -1), y.movedim(dim, -1)
-    batch = torch.broadcast_shapes(xm.shape[:-1], ym.shape[:-1])
-    xm = xm.expand(*batch, xm.shape[-1]).unsqueeze(-2)
-    ym = ym.expand(*batch, ym.shape[-1]).unsqueeze(-1)
-    return _finish(device_matmul(frame, xm, ym).reshape(batch), out)
+    return _finish(_device_vecdot(frame, x, y, dim), out)
+
+
+def _cosine_args(x1, x2, dim=1, eps=1e-8):
+    return x1, x2, dim, eps
+
+
+@register(torch.cosine_similarity)  # also F.cosine_similarity and nn.CosineSimilarity: the same function
+def answer_cosine_similarity(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    """``cos = sum_k (x1_k / n1) (x2_k / n2)``, ``n = max(||x||_2, eps)`` along ``dim`` of the
+    broadcast operands (torch's formula: each operand normalised first): the norms and divisions
+    digital, the dot product one device product per output, ``K`` = the size of ``dim``."""
+    x1, x2, dim, eps = _cosine_args(*args, **kwargs)
+    if not (x1.is_floating_point() and x2.is_floating_point()) or x1.dim() == 0:
+        return func(*args, **kwargs)  # torch computes (or refuses) it as it does
+    shape = torch.broadcast_shapes(x1.shape, x2.shape)
+    x1, x2 = x1.expand(shape), x2.expand(shape)
+    n1 = torch.linalg.vector_norm(x1, dim=dim, keepdim=True).clamp_min(eps)
+    n2 = torch.linalg.vector_norm(x2, dim=dim, keepdim=True).clamp_min(eps)
+    return _device_vecdot(frame, x1 / n1, x2 / n2, dim)
+
+
+@register_macs(torch.cosine_similarity)
+def _cosine_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    x1, x2, dim, _ = _cosine_args(*args, **kwargs)
+    return out.numel() * torch.broadcast_shapes(x1.shape, x2.shape)[dim] if isinstance(out, Tensor) and x1.dim() else 0
 
 
 # ----------------------------------------------------------------------------- tensordot
