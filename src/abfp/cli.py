@@ -279,7 +279,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         model = task.build_model()
         if plan is not None:
-            _plan_weights(model, plan, weights)
+            _plan_weights(model, plan, args.plan, weights)
             try:  # before the float32 pass: a plan that does not apply is refused before any work
                 plan.check(model)
             except ValueError as e:
@@ -357,14 +357,14 @@ def _plan_args(args: argparse.Namespace) -> tuple[Any, Path | None]:
     return plan, weights
 
 
-def _plan_weights(model: Any, plan: Any, path: Path | None) -> None:
-    """Check that ``plan`` was tuned for ``model``'s architecture, then load the safetensors
-    ``path`` (when given) into it, refused if written for another architecture
+def _plan_weights(model: Any, plan: Any, plan_path: str, path: Path | None) -> None:
+    """Check that ``plan`` (read from ``plan_path``) was tuned for ``model``'s architecture, then
+    load the safetensors ``path`` (when given) into it, refused if written for another architecture
     (:mod:`abfp.tune.provenance`; every key must match)."""
     from .tune.provenance import check_plan_architecture, load_weights
 
     try:
-        check_plan_architecture(plan.info, model, "--plan")
+        check_plan_architecture(plan.info, model, f"--plan {plan_path}")
     except ValueError as e:
         raise UsageError(str(e)) from None
     if path is None:

@@ -116,7 +116,14 @@ class DevicePlan:
         if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
             raise ValueError("DevicePlan 'exclude' must be a list of module names")
         info = d.get("info", {})
-        return cls(base, modules, tuple(exclude), info if isinstance(info, dict) else {})
+        if not isinstance(info, dict):
+            raise ValueError(f"DevicePlan 'info' must be a JSON object, got {type(info).__name__}")
+        weights = info.get("weights")
+        if weights is not None and not (isinstance(weights, dict) and isinstance(weights.get("architecture"), str)):
+            # the record the architecture check reads: damaged, it must not let any model pass
+            raise ValueError("DevicePlan info 'weights' must be a JSON object with the 'architecture' fingerprint "
+                             "abfp tune wrote (or be left out of a plan written by hand)")
+        return cls(base, modules, tuple(exclude), info)
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 1) -> str:
         return jsonio.dump(self.to_dict(), path, indent=indent)

@@ -67,7 +67,9 @@ def check_plan_architecture(plan_info: Mapping[str, Any], model: nn.Module, what
         return
     have = architecture_fingerprint(model)
     if want != have:
-        raise ValueError(f"{what} was tuned for another architecture (fingerprint {want[:12]}, this model "
+        task = plan_info.get("task")
+        tuned = f"tuned on task {task!r}, " if isinstance(task, str) else ""
+        raise ValueError(f"{what} was tuned for another architecture ({tuned}fingerprint {want[:12]}, this model "
                          f"{have[:12]}): tune it for this model")
 
 
