@@ -24,7 +24,12 @@ parameters; their running statistics are frozen either way). AdamW at ``--lr``, 
 run; ``--schedule cosine`` scales the rate of step ``s`` by :func:`abfp.finetune.loop.warmup_cosine` (``--warmup``
 linear steps, then half a cosine to ~0 at step ``--schedule-steps``, by default the run's last step; counted from
 step 0, so a run continued with ``--init``/``--step-offset`` continues the schedule). ``--temperature T``: the KL at
-temperature T (times T^2, as :func:`abfp.finetune.distillation.kl_loss`). With ``--save`` the weights are written
+temperature T (times T^2, as :func:`abfp.finetune.distillation.kl_loss`). ``--feature-weight LAMBDA`` adds
+LAMBDA times the library's feature loss (:class:`abfp.finetune.distillation.FeatureMatch`: the relative squared
+error of the outputs of ``--feature-modules``, by default every MBConv block, against float32's on the same
+crops). ``--ema D [D ...]`` also keeps an exponential moving average of the trained weights per decay D
+(``e <- D e + (1 - D) w`` after every step, from the starting weights) and evaluates it at every row
+(logits ``OUT.emaD.stepN.pt``; ``ema`` in the row, with its paired difference against the raw weights). With ``--save`` the weights are written
 after every evaluated row, so a killed run can be continued from its last row. Every ``--every`` steps the model is evaluated on the plan (noise seed 0) on the 312 evaluation crops:
 top-1 agreement and KL against float32, with standard errors (the float32 logits and the unfinetuned plan's
 row are cached under ``--cache``; each row's logits go to ``OUT.stepN.pt``). Wall and process CPU time and the load average are in every row; the JSON
@@ -47,6 +52,7 @@ from pathlib import Path
 import torch
 
 from abfp import zoo
+from abfp.finetune.distillation import Distillation, FeatureMatch, feature_module_names
 from abfp.finetune.loop import set_training, warmup_cosine
 from abfp.finetune.methods import DNFMethod, DNFOptions, QATMethod
 from abfp.nn import to_digital
@@ -97,6 +103,9 @@ def main() -> None:
     ap.add_argument("--schedule-steps", type=int, default=None,
                     help="cosine: the schedule's length (default: --step-offset + --steps)")
     ap.add_argument("--temperature", type=float, default=1.0, help="the KL's softmax temperature")
+    ap.add_argument("--feature-weight", type=float, default=0.0, help="feature distillation's lambda (0: none)")
+    ap.add_argument("--feature-modules", default=None, help="regex over module names (default: every MBConv block)")
+    ap.add_argument("--ema", type=float, nargs="*", default=[], metavar="D", help="also evaluate EMAs of the weights")
     ap.add_argument("--jitter", type=float, default=0.0)
     ap.add_argument("--min-scale", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
@@ -205,6 +214,27 @@ def main() -> None:
             params.append(p)
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     set_training(net, frozen=True)
+    features = None
+    if a.feature_weight:
+        dist = Distillation("kl", a.temperature, a.feature_weight, a.feature_modules)
+        features = FeatureMatch(net, teacher, feature_module_names(teacher, a.feature_modules), dist)
+    trained = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    emas = {d: [p.detach().clone() for _, p in trained] for d in a.ema}
+
+    def record_ema(step: int) -> None:
+        raw = torch.load(f"{a.out}.step{step}.pt")
+        for d, values in emas.items():
+            digital = to_digital(net, inplace=False)
+            with torch.no_grad():
+                for (n, _), v in zip(trained, values):
+                    digital.get_parameter(n).copy_(v)
+            out = plan_outputs(digital, plan, ev, a.eval_batch_size, 0)
+            torch.save(out, f"{a.out}.ema{d}.step{step}.pt")
+            rows[-1].setdefault("ema", {})[str(d)] = {**scored(out), "vs_raw": {
+                "kl": paired(KL, raw, out, ref), "agreement": paired(AGREEMENT, raw, out, ref)}}
+            print("ema", d, rows[-1]["ema"][str(d)], flush=True)
+            write()
+
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
     losses: list[float] = []
@@ -212,12 +242,18 @@ def main() -> None:
         x = random_crops(a.batch_size, gen, min_scale=a.min_scale, jitter=a.jitter)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, a)
-        losses.append(distil_update(net, teacher, opt, x, a.temperature))
+        losses.append(distil_update(net, teacher, opt, x, a.temperature, features))
+        with torch.no_grad():
+            for d, values in emas.items():
+                for v, (_, p) in zip(values, trained):
+                    v.mul_(d).add_(p.detach(), alpha=1.0 - d)
         if step % a.every == 0 or step == a.step_offset + a.steps:
             recent = losses[-a.every:]
             net.eval()
             record(step, net, {"method": a.method, "train_loss": sum(recent) / len(recent),
-                               "n_params": sum(p.numel() for p in params), "lr": lr_at(step, a)})
+                               "n_params": sum(p.numel() for p in params), "lr": lr_at(step, a),
+                               "feature_weight": a.feature_weight})
+            record_ema(step)
             if a.save:  # after every row: a killed run continues from here (--init, --step-offset)
                 torch.save(to_digital(net, inplace=False).state_dict(), a.save)
             set_training(net, frozen=True)

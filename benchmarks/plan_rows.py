@@ -30,15 +30,20 @@ def load_plan(spec: str) -> DevicePlan:
 
 
 def distil_update(student: torch.nn.Module, teacher: torch.nn.Module, opt: torch.optim.Optimizer,
-                  x: torch.Tensor, temperature: float = 1.0) -> float:
+                  x: torch.Tensor, temperature: float = 1.0, features=None) -> float:
     """One distillation step on the batch ``x``: the frozen ``teacher``'s logits, the KL of the
     ``student``'s against them (at ``temperature``, times its square), backward and ``opt``'s update;
-    returns the loss."""
+    returns the loss. ``features``: an :class:`abfp.finetune.distillation.FeatureMatch` hooked on
+    ``student`` and ``teacher`` (its loss, with ``temperature`` in its Distillation, adds the weighted
+    feature term)."""
     from abfp.finetune.distillation import kl_loss
 
-    with torch.no_grad():
-        t = teacher(x)
-    loss = kl_loss(student(x), t, temperature)
+    if features is None:
+        with torch.no_grad():
+            t = teacher(x)
+        loss = kl_loss(student(x), t, temperature)
+    else:  # the teacher's forward inside records its features too
+        loss = features.loss(student, (x,))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -36,6 +36,10 @@ except FileNotFoundError:
     ["--eval-samples", "0"],
     ["--train-samples", "10", "--batch-size", "64"],
     ["--checkpoint", "", "--resume"],
+    ["--feature-weight", "-1"],
+    ["--feature-weight", "nan"],
+    ["--feature-modules", "blocks"],
+    ["--feature-weight", "0.1", "--checkpoint", ""],  # fashion-cnn with its labels: cross entropy, not label-free
 ])
 def test_bad_input_exits_2(argv, capsys) -> None:
     assert main(["finetune", "--no-progress", *argv]) == 2

@@ -113,7 +113,8 @@ def test_stage_and_cli_pass_the_schedule_on(monkeypatch: pytest.MonkeyPatch) -> 
 
     args = argparse.Namespace(finetune="distil-qat", finetune_steps=5, finetune_lr=2e-3, finetune_batch_size=8,
                               finetune_loss=None, finetune_samples=None, finetune_schedule="cosine",
-                              finetune_warmup=1, finetune_temperature=2.0, no_progress=True)
+                              finetune_warmup=1, finetune_temperature=2.0, finetune_feature_weight=None,
+                              finetune_feature_modules=None, no_progress=True)
     options = _finetune_options(args)
     assert (options["schedule"], options["warmup"], options["temperature"]) == ("cosine", 1, 2.0)
     seen = record_lrs(monkeypatch)

@@ -76,18 +76,22 @@ def test_every_finetuning_stage_field_is_described_or_allowed(stage):
 
 
 #: fields described only when they differ from their default (journals written before them stay valid)
-OPTIONAL_WHEN_DEFAULT = {"schedule": "the lr schedule, when not constant", "warmup": "with a cosine schedule"}
+OPTIONAL_WHEN_DEFAULT = {"schedule": "the lr schedule, when not constant", "warmup": "with a cosine schedule",
+                         "feature_weight": "feature distillation, when on", "feature_modules": "with feature_weight > 0"}
 
 
 @pytest.mark.parametrize("cls", [DistilStage, BiasCorrectStage])
 def test_a_changed_stage_field_changes_the_description(cls):
     changes = {"steps": 7, "lr": 3e-5, "batch_size": 5, "loss": "cosine", "temperature": 2.0, "seed": 3,
-               "samples": 9, "target": "local", "schedule": "cosine", "warmup": 5}
+               "samples": 9, "target": "local", "schedule": "cosine", "warmup": 5, "feature_weight": 0.5,
+               "feature_modules": r"blocks\.\d+"}
     for f in dataclasses.fields(cls):
         if f.name in STAGE_ALLOWED or f.name == "method":
             continue
         assert f.name in changes, f"a new {cls.__name__} field {f.name!r}: add a changed value here"
-        base = cls(schedule="cosine") if f.name == "warmup" else cls()  # warm-up shapes a cosine schedule
+        # warm-up shapes a cosine schedule; the feature modules, feature distillation
+        base = cls(schedule="cosine") if f.name == "warmup" else cls(feature_weight=0.5) \
+            if f.name == "feature_modules" else cls()
         assert dataclasses.replace(base, **{f.name: changes[f.name]}).describe() != base.describe(), f.name
 
 

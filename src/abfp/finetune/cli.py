@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import time
 from pathlib import Path
@@ -57,6 +58,18 @@ def resolve_loss(args: argparse.Namespace) -> str | None:
     return args.loss
 
 
+def add_feature_arguments(group: Any, prefix: str, default: float | None) -> None:
+    """``--{prefix}feature-weight LAMBDA`` (default ``default``) and ``--{prefix}feature-modules REGEX``:
+    feature distillation (:class:`~.distillation.Distillation`), for ``abfp finetune`` and ``abfp tune``."""
+    group.add_argument(f"--{prefix}feature-weight", type=float, default=default, metavar="LAMBDA",
+                       help="label-free distillation: feature distillation, the loss plus LAMBDA * sum_l "
+                            "mean((s_l - t_l)^2) / mean(t_l^2) over the outputs of the model's blocks (its nn.ModuleList "
+                            f"entries, or --{prefix}feature-modules) against float32's (default 0: the output loss alone)")
+    group.add_argument(f"--{prefix}feature-modules", default=None, metavar="REGEX",
+                       help=f"with --{prefix}feature-weight: the modules whose outputs are matched, a regular expression "
+                            "over module names matched in full (default: every nn.ModuleList entry)")
+
+
 def register(sub: Any) -> None:
     """Add the ``finetune`` subcommand to ``abfp``'s subparsers."""
     p = sub.add_parser(
@@ -77,6 +90,7 @@ def register(sub: Any) -> None:
                         "efficientnet-lite0, cosine for minilm-l6; a user task: kl for a percentage or KL metric, "
                         "else cosine)")
     p.add_argument("--temperature", type=float, default=None, help="temperature T of --loss kl (default 1)")
+    add_feature_arguments(p, "", 0.0)
     g = p.add_argument_group("device (default: n=128, gain 8, 8/8/8, uniform noise of std 2 LSB)")
     g.add_argument("--preset", default=None, help="named device config (abfp presets); replaces the default scenario")
     g.add_argument("--config", default=None, help="device config as a JSON file or string; replaces the default scenario")
@@ -178,6 +192,9 @@ def _validate(args: argparse.Namespace) -> None:
     need(args.temperature is None or (args.temperature > 0 and args.temperature != float("inf")),
          f"--temperature must be > 0, got {args.temperature}")
     need(args.temperature is None or args.loss in ("kl", None), "--temperature only applies to --loss kl")
+    need(math.isfinite(args.feature_weight) and args.feature_weight >= 0,
+         f"--feature-weight must be a finite number >= 0, got {args.feature_weight}")
+    need(args.feature_modules is None or args.feature_weight > 0, "--feature-modules goes with --feature-weight > 0")
     need(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     need(args.time_steps is None or args.time_steps >= 1, f"--time-steps must be >= 1, got {args.time_steps}")
     # before any work; whether an existing output may be replaced is decided in check_outputs
@@ -271,7 +288,7 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
                   metric=task.metric, eval_batch_size=args.eval_batch_size, checkpoint=ckpt,
                   checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress,
                   desc=f"{args.method} {args.model}",
-                  loss=None if args.loss == "ce" else args.loss, temperature=args.temperature)
+                  **_loss_options(args))
     procs = f" on {world_size} processes" if world_size > 1 else ""
     how = "" if args.loss == "ce" else \
         f", label-free ({args.loss}{'' if args.temperature is None else f', T={args.temperature:g}'} to float32)"
@@ -316,6 +333,21 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
                                 "loss": args.loss})
         print(f"wrote {args.save_model}")
     return 0
+
+
+def _loss_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``loss`` and ``temperature`` for :func:`abfp.finetune.qat` / ``dnf``: the names, or with
+    ``--feature-weight`` one :class:`~.distillation.Distillation` holding all of them."""
+    if args.loss == "ce":
+        if args.feature_weight:
+            raise UsageError("--feature-weight needs a label-free loss (--loss kl, cosine or mse), not ce")
+        return {"loss": None, "temperature": args.temperature}
+    if not args.feature_weight:
+        return {"loss": args.loss, "temperature": args.temperature}
+    from .distillation import Distillation
+
+    t = 1.0 if args.temperature is None else args.temperature
+    return {"loss": Distillation(args.loss, t, args.feature_weight, args.feature_modules), "temperature": None}
 
 
 def user_task_loss(args: argparse.Namespace) -> Any:

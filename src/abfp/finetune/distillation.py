@@ -14,13 +14,23 @@ device with QAT or with DNF) minimises one of:
 Since the teacher is frozen, computing its outputs once is the same as computing them at
 every step, and it makes them part of the training data: their digest is part of a
 checkpoint's provenance, as are the loss and its temperature.
+
+Feature distillation (``feature_weight`` lambda > 0): the loss above plus
+``lambda * sum_l mean((s_l - t_l)^2) / mean(t_l^2)`` over the outputs ``s_l`` (student, on the
+device) and ``t_l`` (teacher, float32) of the modules ``l`` chosen by ``feature_modules`` (a
+regular expression matched in full against module names; by default the entries of every
+``nn.ModuleList``, the model's blocks), on the same batch (:func:`feature_loss`,
+:class:`FeatureMatch`). Each term is the layer's squared error relative to the teacher's mean
+square, so layers of any scale count alike. The teacher's features are computed at every step
+(a float32 forward), not once.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +38,8 @@ from torch import Tensor, nn
 
 from ..zoo.base import Dataset
 
-__all__ = ["DISTILLATION_LOSSES", "Distillation", "as_inputs", "cosine_loss", "kl_loss", "mse_loss",
-           "teacher_outputs"]
+__all__ = ["DISTILLATION_LOSSES", "Distillation", "FeatureMatch", "as_inputs", "cosine_loss", "feature_loss",
+           "feature_module_names", "kl_loss", "mse_loss", "teacher_outputs"]
 
 LossName = Literal["kl", "cosine", "mse"]
 #: The distillation losses by name.
@@ -68,13 +78,52 @@ def mse_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return F.mse_loss(student, teacher.detach())
 
 
+def feature_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+    """``sum_l mean((s_l - t_l)^2) / mean(t_l^2)`` over paired feature tensors (the teacher's detached)."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"feature_loss needs as many student as teacher features, at least one; got "
+                         f"{len(student)} and {len(teacher)}")
+    total = student[0].new_zeros(())
+    for i, (s, t) in enumerate(zip(student, teacher)):
+        _check_pair(s, t)
+        t = t.detach()
+        scale = t.pow(2).mean()
+        if not bool(scale > 0):
+            raise ValueError(f"feature {i}: the teacher's features are all zero (mean square {float(scale)}): "
+                             "their relative error is undefined; choose other feature_modules")
+        total = total + (s - t).pow(2).mean() / scale
+    return total
+
+
+def feature_module_names(model: nn.Module, pattern: str | None = None) -> list[str]:
+    """The names of ``model``'s modules whose outputs feature distillation matches: those whose
+    name matches the regular expression ``pattern`` in full, or (``None``) the entries of every
+    ``nn.ModuleList`` (a model's blocks). A ``ValueError`` when there are none."""
+    if pattern is None:
+        names = [f"{n}.{i}" if n else str(i) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)
+                 for i in range(len(m))]
+        what = "no nn.ModuleList entries (blocks)"
+    else:
+        names = [n for n, _ in model.named_modules() if n and re.fullmatch(pattern, n)]
+        what = f"no module name matching {pattern!r} in full"
+    if not names:
+        raise ValueError(f"feature distillation: the model has {what}; pass feature_modules (a regular expression "
+                         "over module names, e.g. r'layers\\.\\d+')")
+    return names
+
+
 @dataclass(frozen=True)
 class Distillation:
     """The distillation loss ``loss`` (``kl``, ``cosine`` or ``mse``; see the module doc) with
-    ``temperature`` (``kl`` only). Called as a loss function ``(student_outputs, teacher_outputs)``."""
+    ``temperature`` (``kl`` only). Called as a loss function ``(student_outputs, teacher_outputs)``.
+    ``feature_weight`` lambda > 0 adds ``lambda`` times :func:`feature_loss` over the outputs of
+    the modules ``feature_modules`` selects (:func:`feature_module_names`); the training loop does
+    that through :class:`FeatureMatch` (calling this object alone gives the output loss)."""
 
     loss: LossName = "kl"
     temperature: float = 1.0
+    feature_weight: float = 0.0
+    feature_modules: str | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in DISTILLATION_LOSSES:
@@ -84,6 +133,19 @@ class Distillation:
             raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
         if self.loss != "kl" and t != 1.0:
             raise ValueError(f"temperature only applies to the kl loss, not {self.loss!r}")
+        w = self.feature_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"feature_weight must be a finite number >= 0, got {w!r}")
+        if self.feature_modules is not None:
+            if not isinstance(self.feature_modules, str):
+                raise TypeError(f"feature_modules must be a regular expression (str) or None, "
+                                f"got {type(self.feature_modules).__name__}")
+            if w == 0:
+                raise ValueError("feature_modules goes with feature_weight > 0")
+            try:
+                re.compile(self.feature_modules)
+            except re.error as e:
+                raise ValueError(f"feature_modules {self.feature_modules!r} is not a regular expression: {e}") from None
 
     def __call__(self, outputs: Any, targets: Tensor | None) -> Tensor:
         if targets is None:
@@ -97,11 +159,66 @@ class Distillation:
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records (and a resumed run must match)."""
-        return {"kind": "distillation", "loss": self.loss, "temperature": float(self.temperature),
-                "teacher": "frozen float32 copy of the starting model"}
+        d = {"kind": "distillation", "loss": self.loss, "temperature": float(self.temperature),
+             "teacher": "frozen float32 copy of the starting model"}
+        if self.feature_weight:  # only when set: earlier checkpoints keep their provenance
+            d.update(feature_weight=float(self.feature_weight), feature_modules=self.feature_modules)
+        return d
 
     def label(self) -> str:
-        return f"distillation ({self.loss}{f', T={self.temperature:g}' if self.loss == 'kl' else ''})"
+        features = f", features x {self.feature_weight:g}" if self.feature_weight else ""
+        return f"distillation ({self.loss}{f', T={self.temperature:g}' if self.loss == 'kl' else ''}{features})"
+
+
+class FeatureMatch:
+    """One step's loss with feature distillation: forward hooks on the modules named ``names`` of
+    the ``student`` (the model being trained) and of the frozen float32 ``teacher`` (the same
+    architecture, unconverted) record their outputs; :meth:`loss` runs the teacher (no gradients)
+    and the student on the same inputs and returns
+    ``distillation(student_outputs, targets) + feature_weight * feature_loss(...)``.
+    :meth:`close` removes the hooks."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, names: Sequence[str], distillation: Distillation) -> None:
+        self.distillation, self.teacher = distillation, teacher
+        self._student: dict[str, Tensor] = {}
+        self._teacher: dict[str, Tensor] = {}
+        self.names = list(names)
+        self._handles = [self._hook(student, n, self._student) for n in self.names]
+        self._handles += [self._hook(teacher, n, self._teacher) for n in self.names]
+
+    @staticmethod
+    def _hook(model: nn.Module, name: str, store: dict[str, Tensor]) -> Any:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"feature distillation: no module {name!r} in {type(model).__name__}") from None
+
+        def record(_m: nn.Module, _inp: Any, out: Any) -> None:
+            store[name] = _first(out)
+
+        return module.register_forward_hook(record)
+
+    def loss(self, student: Callable[..., Any], inputs: Sequence[Tensor], targets: Tensor | None = None) -> Tensor:
+        """The step's loss on ``inputs`` (``student``: the callable to run, e.g. a DDP wrapper of the
+        hooked model; ``targets``: the teacher's outputs on ``inputs`` if computed already, else
+        ``None``: those of the teacher's forward here)."""
+        self._student.clear()
+        self._teacher.clear()
+        with torch.no_grad():
+            teacher_out = _first(self.teacher(*inputs)).detach()
+        out = self.distillation(student(*inputs), teacher_out if targets is None else targets)
+        missing = [n for n in self.names if n not in self._student or n not in self._teacher]
+        if missing:
+            raise ValueError(f"feature distillation: modules {missing} did not run in the forward")
+        feats = feature_loss([self._student[n] for n in self.names], [self._teacher[n] for n in self.names])
+        self._student.clear()
+        self._teacher.clear()
+        return out + self.distillation.feature_weight * feats
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 def as_inputs(inputs: Any) -> Dataset:

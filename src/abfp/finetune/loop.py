@@ -7,7 +7,10 @@ float32 teacher, computed once, and the loss a :class:`~.distillation.Distillati
 is slice ``k mod (N // batch_size)`` of a permutation of the training set seeded by
 ``(seed, epoch)``, so it depends on the step number only; with ``sample_inputs`` (fresh inputs,
 distillation only) it is a new batch drawn from a generator seeded by ``(seed, step)``, the teacher's
-outputs on it computed at that step. Everything random inside a step
+outputs on it computed at that step. With feature distillation (``Distillation.feature_weight``
+> 0) the step's loss is :class:`~.distillation.FeatureMatch`'s: a frozen float32 copy of the
+starting model runs on the same batch and its chosen modules' outputs are matched too (the hooks
+are removed before the model is returned). Everything random inside a step
 (dropout, device noise in QAT, DNF seeds) comes from torch's global generator, seeded with
 ``seed`` once and saved in every checkpoint: a run resumed from a checkpoint repeats the
 uninterrupted run bit for bit. The torch thread count is held at the caller's for the whole
@@ -54,7 +57,7 @@ from ..nn import convert, is_converted, to_digital
 from ..nn.convert import calibrate, needs_calibration
 from ..zoo.base import AGREEMENT, COSINE, TOP1, Dataset, Metric
 from .checkpoint import digest, load_checkpoint, model_state, restore_optimizer, save_checkpoint
-from .distillation import Distillation, teacher_outputs
+from .distillation import Distillation, FeatureMatch, feature_module_names, teacher_outputs
 from .parallel import check_divisible, from_main, mean_over_ranks, shard, step_seed, sync_from_main, unwrap, wrap
 
 __all__ = ["FinetuneResult", "Method", "TrainSettings", "callable_name", "device_metric", "finetune", "produced_by",
@@ -526,6 +529,10 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
         else:  # a new batch every step; the teacher stays float32
             batches = _FreshBatches(train_data, s.batch_size, s.seed, s.sample_inputs, copy.deepcopy(base).eval())
 
+    features_teacher = None
+    if s.distillation is not None and s.distillation.feature_weight:  # taken before any restore or conversion
+        features_teacher = copy.deepcopy(base).eval()
+        feature_names = feature_module_names(features_teacher, s.distillation.feature_modules)
     ckpt = Path(s.checkpoint) if s.checkpoint else None
     expected = _json_roundtrip(produced_by(method, base, train_data, eval_cfg, s, loss_fn)) if ckpt else {}
     restored = None
@@ -561,6 +568,8 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     timer = _Fp32Timer(base, s, loss_fn)  # a copy of the starting point, before any conversion
     torch.manual_seed(s.seed)
     train_model = method.prepare(base, train_data, s.seed, tuple(s.exclude), restored)
+    features = None if features_teacher is None else \
+        FeatureMatch(train_model, features_teacher, feature_names, s.distillation)  # type: ignore[arg-type]
     net = wrap(train_model)  # DistributedDataParallel under torchrun
     optimizer = torch.optim.AdamW(train_model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     start = 0
@@ -591,7 +600,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
             for group in optimizer.param_groups:
                 group["lr"] = lr
             inputs, targets = shard(batches(step), rank, world_size)
-            loss = loss_fn(net(*inputs), targets)
+            loss = loss_fn(net(*inputs), targets) if features is None else features.loss(net, inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -621,6 +630,8 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
     finally:
         bar.close()
         unwrap(net)
+        if features is not None:
+            features.close()
     train_model.eval()
     details = method.finish()
     final = to_digital(train_model, inplace=True) if is_converted(train_model) else train_model

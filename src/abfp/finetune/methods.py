@@ -286,8 +286,8 @@ def dnf(model: nn.Module, train_data: Dataset, config: ABFPConfig | None = None,
 
 def distil(model: nn.Module, inputs: Any, config: ABFPConfig | None = None, *,
            method: Literal["qat", "dnf"] = "qat", loss: Literal["kl", "cosine", "mse"] = "kl",
-           temperature: float = 1.0, steps: int, lr: float, batch_size: int = 32,
-           **kwargs: Any) -> nn.Module:
+           temperature: float = 1.0, steps: int, lr: float, batch_size: int = 32, feature_weight: float = 0.0,
+           feature_modules: str | None = None, **kwargs: Any) -> nn.Module:
     """Label-free finetuning of ``model`` for the device ``config``: returns the finetuned
     float32 model (``model`` itself is not changed).
 
@@ -296,7 +296,10 @@ def distil(model: nn.Module, inputs: Any, config: ABFPConfig | None = None, *,
     the student is finetuned through the device (``method="qat"``) or with differential
     noise (``"dnf"``) to minimise ``loss`` against the teacher's outputs: ``kl`` on logits
     (``T^2 KL(softmax(t/T) || softmax(s/T))``, ``temperature`` T), ``cosine``
-    (``1 - cos(s, t)``) or ``mse`` on embeddings / outputs. Batch norm and dropout stay in
+    (``1 - cos(s, t)``) or ``mse`` on embeddings / outputs; ``feature_weight`` lambda > 0 adds
+    ``lambda * sum_l mean((s_l - t_l)^2) / mean(t_l^2)`` over the outputs of the modules
+    ``feature_modules`` (a regex; default: every ``nn.ModuleList`` entry) against the teacher's
+    (see :class:`Distillation`). Batch norm and dropout stay in
     eval mode while training. Other keyword arguments as for :func:`qat` / :func:`dnf`
     (``eval_data`` evaluates before and after; ``progress`` defaults to False here); use
     those functions with ``loss=`` to get the measured :class:`FinetuneResult` as well.
@@ -308,5 +311,4 @@ def distil(model: nn.Module, inputs: Any, config: ABFPConfig | None = None, *,
     kwargs.setdefault("progress", False)
     data = as_inputs(inputs)
     run = qat if method == "qat" else dnf
-    return run(model, data, config, steps=steps, lr=lr, batch_size=batch_size, loss=Distillation(loss, temperature),
-               **kwargs).model
+    return run(model, data, config, steps=steps, lr=lr, batch_size=batch_size, loss=Distillation(loss, temperature, feature_weight, feature_modules), **kwargs).model

@@ -34,6 +34,7 @@ from ..cli_common import (
     require_finite,
     single_task,
 )
+from ..finetune.cli import add_feature_arguments
 from .finetune import FINETUNE_METHODS
 from .gains import power_of_two_gains
 
@@ -122,6 +123,7 @@ def _parser(sub) -> None:
                         "--finetune-warmup steps, then half a cosine from --finetune-lr to nearly 0; default constant)")
     f.add_argument("--finetune-warmup", type=int, default=None,
                    help="with --finetune-schedule cosine: linear warm-up steps (default 0)")
+    add_feature_arguments(f, "finetune-", None)
     p.add_argument("--energy-samples", type=int, default=1,
                    help="calibration inputs accounted together for the energy per inference (weights are converted "
                         "once per call); default 1, one inference alone, as abfp energy and abfp explore count it")
@@ -174,7 +176,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             "finetune_steps", "finetune_batch_size", "finetune_samples", "gains_per_octave", "energy_samples"))
     require_at_least(args, ("seed",), 0)
     require_finite(args, ("max_gain", "target", "gain_tolerance", "finetune_lr", "finetune_temperature",
-                          "energy_budget"))
+                          "finetune_feature_weight", "energy_budget"))
     if args.refine < 0:
         raise UsageError(f"--refine must be >= 0 (modules to refine), got {args.refine}")
     if args.refine and args.gain_rule != "energy":
@@ -299,7 +301,8 @@ def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:
     """The ``--finetune-*`` options as :class:`~.finetune.DistilStage` fields (``None`` without
     ``--finetune``; giving them without it is an error)."""
     given = {k: getattr(args, f"finetune_{k}") for k in ("steps", "lr", "batch_size", "loss", "samples", "schedule",
-                                                         "warmup", "temperature")}
+                                                         "warmup", "temperature", "feature_weight",
+                                                         "feature_modules")}
     given = {k: v for k, v in given.items() if v is not None}
 
     def flag(k: str) -> str:
@@ -322,6 +325,10 @@ def _finetune_options(args: argparse.Namespace) -> dict[str, object] | None:
         raise UsageError(f"--finetune-temperature must be > 0, got {given['temperature']}")
     if "temperature" in given and given.get("loss", "kl") != "kl":
         raise UsageError("--finetune-temperature goes with --finetune-loss kl")
+    if "feature_weight" in given and given["feature_weight"] < 0:
+        raise UsageError(f"--finetune-feature-weight must be >= 0, got {given['feature_weight']}")
+    if "feature_modules" in given and not given.get("feature_weight"):
+        raise UsageError("--finetune-feature-modules goes with --finetune-feature-weight > 0")
     if "warmup" in given and given.get("schedule") != "cosine":
         raise UsageError("--finetune-warmup goes with --finetune-schedule cosine")
     steps = given.get("steps", FT_DEFAULTS["steps"])

@@ -68,6 +68,11 @@ class DistilStage:
     #: ``warmup`` steps, then half a cosine to nearly 0: :func:`abfp.finetune.loop.warmup_cosine`)
     schedule: Literal["constant", "cosine"] = "constant"
     warmup: int = 0
+    #: feature distillation: ``lambda`` of ``lambda * sum_l mean((s_l - t_l)^2) / mean(t_l^2)`` over the
+    #: outputs of the modules ``feature_modules`` selects (a regex; default every ``nn.ModuleList``
+    #: entry); 0 (the default): the output loss alone (:class:`abfp.finetune.Distillation`)
+    feature_weight: float = 0.0
+    feature_modules: str | None = None
     #: the training losses of the last call
     losses: list[float] = field(default_factory=list, repr=False, compare=False)
 
@@ -86,7 +91,7 @@ class DistilStage:
             raise ValueError(f"finetune lr must be a finite number > 0, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"finetune seed must be an integer >= 0, got {self.seed!r}")
-        Distillation(self.loss, self.temperature)  # validates loss and temperature
+        self.distillation()  # validates loss, temperature and the feature options
         if self.schedule not in LR_SCHEDULES:
             raise ValueError(f"finetune schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.schedule!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
@@ -100,10 +105,13 @@ class DistilStage:
                             f"got {type(self.fresh_inputs).__name__}")
 
     def describe(self) -> dict[str, Any]:
-        skip = ("progress", "losses", "checkpoint", "resume", "fresh_inputs", "schedule", "warmup")
+        skip = ("progress", "losses", "checkpoint", "resume", "fresh_inputs", "schedule", "warmup", "feature_weight",
+                "feature_modules")
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
         if self.schedule != "constant":  # only when set: earlier journals stay valid
             d.update(schedule=self.schedule, warmup=self.warmup)
+        if self.feature_weight:  # only when set: earlier journals stay valid
+            d.update(feature_weight=self.feature_weight, feature_modules=self.feature_modules)
         if self.fresh_inputs is not None:  # only when set: earlier journals stay valid
             from ..finetune.loop import sampler_identity
 
@@ -114,14 +122,22 @@ class DistilStage:
         sched = "" if self.schedule == "constant" else f", cosine lr schedule ({self.warmup} warm-up steps)"
         if self.loss == "kl" and self.temperature != 1.0:
             sched += f", temperature {self.temperature:g}"
+        if self.feature_weight:
+            sched += f", feature distillation x {self.feature_weight:g}"
         if self.fresh_inputs is not None:
             return (f"{self.method}, {self.loss} loss, {self.steps} steps of {self.batch_size} fresh inputs "
                     f"(a new batch every step){sched}")
         return (f"{self.method}, {self.loss} loss, {self.steps} steps of {min(self.batch_size, n_inputs)} "
                 f"on {n_inputs} calibration inputs{sched}")
 
+    def distillation(self) -> Any:
+        """The stage's loss as an :class:`abfp.finetune.Distillation`."""
+        from ..finetune.distillation import Distillation
+
+        return Distillation(self.loss, self.temperature, self.feature_weight, self.feature_modules)
+
     def __call__(self, model: nn.Module, plan: DevicePlan, inputs: tuple[Tensor, ...]) -> nn.Module:
-        from ..finetune.distillation import Distillation, as_inputs
+        from ..finetune.distillation import as_inputs
         from ..finetune.methods import dnf, qat
 
         data = as_inputs(inputs)
@@ -131,7 +147,7 @@ class DistilStage:
         fresh = {} if self.fresh_inputs is None else {"sample_inputs": self.fresh_inputs}
         batch = self.batch_size if fresh else min(self.batch_size, len(data))
         res = run(model, data, plan.base, steps=self.steps, lr=self.lr, batch_size=batch, **fresh,
-                  loss=Distillation(self.loss, self.temperature), overrides=plan.overrides() or None,
+                  loss=self.distillation(), overrides=plan.overrides() or None,
                   exclude=[re.escape(e) for e in plan.exclude], seed=self.seed, progress=self.progress, timing_steps=0, timing_every=0,
                   checkpoint=self.checkpoint, resume=self.resume, lr_schedule=self.schedule, warmup=self.warmup)
         self.losses = list(res.losses)
