@@ -50,6 +50,15 @@ def _probe(folder: Path, p: Path, what: str) -> None:
         os.unlink(probe)
 
 
+def _refuse_special(p: Path, what: str) -> None:
+    """An existing output that is not a regular file (``/dev/null``, a named pipe, a socket) is
+    refused: the atomic write renames a new file over it, which would replace the device or the
+    pipe itself by a plain file (as root, ``/dev/null`` for every program on the machine)."""
+    if p.exists() and not p.is_file():
+        raise OutputError(f"{what} {str(p)!r} is not a regular file (a device, a pipe or a socket), which the "
+                          "atomic write would replace by a plain file: give a file name")
+
+
 def check_output(path: str | os.PathLike, *, force: bool = False, what: str = "output file") -> Path:
     """Check that ``path`` can be written as a file, before any work is done.
 
@@ -62,6 +71,7 @@ def check_output(path: str | os.PathLike, *, force: bool = False, what: str = "o
         raise OutputError(f"{what} {str(path)!r} is not a file name")
     if p.is_dir():
         raise OutputError(f"{what} {str(p)!r} is a folder; give a file name")
+    _refuse_special(p, what)
     _check_parent(p, what)
     if p.exists() and not force:
         raise OutputError(f"{what} {str(p)!r} exists; pass --force to overwrite it")
@@ -76,6 +86,8 @@ def check_output_dir(path: str | os.PathLike, names: list[str] | tuple[str, ...]
     if p.exists() and not p.is_dir():
         raise OutputError(f"{what} {str(p)!r} is a file, not a folder")
     _check_parent(p / "x", what)
+    for n in names:
+        _refuse_special(p / n, what)
     if not force:
         existing = [n for n in names if (p / n).exists()]
         if existing:

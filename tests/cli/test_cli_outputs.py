@@ -128,3 +128,23 @@ def test_a_writer_that_makes_its_file_anew_still_gets_plain_permissions(tmp_path
     mask = os.umask(0)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_an_output_that_is_a_pipe_is_refused_even_with_force_and_left_a_pipe(tmp_path, capsys):
+    """``--json fifo --force`` used to rename the records over the named pipe (as root, ``--json
+    /dev/null --force`` would replace the device itself by a plain file)."""
+    import stat
+
+    from abfp.outputs import OutputError, check_output, check_output_dir
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert main(["energy", "--json", str(fifo), "--force"]) == 2
+    assert "is not a regular file (a device, a pipe or a socket)" in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    with pytest.raises(OutputError, match="not a regular file"):
+        check_output_dir(tmp_path, ["fifo"], force=True)
+    link = tmp_path / "link.json"
+    os.symlink(fifo, link)
+    with pytest.raises(OutputError, match="not a regular file"):
+        check_output(link, force=True)
