@@ -24,8 +24,10 @@ class OutputError(ValueError):
     """An output path that cannot or must not be written (the message names it)."""
 
 
-def _check_parent(p: Path, what: str) -> None:
-    parent = p.parent if str(p.parent) else Path(".")
+def _check_parent(p: Path, what: str, *, folder: bool = False) -> None:
+    """The nearest existing folder of the file ``p`` (of ``p`` itself when ``folder``) is a writable
+    folder; errors name ``p`` as given."""
+    parent = p if folder else (p.parent if str(p.parent) else Path("."))
     for anc in [parent, *parent.parents]:
         if anc.exists():
             if not anc.is_dir():
@@ -85,7 +87,7 @@ def check_output_dir(path: str | os.PathLike, names: list[str] | tuple[str, ...]
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{what} {str(p)!r} is a file, not a folder")
-    _check_parent(p / "x", what)
+    _check_parent(p, what, folder=True)
     for n in names:
         _refuse_special(p / n, what)
     if not force:
