@@ -370,6 +370,45 @@ def test_products_of_sparse_operands_stay_digital_and_are_named(fn, name, macs):
     assert cov.digital_ops == {f"{name} (no analog model)": macs} and cov.analog_macs == 0
 
 
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+def test_nested_inputs_of_a_linear_layer_run_on_the_device(layout):
+    """A nested tensor (variable-length sequences) into ``nn.Linear`` (and, jagged, ``nt @ W``): each
+    row is its own product, so the rows run on the device as one dense input and come back nested,
+    each component what the layer gives that component alone (it raised inside abfp:
+    ``NestedTensorImpl doesn't support sizes``, jagged ``cannot view shape``); gradients reach the
+    weight. A product of two nested operands stays digital, named."""
+    parts = [torch.randn(3, 20, generator=g), torch.randn(5, 20, generator=g)]
+    lin = nn.Linear(20, 7)
+    w = torch.randn(20, 7, generator=g)
+    fns = [lambda t: lin(t)] + ([lambda t: t @ w] if layout == torch.jagged else [])
+    for fn in fns:
+        m = abfp.convert(Call(fn), CFG)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DigitalProductWarning)
+            with torch.no_grad():
+                y = m(torch.nested.nested_tensor(parts, layout=layout))
+                dense = [m(p) for p in parts]
+        assert y.is_nested and y.layout == layout
+        for yi, di in zip(y.unbind(), dense):
+            torch.testing.assert_close(yi, di, rtol=0, atol=0)
+        assert abfp.coverage(m).analog_macs == 2 * 8 * 7 * 20 and abfp.coverage(m).digital_macs == 0
+    nt = torch.nested.nested_tensor(parts, layout=layout, requires_grad=True)
+    m = abfp.convert(lin, CFG)
+    y = m(nt)
+    (y.values() if layout == torch.jagged else torch.cat(y.unbind())).sum().backward()
+    assert m.weight.grad is not None and torch.isfinite(m.weight.grad).all() and nt.grad is not None
+    if layout == torch.strided:  # nested times nested: not row by row
+        m = abfp.convert(Call(lambda t, u: t @ u), CFG)
+        u = torch.nested.nested_tensor([torch.randn(20, 4, generator=g)] * 2)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                m(torch.nested.nested_tensor(parts), u)
+        assert [str(r.message).split(" (in")[0] for r in rec if issubclass(r.category, DigitalProductWarning)] == [
+            "abfp: Tensor.matmul on nested operands"]
+        assert abfp.coverage(m).digital_macs == 8 * 4 * 20
+
+
 def test_weighted_embedding_bag_stays_digital_and_is_named():
     """``nn.EmbeddingBag(mode="sum")(idx, per_sample_weights=w)`` (DLRM's weighted features) sums
     ``w[l] E[idx[l]]``: a sparse product with no analog model, named and counted as digital, one

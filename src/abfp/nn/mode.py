@@ -54,11 +54,11 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from ..ops.attention import flex_eager, flex_restore, sdpa  # noqa: F401  (sdpa re-exported: it lived here)
-from ..ops.coverage import func_name, no_analog_model, sparse_layout
+from ..ops.coverage import no_analog_model, odd_layout
 from ..ops.device import NotTraceable, tracing
 from ..ops.registry import PLAIN as _PLAIN, handler_for
-from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, check_traceable, digital_call,  # noqa: F401
-                        run_product, warn_digital)
+from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, answer_odd_layout, check_traceable,  # noqa: F401
+                        digital_call, run_product, warn_digital)
 from .state import AnalogState
 
 __all__ = ["AnalogMode", "DigitalSpectralNorm", "DirectSites", "Frame", "GuardedForward", "ProductCall", "digital_call",
@@ -370,11 +370,9 @@ class AnalogMode(TorchFunctionMode):
             return digital_call(frame, func, args, kwargs, "no analog model")
         if frame.state.config_for(frame.name) is None and frame.name not in frame.state.reincluded:
             return digital_call(frame, func, args, kwargs, "excluded module")
-        layout = sparse_layout(args, kwargs)
-        if layout is not None:  # a sparse operand (a graph's adjacency, ...): torch's sparse kernel, named
-            name = f"{func_name(func)} on {layout} operands"
-            warn_digital(frame, name)
-            return digital_call(frame, func, args, kwargs, "no analog model", name=name)
+        layout = odd_layout(args, kwargs)
+        if layout is not None:  # a sparse operand (a graph's adjacency, ...) or a nested one
+            return answer_odd_layout(frame, handler, func, args, kwargs, layout)
         try:
             return handler(frame, func, args, kwargs)
         except NotTraceable:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["Coverage", "coverage", "DigitalProductWarning", "digital_product_macs", "estimate_macs", "no_analog_model",
-           "register_macs", "sparse_layout", "tensordot_macs"]
+           "register_macs", "odd_layout", "tensordot_macs"]
 
 
 class DigitalProductWarning(UserWarning):
@@ -368,14 +368,15 @@ def func_name(func: Any) -> str:
     return f"{mod}.{qual}"
 
 
-def sparse_layout(args: tuple, kwargs: dict) -> str | None:
-    """The layout (``sparse_coo``, ``sparse_csr``, ...) of the first operand of a call that is not
-    a dense (strided) tensor, looking into lists of operands (``einsum``, ``multi_dot``); None
-    when every operand is dense. No DAC encodes a sparse tensor's values in place."""
+def odd_layout(args: tuple, kwargs: dict) -> str | None:
+    """The layout of the first operand of a call that is not a dense (strided) tensor, looking
+    into lists of operands (``einsum``, ``multi_dot``): ``sparse_coo``, ``sparse_csr``, ...,
+    ``jagged`` (a nested tensor of ``torch.jagged`` layout), ``nested`` (one of strided layout);
+    None when every operand is dense. The device's products take dense operands."""
     for a in (*args, *kwargs.values()):
         for t in (a if isinstance(a, (list, tuple)) else (a,)):
-            if isinstance(t, Tensor) and t.layout != torch.strided:
-                return str(t.layout).removeprefix("torch.")
+            if isinstance(t, Tensor) and (t.layout != torch.strided or t.is_nested):
+                return "nested" if t.layout == torch.strided else str(t.layout).removeprefix("torch.")
     return None
 
 

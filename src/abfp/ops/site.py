@@ -11,6 +11,7 @@ see a :class:`ProductCall`), the device call, the coverage count, and the record
 from __future__ import annotations
 
 import math
+import operator
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from torch import Tensor
 from ..config import ABFPConfig
 from ..numerics import ProductStats
 from ..numerics.blocks import num_tiles
-from .coverage import DigitalProductWarning, estimate_macs, func_name
+from .coverage import DigitalProductWarning, estimate_macs, func_name, odd_layout
 from .device import NotTraceable, tracing, untraceable
 
 __all__ = ["Frame", "ProductCall", "SiteRecord", "run_product", "digital_call", "check_traceable"]
@@ -276,16 +277,18 @@ def warn_digital(frame: Frame, name: str) -> None:
                       "abfp.summary lists its MACs", DigitalProductWarning, stacklevel=4)
 
 
-def digital_call(frame: Frame, func: Callable, args: tuple, kwargs: dict, reason: str, *, name: str | None = None) -> Any:
+def digital_call(frame: Frame, func: Callable, args: tuple, kwargs: dict, reason: str, *, name: str | None = None,
+                 count: Callable[[Any], int] | None = None) -> Any:
     """Run a product in float32 and count its MACs as digital (coverage): ``reason`` says why
     (an excluded module, ``include_matmul=False``); products with no analog model at all are
     also named in a :class:`~abfp.ops.coverage.DigitalProductWarning` (:func:`warn_digital`).
-    ``name``: how coverage and ``summary`` name it (default: the function's name)."""
+    ``name``: how coverage and ``summary`` name it (default: the function's name); ``count(out)``:
+    its MACs (default: :func:`~abfp.ops.coverage.estimate_macs`)."""
     out = func(*args, **kwargs)
     state = frame.state
     if state.calibrating:
         return out
-    macs = estimate_macs(func, args, kwargs, out)
+    macs = estimate_macs(func, args, kwargs, out) if count is None else count(out)
     name = func_name(func) if name is None else name
     state.coverage.add_digital(f"{name} ({reason})", macs)
     if state.recording:
@@ -298,3 +301,65 @@ def digital_call(frame: Frame, func: Callable, args: tuple, kwargs: dict, reason
         rec.calls += 1
         rec.macs += macs
     return out
+
+
+_MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__, operator.matmul)
+
+
+def _nested_rows(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
+    """A nested tensor's rows as one dense ``(..., D)`` tensor and the function that nests a
+    row-wise result back the same way; None when its last axis is the ragged one."""
+    if x.layout == torch.jagged:
+        if x._ragged_idx == x.dim() - 1:
+            return None
+        return x.values(), lambda y: torch.nested.nested_tensor_from_jagged(
+            y, offsets=x.offsets(), lengths=x.lengths(), jagged_dim=x._ragged_idx)
+    parts = x.unbind()
+    if any(p.dim() == 0 or p.shape[-1] != parts[0].shape[-1] for p in parts):
+        return None
+    sizes = [p.shape[:-1] for p in parts]
+    counts = [math.prod(s) for s in sizes]
+
+    def nest(y: Tensor) -> Tensor:
+        return torch.nested.as_nested_tensor([r.reshape(*s, y.shape[-1]) for r, s in zip(y.split(counts), sizes)])
+
+    return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts]), nest
+
+
+def answer_odd_layout(frame: Frame, handler: Callable[[Frame, Callable, tuple, dict], Any], func: Callable,
+                      args: tuple, kwargs: dict, layout: str) -> Any:
+    """A product call with an operand that is not a dense tensor (:func:`~abfp.ops.coverage.odd_layout`).
+    ``F.linear`` of a nested input (jagged or strided) and dense weights, and a jagged tensor times a
+    dense matrix (``nt @ W``), act on each row alone: the rows packed into one dense tensor run on the
+    device (``handler``) and the result is nested back.
+    Anything else (a sparse operand, a nested weight, nested attention operands) runs as torch
+    computes it, named in a ``DigitalProductWarning`` (``torch.mm on sparse_coo operands``) and
+    counted as digital."""
+    x = args[0] if args else kwargs.get("input")
+    rest = {k: v for k, v in kwargs.items() if k != "input"}
+    w = args[1] if len(args) > 1 else rest.get("weight", rest.get("other"))
+    row_wise = func is torch.nn.functional.linear or (  # torch multiplies a jagged tensor by a matrix, not a strided nested one
+        func in _MATMULS and isinstance(w, Tensor) and w.dim() == 2 and x.layout == torch.jagged)
+    if row_wise and isinstance(x, Tensor) and x.is_nested and odd_layout(args[1:], rest) is None:
+        rows = _nested_rows(x)
+        if rows is not None:
+            flat, nest = rows
+            return nest(handler(frame, func, (flat, *args[1:]), rest))
+    name = f"{func_name(func)} on {layout} operands"
+    warn_digital(frame, name)
+    return digital_call(frame, func, args, kwargs, "no analog model", name=name,
+                        count=None if layout not in ("nested", "jagged") else lambda out: _nested_macs(func, args, kwargs, out))
+
+
+def _nested_macs(func: Callable, args: tuple, kwargs: dict, out: Any) -> int:
+    """MACs of a product of nested operands: the sum over its components (each operand's and the
+    output's ``i``-th), as :func:`~abfp.ops.coverage.estimate_macs` counts a dense call."""
+    if not (isinstance(out, Tensor) and out.is_nested):
+        return 0
+    outs = out.unbind()
+
+    def part(a: Any, i: int) -> Any:
+        return a.unbind()[i] if isinstance(a, Tensor) and a.is_nested else a
+
+    return sum(estimate_macs(func, tuple(part(a, i) for a in args), {k: part(v, i) for k, v in kwargs.items()}, o)
+               for i, o in enumerate(outs))
