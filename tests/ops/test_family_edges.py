@@ -100,6 +100,12 @@ def _edge_cases():
         "subnormal weight": (r(3, 20), r(4, 20) * 1e-40, CFG),
         "subnormal both": (r(3, 20) * 1e-40, r(4, 20) * 1e-40, CFG),
         "huge input": (r(3, 20) * 1e30, r(4, 20), CFG),
+        # the fast path's float32 rescale (qy * sx) * sw' overflowed to +-inf here before the input was scaled
+        # by a power of two (ops/device.overflow_shift)
+        "input 1e37": (r(3, 20) * 1e37, r(4, 20), CFG),
+        "input block at float32 max": (torch.cat([r(3, 3), torch.tensor([[-3.4028234663852886e38], [1.0], [2.0]]),
+                                                  r(3, 16)], 1), r(4, 20) / 40, CFG),
+        "input 1e37, gain 0.25, n 128": (r(3, 200) * 1e37, r(4, 200), CFG.replace(gain=0.25, tile_width=128)),
         "bfloat16 ties": (ties, wties, CFG),
         "bfloat16 ties 6/6/8": (ties, wties, CFG.replace(input_bits=6, weight_bits=6)),
         "mixed signs, wide spread": (spread, r(4, 20), CFG),
@@ -285,3 +291,27 @@ def test_float64_operands_beyond_float32_are_a_clear_error(where, kernel):
     x, w = r(3, 20).double() / 1e38, r(4, 20).double()  # weights that large are within the fast path's range
     w[1, 5] = -f32max
     assert torch.isfinite(AF.linear(x, w, config=cfg, cache=False)).all()
+
+
+# ----------------------------------------------------------------------------- float32 overflow inside the device
+def test_two_tiles_overflowing_to_opposite_infinities_are_a_clear_error():
+    """Operands of 1e19 x 1e19: tiles of one output overflow float32 to +inf and -inf (SPEC 1
+    steps 6-7 are float32), and their sum, NaN, was returned without a word; now a ValueError
+    says so. A single overflow stays +-inf, float32's own answer."""
+    x = torch.full((1, 16), 1e19)
+    w = torch.full((2, 16), 1e19)
+    w[0, 8:] = -1e19  # output 0: tile 0 -> +inf, tile 1 -> -inf; output 1: +inf
+    for name, f in _families(x, w).items():
+        for kernel in ("auto", "chunked"):
+            with pytest.raises(ValueError, match="holds NaN out of finite operands"):
+                f(CFG.replace(kernel=kernel))
+    assert torch.isposinf(AF.linear(x, w[1:], config=CFG)).all()
+
+
+def test_a_nan_inside_a_converted_model_names_the_product():
+    m = abfp.convert(torch.nn.Sequential(torch.nn.Linear(16, 2, bias=False)), CFG)
+    with torch.no_grad():
+        m[0].weight.fill_(1e19)[0, 8:] = -1e19
+        with pytest.raises(ValueError, match=r"abfp: product 0:linear0 .*holds NaN"):
+            m(torch.full((1, 16), 1e19))
+        assert torch.isfinite(m(torch.ones(1, 16))).all()  # the next call is normal

@@ -27,7 +27,7 @@ from ..numerics.col2im import col2im
 from ..numerics.conv import conv2d_fused
 from ..numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, plan_chunks, use_fused
 from ..numerics.workspace import scratch
-from .device import (WEIGHT_CACHE, NotTraceable, bf16, check_finite, config_json, dequantised_rows, encoded_weights,
+from .device import (WEIGHT_CACHE, NotTraceable, bf16, check_finite, check_output, overflow_shift, shifted, shifted_input, config_json, dequantised_rows, encoded_weights,
                      first_order_only, generator_for, product, scale_arg, ste_grads, traced_key, tracing,
                      without_bf16_io)
 from .registry import register
@@ -261,6 +261,19 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                  k: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
                  input_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
                  channels_last: bool, key: int | None = None, inside: Tensor | None = None) -> Tensor:
+    """:func:`_columns` of ``x * 2**-s`` times ``2**s``, exactly its value: ``s`` =
+    :func:`~abfp.ops.device.overflow_shift`, 0 but for inputs beyond about 1e35, whose tiles'
+    float32 rescale would overflow; a NaN out of finite operands is refused (``check_output``)."""
+    s = overflow_shift(x, config, input_scale)
+    y = _columns(shifted_input(x, s, config), pads, weights, config, groups, k, stride, dilation, out_hw, shifted(input_scale, -s),
+                 generator, stats, channels_last, key, inside)
+    return check_output(shifted(y, s), x, weights)
+
+
+def _columns(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, config: ABFPConfig, groups: int,
+             k: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
+             input_scale: Any, generator: torch.Generator | None, stats: ProductStats | None,
+             channels_last: bool, key: int | None = None, inside: Tensor | None = None) -> Tensor:
     """Inference convolution in the column layout: through the compiled kernels
     (:func:`abfp.numerics.conv.conv2d_fused`) where :func:`use_fused` allows, else with torch
     operations as below (:func:`abfp.numerics.kernels.analog_gemm_cols`), the same numbers.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import threading
 import weakref
 from collections import OrderedDict
@@ -24,15 +25,17 @@ from ..config import ABFPConfig
 from ..noise_keys import FUNCTIONAL_STREAMS, product_generator
 from ..numerics import Encoded, ProductStats, analog_product, dequant, encode_weights
 from ..numerics.kernels import draw_key
-from ..numerics.blocks import inside_clamp, pad_to_tiles, padded_block_scales, static_scales
+from ..numerics.blocks import BF16_MAX, POW2_MAX, inside_clamp, pad_to_tiles, padded_block_scales, static_scales
 from ..numerics.workspace import scratch
 
-__all__ = ["check_finite", "generator_for", "reseed", "WEIGHT_CACHE", "WeightCache", "clear_cache", "product",
+__all__ = ["check_finite", "check_output", "overflow_shift", "shifted", "shifted_input", "generator_for", "reseed", "WEIGHT_CACHE", "WeightCache", "clear_cache", "product",
            "without_bf16_io", "bf16", "promoted_dtype", "dequantised", "AnalogProduct", "ste_grads", "tracing",
            "NotTraceable", "untraceable", "first_order_only", "training_product", "traced_key", "traced_product", "config_json", "config_from_json", "encoded_weights",
            "scale_arg"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_SATURATION = {"bfloat16": BF16_MAX, "pow2": POW2_MAX}  # the largest block scale of each scale format
 
 
 # --------------------------------------------------------------------------- input checks
@@ -54,6 +57,66 @@ def check_finite(t: Tensor, name: str) -> None:
         if not torch.isfinite(torch.tensor(big, dtype=torch.float32)):
             raise ValueError(f"{name} holds values beyond float32's range (max |v| = {big:.4g}); the analog "
                              "device computes in float32")
+
+
+def check_output(y: Tensor, x: Tensor, w: Tensor | Encoded | None) -> Tensor:
+    """``y``, the output of a device product on finite operands ``x`` and ``w``, or ValueError
+    when it holds NaN: two tiles of one output overflowed float32 to ``+inf`` and ``-inf``
+    (SPEC 1 steps 6-7 rescale and sum in float32; operands of about 1e19 x 1e19). A single
+    ``+-inf`` is float32's own overflow and is returned (a mask of ``finfo.min`` through
+    ``einsum`` comes out so, which a softmax takes as intended). One reduction (``y`` is ``K``
+    times smaller than the product's work); the exact check only where the sum is not finite."""
+    d = y.detach()
+    if not d.numel() or bool(torch.isfinite(d.sum(dtype=torch.float32))) or not bool(torch.isnan(d).any()):
+        return y
+    ws = w.scales if isinstance(w, Encoded) else w  # an encoding's largest block scale is max |W| (bf16)
+    wmax = f"{float(ws.detach().abs().max()):.3g}" if ws is not None and ws.numel() else "?"
+    xmax = f"{float(x.detach().abs().max()):.3g}" if x.numel() else "?"
+    raise ValueError(f"the device output holds NaN out of finite operands (|input| up to {xmax}, |weight| up to "
+                     f"{wmax}): tiles of one output overflowed float32 to +inf and -inf (SPEC 1 steps 6-7 rescale "
+                     "and sum in float32); scale the operands down")
+
+
+def overflow_shift(x: Tensor, cfg: ABFPConfig, input_scale: Any = None) -> int:
+    """``k >= 0`` such that the input ``x * 2**-k`` (block scales ``<= 2**e``, ``e`` below)
+    cannot overflow the fast path's float32 rescale of a tile, ``(qy * sx) * sw'`` with
+    ``|qy| <= L(b_y)`` and ``sw' = sw n / (G L(b_y))``: ``e = 126 - b_y - ceil(log2(max(1, n/G)))``
+    (at least 64). The device result of ``x`` is ``2**k`` times that of ``x * 2**-k``, exactly
+    (block scales, codes, noise and ADC are the same; powers of two scale float32 exactly), so
+    :func:`product` and the convolutions compute it so: before, an input block max above
+    ``float32 max / L(b_y)`` (2.7e36 at 8 bits) gave ``+-inf`` where SPEC's value is finite.
+    0 for the reference kernel (float64), empty or float16 inputs."""
+    if cfg.kernel == "reference" or not x.numel() or x.dtype == torch.float16:
+        return 0
+    lo, hi = torch.aminmax(x.detach())
+    m = max(-float(lo), float(hi))
+    if input_scale is not None and abs(float(input_scale)) <= _F32_MAX:  # one beyond it is refused later
+        m = max(m, abs(float(input_scale)))
+    if not 0 < m < math.inf:
+        return 0
+    limit = max(64, 126 - cfg.output_bits - max(0, math.ceil(math.log2(cfg.tile_width / cfg.gain))))
+    return max(0, math.frexp(m)[1] - limit)
+
+
+def shifted(v: Any, k: int) -> Any:
+    """``v * 2**k`` (a tensor, a float, or ``None`` as it is)."""
+    return v if v is None or k == 0 else v * (2.0 ** k)
+
+
+def shifted_input(x: Tensor, k: int, cfg: ABFPConfig) -> Tensor:
+    """The input ``x`` of a product computed as ``2**k`` times the product of ``x * 2**-k``
+    (:func:`overflow_shift`), first saturated at the scale format's largest value
+    (:data:`~abfp.numerics.blocks.BF16_MAX`, ``POW2_MAX``), where SPEC's block scale saturates
+    and such elements encode at full scale: so the shifted block scales and codes are exactly
+    SPEC's (unsaturated, ``bf16(m 2**-k)`` would round up past the saturated scale).
+    Straight-through: the saturation passes gradients as the unshifted product does."""
+    if k == 0:
+        return x
+    sat = _SATURATION.get(cfg.scale_dtype)
+    if sat is not None:
+        c = x.detach().clamp(-sat, sat)
+        x = x + (c - x.detach()) if x.requires_grad else c  # c - x is exact (Sterbenz), so the value is c
+    return x * (2.0 ** -k)
 
 
 def generator_for(cfg: ABFPConfig, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -373,13 +436,14 @@ def product(
             raise NotTraceable("a product on pre-encoded weights or with ADC statistics cannot be traced")
         return traced_product(x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale, generator=generator,
                               weight_config=weight_config)
+    k = overflow_shift(x3, cfg, input_scale)  # 0 but for inputs beyond about 1e35
+    xs, s_in = shifted_input(x3, k, cfg), shifted(input_scale, -k)
     if torch.is_grad_enabled() and (x3.requires_grad or w3.requires_grad):
-        return AnalogProduct.apply(x3, w3, cfg, input_scale, weight_scale, generator, weights, stats, key)
-    y, _ = analog_product(
-        x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale,
-        generator=generator, stats=stats, weights=weights, key=key,
-    )
-    return y
+        y = AnalogProduct.apply(xs, w3, cfg, s_in, weight_scale, generator, weights, stats, key)
+    else:
+        y, _ = analog_product(xs, w3, cfg, input_scale=s_in, weight_scale=weight_scale, generator=generator,
+                              stats=stats, weights=weights, key=key)
+    return check_output(shifted(y, k), x3, w3)
 
 
 # --------------------------------------------------------------------------- tracing
