@@ -597,3 +597,23 @@ def test_a_module_replaced_after_convert_is_refused_when_it_runs():
         m(torch.randn(2, 4))
     again = abfp.convert(m, QUIET, exclude=["2"])
     assert [r.site for r in abfp.summary(again, torch.randn(2, 4)).rows if r.kind != "digital"] == ["0:linear0"]
+
+
+@pytest.mark.parametrize("name", ["weight_norm", "orthogonal", "spectral_norm"])
+def test_a_parametrization_registered_after_convert_is_refused_in_its_own_words(name):
+    """The refusal named a module ``'0.parametrizations'`` 'added or replaced', which a user who
+    called ``torch.nn.utils.parametrizations.weight_norm`` never added; it names the
+    parametrization and the way out, and converting again prepares the weight digitally."""
+    from torch.nn.utils import parametrizations as P
+
+    torch.manual_seed(0)
+    m = abfp.convert(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)), QUIET)
+    getattr(P, name)(m[0])
+    x = torch.randn(3, 6)
+    with pytest.raises(ValueError, match=r"weight parametrization \('0\.parametrizations'.*registered after "
+                                         r"abfp.convert.*convert the model again"):
+        m(x)
+    again = abfp.convert(m, QUIET).eval()
+    with torch.no_grad():
+        h = torch.relu(AF.linear(x, again[0].weight, again[0].bias, config=QUIET))
+        assert torch.equal(again(x), AF.linear(h, again[2].weight, again[2].bias, config=QUIET))

@@ -359,6 +359,12 @@ class AnalogMode(TorchFunctionMode):
             added = _unconverted_below(frame.module, frame.name)
             if added is not None:  # its products would run under this module's name and device
                 owner = repr(frame.name) if frame.name else "the root"
+                if "parametrizations" in added.split("."):  # torch.nn.utils.parametrize's ParametrizationList
+                    raise ValueError(f"abfp: a weight parametrization ({added!r}, torch.nn.utils.parametrize or "
+                                     "torch.nn.utils.parametrizations) was registered after abfp.convert: its weight "
+                                     f"preparation would run on the device as products of {owner}; register it "
+                                     "before abfp.convert, or convert the model again after registering it "
+                                     "(abfp.convert(model, config, ...)), which prepares the weight digitally")
                 raise ValueError(f"abfp: module {added!r} was added or replaced after abfp.convert: its products would "
                                  f"run as products of {owner}, with that module's device, exclusion and overrides; "
                                  "convert the model again (abfp.convert(model, config, ...)) after changing it")
