@@ -223,6 +223,24 @@ def test_cosine_similarity_is_a_device_dot_product(shapes, dim):
     assert not torch.allclose(y, F.cosine_similarity(x1, x2, dim=dim), atol=1e-3)  # the device, not float32
 
 
+@pytest.mark.parametrize("pad", [0, 2])
+def test_conv_tbc_is_a_device_convolution(pad):
+    """``torch.conv_tbc`` (fairseq's ConvTBC, time x batch x channels) runs as the device's 1-D
+    convolution, reduction axis ``(c, j)`` as conv1d's: against the float64 SPEC product of its
+    patches (it ran in float32, named as having no analog model)."""
+    x, w, b = torch.randn(9, 2, 6, generator=g), torch.randn(3, 6, 5, generator=g), torch.randn(5, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DigitalProductWarning)
+        y, s = run(lambda a, c, d: torch.conv_tbc(a, c, d, pad), x, w, b)
+    xp = F.pad(x.permute(1, 2, 0), (pad, pad))  # (B, C, T + 2 pad)
+    t_out = xp.shape[2] - 3 + 1
+    patches = torch.stack([xp[:, :, t:t + 3].reshape(2, 18) for t in range(t_out)], 0).reshape(-1, 18)  # rows (t, b), K (c, j)
+    ref = oracle(patches, w.permute(1, 0, 2).reshape(18, 5)).reshape(t_out, 2, 5) + b.double()
+    assert y.shape == torch.conv_tbc(x, w, b, pad).shape
+    close(y, ref)
+    assert s.analog_macs == y.numel() * 18 and s.device_mac_share == 1.0
+
+
 def test_bilinear_two_products():
     bl = nn.Bilinear(6, 5, 4)
     x1, x2 = torch.randn(3, 6, generator=g), torch.randn(3, 5, generator=g)

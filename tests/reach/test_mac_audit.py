@@ -240,8 +240,9 @@ class Functional(nn.Module):
         o = torch.outer(x[0], x[1]) + torch.addr(torch.zeros(8, 8), x[2], x[3])
         vd = torch.linalg.vecdot(x, x)
         cs = F.cosine_similarity(x, x.flip(0))
+        tbc = torch.conv_tbc(a3, self.w.reshape(2, 4, 6), self.w[0, :6], 1)  # (T, B, C) 1-D convolution
         b = self.bil(x, y)
-        return sum(u.sum() for u in (y, z, v, d, t, chain, cm, acc, r, c, ct, ab, o, vd, cs, b))
+        return sum(u.sum() for u in (y, z, v, d, t, chain, cm, acc, r, c, ct, ab, o, vd, cs, tbc, b))
 
 
 class Einsums(nn.Module):
@@ -328,6 +329,7 @@ CONVENTIONS = {
         "outer and addr of two 8-vectors: 64 K = 1 products each": 2 * 8 * 8,
         "linalg.vecdot of 5 rows of 8: a mul and a sum in torch": 5 * 8,
         "cosine_similarity of 5 rows of 8: a mul and a sum in torch": 5 * 8,
+        "conv_tbc, (3 x 3 x 6) outputs of 2 x 4 (FlopCounterMode has no formula for it)": 3 * 3 * 6 * 2 * 4,
         "nn.Bilinear(8, 6, 3) on 5 rows: 5 x 3 x 6 x (8 + 1)": 5 * 3 * 6 * (8 + 1),
     },
     "einsums": {"einsum('i,j->ij') of two 8-vectors: 64 K = 1 products": 8 * 8},

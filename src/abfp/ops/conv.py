@@ -684,4 +684,26 @@ register(torch.conv2d)(answer_conv(conv2d))
 register(torch.conv1d)(answer_conv(conv1d))
 
 
+def _conv_tbc_args(input: Tensor, weight: Tensor, bias: Tensor, pad: int = 0) -> tuple[Tensor, Tensor, Tensor, int]:
+    return input, weight, bias, pad
+
+
+@register(torch.conv_tbc)
+def answer_conv_tbc(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``torch.conv_tbc(x, w, b, pad)`` (fairseq's ``ConvTBC``: time, batch, channels) is the 1-D
+    convolution ``y[t, b, o] = b[o] + sum_{c, j} x[t + j - pad, b, c] w[j, c, o]``, i.e.
+    :func:`conv1d` of ``x`` as ``(B, C_in, T)`` and ``w`` as ``(C_out, C_in, k)`` with ``padding=pad``,
+    its result as ``(T', B, C_out)``: on the device with conv1d's reduction axis ``(c, j)``."""
+    x, w, b, pad = _conv_tbc_args(*args, **kwargs)
+    if x.dim() != 3 or w.dim() != 3 or x.shape[2] != w.shape[1]:
+        return func(*args, **kwargs)  # torch raises its own error
+    xc, wc = x.permute(1, 2, 0), w.permute(2, 1, 0)
+    k = wc[0].numel()
+
+    def analog(c, s, stats, g):
+        return conv1d(xc, wc, b, 1, pad, 1, 1, config=c, input_scale=s[0], generator=g, stats=stats).permute(2, 0, 1)
+
+    return run_product(frame, "conv", func, args, kwargs, analog, (xc, wc), k, lambda y: y.numel() * k)
+
+
 _pair = int_pair  # its old name (abfp.functional._pair)

@@ -6,7 +6,7 @@ every product is counted (:class:`Coverage`, kept on the model's
 
 * ``analog_macs``: products answered by a product family (``abfp.ops``) on the device;
 * ``digital_macs``: product-like calls that stayed float32, by name in ``digital_ops``: calls
-  with no analog model (``torch.cdist``, ``torch.conv_tbc``, direct ``torch.ops.aten`` products,
+  with no analog model (``torch.cdist``, direct ``torch.ops.aten`` products,
   ``torch._int_mm``, ...) and products inside modules the user excluded.
 
 A product-like call with no analog model is named in a :class:`DigitalProductWarning` once per
@@ -256,7 +256,7 @@ def register_macs(*funcs: Any) -> Callable[[MacEstimator], MacEstimator]:
 
 
 #: Product-like functions that have no analog model: they run in float32 with a warning.
-_NO_ANALOG_MODEL: set[Any] = {torch.cdist, torch.conv_tbc, torch._int_mm, torch.convolution, torch._convolution,
+_NO_ANALOG_MODEL: set[Any] = {torch.cdist, torch._int_mm, torch.convolution, torch._convolution,
                               torch.linalg.matrix_power, torch.matrix_power, torch.Tensor.matrix_power, torch.kron,
                               torch.Tensor.kron, torch._addmm_activation,
                               # a spatial transformer's sampling grid: coordinates times theta (K = 3 or 4)
