@@ -88,8 +88,8 @@ def overflow_shift(x: Tensor, cfg: ABFPConfig, input_scale: Any = None) -> int:
     0 for the reference kernel (float64), empty or float16 inputs."""
     if cfg.kernel == "reference" or not x.numel() or x.dtype == torch.float16:
         return 0
-    lo, hi = torch.aminmax(x.detach())
-    m = max(-float(lo), float(hi))
+    lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()  # one transfer, not two
+    m = max(-lo, hi)
     if input_scale is not None and abs(float(input_scale)) <= _F32_MAX:  # one beyond it is refused later
         m = max(m, abs(float(input_scale)))
     if not 0 < m < math.inf:
