@@ -128,7 +128,7 @@ LAYERS = {
     2: ("abfp.ops", "abfp.functional"),
     3: ("abfp.nn", "abfp.noise"),
     4: ("abfp.evaluate", "abfp.finetune", "abfp.precision", "abfp.tune", "abfp.explore", "abfp.energy",
-        "abfp.metrics", "abfp.zoo", "abfp.outputs", "abfp.journal"),
+        "abfp.metrics", "abfp.zoo", "abfp.outputs", "abfp.plotting", "abfp.journal"),
     5: ("abfp.cli", "abfp.cli_common", "abfp.__main__"),
 }
 

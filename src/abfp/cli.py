@@ -48,6 +48,7 @@ from .cli_common import (
 )
 from .config import REFERENCE_NOISE_STD, ABFPConfig, presets
 from .outputs import atomic_write_text
+from .plotting import check_plotting
 
 #: Samples of the embedded default run of ``abfp eval`` (no --task, no --samples).
 DEFAULT_SAMPLES = 1000
@@ -406,6 +407,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     files = explore_report_files(html=args.html) if explored else report_files(records, html=args.html)
     check_output_dir(args.out, files, force=args.force, what="--out")
     refuse_overwriting_inputs(args, {Path(args.out) / n: "--out" for n in files}, {path: "input JSON"})
+    check_plotting()
     if explored:
         print(f"wrote {write_explore_report(records, args.out, html=args.html)}")
         return 0
@@ -439,6 +441,7 @@ def cmd_micro(args: argparse.Namespace) -> int:
             raise UsageError(f"--gains: {g} is not a finite number > 0")
     require_at_least(args, ("seed",), 0)
     check_output_dir(args.out, OUTPUT_FILES, force=args.force, what="--out")
+    check_plotting()
     apply_threads(args.threads)
     table = run_microbench(args.out, tile_widths=args.tile_widths, gains=args.gains, seed=args.seed, batch=args.batch)
     print(table)

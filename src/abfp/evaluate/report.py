@@ -17,31 +17,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from ..config import REFERENCE_NOISE_STD
-from ..outputs import atomic_path, atomic_write_text
+from ..outputs import atomic_write_text
+from ..plotting import new_figure, save_figure
 
 __all__ = ["write_report", "report_files", "validate_records", "new_figure", "save_figure"]
 
 Record = dict[str, Any]
 FORMATS = ("fp32", "fixed", "abfp")
 _LINESTYLES = ("-", "--", ":", "-.")
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """A matplotlib figure on an Agg canvas (safe without a display and without pyplot)."""
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Write ``fig`` as a PNG to ``path`` atomically (a killed run leaves no half image)."""
-    with atomic_path(path, suffix=".tmp.png") as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    return Path(path)
 
 
 # --------------------------------------------------------------------------- validation

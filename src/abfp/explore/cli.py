@@ -25,6 +25,7 @@ from ..cli_common import (
     single_task,
 )
 from ..outputs import atomic_write_text
+from ..plotting import check_plotting
 
 __all__ = ["register", "cmd_explore"]
 
@@ -224,6 +225,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output_dir(args.out, explore_report_files(html=args.html), force=args.force, what="--out")
         refuse_overwriting_inputs(args, {Path(args.out) / n: "--out" for n in explore_report_files(html=args.html)})
+        check_plotting()
     if args.cache_dir:
         check_output_dir(args.cache_dir, what="--cache-dir")
     task = single_task(args.task, "explore")

@@ -31,7 +31,8 @@ from ..cli_common import (
     single_task,
 )
 from ..journal import JournalMismatch, remove_journal
-from ..outputs import atomic_path, atomic_write_text
+from ..outputs import atomic_write_text
+from ..plotting import check_plotting
 
 #: The noise types of ``--noise`` (abfp.noise.NOISE_NAMES; not imported here to keep ``abfp`` start-up light).
 NOISE_CHOICES = ("shot", "thermal", "weight")
@@ -113,6 +114,8 @@ def cmd_precision(args: argparse.Namespace) -> int:
     resuming = check_journal(journal, args)  # a resumed run may replace its own outputs
     check_output_args(argparse.Namespace(**{**vars(args), "force": args.force or resuming}),
                       {"json_path": "--json", "plot": "--plot"})
+    if plot:
+        check_plotting()
     task = single_task(args.task, "precision")
     apply_threads(args.threads)
     settings = PrecisionSettings(
@@ -131,8 +134,7 @@ def cmd_precision(args: argparse.Namespace) -> int:
         atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
         print(f"wrote {json_path}")
     if plot:
-        with atomic_path(plot, suffix=".tmp.png") as tmp:
-            plot_precision(result, tmp)
+        plot_precision(result, plot)
         print(f"wrote {plot}")
     remove_journal(journal, ("learned.safetensors",))  # the outputs are written: nothing left to resume
     return 0

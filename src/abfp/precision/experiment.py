@@ -309,15 +309,13 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
 
 def plot_precision(result: dict[str, Any], path: str | Path) -> Path:
     """A PNG: per-layer energy (uniform and learned, log scale) and effective bits."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plotting import new_figure, save_figure
 
     layers = result["layers"]
     names = [r["site"].replace(":", "\n") for r in layers]
     x = range(len(layers))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.55 * len(layers) + 2), 7), sharex=True)
+    fig = new_figure(max(6.0, 0.55 * len(layers) + 2), 7)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     ax1.bar([i - 0.2 for i in x], [r["uniform_energy"] for r in layers], 0.4, label="uniform")
     ax1.bar([i + 0.2 for i in x], [r["learned_energy"] for r in layers], 0.4, label="learned")
     ax1.set_yscale("log")
@@ -335,11 +333,7 @@ def plot_precision(result: dict[str, Any], path: str | Path) -> Path:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def summarize(result: dict[str, Any]) -> str:

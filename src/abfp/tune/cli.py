@@ -35,6 +35,7 @@ from ..cli_common import (
     single_task,
 )
 from ..finetune.cli import add_feature_arguments
+from ..plotting import check_plotting
 from .finetune import FINETUNE_METHODS
 from .gains import power_of_two_gains
 
@@ -233,6 +234,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     names = output_names(args.json_path)
     check_output_dir(out_dir, list(names), force=args.force or resuming, what="--out")
     refuse_overwriting_inputs(args, {out_dir / n: "--out" for n in names})
+    check_plotting()  # the plot is written last: a missing matplotlib must not fail the run at its end
     task = single_task(args.task, "tune")
     metric, extras = tune_metrics(task, args.metric)
     _add_fresh_inputs(finetune_options, args, task)

@@ -5,20 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..outputs import atomic_path, atomic_write_text
+from ..outputs import atomic_write_text
+from ..plotting import new_figure, save_figure
 
 __all__ = ["write_plot", "report_markdown"]
 
 
 def write_plot(result: Any, path: str | Path) -> Path:
     """PNG: the metric (left) and the energy per inference (right) after each stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [s.name for s in result.stages]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = new_figure(9, 3.4)
+    a, b = fig.subplots(1, 2)
     a.errorbar(names, [s.metric for s in result.stages], yerr=[s.stderr or 0.0 for s in result.stages], fmt="o-",
                capsize=3)
     a.axhline(result.fp32_metric, color="gray", ls="--", label="float32")
@@ -31,10 +28,7 @@ def write_plot(result: Any, path: str | Path) -> Path:
     for ax in (a, b):
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
-    with atomic_path(path, suffix=".tmp.png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
 
 
 def report_markdown(result: Any, title: str, plot_name: str, commands: str = "") -> str:
