@@ -448,6 +448,37 @@ def test_weighted_embedding_bag_stays_digital_and_is_named():
     assert cov.digital_ops == {f"{name} (no analog model)": 2 * 5 * 6} and cov.analog_macs == 0
 
 
+def test_fused_attention_kernels_called_directly_are_named_with_the_macs_of_their_modules():
+    """``torch._native_multi_head_attention`` and ``torch._transformer_encoder_layer_fwd`` are the fused
+    fast paths of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (which those modules do
+    not take inside a converted model); called directly (or as ``torch.ops.aten``) they run in float32,
+    named, with the MACs the device counts for the module (they ran unnamed and uncounted)."""
+    layer = nn.TransformerEncoderLayer(16, 2, 24, batch_first=True).eval()
+    a, src = layer.self_attn, torch.randn(2, 5, 16, generator=g)
+    mha_args = (src, src, src, 16, 2, a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias)
+    enc_args = (src, 16, 2, a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias, False, False, 1e-5,
+                layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias, layer.linear1.weight,
+                layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+    on_device = {}
+    for name, module, x in (("mha", a, (src, src, src)), ("layer", layer, (src,))):
+        m = abfp.convert(module, CFG)
+        with torch.no_grad():
+            m(*x)
+        on_device[name] = abfp.coverage(m).analog_macs
+    for fn, name, key in ((lambda: torch._native_multi_head_attention(*mha_args, need_weights=False)[0],
+                           "torch._native_multi_head_attention", "mha"),
+                          (lambda: torch.ops.aten._native_multi_head_attention(*mha_args, need_weights=False)[0],
+                           "torch.ops.aten._native_multi_head_attention", "mha"),
+                          (lambda: torch._transformer_encoder_layer_fwd(*enc_args), "torch._transformer_encoder_layer_fwd",
+                           "layer")):
+        m = abfp.convert(Call(fn), CFG)
+        with warnings.catch_warnings(record=True) as w, torch.no_grad():
+            warnings.simplefilter("always")
+            m()
+        assert [str(x.message).split(" (in")[0] for x in w if issubclass(x.category, DigitalProductWarning)] == ["abfp: " + name]
+        assert abfp.coverage(m).digital_ops == {f"{name} (no analog model)": on_device[key]} and on_device[key] > 0
+
+
 def test_bad_input_is_refused_naming_the_product_and_module():
     net = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 3)))
     m = abfp.convert(net, CFG)

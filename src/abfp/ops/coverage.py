@@ -184,6 +184,30 @@ def _affine_grid(args, kwargs, out):
     return out.numel() * theta.shape[-1] if theta is not None and isinstance(out, Tensor) else 0
 
 
+def _attention_block(batch: int, length: int, keys: int, e: int) -> int:
+    """MACs of one multi-head attention block as the device counts ``nn.MultiheadAttention``:
+    q, k, v and out projections (``E x E`` each) and ``QK^T``, ``AV`` over all heads (``E`` wide)."""
+    return batch * (2 * length * e * e + 2 * keys * e * e + 2 * length * keys * e)
+
+
+def _native_mha(args, kwargs, out):
+    """``torch._native_multi_head_attention(q, k, v, E, H, ...)``: MHA's fast-path kernel, batch first."""
+    q, k, e = _t(_arg(args, kwargs, 0, "query")), _t(_arg(args, kwargs, 1, "key")), _arg(args, kwargs, 3, "embed_dim")
+    if q is None or k is None:
+        return 0
+    return _attention_block(q.shape[0] if q.dim() == 3 else 1, q.shape[-2], k.shape[-2], int(e))
+
+
+def _encoder_layer_fwd(args, kwargs, out):
+    """``torch._transformer_encoder_layer_fwd(src, E, H, ...)``: ``nn.TransformerEncoderLayer``'s
+    fast-path kernel: self-attention, then the feed-forward ``E -> F -> E``."""
+    src, e, w1 = _t(_arg(args, kwargs, 0, "src")), _arg(args, kwargs, 1, "embed_dim"), _t(_arg(args, kwargs, 14, "ffn_weight_1"))
+    if src is None or w1 is None:
+        return 0
+    b, n = (src.shape[0], src.shape[1]) if src.dim() == 3 else (1, src.shape[0])
+    return _attention_block(b, n, n, int(e)) + 2 * b * n * int(e) * w1.shape[0]
+
+
 def _kron(args, kwargs, out):
     return out.numel() if isinstance(out, Tensor) else 0  # each output is one product of two elements
 
@@ -233,6 +257,7 @@ _ESTIMATORS: dict[Any, MacEstimator] = {
     torch.linalg.matrix_power: _matrix_power, torch.matrix_power: _matrix_power, torch.Tensor.matrix_power: _matrix_power,
     # sparse products: the dense count (rows x columns x K), what the device would compute
     F.affine_grid: _affine_grid, torch.affine_grid_generator: _affine_grid,
+    torch._native_multi_head_attention: _native_mha, torch._transformer_encoder_layer_fwd: _encoder_layer_fwd,
     torch.sparse.mm: _mm, torch.smm: _mm, torch.hspmm: _mm, torch.sparse.addmm: _addmm, torch.sspaddmm: _addmm,
     torch.sparse.sampled_addmm: _sampled_addmm,
 }
@@ -260,7 +285,10 @@ _NO_ANALOG_MODEL: set[Any] = {torch.cdist, torch._int_mm, torch.convolution, tor
                               torch.linalg.matrix_power, torch.matrix_power, torch.Tensor.matrix_power, torch.kron,
                               torch.Tensor.kron, torch._addmm_activation,
                               # a spatial transformer's sampling grid: coordinates times theta (K = 3 or 4)
-                              F.affine_grid, torch.affine_grid_generator}
+                              F.affine_grid, torch.affine_grid_generator,
+                              # the fused fast-path kernels of nn.MultiheadAttention and nn.TransformerEncoderLayer,
+                              # which those modules do not take inside a converted model, called directly
+                              torch._native_multi_head_attention, torch._transformer_encoder_layer_fwd}
 for _name in ("_scaled_mm", "cudnn_convolution", "mkldnn_convolution", "cudnn_convolution_transpose",
               "miopen_convolution", "sparse_coo_tensor_mm", "smm", "hspmm", "sspaddmm"):
     _f = getattr(torch, _name, None)
@@ -278,7 +306,8 @@ _ATEN_PRODUCTS = {"mm", "bmm", "addmm", "addmv", "addbmm", "baddbmm", "mv", "dot
                   "conv_transpose2d", "conv_transpose3d", "einsum", "tensordot", "_int_mm", "lstm", "gru",
                   "rnn_tanh", "rnn_relu", "bilinear", "cdist", "scaled_dot_product_attention",
                   "_scaled_dot_product_attention_math", "_scaled_dot_product_flash_attention_for_cpu",
-                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention"}
+                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                  "_native_multi_head_attention", "_transformer_encoder_layer_fwd"}
 
 
 def tensordot_macs(a: Tensor, b: Tensor, dims_b: Any) -> int:
