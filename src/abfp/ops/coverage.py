@@ -402,11 +402,22 @@ def odd_layout(args: tuple, kwargs: dict) -> str | None:
     into lists of operands (``einsum``, ``multi_dot``): ``sparse_coo``, ``sparse_csr``, ...,
     ``jagged`` (a nested tensor of ``torch.jagged`` layout), ``nested`` (one of strided layout);
     None when every operand is dense. The device's products take dense operands."""
-    for a in (*args, *kwargs.values()):
-        for t in (a if isinstance(a, (list, tuple)) else (a,)):
-            if isinstance(t, Tensor) and (t.layout != torch.strided or t.is_nested):
-                return "nested" if t.layout == torch.strided else str(t.layout).removeprefix("torch.")
+    for a in (*args, *kwargs.values()) if kwargs else args:  # runs at every product: the least Python (1 us)
+        if isinstance(a, Tensor):
+            if a.layout is not _STRIDED or a.is_nested:
+                return _layout_name(a)
+        elif isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, Tensor) and (t.layout is not _STRIDED or t.is_nested):
+                    return _layout_name(t)
     return None
+
+
+_STRIDED = torch.strided
+
+
+def _layout_name(t: Tensor) -> str:
+    return "nested" if t.layout is _STRIDED else str(t.layout).removeprefix("torch.")
 
 
 def no_analog_model(func: Any) -> str | None:
