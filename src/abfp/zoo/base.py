@@ -183,7 +183,27 @@ def _top1_hits(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Te
     if targets.shape != predicted.shape:
         raise ValueError(f"top-1 accuracy needs one class index per sample, labels of shape {tuple(predicted.shape)}; "
                          f"got {tuple(targets.shape)} (compared element by element they would broadcast)")
+    _check_class_indices(targets, outputs.shape[-1])
     return 100.0 * (predicted == targets).double()
+
+
+def _check_class_indices(targets: Tensor, classes: int) -> None:
+    """``ValueError`` unless every label is a class index ``0 <= y < classes`` (an integral value, of
+    any dtype): a float label such as 0.37 (a regression target, a probability) or one outside the
+    model's classes (-100, an ignore index; a label set larger than the output) never equals an
+    arg-max, and the accuracy came out as a silent 0 % (or too low) instead of an error."""
+    if targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"top-1 accuracy needs integer class indices as labels, got {targets.dtype}")
+    if targets.is_floating_point():
+        bad = targets[~(torch.isfinite(targets) & (targets == targets.round()))]
+        if bad.numel():
+            raise ValueError(f"top-1 accuracy needs class indices as labels, got {targets.dtype} values such as "
+                             f"{bad.flatten()[0].item():.6g} (regression targets or probabilities need a metric of "
+                             "their own)")
+    out = targets[(targets < 0) | (targets >= classes)]
+    if out.numel():
+        raise ValueError(f"top-1 accuracy: label {out.flatten()[0].item():g} is not a class of the model's {classes} "
+                         f"outputs (labels are indices 0..{classes - 1})")
 
 
 def top1_accuracy(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> float:
