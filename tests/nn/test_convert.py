@@ -617,3 +617,15 @@ def test_a_parametrization_registered_after_convert_is_refused_in_its_own_words(
     with torch.no_grad():
         h = torch.relu(AF.linear(x, again[0].weight, again[0].bias, config=QUIET))
         assert torch.equal(again(x), AF.linear(h, again[2].weight, again[2].bias, config=QUIET))
+
+
+def test_torch_jit_script_of_a_converted_model_is_refused_in_words():
+    """It raised "'GuardedForward' object has no attribute '__globals__'"; now the error names
+    abfp, the module and the tracers that work. The float32 model still scripts."""
+    m = abfp.convert(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), QUIET)
+    for target, name in ((m, "the root module"), (m[2], "module '2'")):
+        with pytest.raises(AttributeError, match=rf"abfp: {name} is converted .*torch.jit.script.*"
+                                                 r"torch.jit.trace, torch.compile or torch.export"):
+            torch.jit.script(target)
+    x = torch.randn(2, 4)
+    assert torch.equal(torch.jit.script(abfp.to_digital(m, inplace=False))(x), abfp.to_digital(m)(x))

@@ -281,6 +281,18 @@ class GuardedForward:
         fwd = self._forward()
         return getattr(fwd, "__code__", None) or fwd.func.__code__  # a function, or a partial
 
+    @property
+    def __globals__(self) -> dict:
+        """What ``torch.jit.script`` reads first from a ``forward`` it compiles: refused in words
+        (an ``AttributeError``, so ``getattr(f, "__globals__", default)`` still sees none). Before,
+        the error was "'GuardedForward' object has no attribute '__globals__'"."""
+        raise AttributeError(
+            f"abfp: {'module ' + repr(self.name) if self.name else 'the root module'} is converted (abfp.convert), "
+            "and torch.jit.script cannot "
+            "compile it: its products are routed to the device by Python (a TorchFunctionMode), which TorchScript "
+            "does not run. Use torch.jit.trace, torch.compile or torch.export (each device product one custom "
+            "operator), or script abfp.to_digital(model, inplace=False) for the float32 model")
+
     def _run(self, args: tuple, kwargs: dict) -> Any:
         if self.inner is None:  # the class's forward, without binding it (runs at every module call)
             return type(self.module).forward(self.module, *args, **kwargs)
