@@ -112,3 +112,18 @@ def test_a_weight_edited_after_a_forward_is_re_encoded(edit):
         after = m(X)
     assert not torch.equal(before, after)
     assert torch.equal(after, _expected(m, X))
+
+
+@pytest.mark.parametrize("n", [128, 300])
+def test_a_weight_whose_data_is_replaced_at_the_same_address_is_re_encoded(n):
+    """``w.data = ...`` keeps the version counter; the allocator often hands the new storage the
+    freed one's address (here: two replacements in a row, the middle storage freed before the
+    last is made), and the cache keyed on the address served the encoding of the old values."""
+    torch.manual_seed(0)
+    m = abfp.convert(nn.Linear(n, n), COARSE)
+    x = torch.randn(3, n)
+    with torch.no_grad():
+        m(x)
+        m.weight.data = m.weight.data * 0 + 1
+        m.weight.data = m.weight.data.clone() * 2
+        assert torch.equal(m(x), AF.linear(x, m.weight, m.bias, config=COARSE, cache=False))

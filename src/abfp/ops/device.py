@@ -138,12 +138,16 @@ class WeightCache:
     ``torch.optim`` optimizer also forgets its parameters' encodings (:func:`_forget_stepped`, a
     global step hook): fused optimizers (``fused=True``) and optimizers that write through
     ``p.data`` leave the version as it was. Other writes through ``.data`` (or a NumPy view) are
-    invisible to the version counter: call :func:`clear_cache` after them.
+    invisible to the version counter: call :func:`clear_cache` after them. ``w.data = new``
+    (``.half()``, ``.float()``, ``vector_to_parameters``) keeps the version too: an entry also
+    holds a weak reference to the storage it encoded, so a new storage at the freed one's address
+    (the allocator reuses it: keyed on ``data_ptr`` alone, such a weight was served the encoding of
+    the values before) is a miss.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
         self.capacity = capacity
-        self._d: OrderedDict[tuple, tuple[weakref.ref, Encoded]] = OrderedDict()
+        self._d: OrderedDict[tuple, tuple[weakref.ref, weakref.ref, Encoded]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -174,17 +178,21 @@ class WeightCache:
         if key is None:
             return self.encode(w, w3, cfg, weight_scale)
         w3 = w3.detach().to(torch.bfloat16) if cfg.bf16_io else w3.detach()
+        try:
+            storage = w.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor without a storage of its own: not cached
+            return self.encode(w, w3, cfg, weight_scale)
         with self._lock:
             hit = self._d.get(key)
-            if hit is not None and hit[0]() is w:
+            if hit is not None and hit[0]() is w and hit[1]() is storage:
                 self._d.move_to_end(key)
                 self.hits += 1
-                return hit[1]
+                return hit[2]
         check_finite(w, "weight")  # once per weight value
         enc = encode_weights(w3, cfg, weight_scale)
         with self._lock:
             self.misses += 1
-            self._d[key] = (weakref.ref(w), enc)
+            self._d[key] = (weakref.ref(w), weakref.ref(storage), enc)
             while len(self._d) > self.capacity:
                 self._d.popitem(last=False)
             # drop stale versions of the same tensor
