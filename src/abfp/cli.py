@@ -36,6 +36,7 @@ from .cli_common import (
     check_output_dir,
     csv_list,
     device_plan_arg,
+    json_kind,
     load_plan_arg,
     plan_model,
     print_error,
@@ -403,6 +404,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is not valid JSON: {e}") from None
     except ValueError as e:
+        kind = json_kind(obj)
+        if kind is not None and "abfp report" not in kind[1]:
+            raise UsageError(f"{path} is {kind[0]}, not eval records or an explore result: {kind[1]}") from None
         raise UsageError(f"{path}: {e}") from None
     files = explore_report_files(html=args.html) if explored else report_files(records, html=args.html)
     check_output_dir(args.out, files, force=args.force, what="--out")

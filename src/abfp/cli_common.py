@@ -28,7 +28,7 @@ __all__ = [
     "require_finite", "refuse_inapplicable", "load_json_arg", "device_plan_arg", "plan_model", "base_config",
     "apply_threads", "resolve_device", "resolve_tasks",
     "single_task", "add_force_option", "check_journal", "check_output_args", "check_output_dir", "OutputError",
-    "INPUT_OPTIONS", "input_files", "refuse_overwriting_inputs",
+    "INPUT_OPTIONS", "input_files", "refuse_overwriting_inputs", "json_kind",
 ]
 
 
@@ -178,6 +178,31 @@ def load_json_arg(spec: str, option: str) -> Any:
         raise UsageError(f"{option}{where}: not valid JSON: {e}") from None
 
 
+def json_kind(obj: Any) -> tuple[str, str] | None:
+    """What ``obj`` is when it is a JSON file another abfp command wrote, and what reads it (for
+    the error of an option given the wrong one: a plan as ``--config``, eval records as ``--plan``,
+    a plan to ``abfp report``); None for anything else."""
+    if isinstance(obj, dict):
+        fmt = obj.get("format")
+        if isinstance(fmt, str) and fmt.startswith("abfp-device-plan/"):
+            return "a device plan (abfp tune --json)", "abfp eval, summary and energy take it as --plan"
+        if isinstance(fmt, str) and fmt.startswith("abfp-") and "journal" in fmt:
+            return "the journal of an unfinished run", "the command that wrote it reads it with --resume"
+        if "designs" in obj:
+            return "an abfp explore result", "abfp report reads it"
+    if isinstance(obj, list) and obj and all(isinstance(r, dict) and "format" in r and "value" in r for r in obj):
+        return "abfp eval records (abfp eval --json)", "abfp report reads them"
+    return None
+
+
+def _read_json_quietly(path: Path) -> Any:
+    """The JSON in ``path``, None when it does not read or parse (for error messages only)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def load_plan_arg(spec: str) -> Any:
     """``--plan PLAN.json`` (``abfp tune --json``) as a :class:`~abfp.tune.DevicePlan`, or a
     :class:`UsageError` naming the option (a missing file, a folder, a plan that does not load)."""
@@ -189,6 +214,9 @@ def load_plan_arg(spec: str) -> Any:
     try:
         return DevicePlan.from_json(path)
     except (ValueError, TypeError) as e:
+        kind = json_kind(_read_json_quietly(path))
+        if kind is not None and not kind[0].startswith("a device plan"):
+            raise UsageError(f"--plan {path} is {kind[0]}, not a device plan: {kind[1]}") from None
         raise UsageError(f"--plan {path}: {' '.join(str(e).split())}") from None
 
 
@@ -229,6 +257,9 @@ def base_config(args: argparse.Namespace) -> ABFPConfig:
         try:
             return ABFPConfig.from_dict(obj)
         except ValueError as e:
+            kind = json_kind(obj)
+            if kind is not None:
+                raise UsageError(f"--config{where} is {kind[0]}, not a device config: {kind[1]}") from None
             raise UsageError(f"--config{where}: {error_line(e)}") from None
     if preset is not None:
         try:
