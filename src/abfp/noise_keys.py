@@ -62,7 +62,19 @@ class NoiseStreams:
         self._lock = threading.Lock()
 
     def get(self, seed: int, device: torch.device | str) -> torch.Generator:
-        """The stream of ``seed`` on ``device`` (created, started, on first use)."""
+        """The stream of ``seed`` on ``device`` (created, started, on first use). Refused
+        (``RuntimeError``) inside a backward pass, where a forward runs when
+        ``torch.utils.checkpoint`` recomputes it: the stream has moved on since that forward, so
+        the recomputation would draw other noise than the forward did and the gradients would
+        belong to another forward (torch's global generator, used without a seed, is restored by
+        the checkpoint: the same noise)."""
+        if torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(
+                f"abfp: a seeded noise stream (seed={seed}) is drawn inside a backward pass, as a "
+                "torch.utils.checkpoint recomputation does: the stream has moved on since the forward, so the "
+                "recomputation would see other noise than the forward and the gradients would be another forward's; "
+                "checkpoint with seed=None (noise from torch's global generator, which checkpoint restores: the same "
+                "noise) or without noise")
         key = f"{device}:{seed}"
         g = self._generators.get(key)
         if g is None:
@@ -98,23 +110,11 @@ FUNCTIONAL_STREAMS = NoiseStreams()
 
 def product_generator(cfg: ABFPConfig, streams: NoiseStreams, device: torch.device | str,
                       generator: torch.Generator | None = None) -> torch.Generator | None:
-    """The generator one product with ``cfg`` draws its noise from (see the module docstring).
-
-    A seeded stream is refused (``RuntimeError``) inside a backward pass, where a product runs
-    when ``torch.utils.checkpoint`` recomputes a forward: the stream has moved on since that
-    forward, so the recomputation would draw other noise than the forward did and the gradients
-    would belong to another forward (torch's global generator, used without a seed, is restored
-    by the checkpoint: the same noise)."""
+    """The generator one product with ``cfg`` draws its noise from (see the module docstring);
+    a seeded stream is refused inside a backward pass (:meth:`NoiseStreams.get`)."""
     if generator is not None:
         return generator
     seed = cfg.execution.seed
     if cfg.noise_std == 0 or seed is None:
         return None
-    if torch._C._current_graph_task_id() != -1:
-        raise RuntimeError(
-            f"abfp: a product with a seeded noise stream (seed={seed}) runs inside a backward pass, as a "
-            "torch.utils.checkpoint recomputation does: the stream has moved on since the forward, so the "
-            "recomputation would see other device noise than the forward and the gradients would be another "
-            "forward's; checkpoint with seed=None (noise from torch's global generator, which checkpoint restores: "
-            "the same noise) or noise_std=0")
     return streams.get(seed, device)

@@ -58,3 +58,29 @@ def test_a_seeded_stream_is_refused_where_checkpoint_recomputes(reentrant):
         a = m(x)
         abfp.reseed(m, 0)
         assert torch.equal(a, m(x))
+
+
+def test_a_seeded_noise_injector_is_refused_where_checkpoint_recomputes():
+    """The noise injector (dynamic precision) draws from its own seeded streams (seed=0 by
+    default); under checkpoint its recomputation drew other noise, silently. Without a seed it
+    draws from torch's global generator, which checkpoint restores: the same gradients."""
+    from abfp.noise import NoiseInjector
+
+    x = torch.randn(5, 16)
+    for seed in (0, None):
+        torch.manual_seed(0)
+        inj = NoiseInjector(nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 6)), "shot", seed=seed)
+        m = inj.model
+        if seed is not None:
+            y = checkpoint(inj, x.clone().requires_grad_(), use_reentrant=False)
+            with pytest.raises(RuntimeError, match=r"abfp: a seeded noise stream \(seed=0\).*backward.*checkpoint"):
+                y.sum().backward()
+            continue
+        grads = []
+        for use in (False, True):
+            m.zero_grad()
+            torch.manual_seed(7)
+            y = checkpoint(inj, x, use_reentrant=False) if use else inj(x)
+            y.square().sum().backward()
+            grads.append((y.detach(), m[0].weight.grad.clone()))
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
