@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_leaves
 from ..config import ABFPConfig
 from ..energy import EnergyParams, row_cost
 from ..nn import convert, summary, to_digital
-from .gains import _as_tuple, _check_candidates, intercepted_forward
+from .gains import _as_tuple, _check_candidates, intercepted_forward, scored_output
 from .refine import refine_settings
 
 __all__ = ["Setting", "LayerProfile", "profile_layers", "sensitivities", "layer_energies", "allocation_path",
@@ -169,7 +169,7 @@ def sensitivities(model: nn.Module, inputs: tuple[torch.Tensor, ...], config: AB
     (every other product in float32); ``loss(outputs)`` is the metric's loss against float32.
     Where that loss is not positive, the scaled output-error sensitivity of the module docstring."""
     inputs = _as_tuple(inputs)
-    ref = model(*inputs)
+    ref = scored_output(model(*inputs))
     m = convert(model, config, exclude=exclude).eval()
     metric_s: dict[str, float] = {}
     output_s: dict[str, float] = {}
@@ -354,7 +354,7 @@ def energy_allocation(model: nn.Module, inputs: tuple[torch.Tensor, ...], target
     if not reps or reps[0] < 1:
         raise ValueError(f"repeats options must be integers >= 1, got {list(repeats)}")
     prof = profile_layers(model, inputs, config, gains, exclude=exclude, seed=seed)
-    ref = model(*inputs)
+    ref = scored_output(model(*inputs))
     fp = metric(ref, targets, ref)
     sign = 1.0 if metric.higher_is_better else -1.0
     deltas = {m: math.sqrt(min(prof.error_sq(m, (g, 1)) for g in gains)) for m in prof.quant}

@@ -25,7 +25,7 @@ from ..config import ABFPConfig
 from ..nn import analog_state, convert, reseed
 from ..evaluate.autogain import choose_gains as saturation_gains
 
-__all__ = ["GainRule", "choose_gains", "power_of_two_gains", "GreedyGain", "intercepted_forward"]
+__all__ = ["GainRule", "choose_gains", "power_of_two_gains", "GreedyGain", "intercepted_forward", "scored_output"]
 
 GainRule = Literal["error", "saturation", "energy"]
 
@@ -83,13 +83,23 @@ class GreedyGain:
         return call.analog(call.config.replace(gain=g))
 
 
-def intercepted_forward(converted: nn.Module, inputs: tuple[torch.Tensor, ...], interceptor: Any) -> Any:
-    """``converted(*inputs)`` with ``interceptor`` on every product, noise streams reseeded to 0."""
+def scored_output(out: Any) -> torch.Tensor:
+    """The tensor a metric scores of a model's output: the output itself, or the first tensor of a
+    tuple, a dict, a Hugging Face ``ModelOutput`` (``logits``), as ``abfp eval`` scores it
+    (:func:`abfp.evaluate.runner._first_tensor`)."""
+    from ..evaluate.runner import _first_tensor
+
+    return _first_tensor(out)
+
+
+def intercepted_forward(converted: nn.Module, inputs: tuple[torch.Tensor, ...], interceptor: Any) -> torch.Tensor:
+    """The scored output (:func:`scored_output`) of ``converted(*inputs)`` with ``interceptor`` on
+    every product, noise streams reseeded to 0."""
     state = analog_state(converted)
     state.interceptors["*"] = interceptor
     reseed(converted, 0)
     try:
-        return converted(*inputs)
+        return scored_output(converted(*inputs))
     finally:
         state.interceptors.pop("*", None)
 
