@@ -1,7 +1,8 @@
 """``abfp tune`` on a model whose forward returns a tuple, a list, a dict or a Hugging Face style
 output scores the same tensor ``abfp eval`` does (the first, or ``logits``) in every stage: the
 energy rule's sensitivities called the metric on the raw output and failed with ``AttributeError:
-'tuple' object has no attribute 'dim'`` (the default error rule worked)."""
+'tuple' object has no attribute 'dim'`` (the default error rule worked). And a user's task too small
+to distil on is refused before any stage."""
 
 from __future__ import annotations
 
@@ -51,3 +52,17 @@ def test_the_energy_rule_scores_the_first_output_like_eval(func, tmp_path: Path,
     # the same network scored on the same tensor: the same plan and stage metrics as the plain model
     assert plans[func]["modules"] == plans["plain"]["modules"]
     assert [s["metric"] for s in plans[func]["info"]["stages"]] == [s["metric"] for s in plans["plain"]["info"]["stages"]]
+
+
+def test_distillation_on_one_calibration_input_is_refused_before_any_stage(tmp_path: Path, capsys):
+    """A task of 3 samples has 1 calibration input: ``--finetune distil-qat`` ran the gain and
+    repeats stages, then failed, leaving a journal that refused the next run."""
+    (tmp_path / "t.py").write_text(TASK.replace("torch.randn(48, 12", "torch.randn(3, 12"))
+    out = tmp_path / "o"
+    argv = ["tune", "--task", f"{tmp_path}/t.py:plain", "--json", str(out / "plan.json"), "--no-progress",
+            "--finetune", "distil-qat", "--finetune-steps", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "finetuning (distil-qat) needs at least 2 calibration inputs, got 1" in err, err
+    assert not out.exists() or not list(out.iterdir())  # no journal, no stage run
+    assert main(argv[:-4] + ["--finetune", "bias-correct"]) == 0  # one input is enough to measure a bias

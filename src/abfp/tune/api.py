@@ -355,6 +355,10 @@ def tune(
     evald = calib if eval_inputs is None else Dataset(_as_tuple(eval_inputs), eval_targets)
     if len(calib) == 0:
         raise ValueError("calibration_inputs is empty")
+    fewest = getattr(finetune, "min_inputs", 1)
+    if len(calib) < fewest:  # before any stage: not after the gains and repeats, with a journal left behind
+        raise ValueError(f"finetuning ({getattr(finetune, 'method', 'the finetune stage')}) needs at least {fewest} "
+                         f"calibration inputs, got {len(calib)}")
     for what, data, arg in (("calibration", calib, "calibration_targets"), ("evaluation", evald, "eval_targets")):
         if metric.kind == "accuracy" and data.targets is None:
             raise ValueError(f"metric {metric.name!r} scores against labels, and the {what} data has none: give "

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from torch import Generator, Tensor, nn
 
@@ -47,6 +47,9 @@ class DistilStage:
     :func:`abfp.tune` (``finetune=``): ``steps`` AdamW steps of learning rate ``lr`` on batches
     of ``batch_size`` calibration inputs (fewer if there are fewer inputs), ``loss`` against the
     frozen float32 model (``temperature`` for ``kl``), ``seed`` for batch order and noise."""
+
+    #: The fewest calibration inputs it trains on (checked by :func:`abfp.tune` before any stage).
+    min_inputs: ClassVar[int] = 2
 
     method: Literal["distil-qat", "distil-dnf"] = "distil-qat"
     steps: int = 100
@@ -141,8 +144,8 @@ class DistilStage:
         from ..finetune.methods import dnf, qat
 
         data = as_inputs(inputs)
-        if len(data) < 2:
-            raise ValueError("finetuning needs at least 2 calibration inputs")
+        if len(data) < self.min_inputs:
+            raise ValueError(f"finetuning needs at least {self.min_inputs} calibration inputs")
         run = qat if self.method == "distil-qat" else dnf
         fresh = {} if self.fresh_inputs is None else {"sample_inputs": self.fresh_inputs}
         batch = self.batch_size if fresh else min(self.batch_size, len(data))
