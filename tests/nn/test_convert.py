@@ -629,3 +629,58 @@ def test_torch_jit_script_of_a_converted_model_is_refused_in_words():
             torch.jit.script(target)
     x = torch.randn(2, 4)
     assert torch.equal(torch.jit.script(abfp.to_digital(m, inplace=False))(x), abfp.to_digital(m)(x))
+
+
+class _Clip(nn.Module):
+    """OpenAI CLIP's shape: ``encode_text`` (a method, not ``forward``) runs layers and then a product
+    with a parameter of its own, ``@ self.text_projection``; ``forward`` calls it and a helper that
+    makes a product itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(10, 8)
+        self.enc = nn.Linear(8, 8)
+        self.text_projection = nn.Parameter(torch.randn(8, 4))
+
+    def encode_text(self, t):
+        return self.enc(self.tok(t)).mean(1) @ self.text_projection
+
+    def scores(self, e):
+        return e @ e.T
+
+    def forward(self, t):
+        return self.scores(self.encode_text(t))
+
+
+def test_a_method_of_a_converted_model_called_from_outside_runs_on_the_device():
+    """``model.encode_text(t)`` called by the user is no forward: its own product ``@ self.text_projection``
+    ran in float32, uncounted (64 of 704 MACs missing). A public method that uses the module's own
+    layers or weights now runs as ``forward`` does, on the device, with the numbers of a model whose
+    forward it is; a helper called inside ``forward`` keeps the forward's site names; a method that
+    names none of the module's layers or weights (``scores``), torch's own methods
+    (``nn.Linear.reset_parameters``) and ``to_digital`` are left as they were."""
+
+    class Encoder(_Clip):
+        def forward(self, t):
+            return self.encode_text(t)
+
+    cfg = ABFPConfig(noise_std=0.0)
+    clip = _Clip()
+    enc = Encoder()
+    enc.load_state_dict(clip.state_dict())
+    m, m_enc = abfp.convert(clip, cfg), abfp.convert(enc, cfg)
+    t = torch.randint(0, 10, (2, 5))
+    s = abfp.summary(m, (t,))
+    assert [r.site for r in s.rows] == ["enc:linear0", ":matmul0", ":matmul1"]  # encode_text's, then scores'
+    abfp.coverage(m).reset()
+    with torch.no_grad():
+        e = m.encode_text(t)
+        assert abfp.coverage(m).analog_macs == 2 * 5 * 8 * 8 + 2 * 8 * 4 and abfp.coverage(m).digital_macs == 0
+        torch.testing.assert_close(e, m_enc(t), rtol=0, atol=0)
+        to_float = abfp.to_digital(copy.deepcopy(m)).encode_text(t)
+        assert not torch.allclose(e, to_float, atol=1e-4)
+    assert "encode_text" in m.__dict__ and "scores" not in m.__dict__ and "reset_parameters" not in m.enc.__dict__
+    abfp.to_digital(m)
+    assert "encode_text" not in m.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode_text(t), to_float)

@@ -23,7 +23,8 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ..config import ABFPConfig, ExecutionOptions
-from .mode import _PRODUCT_FREE, DigitalSpectralNorm, GuardedForward, product_free  # noqa: F401  (re-exported)
+from .mode import (_PRODUCT_FREE, DigitalSpectralNorm, GuardedForward, GuardedMethod,  # noqa: F401  (re-exported)
+                   computing_methods, product_free)
 from .state import AnalogState, _matches, is_site_pattern, normalise_overrides, site_pattern_names_a_module
 
 STATE_ATTR = "abfp_state"
@@ -93,8 +94,11 @@ def convert(
                 hook.__class__ = DigitalSpectralNorm
         if name and product_free(module):  # no frame needed (the root always gets one: it enters the mode once)
             continue
-        module.forward = GuardedForward(module, module.__dict__.get("forward"), name, state,
-                                        weight_preparation=any(name == p or name.startswith(p + ".") for p in prepared))
+        preparing = any(name == p or name.startswith(p + ".") for p in prepared)
+        module.forward = GuardedForward(module, module.__dict__.get("forward"), name, state, weight_preparation=preparing)
+        if not preparing:
+            for attr, fn in computing_methods(module):  # encode_text & co. called from outside: as forward
+                setattr(module, attr, GuardedMethod(module, fn, name, state))
     setattr(model, STATE_ATTR, state)
     return model
 
@@ -231,6 +235,8 @@ def to_digital(model: nn.Module, *, inplace: bool = True) -> nn.Module:
         for hook in module._forward_pre_hooks.values():
             if type(hook) is DigitalSpectralNorm:
                 hook.__class__ = SpectralNorm
+        for attr in [k for k, v in module.__dict__.items() if isinstance(v, GuardedMethod)]:
+            delattr(module, attr)
         guard = module.__dict__.get("forward")
         if isinstance(guard, GuardedForward):
             if guard.inner is None:

@@ -61,7 +61,8 @@ from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, answer
                         digital_call, run_product, warn_digital)
 from .state import AnalogState
 
-__all__ = ["AnalogMode", "DigitalSpectralNorm", "DirectSites", "Frame", "GuardedForward", "ProductCall", "digital_call",
+__all__ = ["AnalogMode", "DigitalSpectralNorm", "DirectSites", "Frame", "GuardedForward", "GuardedMethod", "ProductCall",
+           "computing_methods", "digital_call",
            "drop_stale", "leave", "off_mode", "run_product"]
 
 #: torch modules whose own ``forward`` makes no product (activations, norms, pooling, dropout,
@@ -336,6 +337,57 @@ class GuardedForward:
             if site is not None and direct.active():
                 return direct.output(site, out)
         return out
+
+
+class GuardedMethod(GuardedForward):
+    """A public method of a converted module other than ``forward`` that computes with the module's
+    own children or parameters (OpenAI CLIP's ``encode_text``: ``self.transformer(x) ...
+    @ self.text_projection``), set as an instance attribute of that name by ``convert``: called from
+    outside any converted forward it runs as ``forward`` does, its own products on the device under
+    the module's name (they ran in float32, uncounted); called inside one (a helper of ``forward``)
+    it is the plain method, its products the running frame's as before. ``func``: the class's function."""
+
+    def __init__(self, module: torch.nn.Module, func: Any, name: str, state: AnalogState) -> None:
+        super().__init__(module, None, name, state)
+        self.func = func
+
+    def _forward(self) -> Any:
+        return types.MethodType(self.func, self.module)
+
+    def _run(self, args: tuple, kwargs: dict) -> Any:
+        return self.func(self.module, *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _stack():  # called inside a converted forward: its products belong to the running frame, as before
+            return self.func(self.module, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+#: names of ``nn.Module``'s own attributes: never wrapped as methods (``state_dict``, ``train``, ...)
+_MODULE_NAMES = frozenset(dir(nn.Module))
+
+
+def computing_methods(module: torch.nn.Module) -> list[tuple[str, Any]]:
+    """``(name, function)`` of the public methods of ``module``'s class (not ``forward``, not
+    ``nn.Module``'s, not those of torch's own classes, no properties, static or class methods) whose
+    code names one of its children, parameters or buffers (``self.encoder``, ``self.text_projection``):
+    the methods that compute with the module's own layers and weights."""
+    own = set(module._modules) | set(module._parameters) | set(module._buffers)
+    if not own:
+        return []
+    found: dict[str, Any] = {}
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("torch."):  # torch's own classes (nn.Linear.reset_parameters, ...): no
+            continue
+        for attr, fn in vars(cls).items():
+            if attr in found or attr.startswith("_") or attr == "forward" or attr in _MODULE_NAMES:
+                continue
+            if inspect.isfunction(fn) and own.intersection(fn.__code__.co_names):
+                found[attr] = fn
+            else:
+                found.setdefault(attr, None)  # a subclass's non-method of this name hides the base's
+    return [(k, f) for k, f in found.items() if f is not None and not isinstance(module.__dict__.get(k), GuardedMethod)
+            and k not in module.__dict__]
 
 
 class AnalogMode(TorchFunctionMode):
