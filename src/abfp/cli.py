@@ -363,13 +363,20 @@ def _plan_weights(model: Any, plan: Any, plan_path: str, path: Path | None) -> N
     """Check that ``plan`` (read from ``plan_path``) was tuned for ``model``'s architecture, then
     load the safetensors ``path`` (when given) into it, refused if written for another architecture
     (:mod:`abfp.tune.provenance`; every key must match)."""
-    from .tune.provenance import check_plan_architecture, load_weights
+    from .tune.provenance import check_plan_architecture, load_weights, tuned_weights_differ
 
     try:
         check_plan_architecture(plan.info, model, f"--plan {plan_path}")
     except ValueError as e:
         raise UsageError(str(e)) from None
     if path is None:
+        if tuned_weights_differ(model.state_dict(), plan.info):
+            # a finetuned plan evaluated without its weights, or a task whose make() builds another model at
+            # every call (unseeded initialisation): the plan's numbers were not measured on this model
+            name = plan.info["weights"].get("file", "the .safetensors file abfp tune wrote beside it")
+            print(f"note: --plan {plan_path}: this model's weights are not the ones the plan was tuned with (digest "
+                  f"differs): --weights {name} gives those; a task that builds its model without a seed differs at "
+                  "every call", file=sys.stderr)
         return
     try:
         note = load_weights(model, path, plan.info)["note"]

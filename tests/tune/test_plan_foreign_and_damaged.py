@@ -57,3 +57,34 @@ def test_a_plan_for_another_model_names_its_file_and_task(command, tmp_path: Pat
     ok = tmp_path / "ok.json"
     ok.write_text(_plan({"weights": {"architecture": architecture_fingerprint(nn.Linear(6, 4))}}))
     assert main([command, "--task", f"{task}:make", "--plan", str(ok), *extra]) == 0
+
+
+UNSEEDED = "import torch\n\ndef make():\n    return torch.nn.Linear(6, 4), torch.randn(8, 6), 'agreement'\n"
+
+
+def test_eval_plan_without_weights_notes_a_model_that_is_not_the_tuned_one(tmp_path: Path, capsys):
+    """A task whose make() builds its model unseeded (or a finetuned plan evaluated without
+    --weights) was evaluated silently on other weights than the plan was tuned on."""
+    task = tmp_path / "unseeded.py"
+    task.write_text(UNSEEDED)
+    out = tmp_path / "t"
+    assert main(["tune", "--task", f"{task}:make", "--json", str(out / "plan.json"), "--no-progress"]) == 0
+    capsys.readouterr()
+    argv = ["eval", "--task", f"{task}:make", "--plan", str(out / "plan.json"), "--cache-dir", "", "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "this model's weights are not the ones the plan was tuned with (digest differs): --weights " \
+           "plan.safetensors gives those" in err, err
+    assert main(argv + ["--weights", str(out / "plan.safetensors")]) == 0
+    assert "not the ones" not in capsys.readouterr().err  # the tuned weights: no note
+
+
+def test_eval_plan_of_the_same_model_says_nothing(tmp_path: Path, capsys):
+    task = tmp_path / "mine.py"
+    task.write_text(TASK)
+    out = tmp_path / "t"
+    assert main(["tune", "--task", f"{task}:make", "--json", str(out / "plan.json"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--task", f"{task}:make", "--plan", str(out / "plan.json"), "--cache-dir", "",
+                 "--no-progress"]) == 0
+    assert "not the ones" not in capsys.readouterr().err

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["WEIGHTS_FORMAT", "architecture_fingerprint", "check_plan_architecture", "load_weights",
-           "save_weights", "weights_digest"]
+           "save_weights", "tuned_weights_differ", "weights_digest"]
 
 #: The ``format`` entry of the safetensors metadata ``abfp tune`` writes.
 WEIGHTS_FORMAT = "abfp-tuned-weights/1"
@@ -99,7 +99,13 @@ def load_weights(model: nn.Module, path: str | Path, plan_info: Mapping[str, Any
     except RuntimeError as e:
         raise ValueError(f"does not fit the model: {' '.join(str(e).split())[:300]}") from None
     note = ""
-    rec = (plan_info or {}).get("weights")
-    if isinstance(rec, dict) and rec.get("weights_sha256") and rec["weights_sha256"] != weights_digest(state):
+    if tuned_weights_differ(state, plan_info):
         note = "these weights are not the ones the plan was tuned with (digest differs)"
     return {"architecture": have, "note": note}
+
+
+def tuned_weights_differ(state: Mapping[str, Tensor], plan_info: Mapping[str, Any] | None) -> bool:
+    """Whether ``plan_info['weights']['weights_sha256']`` (written by ``abfp tune``) names other
+    weights than ``state``'s (False when the plan records none)."""
+    rec = (plan_info or {}).get("weights")
+    return isinstance(rec, dict) and bool(rec.get("weights_sha256")) and rec["weights_sha256"] != weights_digest(state)
