@@ -81,14 +81,29 @@ def _no_mha_fast_path():
 
 
 def independent_macs(model: nn.Module, args: tuple, kwargs: dict) -> int:
-    """MACs of the float32 model by torch's FlopCounterMode (see the module docstring)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.backends.mkldnn.flags' TF32 deprecation note
-        with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), sdpa_kernel(SDPBackend.MATH), \
-                _no_mha_fast_path(), getattr(model, "flop_counter_stand_in", nullcontext)(), \
-                FlopCounterMode(display=False, custom_mapping=_UNCOUNTED) as fc:
-            model(*args, **kwargs)
-    flops = fc.get_total_flops()
+    """MACs of the float32 model by torch's FlopCounterMode (see the module docstring).
+
+    Counted under ``torch.no_grad()``; where FlopCounterMode's module tracker cannot hook a
+    module's input (a view made under ``no_grad`` of a parameter: torch's
+    ``register_multi_grad_hook`` asserts "Expected gradient function to be set"; transformers
+    5.25's hub-kernel layers pass such views, e.g. Mamba's causal conv1d), counted again with
+    gradients enabled (the forward is the same; nothing is run backward)."""
+    def count(grad: bool) -> int:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.backends.mkldnn.flags' TF32 deprecation note
+            with torch.set_grad_enabled(grad), torch.backends.mkldnn.flags(enabled=False), \
+                    sdpa_kernel(SDPBackend.MATH), _no_mha_fast_path(), \
+                    getattr(model, "flop_counter_stand_in", nullcontext)(), \
+                    FlopCounterMode(display=False, custom_mapping=_UNCOUNTED) as fc:
+                model(*args, **kwargs)
+        return fc.get_total_flops()
+
+    try:
+        flops = count(False)
+    except AssertionError as e:
+        if "Expected gradient function to be set" not in str(e):
+            raise
+        flops = count(True)
     assert flops % 2 == 0
     return flops // 2
 
