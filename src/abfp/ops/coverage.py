@@ -282,7 +282,7 @@ def register_macs(*funcs: Any) -> Callable[[MacEstimator], MacEstimator]:
 
 #: Product-like functions that have no analog model: they run in float32 with a warning.
 _NO_ANALOG_MODEL: set[Any] = {torch.cdist, torch._int_mm, torch.convolution, torch._convolution,
-                              torch.linalg.matrix_power, torch.matrix_power, torch.Tensor.matrix_power, torch.kron,
+                              torch.kron,
                               torch.Tensor.kron, torch._addmm_activation,
                               # a spatial transformer's sampling grid: coordinates times theta (K = 3 or 4)
                               F.affine_grid, torch.affine_grid_generator,

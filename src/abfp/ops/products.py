@@ -29,6 +29,7 @@ additions, scalings and sums around them digital (float32):
                                        (a linear product with static weight rows ``A[o, :, j]``,
                                        ``K = in1``), then ``y[., o] = sum_j u[., o, j] x2[., j]`` (an
                                        activation-by-activation product, ``K = in2``); plus bias.
+``linalg.matrix_power(A, n)``           torch's binary exponentiation, each product on the device.
 ``t.addmm_``, ``addmv_``, ``baddbmm_``, the out-of-place form's products, the result written into
 ``addbmm_``, ``addr_`` (in place)      ``t``.
 =====================================  =========================================================
@@ -373,6 +374,32 @@ def answer_chain_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict)
 def answer_linalg_matmul(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     a, b, out = _two(*args, **kwargs)
     return _finish(device_matmul(frame, a, b), out)
+
+
+# ----------------------------------------------------------------------------- matrix powers
+def _matrix_power_args(input, n, *, out=None):
+    return input, n, out
+
+
+@register(torch.linalg.matrix_power, torch.matrix_power, torch.Tensor.matrix_power)
+def answer_matrix_power(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    """``A^n`` (batched, square ``A``) by torch's binary exponentiation, each product on the device:
+    for each bit of ``n`` from the lowest, ``z = z @ z`` (``z = A`` first), and where the bit is set
+    ``r = r @ z`` (``r = z`` first): ``floor(log2 n) + popcount(n) - 1`` products. ``n < 2`` (the
+    identity, ``A`` itself, and for ``n < 0`` the inverse, a solve, not a product) as torch does."""
+    a, n, out = _matrix_power_args(*args, **kwargs)
+    n = int(n)
+    if n < 2 or not isinstance(a, Tensor) or a.dim() < 2 or a.shape[-1] != a.shape[-2]:
+        return func(*args, **kwargs)
+    z: Tensor | None = None
+    r: Tensor | None = None
+    while n > 0:
+        bit, n = n % 2, n // 2
+        z = a if z is None else device_matmul(frame, z, z)
+        if bit:
+            r = z if r is None else device_matmul(frame, r, z)
+    assert r is not None
+    return _finish(r, out)
 
 
 # ----------------------------------------------------------------------------- einsum
