@@ -496,6 +496,19 @@ def test_fused_attention_kernels_called_directly_are_named_with_the_macs_of_thei
         assert abfp.coverage(m).digital_ops == {f"{name} (no analog model)": on_device[key]} and on_device[key] > 0
 
 
+def test_forward_mode_ad_is_refused_naming_the_product():
+    """A dual tensor (``torch.autograd.forward_ad``) reaching a device product: the device has no
+    forward-mode derivative; the error names abfp, the product and the way out (torch's own said
+    'You must implement the jvp function for custom autograd.Function')."""
+    import torch.autograd.forward_ad as fwAD
+
+    m = abfp.convert(nn.Sequential(nn.Linear(20, 7)), CFG)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=r"abfp: product 0:linear0 .*forward-mode"):
+        m(fwAD.make_dual(A, torch.ones_like(A)))
+    with torch.no_grad():
+        assert m(A).shape == (5, 7)  # outside a dual level: as always
+
+
 def test_bad_input_is_refused_naming_the_product_and_module():
     net = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 3)))
     m = abfp.convert(net, CFG)

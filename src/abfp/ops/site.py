@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from ..config import ABFPConfig
@@ -202,6 +203,12 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
             f"abfp: product {site} (module {frame.name or 'the root'!r}) runs under a torch.func transform (grad, "
             "vmap, jacrev, ...), which the device products do not support; use autograd (loss.backward(), "
             "torch.autograd.grad) and a batch dimension instead (torch.func.functional_call alone works)")
+    if _forward_ad._current_level >= 0 and any(
+            isinstance(t, Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in operands):
+        raise NotImplementedError(
+            f"abfp: product {site} (module {frame.name or 'the root'!r}) has a dual tensor operand "
+            "(torch.autograd.forward_ad): the device products have no forward-mode derivative; use reverse mode "
+            "(loss.backward(), torch.autograd.grad)")
     interceptor = state.interceptors.get(site) or state.interceptors.get("*")
     if interceptor is not None:
         y = interceptor(ProductCall(
