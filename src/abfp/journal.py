@@ -42,6 +42,29 @@ def remove_journal(path: str | Path, sidecars: Sequence[str] = ()) -> None:
 AFRESH = "start afresh without resume (on the command line: --force instead of --resume)"
 
 
+def _describe(field: str, was: Any, now: Any) -> str:
+    """``field``, and where both values are JSON objects (a run's options, its config) the keys
+    that differ with their values in the journal and now: ``options (steps: 200 -> 300)``."""
+    try:
+        a, b = json.loads(was), json.loads(now)
+    except (TypeError, ValueError):
+        return field
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return field
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, _ABSENT) != b.get(k, _ABSENT))
+    if not keys:
+        return field
+    shown = "; ".join(f"{k}: {_value(a, k)} -> {_value(b, k)}" for k in keys[:6])
+    return f"{field} ({shown}{'; ...' if len(keys) > 6 else ''})"
+
+
+_ABSENT = object()
+
+
+def _value(d: dict, key: str) -> str:
+    return "(absent)" if key not in d else json.dumps(d[key], default=str)[:60]
+
+
 class Journal:
     """One journal file (see the module). ``kind`` names it in messages and in its format tag;
     ``sidecars``: the names of its sidecar files (removed with it)."""
@@ -67,7 +90,8 @@ class Journal:
                     from None
             differ = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
             if differ:
-                raise JournalMismatch(f"{kind} journal {self.path} was written by another run: its {', '.join(differ)} "
+                said = ", ".join(_describe(k, old.get(k), self.identity.get(k)) for k in differ)
+                raise JournalMismatch(f"{kind} journal {self.path} was written by another run: its {said} "
                                       f"differ from this one's; {AFRESH}")
             self.records, self.resumed = records, True
         else:

@@ -73,7 +73,7 @@ def test_another_runs_journal_is_refused(tmp_path: Path) -> None:
     task = tiny_precision_task.make()
     journal = tmp_path / "p.journal.json"
     run_precision(task, PrecisionSettings(**SETTINGS), journal=journal)
-    with pytest.raises(JournalMismatch, match="its settings differ"):
+    with pytest.raises(JournalMismatch, match=r"its settings \(lr: 0\.05 -> 0\.1\) differ"):
         run_precision(task, PrecisionSettings(**{**SETTINGS, "lr": 0.1}), journal=journal, resume=True)
 
 

@@ -76,7 +76,8 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path: Path, monkeypatch: p
 def test_another_runs_journal_is_refused(tmp_path: Path) -> None:
     journal = tmp_path / "j.json"
     _run(journal=journal, finetune=None, finetune_options=None)
-    with pytest.raises(JournalMismatch, match="its options differ"):
+    # the refusal names the option that differs, with its value then and now
+    with pytest.raises(JournalMismatch, match=r"its options \(target: [0-9.e-]+ -> 0\.999\) differ"):
         _run(journal=journal, resume=True, finetune=None, finetune_options=None, target=0.999)
     changed = _mlp()
     with torch.no_grad():
@@ -107,3 +108,12 @@ def test_cli_journal_refuse_resume_force(tmp_path: Path, capsys: pytest.CaptureF
     assert main([*args, "--resume"]) == 2  # not this run's: refused, named
     assert "--resume: tune journal" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0 and plan.is_file() and not journal.exists()
+
+
+def test_journal_refusal_names_the_keys_that_differ() -> None:
+    from abfp.journal import _describe
+    assert _describe("model", "abc", "abd") == "model"  # not JSON: the field alone
+    assert _describe("options", json.dumps({"a": 1, "b": 2}), json.dumps({"a": 1, "b": 3, "c": [1]})) == \
+        "options (b: 2 -> 3; c: (absent) -> [1])"
+    many = _describe("config", json.dumps({f"k{i}": i for i in range(8)}), json.dumps({f"k{i}": -i - 1 for i in range(8)}))
+    assert many.startswith("config (k0: 0 -> -1; k1: 1 -> -2;") and many.endswith("; ...)")
