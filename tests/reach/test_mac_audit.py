@@ -302,7 +302,7 @@ class Flex(nn.Module):
             self.stand_in = False
 
     def forward(self, x):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
         b, t, _ = x.shape
         q = self.q(x).reshape(b, t, 4, 4).transpose(1, 2)
@@ -310,9 +310,9 @@ class Flex(nn.Module):
         if self.stand_in:
             return q.sum() * 0 + k.sum() * 0 + v.sum() * 0
         mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, t, t, device="cpu")
-        out, lse = flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s + self.bias[h], block_mask=mask,
-                                  enable_gqa=True, return_lse=True)
-        return out.sum() + lse.sum()
+        out, aux = flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s + self.bias[h], block_mask=mask,
+                                  enable_gqa=True, return_aux=AuxRequest(lse=True))  # (return_lse: deprecated)
+        return out.sum() + aux.lse.sum()
 
 
 def _plain(model, *shapes):
