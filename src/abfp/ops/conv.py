@@ -27,9 +27,9 @@ from ..numerics.col2im import col2im
 from ..numerics.conv import conv2d_fused
 from ..numerics.kernels import CHUNK_ELEMENTS, analog_gemm_cols, draw_key, plan_chunks, use_fused
 from ..numerics.workspace import scratch
-from .device import (WEIGHT_CACHE, NotTraceable, bf16, check_finite, check_output, overflow_shift, shifted, shifted_input, config_json, dequantised_rows, encoded_weights,
+from .device import (WEIGHT_CACHE, NotTraceable, bf16, check_finite, config_json, dequantised_rows, encoded_weights,
                      first_order_only, generator_for, product, scale_arg, ste_grads, traced_key, tracing,
-                     without_bf16_io)
+                     shift_for_overflow, unshift_output, without_bf16_io)
 from .registry import register
 from .site import Frame, run_product
 
@@ -263,11 +263,11 @@ def _conv2d_cols(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, c
                  channels_last: bool, key: int | None = None, inside: Tensor | None = None) -> Tensor:
     """:func:`_columns` of ``x * 2**-s`` times ``2**s``, exactly its value: ``s`` =
     :func:`~abfp.ops.device.overflow_shift`, 0 but for inputs beyond about 1e35, whose tiles'
-    float32 rescale would overflow; a NaN out of finite operands is refused (``check_output``)."""
-    s = overflow_shift(x, config, input_scale)
-    y = _columns(shifted_input(x, s, config), pads, weights, config, groups, k, stride, dilation, out_hw, shifted(input_scale, -s),
-                 generator, stats, channels_last, key, inside)
-    return check_output(shifted(y, s), x, weights)
+    float32 rescale would overflow (:func:`~abfp.ops.device.shift_for_overflow`, ``unshift_output``)."""
+    s, xs, s_in = shift_for_overflow(x, config, input_scale)
+    y = _columns(xs, pads, weights, config, groups, k, stride, dilation, out_hw, s_in, generator, stats, channels_last,
+                 key, inside)
+    return unshift_output(y, s, x, weights)
 
 
 def _columns(x: Tensor, pads: tuple[int, int, int, int], weights: Encoded, config: ABFPConfig, groups: int,

@@ -255,9 +255,9 @@ _ESTIMATORS: dict[Any, MacEstimator] = {
     F.bilinear: _bilinear,
     torch.kron: _kron, torch.Tensor.kron: _kron, torch._addmm_activation: _addmm,
     torch.linalg.matrix_power: _matrix_power, torch.matrix_power: _matrix_power, torch.Tensor.matrix_power: _matrix_power,
-    # sparse products: the dense count (rows x columns x K), what the device would compute
     F.affine_grid: _affine_grid, torch.affine_grid_generator: _affine_grid,
     torch._native_multi_head_attention: _native_mha, torch._transformer_encoder_layer_fwd: _encoder_layer_fwd,
+    # sparse products: the dense count (rows x columns x K), what the device would compute
     torch.sparse.mm: _mm, torch.smm: _mm, torch.hspmm: _mm, torch.sparse.addmm: _addmm, torch.sspaddmm: _addmm,
     torch.sparse.sampled_addmm: _sampled_addmm,
 }

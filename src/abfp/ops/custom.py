@@ -34,7 +34,8 @@ from torch import Tensor
 from ..numerics import analog_product
 from ..numerics.blocks import num_tiles
 from .conv import conv2d_columns
-from .device import check_finite, check_output, overflow_shift, shifted, shifted_input, config_from_json, encoded_weights, ste_grads, training_product
+from .device import (check_finite, config_from_json, encoded_weights, shift_for_overflow, ste_grads, training_product,
+                     unshift_output)
 
 __all__ = ["device", "device_backward", "conv2d"]
 
@@ -54,15 +55,14 @@ def device(x3: Tensor, w: Tensor, config: str, weight_config: str, input_scale: 
         weights = None
     else:
         weights = encoded_weights(w, w3, cfg, weight_config, weight_scale)
-    k = overflow_shift(x3, cfg, input_scale)  # as ops.device.product: exact, 0 but for inputs beyond about 1e35
-    xs, s_in = shifted_input(x3, k, cfg), shifted(input_scale, -k)
+    k, xs, s_in = shift_for_overflow(x3, cfg, input_scale)  # as ops.device.product
     if not want_mask:
         y, _ = analog_product(xs, w3, cfg, input_scale=s_in, weight_scale=weight_scale, weights=weights,
                               key=_key(key))
-        return check_output(shifted(y, k), x3, w3), torch.empty(0, dtype=torch.bool, device=x3.device)
+        return unshift_output(y, k, x3, w3), torch.empty(0, dtype=torch.bool, device=x3.device)
     y, mask = training_product(xs, w3, cfg, input_scale=s_in, weight_scale=weight_scale, weights=weights,
                                key=_key(key))
-    y = check_output(shifted(y, k), x3, w3)
+    y = unshift_output(y, k, x3, w3)
     if mask is None:  # no ADC sample clipped
         mask = torch.ones(x3.shape[0], num_tiles(x3.shape[2], cfg.tile_width), x3.shape[1], w3.shape[1],
                           dtype=torch.bool, device=x3.device)

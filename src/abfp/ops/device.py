@@ -28,7 +28,8 @@ from ..numerics.kernels import draw_key
 from ..numerics.blocks import BF16_MAX, POW2_MAX, inside_clamp, pad_to_tiles, padded_block_scales, static_scales
 from ..numerics.workspace import scratch
 
-__all__ = ["check_finite", "check_output", "overflow_shift", "shifted", "shifted_input", "generator_for", "reseed", "WEIGHT_CACHE", "WeightCache", "clear_cache", "product",
+__all__ = ["check_finite", "check_output", "overflow_shift", "shifted", "shifted_input", "shift_for_overflow",
+           "unshift_output", "generator_for", "reseed", "WEIGHT_CACHE", "WeightCache", "clear_cache", "product",
            "without_bf16_io", "bf16", "promoted_dtype", "dequantised", "AnalogProduct", "ste_grads", "tracing",
            "NotTraceable", "untraceable", "first_order_only", "training_product", "traced_key", "traced_product", "config_json", "config_from_json", "encoded_weights",
            "scale_arg"]
@@ -117,6 +118,21 @@ def shifted_input(x: Tensor, k: int, cfg: ABFPConfig) -> Tensor:
         c = x.detach().clamp(-sat, sat)
         x = x + (c - x.detach()) if x.requires_grad else c  # c - x is exact (Sterbenz), so the value is c
     return x * (2.0 ** -k)
+
+
+def shift_for_overflow(x: Tensor, cfg: ABFPConfig, input_scale: Any = None) -> tuple[int, Tensor, Any]:
+    """``(k, x', s')``: the operands of the product whose ``2**k`` multiple is the device result
+    of ``x`` (:func:`overflow_shift`; ``x'`` = :func:`shifted_input`, ``s'`` = ``input_scale * 2**-k``).
+    Every device product computes through this and :func:`unshift_output` (0 but for inputs
+    beyond about 1e35, where it is the same value without the float32 overflow)."""
+    k = overflow_shift(x, cfg, input_scale)
+    return k, shifted_input(x, k, cfg), shifted(input_scale, -k)
+
+
+def unshift_output(y: Tensor, k: int, x: Tensor, w: Tensor | Encoded | None) -> Tensor:
+    """``y * 2**k``, the result of the product :func:`shift_for_overflow` prepared, checked by
+    :func:`check_output` against ``x`` and ``w`` (the unshifted operands)."""
+    return check_output(shifted(y, k), x, w)
 
 
 def generator_for(cfg: ABFPConfig, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -444,14 +460,13 @@ def product(
             raise NotTraceable("a product on pre-encoded weights or with ADC statistics cannot be traced")
         return traced_product(x3, w3, cfg, input_scale=input_scale, weight_scale=weight_scale, generator=generator,
                               weight_config=weight_config)
-    k = overflow_shift(x3, cfg, input_scale)  # 0 but for inputs beyond about 1e35
-    xs, s_in = shifted_input(x3, k, cfg), shifted(input_scale, -k)
+    k, xs, s_in = shift_for_overflow(x3, cfg, input_scale)  # k = 0 but for inputs beyond about 1e35
     if torch.is_grad_enabled() and (x3.requires_grad or w3.requires_grad):
         y = AnalogProduct.apply(xs, w3, cfg, s_in, weight_scale, generator, weights, stats, key)
     else:
         y, _ = analog_product(xs, w3, cfg, input_scale=s_in, weight_scale=weight_scale, generator=generator,
                               stats=stats, weights=weights, key=key)
-    return check_output(shifted(y, k), x3, w3)
+    return unshift_output(y, k, x3, w3)
 
 
 # --------------------------------------------------------------------------- tracing
