@@ -14,7 +14,8 @@ that are no product are remembered (``abfp.ops.registry.PLAIN``) and answered at
 module is only the dispatch: frames, :class:`AnalogMode`. Intercepting the call rather than replacing the module
 keeps subclasses that pad inside their own ``forward`` working.
 
-No state outlives a forward, whatever ends it: :class:`GuardedForward` pops the module's frame
+No state outlives a forward, whatever ends it: a call that raises rolls back the counts and
+records its products made (the undo log of :mod:`abfp.ops.site`), and :class:`GuardedForward` pops the module's frame
 however its forward ends (an exception of any kind, under non-strict ``torch.export`` too,
 whose own function mode lies below :class:`AnalogMode` and would otherwise be left behind when
 its cleanup pops ours). Each frame remembers the Python frame that pushed it (the wrapper's
@@ -58,7 +59,7 @@ from ..ops.coverage import no_analog_model, odd_layout
 from ..ops.device import NotTraceable, tracing
 from ..ops.registry import PLAIN as _PLAIN, handler_for
 from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, answer_odd_layout, check_traceable,  # noqa: F401
-                        digital_call, run_product, warn_digital)
+                        digital_call, run_product, undo_forget, undo_mark, undo_to, warn_digital)
 from .state import AnalogState
 
 __all__ = ["AnalogMode", "DigitalSpectralNorm", "DirectSites", "Frame", "GuardedForward", "GuardedMethod", "ProductCall",
@@ -198,6 +199,8 @@ def _enter(name: str, state: AnalogState, module: torch.nn.Module, caller: types
     stack = _stack()
     if caller is not None:
         drop_stale(stack, caller)
+        if not stack:  # an outermost call: what an earlier one logged and never forgot is settled
+            undo_forget()
     frame = Frame(name, state, module, caller)
     if not _mode_running(stack):
         if tracing():
@@ -320,15 +323,22 @@ class GuardedForward:
                 finally:
                     torch._C._push_on_torch_function_stack(mode)
                 return direct.output(site, out) if isinstance(out, torch.Tensor) else out
+        mark = -1
         if state is not None:
-            _enter(self.name, state, module, None if torch.compiler.is_dynamo_compiling() else sys._getframe(0))
+            dynamo = torch.compiler.is_dynamo_compiling()
+            _enter(self.name, state, module, None if dynamo else sys._getframe(0))
+            mark = -1 if dynamo else undo_mark()
         try:
             out = self._run(args, kwargs)
         except BaseException:
             leave(module)
+            if mark >= 0:  # this call's counts and records go (abfp.ops.site, "No count outlives a failed call")
+                undo_to(mark)
             raise
         if state is not None:
             leave(module)
+            if mark >= 0 and not _stack():
+                undo_forget()
             if (state._unsettled or state._pending_sites) and not _stack() and not torch.compiler.is_dynamo_compiling():
                 state.check_site_overrides()  # the outermost converted module returned: a whole forward ran
                 state.check_interceptor_sites()

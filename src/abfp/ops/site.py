@@ -6,15 +6,27 @@ record ``max |operand|`` and run float32), the interceptors (DNF, dynamic-precis
 see a :class:`ProductCall`), the device call, the coverage count, and the recording for
 ``summary`` and energy (:class:`SiteRecord`). A product kept in float32 goes through
 :func:`digital_call` instead (counted as digital).
+
+**No count outlives a failed call.** Every change a product makes to its model's state (the
+coverage counts, the records of ``summary`` and energy, the calibrated scales) is also written,
+as the function that puts it back, to a per-thread *undo log*; a converted module whose call
+ends in an exception rolls back what that call changed (:func:`undo_to` its :func:`undo_mark`,
+in :class:`abfp.nn.mode.GuardedForward`), so ``abfp.coverage`` and energy totals are those of
+the calls that returned; the outermost module's return, or the next outermost call, forgets
+the log (:func:`undo_forget`). An exception caught inside a forward (user code that retries a
+submodule) rolls back the failed submodule call alone. What is not rolled back: the noise
+streams (a seeded stream continues, as torch's global generator does after a failed call) and
+the once-per-model ``DigitalProductWarning`` memory (the warning was shown).
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import threading
 import types
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -27,7 +39,74 @@ from ..numerics.blocks import num_tiles
 from .coverage import DigitalProductWarning, estimate_macs, func_name, odd_layout
 from .device import NotTraceable, tracing, untraceable
 
-__all__ = ["Frame", "ProductCall", "SiteRecord", "run_product", "digital_call", "check_traceable"]
+__all__ = ["Frame", "ProductCall", "SiteRecord", "run_product", "digital_call", "check_traceable", "undo_mark",
+           "undo_to", "undo_forget"]
+
+
+class _UndoLog(threading.local):
+    """The undo log of this thread (module doc): functions that each put back one change, newest last."""
+
+    def __init__(self) -> None:
+        self.entries: list[Callable[[], None]] = []
+
+
+_UNDO = _UndoLog()
+
+
+def undo_mark() -> int:
+    """Where the undo log stands now: :func:`undo_to` this mark puts back every later change."""
+    return len(_UNDO.entries)
+
+
+def undo_to(mark: int) -> None:
+    """Put back, newest first, every change logged since ``mark``."""
+    entries = _UNDO.entries
+    while len(entries) > mark:
+        entries.pop()()
+
+
+def undo_forget() -> None:
+    """Forget the log: the changes in it stay (the outermost converted call returned)."""
+    _UNDO.entries.clear()
+
+
+def _count_analog(coverage: Any, macs: int) -> None:
+    """``coverage.analog_macs += macs``, logged (module doc)."""
+    coverage.analog_macs += macs
+
+    def undo() -> None:
+        coverage.analog_macs -= macs
+    _UNDO.entries.append(undo)
+
+
+def _count_digital(coverage: Any, name: str, macs: int) -> None:
+    """``coverage.add_digital(name, macs)``, logged (module doc)."""
+    before = coverage.digital_ops.get(name)
+    coverage.add_digital(name, macs)
+
+    def undo() -> None:
+        coverage.digital_macs -= int(macs)
+        if before is None:
+            coverage.digital_ops.pop(name, None)
+        else:
+            coverage.digital_ops[name] = before
+    _UNDO.entries.append(undo)
+
+
+def _logged_put(table: dict, key: str) -> None:
+    """Log that ``table[key]`` (a :class:`SiteRecord` or a calibrated scale list) is about to change:
+    the undo puts back a copy of the value it has now, or removes the key if it has none."""
+    old = table.get(key)
+    if old is None:
+        def undo() -> None:
+            table.pop(key, None)
+    else:
+        saved = (replace(old, shapes={k: list(v) for k, v in old.shapes.items()}) if isinstance(old, SiteRecord)
+                 else list(old))
+
+        def undo() -> None:
+            table[key] = saved
+    _UNDO.entries.append(undo)
 
 
 @dataclass
@@ -117,6 +196,7 @@ class ProductCall:
 
 def _record(frame: Frame, site: str, kind: str, cfg: ABFPConfig, x_shape, w_shape, k: int, macs: int,
             stats: ProductStats, y: Tensor, y_ref: Tensor | None) -> None:
+    _logged_put(frame.state.records, site)
     rec = frame.state.records.get(site)
     if rec is None:
         rec = frame.state.records[site] = SiteRecord(site=site, kind=kind, config=cfg)
@@ -151,6 +231,7 @@ def _calibrate(state: Any, site: str, *operands: Tensor) -> None:
             k = max(1, min(a.numel(), math.ceil(a.numel() * state.calibration_percentile / 100.0)))
             vals.append(float(a.kthvalue(k).values))
     old = state.input_scales.get(site)
+    _logged_put(state.input_scales, site)
     state.input_scales[site] = vals if old is None else [max(o, v) for o, v in zip(old, vals)]
 
 
@@ -217,7 +298,8 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
             digital=lambda: func(*args, **kwargs),
             call=(func, args, kwargs),
         ))
-        state.coverage.analog_macs += int(macs(y)) if isinstance(y, Tensor) else 0
+        if isinstance(y, Tensor):
+            _count_analog(state.coverage, int(macs(y)))
         return y
     stats = ProductStats() if state.recording else None
     try:
@@ -226,7 +308,7 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
         if type(e) not in (ValueError, TypeError) or str(e).startswith("abfp: product "):
             raise
         raise type(e)(f"abfp: product {site} (module {frame.name or 'the root'!r}): {e}") from e
-    state.coverage.analog_macs += int(macs(y))
+    _count_analog(state.coverage, int(macs(y)))
     if state.recording:
         with torch.no_grad():
             y_ref = func(*args, **kwargs) if state.record_errors else None
@@ -270,7 +352,7 @@ def _traced(frame: Frame, site: str, cfg: ABFPConfig, analog: Callable, operands
         # with dynamic shapes) is not counted either: int() of it would pin the shape to this one
         n = macs(y)
         if not isinstance(n, torch.SymInt):
-            state.coverage.analog_macs += int(n)
+            _count_analog(state.coverage, int(n))
     return y
 
 
@@ -297,9 +379,10 @@ def digital_call(frame: Frame, func: Callable, args: tuple, kwargs: dict, reason
         return out
     macs = estimate_macs(func, args, kwargs, out) if count is None else count(out)
     name = func_name(func) if name is None else name
-    state.coverage.add_digital(f"{name} ({reason})", macs)
+    _count_digital(state.coverage, f"{name} ({reason})", macs)
     if state.recording:
         site = frame.site("digital")
+        _logged_put(state.records, site)
         rec = state.records.get(site)
         if rec is None:
             rec = state.records[site] = SiteRecord(site=site, kind="digital", config=None)
