@@ -274,6 +274,7 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
         name = f"{func_name(func)} on {str(odd).replace('torch.', '')} operands"
         warn_digital(frame, name)
         return digital_call(frame, func, args, kwargs, "no analog model", name=name)
+    check_half_mix(frame, site, operands)
     if tracing():
         return _traced(frame, site, cfg, analog, operands, macs)
     if state.calibrating:
@@ -314,6 +315,31 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
             y_ref = func(*args, **kwargs) if state.record_errors else None
         _record(frame, site, op, cfg, operands[0].shape, operands[1].shape, k, macs(y), stats, y, y_ref)  # type: ignore[arg-type]
     return y
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_half_mix(frame: Frame, site: str, operands: tuple[Tensor, ...]) -> None:
+    """Refuse a product whose operands mix a half-precision dtype (float16, bfloat16) with another
+    floating dtype, as torch refuses it (``RuntimeError``, "mat1 and mat2 must have the same dtype"):
+    a float16 model given float32 input, a float16 by float32 activation product. Under
+    ``torch.autocast`` on the operands' device torch casts them itself, so the mix is allowed
+    (docs/families.md, "Under torch.autocast"). float32 with float64 is left as the device computes it
+    (in float32, the output in the promoted dtype)."""
+    a, b = operands[0], operands[1] if len(operands) > 1 else operands[0]
+    if a.dtype == b.dtype or (a.dtype not in _HALF and b.dtype not in _HALF):
+        return
+    if torch.is_autocast_enabled(a.device.type):
+        return
+    raise RuntimeError(f"abfp: product {site} (module {frame.name or 'the root'!r}) multiplies {_dtype_name(a)} by "
+                       f"{_dtype_name(b)}: torch refuses operands of different dtypes (mat1 and mat2 must have the same "
+                       "dtype); cast the input to the model's dtype (x.to(dtype)) or the model to the input's "
+                       "(model.to(dtype)), or run it under torch.autocast")
+
+
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
 
 
 def check_traceable(state: Any) -> None:
