@@ -315,6 +315,29 @@ class Flex(nn.Module):
         return out.sum() + aux.lse.sum()
 
 
+class Hooked(nn.Module):
+    """A root whose hooks compute: a forward pre-hook projecting its input by a parameter, a forward
+    hook (with kwargs) multiplying the output by a buffer. torch runs a root's hooks outside its
+    forward (they ran in float32, uncounted, until session 18: ``nn/mode.RootCall``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 6)
+        self.a = nn.Parameter(R(8, 8))
+        self.register_buffer("b", R(6, 5))
+        self.register_forward_pre_hook(self._pre)
+        self.register_forward_hook(self._post, with_kwargs=True)
+
+    def _pre(self, mod, args):
+        return (args[0] @ self.a,)
+
+    def _post(self, mod, args, kwargs, out):
+        return torch.mm(out, self.b)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
 def _plain(model, *shapes):
     """A factory: the model, and standard normal inputs of these shapes drawn after it."""
     return lambda: (model(), tuple(torch.randn(s) for s in shapes), {})
@@ -334,6 +357,7 @@ PLAIN = {
     "functional": _plain(Functional, (5, 8), (2, 3, 6, 6), (2, 3, 4), (2, 4, 5)),
     "einsums": _plain(Einsums, (2, 2, 4, 8), (2, 2, 5, 8), (2, 2, 5, 8)),
     "flex-attention": _plain(Flex, (2, 6, 16)),
+    "root-hooks": _plain(Hooked, (3, 8)),
 }
 
 #: MACs the device counts that FlopCounterMode does not, by model, with the reason: torch computes

@@ -24,7 +24,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ..config import ABFPConfig, ExecutionOptions
 from .mode import (_PRODUCT_FREE, DigitalSpectralNorm, GuardedForward, GuardedMethod,  # noqa: F401  (re-exported)
-                   computing_methods, product_free)
+                   RootCall, computing_methods, product_free)
 from .state import AnalogState, _matches, is_site_pattern, normalise_overrides, site_pattern_names_a_module
 
 STATE_ATTR = "abfp_state"
@@ -99,6 +99,7 @@ def convert(
         if not preparing:
             for attr, fn in computing_methods(module):  # encode_text & co. called from outside: as forward
                 setattr(module, attr, GuardedMethod(module, fn, name, state))
+    RootCall.install(model)  # the root's hooks run inside its frame (torch runs them outside its forward)
     setattr(model, STATE_ATTR, state)
     return model
 
@@ -235,6 +236,7 @@ def to_digital(model: nn.Module, *, inplace: bool = True) -> nn.Module:
         for hook in module._forward_pre_hooks.values():
             if type(hook) is DigitalSpectralNorm:
                 hook.__class__ = SpectralNorm
+        RootCall.uninstall(module)
         for attr in [k for k, v in module.__dict__.items() if isinstance(v, GuardedMethod)]:
             delattr(module, attr)
         guard = module.__dict__.get("forward")

@@ -63,6 +63,7 @@ from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, answer
 from .state import AnalogState
 
 __all__ = ["AnalogMode", "DigitalSpectralNorm", "DirectSites", "Frame", "GuardedForward", "GuardedMethod", "ProductCall",
+           "RootCall",
            "computing_methods", "digital_call",
            "drop_stale", "leave", "off_mode", "run_product"]
 
@@ -191,17 +192,22 @@ def _mode_running(stack: list[Frame]) -> bool:
     return False
 
 
-def _enter(name: str, state: AnalogState, module: torch.nn.Module, caller: types.FrameType | None) -> None:
+def _enter(name: str, state: AnalogState, module: torch.nn.Module, caller: types.FrameType | None,
+           hooks: bool = False) -> None:
     """Push ``module``'s frame (after dropping stale frames) and enter :class:`AnalogMode` if no
     running frame holds it. ``caller``: the interpreter frame running the module (``None``
     while dynamo traces: a frame it traces is trusted; a failed dynamo trace changes no Python
-    state)."""
+    state). ``hooks``: the frame of a root running its hooks (:class:`RootCall`); the root's own
+    frame pushed on it shares its site counter (one numbering over hooks and forward)."""
     stack = _stack()
     if caller is not None:
         drop_stale(stack, caller)
         if not stack:  # an outermost call: what an earlier one logged and never forgot is settled
             undo_forget()
     frame = Frame(name, state, module, caller)
+    frame.hooks = hooks
+    if stack and stack[-1].hooks and stack[-1].module is module:
+        frame.counts = stack[-1].counts
     if not _mode_running(stack):
         if tracing():
             check_traceable(state)  # refuse before any state changes
@@ -250,6 +256,14 @@ class DigitalSpectralNorm(SpectralNorm):
         return off_mode(super().__call__, module, inputs)
 
 
+def _settle(state: AnalogState) -> None:
+    """After a converted module returned: when it was the outermost (a whole forward ran), check
+    the site overrides and interceptor sites it left unmatched."""
+    if (state._unsettled or state._pending_sites) and not _stack() and not torch.compiler.is_dynamo_compiling():
+        state.check_site_overrides()
+        state.check_interceptor_sites()
+
+
 class GuardedForward:
     """A converted module's ``forward`` (an instance attribute; the module has no hooks, so torch
     calls it on its fast path): pushes the module's frame (module doc), runs the module's own
@@ -275,6 +289,15 @@ class GuardedForward:
 
     def _forward(self) -> Any:
         return self.inner if self.inner is not None else type(self.module).forward.__get__(self.module)
+
+    def __setstate__(self, saved: dict) -> None:
+        """A copy (``copy.deepcopy``, pickle, ``torch.save``) of a converted model: torch leaves the
+        root's :class:`RootCall` out of every copy (``nn.Module.__getstate__`` drops
+        ``_compiled_call_impl``), so the root's guard sets a fresh one on the copied root (a
+        ``__dict__`` entry, which the root's own ``__setstate__`` afterwards leaves alone)."""
+        self.__dict__.update(saved)
+        if not self.name and self.state is not None and not self.weight_preparation:
+            RootCall.install(self.module)
 
     @property
     def __signature__(self) -> inspect.Signature:  # what torch.export and inspect see
@@ -339,13 +362,85 @@ class GuardedForward:
             leave(module)
             if mark >= 0 and not _stack():
                 undo_forget()
-            if (state._unsettled or state._pending_sites) and not _stack() and not torch.compiler.is_dynamo_compiling():
-                state.check_site_overrides()  # the outermost converted module returned: a whole forward ran
-                state.check_interceptor_sites()
+            _settle(state)
         if direct is not None and isinstance(out, torch.Tensor):
             site = direct.leaf.get(module)
             if site is not None and direct.active():
                 return direct.output(site, out)
+        return out
+
+
+_module_globals = sys.modules[nn.Module.__module__]  # torch's global module hooks live there
+
+
+def _has_forward_hooks(module: torch.nn.Module) -> bool:
+    """Whether torch's ``_call_impl`` runs forward hooks or forward pre-hooks around ``module``'s
+    forward (its own or global ones, ``nn.modules.module.register_module_forward_hook``)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _module_globals._global_forward_hooks
+                or _module_globals._global_forward_pre_hooks)
+
+
+class RootCall:
+    """What a converted model's root calls in place of torch's ``_call_impl`` (set as the root's
+    ``_compiled_call_impl``, which ``nn.Module.__call__`` calls when set). torch runs a module's
+    forward hooks and forward pre-hooks in ``_call_impl``, outside its ``forward``: for every other
+    module that is inside its parent's forward (a converted frame), for the root outside any, so a
+    product in a root hook (``m.register_forward_hook(lambda mod, i, o: o @ P)``) ran in float32,
+    uncounted. While the root has such hooks (its own, registered before or after ``convert``, with
+    kwargs, ``always_call``, ``prepend``, or global ones), this pushes the root's frame around the
+    whole of ``_call_impl``: hooks and forward run inside it, their products are device products of
+    the root, one site numbering across them (:func:`_enter`: a pre-hook's ``matmul`` is
+    ``:matmul0``, the forward's next). Without such hooks it calls ``_call_impl`` at once (one Python
+    call per forward). ``inner``: a ``_compiled_call_impl`` the root had (``Module.compile()``), called
+    in place of ``_call_impl``. Set by ``convert`` and on copies (:meth:`GuardedForward.__setstate__`),
+    removed by ``to_digital`` (:meth:`uninstall`). With direct sites active (DNF) a root that is not
+    functional runs its hooks as its forward runs, without a frame (module doc)."""
+
+    def __init__(self, module: torch.nn.Module, inner: Any = None) -> None:
+        self.module = module
+        self.inner = inner
+
+    @staticmethod
+    def install(module: torch.nn.Module) -> None:
+        """Set ``module``'s :class:`RootCall` (keeping a ``_compiled_call_impl`` it has as ``inner``)."""
+        before = module.__dict__.get("_compiled_call_impl")
+        if not isinstance(before, RootCall):
+            module.__dict__["_compiled_call_impl"] = RootCall(module, before)
+
+    @staticmethod
+    def uninstall(module: torch.nn.Module) -> None:
+        """Put back what ``module`` called before :meth:`install` (nothing: ``_call_impl``)."""
+        call = module.__dict__.get("_compiled_call_impl")
+        if isinstance(call, RootCall):
+            if call.inner is None:
+                del module.__dict__["_compiled_call_impl"]
+            else:
+                module.__dict__["_compiled_call_impl"] = call.inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        call = self.inner if self.inner is not None else type(module)._call_impl.__get__(module)
+        guard = module.__dict__.get("forward")
+        if not _has_forward_hooks(module) or not isinstance(guard, GuardedForward) or guard.state is None:
+            return call(*args, **kwargs)
+        state = guard.state
+        direct = state.direct
+        if direct is not None and guard.name not in direct.functional and direct.active() and not _mode_running(_stack()):
+            return call(*args, **kwargs)
+        dynamo = torch.compiler.is_dynamo_compiling()
+        _enter(guard.name, state, module, None if dynamo else sys._getframe(0), hooks=True)
+        mark = -1 if dynamo else undo_mark()
+        try:
+            out = call(*args, **kwargs)
+        except BaseException:
+            leave(module)
+            if mark >= 0:  # the failed call's counts go, its always-called hooks' included (GuardedForward)
+                undo_to(mark)
+            raise
+        leave(module)
+        if mark >= 0 and not _stack():
+            undo_forget()
+        _settle(state)
         return out
 
 

@@ -155,9 +155,11 @@ class SiteRecord:
 class Frame:
     """One running converted module: its name, its state (an :class:`abfp.nn.state.AnalogState`),
     its per-kind product counter, the module and the Python frame running it (``caller``), and
-    the :class:`abfp.nn.mode.AnalogMode` it entered (the outermost frame only)."""
+    the :class:`abfp.nn.mode.AnalogMode` it entered (the outermost frame only). ``hooks``: the frame
+    of a converted root running its forward hooks (:class:`abfp.nn.mode.RootCall`), whose counter
+    the root's own frame shares."""
 
-    __slots__ = ("name", "state", "counts", "mode", "module", "caller")
+    __slots__ = ("name", "state", "counts", "mode", "module", "caller", "hooks")
 
     def __init__(self, name: str, state: Any, module: torch.nn.Module | None = None,
                  caller: types.FrameType | None = None) -> None:
@@ -167,6 +169,7 @@ class Frame:
         self.mode: Any = None
         self.module = module
         self.caller = caller
+        self.hooks = False
 
     def site(self, op: str) -> str:
         """The next site of kind ``op`` in this call of the module: ``"<name>:<op><index>"``."""

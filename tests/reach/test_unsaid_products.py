@@ -1,0 +1,143 @@
+"""Products that escaped a converted model unsaid until session 18: each is now on the device
+(counted analog, equal to the float64 SPEC evaluation) or named (a ``DigitalProductWarning``,
+counted digital).
+
+1. forward hooks and forward pre-hooks on the converted model's root (``nn/mode.RootCall``);
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import abfp
+from abfp.nn.mode import RootCall
+from abfp.ops.coverage import DigitalProductWarning
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "numerics"))
+from spec64 import spec64  # noqa: E402
+
+CFG = abfp.ABFPConfig(noise_std=0.0, tile_width=8, gain=1.0)
+
+
+def _counts(m: nn.Module) -> tuple[int, int]:
+    c = abfp.coverage(m)
+    return c.analog_macs, c.digital_macs
+
+
+def _on_device(y: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor) -> None:
+    """``y`` is the device's ``x @ w_t`` (SPEC section 1, noise off): within one ADC code of the
+    float64 evaluation, and not float32's product."""
+    want, code = spec64(x.reshape(-1, x.shape[-1]), w_t.t(), CFG, with_code=True)
+    got = y.reshape(want.shape).double()
+    assert ((got - want).abs() <= code + 1e-6 * want.abs()).all()
+    assert not torch.allclose(y, x @ w_t, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 1. root hooks
+def _root() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 4)).eval()  # 2 rows: 64 MACs
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_root_forward_hooks_run_on_the_device(when):
+    """A product in a root forward hook and one in a root pre-hook (registered before or after
+    ``convert``) are device products of the root: counted, and SPEC's numbers. Before the fix the
+    root counted its own 64 MACs only, the hooks' ran in float32."""
+    torch.manual_seed(1)
+    p_pre, p_post, x = torch.randn(8, 8), torch.randn(4, 6), torch.randn(2, 8)
+    seen = {}
+
+    def pre(mod, args):
+        seen["pre_in"] = args[0]
+        seen["pre"] = args[0] @ p_pre
+        return (seen["pre"],)
+
+    def post(mod, args, out):
+        seen["post_in"] = out
+        seen["post"] = out @ p_post
+        return seen["post"]
+
+    model = _root()
+    if when == "before":
+        model.register_forward_pre_hook(pre)
+        model.register_forward_hook(post)
+    m = abfp.convert(model, CFG, inplace=True)
+    if when == "after":
+        m.register_forward_pre_hook(pre)
+        m.register_forward_hook(post)
+    with torch.no_grad():
+        m(x)
+    assert _counts(m) == (2 * 8 * 8 + 64 + 2 * 4 * 6, 0)
+    _on_device(seen["pre"], seen["pre_in"], p_pre)
+    _on_device(seen["post"], seen["post_in"], p_post)
+    # one site numbering over the hooks and the forward: the pre-hook's product first
+    s = abfp.summary(m, x)
+    assert [r.site for r in s.rows if r.kind == "matmul"] == [":matmul0", ":matmul1"]
+
+
+def test_root_hooks_with_kwargs_prepend_always_call_and_removal():
+    torch.manual_seed(2)
+    p = torch.randn(4, 4)
+    m = abfp.convert(_root(), CFG)
+    h1 = m.register_forward_pre_hook(lambda mod, a, kw: ((a[0] @ torch.eye(8),), kw), with_kwargs=True, prepend=True)
+    h2 = m.register_forward_hook(lambda mod, a, kw, out: out @ p, with_kwargs=True, always_call=True)
+    with torch.no_grad():
+        m(torch.randn(2, 8))
+    assert _counts(m) == (2 * 8 * 8 + 64 + 2 * 4 * 4, 0)
+    h1.remove()
+    h2.remove()
+    abfp.coverage(m).reset()
+    with torch.no_grad():
+        m(torch.randn(2, 8))
+    assert _counts(m) == (64, 0)
+
+    # an always-called hook runs when the forward raises: still inside the root's frame, on the
+    # device; the failed call's counts are rolled back (no count outlives a failed call)
+    seen = []
+    ones = torch.ones(3, 4)
+    m.register_forward_hook(lambda mod, a, out: seen.append(ones @ p), always_call=True)
+    with pytest.raises(ValueError, match="in_features"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m(torch.randn(2, 7))  # wrong width: the Linear raises
+    assert len(seen) == 1 and _counts(m) == (64, 0)
+    _on_device(seen[0], ones, p)
+    assert not abfp.nn.mode._stack()  # no frame left behind
+
+
+class TimesP:
+    """A picklable forward hook: ``out @ p``."""
+
+    def __init__(self, p: torch.Tensor) -> None:
+        self.p = p
+
+    def __call__(self, mod, args, out):
+        return out @ self.p
+
+
+def test_root_call_survives_copies_and_to_digital_removes_it():
+    """torch drops ``_compiled_call_impl`` from copies (``Module.__getstate__``): a deep copy and a
+    pickled converted model set theirs again; ``to_digital`` takes it off."""
+    import io
+
+    m = abfp.convert(_root(), CFG)
+    m.register_forward_hook(TimesP(torch.randn(4, 4)))
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    for c in (copy.deepcopy(m), torch.load(buf, weights_only=False)):
+        assert isinstance(c.__dict__.get("_compiled_call_impl"), RootCall) and c._compiled_call_impl.module is c
+        with torch.no_grad():
+            c(torch.randn(2, 8))
+        assert _counts(c) == (64 + 2 * 4 * 4, 0)
+    d = abfp.to_digital(m, inplace=False)
+    assert "_compiled_call_impl" not in d.__dict__ and d._compiled_call_impl is None
+    assert "_compiled_call_impl" not in abfp.to_digital(m).__dict__
+
