@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
+from torch.masked import MaskedTensor
 
 from ..config import ABFPConfig
 from ..numerics import ProductStats
@@ -278,6 +279,7 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
         warn_digital(frame, name)
         return digital_call(frame, func, args, kwargs, "no analog model", name=name)
     check_half_mix(frame, site, operands)
+    check_values(frame, site, operands)
     if tracing():
         return _traced(frame, site, cfg, analog, operands, macs)
     if state.calibrating:
@@ -339,6 +341,24 @@ def check_half_mix(frame: Frame, site: str, operands: tuple[Tensor, ...]) -> Non
                        f"{_dtype_name(b)}: torch refuses operands of different dtypes (mat1 and mat2 must have the same "
                        "dtype); cast the input to the model's dtype (x.to(dtype)) or the model to the input's "
                        "(model.to(dtype)), or run it under torch.autocast")
+
+
+def check_values(frame: Frame, site: str, operands: tuple[Tensor, ...]) -> None:
+    """Refuse, in words, operands whose values the device cannot read: a ``MaskedTensor`` (a
+    ``TypeError``, as torch's own products give one; before, an unrelated ``TypeError`` from
+    inside the block scales) and, outside a tracer, a tensor on the ``meta`` device (no values to
+    encode; before, "Tensor.item() cannot be called on meta tensors")."""
+    where = f"abfp: product {site} (module {frame.name or 'the root'!r})"
+    for t in operands:
+        if isinstance(t, MaskedTensor):
+            raise TypeError(f"{where} has a MaskedTensor operand (torch.masked), which the device cannot encode: its "
+                            "masked-out elements have no value (torch's own linear, matmul and convolutions do not take "
+                            "it either); pass a plain tensor, e.g. mt.get_data().masked_fill(~mt.get_mask(), 0)")
+        if t.is_meta and not tracing():
+            raise NotImplementedError(
+                f"{where} has an operand on the meta device: the device's products read values (block scales, DAC "
+                "codes, the ADC), which a meta tensor has none of; run the model on a real device, or, for shapes "
+                "only, run the float32 model (abfp.to_digital(model, inplace=False)) on meta")
 
 
 def _dtype_name(t: Tensor) -> str:
