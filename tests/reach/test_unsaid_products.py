@@ -3,6 +3,7 @@
 counted digital).
 
 1. forward hooks and forward pre-hooks on the converted model's root (``nn/mode.RootCall``);
+2. public methods that multiply their arguments (``nn/mode.makes_products``), called from outside;
 """
 
 from __future__ import annotations
@@ -141,3 +142,75 @@ def test_root_call_survives_copies_and_to_digital_removes_it():
     assert "_compiled_call_impl" not in d.__dict__ and d._compiled_call_impl is None
     assert "_compiled_call_impl" not in abfp.to_digital(m).__dict__
 
+
+# ----------------------------------------------------------------------------- 2. methods that multiply their arguments
+def _keep(fn):
+    """A decorator that keeps the function's name (``functools.wraps``)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        return fn(*a, **k)
+
+    return wrapper
+
+
+class Scorer(nn.Module):
+    """Public methods that compute products of their arguments without naming the module's layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, a, b):
+        return self.scores(self.proj(a), b)  # inside the forward: the plain method, the frame's products
+
+    def scores(self, a, b):
+        return a @ b.T
+
+    def attend(self, a, b):
+        return torch.einsum("ik,jk->ij", a, b)
+
+    @_keep
+    def batched(self, a, b):
+        return [torch.bmm(u[None], v.T[None])[0] for u, v in [(a, b)]]  # inside a comprehension
+
+    def describe(self):
+        return f"scorer of width {4}"  # no product: not wrapped
+
+
+def _flop_macs(fn, *args) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn(*args)
+    return fc.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("method", ["scores", "attend", "batched"])
+def test_methods_that_multiply_their_arguments_run_on_the_device(method):
+    """Called from outside any forward, each runs as ``forward`` does: on the device, counted as
+    FlopCounterMode counts the float32 method (before the fix: 0 MACs, float32)."""
+    torch.manual_seed(3)
+    a, b = torch.randn(3, 4), torch.randn(5, 4)
+    model = Scorer().eval()
+    want = _flop_macs(getattr(model, method), a, b)
+    m = abfp.convert(model, CFG)
+    assert isinstance(m.__dict__.get(method), abfp.nn.mode.GuardedMethod)
+    with torch.no_grad():
+        y = getattr(m, method)(a, b)
+    y = y[0] if isinstance(y, list) else y
+    assert _counts(m) == (want, 0) and want == 3 * 5 * 4
+    _on_device(y, a, b.T)
+
+
+def test_method_heuristic_wraps_no_plain_method_and_no_torch_method():
+    m = abfp.convert(nn.Sequential(Scorer(), nn.MultiheadAttention(4, 2), nn.Bilinear(4, 4, 2)), CFG)
+    assert "describe" not in m[0].__dict__ and m[0].describe() == "scorer of width 4"
+    for mod in (m, m[1], m[2]):  # torch's own classes and nn.Module's methods are never wrapped
+        assert not [k for k, v in mod.__dict__.items() if isinstance(v, abfp.nn.mode.GuardedMethod)]
+    # inside a forward the method is the plain one: the forward's site numbering
+    one = abfp.convert(Scorer(), CFG)
+    with torch.no_grad():
+        s = abfp.summary(one, (torch.randn(3, 4), torch.randn(5, 4)))
+    assert [r.site for r in s.rows] == ["proj:linear0", ":matmul0"]

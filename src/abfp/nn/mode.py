@@ -43,6 +43,7 @@ of every module it calls (other than leaf sites).
 
 from __future__ import annotations
 
+import dis
 import inspect
 import sys
 import threading
@@ -55,16 +56,16 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from ..ops.attention import flex_eager, flex_restore, sdpa  # noqa: F401  (sdpa re-exported: it lived here)
-from ..ops.coverage import no_analog_model, odd_layout
+from ..ops.coverage import _NO_ANALOG_MODEL as NO_ANALOG_MODEL, func_name, no_analog_model, odd_layout
 from ..ops.device import NotTraceable, tracing
-from ..ops.registry import PLAIN as _PLAIN, handler_for
+from ..ops.registry import PLAIN as _PLAIN, handler_for, registered as registry_funcs, size as registry_size
 from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, answer_odd_layout, check_traceable,  # noqa: F401
                         digital_call, run_product, undo_forget, undo_mark, undo_to, warn_digital)
 from .state import AnalogState
 
 __all__ = ["AnalogMode", "DigitalSpectralNorm", "DirectSites", "Frame", "GuardedForward", "GuardedMethod", "ProductCall",
            "RootCall",
-           "computing_methods", "digital_call",
+           "computing_methods", "digital_call", "makes_products", "product_names",
            "drop_stale", "leave", "off_mode", "run_product"]
 
 #: torch modules whose own ``forward`` makes no product (activations, norms, pooling, dropout,
@@ -472,14 +473,49 @@ class GuardedMethod(GuardedForward):
 _MODULE_NAMES = frozenset(dir(nn.Module))
 
 
+def product_names() -> frozenset[str]:
+    """The names by which code calls a product: the last part of every function a product family
+    answers or :mod:`abfp.ops.coverage` names as having no analog model (``matmul``, ``bmm``, ``mm``,
+    ``einsum``, ``linear``, ``conv2d``, ``baddbmm``, ``tensordot``, ``cdist``, ``solve``, ...), as a
+    code object lists them in ``co_names`` (``torch.einsum``, ``F.linear``, ``a.matmul(b)``)."""
+    size = registry_size() + len(NO_ANALOG_MODEL)
+    if size != _PRODUCT_NAMES[0]:
+        funcs = [*registry_funcs(), *NO_ANALOG_MODEL]
+        _PRODUCT_NAMES[:] = [size, frozenset(n for f in funcs if (n := func_name(f).rsplit(".", 1)[-1])
+                                             and not n.startswith("_"))]
+    return _PRODUCT_NAMES[1]
+
+
+_PRODUCT_NAMES: list[Any] = [-1, frozenset()]
+
+
+def makes_products(code: types.CodeType) -> bool:
+    """Whether ``code`` (or a function, lambda or comprehension defined in it) multiplies with the
+    ``@`` operator (``a @ b``, ``a @= b``) or names a product function (:func:`product_names`).
+    Remembered per code object (``convert`` asks once per class, not once per module)."""
+    names = product_names()
+    known = _MAKES.get(code)
+    if known is not None and known[0] is names:
+        return known[1]
+    found = bool(names.intersection(code.co_names)) or any(
+        ins.opname in ("BINARY_MATRIX_MULTIPLY", "INPLACE_MATRIX_MULTIPLY")
+        or (ins.opname == "BINARY_OP" and ins.argrepr in ("@", "@=")) for ins in dis.get_instructions(code)) or any(
+        makes_products(c) for c in code.co_consts if isinstance(c, types.CodeType))
+    _MAKES[code] = (names, found)
+    return found
+
+
+_MAKES: dict[types.CodeType, tuple[frozenset[str], bool]] = {}
+
+
 def computing_methods(module: torch.nn.Module) -> list[tuple[str, Any]]:
     """``(name, function)`` of the public methods of ``module``'s class (not ``forward``, not
     ``nn.Module``'s, not those of torch's own classes, no properties, static or class methods) whose
     code names one of its children, parameters or buffers (``self.encoder``, ``self.text_projection``):
-    the methods that compute with the module's own layers and weights."""
+    the methods that compute with the module's own layers and weights; or makes a product of its own
+    (:func:`makes_products`: ``def scores(self, a, b): return a @ b.T``, ``torch.einsum`` of its
+    arguments). A decorated method (``functools.wraps``) is judged by the function it wraps."""
     own = set(module._modules) | set(module._parameters) | set(module._buffers)
-    if not own:
-        return []
     found: dict[str, Any] = {}
     for cls in type(module).__mro__:
         if cls.__module__.startswith("torch."):  # torch's own classes (nn.Linear.reset_parameters, ...): no
@@ -487,7 +523,8 @@ def computing_methods(module: torch.nn.Module) -> list[tuple[str, Any]]:
         for attr, fn in vars(cls).items():
             if attr in found or attr.startswith("_") or attr == "forward" or attr in _MODULE_NAMES:
                 continue
-            if inspect.isfunction(fn) and own.intersection(fn.__code__.co_names):
+            code = getattr(inspect.unwrap(fn), "__code__", None) if inspect.isfunction(fn) else None
+            if code is not None and (own.intersection(code.co_names) or makes_products(code)):
                 found[attr] = fn
             else:
                 found.setdefault(attr, None)  # a subclass's non-method of this name hides the base's

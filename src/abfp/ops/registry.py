@@ -57,3 +57,8 @@ def handler_for(func: Any) -> Handler | None:
 def registered() -> dict[Any, Handler]:
     """A copy of the registry (for tests and docs)."""
     return dict(_HANDLERS)
+
+
+def size() -> int:
+    """How many functions are registered (grows as families register; cheap to ask)."""
+    return len(_HANDLERS)
