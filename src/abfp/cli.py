@@ -557,6 +557,11 @@ def interrupted_line(args: argparse.Namespace) -> str:
     return f"abfp: interrupted ({INTERRUPTED.get(command, 'nothing was written')})"
 
 
+#: The line of a Ctrl-C before any command ran (while the command line is read; while torch is
+#: imported it is ``abfp/__init__.py``'s, the same words)
+NOTHING_WRITTEN = "abfp: interrupted (nothing was written)"
+
+
 #: Modules with a ``register(subparsers)`` function that adds their subcommands.
 _EXTRA_COMMAND_MODULES = ("abfp.finetune.cli", "abfp.precision.cli", "abfp.tune.cli", "abfp.explore.cli")
 
@@ -566,8 +571,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Errors of the command line itself (unknown option, a value of the wrong type) exit through
     argparse's ``SystemExit(2)``, also with one line."""
-    ap = build_parser()
-    args = ap.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports the tools' modules: Ctrl-C may come here too
+    except KeyboardInterrupt:
+        print(NOTHING_WRITTEN, file=sys.stderr)
+        return 130
     keep_freed_memory()  # large tensors reuse the heap instead of fresh kernel pages (abfp.allocator)
     try:
         return int(args.func(args) or 0)
