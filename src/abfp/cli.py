@@ -567,7 +567,8 @@ _EXTRA_COMMAND_MODULES = ("abfp.finetune.cli", "abfp.precision.cli", "abfp.tune.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``abfp``; returns the exit status (2 and one line on stderr for bad input).
+    """Run ``abfp``; returns the exit status (2 and one line on stderr for bad input, and for a NaN
+    where a number must be: a metric that returns NaN, a finetuning loss that blows up).
 
     Errors of the command line itself (unknown option, a value of the wrong type) exit through
     argparse's ``SystemExit(2)``, also with one line."""
@@ -579,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # large tensors reuse the heap instead of fresh kernel pages (abfp.allocator)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, OSError, ImportError, TypeError) as e:
+    except (UsageError, ValueError, OSError, ImportError, TypeError, FloatingPointError) as e:
         print_error(e)
         return 2
     except KeyboardInterrupt:
