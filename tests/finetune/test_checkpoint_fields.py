@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from abfp import ABFPConfig
 from abfp.finetune.loop import TrainSettings
+from abfp.zoo.base import Dataset
 
 #: keyed by produced_by outside ``settings``
 ELSEWHERE = {"loss_fn": "produced_by's 'loss'", "distillation": "produced_by's 'loss' and 'teacher'"}
@@ -29,10 +31,11 @@ ALLOWED = {
 
 
 def test_every_training_setting_is_in_the_checkpoint_provenance():
-    # every optional part set (overrides, fresh inputs, a schedule: keyed only when set, so that
+    # every optional part set (overrides, fresh inputs, a schedule, validation: keyed only when set, so that
     # checkpoints written before them stay valid)
     s = TrainSettings(steps=4, lr=1e-3, batch_size=2, overrides={"fc": ABFPConfig()},
-                      sample_inputs=lambda g, n: None, lr_schedule="cosine", warmup=1)
+                      sample_inputs=lambda g, n: None, lr_schedule="cosine", warmup=1,
+                      validation=Dataset((torch.zeros(2, 1),), torch.zeros(2)))
     keyed = set(s.fingerprint())
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     missing = names - keyed - set(ELSEWHERE) - set(ALLOWED)

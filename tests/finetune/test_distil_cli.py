@@ -66,8 +66,10 @@ def test_user_task_finetunes_label_free_on_the_first_half(method, tmp_path, monk
                  "--json", str(out), "--no-progress", "--threads", "1"])
     assert code == 0
     rec = json.loads(out.read_text())
-    # label-free (kl for a percentage metric), trained on samples 0-47, evaluated on 48-95
-    assert rec["loss"] == "kl" and rec["train_samples"] == 48 and rec["fp32_metric"] == 100.0
+    # label-free (kl for a percentage metric), trained on samples 0-38, validated on 39-47 (the best
+    # weights kept: --validation-samples, a fifth by default), evaluated on 48-95
+    assert rec["loss"] == "kl" and rec["train_samples"] == 39 and rec["validation_samples"] == 9
+    assert rec["fp32_metric"] == 100.0
     # the default checkpoint is named after the task with the path's separators replaced
     (ck,) = (tmp_path / ".abfp_finetune").iterdir()
     assert ck.name.endswith(f"_tests_evaluate_tiny_task.py_make-{method}-kl.safetensors") and "/" not in ck.name[:-1]
@@ -84,6 +86,10 @@ def test_user_task_finetunes_label_free_on_the_first_half(method, tmp_path, monk
     (["--train-samples", "96"], "has 96 samples; leave some to evaluate"),
     (["--loss", "cosine", "--temperature", "2"], "--temperature only applies"),
     (["--task", "/no/such/file.py:make"], "no such file"),
+    (["--validation-samples", "40"], "--validation-samples 40 leaves 8 of the 48 training inputs"),
+    (["--validation-samples", "-1"], "--validation-samples must be >= 0"),
+    (["--validation-samples", "0", "--validate-every", "5"], "--validate-every does not apply here"),
+    (["--validate-every", "0"], "--validate-every must be >= 1"),
 ])
 def test_user_task_bad_options_exit_2(argv, message, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)

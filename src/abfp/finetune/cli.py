@@ -37,6 +37,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+#: ``--validation-samples``' default: a fifth of the training inputs, at most this many.
+VALIDATION_MAX = 1000
+#: ``--validate-every``'s default.
+VALIDATE_EVERY = 25
+
 #: Zoo tasks without labels that finetune label-free on their calibration split.
 UNLABELLED_TASKS = ("efficientnet-lite0", "minilm-l6")
 #: Their default distillation loss.
@@ -110,6 +115,14 @@ def register(sub: Any) -> None:
                         "half of its data)")
     t.add_argument("--eval-samples", type=int, default=DEFAULTS["eval_samples"], help=f"first N test / evaluation inputs for the metrics (default {DEFAULTS['eval_samples']})")
     t.add_argument("--eval-batch-size", type=int, default=500, help="default 500")
+    t.add_argument("--validation-samples", type=int, default=None, metavar="N",
+                   help="hold out the last N training inputs (never trained on, never the evaluation inputs); the run's "
+                        "loss on them is measured on the device before the first step and every --validate-every steps, "
+                        "and the weights of the lowest are kept and evaluated, so that a run that over-fits or diverges "
+                        "ends no worse than it began on held-out inputs (default: a fifth of the training inputs, at most "
+                        f"{VALIDATION_MAX}; 0: keep the last step's weights)")
+    t.add_argument("--validate-every", type=int, default=None, metavar="K",
+                   help=f"steps between validations (default {VALIDATE_EVERY})")
     d = p.add_argument_group("DNF variants (the defaults are the authors' method)")
     d.add_argument("--calibration-samples", type=int, default=128, help="size of the one calibration batch (default 128)")
     d.add_argument("--bins", type=int, default=100, help="histogram bins (default 100)")
@@ -169,11 +182,17 @@ def _validate(args: argparse.Namespace) -> None:
     need(args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     need(args.train_samples is None or args.train_samples >= args.batch_size,
          f"--train-samples ({args.train_samples}) must be at least one batch ({args.batch_size})")
+    need(args.validation_samples is None or args.validation_samples >= 0,
+         f"--validation-samples must be >= 0, got {args.validation_samples}")
+    need(args.validate_every is None or args.validate_every >= 1, f"--validate-every must be >= 1, got {args.validate_every}")
+    refuse_inapplicable(args, {"validate_every": "no validation (--validation-samples 0)"}
+                        if args.validation_samples == 0 else {})
     need(args.checkpoint_every is None or args.checkpoint_every >= 1,
          f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     timing = "--time-steps times steps instead of finetuning: nothing is trained, written or resumed"
     refuse_inapplicable(args, {
-        **({k: timing for k in ("json_path", "save_model", "resume", "checkpoint", "checkpoint_every")}
+        **({k: timing for k in ("json_path", "save_model", "resume", "checkpoint", "checkpoint_every",
+                                "validation_samples", "validate_every")}
            if args.time_steps is not None else {}),
         **({"checkpoint_every": "no checkpoint is written (--checkpoint '')"} if args.checkpoint == "" else {})})
     args.checkpoint_every = 50 if args.checkpoint_every is None else args.checkpoint_every
@@ -281,13 +300,15 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
         return _time_steps(args, task, train, cfg)
     if eval_data is None:
         eval_data = task.load_data().take(args.eval_samples)
+    train, validation = _hold_out(args, train, show)
     if ckpt and args.resume and resume_meta is None:
         show(f"note: no checkpoint at {ckpt}; starting from the beginning")
 
     common = dict(seed=args.seed, weight_decay=args.weight_decay, lr_decay=args.lr_decay, eval_data=eval_data,
                   metric=task.metric, eval_batch_size=args.eval_batch_size, checkpoint=ckpt,
                   checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress,
-                  desc=f"{args.method} {args.model}",
+                  desc=f"{args.method} {args.model}", validation=validation,
+                  validate_every=args.validate_every or VALIDATE_EVERY,
                   **_loss_options(args))
     procs = f" on {world_size} processes" if world_size > 1 else ""
     how = "" if args.loss == "ce" else \
@@ -313,6 +334,13 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
     print(f"  device before finetuning    {_fmt(result.metric_before)}")
     print(f"  device after {args.method} ({result.steps} steps)  {_fmt(result.metric_after)}   "
           f"({_fmt(result.recovered, '+.2f')} points, {_fmt(None if rf is None else 100 * rf, '.0f')}% of the loss recovered)")
+    if validation is not None and result.details.get("selected_step") is not None:
+        d = result.details
+        kept = "the last step's weights" if d["selected_step"] == result.steps else \
+            ("the starting weights (no step lowered it)" if d["selected_step"] == 0
+             else f"the weights of step {d['selected_step']}")
+        print(f"  kept {kept}: device validation loss {d['validation_loss']:.4g} on {len(validation)} held-out "
+              f"training inputs (start {d['validation_history'][0][1]:.4g}, last step {_fmt(d['validation_loss_last'], '.4g')})")
     ratio = result.step_time_ratio
     print(f"  step {_fmt(result.seconds_per_step, '.4f')} s, float32 step {_fmt(result.fp32_seconds_per_step, '.4f')} s "
           f"({_fmt(ratio, '.2f')}x); training {result.seconds_total:.1f} s; wall {wall:.1f} s")
@@ -333,6 +361,27 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
                                 "loss": args.loss})
         print(f"wrote {args.save_model}")
     return 0
+
+
+def _hold_out(args: argparse.Namespace, train: Any, show: Any) -> tuple[Any, Any]:
+    """``(training, validation or None)``: the last ``--validation-samples`` training inputs held out
+    (:func:`~.selection.split_validation`); the default, a fifth up to :data:`VALIDATION_MAX`, shrinks
+    to leave one batch to train on (none when it cannot)."""
+    from .selection import split_validation
+
+    n, wanted = len(train), args.validation_samples
+    if wanted == 0:
+        return train, None
+    if wanted is None:
+        wanted = min(n // 5, VALIDATION_MAX, n - args.batch_size)
+        if wanted < 1:
+            show(f"note: {n} training inputs leave none to validate on with --batch-size {args.batch_size}; "
+                 "the last step's weights are kept")
+            return train, None
+    elif n - wanted < args.batch_size:
+        raise UsageError(f"--validation-samples {wanted} leaves {n - wanted} of the {n} training inputs, fewer than "
+                         f"--batch-size {args.batch_size}")
+    return split_validation(train, wanted)
 
 
 def _loss_options(args: argparse.Namespace) -> dict[str, Any]:

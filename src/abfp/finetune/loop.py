@@ -149,6 +149,12 @@ class TrainSettings:
     #: ``warmup`` steps, then half a cosine down to nearly 0 at the last of ``steps``).
     lr_schedule: str = "constant"
     warmup: int = 0
+    #: Held-out training inputs (with labels for cross entropy; the teacher's outputs are added
+    #: when distilling), never trained on: the run's loss on them, on the device, is measured
+    #: before the first step, every ``validate_every`` steps and after the last, and the weights of the lowest
+    #: are returned (:class:`~.selection.BestWeights`; ``None``: the last step's weights).
+    validation: Dataset | None = None
+    validate_every: int = 50
 
     @property
     def frozen_layers(self) -> bool:
@@ -174,6 +180,10 @@ class TrainSettings:
         need(isinstance(self.warmup, int) and not isinstance(self.warmup, bool) and self.warmup >= 0,
              f"warmup must be a non-negative integer, got {self.warmup!r}")
         need(self.warmup == 0 or self.lr_schedule == "cosine", "warmup goes with lr_schedule='cosine'")
+        need(isinstance(self.validate_every, int) and self.validate_every >= 1,
+             f"validate_every must be an integer >= 1, got {self.validate_every!r}")
+        if self.validation is not None and not isinstance(self.validation, Dataset):
+            raise TypeError(f"validation must be an abfp.zoo.Dataset, got {type(self.validation).__name__}")
         need(self.lr_schedule != "cosine" or self.warmup < self.steps,
              f"warmup ({self.warmup}) must be below steps ({self.steps})")
         if self.distillation is not None and not isinstance(self.distillation, Distillation):
@@ -207,6 +217,11 @@ class TrainSettings:
             d["sample_inputs"] = sampler_identity(self.sample_inputs)
         if self.lr_schedule != "constant":  # only when set: earlier checkpoints stay valid
             d.update(lr_schedule=self.lr_schedule, warmup=self.warmup, schedule_steps=self.steps)
+        if self.validation is not None:  # only when set, as above
+            v = self.validation
+            d.update(validate_every=self.validate_every,
+                     validation=digest([len(v.inputs)], *v.inputs, "targets",
+                                       v.targets if v.targets is not None else "none"))
         return d
 
     def lr_at(self, step: int, epoch: int) -> float:
@@ -496,6 +511,26 @@ def _default_metric(distillation: Distillation | None) -> Metric:
     return AGREEMENT if distillation.loss == "kl" else COSINE
 
 
+def _best_weights(s: TrainSettings, base: nn.Module, loss_fn: LossFn, config: ABFPConfig) -> Any:
+    """The run's :class:`~.selection.BestWeights` (``None`` without ``s.validation``): its targets are
+    the labels, or when distilling the frozen float32 teacher's outputs on the validation inputs."""
+    from .selection import BestWeights
+
+    v = s.validation
+    if v is None:
+        return None
+    if s.distillation is not None:
+        v = Dataset(v.inputs, from_main(lambda: teacher_outputs(base, v.inputs)))
+    elif v.targets is None:
+        raise ValueError("validation data without targets: the loss needs labels (or a distillation loss)")
+
+    def measure(model: nn.Module, data: Dataset, metric: Metric) -> float:
+        return device_metric(model, data, metric, config, batch_size=s.eval_batch_size, exclude=s.exclude,
+                             overrides=s.overrides)
+
+    return BestWeights(float_copy(base), v, s.distillation or loss_fn, measure, s.validate_every)
+
+
 def _json_roundtrip(d: dict[str, Any]) -> dict[str, Any]:
     import json
 
@@ -529,6 +564,7 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
         else:  # a new batch every step; the teacher stays float32
             batches = _FreshBatches(train_data, s.batch_size, s.seed, s.sample_inputs, copy.deepcopy(base).eval())
 
+    best = _best_weights(s, base, loss_fn, eval_cfg)
     features_teacher = None
     if s.distillation is not None and s.distillation.feature_weight:  # taken before any restore or conversion
         features_teacher = copy.deepcopy(base).eval()
@@ -579,6 +615,11 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
         torch.set_rng_state(restored[0]["rng.torch"])
         start = int(prev["step"])
         losses = [float(v) for v in prev.get("losses", [])]
+    if best is not None:
+        if restored:
+            best.restore(restored[0], prev.get("validation", {}))
+        elif s.steps > 0:
+            best.measure(train_model, 0)
     elapsed = float(prev.get("seconds_total", 0.0)) + time.perf_counter() - t_setup
 
     if s.timing_steps and start < s.steps:
@@ -612,13 +653,20 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
             done = step + 1
             if not math.isfinite(value):
                 raise FloatingPointError(f"{method.name}: loss is {value} at step {done}; lower the learning rate")
+            if best is not None and best.due(done):  # on every rank: the device evaluation is shared
+                best.measure(train_model, done)
             if ckpt is not None and rank == 0 and (done % s.checkpoint_every == 0 or done == s.steps):
                 t1 = time.perf_counter()
                 extra, method_meta = method.state()
+                validation: dict[str, Any] = {}
+                if best is not None:
+                    best_tensors, validation = best.state()
+                    extra = {**extra, **best_tensors}
                 elapsed += time.perf_counter() - t1
                 meta = {**expected, "fp32_metric": fp32_metric, "metric_before": metric_before, "losses": losses,
                         "eval_samples": len(s.eval_data) if s.eval_data is not None else None, "metric": metric.name,
-                        "method_state": method_meta, "seconds_total": elapsed, "world_size": world_size}
+                        "method_state": method_meta, "seconds_total": elapsed, "world_size": world_size,
+                        **({"validation": validation} if best is not None else {})}
                 save_checkpoint(ckpt, train_model, optimizer, done, extra, meta)
                 elapsed += time.perf_counter() - t1
             if s.timing_every and done % s.timing_every == 0 and done < s.steps:
@@ -633,7 +681,13 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
         if features is not None:
             features.close()
     train_model.eval()
+    if best is not None and s.steps > 0:
+        best.finish(train_model, s.steps)
     details = method.finish()
+    if best is not None and best.best_step is not None:
+        if best.best_step != s.steps:
+            train_model.load_state_dict(best.best_state())
+        details = {**details, **best.summary(s.steps)}
     final = to_digital(train_model, inplace=True) if is_converted(train_model) else train_model
 
     metric_after = None
