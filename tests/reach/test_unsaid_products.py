@@ -4,6 +4,7 @@ counted digital).
 
 1. forward hooks and forward pre-hooks on the converted model's root (``nn/mode.RootCall``);
 2. public methods that multiply their arguments (``nn/mode.makes_products``), called from outside;
+3. linear algebra that multiplies inside LAPACK (``ops/coverage._LINALG``): named and counted digital.
 """
 
 from __future__ import annotations
@@ -214,3 +215,87 @@ def test_method_heuristic_wraps_no_plain_method_and_no_torch_method():
     with torch.no_grad():
         s = abfp.summary(one, (torch.randn(3, 4), torch.randn(5, 4)))
     assert [r.site for r in s.rows] == ["proj:linear0", ":matmul0"]
+
+
+# ----------------------------------------------------------------------------- 3. linear algebra inside LAPACK
+def _linalg_cases():
+    """name -> (call, the digital op's name, its MACs by the estimate of ops/coverage, written out
+    here for a batch of 2 systems of n = 4 with k = 3 right-hand sides)."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(2, 4, 4, generator=g) + 4 * torch.eye(4)
+    b = torch.randn(2, 4, 3, generator=g)
+    low = torch.linalg.cholesky(a @ a.mT)
+    lu, piv = torch.linalg.lu_factor(a)
+    refl, tau = torch.geqrf(b)
+    s = torch.ceil(torch.log2(a.abs().sum(-2).amax(-1).double() / 3.010066362817634)).clamp(min=0)
+    lu_n, sub = 4**3 // 3, 4 * 4 * 3  # LU of n = 4 (21), two substitutions for k = 3 (48)
+    return {
+        "solve": (lambda: torch.linalg.solve(a, b), "torch.linalg.solve", 2 * (lu_n + sub)),
+        "solve_ex vector": (lambda: torch.linalg.solve_ex(a, b[..., 0]), "torch.linalg.solve_ex", 2 * (lu_n + 16)),
+        "solve left=False": (lambda: torch.linalg.solve(a, b.mT, left=False), "torch.linalg.solve", 2 * (lu_n + sub)),
+        "inv": (lambda: torch.linalg.inv(a), "torch.linalg.inv", 2 * 64),
+        "Tensor.inverse": (lambda: a.inverse(), "Tensor.inverse", 2 * 64),
+        "det": (lambda: torch.det(a), "torch.det", 2 * lu_n),
+        "linalg.det": (lambda: torch.linalg.det(a), "torch.linalg.det", 2 * lu_n),
+        "slogdet": (lambda: torch.linalg.slogdet(a), "torch.linalg.slogdet", 2 * lu_n),
+        "lu_solve": (lambda: torch.linalg.lu_solve(lu, piv, b), "torch.linalg.lu_solve", 2 * sub),
+        "cholesky_solve": (lambda: torch.cholesky_solve(b, low), "torch.cholesky_solve", 2 * sub),
+        "triangular_solve": (lambda: torch.triangular_solve(b, low, upper=False), "torch.triangular_solve", 2 * 10 * 3),
+        "solve_triangular": (lambda: torch.linalg.solve_triangular(low, b, upper=False), "torch.linalg.solve_triangular",
+                             2 * 10 * 3),
+        "cholesky_inverse": (lambda: torch.cholesky_inverse(low[0]), "torch.cholesky_inverse", lu_n),
+        "lstsq": (lambda: torch.linalg.lstsq(a, b).solution, "torch.linalg.lstsq", 2 * ((64 - lu_n) + 48 + 24)),
+        "pinv (4 x 3)": (lambda: torch.linalg.pinv(b), "torch.linalg.pinv", 2 * ((36 - 9) + 27 + 36)),
+        "matrix_exp": (lambda: torch.linalg.matrix_exp(a), "torch.linalg.matrix_exp", int((5 + s).sum()) * 64),
+        "Tensor.matrix_exp": (lambda: a.matrix_exp(), "Tensor.matrix_exp", int((5 + s).sum()) * 64),
+        "householder_product": (lambda: torch.linalg.householder_product(refl, tau), "torch.linalg.householder_product",
+                                2 * (2 * 4 * 3 * 3 - 7 * 9 + 18)),
+        # named digital before session 18: they stay so
+        "cdist": (lambda: torch.cdist(b, b), "torch.cdist", 2 * 4 * 4 * 3),
+        "kron": (lambda: torch.kron(a[0], a[1]), "torch.kron", 256),
+        "_addmm_activation": (lambda: torch._addmm_activation(b[0, 0], a[0], b[0]), "torch._addmm_activation", 48),
+    }
+
+
+class Calls(nn.Module):
+    def __init__(self, call) -> None:
+        super().__init__()
+        self.inner = nn.Linear(2, 2)
+        self.call = call
+
+    def forward(self):
+        return self.call()
+
+
+@pytest.mark.parametrize("case", sorted(_linalg_cases()))
+def test_linear_algebra_products_are_named_and_counted_digital(case):
+    """Each ran in float32 unsaid and counted 0 MACs until session 18: now one
+    ``DigitalProductWarning`` naming the op (once per model), its estimated MACs digital, torch's
+    own result; inside an excluded module the same MACs, no warning."""
+    call, name, macs = _linalg_cases()[case]
+    want = call()
+    m = abfp.convert(Calls(call), CFG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DigitalProductWarning)
+        got, _ = m(), m()
+    said = [str(w.message) for w in caught if issubclass(w.category, DigitalProductWarning)]
+    assert len(said) == 1 and said[0].startswith(f"abfp: {name} (in the model)"), said
+    assert abfp.coverage(m).digital_ops == {f"{name} (no analog model)": 2 * macs}
+    for u, v in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        torch.testing.assert_close(u, v)
+    x = abfp.convert(Calls(call), CFG, exclude=[""])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DigitalProductWarning)
+        x()
+    assert not caught and abfp.coverage(x).digital_ops == {f"{name} (no analog model)": macs}
+
+
+def test_weight_preparation_by_matrix_exp_stays_quiet():
+    """An orthogonal parametrization (``matrix_exp`` of a skew matrix) prepares a weight: it runs
+    before the device, digital, neither named nor counted (as a deployed model's weights are)."""
+    lin = torch.nn.utils.parametrizations.orthogonal(nn.Linear(4, 4))
+    m = abfp.convert(nn.Sequential(lin), CFG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DigitalProductWarning)
+        m(torch.randn(2, 4))
+    assert not caught and _counts(m) == (2 * 4 * 4, 0)

@@ -228,6 +228,136 @@ def _bilinear(args, kwargs, out):
     return out.numel() * (w.shape[1] + 1) * w.shape[2] if w is not None and isinstance(out, Tensor) and w.dim() == 3 else 0
 
 
+# ----------------------------------------------------------------------------- linear algebra (digital, estimated)
+# torch.linalg's solvers, inverses, determinants and matrix exponential multiply inside LAPACK (or
+# ATen's C++), where no Python mode sees a product; no analog model computes them (a factorisation
+# pivots and divides between its products). Each is named and counted as digital, with the classic
+# operation counts of dense linear algebra in MACs, per matrix of the (broadcast) batch, for an
+# n x n system (a solver's matrix) with k right-hand sides (a vector: k = 1):
+#   LU factorisation n^3/3; two triangular substitutions n^2 k; one (triangular_solve,
+#   solve_triangular) n(n+1)/2 k
+#   solve = LU + substitutions (n^3/3 + n^2 k); lu_solve, cholesky_solve: substitutions only (n^2 k)
+#   inv = n^3 (LU, then the inverse from the factors); det, slogdet, logdet: the LU, n^3/3
+#   cholesky_inverse: n^3/3 (the triangular inverse, n^3/6, and its Gram product, n^3/6)
+#   lstsq (m x n, q = max, p = min): a QR, q p^2 - p^3/3, then Q^T B, m p k, and R's substitution p^2 k/2
+#   pinv (m x n): a QR (q p^2 - p^3/3) and the SVD of its p x p factor (p^3), then V S^+ U^T (m n p)
+#   matrix_exp: torch's degree-18 Taylor form (5 products) and s squarings, (5 + s) n^3 with
+#     s = max(0, ceil(log2(|A|_1 / 3.01))) per matrix (an upper estimate: torch takes a lower degree,
+#     fewer products, for a matrix of small norm)
+#   householder_product(A: m x n, tau: k reflectors): 2 m n k - (m + n) k^2 + 2 k^3/3 (half LAPACK's orgqr flops)
+def _batch(*shapes: Any) -> int:
+    return math.prod(torch.broadcast_shapes(*[tuple(s) for s in shapes])) if shapes else 1
+
+
+def _rhs(a: Tensor, b: Tensor, left: bool = True) -> tuple[int, int]:
+    """``(batch, k)`` of a solve of ``a`` (..., n, n) with ``b``: (..., n, k), (..., k, n) for
+    ``left=False``, or a vector (..., n), k = 1."""
+    if b.dim() == a.dim() - 1 or b.dim() == 1:
+        return _batch(a.shape[:-2], b.shape[:-1]), 1
+    return _batch(a.shape[:-2], b.shape[:-2]), b.shape[-1] if left else b.shape[-2]
+
+
+def _lu_macs(n: int) -> int:
+    return n**3 // 3
+
+
+def _solve(args, kwargs, out):
+    a, b = _t(_arg(args, kwargs, 0, "A")), _t(_arg(args, kwargs, 1, "B"))
+    batch, k = _rhs(a, b, kwargs.get("left", True))
+    n = a.shape[-1]
+    return batch * (_lu_macs(n) + n * n * k)
+
+
+def _lu_solve(args, kwargs, out):
+    """``linalg.lu_solve(LU, pivots, B)``: the substitutions only."""
+    lu, b = _t(_arg(args, kwargs, 0, "LU")), _t(_arg(args, kwargs, 2, "B"))
+    batch, k = _rhs(lu, b, kwargs.get("left", True))
+    return batch * lu.shape[-1] ** 2 * k
+
+
+def _b_first_solve(args, kwargs, out, name: str, tri: bool):
+    """``cholesky_solve(B, L)``, ``triangular_solve(b, A)``: the right-hand side first."""
+    b, a = _t(_arg(args, kwargs, 0, "input")), _t(_arg(args, kwargs, 1, name))
+    batch, k = _rhs(a, b)
+    n = a.shape[-1]
+    return batch * (n * (n + 1) // 2 if tri else n * n) * k
+
+
+def _solve_triangular(args, kwargs, out):
+    a, b = _t(_arg(args, kwargs, 0, "input")), _t(_arg(args, kwargs, 1, "B"))
+    batch, k = _rhs(a, b, kwargs.get("left", True))
+    n = a.shape[-1]
+    return batch * n * (n + 1) // 2 * k
+
+
+def _square(per: Callable[[int], int]) -> MacEstimator:
+    def est(args, kwargs, out):
+        a = _t(_arg(args, kwargs, 0, "A" if "A" in kwargs else "input"))
+        return _batch(a.shape[:-2]) * per(a.shape[-1])
+    return est
+
+
+def _qr_macs(m: int, n: int) -> int:
+    q, p = max(m, n), min(m, n)
+    return q * p * p - p**3 // 3
+
+
+def _lstsq(args, kwargs, out):
+    a, b = _t(_arg(args, kwargs, 0, "A" if "A" in kwargs else "input")), _t(_arg(args, kwargs, 1, "B"))
+    m, n = a.shape[-2:]
+    p = min(m, n)
+    vector = b.dim() == a.dim() - 1
+    k = 1 if vector else b.shape[-1]
+    return _batch(a.shape[:-2], b.shape[:-1] if vector else b.shape[:-2]) * (_qr_macs(m, n) + m * p * k + p * p * k // 2)
+
+
+def _pinv(args, kwargs, out):
+    a = _t(_arg(args, kwargs, 0, "A" if "A" in kwargs else "input"))
+    m, n = a.shape[-2:]
+    p = min(m, n)
+    return _batch(a.shape[:-2]) * (_qr_macs(m, n) + p**3 + m * n * p)
+
+
+def _matrix_exp(args, kwargs, out):
+    a = _t(_arg(args, kwargs, 0, "A" if "A" in kwargs else "input"))
+    n = a.shape[-1]
+    if a.numel() == 0:
+        return 0
+    with torch.no_grad():
+        norm = a.detach().abs().double().sum(-2).amax(-1).reshape(-1)
+        s = torch.ceil(torch.log2(norm / 3.010066362817634)).clamp(min=0).nan_to_num(0.0)
+    return int((5 + s).sum()) * n**3
+
+
+def _householder(args, kwargs, out):
+    a, tau = _t(_arg(args, kwargs, 0, "A" if "A" in kwargs else "input")), _t(_arg(args, kwargs, 1, "tau"))
+    m, n = a.shape[-2:]
+    k = tau.shape[-1]
+    return _batch(a.shape[:-2]) * max(0, 2 * m * n * k - (m + n) * k * k + 2 * k**3 // 3)
+
+
+_LINALG: dict[Any, MacEstimator] = {
+    torch.linalg.solve: _solve, torch.linalg.solve_ex: _solve,
+    torch.linalg.lu_solve: _lu_solve,
+    torch.lu_solve: lambda a, k, o: _b_first_solve(a, k, o, "LU_data", False),  # (b, LU_data, LU_pivots)
+    torch.Tensor.lu_solve: lambda a, k, o: _b_first_solve(a, k, o, "LU_data", False),
+    torch.cholesky_solve: lambda a, k, o: _b_first_solve(a, k, o, "input2", False),
+    torch.Tensor.cholesky_solve: lambda a, k, o: _b_first_solve(a, k, o, "input2", False),
+    torch.triangular_solve: lambda a, k, o: _b_first_solve(a, k, o, "A", True),
+    torch.Tensor.triangular_solve: lambda a, k, o: _b_first_solve(a, k, o, "A", True),
+    torch.linalg.solve_triangular: _solve_triangular,
+    torch.linalg.inv: _square(lambda n: n**3), torch.linalg.inv_ex: _square(lambda n: n**3),
+    torch.inverse: _square(lambda n: n**3), torch.Tensor.inverse: _square(lambda n: n**3),
+    torch.cholesky_inverse: _square(lambda n: n**3 // 3), torch.Tensor.cholesky_inverse: _square(lambda n: n**3 // 3),
+    **{f: _square(_lu_macs) for f in (torch.linalg.det, torch.det, torch.Tensor.det, torch.logdet, torch.Tensor.logdet,
+                                      torch.slogdet, torch.Tensor.slogdet, torch.linalg.slogdet)},
+    torch.linalg.lstsq: _lstsq,
+    torch.linalg.pinv: _pinv, torch.pinverse: _pinv, torch.Tensor.pinverse: _pinv,
+    torch.linalg.matrix_exp: _matrix_exp, torch.matrix_exp: _matrix_exp, torch.Tensor.matrix_exp: _matrix_exp,
+    torch.linalg.householder_product: _householder, torch.orgqr: _householder, torch.Tensor.orgqr: _householder,
+}
+
+
 MacEstimator = Callable[[tuple, dict, Any], int]
 
 #: MACs of a product computed in float32, from its arguments and output.
@@ -260,6 +390,7 @@ _ESTIMATORS: dict[Any, MacEstimator] = {
     # sparse products: the dense count (rows x columns x K), what the device would compute
     torch.sparse.mm: _mm, torch.smm: _mm, torch.hspmm: _mm, torch.sparse.addmm: _addmm, torch.sspaddmm: _addmm,
     torch.sparse.sampled_addmm: _sampled_addmm,
+    **_LINALG,
 }
 
 
@@ -288,7 +419,9 @@ _NO_ANALOG_MODEL: set[Any] = {torch.cdist, torch._int_mm, torch.convolution, tor
                               F.affine_grid, torch.affine_grid_generator,
                               # the fused fast-path kernels of nn.MultiheadAttention and nn.TransformerEncoderLayer,
                               # which those modules do not take inside a converted model, called directly
-                              torch._native_multi_head_attention, torch._transformer_encoder_layer_fwd}
+                              torch._native_multi_head_attention, torch._transformer_encoder_layer_fwd,
+                              # solvers, inverses, determinants, matrix exponentials: products inside LAPACK
+                              *_LINALG}
 for _name in ("_scaled_mm", "cudnn_convolution", "mkldnn_convolution", "cudnn_convolution_transpose",
               "miopen_convolution", "sparse_coo_tensor_mm", "smm", "hspmm", "sspaddmm"):
     _f = getattr(torch, _name, None)
