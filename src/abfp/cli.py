@@ -38,6 +38,7 @@ from .cli_common import (
     device_plan_arg,
     json_kind,
     load_plan_arg,
+    note_evaluated,
     plan_model,
     print_error,
     refuse_inapplicable,
@@ -253,6 +254,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .evaluate.grid import Point
 
         points = [Point("fp32"), Point("abfp", plan.base)]
+    calibration_given = args.calibration_samples is not None
     _refuse_inapplicable_eval(args, points, plan)
     device = resolve_device(args.device)
     apply_threads(args.threads)
@@ -290,8 +292,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # (never from the evaluated inputs: EfficientNet-Lite0's calibration photos, MiniLM's sentences)
         needs_calibration = any(p.format == "fixed" or p.auto_gain for p in points if p.format != "fp32")
         calibration = task.load_calibration() if needs_calibration and task.load_calibration is not None else None
+        data = task.load_data()
+        note_evaluated(task.name, len(data), args.samples, task.default_samples,
+                       args.calibration_samples if calibration_given and needs_calibration else None,
+                       None if calibration is None else len(calibration), quiet=rank != 0)
         recs = evaluate(
-            model, task.load_data(), task.metric, points, task_name=task.name,
+            model, data, task.metric, points, task_name=task.name,
             overrides=plan.overrides() if plan is not None else None, calibration=calibration,
             settings=EvalSettings(runs=runs, batch_size=args.batch_size or task.default_batch_size, samples=samples,
                                   device=device, seed=args.seed, fixed_percentile=args.fixed_percentile,

@@ -134,6 +134,35 @@ def require_at_least(args: argparse.Namespace, names: Iterable[str], low: int = 
 _FLAGS = {"json_path": "--json"}
 
 
+def note_fewer(option: str, asked: int | None, available: int, of: str, *, quiet: bool = False) -> int:
+    """The count a command uses for ``option`` (``asked``; None: all ``available``): at most
+    ``available``. When ``asked`` is more, one line on stderr says so (``of`` names what there is,
+    e.g. "samples in fashion-cnn's data"), never a silent clamp; the command's JSON and summary give
+    the count used. ``quiet``: no line (the other ranks of a distributed run)."""
+    if asked is None:
+        return available
+    if asked > available and not quiet:
+        print(f"abfp: note: {option} {asked} is more than the {available} {of}: using {available}", file=sys.stderr)
+    return min(asked, available)
+
+
+def note_evaluated(task: str, available: int, samples: int | None, default: int | None, calibration: int | None,
+                   calibration_split: int | None, *, quiet: bool = False) -> int:
+    """How many samples an evaluating command (``eval``, ``explore``) evaluates: ``--samples``
+    (``samples``; None: the task's ``default``, None: all) of the ``available`` in ``task``'s data,
+    with a :func:`note_fewer` line when ``--samples`` asks for more; likewise for a
+    ``--calibration-samples`` the user gave (``calibration``; None: not given or not used), which
+    takes at most the samples evaluated and the ``calibration_split``'s length (None: no split)."""
+    evaluated = note_fewer("--samples", samples, available, f"samples in {task}'s data", quiet=quiet)
+    if samples is None and default is not None:
+        evaluated = min(evaluated, default)
+    if calibration is not None:
+        split = calibration_split is not None and calibration_split < evaluated
+        note_fewer("--calibration-samples", calibration, calibration_split if split else evaluated,  # type: ignore[arg-type]
+                   f"samples in {task}'s calibration split" if split else "samples evaluated", quiet=quiet)
+    return evaluated
+
+
 def refuse_inapplicable(args: argparse.Namespace, why: dict[str, str]) -> None:
     """:class:`UsageError` for the first option of ``why`` (attribute name -> why it does not apply
     in this run) that was given (set, not None, not False): an option that would change nothing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from ..cli_common import (
     check_output_dir,
     csv_list,
     load_json_arg,
+    note_evaluated,
+    note_fewer,
     refuse_inapplicable,
     refuse_overwriting_inputs,
     require_at_least,
@@ -218,6 +221,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from .api import task_calibration
     from .search import explore_model
 
+    calibration_given = args.calibration_samples is not None
     opts = _options(args)
     device = resolve_device(args.device)
     apply_threads(args.threads)
@@ -232,17 +236,26 @@ def cmd_explore(args: argparse.Namespace) -> int:
     rank, _ = init_from_env(device)
     show = print if rank == 0 else (lambda *a, **k: None)
     samples = args.samples if args.samples is not None else task.default_samples
+    data, calibration = task.load_data(), task_calibration(task, opts["space"])
+    space = opts["space"]
+    evaluated = note_evaluated(task.name, len(data), args.samples, task.default_samples,
+                               args.calibration_samples if calibration_given else None,
+                               None if calibration is None else len(calibration), quiet=rank != 0)
+    note_fewer("--energy-samples", args.energy_samples, evaluated, "samples evaluated", quiet=rank != 0)
+    if space.screen is not None and space.screen >= evaluated and rank == 0:
+        print(f"abfp: note: --screen {space.screen} is not fewer than the {evaluated} samples evaluated: no screen, "
+              "every design is evaluated on all of them", file=sys.stderr)
     settings = EvalSettings(runs=args.runs, batch_size=args.batch_size or task.default_batch_size, samples=samples,
                             device=device, seed=args.seed, fixed_percentile=args.fixed_percentile,
                             calibration_samples=args.calibration_samples,
                             cache_path=str(Path(args.cache_dir) / CACHE_FILE) if args.cache_dir else None)
     t0 = time.perf_counter()
     try:
-        result = explore_model(task.build_model(), task.load_data(), task.metric, task_name=task.name,
+        result = explore_model(task.build_model(), data, task.metric, task_name=task.name,
                                target=opts["target"], space=opts["space"], base=opts["base"],
                                energy_params=opts["params"], energy_samples=args.energy_samples, settings=settings,
                                progress=not args.no_progress,
-                               calibration=task_calibration(task, opts["space"]))
+                               calibration=calibration)
         show(format_explore_table(result))
         show(f"  ({time.perf_counter() - t0:.1f} s, {result['evaluations']} designs evaluated)")
         if rank == 0:

@@ -579,7 +579,8 @@ def _result(ex: Explorer, families: list[str], task_name: str, target: Target, s
         "energy_params": costs.params.to_dict(),
         "energy_accounting": costs.describe(),
         "base_config": base.to_dict(execution=True),  # kernel and seed too: they decide the numbers
-        "search": space.to_dict(),
+        # the screen as run: none when --screen K is not fewer than the samples evaluated
+        "search": {**space.to_dict(), "screen": space.screen if ex.screen is not None else None},
         "designs": designs,
         "cheapest": cheapest,
         "min_adc_bits": min_bits,

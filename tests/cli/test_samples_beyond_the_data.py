@@ -1,0 +1,65 @@
+"""A sample count larger than the data is said, never silently clamped: one line on stderr per
+option (``abfp: note: --samples 100 is more than the 12 samples in ...: using 12``) and the count
+used in the JSON (``eval``, ``explore``); ``explore --screen K`` not fewer than the samples
+evaluated runs no screen and says so (its JSON said ``"screen": K``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from abfp.cli import main
+
+TASK = """
+import torch
+from torch import nn
+from abfp.zoo import Dataset
+
+def make():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    return model, Dataset((torch.randn(12, 8),), torch.randint(0, 3, (12,))), "top1"
+"""
+
+
+@pytest.fixture
+def task(tmp_path):
+    (tmp_path / "tiny_task.py").write_text(TASK)
+    return f"{tmp_path / 'tiny_task.py'}:make"
+
+
+def _notes(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("abfp: note:")]
+
+
+def test_eval_says_samples_and_calibration_beyond_the_data(task, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["eval", "--task", task, "--samples", "100", "--calibration-samples", "50", "--tile-widths", "8",
+                 "--gains", "1", "--noise", "0", "--cache-dir", "", "--no-progress", "--json", str(out)]) == 0
+    assert _notes(capsys.readouterr().err) == [  # a task file's name is its spec
+        f"abfp: note: --samples 100 is more than the 12 samples in {task}'s data: using 12",
+        "abfp: note: --calibration-samples 50 is more than the 12 samples evaluated: using 12"]
+    assert {r["samples"] for r in json.loads(out.read_text())} == {12}
+
+
+def test_eval_within_the_data_says_nothing(task, capsys):
+    assert main(["eval", "--task", task, "--samples", "12", "--calibration-samples", "6", "--tile-widths", "8",
+                 "--gains", "1", "--noise", "0", "--cache-dir", "", "--no-progress"]) == 0
+    assert _notes(capsys.readouterr().err) == []
+
+
+def test_explore_says_samples_energy_samples_and_a_screen_that_cannot_run(task, tmp_path, capsys):
+    out = tmp_path / "x.json"
+    assert main(["explore", "--task", task, "--samples", "100", "--energy-samples", "50", "--screen", "20",
+                 "--formats", "abfp", "--tile-widths", "8", "--gains", "1", "--dac-search", "none", "--noise", "0",
+                 "--cache-dir", "", "--no-progress", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert _notes(captured.err) == [
+        f"abfp: note: --samples 100 is more than the 12 samples in {task}'s data: using 12",
+        "abfp: note: --energy-samples 50 is more than the 12 samples evaluated: using 12",
+        "abfp: note: --screen 20 is not fewer than the 12 samples evaluated: no screen, every design is evaluated "
+        "on all of them"]
+    res = json.loads(out.read_text())
+    assert res["samples"] == 12 and res["search"]["screen"] is None
+    assert "screen on" not in captured.out
