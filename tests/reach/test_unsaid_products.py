@@ -4,7 +4,10 @@ counted digital).
 
 1. forward hooks and forward pre-hooks on the converted model's root (``nn/mode.RootCall``);
 2. public methods that multiply their arguments (``nn/mode.makes_products``), called from outside;
-3. linear algebra that multiplies inside LAPACK (``ops/coverage._LINALG``): named and counted digital.
+3. linear algebra that multiplies inside LAPACK (``ops/coverage._LINALG``): named and counted digital;
+4. (products in another thread: left, docs/families.md says why)
+5. weight-only quantised GEMMs, ``torch._trilinear``, complex ``dot``/``vdot``/``vecdot``, ``matrix_power(A, n < 0)``:
+   named and counted digital; an ``autograd.Function``'s forward checked to be on the device.
 """
 
 from __future__ import annotations
@@ -299,3 +302,65 @@ def test_weight_preparation_by_matrix_exp_stays_quiet():
         warnings.simplefilter("always", DigitalProductWarning)
         m(torch.randn(2, 4))
     assert not caught and _counts(m) == (2 * 4 * 4, 0)
+
+
+# ----------------------------------------------------------------------------- 5. other products found by probing
+def _other_cases():
+    """name -> (call, the digital op's name, its MACs): products that ran unsaid until session 18."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 4, generator=g), torch.randn(4, 5, generator=g)
+    z = x.to(torch.complex64)
+    w8 = torch.randint(-8, 8, (5, 4), dtype=torch.int8, generator=g)
+    cases = {
+        # weight-only quantised GEMMs (int8 weights, packed float16): K = 4 MACs per output of (3, 5)
+        "_weight_int8pack_mm": (lambda: torch._weight_int8pack_mm(x, w8, torch.ones(5)), "torch._weight_int8pack_mm", 60),
+        # what F.bilinear calls, called directly: one MAC per point of (3, 2, 4, 4)
+        "_trilinear": (lambda: torch._trilinear(x, torch.ones(2, 4, 4), x, [1, 3], [0], [1, 2], [2, 3]),
+                       "torch._trilinear", 96),
+        # complex vector products (a complex matmul was named already): no DAC encodes them
+        "dot complex": (lambda: torch.dot(z[0], z[1]), "torch.dot on complex64 operands", 4),
+        "vdot complex": (lambda: torch.vdot(z[0], z[1]), "torch.vdot on complex64 operands", 4),
+        "vecdot complex": (lambda: torch.linalg.vecdot(z, z), "torch.linalg.vecdot on complex64 operands", 12),
+        # a negative power: the inverse (n^3 = 64) and A^-1 cubed (two products of 64)
+        "matrix_power -3": (lambda: torch.linalg.matrix_power(torch.eye(4) * 2 + 0.1, -3),
+                            "torch.linalg.matrix_power with n < 0", 64 + 2 * 64),
+    }
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        cases["fbgemm_linear_fp16_weight"] = (
+            lambda: torch.fbgemm_linear_fp16_weight(x, torch.fbgemm_pack_gemm_matrix_fp16(w.T.contiguous()),
+                                                    torch.zeros(5)), "torch.fbgemm_linear_fp16_weight", 60)
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(_other_cases()))
+def test_other_unsaid_products_are_named_and_counted(case):
+    call, name, macs = _other_cases()[case]
+    want = call()
+    m = abfp.convert(Calls(call), CFG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DigitalProductWarning)
+        got = m()
+    said = [str(w.message) for w in caught if issubclass(w.category, DigitalProductWarning)]
+    assert len(said) == 1 and said[0].startswith(f"abfp: {name} (in the model)"), said
+    assert abfp.coverage(m).digital_ops == {f"{name} (no analog model)": macs}
+    torch.testing.assert_close(got, want)
+
+
+def test_products_in_a_custom_autograd_function_are_on_the_device():
+    """Checked and fine: an ``autograd.Function``'s forward runs under the converted frame."""
+
+    class Times(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a @ b
+
+        @staticmethod
+        def backward(ctx, g):
+            return None, None
+
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    seen = {}
+    m = abfp.convert(Calls(lambda: seen.setdefault("y", Times.apply(a, b))), CFG)
+    m()
+    assert _counts(m) == (60, 0)
+    _on_device(seen["y"], a, b)

@@ -214,11 +214,14 @@ def _kron(args, kwargs, out):
 
 def _matrix_power(args, kwargs, out):
     """``A^n`` by repeated squaring (torch's way): ``floor(log2 |n|) + popcount(|n|) - 1`` matrix
-    products of ``m x m`` matrices, ``m^3`` MACs each, per matrix of the batch."""
-    a, n = _t(_arg(args, kwargs, 0, "input")), abs(int(_arg(args, kwargs, 1, "n")))
-    if a is None or n < 2:
+    products of ``m x m`` matrices, ``m^3`` MACs each, per matrix of the batch; for ``n < 0`` the
+    inverse first (``m^3``, as :data:`_LINALG` counts ``inv``)."""
+    a, n = _t(_arg(args, kwargs, 0, "input")), int(_arg(args, kwargs, 1, "n"))
+    if a is None:
         return 0
-    return (n.bit_length() - 1 + bin(n).count("1") - 1) * a.numel() * a.shape[-1]
+    inverse = a.numel() * a.shape[-1] if n < 0 else 0
+    n = abs(n)
+    return inverse + (0 if n < 2 else (n.bit_length() - 1 + bin(n).count("1") - 1) * a.numel() * a.shape[-1])
 
 
 def _bilinear(args, kwargs, out):
@@ -336,6 +339,35 @@ def _householder(args, kwargs, out):
     return _batch(a.shape[:-2]) * max(0, 2 * m * n * k - (m + n) * k * k + 2 * k**3 // 3)
 
 
+def _weight_gemm(args, kwargs, out):
+    """A GEMM of an activation ``x`` (..., K) by a packed low-precision weight (torch's int8/int4 and
+    fbgemm kernels): ``K`` MACs per output."""
+    x = _t(_arg(args, kwargs, 0, "input" if "input" in kwargs else "self"))
+    return out.numel() * x.shape[-1] if x is not None and isinstance(out, Tensor) else 0
+
+
+def _trilinear(args, kwargs, out):
+    """``torch._trilinear(i1, i2, i3, expand1, expand2, expand3, sumdim)`` (what ``F.bilinear``
+    calls): one MAC per point of the operands' broadcast index space."""
+    ts = [_t(_arg(args, kwargs, i, n)) for i, n in enumerate(("i1", "i2", "i3"))]
+    exp = [_arg(args, kwargs, 3 + i, f"expand{i + 1}") for i in range(3)]
+    shapes = []
+    for t, e in zip(ts, exp):
+        shape = list(t.shape)
+        for d in sorted(e):
+            shape.insert(d, 1)
+        shapes.append(shape)
+    return math.prod(torch.broadcast_shapes(*shapes))
+
+
+#: low-precision weight GEMMs (weight-only quantised LLM layers) and other product kernels torch
+#: exposes as functions: no analog model (their weights are packed integer or float16 codes)
+_WEIGHT_GEMMS = [f for f in (getattr(torch, n, None) for n in (
+    "_weight_int8pack_mm", "_weight_int4pack_mm", "_weight_int4pack_mm_for_cpu", "_weight_int4pack_mm_with_scales_and_zeros",
+    "_dyn_quant_matmul_4bit", "fbgemm_linear_fp16_weight", "fbgemm_linear_fp16_weight_fp32_activation",
+    "fbgemm_linear_int8_weight", "fbgemm_linear_int8_weight_fp32_activation")) if f is not None]
+
+
 _LINALG: dict[Any, MacEstimator] = {
     torch.linalg.solve: _solve, torch.linalg.solve_ex: _solve,
     torch.linalg.lu_solve: _lu_solve,
@@ -390,7 +422,7 @@ _ESTIMATORS: dict[Any, MacEstimator] = {
     # sparse products: the dense count (rows x columns x K), what the device would compute
     torch.sparse.mm: _mm, torch.smm: _mm, torch.hspmm: _mm, torch.sparse.addmm: _addmm, torch.sspaddmm: _addmm,
     torch.sparse.sampled_addmm: _sampled_addmm,
-    **_LINALG,
+    **_LINALG, **{f: _weight_gemm for f in _WEIGHT_GEMMS}, torch._trilinear: _trilinear,
 }
 
 
@@ -421,7 +453,7 @@ _NO_ANALOG_MODEL: set[Any] = {torch.cdist, torch._int_mm, torch.convolution, tor
                               # which those modules do not take inside a converted model, called directly
                               torch._native_multi_head_attention, torch._transformer_encoder_layer_fwd,
                               # solvers, inverses, determinants, matrix exponentials: products inside LAPACK
-                              *_LINALG}
+                              *_LINALG, *_WEIGHT_GEMMS, torch._trilinear}
 for _name in ("_scaled_mm", "cudnn_convolution", "mkldnn_convolution", "cudnn_convolution_transpose",
               "miopen_convolution", "sparse_coo_tensor_mm", "smm", "hspmm", "sspaddmm"):
     _f = getattr(torch, _name, None)

@@ -50,7 +50,7 @@ from torch import Tensor
 from . import linear as linear_family  # linear(), matmul()
 from .coverage import register_macs, tensordot_macs
 from .linear import einsum_pair, einsum_subscripts, is_weight as _is_weight
-from .site import Frame, digital_call, run_product, warn_digital
+from .site import Frame, digital_call, digital_dtype, run_product, warn_digital
 from .registry import register
 
 
@@ -159,8 +159,10 @@ def _two(input, other, *, out=None):
 @register(torch.dot, torch.Tensor.dot, torch.vdot, torch.Tensor.vdot)
 def answer_dot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     a, b, out = _two(*args, **kwargs)
-    if a.dim() != 1 or b.dim() != 1 or a.is_complex() or b.is_complex():
-        return func(*args, **kwargs)
+    if a.dim() != 1 or b.dim() != 1:
+        return func(*args, **kwargs)  # torch raises its own error
+    if a.is_complex() or b.is_complex():  # no DAC encodes a complex number: named, counted digital
+        return digital_dtype(frame, func, args, kwargs, a.dtype if a.is_complex() else b.dtype)
     return _finish(device_matmul(frame, a, b), out)
 
 
@@ -210,7 +212,7 @@ def _device_vecdot(frame: Frame, x: Tensor, y: Tensor, dim: int) -> Tensor:
 def answer_vecdot(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     x, y, dim, out = _vecdot_args(*args, **kwargs)
     if x.is_complex() or y.is_complex():
-        return func(*args, **kwargs)
+        return digital_dtype(frame, func, args, kwargs, x.dtype if x.is_complex() else y.dtype)
     return _finish(_device_vecdot(frame, x, y, dim), out)
 
 
@@ -381,14 +383,22 @@ def _matrix_power_args(input, n, *, out=None):
     return input, n, out
 
 
+#: ``A^n`` for ``n < 0``: ``inv(A)`` (inside LAPACK: no analog model), then its power
+MATRIX_POWER_NEGATIVE = "torch.linalg.matrix_power with n < 0"
+
+
 @register(torch.linalg.matrix_power, torch.matrix_power, torch.Tensor.matrix_power)
 def answer_matrix_power(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     """``A^n`` (batched, square ``A``) by torch's binary exponentiation, each product on the device:
     for each bit of ``n`` from the lowest, ``z = z @ z`` (``z = A`` first), and where the bit is set
     ``r = r @ z`` (``r = z`` first): ``floor(log2 n) + popcount(n) - 1`` products. ``n < 2`` (the
-    identity, ``A`` itself, and for ``n < 0`` the inverse, a solve, not a product) as torch does."""
+    identity, ``A`` itself) as torch does; ``n < 0`` (the inverse, inside LAPACK, then its power) runs as torch
+    computes it, named and counted digital (``n^3`` for the inverse plus the power's products)."""
     a, n, out = _matrix_power_args(*args, **kwargs)
     n = int(n)
+    if n < 0 and isinstance(a, Tensor) and a.dim() >= 2:  # an inverse, then its power: named, counted digital
+        warn_digital(frame, MATRIX_POWER_NEGATIVE)
+        return digital_call(frame, func, args, kwargs, "no analog model", name=MATRIX_POWER_NEGATIVE)
     if n < 2 or not isinstance(a, Tensor) or a.dim() < 2 or a.shape[-1] != a.shape[-2]:
         return func(*args, **kwargs)
     z: Tensor | None = None

@@ -275,9 +275,7 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
         return digital_call(frame, func, args, kwargs, "excluded module")
     odd = next((t.dtype for t in operands if isinstance(t, Tensor) and not t.is_floating_point()), None)
     if odd is not None:  # integer, bool or complex operands: no DAC encodes them
-        name = f"{func_name(func)} on {str(odd).replace('torch.', '')} operands"
-        warn_digital(frame, name)
-        return digital_call(frame, func, args, kwargs, "no analog model", name=name)
+        return digital_dtype(frame, func, args, kwargs, odd)
     check_half_mix(frame, site, operands)
     check_values(frame, site, operands)
     if tracing():
@@ -413,6 +411,14 @@ def warn_digital(frame: Frame, name: str) -> None:
         state.coverage.warned.add(name)
         warnings.warn(f"abfp: {name} (in {frame.name or 'the model'}) has no analog model and ran digitally; "
                       "abfp.summary lists its MACs", DigitalProductWarning, stacklevel=4)
+
+
+def digital_dtype(frame: Frame, func: Callable, args: tuple, kwargs: dict, dtype: torch.dtype) -> Any:
+    """A product of operands no DAC encodes (integer, bool, complex ``dtype``): run as torch
+    computes it, named (``Tensor.matmul on complex64 operands``) and counted as digital."""
+    name = f"{func_name(func)} on {str(dtype).replace('torch.', '')} operands"
+    warn_digital(frame, name)
+    return digital_call(frame, func, args, kwargs, "no analog model", name=name)
 
 
 def digital_call(frame: Frame, func: Callable, args: tuple, kwargs: dict, reason: str, *, name: str | None = None,
