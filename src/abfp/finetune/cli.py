@@ -330,10 +330,12 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
         return 0
 
     rf = result.recovered_fraction
-    print(f"  float32                     {_fmt(result.fp32_metric)}")
-    print(f"  device before finetuning    {_fmt(result.metric_before)}")
-    print(f"  device after {args.method} ({result.steps} steps)  {_fmt(result.metric_after)}   "
-          f"({_fmt(result.recovered, '+.2f')} points, {_fmt(None if rf is None else 100 * rf, '.0f')}% of the loss recovered)")
+    spec = ".2f" if task.metric.unit == "%" else ".4g"  # a KL of 0.004 is not 0.00
+    print(f"  float32                     {_fmt(result.fp32_metric, spec)}")
+    print(f"  device before finetuning    {_fmt(result.metric_before, spec)}")
+    print(f"  device after {args.method} ({result.steps} steps)  {_fmt(result.metric_after, spec)}   "
+          f"({_gain_text(result.recovered, task.metric.unit)}, {_fmt(None if rf is None else 100 * rf, '.0f')}% of the loss "
+          "recovered)")
     if validation is not None and result.details.get("selected_step") is not None:
         d = result.details
         kept = "the last step's weights" if d["selected_step"] == result.steps else \
@@ -361,6 +363,16 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
                                 "loss": args.loss})
         print(f"wrote {args.save_model}")
     return 0
+
+
+def _gain_text(recovered: float | None, unit: str) -> str:
+    """How much the metric improved: ``+1.25 points`` for a percentage, else ``better by 0.012`` /
+    ``worse by 0.012`` (a lower-is-better metric's fall is an improvement, never ``-0.012 points``)."""
+    if recovered is None:
+        return "-"
+    if unit == "%":
+        return f"{recovered:+.2f} points"
+    return f"{'better' if recovered >= 0 else 'worse'} by {abs(recovered):.4g}"
 
 
 def _hold_out(args: argparse.Namespace, train: Any, show: Any) -> tuple[Any, Any]:

@@ -263,20 +263,26 @@ class FinetuneResult:
     model: nn.Module = field(repr=False)
     losses: list[float] = field(default_factory=list, repr=False)
     details: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The metric's direction (a KL divergence, an MSE: lower is better).
+    higher_is_better: bool = True
 
     @property
     def recovered(self) -> float | None:
-        """``metric_after - metric_before``."""
+        """How much better the metric got, positive when it improved: ``metric_after - metric_before``,
+        or ``metric_before - metric_after`` for a lower-is-better metric."""
         if self.metric_after is None or self.metric_before is None:
             return None
-        return self.metric_after - self.metric_before
+        change = self.metric_after - self.metric_before
+        return change if self.higher_is_better else -change
 
     @property
     def recovered_fraction(self) -> float | None:
-        """Share of the device's loss won back: ``(after - before) / (fp32 - before)``."""
-        if self.recovered is None or self.fp32_metric is None or self.fp32_metric == self.metric_before:
+        """Share of the device's loss won back: ``(after - before) / (fp32 - before)`` (the same
+        for either direction of the metric)."""
+        if self.metric_after is None or self.metric_before is None or self.fp32_metric is None \
+                or self.fp32_metric == self.metric_before:
             return None
-        return self.recovered / (self.fp32_metric - self.metric_before)  # type: ignore[operator]
+        return (self.metric_after - self.metric_before) / (self.fp32_metric - self.metric_before)
 
     @property
     def step_time_ratio(self) -> float | None:
@@ -704,4 +710,5 @@ def finetune(method: Method, model: nn.Module, train_data: Dataset, config: ABFP
         method=method.name, fp32_metric=fp32_metric, metric_before=metric_before, metric_after=metric_after,
         steps=s.steps, seconds_per_step=statistics.fmean(timed) if timed else None,
         seconds_total=elapsed, fp32_seconds_per_step=timer.mean(), model=final, losses=losses, details=details,
+        higher_is_better=metric.higher_is_better,
     )
