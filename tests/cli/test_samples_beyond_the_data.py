@@ -63,3 +63,34 @@ def test_explore_says_samples_energy_samples_and_a_screen_that_cannot_run(task, 
     res = json.loads(out.read_text())
     assert res["samples"] == 12 and res["search"]["screen"] is None
     assert "screen on" not in captured.out
+
+
+def test_finetune_says_evaluation_inputs_beyond_the_data(task, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # its checkpoint folder
+    out = tmp_path / "f.json"
+    assert main(["finetune", "--model", task, "--method", "qat", "--steps", "1", "--batch-size", "2",
+                 "--train-samples", "6", "--eval-samples", "500", "--no-progress", "--json", str(out)]) == 0
+    assert _notes(capsys.readouterr().err) == [
+        f"abfp: note: --eval-samples 500 is more than the 6 evaluation inputs of {task}: using 6"]
+    assert json.loads(out.read_text())["eval_samples"] == 6
+
+
+def test_tune_says_evaluation_gain_and_energy_samples_beyond_the_data(task, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["tune", "--task", task, "--json", str(out), "--calibration", "6", "--eval-samples", "500",
+                 "--gain-samples", "50", "--energy-samples", "20", "--no-repeats", "--no-progress"]) == 0
+    assert _notes(capsys.readouterr().err) == [
+        f"abfp: note: --eval-samples 500 is more than the 6 evaluation samples of {task} (after the calibration "
+        "samples): using 6",
+        "abfp: note: --gain-samples 50 is more than the 6 calibration samples: using 6",
+        "abfp: note: --energy-samples 20 is more than the 6 calibration samples: using 6"]
+
+
+@pytest.mark.parametrize("argv, option", [(["energy", "--batch-size", "100"], "--batch-size"),
+                                          (["precision", "--eval-samples", "100", "--steps", "1", "--quiet",
+                                            "--search-seeds", "1"], "--eval-samples")])
+def test_energy_and_precision_say_samples_beyond_the_data(task, argv, option, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # precision's journal folder
+    assert main([*argv, "--task", task]) == 0
+    assert _notes(capsys.readouterr().err) == [
+        f"abfp: note: {option} 100 is more than the 12 samples in {task}'s data: using 12"]

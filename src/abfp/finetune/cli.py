@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli_common import UsageError, check_output_args, refuse_inapplicable, single_task
+from ..cli_common import UsageError, check_output_args, note_fewer, refuse_inapplicable, single_task
 from ..cli_common import base_config as _base_config
 from ..config import ABFPConfig
 
@@ -292,6 +292,7 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
                 train = unlabelled_data(args.model, args.train_samples)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--train-samples {args.train_samples}: {e}" if user else str(e)) from None
+    note_fewer("--train-samples", args.train_samples, len(train), f"training inputs of {args.model}", quiet=rank != 0)
     if len(train) < args.batch_size:
         raise UsageError(f"the training set has {len(train)} samples, fewer than --batch-size {args.batch_size}")
     if args.time_steps:
@@ -300,6 +301,9 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
         return _time_steps(args, task, train, cfg)
     if eval_data is None:
         eval_data = task.load_data().take(args.eval_samples)
+    if args.eval_samples != DEFAULTS["eval_samples"]:  # one given (the default is "at most 2000")
+        note_fewer("--eval-samples", args.eval_samples, len(eval_data), f"evaluation inputs of {args.model}",
+                   quiet=rank != 0)
     train, validation = _hold_out(args, train, show)
     if ckpt and args.resume and resume_meta is None:
         show(f"note: no checkpoint at {ckpt}; starting from the beginning")

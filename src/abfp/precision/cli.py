@@ -24,6 +24,7 @@ from ..cli_common import (
     check_output_args,
     device_plan_arg,
     load_json_arg,
+    note_fewer,
     plan_model,
     refuse_inapplicable,
     require_at_least,
@@ -118,6 +119,8 @@ def cmd_precision(args: argparse.Namespace) -> int:
         check_plotting()
     task = single_task(args.task, "precision")
     apply_threads(args.threads)
+    if args.eval_samples is not None:
+        note_fewer("--eval-samples", args.eval_samples, len(task.load_data()), f"samples in {task.name}'s data")
     settings = PrecisionSettings(
         noise=args.noise, per_channel=args.per_channel, target_drop=args.target_drop, target=args.target,
         lam=args.lam, lr=args.lr, steps=args.steps, batch_size=args.batch_size, learn_ratio=args.learn_ratio,
@@ -174,7 +177,8 @@ def cmd_energy(args: argparse.Namespace) -> int:
         raise UsageError(f"--params: {e}") from None
     json_out = check_output_args(args, {"json_path": "--json"})
     task = single_task(args.task, "energy")
-    data = task.load_data().take(args.batch_size)
+    data = task.load_data()
+    data = data.take(note_fewer("--batch-size", args.batch_size, len(data), f"samples in {task.name}'s data"))
     model = task.build_model()
     if plan is not None:
         model = plan_model(plan, model, args.plan)

@@ -28,6 +28,7 @@ from ..cli_common import (
     check_output_args,
     check_output_dir,
     csv_list,
+    note_fewer,
     refuse_inapplicable,
     refuse_overwriting_inputs,
     require_at_least,
@@ -241,6 +242,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _task_batch_size(finetune_options, args, task)
     apply_threads(args.threads)
     calib, evald, source = split_data(task, args.calibration, args.eval_samples, at_most=calibration_default)
+    note_fewer("--eval-samples", args.eval_samples, len(evald), f"evaluation samples of {task.name} (after the "
+               "calibration samples)")
+    for option, asked in (("--gain-samples", args.gain_samples if args.gain_samples != 32 else None),  # given
+                          ("--energy-samples", args.energy_samples), ("--finetune-samples", args.finetune_samples)):
+        note_fewer(option, asked, len(calib), "calibration samples")
     if metric.kind == "accuracy" and (calib.targets is None or evald.targets is None):
         raise UsageError(f"--metric {args.metric}: {metric.name} scores against labels, and task {task.name!r} has "
                          "none; use agreement, kl or cosine (to float32)")
