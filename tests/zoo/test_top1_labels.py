@@ -21,6 +21,10 @@ OUT = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.0, 0.2, 0.7], [0.3, 0.3
     (torch.tensor([1, 0, 3, 2]), "label 3 is not a class of the model's 3 outputs"),
     (torch.tensor([1, -100, 2, 2]), "label -100 is not a class"),
     (torch.tensor([True, False, True, True]), "integer class indices as labels, got torch.bool"),
+    # one-hot labels (as for a BCE/MSE training loss): the fix is named
+    (torch.nn.functional.one_hot(torch.tensor([1, 0, 2, 2]), 3).float(), r"one-hot or probability labels\? pass "
+                                                                         r"labels.argmax\(-1\)"),
+    (torch.tensor([[1, 0], [2, 2]]), "would broadcast"),
 ])
 def test_labels_that_are_not_class_indices_are_refused(labels, message):
     with pytest.raises(ValueError, match=message):

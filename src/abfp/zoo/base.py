@@ -181,8 +181,10 @@ def _top1_hits(outputs: Tensor, targets: Tensor | None, reference: Tensor) -> Te
         raise ValueError("top-1 accuracy needs labels")
     predicted = _scores(outputs, "top-1 accuracy").argmax(-1)
     if targets.shape != predicted.shape:
+        hint = " (one-hot or probability labels? pass labels.argmax(-1))" if targets.shape == outputs.shape else \
+            " (compared element by element they would broadcast)"
         raise ValueError(f"top-1 accuracy needs one class index per sample, labels of shape {tuple(predicted.shape)}; "
-                         f"got {tuple(targets.shape)} (compared element by element they would broadcast)")
+                         f"got {tuple(targets.shape)}{hint}")
     _check_class_indices(targets, outputs.shape[-1])
     return 100.0 * (predicted == targets).double()
 
