@@ -117,6 +117,27 @@ def test_root_hooks_with_kwargs_prepend_always_call_and_removal():
     assert not abfp.nn.mode._stack()  # no frame left behind
 
 
+def test_a_root_forward_replaced_after_convert_runs_on_the_device():
+    """``m.forward = f`` after ``convert`` replaces the root's guard: ``f``'s own products ran in
+    float32, uncounted (32 of 64 MACs); now they run in the root's frame."""
+    torch.manual_seed(6)
+    w, x = torch.randn(4, 4), torch.randn(2, 8)
+    m = abfp.convert(_root(), CFG)
+    old = m.forward
+    seen = {}
+
+    def forward(inp):
+        seen["in"] = old(inp)
+        seen["out"] = seen["in"] @ w
+        return seen["out"]
+
+    m.forward = forward
+    with torch.no_grad():
+        m(x)
+    assert _counts(m) == (64 + 2 * 4 * 4, 0)
+    _on_device(seen["out"], seen["in"], w)
+
+
 class TimesP:
     """A picklable forward hook: ``out @ p``."""
 

@@ -391,8 +391,9 @@ class RootCall:
     kwargs, ``always_call``, ``prepend``, or global ones), this pushes the root's frame around the
     whole of ``_call_impl``: hooks and forward run inside it, their products are device products of
     the root, one site numbering across them (:func:`_enter`: a pre-hook's ``matmul`` is
-    ``:matmul0``, the forward's next). Without such hooks it calls ``_call_impl`` at once (one Python
-    call per forward). ``inner``: a ``_compiled_call_impl`` the root had (``Module.compile()``), called
+    ``:matmul0``, the forward's next). So does a root whose ``forward`` was replaced after ``convert``
+    (``m.forward = lambda x: old(x) @ W``: the replacement runs outside any converted frame). Otherwise
+    it calls ``_call_impl`` at once (one Python call per forward). ``inner``: a ``_compiled_call_impl`` the root had (``Module.compile()``), called
     in place of ``_call_impl``. Set by ``convert`` and on copies (:meth:`GuardedForward.__setstate__`),
     removed by ``to_digital`` (:meth:`uninstall`). With direct sites active (DNF) a root that is not
     functional runs its hooks as its forward runs, without a frame (module doc)."""
@@ -422,14 +423,19 @@ class RootCall:
         module = self.module
         call = self.inner if self.inner is not None else type(module)._call_impl.__get__(module)
         guard = module.__dict__.get("forward")
-        if not _has_forward_hooks(module) or not isinstance(guard, GuardedForward) or guard.state is None:
-            return call(*args, **kwargs)
-        state = guard.state
+        if isinstance(guard, GuardedForward):
+            if not _has_forward_hooks(module) or guard.state is None:
+                return call(*args, **kwargs)
+            state, name = guard.state, guard.name
+        else:  # the root's forward replaced after convert (``m.forward = f``): f runs in the root's frame
+            state, name = module.__dict__.get("abfp_state"), ""
+            if not isinstance(state, AnalogState):
+                return call(*args, **kwargs)
         direct = state.direct
-        if direct is not None and guard.name not in direct.functional and direct.active() and not _mode_running(_stack()):
+        if direct is not None and name not in direct.functional and direct.active() and not _mode_running(_stack()):
             return call(*args, **kwargs)
         dynamo = torch.compiler.is_dynamo_compiling()
-        _enter(guard.name, state, module, None if dynamo else sys._getframe(0), hooks=True)
+        _enter(name, state, module, None if dynamo else sys._getframe(0), hooks=True)
         mark = -1 if dynamo else undo_mark()
         try:
             out = call(*args, **kwargs)
