@@ -23,10 +23,12 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from . import dlrm, efficientnet, fashion, lstm, minilm, mnist, unet3d
 from .base import AGREEMENT, COSINE, KL, TOP1, Dataset, Metric, Task
@@ -155,6 +157,8 @@ def extra_metrics(name: str) -> list[Metric]:
 def _as_dataset(data: Any) -> Dataset:
     if isinstance(data, Dataset):
         return data
+    if isinstance(data, (DataLoader, Iterator)):  # a loader or a generator of batches (not a list: refused below)
+        return Dataset.from_batches(data)
     if isinstance(data, Tensor):
         return Dataset((data,))
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], (Tensor, type(None))):
@@ -162,7 +166,8 @@ def _as_dataset(data: Any) -> Dataset:
         if all(isinstance(t, Tensor) for t in inputs):
             return Dataset(tuple(inputs), data[1])
     raise ValueError(
-        "data must be an abfp.zoo.Dataset, a Tensor of inputs, or an (inputs, targets) pair; "
+        "data must be an abfp.zoo.Dataset, a Tensor of inputs, an (inputs, targets) pair, or a DataLoader (or "
+        "generator) of such batches; "
         f"got {type(data).__name__}"
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +122,34 @@ class Dataset:
             raise ValueError(f"number of samples must be positive, got {n}")
         return Dataset(tuple(t[:n] for t in self.inputs), None if self.targets is None else self.targets[:n])
 
+    @classmethod
+    def from_batches(cls, batches: Any) -> "Dataset":
+        """The batches of a ``torch.utils.data.DataLoader`` (or of any iterable of batches, such as a
+        generator) concatenated along dim 0, read once.
+
+        A batch is a tensor of inputs, a one-item list or tuple of it, or an ``(inputs, targets)``
+        pair (the default collate's ``[x, y]`` of a ``TensorDataset(x, y)``), whose ``inputs`` is a
+        tensor or a tuple/list of tensors (a model of several inputs). A batch of three or more
+        items (inputs or targets?), a dict, or batches of differing structure are refused."""
+        inputs: list[list[Tensor]] = []
+        targets: list[Tensor] = []
+        shape: tuple[int, bool] | None = None
+        for k, batch in enumerate(batches):
+            xs, y = _split_batch(batch, k)
+            if shape is None:
+                shape = (len(xs), y is not None)
+                inputs = [[] for _ in xs]
+            elif shape != (len(xs), y is not None):
+                raise ValueError(f"batch {k} has {len(xs)} inputs and {'a' if y is not None else 'no'} target; the first "
+                                 f"had {shape[0]} and {'a' if shape[1] else 'no'} target")
+            for acc, x in zip(inputs, xs):
+                acc.append(x)
+            if y is not None:
+                targets.append(y)
+        if shape is None:
+            raise ValueError("the data loader yielded no batches")
+        return cls(tuple(torch.cat(acc) for acc in inputs), torch.cat(targets) if shape[1] else None)
+
     def batches(self, batch_size: int):
         """Yield ``(inputs_tuple, targets_or_None)`` batches in order."""
         if batch_size <= 0:
@@ -131,6 +159,29 @@ class Dataset:
                 tuple(t[i : i + batch_size] for t in self.inputs),
                 None if self.targets is None else self.targets[i : i + batch_size],
             )
+
+
+def _split_batch(batch: Any, k: int) -> tuple[list[Tensor], Tensor | None]:
+    """``(inputs, targets or None)`` of one batch of :meth:`Dataset.from_batches` (``k``: its index)."""
+    def tensors(v: Any) -> list[Tensor] | None:
+        if isinstance(v, Tensor):
+            return [v]
+        if isinstance(v, (tuple, list)) and v and all(isinstance(t, Tensor) for t in v):
+            return list(v)
+        return None
+
+    if isinstance(batch, Tensor):
+        return [batch], None
+    if isinstance(batch, (tuple, list)) and len(batch) == 1 and isinstance(batch[0], Tensor):
+        return [batch[0]], None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor):
+        xs = tensors(batch[0])
+        if xs is not None:
+            return xs, batch[1]
+    what = (f"a {type(batch).__name__} of {len(batch)} items" if isinstance(batch, (tuple, list, dict))
+            else type(batch).__name__)
+    raise ValueError(f"batch {k} of the data loader is {what}; a batch must be a tensor of inputs or an "
+                     "(inputs, targets) pair, inputs a tensor or a tuple of tensors (several model inputs)")
 
 
 @dataclass(frozen=True)
