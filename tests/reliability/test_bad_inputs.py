@@ -241,6 +241,8 @@ INAPPLICABLE = [
     (["tune", "--json", "{fresh_json}", "--config", '{"execution": {"seed": 4}}', "--seed", "3"],
      "--seed 3 and the device's own seed 4"),
     (["tune", "--json", "{fresh_json}", "--gains", "1,2", "--max-gain", "4"], "--max-gain does not apply"),
+    # session 18: a noise-free device without distillation draws nothing (the seed was taken and changed nothing)
+    (["tune", "--json", "{fresh_json}", "--config", '{"noise_std": 0}', "--seed", "3"], "--seed does not apply"),
 ]
 
 CASES = ([(["eval", *a], m) for a, m in EVAL] + INAPPLICABLE + [(["report", *a], m) for a, m in REPORT]

@@ -217,6 +217,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError("--gain-rule energy chooses the gains for --target itself: --gain-tolerance and --gain-descent "
                          "go with the error rule")
     cfg = base_config(args)
+    if cfg.noise_std == 0 and args.finetune in ("none", "bias-correct"):  # a distillation also seeds its inputs
+        refuse_inapplicable(args, {"seed": "the device is noise-free (noise 0) and no distillation runs: nothing "
+                                           "is drawn"})
     if args.seed is not None and cfg.seed is not None and args.seed != cfg.seed:
         raise UsageError(f"--seed {args.seed} and the device's own seed {cfg.seed} (execution.seed): give one")
     args.seed = 0 if args.seed is None else args.seed
