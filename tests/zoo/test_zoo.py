@@ -181,6 +181,12 @@ USER_MODULE = textwrap.dedent(
     def wrong():
         return 42
 
+    def needs_a_path(path, *, samples):
+        raise AssertionError("never called")
+
+    def with_defaults(n=4, *rest, **options):
+        return nn.Linear(2, 3), torch.randn(n, 2), "agreement"
+
     NOT_CALLABLE = 3
     '''
 )
@@ -236,11 +242,18 @@ def test_triple_of_a_float64_model_is_evaluated_in_float32(user_module):
         ("abfp_user_tasks:NOT_CALLABLE", "not callable"),
         ("abfp_user_tasks:wrong", "must return a Task"),
         ("abfp_user_tasks:unlabelled_accuracy", "needs labelled data"),
+        # a typo'd signature is named before the call (was the call's own 'missing 1 required positional argument')
+        ("abfp_user_tasks:needs_a_path", r"must take no arguments \(abfp calls it as needs_a_path\(\)\); it requires "
+                                         "path, samples"),
     ],
 )
 def test_load_callable_bad_paths(user_module, spec, message):
     with pytest.raises(ValueError, match=message):
         zoo.load_callable(spec)
+
+
+def test_load_callable_calls_a_function_whose_parameters_have_defaults(user_module):
+    assert len(zoo.load_callable(f"{user_module}:with_defaults").load_data()) == 4
 
 
 def test_load_callable_keeps_user_import_errors(user_module):

@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Iterator
@@ -236,6 +237,16 @@ def _import_file(path_text: str, spec: str) -> Any:
     return module
 
 
+def _required_parameters(func: Any) -> list[str]:
+    """Names of ``func``'s parameters that have no default (``[]`` when its signature cannot be read)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is p.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def load_callable(spec: str) -> Task:
     """Import ``"package.module:function"`` (or ``"path/to/file.py:function"``), call the
     function, and return a :class:`Task`.
@@ -271,6 +282,10 @@ def load_callable(spec: str) -> Task:
         func = getattr(func, part)
     if not callable(func):
         raise ValueError(f"{spec!r} is not callable")
+    required = _required_parameters(func)
+    if required:
+        raise ValueError(f"{spec} must take no arguments (abfp calls it as {func_name}()); it requires "
+                         f"{', '.join(required)}: give them defaults, or wrap it in a function without arguments")
     result = func()
     if isinstance(result, Task):
         return result
