@@ -94,3 +94,12 @@ def test_energy_and_precision_say_samples_beyond_the_data(task, argv, option, tm
     assert main([*argv, "--task", task]) == 0
     assert _notes(capsys.readouterr().err) == [
         f"abfp: note: {option} 100 is more than the 12 samples in {task}'s data: using 12"]
+
+
+def test_dnf_says_a_calibration_batch_beyond_the_training_inputs(task, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # its checkpoint folder
+    assert main(["finetune", "--model", task, "--method", "dnf", "--steps", "1", "--batch-size", "2",
+                 "--train-samples", "6", "--validation-samples", "0", "--calibration-samples", "64",
+                 "--no-progress"]) == 0
+    assert _notes(capsys.readouterr().err) == [
+        "abfp: note: --calibration-samples 64 is more than the 6 training inputs: using 6"]

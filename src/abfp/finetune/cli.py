@@ -305,6 +305,8 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int) -> int:
         note_fewer("--eval-samples", args.eval_samples, len(eval_data), f"evaluation inputs of {args.model}",
                    quiet=rank != 0)
     train, validation = _hold_out(args, train, show)
+    if args.method == "dnf" and args.calibration_samples != 128:  # one given: the batch is the first training inputs
+        note_fewer("--calibration-samples", args.calibration_samples, len(train), "training inputs", quiet=rank != 0)
     if ckpt and args.resume and resume_meta is None:
         show(f"note: no checkpoint at {ckpt}; starting from the beginning")
 
