@@ -55,7 +55,9 @@ def _precision_parser(sub) -> None:
     p.add_argument("--lam", type=float, default=None, help="penalty weight (default: shot 2, thermal 6, weight 8)")
     p.add_argument("--learn-ratio", type=float, default=1.0,
                    help="E_target of learning as a multiple of the uniform energy (default 1)")
-    p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N samples (default all)")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="evaluate on the first N evaluation samples (default all; a task without a training split "
+                        "learns on the first half of its data and is evaluated on the rest)")
     p.add_argument("--rel-tol", type=float, default=0.02, help="relative tolerance of the energy searches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--search-seeds", type=int, default=1,
@@ -120,7 +122,10 @@ def cmd_precision(args: argparse.Namespace) -> int:
     task = single_task(args.task, "precision")
     apply_threads(args.threads)
     if args.eval_samples is not None:
-        note_fewer("--eval-samples", args.eval_samples, len(task.load_data()), f"samples in {task.name}'s data")
+        from .experiment import precision_data
+
+        note_fewer("--eval-samples", args.eval_samples, len(precision_data(task)[0]),
+                   f"evaluation samples in {task.name}'s data")
     settings = PrecisionSettings(
         noise=args.noise, per_channel=args.per_channel, target_drop=args.target_drop, target=args.target,
         lam=args.lam, lr=args.lr, steps=args.steps, batch_size=args.batch_size, learn_ratio=args.learn_ratio,

@@ -34,7 +34,8 @@ from .learn import LearnResult, learn_energies, shuffled_batches
 from .objective import DEFAULT_LAMBDA
 from .search import search_min_energy
 
-__all__ = ["AJ_PER_PHOTON", "PrecisionSettings", "plot_precision", "run_precision", "summarize", "training_data"]
+__all__ = ["AJ_PER_PHOTON", "PrecisionSettings", "plot_precision", "precision_data", "run_precision", "summarize",
+           "training_data"]
 
 #: Optical energy of one photon at 1550 nm, in attojoules (h c / lambda = 1.28e-19 J).
 AJ_PER_PHOTON = 0.128
@@ -87,16 +88,24 @@ class PrecisionSettings:
         return DEFAULT_LAMBDA[self.noise] if self.lam is None else float(self.lam)
 
 
-def training_data(task: Task) -> tuple[Dataset, str]:
-    """Data to learn the energies on, and where it came from. Fashion-MNIST tasks use the
-    60,000 training images (never the test images they are scored on); other tasks fall back
-    to their own evaluation data (said so in the result)."""
-    if task.name in ("fashion-cnn", "fashion-vit"):
-        from ..zoo import fashion
+def precision_data(task: Task, eval_samples: int | None = None) -> tuple[Dataset, Dataset, str]:
+    """``(evaluation data, training data, where the training data came from)``, never overlapping
+    (:func:`abfp.finetune.data.split_task_data`, as ``abfp finetune`` and ``abfp tune`` split):
+    a zoo task with a training split learns on it (Fashion-MNIST's 60,000 training images, the
+    generated training volumes and clicks of ``unet3d`` and ``dlrm``) and is scored on its
+    evaluation data; a task without one (a user's) learns on the first half of its data and is
+    scored on the rest (its first ``eval_samples``).
+    """
+    from ..finetune.data import split_task_data
 
-        images, labels = fashion.load_split("train")
-        return Dataset((fashion.normalize(images),), labels), "Fashion-MNIST training set"
-    return task.load_data(), "the task's evaluation data (no separate training data)"
+    train, data, source = split_task_data(task, None, eval_samples)
+    return data, train, source
+
+
+def training_data(task: Task) -> tuple[Dataset, str]:
+    """The training data of :func:`precision_data` and where it came from."""
+    _, train, source = precision_data(task)
+    return train, source
 
 
 def _identity(model: Any, data: Dataset, train: Dataset, task: Task, settings: PrecisionSettings) -> dict[str, str]:
@@ -146,8 +155,7 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
     say = progress or (lambda s: None)
     t_start = time.perf_counter()
     model = task.build_model().eval()
-    data = task.load_data().take(settings.eval_samples)
-    train, train_source = training_data(task)
+    data, train, train_source = precision_data(task, settings.eval_samples)
     _check_labels(task, model, data, train)  # bad input is refused before a journal is started
     book = None
     if journal is not None:
@@ -171,6 +179,7 @@ def run_precision(task: Task, settings: PrecisionSettings | None = None, *,
     target = settings.target if settings.target is not None else fp32 - sign * settings.target_drop
     say(f"{task.name}: float32 {task.metric.name} {fp32:.3f}; target {target:.3f}; noise {settings.noise}"
         f"{' per channel' if settings.per_channel else ''}")
+    say(f"learning on {len(train)} inputs ({train_source}); scored on {len(data)} others")
 
     inj = NoiseInjector(model, settings.noise, per_channel=settings.per_channel, seed=settings.seed)
     inj.profile([tuple(t[: settings.profile_samples] for t in train.inputs)])
