@@ -7,7 +7,8 @@ counted digital).
 3. linear algebra that multiplies inside LAPACK (``ops/coverage._LINALG``): named and counted digital;
 4. (products in another thread: left, docs/families.md says why)
 5. weight-only quantised GEMMs, ``torch._trilinear``, complex ``dot``/``vdot``/``vecdot``, ``matrix_power(A, n < 0)``:
-   named and counted digital; an ``autograd.Function``'s forward checked to be on the device.
+   named and counted digital; an ``autograd.Function``'s forward checked to be on the device;
+   ``torch.cond`` and ``while_loop`` branches on the device (``nn/mode.answer_control_flow``).
 """
 
 from __future__ import annotations
@@ -385,3 +386,46 @@ def test_products_in_a_custom_autograd_function_are_on_the_device():
     m()
     assert _counts(m) == (60, 0)
     _on_device(seen["y"], a, b)
+
+
+class Branches(nn.Module):
+    """``torch.cond`` and ``while_loop`` with products in their branch and body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("w", torch.randn(4, 4))
+
+    def forward(self, x):
+        from torch._higher_order_ops import while_loop
+
+        h = self.fc(x)
+        y = torch.cond(h.sum() > -1e9, lambda u: u @ self.w, lambda u: u @ self.w.T, (h,))
+        _, z = while_loop(lambda i, v: i < 3, lambda i, v: (i + 1, v @ self.w), (torch.tensor(0), y))
+        return z
+
+
+def test_control_flow_branches_run_on_the_device():
+    """torch runs ``torch.cond``/``while_loop`` through ``torch.compile`` even in eager mode: their
+    products ran in float32, unnamed and uncounted (the model counted its Linear's 32 MACs of 160).
+    Now every product of the branch and of the three loop steps is on the device; excluded, the same
+    MACs count as digital and the output is float32's."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 4)
+    model = Branches().eval()
+    with torch.no_grad():
+        want = model(x)
+        m = abfp.convert(model, CFG)
+        y = m(x)
+        assert _counts(m) == (32 + 4 * 32, 0)
+        h = m.fc(x)
+        step = h
+        for _ in range(4):  # the branch, then three loop steps: each one device product
+            nxt = abfp.functional.matmul(step, model.w, config=CFG)
+            _on_device(nxt, step, model.w)
+            step = nxt
+        torch.testing.assert_close(y, step, rtol=0, atol=0)
+        assert not torch.allclose(y, want, atol=1e-3)
+        xm = abfp.convert(model, CFG, exclude=[""])
+        torch.testing.assert_close(xm(x), want)
+        assert _counts(xm) == (0, 32 + 4 * 32)

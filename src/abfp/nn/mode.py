@@ -538,14 +538,84 @@ def computing_methods(module: torch.nn.Module) -> list[tuple[str, Any]]:
             and k not in module.__dict__]
 
 
+def _control_flow() -> dict[Any, Any]:
+    """torch's control-flow operators whose branches or bodies are user code (``torch.cond``,
+    ``torch._higher_order_ops.while_loop``) -> their eager (dense) implementations."""
+    import importlib
+
+    found: dict[Any, Any] = {}
+    for mod, op, dense in (("cond", "cond", "cond_op_dense"), ("while_loop", "while_loop", "while_loop_dense")):
+        try:
+            m = importlib.import_module(f"torch._higher_order_ops.{mod}")
+            found[getattr(torch.ops.higher_order, op)] = getattr(m, dense)
+        except (ImportError, AttributeError):  # an older torch without it
+            continue
+    return found
+
+
+_CONTROL_FLOW = _control_flow()
+
+
+def answer_control_flow(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``torch.cond(pred, true_fn, false_fn, operands)`` or ``while_loop(cond_fn, body_fn, carried)``
+    inside a converted module: torch's own eager implementation runs the branch (or the loop) with
+    :class:`AnalogMode` pushed back on torch's stack (torch takes a mode off while it answers a call),
+    so their products are device products of the running module, counted and named as any other
+    (inside an excluded module each is counted digital, as any product there). The call itself is
+    no product: :class:`AnalogMode` answers it before looking for a family.
+    Before session 18 torch compiled the call (:func:`_eager_control_flow`) and its products ran in
+    float32, unnamed and uncounted."""
+    mode = next((f.mode for f in _stack() if f.mode is not None), None)
+    dense = _CONTROL_FLOW[func]
+    if mode is None:
+        return dense(*args, **kwargs)
+    torch._C._push_on_torch_function_stack(mode)
+    try:
+        return dense(*args, **kwargs)
+    finally:
+        _leave_mode_above(mode)
+
+
+def _leave_mode_above(mode: "AnalogMode") -> None:
+    """Pop ``mode`` (pushed by :func:`answer_control_flow`) and any mode left above it."""
+    while torch._C._len_torch_function_stack() > 0:
+        if torch._C._pop_torch_function_stack() is mode:
+            return
+
+
+def _eager_control_flow() -> None:
+    """torch runs ``torch.cond`` and ``while_loop`` in eager mode through ``torch.compile``
+    (``torch._higher_order_ops.utils._hop_compile_and_call``), where the function mode never answers
+    their products; while a converted model runs in this thread (and dynamo is not tracing) they are
+    called eagerly instead, so that :func:`answer_control_flow` answers them. Installed once, the first
+    time a converted model runs; elsewhere (other threads, no converted model) torch's own call."""
+    try:
+        import torch._higher_order_ops.utils as hop_utils
+    except ImportError:  # pragma: no cover - an older torch
+        return
+    torch_call = getattr(hop_utils, "_hop_compile_and_call", None)
+    if torch_call is None or getattr(torch_call, "abfp_eager", False):
+        return
+
+    def call(fn: Any, args: tuple, kwargs: dict | None = None) -> Any:
+        if not torch.compiler.is_dynamo_compiling() and _mode_running(_stack()):
+            return fn(*args, **(kwargs or {}))
+        return torch_call(fn, args, kwargs)
+
+    call.abfp_eager = True  # type: ignore[attr-defined]
+    hop_utils._hop_compile_and_call = call
+
+
 class AnalogMode(TorchFunctionMode):
     """Answers product calls with the device while converted modules run."""
 
     _flex_before: Any = None
 
     def __enter__(self):  # flex_attention calls its operator eagerly, where this mode answers it
-        # (restored when the mode is left: :func:`_leave_mode`)
+        # (restored when the mode is left: :func:`_leave_mode`); so do torch.cond and while_loop
         self._flex_before = flex_eager()
+        if _CONTROL_FLOW and not torch.compiler.is_dynamo_compiling():
+            _eager_control_flow()
         return super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -556,6 +626,8 @@ class AnalogMode(TorchFunctionMode):
         stack = _stack()
         if not stack:
             return func(*args, **kwargs)
+        if func in _CONTROL_FLOW and not dynamo:  # torch.cond, while_loop: their branches run under this mode
+            return answer_control_flow(func, args, kwargs)
         handler = handler_for(func)
         name = no_analog_model(func) if handler is None else None
         if handler is None and name is None:  # not a product
