@@ -86,14 +86,25 @@ def test_tune_says_evaluation_gain_and_energy_samples_beyond_the_data(task, tmp_
         "abfp: note: --energy-samples 20 is more than the 6 calibration samples: using 6"]
 
 
-@pytest.mark.parametrize("argv, option", [(["energy", "--batch-size", "100"], "--batch-size"),
-                                          (["precision", "--eval-samples", "100", "--steps", "1", "--quiet",
-                                            "--search-seeds", "1"], "--eval-samples")])
-def test_energy_and_precision_say_samples_beyond_the_data(task, argv, option, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # precision's journal folder
-    assert main([*argv, "--task", task]) == 0
+def test_energy_says_a_batch_beyond_the_data(task, capsys):
+    assert main(["energy", "--batch-size", "100", "--task", task]) == 0
     assert _notes(capsys.readouterr().err) == [
-        f"abfp: note: {option} 100 is more than the 12 samples in {task}'s data: using 12"]
+        f"abfp: note: --batch-size 100 is more than the 12 samples in {task}'s data: using 12"]
+
+
+def test_precision_says_evaluation_and_learning_samples_beyond_the_data(task, tmp_path, monkeypatch, capsys):
+    """A user task learns on the first half of its data and is scored on the rest (6 and 6); the
+    JSON's learning.batch_size is the batch used (it was the one asked)."""
+    monkeypatch.chdir(tmp_path)  # its journal folder
+    out = tmp_path / "p.json"
+    assert main(["precision", "--task", task, "--eval-samples", "100", "--batch-size", "64", "--steps", "1",
+                 "--quiet", "--search-seeds", "1", "--json", str(out)]) == 0
+    notes = _notes(capsys.readouterr().err)
+    assert notes[0] == f"abfp: note: --eval-samples 100 is more than the 6 evaluation samples in {task}'s data: using 6"
+    assert notes[1].startswith("abfp: note: --batch-size 64 is more than the 6 learning samples (")
+    assert notes[1].endswith("): using 6") and len(notes) == 2
+    res = json.loads(out.read_text())
+    assert res["learning"]["batch_size"] == 6 and res["search"]["eval_samples"] == 6
 
 
 def test_dnf_says_a_calibration_batch_beyond_the_training_inputs(task, tmp_path, monkeypatch, capsys):

@@ -121,11 +121,13 @@ def cmd_precision(args: argparse.Namespace) -> int:
         check_plotting()
     task = single_task(args.task, "precision")
     apply_threads(args.threads)
-    if args.eval_samples is not None:
+    if args.eval_samples is not None or args.batch_size != 128:  # given: said when beyond the data
         from .experiment import precision_data
 
-        note_fewer("--eval-samples", args.eval_samples, len(precision_data(task)[0]),
-                   f"evaluation samples in {task.name}'s data")
+        evald, train, source = precision_data(task)
+        note_fewer("--eval-samples", args.eval_samples, len(evald), f"evaluation samples in {task.name}'s data")
+        if args.batch_size != 128:  # a batch beyond the learning data is all of it (learn.shuffled_batches)
+            note_fewer("--batch-size", args.batch_size, len(train), f"learning samples ({source})")
     settings = PrecisionSettings(
         noise=args.noise, per_channel=args.per_channel, target_drop=args.target_drop, target=args.target,
         lam=args.lam, lr=args.lr, steps=args.steps, batch_size=args.batch_size, learn_ratio=args.learn_ratio,
