@@ -8,7 +8,7 @@ counted digital).
 4. (products in another thread: left, docs/families.md says why)
 5. weight-only quantised GEMMs, ``torch._trilinear``, complex ``dot``/``vdot``/``vecdot``, ``matrix_power(A, n < 0)``:
    named and counted digital; an ``autograd.Function``'s forward checked to be on the device;
-   ``torch.cond`` and ``while_loop`` branches on the device (``nn/mode.answer_control_flow``).
+   ``torch.cond``, ``while_loop``, ``scan`` and ``map`` bodies on the device (``nn/mode.answer_control_flow``).
 """
 
 from __future__ import annotations
@@ -429,3 +429,20 @@ def test_control_flow_branches_run_on_the_device():
         xm = abfp.convert(model, CFG, exclude=[""])
         torch.testing.assert_close(xm(x), want)
         assert _counts(xm) == (0, 32 + 4 * 32)
+
+
+def test_scan_and_map_bodies_run_on_the_device():
+    """``torch._higher_order_ops.scan`` and ``map``, compiled by torch in eager mode too: 0 MACs
+    before; now each step's product is a device product."""
+    from torch._higher_order_ops import map as hop_map, scan
+
+    w, x = torch.randn(4, 4), torch.randn(3, 2, 4)
+    m = abfp.convert(Calls(lambda: scan(lambda c, xi: (c @ w, xi.sum(-1)), x[0], x, dim=0)[0]), CFG)
+    m()
+    assert _counts(m) == (3 * 2 * 4 * 4, 0)
+    seen = []
+    m = abfp.convert(Calls(lambda: hop_map(lambda xi: seen.append((xi, xi @ w)) or seen[-1][1], x)), CFG)
+    m()
+    assert _counts(m) == (3 * 2 * 4 * 4, 0)
+    _on_device(seen[0][1], seen[0][0], w)
+

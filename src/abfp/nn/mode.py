@@ -540,11 +540,14 @@ def computing_methods(module: torch.nn.Module) -> list[tuple[str, Any]]:
 
 def _control_flow() -> dict[Any, Any]:
     """torch's control-flow operators whose branches or bodies are user code (``torch.cond``,
-    ``torch._higher_order_ops.while_loop``) -> their eager (dense) implementations."""
+    ``while_loop``, ``scan``, ``map`` of ``torch._higher_order_ops``) -> their eager (dense)
+    implementations. Not ``associative_scan``: torch's eager form runs its combine under ``vmap``,
+    which the device products refuse."""
     import importlib
 
     found: dict[Any, Any] = {}
-    for mod, op, dense in (("cond", "cond", "cond_op_dense"), ("while_loop", "while_loop", "while_loop_dense")):
+    for mod, op, dense in (("cond", "cond", "cond_op_dense"), ("while_loop", "while_loop", "while_loop_dense"),
+                           ("scan", "scan", "scan_op_dense"), ("map", "map_impl", "map_dense")):
         try:
             m = importlib.import_module(f"torch._higher_order_ops.{mod}")
             found[getattr(torch.ops.higher_order, op)] = getattr(m, dense)
