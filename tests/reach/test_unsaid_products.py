@@ -3,7 +3,8 @@
 counted digital).
 
 1. forward hooks and forward pre-hooks on the converted model's root (``nn/mode.RootCall``);
-2. public methods that multiply their arguments (``nn/mode.makes_products``), called from outside;
+2. public methods that multiply their arguments (``nn/mode.makes_products``), called from outside,
+   and generator methods, each step in the module's frame (``GuardedMethod._steps``);
 3. linear algebra that multiplies inside LAPACK (``ops/coverage._LINALG``): named and counted digital;
 4. (products in another thread: left, docs/families.md says why)
 5. weight-only quantised GEMMs, ``torch._trilinear``, complex ``dot``/``vdot``/``vecdot``, ``matrix_power(A, n < 0)``:
@@ -228,6 +229,43 @@ def test_methods_that_multiply_their_arguments_run_on_the_device(method):
     y = y[0] if isinstance(y, list) else y
     assert _counts(m) == (want, 0) and want == 3 * 5 * 4
     _on_device(y, a, b.T)
+
+
+class Streamer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("w", torch.randn(4, 4))
+
+    def forward(self, x):
+        return self.fc(x)
+
+    def stream(self, xs):
+        for x in xs:
+            h = self.fc(x)
+            yield h, h @ self.w
+        return "done"
+
+
+def test_a_generator_method_runs_each_step_on_the_device():
+    """A generator method's body runs between ``next`` calls, after the wrapper returned: its own
+    products (``h @ self.w``) ran in float32 uncounted (96 of 192 MACs); each step now runs in the
+    module's frame. Closing it early leaves no frame behind."""
+    torch.manual_seed(8)
+    m = abfp.convert(Streamer(), CFG)
+    xs = [torch.randn(2, 4) for _ in range(3)]
+    with torch.no_grad():
+        out = list(m.stream(xs))
+    assert _counts(m) == (3 * 2 * (16 + 16), 0)
+    _on_device(out[0][1], out[0][0], m.w)
+    gen = m.stream(xs)
+    next(gen)
+    gen.close()
+    assert not abfp.nn.mode._stack()
+    with pytest.raises(StopIteration) as end:
+        g = m.stream([])
+        next(g)
+    assert end.value.value == "done"
 
 
 def test_method_heuristic_wraps_no_plain_method_and_no_torch_method():

@@ -472,7 +472,40 @@ class GuardedMethod(GuardedForward):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _stack():  # called inside a converted forward: its products belong to the running frame, as before
             return self.func(self.module, *args, **kwargs)
+        if inspect.isgeneratorfunction(inspect.unwrap(self.func)):
+            return self._steps(self.func(self.module, *args, **kwargs))
         return super().__call__(*args, **kwargs)
+
+    def _steps(self, gen: Any) -> Any:
+        """A generator method (``def stream(self, xs): for x in xs: yield self.fc(x) @ W``): its body
+        runs between the consumer's ``next`` calls, after this call returned, so each step (up to
+        the next ``yield``) runs in the module's frame as ``forward`` does (its products ran in
+        float32, uncounted, until session 18)."""
+        step = _GeneratorStep(self, gen)
+        sent = None
+        try:
+            while True:
+                done, value = step(sent)
+                if done:
+                    return value
+                sent = yield value
+        finally:
+            gen.close()
+
+
+class _GeneratorStep(GuardedForward):
+    """One step of a generator method's generator (:meth:`GuardedMethod._steps`) in the module's frame:
+    ``(True, return value)`` when it finished, else ``(False, the yielded value)``."""
+
+    def __init__(self, owner: GuardedMethod, gen: Any) -> None:
+        super().__init__(owner.module, None, owner.name, owner.state)
+        self.gen = gen
+
+    def _run(self, args: tuple, kwargs: dict) -> Any:
+        try:
+            return False, self.gen.send(args[0])
+        except StopIteration as end:
+            return True, end.value
 
 
 #: names of ``nn.Module``'s own attributes: never wrapped as methods (``state_dict``, ``train``, ...)
