@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.masked import MaskedTensor
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from ..ops.attention import flex_eager, flex_restore, sdpa  # noqa: F401  (sdpa re-exported: it lived here)
@@ -60,7 +61,7 @@ from ..ops.coverage import _NO_ANALOG_MODEL as NO_ANALOG_MODEL, func_name, no_an
 from ..ops.device import NotTraceable, tracing
 from ..ops.registry import PLAIN as _PLAIN, handler_for, registered as registry_funcs, size as registry_size
 from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, answer_odd_layout, check_traceable,  # noqa: F401
-                        digital_call, run_product, undo_forget, undo_mark, undo_to, warn_digital)
+                        digital_call, masked_operand, run_product, undo_forget, undo_mark, undo_to, warn_digital)
 from .state import AnalogState
 
 __all__ = ["AnalogMode", "DigitalSpectralNorm", "DirectSites", "Frame", "GuardedForward", "GuardedMethod", "ProductCall",
@@ -696,6 +697,9 @@ class AnalogMode(TorchFunctionMode):
             return digital_call(frame, func, args, kwargs, "no analog model")
         if frame.state.config_for(frame.name) is None and frame.name not in frame.state.reincluded:
             return digital_call(frame, func, args, kwargs, "excluded module")
+        if any(isinstance(a, MaskedTensor) for a in args) or any(isinstance(a, MaskedTensor) for a in kwargs.values()):
+            # before the family's handler, which may reshape it first (einsum): torch's own words name no product
+            raise masked_operand(f"abfp: {func_name(func)} (module {frame.name or 'the root'!r})")
         layout = odd_layout(args, kwargs)
         if layout is not None:  # a sparse operand (a graph's adjacency, ...) or a nested one
             return answer_odd_layout(frame, handler, func, args, kwargs, layout)

@@ -32,7 +32,6 @@ from typing import Any, Callable
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
-from torch.masked import MaskedTensor
 
 from ..config import ABFPConfig
 from ..numerics import ProductStats
@@ -341,17 +340,22 @@ def check_half_mix(frame: Frame, site: str, operands: tuple[Tensor, ...]) -> Non
                        "(model.to(dtype)), or run it under torch.autocast")
 
 
+def masked_operand(where: str) -> TypeError:
+    """The error of a product call (``where``: "abfp: torch.einsum (module ...)") with a ``MaskedTensor``
+    operand: a ``TypeError``, as torch's own products give one (in dispatcher words naming no product;
+    before, an unrelated ``TypeError`` from inside the block scales or the family's reshaping)."""
+    return TypeError(f"{where} has a MaskedTensor operand (torch.masked), which the device cannot encode: its "
+                     "masked-out elements have no value (torch's own linear, matmul and convolutions do not take it "
+                     "either); pass a plain tensor, e.g. mt.get_data().masked_fill(~mt.get_mask(), 0)")
+
+
 def check_values(frame: Frame, site: str, operands: tuple[Tensor, ...]) -> None:
-    """Refuse, in words, operands whose values the device cannot read: a ``MaskedTensor`` (a
-    ``TypeError``, as torch's own products give one; before, an unrelated ``TypeError`` from
-    inside the block scales) and, outside a tracer, a tensor on the ``meta`` device (no values to
-    encode; before, "Tensor.item() cannot be called on meta tensors")."""
+    """Refuse, in words, operands whose values the device cannot read: outside a tracer, a tensor on
+    the ``meta`` device (no values to encode; before, "Tensor.item() cannot be called on meta
+    tensors"). A ``MaskedTensor`` is refused before the family's handler runs
+    (:class:`abfp.nn.mode.AnalogMode`, :func:`masked_operand`)."""
     where = f"abfp: product {site} (module {frame.name or 'the root'!r})"
     for t in operands:
-        if isinstance(t, MaskedTensor):
-            raise TypeError(f"{where} has a MaskedTensor operand (torch.masked), which the device cannot encode: its "
-                            "masked-out elements have no value (torch's own linear, matmul and convolutions do not take "
-                            "it either); pass a plain tensor, e.g. mt.get_data().masked_fill(~mt.get_mask(), 0)")
         if t.is_meta and not tracing():
             raise NotImplementedError(
                 f"{where} has an operand on the meta device: the device's products read values (block scales, DAC "
