@@ -231,7 +231,9 @@ def test_methods_that_multiply_their_arguments_run_on_the_device(method):
     _on_device(y, a, b.T)
 
 
-class Streamer(nn.Module):
+class FcW(nn.Module):
+    """A Linear(4, 4) and a 4 x 4 buffer ``w`` for the products of its subclasses."""
+
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 4)
@@ -239,6 +241,9 @@ class Streamer(nn.Module):
 
     def forward(self, x):
         return self.fc(x)
+
+
+class Streamer(FcW):
 
     def stream(self, xs):
         for x in xs:
@@ -426,13 +431,8 @@ def test_products_in_a_custom_autograd_function_are_on_the_device():
     _on_device(seen["y"], a, b)
 
 
-class Branches(nn.Module):
+class Branches(FcW):
     """``torch.cond`` and ``while_loop`` with products in their branch and body."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.register_buffer("w", torch.randn(4, 4))
 
     def forward(self, x):
         from torch._higher_order_ops import while_loop
