@@ -386,6 +386,9 @@ def _other_cases():
         "dot complex": (lambda: torch.dot(z[0], z[1]), "torch.dot on complex64 operands", 4),
         "vdot complex": (lambda: torch.vdot(z[0], z[1]), "torch.vdot on complex64 operands", 4),
         "vecdot complex": (lambda: torch.linalg.vecdot(z, z), "torch.linalg.vecdot on complex64 operands", 12),
+        # a loss of dot products computed inside ATen: one x1 . x2 of K = 4 per row
+        "cosine_embedding_loss": (lambda: torch.nn.functional.cosine_embedding_loss(x, x.flip(0), torch.ones(3)),
+                                  "torch.nn.functional.cosine_embedding_loss", 12),
         # a negative power: the inverse (n^3 = 64) and A^-1 cubed (two products of 64)
         "matrix_power -3": (lambda: torch.linalg.matrix_power(torch.eye(4) * 2 + 0.1, -3),
                             "torch.linalg.matrix_power with n < 0", 64 + 2 * 64),

@@ -360,6 +360,13 @@ def _trilinear(args, kwargs, out):
     return math.prod(torch.broadcast_shapes(*shapes))
 
 
+def _cosine_embedding_loss(args, kwargs, out):
+    """``cosine_embedding_loss(x1, x2, y)``: one dot product ``x1 . x2`` per pair, ``D`` MACs (the
+    norms beside it are no products, as everywhere)."""
+    x1, x2 = _t(_arg(args, kwargs, 0, "input1")), _t(_arg(args, kwargs, 1, "input2"))
+    return math.prod(torch.broadcast_shapes(x1.shape, x2.shape)) if x1 is not None and x2 is not None else 0
+
+
 #: low-precision weight GEMMs (weight-only quantised LLM layers) and other product kernels torch
 #: exposes as functions: no analog model (their weights are packed integer or float16 codes)
 _WEIGHT_GEMMS = [f for f in (getattr(torch, n, None) for n in (
@@ -423,6 +430,7 @@ _ESTIMATORS: dict[Any, MacEstimator] = {
     torch.sparse.mm: _mm, torch.smm: _mm, torch.hspmm: _mm, torch.sparse.addmm: _addmm, torch.sspaddmm: _addmm,
     torch.sparse.sampled_addmm: _sampled_addmm,
     **_LINALG, **{f: _weight_gemm for f in _WEIGHT_GEMMS}, torch._trilinear: _trilinear,
+    F.cosine_embedding_loss: _cosine_embedding_loss, torch.cosine_embedding_loss: _cosine_embedding_loss,
 }
 
 
@@ -453,7 +461,9 @@ _NO_ANALOG_MODEL: set[Any] = {torch.cdist, torch._int_mm, torch.convolution, tor
                               # which those modules do not take inside a converted model, called directly
                               torch._native_multi_head_attention, torch._transformer_encoder_layer_fwd,
                               # solvers, inverses, determinants, matrix exponentials: products inside LAPACK
-                              *_LINALG, *_WEIGHT_GEMMS, torch._trilinear}
+                              *_LINALG, *_WEIGHT_GEMMS, torch._trilinear,
+                              # a loss of dot products computed inside ATen (a mul and a sum)
+                              F.cosine_embedding_loss, torch.cosine_embedding_loss}
 for _name in ("_scaled_mm", "cudnn_convolution", "mkldnn_convolution", "cudnn_convolution_transpose",
               "miopen_convolution", "sparse_coo_tensor_mm", "smm", "hspmm", "sspaddmm"):
     _f = getattr(torch, _name, None)
