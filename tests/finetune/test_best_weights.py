@@ -83,7 +83,7 @@ def test_resume_chooses_as_the_uninterrupted_run(tmp_path: Path, tiny_model, tin
         assert torch.equal(a, b), name
     # other validation data is another run: refused
     _, other = split_validation(make_data(256, 1), 32)
-    with pytest.raises(ValueError, match="settings.validation"):
+    with pytest.raises(ValueError, match="settings.validation: .*other held-out inputs: --validation-samples"):
         qat(tiny_model, train, tiny_config, checkpoint=ck, resume=True, **{**kw, "validation": other})
 
 

@@ -466,7 +466,9 @@ def _user_code_print(model: nn.Module) -> str:
 _HINTS = {"loss": " (another loss: --loss / --temperature)", "teacher": " (another teacher or other training inputs)",
           "threads": " (set the same thread count: torch.set_num_threads / --threads)",
           "model": " (another model, other starting weights or edited model code)", "train_data": " (other training data)",
-          "sampler_version": " (written by an abfp whose DNF sampler drew other noise values: finetune anew)"}
+          "sampler_version": " (written by an abfp whose DNF sampler drew other noise values: finetune anew)",
+          "validation": " (other held-out inputs: --validation-samples; 0 for a run written without them)",
+          "validate_every": " (--validate-every)"}
 
 
 def _short(v: Any) -> str:
