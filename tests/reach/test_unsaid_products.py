@@ -335,6 +335,7 @@ class Calls(nn.Module):
         return self.call()
 
 
+@pytest.mark.filterwarnings("ignore:.*is deprecated:UserWarning")  # torch.triangular_solve, asked for on purpose
 @pytest.mark.parametrize("case", sorted(_linalg_cases()))
 def test_linear_algebra_products_are_named_and_counted_digital(case):
     """Each ran in float32 unsaid and counted 0 MACs until session 18: now one
@@ -400,6 +401,7 @@ def _other_cases():
     return cases
 
 
+@pytest.mark.filterwarnings("ignore:.*is deprecated:UserWarning")  # torch's fbgemm float16 kernels, on purpose
 @pytest.mark.parametrize("case", sorted(_other_cases()))
 def test_other_unsaid_products_are_named_and_counted(case):
     call, name, macs = _other_cases()[case]
