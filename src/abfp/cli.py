@@ -114,7 +114,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--config", default=None, help="base device as a JSON file or string (like --preset)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--plan", default=None, help="evaluate a device plan (abfp tune --json) instead of a grid")
-    p.add_argument("--weights", default=None, help="with --plan: load these weights (safetensors) into the model")
+    p.add_argument("--weights", default=None,
+                   help="load these weights (safetensors: abfp tune's, abfp finetune --save-model's) into the task's "
+                        "model before evaluating it; with --plan, the plan's weights; one --task")
     add_force_option(p)
     p.set_defaults(func=cmd_eval)
 
@@ -282,6 +284,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             cache = str(Path(args.cache_dir) / CACHE_FILE)  # one database, keyed on model, data, metric, config
         t0 = time.perf_counter()
         model = task.build_model()
+        if plan is None and weights is not None:  # e.g. abfp finetune --save-model's: evaluated on any grid
+            _load_weights(model, weights)
         if plan is not None:
             _plan_weights(model, plan, args.plan, weights)
             try:  # before the float32 pass: a plan that does not apply is refused before any work
@@ -337,9 +341,7 @@ def _plan_data_note(plan: Any, path: str) -> str | None:
 def _plan_args(args: argparse.Namespace) -> tuple[Any, Path | None]:
     """``--plan`` (a DevicePlan) and ``--weights``, checked before any work."""
     if args.plan is None:
-        if args.weights is not None:
-            raise UsageError("--weights goes with --plan")
-        return None, None
+        return None, _weights_arg(args)
     clash = [flag for attr, flag in (("tile_widths", "--tile-widths"), ("gains", "--gains"), ("bits", "--bits"),
                                      ("noise", "--noise"), ("noise_dist", "--noise-dist"), ("preset", "--preset"),
                                      ("config", "--config")) if getattr(args, attr) is not None]
@@ -357,19 +359,26 @@ def _plan_args(args: argparse.Namespace) -> tuple[Any, Path | None]:
         raise UsageError(f"--plan {path}: {where} is in mode 'fixed'; abfp eval --plan evaluates "
                          "ABFP plans (fixed-point points need calibrated scales, which a plan does not carry)")
     args.no_fixed = True
-    weights = None
-    if args.weights is not None:
-        weights = Path(args.weights)
-        if not weights.is_file():
-            raise UsageError(f"--weights: no such file: {weights}")
-    return plan, weights
+    return plan, _weights_arg(args)
+
+
+def _weights_arg(args: argparse.Namespace) -> Path | None:
+    """``--weights`` as a path to an existing file (one model's weights: one ``--task``)."""
+    if args.weights is None:
+        return None
+    if args.tasks is not None and (len(args.tasks) != 1 or args.tasks[0] == "all"):
+        raise UsageError("--weights holds one model's weights: give one --task")
+    weights = Path(args.weights)
+    if not weights.is_file():
+        raise UsageError(f"--weights: no such file: {weights}")
+    return weights
 
 
 def _plan_weights(model: Any, plan: Any, plan_path: str, path: Path | None) -> None:
     """Check that ``plan`` (read from ``plan_path``) was tuned for ``model``'s architecture, then
     load the safetensors ``path`` (when given) into it, refused if written for another architecture
     (:mod:`abfp.tune.provenance`; every key must match)."""
-    from .tune.provenance import check_plan_architecture, load_weights, tuned_weights_differ
+    from .tune.provenance import check_plan_architecture, tuned_weights_differ
 
     try:
         check_plan_architecture(plan.info, model, f"--plan {plan_path}")
@@ -384,8 +393,16 @@ def _plan_weights(model: Any, plan: Any, plan_path: str, path: Path | None) -> N
                   f"differs): --weights {name} gives those; a task that builds its model without a seed differs at "
                   "every call", file=sys.stderr)
         return
+    _load_weights(model, path, plan.info)
+
+
+def _load_weights(model: Any, path: Path, plan_info: Any = None) -> None:
+    """Load the safetensors ``path`` into ``model`` (:func:`abfp.tune.provenance.load_weights`: every key
+    must match, another architecture is refused), a bad file being a usage error."""
+    from .tune.provenance import load_weights
+
     try:
-        note = load_weights(model, path, plan.info)["note"]
+        note = load_weights(model, path, plan_info)["note"]
     except ValueError as e:
         raise UsageError(f"--weights {path}: {e}") from None
     if note:

@@ -142,7 +142,7 @@ def test_cli_tune_energy_rule(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extra, msg", [
     (["--plan", "missing.json"], "--plan: no such file"),
-    (["--weights", "w.safetensors"], "--weights goes with --plan"),
+    (["--weights", "w.safetensors"], "--weights: no such file"),  # --weights alone is allowed (a finetuned model)
     (["--plan", "PLAN", "--gains", "4"], "--plan sets the device"),
     (["--plan", "BAD"], "--plan"),
     (["--plan", "PLAN", "--weights", "BAD"], "--weights"),
