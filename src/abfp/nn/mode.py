@@ -65,7 +65,7 @@ from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, answer
 from .state import AnalogState
 
 __all__ = ["AnalogMode", "DigitalSpectralNorm", "DirectSites", "Frame", "GuardedForward", "GuardedMethod", "ProductCall",
-           "RootCall",
+           "RootCall", "RootCompile",
            "computing_methods", "digital_call", "makes_products", "product_names",
            "drop_stale", "leave", "off_mode", "run_product"]
 
@@ -394,7 +394,8 @@ class RootCall:
     the root, one site numbering across them (:func:`_enter`: a pre-hook's ``matmul`` is
     ``:matmul0``, the forward's next). So does a root whose ``forward`` was replaced after ``convert``
     (``m.forward = lambda x: old(x) @ W``: the replacement runs outside any converted frame). Otherwise
-    it calls ``_call_impl`` at once (one Python call per forward). ``inner``: a ``_compiled_call_impl`` the root had (``Module.compile()``), called
+    it calls ``_call_impl`` at once (one Python call per forward). ``inner``: a ``_compiled_call_impl``
+    the root had (``Module.compile()`` before ``convert``, or :class:`RootCompile` after it), called
     in place of ``_call_impl``. Set by ``convert`` and on copies (:meth:`GuardedForward.__setstate__`),
     removed by ``to_digital`` (:meth:`uninstall`). With direct sites active (DNF) a root that is not
     functional runs its hooks as its forward runs, without a frame (module doc)."""
@@ -405,14 +406,19 @@ class RootCall:
 
     @staticmethod
     def install(module: torch.nn.Module) -> None:
-        """Set ``module``'s :class:`RootCall` (keeping a ``_compiled_call_impl`` it has as ``inner``)."""
+        """Set ``module``'s :class:`RootCall` (keeping a ``_compiled_call_impl`` it has as ``inner``)
+        and its :class:`RootCompile` (``module.compile()`` keeps the RootCall)."""
         before = module.__dict__.get("_compiled_call_impl")
         if not isinstance(before, RootCall):
             module.__dict__["_compiled_call_impl"] = RootCall(module, before)
+        if not isinstance(module.__dict__.get("compile"), RootCompile):
+            module.__dict__["compile"] = RootCompile(module)
 
     @staticmethod
     def uninstall(module: torch.nn.Module) -> None:
         """Put back what ``module`` called before :meth:`install` (nothing: ``_call_impl``)."""
+        if isinstance(module.__dict__.get("compile"), RootCompile):
+            del module.__dict__["compile"]
         call = module.__dict__.get("_compiled_call_impl")
         if isinstance(call, RootCall):
             if call.inner is None:
@@ -450,6 +456,25 @@ class RootCall:
             undo_forget()
         _settle(state)
         return out
+
+
+class RootCompile:
+    """A converted root's ``compile`` (an instance attribute set with its :class:`RootCall`):
+    ``model.compile(*args, **kwargs)`` as ``nn.Module.compile`` does it (``torch.compile`` of
+    ``_call_impl`` with the same arguments), the compiled call installed as the ``inner`` of a
+    fresh :class:`RootCall` rather than in its place. ``nn.Module.compile`` would set the compiled
+    ``_call_impl`` as ``_compiled_call_impl`` itself, dropping the RootCall: a product in a root
+    forward hook would run in float32 again, uncounted. Copies carry it as ``__dict__`` entry
+    (a copy is not compiled: torch drops ``_compiled_call_impl`` from copies, the copy's RootCall
+    has no ``inner``); ``to_digital`` removes it."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        module = self.module
+        compiled = torch.compile(type(module)._call_impl.__get__(module), *args, **kwargs)
+        module.__dict__["_compiled_call_impl"] = RootCall(module, compiled)
 
 
 class GuardedMethod(GuardedForward):

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import operator
+import secrets
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Coverage", "coverage", "DigitalProductWarning", "digital_product_macs", "estimate_macs", "no_analog_model",
+__all__ = ["Coverage", "coverage", "coverage_for", "DigitalProductWarning", "digital_product_macs", "estimate_macs", "no_analog_model",
            "register_macs", "odd_layout", "tensordot_macs"]
 
 
@@ -40,12 +42,34 @@ warnings.simplefilter("always", DigitalProductWarning)
 
 @dataclass
 class Coverage:
-    """MACs computed on the device and in float32 while a converted model ran."""
+    """MACs computed on the device and in float32 while a converted model ran.
+
+    ``token``: the number that names this counter inside a traced graph (``torch.compile``,
+    ``torch.export``, ``torch.jit.trace``): the custom operator ``abfp::count`` of each traced
+    product carries it and adds the product's MACs here when the graph runs (:func:`coverage_for`).
+    Random (62 bits), so a program exported in one process and run in another (or after this
+    counter is gone) names no counter and counts nothing; a copy (``copy``, ``deepcopy``, pickle)
+    draws a token of its own."""
 
     analog_macs: int = 0
     digital_macs: int = 0
     digital_ops: dict[str, int] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
+    token: int = field(default=0, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._register()
+
+    def _register(self) -> None:
+        self.token = secrets.randbits(62) | 1  # never 0 (0: count nowhere)
+        _COVERAGES[self.token] = self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "token"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._register()
 
     @property
     def total_macs(self) -> int:
@@ -74,6 +98,16 @@ class Coverage:
         if self.digital_ops:
             s += "; digital: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.digital_ops.items()))
         return s
+
+
+#: every live :class:`Coverage` by its token (weak: a model that is gone leaves no entry)
+_COVERAGES: "weakref.WeakValueDictionary[int, Coverage]" = weakref.WeakValueDictionary()
+
+
+def coverage_for(token: int) -> Coverage | None:
+    """The live :class:`Coverage` whose :attr:`~Coverage.token` is ``token``, or None (0, a model
+    that is gone, a token from another process)."""
+    return _COVERAGES.get(token) if token else None
 
 
 # ----------------------------------------------------------------------------- MAC estimates
@@ -603,7 +637,8 @@ def no_analog_model(func: Any) -> str | None:
 
 
 def estimate_macs(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    """MACs of a product computed in float32 (0 when unknown)."""
+    """MACs of a product computed in float32 (0 when unknown); a ``torch.SymInt`` as it is (a
+    traced graph with dynamic shapes: ``int()`` of it would pin the shape to the traced one)."""
     est = _ESTIMATORS.get(func)
     if est is None:
         name = _aten_name(func)
@@ -615,7 +650,8 @@ def estimate_macs(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
     if est is None:
         return 0
     try:
-        return int(est(args, kwargs or {}, out))
+        n = est(args, kwargs or {}, out)
+        return n if isinstance(n, torch.SymInt) else int(n)
     except Exception:  # an estimate must never break the model
         return 0
 

@@ -17,6 +17,15 @@ instead; each one runs the same eager code, so a traced model gives the numbers 
   weight_scale, key) -> y``: an inference 2-D convolution in the column layout (the compiled
   kernels of :func:`abfp.ops.conv._conv2d_cols`), without bias; contiguous NCHW float32.
 
+- ``abfp::count(after, token, analog_macs, digital_macs, digital_name) -> ()``: adds one traced
+  product's MACs to the :class:`~abfp.ops.coverage.Coverage` whose token is ``token``
+  (:func:`~abfp.ops.coverage.coverage_for`; none: nothing), when the graph runs: ``analog_macs`` to
+  ``analog_macs``, ``digital_macs`` to ``digital_ops[digital_name]``. ``after`` is the product's
+  output (so the count follows it in the graph); the counts are SymInts, so a graph exported with
+  a dynamic batch counts each call's own. Registered as a side effect (no tracer drops it); its
+  fake implementation counts nothing, so tracing a graph is no call of the model. It has no
+  backward: a backward pass counts nothing, as in eager.
+
 The configuration travels as its canonical JSON (:func:`abfp.ops.device.config_json`), the
 uniform-noise key as a one-element int64 tensor drawn in the graph (:func:`abfp.ops.device.traced_key`);
 the same key gives the same numbers as eager. The input finiteness check runs inside the
@@ -34,10 +43,11 @@ from torch import Tensor
 from ..numerics import analog_product
 from ..numerics.blocks import num_tiles
 from .conv import conv2d_columns
+from .coverage import coverage_for
 from .device import (check_finite, config_from_json, encoded_weights, shift_for_overflow, ste_grads, training_product,
                      unshift_output)
 
-__all__ = ["device", "device_backward", "conv2d"]
+__all__ = ["device", "device_backward", "conv2d", "count"]
 
 
 def _key(key: Optional[Tensor]) -> int | None:
@@ -128,3 +138,21 @@ def _conv2d_fake(x, weight, pads, stride, dilation, groups, config, weight_confi
     ho = (h + pads[2] + pads[3] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w_ + pads[0] + pads[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return x.new_empty((bt, cout, ho, wo), dtype=torch.float32)
+
+
+@torch.library.custom_op("abfp::count", mutates_args=())
+def count(after: Optional[Tensor], token: int, analog_macs: int, digital_macs: int, digital_name: str) -> None:
+    cov = coverage_for(token)
+    if cov is None:  # an exported program whose model is gone, or run in another process
+        return
+    cov.analog_macs += int(analog_macs)
+    if digital_name:
+        cov.add_digital(digital_name, int(digital_macs))
+
+
+@count.register_fake
+def _count_fake(after, token, analog_macs, digital_macs, digital_name):
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.abfp.count.default)  # kept by dead-code elimination (it has no output)

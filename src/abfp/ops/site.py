@@ -15,8 +15,11 @@ in :class:`abfp.nn.mode.GuardedForward`), so ``abfp.coverage`` and energy totals
 the calls that returned; the outermost module's return, or the next outermost call, forgets
 the log (:func:`undo_forget`). An exception caught inside a forward (user code that retries a
 submodule) rolls back the failed submodule call alone. What is not rolled back: the noise
-streams (a seeded stream continues, as torch's global generator does after a failed call) and
-the once-per-model ``DigitalProductWarning`` memory (the warning was shown).
+streams (a seeded stream continues, as torch's global generator does after a failed call),
+the once-per-model ``DigitalProductWarning`` memory (the warning was shown), and the counts of a
+traced graph (``torch.compile``, ``torch.export``): its products are counted by the custom
+operator ``abfp::count`` as the graph runs (:func:`_traced`), outside the log, so a compiled call
+that raises keeps the counts of the products its graph ran before the error.
 """
 
 from __future__ import annotations
@@ -386,7 +389,9 @@ def check_traceable(state: Any) -> None:
 
 def _traced(frame: Frame, site: str, cfg: ABFPConfig, analog: Callable, operands: tuple[Tensor, ...],
             macs: Callable[[Tensor], int]) -> Any:
-    """:func:`run_product` under a tracer: the device call as custom operators, or a
+    """:func:`run_product` under a tracer: the device call as custom operators, then
+    ``abfp::count`` with the model's coverage token and the product's MACs (a SymInt under dynamic
+    shapes), which counts each time the graph runs (:mod:`abfp.ops.custom`); or a
     :class:`~abfp.ops.device.NotTraceable` naming the product, its module and why (see
     :func:`check_traceable`)."""
     state = frame.state
@@ -397,13 +402,9 @@ def _traced(frame: Frame, site: str, cfg: ABFPConfig, analog: Callable, operands
         y = analog(cfg, _scales(state, cfg, site), None, state.generator(cfg, operands[0].device))
     except NotTraceable as e:
         raise NotTraceable(where + str(e)) from None
-    if not torch.compiler.is_dynamo_compiling():
-        # under dynamo the counter would be a constant of the graph, guarded on, recompiled for at
-        # every call: compiled calls leave the coverage counters alone. A symbolic count (an export
-        # with dynamic shapes) is not counted either: int() of it would pin the shape to this one
-        n = macs(y)
-        if not isinstance(n, torch.SymInt):
-            _count_analog(state.coverage, int(n))
+    # counted when the graph runs, by abfp::count (a Python counter here would be a constant of the
+    # graph, or count the trace rather than the calls); the count is a SymInt under dynamic shapes
+    torch.ops.abfp.count(y, state.coverage.token, macs(y), 0, "")
     return y
 
 
@@ -438,6 +439,10 @@ def digital_call(frame: Frame, func: Callable, args: tuple, kwargs: dict, reason
         return out
     macs = estimate_macs(func, args, kwargs, out) if count is None else count(out)
     name = func_name(func) if name is None else name
+    if tracing():  # counted when the graph runs (as _traced's products)
+        after = next((t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, Tensor)), None)
+        torch.ops.abfp.count(after, state.coverage.token, 0, macs, f"{name} ({reason})")
+        return out
     _count_digital(state.coverage, f"{name} ({reason})", macs)
     if state.recording:
         site = frame.site("digital")
