@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import abfp
@@ -36,7 +37,8 @@ def test_a_half_model_and_another_input_dtype_raise_as_in_torch(name, model_dtyp
     with pytest.raises(RuntimeError):
         make().to(model_dtype)(*x)  # what torch does
     am = abfp.convert(make().to(model_dtype), CFG)
-    with torch.no_grad(), pytest.raises(RuntimeError, match=r"abfp: product :(linear|conv)0 .* torch refuses operands"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"abfp: torch.(linear|conv2d) \(module 'the root'\) mixes .* torch "
+                                                           "refuses operands"):
         am(*x)
     assert abfp.coverage(am).analog_macs == 0
 
@@ -48,7 +50,7 @@ def test_a_half_by_float32_activation_product_raises_as_in_torch(half):
         Product()(a, b)
     am = abfp.convert(Product(), CFG)
     for x, y in ((a, b), (b.t(), a.t())):
-        with pytest.raises(RuntimeError, match="abfp: product :matmul0 .* by"):
+        with pytest.raises(RuntimeError, match=r"abfp: product :matmul0 \(module 'the root'\) mixes"):
             am(x, y)
 
 
@@ -83,3 +85,28 @@ def test_float64_input_to_a_float32_model_stays_as_it_was():
         got = am(x.double())
         assert got.dtype == torch.float64
         assert torch.allclose(got.float(), am(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("call", ["linear", "conv1d", "addmm", "baddbmm"])
+def test_a_bias_or_addend_of_another_dtype_than_half_factors_raises_as_in_torch(call):
+    """The products alone (float16 by float16) would not see the float32 bias or added matrix."""
+    h = torch.float16
+    fn, args = {"linear": (F.linear, (torch.randn(3, 4, dtype=h), torch.randn(5, 4, dtype=h), torch.randn(5))),
+                "conv1d": (F.conv1d, (torch.randn(1, 2, 5, dtype=h), torch.randn(3, 2, 1, dtype=h), torch.randn(3))),
+                "addmm": (torch.addmm, (torch.randn(3, 5), torch.randn(3, 4, dtype=h), torch.randn(4, 5, dtype=h))),
+                "baddbmm": (torch.baddbmm, (torch.randn(2, 3, 5), torch.randn(2, 3, 4, dtype=h),
+                                            torch.randn(2, 4, 5, dtype=h)))}[call]
+    with pytest.raises(RuntimeError):
+        fn(*args)
+    with pytest.raises(RuntimeError, match=rf"abfp: torch.{call} \(module 'the root'\) mixes"):
+        abfp.convert(Call(fn), CFG)(*args)
+
+
+class Call(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.unused = nn.Linear(1, 1)  # a module with a product layer: convert refuses none
+
+    def forward(self, *args):
+        return self.fn(*args)

@@ -60,7 +60,8 @@ from ..ops.attention import flex_eager, flex_restore, sdpa  # noqa: F401  (sdpa 
 from ..ops.coverage import _NO_ANALOG_MODEL as NO_ANALOG_MODEL, func_name, no_analog_model, odd_layout
 from ..ops.device import NotTraceable, tracing
 from ..ops.registry import PLAIN as _PLAIN, handler_for, registered as registry_funcs, size as registry_size
-from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, answer_odd_layout, check_traceable,  # noqa: F401
+from ..ops.site import (Frame, ProductCall, _calibrate, _record, _scales, answer_odd_layout, check_call_dtypes,  # noqa: F401
+                        check_traceable,
                         digital_call, masked_operand, run_product, undo_forget, undo_mark, undo_to, warn_digital)
 from .state import AnalogState
 
@@ -725,6 +726,7 @@ class AnalogMode(TorchFunctionMode):
         if any(isinstance(a, MaskedTensor) for a in args) or any(isinstance(a, MaskedTensor) for a in kwargs.values()):
             # before the family's handler, which may reshape it first (einsum): torch's own words name no product
             raise masked_operand(f"abfp: {func_name(func)} (module {frame.name or 'the root'!r})")
+        check_call_dtypes(frame, func, args, kwargs)
         layout = odd_layout(args, kwargs)
         if layout is not None:  # a sparse operand (a graph's adjacency, ...) or a nested one
             return answer_odd_layout(frame, handler, func, args, kwargs, layout)

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ABFPConfig
@@ -325,6 +326,26 @@ def run_product(frame: Frame, op: str, func: Callable, args: tuple, kwargs: dict
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _half_mix(tensors: Any) -> tuple[Tensor, Tensor] | None:
+    """The first two floating tensors of ``tensors`` whose dtypes differ, one of them float16 or
+    bfloat16, outside ``torch.autocast`` on their device; None when there are none."""
+    first = None
+    for t in tensors:
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            continue
+        if first is None:
+            first = t
+        elif t.dtype != first.dtype and (t.dtype in _HALF or first.dtype in _HALF):
+            return None if torch.is_autocast_enabled(first.device.type) else (first, t)
+    return None
+
+
+def _refuse_half_mix(where: str, pair: tuple[Tensor, Tensor]) -> None:
+    raise RuntimeError(f"{where} mixes {_dtype_name(pair[0])} and {_dtype_name(pair[1])} operands: torch refuses "
+                       "operands of different dtypes (mat1 and mat2 must have the same dtype); cast the input to the model's "
+                       "dtype (x.to(dtype)) or the model to the input's (model.to(dtype)), or run it under torch.autocast")
+
+
 def check_half_mix(frame: Frame, site: str, operands: tuple[Tensor, ...]) -> None:
     """Refuse a product whose operands mix a half-precision dtype (float16, bfloat16) with another
     floating dtype, as torch refuses it (``RuntimeError``, "mat1 and mat2 must have the same dtype"):
@@ -332,15 +353,26 @@ def check_half_mix(frame: Frame, site: str, operands: tuple[Tensor, ...]) -> Non
     ``torch.autocast`` on the operands' device torch casts them itself, so the mix is allowed
     (docs/families.md, "Under torch.autocast"). float32 with float64 is left as the device computes it
     (in float32, the output in the promoted dtype)."""
-    a, b = operands[0], operands[1] if len(operands) > 1 else operands[0]
-    if a.dtype == b.dtype or (a.dtype not in _HALF and b.dtype not in _HALF):
-        return
-    if torch.is_autocast_enabled(a.device.type):
-        return
-    raise RuntimeError(f"abfp: product {site} (module {frame.name or 'the root'!r}) multiplies {_dtype_name(a)} by "
-                       f"{_dtype_name(b)}: torch refuses operands of different dtypes (mat1 and mat2 must have the same "
-                       "dtype); cast the input to the model's dtype (x.to(dtype)) or the model to the input's "
-                       "(model.to(dtype)), or run it under torch.autocast")
+    pair = _half_mix(operands)
+    if pair is not None:
+        _refuse_half_mix(f"abfp: product {site} (module {frame.name or 'the root'!r})", pair)
+
+
+#: product functions whose every floating tensor argument (the bias, the added matrix) torch
+#: requires in one dtype: checked as a whole by :func:`check_call_dtypes`
+_ONE_DTYPE = frozenset({F.linear, torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm, torch.addbmm,
+                        Tensor.addbmm, torch.addmv, Tensor.addmv, torch.conv1d, torch.conv2d, torch.conv3d,
+                        torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d, F.bilinear})
+
+
+def check_call_dtypes(frame: Frame, func: Callable, args: tuple, kwargs: dict) -> None:
+    """:func:`check_half_mix` over every tensor argument of a call of :data:`_ONE_DTYPE` (a float16
+    linear layer with a float32 bias, ``addmm`` of a float32 matrix and float16 factors: torch refuses
+    them, the products alone would not see it)."""
+    if func in _ONE_DTYPE:
+        pair = _half_mix((*args, *kwargs.values()))
+        if pair is not None:
+            _refuse_half_mix(f"abfp: {func_name(func)} (module {frame.name or 'the root'!r})", pair)
 
 
 def masked_operand(where: str) -> TypeError:
