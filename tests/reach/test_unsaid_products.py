@@ -292,7 +292,8 @@ def _linalg_cases():
     g = torch.Generator().manual_seed(4)
     a = torch.randn(2, 4, 4, generator=g) + 4 * torch.eye(4)
     b = torch.randn(2, 4, 3, generator=g)
-    low = torch.linalg.cholesky(a @ a.mT)
+    spd = a @ a.mT
+    low = torch.linalg.cholesky(spd)
     lu, piv = torch.linalg.lu_factor(a)
     refl, tau = torch.geqrf(b)
     s = torch.ceil(torch.log2(a.abs().sum(-2).amax(-1).double() / 3.010066362817634)).clamp(min=0)
@@ -318,6 +319,13 @@ def _linalg_cases():
         "Tensor.matrix_exp": (lambda: a.matrix_exp(), "Tensor.matrix_exp", int((5 + s).sum()) * 64),
         "householder_product": (lambda: torch.linalg.householder_product(refl, tau), "torch.linalg.householder_product",
                                 2 * (2 * 4 * 3 * 3 - 7 * 9 + 18)),
+        # decompositions: the reduction each starts with (a lower estimate)
+        "cholesky": (lambda: torch.linalg.cholesky(spd), "torch.linalg.cholesky", 2 * (64 // 6)),
+        "lu_factor": (lambda: torch.linalg.lu_factor(a), "torch.linalg.lu_factor", 2 * lu_n),
+        "qr (4 x 3)": (lambda: torch.linalg.qr(b), "torch.linalg.qr", 2 * (36 - 9)),
+        "svd (4 x 3)": (lambda: torch.linalg.svd(b), "torch.linalg.svd", 2 * (36 - 9 + 27)),
+        "eigh": (lambda: torch.linalg.eigh(spd), "torch.linalg.eigh", 2 * (2 * 64 // 3)),
+        "eigvals": (lambda: torch.linalg.eigvals(a), "torch.linalg.eigvals", 2 * (5 * 64 // 3)),
         # named digital before session 18: they stay so
         "cdist": (lambda: torch.cdist(b, b), "torch.cdist", 2 * 4 * 4 * 3),
         "kron": (lambda: torch.kron(a[0], a[1]), "torch.kron", 256),

@@ -282,6 +282,10 @@ def _bilinear(args, kwargs, out):
 #     s = max(0, ceil(log2(|A|_1 / 3.01))) per matrix (an upper estimate: torch takes a lower degree,
 #     fewer products, for a matrix of small norm)
 #   householder_product(A: m x n, tau: k reflectors): 2 m n k - (m + n) k^2 + 2 k^3/3 (half LAPACK's orgqr flops)
+# and the decompositions, by the reduction they start with (their iterations are not counted: a
+# lower estimate): cholesky n^3/6; lu_factor, lu, ldl_factor n^3/3; qr, geqrf q p^2 - p^3/3; svd,
+# svdvals the QR and p^3; eigh, eigvalsh the tridiagonal reduction 2 n^3/3; eig, eigvals the
+# Hessenberg reduction 5 n^3/3
 def _batch(*shapes: Any) -> int:
     return math.prod(torch.broadcast_shapes(*[tuple(s) for s in shapes])) if shapes else 1
 
@@ -331,6 +335,14 @@ def _square(per: Callable[[int], int]) -> MacEstimator:
     def est(args, kwargs, out):
         a = _t(_arg(args, kwargs, 0, "A" if "A" in kwargs else "input"))
         return _batch(a.shape[:-2]) * per(a.shape[-1])
+    return est
+
+
+def _rect(per: Callable[[int, int], int]) -> MacEstimator:
+    """MACs of a decomposition of the (..., m, n) input: ``per(m, n)`` per matrix of the batch."""
+    def est(args, kwargs, out):
+        a = _t(_arg(args, kwargs, 0, "A" if "A" in kwargs else "input"))
+        return _batch(a.shape[:-2]) * per(*a.shape[-2:])
     return est
 
 
@@ -428,6 +440,15 @@ _LINALG: dict[Any, MacEstimator] = {
     torch.linalg.pinv: _pinv, torch.pinverse: _pinv, torch.Tensor.pinverse: _pinv,
     torch.linalg.matrix_exp: _matrix_exp, torch.matrix_exp: _matrix_exp, torch.Tensor.matrix_exp: _matrix_exp,
     torch.linalg.householder_product: _householder, torch.orgqr: _householder, torch.Tensor.orgqr: _householder,
+    **{f: _square(lambda n: n**3 // 6) for f in (torch.linalg.cholesky, torch.linalg.cholesky_ex, torch.cholesky,
+                                                  torch.Tensor.cholesky)},
+    **{f: _square(_lu_macs) for f in (torch.linalg.lu_factor, torch.linalg.lu_factor_ex, torch.linalg.lu,
+                                      torch.linalg.ldl_factor, torch.linalg.ldl_factor_ex)},
+    **{f: _rect(_qr_macs) for f in (torch.linalg.qr, torch.qr, torch.Tensor.qr, torch.geqrf, torch.Tensor.geqrf)},
+    **{f: _rect(lambda m, n: _qr_macs(m, n) + min(m, n) ** 3) for f in (torch.linalg.svd, torch.svd, torch.Tensor.svd,
+                                                                         torch.linalg.svdvals)},
+    **{f: _square(lambda n: 2 * n**3 // 3) for f in (torch.linalg.eigh, torch.linalg.eigvalsh)},
+    **{f: _square(lambda n: 5 * n**3 // 3) for f in (torch.linalg.eig, torch.linalg.eigvals)},
 }
 
 
