@@ -199,3 +199,35 @@ def test_root_compile_is_copied_and_to_digital_removes_it():
     ref = Net()  # the same weights, never converted
     with torch.no_grad():
         torch.testing.assert_close(d(x), ref(x), rtol=1e-6, atol=1e-6)  # float32 again, not the traced graph
+
+
+class Dist(nn.Module):
+    """A linear layer, then ``torch.cdist`` (no analog model: named and counted digital)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(self.lin(x), x)
+
+
+def test_a_named_digital_product_counts_per_compiled_and_exported_call():
+    """``torch.cdist`` of ``b`` points by ``b`` in 4 dimensions: ``b*b*4`` digital MACs, the linear
+    layer ``b*4*4`` analog; an export with a dynamic batch used to pin the batch (``int()`` of the
+    symbolic MAC estimate)."""
+    torch.manual_seed(0)
+    m = abfp.convert(Dist(), NOISE_FREE)
+    name = "torch.cdist (no analog model)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f = torch.compile(m, backend="aot_eager")
+        with torch.no_grad():
+            f(torch.randn(3, 4))
+            f(torch.randn(3, 4))
+        assert _counts(m) == (2 * 3 * 16, {name: 2 * 9 * 4})
+        abfp.coverage(m).reset()
+        ep = torch.export.export(m, (torch.randn(3, 4),), dynamic_shapes=({0: torch.export.Dim("b", min=2, max=25)},))
+        with torch.no_grad():
+            ep.module()(torch.randn(5, 4))
+    assert _counts(m) == (5 * 16, {name: 25 * 4})
